@@ -1,0 +1,60 @@
+"""The sample-order contract shared by every cache tier and by the image loader.
+
+Epoch ``e`` of a run with seed ``s`` visits the samples in ``epoch_permutation(n, s, e)``;
+rank ``r`` of ``w`` takes the disjoint, equal-sized part ``rank_part(order, r, w)``; sample ``i``
+reads view ``epoch_views(n, v, s, e)[i]``. All three are pure functions of their arguments
+(numpy's PCG64), so any reader, on any machine, reproduces the same batches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from store.errors import StoreInputError
+
+# Distinct streams so the permutation and the view draw never share random numbers.
+_PERM_STREAM = 0
+_VIEW_STREAM = 1
+_CHUNK_STREAM = 2
+
+
+def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    if seed < 0 or epoch < 0:
+        raise StoreInputError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    return np.random.default_rng([int(seed), int(epoch), stream])
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """Sample indices for one epoch, int64 (num_samples,)."""
+    if not shuffle:
+        return np.arange(num_samples, dtype=np.int64)
+    return _rng(seed, epoch, _PERM_STREAM).permutation(num_samples).astype(np.int64)
+
+
+def rank_part(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s disjoint part of ``order``; every part has ``len(order) // world_size``
+    entries (the last ``len(order) % world_size`` entries of the epoch are dropped, a different
+    set each epoch when shuffled)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise StoreInputError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if world_size == 1:
+        return order
+    per_rank = len(order) // world_size
+    return order[rank : per_rank * world_size : world_size]
+
+
+def epoch_views(num_samples: int, views: int, seed: int, epoch: int) -> np.ndarray:
+    """The view each sample reads in this epoch, int64 (num_samples,), indexed by sample id."""
+    if views < 1:
+        raise StoreInputError(f"views must be >= 1, got {views}")
+    if views == 1:
+        return np.zeros(num_samples, dtype=np.int64)
+    return _rng(seed, epoch, _VIEW_STREAM).integers(0, views, size=num_samples, dtype=np.int64)
+
+
+def chunk_rng(seed: int, epoch: int) -> np.random.Generator:
+    """Generator for the streaming reader's chunk order, buffer shuffles and per-chunk views."""
+    return _rng(seed, epoch, _CHUNK_STREAM)
+
+
+__all__ = ["chunk_rng", "epoch_permutation", "epoch_views", "rank_part"]
