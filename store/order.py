@@ -36,7 +36,9 @@ def rank_part(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     entries (the last ``len(order) % world_size`` entries of the epoch are dropped, a different
     set each epoch when shuffled)."""
     if world_size < 1 or not 0 <= rank < world_size:
-        raise StoreInputError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        raise StoreInputError(
+            f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
+        )
     if world_size == 1:
         return order
     per_rank = len(order) // world_size

@@ -1,0 +1,269 @@
+"""In-memory cache tiers: ``RamCache`` (host memory, optionally pinned) and ``DeviceCache``
+(device memory). Both hold one tensor (views, samples, *sample_shape) in the stored dtype, are
+filled from a store or from tensors, and take ``write()`` calls like a ``StoreWriter`` so a
+cache pass can fill any tier through the same code."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+
+from store.errors import StoreInputError
+from store.layout import DTYPES
+from store.reader import ActivationStore, as_tensor
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in {d for _, d in DTYPES.values()}:
+            raise StoreInputError(f"dtype={dtype} is not one of {list(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise StoreInputError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
+    return DTYPES[dtype][1]
+
+
+class TensorCache:
+    """Activations held in one tensor; the shared body of ``RamCache`` and ``DeviceCache``."""
+
+    def __init__(
+        self, data: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any] | None = None
+    ) -> None:
+        if data.dim() < 3:
+            raise StoreInputError(
+                f"data must be (views, samples, *sample_shape), got shape {tuple(data.shape)}"
+            )
+        if labels.shape != (data.shape[1],):
+            raise StoreInputError(
+                f"labels must have shape ({data.shape[1]},), got {tuple(labels.shape)}"
+            )
+        resolve_dtype(data.dtype)
+        self.data = data  # (V, N, *sample_shape) stored dtype
+        self.labels = labels.to(torch.int64)  # (N,) on the host
+        self.meta = dict(meta or {})
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def _alloc(
+        cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool
+    ) -> torch.Tensor:
+        return torch.empty(
+            shape, dtype=dtype, device=device, pin_memory=pin and device.type == "cpu"
+        )
+
+    # ---- description ---------------------------------------------------------------------
+    @property
+    def views(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.data.shape[1])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[2:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    # ---- writing (the StoreWriter protocol) ----------------------------------------------
+    def write(
+        self,
+        view: int,
+        start: int,
+        x: torch.Tensor | np.ndarray,
+        labels: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        if not 0 <= view < self.views:
+            raise StoreInputError(f"field 'view'={view} out of range [0, {self.views})")
+        if tuple(x.shape[1:]) != self.sample_shape:
+            raise StoreInputError(
+                f"field 'x' has sample shape {tuple(x.shape[1:])}, cache holds {self.sample_shape}"
+            )
+        n = int(x.shape[0])
+        if start < 0 or start + n > self.num_samples:
+            raise StoreInputError(
+                f"field 'start': samples [{start}, {start + n}) outside [0, {self.num_samples})"
+            )
+        xt = torch.as_tensor(x)
+        if not xt.is_floating_point():
+            raise StoreInputError(
+                f"field 'x': expected a floating-point batch, got dtype {xt.dtype}"
+            )
+        self.data[view, start : start + n].copy_(xt.detach(), non_blocking=False)
+        if labels is not None:
+            lab = torch.as_tensor(labels).detach().cpu()
+            if lab.shape != (n,):
+                raise StoreInputError(
+                    f"field 'labels' must have shape ({n},), got {tuple(lab.shape)}"
+                )
+            self.labels[start : start + n] = lab.to(torch.int64)
+
+    def flush(self) -> None:
+        """Nothing is written behind; present for the writer protocol."""
+
+    def close(self) -> None:
+        """Nothing to release; present for the writer protocol."""
+
+    def abort(self) -> None:
+        """Nothing to release; present for the writer protocol."""
+
+    def __enter__(self) -> TensorCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- reading -------------------------------------------------------------------------
+    def _check(self, view: int, idx: torch.Tensor) -> None:
+        if not 0 <= view < self.views:
+            raise StoreInputError(f"view {view} out of range [0, {self.views})")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
+            raise StoreInputError(f"sample index out of range [0, {self.num_samples})")
+
+    def read(self, view: int, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Samples ``indices`` of ``view`` on this cache's device, (len, *sample_shape)."""
+        idx = torch.as_tensor(
+            np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices),
+            dtype=torch.int64,
+        )
+        self._check(view, idx)
+        return self.data[view].index_select(0, idx.to(self.device))
+
+    def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None:
+        """Fill ``out`` (len, *sample_shape) with sample indices[k] of view views[k]."""
+        idx = torch.from_numpy(indices).to(self.device, non_blocking=True)
+        if self.views == 1 or (views == views[0]).all():
+            torch.index_select(self.data[int(views[0]) if len(views) else 0], 0, idx, out=out)
+            return
+        for v in np.unique(views):
+            pos = torch.from_numpy(np.flatnonzero(views == v)).to(self.device)
+            out[pos] = self.data[int(v)].index_select(0, idx[pos])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(views={self.views}, samples={self.num_samples}, "
+            f"sample_shape={self.sample_shape}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _fill_from_store(cache: TensorCache, s: ActivationStore) -> None:
+    for v in range(s.views):
+        for c in range(s.num_chunks):
+            c0, c1 = s.layout.chunk_range(c)
+            cache.data[v, c0:c1].copy_(as_tensor(s.read_chunk(v, c), s.layout))
+    cache.labels.copy_(s.labels)
+
+
+class RamCache(TensorCache):
+    """The host-memory tier. ``pin=True`` pins it (only where CUDA is available) so copies to a
+    GPU run at full speed."""
+
+    @classmethod
+    def empty(
+        cls,
+        num_samples: int,
+        views: int,
+        sample_shape: tuple[int, ...],
+        dtype: str | torch.dtype = "float16",
+        pin: bool = False,
+        meta: dict[str, Any] | None = None,
+    ) -> RamCache:
+        pin = pin and torch.cuda.is_available()
+        data = cls._alloc(
+            (views, num_samples, *sample_shape), resolve_dtype(dtype), torch.device("cpu"), pin
+        )
+        return cls(data, torch.full((num_samples,), -1, dtype=torch.int64), meta)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        x: torch.Tensor | Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        dtype: str | torch.dtype | None = None,
+        pin: bool = False,
+        meta: dict[str, Any] | None = None,
+    ) -> RamCache:
+        """From (views, N, ...) or a list of per-view (N, ...) tensors."""
+        data = torch.stack(list(x)) if not isinstance(x, torch.Tensor) else x
+        data = data.detach().to(
+            "cpu", dtype=resolve_dtype(dtype) if dtype is not None else data.dtype
+        )
+        if pin and torch.cuda.is_available():
+            data = data.pin_memory()
+        return cls(data.contiguous(), torch.as_tensor(labels).cpu(), meta)
+
+    @classmethod
+    def from_store(cls, s: ActivationStore, pin: bool = False) -> RamCache:
+        cache = cls.empty(
+            s.num_samples, s.views, s.sample_shape, s.layout.dtype, pin=pin, meta=s.meta
+        )
+        _fill_from_store(cache, s)
+        return cache
+
+
+class DeviceCache(TensorCache):
+    """The device-resident tier: activations live on the training device."""
+
+    @classmethod
+    def empty(
+        cls,
+        num_samples: int,
+        views: int,
+        sample_shape: tuple[int, ...],
+        dtype: str | torch.dtype = "float16",
+        device: str | torch.device = "cpu",
+        meta: dict[str, Any] | None = None,
+    ) -> DeviceCache:
+        data = cls._alloc(
+            (views, num_samples, *sample_shape), resolve_dtype(dtype), torch.device(device), False
+        )
+        return cls(data, torch.full((num_samples,), -1, dtype=torch.int64), meta)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        x: torch.Tensor | Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> DeviceCache:
+        data = torch.stack(list(x)) if not isinstance(x, torch.Tensor) else x
+        data = data.detach().to(
+            torch.device(device), dtype=resolve_dtype(dtype) if dtype is not None else data.dtype
+        )
+        return cls(data.contiguous(), torch.as_tensor(labels).cpu(), meta)
+
+    @classmethod
+    def from_store(cls, s: ActivationStore, device: str | torch.device) -> DeviceCache:
+        cache = cls.empty(
+            s.num_samples, s.views, s.sample_shape, s.layout.dtype, device=device, meta=s.meta
+        )
+        _fill_from_store(cache, s)
+        return cache
+
+
+__all__ = ["DeviceCache", "RamCache", "TensorCache", "resolve_dtype"]

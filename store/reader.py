@@ -1,0 +1,313 @@
+"""Opening and reading an activation store.
+
+Raw (uncompressed) local stores are read through ``numpy.memmap`` over the chunk files: an
+uncompressed Zarr v3 chunk file is the raw little-endian array, so a random gather costs a
+memory copy, never a per-sample zarr call. Compressed stores are read a whole chunk at a time
+through zarr (see ``store.loader`` for the streaming reader that keeps a buffer of chunks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from store import _zarr
+from store.errors import (
+    NotAStoreError,
+    StoreCorruptError,
+    StoreIncompleteError,
+    StoreInputError,
+    StoreNotFoundError,
+)
+from store.layout import ACTIVATIONS, LABELS, StoreInfo, StoreLayout, merge_ranges
+from store.writer import chunk_crc, read_chunk_crcs
+
+log = logging.getLogger(__name__)
+
+
+def as_tensor(a: np.ndarray, layout: StoreLayout) -> torch.Tensor:
+    """Stored-dtype numpy array -> torch tensor sharing its memory (bfloat16 from uint16 words)."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if layout.dtype == "bfloat16" else t
+
+
+def numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor in a stored dtype as a numpy array sharing its memory."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+class _MemmapChunks:
+    """Chunk files of one raw local array mapped on demand, with an LRU bound on open maps
+    (each map holds a file descriptor)."""
+
+    def __init__(self, root: Path, layout: StoreLayout) -> None:
+        self.root = root
+        self.layout = layout
+        self.chunk_shape = (layout.chunk_samples, *layout.sample_shape)
+        self.chunk_bytes = layout.chunk_samples * layout.sample_bytes
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.capacity = max(16, soft // 4)
+        self._maps: OrderedDict[tuple[int, int], np.memmap[Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, view: int, chunk: int) -> np.ndarray:
+        key = (view, chunk)
+        with self._lock:
+            m = self._maps.get(key)
+            if m is not None:
+                self._maps.move_to_end(key)
+                return m
+        f = _zarr.chunk_file(
+            self.root, ACTIVATIONS, (view, chunk, *([0] * len(self.layout.sample_shape)))
+        )
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            raise StoreCorruptError(
+                f"{f}: chunk (view {view}, chunk {chunk}) is marked written but its file is missing"
+            ) from None
+        if size != self.chunk_bytes:
+            raise StoreCorruptError(
+                f"{f}: chunk (view {view}, chunk {chunk}) has {size} bytes, expected {self.chunk_bytes} "
+                "(truncated or not a raw chunk); rebuild the store or resume it after deleting this file"
+            )
+        m = np.memmap(f, dtype=self.layout.np_dtype, mode="r", shape=self.chunk_shape)
+        with self._lock:
+            self._maps[key] = m
+            while len(self._maps) > self.capacity:
+                self._maps.popitem(last=False)
+        return m
+
+    def close(self) -> None:
+        with self._lock:
+            self._maps.clear()
+
+
+class ActivationStore:
+    """A read-only view of a store. Use ``store.open(path)``."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], group: zarr.Group, info: StoreInfo, crcs: np.ndarray
+    ) -> None:
+        self.path = os.fspath(path)
+        self.info = info
+        self.layout = info.layout
+        self._group = group
+        self._acts = _zarr.array(group, ACTIVATIONS)
+        self._crcs = crcs  # (views, num_chunks) int64, -1 = not written
+        self._labels: torch.Tensor | None = None
+        root = _zarr.as_local(path)
+        self._local_root = root
+        self._mm = (
+            _MemmapChunks(root, self.layout)
+            if root is not None and self.layout.codec is None
+            else None
+        )
+
+    # ---- description --------------------------------------------------------------------
+    num_samples = property(lambda self: self.layout.num_samples)
+    views = property(lambda self: self.layout.views)
+    sample_shape = property(lambda self: self.layout.sample_shape)
+    dtype = property(lambda self: self.layout.torch_dtype, doc="torch dtype of what read() returns")
+    dtype_name = property(lambda self: self.layout.dtype)
+    codec = property(lambda self: self.layout.codec)
+    chunk_samples = property(lambda self: self.layout.chunk_samples)
+    num_chunks = property(lambda self: self.layout.num_chunks)
+    meta = property(lambda self: self.info.meta)
+    complete = property(lambda self: self.info.complete)
+    device = torch.device("cpu")
+
+    @property
+    def memory_mapped(self) -> bool:
+        """True when reads go through numpy.memmap (raw codec, local path)."""
+        return self._mm is not None
+
+    @property
+    def zarr_array(self) -> zarr.Array:
+        """The ``activations`` array, for plain-zarr access: (views, samples, *sample_shape)."""
+        return self._acts
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """int64 (num_samples,)."""
+        if self._labels is None:
+            self._labels = torch.from_numpy(
+                np.asarray(_zarr.array(self._group, LABELS)[...], dtype=np.int64)
+            )
+        return self._labels
+
+    def chunk_written(self, view: int, chunk: int) -> bool:
+        return bool(self._crcs[view, chunk] >= 0)
+
+    def missing_ranges(self) -> list[tuple[int, int, int]]:
+        """Merged (view, start, stop) sample ranges whose chunks were never written."""
+        pairs = [(int(v), int(c)) for v, c in zip(*np.nonzero(self._crcs < 0), strict=True)]
+        return merge_ranges(pairs, self.layout)
+
+    @property
+    def nbytes(self) -> int:
+        """Uncompressed bytes of the activations."""
+        return self.layout.raw_bytes
+
+    def nbytes_stored(self) -> int:
+        """Bytes of all files of the store on disk (local stores), else -1."""
+        if self._local_root is None:
+            return -1
+        total = 0
+        for dirpath, _, files in os.walk(self._local_root):
+            for f in files:
+                total += os.path.getsize(os.path.join(dirpath, f))
+        return total
+
+    def __repr__(self) -> str:
+        lay = self.layout
+        return (
+            f"ActivationStore({self.path!r}, views={lay.views}, samples={lay.num_samples}, "
+            f"sample_shape={lay.sample_shape}, dtype={lay.dtype}, codec={lay.codec}, complete={self.complete})"
+        )
+
+    # ---- reading ------------------------------------------------------------------------
+    def _check_view(self, view: int) -> None:
+        if not 0 <= view < self.views:
+            raise StoreInputError(f"{self.path}: view {view} out of range [0, {self.views})")
+
+    def _check_chunk_written(self, view: int, chunk: int) -> None:
+        if self._crcs[view, chunk] < 0:
+            c0, c1 = self.layout.chunk_range(chunk)
+            raise StoreIncompleteError(
+                f"{self.path}: chunk {chunk} of view {view} (samples {c0}..{c1 - 1}) was never written"
+            )
+
+    def read_chunk(self, view: int, chunk: int) -> np.ndarray:
+        """One whole chunk, (chunk_len, *sample_shape) in the stored numpy dtype."""
+        self._check_view(view)
+        if not 0 <= chunk < self.num_chunks:
+            raise StoreInputError(f"{self.path}: chunk {chunk} out of range [0, {self.num_chunks})")
+        self._check_chunk_written(view, chunk)
+        c0, c1 = self.layout.chunk_range(chunk)
+        if self._mm is not None:
+            return np.array(self._mm.get(view, chunk)[: c1 - c0])
+        key = (view, chunk, *([0] * len(self.sample_shape)))
+        if (
+            self._local_root is not None
+            and not _zarr.chunk_file(self._local_root, ACTIVATIONS, key).exists()
+        ):
+            raise StoreCorruptError(
+                f"{_zarr.chunk_file(self._local_root, ACTIVATIONS, key)}: chunk (view {view}, chunk {chunk}) "
+                "is marked written but its file is missing"
+            )
+        try:
+            return np.asarray(self._acts[view, c0:c1])
+        except Exception as e:
+            where = (
+                _zarr.chunk_file(self._local_root, ACTIVATIONS, key)
+                if self._local_root is not None
+                else f"{self.path} chunk {key}"
+            )
+            raise StoreCorruptError(
+                f"{where}: chunk (view {view}, chunk {chunk}) cannot be decoded: {e!r}"
+            ) from e
+
+    def verify_chunk(self, view: int, chunk: int) -> bool:
+        """Decode a chunk and compare it with the CRC recorded when it was written."""
+        return chunk_crc(self.read_chunk(view, chunk)) == int(self._crcs[view, chunk])
+
+    def _indices(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+        idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise StoreInputError(f"{self.path}: indices must be a 1-D sequence of integers")
+        idx = idx.astype(np.int64, copy=False)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            bad = idx[(idx < 0) | (idx >= self.num_samples)][0]
+            raise StoreInputError(
+                f"{self.path}: sample index {bad} out of range [0, {self.num_samples})"
+            )
+        return idx
+
+    def read_into(
+        self, view: int, indices: np.ndarray, out: np.ndarray, positions: np.ndarray | None = None
+    ) -> None:
+        """Gather samples ``indices`` of ``view`` into ``out[positions]`` (all of ``out`` when
+        positions is None; stored numpy dtype). Samples are grouped by chunk: one vectorised
+        copy per chunk touched, never a per-sample call."""
+        cs = self.chunk_samples
+        chunk_of = indices // cs
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+        for group in np.split(order, bounds):
+            if group.size == 0:
+                continue
+            c = int(chunk_of[group[0]])
+            self._check_chunk_written(view, c)
+            offsets = indices[group] - c * cs
+            src = self._mm.get(view, c) if self._mm is not None else self.read_chunk(view, c)
+            out[group if positions is None else positions[group]] = src[offsets]
+
+    def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None:
+        """Fill the CPU tensor ``out`` (len, *sample_shape) with sample indices[k] of view views[k]."""
+        out_np = numpy_view(out)
+        if self.views == 1 or (views == views[0]).all():
+            self.read_into(int(views[0]) if len(views) else 0, indices, out_np)
+            return
+        for v in np.unique(views):
+            pos = np.flatnonzero(views == v)
+            self.read_into(int(v), indices[pos], out_np, positions=pos)
+
+    def read(self, view: int, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Samples ``indices`` of ``view`` as a CPU tensor (len, *sample_shape) in the stored dtype."""
+        self._check_view(view)
+        idx = self._indices(indices)
+        out = np.empty((len(idx), *self.sample_shape), dtype=self.layout.np_dtype)
+        self.read_into(view, idx, out)
+        return as_tensor(out, self.layout)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+
+
+def open(path: str | os.PathLike[str], *, partial: bool = False) -> ActivationStore:
+    """Open a store read-only. An incomplete store raises ``StoreIncompleteError`` (listing the
+    missing ranges) unless ``partial=True``; reading an unwritten chunk then raises."""
+    local = _zarr.as_local(path)
+    if local is not None:
+        if not local.exists():
+            raise StoreNotFoundError(f"{local}: no such file or directory")
+        if not (local / "zarr.json").is_file():
+            raise NotAStoreError(f"{local}: not an activation store (no zarr.json)")
+    try:
+        group = _zarr.open_group(path, mode="r")
+    except Exception as e:
+        raise NotAStoreError(f"{path}: not a zarr v3 group: {e!r}") from e
+    d = _zarr.read_info_dict(group)
+    if d is None:
+        raise NotAStoreError(f"{path}: a zarr group without prefast store attributes")
+    info = StoreInfo.from_dict(d, os.fspath(path))
+    for name in (ACTIVATIONS, LABELS):
+        if name not in group:
+            raise NotAStoreError(f"{path}: the '{name}' array is missing")
+    crcs = read_chunk_crcs(group)
+    s = ActivationStore(path, group, info, crcs)
+    if not info.complete and not partial:
+        missing = s.missing_ranges()
+        raise StoreIncompleteError(
+            f"{path}: the store is incomplete (its writer did not finish); missing (view, start, stop) "
+            f"ranges {missing[:10]}{' ...' if len(missing) > 10 else ''}; resume it with "
+            "store.create(..., resume=True) or open it with partial=True"
+        )
+    return s
+
+
+__all__ = ["ActivationStore", "as_tensor", "numpy_view", "open"]

@@ -1,0 +1,539 @@
+"""Crash-safe, write-behind creation of an activation store.
+
+``create()`` returns a ``StoreWriter``; ``write()`` takes batches at any sample offset, assembles
+them into whole chunks in memory and hands each finished chunk to a bounded pool of threads
+that encode and store it (numcodecs' Blosc and Zstd release the GIL). A chunk counts as done
+only once its data, its labels and its CRC marker are stored, and the group's ``complete``
+flag is written last, so a writer that dies leaves a store that opens as incomplete and that
+``create(..., resume=True)`` completes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import threading
+import zlib
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from store import _zarr
+from store.errors import (
+    NotAStoreError,
+    StoreError,
+    StoreExistsError,
+    StoreInputError,
+    StoreLockedError,
+    StoreMismatchError,
+    StoreWriteError,
+)
+from store.layout import (
+    ACTIVATIONS,
+    ATTRS_KEY,
+    CHUNK_CRC,
+    LABELS,
+    StoreInfo,
+    StoreLayout,
+    default_chunk_samples,
+    merge_ranges,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def to_stored_numpy(x: torch.Tensor | np.ndarray, layout: StoreLayout) -> np.ndarray:
+    """A batch converted to the stored dtype as a C-contiguous numpy array on the host."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not (x.is_floating_point()):
+        raise StoreInputError(f"field 'x': expected a floating-point batch, got dtype {x.dtype}")
+    t = x.detach().to(device="cpu", dtype=layout.torch_dtype).contiguous()
+    if layout.dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def chunk_crc(data: np.ndarray) -> int:
+    """CRC-32 of a chunk's decoded bytes (samples beyond the array's end excluded)."""
+    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1).data)
+
+
+@dataclass
+class _ChunkBuffer:
+    data: np.ndarray  # (chunk_len, *sample_shape) stored dtype
+    filled: np.ndarray  # (chunk_len,) bool
+
+    @property
+    def full(self) -> bool:
+        return bool(self.filled.all())
+
+
+class _DirLock:
+    """An advisory ``flock`` on the store directory. The kernel drops it when the process dies,
+    so a crashed writer never leaves a stale lock. Exclusive for a single writer, shared for the
+    ranks of a sharded write (they own disjoint chunks)."""
+
+    def __init__(self, path: Path, shared: bool) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreLockedError(
+                    f"{path}: another writer holds this store; wait for it to finish or stop it"
+                ) from None
+            raise
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _is_store_dir(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+def _clear_store_dir(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _layout_mismatch(a: StoreLayout, b: StoreLayout) -> list[str]:
+    return [
+        f"{name}: store has {getattr(a, name)!r}, asked for {getattr(b, name)!r}"
+        for name in a.__dataclass_fields__
+        if getattr(a, name) != getattr(b, name)
+    ]
+
+
+def create(
+    path: str | os.PathLike[str],
+    *,
+    sample_shape: tuple[int, ...],
+    num_samples: int,
+    views: int = 1,
+    dtype: str = "float16",
+    codec: str | None = None,
+    codec_level: int | None = None,
+    chunk_samples: int | None = None,
+    meta: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 2,
+    max_pending: int | None = None,
+) -> StoreWriter:
+    """Create a store at ``path`` (or, with ``resume=True``, reopen a partial one) for writing.
+
+    ``meta`` is JSON-able provenance kept in the group's attributes; on resume it must equal
+    the stored one. ``rank``/``world_size`` make this writer own the chunks ``c`` with
+    ``c % world_size == rank`` of every view, so ranks write disjoint chunk files; with
+    ``world_size > 1`` every rank must pass ``resume=True`` except the one that creates the store,
+    and ``finalize(path)`` marks it complete once all ranks are done.
+    """
+    if overwrite and resume:
+        raise StoreInputError("overwrite=True and resume=True exclude each other")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise StoreInputError(
+            f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
+        )
+    if chunk_samples is None:
+        chunk_samples = default_chunk_samples(tuple(sample_shape), dtype, max(num_samples, 1))
+    layout = StoreLayout(
+        num_samples=num_samples,
+        views=views,
+        sample_shape=tuple(sample_shape),
+        dtype=dtype,
+        codec=codec,
+        codec_level=codec_level,
+        chunk_samples=chunk_samples,
+    )
+    meta = dict(meta or {})
+    root = _zarr.as_local(path)
+    if root is None:
+        raise StoreInputError(f"{path}: only local paths are supported for writing")
+
+    exists = root.exists()
+    if exists and not root.is_dir():
+        raise NotAStoreError(f"{root}: exists and is not a directory")
+    if exists and _is_store_dir(root) and resume:
+        lock = _DirLock(root, shared=world_size > 1)
+        try:
+            group = _zarr.open_group(root, mode="r+")
+            d = _zarr.read_info_dict(group)
+            if d is None:
+                raise NotAStoreError(f"{root}: a zarr group without '{ATTRS_KEY}' attributes")
+            info = StoreInfo.from_dict(d, str(root))
+            problems = _layout_mismatch(info.layout, layout)
+            if info.meta != meta:
+                problems.append("meta: the stored provenance differs from the one given")
+            if problems:
+                raise StoreMismatchError(
+                    f"{root}: cannot resume a different store: " + "; ".join(problems)
+                )
+            return StoreWriter(root, group, info, lock, rank, world_size, workers, max_pending)
+        except BaseException:
+            lock.release()
+            raise
+    if exists and any(root.iterdir()):
+        if not _is_store_dir(root):
+            raise StoreExistsError(
+                f"{root}: directory is not empty and holds no store; refusing to overwrite it"
+            )
+        if not overwrite and not resume:
+            raise StoreExistsError(
+                f"{root}: a store exists here; pass overwrite=True to replace it or resume=True"
+            )
+    if world_size > 1 and rank != 0:
+        raise StoreInputError(
+            f"{root}: rank {rank} must open an existing store with resume=True (rank 0 creates it)"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    lock = _DirLock(root, shared=world_size > 1)
+    try:
+        _clear_store_dir(root)
+        info = StoreInfo(layout=layout, meta=meta, complete=False, created=_now())
+        group = zarr.create_group(str(root), zarr_format=3, attributes={ATTRS_KEY: info.to_dict()})
+        chunk_shape = (1, layout.chunk_samples, *layout.sample_shape)
+        group.create_array(
+            ACTIVATIONS,
+            shape=(layout.views, layout.num_samples, *layout.sample_shape),
+            chunks=chunk_shape,
+            dtype=layout.np_dtype,
+            compressors=_zarr.compressors_for(layout),
+            filters=None,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+        group.create_array(
+            LABELS,
+            shape=(layout.num_samples,),
+            chunks=(layout.chunk_samples,),
+            dtype="int64",
+            compressors=None,
+            filters=None,
+            fill_value=-1,
+            config={"write_empty_chunks": True},
+        )
+        group.create_array(
+            CHUNK_CRC,
+            shape=(layout.views, layout.num_chunks),
+            chunks=(1, 1),
+            dtype="int64",
+            compressors=None,
+            filters=None,
+            fill_value=-1,
+        )
+        log.info("created store %s: %s", root, layout)
+        return StoreWriter(root, group, info, lock, rank, world_size, workers, max_pending)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def read_chunk_crcs(group: zarr.Group) -> np.ndarray:
+    """The (views, num_chunks) CRC table; -1 marks a chunk not yet written."""
+    return np.asarray(_zarr.array(group, CHUNK_CRC)[...])
+
+
+def _mark_complete(group: zarr.Group, info: StoreInfo) -> StoreInfo:
+    done = StoreInfo(
+        layout=info.layout,
+        meta=info.meta,
+        complete=True,
+        created=info.created,
+        completed=_now(),
+    )
+    group.attrs[ATTRS_KEY] = done.to_dict()
+    return done
+
+
+def finalize(path: str | os.PathLike[str]) -> None:
+    """Mark a store written by several ranks complete; raises StoreIncompleteError listing the
+    missing ranges if some rank did not finish."""
+    from store.errors import StoreIncompleteError
+
+    group = _zarr.open_group(path, mode="r+")
+    d = _zarr.read_info_dict(group)
+    if d is None:
+        raise NotAStoreError(f"{path}: not an activation store")
+    info = StoreInfo.from_dict(d, os.fspath(path))
+    crcs = read_chunk_crcs(group)
+    missing = [(int(v), int(c)) for v, c in zip(*np.nonzero(crcs < 0), strict=True)]
+    if missing:
+        ranges = merge_ranges(missing, info.layout)
+        raise StoreIncompleteError(
+            f"{path}: cannot finalize, missing (view, start, stop) ranges {ranges[:10]}"
+        )
+    if not info.complete:
+        _mark_complete(group, info)
+
+
+class StoreWriter:
+    """Writes batches into a store; use as a context manager (see ``create``)."""
+
+    def __init__(
+        self,
+        root: Path,
+        group: zarr.Group,
+        info: StoreInfo,
+        lock: _DirLock,
+        rank: int,
+        world_size: int,
+        workers: int,
+        max_pending: int | None,
+    ) -> None:
+        self.path = root
+        self.layout = info.layout
+        self._group = group
+        self._info = info
+        self._lock = lock
+        self.rank = rank
+        self.world_size = world_size
+        self._acts = _zarr.writable(_zarr.array(group, ACTIVATIONS))
+        self._labels_arr = _zarr.writable(_zarr.array(group, LABELS))
+        self._crc_arr = _zarr.writable(_zarr.array(group, CHUNK_CRC))
+        crcs = read_chunk_crcs(group)
+        self._done = crcs >= 0  # (views, num_chunks) bool
+        self._labels = np.asarray(self._labels_arr[...], dtype=np.int64)  # -1 = not yet given
+        self._buffers: dict[tuple[int, int], _ChunkBuffer] = {}
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, workers), thread_name_prefix="store-writer"
+        )
+        self._max_pending = max_pending if max_pending is not None else 2 * max(1, workers)
+        self._pending: deque[Future[None]] = deque()
+        self._error: BaseException | None = None
+        self._state_lock = threading.Lock()
+        self._closed = False
+        self.chunks_written = 0
+        self.bytes_written = 0
+        missing = self.missing
+        if info.complete:
+            log.info("store %s is already complete", root)
+        elif self._done.any():
+            log.info("resuming store %s; missing (view, start, stop): %s", root, missing)
+
+    # ---- what is left -------------------------------------------------------------------
+    def _owned(self, chunk: int) -> bool:
+        return chunk % self.world_size == self.rank
+
+    @property
+    def missing(self) -> list[tuple[int, int, int]]:
+        """Merged (view, start, stop) sample ranges this writer still has to write."""
+        pairs = [
+            (v, c)
+            for v in range(self.layout.views)
+            for c in range(self.layout.num_chunks)
+            if not self._done[v, c] and self._owned(c)
+        ]
+        return merge_ranges(pairs, self.layout)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._done.all())
+
+    # ---- writing ------------------------------------------------------------------------
+    def _raise_pending_error(self) -> None:
+        while self._pending and self._pending[0].done():
+            fut = self._pending.popleft()
+            exc = fut.exception()
+            if exc is not None and self._error is None:
+                self._error = exc
+        if self._error is not None:
+            raise StoreWriteError(
+                f"{self.path}: a background chunk write failed: {self._error!r}"
+            ) from self._error
+
+    def write(
+        self,
+        view: int,
+        start: int,
+        x: torch.Tensor | np.ndarray,
+        labels: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Write samples ``start .. start + len(x)`` of ``view``; x is (B, *sample_shape), any
+        float dtype, any device. Labels (B,) must have been given for every sample by the time
+        its view-0 chunk is full; giving them again with other views is checked for agreement."""
+        if self._closed:
+            raise StoreError(f"{self.path}: write() after close()")
+        self._raise_pending_error()
+        lay = self.layout
+        if not 0 <= view < lay.views:
+            raise StoreInputError(f"{self.path}: field 'view'={view} out of range [0, {lay.views})")
+        if tuple(x.shape[1:]) != lay.sample_shape:
+            raise StoreInputError(
+                f"{self.path}: field 'x' has sample shape {tuple(x.shape[1:])}, store holds {lay.sample_shape}"
+            )
+        n = int(x.shape[0])
+        if start < 0 or start + n > lay.num_samples:
+            raise StoreInputError(
+                f"{self.path}: field 'start': samples [{start}, {start + n}) outside [0, {lay.num_samples})"
+            )
+        if labels is not None:
+            lab = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+            if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
+                raise StoreInputError(
+                    f"{self.path}: field 'labels' must be {n} integers, got shape {lab.shape} dtype {lab.dtype}"
+                )
+            lab = lab.astype(np.int64)
+            seen = self._labels[start : start + n]
+            clash = (seen >= 0) & (seen != lab)
+            if clash.any():
+                i = int(np.nonzero(clash)[0][0]) + start
+                raise StoreInputError(
+                    f"{self.path}: field 'labels': sample {i} got label {lab[i - start]}, earlier {seen[i - start]}"
+                )
+            self._labels[start : start + n] = lab
+        first, last = start // lay.chunk_samples, (start + n - 1) // lay.chunk_samples
+        for c in range(first, last + 1):
+            if not self._owned(c):
+                raise StoreInputError(
+                    f"{self.path}: chunk {c} (samples {lay.chunk_range(c)}) belongs to rank "
+                    f"{c % self.world_size}, this writer is rank {self.rank} of {self.world_size}"
+                )
+        data = to_stored_numpy(x, lay)
+        for c in range(first, last + 1):
+            if self._done[view, c]:
+                continue  # already stored (resume, or the same chunk written twice)
+            c0, c1 = lay.chunk_range(c)
+            s0, s1 = max(c0, start), min(c1, start + n)
+            buf = self._buffers.get((view, c))
+            if buf is None:
+                buf = _ChunkBuffer(
+                    np.empty((c1 - c0, *lay.sample_shape), dtype=lay.np_dtype),
+                    np.zeros(c1 - c0, dtype=bool),
+                )
+                self._buffers[(view, c)] = buf
+            buf.data[s0 - c0 : s1 - c0] = data[s0 - start : s1 - start]
+            buf.filled[s0 - c0 : s1 - c0] = True
+            if buf.full:
+                del self._buffers[(view, c)]
+                self._submit(view, c, buf.data)
+
+    def _submit(self, view: int, chunk: int, data: np.ndarray) -> None:
+        c0, c1 = self.layout.chunk_range(chunk)
+        labels = None
+        if view == 0:
+            labels = self._labels[c0:c1].copy()
+            if (labels < 0).any():
+                raise StoreInputError(
+                    f"{self.path}: chunk {chunk} of view 0 is full but some labels were never given"
+                )
+        while len(self._pending) >= self._max_pending:  # back-pressure: bounded memory
+            wait([self._pending[0]])
+            self._raise_pending_error()
+        self._pending.append(self._pool.submit(self._store_chunk, view, chunk, data, labels))
+
+    def _store_chunk(
+        self, view: int, chunk: int, data: np.ndarray, labels: np.ndarray | None
+    ) -> None:
+        c0, c1 = self.layout.chunk_range(chunk)
+        self._acts[view, c0:c1] = data
+        if labels is not None:
+            self._labels_arr[c0:c1] = labels
+        # The marker goes last: a chunk with a CRC entry is fully on disk.
+        self._crc_arr[view, chunk] = chunk_crc(data)
+        with self._state_lock:
+            self._done[view, chunk] = True
+            self.chunks_written += 1
+            self.bytes_written += data.nbytes
+
+    # ---- finishing ----------------------------------------------------------------------
+    def flush(self) -> None:
+        """Wait until every finished chunk is on disk; raise a background failure if any."""
+        for fut in list(self._pending):
+            try:
+                fut.result()
+            except BaseException as e:
+                if self._error is None:
+                    self._error = e
+        self._pending.clear()
+        if self._error is not None:
+            raise StoreWriteError(
+                f"{self.path}: a background chunk write failed: {self._error!r}"
+            ) from self._error
+
+    def close(self) -> None:
+        """Flush, and mark the store complete when every chunk is written (single writer)."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+            if self._buffers:
+                partial = sorted(self._buffers)
+                log.warning(
+                    "%s: %d chunk(s) only partly written were dropped (view, chunk): %s",
+                    self.path,
+                    len(partial),
+                    partial[:8],
+                )
+            if self.world_size == 1 and self.complete and not self._info.complete:
+                self._info = _mark_complete(self._group, self._info)
+                log.info("store %s complete (%d chunks written)", self.path, self.chunks_written)
+            elif self.world_size == 1 and not self.complete:
+                log.warning("store %s left incomplete; missing %s", self.path, self.missing[:8])
+        finally:
+            self._closed = True
+            self._pool.shutdown(wait=True)
+            self._lock.release()
+
+    def abort(self) -> None:
+        """Stop without marking complete; chunks already handed to the pool are finished."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for fut in self._pending:
+                try:
+                    fut.result()
+                except BaseException:  # the caller is already failing; keep what reached disk
+                    log.exception("%s: chunk write failed during abort", self.path)
+        finally:
+            self._pool.shutdown(wait=True)
+            self._lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._lock.release()
+
+
+__all__ = ["StoreWriter", "chunk_crc", "create", "finalize", "read_chunk_crcs", "to_stored_numpy"]

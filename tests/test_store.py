@@ -1,0 +1,588 @@
+"""The store: layout, round trips, readers, crash safety and errors (N=117, chunk 8, 3 views)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import store
+from store.__main__ import main as store_main
+from tests.store_helpers import (
+    CHUNK,
+    SHAPE,
+    VIEWS,
+    N,
+    chunk_files,
+    encoded,
+    labels_for,
+    write_store,
+)
+
+ALL = np.arange(N)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    return encoded(), labels_for()
+
+
+# ---- round trips and layout -----------------------------------------------------------------
+@pytest.mark.parametrize("codec", [None, "lz4", "zstd"])
+def test_float32_round_trip_is_bit_exact(tmp_path, data, codec):
+    x, y = data
+    s = write_store(tmp_path / "s", x, y, codec=codec)
+    assert s.complete and s.num_samples == N and s.views == VIEWS and s.sample_shape == SHAPE
+    assert s.dtype == torch.float32 and s.codec == codec and s.meta == {"test": True}
+    assert s.num_chunks == 15  # 14 full chunks of 8 and one of 5
+    for v in range(VIEWS):
+        assert torch.equal(s.read(v, ALL), x[v])
+    assert torch.equal(s.labels, y)
+    assert s.read(2, [116, 0, 116]).shape == (3, *SHAPE)
+    assert torch.equal(s.read(2, [116, 0, 116]), x[2, [116, 0, 116]])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tdtype"), [("float16", torch.float16), ("bfloat16", torch.bfloat16)]
+)
+@pytest.mark.parametrize("codec", [None, "zstd"])
+def test_16_bit_round_trip_equals_rounding(tmp_path, data, dtype, tdtype, codec):
+    x, y = data
+    s = write_store(tmp_path / "s", x, y, dtype=dtype, codec=codec)
+    assert s.dtype == tdtype
+    got = s.read(1, ALL)
+    assert got.dtype == tdtype
+    assert torch.equal(got, x[1].to(tdtype))
+    torch.testing.assert_close(
+        got.float(), x[1], rtol=1e-2 if dtype == "bfloat16" else 1e-3, atol=0
+    )
+
+
+def test_layout_is_plain_zarr(tmp_path, data):
+    x, y = data
+    write_store(tmp_path / "s", x, y, dtype="bfloat16")
+    g = zarr.open_group(str(tmp_path / "s"), mode="r")
+    acts = g["activations"]
+    assert acts.shape == (VIEWS, N, *SHAPE)
+    assert acts.chunks == (1, CHUNK, *SHAPE)
+    assert acts.dtype == np.uint16  # raw bfloat16 words
+    assert np.array_equal(g["labels"][...], y.numpy())
+    attrs = g.attrs["prefast_store"]
+    assert attrs["format_version"] == store.FORMAT_VERSION
+    assert attrs["layout"]["dtype"] == "bfloat16" and attrs["complete"] is True
+    words = torch.from_numpy(np.asarray(acts[1, 10:12]).view(np.int16)).view(torch.bfloat16)
+    assert torch.equal(words, x[1, 10:12].bfloat16())
+
+
+def test_memory_map_bytes_equal_zarr_read(tmp_path, data):
+    x, y = data
+    s = write_store(tmp_path / "s", x, y, dtype="float16")
+    assert s.memory_mapped
+    for v in range(VIEWS):
+        via_zarr = np.asarray(zarr.open_group(str(tmp_path / "s"), mode="r")["activations"][v])
+        via_mmap = s.read(v, ALL).numpy()
+        assert via_mmap.tobytes() == via_zarr.tobytes()
+
+
+def test_default_chunk_is_about_8_mib(tmp_path):
+    w = store.create(tmp_path / "s", sample_shape=(84, 16, 16), num_samples=50_000, dtype="float16")
+    w.abort()
+    assert w.layout.chunk_samples == 195  # 8 MiB / 43,008 B
+
+
+def test_writing_a_chunk_twice_is_harmless(tmp_path, data):
+    x, y = data
+    with store.create(
+        tmp_path / "s",
+        sample_shape=SHAPE,
+        num_samples=N,
+        views=1,
+        dtype="float32",
+        chunk_samples=CHUNK,
+    ) as w:
+        w.write(0, 0, x[0, :20], y[:20])
+        w.write(0, 4, x[0, 4:30], y[4:30])  # overlaps the first write
+        w.write(0, 0, x[0], y)  # everything again
+    s = store.open(tmp_path / "s")
+    assert torch.equal(s.read(0, ALL), x[0])
+
+
+def test_writes_in_random_order_and_from_any_device_dtype(tmp_path, data):
+    x, y = data
+    order = np.random.default_rng(3).permutation(N)
+    with store.create(
+        tmp_path / "s",
+        sample_shape=SHAPE,
+        num_samples=N,
+        views=1,
+        dtype="float16",
+        chunk_samples=CHUNK,
+    ) as w:
+        for i in order:
+            w.write(0, int(i), x[0, i : i + 1].double(), y[i : i + 1])
+    assert torch.equal(store.open(tmp_path / "s").read(0, ALL), x[0].half())
+
+
+# ---- readers and tiers ----------------------------------------------------------------------
+def _tiers(tmp_path, x, y):
+    raw = write_store(tmp_path / "raw", x, y)
+    lz4 = write_store(tmp_path / "lz4", x, y, codec="lz4")
+    return {
+        "zarr-raw": raw,
+        "zarr-lz4": lz4,
+        "ram": store.RamCache.from_store(raw),
+        "device": store.DeviceCache.from_store(lz4, "cpu"),
+        "ram-tensors": store.RamCache.from_tensors(x, y),
+    }
+
+
+@pytest.mark.parametrize("tier", ["zarr-raw", "zarr-lz4", "ram", "device", "ram-tensors"])
+def test_every_tier_yields_every_sample_once_with_the_stored_data(tmp_path, data, tier):
+    x, y = data
+    src = _tiers(tmp_path, x, y)[tier]
+    for epoch in range(3):
+        loader = store.StoreLoader(src, batch_size=10, seed=5, prefetch=2, buffer_chunks=3)
+        loader.set_epoch(epoch)
+        assert len(loader) == 12
+        seen, sizes = [], []
+        for xb, yb in loader:
+            assert xb.dtype == torch.float32 and yb.dtype == torch.int64
+            v, i = (
+                xb.reshape(len(xb), -1)[:, 0].numpy().astype(np.int64) // 10000,
+                xb.reshape(len(xb), -1)[:, 0].numpy().astype(np.int64) % 10000,
+            )
+            assert torch.equal(xb, x[v, i])  # the same data as s.read(view, index)
+            assert torch.equal(yb, y[i])
+            seen.append(i)
+            sizes.append(len(xb))
+        allseen = np.concatenate(seen)
+        assert sorted(allseen.tolist()) == list(range(N))
+        assert sizes == [10] * 11 + [7]
+
+
+def test_random_access_tiers_share_one_order(tmp_path, data):
+    x, y = data
+    t = _tiers(tmp_path, x, y)
+    batches = {}
+    for name in ("zarr-raw", "ram", "device"):
+        loader = store.StoreLoader(t[name], batch_size=16, seed=9)
+        loader.set_epoch(4)
+        batches[name] = [xb for xb, _ in loader]
+    for name in ("ram", "device"):
+        for a, b in zip(batches["zarr-raw"], batches[name], strict=True):
+            assert torch.equal(a, b)
+    # and it is the documented contract
+    order = store.epoch_permutation(N, 9, 4)
+    views = store.epoch_views(N, VIEWS, 9, 4)
+    first = batches["ram"][0]
+    assert torch.equal(first, x[views[order[:16]], order[:16]])
+
+
+def test_order_is_reproducible_and_changes_with_epoch(tmp_path, data):
+    x, y = data
+    src = store.RamCache.from_tensors(x, y)
+
+    def run(seed, epoch):
+        loader = store.StoreLoader(src, batch_size=32, seed=seed)
+        loader.set_epoch(epoch)
+        return torch.cat([yb for _, yb in loader]), torch.cat([xb[:, 0, 0, 0] for xb, _ in loader])
+
+    a, b, c = run(1, 0), run(1, 0), run(1, 1)
+    assert torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+    assert not torch.equal(run(2, 0)[1], a[1])
+
+
+def test_one_view_per_sample_per_epoch_and_all_views_used(tmp_path, data):
+    x, y = data
+    src = store.RamCache.from_tensors(x, y)
+    loader = store.StoreLoader(src, batch_size=50, seed=0)
+    counts = np.zeros(VIEWS, dtype=int)
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        codes = torch.cat([xb[:, 0, 0, 0] for xb, _ in loader]).numpy().astype(int)
+        assert sorted((codes % 10000).tolist()) == list(range(N))
+        np.add.at(counts, codes // 10000, 1)
+    assert (counts > 100).all()  # 468 draws over 3 views
+
+
+def test_streaming_reader_draws_one_view_per_chunk(tmp_path, data):
+    x, y = data
+    s = write_store(tmp_path / "z", x, y, codec="zstd")
+    loader = store.StoreLoader(s, batch_size=13, seed=2, buffer_chunks=2)
+    assert loader.streaming
+    loader.set_epoch(1)
+    codes = torch.cat([xb[:, 0, 0, 0] for xb, _ in loader]).numpy().astype(int)
+    views, idx = codes // 10000, codes % 10000
+    assert sorted(idx.tolist()) == list(range(N))
+    for c in range(s.num_chunks):
+        assert len(set(views[idx // CHUNK == c].tolist())) == 1
+
+
+@pytest.mark.parametrize("tier", ["zarr-raw", "zarr-lz4", "ram"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_parts_are_disjoint_equal_and_cover(tmp_path, data, tier, world):
+    x, y = data
+    src = _tiers(tmp_path, x, y)[tier]
+    parts = []
+    for rank in range(world):
+        loader = store.StoreLoader(src, batch_size=7, seed=3, rank=rank, world_size=world)
+        loader.set_epoch(2)
+        idx = np.concatenate([(xb[:, 0, 0, 0].numpy().astype(int) % 10000) for xb, _ in loader])
+        assert len(loader) == -(-len(idx) // 7)
+        parts.append(idx)
+    sizes = {len(p) for p in parts}
+    assert len(sizes) == 1
+    union = np.concatenate(parts)
+    assert len(set(union.tolist())) == len(union)  # disjoint
+    if tier != "zarr-lz4":
+        assert len(union) == N - N % world  # covers all but the epoch's remainder
+    else:
+        assert len(union) >= N - 2 * CHUNK * world
+
+
+def test_drop_last_and_start_batch(tmp_path, data):
+    x, y = data
+    src = store.RamCache.from_tensors(x, y)
+    loader = store.StoreLoader(src, batch_size=10, seed=0, drop_last=True)
+    assert len(loader) == 11
+    full = [yb for _, yb in loader]
+    assert len(full) == 11 and all(len(b) == 10 for b in full)
+    loader.set_epoch(0, start_batch=8)
+    rest = [yb for _, yb in loader]
+    assert len(rest) == 3 and all(torch.equal(a, b) for a, b in zip(full[8:], rest, strict=True))
+
+
+def test_loader_source_error_surfaces_instead_of_hanging(data):
+    x, y = data
+
+    class Broken(store.RamCache):
+        def gather(self, views, indices, out):
+            raise RuntimeError("disk on fire")
+
+    src = Broken(x.clone(), y.clone())
+    loader = store.StoreLoader(src, batch_size=10)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        for _ in loader:
+            pass
+
+
+def test_loader_close_stops_its_thread(data):
+    x, y = data
+    before = threading.active_count()
+    src = store.RamCache.from_tensors(x, y)
+    with store.StoreLoader(src, batch_size=5, prefetch=1) as loader:
+        for i, _ in enumerate(loader):
+            if i == 2:
+                break
+    assert threading.active_count() == before
+    it = iter(store.StoreLoader(src, batch_size=5, prefetch=1))
+    next(it)
+    it.close()
+    assert threading.active_count() == before
+
+
+def test_ram_and_device_cache_written_like_a_store(data):
+    x, y = data
+    ram = store.RamCache.empty(N, VIEWS, SHAPE, "float16")
+    dev = store.DeviceCache.empty(N, VIEWS, SHAPE, torch.float32, device="cpu")
+    for tier in (ram, dev):
+        with tier:
+            for v in range(VIEWS):
+                for i in range(0, N, 40):
+                    tier.write(v, i, x[v, i : i + 40], y[i : i + 40])
+    assert torch.equal(ram.read(2, ALL), x[2].half())
+    assert torch.equal(dev.read(1, [5, 3]), x[1, [5, 3]])
+    assert torch.equal(ram.labels, y) and ram.nbytes == VIEWS * N * 60 * 2
+
+
+# ---- crash safety, resume, locking ------------------------------------------------------------
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    import store
+    from tests.store_helpers import encoded, labels_for, SHAPE, N, VIEWS, CHUNK
+    x, y = encoded(), labels_for()
+    w = store.create(sys.argv[1], sample_shape=SHAPE, num_samples=N, views=VIEWS,
+                     dtype="float16", codec=sys.argv[2] if sys.argv[2] != "none" else None,
+                     chunk_samples=CHUNK, meta={"test": True})
+    for v in range(VIEWS):
+        for i in range(0, N, 9):
+            w.write(v, i, x[v, i:i + 9], y[i:i + 9])
+            if v == 1 and i >= 45:
+                w.flush()
+                print("ready", flush=True)
+                time.sleep(60)
+    """
+)
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_killed_writer_leaves_incomplete_store_that_resume_completes(tmp_path, data, codec):
+    x, y = data
+    path = tmp_path / "s"
+    with subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path), codec],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    with pytest.raises(store.StoreIncompleteError, match="missing"):
+        store.open(path)
+    partial = store.open(path, partial=True)
+    missing = partial.missing_ranges()
+    assert missing[0][0] == 1 and missing[-1] == (2, 0, N)
+    assert torch.equal(partial.read(0, ALL), x[0].half())
+    with pytest.raises(store.StoreIncompleteError):
+        partial.read(2, [0])
+    # the dead writer's lock went with it: resume completes the store
+    with store.create(
+        path,
+        sample_shape=SHAPE,
+        num_samples=N,
+        views=VIEWS,
+        dtype="float16",
+        codec=None if codec == "none" else codec,
+        chunk_samples=CHUNK,
+        meta={"test": True},
+        resume=True,
+    ) as w:
+        assert w.missing == missing
+        for v, start, stop in w.missing:
+            w.write(v, start, x[v, start:stop], y[start:stop])
+    ref = write_store(
+        tmp_path / "ref", x, y, dtype="float16", codec=None if codec == "none" else codec
+    )
+    assert store.open(path).complete and ref.complete
+    assert chunk_files(path) == chunk_files(tmp_path / "ref")
+
+
+def test_second_writer_is_refused(tmp_path):
+    w = store.create(
+        tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32", chunk_samples=CHUNK
+    )
+    try:
+        with pytest.raises(store.StoreLockedError, match="another writer"):
+            store.create(
+                tmp_path / "s",
+                sample_shape=SHAPE,
+                num_samples=N,
+                dtype="float32",
+                chunk_samples=CHUNK,
+                resume=True,
+            )
+    finally:
+        w.abort()
+    # released: resuming now works
+    store.create(
+        tmp_path / "s",
+        sample_shape=SHAPE,
+        num_samples=N,
+        dtype="float32",
+        chunk_samples=CHUNK,
+        resume=True,
+    ).abort()
+
+
+def test_disjoint_ranks_write_one_store(tmp_path, data):
+    x, y = data
+    kw = dict(
+        sample_shape=SHAPE,
+        num_samples=N,
+        views=VIEWS,
+        dtype="float32",
+        chunk_samples=CHUNK,
+        meta={"test": True},
+    )
+    writers = [store.create(tmp_path / "s", rank=0, world_size=2, **kw)]
+    writers.append(store.create(tmp_path / "s", rank=1, world_size=2, resume=True, **kw))
+    for rank, w in enumerate(writers):
+        for v in range(VIEWS):
+            for c in range(rank, 15, 2):
+                s0, s1 = c * CHUNK, min((c + 1) * CHUNK, N)
+                w.write(v, s0, x[v, s0:s1], y[s0:s1])
+        with pytest.raises(store.StoreInputError, match="belongs to rank"):
+            w.write(0, (1 - rank) * CHUNK, x[0, :1], y[:1])
+    for w in writers:
+        w.close()
+    with pytest.raises(store.StoreIncompleteError):
+        store.open(tmp_path / "s")  # nobody finalized yet
+    store.finalize(tmp_path / "s")
+    ref = write_store(tmp_path / "ref", x, y)
+    assert chunk_files(tmp_path / "s") == chunk_files(tmp_path / "ref")
+    assert torch.equal(store.open(tmp_path / "s").read(2, ALL), ref.read(2, ALL))
+
+
+def test_failing_background_write_surfaces(tmp_path, data):
+    x, y = data
+    w = store.create(
+        tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32", chunk_samples=CHUNK
+    )
+
+    class Exploding:
+        def __setitem__(self, key, value):
+            raise OSError("No space left on device")
+
+    w._acts = Exploding()
+    w.write(0, 0, x[0, :8], y[:8])  # one full chunk goes to the pool
+    with pytest.raises(store.StoreWriteError, match="No space left"):
+        w.flush()
+    with pytest.raises(store.StoreWriteError):
+        w.close()
+    with pytest.raises(store.StoreIncompleteError):
+        store.open(tmp_path / "s")
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def test_open_errors_name_the_path(tmp_path, data):
+    x, y = data
+    with pytest.raises(store.StoreNotFoundError, match="nowhere"):
+        store.open(tmp_path / "nowhere")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(store.NotAStoreError, match="plain"):
+        store.open(tmp_path / "plain")
+    zarr.create_group(str(tmp_path / "foreign"))
+    with pytest.raises(store.NotAStoreError, match="foreign"):
+        store.open(tmp_path / "foreign")
+    write_store(tmp_path / "s", x, y)
+    g = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    attrs = dict(g.attrs["prefast_store"])
+    g.attrs["prefast_store"] = {**attrs, "format_version": 99}
+    with pytest.raises(store.StoreFormatError, match="format_version 99"):
+        store.open(tmp_path / "s")
+
+
+def test_write_errors_name_the_field(tmp_path, data):
+    x, y = data
+    with store.create(
+        tmp_path / "s",
+        sample_shape=SHAPE,
+        num_samples=N,
+        views=2,
+        dtype="float32",
+        chunk_samples=CHUNK,
+    ) as w:
+        with pytest.raises(store.StoreInputError, match="'x' has sample shape"):
+            w.write(0, 0, torch.zeros(4, 3, 5, 5), y[:4])
+        with pytest.raises(store.StoreInputError, match="floating-point"):
+            w.write(0, 0, torch.zeros(4, *SHAPE, dtype=torch.int32), y[:4])
+        with pytest.raises(store.StoreInputError, match="'labels' must be 4"):
+            w.write(0, 0, x[0, :4], y[:3])
+        with pytest.raises(store.StoreInputError, match="'start'"):
+            w.write(0, 115, x[0, :4], y[:4])
+        with pytest.raises(store.StoreInputError, match="'view'"):
+            w.write(2, 0, x[0, :4], y[:4])
+        w.write(0, 0, x[0, :4], y[:4])
+        with pytest.raises(store.StoreInputError, match="sample 1 got label"):
+            w.write(1, 0, x[0, :4], y[:4] + torch.tensor([0, 1, 0, 0]))
+    with pytest.raises(store.StoreInputError, match="dtype='float64'"):
+        store.create(tmp_path / "t", sample_shape=SHAPE, num_samples=N, dtype="float64")
+    with pytest.raises(store.StoreInputError, match="codec='gzip'"):
+        store.create(tmp_path / "t", sample_shape=SHAPE, num_samples=N, codec="gzip")
+
+
+def test_read_errors(tmp_path, data):
+    x, y = data
+    s = write_store(tmp_path / "s", x, y)
+    with pytest.raises(store.StoreInputError, match="sample index 117 out of range"):
+        s.read(0, [3, 117])
+    with pytest.raises(store.StoreInputError, match="sample index -1"):
+        s.read(0, [-1])
+    with pytest.raises(store.StoreInputError, match="view 3"):
+        s.read(3, [0])
+    with pytest.raises(store.StoreInputError):
+        store.RamCache.from_store(s).read(0, [117])
+
+
+def test_existing_store_needs_overwrite_or_resume(tmp_path, data):
+    x, y = data
+    write_store(tmp_path / "s", x, y)
+    with pytest.raises(store.StoreExistsError, match="overwrite=True"):
+        store.create(tmp_path / "s", sample_shape=SHAPE, num_samples=N)
+    with pytest.raises(store.StoreMismatchError, match="views: store has 3, asked for 1"):
+        store.create(
+            tmp_path / "s",
+            sample_shape=SHAPE,
+            num_samples=N,
+            dtype="float32",
+            chunk_samples=CHUNK,
+            resume=True,
+            meta={"test": True},
+        )
+    store.create(tmp_path / "s", sample_shape=(2,), num_samples=5, overwrite=True).abort()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(store.StoreExistsError, match="refusing"):
+        store.create(tmp_path / "other", sample_shape=SHAPE, num_samples=N, overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").exists()
+
+
+def _raw_chunk(path: Path, view: int, chunk: int) -> Path:
+    return path / "activations" / "c" / str(view) / str(chunk) / "0" / "0" / "0"
+
+
+def test_truncated_raw_chunk_is_named(tmp_path, data):
+    x, y = data
+    write_store(tmp_path / "s", x, y)
+    f = _raw_chunk(tmp_path / "s", 1, 3)
+    f.write_bytes(f.read_bytes()[:100])
+    s = store.open(tmp_path / "s")
+    with pytest.raises(store.StoreCorruptError, match=r"c/1/3/0/0/0.*has 100 bytes"):
+        s.read(1, [25])
+    assert torch.equal(s.read(1, [0, 40]), x[1, [0, 40]])  # other chunks still read
+
+
+def test_corrupt_compressed_chunk_is_named(tmp_path, data):
+    x, y = data
+    write_store(tmp_path / "s", x, y, codec="zstd")
+    f = _raw_chunk(tmp_path / "s", 2, 14)
+    f.write_bytes(b"garbage" * 10)
+    s = store.open(tmp_path / "s")
+    with pytest.raises(store.StoreCorruptError, match=r"c/2/14/0/0/0.*cannot be decoded"):
+        s.read(2, [116])
+    os.remove(_raw_chunk(tmp_path / "s", 0, 0))
+    with pytest.raises(store.StoreCorruptError, match="file is missing"):
+        s.read(0, [1])
+
+
+def test_verify_chunk_detects_a_flipped_byte(tmp_path, data):
+    x, y = data
+    write_store(tmp_path / "s", x, y)
+    f = _raw_chunk(tmp_path / "s", 0, 2)
+    b = bytearray(f.read_bytes())
+    b[17] ^= 0xFF
+    f.write_bytes(bytes(b))
+    s = store.open(tmp_path / "s")
+    assert s.verify_chunk(0, 1)
+    assert not s.verify_chunk(0, 2)
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+def test_inspect_command(tmp_path, data, capsys):
+    x, y = data
+    write_store(tmp_path / "s", x, y, codec="zstd", meta={"model": "densenet_bc", "boundary": 13})
+    assert store_main(["inspect", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "(3, 117, 3, 5, 4)" in out and "zstd" in out and "complete        yes" in out
+    assert "meta.boundary" in out and "15 chunks/view" in out
+    assert store_main(["inspect", str(tmp_path / "s"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["bytes_raw"] == 3 * 117 * 60 * 4 and d["bytes_on_disk"] > 0 and d["ratio"] > 1.0
+    assert store_main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
