@@ -1,0 +1,188 @@
+"""`UnitModel`: an ordered list of freezable units plus a head.
+
+A unit is the granularity at which FreezeOut freezes and at which PreFast can cache an
+activation. The boundary ``b`` (an int in ``0..num_units``) names the activation after the
+first ``b`` units: ``b = 0`` is the input, ``b = num_units`` is what the head sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class UnitModel(nn.Module):
+    """An ordered list of freezable units plus a never-frozen head.
+
+    Args:
+        units: the freezable units, applied in order.
+        head: the classifier applied after the last unit; it is never frozen.
+        unit_names: one unique, human-readable name per unit (``"conv1"``, ``"dense1.3"``).
+        transition_after: indices of the units after which the activation is cheap to
+            store; unit ``i`` listed here makes boundary ``i + 1`` a cut point.
+        config: JSON-able description of how the model was built (``{"name": ...}`` plus
+            every factory argument); used for fingerprints. Copied.
+    """
+
+    def __init__(
+        self,
+        units: Sequence[nn.Module],
+        head: nn.Module,
+        unit_names: Sequence[str],
+        transition_after: Sequence[int] = (),
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(units) == 0:
+            raise ValueError("UnitModel needs at least one unit, got none")
+        if len(unit_names) != len(units):
+            raise ValueError(
+                f"UnitModel got {len(units)} units but {len(unit_names)} unit_names; "
+                "give exactly one name per unit"
+            )
+        if len(set(unit_names)) != len(unit_names):
+            dupes = sorted({n for n in unit_names if list(unit_names).count(n) > 1})
+            raise ValueError(f"UnitModel unit_names must be unique, duplicated: {dupes}")
+        bad = [i for i in transition_after if not 0 <= i < len(units)]
+        if bad:
+            raise ValueError(
+                f"UnitModel transition_after must hold unit indices in 0..{len(units) - 1}, "
+                f"got {bad}"
+            )
+        self.units = nn.ModuleList(units)
+        self.head = head
+        self.unit_names: tuple[str, ...] = tuple(unit_names)
+        self.cut_points: tuple[int, ...] = tuple(sorted({i + 1 for i in transition_after}))
+        self.config: dict[str, Any] = dict(config) if config is not None else {}
+
+    @property
+    def num_units(self) -> int:
+        """Number of freezable units (the head not counted)."""
+        return len(self.units)
+
+    def _check_boundary(self, what: str, b: int) -> None:
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= self.num_units:
+            raise ValueError(f"{what} must be an int in 0..{self.num_units}, got {b!r}")
+
+    def forward_range(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Run ``units[start:stop]`` on ``h`` (the activation at boundary ``start``).
+
+        ``start == stop`` returns ``h`` unchanged.
+        """
+        n = len(self.units)
+        if not 0 <= start <= stop <= n:
+            raise ValueError(
+                f"forward_range needs 0 <= start <= stop <= num_units, "
+                f"got start={start}, stop={stop}, num_units={n}"
+            )
+        for i in range(start, stop):  # index, not a slice: slicing builds a new ModuleList
+            h = self.units[i](h)
+        return h
+
+    def forward_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Apply the head to the activation at boundary ``num_units``; returns logits."""
+        out: torch.Tensor = self.head(h)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` for an input batch ``(B, C, H, W)``."""
+        return self.forward_head(self.forward_range(x, 0, len(self.units)))
+
+    @contextmanager
+    def _probe(self) -> Iterator[None]:
+        """Eval mode and no_grad for a dummy pass, restoring every module's training flag."""
+        flags = [(m, m.training) for m in self.modules()]
+        try:
+            self.eval()
+            with torch.no_grad():
+                yield
+        finally:
+            for m, flag in flags:
+                m.train(flag)
+
+    def _dummy(self, input_shape: Sequence[int]) -> torch.Tensor:
+        """A zero batch of one sample on the model's device and dtype."""
+        param = next(self.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else None
+        return torch.zeros((1, *input_shape), device=device, dtype=dtype)
+
+    def boundary_shape(self, b: int, input_shape: Sequence[int]) -> tuple[int, ...]:
+        """Per-sample shape of the activation after the first ``b`` units.
+
+        Args:
+            b: boundary in ``0..num_units``.
+            input_shape: per-sample input shape, e.g. ``(3, 32, 32)``.
+        """
+        self._check_boundary("boundary b", b)
+        if b == 0:
+            return tuple(int(s) for s in input_shape)
+        with self._probe():
+            h = self.forward_range(self._dummy(input_shape), 0, b)  # (1, C, H, W)
+        return tuple(h.shape[1:])
+
+    def unit_costs(self, input_shape: Sequence[int]) -> list[int]:
+        """Forward multiply-accumulates per sample of each unit, the head last.
+
+        Counts ``Conv2d`` and ``Linear`` layers only (BN, ReLU and pooling are ignored).
+        The result has ``num_units + 1`` entries.
+        """
+        costs = [0] * (self.num_units + 1)
+        handles = []
+
+        def counter(slot: int) -> Any:
+            def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: Any) -> None:
+                if isinstance(module, nn.Conv2d):
+                    k = math.prod(module.kernel_size)
+                    # out: (1, C_out, H, W); each output element costs C_in/groups * k MACs
+                    costs[slot] += out.numel() * (module.in_channels // module.groups) * k
+                elif isinstance(module, nn.Linear):
+                    costs[slot] += out.numel() * module.in_features
+
+            return hook
+
+        parts: list[nn.Module] = [*self.units, self.head]
+        for slot, part in enumerate(parts):
+            for m in part.modules():
+                if isinstance(m, nn.Conv2d | nn.Linear):
+                    handles.append(m.register_forward_hook(counter(slot)))
+        try:
+            with self._probe():
+                self(self._dummy(input_shape))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return costs
+
+    def extra_repr(self) -> str:
+        return f"num_units={self.num_units}, cut_points={self.cut_points}"
+
+
+def reference_init_(model: nn.Module) -> None:
+    """Initialise in place as the FreezeOut reference does.
+
+    Conv2d weight ~ N(0, sqrt(2 / (k * k * out_channels))), conv bias 0; BatchNorm weight 1,
+    bias 0; Linear bias 0 (Linear weight keeps torch's default).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = math.prod(m.kernel_size) * m.out_channels
+            nn.init.normal_(m.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+__all__ = ["UnitModel", "reference_init_"]

@@ -1,0 +1,290 @@
+"""Models as units plus a head: structure, shapes, composition, init, costs, registry."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from prefast.models import ModelError, UnitModel, create_model, list_models, register_model
+from prefast.models.densenet import densenet_bc
+
+CIFAR = (3, 32, 32)
+MNIST = (1, 28, 28)
+
+# Tiny configurations of every model, plus a second depth where it is still cheap.
+TINY: list[tuple[str, dict[str, Any]]] = [
+    ("densenet_bc", {"depth": 16, "growth": 8}),
+    ("densenet_bc", {"depth": 22, "growth": 4, "reduction": 0.5}),
+    ("densenet_bc", {"depth": 13, "growth": 4, "bottleneck": False}),
+    ("wrn", {"depth": 10, "widen": 1}),
+    ("wrn", {"depth": 16, "widen": 1}),
+    ("vgg", {"depth": 11}),
+    ("vgg", {"depth": 16}),
+]
+
+
+def _make(name: str, kwargs: dict[str, Any], shape: tuple[int, ...] = CIFAR) -> UnitModel:
+    torch.manual_seed(0)
+    return create_model(name, num_classes=7, in_channels=shape[0], image_size=shape[1], **kwargs)
+
+
+@pytest.fixture(scope="module")
+def densenet76() -> UnitModel:
+    torch.manual_seed(0)
+    return densenet_bc(num_classes=10, depth=76, growth=12)
+
+
+def test_list_models() -> None:
+    assert {"densenet_bc", "wrn", "vgg"} <= set(list_models())
+
+
+def test_densenet76_units(densenet76: UnitModel) -> None:
+    m = densenet76
+    assert m.num_units == 39
+    assert len(m.unit_names) == 39
+    expected = {
+        0: "conv1",
+        1: "dense1.1",
+        12: "dense1.12",
+        13: "trans1",
+        14: "dense2.1",
+        26: "trans2",
+        27: "dense3.1",
+        38: "dense3.12",
+    }
+    for i, name in expected.items():
+        assert m.unit_names[i] == name
+    assert m.cut_points == (1, 14, 27)
+    assert m.config == {
+        "name": "densenet_bc",
+        "num_classes": 10,
+        "in_channels": 3,
+        "image_size": 32,
+        "depth": 76,
+        "growth": 12,
+        "reduction": 0.5,
+        "bottleneck": True,
+    }
+
+
+def test_densenet76_boundary_shapes_cifar(densenet76: UnitModel) -> None:
+    m = densenet76
+    fp16_kib = {b: math.prod(m.boundary_shape(b, CIFAR)) * 2 / 1024 for b in (1, 13, 14, 27)}
+    assert m.boundary_shape(0, CIFAR) == CIFAR
+    assert m.boundary_shape(1, CIFAR) == (24, 32, 32)
+    assert fp16_kib[1] == 48  # conv1
+    assert m.boundary_shape(13, CIFAR) == (168, 32, 32)
+    assert fp16_kib[13] == 336  # end of dense1
+    assert m.boundary_shape(14, CIFAR) == (84, 16, 16)
+    assert fp16_kib[14] == 42  # trans1
+    assert m.boundary_shape(27, CIFAR) == (114, 8, 8)
+    assert fp16_kib[27] == pytest.approx(14, abs=0.5)  # trans2
+    assert m.boundary_shape(39, CIFAR) == (258, 8, 8)
+
+
+def test_densenet76_mnist_shapes() -> None:
+    torch.manual_seed(0)
+    m = densenet_bc(num_classes=10, in_channels=1, image_size=28, depth=76, growth=12)
+    assert [m.boundary_shape(b, MNIST) for b in m.cut_points] == [
+        (24, 28, 28),
+        (84, 14, 14),
+        (114, 7, 7),
+    ]
+
+
+def test_densenet16_is_tiny() -> None:
+    m = _make("densenet_bc", {"depth": 16, "growth": 8})
+    assert m.num_units == 9  # conv1, 2 layers, trans1, 2 layers, trans2, 2 layers
+    assert m.unit_names == (
+        "conv1",
+        "dense1.1",
+        "dense1.2",
+        "trans1",
+        "dense2.1",
+        "dense2.2",
+        "trans2",
+        "dense3.1",
+        "dense3.2",
+    )
+    assert m.cut_points == (1, 4, 7)
+    assert sum(p.numel() for p in m.parameters()) < 50_000
+
+
+@pytest.mark.parametrize(("shape"), [CIFAR, MNIST], ids=["cifar", "mnist"])
+@pytest.mark.parametrize(("name", "kwargs"), TINY, ids=[f"{n}{k}" for n, k in TINY])
+def test_forward_range_composes(name: str, kwargs: dict[str, Any], shape: tuple[int, ...]) -> None:
+    m = _make(name, kwargs, shape).eval()
+    x = torch.randn(2, *shape)
+    n = m.num_units
+    with torch.no_grad():
+        full = m(x)
+        assert full.shape == (2, 7)
+        for k in sorted({0, 1, n // 2, n - 1, n, *m.cut_points}):
+            h = m.forward_range(x, 0, k)
+            assert tuple(h.shape[1:]) == m.boundary_shape(k, shape)
+            torch.testing.assert_close(m.forward_head(m.forward_range(h, k, n)), full)
+        assert m.forward_range(x, 2, 2) is x
+
+
+def test_forward_range_validation() -> None:
+    m = _make("densenet_bc", {"depth": 16, "growth": 8})
+    x = torch.randn(1, *CIFAR)
+    for start, stop in [(-1, 2), (3, 2), (0, 10)]:
+        with pytest.raises(ValueError, match=f"start={start}, stop={stop}, num_units=9"):
+            m.forward_range(x, start, stop)
+    with pytest.raises(ValueError, match=r"0\.\.9"):
+        m.boundary_shape(10, CIFAR)
+
+
+def test_cut_points() -> None:
+    wrn = _make("wrn", {"depth": 16, "widen": 1})  # n = 2 blocks per group
+    assert wrn.num_units == 7
+    assert wrn.unit_names[:3] == ("conv1", "block1.1", "block1.2")
+    assert wrn.cut_points == (1, 3, 5, 7)
+    assert [wrn.boundary_shape(b, CIFAR) for b in wrn.cut_points] == [
+        (16, 32, 32),
+        (16, 32, 32),
+        (32, 16, 16),
+        (64, 8, 8),
+    ]
+    vgg = _make("vgg", {"depth": 16}, MNIST)
+    assert vgg.num_units == 13
+    assert vgg.unit_names[:3] == ("conv1.1", "conv1.2", "conv2.1")
+    assert vgg.cut_points == (2, 4, 7, 10, 13)
+    assert [vgg.boundary_shape(b, MNIST) for b in vgg.cut_points] == [
+        (64, 14, 14),
+        (128, 7, 7),
+        (256, 4, 4),
+        (512, 2, 2),
+        (512, 1, 1),
+    ]
+
+
+def test_boundary_shape_keeps_training_flags() -> None:
+    m = _make("densenet_bc", {"depth": 16, "growth": 8}).train()
+    m.units[0].eval()  # a frozen unit stays in eval mode
+    m.boundary_shape(5, CIFAR)
+    m.unit_costs(CIFAR)
+    assert not m.units[0].training
+    assert all(u.training for u in m.units[1:])
+    assert m.training and m.head.training
+    assert all(buf.sum() == 0 for name, buf in m.named_buffers() if "running_mean" in name)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), TINY, ids=[f"{n}{k}" for n, k in TINY])
+def test_reference_init(name: str, kwargs: dict[str, Any]) -> None:
+    m = _make(name, kwargs)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            assert torch.all(mod.weight == 1)
+            assert torch.all(mod.bias == 0)
+        elif isinstance(mod, nn.Linear):
+            assert mod.bias is not None
+            assert torch.all(mod.bias == 0)
+        elif isinstance(mod, nn.Conv2d):
+            assert mod.bias is None
+    # the biggest conv: its empirical std is close to sqrt(2 / (k * k * out))
+    conv = max((c for c in m.modules() if isinstance(c, nn.Conv2d)), key=lambda c: c.weight.numel())
+    expected = math.sqrt(2.0 / (math.prod(conv.kernel_size) * conv.out_channels))
+    assert conv.weight.std().item() == pytest.approx(expected, rel=0.1)
+    assert abs(conv.weight.mean().item()) < 0.1 * expected
+
+
+def test_deterministic_given_seed() -> None:
+    a = _make("wrn", {"depth": 10, "widen": 1})
+    b = _make("wrn", {"depth": 10, "widen": 1})
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), TINY, ids=[f"{n}{k}" for n, k in TINY])
+def test_unit_costs(name: str, kwargs: dict[str, Any]) -> None:
+    m = _make(name, kwargs)
+    costs = m.unit_costs(CIFAR)
+    assert len(costs) == m.num_units + 1
+    assert all(isinstance(c, int) and c > 0 for c in costs)
+
+
+def test_unit_costs_exact_for_densenet_pieces() -> None:
+    m = _make("densenet_bc", {"depth": 16, "growth": 8})
+    costs = m.unit_costs(CIFAR)
+    # conv1: 3x3, 3 -> 16 channels, 32x32 output
+    assert costs[0] == 32 * 32 * 16 * 3 * 9
+    # dense1.1: 1x1 16 -> 32, then 3x3 32 -> 8, at 32x32
+    assert costs[1] == 32 * 32 * (32 * 16 + 8 * 32 * 9)
+    # trans1 gets 16 + 2 * 8 = 32 channels -> 16, 1x1 at 32x32
+    assert costs[3] == 32 * 32 * 16 * 32
+    # head: Linear(16 + 2 * 8 -> 16 after trans2, + 16 = 32 channels, 7 classes)
+    assert costs[-1] == 32 * 7
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "field"),
+    [
+        ("densenet_bc", {"depth": 75}, "depth"),
+        ("densenet_bc", {"depth": 4}, "depth"),
+        ("densenet_bc", {"depth": 14, "bottleneck": False}, "depth"),
+        ("densenet_bc", {"growth": 0}, "growth"),
+        ("densenet_bc", {"reduction": 0.0}, "reduction"),
+        ("densenet_bc", {"reduction": 1.5}, "reduction"),
+        ("wrn", {"depth": 15}, "depth"),
+        ("wrn", {"widen": 0}, "widen"),
+        ("vgg", {"depth": 17}, "depth"),
+        ("vgg", {"width": 2}, "width"),
+    ],
+)
+def test_bad_kwargs(name: str, kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ModelError, match=field):
+        create_model(name, num_classes=10, in_channels=3, image_size=32, **kwargs)
+
+
+def test_bad_depth_message_names_allowed_values() -> None:
+    with pytest.raises(ModelError, match=r"6n \+ 4.*16, 22"):
+        create_model("densenet_bc", num_classes=10, in_channels=3, image_size=32, depth=75)
+    with pytest.raises(ModelError, match=r"\[11, 13, 16, 19\]"):
+        create_model("vgg", num_classes=10, in_channels=3, image_size=32, depth=17)
+
+
+def test_unknown_model_lists_known_names() -> None:
+    with pytest.raises(ModelError, match=r"densenet_bc.*vgg.*wrn") as info:
+        create_model("resnet", num_classes=10, in_channels=3, image_size=32)
+    assert isinstance(info.value, ValueError)
+
+
+def test_register_model_rejects_duplicate_names() -> None:
+    def impostor(**kwargs: Any) -> UnitModel:
+        return densenet_bc(num_classes=2, depth=16, growth=4)
+
+    with pytest.raises(ModelError, match="already registered"):
+        register_model("densenet_bc")(impostor)
+    assert register_model("densenet_bc")(densenet_bc) is densenet_bc  # re-registering is fine
+
+
+def test_unit_model_validates_its_parts() -> None:
+    units = [nn.Identity(), nn.Identity()]
+    with pytest.raises(ValueError, match="unit_names"):
+        UnitModel(units, nn.Identity(), ["a"])
+    with pytest.raises(ValueError, match="unique"):
+        UnitModel(units, nn.Identity(), ["a", "a"])
+    with pytest.raises(ValueError, match="transition_after"):
+        UnitModel(units, nn.Identity(), ["a", "b"], transition_after=[2])
+    m = UnitModel(units, nn.Identity(), ["a", "b"], transition_after=[0], config={"name": "x"})
+    assert m.cut_points == (1,)
+    assert m.config == {"name": "x"}
+
+
+@pytest.mark.parametrize(("name", "kwargs"), TINY, ids=[f"{n}{k}" for n, k in TINY])
+def test_config_is_json_and_rebuilds_the_model(name: str, kwargs: dict[str, Any]) -> None:
+    m = _make(name, kwargs)
+    config = json.loads(json.dumps(m.config))
+    assert config["name"] == name
+    assert {k: config[k] for k in kwargs} == kwargs
+    rebuilt = create_model(**config)
+    assert rebuilt.config == m.config
+    assert rebuilt.unit_names == m.unit_names

@@ -1,0 +1,249 @@
+"""The FreezeOut schedule against hand-computed values (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+
+from prefast.schedule import (
+    FreezeSchedule,
+    ScheduleConfig,
+    ScheduleError,
+    ideal_saving,
+    unit_t,
+)
+
+
+@pytest.mark.parametrize(
+    ("how_scale", "expected"),
+    [
+        # x_i = 0.5 + 0.5 * i / 3 = 1/2, 2/3, 5/6; head 1
+        ("linear", (1 / 2, 2 / 3, 5 / 6, 1.0)),
+        ("squared", (1 / 4, 4 / 9, 25 / 36, 1.0)),
+        ("cubic", (1 / 8, 8 / 27, 125 / 216, 1.0)),
+    ],
+)
+def test_unit_t_exact(how_scale: str, expected: tuple[float, ...]) -> None:
+    t = unit_t(3, 0.5, how_scale)
+    assert len(t) == 4
+    assert t == pytest.approx(expected, rel=1e-12)
+    assert t[-1] == 1.0
+
+
+def test_unit_t_densenet76_defaults() -> None:
+    t = unit_t(39, 0.8, "cubic")
+    assert len(t) == 40
+    assert t[0] == pytest.approx(0.512, rel=1e-12)
+    assert t[13] == pytest.approx((0.8 + 0.2 * 13 / 39) ** 3, rel=1e-12)
+    assert t[39] == 1.0
+    assert all(a < b for a, b in itertools.pairwise(t))
+
+
+def test_unit_t_t0_one_is_all_ones() -> None:
+    assert unit_t(4, 1.0, "cubic") == (1.0,) * 5
+
+
+def test_config_defaults_and_round_trip() -> None:
+    cfg = ScheduleConfig()
+    assert (cfg.mode, cfg.t0, cfg.how_scale, cfg.scale_lr, cfg.base_lr) == (
+        "freezeout",
+        0.8,
+        "cubic",
+        True,
+        0.1,
+    )
+    other = ScheduleConfig(mode="prefast", t0=0.6, how_scale="linear", scale_lr=False)
+    for c in (cfg, other):
+        d = c.to_dict()
+        assert ScheduleConfig.from_dict(json.loads(json.dumps(d))) == c
+    assert ScheduleConfig.from_dict({"t0": 0.5}) == ScheduleConfig(t0=0.5)
+    with pytest.raises(AttributeError):
+        cfg.t0 = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "allowed"),
+    [
+        ({"mode": "fast"}, "mode", "freezeout"),
+        ({"t0": 0.0}, "t0", "(0, 1]"),
+        ({"t0": 1.5}, "t0", "(0, 1]"),
+        ({"t0": -0.1}, "t0", "(0, 1]"),
+        ({"how_scale": "quartic"}, "how_scale", "cubic"),
+        ({"base_lr": 0.0}, "base_lr", "> 0"),
+        ({"base_lr": -1.0}, "base_lr", "> 0"),
+        ({"base_lr": float("nan")}, "base_lr", "> 0"),
+        ({"scale_lr": "yes"}, "scale_lr", "True or False"),
+    ],
+)
+def test_config_validation(kwargs: dict[str, object], field: str, allowed: str) -> None:
+    with pytest.raises(ScheduleError) as info:
+        ScheduleConfig(**kwargs)  # type: ignore[arg-type]
+    assert field in str(info.value)
+    assert allowed in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_from_dict_rejects_unknown_field() -> None:
+    with pytest.raises(ScheduleError, match="bogus"):
+        ScheduleConfig.from_dict({"bogus": 1})
+
+
+def test_schedule_attributes_linear() -> None:
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 3, 100)
+    assert s.t == pytest.approx((1 / 2, 2 / 3, 5 / 6, 1.0))
+    assert s.max_j == pytest.approx((50.0, 200 / 3, 250 / 3, 100.0))
+    assert s.initial_lr == pytest.approx((0.2, 0.15, 0.12, 0.1))
+
+
+def test_lr_cosine_values() -> None:
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 3, 100)
+    # unit 0: max_j = 50, lr0 = 0.2
+    assert s.lr(0, 0) == pytest.approx(0.2)
+    assert s.lr(0, 25) == pytest.approx(0.1)  # half-way: half of lr0
+    assert s.lr(0, 50) == pytest.approx(0.0, abs=1e-15)  # at max_j: zero, not yet frozen
+    assert not s.is_frozen(0, 50)
+    assert s.lr(0, 51) == 0.0  # frozen
+    assert s.is_frozen(0, 51)
+    # head: max_j = 100, lr0 = base_lr
+    assert s.lr(3, 0) == pytest.approx(0.1)
+    assert s.lr(3, 50) == pytest.approx(0.05)
+    assert s.lr(3, 99) == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.99)))
+
+
+def test_freeze_iterations() -> None:
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 3, 100)
+    # max_j = 50, 66.67, 83.33 -> first integer j > max_j
+    assert s.freeze_iterations() == [51, 67, 84]
+    assert s.freeze_iteration(3) is None  # head
+    for i, f in enumerate(s.freeze_iterations()):
+        assert f is not None
+        assert not s.is_frozen(i, f - 1)
+        assert s.is_frozen(i, f)
+
+
+def test_frozen_count_is_a_prefix() -> None:
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 3, 100)
+    assert [s.frozen_count(j) for j in (0, 50, 51, 66, 67, 83, 84, 99)] == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+    ]
+    for j in range(100):
+        k = s.frozen_count(j)
+        assert all(s.is_frozen(i, j) for i in range(k))
+        assert not any(s.is_frozen(i, j) for i in range(k, 4))
+        assert not s.is_frozen(3, j)
+
+
+def test_integer_max_j_is_not_moved_by_float_noise() -> None:
+    # t_2 = 0.5 + 0.5 * 2 / 3 = 5 / 6; 5 / 6 * 300 = 250 exactly, but in floats 249.999...
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 3, 300)
+    assert s.max_j[2] == 250.0
+    assert s.freeze_iteration(2) == 251
+    assert not s.is_frozen(2, 250)
+
+
+def test_unit_that_would_freeze_after_the_run_never_freezes() -> None:
+    # t = 0.995 of 100 iterations: max_j = 99.5, first j > 99.5 is 100 == total -> None
+    s = FreezeSchedule(ScheduleConfig(t0=0.99, how_scale="linear"), 2, 100)
+    assert s.max_j[1] == pytest.approx(99.5)
+    assert s.freeze_iterations() == [None, None]
+    assert s.frozen_count(99) == 0
+
+
+def test_densenet76_defaults() -> None:
+    s = FreezeSchedule(ScheduleConfig(), 39, 90_000)
+    assert s.t[0] == pytest.approx(0.512)
+    assert s.max_j[0] == pytest.approx(0.512 * 90_000)
+    assert s.initial_lr[0] == pytest.approx(0.1 / 0.512)
+    assert s.freeze_iteration(0) == 46_081
+    assert s.frozen_count(46_080) == 0
+    assert s.frozen_count(46_081) == 1
+    # the last unit: t = (0.8 + 0.2 * 38 / 39) ** 3 = 0.98469..., max_j = 88,622.3
+    assert s.freeze_iteration(38) == 88_623
+    assert s.frozen_count(89_999) == 39
+
+
+def test_scale_lr_off() -> None:
+    s = FreezeSchedule(ScheduleConfig(scale_lr=False, base_lr=0.05), 5, 10)
+    assert s.initial_lr == (0.05,) * 6
+    assert s.lr(0, 0) == pytest.approx(0.05)
+
+
+def test_full_mode_never_freezes() -> None:
+    s = FreezeSchedule(ScheduleConfig(mode="full"), 4, 20)
+    assert s.t == (1.0,) * 5
+    assert s.max_j == (20.0,) * 5
+    assert s.initial_lr == (0.1,) * 5
+    assert s.freeze_iterations() == [None] * 4
+    assert all(s.frozen_count(j) == 0 for j in range(20))
+    assert not any(s.is_frozen(i, 19) for i in range(5))
+    assert s.lr(0, 10) == pytest.approx(0.05)
+
+
+def test_prefast_and_freezeout_share_the_schedule() -> None:
+    a = FreezeSchedule(ScheduleConfig(mode="prefast"), 7, 333)
+    b = FreezeSchedule(ScheduleConfig(mode="freezeout"), 7, 333)
+    assert a.t == b.t
+    assert a.freeze_iterations() == b.freeze_iterations()
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [((3, 0), "total_iterations"), ((0, 10), "num_units"), ((3, 1.5), "total_iterations")],
+)
+def test_schedule_validation(args: tuple[int, int], field: str) -> None:
+    with pytest.raises(ScheduleError, match=field):
+        FreezeSchedule(ScheduleConfig(), *args)
+
+
+def test_query_validation() -> None:
+    s = FreezeSchedule(ScheduleConfig(), 3, 10)
+    with pytest.raises(ScheduleError, match=r"0\.\.3"):
+        s.lr(4, 0)
+    with pytest.raises(ScheduleError, match="iteration"):
+        s.is_frozen(0, -1)
+    with pytest.raises(ScheduleError, match="iteration"):
+        s.frozen_count(-1)
+
+
+def test_ideal_saving_hand_example() -> None:
+    # t = 0.5, 0.75, 1.0 over J = 10: max_j = 5, 7.5, 10 -> F = 6, 8, (head) 10
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 2, 10)
+    assert s.freeze_iterations() == [6, 8]
+    out = ideal_saving(s, fwd_costs=[1, 2, 3], bwd_costs=[2, 4, 6])
+    # full = (3 + 6 + 9) * 10
+    assert out["full_cost"] == 180
+    # freezeout = (1*10 + 2*6) + (2*10 + 4*8) + 9*10
+    assert out["freezeout_cost"] == 164
+    # prefast = 3*6 + 6*8 + 9*10
+    assert out["prefast_cost"] == 156
+    assert out["full"] == 1.0
+    assert out["freezeout"] == pytest.approx(164 / 180)
+    assert out["prefast"] == pytest.approx(156 / 180)
+    assert out["freezeout_saving"] == pytest.approx(16 / 180)
+    assert out["prefast_saving"] == pytest.approx(24 / 180)
+    assert out["prefast_vs_freezeout"] == pytest.approx(8 / 164)
+
+
+def test_ideal_saving_full_mode_saves_nothing() -> None:
+    s = FreezeSchedule(ScheduleConfig(mode="full"), 2, 10)
+    out = ideal_saving(s, [1, 2, 3], [2, 4, 6])
+    assert out["freezeout_saving"] == 0.0
+    assert out["prefast_saving"] == 0.0
+
+
+def test_ideal_saving_validation() -> None:
+    s = FreezeSchedule(ScheduleConfig(), 2, 10)
+    with pytest.raises(ScheduleError, match="fwd_costs needs num_units"):
+        ideal_saving(s, [1, 2], [1, 2, 3])
+    with pytest.raises(ScheduleError, match="bwd_costs"):
+        ideal_saving(s, [1, 2, 3], [1, -2, 3])
