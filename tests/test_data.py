@@ -1,0 +1,472 @@
+"""Tests for prefast.data: readers on tiny fakes, synthetic data, augmentation, batching."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import prefast.data as D
+from prefast.data import (
+    DATASETS,
+    Augment,
+    AugParams,
+    DataError,
+    DatasetSpec,
+    ImageData,
+    epoch_key,
+    load_dataset,
+    make_batch,
+    spec_for,
+    view_key,
+)
+from tests.fakes import (
+    N_TEST,
+    N_TRAIN,
+    fake_pixels,
+    idx_paths,
+    write_cifar_pickle,
+    write_fake,
+    write_fake_cifar,
+    write_fake_idx,
+    write_idx,
+)
+
+REAL = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+
+
+def _tiny(n: int = 11, spec: DatasetSpec | None = None) -> ImageData:
+    spec = spec or spec_for("cifar10")
+    c, h, _ = spec.shape
+    images = torch.from_numpy(fake_pixels(n, c, h))
+    labels = torch.arange(n, dtype=torch.int64) % spec.num_classes
+    return ImageData(images, labels, spec)
+
+
+# ------------------------------------------------------------------------------------------
+# Readers
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_reads_fake_back_exactly(tmp_path: Path, name: str, split: str) -> None:
+    expected = write_fake(tmp_path, name)[split]
+    data = load_dataset(name, split, data_root=tmp_path)
+    n = N_TRAIN if split == "train" else N_TEST
+    spec = spec_for(name)
+    assert data.spec == spec
+    assert data.images.shape == (n, *spec.shape)
+    assert data.images.dtype == torch.uint8 and data.images.is_contiguous()
+    assert data.labels.dtype == torch.int64
+    np.testing.assert_array_equal(data.images.numpy(), expected.images)
+    np.testing.assert_array_equal(data.labels.numpy(), expected.labels)
+
+
+def test_cifar_rows_are_channel_planes(tmp_path: Path) -> None:
+    write_fake_cifar(tmp_path, "cifar10")
+    with (tmp_path / "cifar-10-batches-py" / "data_batch_2").open("rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    row = raw[b"data"][1]  # sample 6: batch 1 holds samples 0..4
+    img = load_dataset("cifar10", "train", data_root=tmp_path).images[6].numpy()
+    for c in range(3):  # R(1024) G(1024) B(1024), each row-major 32 x 32
+        np.testing.assert_array_equal(img[c], row[1024 * c : 1024 * (c + 1)].reshape(32, 32))
+    assert img[1, 2, 3] == row[1024 + 2 * 32 + 3]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_files_directly_in_root(tmp_path: Path, compress: bool) -> None:
+    expected = write_fake_idx(tmp_path, "fashion-mnist", layout="flat", compress=compress)
+    data = load_dataset("fashion-mnist", "test", data_root=tmp_path)
+    np.testing.assert_array_equal(data.images.numpy(), expected["test"].images)
+    np.testing.assert_array_equal(data.labels.numpy(), expected["test"].labels)
+
+
+def test_num_samples_takes_seeded_subset(tmp_path: Path) -> None:
+    expected = write_fake(tmp_path, "mnist")["train"]
+    a = load_dataset("mnist", "train", data_root=tmp_path, num_samples=9, seed=3)
+    b = load_dataset("mnist", "train", data_root=tmp_path, num_samples=9, seed=3)
+    assert len(a) == 9 and torch.equal(a.images, b.images)
+    rows = [
+        int(np.flatnonzero((expected.images == img).all(axis=(1, 2, 3)))[0])
+        for img in a.images.numpy()
+    ]
+    assert rows == sorted(set(rows))
+    np.testing.assert_array_equal(a.labels.numpy(), expected.labels[rows])
+    with pytest.raises(DataError, match="exceeds"):
+        load_dataset("mnist", "train", data_root=tmp_path, num_samples=N_TRAIN + 1)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_missing_data_says_how_to_get_it(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DataError) as err:
+        load_dataset(name, "train", data_root=tmp_path)
+    msg = str(err.value)
+    assert "--data-root" in msg and "--download" in msg and str(tmp_path) in msg
+    if name == "fashion-mnist":
+        assert "apt-get install -y dataset-fashion-mnist" in msg
+
+
+def test_partially_missing_names_the_missing_file(tmp_path: Path) -> None:
+    write_fake_cifar(tmp_path, "cifar10")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
+    with pytest.raises(DataError, match="data_batch_4"):
+        load_dataset("cifar10", "train", data_root=tmp_path)
+    load_dataset("cifar10", "test", data_root=tmp_path)  # the test split is complete
+
+
+def test_failed_download_raises_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(name: str, split: str, root: Path) -> None:
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(D, "_download", offline)
+    with pytest.raises(DataError, match=r"download into .* failed.*--data-root") as err:
+        load_dataset("cifar100", "test", data_root=tmp_path, download=True)
+    assert isinstance(err.value.__cause__, OSError)
+
+
+def test_download_then_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_download(name: str, split: str, root: Path) -> None:
+        calls.append((name, split, root))
+        write_fake(root, name)
+
+    monkeypatch.setattr(D, "_download", fake_download)
+    data = load_dataset("mnist", "test", data_root=tmp_path, download=True)
+    assert len(data) == N_TEST and calls == [("mnist", "test", tmp_path)]
+    load_dataset("mnist", "test", data_root=tmp_path, download=True)  # present: no second call
+    assert len(calls) == 1
+
+
+def _corrupt_bad_magic(path: Path) -> None:
+    write_idx(path, np.zeros((3, 28, 28), np.uint8), magic=0x0804)
+
+
+def _corrupt_truncated(path: Path) -> None:
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    raw = raw[:-10]
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+def _corrupt_not_gzip(path: Path) -> None:
+    path.write_bytes(b"this is not gzip data at all")
+
+
+def _corrupt_wrong_size(path: Path) -> None:
+    write_idx(path, np.zeros((N_TRAIN, 27, 27), np.uint8))
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (_corrupt_bad_magic, "magic"),
+        (_corrupt_truncated, "truncated"),
+        (_corrupt_not_gzip, "cannot read"),
+        (_corrupt_wrong_size, r"\(27, 27\)"),
+    ],
+)
+def test_corrupt_idx_names_the_file(tmp_path: Path, corrupt, match: str) -> None:
+    write_fake_idx(tmp_path, "fashion-mnist", compress=True)
+    images_path, _ = idx_paths(tmp_path, "fashion-mnist", "train", compress=True)
+    corrupt(images_path)
+    with pytest.raises(DataError, match=match) as err:
+        load_dataset("fashion-mnist", "train", data_root=tmp_path)
+    assert str(images_path) in str(err.value)
+
+
+def test_idx_label_count_and_range_checked(tmp_path: Path) -> None:
+    write_fake_idx(tmp_path, "mnist")
+    _, labels_path = idx_paths(tmp_path, "mnist", "test")
+    write_idx(labels_path, np.zeros(N_TEST - 1, np.uint8))
+    with pytest.raises(DataError, match="labels"):
+        load_dataset("mnist", "test", data_root=tmp_path)
+    write_idx(labels_path, np.full(N_TEST, 10, np.uint8))
+    with pytest.raises(DataError, match=r"labels span \[10, 10\]"):
+        load_dataset("mnist", "test", data_root=tmp_path)
+
+
+def test_corrupt_cifar_pickle_names_the_file(tmp_path: Path) -> None:
+    write_fake_cifar(tmp_path, "cifar100")
+    path = tmp_path / "cifar-100-python" / "test"
+    path.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(DataError, match="not a readable CIFAR pickle") as err:
+        load_dataset("cifar100", "test", data_root=tmp_path)
+    assert str(path) in str(err.value)
+    write_cifar_pickle(path, {b"data": np.zeros((2, 100), np.uint8), b"fine_labels": [0, 1]})
+    with pytest.raises(DataError, match=r"\(N, 3072\)"):
+        load_dataset("cifar100", "test", data_root=tmp_path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar_pickle_refuses_arbitrary_globals(tmp_path: Path) -> None:
+    write_fake_cifar(tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    write_cifar_pickle(path, {b"data": _Evil(), b"labels": []})
+    with pytest.raises(DataError, match="refusing to load global"):
+        load_dataset("cifar10", "test", data_root=tmp_path)
+
+
+def test_unknown_names_list_the_known_ones() -> None:
+    with pytest.raises(DataError) as err:
+        load_dataset("imagenet", "train")
+    assert all(name in str(err.value) for name in DATASETS)
+    with pytest.raises(DataError, match="train, test"):
+        load_dataset("synthetic", "val")
+    with pytest.raises(DataError, match="cifar, mnist"):
+        spec_for("synthetic", shape="svhn")
+
+
+@pytest.mark.skipif(
+    not D.SYSTEM_FASHION_MNIST.is_dir(),
+    reason=f"{D.SYSTEM_FASHION_MNIST} missing (apt-get install -y dataset-fashion-mnist)",
+)
+def test_real_fashion_mnist_from_system_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(D, "DEFAULT_DATA_ROOT", tmp_path)  # nothing cached: use the system copy
+    train = load_dataset("fashion-mnist", "train")
+    test = load_dataset("fashion-mnist", "test")
+    assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
+    assert torch.bincount(train.labels).tolist() == [6000] * 10
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    mean = train.images.double().mean().item() / 255
+    assert abs(mean - train.spec.mean[0]) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------
+# Specs and synthetic data
+# ------------------------------------------------------------------------------------------
+
+
+def test_specs() -> None:
+    assert spec_for("cifar10").shape == (3, 32, 32) and spec_for("cifar100").num_classes == 100
+    assert (spec_for("cifar10").pad, spec_for("cifar10").flip) == (4, True)
+    assert (spec_for("mnist").pad, spec_for("mnist").flip) == (2, False)
+    assert (spec_for("fashion-mnist").pad, spec_for("fashion-mnist").flip) == (2, True)
+    assert spec_for("synthetic", "mnist").shape == (1, 28, 28)
+    for name in DATASETS:
+        spec = spec_for(name)
+        assert DatasetSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(DataError, match="one value per channel"):
+        DatasetSpec("x", 3, 32, 10, (0.5,), (0.2,))
+
+
+@pytest.mark.parametrize("shape, chw", [("cifar", (3, 32, 32)), ("mnist", (1, 28, 28))])
+def test_synthetic_shapes_labels_determinism(shape: str, chw: tuple[int, int, int]) -> None:
+    a = load_dataset("synthetic", "train", num_samples=1500, seed=5, shape=shape)
+    b = load_dataset("synthetic", "train", num_samples=1500, seed=5, shape=shape)
+    c = load_dataset("synthetic", "train", num_samples=1500, seed=6, shape=shape)
+    t = load_dataset("synthetic", "test", num_samples=1500, seed=5, shape=shape)
+    assert a.images.shape == (1500, *chw) and a.spec == spec_for("synthetic", shape)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, c.images) and not torch.equal(a.images, t.images)
+    assert int(a.labels.min()) == 0 and int(a.labels.max()) == 9
+    assert torch.bincount(a.labels, minlength=10).min() > 100  # balanced-ish
+    short = load_dataset("synthetic", "train", num_samples=700, seed=5, shape=shape)
+    assert torch.equal(short.images, a.images[:700])  # prefix-stable
+
+
+def test_synthetic_default_size_and_statistics() -> None:
+    data = load_dataset("synthetic", "test", shape="mnist")
+    assert len(data) == 10_000
+    x, _ = make_batch(data, np.arange(2000), None, "cpu")
+    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1
+
+
+def test_synthetic_classes_are_separable() -> None:
+    # Nearest class mean on the test split must be far above chance (10 %) yet not perfect.
+    train = load_dataset("synthetic", "train", num_samples=3000, seed=1)
+    test = load_dataset("synthetic", "test", num_samples=1000, seed=1)
+    xtr = train.images.flatten(1).float()
+    means = torch.stack([xtr[train.labels == k].mean(0) for k in range(10)])  # (10, 3072)
+    pred = torch.cdist(test.images.flatten(1).float(), means).argmin(1)
+    acc = (pred == test.labels).float().mean().item()
+    assert 0.3 < acc < 0.99
+
+
+# ------------------------------------------------------------------------------------------
+# ImageData
+# ------------------------------------------------------------------------------------------
+
+
+def test_subset_and_split_off() -> None:
+    data = _tiny(30)
+    sub = data.subset(12, seed=1)
+    assert len(sub) == 12 and torch.equal(sub.images, data.subset(12, seed=1).images)
+    assert not torch.equal(sub.images, data.subset(12, seed=2).images)
+    assert torch.equal(data.subset(30, seed=4).images, data.images)
+
+    rest, held = data.split_off(7, seed=1)
+    assert (len(rest), len(held)) == (23, 7)
+
+    def ids(d: ImageData) -> set[int]:
+        return {int(v) for v in d.images[:, 0, 0, 0]}  # pixel (0, 0, 0) = 7 i % 256
+
+    assert ids(rest).isdisjoint(ids(held)) and len(ids(rest) | ids(held)) == 30
+    rest2, held2 = data.split_off(7, seed=1)
+    assert torch.equal(held.images, held2.images) and torch.equal(rest.labels, rest2.labels)
+    for bad in (0, 31):
+        with pytest.raises(DataError):
+            data.subset(bad, seed=0)
+    for bad in (0, 30):
+        with pytest.raises(DataError):
+            data.split_off(bad, seed=0)
+
+
+def test_image_data_validates() -> None:
+    spec = spec_for("mnist")
+    with pytest.raises(DataError, match="needs"):
+        ImageData(
+            torch.zeros(2, 3, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), spec
+        )
+    with pytest.raises(DataError, match="uint8"):
+        ImageData(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.int64), spec)
+    with pytest.raises(DataError, match=r"\[0, 10\)"):
+        ImageData(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.tensor([0, 10]), spec)
+
+
+# ------------------------------------------------------------------------------------------
+# Augmentation and batches
+# ------------------------------------------------------------------------------------------
+
+
+def _reference(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: int) -> np.ndarray:
+    """Per-sample loop: zero-pad, crop at (dy, dx), flip horizontally."""
+    out = np.empty_like(images)
+    h, w = images.shape[2:]
+    for i, img in enumerate(images):
+        padded = np.pad(img, ((0, 0), (pad, pad), (pad, pad)))
+        dy, dx = offsets[i]
+        crop = padded[:, dy : dy + h, dx : dx + w]
+        out[i] = crop[:, :, ::-1] if flips[i] else crop
+    return out
+
+
+def _raw(x: torch.Tensor, spec: DatasetSpec) -> np.ndarray:
+    """Undo the normalisation: back to uint8 grey levels."""
+    mean = torch.tensor(spec.mean).view(-1, 1, 1)
+    std = torch.tensor(spec.std).view(-1, 1, 1)
+    return torch.round((x.float() * std + mean) * 255).to(torch.uint8).numpy()
+
+
+def test_known_crop_and_flip() -> None:
+    spec = DatasetSpec("tiny", 1, 4, 10, (0.0,), (1.0,), pad=1, flip=True)
+    img = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4)  # rows 1..4, 5..8, ...
+    data = ImageData(img.repeat(3, 1, 1, 1), torch.zeros(3, dtype=torch.int64), spec)
+    params = AugParams(
+        pad=1,
+        offsets=torch.tensor([[0, 2], [1, 1], [2, 0]]),
+        flips=torch.tensor([False, True, True]),
+    )
+    x, _ = make_batch(data, np.arange(3), params, "cpu")
+    got = torch.round(x * 255).to(torch.uint8)[:, 0]
+    # Sample 0: shifted down one row and left one column, zeros enter at top and right.
+    assert got[0].tolist() == [[0, 0, 0, 0], [2, 3, 4, 0], [6, 7, 8, 0], [10, 11, 12, 0]]
+    # Sample 1: no shift, flipped.
+    assert got[1].tolist() == [[4, 3, 2, 1], [8, 7, 6, 5], [12, 11, 10, 9], [16, 15, 14, 13]]
+    # Sample 2: shifted up one row and right one column, then flipped.
+    assert got[2].tolist() == [[7, 6, 5, 0], [11, 10, 9, 0], [15, 14, 13, 0], [0, 0, 0, 0]]
+
+
+def test_batch_matches_per_sample_reference() -> None:
+    data = _tiny(40)
+    params = Augment.from_spec(data.spec).params(view_key(0, 2), len(data))
+    idx = np.array([5, 0, 39, 17, 17, 2])
+    x, y = make_batch(data, idx, params, "cpu")
+    want = _reference(
+        data.images.numpy()[idx], params.offsets.numpy()[idx], params.flips.numpy()[idx], 4
+    )
+    np.testing.assert_array_equal(_raw(x, data.spec), want)
+    assert y.tolist() == data.labels[idx].tolist()
+
+
+def test_augmentation_independent_of_batch_order() -> None:
+    data = _tiny(50)
+    params = Augment.from_spec(data.spec).params(epoch_key(3, 7), len(data))
+    idx = np.random.default_rng(0).choice(50, size=20, replace=False)
+    perm = np.random.default_rng(1).permutation(20)
+    x1, y1 = make_batch(data, idx, params, "cpu")
+    x2, y2 = make_batch(data, torch.from_numpy(idx[perm]), params, "cpu")
+    assert torch.equal(x2, x1[perm]) and torch.equal(y2, y1[perm])
+    x3, _ = make_batch(data, idx[:5], params, "cpu")  # a different batch around the same samples
+    assert torch.equal(x3, x1[:5])
+
+
+def test_params_are_per_sample_and_keyed() -> None:
+    aug = Augment.from_spec(spec_for("cifar10"))
+    p = aug.params(view_key(1, 0), 1000)
+    assert p.offsets.shape == (1000, 2) and p.flips.shape == (1000,)
+    assert int(p.offsets.min()) == 0 and int(p.offsets.max()) == 8
+    assert 400 < int(p.flips.sum()) < 600
+    short = aug.params(view_key(1, 0), 100)
+    assert torch.equal(short.offsets, p.offsets[:100]) and torch.equal(short.flips, p.flips[:100])
+    other = aug.params(view_key(1, 1), 1000)
+    assert not torch.equal(other.offsets, p.offsets)
+    assert not torch.equal(aug.params(epoch_key(1, 0), 1000).offsets, p.offsets)
+    assert view_key(1, 2) == (1, 0, 2) and epoch_key(1, 2) == (1, 1, 2)
+    no_flip = Augment.from_spec(spec_for("mnist")).params((0, 1, 0), 100)
+    assert not no_flip.flips.any() and int(no_flip.offsets.max()) <= 4
+    with pytest.raises(DataError):
+        aug.params((-1, 0, 0), 10)
+
+
+def test_disabled_augmentation_is_identity() -> None:
+    data = _tiny(9)
+    plain, _ = make_batch(data, np.arange(9), None, "cpu")
+    for aug in (Augment.from_spec(data.spec, enabled=False), Augment(pad=0, flip=False)):
+        assert aug.identity
+        params = aug.params((0, 1, 3), len(data))
+        assert params.identity
+        x, _ = make_batch(data, np.arange(9), params, "cpu")
+        assert torch.equal(x, plain)
+    np.testing.assert_array_equal(_raw(plain, data.spec), data.images.numpy())
+    assert Augment.from_dict(Augment(4, True).to_dict()) == Augment(4, True)
+
+
+def test_normalisation_values_dtype_and_indices() -> None:
+    spec = spec_for("cifar10")
+    images = torch.tensor([0, 128, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 3, 32, 32)
+    data = ImageData(images.clone(), torch.tensor([1, 2, 3]), spec)
+    x, y = make_batch(data, np.array([2, 0, 1]), None, "cpu")
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    for row, v in zip(range(3), (255, 0, 128), strict=True):
+        for c in range(3):
+            want = (v / 255 - spec.mean[c]) / spec.std[c]
+            assert torch.allclose(x[row, c], torch.full((32, 32), want), atol=1e-5)
+    assert y.tolist() == [3, 1, 2]
+    half, _ = make_batch(data, [0, 1], None, torch.device("cpu"), dtype=torch.float16)
+    assert half.dtype == torch.float16
+    read_only = np.array([0, 1])
+    read_only.flags.writeable = False
+    make_batch(data, read_only, None, "cpu")  # no warning from torch.from_numpy
+    back, _ = make_batch(data, np.arange(3)[::-1], None, "cpu")  # negative strides
+    assert torch.equal(back, make_batch(data, [2, 1, 0], None, "cpu")[0])
+    with pytest.raises(DataError, match="indices"):
+        make_batch(data, np.array([0, 3]), None, "cpu")
+    with pytest.raises(DataError, match="cover"):
+        make_batch(data, np.array([0]), Augment(4, True).params((0,), 5), "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batch_matches_cpu() -> None:
+    data = _tiny(64)
+    params = Augment.from_spec(data.spec).params(view_key(0, 1), len(data))
+    idx = np.random.default_rng(0).permutation(64)[:33]
+    x_cpu, y_cpu = make_batch(data, idx, params, "cpu")
+    x_gpu, y_gpu = make_batch(data, torch.from_numpy(idx).cuda(), params, "cuda")
+    assert x_gpu.device.type == "cuda" and y_gpu.device.type == "cuda"
+    torch.testing.assert_close(x_gpu.cpu(), x_cpu)
+    assert torch.equal(y_gpu.cpu(), y_cpu)
+    half, _ = make_batch(data, idx, params, "cuda", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
