@@ -1,0 +1,480 @@
+"""The cache of frozen-prefix outputs: fingerprints, tier choice, cache passes and the
+re-caching decision (DESIGN sections 3 and 4).
+
+A cache at boundary ``b`` holds ``units[0:b]``'s output for every training sample and view,
+computed **after** the freeze, in eval mode, under no_grad, from the final frozen weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import store
+from prefast.data import Augment, ImageData, make_batch, view_key
+from prefast.errors import CacheError
+from prefast.models import UnitModel
+from prefast.monitor import synchronize
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORE_PREFIX = "boundary-"
+
+
+# ---- identity of a cache ---------------------------------------------------------------------
+def fingerprint(
+    model: UnitModel, boundary: int, data_desc: dict[str, Any], cache_desc: dict[str, Any]
+) -> str:
+    """SHA-256 over what produced a cache: the architecture, the boundary, the frozen units'
+    weights and buffers, the data (dataset, split, subset, transform) and the cache's views,
+    seeds and dtype."""
+    h = hashlib.sha256()
+    head = {"model": model.config, "boundary": boundary, "data": data_desc, "cache": cache_desc}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for i in range(boundary):
+        for name, t in sorted(model.units[i].state_dict().items()):
+            h.update(f"{i}.{name}".encode())
+            h.update(
+                t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            )
+    return h.hexdigest()
+
+
+def store_path(cache_dir: Path, boundary: int) -> Path:
+    return cache_dir / f"{STORE_PREFIX}{boundary:03d}"
+
+
+def check_cache_dir(cache_dir: Path, model_config: dict[str, Any]) -> None:
+    """Refuse a cache directory that holds another model's stores (never used silently)."""
+    if not cache_dir.exists():
+        return
+    if not cache_dir.is_dir():
+        raise CacheError(f"--cache-dir: {cache_dir} exists and is not a directory")
+    for child in sorted(cache_dir.iterdir()):
+        if not (child / "zarr.json").is_file():
+            continue
+        try:
+            s = store.open(child, partial=True)
+        except store.StoreError as e:
+            raise CacheError(
+                f"--cache-dir: {child} is not a usable store ({e}); remove it or use another --cache-dir"
+            ) from None
+        other = s.meta.get("model")
+        if other is not None and other != model_config:
+            raise CacheError(
+                f"--cache-dir: {cache_dir} holds a store from another model ({child.name}: "
+                f"{other.get('name', other)} {_short(other)}, this run: {model_config.get('name')} "
+                f"{_short(model_config)}); use another --cache-dir or remove that store"
+            )
+
+
+def _short(cfg: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "name")
+
+
+# ---- the cache in use ---------------------------------------------------------------------------
+@dataclass
+class Cache:
+    """A built cache: its boundary, tier, source for the loader, and provenance."""
+
+    boundary: int
+    tier: str  # "device" | "ram" | "zarr"
+    source: Any  # store.ActivationStore | store.RamCache | store.DeviceCache
+    fingerprint: str
+    path: Path | None = None
+    build_seconds: float = 0.0
+    write_rate: float = 0.0  # bytes/s achieved by the pass that built it
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.source.nbytes)
+
+    def delete(self) -> None:
+        """Release the cache; a zarr store is removed from disk."""
+        if isinstance(self.source, store.ActivationStore):
+            self.source.close()
+        if self.tier == "zarr" and self.path is not None and self.path.exists():
+            shutil.rmtree(self.path)
+            log.info("deleted superseded store %s", self.path)
+        self.source = None
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (bytes); a conservative 1 GiB where unreadable."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 30
+
+
+def choose_tier(requested: str, nbytes: int, device: torch.device, fraction: float) -> str:
+    """``auto``: device if the cache fits ``fraction`` of free device memory, else ram if it
+    fits ``fraction`` of available host memory, else zarr."""
+    if requested != "auto":
+        if requested == "device" and device.type == "cpu":
+            return "device"  # a CPU device cache is an in-memory tensor, like ram
+        return requested
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes <= fraction * free:
+            return "device"
+    if nbytes <= fraction * available_host_bytes():
+        return "ram"
+    return "zarr"
+
+
+# ---- cache passes -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _autocast(device: torch.device, amp: str) -> Iterator[None]:
+    if amp == "bf16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """How to compute a cache: the image side and the target's format."""
+
+    train: ImageData
+    augment: Augment
+    views: int
+    seed: int
+    dtype: str
+    codec: str | None
+    batch_size: int
+    amp: str
+    channels_last: bool
+
+
+def _open_sink(
+    tier: str,
+    path: Path | None,
+    n: int,
+    spec: PassSpec,
+    sample_shape: tuple[int, ...],
+    device: torch.device,
+    meta: dict[str, Any],
+) -> Any:
+    if tier == "zarr":
+        assert path is not None
+        return store.create(
+            path,
+            sample_shape=sample_shape,
+            num_samples=n,
+            views=spec.views,
+            dtype=spec.dtype,
+            codec=spec.codec,
+            meta=meta,
+            overwrite=True,
+        )
+    if tier == "device":
+        return store.DeviceCache.empty(
+            n, spec.views, sample_shape, spec.dtype, device=device, meta=meta
+        )
+    return store.RamCache.empty(
+        n, spec.views, sample_shape, spec.dtype, pin=device.type == "cuda", meta=meta
+    )
+
+
+def build_cache(
+    model: UnitModel,
+    boundary: int,
+    prev: Cache | None,
+    spec: PassSpec,
+    tier: str,
+    path: Path | None,
+    device: torch.device,
+    fp: str,
+    meta: dict[str, Any],
+    progress: bool = True,
+) -> Cache:
+    """One pass over every sample and view: ``units[b_prev:boundary]`` in eval mode, under
+    no_grad, from the previous cache (or the images when there is none), into a new tier."""
+    b0 = prev.boundary if prev is not None else 0
+    if not b0 < boundary <= model.num_units:
+        raise CacheError(f"cannot build a cache at boundary {boundary} from boundary {b0}")
+    for u in model.units[:boundary]:
+        if u.training or any(p.requires_grad for p in u.parameters()):
+            raise CacheError(
+                f"unit {model.unit_names[list(model.units).index(u)]} is not frozen; caches hold frozen units only"
+            )
+    n = len(spec.train)
+    in_shape = tuple(spec.train.images.shape[1:])
+    sample_shape = model.boundary_shape(boundary, in_shape)
+    labels = spec.train.labels
+    t0 = time.perf_counter()
+    sink = _open_sink(tier, path, n, spec, sample_shape, device, meta)
+    bs = spec.batch_size
+    total = spec.views * math.ceil(n / bs)
+    bar = tqdm(
+        total=total,
+        desc=f"cache pass -> {model.unit_names[boundary - 1]} ({tier})",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        with sink, torch.no_grad(), _autocast(device, spec.amp):
+            for v in range(spec.views):
+                aug = (
+                    spec.augment.params(view_key(spec.seed, v), n)
+                    if not spec.augment.identity
+                    else None
+                )
+                for start in range(0, n, bs):
+                    idx = np.arange(start, min(start + bs, n))
+                    if prev is None:
+                        h, _ = make_batch(spec.train, idx, aug, device)
+                    else:
+                        h = prev.source.read(v, idx).to(device, non_blocking=True).float()
+                    if spec.channels_last and h.dim() == 4:
+                        h = h.contiguous(memory_format=torch.channels_last)
+                    out = model.forward_range(h, b0, boundary)
+                    sink.write(v, start, out.contiguous(), labels[start : start + len(idx)])
+                    bar.update(1)
+    finally:
+        bar.close()
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    source: Any = store.open(path) if path is not None else sink
+    nbytes = spec.views * n * math.prod(sample_shape) * TORCH_DTYPES[spec.dtype].itemsize
+    log.info(
+        "cached boundary %d (%s) for %d samples x %d views: %s, %.1f MiB in %.2f s",
+        boundary,
+        model.unit_names[boundary - 1],
+        n,
+        spec.views,
+        tier if path is None else f"{tier} at {path}",
+        nbytes / 2**20,
+        seconds,
+    )
+    return Cache(boundary, tier, source, fp, path, seconds, nbytes / max(seconds, 1e-9), meta)
+
+
+def provenance(
+    model: UnitModel, boundary: int, data_desc: dict[str, Any], cache_desc: dict[str, Any], fp: str
+) -> dict[str, Any]:
+    """The JSON-able ``meta`` of a store: readable provenance plus the fingerprint."""
+    return {
+        "model": model.config,
+        "boundary": boundary,
+        "boundary_unit": model.unit_names[boundary - 1],
+        "data": data_desc,
+        **cache_desc,
+        "fingerprint": fp,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def open_matching(path: Path, fp: str) -> store.ActivationStore | None:
+    """The complete store at ``path`` if its fingerprint equals ``fp``, else None (with a log
+    line saying why)."""
+    if not (path / "zarr.json").is_file():
+        return None
+    try:
+        s = store.open(path)
+    except store.StoreError as e:
+        log.warning("store %s cannot be reused (%s); rebuilding it", path, e)
+        return None
+    if s.meta.get("fingerprint") != fp:
+        log.warning(
+            "store %s was built from other weights or data (fingerprint differs); rebuilding it",
+            path,
+        )
+        return None
+    return s
+
+
+# ---- when re-caching pays (DESIGN section 4) --------------------------------------------------
+@dataclass
+class CostModel:
+    """Per-sample costs in seconds, measured on this run's device."""
+
+    unit_fwd: list[float]  # forward of each unit (eval, no_grad)
+    image: float  # producing one augmented, normalised input sample
+    read_rate: dict[str, float]  # bytes/s by tier
+    write_rate: dict[str, float]  # bytes/s by tier
+
+    def read(self, tier: str, nbytes: int) -> float:
+        return nbytes / self.read_rate[tier]
+
+    def write(self, tier: str, nbytes: int) -> float:
+        return nbytes / self.write_rate[tier]
+
+    def fwd(self, b0: int, b1: int) -> float:
+        return float(sum(self.unit_fwd[b0:b1]))
+
+
+def plan_boundary(
+    policy: str,
+    boundary: int,
+    frontier: int,
+    cut_points: Sequence[int],
+    *,
+    cost: CostModel | None = None,
+    sample_bytes: Sequence[int] = (),
+    tier_of: Any = None,
+    current_tier: str | None = None,
+    remaining_samples: int = 0,
+    num_samples: int = 0,
+    views: int = 1,
+) -> int:
+    """The boundary to cache at now (``boundary`` itself means: keep the current cache).
+
+    ``every`` follows the frontier; ``transitions`` moves only to the model's cut points
+    (cheap-to-store boundaries); ``auto`` picks the b' in (boundary, frontier] whose saving over
+    the remaining samples, ``(C(b) - C(b')) * remaining``, most exceeds the pass cost
+    ``N * V * (read(b) + fwd(b..b') + write(b'))``, with ``C(x) = read(x) + fwd(x..frontier)``.
+    """
+    if frontier <= boundary:
+        return boundary
+    if policy == "every":
+        return frontier
+    if policy == "transitions":
+        cands = [c for c in cut_points if boundary < c <= frontier]
+        return max(cands) if cands else boundary
+    assert cost is not None and tier_of is not None
+    best, best_net = boundary, 0.0
+
+    def read_at(b: int, tier: str | None) -> float:
+        return cost.image if b == 0 or tier is None else cost.read(tier, sample_bytes[b])
+
+    now = read_at(boundary, current_tier) + cost.fwd(boundary, frontier)
+    for b in range(boundary + 1, frontier + 1):
+        tier = tier_of(b)
+        after = cost.read(tier, sample_bytes[b]) + cost.fwd(b, frontier)
+        gain = (now - after) * remaining_samples
+        pass_cost = (
+            num_samples
+            * views
+            * (
+                read_at(boundary, current_tier)
+                + cost.fwd(boundary, b)
+                + cost.write(tier, sample_bytes[b])
+            )
+        )
+        net = gain - pass_cost
+        log.debug("boundary %d (%s): gain %.3fs, pass %.3fs", b, tier, gain, pass_cost)
+        if net > best_net:
+            best, best_net = b, net
+    return best
+
+
+def measure_unit_forward(
+    model: UnitModel, x: torch.Tensor, stop: int, device: torch.device, repeats: int = 2
+) -> list[float]:
+    """Seconds per sample of each unit's eval-mode forward on batch ``x``, for units [0, stop)
+    (min over ``repeats``). Units keep their own train/eval flags."""
+    times = [0.0] * model.num_units
+    flags = [u.training for u in model.units]
+    try:
+        for u in model.units:
+            u.eval()
+        with torch.no_grad():
+            h = x
+            for i in range(stop):
+                best = math.inf
+                out = h
+                for _ in range(repeats):
+                    synchronize(device)
+                    t = time.perf_counter()
+                    out = model.units[i](h)
+                    synchronize(device)
+                    best = min(best, time.perf_counter() - t)
+                times[i] = best / len(x)
+                h = out
+    finally:
+        for u, f in zip(model.units, flags, strict=True):
+            u.train(f)
+    return times
+
+
+def measure_tensor_rate(
+    sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, batch: int
+) -> float:
+    """Bytes/s of a random gather from an in-memory tier (index_select), measured."""
+    n = 4 * batch
+    data = torch.zeros((n, *sample_shape), dtype=dtype, device=device)
+    idx = torch.randperm(n, device=device)[:batch]
+    best = math.inf
+    for _ in range(3):
+        synchronize(device)
+        t = time.perf_counter()
+        data.index_select(0, idx)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return batch * math.prod(sample_shape) * data.element_size() / max(best, 1e-9)
+
+
+def measure_store_rates(
+    directory: Path, sample_shape: tuple[int, ...], dtype: str, codec: str | None, batch: int
+) -> tuple[float, float]:
+    """(write, read) bytes/s of a small temporary store in ``directory`` with the run's dtype and
+    codec: a measured probe, removed afterwards."""
+    path = directory / ".probe"
+    n = max(4 * batch, 64)
+    x = torch.relu(torch.randn((n, *sample_shape), generator=torch.Generator().manual_seed(0)))
+    nbytes = n * math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
+    try:
+        t = time.perf_counter()
+        with store.create(
+            path,
+            sample_shape=sample_shape,
+            num_samples=n,
+            dtype=dtype,
+            codec=codec,
+            chunk_samples=max(1, n // 4),
+            overwrite=True,
+        ) as w:
+            w.write(0, 0, x, torch.zeros(n, dtype=torch.int64))
+        write = nbytes / max(time.perf_counter() - t, 1e-9)
+        s = store.open(path)
+        loader = store.StoreLoader(s, batch_size=batch, seed=0, prefetch=2)
+        t = time.perf_counter()
+        for _ in loader:
+            pass
+        read = nbytes / max(time.perf_counter() - t, 1e-9)
+        s.close()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    return write, read
+
+
+__all__ = [
+    "Cache",
+    "CostModel",
+    "PassSpec",
+    "build_cache",
+    "check_cache_dir",
+    "choose_tier",
+    "fingerprint",
+    "measure_store_rates",
+    "measure_tensor_rate",
+    "measure_unit_forward",
+    "open_matching",
+    "plan_boundary",
+    "provenance",
+    "store_path",
+]

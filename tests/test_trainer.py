@@ -1,0 +1,350 @@
+"""Training modes, cache tiers, views, re-caching, resume, parity and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import store
+from prefast import TrainConfig, train
+from prefast.caching import CostModel, plan_boundary
+from prefast.cli import main
+from prefast.trainer import Trainer
+
+TINY = dict(
+    dataset="synthetic",
+    num_samples=96,
+    model="densenet_bc",
+    model_args={"depth": 16, "growth": 8},
+    epochs=3,
+    batch_size=16,
+    t0=0.3,
+    how_scale="linear",
+    seed=0,
+    device="cpu",
+    progress=False,
+    eval_batch_size=256,
+)
+
+
+def tiny(**kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, **kw})
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- the parity test -----------------------------------------------------------------------------
+def test_prefast_from_fp32_zarr_cache_equals_freezeout(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="prefast")
+    ref = train(tiny(mode="freezeout", augment=False))
+    caplog.clear()
+    got = train(
+        tiny(
+            mode="prefast",
+            augment=False,
+            cache="zarr",
+            cache_dir=str(tmp_path / "cache"),
+            cache_dtype="float32",
+            codec="none",
+            views=1,
+            recache_policy="every",
+        )
+    )
+    moves = [r for r in caplog.records if "cache boundary" in r.getMessage()]
+    assert len(moves) >= 2, "the boundary must move at least twice"
+    assert (
+        got.summary["frozen_units"] >= 3
+        and ref.summary["frozen_units"] == got.summary["frozen_units"]
+    )
+    assert (
+        got.summary["cache_tier"] == "zarr"
+        and got.summary["cache_boundary"] == got.summary["frozen_units"]
+    )
+    assert len(got.losses) == len(ref.losses) == 18
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
+    torch.testing.assert_close(_weights(got.model), _weights(ref.model))
+    # only the newest store is left: superseded ones were deleted
+    stores = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert stores == [f"boundary-{got.summary['cache_boundary']:03d}"]
+
+
+# ---- modes and tiers -------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["full", "freezeout"])
+def test_modes_train_and_freeze_as_scheduled(mode):
+    r = train(tiny(mode=mode))
+    assert len(r.records) == 3 and all(torch.isfinite(torch.tensor(r.losses)))
+    if mode == "full":
+        assert r.summary["frozen_units"] == 0
+        assert all(p.requires_grad for p in r.model.parameters())
+    else:
+        n = r.summary["frozen_units"]
+        assert n == 9  # t0 = 0.3 linear: the last unit freezes at t = 0.922
+        assert all(not p.requires_grad for u in r.model.units[:n] for p in u.parameters())
+        assert all(not u.training for u in r.model.units[:n])
+    assert all(p.requires_grad for p in r.model.head.parameters())
+
+
+@pytest.mark.parametrize(
+    ("tier", "codec", "dtype"),
+    [
+        ("device", "none", "float16"),
+        ("ram", "none", "bfloat16"),
+        ("zarr", "none", "float16"),
+        ("zarr", "lz4", "float16"),
+    ],
+)
+def test_each_cache_tier_trains(tmp_path, tier, codec, dtype):
+    r = train(
+        tiny(
+            mode="prefast",
+            cache=tier,
+            codec=codec,
+            cache_dtype=dtype,
+            cache_dir=str(tmp_path / "c"),
+            recache_policy="transitions",
+            views=2,
+        )
+    )
+    assert r.summary["cache_tier"] == tier
+    assert r.summary["cache_boundary"] in r.model.cut_points
+    rec = [x for x in r.records if x["cache_tier"] == tier]
+    assert rec and rec[-1]["cache_bytes"] > 0
+    assert torch.isfinite(torch.tensor(r.losses)).all()
+    if tier == "zarr":
+        s = store.open(r.summary["cache_path"])
+        assert (
+            s.views == 2 and s.num_samples == 96 and s.codec == (None if codec == "none" else codec)
+        )
+        assert s.meta["boundary"] == r.summary["cache_boundary"] and s.meta["model"]["depth"] == 16
+        assert s.meta["fingerprint"] and s.meta["data"]["dataset"] == "synthetic"
+
+
+def test_views_are_distinct_augmentations(tmp_path):
+    r = train(
+        tiny(
+            mode="prefast",
+            cache="zarr",
+            cache_dir=str(tmp_path / "c"),
+            recache_policy="every",
+            views=3,
+            cache_dtype="float32",
+        )
+    )
+    s = store.open(r.summary["cache_path"])
+    a, b = s.read(0, range(96)), s.read(1, range(96))
+    assert s.views == 3 and not torch.equal(a, b)
+
+
+def test_transitions_policy_only_moves_to_cut_points(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="prefast")
+    r = train(tiny(mode="prefast", cache="ram", recache_policy="transitions"))
+    bounds = [
+        int(m.getMessage().split("->")[1].split()[0])
+        for m in caplog.records
+        if "cache boundary" in m.getMessage()
+    ]
+    assert bounds and set(bounds) <= set(r.model.cut_points)
+
+
+def test_auto_policy_recaches_only_when_it_pays():
+    cost = CostModel(
+        unit_fwd=[1e-3, 1e-3, 1e-3, 1e-3],
+        image=1e-4,
+        read_rate={"ram": 1e9},
+        write_rate={"ram": 1e9},
+    )
+    sample_bytes = [4000, 1000, 1000, 1000, 1000]
+    kw = dict(
+        cost=cost,
+        sample_bytes=sample_bytes,
+        tier_of=lambda b: "ram",
+        current_tier=None,
+        num_samples=100,
+        views=1,
+    )
+    # per-sample now: image 1e-4 + fwd(0..3) 3e-3; after caching at 3: 1e-6. Pass: 100 * (1e-4 + 3e-3 + 1e-6).
+    assert plan_boundary("auto", 0, 3, (1,), remaining_samples=50, **kw) == 0  # 50 * 3.1e-3 < 0.31
+    assert plan_boundary("auto", 0, 3, (1,), remaining_samples=500, **kw) == 3
+    assert plan_boundary("every", 0, 3, (1,)) == 3
+    assert plan_boundary("transitions", 0, 3, (1, 4)) == 1
+    assert plan_boundary("transitions", 1, 3, (1, 4)) == 1
+
+
+def test_auto_policy_in_a_run_keeps_parity_with_freezeout(tmp_path):
+    ref = train(tiny(mode="freezeout", augment=False, epochs=6))
+    got = train(
+        tiny(
+            mode="prefast",
+            augment=False,
+            epochs=6,
+            cache="ram",
+            cache_dtype="float32",
+            recache_policy="auto",
+        )
+    )
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
+
+
+# ---- metrics, checkpoints, resume ---------------------------------------------------------------------
+def test_metrics_jsonl_and_config(tmp_path):
+    m = tmp_path / "run" / "metrics.jsonl"
+    train(tiny(mode="prefast", cache="ram", recache_policy="every", metrics=str(m)))
+    lines = [json.loads(x) for x in m.read_text().splitlines()]
+    assert len(lines) == 4 and lines[-1]["summary"] is True
+    for k in (
+        "epoch", "iterations", "train_loss", "train_accuracy", "test_loss", "test_error", "train_seconds",
+        "cache_build_seconds", "frozen_units", "cache_boundary", "cache_tier", "cache_bytes",
+        "peak_host_private_bytes", "peak_gpu_bytes",
+    ):  # fmt: skip
+        assert k in lines[0], k
+    assert lines[2]["iterations"] == 18 and lines[2]["cache_tier"] == "ram"
+    assert lines[-1]["total_train_seconds"] == pytest.approx(
+        sum(x["train_seconds"] for x in lines[:3])
+    )
+    cfg = json.loads((tmp_path / "run" / "metrics.config.json").read_text())
+    assert TrainConfig.from_dict(cfg) == tiny(
+        mode="prefast", cache="ram", recache_policy="every", metrics=str(m)
+    )
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_continues_to_the_same_result(tmp_path, monkeypatch, caplog):
+    kw = dict(
+        mode="prefast",
+        cache="zarr",
+        cache_dtype="float32",
+        recache_policy="every",
+        augment=True,
+        views=2,
+    )
+    ref = train(tiny(**kw, cache_dir=str(tmp_path / "ref-cache")))
+    ck = tmp_path / "ck"
+    real_eval = Trainer.evaluate
+    calls = {"n": 0}
+
+    def crash_on_third_epoch(self, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Crash
+        return real_eval(self, data)
+
+    monkeypatch.setattr(Trainer, "evaluate", crash_on_third_epoch)
+    with pytest.raises(_Crash):
+        train(tiny(**kw, checkpoint_dir=str(ck)))
+    monkeypatch.setattr(Trainer, "evaluate", real_eval)
+    caplog.set_level(logging.INFO, logger="prefast")
+    got = train(tiny(**kw, checkpoint_dir=str(ck), resume=True))
+    assert any("reusing store" in r.getMessage() for r in caplog.records)
+    assert len(got.records) == 3
+    assert got.losses == ref.losses
+    torch.testing.assert_close(_weights(got.model), _weights(ref.model), rtol=0, atol=0)
+
+
+def test_resume_rebuilds_a_cache_whose_fingerprint_differs(tmp_path, monkeypatch, caplog):
+    kw = dict(mode="prefast", cache="zarr", recache_policy="every", epochs=3)
+    ck = tmp_path / "ck"
+    real_eval = Trainer.evaluate
+    calls = {"n": 0}
+
+    def crash(self, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Crash
+        return real_eval(self, data)
+
+    monkeypatch.setattr(Trainer, "evaluate", crash)
+    with pytest.raises(_Crash):
+        train(tiny(**kw, checkpoint_dir=str(ck)))
+    monkeypatch.setattr(Trainer, "evaluate", real_eval)
+    state = torch.load(ck / "last.pt", weights_only=False)
+    path = Path(state["cache"]["path"])
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+")
+    attrs = dict(g.attrs["prefast_store"])
+    attrs["meta"] = {**attrs["meta"], "fingerprint": "0" * 64}
+    g.attrs["prefast_store"] = attrs
+    caplog.set_level(logging.INFO, logger="prefast")
+    train(tiny(**kw, checkpoint_dir=str(ck), resume=True))
+    assert any("fingerprint differs" in r.getMessage() for r in caplog.records)
+    assert any("rebuilding the cache" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(ck)))
+    args = ["train", "--dataset", "synthetic", "--num-samples", "96", "--depth", "16", "--growth", "8", "--epochs", "1",
+            "--batch-size", "16", "--t0", "0.5", "--mode", "freezeout", "--device", "cpu", "--no-progress", "-q",
+            "--checkpoint-dir", str(ck), "--resume"]  # fmt: skip
+    assert main(args) == 2
+    assert "--t0" in capsys.readouterr().err
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------------
+def test_cli_documented_command_runs(tmp_path, capsys):
+    args = [
+        "train", "--dataset", "synthetic", "--num-samples", "512", "--model", "densenet_bc", "--depth", "16",
+        "--growth", "8", "--epochs", "3", "--batch-size", "32", "--t0", "0.3", "--how-scale", "linear",
+        "--mode", "prefast", "--cache", "zarr", "--cache-dir", str(tmp_path / "c"), "--cache-dtype", "float32",
+        "--views", "1", "--no-augment", "--seed", "0", "--device", "cpu", "--metrics", str(tmp_path / "out.jsonl"),
+        "--no-progress", "-q",
+    ]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "prefast densenet_bc on synthetic (512 images, 3 epochs): test error" in out
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
+
+
+SYN = ["--dataset", "synthetic", "--num-samples", "64"]
+BAD = [
+    ([*SYN, "--model", "resnet9000"], "resnet9000"),
+    (["--dataset", "imagenet"], "--dataset"),
+    ([*SYN, "--t0", "1.5"], "--t0"),
+    ([*SYN, "--t0", "0"], "--t0"),
+    ([*SYN, "--views", "0"], "--views"),
+    ([*SYN[:2], "--num-samples", "0"], "--num-samples"),
+    (["--dataset", "cifar10", "--num-samples", "10"], "--num-samples"),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent"], "--data-root"),
+    ([*SYN, "--subset", "100"], "--subset"),
+]
+
+
+@pytest.mark.parametrize(("extra", "needle"), BAD)
+def test_cli_bad_input_is_one_line_and_exit_2(extra, needle, capsys):
+    base = [
+        "train",
+        "--depth",
+        "16",
+        "--growth",
+        "8",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "-q",
+    ]
+    assert main(base + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prefast: error:") and needle in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_cli_refuses_a_cache_dir_of_another_model(tmp_path, capsys):
+    base = ["train", "--dataset", "synthetic", "--num-samples", "64", "--epochs", "2", "--batch-size", "16",
+            "--t0", "0.3", "--how-scale", "linear", "--mode", "prefast", "--cache", "zarr", "--recache-policy", "every",
+            "--cache-dir", str(tmp_path / "c"), "--device", "cpu", "--no-progress", "-q"]  # fmt: skip
+    assert main([*base, "--depth", "16", "--growth", "8"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--depth", "16", "--growth", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "--cache-dir" in err and "another model" in err
