@@ -5,9 +5,11 @@
 ...     w.write(view=0, start=0, x=batch, labels=y)
 >>> s = store.open(path)
 >>> for x, y in store.StoreLoader(s, batch_size=50, seed=0): ...
+>>> s.stats().mean, s.show(0).savefig("sample0.png"), s.verify(checkpoint).ok
 """
 
 from store.cache import DeviceCache, RamCache, TensorCache
+from store.diff import DiffReport
 from store.errors import (
     NotAStoreError,
     StoreCorruptError,
@@ -25,13 +27,17 @@ from store.layout import FORMAT_VERSION, StoreInfo, StoreLayout
 from store.loader import ActivationSource, StoreLoader, resolve_device
 from store.order import epoch_permutation, epoch_views, rank_part
 from store.reader import ActivationStore, open
+from store.stats import ChannelStats
+from store.verify import VerifyReport
 from store.writer import StoreWriter, create, finalize
 
 __all__ = [
     "FORMAT_VERSION",
     "ActivationSource",
     "ActivationStore",
+    "ChannelStats",
     "DeviceCache",
+    "DiffReport",
     "NotAStoreError",
     "RamCache",
     "StoreCorruptError",
@@ -49,6 +55,7 @@ __all__ = [
     "StoreWriteError",
     "StoreWriter",
     "TensorCache",
+    "VerifyReport",
     "create",
     "epoch_permutation",
     "epoch_views",

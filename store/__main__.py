@@ -1,48 +1,179 @@
-"""Command line: ``python -m store inspect PATH [--json]``."""
+"""Command line: ``python -m store {inspect,stats,show,verify,diff} ...``.
+
+Exit codes: 0 success; 1 a failed check (an incomplete store for ``inspect``, a failed
+``verify``, stores that differ for ``diff``); 2 bad input (a missing store, a sample index out
+of range, an unreadable checkpoint), reported as one ``error: ...`` line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import store
 from store.inspect import format_summary, summary
 
 EXAMPLES = """examples:
-  python -m store inspect runs/fmnist/cache/b13
-  python -m store inspect runs/fmnist/cache/b13 --json
+  python -m store inspect runs/fmnist/cache/boundary-007
+  python -m store inspect runs/fmnist/cache/boundary-007 --json
+  python -m store stats runs/fmnist/cache/boundary-007 --out stats.json --hist hist.png
+  python -m store show runs/fmnist/cache/boundary-007 --sample 0 -o sample0.png
+  python -m store show runs/fmnist/cache/boundary-007 --sample 0 --compare-views --channels 6 -o views.png
+  python -m store verify runs/fmnist/cache/boundary-007 --checkpoint runs/fmnist/last.pt --samples 16
+  python -m store diff /tmp/a-float32 /tmp/b-float16
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m store",
-        description="Inspect PreFast activation stores.",
+        description="Inspect, check and compare PreFast activation stores.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
+
     ins = sub.add_parser(
         "inspect", help="summary of a store: shape, dtype, codec, bytes, completeness, provenance"
     )
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    st = sub.add_parser(
+        "stats",
+        help="per-channel mean, std, min, max and zero fraction (one streaming pass)",
+    )
+    st.add_argument("path")
+    st.add_argument("--view", type=int, default=None, help="one view (default: all views)")
+    st.add_argument("--out", default=None, help="also write the statistics as JSON here")
+    st.add_argument(
+        "--hist", default=None, help="write a PNG: value histogram and per-channel mean/std/range"
+    )
+    st.add_argument("--bins", type=int, default=100, help="histogram bins (default %(default)s)")
+    st.add_argument("--no-progress", dest="progress", action="store_false")
+
+    sh = sub.add_parser("show", help="a PNG grid of one sample's activation maps")
+    sh.add_argument("path")
+    sh.add_argument("--sample", type=int, required=True, help="sample index")
+    sh.add_argument("--view", type=int, default=0, help="view to draw (default 0)")
+    sh.add_argument(
+        "--channels",
+        type=int,
+        default=None,
+        help="draw the first N channels (default: up to 64, or 8 with --compare-views)",
+    )
+    sh.add_argument("--compare-views", action="store_true", help="rows = views, columns = channels")
+    sh.add_argument("--dpi", type=int, default=100)
+    sh.add_argument("-o", "--out", required=True, help="PNG file to write")
+
+    ve = sub.add_parser(
+        "verify",
+        help="CRC-check every chunk; with --checkpoint, recompute samples through the frozen prefix",
+    )
+    ve.add_argument("path")
+    ve.add_argument("--checkpoint", default=None, help="a prefast train checkpoint (last.pt)")
+    ve.add_argument(
+        "--samples", type=int, default=16, help="samples recomputed per view (default 16)"
+    )
+    ve.add_argument("--seed", type=int, default=0, help="seed of the sample choice (default 0)")
+    ve.add_argument(
+        "--device", default="cpu", help="device for the recomputation (default cpu; or auto, cuda)"
+    )
+    ve.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="relative tolerance (default: the dtype's rounding x 4, see store.verify)",
+    )
+    ve.add_argument("--json", action="store_true", help="print the report as JSON")
+    ve.add_argument("--no-progress", dest="progress", action="store_false")
+
+    di = sub.add_parser("diff", help="per-channel differences of store B against store A")
+    di.add_argument("a")
+    di.add_argument("b")
+    di.add_argument("--json", action="store_true", help="print the report as JSON")
+    di.add_argument("--no-progress", dest="progress", action="store_false")
     return p
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    s = store.open(args.path, partial=True)
+    d = summary(s)
+    print(json.dumps(d, indent=2) if args.json else format_summary(d))
+    return 0 if s.complete else 1
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from store.stats import channel_stats, format_stats, histogram, plot_stats
+
+    if args.bins < 1:
+        raise store.StoreInputError(f"--bins must be >= 1, got {args.bins}")
+    s = store.open(args.path)
+    st = channel_stats(s, args.view, progress=args.progress)
+    print(format_stats(st))
+    if args.out:
+        Path(args.out).write_text(json.dumps(st.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.out}")
+    if args.hist:
+        counts, edges = histogram(
+            s, args.bins, (float(st.min.min()), float(st.max.max())), args.view, args.progress
+        )
+        unit = s.meta.get("boundary_unit")
+        title = f"{Path(s.path).name}" + (f" (after {unit})" if unit else "")
+        title += f", views {list(st.views)}"
+        plot_stats(st, counts, edges, title).savefig(args.hist)
+        print(f"wrote {args.hist}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    s = store.open(args.path)
+    fig = s.show(args.sample, args.view, args.channels, args.compare_views)
+    fig.savefig(args.out, dpi=args.dpi)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from store.verify import verify
+
+    s = store.open(args.path)
+    r = verify(
+        s,
+        args.checkpoint,
+        samples=args.samples,
+        seed=args.seed,
+        device=args.device,
+        rtol=args.rtol,
+        progress=args.progress,
+    )
+    print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
+    for e in r.errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 0 if r.ok else 1
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from store.diff import diff
+
+    r = diff(store.open(args.a), store.open(args.b), progress=args.progress)
+    print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
+    return 0 if r.identical else 1
+
+
+COMMANDS = {"inspect": _inspect, "stats": _stats, "show": _show, "verify": _verify, "diff": _diff}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "inspect":
-            s = store.open(args.path, partial=True)
-            d = summary(s)
-            print(json.dumps(d, indent=2) if args.json else format_summary(d))
-            return 0 if s.complete else 1
-    except store.StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+        return COMMANDS[args.command](args)
+    except (store.StoreError, OSError) as e:
+        # OSError: an output file that cannot be written
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    return 2
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 from store.errors import StoreInputError
 from store.layout import DTYPES
-from store.reader import ActivationStore, as_tensor
+from store.reader import ActivationStore, as_tensor, numpy_view
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,16 @@ class TensorCache:
 
     def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None:
         """Fill ``out`` (len, *sample_shape) with sample indices[k] of view views[k]."""
+        if self.device.type == "cpu":
+            # numpy's take copies on the calling thread; torch would split a small copy
+            # across its compute threads, which stalls when those are busy training.
+            src = numpy_view(self.data)
+            dst = numpy_view(out)
+            if self.views == 1 or (views == views[0]).all():
+                np.take(src[int(views[0]) if len(views) else 0], indices, axis=0, out=dst)
+            else:
+                dst[...] = src[views, indices]
+            return
         idx = torch.from_numpy(indices).to(self.device, non_blocking=True)
         if self.views == 1 or (views == views[0]).all():
             torch.index_select(self.data[int(views[0]) if len(views) else 0], 0, idx, out=out)

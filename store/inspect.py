@@ -53,6 +53,8 @@ def format_summary(d: dict[str, Any]) -> str:
         ("path", d["path"]),
         ("format version", d["format_version"]),
         ("shape", "(views, samples, *sample) = " + str(tuple(d["shape"]))),
+        ("views", d["views"]),
+        ("samples", f"{d['samples']} of shape {tuple(d['sample_shape'])}"),
         ("dtype", d["dtype"]),
         (
             "codec",
@@ -76,10 +78,82 @@ def format_summary(d: dict[str, Any]) -> str:
         ),
         ("created", d["created"] + (f", completed {d['completed']}" if d["completed"] else "")),
     ]
-    for k, v in sorted(d["meta"].items()):
-        rows.append((f"meta.{k}", v if not isinstance(v, dict | list) else _compact(v)))
+    rows.extend(provenance_rows(d["meta"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _model(m: dict[str, Any]) -> str:
+    common = ("num_classes", "in_channels", "image_size")
+    args = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name" and k not in common)
+    io = ", ".join(f"{k}={m[k]}" for k in common if k in m)
+    return f"{m.get('name', '?')} ({args}{'; ' if args and io else ''}{io})"
+
+
+def _dataset(d: dict[str, Any]) -> str:
+    parts = [str(d.get("dataset", "?"))]
+    if d.get("synthetic_shape"):
+        parts[0] += f" ({d['synthetic_shape']}-shaped)"
+    parts.append(f"{d.get('split', 'train')} split")
+    if d.get("num_samples") is not None:
+        parts.append(f"{d['num_samples']} samples")
+    if d.get("subset"):
+        parts.append(f"seeded subset of {d['subset']}")
+    if d.get("val_size"):
+        parts.append(f"{d['val_size']} held out for validation")
+    aug = d.get("augment")
+    if isinstance(aug, dict):
+        kinds = ([f"random crop (pad {aug['pad']})"] if aug.get("pad") else []) + (
+            ["horizontal flip"] if aug.get("flip") else []
+        )
+        parts.append("augment: " + (" + ".join(kinds) if kinds else "none"))
+    return ", ".join(parts)
+
+
+def provenance_rows(meta: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Readable rows for the provenance ``prefast train`` records (model, boundary, dataset,
+    views, seed, dtype, fingerprint, created); any other key as compact JSON."""
+    m = dict(meta)
+    rows: list[tuple[str, Any]] = []
+    model = m.pop("model", None)
+    if isinstance(model, dict):
+        rows.append(("meta.model", _model(model)))
+    elif model is not None:
+        rows.append(("meta.model", model))
+    if "boundary" in m:
+        unit = m.pop("boundary_unit", None)
+        b = m.pop("boundary")
+        rows.append(("meta.boundary", f"{b} (after unit {unit})" if unit else b))
+    data = m.pop("data", None)
+    if isinstance(data, dict):
+        rows.append(("meta.dataset", _dataset(data)))
+        if "seed" in data:
+            rows.append(("meta.seed", data["seed"]))
+    elif data is not None:
+        rows.append(("meta.data", _compact(data)))
+    if "views" in m:
+        views = m.pop("views")
+        seed = m.pop("view_seed", None)
+        rows.append(
+            (
+                "meta.views",
+                f"{views} per sample" + (f" (view seed {seed})" if seed is not None else ""),
+            )
+        )
+    for k in ("dtype", "fingerprint", "created"):
+        if k in m:
+            v = m.pop(k)
+            rows.append(
+                (
+                    f"meta.{k}",
+                    v[:16] + "..."
+                    if k == "fingerprint" and isinstance(v, str) and len(v) > 19
+                    else v,
+                )
+            )
+    for k, v in sorted(m.items()):
+        rows.append((f"meta.{k}", v if not isinstance(v, dict | list) else _compact(v)))
+    return rows
 
 
 def _compact(v: Any) -> str:
@@ -89,4 +163,4 @@ def _compact(v: Any) -> str:
     return s if len(s) <= 100 else s[:97] + "..."
 
 
-__all__ = ["format_summary", "summary"]
+__all__ = ["format_summary", "provenance_rows", "summary"]

@@ -34,7 +34,7 @@ import torch
 
 from store.errors import StoreError, StoreInputError
 from store.order import chunk_rng, epoch_permutation, epoch_views, rank_part
-from store.reader import ActivationStore, as_tensor
+from store.reader import ActivationStore, numpy_view
 
 log = logging.getLogger(__name__)
 
@@ -338,34 +338,32 @@ class StoreLoader:
             for wi in range(len(windows)):
                 data = [f.result() for f in pending]
                 pending = submit(windows[wi + 1]) if wi + 1 < len(windows) else []
-                labels = [
-                    self._labels.numpy()[slice(*s.layout.chunk_range(int(c)))] for c in windows[wi]
-                ]
+                labels = [self._labels.numpy()[slice(*s.layout.chunk_range(int(c)))] for c in windows[wi]]
                 pool_x = np.concatenate(([carry_x] if carry_x is not None else []) + data)
                 pool_y = np.concatenate([carry_y, *labels])
-                if self.shuffle:
-                    perm = rng.permutation(len(pool_x))
-                    pool_x, pool_y = pool_x[perm], pool_y[perm]
+                del data  # the window now lives in pool_x only
+                # Batches are gathered straight from the pool into the output buffer through
+                # a permutation: no shuffled copy of the window.
+                perm = rng.permutation(len(pool_x)) if self.shuffle else np.arange(len(pool_x))
                 last = wi == len(windows) - 1
                 pos = 0
                 while emitted < limit:
                     take = min(bs, limit - emitted)
                     if len(pool_x) - pos < take or (not last and len(pool_x) - pos < bs):
                         break
-                    xb, yb = pool_x[pos : pos + take], pool_y[pos : pos + take]
+                    sel = perm[pos : pos + take]
                     pos += take
                     emitted += take
                     if take < bs and self.drop_last:
                         break
 
-                    def fill(
-                        out: torch.Tensor, xb: np.ndarray = xb, yb: np.ndarray = yb
-                    ) -> tuple[int, torch.Tensor]:
-                        out[: len(xb)].copy_(as_tensor(xb, s.layout))
-                        return len(xb), torch.from_numpy(yb.copy())
+                    def fill(out: torch.Tensor, sel: np.ndarray = sel, pool_x: np.ndarray = pool_x, pool_y: np.ndarray = pool_y) -> tuple[int, torch.Tensor]:
+                        np.take(pool_x, sel, axis=0, out=numpy_view(out[: len(sel)]))
+                        return len(sel), torch.from_numpy(pool_y[sel])
 
                     yield fill
-                carry_x, carry_y = pool_x[pos:], pool_y[pos:]
+                carry_x, carry_y = pool_x[perm[pos:]], pool_y[perm[pos:]]
+                del pool_x, pool_y
 
     # ---- shutdown -------------------------------------------------------------------------
     def close(self) -> None:

@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,13 @@ from store.errors import (
 )
 from store.layout import ACTIVATIONS, LABELS, StoreInfo, StoreLayout, merge_ranges
 from store.writer import chunk_crc, read_chunk_crcs
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from store.diff import DiffReport
+    from store.stats import ChannelStats
+    from store.verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,7 @@ class _MemmapChunks:
         self.chunk_bytes = layout.chunk_samples * layout.sample_bytes
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.capacity = max(16, soft // 4)
-        self._maps: OrderedDict[tuple[int, int], np.memmap[Any, Any]] = OrderedDict()
+        self._maps: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, view: int, chunk: int) -> np.ndarray:
@@ -83,7 +90,11 @@ class _MemmapChunks:
                 f"{f}: chunk (view {view}, chunk {chunk}) has {size} bytes, expected {self.chunk_bytes} "
                 "(truncated or not a raw chunk); rebuild the store or resume it after deleting this file"
             )
-        m = np.memmap(f, dtype=self.layout.np_dtype, mode="r", shape=self.chunk_shape)
+        # A plain ndarray view of the map: indexing it skips np.memmap's slow __getitem__; the
+        # view keeps the map alive through its base.
+        m = np.memmap(f, dtype=self.layout.np_dtype, mode="r", shape=self.chunk_shape).view(
+            np.ndarray
+        )
         with self._lock:
             self._maps[key] = m
             while len(self._maps) > self.capacity:
@@ -240,20 +251,33 @@ class ActivationStore:
         self, view: int, indices: np.ndarray, out: np.ndarray, positions: np.ndarray | None = None
     ) -> None:
         """Gather samples ``indices`` of ``view`` into ``out[positions]`` (all of ``out`` when
-        positions is None; stored numpy dtype). Samples are grouped by chunk: one vectorised
-        copy per chunk touched, never a per-sample call."""
+        positions is None; stored numpy dtype), never through a per-sample zarr call.
+
+        Memory-mapped: a shuffled batch touches nearly as many chunks as it has samples, so it
+        is copied sample by sample from the mapped chunks (one small memcpy each); a batch
+        concentrated in few chunks is copied one vectorised gather per chunk. Compressed: each
+        chunk touched is decoded once."""
         cs = self.chunk_samples
         chunk_of = indices // cs
+        offsets = indices - chunk_of * cs
+        touched = np.unique(chunk_of)
+        unwritten = touched[self._crcs[view, touched] < 0]
+        if unwritten.size:
+            self._check_chunk_written(view, int(unwritten[0]))
+        pos = np.arange(len(indices)) if positions is None else positions
+        if self._mm is not None and 4 * len(touched) > len(indices):
+            maps = {int(c): self._mm.get(view, int(c)) for c in touched}
+            for p, c, o in zip(pos.tolist(), chunk_of.tolist(), offsets.tolist(), strict=True):
+                out[p] = maps[c][o]
+            return
         order = np.argsort(chunk_of, kind="stable")
         bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
         for group in np.split(order, bounds):
             if group.size == 0:
                 continue
             c = int(chunk_of[group[0]])
-            self._check_chunk_written(view, c)
-            offsets = indices[group] - c * cs
             src = self._mm.get(view, c) if self._mm is not None else self.read_chunk(view, c)
-            out[group if positions is None else positions[group]] = src[offsets]
+            out[pos[group]] = src[offsets[group]]
 
     def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None:
         """Fill the CPU tensor ``out`` (len, *sample_shape) with sample indices[k] of view views[k]."""
@@ -276,6 +300,77 @@ class ActivationStore:
     def close(self) -> None:
         if self._mm is not None:
             self._mm.close()
+
+    # ---- inspecting (implemented in store.stats, store.viz, store.verify, store.diff) -------
+    def stats(self, view: int | None = None, progress: bool = False) -> ChannelStats:
+        """Per-channel mean, std, min, max and zero fraction over ``view`` (all views when
+        None), streamed chunk by chunk; see ``store.stats``."""
+        from store.stats import channel_stats
+
+        return channel_stats(self, view, progress)
+
+    def show(
+        self,
+        i: int,
+        view: int = 0,
+        channels: int | Sequence[int] | None = None,
+        compare_views: bool = False,
+    ) -> Figure:
+        """A matplotlib Figure of sample ``i``'s activation maps (channels as tiles; with
+        ``compare_views`` rows are views); see ``store.viz``."""
+        from store.viz import show
+
+        return show(self, i, view, channels, compare_views)
+
+    def verify(
+        self,
+        checkpoint: str | os.PathLike[str] | None = None,
+        samples: int = 16,
+        seed: int = 0,
+        device: str = "cpu",
+        rtol: float | None = None,
+    ) -> VerifyReport:
+        """CRC-check every chunk and, with a training checkpoint, recompute ``samples`` random
+        samples through the frozen prefix; see ``store.verify``."""
+        from store.verify import verify
+
+        return verify(self, checkpoint, samples, seed, device, rtol)
+
+    def diff(self, other: ActivationStore) -> DiffReport:
+        """Per-channel differences of ``other`` against this store; see ``store.diff``."""
+        from store.diff import diff
+
+        return diff(self, other)
+
+    def to_xarray(self) -> Any:
+        """The activations as an ``xarray.DataArray`` (dims view, sample, channel, ...; labels
+        as a coordinate), lazy through dask when dask is installed. Needs xarray, which is not
+        a dependency; without it, use plain zarr: ``s.zarr_array`` or
+        ``zarr.open_group(path)["activations"]``."""
+        try:
+            import xarray as xr
+        except ImportError:
+            raise ImportError(
+                "to_xarray() needs xarray, which is not installed (nor a dependency of store); "
+                "read the activations with plain zarr instead: s.zarr_array, or "
+                f"zarr.open_group({self.path!r})['activations'] (shape (views, samples, *sample), "
+                "bfloat16 stored as uint16 words)"
+            ) from None
+        try:
+            import dask.array as da
+
+            data: Any = da.from_zarr(self._acts)
+        except ImportError:
+            data = self._acts[...]
+        extra = ["channel", "y", "x"] if len(self.sample_shape) == 3 else []
+        dims = ["view", "sample", *(extra or [f"dim_{k}" for k in range(len(self.sample_shape))])]
+        return xr.DataArray(
+            data,
+            dims=dims,
+            coords={"label": ("sample", self.labels.numpy())},
+            name=ACTIVATIONS,
+            attrs={"store_dtype": self.dtype_name, "path": self.path},
+        )
 
 
 def open(path: str | os.PathLike[str], *, partial: bool = False) -> ActivationStore:

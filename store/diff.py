@@ -1,0 +1,147 @@
+"""Differences between two stores of the same shape (e.g. a float16 store against a float32
+one of the same data), streamed block by block with bounded memory.
+
+Both stores are read in blocks of the larger of their two chunk sizes: every chunk is decoded
+once when one chunk size divides the other (float16 and float32 stores' default chunks do),
+at most twice otherwise. Per channel (the first axis of a sample):
+
+- ``max_abs``  = max |a - b|
+- ``mean_abs`` = mean |a - b|
+- ``max_rel``  = max |a - b| / max(max |a|, max |b|), both maxima over that channel
+- ``mean_rel`` = mean |a - b| / mean(|a| + |b|) * 2
+
+The relative figures are scaled by the channel's magnitude rather than element by element,
+so values near zero (float16 subnormals, exact zeros after a ReLU) do not turn rounding into
+huge relative errors. Rounding a float32 store to float16 therefore gives ``max_rel`` of at
+most 2**-11 (half a unit in the last place of the largest value), bfloat16 at most 2**-8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from store.errors import StoreMismatchError
+from store.reader import ActivationStore
+
+TINY = np.finfo(np.float64).tiny
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """Per-channel differences of store ``b`` against store ``a``; arrays are (C,) float64."""
+
+    a: str
+    b: str
+    shape: tuple[int, ...]  # (views, samples, *sample_shape)
+    dtype_a: str
+    dtype_b: str
+    max_abs: np.ndarray
+    mean_abs: np.ndarray
+    max_rel: np.ndarray
+    mean_rel: np.ndarray
+    labels_equal: bool
+    identical: bool  # every value and label equal
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "shape": list(self.shape),
+            "dtype_a": self.dtype_a,
+            "dtype_b": self.dtype_b,
+            "identical": self.identical,
+            "labels_equal": self.labels_equal,
+            "overall": {
+                "max_abs": float(self.max_abs.max()),
+                "mean_abs": float(self.mean_abs.mean()),
+                "max_rel": float(self.max_rel.max()),
+                "mean_rel": float(self.mean_rel.mean()),
+            },
+            "max_abs": self.max_abs.tolist(),
+            "mean_abs": self.mean_abs.tolist(),
+            "max_rel": self.max_rel.tolist(),
+            "mean_rel": self.mean_rel.tolist(),
+        }
+
+    def format(self) -> str:
+        o = self.to_dict()["overall"]
+        lines = [
+            f"a: {self.a} ({self.dtype_a})",
+            f"b: {self.b} ({self.dtype_b})",
+            f"shape (views, samples, *sample): {self.shape}; labels "
+            + ("equal" if self.labels_equal else "DIFFER"),
+            f"{'channel':>7}  {'max abs':>10}  {'mean abs':>10}  {'max rel':>10}  {'mean rel':>10}",
+        ]
+        for c in range(len(self.max_abs)):
+            lines.append(
+                f"{c:>7}  {self.max_abs[c]:>10.3g}  {self.mean_abs[c]:>10.3g}  "
+                f"{self.max_rel[c]:>10.3g}  {self.mean_rel[c]:>10.3g}"
+            )
+        lines.append(
+            f"{'all':>7}  {o['max_abs']:>10.3g}  {o['mean_abs']:>10.3g}  "
+            f"{o['max_rel']:>10.3g}  {o['mean_rel']:>10.3g}"
+        )
+        lines.append("identical" if self.identical else "the stores differ")
+        return "\n".join(lines)
+
+
+def _float64(s: ActivationStore, view: int, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of ``view`` as (C, k) float64."""
+    x = s.read(view, np.arange(start, stop)).float().numpy()  # (k, C, ...) float32
+    return np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).astype(np.float64)
+
+
+def diff(a: ActivationStore, b: ActivationStore, progress: bool = False) -> DiffReport:
+    """Compare ``b`` with ``a`` value by value; raises ``StoreMismatchError`` when the shapes
+    differ."""
+    from tqdm.auto import tqdm
+
+    shape_a = (a.views, a.num_samples, *a.sample_shape)
+    shape_b = (b.views, b.num_samples, *b.sample_shape)
+    if shape_a != shape_b:
+        raise StoreMismatchError(
+            f"shapes differ: {a.path} has (views, samples, *sample) = {shape_a}, "
+            f"{b.path} has {shape_b}"
+        )
+    c = a.sample_shape[0]
+    max_abs = np.zeros(c)
+    sum_abs = np.zeros(c)
+    sum_mag = np.zeros(c)
+    max_mag = np.zeros(c)
+    count = 0
+    block = max(a.chunk_samples, b.chunk_samples)
+    n = a.num_samples
+    total = a.views * -(-n // block)
+    with tqdm(total=total, desc="diff", unit="block", disable=not progress, leave=False) as bar:
+        for v in range(a.views):
+            for start in range(0, n, block):
+                stop = min(start + block, n)
+                xa, xb = _float64(a, v, start, stop), _float64(b, v, start, stop)
+                d = np.abs(xa - xb)
+                np.maximum(max_abs, d.max(axis=1), out=max_abs)
+                sum_abs += d.sum(axis=1)
+                aa, ab = np.abs(xa), np.abs(xb)
+                sum_mag += (aa + ab).sum(axis=1)
+                np.maximum(max_mag, np.maximum(aa.max(axis=1), ab.max(axis=1)), out=max_mag)
+                count += d.shape[1]
+                bar.update(1)
+    labels_equal = bool(np.array_equal(a.labels.numpy(), b.labels.numpy()))
+    return DiffReport(
+        a=a.path,
+        b=b.path,
+        shape=shape_a,
+        dtype_a=a.dtype_name,
+        dtype_b=b.dtype_name,
+        max_abs=max_abs,
+        mean_abs=sum_abs / count,
+        max_rel=max_abs / np.maximum(max_mag, TINY),
+        mean_rel=2 * sum_abs / np.maximum(sum_mag, TINY),
+        labels_equal=labels_equal,
+        identical=labels_equal and not bool(max_abs.any()),
+    )
+
+
+__all__ = ["DiffReport", "diff"]

@@ -1,0 +1,148 @@
+"""Pictures of stored activations: one sample's channels as tiles, or its views side by side.
+
+Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never through pyplot,
+so nothing is registered in pyplot's global figure list and nothing needs closing; the
+caller owns the returned Figure (``fig.savefig(path)``; in Jupyter it displays as usual).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from store.errors import StoreInputError
+from store.reader import ActivationStore
+
+DEFAULT_CHANNELS = 64  # tiles of a one-view grid when channels=None
+DEFAULT_COMPARE_CHANNELS = 8  # columns of a views-by-channels grid when channels=None
+TILE_INCHES = 1.3
+
+
+def _tiles(x: np.ndarray, path: str) -> np.ndarray:
+    """A sample (C, H, W), (C, L) or (D,) as 2-D tiles (C, H, W), (C, 1, L) or (1, 1, D)."""
+    if x.ndim == 3:
+        return x
+    if x.ndim == 2:
+        return x[:, None, :]
+    if x.ndim == 1:
+        return x[None, None, :]
+    raise StoreInputError(
+        f"{path}: show draws samples of 1 to 3 dimensions, this store's are {x.shape}"
+    )
+
+
+def _channel_list(channels: int | Sequence[int] | None, num: int, default: int) -> list[int]:
+    if channels is None:
+        return list(range(min(num, default)))
+    if isinstance(channels, int | np.integer):
+        if channels < 1:
+            raise StoreInputError(f"channels must be >= 1, got {channels}")
+        return list(range(min(int(channels), num)))
+    out = [int(c) for c in channels]
+    bad = [c for c in out if not 0 <= c < num]
+    if not out or bad:
+        raise StoreInputError(f"channels {bad or out} out of range [0, {num})")
+    return out
+
+
+def _colour_scale(values: np.ndarray) -> tuple[float, float, str]:
+    """(vmin, vmax, cmap): symmetric and diverging around 0 when values have both signs."""
+    lo, hi = float(values.min()), float(values.max())
+    if lo < 0 < hi:
+        m = max(-lo, hi)
+        return -m, m, "RdBu_r"
+    if hi == lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return lo, hi, "viridis"
+
+
+def show(
+    s: ActivationStore,
+    sample: int,
+    view: int = 0,
+    channels: int | Sequence[int] | None = None,
+    compare_views: bool = False,
+    cmap: str | None = None,
+) -> Any:
+    """A Figure of sample ``sample``'s activation maps.
+
+    One view: channels as tiles in a near-square grid (the first ``DEFAULT_CHANNELS`` when
+    ``channels`` is None; an int N means the first N, a sequence names channels). With
+    ``compare_views`` the rows are the views and the columns the channels (the first
+    ``DEFAULT_COMPARE_CHANNELS`` by default). All tiles share one colour scale, shown by a
+    colorbar: diverging and centred on 0 when the values have both signs.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if isinstance(sample, bool) or not isinstance(sample, int | np.integer):
+        raise StoreInputError(f"sample must be an int, got {sample!r}")
+    if not 0 <= sample < s.num_samples:
+        raise StoreInputError(f"{s.path}: sample {sample} out of range [0, {s.num_samples})")
+    views = list(range(s.views)) if compare_views else [view]
+    maps = np.stack(
+        [_tiles(s.read(v, [int(sample)])[0].float().numpy(), s.path) for v in views]
+    )  # (views, C, H, W) float32
+    num_channels = maps.shape[1]
+    chans = _channel_list(
+        channels, num_channels, DEFAULT_COMPARE_CHANNELS if compare_views else DEFAULT_CHANNELS
+    )
+    maps = maps[:, chans]
+    vmin, vmax, auto_cmap = _colour_scale(maps)
+    cmap = cmap or auto_cmap
+    if compare_views:
+        nrows, ncols = len(views), len(chans)
+    else:
+        ncols = math.ceil(math.sqrt(len(chans)))
+        nrows = math.ceil(len(chans) / ncols)
+    h, w = maps.shape[2:]
+    tile_h = TILE_INCHES * (min(1.0, h / w) if h > 1 else 0.3)
+    fig = Figure(
+        figsize=(ncols * TILE_INCHES + 1.2, nrows * tile_h + 0.7), layout="constrained", dpi=100
+    )
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    im = None
+    for r in range(nrows):
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if compare_views:
+                v, k = r, c
+            else:
+                v, k = 0, r * ncols + c
+                if k >= len(chans):
+                    ax.set_axis_off()
+                    continue
+            im = ax.imshow(
+                maps[v, k],
+                vmin=vmin,
+                vmax=vmax,
+                cmap=cmap,
+                interpolation="nearest",
+                aspect="equal" if h > 1 else "auto",
+            )
+            if not compare_views or r == 0:
+                ax.set_title(f"ch {chans[k]}", fontsize="small")
+            if compare_views and c == 0:
+                ax.set_ylabel(f"view {views[r]}", fontsize="small")
+    assert im is not None
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9, pad=0.02)
+    label = int(s.labels[int(sample)])
+    unit = s.meta.get("boundary_unit")
+    where = f", after {unit}" if unit else ""
+    which = f"views 0..{s.views - 1}" if compare_views else f"view {view}"
+    fig.suptitle(
+        f"{os.path.basename(os.path.normpath(s.path))}: sample {sample} (label {label}), "
+        f"{which}{where}; {len(chans)} of {num_channels} channels",
+        fontsize="medium",
+    )
+    return fig
+
+
+__all__ = ["DEFAULT_CHANNELS", "DEFAULT_COMPARE_CHANNELS", "show"]
