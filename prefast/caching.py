@@ -193,9 +193,7 @@ def _open_sink(
         return store.DeviceCache.empty(
             n, spec.views, sample_shape, spec.dtype, device=device, meta=meta
         )
-    return store.RamCache.empty(
-        n, spec.views, sample_shape, spec.dtype, pin=device.type == "cuda", meta=meta
-    )
+    return store.RamCache.empty(n, spec.views, sample_shape, spec.dtype, pin=False, meta=meta)
 
 
 def build_cache(
@@ -411,51 +409,78 @@ def measure_unit_forward(
     return times
 
 
-def measure_tensor_rate(
-    sample_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, batch: int
-) -> float:
-    """Bytes/s of a random gather from an in-memory tier (index_select), measured."""
-    n = 4 * batch
-    data = torch.zeros((n, *sample_shape), dtype=dtype, device=device)
-    idx = torch.randperm(n, device=device)[:batch]
-    best = math.inf
-    for _ in range(3):
+def _loader_rate(source: Any, batch: int, device: torch.device, epochs: int = 2) -> float:
+    """Bytes/s delivered to ``device`` by a StoreLoader over ``source``: gather, pinned staging
+    and the host-to-device copy, as training reads it (best of ``epochs`` shuffled epochs)."""
+    loader = store.StoreLoader(source, batch_size=batch, seed=0, device=device, prefetch=2)
+    best, nbytes = math.inf, 0
+    for e in range(epochs + 1):  # the first epoch warms up
+        loader.set_epoch(e)
         synchronize(device)
         t = time.perf_counter()
-        data.index_select(0, idx)
+        nbytes = 0
+        for x, _ in loader:
+            nbytes += x.numel() * x.element_size()
         synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return batch * math.prod(sample_shape) * data.element_size() / max(best, 1e-9)
+        if e:
+            best = min(best, time.perf_counter() - t)
+    return nbytes / max(best, 1e-9)
+
+
+def measure_tier_rates(
+    sample_shape: tuple[int, ...], dtype: str, device: torch.device, batch: int
+) -> dict[str, tuple[float, float]]:
+    """(write, read) bytes/s of the in-memory tiers, measured now: writes copy a device batch
+    into the tier, reads go through the loader to ``device``."""
+    n = 8 * batch
+    x = torch.zeros((batch, *sample_shape), dtype=TORCH_DTYPES[dtype], device=device)
+    labels = torch.zeros(n, dtype=torch.int64)
+    out: dict[str, tuple[float, float]] = {}
+    tiers: dict[str, store.TensorCache] = {
+        "ram": store.RamCache.empty(n, 1, sample_shape, dtype, pin=False)
+    }
+    if device.type == "cuda":
+        tiers["device"] = store.DeviceCache.empty(n, 1, sample_shape, dtype, device=device)
+    for name, cache in tiers.items():
+        synchronize(device)
+        t = time.perf_counter()
+        for start in range(0, n, batch):
+            cache.write(0, start, x, labels[start : start + batch])
+        synchronize(device)
+        write = n * x[0].numel() * x.element_size() / max(time.perf_counter() - t, 1e-9)
+        out[name] = (write, _loader_rate(cache, batch, device))
+    if "device" not in out:
+        out["device"] = out["ram"]  # on a CPU run the device tier is host memory too
+    return out
 
 
 def measure_store_rates(
-    directory: Path, sample_shape: tuple[int, ...], dtype: str, codec: str | None, batch: int
+    device: torch.device,
+    directory: Path,
+    sample_shape: tuple[int, ...],
+    dtype: str,
+    codec: str | None,
+    batch: int,
 ) -> tuple[float, float]:
-    """(write, read) bytes/s of a small temporary store in ``directory`` with the run's dtype and
-    codec: a measured probe, removed afterwards."""
+    """(write, read) bytes/s of a temporary store (about 64 MiB) in ``directory`` with the run's
+    dtype and codec, read through the loader to ``device``: a measured probe, removed after."""
     path = directory / ".probe"
-    n = max(4 * batch, 64)
-    x = torch.relu(torch.randn((n, *sample_shape), generator=torch.Generator().manual_seed(0)))
-    nbytes = n * math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
+    sample_bytes = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
+    n = max(2 * batch, min(8 * batch, (64 << 20) // sample_bytes))
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn((batch, *sample_shape), generator=g)).to(TORCH_DTYPES[dtype])
+    labels = torch.zeros(n, dtype=torch.int64)
     try:
         t = time.perf_counter()
         with store.create(
-            path,
-            sample_shape=sample_shape,
-            num_samples=n,
-            dtype=dtype,
-            codec=codec,
-            chunk_samples=max(1, n // 4),
-            overwrite=True,
+            path, sample_shape=sample_shape, num_samples=n, dtype=dtype, codec=codec, overwrite=True
         ) as w:
-            w.write(0, 0, x, torch.zeros(n, dtype=torch.int64))
-        write = nbytes / max(time.perf_counter() - t, 1e-9)
+            for start in range(0, n, batch):
+                stop = min(start + batch, n)
+                w.write(0, start, x[: stop - start], labels[start:stop])
+        write = n * sample_bytes / max(time.perf_counter() - t, 1e-9)
         s = store.open(path)
-        loader = store.StoreLoader(s, batch_size=batch, seed=0, prefetch=2)
-        t = time.perf_counter()
-        for _ in loader:
-            pass
-        read = nbytes / max(time.perf_counter() - t, 1e-9)
+        read = _loader_rate(s, batch, device)
         s.close()
     finally:
         shutil.rmtree(path, ignore_errors=True)
@@ -471,7 +496,7 @@ __all__ = [
     "choose_tier",
     "fingerprint",
     "measure_store_rates",
-    "measure_tensor_rate",
+    "measure_tier_rates",
     "measure_unit_forward",
     "open_matching",
     "plan_boundary",

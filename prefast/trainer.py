@@ -45,7 +45,7 @@ from prefast.caching import (
     choose_tier,
     fingerprint,
     measure_store_rates,
-    measure_tensor_rate,
+    measure_tier_rates,
     measure_unit_forward,
     open_matching,
     plan_boundary,
@@ -317,35 +317,32 @@ class Trainer:
             if not self.augment.identity
             else None
         )
-        t = time.perf_counter()
-        x, _ = make_batch(self.data.train, idx, aug, self.device)
-        synchronize(self.device)
-        image = (time.perf_counter() - t) / len(idx)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            x, _ = make_batch(self.data.train, idx, aug, self.device)
+            synchronize(self.device)
+            times.append(time.perf_counter() - t)
+        image = sorted(times)[1] / len(idx)  # median of 3
         with autocast(self.device, self.cfg.amp):
             unit_fwd = measure_unit_forward(self.model, x, self.model.num_units, self.device)
-        dtype = _cache_dtype(self.cfg)
         shape = self.model.boundary_shape(max(1, self.frontier), self.input_shape)
-        mem = measure_tensor_rate(shape, dtype, self.device, self.cfg.batch_size)
-        host = (
-            measure_tensor_rate(shape, dtype, torch.device("cpu"), self.cfg.batch_size)
-            if self.device.type != "cpu"
-            else mem
-        )
-        read = {"device": mem, "ram": host}
-        write = {"device": mem, "ram": host}
+        rates = measure_tier_rates(shape, self.cfg.cache_dtype, self.device, self.cfg.batch_size)
         if self.cfg.cache in ("zarr", "auto") and any(
             self._tier_for(b) == "zarr" for b in range(1, self.model.num_units + 1)
         ):
-            w, r = measure_store_rates(
+            rates["zarr"] = measure_store_rates(
+                self.device,
                 self._zarr_dir(),
                 shape,
                 self.cfg.cache_dtype,
                 None if self.cfg.codec == "none" else self.cfg.codec,
                 self.cfg.batch_size,
             )
-            read["zarr"], write["zarr"] = r, w
         else:
-            read["zarr"], write["zarr"] = host, host
+            rates["zarr"] = rates["ram"]
+        write = {k: v[0] for k, v in rates.items()}
+        read = {k: v[1] for k, v in rates.items()}
         cost = CostModel(unit_fwd=unit_fwd, image=image, read_rate=read, write_rate=write)
         log.info(
             "iteration %d: measured costs per sample: image %.1f us, forward %s us, read MB/s %s, write MB/s %s",
