@@ -1,0 +1,522 @@
+"""PreFast against FreezeOut and full training, and the cache tiers against each other.
+
+One process, one run: every variant trains the same data, model, schedule and seed in turn,
+and one table reports training wall-clock (evaluation excluded), its ratio to freezeout and
+to full, the final test error, cache-pass seconds, cache bytes, peak private host memory and
+peak GPU memory. The schedule's ideal saving comes from a per-unit forward/backward time
+profile measured on this device, and each mode's saving is shown as a fraction of it.
+
+    python benchmarks/compare.py --scenario quick            # < 3 min on 2 CPU cores
+    python benchmarks/compare.py --scenario fmnist           # Fashion-MNIST, 60,000 images
+    python benchmarks/compare.py --scenario cifar-synthetic  # synthetic CIFAR, 50,000 images
+    python benchmarks/compare.py --scenario paper            # 2,000-image subset, RAM/GPU cache
+
+Results: ``benchmarks/results/compare-<scenario>-<device>.json`` and ``.png`` (test error
+against wall-clock seconds, one line per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS_DIR, environment, write_json
+from prefast import TrainConfig, train
+from prefast.models import UnitModel
+from prefast.monitor import rss_anon_bytes, synchronize
+from prefast.schedule import FreezeSchedule, ScheduleConfig, ideal_saving
+from prefast.trainer import build_model, load_data
+
+log = logging.getLogger("compare")
+MIB = 2**20
+
+
+# ---- scenarios -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    base: dict[str, Any]
+    t0s: tuple[float, ...] = (0.8,)
+    tiers: tuple[str, ...] = ("ram", "zarr", "zarr-lz4")
+    note: str = ""
+
+
+SCENARIOS = {
+    "quick": Scenario(
+        "quick",
+        dict(
+            dataset="synthetic",
+            num_samples=2000,
+            model="densenet_bc",
+            model_args={"depth": 16, "growth": 8},
+            epochs=3,
+            batch_size=50,
+            how_scale="cubic",
+            views=1,
+        ),
+        t0s=(0.6,),
+        note="tiny: exercises every variant; timings mean little",
+    ),
+    "fmnist": Scenario(
+        "fmnist",
+        dict(
+            dataset="fashion-mnist",
+            model="densenet_bc",
+            model_args={"depth": 16, "growth": 8},
+            epochs=4,
+            batch_size=50,
+            how_scale="cubic",
+            views=1,
+        ),
+        t0s=(0.6,),
+        note="real data, all 60,000 training images",
+    ),
+    "cifar-synthetic": Scenario(
+        "cifar-synthetic",
+        dict(
+            dataset="synthetic",
+            num_samples=50_000,
+            model="densenet_bc",
+            model_args={"depth": 40, "growth": 12},
+            epochs=2,
+            batch_size=64,
+            how_scale="cubic",
+            views=1,
+        ),
+        t0s=(0.6, 0.8),
+        note="CIFAR-shaped synthetic data at full 50,000-image scale",
+    ),
+    "cifar-gpu": Scenario(
+        "cifar-gpu",
+        dict(
+            dataset="synthetic",
+            num_samples=50_000,
+            model="densenet_bc",
+            model_args={"depth": 76, "growth": 12},
+            epochs=3,
+            batch_size=256,
+            how_scale="cubic",
+            amp="bf16",
+            channels_last=True,
+            views=1,
+        ),
+        t0s=(0.6, 0.8),
+        tiers=("device", "ram", "zarr", "zarr-lz4"),
+        note="DenseNet-BC-76 k=12, synthetic CIFAR at 50,000 images, bf16 autocast, channels_last, batch 256, one view",
+    ),
+    "paper": Scenario(
+        "paper",
+        dict(
+            dataset="synthetic",
+            num_samples=50_000,
+            subset=2000,
+            model="densenet_bc",
+            model_args={"depth": 40, "growth": 12},
+            epochs=6,
+            batch_size=50,
+            how_scale="cubic",
+            views=1,
+        ),
+        t0s=(0.6,),
+        tiers=("device", "ram"),
+        note="the paper's setting: a 2,000-image subset with the GPU/RAM cache",
+    ),
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def variants_for(
+    tiers: tuple[str, ...], device: torch.device, extra_views: int | None = None
+) -> list[Variant]:
+    out = [Variant("full", {"mode": "full"}), Variant("freezeout", {"mode": "freezeout"})]
+    for t in tiers:
+        if t == "device" and device.type != "cuda":
+            continue
+        if t == "zarr-lz4":
+            out.append(
+                Variant("prefast-zarr-lz4", {"mode": "prefast", "cache": "zarr", "codec": "lz4"})
+            )
+        elif t == "zarr-zstd":
+            out.append(
+                Variant("prefast-zarr-zstd", {"mode": "prefast", "cache": "zarr", "codec": "zstd"})
+            )
+        else:
+            out.append(Variant(f"prefast-{t}", {"mode": "prefast", "cache": t}))
+    if extra_views:
+        out.append(
+            Variant(
+                f"prefast-zarr-v{extra_views}",
+                {"mode": "prefast", "cache": "zarr", "views": extra_views},
+            )
+        )
+    return out
+
+
+# ---- the measured profile and the ideal saving -------------------------------------------------
+def profile_units(
+    model: UnitModel, x: torch.Tensor, device: torch.device, amp: str, repeats: int = 5
+) -> tuple[list[float], list[float]]:
+    """Seconds per batch of each unit's (and the head's, last) forward and backward in train mode,
+    median over ``repeats``; the backward of unit 0 computes no input gradient."""
+    model.train()
+    fwd: list[list[float]] = [[] for _ in range(model.num_units + 1)]
+    bwd: list[list[float]] = [[] for _ in range(model.num_units + 1)]
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else None
+    for _ in range(repeats + 1):  # the first round warms up
+        h = x
+        for i in range(model.num_units + 1):
+            module = model.units[i] if i < model.num_units else model.head
+            inp = h.detach().requires_grad_(i > 0)
+            synchronize(device)
+            t = time.perf_counter()
+            if ctx is not None:
+                with ctx():
+                    out = module(inp)
+            else:
+                out = module(inp)
+            synchronize(device)
+            tf = time.perf_counter() - t
+            grad = torch.ones_like(out)
+            synchronize(device)
+            t = time.perf_counter()
+            out.backward(grad)
+            synchronize(device)
+            tb = time.perf_counter() - t
+            fwd[i].append(tf)
+            bwd[i].append(tb)
+            h = out.detach()
+    model.zero_grad(set_to_none=True)
+    return [statistics.median(v[1:]) for v in fwd], [statistics.median(v[1:]) for v in bwd]
+
+
+def schedule_ideal(
+    cfg: TrainConfig, num_units: int, total_iterations: int, fwd: list[float], bwd: list[float]
+) -> dict[str, float]:
+    sched = FreezeSchedule(
+        ScheduleConfig(
+            mode="freezeout",
+            t0=cfg.t0,
+            how_scale=cfg.how_scale,
+            scale_lr=cfg.scale_lr,
+            base_lr=cfg.base_lr,
+        ),
+        num_units,
+        total_iterations,
+    )
+    return ideal_saving(sched, fwd, bwd)
+
+
+# ---- running --------------------------------------------------------------------------------------
+def run_variant(cfg: TrainConfig) -> dict[str, Any]:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    baseline = rss_anon_bytes()
+    t = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - t
+    s = result.summary
+    elapsed, curve = 0.0, []
+    for r in result.records:
+        elapsed += r["train_seconds"]
+        curve.append({"train_seconds": elapsed, "test_error": r["test_error"], "epoch": r["epoch"]})
+    out = {
+        "config": cfg.to_dict(),
+        "summary": s,
+        "records": result.records,
+        "curve": curve,
+        "train_seconds": s["total_train_seconds"],
+        "cache_build_seconds": s["total_cache_build_seconds"],
+        "test_error": s["final_test_error"],
+        "cache_bytes": max((r["cache_bytes"] for r in result.records), default=0),
+        "peak_host_private_bytes": s["peak_host_private_bytes"],
+        "host_baseline_bytes": baseline,
+        "peak_gpu_bytes": s["peak_gpu_bytes"],
+        "process_wall_seconds": wall,
+    }
+    del result
+    gc.collect()
+    return out
+
+
+def run_scenario(
+    sc: Scenario, args: argparse.Namespace, partial_path: Path | None = None
+) -> dict[str, Any]:
+    device = torch.device(
+        "cuda"
+        if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda"
+        else "cpu"
+    )
+    base = dict(sc.base)
+    for k in (
+        "epochs",
+        "batch_size",
+        "num_samples",
+        "subset",
+        "views",
+        "recache_policy",
+        "amp",
+        "cache_dtype",
+    ):
+        v = getattr(args, k)
+        if v is not None:
+            base[k] = v
+    if args.depth is not None or args.growth is not None:
+        base["model_args"] = {
+            **base["model_args"],
+            **({"depth": args.depth} if args.depth else {}),
+            **({"growth": args.growth} if args.growth else {}),
+        }
+    if args.channels_last:
+        base["channels_last"] = True
+    base.update(device=device.type, seed=args.seed, progress=not args.no_progress)
+    t0s = tuple(args.t0) if args.t0 else sc.t0s
+    tiers = tuple(args.tiers) if args.tiers else sc.tiers
+    cache_root = Path(args.cache_dir) if args.cache_dir else Path("/tmp/prefast-bench-cache")
+
+    # The profile: per-unit forward/backward on this device, one training batch.
+    probe = TrainConfig(**{**base, "mode": "freezeout"})
+    data = load_data(probe)
+    model = build_model(probe, data.train.spec).to(device)
+    if probe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    from prefast.data import make_batch
+
+    idx = torch.arange(min(probe.batch_size, len(data.train))).numpy()
+    x, _ = make_batch(data.train, idx, None, device)
+    if probe.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fwd, bwd = profile_units(model, x, device, probe.amp)
+    iters = math.ceil(len(data.train) / probe.batch_size) * probe.epochs
+    del model, data, x
+    log.info(
+        "profile per batch (ms): fwd %s, bwd %s",
+        [round(v * 1e3, 2) for v in fwd],
+        [round(v * 1e3, 2) for v in bwd],
+    )
+
+    runs: dict[str, Any] = {}
+    partial = (
+        {"scenario": sc.name, "device": str(device), "base_config": base, "runs": {}}
+        if partial_path
+        else None
+    )
+    for t0 in t0s:
+        table = []
+        ideal = schedule_ideal(TrainConfig(**{**base, "t0": t0}), len(fwd) - 1, iters, fwd, bwd)
+        for var in variants_for(tiers, device, args.extra_views):
+            over = dict(var.overrides)
+            if over.get("cache") == "zarr":
+                over["cache_dir"] = str(cache_root / f"{sc.name}-t{t0}-{var.name}")
+            cfg = TrainConfig(**{**base, "t0": t0, **over})
+            log.info("== %s t0=%s: %s", sc.name, t0, var.name)
+            r = run_variant(cfg)
+            r["variant"] = var.name
+            table.append(r)
+            if partial is not None:  # what is measured survives a run cut short
+                partial["runs"][f"t0={t0}"] = {
+                    "t0": t0,
+                    "ideal": ideal,
+                    "variants": table,
+                    "incomplete": True,
+                }
+                write_json(partial_path, partial)
+        ref = {r["variant"]: r["train_seconds"] for r in table}
+        for r in table:
+            r["vs_freezeout"] = r["train_seconds"] / ref["freezeout"]
+            r["vs_full"] = r["train_seconds"] / ref["full"]
+            r["saving_vs_full"] = 1 - r["vs_full"]
+            kind = (
+                "freezeout"
+                if r["variant"] == "freezeout"
+                else "prefast"
+                if r["variant"].startswith("prefast")
+                else None
+            )
+            ideal_s = ideal.get(f"{kind}_saving") if kind else None
+            r["ideal_saving_vs_full"] = ideal_s
+            r["fraction_of_ideal"] = (r["saving_vs_full"] / ideal_s) if ideal_s else None
+        runs[f"t0={t0}"] = {"t0": t0, "ideal": ideal, "variants": table}
+    return {
+        "scenario": sc.name,
+        "note": sc.note,
+        "device": str(device),
+        "base_config": base,
+        "profile": {
+            "fwd_seconds_per_batch": fwd,
+            "bwd_seconds_per_batch": bwd,
+            "batch_size": probe.batch_size,
+            "total_iterations": iters,
+        },
+        "runs": runs,
+    }
+
+
+# ---- reporting --------------------------------------------------------------------------------------
+def _mib(b: int) -> str:
+    return f"{b / MIB:,.0f}" if b else "-"
+
+
+def format_tables(res: dict[str, Any]) -> str:
+    lines = []
+    for key, run in res["runs"].items():
+        ideal = run["ideal"]
+        lines.append(
+            f"\n{res['scenario']} {key} on {res['device']}: ideal saving vs full from the measured profile: "
+            f"freezeout {ideal['freezeout_saving']:.1%}, prefast {ideal['prefast_saving']:.1%} "
+            f"(prefast vs freezeout {ideal['prefast_vs_freezeout']:.1%})"
+        )
+        head = [
+            "variant",
+            "train s",
+            "vs freezeout",
+            "vs full",
+            "test err",
+            "cache s",
+            "cache MiB",
+            "host peak MiB",
+            "GPU peak MiB",
+            "saving/ideal",
+        ]
+        rows = []
+        for r in run["variants"]:
+            frac = r["fraction_of_ideal"]
+            rows.append([
+                r["variant"], f"{r['train_seconds']:.1f}", f"{r['vs_freezeout']:.3f}", f"{r['vs_full']:.3f}",
+                f"{r['test_error']:.4f}", f"{r['cache_build_seconds']:.1f}", _mib(r["cache_bytes"]),
+                _mib(r["peak_host_private_bytes"]), _mib(r["peak_gpu_bytes"]), f"{frac:.2f}" if frac is not None else "-",
+            ])  # fmt: skip
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+        lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))
+        for row in rows:
+            lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        v = {r["variant"]: r for r in run["variants"]}
+        if "prefast-zarr" in v and "prefast-ram" in v:
+            lines.append(
+                f"target zarr/ram wall-clock <= 1.05: {v['prefast-zarr']['train_seconds'] / v['prefast-ram']['train_seconds']:.3f}"
+            )
+        if "prefast-zarr" in v:
+            lines.append(
+                f"target prefast-zarr >= 25% less than freezeout: {1 - v['prefast-zarr']['vs_freezeout']:.1%} less"
+            )
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    runs = list(res["runs"].values())
+    fig = Figure(figsize=(6 * len(runs), 4.2))
+    for k, run in enumerate(runs):
+        ax = fig.add_subplot(1, len(runs), k + 1)
+        for r in run["variants"]:
+            xs = [c["train_seconds"] for c in r["curve"]]
+            ys = [100 * c["test_error"] for c in r["curve"]]
+            ax.plot(xs, ys, marker="o", label=r["variant"])
+        ax.set_xlabel("training wall-clock (s, evaluation excluded)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"{res['scenario']}, t0={run['t0']} ({res['device']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), default="quick")
+    p.add_argument("--quick", action="store_true", help="same as --scenario quick")
+    p.add_argument("--t0", type=float, nargs="+", default=None)
+    p.add_argument(
+        "--tiers",
+        nargs="+",
+        choices=("device", "ram", "zarr", "zarr-lz4", "zarr-zstd"),
+        default=None,
+    )
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--subset", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--growth", type=int, default=None)
+    p.add_argument(
+        "--views",
+        type=int,
+        default=None,
+        help="cached views for the prefast variants (speed scenarios use 1)",
+    )
+    p.add_argument(
+        "--extra-views",
+        type=int,
+        default=None,
+        help="add a prefast-zarr variant with this many views",
+    )
+    p.add_argument("--recache-policy", default=None)
+    p.add_argument("--cache-dtype", default=None)
+    p.add_argument("--amp", choices=("none", "bf16"), default=None)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default benchmarks/results/compare-<scenario>-<device>.json)",
+    )
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.scenario = "quick"
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("prefast").setLevel(logging.WARNING)
+    logging.getLogger("store").setLevel(logging.WARNING)
+    dev = (
+        "gpu"
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    out = Path(args.out) if args.out else RESULTS_DIR / f"compare-{args.scenario}-{dev}.json"
+    res = run_scenario(SCENARIOS[args.scenario], args, out.with_suffix(".partial.json"))
+    res["environment"] = environment()
+    write_json(out, res)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    text = format_tables(res)
+    print(text)
+    out.with_suffix(".txt").write_text(text.lstrip("\n") + "\n")
+    if not args.no_plot:
+        plot(res, out.with_suffix(".png"))
+    print(f"\nresults: {out} (+ .txt{'' if args.no_plot else ', .png'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

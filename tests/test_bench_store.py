@@ -1,0 +1,57 @@
+"""The store benchmark's tiny version runs end to end (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_store.py"
+VARIANTS = ("raw", "lz4", "zstd", "ram")
+
+
+def test_bench_store_quick(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    work = tmp_path / "stores"
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--dir", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+
+    # The table goes to stdout, one row per variant.
+    for heading in ("variant", "write GB/s", "read samples/s", "peak RssAnon MiB", "targets:"):
+        assert heading in r.stdout
+    for label in ("raw store (mmap)", "lz4 store (stream)", "zstd store (stream)", "RamCache"):
+        assert label in r.stdout
+
+    res = json.loads(out.read_text())
+    assert res["config"]["num_samples"] == 3000
+    assert res["environment"]["commit"]
+    assert res["environment"]["versions"]["torch"]
+    assert set(res["variants"]) == set(VARIANTS)
+    for name in VARIANTS:
+        v = res["variants"][name]
+        read = v["read"]
+        assert read["samples_per_s"]["median"] > 0
+        assert read["gb_per_s"]["median"] > 0
+        assert read["peak_rss_anon"] > 0
+        assert [ep["samples"] for ep in read["epochs"]] == [3000, 3000]  # warm-up + 1 timed
+        if name == "ram":
+            assert "write" not in v
+            assert read["ram_cache_bytes"] == res["config"]["array_bytes"]
+        else:
+            assert v["write"]["gb_per_s"]["median"] > 0
+            assert v["write"]["disk_bytes"] > 0
+            assert v["write"]["compression_ratio"] > 0
+    assert res["variants"]["raw"]["read"]["memory_mapped"]
+    assert res["variants"]["lz4"]["read"]["streaming"]
+    assert res["checksums_ok"]
+    assert len(res["targets"]) == 2
+
+    # The stores are deleted unless --keep.
+    assert not work.exists() or not any(work.iterdir())
