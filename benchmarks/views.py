@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument(
+        "--num-samples", type=int, default=None, help="synthetic only: training-set size"
+    )
+    p.add_argument(
         "--data-root", default=None, help="dataset folder (default: the system Fashion-MNIST)"
     )
     p.add_argument(
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["name"], r["seed"]) for r in rows}
     start = time.perf_counter()
     base = dict(
-        dataset=args.dataset, data_root=args.data_root, subset=args.subset, model=args.model,
+        dataset=args.dataset, num_samples=args.num_samples, data_root=args.data_root, subset=args.subset, model=args.model,
         model_args={"depth": args.depth, "growth": args.growth}, epochs=args.epochs, batch_size=args.batch_size,
         t0=args.t0, how_scale=args.how_scale, cache=args.cache, recache_policy=args.recache_policy,
         device=args.device, amp=args.amp, progress=False,

@@ -139,7 +139,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.recache_policy,
         help="auto: when the measured saving pays for the pass; every freeze; or transitions only",
     )
-    g.add_argument("--cache-batch-size", type=int, default=d.cache_batch_size)
+    g.add_argument(
+        "--cache-batch-size",
+        type=int,
+        default=None,
+        help="batch size of cache passes (default: --batch-size)",
+    )
     g = p.add_argument_group("machine and outputs")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", choices=DEVICES, default=d.device)

@@ -70,7 +70,7 @@ class TrainConfig:
     codec: str = "none"
     views: int = 4
     recache_policy: str = "auto"
-    cache_batch_size: int = 256
+    cache_batch_size: int | None = None  # None: the training batch size
     cache_memory_fraction: float = 0.5
     # machine
     seed: int = 0
@@ -102,7 +102,8 @@ class TrainConfig:
         _positive("views", self.views)
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
-        _positive("cache_batch_size", self.cache_batch_size)
+        if self.cache_batch_size is not None:
+            _positive("cache_batch_size", self.cache_batch_size)
         _positive("eval_batch_size", self.eval_batch_size)
         _positive("val_size", self.val_size, minimum=0)
         _positive("seed", self.seed, minimum=0)

@@ -296,7 +296,7 @@ class Trainer:
             seed=self.cfg.seed,
             dtype=self.cfg.cache_dtype,
             codec=None if self.cfg.codec == "none" else self.cfg.codec,
-            batch_size=self.cfg.cache_batch_size,
+            batch_size=self.cfg.cache_batch_size or self.cfg.batch_size,
             amp=self.cfg.amp,
             channels_last=self.cfg.channels_last,
         )
