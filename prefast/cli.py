@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -153,6 +154,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--channels-last", action="store_true", help="channels_last memory format (CUDA)"
     )
     g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on CUDA: SyncBatchNorm in the trainable units",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=d.dist_timeout,
+        help="seconds a rank waits for the others before failing (default %(default)s)",
+    )
+    g.add_argument(
         "--metrics",
         default=None,
         help="JSONL file, one record per epoch and a summary; the config is saved beside it",
@@ -173,7 +185,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "dataset", "data_root", "download", "num_samples", "synthetic_shape", "subset", "val_size", "augment",
             "model", "epochs", "batch_size", "base_lr", "weight_decay", "mode", "t0", "how_scale", "scale_lr",
             "cache", "cache_dir", "cache_dtype", "codec", "views", "recache_policy", "cache_batch_size", "seed",
-            "device", "amp", "channels_last", "metrics", "checkpoint_dir", "resume", "progress",
+            "device", "amp", "channels_last", "sync_bn", "dist_timeout", "metrics", "checkpoint_dir", "resume", "progress",
         )
     }  # fmt: skip
     return TrainConfig(model_args=model_args, **fields)
@@ -215,10 +227,17 @@ def _print_summary(summary: dict[str, Any], cache_dir: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    # Under torchrun only rank 0 logs progress; the others report warnings and errors.
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.WARNING if args.quiet or rank != 0 else logging.INFO,
+        format=(
+            "%(levelname)s %(name)s: %(message)s"
+            if rank == 0
+            else f"rank {rank}: %(levelname)s %(name)s: %(message)s"
+        ),
     )
+    from prefast.distributed import DistributedError
     from prefast.models import ModelError
     from prefast.schedule import ScheduleError
     from prefast.trainer import train
@@ -227,10 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         result = train(cfg)
+    except DistributedError as e:
+        # Not bad input: a rank died or timed out. One line, exit 1.
+        print(f"prefast: error: {e}", file=sys.stderr)
+        return 1
     except (PrefastError, StoreError, ModelError, ScheduleError) as e:
         # Bad input: one line, exit 2, no trace.
         print(f"prefast: error: {e}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0
     _print_summary(result.summary, cfg.cache_dir)
     if cfg.metrics:
         print(f"metrics: {cfg.metrics}")

@@ -77,6 +77,8 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"
     channels_last: bool = False
+    sync_bn: bool = False  # torchrun on CUDA: SyncBatchNorm in the trainable units
+    dist_timeout: float = 300.0  # seconds a collective may wait for a rank before failing
     # outputs
     metrics: str | None = None
     checkpoint_dir: str | None = None
@@ -111,6 +113,8 @@ class TrainConfig:
             _positive("num_samples", self.num_samples)
         if self.subset is not None:
             _positive("subset", self.subset)
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"--dist-timeout: must be > 0 seconds, got {self.dist_timeout}")
         if self.base_lr <= 0:
             raise ConfigError(f"--base-lr: must be > 0, got {self.base_lr}")
         if not 0.0 < self.cache_memory_fraction <= 1.0:

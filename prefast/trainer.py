@@ -17,6 +17,7 @@ batches and compute the same losses and weights to float tolerance.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -54,11 +55,12 @@ from prefast.caching import (
 )
 from prefast.config import TrainConfig
 from prefast.data import Augment, ImageData, epoch_key, load_dataset, make_batch
+from prefast.distributed import DistContext, DistributedError
 from prefast.errors import CheckpointError, ConfigError
 from prefast.models import UnitModel, create_model
 from prefast.monitor import PeakMemory, Stopwatch, peak_device_bytes, synchronize
 from prefast.schedule import FreezeSchedule, ScheduleConfig
-from store.order import epoch_permutation
+from store.order import epoch_permutation, rank_part
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +170,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.dist = DistContext.from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
+        self.device = self.dist.device
+        self.progress = cfg.progress and self.dist.is_main
         self.data = load_data(cfg)
         self.model = build_model(cfg, self.data.train.spec).to(self.device)
+        if cfg.sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise ConfigError("--sync-bn: needs CUDA (SyncBatchNorm does not run on the CPU)")
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.augment = Augment.from_spec(self.data.train.spec, cfg.augment)
@@ -183,7 +191,13 @@ class Trainer:
             )
             self.views = 1
         n = len(self.data.train)
-        self.iters_per_epoch = math.ceil(n / cfg.batch_size)
+        # --batch-size is per rank; every rank reads N // world_size samples an epoch
+        self.samples_per_rank = n // self.dist.world_size
+        if self.samples_per_rank < 1:
+            raise ConfigError(
+                f"--nproc-per-node: {self.dist.world_size} ranks for {n} training images"
+            )
+        self.iters_per_epoch = math.ceil(self.samples_per_rank / cfg.batch_size)
         self.total_iterations = cfg.epochs * self.iters_per_epoch
         self.schedule = FreezeSchedule(
             ScheduleConfig(
@@ -198,6 +212,7 @@ class Trainer:
         )
         self.optimizer = self._make_optimizer(range(self.model.num_units))
         self.frontier = 0
+        self.ddp: torch.nn.Module | None = None  # DistributedDataParallel over the trainable part
         self.cache: Cache | None = None
         self.cost: CostModel | None = None
         self.cache_seconds = 0.0
@@ -213,8 +228,9 @@ class Trainer:
         ]
         self.start_epoch = 0
         self.result = TrainResult()
-        if cfg.mode == "prefast" and self.cache_dir is not None:
+        if cfg.mode == "prefast" and self.cache_dir is not None and self.dist.is_main:
             check_cache_dir(self.cache_dir, self.model.config)
+        self.dist.barrier("start-up")
 
     # ---- setup helpers ------------------------------------------------------------------
     def _resolve_cache_dir(self) -> Path | None:
@@ -228,7 +244,9 @@ class Trainer:
 
     def _zarr_dir(self) -> Path:
         if self.cache_dir is None:
-            self._tmp_cache_dir = Path(tempfile.mkdtemp(prefix="prefast-cache-"))
+            # one folder for all ranks (on one node; several nodes need a shared --cache-dir)
+            made = tempfile.mkdtemp(prefix="prefast-cache-") if self.dist.is_main else None
+            self._tmp_cache_dir = Path(self.dist.broadcast_object(made, "sharing the cache folder"))
             self.cache_dir = self._tmp_cache_dir
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         return self.cache_dir
@@ -355,6 +373,12 @@ class Trainer:
         return cost
 
     def _planned_boundary(self, j: int) -> int:
+        """The policy's boundary, decided on rank 0 (costs and free memory differ between ranks;
+        decisions must not)."""
+        plan = self._plan_on_this_rank(j) if self.dist.is_main else None
+        return int(self.dist.broadcast_object(plan, "sharing the re-caching decision"))
+
+    def _plan_on_this_rank(self, j: int) -> int:
         b = self.cache.boundary if self.cache is not None else 0
         policy = self.cfg.recache_policy
         if policy == "auto" and self.frontier > b:
@@ -370,17 +394,24 @@ class Trainer:
                 tier_of=self._tier_for,
                 current_tier=self.cache.tier if self.cache is not None else None,
                 remaining_samples=(self.total_iterations - j) * self.cfg.batch_size,
-                num_samples=len(self.data.train),
+                num_samples=len(self.data.train) // self.dist.world_size,  # each rank's share
                 views=self.views,
             )
         return plan_boundary(policy, b, self.frontier, self.model.cut_points)
 
     def _recache(self, b_new: int, j: int) -> None:
         prev = self.cache
-        tier = self._tier_for(b_new)
+        tier = self.dist.broadcast_object(
+            self._tier_for(b_new) if self.dist.is_main else None, "sharing the cache tier"
+        )
         path = store_path(self._zarr_dir(), b_new) if tier == "zarr" else None
         fp = self._fingerprint(b_new)
-        meta = provenance(self.model, b_new, self.data.desc, self._cache_desc(), fp)
+        meta = self.dist.broadcast_object(
+            provenance(self.model, b_new, self.data.desc, self._cache_desc(), fp)
+            if self.dist.is_main
+            else None,
+            "sharing the store's provenance",
+        )
         # A cache pass from a compressed or remote store reads it chunk by chunk; from the
         # images or an in-memory tier it is a plain gather.
         cache = build_cache(
@@ -393,7 +424,8 @@ class Trainer:
             self.device,
             fp,
             meta,
-            self.cfg.progress,
+            self.progress,
+            self.dist,
         )
         self.cache_seconds += cache.build_seconds
         if self.cost is not None and tier == "zarr":
@@ -405,7 +437,7 @@ class Trainer:
                 # checkpoint names its successor.
                 self._superseded.append(prev)
             else:
-                prev.delete()  # superseded: its successor is complete
+                prev.delete(remove_files=self.dist.is_main)  # superseded: its successor is complete
         log.info(
             "iteration %d: cache boundary %d -> %d (%s)",
             j,
@@ -433,9 +465,11 @@ class Trainer:
         self._recache(b, -1)
 
     # ---- batches ---------------------------------------------------------------------------
-    def _image_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _image_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
         n = len(self.data.train)
-        order = epoch_permutation(n, self.cfg.seed, epoch)
+        order = rank_part(
+            epoch_permutation(n, self.cfg.seed, epoch), self.dist.rank, self.dist.world_size
+        )
         aug = (
             self.augment.params(epoch_key(self.cfg.seed, epoch), n)
             if not self.augment.identity
@@ -443,9 +477,11 @@ class Trainer:
         )
         bs = self.cfg.batch_size
         for k in range(start, self.iters_per_epoch):
-            yield make_batch(self.data.train, order[k * bs : (k + 1) * bs], aug, self.device)
+            idx = order[k * bs : (k + 1) * bs]
+            x, y = make_batch(self.data.train, idx, aug, self.device)
+            yield x, y, torch.from_numpy(idx)
 
-    def _cache_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _cache_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
         assert self.cache is not None
         loader = store.StoreLoader(
             self.cache.source,
@@ -454,17 +490,36 @@ class Trainer:
             seed=self.cfg.seed,
             device=self.device,
             prefetch=2,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            with_indices=True,
         )
         loader.set_epoch(epoch, start_batch=start)
         with loader:
-            for x, y in loader:
-                yield x.float(), y
+            for x, y, ids in loader:
+                yield x.float(), y, ids
 
-    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(x, y, sample ids) of this rank's batches from ``start`` on, from the current source."""
         return (
             self._cache_batches(epoch, start)
             if self.cache is not None
             else self._image_batches(epoch, start)
+        )
+
+    # ---- the trainable part under DistributedDataParallel ----------------------------------------
+    def _wrap_trainable(self) -> None:
+        """(Re-)wrap units[frontier:] and the head in DDP: the set of trainable parameters changes
+        whenever units freeze, and the frozen prefix stays out of gradient synchronisation."""
+        if not self.dist.enabled:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        part = _TrainablePart(self.model, self.frontier)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = self.dist.run(
+            "wrapping the trainable units in DistributedDataParallel",
+            lambda: DistributedDataParallel(part, device_ids=ids),
         )
 
     # ---- one step ------------------------------------------------------------------------------
@@ -479,7 +534,10 @@ class Trainer:
             if f > b:
                 with torch.no_grad():
                     h = self.model.forward_range(h, b, f)
-            out = self.model.forward_head(self.model.forward_range(h, f, self.model.num_units))
+            if self.ddp is not None:
+                out = self.ddp(h)  # gradients of units[f:] and the head are averaged over ranks
+            else:
+                out = self.model.forward_head(self.model.forward_range(h, f, self.model.num_units))
             loss = F.cross_entropy(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -489,21 +547,22 @@ class Trainer:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, data: ImageData) -> tuple[float, float]:
-        """(mean loss, error) of the model on ``data``, in eval mode."""
+        """(mean loss, error) of the model on ``data``, in eval mode; under torchrun each rank
+        evaluates every world_size-th sample and the sums are combined."""
         self.model.eval()
         total, correct, n = 0.0, 0, len(data)
+        mine = np.arange(self.dist.rank, n, self.dist.world_size)
         with torch.no_grad(), autocast(self.device, self.cfg.amp):
-            for s in range(0, n, self.cfg.eval_batch_size):
-                x, y = make_batch(
-                    data, np.arange(s, min(s + self.cfg.eval_batch_size, n)), None, self.device
-                )
+            for s in range(0, len(mine), self.cfg.eval_batch_size):
+                x, y = make_batch(data, mine[s : s + self.cfg.eval_batch_size], None, self.device)
                 if self.cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 out = self.model(x).float()
                 total += float(F.cross_entropy(out, y, reduction="sum"))
                 correct += int((out.argmax(1) == y).sum())
         self._set_train_modes()
-        return total / n, 1.0 - correct / n
+        total, correct_f = self.dist.sum([total, float(correct)], "combining the evaluation")
+        return total / n, 1.0 - correct_f / n
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self) -> Path | None:
@@ -511,7 +570,7 @@ class Trainer:
 
     def _save_checkpoint(self, next_epoch: int) -> None:
         path = self._checkpoint_path()
-        if path is None:
+        if path is None or not self.dist.is_main:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         cache = None
@@ -542,7 +601,7 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
         for c in self._superseded:
-            c.delete()
+            c.delete(remove_files=True)
         self._superseded.clear()
 
     def _load_checkpoint(self) -> None:
@@ -587,7 +646,7 @@ class Trainer:
         if cfg.resume:
             self._load_checkpoint()
         metrics_file = None
-        if cfg.metrics:
+        if cfg.metrics and self.dist.is_main:
             mpath = Path(cfg.metrics)
             mpath.parent.mkdir(parents=True, exist_ok=True)
             (mpath.parent / (mpath.stem + ".config.json")).write_text(
@@ -596,12 +655,13 @@ class Trainer:
             metrics_file = open(mpath, "a" if cfg.resume else "w")  # noqa: SIM115
         peak = PeakMemory().start()
         self._set_train_modes()
+        self._wrap_trainable()
         try:
             epochs = tqdm(
                 range(self.start_epoch, cfg.epochs),
                 desc=f"{cfg.mode} {cfg.model}",
                 unit="epoch",
-                disable=not cfg.progress,
+                disable=not self.progress,
                 initial=self.start_epoch,
                 total=cfg.epochs,
             )
@@ -609,6 +669,7 @@ class Trainer:
                 peak.reset()
                 peak_device_bytes(self.device, reset=True)
                 rec = self._train_epoch(epoch)
+                self._sync_buffers()
                 test_loss, test_err = self.evaluate(self.data.test)
                 rec.update(test_loss=test_loss, test_error=test_err)
                 if self.data.val is not None:
@@ -618,6 +679,8 @@ class Trainer:
                     peak_host_private_bytes=peak.peak(),
                     peak_gpu_bytes=peak_device_bytes(self.device),
                 )
+                if self.dist.enabled:
+                    rec.update(self._check_ranks_agree(epoch))
                 self.result.records.append(rec)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(rec) + "\n")
@@ -643,13 +706,14 @@ class Trainer:
             if metrics_file is not None:
                 metrics_file.write(json.dumps(self.result.summary) + "\n")
             for c in self._superseded:  # the run is done; no checkpoint needs them
-                c.delete()
+                c.delete(remove_files=self.dist.is_main)
             self._superseded.clear()
         finally:
             peak.stop()
             if metrics_file is not None:
                 metrics_file.close()
             self._cleanup()
+            self.dist.shutdown()
         self.result.model = self.model
         return self.result
 
@@ -657,6 +721,9 @@ class Trainer:
         watch = Stopwatch(self.device)
         cache_before = self.cache_seconds
         loss_sum, correct, seen = 0.0, 0, 0
+        visits = torch.zeros(
+            len(self.data.train), dtype=torch.int32
+        )  # this rank's visits per sample
         with watch:
             batches = self._batches(epoch, 0)
             k = 0
@@ -666,8 +733,9 @@ class Trainer:
                     if self._advance_frontier(j):
                         batches.close()  # type: ignore[attr-defined]
                         batches = self._batches(epoch, k)  # the same batch k, from the new source
-                    h, y = next(batches)
-                    ls, c = self._step(h, y, j)
+                    h, y, ids = next(batches)
+                    visits.index_add_(0, ids, torch.ones(len(ids), dtype=torch.int32))
+                    ls, c = self.dist.run("a training step", self._step, h, y, j)
                     if not math.isfinite(ls):
                         raise FloatingPointError(
                             f"iteration {j}: the loss is {ls}; lower --base-lr"
@@ -679,11 +747,18 @@ class Trainer:
                     k += 1
             finally:
                 batches.close()  # type: ignore[attr-defined]
+        loss_sum, correct_f, seen_f = self.dist.sum(
+            [loss_sum, float(correct), float(seen)], "combining the epoch's loss"
+        )
+        if self.dist.enabled:
+            visits = self.dist.run("combining the epoch's sample visits", _all_reduce_int, visits)
         return {
             "epoch": epoch,
             "iterations": (epoch + 1) * self.iters_per_epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
+            "train_loss": loss_sum / max(seen_f, 1),
+            "train_accuracy": correct_f / max(seen_f, 1),
+            "samples_seen": int((visits > 0).sum()),  # distinct samples, all ranks together
+            "samples_seen_twice": int((visits > 1).sum()),
             "train_seconds": watch.seconds,
             "cache_build_seconds": self.cache_seconds - cache_before,
             "frozen_units": self.frontier,
@@ -702,6 +777,7 @@ class Trainer:
         for i in range(self.frontier, f):
             self._freeze_unit(i, j)
         self.frontier = f
+        self._wrap_trainable()  # the trainable set changed
         if self.cfg.mode != "prefast":
             return False
         b_new = self._planned_boundary(j)
@@ -739,15 +815,42 @@ class Trainer:
             "peak_host_private_bytes": max((r["peak_host_private_bytes"] for r in recs), default=0),
             "peak_gpu_bytes": max((r["peak_gpu_bytes"] for r in recs), default=0),
             "device": str(self.device),
+            "world_size": self.dist.world_size,
         }
         return out
 
+    def _sync_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics on every rank. DDP syncs buffers at the start of each
+        forward, so after the last step each rank holds its own update; evaluation, checkpoints
+        and the next epoch use rank 0's, as the next forward would."""
+        if not self.dist.enabled:
+            return
+        for b in self.model.buffers():
+            self.dist.broadcast_tensor(b, src=0, what="sharing BatchNorm statistics")
+
+    def _check_ranks_agree(self, epoch: int) -> dict[str, Any]:
+        """Every rank must hold the same weights after an epoch; a divergence is an error."""
+        digests = self.dist.all_gather_object(
+            state_digest(self.model), "comparing the ranks' weights"
+        )
+        if len(set(digests)) != 1:
+            raise DistributedError(
+                f"after epoch {epoch} the ranks hold different weights: {digests}"
+            )
+        return {
+            "world_size": self.dist.world_size,
+            "ranks_in_sync": True,
+            "weights_sha256": digests[0],
+        }
+
     def _cleanup(self) -> None:
         if self._tmp_cache_dir is not None:
+            self.dist.barrier("finishing with the temporary cache")
             if self.cache is not None:
-                self.cache.delete()
+                self.cache.delete(remove_files=self.dist.is_main)
                 self.cache = None
-            shutil.rmtree(self._tmp_cache_dir, ignore_errors=True)
+            if self.dist.is_main:
+                shutil.rmtree(self._tmp_cache_dir, ignore_errors=True)
 
 
 def boundary_shapes(
@@ -768,6 +871,37 @@ def boundary_shapes(
         for m, f in zip(model.modules(), flags, strict=True):
             m.training = f
     return shapes
+
+
+class _TrainablePart(torch.nn.Module):
+    """units[frontier:] and the head as one module (shared, not copied), for DDP."""
+
+    def __init__(self, model: UnitModel, frontier: int) -> None:
+        super().__init__()
+        self.trainable_units = torch.nn.ModuleList(model.units[frontier:])
+        self.head = model.head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for u in self.trainable_units:
+            h = u(h)
+        return self.head(h)
+
+
+def _all_reduce_int(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.to(torch.int64)
+    dist.all_reduce(t)
+    return t
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer, for comparing ranks."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _cache_dtype(cfg: TrainConfig) -> torch.dtype:

@@ -79,7 +79,8 @@ class _Slot:
 
 class StoreLoader:
     """Iterates (x, y) batches of a cache tier: x (B, *sample_shape) on ``device`` in the stored
-    dtype, y int64 (B,). Call ``set_epoch(e)`` before each epoch."""
+    dtype, y int64 (B,) on ``device``; with ``with_indices=True`` also the batch's sample ids,
+    int64 (B,) on the host. Call ``set_epoch(e)`` before each epoch."""
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class StoreLoader:
         world_size: int = 1,
         buffer_chunks: int = 8,
         read_workers: int = 2,
+        with_indices: bool = False,
     ) -> None:
         if batch_size < 1:
             raise StoreInputError(f"batch_size must be >= 1, got {batch_size}")
@@ -120,6 +122,7 @@ class StoreLoader:
         self.world_size = world_size
         self.buffer_chunks = buffer_chunks
         self.read_workers = read_workers
+        self.with_indices = with_indices
         self.epoch = 0
         self.start_batch = 0
         self.streaming = isinstance(source, ActivationStore) and not source.memory_mapped
@@ -188,7 +191,7 @@ class StoreLoader:
         return [order[r :: self.world_size] for r in range(self.world_size)]
 
     # ---- iteration ------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self.close()
         if self.source.device.type == self.device.type and self.source.device.type != "cpu":
             yield from self._iter_same_device()  # DeviceCache: gathers are device ops, no thread
@@ -210,13 +213,13 @@ class StoreLoader:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                x, y, event = item
+                x, y, ids, event = item
                 if event is not None:
                     stream = torch.cuda.current_stream(self.device)
                     stream.wait_event(event)
                     x.record_stream(stream)
                     y.record_stream(stream)
-                yield x, y
+                yield (x, y, ids) if self.with_indices else (x, y)
         finally:
             self.close()
 
@@ -235,13 +238,14 @@ class StoreLoader:
                             "the loader's background thread ended without a result"
                         ) from None
 
-    def _iter_same_device(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _iter_same_device(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for idx, views in self.batch_plan()[self.start_batch :]:
             x = torch.empty(
                 (len(idx), *self.source.sample_shape), dtype=self.source.dtype, device=self.device
             )
             self.source.gather(views, idx, x)
-            yield x, self._labels[idx].to(self.device, non_blocking=True)
+            y = self._labels[idx].to(self.device, non_blocking=True)
+            yield (x, y, torch.from_numpy(idx)) if self.with_indices else (x, y)
 
     def _put(self, q: queue.Queue[Any], stop: threading.Event, item: Any) -> bool:
         while not stop.is_set():
@@ -276,20 +280,20 @@ class StoreLoader:
                     slot = slots[b % len(slots)]
                     if slot.event is not None:
                         slot.event.synchronize()  # the previous copy out of this buffer is done
-                    n, y = fill(slot.host)
+                    n, y, ids = fill(slot.host)
                     assert stream is not None
                     with torch.cuda.stream(stream):
                         x = slot.host[:n].to(self.device, non_blocking=True)
                         yd = y.pin_memory().to(self.device, non_blocking=True)
                         slot.event = torch.cuda.Event()
                         slot.event.record(stream)
-                    item: Any = (x, yd, slot.event)
+                    item: Any = (x, yd, ids, slot.event)
                 else:
                     out = torch.empty(
                         (self.batch_size, *self.source.sample_shape), dtype=self.source.dtype
                     )
-                    n, y = fill(out)
-                    item = (out[:n], y, None)
+                    n, y, ids = fill(out)
+                    item = (out[:n], y, ids, None)
                 if not self._put(q, stop, item):
                     return
             self._put(q, stop, _END)
@@ -301,9 +305,9 @@ class StoreLoader:
 
             def fill(
                 out: torch.Tensor, idx: np.ndarray = idx, views: np.ndarray = views
-            ) -> tuple[int, torch.Tensor]:
+            ) -> tuple[int, torch.Tensor, torch.Tensor]:
                 self.source.gather(views, idx, out[: len(idx)])
-                return len(idx), self._labels[idx]
+                return len(idx), self._labels[idx], torch.from_numpy(idx)
 
             yield fill
 
@@ -326,7 +330,7 @@ class StoreLoader:
         bs = self.batch_size
         emitted = 0
         carry_x: np.ndarray | None = None
-        carry_y = np.empty(0, dtype=np.int64)
+        carry_i = np.empty(0, dtype=np.int64)  # sample ids of the carried samples
         with ThreadPoolExecutor(
             max_workers=self.read_workers, thread_name_prefix="store-read"
         ) as pool:
@@ -338,9 +342,9 @@ class StoreLoader:
             for wi in range(len(windows)):
                 data = [f.result() for f in pending]
                 pending = submit(windows[wi + 1]) if wi + 1 < len(windows) else []
-                labels = [self._labels.numpy()[slice(*s.layout.chunk_range(int(c)))] for c in windows[wi]]
+                ids = [np.arange(*s.layout.chunk_range(int(c))) for c in windows[wi]]
                 pool_x = np.concatenate(([carry_x] if carry_x is not None else []) + data)
-                pool_y = np.concatenate([carry_y, *labels])
+                pool_i = np.concatenate([carry_i, *ids])  # sample id of each pooled sample
                 del data  # the window now lives in pool_x only
                 # Batches are gathered straight from the pool into the output buffer through
                 # a permutation: no shuffled copy of the window.
@@ -357,13 +361,19 @@ class StoreLoader:
                     if take < bs and self.drop_last:
                         break
 
-                    def fill(out: torch.Tensor, sel: np.ndarray = sel, pool_x: np.ndarray = pool_x, pool_y: np.ndarray = pool_y) -> tuple[int, torch.Tensor]:
+                    def fill(
+                        out: torch.Tensor,
+                        sel: np.ndarray = sel,
+                        pool_x: np.ndarray = pool_x,
+                        pool_i: np.ndarray = pool_i,
+                    ) -> tuple[int, torch.Tensor, torch.Tensor]:
                         np.take(pool_x, sel, axis=0, out=numpy_view(out[: len(sel)]))
-                        return len(sel), torch.from_numpy(pool_y[sel])
+                        ids = torch.from_numpy(pool_i[sel])
+                        return len(sel), self._labels[ids], ids
 
                     yield fill
-                carry_x, carry_y = pool_x[perm[pos:]], pool_y[perm[pos:]]
-                del pool_x, pool_y
+                carry_x, carry_i = pool_x[perm[pos:]], pool_i[perm[pos:]]
+                del pool_x, pool_i
 
     # ---- shutdown -------------------------------------------------------------------------
     def close(self) -> None:

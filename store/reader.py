@@ -384,6 +384,12 @@ def open(path: str | os.PathLike[str], *, partial: bool = False) -> ActivationSt
             raise NotAStoreError(f"{local}: not an activation store (no zarr.json)")
     try:
         group = _zarr.open_group(path, mode="r")
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"{path}: no store at this URL") from None
+    except ImportError as e:
+        raise NotAStoreError(
+            f"{path}: remote stores need fsspec and its backend: pip install 'prefast[remote]' ({e})"
+        ) from None
     except Exception as e:
         raise NotAStoreError(f"{path}: not a zarr v3 group: {e!r}") from e
     d = _zarr.read_info_dict(group)

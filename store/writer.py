@@ -176,7 +176,9 @@ def create(
     meta = dict(meta or {})
     root = _zarr.as_local(path)
     if root is None:
-        raise StoreInputError(f"{path}: only local paths are supported for writing")
+        return _create_remote(
+            os.fspath(path), layout, meta, overwrite, resume, rank, world_size, workers, max_pending
+        )
 
     exists = root.exists()
     if exists and not root.is_dir():
@@ -185,17 +187,7 @@ def create(
         lock = _DirLock(root, shared=world_size > 1)
         try:
             group = _zarr.open_group(root, mode="r+")
-            d = _zarr.read_info_dict(group)
-            if d is None:
-                raise NotAStoreError(f"{root}: a zarr group without '{ATTRS_KEY}' attributes")
-            info = StoreInfo.from_dict(d, str(root))
-            problems = _layout_mismatch(info.layout, layout)
-            if info.meta != meta:
-                problems.append("meta: the stored provenance differs from the one given")
-            if problems:
-                raise StoreMismatchError(
-                    f"{root}: cannot resume a different store: " + "; ".join(problems)
-                )
+            info = _check_resume(group, layout, meta, str(root))
             return StoreWriter(root, group, info, lock, rank, world_size, workers, max_pending)
         except BaseException:
             lock.release()
@@ -219,41 +211,103 @@ def create(
         _clear_store_dir(root)
         info = StoreInfo(layout=layout, meta=meta, complete=False, created=_now())
         group = zarr.create_group(str(root), zarr_format=3, attributes={ATTRS_KEY: info.to_dict()})
-        chunk_shape = (1, layout.chunk_samples, *layout.sample_shape)
-        group.create_array(
-            ACTIVATIONS,
-            shape=(layout.views, layout.num_samples, *layout.sample_shape),
-            chunks=chunk_shape,
-            dtype=layout.np_dtype,
-            compressors=_zarr.compressors_for(layout),
-            filters=None,
-            fill_value=0,
-            config={"write_empty_chunks": True},
-        )
-        group.create_array(
-            LABELS,
-            shape=(layout.num_samples,),
-            chunks=(layout.chunk_samples,),
-            dtype="int64",
-            compressors=None,
-            filters=None,
-            fill_value=-1,
-            config={"write_empty_chunks": True},
-        )
-        group.create_array(
-            CHUNK_CRC,
-            shape=(layout.views, layout.num_chunks),
-            chunks=(1, 1),
-            dtype="int64",
-            compressors=None,
-            filters=None,
-            fill_value=-1,
-        )
+        _create_arrays(group, layout)
         log.info("created store %s: %s", root, layout)
         return StoreWriter(root, group, info, lock, rank, world_size, workers, max_pending)
     except BaseException:
         lock.release()
         raise
+
+
+def _check_resume(
+    group: zarr.Group, layout: StoreLayout, meta: dict[str, Any], where: str
+) -> StoreInfo:
+    d = _zarr.read_info_dict(group)
+    if d is None:
+        raise NotAStoreError(f"{where}: a zarr group without '{ATTRS_KEY}' attributes")
+    info = StoreInfo.from_dict(d, where)
+    problems = _layout_mismatch(info.layout, layout)
+    if info.meta != meta:
+        problems.append("meta: the stored provenance differs from the one given")
+    if problems:
+        raise StoreMismatchError(
+            f"{where}: cannot resume a different store: " + "; ".join(problems)
+        )
+    return info
+
+
+def _create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
+    group.create_array(
+        ACTIVATIONS,
+        shape=(layout.views, layout.num_samples, *layout.sample_shape),
+        chunks=(1, layout.chunk_samples, *layout.sample_shape),
+        dtype=layout.np_dtype,
+        compressors=_zarr.compressors_for(layout),
+        filters=None,
+        fill_value=0,
+        config={"write_empty_chunks": True},
+    )
+    group.create_array(
+        LABELS,
+        shape=(layout.num_samples,),
+        chunks=(layout.chunk_samples,),
+        dtype="int64",
+        compressors=None,
+        filters=None,
+        fill_value=-1,
+        config={"write_empty_chunks": True},
+    )
+    group.create_array(
+        CHUNK_CRC,
+        shape=(layout.views, layout.num_chunks),
+        chunks=(1, 1),
+        dtype="int64",
+        compressors=None,
+        filters=None,
+        fill_value=-1,
+    )
+
+
+def _create_remote(
+    url: str,
+    layout: StoreLayout,
+    meta: dict[str, Any],
+    overwrite: bool,
+    resume: bool,
+    rank: int,
+    world_size: int,
+    workers: int,
+    max_pending: int | None,
+) -> StoreWriter:
+    """A store at an fsspec URL (s3://, gs://, memory://, ...) through zarr's FsspecStore.
+    Object stores have no advisory locks: run one writer (or one per rank) per store."""
+    group: zarr.Group | None
+    try:
+        group = _zarr.open_group(url, mode="r+")
+    except FileNotFoundError:
+        group = None
+    except ImportError as e:
+        raise StoreInputError(
+            f"{url}: remote stores need fsspec and its backend: pip install 'prefast[remote]' ({e})"
+        ) from None
+    if group is not None and resume:
+        info = _check_resume(group, layout, meta, url)
+        return StoreWriter(url, group, info, None, rank, world_size, workers, max_pending)
+    if group is not None and not overwrite:
+        raise StoreExistsError(
+            f"{url}: a store exists here; pass overwrite=True to replace it or resume=True"
+        )
+    if world_size > 1 and rank != 0:
+        raise StoreInputError(
+            f"{url}: rank {rank} must open an existing store with resume=True (rank 0 creates it)"
+        )
+    info = StoreInfo(layout=layout, meta=meta, complete=False, created=_now())
+    group = zarr.create_group(
+        url, zarr_format=3, overwrite=True, attributes={ATTRS_KEY: info.to_dict()}
+    )
+    _create_arrays(group, layout)
+    log.info("created remote store %s (no writer lock on object stores): %s", url, layout)
+    return StoreWriter(url, group, info, None, rank, world_size, workers, max_pending)
 
 
 def read_chunk_crcs(group: zarr.Group) -> np.ndarray:
@@ -299,10 +353,10 @@ class StoreWriter:
 
     def __init__(
         self,
-        root: Path,
+        root: Path | str,
         group: zarr.Group,
         info: StoreInfo,
-        lock: _DirLock,
+        lock: _DirLock | None,
         rank: int,
         world_size: int,
         workers: int,
@@ -500,7 +554,8 @@ class StoreWriter:
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     def abort(self) -> None:
         """Stop without marking complete; chunks already handed to the pool are finished."""
@@ -515,7 +570,8 @@ class StoreWriter:
                     log.exception("%s: chunk write failed during abort", self.path)
         finally:
             self._pool.shutdown(wait=True)
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -532,7 +588,7 @@ class StoreWriter:
             self.abort()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        if not getattr(self, "_closed", True) and self._lock is not None:
             self._lock.release()
 
 

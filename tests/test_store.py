@@ -586,3 +586,28 @@ def test_inspect_command(tmp_path, data, capsys):
     assert d["bytes_raw"] == 3 * 117 * 60 * 4 and d["bytes_on_disk"] > 0 and d["ratio"] > 1.0
     assert store_main(["inspect", str(tmp_path / "missing")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# ---- stores at URLs -----------------------------------------------------------------------------
+@pytest.mark.parametrize("codec", [None, "zstd"])
+def test_memory_url_round_trip_streams(data, codec):
+    x, y = data
+    url = f"memory://prefast-test-{codec}/s"
+    s = write_store(url, x, y, codec=codec)
+    assert s.complete and not s.memory_mapped
+    assert torch.equal(s.read(2, ALL), x[2]) and torch.equal(s.labels, y)
+    loader = store.StoreLoader(s, batch_size=20, seed=1)
+    assert loader.streaming
+    seen = np.concatenate([(xb[:, 0, 0, 0].numpy().astype(int) % 10000) for xb, _ in loader])
+    assert sorted(seen.tolist()) == list(range(N))
+    with pytest.raises(store.StoreExistsError, match="overwrite=True"):
+        store.create(url, sample_shape=SHAPE, num_samples=N)
+    with pytest.raises(store.StoreNotFoundError):
+        store.open("memory://prefast-test-nothing/here")
+
+
+def test_file_url_is_a_local_memory_mapped_store(tmp_path, data):
+    x, y = data
+    s = write_store(f"file://{tmp_path / 's'}", x, y)
+    assert s.memory_mapped and torch.equal(s.read(0, ALL), x[0])
+    assert chunk_files(tmp_path / "s")  # the files are where the URL points

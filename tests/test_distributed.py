@@ -1,0 +1,174 @@
+"""Running under torchrun / DDP on the CPU (gloo): ranks stay in sync, each sample is read once
+per epoch across ranks, a sharded cache pass writes the same bytes as a single process, and a
+rank that dies makes the others fail with a clear error instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import store
+from tests.store_helpers import chunk_files
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--dataset", "synthetic", "--num-samples", "97", "--depth", "16", "--growth", "8", "--batch-size", "16",
+        "--t0", "0.3", "--how-scale", "linear", "--seed", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_torchrun_two_ranks_stay_in_sync_and_cover_every_sample(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "prefast", "train", *TINY, "--epochs", "3", "--mode", "prefast", "--cache", "zarr",
+           "--cache-dir", str(tmp_path / "cache"), "--recache-policy", "every", "--views", "2",
+           "--checkpoint-dir", str(tmp_path / "ck"), "--metrics", str(metrics)]  # fmt: skip
+    r = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    epochs, summary = recs[:-1], recs[-1]
+    assert len(epochs) == 3 and summary["world_size"] == 2
+    for rec in epochs:
+        assert rec["ranks_in_sync"] is True and rec["world_size"] == 2
+        assert rec["samples_seen"] == 96 and rec["samples_seen_twice"] == 0  # 97 // 2 * 2
+    assert summary["cache_boundary"] >= 3 and summary["cache_tier"] == "zarr"
+    s = store.open(summary["cache_path"])
+    assert s.complete and s.views == 2 and s.num_samples == 97
+    assert all(s.verify_chunk(v, c) for v in range(2) for c in range(s.num_chunks))
+    assert "prefast densenet_bc on synthetic" in r.stdout  # rank 0 prints the summary once
+    assert r.stdout.count("test error") == 1
+
+
+def _cache_worker(rank: int, world: int, port: int, out: str, tier: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    from prefast import TrainConfig
+    from prefast.caching import PassSpec, build_cache
+    from prefast.data import Augment
+    from prefast.distributed import DistContext
+    from prefast.trainer import build_model, load_data
+
+    cfg = TrainConfig(
+        dataset="synthetic",
+        num_samples=301,
+        model_args={"depth": 16, "growth": 8},
+        seed=3,
+        device="cpu",
+    )
+    ctx = DistContext.from_env("cpu", timeout_s=60)
+    data = load_data(cfg)
+    model = build_model(cfg, data.train.spec)
+    for u in model.units[:3]:
+        u.eval().requires_grad_(False)
+    spec = PassSpec(data.train, Augment.from_spec(data.train.spec), views=2, seed=3, dtype="float32", codec=None,
+                    batch_size=50, amp="none", channels_last=False)  # fmt: skip
+    path = Path(out) / "store" if tier == "zarr" else None
+    cache = build_cache(
+        model, 3, None, spec, tier, path, torch.device("cpu"), "fp", {"k": 1}, False, ctx
+    )
+    if tier != "zarr" and ctx.is_main:
+        torch.save(cache.source.data, Path(out) / "ram.pt")
+    ctx.shutdown()
+
+
+@pytest.mark.parametrize("tier", ["zarr", "ram"])
+def test_sharded_cache_pass_equals_single_process_byte_for_byte(tmp_path, tier):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for world, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        out.mkdir()
+        port = _free_port()
+        procs = [
+            ctx.Process(target=_cache_worker, args=(r, world, port, str(out), tier))
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=300)
+            assert p.exitcode == 0
+    if tier == "zarr":
+        one, two = store.open(tmp_path / "one" / "store"), store.open(tmp_path / "two" / "store")
+        assert one.num_chunks > 2  # the ranks really split the chunks
+        assert chunk_files(tmp_path / "one" / "store") == chunk_files(tmp_path / "two" / "store")
+        assert two.complete
+    else:
+        a = torch.load(tmp_path / "one" / "ram.pt")
+        b = torch.load(tmp_path / "two" / "ram.pt")
+        assert a.shape == (2, 301, 32, 32, 32) and torch.equal(a, b)
+
+
+def test_a_rank_that_dies_makes_the_other_fail_clearly(tmp_path):
+    port = str(_free_port())
+    cmd = [sys.executable, "-m", "prefast", "train", *TINY, "--epochs", "400", "--mode", "freezeout",
+           "--dist-timeout", "30"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=_env(
+                RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(r),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read_rank0() -> None:
+        assert procs[0].stderr is not None
+        for line in procs[0].stderr:
+            lines.append(line)
+            if "epoch 0:" in line:
+                started.set()
+
+    reader = threading.Thread(target=read_rank0, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(timeout=180), "".join(lines)[-2000:]
+        procs[1].send_signal(signal.SIGKILL)
+        t = time.monotonic()
+        procs[0].wait(timeout=120)
+        reader.join(timeout=10)
+        err = "".join(lines)
+        assert time.monotonic() - t < 90
+        assert procs[0].returncode == 1, err[-2000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("prefast: error: rank 0:"), err[-1500:]
+        assert "another rank died or the process group timed out" in last
+        assert "Traceback" not in err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            if p.stderr:
+                p.stderr.close()
