@@ -17,12 +17,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from prefast.monitor import PeakMemory, rss_anon_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -123,7 +123,7 @@ def read_proc_status(path: str = "/proc/self/status") -> dict[str, int]:
 
 def current_rss_anon() -> int:
     """Private anonymous resident bytes of this process now (-1 where unknown)."""
-    return read_proc_status().get("RssAnon", -1)
+    return rss_anon_bytes()
 
 
 def peak_rss() -> int:
@@ -133,8 +133,8 @@ def peak_rss() -> int:
 
 
 class RssAnonSampler:
-    """Samples this process's RssAnon every ``interval_s`` on a daemon thread; ``peak`` is the
-    largest value seen (bytes) between entering and leaving the context.
+    """Peak RssAnon between entering and leaving the context, sampled every ``interval_s`` on a
+    thread (``prefast.monitor.PeakMemory``); ``peak`` in bytes.
 
     >>> with RssAnonSampler() as m:
     ...     work()
@@ -142,38 +142,19 @@ class RssAnonSampler:
     """
 
     def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s = interval_s
+        self._mem = PeakMemory(interval_s)
         self.peak = -1
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        v = current_rss_anon()
-        self.peak = max(self.peak, v)
-        self.samples += 1
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
 
     def __enter__(self) -> RssAnonSampler:
-        self._sample()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="rss-anon-sampler", daemon=True)
-        self._thread.start()
+        self._mem.reset()
+        self._mem.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
+    def __exit__(self, *exc: object) -> None:
+        self._mem.stop()
+        self.peak = self._mem.peak()
+        self.samples = self._mem.samples
 
 
 # ---- statistics ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import math
-import shutil
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 import store
+import store._zarr
 import store.layout
 from prefast.data import Augment, ImageData, make_batch, view_key
 from prefast.distributed import DistContext
 from prefast.errors import CacheError
 from prefast.models import UnitModel
 from prefast.monitor import synchronize
+from store import location
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +59,18 @@ def fingerprint(
     return h.hexdigest()
 
 
-def store_path(cache_dir: Path, boundary: int) -> Path:
-    return cache_dir / f"{STORE_PREFIX}{boundary:03d}"
+def store_path(cache_dir: Path | str, boundary: int) -> Path | str:
+    """The store of boundary ``boundary`` in a cache folder (a local path or an fsspec URL)."""
+    return location.join(cache_dir, f"{STORE_PREFIX}{boundary:03d}")
 
 
-def check_cache_dir(cache_dir: Path, model_config: dict[str, Any]) -> None:
-    """Refuse a cache directory that holds another model's stores (never used silently)."""
-    if not cache_dir.exists():
-        return
-    if not cache_dir.is_dir():
+def check_cache_dir(cache_dir: Path | str, model_config: dict[str, Any]) -> None:
+    """Refuse a cache folder that holds another model's stores (never used silently)."""
+    local = store._zarr.as_local(cache_dir)
+    if local is not None and local.exists() and not local.is_dir():
         raise CacheError(f"--cache-dir: {cache_dir} exists and is not a directory")
-    for child in sorted(cache_dir.iterdir()):
-        if not (child / "zarr.json").is_file():
+    for child in location.children(cache_dir):
+        if not location.is_store(child):
             continue
         try:
             s = store.open(child, partial=True)
@@ -79,7 +81,7 @@ def check_cache_dir(cache_dir: Path, model_config: dict[str, Any]) -> None:
         other = s.meta.get("model")
         if other is not None and other != model_config:
             raise CacheError(
-                f"--cache-dir: {cache_dir} holds a store from another model ({child.name}: "
+                f"--cache-dir: {cache_dir} holds a store from another model ({os.path.basename(os.fspath(child))}: "
                 f"{other.get('name', other)} {_short(other)}, this run: {model_config.get('name')} "
                 f"{_short(model_config)}); use another --cache-dir or remove that store"
             )
@@ -98,7 +100,7 @@ class Cache:
     tier: str  # "device" | "ram" | "zarr"
     source: Any  # store.ActivationStore | store.RamCache | store.DeviceCache
     fingerprint: str
-    path: Path | None = None
+    path: Path | str | None = None  # a local path or an fsspec URL
     build_seconds: float = 0.0
     write_rate: float = 0.0  # bytes/s achieved by the pass that built it
     meta: dict[str, Any] = field(default_factory=dict)
@@ -112,8 +114,13 @@ class Cache:
         torchrun only rank 0 removes the shared store)."""
         if isinstance(self.source, store.ActivationStore):
             self.source.close()
-        if remove_files and self.tier == "zarr" and self.path is not None and self.path.exists():
-            shutil.rmtree(self.path)
+        if (
+            remove_files
+            and self.tier == "zarr"
+            and self.path is not None
+            and location.exists(self.path)
+        ):
+            location.remove(self.path)
             log.info("deleted superseded store %s", self.path)
         self.source = None
 
@@ -173,7 +180,7 @@ class PassSpec:
 
 def _open_sink(
     tier: str,
-    path: Path | None,
+    path: Path | str | None,
     n: int,
     spec: PassSpec,
     sample_shape: tuple[int, ...],
@@ -212,7 +219,7 @@ def build_cache(
     prev: Cache | None,
     spec: PassSpec,
     tier: str,
-    path: Path | None,
+    path: Path | str | None,
     device: torch.device,
     fp: str,
     meta: dict[str, Any],
@@ -324,10 +331,10 @@ def provenance(
     }
 
 
-def open_matching(path: Path, fp: str) -> store.ActivationStore | None:
+def open_matching(path: Path | str, fp: str) -> store.ActivationStore | None:
     """The complete store at ``path`` if its fingerprint equals ``fp``, else None (with a log
     line saying why)."""
-    if not (path / "zarr.json").is_file():
+    if not location.is_store(path):
         return None
     try:
         s = store.open(path)
@@ -494,7 +501,7 @@ def measure_tier_rates(
 
 def measure_store_rates(
     device: torch.device,
-    directory: Path,
+    directory: Path | str,
     sample_shape: tuple[int, ...],
     dtype: str,
     codec: str | None,
@@ -502,7 +509,7 @@ def measure_store_rates(
 ) -> tuple[float, float]:
     """(write, read) bytes/s of a temporary store (about 64 MiB) in ``directory`` with the run's
     dtype and codec, read through the loader to ``device``: a measured probe, removed after."""
-    path = directory / ".probe"
+    path = location.join(directory, ".probe")
     sample_bytes = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
     n = max(2 * batch, min(8 * batch, (64 << 20) // sample_bytes))
     g = torch.Generator().manual_seed(0)
@@ -521,7 +528,7 @@ def measure_store_rates(
         read = _loader_rate(s, batch, device)
         s.close()
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        location.remove(path)
     return write, read
 
 

@@ -86,7 +86,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--widen", type=int, default=None, help="wrn widening factor (default 4)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="per rank under torchrun (default %(default)s)",
+    )
     g.add_argument("--base-lr", type=float, default=d.base_lr)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g = p.add_argument_group("FreezeOut")

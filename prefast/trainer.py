@@ -60,6 +60,7 @@ from prefast.errors import CheckpointError, ConfigError
 from prefast.models import UnitModel, create_model
 from prefast.monitor import PeakMemory, Stopwatch, peak_device_bytes, synchronize
 from prefast.schedule import FreezeSchedule, ScheduleConfig
+from store import location
 from store.order import epoch_permutation, rank_part
 
 log = logging.getLogger(__name__)
@@ -233,22 +234,26 @@ class Trainer:
         self.dist.barrier("start-up")
 
     # ---- setup helpers ------------------------------------------------------------------
-    def _resolve_cache_dir(self) -> Path | None:
+    def _resolve_cache_dir(self) -> Path | str | None:
         if self.cfg.mode != "prefast":
             return None
         if self.cfg.cache_dir is not None:
-            return Path(self.cfg.cache_dir)
+            return (
+                self.cfg.cache_dir
+                if location.is_url(self.cfg.cache_dir)
+                else Path(self.cfg.cache_dir)
+            )
         if self.cfg.checkpoint_dir is not None:
             return Path(self.cfg.checkpoint_dir) / "cache"
         return None  # a temporary directory is made if the zarr tier is used
 
-    def _zarr_dir(self) -> Path:
+    def _zarr_dir(self) -> Path | str:
         if self.cache_dir is None:
             # one folder for all ranks (on one node; several nodes need a shared --cache-dir)
             made = tempfile.mkdtemp(prefix="prefast-cache-") if self.dist.is_main else None
             self._tmp_cache_dir = Path(self.dist.broadcast_object(made, "sharing the cache folder"))
             self.cache_dir = self._tmp_cache_dir
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        location.make_dirs(self.cache_dir)
         return self.cache_dir
 
     def _make_optimizer(self, units: range) -> torch.optim.Optimizer:
@@ -450,7 +455,7 @@ class Trainer:
         """On resume: reuse the checkpoint's store when its fingerprint matches, else rebuild."""
         b = int(info["boundary"])
         fp = self._fingerprint(b)
-        path = Path(info["path"]) if info.get("path") else None
+        path = info.get("path") or None
         if info.get("tier") == "zarr" and path is not None:
             s = open_matching(path, fp)
             if s is not None:
@@ -489,7 +494,9 @@ class Trainer:
             shuffle=True,
             seed=self.cfg.seed,
             device=self.device,
-            prefetch=2,
+            # On a CPU device a prefetch thread competes with the compute threads for the same
+            # cores; on CUDA it overlaps the host gather and copy with the GPU's work.
+            prefetch=2 if self.device.type == "cuda" else 0,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             with_indices=True,

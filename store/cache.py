@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from store.errors import StoreInputError
-from store.layout import DTYPES
+from store.layout import DTYPES, check_write
 from store.reader import ActivationStore, as_tensor, numpy_view
 
 log = logging.getLogger(__name__)
@@ -91,22 +91,8 @@ class TensorCache:
         x: torch.Tensor | np.ndarray,
         labels: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        if not 0 <= view < self.views:
-            raise StoreInputError(f"field 'view'={view} out of range [0, {self.views})")
-        if tuple(x.shape[1:]) != self.sample_shape:
-            raise StoreInputError(
-                f"field 'x' has sample shape {tuple(x.shape[1:])}, cache holds {self.sample_shape}"
-            )
-        n = int(x.shape[0])
-        if start < 0 or start + n > self.num_samples:
-            raise StoreInputError(
-                f"field 'start': samples [{start}, {start + n}) outside [0, {self.num_samples})"
-            )
+        n = check_write("", self.views, self.num_samples, self.sample_shape, view, start, x)
         xt = torch.as_tensor(x)
-        if not xt.is_floating_point():
-            raise StoreInputError(
-                f"field 'x': expected a floating-point batch, got dtype {xt.dtype}"
-            )
         self.data[view, start : start + n].copy_(xt.detach(), non_blocking=False)
         if labels is not None:
             lab = torch.as_tensor(labels).detach().cpu()

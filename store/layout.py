@@ -49,10 +49,14 @@ def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
 
 
 def default_chunk_samples(sample_shape: tuple[int, ...], dtype: str, num_samples: int) -> int:
-    """Samples per chunk so that one chunk holds about 8 MiB uncompressed."""
+    """Samples per chunk so that one chunk holds about 8 MiB uncompressed, evened out over the
+    chunks: a raw chunk file is always written whole, so the last chunk's padding (fewer than
+    one sample per chunk) would otherwise cost up to a chunk of disk per view."""
     _check_choice("dtype", dtype, tuple(DTYPES))
     sample_bytes = math.prod(sample_shape) * DTYPES[dtype][0].itemsize
-    return max(1, min(num_samples, round(DEFAULT_CHUNK_BYTES / max(sample_bytes, 1))))
+    target = max(1, min(num_samples, round(DEFAULT_CHUNK_BYTES / max(sample_bytes, 1))))
+    chunks = -(-num_samples // target)
+    return max(1, -(-num_samples // chunks))
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,39 @@ class StoreInfo:
         )
 
 
+def check_write(
+    where: str,
+    views: int,
+    num_samples: int,
+    sample_shape: tuple[int, ...],
+    view: int,
+    start: int,
+    x: Any,
+) -> int:
+    """Validate a ``write(view, start, x)`` against a store's or cache's shape; returns the
+    batch length. Errors name the field."""
+    if not 0 <= view < views:
+        raise StoreInputError(f"{where}field 'view'={view} out of range [0, {views})")
+    if tuple(x.shape[1:]) != sample_shape:
+        raise StoreInputError(
+            f"{where}field 'x' has sample shape {tuple(x.shape[1:])}, expected {sample_shape}"
+        )
+    n = int(x.shape[0])
+    if start < 0 or start + n > num_samples:
+        raise StoreInputError(
+            f"{where}field 'start': samples [{start}, {start + n}) outside [0, {num_samples})"
+        )
+    if not (
+        x.dtype.is_floating_point
+        if isinstance(x, torch.Tensor)
+        else np.issubdtype(x.dtype, np.floating)
+    ):
+        raise StoreInputError(
+            f"{where}field 'x': expected a floating-point batch, got dtype {x.dtype}"
+        )
+    return n
+
+
 def merge_ranges(
     views_chunks: list[tuple[int, int]], layout: StoreLayout
 ) -> list[tuple[int, int, int]]:
@@ -195,6 +232,7 @@ __all__ = [
     "LABELS",
     "StoreInfo",
     "StoreLayout",
+    "check_write",
     "default_chunk_samples",
     "merge_ranges",
 ]

@@ -80,7 +80,11 @@ class _Slot:
 class StoreLoader:
     """Iterates (x, y) batches of a cache tier: x (B, *sample_shape) on ``device`` in the stored
     dtype, y int64 (B,) on ``device``; with ``with_indices=True`` also the batch's sample ids,
-    int64 (B,) on the host. Call ``set_epoch(e)`` before each epoch."""
+    int64 (B,) on the host. Call ``set_epoch(e)`` before each epoch.
+
+    ``prefetch`` batches are prepared ahead on a background thread; ``prefetch=0`` prepares
+    each batch when it is asked for, on the caller's thread (the better choice when training
+    runs on the same few CPU cores)."""
 
     def __init__(
         self,
@@ -196,8 +200,14 @@ class StoreLoader:
         if self.source.device.type == self.device.type and self.source.device.type != "cpu":
             yield from self._iter_same_device()  # DeviceCache: gathers are device ops, no thread
             return
+        if self.prefetch == 0:
+            # No background thread: each batch is gathered when asked for. On a CPU-only
+            # machine this keeps the gather from competing with the compute threads.
+            for item in self._items(threading.Event(), self.epoch, self.start_batch):
+                yield self._deliver(item)
+            return
         self._stop = threading.Event()
-        q: queue.Queue[Any] = queue.Queue(maxsize=max(1, self.prefetch))
+        q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         self._queue = q
         self._thread = threading.Thread(
             target=self._produce,
@@ -213,15 +223,19 @@ class StoreLoader:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                x, y, ids, event = item
-                if event is not None:
-                    stream = torch.cuda.current_stream(self.device)
-                    stream.wait_event(event)
-                    x.record_stream(stream)
-                    y.record_stream(stream)
-                yield (x, y, ids) if self.with_indices else (x, y)
+                yield self._deliver(item)
         finally:
             self.close()
+
+    def _deliver(self, item: Any) -> tuple[torch.Tensor, ...]:
+        """A produced batch, made safe to use on the consumer's CUDA stream."""
+        x, y, ids, event = item
+        if event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            x.record_stream(stream)
+            y.record_stream(stream)
+        return (x, y, ids) if self.with_indices else (x, y)
 
     def _get(self, q: queue.Queue[Any]) -> Any:
         while True:
@@ -259,46 +273,52 @@ class StoreLoader:
     def _produce(
         self, q: queue.Queue[Any], stop: threading.Event, epoch: int, start_batch: int
     ) -> None:
+        """The background thread: every item into the bounded queue, then _END (or the error)."""
         try:
-            cuda = self.device.type == "cuda"
-            stream = torch.cuda.Stream(self.device) if cuda else None
-            slots = (
-                [
-                    _Slot((self.batch_size, *self.source.sample_shape), self.source.dtype)
-                    for _ in range(self.prefetch + 2)
-                ]
-                if cuda
-                else []
-            )
-            batches = self._stream_batches(epoch) if self.streaming else self._random_batches(epoch)
-            for b, fill in enumerate(batches):
-                if stop.is_set():
-                    return
-                if b < start_batch:
-                    continue
-                if cuda:
-                    slot = slots[b % len(slots)]
-                    if slot.event is not None:
-                        slot.event.synchronize()  # the previous copy out of this buffer is done
-                    n, y, ids = fill(slot.host)
-                    assert stream is not None
-                    with torch.cuda.stream(stream):
-                        x = slot.host[:n].to(self.device, non_blocking=True)
-                        yd = y.pin_memory().to(self.device, non_blocking=True)
-                        slot.event = torch.cuda.Event()
-                        slot.event.record(stream)
-                    item: Any = (x, yd, ids, slot.event)
-                else:
-                    out = torch.empty(
-                        (self.batch_size, *self.source.sample_shape), dtype=self.source.dtype
-                    )
-                    n, y, ids = fill(out)
-                    item = (out[:n], y, ids, None)
+            for item in self._items(stop, epoch, start_batch):
                 if not self._put(q, stop, item):
                     return
             self._put(q, stop, _END)
         except BaseException as e:
             self._put(q, stop, e)
+
+    def _items(self, stop: threading.Event, epoch: int, start_batch: int) -> Iterator[Any]:
+        """(x, y, ids, event) per batch: gathered on the host (into pinned buffers and copied on
+        a side stream when the device is CUDA; event marks the copy)."""
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        slots = (
+            [
+                _Slot((self.batch_size, *self.source.sample_shape), self.source.dtype)
+                for _ in range(self.prefetch + 2)
+            ]
+            if cuda
+            else []
+        )
+        batches = self._stream_batches(epoch) if self.streaming else self._random_batches(epoch)
+        for b, fill in enumerate(batches):
+            if stop.is_set():
+                return
+            if b < start_batch:
+                continue
+            if cuda:
+                slot = slots[b % len(slots)]
+                if slot.event is not None:
+                    slot.event.synchronize()  # the previous copy out of this buffer is done
+                n, y, ids = fill(slot.host)
+                assert stream is not None
+                with torch.cuda.stream(stream):
+                    x = slot.host[:n].to(self.device, non_blocking=True)
+                    yd = y.pin_memory().to(self.device, non_blocking=True)
+                    slot.event = torch.cuda.Event()
+                    slot.event.record(stream)
+                yield (x, yd, ids, slot.event)
+            else:
+                out = torch.empty(
+                    (self.batch_size, *self.source.sample_shape), dtype=self.source.dtype
+                )
+                n, y, ids = fill(out)
+                yield (out[:n], y, ids, None)
 
     def _random_batches(self, epoch: int) -> Iterator[Any]:
         for idx, views in self.batch_plan(epoch):

@@ -47,6 +47,7 @@ from store.layout import (
     LABELS,
     StoreInfo,
     StoreLayout,
+    check_write,
     default_chunk_samples,
     merge_ranges,
 )
@@ -437,17 +438,9 @@ class StoreWriter:
             raise StoreError(f"{self.path}: write() after close()")
         self._raise_pending_error()
         lay = self.layout
-        if not 0 <= view < lay.views:
-            raise StoreInputError(f"{self.path}: field 'view'={view} out of range [0, {lay.views})")
-        if tuple(x.shape[1:]) != lay.sample_shape:
-            raise StoreInputError(
-                f"{self.path}: field 'x' has sample shape {tuple(x.shape[1:])}, store holds {lay.sample_shape}"
-            )
-        n = int(x.shape[0])
-        if start < 0 or start + n > lay.num_samples:
-            raise StoreInputError(
-                f"{self.path}: field 'start': samples [{start}, {start + n}) outside [0, {lay.num_samples})"
-            )
+        n = check_write(
+            f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, start, x
+        )
         if labels is not None:
             lab = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
             if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):

@@ -611,3 +611,18 @@ def test_file_url_is_a_local_memory_mapped_store(tmp_path, data):
     s = write_store(f"file://{tmp_path / 's'}", x, y)
     assert s.memory_mapped and torch.equal(s.read(0, ALL), x[0])
     assert chunk_files(tmp_path / "s")  # the files are where the URL points
+
+
+def test_prefetch_zero_gathers_on_the_callers_thread(data):
+    x, y = data
+    src = store.RamCache.from_tensors(x, y)
+    before = threading.active_count()
+    sync = store.StoreLoader(src, batch_size=16, seed=2, prefetch=0)
+    sync.set_epoch(1)
+    batches = []
+    for xb, _ in sync:
+        assert threading.active_count() == before  # no background thread
+        batches.append(xb)
+    threaded = store.StoreLoader(src, batch_size=16, seed=2, prefetch=2)
+    threaded.set_epoch(1)
+    assert all(torch.equal(a, b) for a, b in zip(batches, [xb for xb, _ in threaded], strict=True))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import store
-from prefast import TrainConfig, train
+from prefast import CacheError, TrainConfig, train
 from prefast.caching import CostModel, plan_boundary
 from prefast.cli import main
 from prefast.trainer import Trainer
@@ -348,3 +348,20 @@ def test_cli_refuses_a_cache_dir_of_another_model(tmp_path, capsys):
     assert main([*base, "--depth", "16", "--growth", "6"]) == 2
     err = capsys.readouterr().err
     assert "--cache-dir" in err and "another model" in err
+
+
+def test_cache_dir_at_an_fsspec_url(tmp_path):
+    from store import location
+
+    url = "memory://prefast-trainer-test/cache"
+    r = train(tiny(mode="prefast", cache="zarr", cache_dir=url, recache_policy="every"))
+    path = r.summary["cache_path"]
+    assert path == f"{url}/boundary-{r.summary['cache_boundary']:03d}"
+    s = store.open(path)
+    assert s.complete and not s.memory_mapped and s.num_samples == 96
+    assert location.children(url) == [path]  # superseded stores were deleted
+    # the folder now holds this model's store: another model is refused
+    with pytest.raises(CacheError, match="another model"):
+        train(
+            tiny(mode="prefast", cache="zarr", cache_dir=url, model_args={"depth": 16, "growth": 6})
+        )

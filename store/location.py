@@ -1,0 +1,89 @@
+"""Where stores live: local paths (``file://`` included) and fsspec URLs (``s3://``, ``gs://``,
+``memory://``, ...). The few filesystem operations a caller needs around stores, the same for
+both; fsspec is imported only for URLs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from store._zarr import as_local
+
+Location = str | os.PathLike[str]
+
+
+def is_url(loc: Location) -> bool:
+    """True for a remote fsspec URL (``file://`` counts as local)."""
+    return as_local(loc) is None
+
+
+def _fs(url: str) -> tuple[Any, str]:
+    try:
+        import fsspec
+    except ImportError as e:
+        from store.errors import StoreInputError
+
+        raise StoreInputError(
+            f"{url}: remote stores need fsspec: pip install 'prefast[remote]'"
+        ) from e
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def join(base: Location, name: str) -> Path | str:
+    """``base / name``: a Path for local locations, a URL string for remote ones."""
+    local = as_local(base)
+    return local / name if local is not None else os.fspath(base).rstrip("/") + "/" + name
+
+
+def exists(loc: Location) -> bool:
+    local = as_local(loc)
+    if local is not None:
+        return local.exists()
+    fs, path = _fs(os.fspath(loc))
+    return bool(fs.exists(path))
+
+
+def is_store(loc: Location) -> bool:
+    """Whether ``loc`` holds a zarr group (a ``zarr.json`` at its root)."""
+    local = as_local(loc)
+    if local is not None:
+        return (local / "zarr.json").is_file()
+    fs, path = _fs(os.fspath(loc))
+    return bool(fs.exists(path.rstrip("/") + "/zarr.json"))
+
+
+def children(loc: Location) -> list[Path | str]:
+    """The entries directly under ``loc`` (none when it does not exist), sorted."""
+    local = as_local(loc)
+    if local is not None:
+        return sorted(local.iterdir()) if local.is_dir() else []
+    url = os.fspath(loc).rstrip("/")
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        return []
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return [url + "/" + n for n in names]
+
+
+def make_dirs(loc: Location) -> None:
+    """Create a local folder (object stores have no folders to create)."""
+    local = as_local(loc)
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+
+
+def remove(loc: Location) -> None:
+    """Delete ``loc`` and everything under it; a missing location is not an error."""
+    local = as_local(loc)
+    if local is not None:
+        shutil.rmtree(local, ignore_errors=True)
+        return
+    fs, path = _fs(os.fspath(loc))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+__all__ = ["children", "exists", "is_store", "is_url", "join", "make_dirs", "remove"]
