@@ -370,27 +370,10 @@ class CostModel:
         return float(sum(self.unit_fwd[b0:b1]))
 
 
-def plan_boundary(
-    policy: str,
-    boundary: int,
-    frontier: int,
-    cut_points: Sequence[int],
-    *,
-    cost: CostModel | None = None,
-    sample_bytes: Sequence[int] = (),
-    tier_of: Any = None,
-    current_tier: str | None = None,
-    remaining_samples: int = 0,
-    num_samples: int = 0,
-    views: int = 1,
-) -> int:
-    """The boundary to cache at now (``boundary`` itself means: keep the current cache).
-
-    ``every`` follows the frontier; ``transitions`` moves only to the model's cut points
-    (cheap-to-store boundaries); ``auto`` picks the b' in (boundary, frontier] whose saving over
-    the remaining samples, ``(C(b) - C(b')) * remaining``, most exceeds the pass cost
-    ``N * V * (read(b) + fwd(b..b') + write(b'))``, with ``C(x) = read(x) + fwd(x..frontier)``.
-    """
+def plan_boundary(policy: str, boundary: int, frontier: int, cut_points: Sequence[int]) -> int:
+    """The boundary to cache at now for the fixed policies (``boundary`` itself means: keep
+    the current cache): ``every`` follows the frontier; ``transitions`` moves only to the
+    model's cut points (cheap-to-store boundaries). ``auto`` is ``plan_boundaries``."""
     if frontier <= boundary:
         return boundary
     if policy == "every":
@@ -398,31 +381,68 @@ def plan_boundary(
     if policy == "transitions":
         cands = [c for c in cut_points if boundary < c <= frontier]
         return max(cands) if cands else boundary
-    assert cost is not None and tier_of is not None
-    best, best_net = boundary, 0.0
+    raise CacheError(f"--recache-policy: {policy!r} is planned by plan_boundaries")
 
-    def read_at(b: int, tier: str | None) -> float:
-        return cost.image if b == 0 or tier is None else cost.read(tier, sample_bytes[b])
 
-    now = read_at(boundary, current_tier) + cost.fwd(boundary, frontier)
-    for b in range(boundary + 1, frontier + 1):
-        tier = tier_of(b)
-        after = cost.read(tier, sample_bytes[b]) + cost.fwd(b, frontier)
-        gain = (now - after) * remaining_samples
-        pass_cost = (
-            num_samples
-            * views
-            * (
-                read_at(boundary, current_tier)
-                + cost.fwd(boundary, b)
-                + cost.write(tier, sample_bytes[b])
-            )
-        )
-        net = gain - pass_cost
-        log.debug("boundary %d (%s): gain %.3fs, pass %.3fs", b, tier, gain, pass_cost)
-        if net > best_net:
-            best, best_net = b, net
-    return best
+def plan_boundaries(
+    events: Sequence[tuple[int, int]],
+    total_iterations: int,
+    batch_size: int,
+    num_samples: int,
+    views: int,
+    cost: CostModel,
+    sample_bytes: Sequence[int],
+    tier_of: Any,
+    boundary: int = 0,
+    tier: str | None = None,
+) -> list[int]:
+    """The cheapest boundary to hold after each freeze event, over the rest of the run.
+
+    ``events`` are the schedule's remaining freeze points ``(iteration, frontier)`` in order
+    (known in advance: the schedule is deterministic). Between event e and the next, every
+    sample costs ``read(b) + fwd(b..frontier_e)`` (read(0) is making the image); moving from
+    ``b`` to ``b'`` at an event costs one pass ``N * V * (read(b) + fwd(b..b') + write(b'))``.
+    A dynamic programme over (event, boundary) minimises the sum, so a short-lived boundary
+    inside a dense block is skipped when a transition soon replaces it. ``boundary``/``tier``
+    describe the cache held now. Costs are per sample in seconds (``CostModel``); the part of
+    each step that every plan shares (the trainable units) is left out."""
+    if not events:
+        return []
+
+    def read(b: int) -> float:
+        if b == 0:
+            return cost.image
+        t = tier if (b == boundary and tier is not None) else tier_of(b)
+        return cost.read(t, sample_bytes[b])
+
+    ends = [it for it, _ in events[1:]] + [total_iterations]
+    best: dict[int, float] = {boundary: 0.0}
+    back: list[dict[int, int]] = []
+    for (it, frontier), end in zip(events, ends, strict=True):
+        samples = max(0, end - it) * batch_size
+        nxt: dict[int, float] = {}
+        choice: dict[int, int] = {}
+        for b_prev, c_prev in best.items():
+            for b in range(b_prev, max(b_prev, frontier) + 1):
+                moved = b != b_prev
+                pass_cost = (
+                    num_samples
+                    * views
+                    * (read(b_prev) + cost.fwd(b_prev, b) + cost.write(tier_of(b), sample_bytes[b]))
+                    if moved
+                    else 0.0
+                )
+                total = c_prev + pass_cost + samples * (read(b) + cost.fwd(b, frontier))
+                if total < nxt.get(b, math.inf):
+                    nxt[b], choice[b] = total, b_prev
+        best = nxt
+        back.append(choice)
+    b = min(best, key=lambda k: best[k])
+    plan = [b]
+    for choice in reversed(back[1:]):
+        b = choice[b]
+        plan.append(b)
+    return plan[::-1]
 
 
 def measure_unit_forward(
@@ -544,6 +564,7 @@ __all__ = [
     "measure_tier_rates",
     "measure_unit_forward",
     "open_matching",
+    "plan_boundaries",
     "plan_boundary",
     "provenance",
     "store_path",

@@ -49,6 +49,7 @@ from prefast.caching import (
     measure_tier_rates,
     measure_unit_forward,
     open_matching,
+    plan_boundaries,
     plan_boundary,
     provenance,
     store_path,
@@ -216,6 +217,7 @@ class Trainer:
         self.ddp: torch.nn.Module | None = None  # DistributedDataParallel over the trainable part
         self.cache: Cache | None = None
         self.cost: CostModel | None = None
+        self._auto_plan: dict[int, int] | None = None  # iteration -> boundary (auto policy)
         self.cache_seconds = 0.0
         self._superseded: list[Cache] = []
         self._tmp_cache_dir: Path | None = None
@@ -386,23 +388,37 @@ class Trainer:
     def _plan_on_this_rank(self, j: int) -> int:
         b = self.cache.boundary if self.cache is not None else 0
         policy = self.cfg.recache_policy
-        if policy == "auto" and self.frontier > b:
+        if policy != "auto":
+            return plan_boundary(policy, b, self.frontier, self.model.cut_points)
+        if self.frontier <= b:
+            return b
+        if self._auto_plan is None or j not in self._auto_plan:
+            # Plan the rest of the run once, from costs measured now (DESIGN section 4).
             if self.cost is None:
                 self.cost = self._measure_costs(j)
-            return plan_boundary(
-                "auto",
-                b,
-                self.frontier,
-                self.model.cut_points,
-                cost=self.cost,
-                sample_bytes=self.sample_bytes,
-                tier_of=self._tier_for,
-                current_tier=self.cache.tier if self.cache is not None else None,
-                remaining_samples=(self.total_iterations - j) * self.cfg.batch_size,
-                num_samples=len(self.data.train) // self.dist.world_size,  # each rank's share
-                views=self.views,
+            events = self._freeze_events(j)
+            bounds = plan_boundaries(
+                events,
+                self.total_iterations,
+                self.cfg.batch_size,
+                len(self.data.train) // self.dist.world_size,  # each rank's share of a pass
+                self.views,
+                self.cost,
+                self.sample_bytes,
+                self._tier_for,
+                boundary=b,
+                tier=self.cache.tier if self.cache is not None else None,
             )
-        return plan_boundary(policy, b, self.frontier, self.model.cut_points)
+            self._auto_plan = {it: bb for (it, _), bb in zip(events, bounds, strict=True)}
+            log.info("iteration %d: re-caching plan (iteration: boundary) %s", j, self._auto_plan)
+        return max(b, self._auto_plan[j])
+
+    def _freeze_events(self, j: int) -> list[tuple[int, int]]:
+        """(iteration, frontier) of every freeze from iteration j on, the current one first."""
+        its = sorted(
+            {it for it in self.schedule.freeze_iterations() if it is not None and it >= j} | {j}
+        )
+        return [(it, self.schedule.frozen_count(it)) for it in its]
 
     def _recache(self, b_new: int, j: int) -> None:
         prev = self.cache

@@ -11,7 +11,7 @@ import torch
 
 import store
 from prefast import CacheError, TrainConfig, train
-from prefast.caching import CostModel, plan_boundary
+from prefast.caching import CostModel, plan_boundaries, plan_boundary
 from prefast.cli import main
 from prefast.trainer import Trainer
 
@@ -152,25 +152,24 @@ def test_transitions_policy_only_moves_to_cut_points(tmp_path, caplog):
     assert bounds and set(bounds) <= set(r.model.cut_points)
 
 
-def test_auto_policy_recaches_only_when_it_pays():
+def test_auto_policy_plans_the_cheapest_boundaries():
     cost = CostModel(
-        unit_fwd=[1e-3, 1e-3, 1e-3, 1e-3],
-        image=1e-4,
-        read_rate={"ram": 1e9},
-        write_rate={"ram": 1e9},
+        unit_fwd=[1e-3] * 4, image=1e-4, read_rate={"ram": 1e9}, write_rate={"ram": 1e9}
     )
-    sample_bytes = [4000, 1000, 1000, 1000, 1000]
-    kw = dict(
-        cost=cost,
-        sample_bytes=sample_bytes,
-        tier_of=lambda b: "ram",
-        current_tier=None,
-        num_samples=100,
-        views=1,
-    )
-    # per-sample now: image 1e-4 + fwd(0..3) 3e-3; after caching at 3: 1e-6. Pass: 100 * (1e-4 + 3e-3 + 1e-6).
-    assert plan_boundary("auto", 0, 3, (1,), remaining_samples=50, **kw) == 0  # 50 * 3.1e-3 < 0.31
-    assert plan_boundary("auto", 0, 3, (1,), remaining_samples=500, **kw) == 3
+    kw = dict(batch_size=50, num_samples=100, views=1, cost=cost, tier_of=lambda b: "ram")
+    small = [4000, 1000, 1000, 1000, 1000]  # read/write 1 us per sample past the images
+    # one event, frontier 3: a pass costs 100 * (image + 3 ms + 1 us) = 0.31 s; it saves
+    # 3.1 ms per sample still to train: not worth it for 50 samples, worth it for 500
+    assert plan_boundaries([(0, 3)], 1, sample_bytes=small, **kw) == [0]
+    assert plan_boundaries([(0, 3)], 10, sample_bytes=small, **kw) == [3]
+    # two events: with a cheap boundary 1, caching it first and moving on later is cheapest
+    assert plan_boundaries([(0, 1), (2, 3)], 20, sample_bytes=small, **kw) == [1, 3]
+    # with an expensive boundary 1 (1 ms to read or write a sample) it is skipped: the plan
+    # waits for frontier 3, which a greedy look at event 0 alone would not know is coming
+    big1 = [4000, 10**6, 1000, 1000, 1000]
+    assert plan_boundaries([(0, 1), (2, 3)], 20, sample_bytes=big1, **kw) == [0, 3]
+    # an existing cache is kept when moving does not pay
+    assert plan_boundaries([(5, 4)], 6, sample_bytes=small, boundary=3, tier="ram", **kw) == [3]
     assert plan_boundary("every", 0, 3, (1,)) == 3
     assert plan_boundary("transitions", 0, 3, (1, 4)) == 1
     assert plan_boundary("transitions", 1, 3, (1, 4)) == 1
