@@ -68,7 +68,7 @@ class TrainConfig:
     cache_dir: str | None = None
     cache_dtype: str = "float16"
     codec: str = "none"
-    views: int = 4
+    views: int = 1  # README "How many views": more views cost a pass each, no gain measured
     recache_policy: str = "auto"
     cache_batch_size: int | None = None  # None: the training batch size
     cache_memory_fraction: float = 0.5
