@@ -25,7 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 import store
-import store._zarr
 import store.layout
 from prefast.data import Augment, ImageData, make_batch, view_key
 from prefast.distributed import DistContext
@@ -66,7 +65,7 @@ def store_path(cache_dir: Path | str, boundary: int) -> Path | str:
 
 def check_cache_dir(cache_dir: Path | str, model_config: dict[str, Any]) -> None:
     """Refuse a cache folder that holds another model's stores (never used silently)."""
-    local = store._zarr.as_local(cache_dir)
+    local = location.as_local(cache_dir)
     if local is not None and local.exists() and not local.is_dir():
         raise CacheError(f"--cache-dir: {cache_dir} exists and is not a directory")
     for child in location.children(cache_dir):
@@ -408,11 +407,13 @@ def plan_boundaries(
     each step that every plan shares (the trainable units) is left out."""
     if not events:
         return []
+    # tier_of may query free host/device memory: ask once per boundary, not per DP step
+    tiers = [tier_of(b) for b in range(len(sample_bytes))]
 
     def read(b: int) -> float:
         if b == 0:
             return cost.image
-        t = tier if (b == boundary and tier is not None) else tier_of(b)
+        t = tier if (b == boundary and tier is not None) else tiers[b]
         return cost.read(t, sample_bytes[b])
 
     ends = [it for it, _ in events[1:]] + [total_iterations]
@@ -428,7 +429,7 @@ def plan_boundaries(
                 pass_cost = (
                     num_samples
                     * views
-                    * (read(b_prev) + cost.fwd(b_prev, b) + cost.write(tier_of(b), sample_bytes[b]))
+                    * (read(b_prev) + cost.fwd(b_prev, b) + cost.write(tiers[b], sample_bytes[b]))
                     if moved
                     else 0.0
                 )

@@ -86,4 +86,4 @@ def remove(loc: Location) -> None:
         fs.rm(path, recursive=True)
 
 
-__all__ = ["children", "exists", "is_store", "is_url", "join", "make_dirs", "remove"]
+__all__ = ["as_local", "children", "exists", "is_store", "is_url", "join", "make_dirs", "remove"]
