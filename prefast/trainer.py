@@ -240,11 +240,8 @@ class Trainer:
         if self.cfg.mode != "prefast":
             return None
         if self.cfg.cache_dir is not None:
-            return (
-                self.cfg.cache_dir
-                if location.is_url(self.cfg.cache_dir)
-                else Path(self.cfg.cache_dir)
-            )
+            # a local Path (a file:// URL included), else the fsspec URL as given
+            return location.as_local(self.cfg.cache_dir) or self.cfg.cache_dir
         if self.cfg.checkpoint_dir is not None:
             return Path(self.cfg.checkpoint_dir) / "cache"
         return None  # a temporary directory is made if the zarr tier is used

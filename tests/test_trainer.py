@@ -349,6 +349,13 @@ def test_cli_refuses_a_cache_dir_of_another_model(tmp_path, capsys):
     assert "--cache-dir" in err and "another model" in err
 
 
+def test_cache_dir_as_a_file_url_is_the_local_folder(tmp_path):
+    r = train(tiny(mode="prefast", cache="zarr", cache_dir=f"file://{tmp_path}/c"))
+    path = Path(r.summary["cache_path"])
+    assert path.parent == tmp_path / "c" and path.is_dir()
+    assert store.open(path).memory_mapped
+
+
 def test_cache_dir_at_an_fsspec_url(tmp_path):
     from store import location
 
