@@ -29,6 +29,7 @@ class PeakMemory:
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
         self._peak = rss_anon_bytes()
+        self.samples = 1  # readings taken
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -38,6 +39,7 @@ class PeakMemory:
             v = rss_anon_bytes()
             with self._lock:
                 self._peak = max(self._peak, v)
+                self.samples += 1
 
     def start(self) -> PeakMemory:
         if self._thread is None:
