@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,7 @@ class Cache:
             and self.path is not None
             and location.exists(self.path)
         ):
-            location.remove(self.path)
+            location.remove_store(self.path)
             log.info("deleted superseded store %s", self.path)
         self.source = None
 
@@ -530,17 +531,21 @@ def measure_store_rates(
 ) -> tuple[float, float]:
     """(write, read) bytes/s of a temporary store (about 64 MiB) in ``directory`` with the run's
     dtype and codec, read through the loader to ``device``: a measured probe, removed after."""
-    path = location.join(directory, ".probe")
+    # A fresh, unique name: nothing of the user's is ever overwritten or removed, and two
+    # runs probing one folder do not meet.
+    path = location.join(directory, f".prefast-probe-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     sample_bytes = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
     n = max(2 * batch, min(8 * batch, (64 << 20) // sample_bytes))
     g = torch.Generator().manual_seed(0)
     x = torch.relu(torch.randn((batch, *sample_shape), generator=g)).to(TORCH_DTYPES[dtype])
     labels = torch.zeros(n, dtype=torch.int64)
+    created = False
     try:
         t = time.perf_counter()
         with store.create(
-            path, sample_shape=sample_shape, num_samples=n, dtype=dtype, codec=codec, overwrite=True
+            path, sample_shape=sample_shape, num_samples=n, dtype=dtype, codec=codec
         ) as w:
+            created = True
             for start in range(0, n, batch):
                 stop = min(start + batch, n)
                 w.write(0, start, x[: stop - start], labels[start:stop])
@@ -549,7 +554,8 @@ def measure_store_rates(
         read = _loader_rate(s, batch, device)
         s.close()
     finally:
-        location.remove(path)
+        if created:  # only what this probe made, and only if it is a store
+            location.remove_store(path)
     return write, read
 
 

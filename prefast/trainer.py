@@ -611,11 +611,7 @@ class Trainer:
             "cache_seconds": self.cache_seconds,
             "records": self.result.records,
             "losses": self.result.losses,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            "rng": rng_state(),
         }
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -629,10 +625,7 @@ class Trainer:
         assert path is not None
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path}")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f"--resume: cannot read {path}: {e}") from None
+        state = load_checkpoint_file(path, "--resume")
         saved = TrainConfig.from_dict(state["config"])
         diff = [
             k
@@ -653,9 +646,7 @@ class Trainer:
         self.cache_seconds = float(state.get("cache_seconds", 0.0))
         self.result.records = list(state["records"])
         self.result.losses = list(state["losses"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        set_rng_state(state["rng"])
         if state["cache"] is not None and self.cfg.mode == "prefast":
             self._restore_cache(state["cache"])
         log.info("resumed from %s at epoch %d (frontier %d)", path, self.start_epoch, self.frontier)
@@ -907,6 +898,71 @@ class _TrainablePart(torch.nn.Module):
         return self.head(h)
 
 
+def rng_state() -> dict[str, Any]:
+    """The torch, numpy and Python generators' states as tensors and plain containers, so a
+    checkpoint loads with ``torch.load(..., weights_only=True)``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # legacy MT19937 tuple
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["name"],
+            n["keys"].cpu().numpy().astype(np.uint32),
+            int(n["pos"]),
+            int(n["has_gauss"]),
+            float(n["cached_gaussian"]),
+        )
+    )
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def checkpoint_load_reason(e: BaseException) -> str:
+    """The one informative line of a failed ``torch.load(weights_only=True)``; torch's own
+    message spans many lines and suggests turning the protection off."""
+    import re
+
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+    if m:
+        return m.group(1).strip()[:160]
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "weights_only" not in ln]
+    return (lines[0] if lines else type(e).__name__)[:160]
+
+
+def load_checkpoint_file(path: Path | str, what: str) -> dict[str, Any]:
+    """A training checkpoint's contents. Loaded with ``weights_only=True``: tensors and plain
+    containers only, so a crafted file cannot run code; anything else is refused."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{what}: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpickling refusal, a truncated or foreign file
+        raise CheckpointError(
+            f"{what}: refusing {path}: not a checkpoint of tensors and plain containers "
+            f"({checkpoint_load_reason(e)})"
+        ) from None
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise CheckpointError(
+            f"{what}: {path} is not a prefast training checkpoint (no 'config' and 'model' entries)"
+        )
+    return state
+
+
 def _all_reduce_int(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
@@ -935,4 +991,4 @@ def train(cfg: TrainConfig) -> TrainResult:
     return Trainer(cfg).run()
 
 
-__all__ = ["TrainResult", "Trainer", "load_data", "train"]
+__all__ = ["TrainResult", "Trainer", "load_checkpoint_file", "load_data", "train"]

@@ -76,7 +76,8 @@ def make_dirs(loc: Location) -> None:
 
 
 def remove(loc: Location) -> None:
-    """Delete ``loc`` and everything under it; a missing location is not an error."""
+    """Delete ``loc`` and everything under it; a missing location is not an error. Callers
+    pass only locations they created (see ``remove_store`` for stores)."""
     local = as_local(loc)
     if local is not None:
         shutil.rmtree(local, ignore_errors=True)
@@ -86,4 +87,48 @@ def remove(loc: Location) -> None:
         fs.rm(path, recursive=True)
 
 
-__all__ = ["as_local", "children", "exists", "is_store", "is_url", "join", "make_dirs", "remove"]
+def is_activation_store(loc: Location) -> bool:
+    """Whether ``loc`` holds a store this package wrote: a zarr group whose attributes carry
+    the activation-store record (a folder of a user's, even one with a ``zarr.json``, does not)."""
+    import json
+
+    from store.layout import ATTRS_KEY, FORMAT_NAME
+
+    local = as_local(loc)
+    try:
+        if local is not None:
+            text = (local / "zarr.json").read_text()
+        else:
+            fs, path = _fs(os.fspath(loc))
+            text = fs.cat_file(path.rstrip("/") + "/zarr.json").decode()
+        d = json.loads(text)
+    except (OSError, ValueError):
+        return False
+    record = d.get("attributes", {}).get(ATTRS_KEY) if isinstance(d, dict) else None
+    return isinstance(record, dict) and record.get("format") == FORMAT_NAME
+
+
+def remove_store(loc: Location) -> None:
+    """Delete the activation store at ``loc``; anything else there is left alone (a missing
+    location is not an error)."""
+    if not exists(loc):
+        return
+    if not is_activation_store(loc):
+        from store.errors import NotAStoreError
+
+        raise NotAStoreError(f"{loc}: not an activation store; refusing to delete it")
+    remove(loc)
+
+
+__all__ = [
+    "as_local",
+    "children",
+    "exists",
+    "is_activation_store",
+    "is_store",
+    "is_url",
+    "join",
+    "make_dirs",
+    "remove",
+    "remove_store",
+]

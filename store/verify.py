@@ -201,12 +201,16 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
 
     if not os.path.isfile(path):
         raise StoreInputError(f"{path}: no such checkpoint file")
+    from prefast.trainer import checkpoint_load_reason
+
     try:
-        # A prefast checkpoint holds numpy RNG state besides tensors, so it is a full pickle:
-        # load only checkpoints you made yourself.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # tensors and plain containers only: a crafted checkpoint cannot run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise StoreInputError(f"{path}: cannot read the checkpoint: {e}") from None
+        raise StoreInputError(
+            f"{path}: cannot read the checkpoint (tensors and plain containers only): "
+            f"{checkpoint_load_reason(e)}"
+        ) from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise StoreInputError(
             f"{path}: not a prefast training checkpoint (no 'config' and 'model' entries)"

@@ -51,6 +51,7 @@ from store.layout import (
     default_chunk_samples,
     merge_ranges,
 )
+from store.location import is_activation_store
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +195,9 @@ def create(
             lock.release()
             raise
     if exists and any(root.iterdir()):
-        if not _is_store_dir(root):
+        if not is_activation_store(root):
             raise StoreExistsError(
-                f"{root}: directory is not empty and holds no store; refusing to overwrite it"
+                f"{root}: directory is not empty and holds no activation store; refusing to overwrite it"
             )
         if not overwrite and not resume:
             raise StoreExistsError(

@@ -273,7 +273,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     )
     result = prefast.train(cfg)
     ckpt = root / "ckpt" / "last.pt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     printed = root / "printed.txt"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -309,7 +309,7 @@ def test_verify_recomputes_samples_from_the_checkpoint(run, capsys):
 
 
 def test_verify_fails_on_an_altered_checkpoint(run, tmp_path, capsys):
-    state = torch.load(run["ckpt"], map_location="cpu", weights_only=False)
+    state = torch.load(run["ckpt"], map_location="cpu", weights_only=True)
     w = state["model"]["units.0.weight"]  # conv1: frozen in every store of this run
     w.view(-1)[0] += 1e-3
     bad = tmp_path / "altered.pt"

@@ -264,7 +264,7 @@ def test_resume_rebuilds_a_cache_whose_fingerprint_differs(tmp_path, monkeypatch
     with pytest.raises(_Crash):
         train(tiny(**kw, checkpoint_dir=str(ck)))
     monkeypatch.setattr(Trainer, "evaluate", real_eval)
-    state = torch.load(ck / "last.pt", weights_only=False)
+    state = torch.load(ck / "last.pt", weights_only=True)
     path = Path(state["cache"]["path"])
     import zarr
 

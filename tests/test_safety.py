@@ -1,0 +1,154 @@
+"""Safety: nothing outside what the project created is deleted; checkpoints cannot run code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import store
+from prefast import CheckpointError, TrainConfig, train
+from prefast.caching import measure_store_rates
+from prefast.cli import main
+from store import location
+
+TINY = dict(
+    dataset="synthetic",
+    num_samples=96,
+    model="densenet_bc",
+    model_args={"depth": 16, "growth": 8},
+    epochs=2,
+    batch_size=16,
+    t0=0.3,
+    how_scale="linear",
+    seed=0,
+    device="cpu",
+    progress=False,
+    eval_batch_size=256,
+)
+
+# Folder names a run could reach inside a cache folder: the old probe name, the new probe's
+# prefix, store names of every boundary, and a temporary-looking one.
+USER_FOLDERS = [".probe", ".prefast-probe", ".prefast-probe-1-abc", "tmp", "cache"] + [
+    f"boundary-{b:03d}" for b in range(10, 12)
+]
+
+
+def _user_files(root: Path) -> dict[Path, bytes]:
+    files = {}
+    for name in USER_FOLDERS:
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "thesis.tex").write_bytes(b"irreplaceable " + name.encode())
+        files[d / "thesis.tex"] = b"irreplaceable " + name.encode()
+    return files
+
+
+def _assert_intact(files: dict[Path, bytes]) -> None:
+    for p, content in files.items():
+        assert p.read_bytes() == content, f"{p} was changed or deleted"
+
+
+def test_store_rate_probe_never_deletes_a_users_folder(tmp_path):
+    files = _user_files(tmp_path)
+    write, read = measure_store_rates(
+        torch.device("cpu"), tmp_path, (4, 4, 4), "float16", None, batch=8
+    )
+    assert write > 0 and read > 0
+    _assert_intact(files)
+    # the probe's own store is gone, nothing else of ours is left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(USER_FOLDERS)
+
+
+@pytest.mark.parametrize("tier", ["zarr", "auto"])
+def test_training_leaves_a_users_folders_alone(tmp_path, tier):
+    cache = tmp_path / "cache"
+    files = _user_files(cache)
+    r = train(
+        TrainConfig(
+            **TINY,
+            mode="prefast",
+            cache=tier,
+            cache_dir=str(cache),
+            recache_policy="auto" if tier == "auto" else "every",
+        )
+    )
+    assert r.summary["frozen_units"] >= 3
+    _assert_intact(files)
+
+
+def test_a_users_folder_named_like_a_store_is_refused_not_replaced(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    mine = cache / "boundary-001"
+    mine.mkdir(parents=True)
+    (mine / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    (mine / "data.bin").write_bytes(b"x" * 10)
+    args = ["train", "--dataset", "synthetic", "--num-samples", "96", "--depth", "16", "--growth", "8",
+            "--epochs", "2", "--batch-size", "16", "--t0", "0.3", "--how-scale", "linear", "--mode", "prefast",
+            "--cache", "zarr", "--recache-policy", "every", "--cache-dir", str(cache), "--device", "cpu",
+            "--no-progress", "-q"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "boundary-001" in err[0], err
+    assert (mine / "data.bin").read_bytes() == b"x" * 10
+
+
+def test_remove_store_refuses_what_is_not_a_store(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "keep.txt").write_text("keep")
+    with pytest.raises(store.NotAStoreError, match="refusing to delete"):
+        location.remove_store(d)
+    assert (d / "keep.txt").read_text() == "keep"
+    location.remove_store(tmp_path / "absent")  # missing: nothing to do
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _crafted_checkpoint(ck: Path, marker: Path, kind: str) -> None:
+    ck.mkdir(parents=True, exist_ok=True)
+    payload = {"config": {}, "model": _Payload(str(marker))}
+    if kind == "torch":
+        torch.save(payload, ck / "last.pt")
+    else:
+        with open(ck / "last.pt", "wb") as f:
+            pickle.dump(payload, f)
+
+
+@pytest.mark.parametrize("kind", ["torch", "pickle"])
+def test_resume_refuses_a_crafted_checkpoint_without_running_it(tmp_path, capsys, kind):
+    ck, marker = tmp_path / "ck", tmp_path / "pwned"
+    _crafted_checkpoint(ck, marker, kind)
+    args = ["train", "--dataset", "synthetic", "--num-samples", "96", "--depth", "16", "--growth", "8",
+            "--epochs", "1", "--batch-size", "16", "--mode", "freezeout", "--device", "cpu", "--no-progress",
+            "-q", "--checkpoint-dir", str(ck), "--resume"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing" in err[0], err
+    assert not marker.exists()
+
+
+def test_checkpoint_round_trips_with_weights_only(tmp_path):
+    ck = tmp_path / "ck"
+    train(TrainConfig(**{**TINY, "epochs": 1}, mode="freezeout", checkpoint_dir=str(ck)))
+    state = torch.load(ck / "last.pt", weights_only=True)  # raises if anything but plain data
+    assert state["epoch"] == 1 and "numpy" in state["rng"]
+
+
+def test_load_checkpoint_file_names_a_foreign_file(tmp_path):
+    from prefast.trainer import load_checkpoint_file
+
+    p = tmp_path / "x.pt"
+    torch.save({"weights": torch.zeros(2)}, p)
+    with pytest.raises(CheckpointError, match="not a prefast training checkpoint"):
+        load_checkpoint_file(p, "--resume")
