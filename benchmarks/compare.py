@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_DIR, environment, write_json
 from prefast import TrainConfig, train
+from prefast.data import load_data
+from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
 from prefast.models import UnitModel
 from prefast.monitor import rss_anon_bytes, synchronize
-from prefast.schedule import FreezeSchedule, ScheduleConfig, ideal_saving
-from prefast.trainer import build_model, load_data
+from prefast.train import build_model
 
 log = logging.getLogger("compare")
 MIB = 2**20

@@ -2,21 +2,39 @@
 
 >>> from prefast import TrainConfig, train
 >>> result = train(TrainConfig(dataset="synthetic", num_samples=512, epochs=3, mode="prefast"))
+
+The packages follow the data flow: ``data`` (datasets, augmentation) -> ``models`` (units and
+a head) -> ``freezeout`` (the schedule, freezing) -> ``cache`` (the frozen prefix's outputs in
+a store, RAM or device memory) -> ``train`` (the run loop). The ``store`` package beside this
+one holds the activation store itself and imports nothing from here.
 """
 
 from prefast.config import TrainConfig
-from prefast.errors import CacheError, CheckpointError, ConfigError, PrefastError
+from prefast.errors import (
+    CacheError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DistributedError,
+    ModelError,
+    PrefastError,
+    ScheduleError,
+)
+from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
 from prefast.models import UnitModel, create_model, list_models
-from prefast.schedule import FreezeSchedule, ScheduleConfig, ideal_saving
-from prefast.trainer import Trainer, TrainResult, train
+from prefast.train import Trainer, TrainResult, train
 
 __all__ = [
     "CacheError",
     "CheckpointError",
     "ConfigError",
+    "DataError",
+    "DistributedError",
     "FreezeSchedule",
+    "ModelError",
     "PrefastError",
     "ScheduleConfig",
+    "ScheduleError",
     "TrainConfig",
     "TrainResult",
     "Trainer",

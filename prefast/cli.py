@@ -1,25 +1,23 @@
-"""Command line: ``prefast train ...`` (also ``python -m prefast train ...``)."""
+"""Command line: ``prefast train ...`` and ``prefast verify ...`` (also ``python -m prefast``).
+
+The ``train`` flags are generated from ``TrainConfig``'s fields (their help and group live in
+the field metadata), so a config field always has its flag. Bad input of any kind is one line
+on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
-from typing import Any
+import types
+import typing
+from typing import Any, NoReturn
 
-from prefast.config import (
-    AMP,
-    CACHE_DTYPES,
-    CACHE_TIERS,
-    CODECS,
-    DEVICES,
-    MODES,
-    RECACHE_POLICIES,
-    SCALES,
-    TrainConfig,
-)
-from prefast.errors import PrefastError
+from prefast.config import CHOICES, TrainConfig
 
 TRAIN_EXAMPLES = """examples:
   # Fashion-MNIST (Debian package dataset-fashion-mnist), PreFast with a zarr cache
@@ -39,168 +37,93 @@ TRAIN_EXAMPLES = """examples:
   prefast train --dataset cifar10 --data-root ~/data --subset 2000 --t0 0.6 --mode prefast --cache ram
 """
 
+VERIFY_EXAMPLES = """examples:
+  prefast verify runs/fmnist/cache/boundary-013 --checkpoint runs/fmnist/last.pt --samples 16
+  prefast verify runs/fmnist/cache/boundary-013 --checkpoint runs/fmnist/last.pt --json
+"""
+
+# Model arguments with flags of their own (they go into TrainConfig.model_args).
+MODEL_FLAGS = {
+    "depth": "model depth (densenet_bc: 6n+4, default 76; wrn: 6n+4, default 16; vgg: 11/13/16/19)",
+    "growth": "densenet_bc growth rate (default 12)",
+    "widen": "wrn widening factor (default 4)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prefast: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"prefast: error: {' '.join(message.split())}\n")
+        sys.exit(2)
+
+
+def _base_type(tp: Any) -> Any:
+    """``int`` for ``int | None`` and the like."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default=d.dataset,
-        help="cifar10 | cifar100 | mnist | fashion-mnist | synthetic (default %(default)s)",
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        g = groups.get(meta["group"])
+        if g is None:
+            g = groups[meta["group"]] = p.add_argument_group(meta["group"])
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        if tp is bool:
+            if f.default is True:
+                g.add_argument(
+                    "--no-" + f.name.replace("_", "-"),
+                    dest=f.name,
+                    action="store_false",
+                    help=meta["help"],
+                )
+            else:
+                g.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+            continue
+        kw: dict[str, Any] = {
+            "dest": f.name,
+            "type": tp,
+            "default": f.default,
+            "help": meta["help"],
+        }
+        if f.name in CHOICES:
+            kw["metavar"] = "{" + ",".join(map(str, CHOICES[f.name])) + "}"
+        g.add_argument(flag, **kw)
+        if f.name == "model":
+            for name, help_text in MODEL_FLAGS.items():
+                g.add_argument("--" + name, type=int, default=None, help=help_text)
+    out = p.add_argument_group("logging")
+    out.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    out.add_argument(
+        "-v", "--verbose", action="store_true", help="log details (layouts, probe rates)"
     )
-    g.add_argument(
-        "--data-root", default=None, help="folder with the dataset in torchvision's layout"
-    )
-    g.add_argument(
-        "--download",
-        action="store_true",
-        help="download a missing dataset with torchvision (needs a network)",
-    )
-    g.add_argument(
-        "--num-samples", type=int, default=None, help="synthetic: training-set size (default 50000)"
-    )
-    g.add_argument(
-        "--synthetic-shape",
-        choices=("cifar", "mnist"),
-        default=d.synthetic_shape,
-        help="synthetic: 3x32x32 or 1x28x28",
-    )
-    g.add_argument(
-        "--subset",
-        type=int,
-        default=None,
-        help="train on a seeded random subset of N images (the paper used 2000)",
-    )
-    g.add_argument(
-        "--val-size", type=int, default=0, help="hold out N training images for validation"
-    )
-    g.add_argument(
-        "--no-augment", dest="augment", action="store_false", help="turn off crop/flip augmentation"
-    )
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help="densenet_bc | wrn | vgg (default %(default)s)")
-    g.add_argument(
-        "--depth", type=int, default=None, help="model depth (densenet_bc: 6n+4, default 76)"
-    )
-    g.add_argument("--growth", type=int, default=None, help="densenet_bc growth rate (default 12)")
-    g.add_argument("--widen", type=int, default=None, help="wrn widening factor (default 4)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="per rank under torchrun (default %(default)s)",
-    )
-    g.add_argument("--base-lr", type=float, default=d.base_lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g = p.add_argument_group("FreezeOut")
-    g.add_argument(
-        "--mode",
-        choices=MODES,
-        default=d.mode,
-        help="full: no freezing; freezeout; prefast: freezeout + cache (default %(default)s)",
-    )
-    g.add_argument(
-        "--t0",
-        type=float,
-        default=d.t0,
-        help="fraction of training when the first unit freezes, before scaling (default %(default)s)",
-    )
-    g.add_argument("--how-scale", choices=SCALES, default=d.how_scale)
-    g.add_argument(
-        "--no-scale-lr",
-        dest="scale_lr",
-        action="store_false",
-        help="do not scale each unit's initial lr by 1/t_i",
-    )
-    g = p.add_argument_group("cache (prefast mode)")
-    g.add_argument(
-        "--cache",
-        choices=CACHE_TIERS,
-        default=d.cache,
-        help="where cached activations live; auto: device if it fits, else ram, else zarr",
-    )
-    g.add_argument(
-        "--cache-dir",
-        default=None,
-        help="folder for zarr stores (default: CHECKPOINT_DIR/cache, else a temporary folder)",
-    )
-    g.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=d.cache_dtype)
-    g.add_argument(
-        "--codec",
-        choices=CODECS,
-        default=d.codec,
-        help="zarr compression (default none: memory-mapped reads)",
-    )
-    g.add_argument(
-        "--views",
-        type=int,
-        default=d.views,
-        help="augmented views cached per sample, one drawn per epoch (default %(default)s)",
-    )
-    g.add_argument(
-        "--recache-policy",
-        choices=RECACHE_POLICIES,
-        default=d.recache_policy,
-        help="auto: when the measured saving pays for the pass; every freeze; or transitions only",
-    )
-    g.add_argument(
-        "--cache-batch-size",
-        type=int,
-        default=None,
-        help="batch size of cache passes (default: --batch-size)",
-    )
-    g = p.add_argument_group("machine and outputs")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", choices=DEVICES, default=d.device)
-    g.add_argument("--amp", choices=AMP, default=d.amp, help="bf16 autocast (CUDA)")
-    g.add_argument(
-        "--channels-last", action="store_true", help="channels_last memory format (CUDA)"
-    )
-    g.add_argument(
-        "--sync-bn",
-        action="store_true",
-        help="under torchrun on CUDA: SyncBatchNorm in the trainable units",
-    )
-    g.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=d.dist_timeout,
-        help="seconds a rank waits for the others before failing (default %(default)s)",
-    )
-    g.add_argument(
-        "--metrics",
-        default=None,
-        help="JSONL file, one record per epoch and a summary; the config is saved beside it",
-    )
-    g.add_argument("--checkpoint-dir", default=None, help="save a checkpoint every epoch here")
-    g.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    g.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    model_args: dict[str, Any] = {
-        k: getattr(args, k) for k in ("depth", "growth", "widen") if getattr(args, k) is not None
-    }
+    """The ``TrainConfig`` of parsed ``prefast train`` arguments."""
     fields = {
-        k: getattr(args, k)
-        for k in (
-            "dataset", "data_root", "download", "num_samples", "synthetic_shape", "subset", "val_size", "augment",
-            "model", "epochs", "batch_size", "base_lr", "weight_decay", "mode", "t0", "how_scale", "scale_lr",
-            "cache", "cache_dir", "cache_dtype", "codec", "views", "recache_policy", "cache_batch_size", "seed",
-            "device", "amp", "channels_last", "sync_bn", "dist_timeout", "metrics", "checkpoint_dir", "resume", "progress",
-        )
-    }  # fmt: skip
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.metadata.get("cli", True)
+    }
+    model_args = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     return TrainConfig(model_args=model_args, **fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="prefast", description="FreezeOut training with precomputed frozen-layer outputs."
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser(
         "train",
         help="train a model (full, freezeout or prefast)",
@@ -209,10 +132,39 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_train_args(t)
+    v = sub.add_parser(
+        "verify",
+        help="check a cache store against a training checkpoint (recomputes samples)",
+        description="Check every chunk's checksum, the store's fingerprint against the "
+        "checkpoint's frozen weights, and recompute samples through the frozen units.",
+        epilog=VERIFY_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    v.add_argument("path", help="the store (a boundary-NNN folder of a cache dir)")
+    v.add_argument("--checkpoint", required=True, help="a prefast train checkpoint (last.pt)")
+    v.add_argument(
+        "--samples", type=int, default=16, help="samples recomputed per view (default %(default)s)"
+    )
+    v.add_argument(
+        "--seed", type=int, default=0, help="seed of the sample choice (default %(default)s)"
+    )
+    v.add_argument(
+        "--device",
+        default="cpu",
+        help="device for the recomputation: cpu, cuda or auto (default %(default)s)",
+    )
+    v.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="relative tolerance (default: the dtype's rounding x 4, see prefast.cache.verify)",
+    )
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
 
-def _print_summary(summary: dict[str, Any], cache_dir: str | None) -> None:
+def _print_summary(summary: dict[str, Any]) -> None:
     err = summary.get("final_test_error")
     print(
         f"{summary['mode']} {summary['model']['name']} on {summary['dataset']} ({summary['train_samples']} images, "
@@ -229,42 +181,71 @@ def _print_summary(summary: dict[str, Any], cache_dir: str | None) -> None:
         )
 
 
+def _train(args: argparse.Namespace, rank: int) -> int:
+    from prefast.train import train
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    if rank != 0:
+        return 0
+    _print_summary(result.summary)
+    if cfg.metrics:
+        print(f"metrics: {cfg.metrics}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import store
+    from prefast.cache.verify import verify_against_checkpoint
+
+    s = store.open(args.path)
+    r = verify_against_checkpoint(
+        s,
+        args.checkpoint,
+        samples=args.samples,
+        seed=args.seed,
+        device=args.device,
+        rtol=args.rtol,
+        progress=args.progress,
+    )
+    print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
+    for e in r.all_errors:
+        print(f"prefast: {e}", file=sys.stderr)
+    return 0 if r.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    quiet = getattr(args, "quiet", False) or rank != 0
     # Under torchrun only rank 0 logs progress; the others report warnings and errors.
     logging.basicConfig(
-        level=logging.WARNING if args.quiet or rank != 0 else logging.INFO,
+        level=logging.WARNING
+        if quiet
+        else logging.DEBUG
+        if getattr(args, "verbose", False)
+        else logging.INFO,
         format=(
             "%(levelname)s %(name)s: %(message)s"
             if rank == 0
             else f"rank {rank}: %(levelname)s %(name)s: %(message)s"
         ),
     )
-    from prefast.distributed import DistributedError
-    from prefast.models import ModelError
-    from prefast.schedule import ScheduleError
-    from prefast.trainer import train
+    from prefast.errors import DistributedError, PrefastError
     from store.errors import StoreError
 
     try:
-        cfg = config_from_args(args)
-        result = train(cfg)
+        if args.command == "verify":
+            return _verify(args)
+        return _train(args, rank)
     except DistributedError as e:
         # Not bad input: a rank died or timed out. One line, exit 1.
         print(f"prefast: error: {e}", file=sys.stderr)
         return 1
-    except (PrefastError, StoreError, ModelError, ScheduleError) as e:
+    except (PrefastError, StoreError) as e:
         # Bad input: one line, exit 2, no trace.
-        print(f"prefast: error: {e}", file=sys.stderr)
+        print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    if rank != 0:
-        return 0
-    _print_summary(result.summary, cfg.cache_dir)
-    if cfg.metrics:
-        print(f"metrics: {cfg.metrics}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The resolved configuration of a training run, validated in one place."""
+"""The resolved configuration of a training run, validated in one place.
+
+Every field carries its CLI help and group in ``metadata``; ``prefast.cli`` generates the
+``prefast train`` flags from them, so a field and its flag cannot drift apart.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +11,35 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefast.data import DATASETS
-from prefast.errors import ConfigError
+from prefast.data.specs import DATASETS, SHAPES
+from prefast.errors import ConfigError, check_choice, check_int, check_number
+from prefast.freezeout.schedule import MODES, SCALES
 
-MODES = ("full", "freezeout", "prefast")
 CACHE_TIERS = ("auto", "device", "ram", "zarr")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 CODECS = ("none", "lz4", "zstd")
 RECACHE_POLICIES = ("auto", "every", "transitions")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16")
-SCALES = ("linear", "squared", "cubic")
+
+# field name -> allowed values (checked in __post_init__ and offered as CLI choices)
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "dataset": DATASETS,
+    "synthetic_shape": SHAPES,
+    "mode": MODES,
+    "how_scale": SCALES,
+    "cache": CACHE_TIERS,
+    "cache_dtype": CACHE_DTYPES,
+    "codec": CODECS,
+    "recache_policy": RECACHE_POLICIES,
+    "device": DEVICES,
+    "amp": AMP,
+}
 
 
-def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(
-            f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(map(str, allowed))}"
-        )
-
-
-def _positive(name: str, value: Any, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(
-            f"--{name.replace('_', '-')}: must be an integer >= {minimum}, got {value!r}"
-        )
+def opt(default: Any, group: str, help: str, *, cli: bool = True) -> Any:
+    """A config field with its CLI group and help text (``%(default)s`` allowed in help)."""
+    return field(default=default, metadata={"group": group, "help": help, "cli": cli})
 
 
 @dataclass(frozen=True)
@@ -40,89 +48,136 @@ class TrainConfig:
     ``cache_dir``)."""
 
     # data
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    download: bool = False
-    num_samples: int | None = None  # synthetic only: training-set size
-    synthetic_shape: str = "cifar"
-    subset: int | None = None  # the paper's setting: a random subset of the training split
-    val_size: int = 0
-    augment: bool = True
+    dataset: str = opt("fashion-mnist", "data", "training data (default %(default)s)")
+    data_root: str | None = opt(None, "data", "folder with the dataset in torchvision's layout")
+    download: bool = opt(
+        False, "data", "download a missing dataset with torchvision (needs a network)"
+    )
+    num_samples: int | None = opt(None, "data", "synthetic: training-set size (default 50000)")
+    synthetic_shape: str = opt("cifar", "data", "synthetic: 3x32x32 (cifar) or 1x28x28 (mnist)")
+    subset: int | None = opt(
+        None, "data", "train on a seeded random subset of N images (the paper used 2000)"
+    )
+    val_size: int = opt(0, "data", "hold out N training images for validation (default 0)")
+    augment: bool = opt(True, "data", "turn off random crop/flip augmentation")
     # model
-    model: str = "densenet_bc"
-    model_args: dict[str, Any] = field(default_factory=dict)
+    model: str = opt("densenet_bc", "model", "a registered model (default %(default)s)")
+    model_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"group": "model", "help": "the model's own arguments", "cli": False},
+    )
     # optimisation (reference defaults, DESIGN section 2)
-    epochs: int = 100
-    batch_size: int = 50
-    base_lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = True
+    epochs: int = opt(100, "optimisation", "epochs (default %(default)s)")
+    batch_size: int = opt(
+        50, "optimisation", "batch size per rank under torchrun (default %(default)s)"
+    )
+    base_lr: float = opt(0.1, "optimisation", "learning rate of the head (default %(default)s)")
+    momentum: float = opt(0.9, "optimisation", "SGD momentum (default %(default)s)")
+    weight_decay: float = opt(
+        1e-4, "optimisation", "weight decay on all parameters (default %(default)s)"
+    )
+    nesterov: bool = opt(True, "optimisation", "plain momentum instead of Nesterov's")
     # FreezeOut
-    mode: str = "prefast"
-    t0: float = 0.8
-    how_scale: str = "cubic"
-    scale_lr: bool = True
+    mode: str = opt(
+        "prefast",
+        "FreezeOut",
+        "full: no freezing; freezeout: freeze and recompute; prefast: freeze and cache (default %(default)s)",
+    )
+    t0: float = opt(
+        0.8,
+        "FreezeOut",
+        "fraction of training when the first unit freezes, before scaling (default %(default)s)",
+    )
+    how_scale: str = opt("cubic", "FreezeOut", "scaling of the freeze ramp (default %(default)s)")
+    scale_lr: bool = opt(True, "FreezeOut", "do not scale each unit's initial lr by 1/t_i")
     # cache
-    cache: str = "auto"
-    cache_dir: str | None = None
-    cache_dtype: str = "float16"
-    codec: str = "none"
-    views: int = 1  # README "How many views": more views cost a pass each, no gain measured
-    recache_policy: str = "auto"
-    cache_batch_size: int | None = None  # None: the training batch size
-    cache_memory_fraction: float = 0.5
+    cache: str = opt(
+        "auto",
+        "cache (prefast mode)",
+        "where cached activations live; auto: device if it fits, else ram, else zarr (default %(default)s)",
+    )
+    cache_dir: str | None = opt(
+        None,
+        "cache (prefast mode)",
+        "folder or fsspec URL for zarr stores (default: CHECKPOINT_DIR/cache, else a temporary folder)",
+    )
+    cache_dtype: str = opt(
+        "float16", "cache (prefast mode)", "dtype of cached activations (default %(default)s)"
+    )
+    codec: str = opt(
+        "none",
+        "cache (prefast mode)",
+        "zarr compression (default %(default)s: memory-mapped reads)",
+    )
+    # README "How many views": more views cost a pass each, no gain measured
+    views: int = opt(
+        1,
+        "cache (prefast mode)",
+        "augmented views cached per sample, one drawn per epoch (default %(default)s)",
+    )
+    recache_policy: str = opt(
+        "auto",
+        "cache (prefast mode)",
+        "auto: move the boundary when the measured saving pays; every freeze; or transitions only (default %(default)s)",
+    )
+    cache_batch_size: int | None = opt(
+        None, "cache (prefast mode)", "batch size of cache passes (default: --batch-size)"
+    )
+    cache_memory_fraction: float = opt(
+        0.5,
+        "cache (prefast mode)",
+        "auto tier: the share of free device / host memory a cache may take (default %(default)s)",
+    )
     # machine
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"
-    channels_last: bool = False
-    sync_bn: bool = False  # torchrun on CUDA: SyncBatchNorm in the trainable units
-    dist_timeout: float = 300.0  # seconds a collective may wait for a rank before failing
+    seed: int = opt(
+        0, "machine", "seed of the model, order, augmentation and views (default %(default)s)"
+    )
+    device: str = opt(
+        "auto", "machine", "auto: cuda when available, else cpu (default %(default)s)"
+    )
+    amp: str = opt("none", "machine", "bf16 autocast (CUDA) (default %(default)s)")
+    channels_last: bool = opt(False, "machine", "channels_last memory format (CUDA)")
+    sync_bn: bool = opt(
+        False, "machine", "under torchrun on CUDA: SyncBatchNorm in the trainable units"
+    )
+    dist_timeout: float = opt(
+        300.0, "machine", "seconds a rank waits for the others before failing (default %(default)s)"
+    )
     # outputs
-    metrics: str | None = None
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    eval_batch_size: int = 500
-    progress: bool = True
+    metrics: str | None = opt(
+        None,
+        "outputs",
+        "JSONL file, one record per epoch and a summary; the config is saved beside it",
+    )
+    checkpoint_dir: str | None = opt(None, "outputs", "save a checkpoint every epoch here")
+    resume: bool = opt(False, "outputs", "continue from --checkpoint-dir")
+    eval_batch_size: int = opt(500, "outputs", "batch size of evaluation (default %(default)s)")
+    progress: bool = opt(True, "outputs", "no progress bars")
 
     def __post_init__(self) -> None:
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("mode", self.mode, MODES)
-        _choice("cache", self.cache, CACHE_TIERS)
-        _choice("cache_dtype", self.cache_dtype, CACHE_DTYPES)
-        _choice("codec", self.codec, CODECS)
-        _choice("recache_policy", self.recache_policy, RECACHE_POLICIES)
-        _choice("device", self.device, DEVICES)
-        _choice("amp", self.amp, AMP)
-        _choice("how_scale", self.how_scale, SCALES)
-        _choice("synthetic_shape", self.synthetic_shape, ("cifar", "mnist"))
-        if not isinstance(self.t0, int | float) or not 0.0 < float(self.t0) <= 1.0:
-            raise ConfigError(f"--t0: must be in (0, 1], got {self.t0!r}")
-        if self.views < 1:
-            raise ConfigError(f"--views: must be >= 1, got {self.views}")
-        _positive("views", self.views)
-        _positive("epochs", self.epochs)
-        _positive("batch_size", self.batch_size)
-        if self.cache_batch_size is not None:
-            _positive("cache_batch_size", self.cache_batch_size)
-        _positive("eval_batch_size", self.eval_batch_size)
-        _positive("val_size", self.val_size, minimum=0)
-        _positive("seed", self.seed, minimum=0)
-        if self.num_samples is not None:
-            _positive("num_samples", self.num_samples)
-        if self.subset is not None:
-            _positive("subset", self.subset)
-        if self.dist_timeout <= 0:
-            raise ConfigError(f"--dist-timeout: must be > 0 seconds, got {self.dist_timeout}")
-        if self.base_lr <= 0:
-            raise ConfigError(f"--base-lr: must be > 0, got {self.base_lr}")
-        if not 0.0 < self.cache_memory_fraction <= 1.0:
+        for name, allowed in CHOICES.items():
+            check_choice(_flag(name), getattr(self, name), allowed)
+        check_number("--t0", self.t0, 0.0, 1.0, low_open=True)
+        for name in ("views", "epochs", "batch_size", "eval_batch_size"):
+            check_int(_flag(name), getattr(self, name))
+        for name in ("num_samples", "subset", "cache_batch_size"):
+            if getattr(self, name) is not None:
+                check_int(_flag(name), getattr(self, name))
+        check_int("--val-size", self.val_size, minimum=0)
+        check_int("--seed", self.seed, minimum=0)
+        check_number("--dist-timeout", self.dist_timeout, 0.0, low_open=True)
+        check_number("--base-lr", self.base_lr, 0.0, low_open=True)
+        check_number("--momentum", self.momentum, 0.0, 1.0)
+        check_number("--weight-decay", self.weight_decay, 0.0)
+        check_number("--cache-memory-fraction", self.cache_memory_fraction, 0.0, 1.0, low_open=True)
+        if self.nesterov and self.momentum == 0:
             raise ConfigError(
-                f"--cache-memory-fraction: must be in (0, 1], got {self.cache_memory_fraction}"
+                "--momentum: Nesterov momentum needs --momentum > 0 (or --no-nesterov)"
             )
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume: needs --checkpoint-dir")
+        if not isinstance(self.model_args, dict):
+            raise ConfigError(f"model_args: must be a dict, got {self.model_args!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,4 +194,8 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["CACHE_TIERS", "MODES", "RECACHE_POLICIES", "TrainConfig"]
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+__all__ = ["CACHE_TIERS", "CHOICES", "MODES", "RECACHE_POLICIES", "TrainConfig"]

@@ -19,14 +19,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from prefast.errors import PrefastError
+from prefast.errors import DistributedError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class DistributedError(PrefastError):
-    """A collective failed: another rank died, or the process group timed out."""
 
 
 @dataclass
@@ -35,7 +31,6 @@ class DistContext:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     timeout_s: float = 300.0
     initialized_here: bool = False
@@ -59,7 +54,7 @@ class DistContext:
         if dev.type == "cuda" and world > 1:
             dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
-        ctx = cls(rank, world, local, dev, timeout_s)
+        ctx = cls(rank, world, dev, timeout_s)
         if world > 1 and not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
             try:

@@ -1,6 +1,15 @@
-"""The prefast error family. The CLI turns each into one line on stderr and exit code 2."""
+"""The prefast error family, and the few validators that raise from it.
+
+Every error a user can cause subclasses ``PrefastError(ValueError)``; the CLI turns each into
+one line on stderr and exit code 2 (``DistributedError``, a failed rank rather than bad input,
+exits 1). Messages name the option or field and say what to do.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
 
 
 class PrefastError(ValueError):
@@ -11,12 +20,95 @@ class ConfigError(PrefastError):
     """A bad option value; the message names the option (``--t0: ...``)."""
 
 
+class DataError(PrefastError):
+    """A dataset is unknown, missing, corrupt or has the wrong size; the message says what to do."""
+
+
+class ModelError(PrefastError):
+    """A model was asked for by an unknown name or with bad arguments, or built inconsistently."""
+
+
+class ScheduleError(PrefastError):
+    """A schedule was configured or queried with a bad value."""
+
+
 class CacheError(PrefastError):
     """A cache that cannot be used: another model's store in --cache-dir, a stale fingerprint."""
 
 
 class CheckpointError(PrefastError):
-    """A checkpoint that is missing, unreadable or from another configuration."""
+    """A checkpoint that is missing, unreadable, unsafe or from another configuration."""
 
 
-__all__ = ["CacheError", "CheckpointError", "ConfigError", "PrefastError"]
+class DistributedError(PrefastError):
+    """A collective failed: another rank died, or the process group timed out."""
+
+
+# ---- validators: one definition for config, models and the schedule ----------------------------
+def check_choice(
+    what: str, value: object, allowed: Iterable[object], error: type[PrefastError] = ConfigError
+) -> None:
+    """Raise ``error`` naming ``what`` unless ``value`` is one of ``allowed``."""
+    allowed = list(allowed)
+    if isinstance(value, bool) or value not in allowed:
+        raise error(f"{what}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def check_int(
+    what: str, value: object, minimum: int = 1, error: type[PrefastError] = ConfigError
+) -> int:
+    """``value`` if it is an int >= ``minimum`` (bools refused), else raise ``error``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise error(f"{what}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_number(
+    what: str,
+    value: object,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    error: type[PrefastError] = ConfigError,
+) -> float:
+    """``value`` as a float if it is a finite number in [low, high] (``(low, high]`` with
+    ``low_open``), else raise ``error`` naming ``what``."""
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and value <= high
+    )
+    if not ok:
+        lo = "(" if low_open else "["
+        rng = (
+            f"in {lo}{low:g}, {high:g}]"
+            if math.isfinite(high)
+            else f"{'>' if low_open else '>='} {low:g}"
+        )
+        raise error(f"{what}: must be a finite number {rng}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_bool(what: str, value: Any, error: type[PrefastError] = ConfigError) -> bool:
+    if not isinstance(value, bool):
+        raise error(f"{what}: must be True or False, got {value!r}")
+    return value
+
+
+__all__ = [
+    "CacheError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DistributedError",
+    "ModelError",
+    "PrefastError",
+    "ScheduleError",
+    "check_bool",
+    "check_choice",
+    "check_int",
+    "check_number",
+]

@@ -8,18 +8,32 @@ from types import TracebackType
 
 import torch
 
+from prefast.runtime import synchronize
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """The ``key:  N kB`` line of a /proc file, in bytes; None where it cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
 
 def rss_anon_bytes() -> int:
     """Private (anonymous) resident memory of this process from /proc/self/status, in bytes;
     page cache behind memory maps is not counted. -1 where /proc is unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return -1
+    v = _proc_kib("/proc/self/status", "RssAnon")
+    return -1 if v is None else v
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (bytes); a conservative 1 GiB where unreadable."""
+    v = _proc_kib("/proc/meminfo", "MemAvailable")
+    return (1 << 30) if v is None else v
 
 
 class PeakMemory:
@@ -84,12 +98,6 @@ def peak_device_bytes(device: torch.device, reset: bool = False) -> int:
     return v
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work so wall-clock readings are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Stopwatch:
     """Accumulates seconds across ``with`` blocks, synchronising the device at each edge."""
 
@@ -113,4 +121,11 @@ class Stopwatch:
         self.seconds += time.perf_counter() - self._t0
 
 
-__all__ = ["PeakMemory", "Stopwatch", "peak_device_bytes", "rss_anon_bytes", "synchronize"]
+__all__ = [
+    "PeakMemory",
+    "Stopwatch",
+    "available_host_bytes",
+    "peak_device_bytes",
+    "rss_anon_bytes",
+    "synchronize",
+]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import prefast.data as D
+import prefast.data.readers as R
 from prefast.data import (
     DATASETS,
     Augment,
@@ -124,7 +125,7 @@ def test_failed_download_raises_data_error(tmp_path: Path, monkeypatch: pytest.M
     def offline(name: str, split: str, root: Path) -> None:
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(D, "_download", offline)
+    monkeypatch.setattr(R, "_download", offline)
     with pytest.raises(DataError, match=r"download into .* failed.*--data-root") as err:
         load_dataset("cifar100", "test", data_root=tmp_path, download=True)
     assert isinstance(err.value.__cause__, OSError)
@@ -137,7 +138,7 @@ def test_download_then_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         calls.append((name, split, root))
         write_fake(root, name)
 
-    monkeypatch.setattr(D, "_download", fake_download)
+    monkeypatch.setattr(R, "_download", fake_download)
     data = load_dataset("mnist", "test", data_root=tmp_path, download=True)
     assert len(data) == N_TEST and calls == [("mnist", "test", tmp_path)]
     load_dataset("mnist", "test", data_root=tmp_path, download=True)  # present: no second call
@@ -233,7 +234,7 @@ def test_unknown_names_list_the_known_ones() -> None:
 def test_real_fashion_mnist_from_system_package(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(D, "DEFAULT_DATA_ROOT", tmp_path)  # nothing cached: use the system copy
+    monkeypatch.setattr(R, "DEFAULT_DATA_ROOT", tmp_path)  # nothing cached: use the system copy
     train = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test")
     assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000

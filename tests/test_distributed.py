@@ -63,10 +63,10 @@ def _cache_worker(rank: int, world: int, port: int, out: str, tier: str) -> None
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
     from prefast import TrainConfig
-    from prefast.caching import PassSpec, build_cache
-    from prefast.data import Augment
+    from prefast.cache.build import PassSpec, build_cache
+    from prefast.data import Augment, load_data
     from prefast.distributed import DistContext
-    from prefast.trainer import build_model, load_data
+    from prefast.train import build_model
 
     cfg = TrainConfig(
         dataset="synthetic",

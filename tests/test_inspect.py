@@ -277,7 +277,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     printed = root / "printed.txt"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        _print_summary(result.summary, cfg.cache_dir)
+        _print_summary(result.summary)
     printed.write_text(buf.getvalue())
     return {"store": Path(state["cache"]["path"]), "ckpt": ckpt, "root": root, "printed": printed}
 

@@ -11,7 +11,7 @@ import torch
 
 import store
 from prefast import CheckpointError, TrainConfig, train
-from prefast.caching import measure_store_rates
+from prefast.cache.probes import measure_store_rates
 from prefast.cli import main
 from store import location
 
@@ -146,7 +146,7 @@ def test_checkpoint_round_trips_with_weights_only(tmp_path):
 
 
 def test_load_checkpoint_file_names_a_foreign_file(tmp_path):
-    from prefast.trainer import load_checkpoint_file
+    from prefast.train.checkpoint import load_checkpoint_file
 
     p = tmp_path / "x.pt"
     torch.save({"weights": torch.zeros(2)}, p)

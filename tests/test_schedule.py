@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from prefast.schedule import (
+from prefast.freezeout.schedule import (
     FreezeSchedule,
     ScheduleConfig,
     ScheduleError,

@@ -11,9 +11,9 @@ import torch
 
 import store
 from prefast import CacheError, TrainConfig, train
-from prefast.caching import CostModel, plan_boundaries, plan_boundary
+from prefast.cache.plan import CostModel, plan_boundaries, plan_boundary
 from prefast.cli import main
-from prefast.trainer import Trainer
+from prefast.train import Trainer
 
 TINY = dict(
     dataset="synthetic",

@@ -7,8 +7,9 @@
 (9, (1, 4, 7))
 """
 
+from prefast.errors import ModelError
 from prefast.models import densenet, vgg, wrn  # noqa: F401  (registers the factories)
 from prefast.models.base import UnitModel
-from prefast.models.registry import ModelError, create_model, list_models, register_model
+from prefast.models.registry import create_model, list_models, register_model
 
 __all__ = ["ModelError", "UnitModel", "create_model", "list_models", "register_model"]

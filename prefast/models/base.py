@@ -7,7 +7,6 @@ first ``b`` units: ``b = 0`` is the input, ``b = num_units`` is what the head se
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from prefast.errors import ModelError
 
 
 class UnitModel(nn.Module):
@@ -42,18 +41,18 @@ class UnitModel(nn.Module):
     ) -> None:
         super().__init__()
         if len(units) == 0:
-            raise ValueError("UnitModel needs at least one unit, got none")
+            raise ModelError("UnitModel needs at least one unit, got none")
         if len(unit_names) != len(units):
-            raise ValueError(
+            raise ModelError(
                 f"UnitModel got {len(units)} units but {len(unit_names)} unit_names; "
                 "give exactly one name per unit"
             )
         if len(set(unit_names)) != len(unit_names):
             dupes = sorted({n for n in unit_names if list(unit_names).count(n) > 1})
-            raise ValueError(f"UnitModel unit_names must be unique, duplicated: {dupes}")
+            raise ModelError(f"UnitModel unit_names must be unique, duplicated: {dupes}")
         bad = [i for i in transition_after if not 0 <= i < len(units)]
         if bad:
-            raise ValueError(
+            raise ModelError(
                 f"UnitModel transition_after must hold unit indices in 0..{len(units) - 1}, "
                 f"got {bad}"
             )
@@ -70,7 +69,7 @@ class UnitModel(nn.Module):
 
     def _check_boundary(self, what: str, b: int) -> None:
         if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= self.num_units:
-            raise ValueError(f"{what} must be an int in 0..{self.num_units}, got {b!r}")
+            raise ModelError(f"{what} must be an int in 0..{self.num_units}, got {b!r}")
 
     def forward_range(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Run ``units[start:stop]`` on ``h`` (the activation at boundary ``start``).
@@ -79,7 +78,7 @@ class UnitModel(nn.Module):
         """
         n = len(self.units)
         if not 0 <= start <= stop <= n:
-            raise ValueError(
+            raise ModelError(
                 f"forward_range needs 0 <= start <= stop <= num_units, "
                 f"got start={start}, stop={stop}, num_units={n}"
             )
@@ -128,6 +127,17 @@ class UnitModel(nn.Module):
         with self._probe():
             h = self.forward_range(self._dummy(input_shape), 0, b)  # (1, C, H, W)
         return tuple(h.shape[1:])
+
+    def boundary_shapes(self, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """Per-sample shape after ``units[0:b]`` for every ``b = 1 .. num_units``, from one
+        eval-mode pass of a single dummy sample (training flags restored)."""
+        shapes = []
+        with self._probe():
+            h = self._dummy(input_shape)
+            for u in self.units:
+                h = u(h)
+                shapes.append(tuple(h.shape[1:]))
+        return shapes
 
     def unit_costs(self, input_shape: Sequence[int]) -> list[int]:
         """Forward multiply-accumulates per sample of each unit, the head last.

@@ -1,29 +1,30 @@
-"""Model registry: explicit factories registered by name.
+"""Model registry: explicit factories registered by name, and the one builder they end in.
 
 A factory takes keyword-only arguments ``num_classes``, ``in_channels``, ``image_size`` plus
-its own architecture knobs and returns a `UnitModel`. Register it with `register_model`.
+its own architecture knobs, checks them with :func:`check_common` and the validators of
+``prefast.errors``, lists its units and returns :func:`build` of them. Register it with
+:func:`register_model`.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from prefast.models.base import UnitModel
+from torch import nn
+
+from prefast.errors import ModelError, check_int
+from prefast.models.base import UnitModel, reference_init_
 
 logger = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-    """A model was asked for by an unknown name or with bad arguments."""
-
 
 Factory = Callable[..., UnitModel]
 F = TypeVar("F", bound=Factory)
 
 _REGISTRY: dict[str, Factory] = {}
+_COMMON = ("num_classes", "in_channels", "image_size")
 
 
 def register_model(name: str) -> Callable[[F], F]:
@@ -79,21 +80,30 @@ def create_model(
     return model
 
 
-_COMMON = ("num_classes", "in_channels", "image_size")
+def check_common(
+    name: str, num_classes: int, in_channels: int, image_size: int, min_size: int = 1
+) -> None:
+    """Validate the arguments every factory takes; errors name the model and the field."""
+    check_int(f"{name}: num_classes", num_classes, error=ModelError)
+    check_int(f"{name}: in_channels", in_channels, error=ModelError)
+    check_int(f"{name}: image_size", image_size, minimum=min_size, error=ModelError)
 
 
-def check_positive_int(model: str, field: str, value: object, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int >= ``minimum``, else raise `ModelError` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelError(f"{model}: {field} must be an int >= {minimum}, got {value!r}")
-    return value
+def build(
+    name: str,
+    units: Sequence[nn.Module],
+    unit_names: Sequence[str],
+    head: nn.Module,
+    transition_after: Sequence[int],
+    **config: Any,
+) -> UnitModel:
+    """The shared tail of every factory: the `UnitModel` with its JSON-able config
+    (``{"name": name, **config}``, used in fingerprints) and the reference initialisation."""
+    model = UnitModel(
+        units, head, unit_names, transition_after=transition_after, config={"name": name, **config}
+    )
+    reference_init_(model)
+    return model
 
 
-def check_choice(model: str, field: str, value: object, allowed: Iterable[object]) -> None:
-    """Raise `ModelError` naming ``field`` unless ``value`` is one of ``allowed``."""
-    allowed = list(allowed)
-    if isinstance(value, bool) or value not in allowed:
-        raise ModelError(f"{model}: {field} must be one of {allowed}, got {value!r}")
-
-
-__all__ = ["ModelError", "create_model", "list_models", "register_model"]
+__all__ = ["ModelError", "build", "check_common", "create_model", "list_models", "register_model"]

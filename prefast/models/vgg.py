@@ -8,14 +8,11 @@ average pool (a no-op at 1x1) - flatten - Linear(512, num_classes).
 
 from __future__ import annotations
 
-import logging
-
 from torch import nn
 
-from prefast.models.base import UnitModel, reference_init_
-from prefast.models.registry import check_choice, check_positive_int, register_model
-
-logger = logging.getLogger(__name__)
+from prefast.errors import ModelError, check_choice
+from prefast.models.base import UnitModel
+from prefast.models.registry import build, check_common, register_model
 
 _NAME = "vgg"
 
@@ -47,10 +44,8 @@ def vgg(
         image_size: input height = width.
         depth: 11, 13, 16 or 19.
     """
-    check_positive_int(_NAME, "num_classes", num_classes)
-    check_positive_int(_NAME, "in_channels", in_channels)
-    check_positive_int(_NAME, "image_size", image_size)
-    check_choice(_NAME, "depth", depth, sorted(_STAGES))
+    check_common(_NAME, num_classes, in_channels, image_size)
+    check_choice(f"{_NAME}: depth", depth, sorted(_STAGES), error=ModelError)
 
     units: list[nn.Module] = []
     names: list[str] = []
@@ -71,16 +66,17 @@ def vgg(
             channels = width
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
 
-    config = {
-        "name": _NAME,
-        "num_classes": num_classes,
-        "in_channels": in_channels,
-        "image_size": image_size,
-        "depth": depth,
-    }
-    model = UnitModel(units, head, names, transition_after=transition_after, config=config)
-    reference_init_(model)
-    return model
+    return build(
+        _NAME,
+        units,
+        names,
+        head,
+        transition_after,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        depth=depth,
+    )
 
 
 __all__ = ["vgg"]

@@ -12,13 +12,12 @@ Pure Python: no torch needed.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from prefast.errors import ScheduleError, check_bool, check_choice, check_int, check_number
 
 MODES = ("full", "freezeout", "prefast")
 """``full``: no freezing, every unit anneals over the whole run; ``freezeout``: freeze and
@@ -32,26 +31,17 @@ _SCALES: dict[str, Callable[[float], float]] = {
 SCALES = tuple(_SCALES)
 
 
-class ScheduleError(ValueError):
-    """A schedule was configured or queried with a bad value."""
-
-
 def _check_t0(t0: object) -> float:
-    if isinstance(t0, bool) or not isinstance(t0, int | float) or not 0 < t0 <= 1:
-        raise ScheduleError(f"t0 must be a number in (0, 1], got {t0!r}")
-    return float(t0)
+    return check_number("t0", t0, 0, 1, low_open=True, error=ScheduleError)
 
 
 def _check_scale(how_scale: object) -> Callable[[float], float]:
-    if not isinstance(how_scale, str) or how_scale not in _SCALES:
-        raise ScheduleError(f"how_scale must be one of {list(SCALES)}, got {how_scale!r}")
-    return _SCALES[how_scale]
+    check_choice("how_scale", how_scale, SCALES, error=ScheduleError)
+    return _SCALES[str(how_scale)]
 
 
 def _check_count(field: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ScheduleError(f"{field} must be an int >= 1, got {value!r}")
-    return value
+    return check_int(field, value, error=ScheduleError)
 
 
 def unit_t(num_units: int, t0: float, how_scale: str) -> tuple[float, ...]:
@@ -85,21 +75,12 @@ class ScheduleConfig:
     base_lr: float = 0.1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.mode, str) or self.mode not in MODES:
-            raise ScheduleError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        check_choice("mode", self.mode, MODES, error=ScheduleError)
         object.__setattr__(self, "t0", _check_t0(self.t0))
         _check_scale(self.how_scale)
-        if not isinstance(self.scale_lr, bool):
-            raise ScheduleError(f"scale_lr must be True or False, got {self.scale_lr!r}")
-        lr = self.base_lr
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, int | float)
-            or not math.isfinite(lr)
-            or lr <= 0
-        ):
-            raise ScheduleError(f"base_lr must be a finite number > 0, got {lr!r}")
-        object.__setattr__(self, "base_lr", float(lr))
+        check_bool("scale_lr", self.scale_lr, error=ScheduleError)
+        lr = check_number("base_lr", self.base_lr, 0, low_open=True, error=ScheduleError)
+        object.__setattr__(self, "base_lr", lr)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict; `from_dict` inverts it."""

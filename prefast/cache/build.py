@@ -1,0 +1,218 @@
+"""Building a cache: one pass over every sample and view through the frozen units into a
+sink (a Zarr store, host RAM or device memory), and the ``Cache`` that results.
+
+A cache at boundary ``b`` holds ``units[0:b]``'s output for every training sample and view,
+computed **after** the freeze, in eval mode, under no_grad, from the final frozen weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import store
+from prefast.data import Augment, ImageData, make_batch, view_key
+from prefast.distributed import DistContext
+from prefast.errors import CacheError
+from prefast.models import UnitModel
+from prefast.runtime import TORCH_DTYPES, autocast, synchronize
+from store import location
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Cache:
+    """A built cache: its boundary, tier, source for the loader, and provenance."""
+
+    boundary: int
+    tier: str  # "device" | "ram" | "zarr"
+    source: Any  # store.ActivationStore | store.RamCache | store.DeviceCache
+    fingerprint: str
+    path: Path | str | None = None  # a local path or an fsspec URL
+    build_seconds: float = 0.0
+    write_rate: float = 0.0  # bytes/s achieved by the pass that built it
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.source.nbytes)
+
+    def delete(self, remove_files: bool = True) -> None:
+        """Release the cache; a zarr store is removed from disk when ``remove_files`` (under
+        torchrun only rank 0 removes the shared store)."""
+        if isinstance(self.source, store.ActivationStore):
+            self.source.close()
+        if (
+            remove_files
+            and self.tier == "zarr"
+            and self.path is not None
+            and location.exists(self.path)
+        ):
+            location.remove_store(self.path)
+            log.info("deleted superseded store %s", self.path)
+        self.source = None
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """How to compute a cache: the image side and the target's format."""
+
+    train: ImageData
+    augment: Augment
+    views: int
+    seed: int
+    dtype: str
+    codec: str | None
+    batch_size: int
+    amp: str
+    channels_last: bool
+
+
+def _open_sink(
+    tier: str,
+    path: Path | str | None,
+    n: int,
+    spec: PassSpec,
+    sample_shape: tuple[int, ...],
+    chunk: int,
+    device: torch.device,
+    meta: dict[str, Any],
+    dist: DistContext,
+) -> Any:
+    if tier == "zarr":
+        if path is None:
+            raise CacheError("a zarr cache needs a store path")
+        kw: dict[str, Any] = dict(
+            sample_shape=sample_shape,
+            num_samples=n,
+            views=spec.views,
+            dtype=spec.dtype,
+            codec=spec.codec,
+            chunk_samples=chunk,
+            meta=meta,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        # rank 0 creates the store; the others join it once it exists
+        w = store.create(path, overwrite=True, **kw) if dist.is_main else None
+        dist.barrier("creating the store")
+        return w if w is not None else store.create(path, resume=True, **kw)
+    if tier == "device":
+        return store.DeviceCache.empty(
+            n, spec.views, sample_shape, spec.dtype, device=device, meta=meta
+        )
+    return store.RamCache.empty(n, spec.views, sample_shape, spec.dtype, pin=False, meta=meta)
+
+
+def build_cache(
+    model: UnitModel,
+    boundary: int,
+    prev: Cache | None,
+    spec: PassSpec,
+    tier: str,
+    path: Path | str | None,
+    device: torch.device,
+    fp: str,
+    meta: dict[str, Any],
+    progress: bool = True,
+    dist: DistContext | None = None,
+) -> Cache:
+    """One pass over every sample and view: ``units[b_prev:boundary]`` in eval mode, under
+    no_grad, from the previous cache (or the images when there is none), into a new tier.
+
+    The pass walks the store's chunks (``chunk_samples`` from the store's default chunking),
+    each in batches of ``spec.batch_size``. Under torchrun rank ``r`` computes the chunks
+    ``c % world_size == r`` of every view: a zarr store gets disjoint chunk files from each rank
+    and rank 0 marks it complete after a barrier; an in-memory tier is completed on every rank
+    by broadcasting each chunk from the rank that computed it. The batches are the same
+    whatever the number of ranks, so the cache is bit-identical to a single process's."""
+    dist = dist or DistContext()
+    b0 = prev.boundary if prev is not None else 0
+    if not b0 < boundary <= model.num_units:
+        raise CacheError(f"cannot build a cache at boundary {boundary} from boundary {b0}")
+    for i, u in enumerate(model.units[:boundary]):
+        if u.training or any(p.requires_grad for p in u.parameters()):
+            raise CacheError(
+                f"unit {model.unit_names[i]} is not frozen; caches hold frozen units only"
+            )
+    n = len(spec.train)
+    in_shape = tuple(spec.train.images.shape[1:])
+    sample_shape = model.boundary_shape(boundary, in_shape)
+    chunk = store.layout.default_chunk_samples(sample_shape, spec.dtype, n)
+    num_chunks = -(-n // chunk)
+    mine = range(dist.rank, num_chunks, dist.world_size)
+    labels = spec.train.labels
+    t0 = time.perf_counter()
+    sink = _open_sink(tier, path, n, spec, sample_shape, chunk, device, meta, dist)
+    bs = spec.batch_size
+    bar = tqdm(
+        total=spec.views * sum(math.ceil((min((c + 1) * chunk, n) - c * chunk) / bs) for c in mine),
+        desc=f"cache pass -> {model.unit_names[boundary - 1]} ({tier})",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        with sink, torch.no_grad(), autocast(device, spec.amp):
+            for v in range(spec.views):
+                aug = (
+                    spec.augment.params(view_key(spec.seed, v), n)
+                    if not spec.augment.identity
+                    else None
+                )
+                for c in mine:
+                    for start in range(c * chunk, min((c + 1) * chunk, n), bs):
+                        idx = np.arange(start, min(start + bs, (c + 1) * chunk, n))
+                        if prev is None:
+                            h, _ = make_batch(spec.train, idx, aug, device)
+                        else:
+                            h = prev.source.read(v, idx).to(device, non_blocking=True).float()
+                        if spec.channels_last and h.dim() == 4:
+                            h = h.contiguous(memory_format=torch.channels_last)
+                        out = model.forward_range(h, b0, boundary)
+                        sink.write(v, start, out.contiguous(), labels[start : start + len(idx)])
+                        bar.update(1)
+    finally:
+        bar.close()
+    synchronize(device)
+    if dist.enabled:
+        if tier == "zarr":
+            dist.barrier("finishing the sharded store")
+            if dist.is_main and path is not None:
+                store.finalize(path)
+            dist.barrier("marking the store complete")
+        else:
+            for v in range(spec.views):
+                for c in range(num_chunks):
+                    dist.broadcast_tensor(
+                        sink.data[v, c * chunk : min((c + 1) * chunk, n)],
+                        src=c % dist.world_size,
+                        what="sharing the cache",
+                    )
+            sink.labels.copy_(labels)
+    seconds = time.perf_counter() - t0
+    source: Any = store.open(path) if path is not None else sink
+    nbytes = spec.views * n * math.prod(sample_shape) * TORCH_DTYPES[spec.dtype].itemsize
+    log.info(
+        "cached boundary %d (%s) for %d samples x %d views: %s, %.1f MiB in %.2f s",
+        boundary,
+        model.unit_names[boundary - 1],
+        n,
+        spec.views,
+        tier if path is None else f"{tier} at {path}",
+        nbytes / 2**20,
+        seconds,
+    )
+    return Cache(boundary, tier, source, fp, path, seconds, nbytes / max(seconds, 1e-9), meta)
+
+
+__all__ = ["Cache", "PassSpec", "build_cache"]

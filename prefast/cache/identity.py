@@ -1,0 +1,136 @@
+"""What a cache is: its fingerprint, its provenance, where its store lives, and whether a
+store on disk is one this run may reuse (DESIGN section 3, staleness)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import store
+from prefast.errors import CacheError
+from prefast.models import UnitModel
+from store import location
+
+log = logging.getLogger(__name__)
+
+STORE_PREFIX = "boundary-"
+
+
+def update_digest(h: Any, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Feed ``(name, tensor)`` pairs into the hash ``h``: each name, then the tensor's raw
+    bytes (on the host, contiguous)."""
+    for name, t in items:
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of ``module`` (e.g. to compare ranks)."""
+    h = hashlib.sha256()
+    update_digest(h, sorted(module.state_dict().items()))
+    return h.hexdigest()
+
+
+def fingerprint(
+    model: UnitModel, boundary: int, data_desc: dict[str, Any], cache_desc: dict[str, Any]
+) -> str:
+    """SHA-256 over what produced a cache: the architecture, the boundary, the frozen units'
+    weights and buffers, the data (dataset, split, subset, transform) and the cache's views,
+    seeds and dtype."""
+    h = hashlib.sha256()
+    head = {"model": model.config, "boundary": boundary, "data": data_desc, "cache": cache_desc}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for i in range(boundary):
+        update_digest(h, ((f"{i}.{k}", t) for k, t in sorted(model.units[i].state_dict().items())))
+    return h.hexdigest()
+
+
+def provenance(
+    model: UnitModel, boundary: int, data_desc: dict[str, Any], cache_desc: dict[str, Any], fp: str
+) -> dict[str, Any]:
+    """The JSON-able ``meta`` of a store: readable provenance plus the fingerprint."""
+    return {
+        "model": model.config,
+        "boundary": boundary,
+        "boundary_unit": model.unit_names[boundary - 1],
+        "data": data_desc,
+        **cache_desc,
+        "fingerprint": fp,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+# keys of a store's meta that are provenance rather than the cache description
+PROVENANCE_KEYS = ("model", "boundary", "boundary_unit", "data", "fingerprint", "created")
+
+
+def store_path(cache_dir: Path | str, boundary: int) -> Path | str:
+    """The store of boundary ``boundary`` in a cache folder (a local path or an fsspec URL)."""
+    return location.join(cache_dir, f"{STORE_PREFIX}{boundary:03d}")
+
+
+def check_cache_dir(cache_dir: Path | str, model_config: dict[str, Any]) -> None:
+    """Refuse a cache folder that holds another model's stores (never used silently)."""
+    local = location.as_local(cache_dir)
+    if local is not None and local.exists() and not local.is_dir():
+        raise CacheError(f"--cache-dir: {cache_dir} exists and is not a directory")
+    for child in location.children(cache_dir):
+        if not location.is_store(child):
+            continue
+        try:
+            s = store.open(child, partial=True)
+        except store.StoreError as e:
+            raise CacheError(
+                f"--cache-dir: {child} is not a usable store ({e}); remove it or use another --cache-dir"
+            ) from None
+        other = s.meta.get("model")
+        if other is not None and other != model_config:
+            raise CacheError(
+                f"--cache-dir: {cache_dir} holds a store from another model ({os.path.basename(os.fspath(child))}: "
+                f"{other.get('name', other)} {_short(other)}, this run: {model_config.get('name')} "
+                f"{_short(model_config)}); use another --cache-dir or remove that store"
+            )
+
+
+def _short(cfg: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "name")
+
+
+def open_matching(path: Path | str, fp: str) -> store.ActivationStore | None:
+    """The complete store at ``path`` if its fingerprint equals ``fp``, else None (with a log
+    line saying why)."""
+    if not location.is_store(path):
+        return None
+    try:
+        s = store.open(path)
+    except store.StoreError as e:
+        log.warning("store %s cannot be reused (%s); rebuilding it", path, e)
+        return None
+    if s.meta.get("fingerprint") != fp:
+        log.warning(
+            "store %s was built from other weights or data (fingerprint differs); rebuilding it",
+            path,
+        )
+        return None
+    return s
+
+
+__all__ = [
+    "PROVENANCE_KEYS",
+    "STORE_PREFIX",
+    "check_cache_dir",
+    "fingerprint",
+    "open_matching",
+    "provenance",
+    "state_digest",
+    "store_path",
+    "update_digest",
+]

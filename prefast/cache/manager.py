@@ -1,0 +1,374 @@
+"""What the trainer asks of the cache: where the boundary is, when it moves, the batches it
+serves, and what a checkpoint records of it.
+
+``CacheManager`` owns the run's cache: its folder (``--cache-dir``, ``CHECKPOINT_DIR/cache``
+or a temporary folder), the current ``Cache``, the planner's decisions, superseded stores
+that a checkpoint may still name, and the clean-up at the end. The trainer owns the frontier
+and tells the manager when units freeze (``on_freeze``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import store
+from prefast.cache.build import Cache, PassSpec, build_cache
+from prefast.cache.identity import (
+    check_cache_dir,
+    fingerprint,
+    open_matching,
+    provenance,
+    store_path,
+)
+from prefast.cache.plan import CostModel, choose_tier, plan_boundaries, plan_boundary
+from prefast.cache.probes import (
+    free_memory,
+    measure_store_rates,
+    measure_tier_rates,
+    measure_unit_forward,
+)
+from prefast.config import TrainConfig
+from prefast.data import Augment, Datasets, epoch_key, make_batch
+from prefast.distributed import DistContext
+from prefast.freezeout import FreezeSchedule
+from prefast.models import UnitModel
+from prefast.runtime import TORCH_DTYPES, autocast, synchronize
+from store import location
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x, y, sample ids (host int64)
+
+
+class CacheManager:
+    """The cache of one ``prefast`` run (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: UnitModel,
+        data: Datasets,
+        augment: Augment,
+        views: int,
+        schedule: FreezeSchedule,
+        dist: DistContext,
+        progress: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.data = data
+        self.augment = augment
+        self.views = views
+        self.schedule = schedule
+        self.dist = dist
+        self.device = dist.device
+        self.progress = progress
+        self.cache: Cache | None = None
+        self.seconds = 0.0  # spent building caches, all passes of the run
+        self.cost: CostModel | None = None
+        self._auto_plan: dict[int, int] | None = None  # iteration -> boundary (auto policy)
+        self._superseded: list[Cache] = []
+        self._tmp_dir: Path | None = None
+        self.cache_dir = self._resolve_cache_dir()
+        self.input_shape = tuple(data.train.images.shape[1:])
+        # bytes per sample at each boundary: the fp32 image at 0, the cache dtype after
+        itemsize = torch.tensor([], dtype=TORCH_DTYPES[cfg.cache_dtype]).element_size()
+        self.sample_bytes = [math.prod(self.input_shape) * 4] + [
+            math.prod(shape) * itemsize for shape in model.boundary_shapes(self.input_shape)
+        ]
+        if self.cache_dir is not None and dist.is_main:
+            check_cache_dir(self.cache_dir, model.config)
+
+    # ---- where stores live --------------------------------------------------------------------
+    def _resolve_cache_dir(self) -> Path | str | None:
+        if self.cfg.cache_dir is not None:
+            # a local Path (a file:// URL included), else the fsspec URL as given
+            return location.as_local(self.cfg.cache_dir) or self.cfg.cache_dir
+        if self.cfg.checkpoint_dir is not None:
+            return Path(self.cfg.checkpoint_dir) / "cache"
+        return None  # a temporary directory is made if the zarr tier is used
+
+    def _zarr_dir(self) -> Path | str:
+        if self.cache_dir is None:
+            # one folder for all ranks (on one node; several nodes need a shared --cache-dir)
+            made = tempfile.mkdtemp(prefix="prefast-cache-") if self.dist.is_main else None
+            self._tmp_dir = Path(self.dist.broadcast_object(made, "sharing the cache folder"))
+            self.cache_dir = self._tmp_dir
+        location.make_dirs(self.cache_dir)
+        return self.cache_dir
+
+    # ---- the current cache ----------------------------------------------------------------------
+    @property
+    def boundary(self) -> int:
+        return self.cache.boundary if self.cache is not None else 0
+
+    @property
+    def kept_path(self) -> str | None:
+        """The current store's location when it outlives the run (not in a temporary folder)."""
+        c = self.cache
+        if c is None or c.path is None or self._tmp_dir is not None:
+            return None
+        return str(c.path)
+
+    def _cache_desc(self) -> dict[str, Any]:
+        return {"views": self.views, "view_seed": self.cfg.seed, "dtype": self.cfg.cache_dtype}
+
+    def _fingerprint(self, b: int) -> str:
+        return fingerprint(self.model, b, self.data.desc, self._cache_desc())
+
+    def _pass_spec(self) -> PassSpec:
+        cfg = self.cfg
+        return PassSpec(
+            train=self.data.train,
+            augment=self.augment,
+            views=self.views,
+            seed=cfg.seed,
+            dtype=cfg.cache_dtype,
+            codec=None if cfg.codec == "none" else cfg.codec,
+            batch_size=cfg.cache_batch_size or cfg.batch_size,
+            amp=cfg.amp,
+            channels_last=cfg.channels_last,
+        )
+
+    def _cache_nbytes(self, b: int) -> int:
+        return len(self.data.train) * self.views * self.sample_bytes[b]
+
+    def _tier_for(self, b: int) -> str:
+        free_device, free_host = free_memory(self.device)
+        tier = choose_tier(
+            self.cfg.cache,
+            self._cache_nbytes(b),
+            self.device.type,
+            self.cfg.cache_memory_fraction,
+            free_device,
+            free_host,
+        )
+        return tier
+
+    # ---- deciding ---------------------------------------------------------------------------------
+    def on_freeze(self, j: int, frontier: int) -> bool:
+        """Units froze at iteration ``j`` (the frontier is now ``frontier``): move the boundary
+        if the policy says so. True when the batch source changed."""
+        b_new = self._planned_boundary(j, frontier)
+        if b_new > self.boundary:
+            self._recache(b_new, j)
+            return True
+        return False
+
+    def _planned_boundary(self, j: int, frontier: int) -> int:
+        """The policy's boundary, decided on rank 0 (costs and free memory differ between ranks;
+        decisions must not)."""
+        plan = self._plan_on_this_rank(j, frontier) if self.dist.is_main else None
+        return int(self.dist.broadcast_object(plan, "sharing the re-caching decision"))
+
+    def _plan_on_this_rank(self, j: int, frontier: int) -> int:
+        b = self.boundary
+        policy = self.cfg.recache_policy
+        if policy != "auto":
+            return plan_boundary(policy, b, frontier, self.model.cut_points)
+        if frontier <= b:
+            return b
+        if self._auto_plan is None or j not in self._auto_plan:
+            # Plan the rest of the run once, from costs measured now (DESIGN section 4).
+            if self.cost is None:
+                self.cost = self._measure_costs(j, frontier)
+            events = self._freeze_events(j)
+            bounds = plan_boundaries(
+                events,
+                self.schedule.total_iterations,
+                self.cfg.batch_size,
+                len(self.data.train) // self.dist.world_size,  # each rank's share of a pass
+                self.views,
+                self.cost,
+                self.sample_bytes,
+                self._tier_for,
+                boundary=b,
+                tier=self.cache.tier if self.cache is not None else None,
+            )
+            self._auto_plan = {it: bb for (it, _), bb in zip(events, bounds, strict=True)}
+            log.info("iteration %d: re-caching plan (iteration: boundary) %s", j, self._auto_plan)
+        return max(b, self._auto_plan[j])
+
+    def _freeze_events(self, j: int) -> list[tuple[int, int]]:
+        """(iteration, frontier) of every freeze from iteration j on, the current one first."""
+        its = sorted(
+            {it for it in self.schedule.freeze_iterations() if it is not None and it >= j} | {j}
+        )
+        return [(it, self.schedule.frozen_count(it)) for it in its]
+
+    def _measure_costs(self, j: int, frontier: int) -> CostModel:
+        """Per-sample costs measured now on this device (DESIGN section 4)."""
+        cfg, train = self.cfg, self.data.train
+        idx = np.arange(min(cfg.batch_size, len(train)))
+        aug = (
+            None
+            if self.augment.identity
+            else self.augment.params(epoch_key(cfg.seed, 0), len(train))
+        )
+        times = []
+        x = torch.empty(0)
+        for _ in range(3):
+            t = time.perf_counter()
+            x, _ = make_batch(train, idx, aug, self.device)
+            synchronize(self.device)
+            times.append(time.perf_counter() - t)
+        image = sorted(times)[1] / len(idx)  # median of 3
+        with autocast(self.device, cfg.amp):
+            unit_fwd = measure_unit_forward(self.model, x, self.model.num_units, self.device)
+        shape = self.model.boundary_shape(max(1, frontier), self.input_shape)
+        rates = measure_tier_rates(shape, cfg.cache_dtype, self.device, cfg.batch_size)
+        if cfg.cache in ("zarr", "auto") and any(
+            self._tier_for(b) == "zarr" for b in range(1, self.model.num_units + 1)
+        ):
+            rates["zarr"] = measure_store_rates(
+                self.device,
+                self._zarr_dir(),
+                shape,
+                cfg.cache_dtype,
+                None if cfg.codec == "none" else cfg.codec,
+                cfg.batch_size,
+            )
+        else:
+            rates["zarr"] = rates["ram"]
+        write = {k: v[0] for k, v in rates.items()}
+        read = {k: v[1] for k, v in rates.items()}
+        cost = CostModel(unit_fwd=unit_fwd, image=image, read_rate=read, write_rate=write)
+        log.info(
+            "iteration %d: measured costs per sample: image %.1f us, forward %s us, read MB/s %s, write MB/s %s",
+            j,
+            image * 1e6,
+            [round(t * 1e6, 1) for t in unit_fwd],
+            {k: round(v / 1e6) for k, v in read.items()},
+            {k: round(v / 1e6) for k, v in write.items()},
+        )
+        return cost
+
+    # ---- building ---------------------------------------------------------------------------------
+    def _recache(self, b_new: int, j: int) -> None:
+        prev = self.cache
+        tier = self.dist.broadcast_object(
+            self._tier_for(b_new) if self.dist.is_main else None, "sharing the cache tier"
+        )
+        path = store_path(self._zarr_dir(), b_new) if tier == "zarr" else None
+        fp = self._fingerprint(b_new)
+        meta = self.dist.broadcast_object(
+            provenance(self.model, b_new, self.data.desc, self._cache_desc(), fp)
+            if self.dist.is_main
+            else None,
+            "sharing the store's provenance",
+        )
+        cache = build_cache(
+            self.model,
+            b_new,
+            prev,
+            self._pass_spec(),
+            tier,
+            path,
+            self.device,
+            fp,
+            meta,
+            self.progress,
+            self.dist,
+        )
+        self.seconds += cache.build_seconds
+        if self.cost is not None and tier == "zarr":
+            self.cost.write_rate["zarr"] = cache.write_rate
+        self.cache = cache
+        if prev is not None:
+            if prev.tier == "zarr" and self.cfg.checkpoint_dir is not None:
+                # The last checkpoint may still name this store: delete it once the next
+                # checkpoint names its successor.
+                self._superseded.append(prev)
+            else:
+                prev.delete(remove_files=self.dist.is_main)  # superseded: its successor is complete
+        log.info(
+            "iteration %d: cache boundary %d -> %d (%s)",
+            j,
+            prev.boundary if prev else 0,
+            b_new,
+            tier,
+        )
+
+    # ---- batches ----------------------------------------------------------------------------------
+    def batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        """This rank's batches of the epoch from batch ``start`` on, read from the cache:
+        x (B, *sample_shape) float32 on the device, y (B,) on the device, ids (B,) on the host."""
+        if self.cache is None:
+            raise RuntimeError("CacheManager.batches() before any cache was built")
+        loader = store.StoreLoader(
+            self.cache.source,
+            batch_size=self.cfg.batch_size,
+            shuffle=True,
+            seed=self.cfg.seed,
+            device=self.device,
+            # On a CPU device a prefetch thread competes with the compute threads for the same
+            # cores; on CUDA it overlaps the host gather and copy with the GPU's work.
+            prefetch=2 if self.device.type == "cuda" else 0,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            with_indices=True,
+        )
+        loader.set_epoch(epoch, start_batch=start)
+        with loader:
+            for x, y, ids in loader:
+                yield x.float(), y, ids
+
+    # ---- checkpoints and the end of the run -------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """What a checkpoint records of the cache (None before the first cache)."""
+        c = self.cache
+        if c is None:
+            return None
+        return {
+            "boundary": c.boundary,
+            "tier": c.tier,
+            "path": str(c.path) if c.path else None,
+            "fingerprint": c.fingerprint,
+        }
+
+    def restore(self, info: dict[str, Any]) -> None:
+        """On resume: reuse the checkpoint's store when its fingerprint matches, else rebuild."""
+        b = int(info["boundary"])
+        fp = self._fingerprint(b)
+        path = info.get("path") or None
+        if info.get("tier") == "zarr" and path is not None:
+            s = open_matching(path, fp)
+            if s is not None:
+                self.cache = Cache(b, "zarr", s, fp, path, meta=s.meta)
+                log.info("resume: reusing store %s (fingerprint matches)", path)
+                return
+        log.info(
+            "resume: rebuilding the cache at boundary %d (%s tier not reusable)",
+            b,
+            info.get("tier"),
+        )
+        self._recache(b, -1)
+
+    def release_superseded(self) -> None:
+        """Delete the stores no checkpoint names any more (after a checkpoint, or at the end)."""
+        for c in self._superseded:
+            c.delete(remove_files=self.dist.is_main)
+        self._superseded.clear()
+
+    def close(self) -> None:
+        """Remove the temporary cache folder, if one was made (a kept --cache-dir stays)."""
+        if self._tmp_dir is not None:
+            self.dist.barrier("finishing with the temporary cache")
+            if self.cache is not None:
+                self.cache.delete(remove_files=self.dist.is_main)
+                self.cache = None
+            if self.dist.is_main:
+                shutil.rmtree(self._tmp_dir, ignore_errors=True)
+
+
+__all__ = ["CacheManager"]

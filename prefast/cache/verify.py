@@ -1,0 +1,244 @@
+"""Checking a store against a training checkpoint: ``prefast verify STORE --checkpoint CK``.
+
+First every chunk is checked against its write-time checksum (``store.verify``). Then:
+
+1. the store's ``meta`` fingerprint is recomputed from the checkpoint's weights of
+   ``units[0:boundary]`` and the store's recorded data and cache description (exactly what
+   ``prefast.cache.identity.fingerprint`` hashed when the store was written); a mismatch fails
+   with "checkpoint does not match the store's fingerprint" and nothing is recomputed;
+2. the checkpoint's config must load the same training data (same description, same labels);
+3. ``samples`` random samples (seeded by ``seed``) of every view are recomputed as the cache
+   pass made view ``v``: the training images with the view's augmentation
+   ``Augment.from_spec(spec, cfg.augment).params(view_key(cfg.seed, v), N)``, ``make_batch``,
+   then ``model.forward_range(x, 0, boundary)`` in eval mode under no_grad.
+
+The relative error of a sample is ``max |recomputed - stored| / max |recomputed|`` over the
+sample's elements (scaled by the sample's largest magnitude, so near-zero elements do not
+inflate it); the report gives the largest over all checked samples and views. It passes when
+that is at most ``tolerance = RTOL[dtype] * INCREMENTAL_FACTOR``: ``RTOL`` is the storage
+dtype's rounding (float16 keeps 11 significant bits, so rounding is at most 2**-11 of the
+largest value; 2**-10 leaves a margin; bfloat16 2**-7; float32 1e-5 for summation-order
+differences), and ``INCREMENTAL_FACTOR`` = 4 covers stores that were built incrementally from
+a previous cache in the same dtype, whose rounding then passed through the later units (a
+Fashion-MNIST float16 store at trans2, built from trans1 built from conv1, measured at most
+1.0e-3 over 1,000 samples: just above 2**-10, a quarter of the tolerance). With
+``amp="bf16"`` in the run's config the tolerance is at least bfloat16's. Recomputing on
+another device than the one that wrote the store can need a larger ``rtol`` (CUDA may run
+float32 convolutions in TF32, about 2**-11 relative).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import store
+from prefast.cache.identity import PROVENANCE_KEYS, fingerprint
+from prefast.config import TrainConfig
+from prefast.data import Augment, load_data, make_batch, view_key
+from prefast.errors import CheckpointError, PrefastError
+from prefast.freezeout import freeze_prefix
+from prefast.models import create_model
+from prefast.runtime import autocast, resolve_device
+from prefast.train.checkpoint import load_checkpoint_file
+
+RTOL = {"float32": 1e-5, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+INCREMENTAL_FACTOR = 4.0
+FINGERPRINT_MISMATCH = "checkpoint does not match the store's fingerprint"
+_REQUIRED_META = ("model", "boundary", "data", "fingerprint")
+
+
+@dataclass(frozen=True)
+class SampleCheck:
+    view: int
+    sample: int
+    rel_error: float
+
+
+@dataclass
+class CheckpointReport:
+    """What ``verify_against_checkpoint`` found; ``ok`` is True when nothing failed."""
+
+    path: str
+    checkpoint: str
+    chunks: Any = None  # store's VerifyReport of the chunk checksums
+    fingerprint_ok: bool | None = None
+    data_ok: bool | None = None
+    labels_ok: bool | None = None
+    boundary: int | None = None
+    boundary_unit: str | None = None
+    samples: list[SampleCheck] = field(default_factory=list)
+    max_rel_error: float | None = None
+    tolerance: float | None = None
+    errors: list[str] = field(default_factory=list)  # one line per failure (checkpoint part)
+
+    @property
+    def all_errors(self) -> list[str]:
+        return [*(self.chunks.errors if self.chunks is not None else []), *self.errors]
+
+    @property
+    def ok(self) -> bool:
+        return not self.all_errors
+
+    @property
+    def within_tolerance(self) -> bool | None:
+        if self.max_rel_error is None or self.tolerance is None:
+            return None
+        return self.max_rel_error <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["chunks"] = self.chunks.to_dict() if self.chunks is not None else None
+        d["ok"] = self.ok
+        d["within_tolerance"] = self.within_tolerance
+        return d
+
+    def format(self) -> str:
+        c = self.chunks
+        lines = [f"store       {self.path}"]
+        if c is not None:
+            bad = len(c.bad_chunks)
+            lines.append(
+                f"chunks      {c.chunks_read} read, "
+                + (f"{bad} BAD" if bad else "every checksum matches")
+            )
+        lines.append(f"checkpoint  {self.checkpoint}")
+        if self.fingerprint_ok is not None:
+            lines.append("fingerprint " + ("matches" if self.fingerprint_ok else "DOES NOT MATCH"))
+        if self.data_ok is not None:
+            lines.append(
+                "data        "
+                + ("same training data" if self.data_ok else "OTHER training data")
+                + (
+                    ""
+                    if self.labels_ok is None
+                    else ", labels " + ("match" if self.labels_ok else "DIFFER")
+                )
+            )
+        if self.max_rel_error is not None and self.samples:
+            worst = max(self.samples, key=lambda s: s.rel_error)
+            views = sorted({s.view for s in self.samples})
+            lines.append(
+                f"recomputed  {len(self.samples) // max(len(views), 1)} samples x {len(views)} "
+                f"view(s) through units[0:{self.boundary}] ({self.boundary_unit}): max relative "
+                f"error {self.max_rel_error:.3g} (view {worst.view}, sample {worst.sample}), "
+                f"tolerance {self.tolerance:.3g} -> "
+                + ("within" if self.within_tolerance else "EXCEEDED")
+            )
+        lines.append("result      " + ("OK" if self.ok else "FAILED"))
+        return "\n".join(lines)
+
+
+def verify_against_checkpoint(
+    s: store.ActivationStore,
+    checkpoint: str | os.PathLike[str],
+    samples: int = 16,
+    seed: int = 0,
+    device: str = "cpu",
+    rtol: float | None = None,
+    progress: bool = False,
+) -> CheckpointReport:
+    """Checksums, fingerprint, data and a recomputation of ``samples`` samples of every view
+    (see the module docstring). Failures are collected in the report; bad input (a missing or
+    foreign checkpoint, a store without provenance) raises ``CheckpointError``."""
+    ckpt = os.fspath(checkpoint)
+    report = CheckpointReport(path=s.path, checkpoint=ckpt)
+    meta = s.meta
+    lacking = [k for k in _REQUIRED_META if k not in meta]
+    if lacking:
+        raise CheckpointError(
+            f"{s.path}: the store's meta has no {lacking}; only stores written by prefast train "
+            "can be checked against a checkpoint"
+        )
+    if samples < 1:
+        raise CheckpointError(f"--samples: must be >= 1, got {samples}")
+    state = load_checkpoint_file(ckpt, "--checkpoint")
+    report.chunks = store.verify(s, progress=progress)
+    try:
+        cfg = TrainConfig.from_dict(state["config"])
+        model = create_model(**meta["model"])
+    except (PrefastError, TypeError) as e:
+        raise CheckpointError(f"{ckpt}: cannot rebuild the run: {e}") from None
+    b = int(meta["boundary"])
+    report.boundary = b
+    report.boundary_unit = meta.get("boundary_unit")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        report.fingerprint_ok = False
+        report.errors.append(
+            f"{FINGERPRINT_MISMATCH} ({ckpt} holds other weights than the store's model: {first})"
+        )
+        return report
+    freeze_prefix(model, b)  # the frozen prefix, as the trainer froze it
+    cache_desc = {k: v for k, v in meta.items() if k not in PROVENANCE_KEYS}
+    report.fingerprint_ok = fingerprint(model, b, meta["data"], cache_desc) == meta["fingerprint"]
+    if not report.fingerprint_ok:
+        report.errors.append(
+            f"{FINGERPRINT_MISMATCH} ({ckpt}: the weights of units[0:{b}] or the store's "
+            f"recorded data and cache settings differ from what wrote {s.path})"
+        )
+        return report
+    data = load_data(cfg)
+    train = data.train
+    report.data_ok = (
+        json.dumps(data.desc, sort_keys=True) == json.dumps(meta["data"], sort_keys=True)
+        and len(train) == s.num_samples
+    )
+    if not report.data_ok:
+        report.errors.append(
+            f"the checkpoint's config loads other training data than the store's: "
+            f"{json.dumps(data.desc, sort_keys=True)} vs {json.dumps(meta['data'], sort_keys=True)}"
+        )
+        return report
+    report.labels_ok = bool(torch.equal(train.labels.cpu(), s.labels))
+    if not report.labels_ok:
+        report.errors.append(f"{s.path}: the stored labels differ from the training labels")
+
+    dev = resolve_device(device)
+    model.to(dev)
+    n = s.num_samples
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(samples, n), replace=False))
+    augment = Augment.from_spec(train.spec, cfg.augment)
+    tiny = float(np.finfo(np.float32).tiny)
+    for v in range(s.views):
+        aug = augment.params(view_key(cfg.seed, v), n) if not augment.identity else None
+        x, _ = make_batch(train, idx, aug, dev)
+        with torch.no_grad(), autocast(dev, cfg.amp):
+            out = model.forward_range(x, 0, b).float().cpu()  # (K, *sample_shape)
+        stored = s.read(v, idx).float()
+        err = (out - stored).abs().flatten(1).amax(1)
+        scale = out.abs().flatten(1).amax(1).clamp_min(tiny)
+        for i, rel in zip(idx.tolist(), (err / scale).tolist(), strict=True):
+            report.samples.append(SampleCheck(v, int(i), float(rel)))
+    report.max_rel_error = max(c.rel_error for c in report.samples)
+    tol = rtol
+    if tol is None:
+        tol = RTOL[s.dtype_name] * INCREMENTAL_FACTOR
+        if cfg.amp == "bf16":
+            tol = max(tol, RTOL["bfloat16"] * INCREMENTAL_FACTOR)
+    report.tolerance = tol
+    if not report.max_rel_error <= tol:  # also catches NaN
+        worst = max(report.samples, key=lambda c: c.rel_error)
+        report.errors.append(
+            f"stored values differ from the recomputation: max relative error "
+            f"{report.max_rel_error:.3g} (view {worst.view}, sample {worst.sample}) exceeds "
+            f"the tolerance {tol:.3g} for {s.dtype_name}"
+        )
+    return report
+
+
+__all__ = [
+    "FINGERPRINT_MISMATCH",
+    "INCREMENTAL_FACTOR",
+    "RTOL",
+    "CheckpointReport",
+    "SampleCheck",
+    "verify_against_checkpoint",
+]

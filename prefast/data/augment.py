@@ -1,0 +1,204 @@
+"""Seeded, vectorised per-sample augmentation (random crop + horizontal flip) and batches.
+
+Augmentation is a pure function of a key and the sample index. :meth:`Augment.params` draws
+the crop offsets and flips of *all* samples at once from one seeded generator, so sample
+``i``'s augmentation depends only on ``(key, i)``, never on which batch it lands in or in
+what order. The trainer keys cached view ``v`` with :func:`view_key` ``(seed, 0, v)`` and the
+fresh draw of epoch ``e`` with :func:`epoch_key` ``(seed, 1, e)``.
+
+:func:`make_batch` gathers the uint8 rows, moves them to the device, then random-crops and
+flips every sample at once with advanced indexing and normalises in float: no DataLoader
+workers and no PIL in the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prefast.data.images import ImageData
+from prefast.data.specs import DatasetSpec
+from prefast.errors import DataError
+
+# Last word of every augmentation seed sequence. It keeps the augmentation draws apart from
+# store.order's streams, which seed with [seed, epoch, 0..2] (SeedSequence pads with zeros,
+# so (seed, 0, view) alone would equal the epoch-0 permutation stream for view 0).
+_AUG_STREAM = 0x41_5547  # "AUG"
+
+
+def view_key(seed: int, view: int) -> tuple[int, int, int]:
+    """Augmentation key of cached view ``view``: ``(seed, 0, view)``."""
+    return (seed, 0, view)
+
+
+def epoch_key(seed: int, epoch: int) -> tuple[int, int, int]:
+    """Augmentation key of the fresh per-epoch draw of epoch ``epoch``: ``(seed, 1, epoch)``."""
+    return (seed, 1, epoch)
+
+
+@dataclass(frozen=True, eq=False)
+class AugParams:
+    """Per-sample augmentation of a whole split, indexed by sample id.
+
+    ``offsets`` (N, 2) int64 holds each sample's crop origin (dy, dx) in the zero-padded image,
+    in [0, 2 * pad]; (pad, pad) is no shift. ``flips`` (N,) bool flips horizontally after the
+    crop.
+    """
+
+    pad: int
+    offsets: torch.Tensor
+    flips: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.flips)
+
+    @property
+    def identity(self) -> bool:
+        """True when no sample is shifted or flipped."""
+        return (self.pad == 0 or bool((self.offsets == self.pad).all())) and not bool(
+            self.flips.any()
+        )
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random crop (zero padding ``pad``, then crop back) and random horizontal flip."""
+
+    pad: int = 0
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pad < 0:
+            raise DataError(f"Augment.pad must be >= 0, got {self.pad}")
+
+    @classmethod
+    def from_spec(cls, spec: DatasetSpec, enabled: bool = True) -> Augment:
+        """The spec's standard augmentation, or the identity when not ``enabled``."""
+        return cls(pad=spec.pad, flip=spec.flip) if enabled else cls()
+
+    @property
+    def identity(self) -> bool:
+        return self.pad == 0 and not self.flip
+
+    def params(self, key: Sequence[int], num_samples: int) -> AugParams:
+        """Draw every sample's crop offset and flip at once from a generator seeded by ``key``.
+
+        Sample ``i``'s draw depends only on ``(key, i)``: a longer ``num_samples`` extends the
+        draws without changing the first ones.
+        """
+        if num_samples < 0:
+            raise DataError(f"num_samples must be >= 0, got {num_samples}")
+        key = [int(k) for k in key]
+        if not key or any(k < 0 for k in key):
+            raise DataError(f"augmentation key must be non-empty and non-negative, got {key}")
+        if self.identity:
+            offsets = np.zeros((num_samples, 2), dtype=np.int64)
+            flips = np.zeros(num_samples, dtype=bool)
+        else:
+            rng = np.random.default_rng([*key, _AUG_STREAM])
+            high = [2 * self.pad + 1, 2 * self.pad + 1, 2 if self.flip else 1]
+            draws = rng.integers(0, high, size=(num_samples, 3), dtype=np.int64)  # (N, 3)
+            offsets = np.ascontiguousarray(draws[:, :2])  # (N, 2) dy, dx
+            flips = draws[:, 2].astype(bool)  # (N,)
+        return AugParams(self.pad, torch.from_numpy(offsets), torch.from_numpy(flips))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pad": self.pad, "flip": self.flip}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Augment:
+        unknown = set(d) - {"pad", "flip"}
+        if unknown:
+            raise DataError(f"Augment: unknown fields {sorted(unknown)}; allowed: ['flip', 'pad']")
+        return cls(pad=int(d.get("pad", 0)), flip=bool(d.get("flip", False)))
+
+
+def _crop_flip(
+    x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int
+) -> torch.Tensor:
+    """Crop each sample of ``x`` (B, C, H, W) at its offset in the zero-padded image, then flip.
+
+    One gather for the whole batch: output pixel (y, x) of sample b reads padded pixel
+    (dy_b + y, dx_b + x), or (dy_b + y, dx_b + W - 1 - x) when b is flipped.
+    """
+    b, c, h, w = x.shape
+    if pad > 0:
+        x = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p), zeros outside
+    wp = w + 2 * pad
+    ys = torch.arange(h, device=x.device)
+    xs = torch.arange(w, device=x.device)
+    rows = offsets[:, 0:1] + ys  # (B, H)
+    cols = offsets[:, 1:2] + torch.where(flips[:, None], w - 1 - xs, xs)  # (B, W)
+    flat = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w)  # (B, 1, H*W)
+    out = x.reshape(b, c, -1).gather(2, flat.expand(b, c, h * w))  # (B, C, H*W)
+    return out.view(b, c, h, w)
+
+
+@lru_cache(maxsize=64)
+def _norm_consts(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias), each (C, 1, 1) fp32 on ``device``, with x_norm = x_uint8 * scale + bias."""
+    m = torch.tensor(mean, dtype=torch.float64)
+    s = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * s)).to(torch.float32).view(-1, 1, 1)
+    bias = (-m / s).to(torch.float32).view(-1, 1, 1)
+    return scale.to(device), bias.to(device)
+
+
+def _as_index(indices: np.ndarray | torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
+    """Indices as a CPU int64 tensor (B,), range-checked against ``n`` samples."""
+    if isinstance(indices, torch.Tensor):
+        idx = indices.detach().to("cpu", torch.int64)
+    else:
+        arr = np.asarray(indices)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise DataError(f"indices must be integers, got dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=np.int64)
+        if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays
+            arr = arr.copy()
+        idx = torch.from_numpy(arr)
+    if idx.dim() != 1:
+        raise DataError(f"indices must be one-dimensional, got shape {tuple(idx.shape)}")
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise DataError(f"indices must be in [0, {n}), got [{int(idx.min())}, {int(idx.max())}]")
+    return idx
+
+
+def make_batch(
+    data: ImageData,
+    indices: np.ndarray | torch.Tensor | Sequence[int],
+    aug: AugParams | None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised, augmented batch of samples ``indices``: x (B, C, H, W) ``dtype``, y (B,)
+    int64, both on ``device``.
+
+    ``aug`` holds the parameters of every sample of ``data`` (from :meth:`Augment.params`);
+    each sample gets its own row, so the result does not depend on batch composition. None
+    means no augmentation.
+    """
+    device = torch.device(device)
+    idx = _as_index(indices, len(data))  # (B,) CPU
+    if aug is not None and len(aug) != len(data):
+        raise DataError(f"augmentation parameters cover {len(aug)} samples, data has {len(data)}")
+    src = data.images
+    x = src[idx.to(src.device)].to(device, non_blocking=True)  # (B, C, H, W) uint8
+    y = data.labels[idx.to(data.labels.device)].to(device, non_blocking=True)  # (B,) int64
+    if aug is not None and (aug.pad > 0 or bool(aug.flips.any())):
+        offsets = aug.offsets[idx].to(device, non_blocking=True)  # (B, 2)
+        flips = aug.flips[idx].to(device, non_blocking=True)  # (B,)
+        x = _crop_flip(x, offsets, flips, aug.pad)  # (B, C, H, W) uint8
+    scale, bias = _norm_consts(data.spec.mean, data.spec.std, device)
+    out = x.to(torch.float32).mul_(scale).add_(bias)  # (B, C, H, W) fp32
+    return out.to(dtype), y
+
+
+__all__ = ["AugParams", "Augment", "epoch_key", "make_batch", "view_key"]

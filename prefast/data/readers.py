@@ -1,0 +1,256 @@
+"""Readers for torchvision's on-disk layouts (CIFAR pickles, MNIST idx files), parsed
+directly and safely, without torchvision's md5 checks; torchvision only downloads, when asked."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import pickle
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prefast.data.specs import DatasetSpec, spec_for
+from prefast.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATA_ROOT = Path("~/.cache/prefast/data")
+# Where the Debian package dataset-fashion-mnist installs the raw idx .gz files.
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+_CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+_CIFAR_FILES = {
+    ("cifar10", "train"): tuple(f"data_batch_{i}" for i in range(1, 6)),
+    ("cifar10", "test"): ("test_batch",),
+    ("cifar100", "train"): ("train",),
+    ("cifar100", "test"): ("test",),
+}
+_CIFAR_LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
+_IDX_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+_IDX_IMAGES_MAGIC = 0x0803  # unsigned byte, 3 dimensions
+_IDX_LABELS_MAGIC = 0x0801  # unsigned byte, 1 dimension
+
+# The only globals a CIFAR pickle needs (a dict of a numpy array and lists); anything else is
+# refused rather than executed.
+_PICKLE_ALLOWED = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _how_to_get(name: str) -> str:
+    where = f"DIR (default {DEFAULT_DATA_ROOT})"
+    if name == "fashion-mnist":
+        return (
+            "Get it with one of: `apt-get install -y dataset-fashion-mnist` (installs "
+            f"{SYSTEM_FASHION_MNIST}, used when no data root is given); `--data-root DIR` "
+            "(data_root=DIR) where DIR holds torchvision's layout "
+            "(DIR/FashionMNIST/raw/train-images-idx3-ubyte[.gz], ...) or the raw idx .gz files "
+            "themselves (DIR/train-images-idx3-ubyte.gz, ...); or `--download` "
+            f"(download=True) when online, which fetches into {where}."
+        )
+    if name in _CIFAR_DIRS:
+        layout = f"DIR/{_CIFAR_DIRS[name]}/" + (
+            "data_batch_1..5, test_batch" if name == "cifar10" else "train, test"
+        )
+    else:
+        layout = "DIR/MNIST/raw/train-images-idx3-ubyte[.gz], ..."
+    return (
+        f"Get it with `--data-root DIR` (data_root=DIR) where DIR holds torchvision's layout "
+        f"({layout}), or with `--download` (download=True) when online, which fetches into "
+        f"{where}."
+    )
+
+
+def _idx_names(split: str) -> tuple[str, str]:
+    p = _IDX_PREFIX[split]
+    return f"{p}-images-idx3-ubyte", f"{p}-labels-idx1-ubyte"
+
+
+def _expected_files(name: str, split: str, root: Path) -> list[list[Path]]:
+    """For each file the split needs, the candidate paths under ``root``, preferred first."""
+    if name in _CIFAR_DIRS:
+        return [[root / _CIFAR_DIRS[name] / f] for f in _CIFAR_FILES[(name, split)]]
+    dirs = [root / _IDX_DIRS[name] / "raw", root]
+    return [[d / f"{base}{ext}" for d in dirs for ext in ("", ".gz")] for base in _idx_names(split)]
+
+
+def _locate(name: str, split: str, root: Path) -> tuple[list[Path], list[Path]]:
+    """(found, missing): the first existing candidate of each needed file, and the preferred
+    path of each needed file that has none."""
+    found, missing = [], []
+    for candidates in _expected_files(name, split, root):
+        hit = next((p for p in candidates if p.is_file()), None)
+        if hit is None:
+            missing.append(candidates[0])
+        else:
+            found.append(hit)
+    return found, missing
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read ({exc}); the file is corrupt, delete it") from exc
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """An idx file's uint8 payload, shaped by its header, as a writable array."""
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise DataError(f"{path}: truncated idx file ({len(raw)} bytes)")
+    (got,) = struct.unpack(">I", raw[:4])
+    if got != magic:
+        raise DataError(f"{path}: bad idx magic number 0x{got:08x}, expected 0x{magic:08x}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated idx header ({len(raw)} bytes)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    size = math.prod(dims)
+    if len(raw) != header + size:
+        raise DataError(
+            f"{path}: header says shape {dims} ({header + size} bytes), file has {len(raw)} "
+            "bytes; the file is truncated or corrupt"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, count=size, offset=header).reshape(dims).copy()
+
+
+def _read_idx_split(
+    images_path: Path, labels_path: Path, spec: DatasetSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    images = _read_idx(images_path, _IDX_IMAGES_MAGIC)  # (N, H, W)
+    if images.shape[1:] != (spec.image_size, spec.image_size):
+        raise DataError(
+            f"{images_path}: images are {images.shape[1:]}, {spec.name} needs "
+            f"{(spec.image_size, spec.image_size)}"
+        )
+    labels = _read_idx(labels_path, _IDX_LABELS_MAGIC).astype(np.int64)  # (N,)
+    if len(labels) != len(images):
+        raise DataError(
+            f"{labels_path} has {len(labels)} labels but {images_path} has {len(images)} images"
+        )
+    _check_labels(labels, spec, labels_path)
+    return images.reshape(len(images), 1, spec.image_size, spec.image_size), labels
+
+
+def _check_labels(labels: np.ndarray, spec: DatasetSpec, path: Path) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise DataError(
+            f"{path}: labels span [{labels.min()}, {labels.max()}], {spec.name} has "
+            f"{spec.num_classes} classes; the file is corrupt"
+        )
+
+
+def _read_cifar_batch(path: Path, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR pickle: data (N, 3072) uint8 rows of R(1024) G(1024) B(1024), labels (N,)."""
+    try:
+        with path.open("rb") as f:
+            obj = _SafeUnpickler(f, encoding="latin1").load()
+    except Exception as exc:  # a malformed pickle can raise nearly anything
+        raise DataError(f"{path}: not a readable CIFAR pickle ({exc!r}); delete it") from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
+    entries = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    label_key = _CIFAR_LABEL_KEY[spec.name]
+    for key in ("data", label_key):
+        if key not in entries:
+            raise DataError(f"{path}: no {key!r} entry (has {sorted(map(str, entries))})")
+    data = np.asarray(entries["data"])
+    labels = np.asarray(entries[label_key])
+    pixels = spec.channels * spec.image_size * spec.image_size
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
+        raise DataError(f"{path}: data must be (N, {pixels}) uint8, got {data.dtype} {data.shape}")
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{path}: {label_key!r} must be {len(data)} integers, got {labels.dtype} {labels.shape}"
+        )
+    labels = labels.astype(np.int64)
+    _check_labels(labels, spec, path)
+    return data, labels
+
+
+def _read_split(name: str, paths: list[Path], spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, C, H, W) uint8 and labels (N,) int64 from the located files."""
+    if name in _CIFAR_DIRS:
+        parts = [_read_cifar_batch(p, spec) for p in paths]
+        data = np.concatenate([d for d, _ in parts]) if len(parts) > 1 else parts[0][0]
+        labels = np.concatenate([lab for _, lab in parts]) if len(parts) > 1 else parts[0][1]
+        images = np.ascontiguousarray(data).reshape(len(data), *spec.shape)
+        if not images.flags.writeable:
+            images = images.copy()
+        return images, labels
+    return _read_idx_split(paths[0], paths[1], spec)
+
+
+def _download(name: str, split: str, root: Path) -> None:
+    """Fetch ``name`` into ``root`` in torchvision's layout with torchvision's downloader."""
+    import torchvision.datasets as tvd
+
+    classes = {
+        "cifar10": tvd.CIFAR10,
+        "cifar100": tvd.CIFAR100,
+        "mnist": tvd.MNIST,
+        "fashion-mnist": tvd.FashionMNIST,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    classes[name](root=str(root), train=split == "train", download=True)
+
+
+def load_real(
+    name: str, split: str, data_root: Path | None, download: bool
+) -> tuple[np.ndarray, np.ndarray, Path]:
+    spec = spec_for(name)
+    roots = [data_root] if data_root is not None else [DEFAULT_DATA_ROOT.expanduser()]
+    if data_root is None and name == "fashion-mnist":
+        roots.append(SYSTEM_FASHION_MNIST)
+    missing: list[Path] = []
+    for root in roots:
+        found, missing_here = _locate(name, split, root)
+        if not missing_here:
+            return (*_read_split(name, found, spec), root)
+        missing.extend(missing_here)
+    if download:
+        root = roots[0]
+        logger.info("downloading %s (%s) into %s", name, split, root)
+        try:
+            _download(name, split, root)
+        except Exception as exc:  # network, HTTP, checksum, disk: all end the same way
+            raise DataError(
+                f"{name}: download into {root} failed ({exc!r}). {_how_to_get(name)}"
+            ) from exc
+        found, missing_here = _locate(name, split, root)
+        if not missing_here:
+            return (*_read_split(name, found, spec), root)
+        missing = missing_here
+    shown = ", ".join(str(p) for p in missing)
+    raise DataError(f"{name} {split} split not found: missing {shown}. {_how_to_get(name)}")
+
+
+__all__ = ["DEFAULT_DATA_ROOT", "SYSTEM_FASHION_MNIST", "load_real"]

@@ -1,0 +1,108 @@
+"""Freezing units: the one place a unit freezes, the optimizer's per-unit groups, the
+trainable part of a model.
+
+A frozen unit is in eval mode (BatchNorm uses its running statistics), has no gradient and
+is out of the optimizer (its momentum buffers dropped). The frozen units always form a prefix
+``units[:frontier]``; the frontier only moves forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from prefast.freezeout.schedule import FreezeSchedule
+from prefast.models import UnitModel
+
+log = logging.getLogger(__name__)
+
+
+def _freeze_module(unit: nn.Module) -> None:
+    unit.eval()
+    unit.requires_grad_(False)
+
+
+def make_optimizer(
+    model: UnitModel,
+    schedule: FreezeSchedule,
+    units: Iterable[int],
+    *,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+) -> torch.optim.SGD:
+    """SGD with one parameter group per trainable unit (``"unit": i``) and one for the head
+    (``"unit": num_units``), each at its iteration-0 learning rate."""
+    groups = [
+        {"params": list(model.units[i].parameters()), "unit": i, "lr": schedule.lr(i, 0)}
+        for i in units
+    ]
+    head = model.num_units
+    groups.append(
+        {"params": list(model.head.parameters()), "unit": head, "lr": schedule.lr(head, 0)}
+    )
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(
+        groups,
+        lr=schedule.config.base_lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+    )
+
+
+def freeze_unit(model: UnitModel, optimizer: torch.optim.Optimizer, i: int, j: int) -> None:
+    """Freeze unit ``i`` at iteration ``j``: eval mode, no gradient, out of the optimizer."""
+    unit = model.units[i]
+    _freeze_module(unit)
+    for p in unit.parameters():
+        optimizer.state.pop(p, None)
+    optimizer.param_groups = [g for g in optimizer.param_groups if g["unit"] != i]
+    log.info("iteration %d: froze unit %d (%s)", j, i, model.unit_names[i])
+
+
+def freeze_prefix(model: UnitModel, frontier: int) -> None:
+    """Put ``units[:frontier]`` in the frozen state (on resume, before the optimizer is made
+    from the units that still train)."""
+    for u in model.units[:frontier]:
+        _freeze_module(u)
+
+
+def set_train_modes(model: UnitModel, frontier: int) -> None:
+    """Train mode for ``units[frontier:]`` and the head, eval for the frozen prefix."""
+    for i, u in enumerate(model.units):
+        u.train(i >= frontier)
+    model.head.train()
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, schedule: FreezeSchedule, j: int) -> None:
+    """Each group's learning rate at iteration ``j`` (the schedule's cosine anneal)."""
+    for g in optimizer.param_groups:
+        g["lr"] = schedule.lr(g["unit"], j)
+
+
+class TrainablePart(nn.Module):
+    """``units[frontier:]`` and the head as one module (shared, not copied), e.g. for DDP."""
+
+    def __init__(self, model: UnitModel, frontier: int) -> None:
+        super().__init__()
+        self.trainable_units = nn.ModuleList(model.units[frontier:])
+        self.head = model.head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for u in self.trainable_units:
+            h = u(h)
+        return self.head(h)
+
+
+__all__ = [
+    "TrainablePart",
+    "freeze_prefix",
+    "freeze_unit",
+    "make_optimizer",
+    "set_learning_rates",
+    "set_train_modes",
+]

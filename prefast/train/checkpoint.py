@@ -1,0 +1,107 @@
+"""Checkpoints: what one holds, written atomically, read back safely.
+
+A checkpoint is a dict of tensors and plain containers only (the RNG states as tensors and
+tuples), so it loads with ``torch.load(..., weights_only=True)``: a crafted file cannot run
+code. It is written to a temporary file and renamed over the previous one, so a crash leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prefast.errors import CheckpointError
+
+CHECKPOINT_NAME = "last.pt"
+# Fields that may differ between a checkpoint's config and the resuming run's.
+RESUMABLE_FIELDS = frozenset(
+    {"resume", "progress", "metrics", "checkpoint_dir", "epochs", "device", "data_root", "download"}
+)
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, numpy and Python generators' states as tensors and plain containers."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # legacy MT19937 tuple
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["name"],
+            n["keys"].cpu().numpy().astype(np.uint32),
+            int(n["pos"]),
+            int(n["has_gauss"]),
+            float(n["cached_gaussian"]),
+        )
+    )
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def checkpoint_load_reason(e: BaseException) -> str:
+    """The one informative line of a failed ``torch.load(weights_only=True)``; torch's own
+    message spans many lines and suggests turning the protection off."""
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+    if m:
+        return m.group(1).strip()[:160]
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "weights_only" not in ln]
+    return (lines[0] if lines else type(e).__name__)[:160]
+
+
+def load_checkpoint_file(path: Path | str, what: str) -> dict[str, Any]:
+    """A training checkpoint's contents. Loaded with ``weights_only=True``: tensors and plain
+    containers only, so a crafted file cannot run code; anything else is refused."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{what}: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpickling refusal, a truncated or foreign file
+        raise CheckpointError(
+            f"{what}: refusing {path}: not a checkpoint of tensors and plain containers "
+            f"({checkpoint_load_reason(e)})"
+        ) from None
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise CheckpointError(
+            f"{what}: {path} is not a prefast training checkpoint (no 'config' and 'model' entries)"
+        )
+    return state
+
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "RESUMABLE_FIELDS",
+    "checkpoint_load_reason",
+    "load_checkpoint_file",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]

@@ -1,0 +1,497 @@
+"""Training with full, FreezeOut and PreFast (FreezeOut + cached frozen-prefix outputs).
+
+One step at iteration ``j`` of epoch ``e``, batch ``k``:
+
+1. Units with ``j > max_j_i`` freeze (``prefast.freezeout.freeze_unit``): the frontier ``f``
+   moves forward. In ``prefast`` mode the cache boundary ``b <= f`` may move too
+   (``CacheManager.on_freeze``).
+2. The batch is samples ``epoch_permutation(N, seed, e)[k*B:(k+1)*B]``: images when ``b == 0``,
+   else cached activations (view ``epoch_views(N, V, seed, e)[i]``) through ``StoreLoader``.
+3. ``units[b:f]`` run forward-only under no_grad; ``units[f:]`` and the head train.
+
+With augmentation off and an fp32 cache, ``prefast`` and ``freezeout`` therefore see the same
+batches and compute the same losses and weights to float tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prefast.cache.identity import state_digest
+from prefast.cache.manager import CacheManager
+from prefast.config import TrainConfig
+from prefast.data import Augment, DatasetSpec, ImageData, load_data, make_batch
+from prefast.distributed import DistContext
+from prefast.errors import CheckpointError, ConfigError, DistributedError
+from prefast.freezeout import (
+    FreezeSchedule,
+    ScheduleConfig,
+    TrainablePart,
+    freeze_prefix,
+    freeze_unit,
+    make_optimizer,
+    set_learning_rates,
+    set_train_modes,
+)
+from prefast.models import UnitModel, create_model
+from prefast.monitor import PeakMemory, Stopwatch, peak_device_bytes
+from prefast.runtime import autocast, resolve_device
+from prefast.train.batches import Batch, image_batches
+from prefast.train.checkpoint import (
+    CHECKPOINT_NAME,
+    RESUMABLE_FIELDS,
+    load_checkpoint_file,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from prefast.train.metrics import MetricsSink
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: TrainConfig, spec: DatasetSpec) -> UnitModel:
+    """The run's model, initialised from ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    return create_model(
+        cfg.model,
+        num_classes=spec.num_classes,
+        in_channels=spec.channels,
+        image_size=spec.image_size,
+        **cfg.model_args,
+    )
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: per-epoch records, the summary, and where things are."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)  # per step
+    model: UnitModel | None = None
+
+
+class Trainer:
+    """Runs one configuration; ``run()`` trains and returns a ``TrainResult``."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.dist = DistContext.from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
+        self.device = self.dist.device
+        self.progress = cfg.progress and self.dist.is_main
+        self.data = load_data(cfg)
+        self.model = build_model(cfg, self.data.train.spec).to(self.device)
+        if cfg.sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise ConfigError("--sync-bn: needs CUDA (SyncBatchNorm does not run on the CPU)")
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.augment = Augment.from_spec(self.data.train.spec, cfg.augment)
+        views = cfg.views
+        if cfg.views > 1 and self.augment.identity:
+            log.warning(
+                "--views %d without augmentation would store %d identical copies; using 1 view",
+                cfg.views,
+                cfg.views,
+            )
+            views = 1
+        n = len(self.data.train)
+        # --batch-size is per rank; every rank reads N // world_size samples an epoch
+        self.samples_per_rank = n // self.dist.world_size
+        if self.samples_per_rank < 1:
+            raise ConfigError(
+                f"--nproc-per-node: {self.dist.world_size} ranks for {n} training images"
+            )
+        self.iters_per_epoch = math.ceil(self.samples_per_rank / cfg.batch_size)
+        self.total_iterations = cfg.epochs * self.iters_per_epoch
+        self.schedule = FreezeSchedule(
+            ScheduleConfig(
+                mode=cfg.mode,
+                t0=cfg.t0,
+                how_scale=cfg.how_scale,
+                scale_lr=cfg.scale_lr,
+                base_lr=cfg.base_lr,
+            ),
+            self.model.num_units,
+            self.total_iterations,
+        )
+        self.optimizer = self._make_optimizer(range(self.model.num_units))
+        self.frontier = 0
+        self.ddp: torch.nn.Module | None = None  # DistributedDataParallel over the trainable part
+        self.cache = (
+            CacheManager(
+                cfg,
+                self.model,
+                self.data,
+                self.augment,
+                views,
+                self.schedule,
+                self.dist,
+                self.progress,
+            )
+            if cfg.mode == "prefast"
+            else None
+        )
+        self.start_epoch = 0
+        self.result = TrainResult()
+        self.dist.barrier("start-up")
+
+    def _make_optimizer(self, units: range) -> torch.optim.SGD:
+        return make_optimizer(
+            self.model,
+            self.schedule,
+            units,
+            momentum=self.cfg.momentum,
+            nesterov=self.cfg.nesterov,
+            weight_decay=self.cfg.weight_decay,
+        )
+
+    @property
+    def boundary(self) -> int:
+        return self.cache.boundary if self.cache is not None else 0
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if cfg.resume:
+            self._load_checkpoint()
+        metrics = MetricsSink(
+            cfg.metrics if self.dist.is_main else None, cfg.to_dict(), resume=cfg.resume
+        )
+        peak = PeakMemory().start()
+        set_train_modes(self.model, self.frontier)
+        self._wrap_trainable()
+        try:
+            epochs = tqdm(
+                range(self.start_epoch, cfg.epochs),
+                desc=f"{cfg.mode} {cfg.model}",
+                unit="epoch",
+                disable=not self.progress,
+                initial=self.start_epoch,
+                total=cfg.epochs,
+            )
+            for epoch in epochs:
+                peak.reset()
+                peak_device_bytes(self.device, reset=True)
+                rec = self._train_epoch(epoch)
+                self._sync_buffers()
+                test_loss, test_err = self.evaluate(self.data.test)
+                rec.update(test_loss=test_loss, test_error=test_err)
+                if self.data.val is not None:
+                    val_loss, val_err = self.evaluate(self.data.val)
+                    rec.update(val_loss=val_loss, val_error=val_err)
+                rec.update(
+                    peak_host_private_bytes=peak.peak(),
+                    peak_gpu_bytes=peak_device_bytes(self.device),
+                )
+                if self.dist.enabled:
+                    rec.update(self._check_ranks_agree(epoch))
+                self.result.records.append(rec)
+                metrics.write(rec)
+                epochs.set_postfix(
+                    loss=f"{rec['train_loss']:.3f}",
+                    test_err=f"{test_err:.4f}",
+                    frozen=self.frontier,
+                )
+                log.info(
+                    "epoch %d: train loss %.4f acc %.4f, test error %.4f, %.2f s (cache %.2f s), frozen %d, boundary %d",
+                    epoch,
+                    rec["train_loss"],
+                    rec["train_accuracy"],
+                    test_err,
+                    rec["train_seconds"],
+                    rec["cache_build_seconds"],
+                    self.frontier,
+                    rec["cache_boundary"],
+                )
+                self._save_checkpoint(epoch + 1)
+            self.result.summary = self._summary()
+            metrics.write(self.result.summary)
+            if self.cache is not None:
+                self.cache.release_superseded()  # the run is done; no checkpoint needs them
+        finally:
+            peak.stop()
+            metrics.close()
+            if self.cache is not None:
+                self.cache.close()
+            self.dist.shutdown()
+        self.result.model = self.model
+        return self.result
+
+    def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        """(x, y, sample ids) of this rank's batches from ``start`` on, from the current source."""
+        if self.cache is not None and self.cache.boundary > 0:
+            return self.cache.batches(epoch, start)
+        return image_batches(
+            self.data.train,
+            self.augment,
+            seed=self.cfg.seed,
+            epoch=epoch,
+            start=start,
+            batch_size=self.cfg.batch_size,
+            iterations=self.iters_per_epoch,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            device=self.device,
+        )
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        watch = Stopwatch(self.device)
+        cache_before = self.cache.seconds if self.cache is not None else 0.0
+        loss_sum, correct, seen = 0.0, 0, 0
+        visits = torch.zeros(len(self.data.train), dtype=torch.int32)  # this rank's, per sample
+        j = epoch * self.iters_per_epoch
+        with watch:
+            batches = self._batches(epoch, 0)
+            k = 0
+            try:
+                while k < self.iters_per_epoch:
+                    j = epoch * self.iters_per_epoch + k
+                    if self._advance_frontier(j):
+                        batches.close()  # type: ignore[attr-defined]
+                        batches = self._batches(epoch, k)  # the same batch k, from the new source
+                    h, y, ids = next(batches)
+                    visits.index_add_(0, ids, torch.ones(len(ids), dtype=torch.int32))
+                    ls, c = self.dist.run("a training step", self._step, h, y, j)
+                    if not math.isfinite(ls):
+                        raise FloatingPointError(
+                            f"iteration {j}: the loss is {ls}; lower --base-lr"
+                        )
+                    self.result.losses.append(ls / len(y))
+                    loss_sum += ls
+                    correct += c
+                    seen += len(y)
+                    k += 1
+            finally:
+                batches.close()  # type: ignore[attr-defined]
+        loss_sum, correct_f, seen_f = self.dist.sum(
+            [loss_sum, float(correct), float(seen)], "combining the epoch's loss"
+        )
+        if self.dist.enabled:
+            visits = self.dist.run("combining the epoch's sample visits", _all_reduce_int, visits)
+        cur = self.cache.cache if self.cache is not None else None
+        return {
+            "epoch": epoch,
+            "iterations": (epoch + 1) * self.iters_per_epoch,
+            "train_loss": loss_sum / max(seen_f, 1),
+            "train_accuracy": correct_f / max(seen_f, 1),
+            "samples_seen": int((visits > 0).sum()),  # distinct samples, all ranks together
+            "samples_seen_twice": int((visits > 1).sum()),
+            "train_seconds": watch.seconds,
+            "cache_build_seconds": (self.cache.seconds if self.cache is not None else 0.0)
+            - cache_before,
+            "frozen_units": self.frontier,
+            "cache_boundary": self.boundary,
+            "cache_tier": cur.tier if cur is not None else None,
+            "cache_bytes": cur.nbytes if cur is not None else 0,
+            "lr_head": self.schedule.lr(self.model.num_units, min(j, self.total_iterations - 1)),
+        }
+
+    def _advance_frontier(self, j: int) -> bool:
+        """Freeze what the schedule says at iteration j; in prefast mode re-cache when the policy
+        says so. True when the batch source changed."""
+        f = self.schedule.frozen_count(j)
+        if f <= self.frontier:
+            return False
+        for i in range(self.frontier, f):
+            freeze_unit(self.model, self.optimizer, i, j)
+        self.frontier = f
+        self._wrap_trainable()  # the trainable set changed
+        if self.cache is None:
+            return False
+        return self.cache.on_freeze(j, f)
+
+    # ---- the trainable part under DistributedDataParallel ----------------------------------------
+    def _wrap_trainable(self) -> None:
+        """(Re-)wrap units[frontier:] and the head in DDP: the set of trainable parameters changes
+        whenever units freeze, and the frozen prefix stays out of gradient synchronisation."""
+        if not self.dist.enabled:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        part = TrainablePart(self.model, self.frontier)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = self.dist.run(
+            "wrapping the trainable units in DistributedDataParallel",
+            lambda: DistributedDataParallel(part, device_ids=ids),
+        )
+
+    # ---- one step ------------------------------------------------------------------------------
+    def _step(self, h: torch.Tensor, y: torch.Tensor, j: int) -> tuple[float, int]:
+        set_learning_rates(self.optimizer, self.schedule, j)
+        b, f = self.boundary, self.frontier
+        if self.cfg.channels_last and h.dim() == 4:
+            h = h.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.cfg.amp):
+            if f > b:
+                with torch.no_grad():
+                    h = self.model.forward_range(h, b, f)
+            if self.ddp is not None:
+                out = self.ddp(h)  # gradients of units[f:] and the head are averaged over ranks
+            else:
+                out = self.model.forward_head(self.model.forward_range(h, f, self.model.num_units))
+            loss = F.cross_entropy(out, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        correct = (out.argmax(1) == y).sum()
+        return float(loss.detach()) * len(y), int(correct)
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, data: ImageData) -> tuple[float, float]:
+        """(mean loss, error) of the model on ``data``, in eval mode; under torchrun each rank
+        evaluates every world_size-th sample and the sums are combined."""
+        self.model.eval()
+        total, correct, n = 0.0, 0, len(data)
+        mine = np.arange(self.dist.rank, n, self.dist.world_size)
+        with torch.no_grad(), autocast(self.device, self.cfg.amp):
+            for s in range(0, len(mine), self.cfg.eval_batch_size):
+                x, y = make_batch(data, mine[s : s + self.cfg.eval_batch_size], None, self.device)
+                if self.cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = self.model(x).float()
+                total += float(F.cross_entropy(out, y, reduction="sum"))
+                correct += int((out.argmax(1) == y).sum())
+        set_train_modes(self.model, self.frontier)
+        total, correct_f = self.dist.sum([total, float(correct)], "combining the evaluation")
+        return total / n, 1.0 - correct_f / n
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint_path(self) -> Path | None:
+        return Path(self.cfg.checkpoint_dir) / CHECKPOINT_NAME if self.cfg.checkpoint_dir else None
+
+    def _save_checkpoint(self, next_epoch: int) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            return
+        if self.dist.is_main:
+            save_checkpoint(
+                path,
+                {
+                    "config": self.cfg.to_dict(),
+                    "epoch": next_epoch,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "frontier": self.frontier,
+                    "cache": self.cache.checkpoint_state() if self.cache is not None else None,
+                    "cache_seconds": self.cache.seconds if self.cache is not None else 0.0,
+                    "records": self.result.records,
+                    "losses": self.result.losses,
+                    "rng": rng_state(),
+                },
+            )
+        if self.cache is not None:
+            self.cache.release_superseded()  # the checkpoint names the current store now
+
+    def _load_checkpoint(self) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            raise ConfigError("--resume: needs --checkpoint-dir")
+        state = load_checkpoint_file(path, "--resume")
+        saved = TrainConfig.from_dict(state["config"])
+        diff = [
+            k
+            for k, v in saved.to_dict().items()
+            if k not in RESUMABLE_FIELDS and getattr(self.cfg, k) != v
+        ]
+        if diff:
+            raise CheckpointError(
+                f"--resume: the checkpoint at {path} was made with other settings: "
+                + ", ".join(f"--{k.replace('_', '-')}" for k in diff)
+            )
+        self.model.load_state_dict(state["model"])
+        self.frontier = int(state["frontier"])
+        freeze_prefix(self.model, self.frontier)
+        self.optimizer = self._make_optimizer(range(self.frontier, self.model.num_units))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = int(state["epoch"])
+        self.result.records = list(state["records"])
+        self.result.losses = list(state["losses"])
+        set_rng_state(state["rng"])
+        if self.cache is not None:
+            self.cache.seconds = float(state.get("cache_seconds", 0.0))
+            if state["cache"] is not None:
+                self.cache.restore(state["cache"])
+        log.info("resumed from %s at epoch %d (frontier %d)", path, self.start_epoch, self.frontier)
+
+    # ---- summaries and ranks ---------------------------------------------------------------------
+    def _summary(self) -> dict[str, Any]:
+        recs = self.result.records
+        last = recs[-1] if recs else {}
+        c = self.cache.cache if self.cache is not None else None
+        return {
+            "summary": True,
+            "mode": self.cfg.mode,
+            "model": self.model.config,
+            "dataset": self.cfg.dataset,
+            "train_samples": len(self.data.train),
+            "epochs": self.cfg.epochs,
+            "iterations": self.total_iterations,
+            "total_train_seconds": sum(r["train_seconds"] for r in recs),
+            "total_cache_build_seconds": sum(r["cache_build_seconds"] for r in recs),
+            "final_test_error": last.get("test_error"),
+            "final_test_loss": last.get("test_loss"),
+            "best_test_error": min((r["test_error"] for r in recs), default=None),
+            "frozen_units": self.frontier,
+            "num_units": self.model.num_units,
+            "freeze_iterations": self.schedule.freeze_iterations(),
+            "cache_boundary": self.boundary,
+            "cache_tier": c.tier if c is not None else None,
+            "cache_path": self.cache.kept_path if self.cache is not None else None,
+            "peak_host_private_bytes": max((r["peak_host_private_bytes"] for r in recs), default=0),
+            "peak_gpu_bytes": max((r["peak_gpu_bytes"] for r in recs), default=0),
+            "device": str(self.device),
+            "world_size": self.dist.world_size,
+        }
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics on every rank. DDP syncs buffers at the start of each
+        forward, so after the last step each rank holds its own update; evaluation, checkpoints
+        and the next epoch use rank 0's, as the next forward would."""
+        if not self.dist.enabled:
+            return
+        for b in self.model.buffers():
+            self.dist.broadcast_tensor(b, src=0, what="sharing BatchNorm statistics")
+
+    def _check_ranks_agree(self, epoch: int) -> dict[str, Any]:
+        """Every rank must hold the same weights after an epoch; a divergence is an error."""
+        digests = self.dist.all_gather_object(
+            state_digest(self.model), "comparing the ranks' weights"
+        )
+        if len(set(digests)) != 1:
+            raise DistributedError(
+                f"after epoch {epoch} the ranks hold different weights: {digests}"
+            )
+        return {
+            "world_size": self.dist.world_size,
+            "ranks_in_sync": True,
+            "weights_sha256": digests[0],
+        }
+
+
+def _all_reduce_int(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.to(torch.int64)
+    dist.all_reduce(t)
+    return t
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train one configuration (see ``TrainConfig``); the library entry point of ``prefast train``."""
+    return Trainer(cfg).run()
+
+
+__all__ = ["TrainResult", "Trainer", "build_model", "train"]
