@@ -38,7 +38,7 @@ from prefast.data import load_data
 from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
 from prefast.models import UnitModel
 from prefast.monitor import rss_anon_bytes, synchronize
-from prefast.train import build_model
+from prefast.training import build_model
 
 log = logging.getLogger("compare")
 MIB = 2**20

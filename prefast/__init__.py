@@ -5,7 +5,7 @@
 
 The packages follow the data flow: ``data`` (datasets, augmentation) -> ``models`` (units and
 a head) -> ``freezeout`` (the schedule, freezing) -> ``cache`` (the frozen prefix's outputs in
-a store, RAM or device memory) -> ``train`` (the run loop). The ``store`` package beside this
+a store, RAM or device memory) -> ``training`` (the run loop). The ``store`` package beside this
 one holds the activation store itself and imports nothing from here.
 """
 
@@ -22,7 +22,7 @@ from prefast.errors import (
 )
 from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
 from prefast.models import UnitModel, create_model, list_models
-from prefast.train import Trainer, TrainResult, train
+from prefast.training import Trainer, TrainResult, train
 
 __all__ = [
     "CacheError",

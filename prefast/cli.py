@@ -182,7 +182,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _train(args: argparse.Namespace, rank: int) -> int:
-    from prefast.train import train
+    from prefast.training import train
 
     cfg = config_from_args(args)
     result = train(cfg)
@@ -238,14 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args)
         return _train(args, rank)
-    except DistributedError as e:
-        # Not bad input: a rank died or timed out. One line, exit 1.
-        print(f"prefast: error: {e}", file=sys.stderr)
-        return 1
     except (PrefastError, StoreError) as e:
-        # Bad input: one line, exit 2, no trace.
+        if isinstance(e, DistributedError):
+            # Not bad input: a rank died or timed out. One line, exit 1.
+            print(f"prefast: error: {e}", file=sys.stderr)
+            return 1
+        # Bad input (or a store that fails its checks): one line, exit 2, no trace.
         print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except (OSError, FloatingPointError) as e:
+        # The machine or the run failed (a full disk, a diverging loss): one line, exit 1.
+        print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,14 +8,11 @@ from collections.abc import Iterator
 import torch
 
 import store
+import store.layout
 from prefast.errors import ConfigError
 
-# cache dtype name -> torch dtype of the tensors a cache holds
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
+# cache dtype name -> torch dtype of the tensors a cache holds (the store's own table)
+TORCH_DTYPES: dict[str, torch.dtype] = {name: t for name, (_, t) in store.layout.DTYPES.items()}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -66,7 +66,7 @@ def _cache_worker(rank: int, world: int, port: int, out: str, tier: str) -> None
     from prefast.cache.build import PassSpec, build_cache
     from prefast.data import Augment, load_data
     from prefast.distributed import DistContext
-    from prefast.train import build_model
+    from prefast.training import build_model
 
     cfg = TrainConfig(
         dataset="synthetic",

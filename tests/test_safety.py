@@ -80,7 +80,7 @@ def test_training_leaves_a_users_folders_alone(tmp_path, tier):
     _assert_intact(files)
 
 
-def test_a_users_folder_named_like_a_store_is_refused_not_replaced(tmp_path, capsys):
+def test_a_users_folder_named_like_a_store_is_left_alone(tmp_path, capsys):
     cache = tmp_path / "cache"
     mine = cache / "boundary-001"
     mine.mkdir(parents=True)
@@ -90,9 +90,11 @@ def test_a_users_folder_named_like_a_store_is_refused_not_replaced(tmp_path, cap
             "--epochs", "2", "--batch-size", "16", "--t0", "0.3", "--how-scale", "linear", "--mode", "prefast",
             "--cache", "zarr", "--recache-policy", "every", "--cache-dir", str(cache), "--device", "cpu",
             "--no-progress", "-q"]  # fmt: skip
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "boundary-001" in err[0], err
+    assert main(args) == 0  # the run's stores live in its own run-KEY folder
+    assert (mine / "data.bin").read_bytes() == b"x" * 10
+    # and a store is never created over a zarr group that is not an activation store
+    with pytest.raises(store.StoreExistsError, match="refusing to overwrite"):
+        store.create(mine, sample_shape=(2,), num_samples=4, overwrite=True)
     assert (mine / "data.bin").read_bytes() == b"x" * 10
 
 
@@ -146,9 +148,98 @@ def test_checkpoint_round_trips_with_weights_only(tmp_path):
 
 
 def test_load_checkpoint_file_names_a_foreign_file(tmp_path):
-    from prefast.train.checkpoint import load_checkpoint_file
+    from prefast.training.checkpoint import load_checkpoint_file
 
     p = tmp_path / "x.pt"
     torch.save({"weights": torch.zeros(2)}, p)
     with pytest.raises(CheckpointError, match="not a prefast training checkpoint"):
         load_checkpoint_file(p, "--resume")
+
+
+# ---- bad outputs and values: one line, exit 2, before any training --------------------------------
+def _bad_output_cases(tmp: Path) -> list[tuple[list[str], str]]:
+    a_file = tmp / "a-file"
+    a_file.write_text("x")
+    a_dir = tmp / "a-dir"
+    a_dir.mkdir()
+    unwritable = "/proc/self/prefast-cannot-exist"  # not creatable, even as root
+    return [
+        (["--metrics", str(a_dir)], "--metrics"),
+        (["--metrics", str(a_file / "m.jsonl")], "--metrics"),
+        (["--checkpoint-dir", str(a_file)], "--checkpoint-dir"),
+        (["--checkpoint-dir", unwritable], "--checkpoint-dir"),
+        (["--mode", "prefast", "--cache", "zarr", "--cache-dir", unwritable], "--cache-dir"),
+        (["--mode", "prefast", "--cache", "zarr", "--cache-dir", str(a_file)], "--cache-dir"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--dist-timeout", "nan"], "--dist-timeout"),
+        (["--momentum", "1.5"], "--momentum"),
+        (["--base-lr", "inf"], "--base-lr"),
+        (["--epochs", "two"], "--epochs"),
+        (["--mode", "sideways"], "--mode"),
+    ]
+
+
+def test_bad_outputs_and_values_fail_before_training(tmp_path, capsys, monkeypatch):
+    import prefast.training.trainer as T
+
+    def no_data(cfg):
+        raise AssertionError("the data was loaded before the bad input was refused")
+
+    monkeypatch.setattr(T, "load_data", no_data)
+    base = ["train", "--dataset", "synthetic", "--num-samples", "64", "--depth", "16", "--growth", "8",
+            "--epochs", "1", "--device", "cpu", "--no-progress", "-q"]  # fmt: skip
+    for extra, needle in _bad_output_cases(tmp_path):
+        with pytest.raises(SystemExit) if extra[:2] == ["--epochs", "two"] else _no_exit() as ctx:
+            rc = main(base + extra)
+        rc = ctx.value.code if isinstance(ctx, pytest.ExceptionInfo) else rc
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, (extra, err)
+        assert err.startswith("prefast: error:") and needle in err, (extra, err)
+        assert "\n" not in err and "Traceback" not in err, (extra, err)
+
+
+class _no_exit:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="prefast")
+    ck = tmp_path / "ck"
+    cfg = {**TINY, "epochs": 1}
+    r = train(TrainConfig(**cfg, mode="freezeout", checkpoint_dir=str(ck), resume=True))
+    assert len(r.records) == 1 and (ck / "last.pt").is_file()
+    assert any("starting from the beginning" in rec.getMessage() for rec in caplog.records)
+
+
+def test_metrics_after_a_resume_hold_each_epoch_once(tmp_path, monkeypatch):
+    import prefast.training.trainer as T
+
+    ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
+    cfg = dict(TINY, epochs=3, mode="freezeout", checkpoint_dir=str(ck), metrics=str(metrics))
+    real = T.save_checkpoint
+    calls = {"n": 0}
+
+    class _Crash(Exception):
+        pass
+
+    def crash_before_second_checkpoint(path, state):
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 1's metrics line is written, its checkpoint is not
+            raise _Crash
+        real(path, state)
+
+    monkeypatch.setattr(T, "save_checkpoint", crash_before_second_checkpoint)
+    with pytest.raises(_Crash):
+        train(TrainConfig(**cfg))
+    monkeypatch.setattr(T, "save_checkpoint", real)
+    train(TrainConfig(**cfg, resume=True))
+    import json
+
+    epochs = [json.loads(line).get("epoch") for line in metrics.read_text().splitlines()]
+    assert epochs == [0, 1, 2, None]  # three epochs once each, then the summary

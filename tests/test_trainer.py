@@ -13,7 +13,7 @@ import store
 from prefast import CacheError, TrainConfig, train
 from prefast.cache.plan import CostModel, plan_boundaries, plan_boundary
 from prefast.cli import main
-from prefast.train import Trainer
+from prefast.training import Trainer
 
 TINY = dict(
     dataset="synthetic",
@@ -69,9 +69,12 @@ def test_prefast_from_fp32_zarr_cache_equals_freezeout(tmp_path, caplog):
     assert len(got.losses) == len(ref.losses) == 18
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
     torch.testing.assert_close(_weights(got.model), _weights(ref.model))
-    # only the newest store is left: superseded ones were deleted
-    stores = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    # only the newest store is left, in the run's folder: superseded ones were deleted
+    (run_dir,) = (tmp_path / "cache").iterdir()
+    assert run_dir.name.startswith("run-")
+    stores = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
     assert stores == [f"boundary-{got.summary['cache_boundary']:03d}"]
+    assert got.summary["cache_path"] == str(run_dir / stores[0])
 
 
 # ---- modes and tiers -------------------------------------------------------------------------------
@@ -338,21 +341,41 @@ def test_cli_bad_input_is_one_line_and_exit_2(extra, needle, capsys):
     assert "\n" not in err and "Traceback" not in err
 
 
-def test_cli_refuses_a_cache_dir_of_another_model(tmp_path, capsys):
+def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
+    """Another model, or other settings, in the same --cache-dir: each run keeps its stores in
+    its own run folder, and neither replaces the other's."""
     base = ["train", "--dataset", "synthetic", "--num-samples", "64", "--epochs", "2", "--batch-size", "16",
             "--t0", "0.3", "--how-scale", "linear", "--mode", "prefast", "--cache", "zarr", "--recache-policy", "every",
             "--cache-dir", str(tmp_path / "c"), "--device", "cpu", "--no-progress", "-q"]  # fmt: skip
     assert main([*base, "--depth", "16", "--growth", "8"]) == 0
-    capsys.readouterr()
-    assert main([*base, "--depth", "16", "--growth", "6"]) == 2
-    err = capsys.readouterr().err
-    assert "--cache-dir" in err and "another model" in err
+    first = capsys.readouterr().out
+    assert main([*base, "--depth", "16", "--growth", "6"]) == 0
+    second = capsys.readouterr().out
+    paths = [
+        line.split()[2] for line in (first + second).splitlines() if line.startswith("cache store:")
+    ]
+    assert len(paths) == 2 and Path(paths[0]).parent != Path(paths[1]).parent
+    for p in paths:  # both stores are still there and still open
+        assert store.open(p).meta["model"]["growth"] in (6, 8)
+    assert sorted(store.open(p).meta["model"]["growth"] for p in paths) == [6, 8]
+
+
+def test_a_second_run_with_the_same_settings_is_refused_at_start_up(tmp_path):
+    cfg = tiny(mode="prefast", cache="zarr", cache_dir=str(tmp_path / "c"))
+    first = Trainer(cfg)  # holds the run folder's lock until it closes
+    try:
+        with pytest.raises(CacheError, match="another prefast run with the same settings"):
+            Trainer(cfg)
+    finally:
+        assert first.cache is not None
+        first.cache.close()
+    Trainer(cfg).cache.close()  # free again once the first let go
 
 
 def test_cache_dir_as_a_file_url_is_the_local_folder(tmp_path):
     r = train(tiny(mode="prefast", cache="zarr", cache_dir=f"file://{tmp_path}/c"))
     path = Path(r.summary["cache_path"])
-    assert path.parent == tmp_path / "c" and path.is_dir()
+    assert path.parent.parent == tmp_path / "c" and path.is_dir()
     assert store.open(path).memory_mapped
 
 
@@ -362,12 +385,14 @@ def test_cache_dir_at_an_fsspec_url(tmp_path):
     url = "memory://prefast-trainer-test/cache"
     r = train(tiny(mode="prefast", cache="zarr", cache_dir=url, recache_policy="every"))
     path = r.summary["cache_path"]
-    assert path == f"{url}/boundary-{r.summary['cache_boundary']:03d}"
+    (run_dir,) = location.children(url)
+    assert path == f"{run_dir}/boundary-{r.summary['cache_boundary']:03d}"
     s = store.open(path)
     assert s.complete and not s.memory_mapped and s.num_samples == 96
-    assert location.children(url) == [path]  # superseded stores were deleted
-    # the folder now holds this model's store: another model is refused
-    with pytest.raises(CacheError, match="another model"):
-        train(
-            tiny(mode="prefast", cache="zarr", cache_dir=url, model_args={"depth": 16, "growth": 6})
-        )
+    assert location.children(run_dir) == [path]  # superseded stores were deleted
+    # another model's run works apart in the same folder
+    other = train(
+        tiny(mode="prefast", cache="zarr", cache_dir=url, model_args={"depth": 16, "growth": 6})
+    )
+    assert len(location.children(url)) == 2 and store.open(path).complete
+    assert other.summary["cache_path"] != path

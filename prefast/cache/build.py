@@ -24,7 +24,6 @@ from prefast.distributed import DistContext
 from prefast.errors import CacheError
 from prefast.models import UnitModel
 from prefast.runtime import TORCH_DTYPES, autocast, synchronize
-from store import location
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +40,19 @@ class Cache:
     build_seconds: float = 0.0
     write_rate: float = 0.0  # bytes/s achieved by the pass that built it
     meta: dict[str, Any] = field(default_factory=dict)
+    # The boundaries this cache was computed through, ending at ``boundary`` ([4, 9]: from the
+    # images to 4, then from the 16-bit cache at 4 to 9). Rebuilding along the same chain gives
+    # the same bits (each hop rounds to the cache dtype).
+    chain: tuple[int, ...] = ()
 
     @property
     def nbytes(self) -> int:
         return int(self.source.nbytes)
 
-    def delete(self, remove_files: bool = True) -> None:
-        """Release the cache; a zarr store is removed from disk when ``remove_files`` (under
-        torchrun only rank 0 removes the shared store)."""
+    def release(self) -> None:
+        """Let go of the source (close a store's memory maps); files stay where they are."""
         if isinstance(self.source, store.ActivationStore):
             self.source.close()
-        if (
-            remove_files
-            and self.tier == "zarr"
-            and self.path is not None
-            and location.exists(self.path)
-        ):
-            location.remove_store(self.path)
-            log.info("deleted superseded store %s", self.path)
         self.source = None
 
 
@@ -212,7 +206,10 @@ def build_cache(
         nbytes / 2**20,
         seconds,
     )
-    return Cache(boundary, tier, source, fp, path, seconds, nbytes / max(seconds, 1e-9), meta)
+    chain = (*(prev.chain if prev is not None else ()), boundary)
+    return Cache(
+        boundary, tier, source, fp, path, seconds, nbytes / max(seconds, 1e-9), meta, chain
+    )
 
 
 __all__ = ["Cache", "PassSpec", "build_cache"]

@@ -7,7 +7,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -77,31 +76,11 @@ def store_path(cache_dir: Path | str, boundary: int) -> Path | str:
     return location.join(cache_dir, f"{STORE_PREFIX}{boundary:03d}")
 
 
-def check_cache_dir(cache_dir: Path | str, model_config: dict[str, Any]) -> None:
-    """Refuse a cache folder that holds another model's stores (never used silently)."""
+def check_cache_dir(cache_dir: Path | str) -> None:
+    """A cache folder must be a folder (or not exist yet)."""
     local = location.as_local(cache_dir)
     if local is not None and local.exists() and not local.is_dir():
         raise CacheError(f"--cache-dir: {cache_dir} exists and is not a directory")
-    for child in location.children(cache_dir):
-        if not location.is_store(child):
-            continue
-        try:
-            s = store.open(child, partial=True)
-        except store.StoreError as e:
-            raise CacheError(
-                f"--cache-dir: {child} is not a usable store ({e}); remove it or use another --cache-dir"
-            ) from None
-        other = s.meta.get("model")
-        if other is not None and other != model_config:
-            raise CacheError(
-                f"--cache-dir: {cache_dir} holds a store from another model ({os.path.basename(os.fspath(child))}: "
-                f"{other.get('name', other)} {_short(other)}, this run: {model_config.get('name')} "
-                f"{_short(model_config)}); use another --cache-dir or remove that store"
-            )
-
-
-def _short(cfg: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "name")
 
 
 def open_matching(path: Path | str, fp: str) -> store.ActivationStore | None:

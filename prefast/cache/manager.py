@@ -1,19 +1,34 @@
 """What the trainer asks of the cache: where the boundary is, when it moves, the batches it
 serves, and what a checkpoint records of it.
 
-``CacheManager`` owns the run's cache: its folder (``--cache-dir``, ``CHECKPOINT_DIR/cache``
-or a temporary folder), the current ``Cache``, the planner's decisions, superseded stores
-that a checkpoint may still name, and the clean-up at the end. The trainer owns the frontier
-and tells the manager when units freeze (``on_freeze``).
+``CacheManager`` owns the run's cache: its folder, the current ``Cache``, the planner's
+decisions, superseded stores that a checkpoint may still name, and the clean-up at the end.
+The trainer owns the frontier and tells the manager when units freeze (``on_freeze``).
+
+Stores live in ``CACHE_DIR/run-KEY/boundary-NNN`` (``CACHE_DIR`` is ``--cache-dir``,
+``CHECKPOINT_DIR/cache`` or a temporary folder). ``KEY`` hashes every setting that shapes the
+stored values, so runs with other settings sharing one ``--cache-dir`` work apart and never
+replace each other's stores; a second run with the same settings at the same time is refused
+at start-up (a lock in the run folder). A superseded store is renamed into the run folder's
+trash before it is deleted, so a kill mid-delete leaves no half-store behind; trash, and
+stores of interrupted rate probes, are cleared at the next start. Only folders this package
+created and marked are ever deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +47,7 @@ from prefast.cache.identity import (
 )
 from prefast.cache.plan import CostModel, choose_tier, plan_boundaries, plan_boundary
 from prefast.cache.probes import (
+    PROBE_PREFIX,
     free_memory,
     measure_store_rates,
     measure_tier_rates,
@@ -40,6 +56,7 @@ from prefast.cache.probes import (
 from prefast.config import TrainConfig
 from prefast.data import Augment, Datasets, epoch_key, make_batch
 from prefast.distributed import DistContext
+from prefast.errors import CacheError
 from prefast.freezeout import FreezeSchedule
 from prefast.models import UnitModel
 from prefast.runtime import TORCH_DTYPES, autocast, synchronize
@@ -48,6 +65,33 @@ from store import location
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x, y, sample ids (host int64)
+
+RUN_PREFIX = "run-"
+RUN_MARKER = ".prefast-run"  # written into every run folder this package creates
+LOCK_NAME = ".prefast-lock"
+TRASH_PREFIX = ".prefast-trash-"
+# Settings that do not shape the stored values: outputs, and what a resume may change.
+_NOT_IN_RUN_KEY = frozenset(
+    {
+        "resume",
+        "progress",
+        "metrics",
+        "checkpoint_dir",
+        "epochs",
+        "device",
+        "data_root",
+        "download",
+        "cache_dir",
+        "eval_batch_size",
+        "dist_timeout",
+    }
+)
+
+
+def run_key(cfg: TrainConfig) -> str:
+    """12 hex digits of a SHA-256 over the settings that shape a run's cached values."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_RUN_KEY}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class CacheManager:
@@ -79,15 +123,19 @@ class CacheManager:
         self._auto_plan: dict[int, int] | None = None  # iteration -> boundary (auto policy)
         self._superseded: list[Cache] = []
         self._tmp_dir: Path | None = None
+        self._lock_fd: int | None = None
         self.cache_dir = self._resolve_cache_dir()
+        self.run_dir: Path | str | None = None
         self.input_shape = tuple(data.train.images.shape[1:])
         # bytes per sample at each boundary: the fp32 image at 0, the cache dtype after
         itemsize = torch.tensor([], dtype=TORCH_DTYPES[cfg.cache_dtype]).element_size()
         self.sample_bytes = [math.prod(self.input_shape) * 4] + [
             math.prod(shape) * itemsize for shape in model.boundary_shapes(self.input_shape)
         ]
-        if self.cache_dir is not None and dist.is_main:
-            check_cache_dir(self.cache_dir, model.config)
+        if self.cache_dir is not None:
+            # claim the run folder now: a second run with the same settings is refused at
+            # start-up, not at its first cache
+            self._open_run_dir(self.cache_dir)
 
     # ---- where stores live --------------------------------------------------------------------
     def _resolve_cache_dir(self) -> Path | str | None:
@@ -99,13 +147,61 @@ class CacheManager:
         return None  # a temporary directory is made if the zarr tier is used
 
     def _zarr_dir(self) -> Path | str:
-        if self.cache_dir is None:
+        """The run folder stores go to (made on first use when there is no --cache-dir)."""
+        if self.run_dir is None:
             # one folder for all ranks (on one node; several nodes need a shared --cache-dir)
             made = tempfile.mkdtemp(prefix="prefast-cache-") if self.dist.is_main else None
             self._tmp_dir = Path(self.dist.broadcast_object(made, "sharing the cache folder"))
             self.cache_dir = self._tmp_dir
-        location.make_dirs(self.cache_dir)
-        return self.cache_dir
+            self._open_run_dir(self._tmp_dir)
+        if self.run_dir is None:  # _open_run_dir always sets it
+            raise CacheError("no run folder for the cache")
+        return self.run_dir
+
+    def _open_run_dir(self, cache_dir: Path | str) -> None:
+        """Make (or reopen) ``CACHE_DIR/run-KEY``, lock it, and clear what an interrupted run
+        left in it. Rank 0 does the work; the other ranks wait for it."""
+        run_dir = location.join(cache_dir, RUN_PREFIX + run_key(self.cfg))
+        if self.dist.is_main:
+            check_cache_dir(cache_dir)
+            try:
+                location.make_dirs(run_dir)
+            except OSError as e:
+                raise CacheError(
+                    f"--cache-dir: cannot create {run_dir}: {e.strerror or e}"
+                ) from None
+            local = location.as_local(run_dir)
+            if local is not None:
+                (local / RUN_MARKER).touch()
+                self._lock_fd = _lock_run_dir(local)
+                _clear_leftovers(local)
+            else:
+                log.warning(
+                    "%s: object stores have no locks; run one prefast run with these settings "
+                    "per --cache-dir at a time",
+                    run_dir,
+                )
+        self.dist.barrier("opening the cache folder")
+        self.run_dir = run_dir
+
+    def _discard(self, cache: Cache) -> None:
+        """Release a superseded cache and delete its store. A local store is first renamed into
+        the run folder's trash: a kill mid-delete leaves trash, which the next start clears,
+        never a half-deleted store under a store's name. Under torchrun only rank 0 deletes."""
+        path = cache.path
+        cache.release()
+        if cache.tier != "zarr" or path is None or not self.dist.is_main:
+            return
+        if not location.exists(path):
+            return
+        local = location.as_local(path)
+        if local is not None and location.is_activation_store(local):
+            trash = local.parent / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
+            os.rename(local, trash)
+            shutil.rmtree(trash)
+        else:
+            location.remove_store(path)
+        log.info("deleted superseded store %s", path)
 
     # ---- the current cache ----------------------------------------------------------------------
     @property
@@ -256,6 +352,25 @@ class CacheManager:
     # ---- building ---------------------------------------------------------------------------------
     def _recache(self, b_new: int, j: int) -> None:
         prev = self.cache
+        self.cache = self._build(b_new, prev)
+        if prev is not None:
+            if prev.tier == "zarr" and self.cfg.checkpoint_dir is not None:
+                # The last checkpoint may still name this store: delete it once the next
+                # checkpoint names its successor.
+                self._superseded.append(prev)
+            else:
+                self._discard(prev)  # superseded: its successor is complete
+        log.info(
+            "iteration %d: cache boundary %d -> %d (%s)",
+            j,
+            prev.boundary if prev else 0,
+            b_new,
+            self.cache.tier,
+        )
+
+    def _build(self, b_new: int, prev: Cache | None) -> Cache:
+        """One cache pass to boundary ``b_new`` from ``prev`` (or the images), into the tier
+        the policy picks."""
         tier = self.dist.broadcast_object(
             self._tier_for(b_new) if self.dist.is_main else None, "sharing the cache tier"
         )
@@ -283,21 +398,7 @@ class CacheManager:
         self.seconds += cache.build_seconds
         if self.cost is not None and tier == "zarr":
             self.cost.write_rate["zarr"] = cache.write_rate
-        self.cache = cache
-        if prev is not None:
-            if prev.tier == "zarr" and self.cfg.checkpoint_dir is not None:
-                # The last checkpoint may still name this store: delete it once the next
-                # checkpoint names its successor.
-                self._superseded.append(prev)
-            else:
-                prev.delete(remove_files=self.dist.is_main)  # superseded: its successor is complete
-        log.info(
-            "iteration %d: cache boundary %d -> %d (%s)",
-            j,
-            prev.boundary if prev else 0,
-            b_new,
-            tier,
-        )
+        return cache
 
     # ---- batches ----------------------------------------------------------------------------------
     def batches(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -334,41 +435,97 @@ class CacheManager:
             "tier": c.tier,
             "path": str(c.path) if c.path else None,
             "fingerprint": c.fingerprint,
+            "chain": list(c.chain),
         }
 
     def restore(self, info: dict[str, Any]) -> None:
-        """On resume: reuse the checkpoint's store when its fingerprint matches, else rebuild."""
+        """On resume: reuse the checkpoint's store when its fingerprint matches, else rebuild it
+        along the chain of boundaries the run went through (the same bits as the original)."""
         b = int(info["boundary"])
+        chain = tuple(int(c) for c in info.get("chain") or (b,))
+        if not chain or chain[-1] != b or list(chain) != sorted(set(chain)):
+            raise CacheError(f"--resume: the checkpoint's cache chain {list(chain)} is not valid")
         fp = self._fingerprint(b)
         path = info.get("path") or None
         if info.get("tier") == "zarr" and path is not None:
             s = open_matching(path, fp)
             if s is not None:
-                self.cache = Cache(b, "zarr", s, fp, path, meta=s.meta)
+                self.cache = Cache(b, "zarr", s, fp, path, meta=s.meta, chain=chain)
                 log.info("resume: reusing store %s (fingerprint matches)", path)
                 return
         log.info(
-            "resume: rebuilding the cache at boundary %d (%s tier not reusable)",
+            "resume: rebuilding the cache at boundary %d through %s (%s tier not reusable)",
             b,
+            list(chain),
             info.get("tier"),
         )
-        self._recache(b, -1)
+        cache: Cache | None = None
+        for hop in chain:
+            nxt = self._build(hop, cache)
+            if cache is not None:
+                self._discard(cache)
+            cache = nxt
+        self.cache = cache
 
     def release_superseded(self) -> None:
         """Delete the stores no checkpoint names any more (after a checkpoint, or at the end)."""
         for c in self._superseded:
-            c.delete(remove_files=self.dist.is_main)
+            self._discard(c)
         self._superseded.clear()
 
     def close(self) -> None:
-        """Remove the temporary cache folder, if one was made (a kept --cache-dir stays)."""
-        if self._tmp_dir is not None:
-            self.dist.barrier("finishing with the temporary cache")
-            if self.cache is not None:
-                self.cache.delete(remove_files=self.dist.is_main)
-                self.cache = None
-            if self.dist.is_main:
-                shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        """Release the run folder's lock; remove the temporary cache folder, if one was made
+        (a kept --cache-dir stays)."""
+        try:
+            if self._tmp_dir is not None:
+                self.dist.barrier("finishing with the temporary cache")
+                if self.cache is not None:
+                    self.cache.release()
+                    self.cache = None
+                if self.dist.is_main:
+                    shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        finally:
+            if self._lock_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._lock_fd)  # closing drops the flock
+                self._lock_fd = None
+
+
+def _lock_run_dir(run_dir: Path) -> int:
+    """An exclusive ``flock`` on ``run_dir/.prefast-lock`` for the life of the run (the kernel
+    drops it when the process dies). Raises CacheError naming the holder when taken."""
+    path = run_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise CacheError(f"--cache-dir: cannot write {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise CacheError(
+                f"--cache-dir: another prefast run with the same settings is using {run_dir}"
+                f"{holder}; wait for it to finish or use another --cache-dir"
+            ) from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _clear_leftovers(run_dir: Path) -> None:
+    """Delete what an interrupted run left in its own run folder (which carries our marker):
+    renamed-away stores in the trash and stores of rate probes."""
+    if not (run_dir / RUN_MARKER).is_file():
+        return
+    for child in run_dir.iterdir():
+        if child.is_dir() and child.name.startswith((TRASH_PREFIX, PROBE_PREFIX)):
+            shutil.rmtree(child, ignore_errors=True)
+            log.info("cleared %s, left by an interrupted run", child)
 
 
 __all__ = ["CacheManager"]

@@ -18,6 +18,8 @@ from prefast.monitor import available_host_bytes
 from prefast.runtime import TORCH_DTYPES, synchronize
 from store import location
 
+PROBE_PREFIX = ".prefast-probe-"  # a rate probe's store, removed by the probe or the next start
+
 
 def free_memory(device: torch.device) -> tuple[int, int]:
     """(free device bytes, available host bytes) now; the device figure is 0 off CUDA."""
@@ -111,7 +113,7 @@ def measure_store_rates(
     dtype and codec, read through the loader to ``device``: a measured probe, removed after."""
     # A fresh, unique name: nothing of the user's is ever overwritten or removed, and two
     # runs probing one folder do not meet.
-    path = location.join(directory, f".prefast-probe-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    path = location.join(directory, f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
     sample_bytes = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
     n = max(2 * batch, min(8 * batch, (64 << 20) // sample_bytes))
     g = torch.Generator().manual_seed(0)

@@ -45,7 +45,7 @@ from prefast.errors import CheckpointError, PrefastError
 from prefast.freezeout import freeze_prefix
 from prefast.models import create_model
 from prefast.runtime import autocast, resolve_device
-from prefast.train.checkpoint import load_checkpoint_file
+from prefast.training.checkpoint import load_checkpoint_file
 
 RTOL = {"float32": 1e-5, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 INCREMENTAL_FACTOR = 4.0

@@ -45,9 +45,10 @@ from prefast.freezeout import (
 )
 from prefast.models import UnitModel, create_model
 from prefast.monitor import PeakMemory, Stopwatch, peak_device_bytes
+from prefast.paths import check_writable_dir, check_writable_file
 from prefast.runtime import autocast, resolve_device
-from prefast.train.batches import Batch, image_batches
-from prefast.train.checkpoint import (
+from prefast.training.batches import Batch, image_batches
+from prefast.training.checkpoint import (
     CHECKPOINT_NAME,
     RESUMABLE_FIELDS,
     load_checkpoint_file,
@@ -55,7 +56,8 @@ from prefast.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from prefast.train.metrics import MetricsSink
+from prefast.training.metrics import MetricsSink
+from store import location
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.dist = DistContext.from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
+        if self.dist.is_main:
+            check_outputs(cfg)  # before any data is loaded or any step runs
         self.device = self.dist.device
         self.progress = cfg.progress and self.dist.is_main
         self.data = load_data(cfg)
@@ -168,7 +172,7 @@ class Trainer:
         if cfg.resume:
             self._load_checkpoint()
         metrics = MetricsSink(
-            cfg.metrics if self.dist.is_main else None, cfg.to_dict(), resume=cfg.resume
+            cfg.metrics if self.dist.is_main else None, cfg.to_dict(), self.result.records
         )
         peak = PeakMemory().start()
         set_train_modes(self.model, self.frontier)
@@ -399,6 +403,11 @@ class Trainer:
         path = self._checkpoint_path()
         if path is None:
             raise ConfigError("--resume: needs --checkpoint-dir")
+        if not path.exists():
+            # --resume is always safe to type: a run killed before its first checkpoint
+            # starts over
+            log.warning("--resume: no checkpoint at %s yet; starting from the beginning", path)
+            return
         state = load_checkpoint_file(path, "--resume")
         saved = TrainConfig.from_dict(state["config"])
         diff = [
@@ -479,6 +488,19 @@ class Trainer:
             "ranks_in_sync": True,
             "weights_sha256": digests[0],
         }
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """Every path the run will write, checked before it starts (one clear error, not a
+    traceback after an epoch)."""
+    if cfg.metrics:
+        check_writable_file(cfg.metrics, "--metrics")
+    if cfg.checkpoint_dir:
+        ck = check_writable_dir(cfg.checkpoint_dir, "--checkpoint-dir")
+        if (ck / CHECKPOINT_NAME).is_dir():
+            raise ConfigError(f"--checkpoint-dir: {ck / CHECKPOINT_NAME} is a directory")
+    if cfg.mode == "prefast" and cfg.cache_dir and location.as_local(cfg.cache_dir) is not None:
+        check_writable_dir(location.as_local(cfg.cache_dir) or cfg.cache_dir, "--cache-dir")
 
 
 def _all_reduce_int(t: torch.Tensor) -> torch.Tensor:

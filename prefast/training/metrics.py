@@ -4,16 +4,20 @@ with the resolved config saved beside it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 
 class MetricsSink:
-    """Appends JSON lines to ``path`` (``None``: discards them). On a fresh run the file is
-    rewritten and ``STEM.config.json`` beside it holds the config; on resume it is appended."""
+    """Writes JSON lines to ``path`` (``None``: discards them), with ``STEM.config.json``
+    beside it holding the config. The file starts with ``records`` (a resumed run's epochs,
+    as its checkpoint holds them), so a resume after a crash never repeats an epoch's line."""
 
-    def __init__(self, path: str | None, config: dict[str, Any], resume: bool) -> None:
+    def __init__(
+        self, path: str | None, config: dict[str, Any], records: Sequence[dict[str, Any]] = ()
+    ) -> None:
         self.path = Path(path) if path else None
         self._f: IO[str] | None = None
         if self.path is None:
@@ -22,7 +26,9 @@ class MetricsSink:
         (self.path.parent / (self.path.stem + ".config.json")).write_text(
             json.dumps(config, indent=2) + "\n"
         )
-        self._f = open(self.path, "a" if resume else "w")  # noqa: SIM115 (closed in close())
+        self._f = open(self.path, "w")  # noqa: SIM115 (closed in close())
+        for r in records:
+            self.write(r)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is not None:

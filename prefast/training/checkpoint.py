@@ -63,8 +63,12 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (a temporary file renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave the previous checkpoint only
+        raise
 
 
 def checkpoint_load_reason(e: BaseException) -> str:

@@ -1,0 +1,53 @@
+"""Checking output paths at start-up, so a run never fails at its first checkpoint, metrics
+line or cache write because a folder is a file, missing and uncreatable, or read-only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from prefast.errors import ConfigError
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def check_writable_dir(path: str | os.PathLike[str], flag: str) -> Path:
+    """``path`` as a folder that exists (it is created if missing) and takes new files."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag}: {p} exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot create {p}: {_reason(e)}") from None
+    try:
+        fd, name = tempfile.mkstemp(prefix=".prefast-write-test-", dir=p)
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot write into {p}: {_reason(e)}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    return p
+
+
+def check_writable_file(path: str | os.PathLike[str], flag: str) -> Path:
+    """``path`` as a file that can be written: not a folder, in a writable folder, and
+    writable itself when it exists."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{flag}: {p} is a directory; give a file name")
+    check_writable_dir(p.parent, flag)
+    if p.exists():
+        try:
+            with open(p, "a"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{flag}: cannot write {p}: {_reason(e)}") from None
+    return p
+
+
+__all__ = ["check_writable_dir", "check_writable_file"]

@@ -1,0 +1,149 @@
+"""Fault injection: a run SIGKILLed at any moment resumes (``--resume``) to the same result as
+a run that was never interrupted. Each run is a subprocess; the kill points are patched in
+by a small driver, so the library carries no test hooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DRIVER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import torch
+    from prefast import TrainConfig, train
+    import prefast.training.trainer as T
+    import prefast.cache.manager as M
+    import store.writer as W
+
+    point, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    cfg = TrainConfig(**json.loads(sys.argv[4]))
+    hits = {"n": 0}
+
+    def hit():
+        hits["n"] += 1
+        if hits["n"] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if point == "step":  # before the n-th training step
+        step = T.Trainer._step
+        def _step(self, *a):
+            hit()
+            return step(self, *a)
+        T.Trainer._step = _step
+    elif point == "chunk":  # after the n-th chunk reached disk, before its store is complete
+        store_chunk = W.StoreWriter._store_chunk
+        def _store_chunk(self, *a):
+            store_chunk(self, *a)
+            hit()
+        W.StoreWriter._store_chunk = _store_chunk
+    elif point == "delete":  # halfway through deleting the n-th superseded store
+        rmtree = M.shutil.rmtree
+        class _Shutil:
+            def __getattr__(self, name):
+                return getattr(M.__dict__["_real_shutil"], name)
+            @staticmethod
+            def rmtree(path, *a, **k):
+                if ".prefast-trash-" in str(path):
+                    files = sorted(p for p in __import__("pathlib").Path(path).rglob("*") if p.is_file())
+                    for f in files[: len(files) // 2]:
+                        f.unlink()
+                    hit()
+                return rmtree(path, *a, **k)
+        M._real_shutil = M.shutil
+        M.shutil = _Shutil()
+    elif point in ("checkpoint", "mid-checkpoint"):  # right after / halfway through the n-th
+        save = T.save_checkpoint
+        def _save(path, state):
+            if point == "mid-checkpoint":
+                torch.save(state, path.with_suffix(".tmp"))  # the new file half done ...
+                hit()  # ... and killed before it replaces the previous checkpoint
+            save(path, state)
+            if point == "checkpoint":
+                hit()
+        T.save_checkpoint = _save
+    elif point != "none":
+        raise SystemExit(f"unknown kill point {point}")
+
+    r = train(cfg)
+    keep = ("epoch", "iterations", "train_loss", "train_accuracy", "test_loss", "test_error",
+            "frozen_units", "cache_boundary", "cache_tier", "samples_seen")
+    with open(out, "w") as f:
+        json.dump({"records": [{k: x[k] for k in keep} for x in r.records], "losses": r.losses}, f)
+    """
+)
+
+CFG = dict(
+    dataset="synthetic",
+    num_samples=64,
+    model="densenet_bc",
+    model_args={"depth": 16, "growth": 8},
+    epochs=3,
+    batch_size=16,
+    t0=0.3,
+    how_scale="linear",
+    seed=0,
+    device="cpu",
+    progress=False,
+    eval_batch_size=256,
+    mode="prefast",
+    cache="zarr",
+    recache_policy="every",
+)
+
+
+def _run(tmp: Path, point: str, n: int, **over: object) -> subprocess.CompletedProcess[str]:
+    cfg = {**CFG, "checkpoint_dir": str(tmp / "ck"), "cache_dir": str(tmp / "cache"), **over}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, point, str(n), str(tmp / "out.json"), json.dumps(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    p = _run(tmp, "none", 0)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads((tmp / "out.json").read_text())
+
+
+# (kill point, which occurrence): 4 steps an epoch, the first freeze at iteration 4, one
+# chunk per store (64 samples), a checkpoint after every epoch.
+MOMENTS = [
+    ("step", 3),  # in the first epoch, before any checkpoint
+    ("chunk", 2),  # during a cache pass: a store written but not marked complete
+    ("delete", 1),  # halfway through deleting a superseded store after a checkpoint
+    ("checkpoint", 2),  # right after the second checkpoint
+    ("mid-checkpoint", 2),  # the second checkpoint half written (last.tmp left behind)
+    ("step", 10),  # mid-way through the last epoch, with caches and checkpoints behind it
+]
+
+
+@pytest.mark.parametrize(("point", "n"), MOMENTS, ids=[f"{p}-{n}" for p, n in MOMENTS])
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, reference, point, n):
+    killed = _run(tmp_path, point, n)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    assert not (tmp_path / "out.json").exists()
+    resumed = _run(tmp_path, "none", 0, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["records"] == reference["records"]
+    assert got["losses"] == reference["losses"]  # bit-identical, not merely close
+    run_dir = next((tmp_path / "cache").iterdir())
+    left = sorted(p.name for p in run_dir.iterdir())
+    assert not [x for x in left if x.startswith((".prefast-trash-", ".prefast-probe-"))], left
+    assert not (tmp_path / "ck" / "last.tmp").exists()
