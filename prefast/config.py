@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "recache_policy": RECACHE_POLICIES,
     "device": DEVICES,
     "amp": AMP,
+    "compile": ("none", "graphs", "inductor"),
 }
 
 
@@ -137,6 +138,12 @@ class TrainConfig:
     )
     amp: str = opt("none", "machine", "bf16 autocast (CUDA) (default %(default)s)")
     channels_last: bool = opt(False, "machine", "channels_last memory format (CUDA)")
+    compile: str = opt(
+        "none",
+        "machine",
+        "run each training step as a captured CUDA graph (graphs, CUDA only), with "
+        "torch.compile'd units (inductor), or eagerly (default %(default)s)",
+    )
     sync_bn: bool = opt(
         False, "machine", "under torchrun on CUDA: SyncBatchNorm in the trainable units"
     )

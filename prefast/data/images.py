@@ -54,8 +54,15 @@ class ImageData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device | str) -> ImageData:
+        """The same split with images and labels on ``device`` (itself when already there)."""
+        device = torch.device(device)
+        if self.images.device == device:
+            return self
+        return ImageData(self.images.to(device), self.labels.to(device), self.spec)
+
     def _take(self, indices: np.ndarray) -> ImageData:
-        idx = torch.from_numpy(indices)
+        idx = torch.from_numpy(indices).to(self.images.device)
         return ImageData(self.images[idx], self.labels[idx], self.spec)
 
     def subset(self, n: int, seed: int) -> ImageData:

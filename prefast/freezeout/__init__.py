@@ -1,13 +1,8 @@
-"""FreezeOut: the per-unit schedule (when each unit freezes, its learning rate) and freezing."""
+"""FreezeOut: the per-unit schedule (when each unit freezes, its learning rate), the optimizer
+that follows it on the device, and freezing."""
 
-from prefast.freezeout.freezing import (
-    TrainablePart,
-    freeze_prefix,
-    freeze_unit,
-    make_optimizer,
-    set_learning_rates,
-    set_train_modes,
-)
+from prefast.freezeout.freezing import TrainablePart, freeze_prefix, freeze_unit, set_train_modes
+from prefast.freezeout.optim import UnitSGD
 from prefast.freezeout.schedule import (
     MODES,
     SCALES,
@@ -23,11 +18,10 @@ __all__ = [
     "FreezeSchedule",
     "ScheduleConfig",
     "TrainablePart",
+    "UnitSGD",
     "freeze_prefix",
     "freeze_unit",
     "ideal_saving",
-    "make_optimizer",
-    "set_learning_rates",
     "set_train_modes",
     "unit_t",
 ]

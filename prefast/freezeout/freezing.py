@@ -1,5 +1,4 @@
-"""Freezing units: the one place a unit freezes, the optimizer's per-unit groups, the
-trainable part of a model.
+"""Freezing units: the one place a unit freezes, and the trainable part of a model.
 
 A frozen unit is in eval mode (BatchNorm uses its running statistics), has no gradient and
 is out of the optimizer (its momentum buffers dropped). The frozen units always form a prefix
@@ -9,12 +8,11 @@ is out of the optimizer (its momentum buffers dropped). The frozen units always 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from prefast.freezeout.schedule import FreezeSchedule
+from prefast.freezeout.optim import UnitSGD
 from prefast.models import UnitModel
 
 log = logging.getLogger(__name__)
@@ -25,42 +23,13 @@ def _freeze_module(unit: nn.Module) -> None:
     unit.requires_grad_(False)
 
 
-def make_optimizer(
-    model: UnitModel,
-    schedule: FreezeSchedule,
-    units: Iterable[int],
-    *,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-) -> torch.optim.SGD:
-    """SGD with one parameter group per trainable unit (``"unit": i``) and one for the head
-    (``"unit": num_units``), each at its iteration-0 learning rate."""
-    groups = [
-        {"params": list(model.units[i].parameters()), "unit": i, "lr": schedule.lr(i, 0)}
-        for i in units
-    ]
-    head = model.num_units
-    groups.append(
-        {"params": list(model.head.parameters()), "unit": head, "lr": schedule.lr(head, 0)}
-    )
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(
-        groups,
-        lr=schedule.config.base_lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-    )
-
-
-def freeze_unit(model: UnitModel, optimizer: torch.optim.Optimizer, i: int, j: int) -> None:
+def freeze_unit(model: UnitModel, optimizer: UnitSGD, i: int, j: int) -> None:
     """Freeze unit ``i`` at iteration ``j``: eval mode, no gradient, out of the optimizer."""
     unit = model.units[i]
     _freeze_module(unit)
     for p in unit.parameters():
-        optimizer.state.pop(p, None)
-    optimizer.param_groups = [g for g in optimizer.param_groups if g["unit"] != i]
+        p.grad = None
+    optimizer.drop(i)
     log.info("iteration %d: froze unit %d (%s)", j, i, model.unit_names[i])
 
 
@@ -76,12 +45,6 @@ def set_train_modes(model: UnitModel, frontier: int) -> None:
     for i, u in enumerate(model.units):
         u.train(i >= frontier)
     model.head.train()
-
-
-def set_learning_rates(optimizer: torch.optim.Optimizer, schedule: FreezeSchedule, j: int) -> None:
-    """Each group's learning rate at iteration ``j`` (the schedule's cosine anneal)."""
-    for g in optimizer.param_groups:
-        g["lr"] = schedule.lr(g["unit"], j)
 
 
 class TrainablePart(nn.Module):
@@ -102,7 +65,5 @@ __all__ = [
     "TrainablePart",
     "freeze_prefix",
     "freeze_unit",
-    "make_optimizer",
-    "set_learning_rates",
     "set_train_modes",
 ]

@@ -37,10 +37,9 @@ from prefast.freezeout import (
     FreezeSchedule,
     ScheduleConfig,
     TrainablePart,
+    UnitSGD,
     freeze_prefix,
     freeze_unit,
-    make_optimizer,
-    set_learning_rates,
     set_train_modes,
 )
 from prefast.models import UnitModel, create_model
@@ -57,9 +56,12 @@ from prefast.training.checkpoint import (
     set_rng_state,
 )
 from prefast.training.metrics import MetricsSink
+from prefast.training.step import EpochMeter, StepRunner
 from store import location
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 25  # steps between progress-bar updates (each reads the loss: a host sync)
 
 
 def build_model(cfg: TrainConfig, spec: DatasetSpec) -> UnitModel:
@@ -134,6 +136,20 @@ class Trainer:
         self.optimizer = self._make_optimizer(range(self.model.num_units))
         self.frontier = 0
         self.ddp: torch.nn.Module | None = None  # DistributedDataParallel over the trainable part
+        compile_mode = cfg.compile
+        if compile_mode == "graphs" and self.dist.enabled:
+            log.warning("--compile graphs: not under torchrun (DDP); running eager steps")
+            compile_mode = "none"
+        self.steps = StepRunner(
+            self.model, self.device, cfg.amp, cfg.channels_last, compile_mode, cfg.batch_size
+        )
+        if self.device.type == "cuda":
+            # The image path stays on the device: uint8 CIFAR is 150 MB, and make_batch then
+            # gathers, crops and flips there (full and freezeout must not be input-bound).
+            self.data.train = self.data.train.to(self.device)
+            self.data.test = self.data.test.to(self.device)
+            if self.data.val is not None:
+                self.data.val = self.data.val.to(self.device)
         self.cache = (
             CacheManager(
                 cfg,
@@ -152,8 +168,8 @@ class Trainer:
         self.result = TrainResult()
         self.dist.barrier("start-up")
 
-    def _make_optimizer(self, units: range) -> torch.optim.SGD:
-        return make_optimizer(
+    def _make_optimizer(self, units: range) -> UnitSGD:
+        return UnitSGD(
             self.model,
             self.schedule,
             units,
@@ -254,11 +270,19 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         watch = Stopwatch(self.device)
         cache_before = self.cache.seconds if self.cache is not None else 0.0
-        loss_sum, correct, seen = 0.0, 0, 0
+        meter = EpochMeter(self.iters_per_epoch, self.device)
         visits = torch.zeros(len(self.data.train), dtype=torch.int32)  # this rank's, per sample
         j = epoch * self.iters_per_epoch
+        bar = tqdm(
+            total=self.iters_per_epoch,
+            desc=f"epoch {epoch}",
+            unit="step",
+            disable=not self.progress,
+            leave=False,
+        )
         with watch:
             batches = self._batches(epoch, 0)
+            self._configure_steps()
             k = 0
             try:
                 while k < self.iters_per_epoch:
@@ -268,20 +292,25 @@ class Trainer:
                         batches = self._batches(epoch, k)  # the same batch k, from the new source
                     h, y, ids = next(batches)
                     visits.index_add_(0, ids, torch.ones(len(ids), dtype=torch.int32))
-                    ls, c = self.dist.run("a training step", self._step, h, y, j)
-                    if not math.isfinite(ls):
-                        raise FloatingPointError(
-                            f"iteration {j}: the loss is {ls}; lower --base-lr"
-                        )
-                    self.result.losses.append(ls / len(y))
-                    loss_sum += ls
-                    correct += c
-                    seen += len(y)
+                    self.dist.run("a training step", self.steps.step, h, y, j, k, meter)
                     k += 1
+                    if k % PROGRESS_EVERY == 0 or k == self.iters_per_epoch:
+                        bar.update(k - bar.n)
+                        if (
+                            self.progress
+                        ):  # a host sync every PROGRESS_EVERY steps, only for the bar
+                            meter.check_finite()
+                            bar.set_postfix(
+                                loss=f"{float(meter.loss_sum) / max(meter.seen, 1):.3f}"
+                            )
             finally:
                 batches.close()  # type: ignore[attr-defined]
+                bar.close()
+        meter.check_finite()
+        self.result.losses.extend(meter.losses.tolist())
         loss_sum, correct_f, seen_f = self.dist.sum(
-            [loss_sum, float(correct), float(seen)], "combining the epoch's loss"
+            [float(meter.loss_sum), float(meter.correct), float(meter.seen)],
+            "combining the epoch's loss",
         )
         if self.dist.enabled:
             visits = self.dist.run("combining the epoch's sample visits", _all_reduce_int, visits)
@@ -301,7 +330,11 @@ class Trainer:
             "cache_tier": cur.tier if cur is not None else None,
             "cache_bytes": cur.nbytes if cur is not None else 0,
             "lr_head": self.schedule.lr(self.model.num_units, min(j, self.total_iterations - 1)),
+            "step_captures": self.steps.captures,
         }
+
+    def _configure_steps(self) -> None:
+        self.steps.configure(self.boundary, self.frontier, self.optimizer, self.ddp)
 
     def _advance_frontier(self, j: int) -> bool:
         """Freeze what the schedule says at iteration j; in prefast mode re-cache when the policy
@@ -313,9 +346,9 @@ class Trainer:
             freeze_unit(self.model, self.optimizer, i, j)
         self.frontier = f
         self._wrap_trainable()  # the trainable set changed
-        if self.cache is None:
-            return False
-        return self.cache.on_freeze(j, f)
+        moved = self.cache.on_freeze(j, f) if self.cache is not None else False
+        self._configure_steps()
+        return moved
 
     # ---- the trainable part under DistributedDataParallel ----------------------------------------
     def _wrap_trainable(self) -> None:
@@ -332,33 +365,15 @@ class Trainer:
             lambda: DistributedDataParallel(part, device_ids=ids),
         )
 
-    # ---- one step ------------------------------------------------------------------------------
-    def _step(self, h: torch.Tensor, y: torch.Tensor, j: int) -> tuple[float, int]:
-        set_learning_rates(self.optimizer, self.schedule, j)
-        b, f = self.boundary, self.frontier
-        if self.cfg.channels_last and h.dim() == 4:
-            h = h.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.cfg.amp):
-            if f > b:
-                with torch.no_grad():
-                    h = self.model.forward_range(h, b, f)
-            if self.ddp is not None:
-                out = self.ddp(h)  # gradients of units[f:] and the head are averaged over ranks
-            else:
-                out = self.model.forward_head(self.model.forward_range(h, f, self.model.num_units))
-            loss = F.cross_entropy(out, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        correct = (out.argmax(1) == y).sum()
-        return float(loss.detach()) * len(y), int(correct)
-
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, data: ImageData) -> tuple[float, float]:
         """(mean loss, error) of the model on ``data``, in eval mode; under torchrun each rank
-        evaluates every world_size-th sample and the sums are combined."""
+        evaluates every world_size-th sample and the sums are combined. Sums stay on the
+        device until the end (no per-batch sync)."""
         self.model.eval()
-        total, correct, n = 0.0, 0, len(data)
+        n = len(data)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         mine = np.arange(self.dist.rank, n, self.dist.world_size)
         with torch.no_grad(), autocast(self.device, self.cfg.amp):
             for s in range(0, len(mine), self.cfg.eval_batch_size):
@@ -366,11 +381,11 @@ class Trainer:
                 if self.cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 out = self.model(x).float()
-                total += float(F.cross_entropy(out, y, reduction="sum"))
-                correct += int((out.argmax(1) == y).sum())
+                total += F.cross_entropy(out, y, reduction="sum").double()
+                correct += (out.argmax(1) == y).sum()
         set_train_modes(self.model, self.frontier)
-        total, correct_f = self.dist.sum([total, float(correct)], "combining the evaluation")
-        return total / n, 1.0 - correct_f / n
+        t, c = self.dist.sum([float(total), float(correct)], "combining the evaluation")
+        return t / n, 1.0 - c / n
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self) -> Path | None:

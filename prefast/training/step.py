@@ -1,0 +1,254 @@
+"""One training step of the trainable part, launched without waiting for the device.
+
+A step at iteration ``j`` from the activation ``h`` at boundary ``b`` with frontier ``f``:
+``units[b:f]`` forward under no_grad (frozen, not cached), ``units[f:]`` and the head forward,
+cross-entropy, backward, ``UnitSGD.step``. Loss and accuracy are summed on the device in
+``EpochMeter`` and read once per epoch (or every few steps for a progress bar), so no step
+blocks the host; a non-finite loss records its iteration on the device and is reported at the
+next read.
+
+Three ways to run it (``--compile``):
+
+- ``none``: eager PyTorch.
+- ``graphs`` (CUDA): the whole step is captured in a CUDA graph per (boundary, frontier, batch
+  shape) and replayed; the batch is copied into the graph's static input first. A new
+  configuration runs ``WARMUP`` eager steps (real training steps, on a side stream) and is then
+  captured; a batch of another shape (an epoch's short last batch) runs eagerly.
+- ``inductor``: every unit and the head are ``torch.compile``d once and reused in every
+  configuration, so a moving frontier does not recompile the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefast.errors import ConfigError
+from prefast.freezeout.optim import UnitSGD
+from prefast.models import UnitModel
+from prefast.runtime import autocast
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("none", "graphs", "inductor")
+WARMUP = 2  # eager steps of a new configuration before it is captured
+
+
+class EpochMeter:
+    """Loss, accuracy and per-step losses of an epoch, accumulated on the device."""
+
+    def __init__(self, steps: int, device: torch.device) -> None:
+        self.device = device
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.losses = torch.zeros(steps, dtype=torch.float32, device=device)  # mean loss per step
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # iteration, or -1
+        self.seen = 0  # samples, counted on the host
+
+    @torch.no_grad()
+    def add(
+        self, k: int, j: torch.Tensor, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        """Record step ``k`` of the epoch (iteration ``j``, a device scalar): ``loss`` is the
+        batch's mean loss, ``out`` its logits."""
+        lf = loss.detach().float()
+        self.losses[k] = lf
+        self.loss_sum += lf.double() * len(y)
+        self.correct += (out.detach().argmax(1) == y).sum()
+        bad = ~torch.isfinite(lf)
+        self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), j, self.first_bad))
+        self.seen += len(y)
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError naming the first iteration with a non-finite loss (a host
+        sync: call it where the host waits anyway)."""
+        bad = int(self.first_bad)
+        if bad >= 0:
+            raise FloatingPointError(f"iteration {bad}: the loss is not finite; lower --base-lr")
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / max(self.seen, 1)
+
+
+@dataclass
+class _Graph:
+    key: tuple[int, int, tuple[int, ...]]
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor  # static input (B, *shape at b)
+    y: torch.Tensor  # static labels (B,)
+    loss: torch.Tensor  # static outputs
+    out: torch.Tensor
+
+
+class StepRunner:
+    """Runs training steps of ``model`` with ``optimizer`` (see the module docstring). The
+    trainer calls ``configure`` whenever the boundary, the frontier or the optimizer changes."""
+
+    def __init__(
+        self,
+        model: UnitModel,
+        device: torch.device,
+        amp: str,
+        channels_last: bool,
+        compile_mode: str,
+        batch_size: int,
+    ) -> None:
+        if compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"--compile: {compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"
+            )
+        if compile_mode == "graphs" and device.type != "cuda":
+            raise ConfigError(
+                "--compile graphs: CUDA graphs need a CUDA device; use none or inductor"
+            )
+        self.model = model
+        self.device = device
+        self.amp = amp
+        self.channels_last = channels_last
+        self.mode = compile_mode
+        self.batch_size = batch_size  # only full batches are captured
+        self.j = torch.zeros((), dtype=torch.int64, device=device)  # the iteration, on the device
+        self.boundary = 0
+        self.frontier = 0
+        self.optimizer: UnitSGD | None = None
+        self.ddp: nn.Module | None = None
+        self._graph: _Graph | None = None
+        self._eager_steps = 0  # eager steps of the current configuration
+        self._pool = torch.cuda.graph_pool_handle() if compile_mode == "graphs" else None
+        self.capture_seconds = 0.0
+        self.captures = 0
+        # inductor: one compiled callable per unit and the head, built once, reused everywhere
+        self._units: list[Callable[[torch.Tensor], torch.Tensor]] = list(model.units)
+        self._head: Callable[[torch.Tensor], torch.Tensor] = model.head
+        if compile_mode == "inductor":
+            self._units = [torch.compile(u, dynamic=False) for u in model.units]
+            self._head = torch.compile(model.head, dynamic=False)
+
+    def configure(
+        self, boundary: int, frontier: int, optimizer: UnitSGD, ddp: nn.Module | None
+    ) -> None:
+        """The step's shape changed (a freeze, a new cache, a new optimizer, a DDP wrap)."""
+        self.boundary, self.frontier, self.optimizer, self.ddp = boundary, frontier, optimizer, ddp
+        if self._graph is not None:
+            self._graph = None  # its memory returns to the shared pool
+        self._eager_steps = 0
+
+    # ---- the forward of the trainable part ------------------------------------------------
+    def _forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, f, n = self.boundary, self.frontier, self.model.num_units
+        if self.channels_last and h.dim() == 4:
+            h = h.contiguous(memory_format=torch.channels_last)
+        if f > b:
+            with torch.no_grad():
+                for i in range(b, f):
+                    h = self._units[i](h)
+        if self.ddp is not None:
+            out: torch.Tensor = self.ddp(h)  # gradients of units[f:] and the head averaged
+            return out
+        for i in range(f, n):
+            h = self._units[i](h)
+        return self._head(h)
+
+    def _compute(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss, backward and update; (loss, logits)."""
+        if self.optimizer is None:
+            raise RuntimeError("StepRunner.configure() was never called")
+        with (
+            autocast(self.device, self.amp)
+            if self.mode != "graphs"
+            else _graph_autocast(self.device, self.amp)
+        ):
+            out = self._forward(x)
+            loss = F.cross_entropy(out, y)
+        loss.backward()
+        self.optimizer.step(self.j)
+        return loss, out
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self, h: torch.Tensor, y: torch.Tensor, j: int, k: int, meter: EpochMeter) -> None:
+        """Train on batch ``(h, y)`` at iteration ``j`` (step ``k`` of the epoch)."""
+        self.j.fill_(j)  # a kernel with j as its argument: no copy, no sync
+        if self.mode == "graphs" and self.ddp is None:
+            loss, out = self._graphed(h, y)
+        else:
+            if self.optimizer is not None:
+                self.optimizer.zero_grad()
+            loss, out = self._compute(h, y)
+        meter.add(k, self.j, loss, out, y)
+
+    def _graphed(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.boundary, self.frontier, tuple(h.shape))
+        g = self._graph
+        if g is not None and g.key == key:
+            g.x.copy_(h)
+            g.y.copy_(y)
+            g.graph.replay()
+            return g.loss, g.out
+        if g is None and self._eager_steps >= WARMUP and h.shape[0] == self.batch_size:
+            return self._capture(key, h, y)
+        # warm-up steps of a new configuration, or a batch of another shape (the last of an
+        # epoch): eager, on a side stream as CUDA graph capture wants for warm-up
+        return self._eager_on_side_stream(h, y)
+
+    def _eager_on_side_stream(
+        self, h: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.optimizer is None:
+            raise RuntimeError("StepRunner.configure() was never called")
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            self.optimizer.zero_grad()
+            loss, out = self._compute(h, y)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self._eager_steps += 1
+        return loss, out
+
+    def _capture(
+        self, key: tuple[int, int, tuple[int, ...]], h: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.optimizer is None:
+            raise RuntimeError("StepRunner.configure() was never called")
+        t = time.perf_counter()
+        x_static = h.detach().clone()
+        y_static = y.detach().clone()
+        self.optimizer.zero_grad()  # gradients are allocated inside the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            loss, out = self._compute(x_static, y_static)
+        self._graph = _Graph(key, graph, x_static, y_static, loss, out)
+        graph.replay()  # capture records the work; replaying runs this step
+        self.capture_seconds += time.perf_counter() - t
+        self.captures += 1
+        log.debug(
+            "captured the step for boundary %d, frontier %d, batch %s in %.1f ms",
+            key[0],
+            key[1],
+            key[2],
+            1e3 * (time.perf_counter() - t),
+        )
+        return loss, out
+
+
+def _graph_autocast(device: torch.device, amp: str) -> torch.autocast | _NoAutocast:
+    """Autocast without its weight cache, which CUDA graph capture does not allow."""
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return _NoAutocast()
+
+
+class _NoAutocast:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+__all__ = ["COMPILE_MODES", "EpochMeter", "StepRunner"]

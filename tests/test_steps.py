@@ -1,0 +1,102 @@
+"""The training step: UnitSGD equals torch's SGD with FreezeOut's per-unit learning rates, the
+epoch meter sums on the device and names a diverging iteration, and --compile validates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prefast import ConfigError, TrainConfig, train
+from prefast.freezeout import FreezeSchedule, ScheduleConfig, UnitSGD
+from prefast.models import create_model
+from prefast.training.step import EpochMeter, StepRunner
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model(
+        "densenet_bc", num_classes=10, in_channels=3, image_size=16, depth=10, growth=4
+    )
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_unit_sgd_equals_torch_sgd_with_per_unit_learning_rates(nesterov):
+    a = _model()
+    b = copy.deepcopy(a)
+    sched = FreezeSchedule(
+        ScheduleConfig(mode="freezeout", t0=0.5, how_scale="cubic"), a.num_units, 40
+    )
+    groups = [
+        {"params": list(u.parameters()), "unit": i}
+        for i, u in enumerate(a.units)
+        if list(u.parameters())
+    ] + [{"params": list(a.head.parameters()), "unit": a.num_units}]
+    ref = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=1e-4)
+    got = UnitSGD(b, sched, range(b.num_units), momentum=0.9, nesterov=nesterov, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(1)
+    j_dev = torch.zeros((), dtype=torch.int64)
+    for j in range(7):
+        x = torch.randn((5, 3, 16, 16), generator=g)
+        y = torch.randint(0, 10, (5,), generator=g)
+        for m in (a, b):
+            m.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+        for grp in ref.param_groups:
+            grp["lr"] = sched.lr(grp["unit"], j)
+        ref.step()
+        j_dev.fill_(j)
+        got.step(j_dev)
+        expected = torch.tensor([sched.lr(i, j) for i in range(b.num_units + 1)])
+        torch.testing.assert_close(got.lrs, expected, rtol=1e-6, atol=0)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_unit_sgd_drops_frozen_units_and_round_trips_its_state():
+    m = _model()
+    sched = FreezeSchedule(ScheduleConfig(), m.num_units, 10)
+    opt = UnitSGD(m, sched, range(m.num_units), momentum=0.9, nesterov=True, weight_decay=0.0)
+    m(torch.randn(2, 3, 16, 16)).sum().backward()
+    opt.step(torch.tensor(0))
+    opt.drop(0)
+    assert 0 not in opt.units and m.num_units in opt.units
+    other = UnitSGD(m, sched, range(1, m.num_units), momentum=0.9, nesterov=True, weight_decay=0.0)
+    other.load_state_dict(opt.state_dict())
+    for i in other.units:
+        for x, y in zip(other.buffers[i], opt.buffers[i], strict=True):
+            assert torch.equal(x, y) and x.abs().sum() > 0
+    with pytest.raises(ValueError, match="other units"):
+        UnitSGD(
+            m, sched, range(m.num_units), momentum=0.9, nesterov=True, weight_decay=0.0
+        ).load_state_dict(opt.state_dict())
+
+
+def test_epoch_meter_sums_on_the_device_and_names_the_first_bad_iteration():
+    meter = EpochMeter(4, torch.device("cpu"))
+    out = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    y = torch.tensor([0, 0, 0])
+    for k, (j, loss) in enumerate([(10, 1.5), (11, 0.5), (12, float("nan")), (13, float("inf"))]):
+        meter.add(k, torch.tensor(j), torch.tensor(loss), out, y)
+    assert meter.seen == 12 and int(meter.correct) == 8
+    assert meter.losses[:2].tolist() == [1.5, 0.5]
+    with pytest.raises(FloatingPointError, match="iteration 12"):
+        meter.check_finite()
+
+
+def test_a_diverging_run_stops_naming_the_iteration():
+    cfg = TrainConfig(dataset="synthetic", num_samples=64, model="densenet_bc",
+                      model_args={"depth": 10, "growth": 4}, epochs=1, batch_size=16, base_lr=1e30,
+                      mode="full", device="cpu", progress=False)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"iteration \d+: the loss is not finite"):
+        train(cfg)
+
+
+def test_graphs_need_cuda_and_unknown_modes_are_refused():
+    m = _model()
+    with pytest.raises(ConfigError, match="--compile graphs"):
+        StepRunner(m, torch.device("cpu"), "none", False, "graphs", 8)
+    with pytest.raises(ConfigError, match="--compile"):
+        StepRunner(m, torch.device("cpu"), "none", False, "turbo", 8)
