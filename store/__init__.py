@@ -24,8 +24,9 @@ from store.errors import (
     StoreWriteError,
 )
 from store.layout import FORMAT_VERSION, StoreInfo, StoreLayout
-from store.loader import ActivationSource, StoreLoader, resolve_device
+from store.loader import StoreLoader, resolve_device
 from store.order import epoch_permutation, epoch_views, rank_part
+from store.protocols import ActivationSink, ActivationSource
 from store.reader import ActivationStore, open
 from store.stats import ChannelStats
 from store.verify import VerifyReport
@@ -33,6 +34,7 @@ from store.writer import StoreWriter, create, finalize
 
 __all__ = [
     "FORMAT_VERSION",
+    "ActivationSink",
     "ActivationSource",
     "ActivationStore",
     "ChannelStats",

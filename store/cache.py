@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ class TensorCache:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
-    # ---- writing (the StoreWriter protocol) ----------------------------------------------
+    # ---- writing (the ActivationSink protocol) ------------------------------------------
     def write(
         self,
         view: int,
@@ -103,15 +103,15 @@ class TensorCache:
             self.labels[start : start + n] = lab.to(torch.int64)
 
     def flush(self) -> None:
-        """Nothing is written behind; present for the writer protocol."""
+        """Nothing to do: ``write`` copies synchronously, nothing is written behind."""
 
     def close(self) -> None:
-        """Nothing to release; present for the writer protocol."""
+        """Nothing to do: the tensor is the whole tier, complete as soon as it is written."""
 
     def abort(self) -> None:
-        """Nothing to release; present for the writer protocol."""
+        """Nothing to do: there is no completion record to withhold."""
 
-    def __enter__(self) -> TensorCache:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -120,7 +120,10 @@ class TensorCache:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     # ---- reading -------------------------------------------------------------------------
     def _check(self, view: int, idx: torch.Tensor) -> None:

@@ -27,39 +27,19 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
 
 from store.errors import StoreError, StoreInputError
 from store.order import chunk_rng, epoch_permutation, epoch_views, rank_part
+from store.protocols import ActivationSource
 from store.reader import ActivationStore, numpy_view
 
 log = logging.getLogger(__name__)
 
 _END = object()
-
-
-@runtime_checkable
-class ActivationSource(Protocol):
-    """What a loader needs from a cache tier."""
-
-    @property
-    def num_samples(self) -> int: ...
-    @property
-    def views(self) -> int: ...
-    @property
-    def sample_shape(self) -> tuple[int, ...]: ...
-    @property
-    def dtype(self) -> torch.dtype: ...
-    @property
-    def device(self) -> torch.device: ...
-    @property
-    def labels(self) -> torch.Tensor: ...
-
-    def read(self, view: int, indices: Any) -> torch.Tensor: ...
-    def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None: ...
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -426,4 +406,4 @@ class StoreLoader:
             self.close()
 
 
-__all__ = ["ActivationSource", "StoreLoader", "resolve_device"]
+__all__ = ["StoreLoader", "resolve_device"]
