@@ -5,7 +5,6 @@ cache pass can fill any tier through the same code."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -16,8 +15,6 @@ import torch
 from store.errors import StoreInputError
 from store.layout import DTYPES, check_write
 from store.reader import ActivationStore, as_tensor, numpy_view
-
-log = logging.getLogger(__name__)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

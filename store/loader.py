@@ -21,7 +21,6 @@ With a CUDA device, batches are gathered into pinned host buffers and copied wit
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -36,8 +35,6 @@ from store.errors import StoreError, StoreInputError
 from store.order import chunk_rng, epoch_permutation, epoch_views, rank_part
 from store.protocols import ActivationSource
 from store.reader import ActivationStore, numpy_view
-
-log = logging.getLogger(__name__)
 
 _END = object()
 

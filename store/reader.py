@@ -8,7 +8,6 @@ through zarr (see ``store.loader`` for the streaming reader that keeps a buffer 
 
 from __future__ import annotations
 
-import logging
 import os
 import resource
 import threading
@@ -29,8 +28,14 @@ from store.errors import (
     StoreInputError,
     StoreNotFoundError,
 )
-from store.layout import ACTIVATIONS, LABELS, StoreInfo, StoreLayout, merge_ranges
-from store.writer import chunk_crc, read_chunk_crcs
+from store.layout import (
+    ACTIVATIONS,
+    LABELS,
+    StoreInfo,
+    StoreLayout,
+    chunk_crc,
+    unwritten_ranges,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -38,8 +43,6 @@ if TYPE_CHECKING:
     from store.diff import DiffReport
     from store.stats import ChannelStats
     from store.verify import VerifyReport
-
-log = logging.getLogger(__name__)
 
 
 def as_tensor(a: np.ndarray, layout: StoreLayout) -> torch.Tensor:
@@ -164,8 +167,7 @@ class ActivationStore:
 
     def missing_ranges(self) -> list[tuple[int, int, int]]:
         """Merged (view, start, stop) sample ranges whose chunks were never written."""
-        pairs = [(int(v), int(c)) for v, c in zip(*np.nonzero(self._crcs < 0), strict=True)]
-        return merge_ranges(pairs, self.layout)
+        return unwritten_ranges(self._crcs, self.layout)
 
     @property
     def nbytes(self) -> int:
@@ -399,7 +401,7 @@ def open(path: str | os.PathLike[str], *, partial: bool = False) -> ActivationSt
     for name in (ACTIVATIONS, LABELS):
         if name not in group:
             raise NotAStoreError(f"{path}: the '{name}' array is missing")
-    crcs = read_chunk_crcs(group)
+    crcs = _zarr.read_chunk_crcs(group)
     s = ActivationStore(path, group, info, crcs)
     if not info.complete and not partial:
         missing = s.missing_ranges()
