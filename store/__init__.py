@@ -8,7 +8,6 @@
 >>> s.stats().mean, s.show(0).savefig("sample0.png"), s.verify(checkpoint).ok
 """
 
-from store.cache import DeviceCache, RamCache, TensorCache
 from store.diff import DiffReport
 from store.errors import (
     NotAStoreError,
@@ -29,6 +28,7 @@ from store.order import epoch_permutation, epoch_views, rank_part
 from store.protocols import ActivationSink, ActivationSource
 from store.reader import ActivationStore, open
 from store.stats import ChannelStats
+from store.tiers import DeviceCache, RamCache, TensorCache
 from store.verify import VerifyReport
 from store.writer import StoreWriter, create, finalize
 

@@ -1,7 +1,8 @@
 """In-memory cache tiers: ``RamCache`` (host memory, optionally pinned) and ``DeviceCache``
 (device memory). Both hold one tensor (views, samples, *sample_shape) in the stored dtype, are
-filled from a store or from tensors, and take ``write()`` calls like a ``StoreWriter`` so a
-cache pass can fill any tier through the same code."""
+filled from a store or from tensors, and are both an ``ActivationSink`` and an
+``ActivationSource`` (``store.protocols``): a cache pass writes any tier, and a loader reads any
+tier, through the same code as a store."""
 
 from __future__ import annotations
 
