@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a failed check (an incomplete store for ``inspect``, a failed
 ``verify``, stores that differ for ``diff``); 2 bad input (a missing store, a sample index out
-of range, an unreadable checkpoint), reported as one ``error: ...`` line on stderr.
+of range), reported as one ``error: ...`` line on stderr. Checking a store against a training
+checkpoint needs the model and moved to ``prefast verify STORE --checkpoint CK``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from pathlib import Path
 
 import store
-from store.inspect import format_summary, summary
+from store.tools.inspect import format_summary, summary
+from store.tools.stats import format_stats, histogram, plot_stats
 
 EXAMPLES = """examples:
   python -m store inspect runs/fmnist/cache/boundary-007
@@ -21,7 +23,7 @@ EXAMPLES = """examples:
   python -m store stats runs/fmnist/cache/boundary-007 --out stats.json --hist hist.png
   python -m store show runs/fmnist/cache/boundary-007 --sample 0 -o sample0.png
   python -m store show runs/fmnist/cache/boundary-007 --sample 0 --compare-views --channels 6 -o views.png
-  python -m store verify runs/fmnist/cache/boundary-007 --checkpoint runs/fmnist/last.pt --samples 16
+  python -m store verify runs/fmnist/cache/boundary-007
   python -m store diff /tmp/a-float32 /tmp/b-float16
 """
 
@@ -70,23 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ve = sub.add_parser(
         "verify",
-        help="CRC-check every chunk; with --checkpoint, recompute samples through the frozen prefix",
+        help="CRC-check every chunk (against a training checkpoint: prefast verify)",
     )
     ve.add_argument("path")
-    ve.add_argument("--checkpoint", default=None, help="a prefast train checkpoint (last.pt)")
-    ve.add_argument(
-        "--samples", type=int, default=16, help="samples recomputed per view (default 16)"
-    )
-    ve.add_argument("--seed", type=int, default=0, help="seed of the sample choice (default 0)")
-    ve.add_argument(
-        "--device", default="cpu", help="device for the recomputation (default cpu; or auto, cuda)"
-    )
-    ve.add_argument(
-        "--rtol",
-        type=float,
-        default=None,
-        help="relative tolerance (default: the dtype's rounding x 4, see store.verify)",
-    )
     ve.add_argument("--json", action="store_true", help="print the report as JSON")
     ve.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -106,12 +94,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from store.stats import channel_stats, format_stats, histogram, plot_stats
-
     if args.bins < 1:
         raise store.StoreInputError(f"--bins must be >= 1, got {args.bins}")
     s = store.open(args.path)
-    st = channel_stats(s, args.view, progress=args.progress)
+    st = store.stats(s, args.view, progress=args.progress)
     print(format_stats(st))
     if args.out:
         Path(args.out).write_text(json.dumps(st.to_dict(), indent=2) + "\n")
@@ -130,25 +116,14 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     s = store.open(args.path)
-    fig = s.show(args.sample, args.view, args.channels, args.compare_views)
+    fig = store.show(s, args.sample, args.view, args.channels, args.compare_views)
     fig.savefig(args.out, dpi=args.dpi)
     print(f"wrote {args.out}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from store.verify import verify
-
-    s = store.open(args.path)
-    r = verify(
-        s,
-        args.checkpoint,
-        samples=args.samples,
-        seed=args.seed,
-        device=args.device,
-        rtol=args.rtol,
-        progress=args.progress,
-    )
+    r = store.verify(store.open(args.path), progress=args.progress)
     print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
     for e in r.errors:
         print(f"error: {e}", file=sys.stderr)
@@ -156,17 +131,24 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from store.diff import diff
-
-    r = diff(store.open(args.a), store.open(args.b), progress=args.progress)
+    r = store.diff(store.open(args.a), store.open(args.b), progress=args.progress)
     print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
     return 0 if r.identical else 1
 
 
+CHECKPOINT_MOVED = (
+    "checking a store against a checkpoint moved to 'prefast verify STORE --checkpoint CK'"
+)
 COMMANDS = {"inspect": _inspect, "stats": _stats, "show": _show, "verify": _verify, "diff": _diff}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"] and any(
+        a == "--checkpoint" or a.startswith("--checkpoint=") for a in argv
+    ):
+        print(f"error: {CHECKPOINT_MOVED}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -1,4 +1,5 @@
-"""The few places that touch zarr's API, kept together so zarr 3.1 .. 3.x all work."""
+"""The few places that touch zarr's API, kept together so zarr 3.1 .. 3.x all work; both the
+writer and the reader use them."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from store.layout import ATTRS_KEY, DEFAULT_LEVELS, StoreLayout
+from store.errors import NotAStoreError
+from store.layout import ATTRS_KEY, CHUNK_CRC, DEFAULT_LEVELS, StoreLayout
 
 Location = str | os.PathLike[str]
 
@@ -67,7 +70,10 @@ def array(group: zarr.Group, name: str) -> zarr.Array:
     """The member array ``name`` of a store group."""
     a = group[name]
     if not isinstance(a, zarr.Array):
-        from store.errors import NotAStoreError
-
         raise NotAStoreError(f"{group.store_path}: member '{name}' is not an array")
     return a
+
+
+def read_chunk_crcs(group: zarr.Group) -> np.ndarray:
+    """The (views, num_chunks) int64 CRC table; -1 marks a chunk not yet written."""
+    return np.asarray(array(group, CHUNK_CRC)[...])

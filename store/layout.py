@@ -10,11 +10,14 @@ A store is a plain Zarr v3 group::
                             so separate processes can mark disjoint chunks without a race)
 
 ``bfloat16`` is stored as its raw 16-bit words (``uint16``) with the dtype recorded here.
+The checksum helpers live here too: the writer records ``chunk_crc`` of every chunk, readers
+and ``store.tools.verify`` check it.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -207,6 +210,18 @@ def check_write(
     return n
 
 
+def chunk_crc(data: np.ndarray) -> int:
+    """CRC-32 of a chunk's decoded bytes (samples beyond the array's end excluded)."""
+    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1).data)
+
+
+def unwritten_ranges(crcs: np.ndarray, layout: StoreLayout) -> list[tuple[int, int, int]]:
+    """Merged (view, start, stop) sample ranges of the chunks that ``crcs`` (views, num_chunks)
+    int64 marks as not written."""
+    pairs = [(int(v), int(c)) for v, c in zip(*np.nonzero(crcs < 0), strict=True)]
+    return merge_ranges(pairs, layout)
+
+
 def merge_ranges(
     views_chunks: list[tuple[int, int]], layout: StoreLayout
 ) -> list[tuple[int, int, int]]:
@@ -233,6 +248,8 @@ __all__ = [
     "StoreInfo",
     "StoreLayout",
     "check_write",
+    "chunk_crc",
     "default_chunk_samples",
     "merge_ranges",
+    "unwritten_ranges",
 ]

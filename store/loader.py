@@ -1,65 +1,33 @@
 """``StoreLoader``: batches of cached activations, prefetched on a background thread.
 
-One loader serves every tier (``ActivationStore``, ``RamCache``, ``DeviceCache``):
-
-* Random-access sources (memory-mapped raw stores, both in-memory tiers) follow the order
-  contract of ``store.order``: epoch ``e`` visits ``epoch_permutation(N, seed, e)``, rank ``r``
-  takes ``rank_part(...)``, and each sample reads view ``epoch_views(N, V, seed, e)[i]``. This is
-  an exact, uniform global shuffle and the same order the image loader uses, so swapping tiers
-  changes no batch.
-* Compressed stores are streamed: each epoch visits the chunks in a permuted order (rank ``r``
-  takes every ``world_size``-th of them), decodes them on ``read_workers`` threads, keeps a
-  window of ``buffer_chunks`` decoded chunks and shuffles samples across that window. The view
-  is drawn **per chunk** per epoch (all samples of a chunk read the same view in an epoch), and
-  the order is quasi-random rather than the exact permutation. Each sample is still read
-  exactly once per epoch (per rank; ranks are cut to equal length).
-
-With a CUDA device, batches are gathered into pinned host buffers and copied with
-``non_blocking=True`` on a side stream; the consumer's stream waits on the copy's event.
+One loader serves every tier (``ActivationStore``, ``RamCache``, ``DeviceCache``). Which
+samples make up each batch is the business of ``store.sampling``, chosen once per loader: an
+exact global permutation for random-access sources (memory-mapped raw stores, both in-memory
+tiers), chunk streaming with a shuffle window for compressed or remote stores. This module
+does the rest: a bounded prefetch queue on a background thread (or the caller's thread with
+``prefetch=0``), resume from ``start_batch``, and, with a CUDA device, gathers into pinned
+host buffers copied with ``non_blocking=True`` on a side stream; the consumer's stream waits
+on the copy's event.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
 
 from store.errors import StoreError, StoreInputError
-from store.order import chunk_rng, epoch_permutation, epoch_views, rank_part
-from store.reader import ActivationStore, numpy_view
-
-log = logging.getLogger(__name__)
+from store.protocols import ActivationSource
+from store.sampling import Batching, ChunkStreamSampling, RandomAccessSampling, sampling_for
 
 _END = object()
-
-
-@runtime_checkable
-class ActivationSource(Protocol):
-    """What a loader needs from a cache tier."""
-
-    @property
-    def num_samples(self) -> int: ...
-    @property
-    def views(self) -> int: ...
-    @property
-    def sample_shape(self) -> tuple[int, ...]: ...
-    @property
-    def dtype(self) -> torch.dtype: ...
-    @property
-    def device(self) -> torch.device: ...
-    @property
-    def labels(self) -> torch.Tensor: ...
-
-    def read(self, view: int, indices: Any) -> torch.Tensor: ...
-    def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None: ...
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -84,7 +52,8 @@ class StoreLoader:
 
     ``prefetch`` batches are prepared ahead on a background thread; ``prefetch=0`` prepares
     each batch when it is asked for, on the caller's thread (the better choice when training
-    runs on the same few CPU cores)."""
+    runs on the same few CPU cores). ``buffer_chunks`` and ``read_workers`` tune the streaming
+    of compressed stores (see ``store.sampling``)."""
 
     def __init__(
         self,
@@ -116,24 +85,28 @@ class StoreLoader:
                 f"source must be an ActivationStore, RamCache or DeviceCache, got {type(source).__name__}"
             )
         self.source = source
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
         self.device = resolve_device(device)
         self.prefetch = prefetch
-        self.drop_last = drop_last
-        self.rank = rank
-        self.world_size = world_size
         self.buffer_chunks = buffer_chunks
         self.read_workers = read_workers
         self.with_indices = with_indices
         self.epoch = 0
         self.start_batch = 0
-        self.streaming = isinstance(source, ActivationStore) and not source.memory_mapped
+        self.batching = Batching(batch_size, shuffle, seed, drop_last, rank, world_size)
+        self.sampling = sampling_for(source, self.batching, buffer_chunks, read_workers)
+        self.streaming = isinstance(self.sampling, ChunkStreamSampling)
         self._labels = source.labels.cpu()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue[Any] | None = None
+
+    # The batching, read-only: the sampling policy was built from it.
+    batch_size = property(lambda self: self.batching.batch_size)
+    shuffle = property(lambda self: self.batching.shuffle)
+    seed = property(lambda self: self.batching.seed)
+    drop_last = property(lambda self: self.batching.drop_last)
+    rank = property(lambda self: self.batching.rank)
+    world_size = property(lambda self: self.batching.world_size)
 
     # ---- order ----------------------------------------------------------------------------
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -143,56 +116,16 @@ class StoreLoader:
         self.epoch = epoch
         self.start_batch = start_batch
 
-    def _per_rank_samples(self) -> int:
-        if not self.streaming:
-            n = self.source.num_samples
-            return n if self.world_size == 1 else n // self.world_size
-        # Equal on every rank and in every epoch: the worst case of a rank holding
-        # floor(chunks / world_size) chunks, one of them the short last chunk.
-        assert isinstance(self.source, ActivationStore)
-        nc, cs = self.source.num_chunks, self.source.chunk_samples
-        k = nc // self.world_size
-        if k == 0:
-            raise StoreInputError(
-                f"{self.source.path}: {nc} chunk(s) cannot be shared by {self.world_size} ranks; "
-                "use smaller chunks or an uncompressed store"
-            )
-        return (k - 1) * cs + self._chunk_len(nc - 1)
-
     def __len__(self) -> int:
-        n = self._per_rank_samples()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self.batching.num_batches(self.sampling.samples_per_rank())
 
     def batch_plan(self, epoch: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """For random-access sources: the epoch's (sample indices, views) per batch of this rank."""
-        if self.streaming:
+        if not isinstance(self.sampling, RandomAccessSampling):
             raise StoreError(
                 "batch_plan() is defined for random-access sources; a compressed store streams"
             )
-        e = self.epoch if epoch is None else epoch
-        n = self.source.num_samples
-        order = rank_part(
-            epoch_permutation(n, self.seed, e, self.shuffle), self.rank, self.world_size
-        )
-        views = epoch_views(n, self.source.views, self.seed, e)
-        out = []
-        for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            out.append((idx, views[idx]))
-        return out
-
-    # streaming helpers
-    def _chunk_len(self, c: int) -> int:
-        assert isinstance(self.source, ActivationStore)
-        c0, c1 = self.source.layout.chunk_range(c)
-        return c1 - c0
-
-    def _rank_chunks(self, epoch: int) -> list[np.ndarray]:
-        assert isinstance(self.source, ActivationStore)
-        nc = self.source.num_chunks
-        rng = chunk_rng(self.seed, epoch)
-        order = rng.permutation(nc) if self.shuffle else np.arange(nc)
-        return [order[r :: self.world_size] for r in range(self.world_size)]
+        return self.sampling.plan(self.epoch if epoch is None else epoch)
 
     # ---- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -253,13 +186,14 @@ class StoreLoader:
                         ) from None
 
     def _iter_same_device(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        for idx, views in self.batch_plan()[self.start_batch :]:
+        batches = self.sampling.batches(self.epoch)
+        for batch in itertools.islice(batches, self.start_batch, None):
             x = torch.empty(
-                (len(idx), *self.source.sample_shape), dtype=self.source.dtype, device=self.device
+                (batch.size, *self.source.sample_shape), dtype=self.source.dtype, device=self.device
             )
-            self.source.gather(views, idx, x)
-            y = self._labels[idx].to(self.device, non_blocking=True)
-            yield (x, y, torch.from_numpy(idx)) if self.with_indices else (x, y)
+            ids = batch.fill(x)
+            y = self._labels[ids].to(self.device, non_blocking=True)
+            yield (x, y, ids) if self.with_indices else (x, y)
 
     def _put(self, q: queue.Queue[Any], stop: threading.Event, item: Any) -> bool:
         while not stop.is_set():
@@ -285,28 +219,25 @@ class StoreLoader:
     def _items(self, stop: threading.Event, epoch: int, start_batch: int) -> Iterator[Any]:
         """(x, y, ids, event) per batch: gathered on the host (into pinned buffers and copied on
         a side stream when the device is CUDA; event marks the copy)."""
-        cuda = self.device.type == "cuda"
-        stream = torch.cuda.Stream(self.device) if cuda else None
+        shape = (self.batch_size, *self.source.sample_shape)
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         slots = (
-            [
-                _Slot((self.batch_size, *self.source.sample_shape), self.source.dtype)
-                for _ in range(self.prefetch + 2)
-            ]
-            if cuda
+            [_Slot(shape, self.source.dtype) for _ in range(self.prefetch + 2)]
+            if stream is not None
             else []
         )
-        batches = self._stream_batches(epoch) if self.streaming else self._random_batches(epoch)
-        for b, fill in enumerate(batches):
+        for b, batch in enumerate(self.sampling.batches(epoch)):
             if stop.is_set():
                 return
             if b < start_batch:
                 continue
-            if cuda:
+            n = batch.size
+            if stream is not None:
                 slot = slots[b % len(slots)]
                 if slot.event is not None:
                     slot.event.synchronize()  # the previous copy out of this buffer is done
-                n, y, ids = fill(slot.host)
-                assert stream is not None
+                ids = batch.fill(slot.host[:n])
+                y = self._labels[ids]
                 with torch.cuda.stream(stream):
                     x = slot.host[:n].to(self.device, non_blocking=True)
                     yd = y.pin_memory().to(self.device, non_blocking=True)
@@ -314,86 +245,9 @@ class StoreLoader:
                     slot.event.record(stream)
                 yield (x, yd, ids, slot.event)
             else:
-                out = torch.empty(
-                    (self.batch_size, *self.source.sample_shape), dtype=self.source.dtype
-                )
-                n, y, ids = fill(out)
-                yield (out[:n], y, ids, None)
-
-    def _random_batches(self, epoch: int) -> Iterator[Any]:
-        for idx, views in self.batch_plan(epoch):
-
-            def fill(
-                out: torch.Tensor, idx: np.ndarray = idx, views: np.ndarray = views
-            ) -> tuple[int, torch.Tensor, torch.Tensor]:
-                self.source.gather(views, idx, out[: len(idx)])
-                return len(idx), self._labels[idx], torch.from_numpy(idx)
-
-            yield fill
-
-    def _stream_batches(self, epoch: int) -> Iterator[Any]:
-        s = self.source
-        assert isinstance(s, ActivationStore)
-        rank_chunks = self._rank_chunks(epoch)
-        limit = self._per_rank_samples()  # equal length on every rank
-        chunks = rank_chunks[self.rank]
-        views_of_chunk = (
-            chunk_rng(self.seed, epoch).integers(0, s.views, size=s.num_chunks)
-            if s.views > 1
-            else np.zeros(s.num_chunks, dtype=np.int64)
-        )
-        # A separate stream per epoch and rank for the within-window shuffles.
-        rng = np.random.default_rng([self.seed, epoch, 3, self.rank])
-        windows = [
-            chunks[i : i + self.buffer_chunks] for i in range(0, len(chunks), self.buffer_chunks)
-        ]
-        bs = self.batch_size
-        emitted = 0
-        carry_x: np.ndarray | None = None
-        carry_i = np.empty(0, dtype=np.int64)  # sample ids of the carried samples
-        with ThreadPoolExecutor(
-            max_workers=self.read_workers, thread_name_prefix="store-read"
-        ) as pool:
-
-            def submit(w: np.ndarray) -> list[Future[np.ndarray]]:
-                return [pool.submit(s.read_chunk, int(views_of_chunk[c]), int(c)) for c in w]
-
-            pending = submit(windows[0]) if windows else []
-            for wi in range(len(windows)):
-                data = [f.result() for f in pending]
-                pending = submit(windows[wi + 1]) if wi + 1 < len(windows) else []
-                ids = [np.arange(*s.layout.chunk_range(int(c))) for c in windows[wi]]
-                pool_x = np.concatenate(([carry_x] if carry_x is not None else []) + data)
-                pool_i = np.concatenate([carry_i, *ids])  # sample id of each pooled sample
-                del data  # the window now lives in pool_x only
-                # Batches are gathered straight from the pool into the output buffer through
-                # a permutation: no shuffled copy of the window.
-                perm = rng.permutation(len(pool_x)) if self.shuffle else np.arange(len(pool_x))
-                last = wi == len(windows) - 1
-                pos = 0
-                while emitted < limit:
-                    take = min(bs, limit - emitted)
-                    if len(pool_x) - pos < take or (not last and len(pool_x) - pos < bs):
-                        break
-                    sel = perm[pos : pos + take]
-                    pos += take
-                    emitted += take
-                    if take < bs and self.drop_last:
-                        break
-
-                    def fill(
-                        out: torch.Tensor,
-                        sel: np.ndarray = sel,
-                        pool_x: np.ndarray = pool_x,
-                        pool_i: np.ndarray = pool_i,
-                    ) -> tuple[int, torch.Tensor, torch.Tensor]:
-                        np.take(pool_x, sel, axis=0, out=numpy_view(out[: len(sel)]))
-                        ids = torch.from_numpy(pool_i[sel])
-                        return len(sel), self._labels[ids], ids
-
-                    yield fill
-                carry_x, carry_i = pool_x[perm[pos:]], pool_i[perm[pos:]]
-                del pool_x, pool_i
+                out = torch.empty(shape, dtype=self.source.dtype)
+                ids = batch.fill(out[:n])
+                yield (out[:n], self._labels[ids], ids, None)
 
     # ---- shutdown -------------------------------------------------------------------------
     def close(self) -> None:
@@ -426,4 +280,4 @@ class StoreLoader:
             self.close()
 
 
-__all__ = ["ActivationSource", "StoreLoader", "resolve_device"]
+__all__ = ["StoreLoader", "resolve_device"]

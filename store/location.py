@@ -4,12 +4,15 @@ both; fsspec is imported only for URLs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from store._zarr import as_local
+from store.errors import NotAStoreError, StoreInputError
+from store.layout import ATTRS_KEY, FORMAT_NAME
 
 Location = str | os.PathLike[str]
 
@@ -23,8 +26,6 @@ def _fs(url: str) -> tuple[Any, str]:
     try:
         import fsspec
     except ImportError as e:
-        from store.errors import StoreInputError
-
         raise StoreInputError(
             f"{url}: remote stores need fsspec: pip install 'prefast[remote]'"
         ) from e
@@ -90,10 +91,6 @@ def remove(loc: Location) -> None:
 def is_activation_store(loc: Location) -> bool:
     """Whether ``loc`` holds a store this package wrote: a zarr group whose attributes carry
     the activation-store record (a folder of a user's, even one with a ``zarr.json``, does not)."""
-    import json
-
-    from store.layout import ATTRS_KEY, FORMAT_NAME
-
     local = as_local(loc)
     try:
         if local is not None:
@@ -114,8 +111,6 @@ def remove_store(loc: Location) -> None:
     if not exists(loc):
         return
     if not is_activation_store(loc):
-        from store.errors import NotAStoreError
-
         raise NotAStoreError(f"{loc}: not an activation store; refusing to delete it")
     remove(loc)
 

@@ -3,19 +3,20 @@
 Raw (uncompressed) local stores are read through ``numpy.memmap`` over the chunk files: an
 uncompressed Zarr v3 chunk file is the raw little-endian array, so a random gather costs a
 memory copy, never a per-sample zarr call. Compressed stores are read a whole chunk at a time
-through zarr (see ``store.loader`` for the streaming reader that keeps a buffer of chunks).
+through zarr (see ``store.sampling`` for the streaming order that keeps a buffer of chunks).
+Statistics, pictures, checks and comparisons of a store are functions in ``store.tools``
+(``store.stats(s)``, ``store.show(s, i)``, ``store.verify(s)``, ``store.diff(a, b)``).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,17 +30,14 @@ from store.errors import (
     StoreInputError,
     StoreNotFoundError,
 )
-from store.layout import ACTIVATIONS, LABELS, StoreInfo, StoreLayout, merge_ranges
-from store.writer import chunk_crc, read_chunk_crcs
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-    from store.diff import DiffReport
-    from store.stats import ChannelStats
-    from store.verify import VerifyReport
-
-log = logging.getLogger(__name__)
+from store.layout import (
+    ACTIVATIONS,
+    LABELS,
+    StoreInfo,
+    StoreLayout,
+    chunk_crc,
+    unwritten_ranges,
+)
 
 
 def as_tensor(a: np.ndarray, layout: StoreLayout) -> torch.Tensor:
@@ -164,8 +162,7 @@ class ActivationStore:
 
     def missing_ranges(self) -> list[tuple[int, int, int]]:
         """Merged (view, start, stop) sample ranges whose chunks were never written."""
-        pairs = [(int(v), int(c)) for v, c in zip(*np.nonzero(self._crcs < 0), strict=True)]
-        return merge_ranges(pairs, self.layout)
+        return unwritten_ranges(self._crcs, self.layout)
 
     @property
     def nbytes(self) -> int:
@@ -301,47 +298,7 @@ class ActivationStore:
         if self._mm is not None:
             self._mm.close()
 
-    # ---- inspecting (implemented in store.stats, store.viz, store.verify, store.diff) -------
-    def stats(self, view: int | None = None, progress: bool = False) -> ChannelStats:
-        """Per-channel mean, std, min, max and zero fraction over ``view`` (all views when
-        None), streamed chunk by chunk; see ``store.stats``."""
-        from store.stats import channel_stats
-
-        return channel_stats(self, view, progress)
-
-    def show(
-        self,
-        i: int,
-        view: int = 0,
-        channels: int | Sequence[int] | None = None,
-        compare_views: bool = False,
-    ) -> Figure:
-        """A matplotlib Figure of sample ``i``'s activation maps (channels as tiles; with
-        ``compare_views`` rows are views); see ``store.viz``."""
-        from store.viz import show
-
-        return show(self, i, view, channels, compare_views)
-
-    def verify(
-        self,
-        checkpoint: str | os.PathLike[str] | None = None,
-        samples: int = 16,
-        seed: int = 0,
-        device: str = "cpu",
-        rtol: float | None = None,
-    ) -> VerifyReport:
-        """CRC-check every chunk and, with a training checkpoint, recompute ``samples`` random
-        samples through the frozen prefix; see ``store.verify``."""
-        from store.verify import verify
-
-        return verify(self, checkpoint, samples, seed, device, rtol)
-
-    def diff(self, other: ActivationStore) -> DiffReport:
-        """Per-channel differences of ``other`` against this store; see ``store.diff``."""
-        from store.diff import diff
-
-        return diff(self, other)
-
+    # ---- as a labelled array ------------------------------------------------------------
     def to_xarray(self) -> Any:
         """The activations as an ``xarray.DataArray`` (dims view, sample, channel, ...; labels
         as a coordinate), lazy through dask when dask is installed. Needs xarray, which is not
@@ -399,7 +356,7 @@ def open(path: str | os.PathLike[str], *, partial: bool = False) -> ActivationSt
     for name in (ACTIVATIONS, LABELS):
         if name not in group:
             raise NotAStoreError(f"{path}: the '{name}' array is missing")
-    crcs = read_chunk_crcs(group)
+    crcs = _zarr.read_chunk_crcs(group)
     s = ActivationStore(path, group, info, crcs)
     if not info.complete and not partial:
         missing = s.missing_ranges()

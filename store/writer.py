@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import threading
-import zlib
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -35,6 +34,7 @@ from store.errors import (
     NotAStoreError,
     StoreError,
     StoreExistsError,
+    StoreIncompleteError,
     StoreInputError,
     StoreLockedError,
     StoreMismatchError,
@@ -48,8 +48,10 @@ from store.layout import (
     StoreInfo,
     StoreLayout,
     check_write,
+    chunk_crc,
     default_chunk_samples,
     merge_ranges,
+    unwritten_ranges,
 )
 from store.location import is_activation_store
 
@@ -70,11 +72,6 @@ def to_stored_numpy(x: torch.Tensor | np.ndarray, layout: StoreLayout) -> np.nda
     if layout.dtype == "bfloat16":
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
-
-
-def chunk_crc(data: np.ndarray) -> int:
-    """CRC-32 of a chunk's decoded bytes (samples beyond the array's end excluded)."""
-    return zlib.crc32(np.ascontiguousarray(data).view(np.uint8).reshape(-1).data)
 
 
 @dataclass
@@ -312,11 +309,6 @@ def _create_remote(
     return StoreWriter(url, group, info, None, rank, world_size, workers, max_pending)
 
 
-def read_chunk_crcs(group: zarr.Group) -> np.ndarray:
-    """The (views, num_chunks) CRC table; -1 marks a chunk not yet written."""
-    return np.asarray(_zarr.array(group, CHUNK_CRC)[...])
-
-
 def _mark_complete(group: zarr.Group, info: StoreInfo) -> StoreInfo:
     done = StoreInfo(
         layout=info.layout,
@@ -332,17 +324,13 @@ def _mark_complete(group: zarr.Group, info: StoreInfo) -> StoreInfo:
 def finalize(path: str | os.PathLike[str]) -> None:
     """Mark a store written by several ranks complete; raises StoreIncompleteError listing the
     missing ranges if some rank did not finish."""
-    from store.errors import StoreIncompleteError
-
     group = _zarr.open_group(path, mode="r+")
     d = _zarr.read_info_dict(group)
     if d is None:
         raise NotAStoreError(f"{path}: not an activation store")
     info = StoreInfo.from_dict(d, os.fspath(path))
-    crcs = read_chunk_crcs(group)
-    missing = [(int(v), int(c)) for v, c in zip(*np.nonzero(crcs < 0), strict=True)]
-    if missing:
-        ranges = merge_ranges(missing, info.layout)
+    ranges = unwritten_ranges(_zarr.read_chunk_crcs(group), info.layout)
+    if ranges:
         raise StoreIncompleteError(
             f"{path}: cannot finalize, missing (view, start, stop) ranges {ranges[:10]}"
         )
@@ -374,8 +362,7 @@ class StoreWriter:
         self._acts = _zarr.writable(_zarr.array(group, ACTIVATIONS))
         self._labels_arr = _zarr.writable(_zarr.array(group, LABELS))
         self._crc_arr = _zarr.writable(_zarr.array(group, CHUNK_CRC))
-        crcs = read_chunk_crcs(group)
-        self._done = crcs >= 0  # (views, num_chunks) bool
+        self._done = _zarr.read_chunk_crcs(group) >= 0  # (views, num_chunks) bool
         self._labels = np.asarray(self._labels_arr[...], dtype=np.int64)  # -1 = not yet given
         self._buffers: dict[tuple[int, int], _ChunkBuffer] = {}
         self._pool = ThreadPoolExecutor(
@@ -387,7 +374,6 @@ class StoreWriter:
         self._state_lock = threading.Lock()
         self._closed = False
         self.chunks_written = 0
-        self.bytes_written = 0
         missing = self.missing
         if info.complete:
             log.info("store %s is already complete", root)
@@ -509,7 +495,6 @@ class StoreWriter:
         with self._state_lock:
             self._done[view, chunk] = True
             self.chunks_written += 1
-            self.bytes_written += data.nbytes
 
     # ---- finishing ----------------------------------------------------------------------
     def flush(self) -> None:
@@ -586,4 +571,4 @@ class StoreWriter:
             self._lock.release()
 
 
-__all__ = ["StoreWriter", "chunk_crc", "create", "finalize", "read_chunk_crcs", "to_stored_numpy"]
+__all__ = ["StoreWriter", "create", "finalize", "to_stored_numpy"]

@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +52,7 @@ def test_stats_equal_numpy_over_the_whole_array(tmp_path, data, dtype, codec):
     s = write_store(tmp_path / "s", x, y, dtype=dtype, codec=codec)
     ref = x.to(s.dtype).float().numpy()  # what the store holds
     for view, sel in ((None, ref), (1, ref[1:2])):
-        st = s.stats(view=view)
+        st = store.stats(s, view=view)
         flat = _per_channel(sel)
         assert st.views == ((0, 1, 2) if view is None else (1,))
         assert st.count == flat.shape[1] == len(sel) * N * 5 * 4
@@ -65,7 +62,7 @@ def test_stats_equal_numpy_over_the_whole_array(tmp_path, data, dtype, codec):
         np.testing.assert_array_equal(st.max, flat.max(1))
         np.testing.assert_allclose(st.zero_fraction, (flat == 0).mean(1), rtol=1e-6)
     assert 0.4 < st.zero_fraction[1] < 0.6
-    o = s.stats().overall()
+    o = store.stats(s).overall()
     np.testing.assert_allclose(o["std"], ref.astype(np.float64).std(), rtol=1e-6)
     np.testing.assert_allclose(o["mean"], ref.astype(np.float64).mean(), rtol=1e-6)
 
@@ -75,7 +72,7 @@ def test_stats_merge_is_stable_far_from_zero(tmp_path):
     x = 1e6 + 1e-2 * torch.randn((1, 117, 2, 3, 3), generator=torch.Generator().manual_seed(1))
     s = write_store(tmp_path / "s", x, labels_for())
     ref = _per_channel(x.numpy())
-    np.testing.assert_allclose(s.stats().std, ref.std(1), rtol=1e-4)
+    np.testing.assert_allclose(store.stats(s).std, ref.std(1), rtol=1e-4)
 
 
 def test_stats_command_writes_json_and_histogram(tmp_path, stores, capsys):
@@ -87,7 +84,7 @@ def test_stats_command_writes_json_and_histogram(tmp_path, stores, capsys):
     text = capsys.readouterr().out
     assert "channel" in text and "zeros" in text and "all" in text
     d = json.loads(out.read_text())
-    st = store.open(stores["f32"]).stats()
+    st = store.stats(store.open(stores["f32"]))
     assert d["channels"] == 3 and d["views"] == [0, 1, 2]
     np.testing.assert_allclose(d["mean"], st.mean)
     img = _imread(hist)
@@ -103,7 +100,7 @@ def test_show_writes_a_png_of_the_expected_size(tmp_path, stores, capsys):
         store_main(["show", str(stores["f32"]), "--sample", "5", "--view", "2", "-o", str(png)])
         == 0
     )
-    fig = store.open(stores["f32"]).show(5, view=2)
+    fig = store.show(store.open(stores["f32"]), 5, view=2)
     w, h = (fig.get_size_inches() * 100).round().astype(int)
     img = _imread(png)
     assert img.shape[:2] == (h, w)
@@ -113,13 +110,13 @@ def test_show_writes_a_png_of_the_expected_size(tmp_path, stores, capsys):
 
 def test_show_api_tiles_share_one_scale_and_compare_views(stores):
     s = store.open(stores["f32"])
-    fig = s.show(7, view=1, channels=2)
+    fig = store.show(s, 7, view=1, channels=2)
     images = [ax.images[0] for ax in fig.axes if ax.images]
     assert len(images) == 2
     assert len({im.get_clim() for im in images}) == 1  # one shared colour scale
     np.testing.assert_array_equal(images[0].get_array(), s.read(1, [7])[0, 0].numpy())
     assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
-    fig = s.show(7, compare_views=True)
+    fig = store.show(s, 7, compare_views=True)
     images = [ax.images[0] for ax in fig.axes if ax.images]
     assert len(images) == VIEWS * SHAPE[0]  # rows = views, columns = channels
     # the encoded first element of each row is view * 10000 + 7
@@ -137,7 +134,7 @@ def test_show_errors(tmp_path, stores, capsys):
     )
     assert "view 3 out of range" in capsys.readouterr().err
     with pytest.raises(store.StoreInputError, match="channels"):
-        store.open(p).show(0, channels=[0, 5])
+        store.show(store.open(p), 0, channels=[0, 5])
     assert not (tmp_path / "x.png").exists()
 
 
@@ -157,7 +154,7 @@ def test_verify_names_a_corrupted_chunk(tmp_path, data, capsys, codec):
     cap = capsys.readouterr()
     assert "BAD" in cap.out and str(chunk) in cap.out
     assert "error: corrupt chunk " + str(chunk) in cap.err
-    r = store.open(path).verify()
+    r = store.verify(store.open(path))
     assert not r.ok and r.chunks_read == VIEWS * 15
     assert [(p.view, p.chunk, p.samples) for p in r.bad_chunks] == [(1, 4, (32, 40))]
 
@@ -168,7 +165,7 @@ def test_verify_reports_a_truncated_chunk(tmp_path, data):
     write_store(path, x, y)
     chunk = path / "activations" / "c" / "0" / "14" / "0" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:100])
-    r = store.open(path).verify()
+    r = store.verify(store.open(path))
     assert [(p.view, p.chunk) for p in r.bad_chunks] == [(0, 14)]
     assert "expected" in r.bad_chunks[0].reason and "14" in r.errors[0]
 
@@ -176,7 +173,7 @@ def test_verify_reports_a_truncated_chunk(tmp_path, data):
 # ---- diff -----------------------------------------------------------------------------------
 def test_diff_float16_against_float32(stores, capsys):
     a, b = store.open(stores["f32"]), store.open(stores["f16"])
-    r = a.diff(b)
+    r = store.diff(a, b)
     assert r.shape == (VIEWS, N, *SHAPE) and r.labels_equal and not r.identical
     assert (r.max_rel <= 2**-11).all() and (r.max_rel > 2**-14).all()
     ref = np.abs(_per_channel(store_data(a)) - _per_channel(store_data(b)))
@@ -223,7 +220,7 @@ def test_missing_and_incomplete_stores(tmp_path, data, capsys):
     assert "incomplete" in capsys.readouterr().err
     assert store_main(["inspect", part]) == 1
     assert "NO - missing (view, start, stop): [[0, 16, 117]" in capsys.readouterr().out
-    r = store.open(part, partial=True).verify()
+    r = store.verify(store.open(part, partial=True))
     assert not r.ok and r.missing[0] == (0, 16, 117) and r.chunks_read == 2
 
 
@@ -239,109 +236,20 @@ def test_to_xarray_without_xarray_points_to_zarr(stores):
 
 
 def test_importing_store_imports_neither_prefast_nor_matplotlib():
-    code = "import sys, store; print(sorted({m.split('.')[0] for m in sys.modules} & {'prefast', 'matplotlib'}))"
+    code = (
+        "import sys; import store; import store.tools; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefast', 'matplotlib'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-# ---- a real training run: provenance, fingerprint and recomputation --------------------------
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict[str, Path]:
-    import prefast
-    from prefast.cli import _print_summary
-    from prefast.config import TrainConfig
-
-    root = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(
-        dataset="synthetic",
-        num_samples=96,
-        model="densenet_bc",
-        model_args={"depth": 16, "growth": 8},
-        epochs=2,
-        batch_size=16,
-        t0=0.3,
-        how_scale="linear",
-        mode="prefast",
-        cache="zarr",
-        cache_dir=str(root / "cache"),
-        checkpoint_dir=str(root / "ckpt"),
-        recache_policy="every",
-        cache_dtype="float32",
-        views=2,
-        device="cpu",
-        progress=False,
-    )
-    result = prefast.train(cfg)
-    ckpt = root / "ckpt" / "last.pt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    printed = root / "printed.txt"
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        _print_summary(result.summary)
-    printed.write_text(buf.getvalue())
-    return {"store": Path(state["cache"]["path"]), "ckpt": ckpt, "root": root, "printed": printed}
-
-
-def test_train_prints_the_store_and_inspect_shows_provenance(run, capsys):
-    path = run["store"]
-    assert f"python -m store inspect {path}" in run["printed"].read_text()
-    assert store_main(["inspect", str(path)]) == 0
-    out = capsys.readouterr().out
-    s = store.open(path)
-    b, unit = s.meta["boundary"], s.meta["boundary_unit"]
-    assert "meta.model        densenet_bc (depth=16, growth=8, reduction=0.5" in out
-    assert f"meta.boundary     {b} (after unit {unit})" in out
-    assert "meta.dataset      synthetic (cifar-shaped), train split, 96 samples" in out
-    assert "meta.views        2 per sample (view seed 0)" in out and "meta.created" in out
-
-
-def test_verify_recomputes_samples_from_the_checkpoint(run, capsys):
-    path, ckpt = str(run["store"]), str(run["ckpt"])
-    r = store.open(path).verify(checkpoint=ckpt, samples=5, seed=3)
-    assert r.ok, r.errors
-    assert r.fingerprint_ok and r.data_ok and r.labels_ok
-    assert len(r.samples) == 5 * 2 and {c.view for c in r.samples} == {0, 1}
-    assert r.max_rel_error is not None and r.max_rel_error <= r.tolerance == 4e-5
-    rc = store_main(["verify", path, "--checkpoint", ckpt, "--samples", "3", "--no-progress"])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "fingerprint matches" in out and "recomputed  3 samples x 2 view(s)" in out
-
-
-def test_verify_fails_on_an_altered_checkpoint(run, tmp_path, capsys):
-    state = torch.load(run["ckpt"], map_location="cpu", weights_only=True)
-    w = state["model"]["units.0.weight"]  # conv1: frozen in every store of this run
-    w.view(-1)[0] += 1e-3
-    bad = tmp_path / "altered.pt"
-    torch.save(state, bad)
-    rc = store_main(["verify", str(run["store"]), "--checkpoint", str(bad), "--no-progress"])
-    assert rc == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint does not match the store's fingerprint")
-    assert err.count("\n") == 1
-    r = store.open(run["store"]).verify(checkpoint=bad)
-    assert r.fingerprint_ok is False and not r.samples
-
-
-def test_verify_checkpoint_input_errors(run, tmp_path, stores, capsys):
-    path = str(run["store"])
-    assert store_main(["verify", path, "--checkpoint", str(tmp_path / "none.pt")]) == 2
-    assert "no such checkpoint file" in capsys.readouterr().err
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert store_main(["verify", path, "--checkpoint", str(tmp_path / "junk.pt")]) == 2
-    assert "cannot read the checkpoint" in capsys.readouterr().err
-    # a store without provenance cannot be checked against a checkpoint
-    assert store_main(["verify", str(stores["f32"]), "--checkpoint", str(run["ckpt"])]) == 2
-    assert "only stores written by prefast train" in capsys.readouterr().err
-
-
-def test_a_copied_store_with_a_corrupt_chunk_fails_verify_with_a_checkpoint(run, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(run["store"], copy)
-    chunk = copy / "activations" / "c" / "0" / "0" / "0" / "0" / "0"
-    raw = bytearray(chunk.read_bytes())
-    raw[7] ^= 0x01
-    chunk.write_bytes(bytes(raw))
-    r = store.open(copy).verify(checkpoint=run["ckpt"], samples=4)
-    assert r.fingerprint_ok and [(p.view, p.chunk) for p in r.bad_chunks] == [(0, 0)]
-    assert not r.ok
+def test_verify_with_a_checkpoint_points_to_prefast(stores, capsys):
+    for extra in (["--checkpoint", "last.pt", "--samples", "4"], ["--checkpoint=last.pt"]):
+        assert store_main(["verify", str(stores["f32"]), *extra]) == 2
+        cap = capsys.readouterr()
+        assert cap.out == ""
+        assert cap.err == (
+            "error: checking a store against a checkpoint moved to "
+            "'prefast verify STORE --checkpoint CK'\n"
+        )

@@ -1,14 +1,14 @@
 """In-memory cache tiers: ``RamCache`` (host memory, optionally pinned) and ``DeviceCache``
 (device memory). Both hold one tensor (views, samples, *sample_shape) in the stored dtype, are
-filled from a store or from tensors, and take ``write()`` calls like a ``StoreWriter`` so a
-cache pass can fill any tier through the same code."""
+filled from a store or from tensors, and are both an ``ActivationSink`` and an
+``ActivationSource`` (``store.protocols``): a cache pass writes any tier, and a loader reads any
+tier, through the same code as a store."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -16,8 +16,6 @@ import torch
 from store.errors import StoreInputError
 from store.layout import DTYPES, check_write
 from store.reader import ActivationStore, as_tensor, numpy_view
-
-log = logging.getLogger(__name__)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -83,7 +81,7 @@ class TensorCache:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
-    # ---- writing (the StoreWriter protocol) ----------------------------------------------
+    # ---- writing (the ActivationSink protocol) ------------------------------------------
     def write(
         self,
         view: int,
@@ -103,15 +101,15 @@ class TensorCache:
             self.labels[start : start + n] = lab.to(torch.int64)
 
     def flush(self) -> None:
-        """Nothing is written behind; present for the writer protocol."""
+        """Nothing to do: ``write`` copies synchronously, nothing is written behind."""
 
     def close(self) -> None:
-        """Nothing to release; present for the writer protocol."""
+        """Nothing to do: the tensor is the whole tier, complete as soon as it is written."""
 
     def abort(self) -> None:
-        """Nothing to release; present for the writer protocol."""
+        """Nothing to do: there is no completion record to withhold."""
 
-    def __enter__(self) -> TensorCache:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -120,7 +118,10 @@ class TensorCache:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     # ---- reading -------------------------------------------------------------------------
     def _check(self, view: int, idx: torch.Tensor) -> None:

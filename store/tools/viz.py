@@ -106,7 +106,7 @@ def show(
     )
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    im = None
+    images: list[Any] = []  # one per drawn tile; _channel_list never returns an empty list
     for r in range(nrows):
         for c in range(ncols):
             ax = axes[r, c]
@@ -119,20 +119,21 @@ def show(
                 if k >= len(chans):
                     ax.set_axis_off()
                     continue
-            im = ax.imshow(
-                maps[v, k],
-                vmin=vmin,
-                vmax=vmax,
-                cmap=cmap,
-                interpolation="nearest",
-                aspect="equal" if h > 1 else "auto",
+            images.append(
+                ax.imshow(
+                    maps[v, k],
+                    vmin=vmin,
+                    vmax=vmax,
+                    cmap=cmap,
+                    interpolation="nearest",
+                    aspect="equal" if h > 1 else "auto",
+                )
             )
             if not compare_views or r == 0:
                 ax.set_title(f"ch {chans[k]}", fontsize="small")
             if compare_views and c == 0:
                 ax.set_ylabel(f"view {views[r]}", fontsize="small")
-    assert im is not None
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9, pad=0.02)
+    fig.colorbar(images[0], ax=axes.ravel().tolist(), shrink=0.9, pad=0.02)
     label = int(s.labels[int(sample)])
     unit = s.meta.get("boundary_unit")
     where = f", after {unit}" if unit else ""

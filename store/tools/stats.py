@@ -135,9 +135,7 @@ def _channels_first(a: np.ndarray) -> np.ndarray:
     return np.moveaxis(a, 1, 0).reshape(c, -1).astype(np.float64)
 
 
-def channel_stats(
-    s: ActivationStore, view: int | None = None, progress: bool = False
-) -> ChannelStats:
+def stats(s: ActivationStore, view: int | None = None, progress: bool = False) -> ChannelStats:
     """Per-channel mean, std, min, max and fraction of exact zeros over ``view`` (all views
     when None), in one pass over the chunks."""
     views = _views(s, view)
@@ -169,7 +167,7 @@ def histogram(
     chunk. Without ``value_range`` the range is the store's min..max (a stats pass first)."""
     views = _views(s, view)
     if value_range is None:
-        st = channel_stats(s, view, progress)
+        st = stats(s, view, progress)
         value_range = (float(st.min.min()), float(st.max.max()))
     lo, hi = value_range
     if not hi > lo:
@@ -228,4 +226,4 @@ def format_stats(st: ChannelStats) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ChannelStats", "channel_stats", "format_stats", "histogram", "plot_stats"]
+__all__ = ["ChannelStats", "format_stats", "histogram", "plot_stats", "stats"]

@@ -1,0 +1,223 @@
+"""The order in which a loader visits samples: two policies behind one small interface.
+
+``sampling_for(source, ...)`` picks the policy once, from the source:
+
+* ``RandomAccessSampling`` (memory-mapped raw stores, ``RamCache``, ``DeviceCache``) follows the
+  order contract of ``store.order``: epoch ``e`` visits ``epoch_permutation(N, seed, e)``, rank
+  ``r`` takes ``rank_part(...)``, and each sample reads view ``epoch_views(N, V, seed, e)[i]``.
+  This is an exact, uniform global shuffle and the same order the image loader uses, so
+  swapping tiers changes no batch.
+* ``ChunkStreamSampling`` (compressed or remote stores, where a per-sample read decodes a whole
+  chunk): each epoch visits the chunks in a permuted order (rank ``r`` takes every
+  ``world_size``-th of them), decodes them on ``read_workers`` threads, keeps a window of
+  ``buffer_chunks`` decoded chunks and shuffles samples across that window. The view is drawn
+  **per chunk** per epoch (all samples of a chunk read the same view in an epoch), and the
+  order is quasi-random rather than the exact permutation. Each sample is still read exactly
+  once per epoch (per rank; ranks are cut to equal length).
+
+A policy yields ``Batch``es: a size and a ``fill(out)`` that gathers the batch into ``out`` and
+returns its sample ids. The loader owns the buffers, threads and device copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from store.errors import StoreInputError
+from store.order import chunk_rng, epoch_permutation, epoch_views, rank_part
+from store.protocols import ActivationSource
+from store.reader import ActivationStore, numpy_view
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How an epoch is cut into batches; the loader validates the values."""
+
+    batch_size: int
+    shuffle: bool = True
+    seed: int = 0
+    drop_last: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def num_batches(self, samples: int) -> int:
+        """Batches of ``samples`` samples (a short last batch counts unless drop_last)."""
+        bs = self.batch_size
+        return samples // bs if self.drop_last else -(-samples // bs)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of an epoch, not yet read."""
+
+    size: int  # samples in the batch
+    # Gathers the batch into out (size, *sample_shape), on the source's device for a
+    # DeviceCache, else the host; returns the batch's sample ids, int64 (size,) on the host.
+    fill: Callable[[torch.Tensor], torch.Tensor]
+
+
+class Sampling(Protocol):
+    """A batch order over one source, for one rank."""
+
+    def samples_per_rank(self) -> int:
+        """Samples this rank visits per epoch (the same on every rank and in every epoch)."""
+        ...
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's batches for this rank, in order."""
+        ...
+
+
+class RandomAccessSampling:
+    """The exact global permutation of ``store.order``, gathered sample by sample."""
+
+    def __init__(self, source: ActivationSource, batching: Batching) -> None:
+        self.source = source
+        self.batching = batching
+
+    def samples_per_rank(self) -> int:
+        n, w = self.source.num_samples, self.batching.world_size
+        return n if w == 1 else n // w
+
+    def plan(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The epoch's (sample indices, views) per batch of this rank, both int64 (B,)."""
+        b = self.batching
+        n = self.source.num_samples
+        order = rank_part(epoch_permutation(n, b.seed, epoch, b.shuffle), b.rank, b.world_size)
+        views = epoch_views(n, self.source.views, b.seed, epoch)
+        bs = b.batch_size
+        out = []
+        for k in range(b.num_batches(self.samples_per_rank())):
+            idx = order[k * bs : (k + 1) * bs]
+            out.append((idx, views[idx]))
+        return out
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        for idx, views in self.plan(epoch):
+
+            def fill(
+                out: torch.Tensor, idx: np.ndarray = idx, views: np.ndarray = views
+            ) -> torch.Tensor:
+                self.source.gather(views, idx, out)
+                return torch.from_numpy(idx)
+
+            yield Batch(len(idx), fill)
+
+
+class ChunkStreamSampling:
+    """Whole chunks in a permuted order, decoded on threads, shuffled within a window."""
+
+    def __init__(
+        self, source: ActivationStore, batching: Batching, buffer_chunks: int, read_workers: int
+    ) -> None:
+        self.source = source
+        self.batching = batching
+        self.buffer_chunks = buffer_chunks
+        self.read_workers = read_workers
+
+    def _chunk_len(self, c: int) -> int:
+        c0, c1 = self.source.layout.chunk_range(c)
+        return c1 - c0
+
+    def samples_per_rank(self) -> int:
+        # Equal on every rank and in every epoch: the worst case of a rank holding
+        # floor(chunks / world_size) chunks, one of them the short last chunk.
+        s, w = self.source, self.batching.world_size
+        k = s.num_chunks // w
+        if k == 0:
+            raise StoreInputError(
+                f"{s.path}: {s.num_chunks} chunk(s) cannot be shared by {w} ranks; "
+                "use smaller chunks or an uncompressed store"
+            )
+        return (k - 1) * s.chunk_samples + self._chunk_len(s.num_chunks - 1)
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        s, b = self.source, self.batching
+        nc = s.num_chunks
+        # The chunk order and the per-chunk views both start from chunk_rng(seed, epoch).
+        order = chunk_rng(b.seed, epoch).permutation(nc) if b.shuffle else np.arange(nc)
+        chunks = order[b.rank :: b.world_size]
+        limit = self.samples_per_rank()  # equal length on every rank
+        views_of_chunk = (
+            chunk_rng(b.seed, epoch).integers(0, s.views, size=nc)
+            if s.views > 1
+            else np.zeros(nc, dtype=np.int64)
+        )
+        # A separate stream per epoch and rank for the within-window shuffles.
+        rng = np.random.default_rng([b.seed, epoch, 3, b.rank])
+        windows = [
+            chunks[i : i + self.buffer_chunks] for i in range(0, len(chunks), self.buffer_chunks)
+        ]
+        bs = b.batch_size
+        emitted = 0
+        carry_x: np.ndarray | None = None
+        carry_i = np.empty(0, dtype=np.int64)  # sample ids of the carried samples
+        with ThreadPoolExecutor(
+            max_workers=self.read_workers, thread_name_prefix="store-read"
+        ) as pool:
+
+            def submit(w: np.ndarray) -> list[Future[np.ndarray]]:
+                return [pool.submit(s.read_chunk, int(views_of_chunk[c]), int(c)) for c in w]
+
+            pending = submit(windows[0]) if windows else []
+            for wi in range(len(windows)):
+                data = [f.result() for f in pending]
+                pending = submit(windows[wi + 1]) if wi + 1 < len(windows) else []
+                ids = [np.arange(*s.layout.chunk_range(int(c))) for c in windows[wi]]
+                pool_x = np.concatenate(([carry_x] if carry_x is not None else []) + data)
+                pool_i = np.concatenate([carry_i, *ids])  # sample id of each pooled sample
+                del data  # the window now lives in pool_x only
+                # Batches are gathered straight from the pool into the output buffer through
+                # a permutation: no shuffled copy of the window.
+                perm = rng.permutation(len(pool_x)) if b.shuffle else np.arange(len(pool_x))
+                last = wi == len(windows) - 1
+                pos = 0
+                while emitted < limit:
+                    take = min(bs, limit - emitted)
+                    if len(pool_x) - pos < take or (not last and len(pool_x) - pos < bs):
+                        break
+                    sel = perm[pos : pos + take]
+                    pos += take
+                    emitted += take
+                    if take < bs and b.drop_last:
+                        break
+
+                    def fill(
+                        out: torch.Tensor,
+                        sel: np.ndarray = sel,
+                        pool_x: np.ndarray = pool_x,
+                        pool_i: np.ndarray = pool_i,
+                    ) -> torch.Tensor:
+                        np.take(pool_x, sel, axis=0, out=numpy_view(out))
+                        return torch.from_numpy(pool_i[sel])
+
+                    yield Batch(len(sel), fill)
+                carry_x, carry_i = pool_x[perm[pos:]], pool_i[perm[pos:]]
+                del pool_x, pool_i
+
+
+def sampling_for(
+    source: ActivationSource, batching: Batching, buffer_chunks: int = 8, read_workers: int = 2
+) -> RandomAccessSampling | ChunkStreamSampling:
+    """The policy for ``source``, chosen once: chunk streaming for a store that is not memory
+    mapped (compressed or remote: a per-sample read would decode a whole chunk), random access
+    for everything else."""
+    if isinstance(source, ActivationStore) and not source.memory_mapped:
+        return ChunkStreamSampling(source, batching, buffer_chunks, read_workers)
+    return RandomAccessSampling(source, batching)
+
+
+__all__ = [
+    "Batch",
+    "Batching",
+    "ChunkStreamSampling",
+    "RandomAccessSampling",
+    "Sampling",
+    "sampling_for",
+]

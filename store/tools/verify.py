@@ -1,0 +1,123 @@
+"""Verifying a store: every written chunk is decoded and compared with the CRC-32 recorded when
+it was written (``store.layout.chunk_crc``), and chunks never written are listed.
+
+Checking a store against the training checkpoint that produced it (fingerprint and
+recomputation through the frozen prefix) needs the model, so it lives in ``prefast``:
+``prefast verify STORE --checkpoint CK``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from store import _zarr
+from store.errors import StoreCorruptError
+from store.layout import ACTIVATIONS
+from store.reader import ActivationStore
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """A chunk that could not be read or whose bytes differ from what was written."""
+
+    view: int
+    chunk: int
+    samples: tuple[int, int]  # [start, stop)
+    file: str
+    reason: str
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found; ``ok`` is True when nothing failed."""
+
+    path: str
+    dtype: str
+    chunks_read: int = 0
+    bad_chunks: list[ChunkProblem] = field(default_factory=list)
+    missing: list[tuple[int, int, int]] = field(default_factory=list)  # (view, start, stop)
+    errors: list[str] = field(default_factory=list)  # one line per failure
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def format(self) -> str:
+        lines = [f"store       {self.path} ({self.dtype})"]
+        if self.bad_chunks:
+            lines.append(
+                f"chunks      {self.chunks_read} read, {len(self.bad_chunks)} BAD:"
+                + "".join(f"\n              {p.file}: {p.reason}" for p in self.bad_chunks[:20])
+                + (
+                    f"\n              ... {len(self.bad_chunks) - 20} more"
+                    if len(self.bad_chunks) > 20
+                    else ""
+                )
+            )
+        else:
+            lines.append(f"chunks      {self.chunks_read} read, every checksum matches")
+        if self.missing:
+            lines.append(f"missing     (view, start, stop) {self.missing[:6]}")
+        lines.append("result      " + ("OK" if self.ok else "FAILED"))
+        return "\n".join(lines)
+
+
+def _chunk_name(s: ActivationStore, view: int, chunk: int) -> str:
+    """The chunk's file (local stores) or its key under the store's URL."""
+    key = (view, chunk, *([0] * len(s.sample_shape)))
+    root = _zarr.as_local(s.path)
+    if root is not None:
+        return str(_zarr.chunk_file(root, ACTIVATIONS, key))
+    return f"{s.path}/{ACTIVATIONS}/c/{'/'.join(map(str, key))}"
+
+
+def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = False) -> None:
+    """Decode every written chunk and compare it with its recorded CRC."""
+    from tqdm.auto import tqdm
+
+    report.missing = s.missing_ranges()
+    if report.missing:
+        report.errors.append(
+            f"{s.path}: chunks were never written, (view, start, stop) {report.missing[:6]}"
+        )
+    total = s.views * s.num_chunks
+    with tqdm(
+        total=total, desc="verify chunks", unit="chunk", disable=not progress, leave=False
+    ) as bar:
+        for v in range(s.views):
+            for c in range(s.num_chunks):
+                bar.update(1)
+                if not s.chunk_written(v, c):
+                    continue
+                name = _chunk_name(s, v, c)
+                report.chunks_read += 1
+                try:
+                    good = s.verify_chunk(v, c)
+                    reason = "checksum differs from the one recorded when it was written"
+                except StoreCorruptError as e:
+                    good, reason = False, str(e).removeprefix(name + ": ")
+                if not good:
+                    report.bad_chunks.append(
+                        ChunkProblem(v, c, s.layout.chunk_range(c), name, reason)
+                    )
+    for p in report.bad_chunks:
+        report.errors.append(
+            f"corrupt chunk {p.file} (view {p.view}, samples {p.samples[0]}..{p.samples[1] - 1}): {p.reason}"
+        )
+
+
+def verify(s: ActivationStore, progress: bool = False) -> VerifyReport:
+    """Read and CRC-check every chunk of ``s``. Failures (corrupt or missing chunks) are
+    collected in ``report.errors``; ``report.ok`` is True when there are none."""
+    report = VerifyReport(path=s.path, dtype=s.dtype_name)
+    check_chunks(s, report, progress)
+    return report
+
+
+__all__ = ["ChunkProblem", "VerifyReport", "verify"]

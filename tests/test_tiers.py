@@ -1,0 +1,75 @@
+"""One conformance check run against every cache tier: the protocols it claims, and a write ->
+read round trip through ``ActivationSink`` and ``ActivationSource`` only (N=117, chunk 8, 3
+views, batches of 50 so writes straddle chunks; values encode their index)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import store
+from tests.store_helpers import CHUNK, SHAPE, VIEWS, N, encoded, labels_for
+
+# A tier under test: the sink to write into, and how to read what was written back.
+Tier = tuple[store.ActivationSink, Callable[[], store.ActivationSource]]
+
+
+def _zarr(path: Path, dtype: str) -> Tier:
+    w = store.create(
+        path, sample_shape=SHAPE, num_samples=N, views=VIEWS, dtype=dtype, chunk_samples=CHUNK
+    )
+    return w, lambda: store.open(path)
+
+
+def _ram(path: Path, dtype: str) -> Tier:
+    r = store.RamCache.empty(N, VIEWS, SHAPE, dtype)
+    return r, lambda: r
+
+
+def _device(path: Path, dtype: str) -> Tier:
+    d = store.DeviceCache.empty(N, VIEWS, SHAPE, dtype, device="cpu")
+    return d, lambda: d
+
+
+TIERS: dict[str, Callable[[Path, str], Tier]] = {"zarr": _zarr, "ram": _ram, "device": _device}
+
+
+def check_tier(tier: Tier, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The conformance suite: x (views, N, *SHAPE) float32, y (N,) int64."""
+    sink, reopen = tier
+    assert isinstance(sink, store.ActivationSink)
+    with sink as w:
+        for v in range(VIEWS):
+            for i in range(0, N, 50):
+                w.write(v, i, x[v, i : i + 50], y[i : i + 50])
+    src = reopen()
+    assert isinstance(src, store.ActivationSource)
+    assert (src.num_samples, src.views, src.sample_shape) == (N, VIEWS, SHAPE)
+    want = x.to(src.dtype)  # what the tier holds: x rounded to its dtype
+    for v in range(VIEWS):
+        assert torch.equal(src.read(v, np.arange(N)).cpu(), want[v])
+    assert torch.equal(src.labels.cpu(), y)
+    views = np.array([2, 0, 1, 2], dtype=np.int64)
+    idx = np.array([116, 3, 8, 0], dtype=np.int64)
+    out = torch.empty((4, *SHAPE), dtype=src.dtype, device=src.device)
+    src.gather(views, idx, out)
+    assert torch.equal(out.cpu(), want[views, idx])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(TIERS))
+def test_every_tier_conforms(tmp_path, name, dtype):
+    check_tier(TIERS[name](tmp_path / "s", dtype), encoded(), labels_for())
+
+
+def test_each_side_is_claimed_only_where_it_holds(tmp_path):
+    w, _ = _zarr(tmp_path / "s", "float32")
+    w.abort()
+    assert not isinstance(w, store.ActivationSource)  # a writer cannot be read from
+    s = store.open(tmp_path / "s", partial=True)
+    assert not isinstance(s, store.ActivationSink)  # an opened store is read-only
+    assert not isinstance(object(), store.ActivationSource | store.ActivationSink)
