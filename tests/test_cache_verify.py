@@ -1,7 +1,5 @@
-"""Checking a store against the training checkpoint that wrote it: provenance, fingerprint and
-recomputation through the frozen prefix. Moved verbatim from tests/test_inspect.py when that
-check left the ``store`` package; it is to be ported to ``prefast verify STORE --checkpoint CK``
-(the ``stores`` and ``data`` fixtures are copies of tests/test_inspect.py's)."""
+"""Checking a store against the training checkpoint that wrote it (``prefast verify STORE
+--checkpoint CK``): provenance, fingerprint and recomputation through the frozen prefix."""
 
 from __future__ import annotations
 
@@ -14,10 +12,10 @@ import pytest
 import torch
 
 import store
+from prefast.cache.verify import verify_against_checkpoint
+from prefast.cli import main as prefast_main
 from store.__main__ import main as store_main
 from tests.store_helpers import encoded, labels_for, write_store
-
-pytestmark = pytest.mark.skip(reason="ported to prefast verify in the prefast restructure")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +68,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     printed = root / "printed.txt"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        _print_summary(result.summary, cfg.cache_dir)
+        _print_summary(result.summary)
     printed.write_text(buf.getvalue())
     return {"store": Path(state["cache"]["path"]), "ckpt": ckpt, "root": root, "printed": printed}
 
@@ -90,12 +88,12 @@ def test_train_prints_the_store_and_inspect_shows_provenance(run, capsys):
 
 def test_verify_recomputes_samples_from_the_checkpoint(run, capsys):
     path, ckpt = str(run["store"]), str(run["ckpt"])
-    r = store.open(path).verify(checkpoint=ckpt, samples=5, seed=3)
-    assert r.ok, r.errors
+    r = verify_against_checkpoint(store.open(path), ckpt, samples=5, seed=3)
+    assert r.ok, r.all_errors
     assert r.fingerprint_ok and r.data_ok and r.labels_ok
     assert len(r.samples) == 5 * 2 and {c.view for c in r.samples} == {0, 1}
     assert r.max_rel_error is not None and r.max_rel_error <= r.tolerance == 4e-5
-    rc = store_main(["verify", path, "--checkpoint", ckpt, "--samples", "3", "--no-progress"])
+    rc = prefast_main(["verify", path, "--checkpoint", ckpt, "--samples", "3", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "fingerprint matches" in out and "recomputed  3 samples x 2 view(s)" in out
@@ -107,25 +105,36 @@ def test_verify_fails_on_an_altered_checkpoint(run, tmp_path, capsys):
     w.view(-1)[0] += 1e-3
     bad = tmp_path / "altered.pt"
     torch.save(state, bad)
-    rc = store_main(["verify", str(run["store"]), "--checkpoint", str(bad), "--no-progress"])
+    rc = prefast_main(["verify", str(run["store"]), "--checkpoint", str(bad), "--no-progress"])
     assert rc == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint does not match the store's fingerprint")
+    assert err.startswith("prefast: checkpoint does not match the store's fingerprint")
     assert err.count("\n") == 1
-    r = store.open(run["store"]).verify(checkpoint=bad)
+    r = verify_against_checkpoint(store.open(run["store"]), bad)
     assert r.fingerprint_ok is False and not r.samples
 
 
 def test_verify_checkpoint_input_errors(run, tmp_path, stores, capsys):
     path = str(run["store"])
-    assert store_main(["verify", path, "--checkpoint", str(tmp_path / "none.pt")]) == 2
-    assert "no such checkpoint file" in capsys.readouterr().err
+
+    def one_line(argv: list[str], needle: str) -> None:
+        assert prefast_main(["verify", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("prefast: error:") and needle in err and err.count("\n") == 1, err
+
+    one_line([path, "--checkpoint", str(tmp_path / "none.pt")], "no checkpoint at")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert store_main(["verify", path, "--checkpoint", str(tmp_path / "junk.pt")]) == 2
-    assert "cannot read the checkpoint" in capsys.readouterr().err
+    one_line([path, "--checkpoint", str(tmp_path / "junk.pt")], "refusing")
     # a store without provenance cannot be checked against a checkpoint
-    assert store_main(["verify", str(stores["f32"]), "--checkpoint", str(run["ckpt"])]) == 2
-    assert "only stores written by prefast train" in capsys.readouterr().err
+    one_line(
+        [str(stores["f32"]), "--checkpoint", str(run["ckpt"])],
+        "only stores written by prefast train",
+    )
+    one_line([path, "--checkpoint", str(run["ckpt"]), "--samples", "-4"], "--samples")
+    one_line([str(tmp_path / "nowhere"), "--checkpoint", str(run["ckpt"])], "nowhere")
+    # store verify points to prefast verify
+    assert store_main(["verify", path, "--checkpoint", str(run["ckpt"])]) == 2
+    assert "prefast verify" in capsys.readouterr().err
 
 
 def test_a_copied_store_with_a_corrupt_chunk_fails_verify_with_a_checkpoint(run, tmp_path):
@@ -135,6 +144,6 @@ def test_a_copied_store_with_a_corrupt_chunk_fails_verify_with_a_checkpoint(run,
     raw = bytearray(chunk.read_bytes())
     raw[7] ^= 0x01
     chunk.write_bytes(bytes(raw))
-    r = store.open(copy).verify(checkpoint=run["ckpt"], samples=4)
-    assert r.fingerprint_ok and [(p.view, p.chunk) for p in r.bad_chunks] == [(0, 0)]
+    r = verify_against_checkpoint(store.open(copy), run["ckpt"], samples=4)
+    assert r.fingerprint_ok and [(p.view, p.chunk) for p in r.chunks.bad_chunks] == [(0, 0)]
     assert not r.ok
