@@ -22,6 +22,7 @@ DRIVER = textwrap.dedent(
     import torch
     from prefast import TrainConfig, train
     import prefast.training.trainer as T
+    import prefast.training.step as S
     import prefast.cache.manager as M
     import store.writer as W
 
@@ -35,11 +36,11 @@ DRIVER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
 
     if point == "step":  # before the n-th training step
-        step = T.Trainer._step
+        step = S.StepRunner.step
         def _step(self, *a):
             hit()
             return step(self, *a)
-        T.Trainer._step = _step
+        S.StepRunner.step = _step
     elif point == "chunk":  # after the n-th chunk reached disk, before its store is complete
         store_chunk = W.StoreWriter._store_chunk
         def _store_chunk(self, *a):
