@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "device": DEVICES,
     "amp": AMP,
     "compile": ("none", "graphs", "inductor"),
+    "feature_aug": ("none", "shift", "shift+flip"),
 }
 
 
@@ -111,6 +112,12 @@ class TrainConfig:
         "zarr compression (default %(default)s: memory-mapped reads)",
     )
     # README "How many views": more views cost a pass each, no gain measured
+    feature_aug: str = opt(
+        "none",
+        "cache (prefast mode)",
+        "augment cached samples in feature space each epoch: a shift scaled from the image "
+        "crop, and a flip where the dataset flips (default %(default)s)",
+    )
     views: int = opt(
         1,
         "cache (prefast mode)",

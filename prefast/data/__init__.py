@@ -9,7 +9,16 @@ Every dataset PreFast trains on fits in host memory, so a split is one contiguou
 - ``splits``: :func:`load_dataset` (one split) and :func:`load_data` (a run's splits).
 """
 
-from prefast.data.augment import Augment, AugParams, epoch_key, make_batch, view_key
+from prefast.data.augment import (
+    FEATURE_AUG_MODES,
+    Augment,
+    AugParams,
+    FeatureAugment,
+    epoch_key,
+    feature_key,
+    make_batch,
+    view_key,
+)
 from prefast.data.images import ImageData
 from prefast.data.readers import DEFAULT_DATA_ROOT, SYSTEM_FASHION_MNIST
 from prefast.data.specs import DATASETS, SHAPES, SPLITS, DatasetSpec, spec_for
@@ -19,6 +28,7 @@ from prefast.errors import DataError
 __all__ = [
     "DATASETS",
     "DEFAULT_DATA_ROOT",
+    "FEATURE_AUG_MODES",
     "SHAPES",
     "SPLITS",
     "SYSTEM_FASHION_MNIST",
@@ -27,8 +37,10 @@ __all__ = [
     "DataError",
     "DatasetSpec",
     "Datasets",
+    "FeatureAugment",
     "ImageData",
     "epoch_key",
+    "feature_key",
     "load_data",
     "load_dataset",
     "make_batch",

@@ -42,6 +42,11 @@ def epoch_key(seed: int, epoch: int) -> tuple[int, int, int]:
     return (seed, 1, epoch)
 
 
+def feature_key(seed: int, epoch: int) -> tuple[int, int, int]:
+    """Key of epoch ``epoch``'s feature-space augmentation of cached samples: ``(seed, 2, epoch)``."""
+    return (seed, 2, epoch)
+
+
 @dataclass(frozen=True, eq=False)
 class AugParams:
     """Per-sample augmentation of a whole split, indexed by sample id.
@@ -140,6 +145,67 @@ def _crop_flip(
     return out.view(b, c, h, w)
 
 
+FEATURE_AUG_MODES: tuple[str, ...] = ("none", "shift", "shift+flip")
+
+
+@dataclass(frozen=True)
+class FeatureAugment:
+    """Augmentation of cached activations in feature space (DESIGN section 3, remedies).
+
+    Once a sample's frozen-prefix output is cached, every later epoch would train on the same
+    augmented view. This draws, per (epoch, sample), a shift of the image-space crop range
+    ``[-pad, pad]`` and (``flip``) a horizontal flip, and applies them to the feature map that
+    enters the trainable units: the shift is scaled by the map's stride (``pad / stride``
+    feature pixels, half rounded up, zero padding, whole pixels), so a sample moves the same
+    way at every boundary. Both are approximations: a shift is exact only away from borders
+    and pooling phase, a flip only for flip-symmetric frozen filters.
+    """
+
+    pad: int = 0
+    flip: bool = False
+    image_size: int = 32
+
+    @classmethod
+    def from_spec(cls, spec: DatasetSpec, mode: str, enabled: bool = True) -> FeatureAugment:
+        """``mode`` in FEATURE_AUG_MODES; the identity when image augmentation is off."""
+        if mode not in FEATURE_AUG_MODES:
+            raise DataError(f"--feature-aug: {mode!r} is not one of {', '.join(FEATURE_AUG_MODES)}")
+        if not enabled or mode == "none":
+            return cls(image_size=spec.image_size)
+        return cls(
+            pad=spec.pad, flip=spec.flip and mode == "shift+flip", image_size=spec.image_size
+        )
+
+    @property
+    def identity(self) -> bool:
+        return self.pad == 0 and not self.flip
+
+    def draws(self, key: Sequence[int], num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sample's (shift (N, 2) int64 in [-pad, pad], flip (N,) bool) for ``key``:
+        sample ``i``'s draw depends only on ``(key, i)``."""
+        p = Augment(pad=self.pad, flip=self.flip).params(key, num_samples)
+        return p.offsets - self.pad, p.flips
+
+    def pad_at(self, size: int) -> int:
+        """Feature pixels of shift range on a ``size`` x ``size`` map."""
+        stride = max(1, self.image_size // max(size, 1))
+        return int(self.pad / stride + 0.5) if self.pad else 0
+
+    def apply(self, h: torch.Tensor, shift: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """``h`` (B, C, H, W) shifted and flipped per sample; ``shift`` (B, 2) int64 and
+        ``flips`` (B,) bool on h's device (rows of ``draws``). Device ops only (no sync)."""
+        if self.identity or h.dim() != 4:
+            return h
+        q = self.pad_at(int(h.shape[-1]))
+        if q == 0 and not self.flip:
+            return h
+        # scale the image-space shift to this map: round(s * q / pad), then offsets in [0, 2q]
+        scaled = torch.div(shift * (2 * q) + self.pad, 2 * self.pad, rounding_mode="floor")
+        offsets = scaled + q
+        fl = flips if self.flip else torch.zeros_like(flips)
+        return _crop_flip(h, offsets, fl, q)
+
+
 @lru_cache(maxsize=64)
 def _norm_consts(
     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
@@ -201,4 +267,13 @@ def make_batch(
     return out.to(dtype), y
 
 
-__all__ = ["AugParams", "Augment", "epoch_key", "make_batch", "view_key"]
+__all__ = [
+    "FEATURE_AUG_MODES",
+    "AugParams",
+    "Augment",
+    "FeatureAugment",
+    "epoch_key",
+    "feature_key",
+    "make_batch",
+    "view_key",
+]

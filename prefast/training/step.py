@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefast.data import FeatureAugment
 from prefast.errors import ConfigError
 from prefast.freezeout.optim import UnitSGD
 from prefast.models import UnitModel
@@ -76,12 +77,17 @@ class EpochMeter:
         return float(self.loss_sum) / max(self.seen, 1)
 
 
+Aug = tuple[torch.Tensor, torch.Tensor]  # feature augmentation rows: shift (B, 2), flip (B,)
+GraphKey = tuple[int, int, tuple[int, ...], bool]  # boundary, frontier, batch shape, augmented
+
+
 @dataclass
 class _Graph:
-    key: tuple[int, int, tuple[int, ...]]
+    key: GraphKey
     graph: torch.cuda.CUDAGraph
     x: torch.Tensor  # static input (B, *shape at b)
     y: torch.Tensor  # static labels (B,)
+    aug: Aug | None  # static feature-augmentation rows
     loss: torch.Tensor  # static outputs
     out: torch.Tensor
 
@@ -98,6 +104,7 @@ class StepRunner:
         channels_last: bool,
         compile_mode: str,
         batch_size: int,
+        feature_aug: FeatureAugment | None = None,
     ) -> None:
         if compile_mode not in COMPILE_MODES:
             raise ConfigError(
@@ -113,6 +120,7 @@ class StepRunner:
         self.channels_last = channels_last
         self.mode = compile_mode
         self.batch_size = batch_size  # only full batches are captured
+        self.feature_aug = feature_aug
         self.j = torch.zeros((), dtype=torch.int64, device=device)  # the iteration, on the device
         self.boundary = 0
         self.frontier = 0
@@ -140,7 +148,7 @@ class StepRunner:
         self._eager_steps = 0
 
     # ---- the forward of the trainable part ------------------------------------------------
-    def _forward(self, h: torch.Tensor) -> torch.Tensor:
+    def _forward(self, h: torch.Tensor, aug: Aug | None) -> torch.Tensor:
         b, f, n = self.boundary, self.frontier, self.model.num_units
         if self.channels_last and h.dim() == 4:
             h = h.contiguous(memory_format=torch.channels_last)
@@ -148,6 +156,11 @@ class StepRunner:
             with torch.no_grad():
                 for i in range(b, f):
                     h = self._units[i](h)
+        if aug is not None and self.feature_aug is not None:
+            # the cached sample's fresh augmentation for this epoch, where training starts
+            h = self.feature_aug.apply(h, *aug)
+            if self.channels_last and h.dim() == 4:
+                h = h.contiguous(memory_format=torch.channels_last)
         if self.ddp is not None:
             out: torch.Tensor = self.ddp(h)  # gradients of units[f:] and the head averaged
             return out
@@ -155,7 +168,9 @@ class StepRunner:
             h = self._units[i](h)
         return self._head(h)
 
-    def _compute(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(
+        self, x: torch.Tensor, y: torch.Tensor, aug: Aug | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, loss, backward and update; (loss, logits)."""
         if self.optimizer is None:
             raise RuntimeError("StepRunner.configure() was never called")
@@ -164,40 +179,54 @@ class StepRunner:
             if self.mode != "graphs"
             else _graph_autocast(self.device, self.amp)
         ):
-            out = self._forward(x)
+            out = self._forward(x, aug)
             loss = F.cross_entropy(out, y)
         loss.backward()
         self.optimizer.step(self.j)
         return loss, out
 
     # ---- one step ---------------------------------------------------------------------------
-    def step(self, h: torch.Tensor, y: torch.Tensor, j: int, k: int, meter: EpochMeter) -> None:
-        """Train on batch ``(h, y)`` at iteration ``j`` (step ``k`` of the epoch)."""
+    def step(
+        self,
+        h: torch.Tensor,
+        y: torch.Tensor,
+        j: int,
+        k: int,
+        meter: EpochMeter,
+        aug: Aug | None = None,
+    ) -> None:
+        """Train on batch ``(h, y)`` at iteration ``j`` (step ``k`` of the epoch); ``aug``: the
+        batch's feature-augmentation rows (cached batches only)."""
         self.j.fill_(j)  # a kernel with j as its argument: no copy, no sync
         if self.mode == "graphs" and self.ddp is None:
-            loss, out = self._graphed(h, y)
+            loss, out = self._graphed(h, y, aug)
         else:
             if self.optimizer is not None:
                 self.optimizer.zero_grad()
-            loss, out = self._compute(h, y)
+            loss, out = self._compute(h, y, aug)
         meter.add(k, self.j, loss, out, y)
 
-    def _graphed(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self.boundary, self.frontier, tuple(h.shape))
+    def _graphed(
+        self, h: torch.Tensor, y: torch.Tensor, aug: Aug | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key: GraphKey = (self.boundary, self.frontier, tuple(h.shape), aug is not None)
         g = self._graph
         if g is not None and g.key == key:
             g.x.copy_(h)
             g.y.copy_(y)
+            if g.aug is not None and aug is not None:
+                g.aug[0].copy_(aug[0])
+                g.aug[1].copy_(aug[1])
             g.graph.replay()
             return g.loss, g.out
         if g is None and self._eager_steps >= WARMUP and h.shape[0] == self.batch_size:
-            return self._capture(key, h, y)
+            return self._capture(key, h, y, aug)
         # warm-up steps of a new configuration, or a batch of another shape (the last of an
         # epoch): eager, on a side stream as CUDA graph capture wants for warm-up
-        return self._eager_on_side_stream(h, y)
+        return self._eager_on_side_stream(h, y, aug)
 
     def _eager_on_side_stream(
-        self, h: torch.Tensor, y: torch.Tensor
+        self, h: torch.Tensor, y: torch.Tensor, aug: Aug | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.optimizer is None:
             raise RuntimeError("StepRunner.configure() was never called")
@@ -205,24 +234,25 @@ class StepRunner:
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             self.optimizer.zero_grad()
-            loss, out = self._compute(h, y)
+            loss, out = self._compute(h, y, aug)
         torch.cuda.current_stream(self.device).wait_stream(s)
         self._eager_steps += 1
         return loss, out
 
     def _capture(
-        self, key: tuple[int, int, tuple[int, ...]], h: torch.Tensor, y: torch.Tensor
+        self, key: GraphKey, h: torch.Tensor, y: torch.Tensor, aug: Aug | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.optimizer is None:
             raise RuntimeError("StepRunner.configure() was never called")
         t = time.perf_counter()
         x_static = h.detach().clone()
         y_static = y.detach().clone()
+        aug_static = (aug[0].clone(), aug[1].clone()) if aug is not None else None
         self.optimizer.zero_grad()  # gradients are allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            loss, out = self._compute(x_static, y_static)
-        self._graph = _Graph(key, graph, x_static, y_static, loss, out)
+            loss, out = self._compute(x_static, y_static, aug_static)
+        self._graph = _Graph(key, graph, x_static, y_static, aug_static, loss, out)
         graph.replay()  # capture records the work; replaying runs this step
         self.capture_seconds += time.perf_counter() - t
         self.captures += 1

@@ -30,7 +30,15 @@ from tqdm.auto import tqdm
 from prefast.cache.identity import state_digest
 from prefast.cache.manager import CacheManager
 from prefast.config import TrainConfig
-from prefast.data import Augment, DatasetSpec, ImageData, load_data, make_batch
+from prefast.data import (
+    Augment,
+    DatasetSpec,
+    FeatureAugment,
+    ImageData,
+    feature_key,
+    load_data,
+    make_batch,
+)
 from prefast.distributed import DistContext
 from prefast.errors import CheckpointError, ConfigError, DistributedError
 from prefast.freezeout import (
@@ -140,8 +148,17 @@ class Trainer:
         if compile_mode == "graphs" and self.dist.enabled:
             log.warning("--compile graphs: not under torchrun (DDP); running eager steps")
             compile_mode = "none"
+        self.feature_aug = FeatureAugment.from_spec(
+            self.data.train.spec, cfg.feature_aug, enabled=cfg.augment
+        )
         self.steps = StepRunner(
-            self.model, self.device, cfg.amp, cfg.channels_last, compile_mode, cfg.batch_size
+            self.model,
+            self.device,
+            cfg.amp,
+            cfg.channels_last,
+            compile_mode,
+            cfg.batch_size,
+            self.feature_aug,
         )
         if self.device.type == "cuda":
             # The image path stays on the device: uint8 CIFAR is 150 MB, and make_batch then
@@ -280,6 +297,13 @@ class Trainer:
             disable=not self.progress,
             leave=False,
         )
+        # this epoch's feature-space augmentation of cached samples, every sample's row
+        fa_rows = None
+        if self.cache is not None and not self.feature_aug.identity:
+            shift, flips = self.feature_aug.draws(
+                feature_key(self.cfg.seed, epoch), len(self.data.train)
+            )
+            fa_rows = (shift.to(self.device), flips.to(self.device))
         with watch:
             batches = self._batches(epoch, 0)
             self._configure_steps()
@@ -292,7 +316,11 @@ class Trainer:
                         batches = self._batches(epoch, k)  # the same batch k, from the new source
                     h, y, ids = next(batches)
                     visits.index_add_(0, ids, torch.ones(len(ids), dtype=torch.int32))
-                    self.dist.run("a training step", self.steps.step, h, y, j, k, meter)
+                    aug = None
+                    if fa_rows is not None and self.boundary > 0:  # a batch read from a cache
+                        sel = ids.to(self.device, non_blocking=True)
+                        aug = (fa_rows[0][sel], fa_rows[1][sel])
+                    self.dist.run("a training step", self.steps.step, h, y, j, k, meter, aug)
                     k += 1
                     if k % PROGRESS_EVERY == 0 or k == self.iters_per_epoch:
                         bar.update(k - bar.n)
