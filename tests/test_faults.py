@@ -24,7 +24,6 @@ DRIVER = textwrap.dedent(
     import prefast.training.trainer as T
     import prefast.training.step as S
     import prefast.cache.manager as M
-    import store.writer as W
 
     point, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     cfg = TrainConfig(**json.loads(sys.argv[4]))
@@ -41,12 +40,13 @@ DRIVER = textwrap.dedent(
             hit()
             return step(self, *a)
         S.StepRunner.step = _step
-    elif point == "chunk":  # after the n-th chunk reached disk, before its store is complete
-        store_chunk = W.StoreWriter._store_chunk
-        def _store_chunk(self, *a):
-            store_chunk(self, *a)
+    elif point == "rows":  # after the n-th batch of rows went into a cache being written
+        import prefast.cache.write_through as WT
+        take = WT.WriteThrough.take
+        def _take(self, *a):
+            take(self, *a)
             hit()
-        W.StoreWriter._store_chunk = _store_chunk
+        WT.WriteThrough.take = _take
     elif point == "delete":  # halfway through deleting the n-th superseded store
         rmtree = M.shutil.rmtree
         class _Shutil:
@@ -88,7 +88,7 @@ CFG = dict(
     num_samples=64,
     model="densenet_bc",
     model_args={"depth": 16, "growth": 8},
-    epochs=3,
+    epochs=5,
     batch_size=16,
     t0=0.3,
     how_scale="linear",
@@ -122,15 +122,16 @@ def reference(tmp_path_factory):
     return json.loads((tmp / "out.json").read_text())
 
 
-# (kill point, which occurrence): 4 steps an epoch, the first freeze at iteration 4, one
-# chunk per store (64 samples), a checkpoint after every epoch.
+# (kill point, which occurrence): 4 steps an epoch, 5 epochs; the steps of epoch 2 write the
+# first store, epoch 3's the second (the first is deleted after epoch 3's checkpoint), a
+# checkpoint after every epoch.
 MOMENTS = [
     ("step", 3),  # in the first epoch, before any checkpoint
-    ("chunk", 2),  # during a cache pass: a store written but not marked complete
+    ("rows", 2),  # while the steps write a store: rows on disk, the store not complete
     ("delete", 1),  # halfway through deleting a superseded store after a checkpoint
     ("checkpoint", 2),  # right after the second checkpoint
     ("mid-checkpoint", 2),  # the second checkpoint half written (last.tmp left behind)
-    ("step", 10),  # mid-way through the last epoch, with caches and checkpoints behind it
+    ("step", 14),  # mid-way through epoch 3, reading a store while writing the next
 ]
 
 

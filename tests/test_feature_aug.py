@@ -20,7 +20,9 @@ def test_draws_depend_only_on_key_and_sample():
     assert torch.equal(a_shift, b_shift[:50]) and torch.equal(a_flip, b_flip[:50])
     c_shift, _ = fa.draws(feature_key(0, 4), 50)
     assert not torch.equal(a_shift, c_shift)
-    assert int(a_shift.min()) >= -4 and int(a_shift.max()) <= 4 and a_flip.any() and not a_flip.all()
+    assert (
+        int(a_shift.min()) >= -4 and int(a_shift.max()) <= 4 and a_flip.any() and not a_flip.all()
+    )
 
 
 def test_shift_range_scales_with_the_stride():
@@ -48,7 +50,10 @@ def test_apply_shifts_with_zero_padding_and_flips():
 def test_none_and_no_augmentation_are_the_identity(mode, enabled):
     fa = FeatureAugment.from_spec(CIFAR, mode, enabled=enabled)
     h = torch.randn(2, 3, 8, 8)
-    assert fa.identity and fa.apply(h, torch.ones(2, 2, dtype=torch.int64), torch.ones(2, dtype=torch.bool)) is h
+    assert (
+        fa.identity
+        and fa.apply(h, torch.ones(2, 2, dtype=torch.int64), torch.ones(2, dtype=torch.bool)) is h
+    )
 
 
 def test_unknown_mode_names_the_flag():
@@ -72,4 +77,6 @@ def test_feature_aug_changes_only_cached_training():
     assert plain.losses != aug.losses  # once samples come from the cache, they move
     assert aug.losses == again.losses  # seeded: reproducible
     fo = dict(TINY, mode="freezeout")
-    assert train(TrainConfig(**fo)).losses == train(TrainConfig(**fo, feature_aug="shift+flip")).losses
+    assert (
+        train(TrainConfig(**fo)).losses == train(TrainConfig(**fo, feature_aug="shift+flip")).losses
+    )

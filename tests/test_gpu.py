@@ -100,3 +100,91 @@ def test_parity_on_cuda(tmp_path):
     torch.testing.assert_close(
         torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5
     )
+
+
+# ---- launch-free steps and write-through on CUDA ---------------------------------------------------
+def _gpu_kw(**over):
+    kw = dict(
+        dataset="synthetic", num_samples=160, model="densenet_bc", model_args={"depth": 16, "growth": 8},
+        epochs=3, batch_size=32, t0=0.3, how_scale="linear", augment=False, device="cuda", progress=False,
+        eval_batch_size=512,
+    )  # fmt: skip
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize("mode", ["freezeout", "prefast"])
+def test_cuda_graph_steps_match_eager_steps_in_float32(tmp_path, mode):
+    """--compile graphs replays the captured step: float32 losses and weights equal the eager
+    run's to the tolerance of non-deterministic kernels."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    extra = {"cache": "device", "recache_policy": "every"} if mode == "prefast" else {}
+    eager = train(TrainConfig(**_gpu_kw(mode=mode, **extra)))
+    graphs = train(TrainConfig(**_gpu_kw(mode=mode, compile="graphs", **extra)))
+    assert graphs.records[-1]["step_captures"] > 0
+    torch.testing.assert_close(
+        torch.tensor(graphs.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-5
+    )
+    for (k, a), b in zip(
+        graphs.model.state_dict().items(), eager.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("compile_mode", ["none", "graphs"])
+def test_training_steps_never_synchronise_the_host(compile_mode):
+    """Within an epoch no step waits for the GPU: torch's sync debug mode raises on any
+    implicit synchronisation (.item(), float(), nonzero, blocking copies) in the steps."""
+    from prefast.training import Trainer
+    from prefast.training.step import EpochMeter
+
+    tr = Trainer(
+        TrainConfig(**_gpu_kw(mode="freezeout", compile=compile_mode, epochs=1, num_samples=256))
+    )
+    tr.steps.configure(0, 0, tr.optimizer, None)
+    meter = EpochMeter(8, tr.device)
+    x = torch.randn(32, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    for k in range(3):  # warm-up and capture may synchronise
+        tr.steps.step(x, y, k, k, meter)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(3, 8):
+            tr.steps.step(x, y, k, k, meter)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    meter.check_finite()
+
+
+@pytest.mark.parametrize("cache", ["device", "ram", "zarr"])
+@pytest.mark.parametrize("compile_mode", ["none", "graphs"])
+def test_write_through_on_cuda_matches_freezeout(tmp_path, cache, compile_mode):
+    """The steps write each new cache (device index_copy, or side-stream copies to pinned
+    buffers drained by a writer thread): float32 prefast equals freezeout."""
+    torch.backends.cudnn.deterministic = True
+    ref = train(TrainConfig(**_gpu_kw(mode="freezeout", compile=compile_mode)))
+    got = train(
+        TrainConfig(
+            **_gpu_kw(mode="prefast", compile=compile_mode),
+            cache=cache,
+            cache_dir=str(tmp_path / "c"),
+            cache_dtype="float32",
+            recache_policy="every",
+        )
+    )
+    assert got.summary["cache_boundary"] > 0 and got.summary["total_cache_build_seconds"] >= 0
+    torch.testing.assert_close(
+        torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_feature_aug_inside_captured_steps_is_reproducible(tmp_path):
+    kw = _gpu_kw(mode="prefast", augment=True, cache="device", recache_policy="every",
+                 feature_aug="shift+flip", compile="graphs")  # fmt: skip
+    torch.backends.cudnn.deterministic = True
+    a = train(TrainConfig(**kw))
+    b = train(TrainConfig(**kw))
+    torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=1e-6)

@@ -42,11 +42,12 @@ def _weights(model) -> dict[str, torch.Tensor]:
 # ---- the parity test -----------------------------------------------------------------------------
 def test_prefast_from_fp32_zarr_cache_equals_freezeout(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="prefast")
-    ref = train(tiny(mode="freezeout", augment=False))
+    ref = train(tiny(mode="freezeout", augment=False, epochs=5))
     caplog.clear()
     got = train(
         tiny(
             mode="prefast",
+            epochs=5,
             augment=False,
             cache="zarr",
             cache_dir=str(tmp_path / "cache"),
@@ -62,11 +63,11 @@ def test_prefast_from_fp32_zarr_cache_equals_freezeout(tmp_path, caplog):
         got.summary["frozen_units"] >= 3
         and ref.summary["frozen_units"] == got.summary["frozen_units"]
     )
-    assert (
-        got.summary["cache_tier"] == "zarr"
-        and got.summary["cache_boundary"] == got.summary["frozen_units"]
-    )
-    assert len(got.losses) == len(ref.losses) == 18
+    # write-through: each new cache is written by one epoch's steps and serves from the next
+    assert got.summary["cache_tier"] == "zarr"
+    assert 0 < got.summary["cache_boundary"] <= got.summary["frozen_units"]
+    assert got.summary["total_cache_build_seconds"] < 1.0  # no pass over the data
+    assert len(got.losses) == len(ref.losses) == 30
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
     torch.testing.assert_close(_weights(got.model), _weights(ref.model))
     # only the newest store is left, in the run's folder: superseded ones were deleted
@@ -344,7 +345,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(extra, needle, capsys):
 def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
     """Another model, or other settings, in the same --cache-dir: each run keeps its stores in
     its own run folder, and neither replaces the other's."""
-    base = ["train", "--dataset", "synthetic", "--num-samples", "64", "--epochs", "2", "--batch-size", "16",
+    base = ["train", "--dataset", "synthetic", "--num-samples", "64", "--epochs", "4", "--batch-size", "16",
             "--t0", "0.3", "--how-scale", "linear", "--mode", "prefast", "--cache", "zarr", "--recache-policy", "every",
             "--cache-dir", str(tmp_path / "c"), "--device", "cpu", "--no-progress", "-q"]  # fmt: skip
     assert main([*base, "--depth", "16", "--growth", "8"]) == 0
@@ -373,7 +374,15 @@ def test_a_second_run_with_the_same_settings_is_refused_at_start_up(tmp_path):
 
 
 def test_cache_dir_as_a_file_url_is_the_local_folder(tmp_path):
-    r = train(tiny(mode="prefast", cache="zarr", cache_dir=f"file://{tmp_path}/c"))
+    r = train(
+        tiny(
+            mode="prefast",
+            cache="zarr",
+            cache_dir=f"file://{tmp_path}/c",
+            epochs=4,
+            recache_policy="every",
+        )
+    )
     path = Path(r.summary["cache_path"])
     assert path.parent.parent == tmp_path / "c" and path.is_dir()
     assert store.open(path).memory_mapped

@@ -45,7 +45,7 @@ from prefast.cache.identity import (
     provenance,
     store_path,
 )
-from prefast.cache.plan import CostModel, choose_tier, plan_boundaries, plan_boundary
+from prefast.cache.plan import CostModel, choose_tier, plan_boundaries, plan_boundary, plan_epochs
 from prefast.cache.probes import (
     PROBE_PREFIX,
     free_memory,
@@ -53,8 +53,9 @@ from prefast.cache.probes import (
     measure_tier_rates,
     measure_unit_forward,
 )
+from prefast.cache.write_through import WriteThrough
 from prefast.config import TrainConfig
-from prefast.data import Augment, Datasets, epoch_key, make_batch
+from prefast.data import Augment, Datasets, epoch_key, make_batch, view_key
 from prefast.distributed import DistContext
 from prefast.errors import CacheError
 from prefast.freezeout import FreezeSchedule
@@ -121,6 +122,9 @@ class CacheManager:
         self.seconds = 0.0  # spent building caches, all passes of the run
         self.cost: CostModel | None = None
         self._auto_plan: dict[int, int] | None = None  # iteration -> boundary (auto policy)
+        self._epoch_plan: dict[int, int] | None = None  # epoch -> boundary written (auto)
+        self._writing: WriteThrough | None = None
+        self.iters_per_epoch = schedule.total_iterations // cfg.epochs
         self._superseded: list[Cache] = []
         self._tmp_dir: Path | None = None
         self._lock_fd: int | None = None
@@ -136,6 +140,25 @@ class CacheManager:
             # claim the run folder now: a second run with the same settings is refused at
             # start-up, not at its first cache
             self._open_run_dir(self.cache_dir)
+        self.write_through, why = self._write_through_applies()
+        log.info(
+            "re-caching: %s",
+            "write-through (the training steps write the next cache)"
+            if self.write_through
+            else f"separate cache passes ({why})",
+        )
+
+    def _write_through_applies(self) -> tuple[bool, str]:
+        """Whether the next cache can be written by the training steps, else why not."""
+        if self.views > 1:
+            return False, f"--views {self.views}: each view is its own pass over the images"
+        if self.cfg.codec != "none":
+            return False, f"--codec {self.cfg.codec}: compressed chunks are written whole"
+        if self.cache_dir is not None and location.as_local(self.cache_dir) is None:
+            return False, "a remote --cache-dir takes whole chunks only"
+        if self.dist.enabled:
+            return False, "under torchrun the ranks fill separate parts of a cache"
+        return True, ""
 
     # ---- where stores live --------------------------------------------------------------------
     def _resolve_cache_dir(self) -> Path | str | None:
@@ -253,8 +276,11 @@ class CacheManager:
 
     # ---- deciding ---------------------------------------------------------------------------------
     def on_freeze(self, j: int, frontier: int) -> bool:
-        """Units froze at iteration ``j`` (the frontier is now ``frontier``): move the boundary
-        if the policy says so. True when the batch source changed."""
+        """Units froze at iteration ``j`` (the frontier is now ``frontier``): in pass mode, move
+        the boundary now if the policy says so. True when the batch source changed. (In
+        write-through mode boundaries move at epoch ends: ``begin_epoch``/``end_epoch``.)"""
+        if self.write_through:
+            return False
         b_new = self._planned_boundary(j, frontier)
         if b_new > self.boundary:
             self._recache(b_new, j)
@@ -294,6 +320,200 @@ class CacheManager:
             self._auto_plan = {it: bb for (it, _), bb in zip(events, bounds, strict=True)}
             log.info("iteration %d: re-caching plan (iteration: boundary) %s", j, self._auto_plan)
         return max(b, self._auto_plan[j])
+
+    # ---- write-through: a new cache per epoch, written by the steps ----------------------------
+    def begin_epoch(self, epoch: int, frontier: int) -> int | None:
+        """In write-through mode: the boundary this epoch's steps write a new cache at (None:
+        nothing to write). The trainer taps the step's activation there (``take``)."""
+        if not self.write_through or epoch >= self.cfg.epochs - 1:
+            return None  # (in the last epoch a new cache would never be read)
+        target = self._epoch_target(epoch, frontier)
+        if target <= self.boundary:
+            return None
+        w = self._open_write_through(target)
+        if w is None:  # this tier's sink cannot take rows: one pass, now
+            self._recache(target, epoch * self.iters_per_epoch)
+            return None
+        self._writing = w
+        log.info(
+            "epoch %d: writing the cache at boundary %d (%s, %s) through the training steps",
+            epoch,
+            target,
+            self.model.unit_names[target - 1],
+            self._writing.tier,
+        )
+        return target
+
+    @property
+    def writing(self) -> WriteThrough | None:
+        return self._writing
+
+    def image_aug_key(self, epoch: int) -> tuple[int, int, int]:
+        """The augmentation key of the epoch's image batches: the epoch's fresh draw, except
+        while the first cache is written from the images: then the cached view's, so what is
+        stored is what was trained on."""
+        if self._writing is not None and self.boundary == 0:
+            return view_key(self.cfg.seed, 0)
+        return epoch_key(self.cfg.seed, epoch)
+
+    def take(self, h: torch.Tensor, ids: torch.Tensor) -> None:
+        """A step's activations at the boundary being written, for samples ``ids``."""
+        if self._writing is not None:
+            self._writing.take(h, ids)
+
+    def end_epoch(self, epoch: int) -> bool:
+        """Finish the cache written this epoch and switch to it. True when the source changed."""
+        w = self._writing
+        if w is None:
+            return False
+        self._writing = None
+        prev = self.cache
+        t = time.perf_counter()
+        try:
+            cache = w.finish(self._rows_computer(prev, w.target), self._source_opener(w))
+        except BaseException:
+            w.abort()
+            raise
+        self.seconds += time.perf_counter() - t  # the finish (missing rows, close); writes overlap
+        self.cache = cache
+        self._retire(prev)
+        log.info(
+            "end of epoch %d: cache boundary %d -> %d (%s, written through)",
+            epoch,
+            prev.boundary if prev else 0,
+            cache.boundary,
+            cache.tier,
+        )
+        return True
+
+    def _epoch_target(self, epoch: int, frontier: int) -> int:
+        """The boundary to write in ``epoch`` (decided on rank 0)."""
+        b, policy = self.boundary, self.cfg.recache_policy
+        if frontier <= b:
+            return b
+        if policy != "auto":
+            return plan_boundary(policy, b, frontier, self.model.cut_points)
+        if self._epoch_plan is None or epoch not in self._epoch_plan:
+            j = epoch * self.iters_per_epoch
+            if self.cost is None:
+                self.cost = self._measure_costs(j, frontier)
+            epochs = list(range(epoch, self.cfg.epochs))
+            targets = plan_epochs(
+                [self._epoch_segments(e) for e in epochs],
+                self.cfg.batch_size,
+                self.cost,
+                self.sample_bytes,
+                self._tier_for,
+                boundary=b,
+                tier=self.cache.tier if self.cache is not None else None,
+            )
+            self._epoch_plan = dict(zip(epochs, targets, strict=True))
+            log.info("epoch %d: write-through plan (epoch: boundary) %s", epoch, self._epoch_plan)
+        return max(b, min(frontier, self._epoch_plan[epoch]))
+
+    def _epoch_segments(self, epoch: int) -> list[tuple[int, int]]:
+        """``(steps, frontier)`` stretches of an epoch, in order."""
+        start = epoch * self.iters_per_epoch
+        end = start + self.iters_per_epoch
+        cuts = sorted(
+            {it for it in self.schedule.freeze_iterations() if it is not None and start < it < end}
+        )
+        points = [start, *cuts, end]
+        return [
+            (points[k + 1] - points[k], self.schedule.frozen_count(points[k]))
+            for k in range(len(points) - 1)
+        ]
+
+    def _open_write_through(self, target: int) -> WriteThrough | None:
+        cfg, n = self.cfg, len(self.data.train)
+        tier = self._tier_for(target)
+        shape = self.model.boundary_shape(target, self.input_shape)
+        fp = self._fingerprint(target)
+        meta = provenance(self.model, target, self.data.desc, self._cache_desc(), fp)
+        path = store_path(self._zarr_dir(), target) if tier == "zarr" else None
+        sink: Any
+        if tier == "zarr":
+            sink = store.create(
+                path,  # type: ignore[arg-type]
+                sample_shape=shape,
+                num_samples=n,
+                views=1,
+                dtype=cfg.cache_dtype,
+                meta=meta,
+                overwrite=True,
+            )
+        elif tier == "device":
+            sink = store.DeviceCache.empty(
+                n, 1, shape, cfg.cache_dtype, device=self.device, meta=meta
+            )
+        else:
+            sink = store.RamCache.empty(n, 1, shape, cfg.cache_dtype, pin=False, meta=meta)
+        if not getattr(sink, "supports_rows", False):
+            log.info(
+                "the %s sink at boundary %d takes whole chunks only: a cache pass", tier, target
+            )
+            sink.abort()
+            return None
+        prev_chain = self.cache.chain if self.cache is not None else ()
+        return WriteThrough(
+            target=target,
+            sink=sink,
+            tier=tier,
+            path=path,
+            fingerprint=fp,
+            meta=meta,
+            chain=(*prev_chain, target),
+            labels=self.data.train.labels.cpu(),
+            dtype=cfg.cache_dtype,
+            device=self.device,
+            batch_size=cfg.batch_size,
+            sample_shape=shape,
+        )
+
+    def _rows_computer(self, prev: Cache | None, target: int) -> Any:
+        """``indices -> activations at target`` for samples no step visited: from the previous
+        cache, or the images with the cached view's augmentation."""
+        cfg, train = self.cfg, self.data.train
+        b0 = prev.boundary if prev is not None else 0
+        aug = (
+            None
+            if self.augment.identity
+            else self.augment.params(view_key(cfg.seed, 0), len(train))
+        )
+
+        def compute(idx: np.ndarray) -> torch.Tensor:
+            flags = [u.training for u in self.model.units]
+            try:
+                for u in self.model.units[:target]:
+                    u.eval()
+                with torch.no_grad(), autocast(self.device, cfg.amp):
+                    if prev is None:
+                        h, _ = make_batch(train, idx, aug, self.device)
+                    else:
+                        h = prev.source.read(0, idx).to(self.device).float()
+                    if cfg.channels_last and h.dim() == 4:
+                        h = h.contiguous(memory_format=torch.channels_last)
+                    return self.model.forward_range(h, b0, target).contiguous()
+            finally:
+                for u, f in zip(self.model.units, flags, strict=True):
+                    u.train(f)
+
+        return compute
+
+    def _source_opener(self, w: WriteThrough) -> Any:
+        if w.tier == "zarr":
+            return lambda: store.open(w.path)  # type: ignore[arg-type]
+        return lambda: w.sink
+
+    def _retire(self, prev: Cache | None) -> None:
+        """A superseded cache: kept until the next checkpoint names its successor (zarr with
+        checkpoints), else released now."""
+        if prev is None:
+            return
+        if prev.tier == "zarr" and self.cfg.checkpoint_dir is not None:
+            self._superseded.append(prev)
+        else:
+            self._discard(prev)
 
     def _freeze_events(self, j: int) -> list[tuple[int, int]]:
         """(iteration, frontier) of every freeze from iteration j on, the current one first."""
@@ -338,7 +558,13 @@ class CacheManager:
             rates["zarr"] = rates["ram"]
         write = {k: v[0] for k, v in rates.items()}
         read = {k: v[1] for k, v in rates.items()}
-        cost = CostModel(unit_fwd=unit_fwd, image=image, read_rate=read, write_rate=write)
+        cost = CostModel(
+            unit_fwd=unit_fwd,
+            image=image,
+            read_rate=read,
+            write_rate=write,
+            overlap=self.device.type == "cuda",  # loader threads read while the GPU computes
+        )
         log.info(
             "iteration %d: measured costs per sample: image %.1f us, forward %s us, read MB/s %s, write MB/s %s",
             j,
@@ -353,13 +579,7 @@ class CacheManager:
     def _recache(self, b_new: int, j: int) -> None:
         prev = self.cache
         self.cache = self._build(b_new, prev)
-        if prev is not None:
-            if prev.tier == "zarr" and self.cfg.checkpoint_dir is not None:
-                # The last checkpoint may still name this store: delete it once the next
-                # checkpoint names its successor.
-                self._superseded.append(prev)
-            else:
-                self._discard(prev)  # superseded: its successor is complete
+        self._retire(prev)
         log.info(
             "iteration %d: cache boundary %d -> %d (%s)",
             j,
@@ -476,6 +696,9 @@ class CacheManager:
     def close(self) -> None:
         """Release the run folder's lock; remove the temporary cache folder, if one was made
         (a kept --cache-dir stays)."""
+        if self._writing is not None:  # a run stopped mid-epoch: the new cache stays incomplete
+            self._writing.abort()
+            self._writing = None
         try:
             if self._tmp_dir is not None:
                 self.dist.barrier("finishing with the temporary cache")

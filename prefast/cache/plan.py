@@ -30,14 +30,24 @@ def choose_tier(
     return "zarr"
 
 
+# Backward of a unit costs about twice its forward: training a unit ~ 3x its forward.
+TRAIN_FACTOR = 3.0
+
+
 @dataclass
 class CostModel:
-    """Per-sample costs in seconds, measured on this run's device."""
+    """Per-sample costs in seconds, measured on this run's device.
+
+    ``overlap``: the host reads (and writes) on loader threads while the device computes (a
+    CUDA run), so a step costs ``max(host, device)``; on a CPU run both share the cores and a
+    step costs their sum. Reads from the device tier are device work either way.
+    """
 
     unit_fwd: list[float]  # forward of each unit (eval, no_grad)
     image: float  # producing one augmented, normalised input sample
     read_rate: dict[str, float]  # bytes/s by tier
     write_rate: dict[str, float]  # bytes/s by tier
+    overlap: bool = False
 
     def read(self, tier: str, nbytes: int) -> float:
         return nbytes / self.read_rate[tier]
@@ -47,6 +57,17 @@ class CostModel:
 
     def fwd(self, b0: int, b1: int) -> float:
         return float(sum(self.unit_fwd[b0:b1]))
+
+    def step(self, read: float, host_write: float, tier: str | None, b: int, f: int) -> float:
+        """Per-sample time of a training step that reads its input at boundary ``b`` (``read``
+        seconds, from ``tier``; None: images), runs ``units[b:f]`` frozen and trains the rest,
+        and writes ``host_write`` seconds of a new cache."""
+        device = self.fwd(b, f) + TRAIN_FACTOR * self.fwd(f, len(self.unit_fwd))
+        if tier == "device":
+            device += read
+            read = 0.0
+        host = read + host_write
+        return max(host, device) if self.overlap else host + device
 
 
 def plan_boundary(policy: str, boundary: int, frontier: int, cut_points: Sequence[int]) -> int:
@@ -79,22 +100,27 @@ def plan_boundaries(
 
     ``events`` are the schedule's remaining freeze points ``(iteration, frontier)`` in order
     (known in advance: the schedule is deterministic). Between event e and the next, every
-    sample costs ``read(b) + fwd(b..frontier_e)`` (read(0) is making the image); moving from
-    ``b`` to ``b'`` at an event costs one pass ``N * V * (read(b) + fwd(b..b') + write(b'))``.
+    sample costs ``CostModel.step`` from boundary ``b`` (read(0) is making the image; reads
+    overlap the device's work on CUDA); moving from ``b`` to ``b'`` at an event costs one pass
+    ``N * V * (read(b) + fwd(b..b') + write(b'))``.
     A dynamic programme over (event, boundary) minimises the sum, so a short-lived boundary
     inside a dense block is skipped when a transition soon replaces it. ``boundary``/``tier``
-    describe the cache held now. Costs are per sample in seconds (``CostModel``); the part of
-    each step that every plan shares (the trainable units) is left out."""
+    describe the cache held now. Costs are per sample in seconds (``CostModel``). This is the
+    planner of separate cache passes (compressed stores, several views, torchrun); write-through
+    re-caching is planned by ``plan_epochs``."""
     if not events:
         return []
     # tier_of may query free host/device memory: ask once per boundary, not per DP step
     tiers = [tier_of(b) for b in range(len(sample_bytes))]
 
-    def read(b: int) -> float:
+    def tier_at(b: int) -> str | None:
         if b == 0:
-            return cost.image
-        t = tier if (b == boundary and tier is not None) else tiers[b]
-        return cost.read(t, sample_bytes[b])
+            return None
+        return tier if (b == boundary and tier is not None) else tiers[b]
+
+    def read(b: int) -> float:
+        t = tier_at(b)
+        return cost.image if t is None else cost.read(t, sample_bytes[b])
 
     ends = [it for it, _ in events[1:]] + [total_iterations]
     best: dict[int, float] = {boundary: 0.0}
@@ -113,7 +139,8 @@ def plan_boundaries(
                     if moved
                     else 0.0
                 )
-                total = c_prev + pass_cost + samples * (read(b) + cost.fwd(b, frontier))
+                step = cost.step(read(b), 0.0, tier_at(b), b, max(b, frontier))
+                total = c_prev + pass_cost + samples * step
                 if total < nxt.get(b, math.inf):
                     nxt[b], choice[b] = total, b_prev
         best = nxt
@@ -126,4 +153,70 @@ def plan_boundaries(
     return plan[::-1]
 
 
-__all__ = ["CostModel", "choose_tier", "plan_boundaries", "plan_boundary"]
+def plan_epochs(
+    segments: Sequence[Sequence[tuple[int, int]]],
+    batch_size: int,
+    cost: CostModel,
+    sample_bytes: Sequence[int],
+    tier_of: Callable[[int], str],
+    boundary: int = 0,
+    tier: str | None = None,
+) -> list[int]:
+    """Write-through re-caching: the boundary to write during each remaining epoch.
+
+    ``segments[e]`` lists epoch ``e``'s stretches ``(steps, frontier)`` in order (the schedule
+    is known in advance). A cache at ``B`` is written during an epoch from the activations the
+    steps compute anyway on their way to the frontier, so ``B`` must not exceed the frontier at
+    the epoch's start; the new cache serves from the next epoch on. A step at boundary ``b``
+    costs ``CostModel.step`` (reads overlap the device's work on CUDA); writing ``B`` adds its
+    host write to each step of that epoch, nothing else. A dynamic programme over (epoch,
+    boundary) minimises the run's time; the result's entry ``e`` is the boundary to write in
+    epoch ``e``, or the boundary held then when nothing is written. ``boundary``/``tier``
+    describe the cache held now."""
+    if not segments:
+        return []
+    tiers = [tier_of(b) for b in range(len(sample_bytes))]
+
+    def tier_at(b: int) -> str | None:
+        if b == 0:
+            return None
+        return tier if (b == boundary and tier is not None) else tiers[b]
+
+    def read(b: int) -> float:
+        t = tier_at(b)
+        return cost.image if t is None else cost.read(t, sample_bytes[b])
+
+    best: dict[int, float] = {boundary: 0.0}
+    back: list[dict[int, tuple[int, int]]] = []  # next boundary -> (previous, written)
+    for segs in segments:
+        f0 = segs[0][1] if segs else 0
+        nxt: dict[int, float] = {}
+        choice: dict[int, tuple[int, int]] = {}
+        for b, c in best.items():
+            for target in range(b, max(b, f0) + 1):
+                write = cost.write(tiers[target], sample_bytes[target]) if target != b else 0.0
+                total = c + sum(
+                    steps * batch_size * cost.step(read(b), write, tier_at(b), b, max(f, b))
+                    for steps, f in segs
+                )
+                if total < nxt.get(target, math.inf):
+                    nxt[target], choice[target] = total, (b, target)
+        best = nxt
+        back.append(choice)
+    b = min(best, key=lambda k: best[k])
+    plan = []
+    for choice in reversed(back):
+        prev, written = choice[b]
+        plan.append(written)
+        b = prev
+    return plan[::-1]
+
+
+__all__ = [
+    "TRAIN_FACTOR",
+    "CostModel",
+    "choose_tier",
+    "plan_boundaries",
+    "plan_boundary",
+    "plan_epochs",
+]

@@ -78,7 +78,9 @@ class EpochMeter:
 
 
 Aug = tuple[torch.Tensor, torch.Tensor]  # feature augmentation rows: shift (B, 2), flip (B,)
-GraphKey = tuple[int, int, tuple[int, ...], bool]  # boundary, frontier, batch shape, augmented
+# boundary, frontier, batch shape, augmented, tapped boundary (0: none)
+GraphKey = tuple[int, int, tuple[int, ...], bool, int]
+Tap = Callable[[torch.Tensor, torch.Tensor], None]  # (activation at the tapped boundary, ids)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class _Graph:
     aug: Aug | None  # static feature-augmentation rows
     loss: torch.Tensor  # static outputs
     out: torch.Tensor
+    tapped: torch.Tensor | None  # the activation at the tapped boundary (a static output)
 
 
 class StepRunner:
@@ -126,6 +129,8 @@ class StepRunner:
         self.frontier = 0
         self.optimizer: UnitSGD | None = None
         self.ddp: nn.Module | None = None
+        self.tap_at = 0  # boundary whose activation goes to tap_fn (write-through); 0: none
+        self.tap_fn: Tap | None = None
         self._graph: _Graph | None = None
         self._eager_steps = 0  # eager steps of the current configuration
         self._pool = torch.cuda.graph_pool_handle() if compile_mode == "graphs" else None
@@ -139,23 +144,40 @@ class StepRunner:
             self._head = torch.compile(model.head, dynamic=False)
 
     def configure(
-        self, boundary: int, frontier: int, optimizer: UnitSGD, ddp: nn.Module | None
+        self,
+        boundary: int,
+        frontier: int,
+        optimizer: UnitSGD,
+        ddp: nn.Module | None,
+        tap_at: int = 0,
+        tap_fn: Tap | None = None,
     ) -> None:
-        """The step's shape changed (a freeze, a new cache, a new optimizer, a DDP wrap)."""
+        """The step's shape changed (a freeze, a new cache, a new optimizer, a DDP wrap, a cache
+        to write through). ``tap_at`` in (boundary, frontier]: every step hands its activation
+        there to ``tap_fn`` with the batch's sample ids."""
+        if tap_at and not boundary < tap_at <= frontier:
+            raise ConfigError(f"write-through boundary {tap_at} is not in ({boundary}, {frontier}]")
         self.boundary, self.frontier, self.optimizer, self.ddp = boundary, frontier, optimizer, ddp
+        self.tap_at, self.tap_fn = (tap_at, tap_fn) if tap_fn is not None else (0, None)
         if self._graph is not None:
             self._graph = None  # its memory returns to the shared pool
         self._eager_steps = 0
 
     # ---- the forward of the trainable part ------------------------------------------------
-    def _forward(self, h: torch.Tensor, aug: Aug | None) -> torch.Tensor:
+    def _forward(
+        self, h: torch.Tensor, aug: Aug | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, the activation at ``tap_at`` or None)."""
         b, f, n = self.boundary, self.frontier, self.model.num_units
+        tapped = None
         if self.channels_last and h.dim() == 4:
             h = h.contiguous(memory_format=torch.channels_last)
         if f > b:
             with torch.no_grad():
                 for i in range(b, f):
                     h = self._units[i](h)
+                    if i + 1 == self.tap_at:
+                        tapped = h  # clean: before any feature augmentation
         if aug is not None and self.feature_aug is not None:
             # the cached sample's fresh augmentation for this epoch, where training starts
             h = self.feature_aug.apply(h, *aug)
@@ -163,15 +185,15 @@ class StepRunner:
                 h = h.contiguous(memory_format=torch.channels_last)
         if self.ddp is not None:
             out: torch.Tensor = self.ddp(h)  # gradients of units[f:] and the head averaged
-            return out
+            return out, tapped
         for i in range(f, n):
             h = self._units[i](h)
-        return self._head(h)
+        return self._head(h), tapped
 
     def _compute(
         self, x: torch.Tensor, y: torch.Tensor, aug: Aug | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, loss, backward and update; (loss, logits)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Forward, loss, backward and update; (loss, logits, tapped activation)."""
         if self.optimizer is None:
             raise RuntimeError("StepRunner.configure() was never called")
         with (
@@ -179,11 +201,11 @@ class StepRunner:
             if self.mode != "graphs"
             else _graph_autocast(self.device, self.amp)
         ):
-            out = self._forward(x, aug)
+            out, tapped = self._forward(x, aug)
             loss = F.cross_entropy(out, y)
         loss.backward()
         self.optimizer.step(self.j)
-        return loss, out
+        return loss, out, tapped
 
     # ---- one step ---------------------------------------------------------------------------
     def step(
@@ -194,22 +216,34 @@ class StepRunner:
         k: int,
         meter: EpochMeter,
         aug: Aug | None = None,
+        ids: torch.Tensor | None = None,
     ) -> None:
         """Train on batch ``(h, y)`` at iteration ``j`` (step ``k`` of the epoch); ``aug``: the
-        batch's feature-augmentation rows (cached batches only)."""
+        batch's feature-augmentation rows (cached batches only); ``ids``: its sample ids (host
+        int64), needed when a boundary is tapped."""
         self.j.fill_(j)  # a kernel with j as its argument: no copy, no sync
         if self.mode == "graphs" and self.ddp is None:
-            loss, out = self._graphed(h, y, aug)
+            loss, out, tapped = self._graphed(h, y, aug)
         else:
             if self.optimizer is not None:
                 self.optimizer.zero_grad()
-            loss, out = self._compute(h, y, aug)
+            loss, out, tapped = self._compute(h, y, aug)
+        if self.tap_fn is not None and tapped is not None:
+            if ids is None:
+                raise RuntimeError("a tapped step needs the batch's sample ids")
+            self.tap_fn(tapped, ids)
         meter.add(k, self.j, loss, out, y)
 
     def _graphed(
         self, h: torch.Tensor, y: torch.Tensor, aug: Aug | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        key: GraphKey = (self.boundary, self.frontier, tuple(h.shape), aug is not None)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        key: GraphKey = (
+            self.boundary,
+            self.frontier,
+            tuple(h.shape),
+            aug is not None,
+            self.tap_at,
+        )
         g = self._graph
         if g is not None and g.key == key:
             g.x.copy_(h)
@@ -218,7 +252,7 @@ class StepRunner:
                 g.aug[0].copy_(aug[0])
                 g.aug[1].copy_(aug[1])
             g.graph.replay()
-            return g.loss, g.out
+            return g.loss, g.out, g.tapped
         if g is None and self._eager_steps >= WARMUP and h.shape[0] == self.batch_size:
             return self._capture(key, h, y, aug)
         # warm-up steps of a new configuration, or a batch of another shape (the last of an
@@ -227,21 +261,21 @@ class StepRunner:
 
     def _eager_on_side_stream(
         self, h: torch.Tensor, y: torch.Tensor, aug: Aug | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.optimizer is None:
             raise RuntimeError("StepRunner.configure() was never called")
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             self.optimizer.zero_grad()
-            loss, out = self._compute(h, y, aug)
+            loss, out, tapped = self._compute(h, y, aug)
         torch.cuda.current_stream(self.device).wait_stream(s)
         self._eager_steps += 1
-        return loss, out
+        return loss, out, tapped
 
     def _capture(
         self, key: GraphKey, h: torch.Tensor, y: torch.Tensor, aug: Aug | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.optimizer is None:
             raise RuntimeError("StepRunner.configure() was never called")
         t = time.perf_counter()
@@ -251,8 +285,8 @@ class StepRunner:
         self.optimizer.zero_grad()  # gradients are allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            loss, out = self._compute(x_static, y_static, aug_static)
-        self._graph = _Graph(key, graph, x_static, y_static, aug_static, loss, out)
+            loss, out, tapped = self._compute(x_static, y_static, aug_static)
+        self._graph = _Graph(key, graph, x_static, y_static, aug_static, loss, out, tapped)
         graph.replay()  # capture records the work; replaying runs this step
         self.capture_seconds += time.perf_counter() - t
         self.captures += 1
@@ -263,7 +297,7 @@ class StepRunner:
             key[2],
             1e3 * (time.perf_counter() - t),
         )
-        return loss, out
+        return loss, out, tapped
 
 
 def _graph_autocast(device: torch.device, amp: str) -> torch.autocast | _NoAutocast:

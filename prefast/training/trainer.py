@@ -35,6 +35,7 @@ from prefast.data import (
     DatasetSpec,
     FeatureAugment,
     ImageData,
+    epoch_key,
     feature_key,
     load_data,
     make_batch,
@@ -276,6 +277,9 @@ class Trainer:
             self.augment,
             seed=self.cfg.seed,
             epoch=epoch,
+            aug_key=self.cache.image_aug_key(epoch)
+            if self.cache is not None
+            else epoch_key(self.cfg.seed, epoch),
             start=start,
             batch_size=self.cfg.batch_size,
             iterations=self.iters_per_epoch,
@@ -305,6 +309,9 @@ class Trainer:
             )
             fa_rows = (shift.to(self.device), flips.to(self.device))
         with watch:
+            if self.cache is not None:
+                self._advance_frontier(j)  # the freezes due at the epoch's first step, first
+                self.cache.begin_epoch(epoch, self.frontier)  # a cache to write through, or not
             batches = self._batches(epoch, 0)
             self._configure_steps()
             k = 0
@@ -320,7 +327,7 @@ class Trainer:
                     if fa_rows is not None and self.boundary > 0:  # a batch read from a cache
                         sel = ids.to(self.device, non_blocking=True)
                         aug = (fa_rows[0][sel], fa_rows[1][sel])
-                    self.dist.run("a training step", self.steps.step, h, y, j, k, meter, aug)
+                    self.dist.run("a training step", self.steps.step, h, y, j, k, meter, aug, ids)
                     k += 1
                     if k % PROGRESS_EVERY == 0 or k == self.iters_per_epoch:
                         bar.update(k - bar.n)
@@ -334,6 +341,8 @@ class Trainer:
             finally:
                 batches.close()  # type: ignore[attr-defined]
                 bar.close()
+            if self.cache is not None:
+                self.cache.end_epoch(epoch)  # the cache written this epoch takes over
         meter.check_finite()
         self.result.losses.extend(meter.losses.tolist())
         loss_sum, correct_f, seen_f = self.dist.sum(
@@ -362,7 +371,15 @@ class Trainer:
         }
 
     def _configure_steps(self) -> None:
-        self.steps.configure(self.boundary, self.frontier, self.optimizer, self.ddp)
+        w = self.cache.writing if self.cache is not None else None
+        self.steps.configure(
+            self.boundary,
+            self.frontier,
+            self.optimizer,
+            self.ddp,
+            tap_at=w.target if w is not None else 0,
+            tap_fn=self.cache.take if w is not None and self.cache is not None else None,
+        )
 
     def _advance_frontier(self, j: int) -> bool:
         """Freeze what the schedule says at iteration j; in prefast mode re-cache when the policy

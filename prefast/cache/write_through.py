@@ -1,0 +1,198 @@
+"""Write-through re-caching (DESIGN section 4): the next cache is written by the training steps.
+
+Between the cache boundary ``b`` and the frontier ``f`` the frozen units run forward on every
+sample in every epoch anyway, so the activation at any ``B`` in ``(b, f]`` is computed for
+free. During an epoch that writes ``B`` the step hands its activation at ``B`` (batch order:
+the epoch's shuffle) to ``WriteThrough.take``; the rows go into the new cache's sink with
+``write_rows``. At the epoch's end ``finish`` fills in the few samples no step visited (the
+tail a rank drops, a resumed epoch's skipped batches) with a small pass, closes the sink
+(a store is marked complete only then) and returns the new ``Cache``.
+
+On CUDA the rows leave the device on a side stream into pinned buffers and a writer thread
+scatters them into host tiers, so a step never waits for the host; the device tier takes them
+with a device ``index_copy``. On a CPU device they are written on the calling thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prefast.cache.build import Cache
+from prefast.errors import CacheError
+from prefast.runtime import TORCH_DTYPES, synchronize
+
+log = logging.getLogger(__name__)
+
+_SLOTS = 4  # pinned staging buffers in flight (device -> host)
+_END = object()
+
+
+class _Slot:
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.host = torch.empty(shape, dtype=dtype, pin_memory=True)  # (batch, *sample_shape)
+
+
+class WriteThrough:
+    """A cache at ``target`` being written during one epoch (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        target: int,
+        sink: Any,  # a store ActivationSink with supports_rows
+        tier: str,
+        path: Path | str | None,
+        fingerprint: str,
+        meta: dict[str, Any],
+        chain: tuple[int, ...],
+        labels: torch.Tensor,  # (N,) int64 on the host
+        dtype: str,
+        device: torch.device,
+        batch_size: int,
+        sample_shape: tuple[int, ...],
+    ) -> None:
+        if not getattr(sink, "supports_rows", False):
+            raise CacheError(f"the {tier} sink cannot take rows; use a cache pass")
+        self.target = target
+        self.sink = sink
+        self.tier = tier
+        self.path = path
+        self.fingerprint = fingerprint
+        self.meta = meta
+        self.chain = chain
+        self.labels = labels
+        self.dtype = TORCH_DTYPES[dtype]
+        self.device = device
+        self.written = np.zeros(len(labels), dtype=bool)  # (N,) which samples have rows
+        self.seconds = 0.0  # host time spent in take/finish (the writes themselves overlap)
+        self._t0 = time.perf_counter()
+        self._error: BaseException | None = None
+        self._async = device.type == "cuda" and tier != "device"
+        self._queue: queue.Queue[Any] | None = None
+        self._thread: threading.Thread | None = None
+        if self._async:
+            self._free: queue.Queue[_Slot] = queue.Queue()
+            for _ in range(_SLOTS):
+                self._free.put(_Slot((batch_size, *sample_shape), self.dtype))
+            self._stream = torch.cuda.Stream(device)
+            self._queue = queue.Queue(maxsize=_SLOTS)
+            self._thread = threading.Thread(target=self._drain, name="write-through", daemon=True)
+            self._thread.start()
+
+    # ---- rows from the steps ----------------------------------------------------------------
+    def take(self, h: torch.Tensor, ids: torch.Tensor) -> None:
+        """The activations ``h`` (B, *sample_shape) at ``target`` of samples ``ids`` (B,) int64
+        on the host. ``h`` may be a CUDA graph's static output: it is read before the device
+        moves on to the next step."""
+        self._raise()
+        idx = ids.numpy()
+        self.written[idx] = True
+        with torch.no_grad():
+            if self.tier == "device":
+                x = h.detach().to(self.dtype)
+                self.sink.write_rows(0, ids.to(self.device, non_blocking=True), x, self.labels[ids])
+                return
+            if not self._async:
+                self.sink.write_rows(0, idx, h.detach().to(self.dtype), self.labels[ids])
+                return
+            slot = self._free.get()  # back-pressure: at most _SLOTS batches in flight
+            cur = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(cur)
+            n = len(ids)
+            with torch.cuda.stream(self._stream):
+                slot.host[:n].copy_(h.detach().to(self.dtype), non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            cur.wait_event(done)  # the next step may overwrite h (a graph's static output)
+            if self._queue is None:
+                raise CacheError("write-through queue missing")
+            self._queue.put((slot, done, idx, n))
+
+    def _drain(self) -> None:
+        """The writer thread: wait for each copy, scatter its rows into the sink."""
+        q = self._queue
+        if q is None:
+            return
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            slot, done, idx, n = item
+            try:
+                if self._error is None:
+                    done.synchronize()
+                    self.sink.write_rows(0, idx, slot.host[:n], self.labels[idx])
+            except BaseException as e:  # surfaced by take() or finish()
+                self._error = e
+            finally:
+                self._free.put(slot)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise CacheError(
+                f"writing the cache at boundary {self.target} failed: {self._error!r}"
+            ) from self._error
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(_END)
+            self._thread.join()
+            self._thread = None
+
+    # ---- the end of the epoch --------------------------------------------------------------
+    def finish(
+        self, compute: Callable[[np.ndarray], torch.Tensor], open_source: Callable[[], Any]
+    ) -> Cache:
+        """Fill the samples no step wrote (``compute(indices)`` -> their activations at
+        ``target``), close the sink and return the complete cache (``open_source()`` gives the
+        loader's source: the reopened store, or the in-memory tier itself)."""
+        self._stop_thread()
+        self._raise()
+        missing = np.flatnonzero(~self.written)
+        if missing.size:
+            log.info(
+                "write-through at boundary %d: %d samples no step visited, computed apart",
+                self.target,
+                missing.size,
+            )
+            for start in range(0, missing.size, 256):
+                idx = missing[start : start + 256]
+                x = compute(idx).to(self.dtype)
+                rows: Any = torch.from_numpy(idx).to(self.device) if self.tier == "device" else idx
+                self.sink.write_rows(0, rows, x, self.labels[torch.from_numpy(idx)])
+            self.written[missing] = True
+        synchronize(self.device)
+        self.sink.close()
+        source = open_source()
+        seconds = time.perf_counter() - self._t0
+        nbytes = int(source.nbytes)
+        return Cache(
+            self.target,
+            self.tier,
+            source,
+            self.fingerprint,
+            self.path,
+            build_seconds=0.0,  # written by the steps: no pass
+            write_rate=nbytes / max(seconds, 1e-9),
+            meta=self.meta,
+            chain=self.chain,
+        )
+
+    def abort(self) -> None:
+        """Stop without completing (the sink stays incomplete: a store never opens as done)."""
+        self._stop_thread()
+        abort = getattr(self.sink, "abort", None)
+        if abort is not None:
+            abort()
+
+
+__all__ = ["WriteThrough"]
