@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import store
 from prefast import CacheError, TrainConfig, train
 from prefast.cache.plan import CostModel, plan_boundaries, plan_boundary
 from prefast.cli import main
+from prefast.models import UnitModel, from_sequential, register_model, unregister_model
 from prefast.training import Trainer
 
 TINY = dict(
@@ -396,3 +398,51 @@ def test_cache_dir_at_an_fsspec_url(tmp_path):
     )
     assert len(location.children(url)) == 2 and store.open(path).complete
     assert other.summary["cache_path"] != path
+
+
+# ---- models beyond DenseNet: your own ------------------------------------------------------
+def _byo_cnn(*, num_classes: int, in_channels: int = 3, image_size: int = 32, width: int = 8):
+    """A three-unit CNN of one's own, as docs/models.md shows it."""
+
+    def conv(c_in: int, c_out: int, stride: int = 1) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+        )
+
+    units = [conv(in_channels, width), conv(width, width), conv(width, 2 * width, stride=2)]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+    config = {"name": "byo_cnn", "num_classes": num_classes, "in_channels": in_channels,
+              "image_size": image_size, "width": width}  # fmt: skip
+    return from_sequential(units, head, cut_points=[1, 3], config=config)
+
+
+@pytest.fixture
+def byo_cnn():
+    register_model("byo_cnn")(_byo_cnn)
+    try:
+        yield "byo_cnn"
+    finally:
+        unregister_model("byo_cnn")
+
+
+def test_a_model_of_your_own_trains_in_freezeout_and_prefast(byo_cnn, tmp_path):
+    kw = dict(model=byo_cnn, model_args={"width": 6}, epochs=1, augment=False)
+    ref = train(tiny(mode="freezeout", **kw))
+    got = train(
+        tiny(
+            mode="prefast",
+            cache="zarr",
+            cache_dir=str(tmp_path / "c"),
+            cache_dtype="float32",
+            recache_policy="every",
+            **kw,
+        )
+    )
+    assert isinstance(ref.model, UnitModel) and ref.model.num_units == 3
+    assert ref.summary["frozen_units"] == got.summary["frozen_units"] == 3  # t = 0.3, 0.53, 0.77
+    assert got.summary["cache_boundary"] == 3 and got.summary["model"]["width"] == 6
+    assert store.open(got.summary["cache_path"]).meta["model"] == got.model.config
+    assert len(got.losses) == 6
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
