@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import prefast
@@ -37,6 +38,7 @@ TINY: list[tuple[str, dict[str, Any]]] = [
     ("wrn", {"depth": 16, "widen": 1}),
     ("vgg", {"depth": 11}),
     ("vgg", {"depth": 16}),
+    ("resnet18", {}),
 ]
 
 
@@ -52,7 +54,7 @@ def densenet76() -> UnitModel:
 
 
 def test_list_models() -> None:
-    assert {"densenet_bc", "wrn", "vgg"} <= set(list_models())
+    assert {"densenet_bc", "wrn", "vgg", "resnet18", "resnet34"} <= set(list_models())
 
 
 def test_densenet76_units(densenet76: UnitModel) -> None:
@@ -300,6 +302,83 @@ def test_config_is_json_and_rebuilds_the_model(name: str, kwargs: dict[str, Any]
     rebuilt = create_model(**config)
     assert rebuilt.config == m.config
     assert rebuilt.unit_names == m.unit_names
+
+
+# ---- ResNet-18 / ResNet-34 --------------------------------------------------------------------------
+RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+
+def _torchvision_cifar_resnet(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """torchvision's ResNet with the CIFAR stem: a 3x3 stride-1 conv, no max pool."""
+    tv = getattr(torchvision.models, name)(num_classes=num_classes)
+    tv.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    tv.maxpool = nn.Identity()
+    return tv
+
+
+@pytest.mark.parametrize("name", sorted(RESNETS))
+def test_resnet_units_cut_points_and_config(name: str) -> None:
+    blocks = RESNETS[name]
+    m = _make(name, {}, MNIST)
+    assert m.num_units == 1 + sum(blocks)
+    expected_names = ["conv1"] + [
+        f"block{s}.{b}" for s, n in enumerate(blocks, start=1) for b in range(1, n + 1)
+    ]
+    assert list(m.unit_names) == expected_names
+    ends = [1 + sum(blocks[: s + 1]) for s in range(4)]  # boundaries after each stage
+    assert m.cut_points == tuple(ends)
+    assert m.config == {"name": name, "num_classes": 7, "in_channels": 1, "image_size": 28}
+
+
+@pytest.mark.parametrize("shape", [CIFAR, MNIST], ids=["cifar", "mnist"])
+@pytest.mark.parametrize("name", sorted(RESNETS))
+def test_resnet_boundary_shapes(name: str, shape: tuple[int, ...]) -> None:
+    blocks = RESNETS[name]
+    size = shape[1]
+    sizes = [size, (size + 1) // 2, (size + 3) // 4, (size + 7) // 8]  # stride-2 3x3: ceil(H/2)
+    expected = [(64, size, size)]  # the stem
+    for stage, n in enumerate(blocks):
+        expected += [(64 * 2**stage, sizes[stage], sizes[stage])] * n
+    m = _make(name, {}, shape)
+    assert m.boundary_shapes(shape) == expected
+    assert [m.boundary_shape(b, shape) for b in m.cut_points] == [
+        (64, size, size),
+        (128, sizes[1], sizes[1]),
+        (256, sizes[2], sizes[2]),
+        (512, sizes[3], sizes[3]),
+    ]
+    with torch.no_grad():
+        assert m.eval()(torch.zeros(2, *shape)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("in_channels", [3, 1])
+@pytest.mark.parametrize("name", sorted(RESNETS))
+def test_resnet_parameter_count_matches_torchvision(name: str, in_channels: int) -> None:
+    tv = _torchvision_cifar_resnet(name, 10, in_channels)
+    ours = create_model(name, num_classes=10, in_channels=in_channels, image_size=32)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in tv.parameters())
+
+
+def test_resnet18_computes_torchvisions_function() -> None:
+    """With torchvision's (CIFAR-stem) weights loaded in order, the outputs agree: same blocks,
+    same wiring, only the split into units differs."""
+    torch.manual_seed(0)
+    tv = _torchvision_cifar_resnet("resnet18", 7, 3).eval()
+    ours = _make("resnet18", {}).eval()
+    theirs = list(tv.state_dict().values())
+    mine = ours.state_dict()
+    assert [tuple(v.shape) for v in theirs] == [tuple(v.shape) for v in mine.values()]
+    ours.load_state_dict(dict(zip(mine, theirs, strict=True)))
+    x = torch.randn(2, *CIFAR)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x))
+
+
+def test_resnet_rejects_architecture_arguments() -> None:
+    with pytest.raises(ModelError, match=r"unknown argument\(s\) \['depth'\]"):
+        create_model("resnet18", num_classes=10, in_channels=3, image_size=32, depth=18)
+    with pytest.raises(ModelError, match="num_classes"):
+        create_model("resnet34", num_classes=0, in_channels=3, image_size=32)
 
 
 # ---- bring your own model -------------------------------------------------------------------------
