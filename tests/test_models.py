@@ -5,7 +5,9 @@ from __future__ import annotations
 import doctest
 import json
 import math
+import re
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -304,6 +306,16 @@ def test_config_is_json_and_rebuilds_the_model(name: str, kwargs: dict[str, Any]
     assert rebuilt.unit_names == m.unit_names
 
 
+# ---- parameter counts of the reference's models ----------------------------------------------------
+def test_reference_parameter_counts(densenet76: UnitModel) -> None:
+    """DenseNet-BC-76 k=12 and WRN-28-10 for 10 classes have the reference's parameter counts
+    (docs/models.md)."""
+    assert sum(p.numel() for p in densenet76.parameters()) == 486_730
+    torch.manual_seed(0)
+    wrn = create_model("wrn", num_classes=10, in_channels=3, image_size=32, depth=28, widen=10)
+    assert sum(p.numel() for p in wrn.parameters()) == 36_479_194
+
+
 # ---- ResNet-18 / ResNet-34 --------------------------------------------------------------------------
 RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
@@ -520,3 +532,15 @@ def test_from_sequential_docstring_example_runs() -> None:
         if "my_net" in list_models():
             unregister_model("my_net")
     assert runner.failures == 0 and runner.tries > 0
+
+
+def test_docs_models_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/models.md's "Bring your own model" code runs as written."""
+    text = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    try:
+        exec(compile(code, "docs/models.md", "exec"), {})
+    finally:
+        if "my_net" in list_models():
+            unregister_model("my_net")
+    assert capsys.readouterr().out.strip().endswith("(1, 3)")

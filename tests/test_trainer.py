@@ -521,3 +521,12 @@ def test_cli_trains_resnet18(capsys):
             "--t0", "0.3", "--device", "cpu", "--no-progress", "-q"]  # fmt: skip
     assert main(args) == 0
     assert "freezeout resnet18 on synthetic (16 images, 1 epochs)" in capsys.readouterr().out
+
+
+def test_cli_model_help_lists_the_registered_models(byo_cnn, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--model MODEL one of byo_cnn, densenet_bc, resnet18, resnet34, vgg, wrn" in help_text
+    assert "resnet18, resnet34: fixed, no --depth" in help_text
