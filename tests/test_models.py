@@ -352,8 +352,9 @@ def test_resnet_boundary_shapes(name: str, shape: tuple[int, ...]) -> None:
     for stage, n in enumerate(blocks):
         expected += [(64 * 2**stage, sizes[stage], sizes[stage])] * n
     m = _make(name, {}, shape)
-    assert m.boundary_shapes(shape) == expected
-    assert [m.boundary_shape(b, shape) for b in m.cut_points] == [
+    shapes = m.boundary_shapes(shape)  # one pass; boundary_shape(b) would rerun units[:b]
+    assert shapes == expected
+    assert [shapes[b - 1] for b in m.cut_points] == [
         (64, size, size),
         (128, sizes[1], sizes[1]),
         (256, sizes[2], sizes[2]),
