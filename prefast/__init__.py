@@ -21,7 +21,7 @@ from prefast.errors import (
     ScheduleError,
 )
 from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
-from prefast.models import UnitModel, create_model, list_models
+from prefast.models import UnitModel, create_model, from_sequential, list_models
 from prefast.training import Trainer, TrainResult, train
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "Trainer",
     "UnitModel",
     "create_model",
+    "from_sequential",
     "ideal_saving",
     "list_models",
     "train",

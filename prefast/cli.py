@@ -18,6 +18,7 @@ import typing
 from typing import Any, NoReturn
 
 from prefast.config import CHOICES, TrainConfig
+from prefast.models import list_models
 
 TRAIN_EXAMPLES = """examples:
   # Fashion-MNIST (Debian package dataset-fashion-mnist), PreFast with a zarr cache
@@ -33,6 +34,9 @@ TRAIN_EXAMPLES = """examples:
       --epochs 3 --batch-size 32 --t0 0.3 --how-scale linear --mode prefast --cache zarr \\
       --cache-dir /tmp/c --cache-dtype float32 --views 1 --no-augment --seed 0 --device cpu
 
+  # ResNet-18 (CIFAR stem: 3x3 conv, no max pool) on CIFAR-10; docs/models.md lists the models
+  prefast train --dataset cifar10 --data-root ~/data --model resnet18 --mode prefast --cache ram
+
   # the paper's setting: a 2,000-image CIFAR-10 subset, t0 = 0.6
   prefast train --dataset cifar10 --data-root ~/data --subset 2000 --t0 0.6 --mode prefast --cache ram
 """
@@ -44,7 +48,8 @@ VERIFY_EXAMPLES = """examples:
 
 # Model arguments with flags of their own (they go into TrainConfig.model_args).
 MODEL_FLAGS = {
-    "depth": "model depth (densenet_bc: 6n+4, default 76; wrn: 6n+4, default 16; vgg: 11/13/16/19)",
+    "depth": "model depth (densenet_bc: 6n+4, default 76; wrn: 6n+4, default 16; vgg: 11/13/16/19; "
+    "resnet18, resnet34: fixed, no --depth)",
     "growth": "densenet_bc growth rate (default 12)",
     "widen": "wrn widening factor (default 4)",
 }
@@ -97,6 +102,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         }
         if f.name in CHOICES:
             kw["metavar"] = "{" + ",".join(map(str, CHOICES[f.name])) + "}"
+        if f.name == "model":  # read when the parser is built: models registered by then show
+            kw["help"] = f"one of {', '.join(list_models())} (default %(default)s; docs/models.md)"
         g.add_argument(flag, **kw)
         if f.name == "model":
             for name, help_text in MODEL_FLAGS.items():

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 import math
+import re
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
-from prefast.models import ModelError, UnitModel, create_model, list_models, register_model
+import prefast
+from prefast.models import (
+    ModelError,
+    UnitModel,
+    create_model,
+    from_sequential,
+    list_models,
+    register_model,
+    unregister_model,
+)
+from prefast.models import custom as custom_module
 from prefast.models.densenet import densenet_bc
 
 CIFAR = (3, 32, 32)
@@ -25,6 +40,7 @@ TINY: list[tuple[str, dict[str, Any]]] = [
     ("wrn", {"depth": 16, "widen": 1}),
     ("vgg", {"depth": 11}),
     ("vgg", {"depth": 16}),
+    ("resnet18", {}),
 ]
 
 
@@ -40,7 +56,7 @@ def densenet76() -> UnitModel:
 
 
 def test_list_models() -> None:
-    assert {"densenet_bc", "wrn", "vgg"} <= set(list_models())
+    assert {"densenet_bc", "wrn", "vgg", "resnet18", "resnet34"} <= set(list_models())
 
 
 def test_densenet76_units(densenet76: UnitModel) -> None:
@@ -288,3 +304,244 @@ def test_config_is_json_and_rebuilds_the_model(name: str, kwargs: dict[str, Any]
     rebuilt = create_model(**config)
     assert rebuilt.config == m.config
     assert rebuilt.unit_names == m.unit_names
+
+
+# ---- parameter counts of the reference's models ----------------------------------------------------
+def test_reference_parameter_counts(densenet76: UnitModel) -> None:
+    """DenseNet-BC-76 k=12 and WRN-28-10 for 10 classes have the reference's parameter counts
+    (docs/models.md)."""
+    assert sum(p.numel() for p in densenet76.parameters()) == 486_730
+    torch.manual_seed(0)
+    wrn = create_model("wrn", num_classes=10, in_channels=3, image_size=32, depth=28, widen=10)
+    assert sum(p.numel() for p in wrn.parameters()) == 36_479_194
+
+
+# ---- ResNet-18 / ResNet-34 --------------------------------------------------------------------------
+RESNETS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+
+def _torchvision_cifar_resnet(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """torchvision's ResNet with the CIFAR stem: a 3x3 stride-1 conv, no max pool."""
+    tv = getattr(torchvision.models, name)(num_classes=num_classes)
+    tv.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    tv.maxpool = nn.Identity()
+    return tv
+
+
+@pytest.mark.parametrize("name", sorted(RESNETS))
+def test_resnet_units_cut_points_and_config(name: str) -> None:
+    blocks = RESNETS[name]
+    m = _make(name, {}, MNIST)
+    assert m.num_units == 1 + sum(blocks)
+    expected_names = ["conv1"] + [
+        f"block{s}.{b}" for s, n in enumerate(blocks, start=1) for b in range(1, n + 1)
+    ]
+    assert list(m.unit_names) == expected_names
+    ends = [1 + sum(blocks[: s + 1]) for s in range(4)]  # boundaries after each stage
+    assert m.cut_points == tuple(ends)
+    assert m.config == {"name": name, "num_classes": 7, "in_channels": 1, "image_size": 28}
+
+
+@pytest.mark.parametrize("shape", [CIFAR, MNIST], ids=["cifar", "mnist"])
+@pytest.mark.parametrize("name", sorted(RESNETS))
+def test_resnet_boundary_shapes(name: str, shape: tuple[int, ...]) -> None:
+    blocks = RESNETS[name]
+    size = shape[1]
+    sizes = [size, (size + 1) // 2, (size + 3) // 4, (size + 7) // 8]  # stride-2 3x3: ceil(H/2)
+    expected = [(64, size, size)]  # the stem
+    for stage, n in enumerate(blocks):
+        expected += [(64 * 2**stage, sizes[stage], sizes[stage])] * n
+    m = _make(name, {}, shape)
+    shapes = m.boundary_shapes(shape)  # one pass; boundary_shape(b) would rerun units[:b]
+    assert shapes == expected
+    assert [shapes[b - 1] for b in m.cut_points] == [
+        (64, size, size),
+        (128, sizes[1], sizes[1]),
+        (256, sizes[2], sizes[2]),
+        (512, sizes[3], sizes[3]),
+    ]
+    with torch.no_grad():
+        assert m.eval()(torch.zeros(2, *shape)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("in_channels", [3, 1])
+@pytest.mark.parametrize("name", sorted(RESNETS))
+def test_resnet_parameter_count_matches_torchvision(name: str, in_channels: int) -> None:
+    tv = _torchvision_cifar_resnet(name, 10, in_channels)
+    ours = create_model(name, num_classes=10, in_channels=in_channels, image_size=32)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in tv.parameters())
+
+
+def test_resnet18_computes_torchvisions_function() -> None:
+    """With torchvision's (CIFAR-stem) weights loaded in order, the outputs agree: same blocks,
+    same wiring, only the split into units differs."""
+    torch.manual_seed(0)
+    tv = _torchvision_cifar_resnet("resnet18", 7, 3).eval()
+    ours = _make("resnet18", {}).eval()
+    theirs = list(tv.state_dict().values())
+    mine = ours.state_dict()
+    assert [tuple(v.shape) for v in theirs] == [tuple(v.shape) for v in mine.values()]
+    ours.load_state_dict(dict(zip(mine, theirs, strict=True)))
+    x = torch.randn(2, *CIFAR)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x))
+
+
+def test_resnet_rejects_architecture_arguments() -> None:
+    with pytest.raises(ModelError, match=r"unknown argument\(s\) \['depth'\]"):
+        create_model("resnet18", num_classes=10, in_channels=3, image_size=32, depth=18)
+    with pytest.raises(ModelError, match="num_classes"):
+        create_model("resnet34", num_classes=0, in_channels=3, image_size=32)
+
+
+# ---- bring your own model -------------------------------------------------------------------------
+def _seq_parts() -> tuple[list[nn.Module], nn.Module]:
+    torch.manual_seed(0)
+    units: list[nn.Module] = [
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),  # (4, 28, 28)
+        nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),  # (6, 14, 14)
+        nn.Conv2d(6, 5, 3, stride=2, padding=1),  # (5, 7, 7)
+    ]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    return units, head
+
+
+def test_from_sequential_from_a_list() -> None:
+    units, head = _seq_parts()
+    m = from_sequential(units, head, cut_points=[2, 3])
+    assert isinstance(m, UnitModel) and m.num_units == 3
+    assert m.unit_names == ("unit0", "unit1", "unit2")
+    assert m.cut_points == (2, 3)
+    assert m.config == {
+        "name": "custom",
+        "unit_names": ["unit0", "unit1", "unit2"],
+        "cut_points": [2, 3],
+    }
+    assert all(a is b for a, b in zip(m.units, units, strict=True)) and m.head is head
+    assert m.boundary_shapes(MNIST) == [(4, 28, 28), (6, 14, 14), (5, 7, 7)]
+    reference = nn.Sequential(*units, head).eval()
+    x = torch.randn(2, *MNIST)
+    with torch.no_grad():
+        m.eval()
+        torch.testing.assert_close(m(x), reference(x), rtol=0, atol=0)
+        torch.testing.assert_close(m.forward_range(x, 0, 2), reference[:2](x), rtol=0, atol=0)
+
+
+def test_from_sequential_from_a_named_sequential() -> None:
+    units, head = _seq_parts()
+    seq = nn.Sequential(OrderedDict(stem=units[0], mid=units[1], down=units[2]))
+    m = from_sequential(seq, head, cut_points=(1,), config={"name": "tiny", "width": 4})
+    assert m.unit_names == ("stem", "mid", "down")
+    assert m.cut_points == (1,)
+    assert m.config == {"name": "tiny", "width": 4}
+    x = torch.randn(2, *MNIST)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), head.eval()(seq.eval()(x)), rtol=0, atol=0)
+    # names given explicitly win; a config without a name is "custom"
+    m2 = from_sequential(seq, head, unit_names=["a", "b", "c"], config={"width": 4})
+    assert m2.unit_names == ("a", "b", "c") and m2.config == {"name": "custom", "width": 4}
+    assert from_sequential(nn.Sequential(*units), head).unit_names == ("0", "1", "2")
+
+
+def test_from_sequential_is_exported() -> None:
+    assert prefast.from_sequential is from_sequential
+    assert "from_sequential" in prefast.__all__ and "from_sequential" in prefast.models.__all__
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"units": []}, "units is empty"),
+        ({"units": nn.Conv2d(1, 1, 1)}, "units must be a list"),
+        ({"units": [nn.ReLU(), "relu"]}, r"units\[1\] must be an nn.Module"),
+        ({"head": lambda x: x}, "head must be an nn.Module"),
+        ({"unit_names": ["a", "b"]}, "unit_names has 2 names for 3 units"),
+        ({"unit_names": ["a", "b", "a"]}, "unit_names must be unique"),
+        ({"unit_names": ["a", "", "c"]}, "unit_names must be non-empty strings"),
+        ({"unit_names": "abc"}, "unit_names must be a list"),
+        ({"cut_points": [0]}, r"cut_points must be boundaries in 1\.\.3"),
+        ({"cut_points": [4]}, r"cut_points.*\[4\]"),
+        ({"cut_points": [True]}, "cut_points"),
+        ({"cut_points": 2}, "cut_points must be a list"),
+        ({"config": "custom"}, "config must be a dict"),
+        ({"config": {"name": 3}}, r"config\['name'\]"),
+        ({"config": {"name": "x", "act": nn.ReLU()}}, "config must be JSON-able"),
+    ],
+)
+def test_from_sequential_errors_name_the_field(kwargs: dict[str, Any], needle: str) -> None:
+    units, head = _seq_parts()
+    args: dict[str, Any] = {"units": units, "head": head, **kwargs}
+    with pytest.raises(ModelError, match=needle):
+        from_sequential(args.pop("units"), args.pop("head"), **args)
+
+
+def test_from_sequential_refuses_shared_parameters() -> None:
+    units, head = _seq_parts()
+    with pytest.raises(ModelError, match=r"units\[3\] shares parameters with units\[0\]"):
+        from_sequential([*units, units[0]], head)
+    tied = nn.Linear(5, 3)
+    tied.weight = units[0][0].weight  # type: ignore[assignment]
+    with pytest.raises(ModelError, match=r"head shares parameters with units\[0\]"):
+        from_sequential(units, tied)
+
+
+def test_register_and_unregister_a_custom_model() -> None:
+    def tiny(*, num_classes: int, in_channels: int = 1, image_size: int = 28) -> UnitModel:
+        units, head = _seq_parts()
+        cfg = {"name": "tiny_byo", "num_classes": num_classes, "in_channels": in_channels,
+               "image_size": image_size}  # fmt: skip
+        return from_sequential(units, head, config=cfg)
+
+    register_model("tiny_byo")(tiny)
+    try:
+        m = create_model("tiny_byo", num_classes=3, in_channels=1, image_size=28)
+        assert create_model(**m.config).config == m.config  # what `prefast verify` does
+    finally:
+        unregister_model("tiny_byo")
+    assert "tiny_byo" not in list_models()
+    with pytest.raises(ModelError, match="'tiny_byo' is not registered"):
+        unregister_model("tiny_byo")
+
+
+def test_create_model_checks_what_a_factory_returns() -> None:
+    def not_a_unit_model(**kwargs: Any) -> UnitModel:
+        return nn.Sequential(nn.Flatten())  # type: ignore[return-value]
+
+    def unnamed(**kwargs: Any) -> UnitModel:
+        return from_sequential(*_seq_parts())  # config name "custom"
+
+    register_model("bad_byo")(not_a_unit_model)
+    register_model("unnamed_byo")(unnamed)
+    try:
+        with pytest.raises(ModelError, match="returned a Sequential, not a UnitModel"):
+            create_model("bad_byo", num_classes=3, in_channels=1, image_size=28)
+        with pytest.warns(UserWarning, match="its config names 'custom'"):
+            create_model("unnamed_byo", num_classes=3, in_channels=1, image_size=28)
+    finally:
+        unregister_model("bad_byo")
+        unregister_model("unnamed_byo")
+
+
+def test_from_sequential_docstring_example_runs() -> None:
+    """The docstring's example registers "my_net" and trains it for an epoch."""
+    finder = doctest.DocTestFinder()
+    (test,) = [t for t in finder.find(custom_module) if t.name.endswith(".from_sequential")]
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    try:
+        runner.run(test)
+    finally:
+        if "my_net" in list_models():
+            unregister_model("my_net")
+    assert runner.failures == 0 and runner.tries > 0
+
+
+def test_docs_models_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/models.md's "Bring your own model" code runs as written."""
+    text = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    try:
+        exec(compile(code, "docs/models.md", "exec"), {})
+    finally:
+        if "my_net" in list_models():
+            unregister_model("my_net")
+    assert capsys.readouterr().out.strip().endswith("(1, 3)")

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import store
 from prefast import CacheError, TrainConfig, train
 from prefast.cache.plan import CostModel, plan_boundaries, plan_boundary
 from prefast.cli import main
+from prefast.models import UnitModel, from_sequential, register_model, unregister_model
 from prefast.training import Trainer
 
 TINY = dict(
@@ -318,6 +320,7 @@ BAD = [
     (["--dataset", "cifar10", "--num-samples", "10"], "--num-samples"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent"], "--data-root"),
     ([*SYN, "--subset", "100"], "--subset"),
+    ([*SYN, "--model", "resnet18"], "'resnet18' got unknown argument(s) ['depth', 'growth']"),
 ]
 
 
@@ -405,3 +408,134 @@ def test_cache_dir_at_an_fsspec_url(tmp_path):
     )
     assert len(location.children(url)) == 2 and store.open(path).complete
     assert other.summary["cache_path"] != path
+
+
+# ---- models beyond DenseNet: your own, ResNet-18 ------------------------------------------------------
+def _byo_cnn(*, num_classes: int, in_channels: int = 3, image_size: int = 32, width: int = 8):
+    """A three-unit CNN of one's own, as docs/models.md shows it."""
+
+    def conv(c_in: int, c_out: int, stride: int = 1) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+        )
+
+    units = [conv(in_channels, width), conv(width, width), conv(width, 2 * width, stride=2)]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+    config = {"name": "byo_cnn", "num_classes": num_classes, "in_channels": in_channels,
+              "image_size": image_size, "width": width}  # fmt: skip
+    return from_sequential(units, head, cut_points=[1, 3], config=config)
+
+
+@pytest.fixture
+def byo_cnn():
+    register_model("byo_cnn")(_byo_cnn)
+    try:
+        yield "byo_cnn"
+    finally:
+        unregister_model("byo_cnn")
+
+
+def test_a_model_of_your_own_trains_in_freezeout_and_prefast(byo_cnn, tmp_path):
+    kw = dict(model=byo_cnn, model_args={"width": 6}, epochs=1, augment=False)
+    ref = train(tiny(mode="freezeout", **kw))
+    got = train(
+        tiny(
+            mode="prefast",
+            cache="zarr",
+            cache_dir=str(tmp_path / "c"),
+            cache_dtype="float32",
+            recache_policy="every",
+            **kw,
+        )
+    )
+    assert isinstance(ref.model, UnitModel) and ref.model.num_units == 3
+    assert ref.summary["frozen_units"] == got.summary["frozen_units"] == 3  # t = 0.3, 0.53, 0.77
+    assert got.summary["cache_boundary"] == 3 and got.summary["model"]["width"] == 6
+    assert store.open(got.summary["cache_path"]).meta["model"] == got.model.config
+    assert len(got.losses) == 6
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
+
+
+# ResNet-18 costs ~100x densenet-16 per sample (0.45 GMAC at 28x28): on this CPU a step of 16
+# took ~2 s and evaluating the 256 synthetic test images ~5 s. So: MNIST-shaped inputs, 32
+# training images in batches of 8 (still 8 iterations, the freeze pattern below), 32 test images.
+RESNET = dict(
+    model="resnet18",
+    model_args={},
+    num_samples=32,
+    batch_size=8,
+    synthetic_shape="mnist",
+    epochs=2,
+    augment=False,
+)
+
+
+@pytest.fixture
+def few_test_images(monkeypatch):
+    """32 synthetic test images instead of at least 256."""
+    from prefast.data import splits
+
+    monkeypatch.setattr(splits, "default_size", lambda split, train_size=0: 32)
+
+
+@pytest.mark.usefixtures("few_test_images")
+@pytest.mark.parametrize("mode", ["full", "freezeout", "prefast"])
+def test_resnet18_trains_in_every_mode(mode, tmp_path):
+    cache = dict(cache="zarr", cache_dir=str(tmp_path / "c"), recache_policy="transitions")
+    r = train(tiny(mode=mode, **RESNET, **(cache if mode == "prefast" else {})))
+    assert len(r.losses) == 8 and torch.isfinite(torch.tensor(r.losses)).all()
+    assert r.summary["model"] == {
+        "name": "resnet18", "num_classes": 10, "in_channels": 1, "image_size": 28
+    }  # fmt: skip
+    # t0 = 0.3 linear over 8 iterations: units 0-7 freeze at j = 3, 4, 4, 5, 5, 6, 7, 7
+    assert r.summary["frozen_units"] == (0 if mode == "full" else 8)
+    if mode == "prefast":
+        assert r.summary["cache_tier"] == "zarr"
+        assert r.summary["cache_boundary"] in r.model.cut_points  # 3, 5 or 7
+        assert store.open(r.summary["cache_path"]).meta["model"]["name"] == "resnet18"
+
+
+@pytest.mark.usefixtures("few_test_images")
+def test_resnet18_prefast_from_fp32_zarr_cache_equals_freezeout(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="prefast")
+    ref = train(tiny(mode="freezeout", **RESNET))
+    caplog.clear()
+    got = train(
+        tiny(
+            mode="prefast",
+            cache="zarr",
+            cache_dir=str(tmp_path / "cache"),
+            cache_dtype="float32",
+            codec="none",
+            views=1,
+            recache_policy="every",
+            **RESNET,
+        )
+    )
+    moves = [r for r in caplog.records if "cache boundary" in r.getMessage()]
+    assert len(moves) >= 2, "the boundary must move at least twice"
+    assert got.summary["frozen_units"] == ref.summary["frozen_units"] == 8
+    assert got.summary["cache_boundary"] == 8 and got.summary["cache_tier"] == "zarr"
+    assert len(got.losses) == len(ref.losses) == 8
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
+    torch.testing.assert_close(_weights(got.model), _weights(ref.model))
+
+
+@pytest.mark.usefixtures("few_test_images")
+def test_cli_trains_resnet18(capsys):
+    args = ["train", "--dataset", "synthetic", "--synthetic-shape", "mnist", "--num-samples", "16",
+            "--model", "resnet18", "--epochs", "1", "--batch-size", "8", "--mode", "freezeout",
+            "--t0", "0.3", "--device", "cpu", "--no-progress", "-q"]  # fmt: skip
+    assert main(args) == 0
+    assert "freezeout resnet18 on synthetic (16 images, 1 epochs)" in capsys.readouterr().out
+
+
+def test_cli_model_help_lists_the_registered_models(byo_cnn, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--model MODEL one of byo_cnn, densenet_bc, resnet18, resnet34, vgg, wrn" in help_text
+    assert "resnet18, resnet34: fixed, no --depth" in help_text

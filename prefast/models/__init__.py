@@ -8,8 +8,17 @@
 """
 
 from prefast.errors import ModelError
-from prefast.models import densenet, vgg, wrn  # noqa: F401  (registers the factories)
+from prefast.models import densenet, resnet, vgg, wrn  # noqa: F401  (registers the factories)
 from prefast.models.base import UnitModel
-from prefast.models.registry import create_model, list_models, register_model
+from prefast.models.custom import from_sequential
+from prefast.models.registry import create_model, list_models, register_model, unregister_model
 
-__all__ = ["ModelError", "UnitModel", "create_model", "list_models", "register_model"]
+__all__ = [
+    "ModelError",
+    "UnitModel",
+    "create_model",
+    "from_sequential",
+    "list_models",
+    "register_model",
+    "unregister_model",
+]

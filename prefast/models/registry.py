@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -37,6 +38,15 @@ def register_model(name: str) -> Callable[[F], F]:
         return factory
 
     return decorator
+
+
+def unregister_model(name: str) -> None:
+    """Remove the factory registered under ``name`` (e.g. a test's or a notebook's model)."""
+    if name not in _REGISTRY:
+        raise ModelError(
+            f"model {name!r} is not registered; registered: {', '.join(list_models())}"
+        )
+    del _REGISTRY[name]
 
 
 def list_models() -> list[str]:
@@ -76,6 +86,20 @@ def create_model(
     model = factory(
         num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs
     )
+    if not isinstance(model, UnitModel):
+        raise ModelError(
+            f"model {name!r}: the factory returned a {type(model).__name__}, not a UnitModel; "
+            "build it with prefast.models.from_sequential"
+        )
+    if model.config.get("name") != name:
+        # A cache fingerprint hashes the config and `prefast verify` rebuilds the model with
+        # create_model(**config): both need the registered name in it.
+        warnings.warn(
+            f"model {name!r}: its config names {model.config.get('name')!r}; pass "
+            f"config={{'name': {name!r}, ...every factory argument}} so caches and "
+            "`prefast verify` know the model",
+            stacklevel=2,
+        )
     logger.debug("created model %s with config %s", name, model.config)
     return model
 
@@ -106,4 +130,12 @@ def build(
     return model
 
 
-__all__ = ["ModelError", "build", "check_common", "create_model", "list_models", "register_model"]
+__all__ = [
+    "ModelError",
+    "build",
+    "check_common",
+    "create_model",
+    "list_models",
+    "register_model",
+    "unregister_model",
+]
