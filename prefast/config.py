@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "amp": AMP,
     "compile": ("none", "graphs", "inductor"),
     "feature_aug": ("none", "shift", "shift+flip"),
+    "recache_mode": ("write-through", "pass"),
 }
 
 
@@ -127,6 +128,14 @@ class TrainConfig:
         "auto",
         "cache (prefast mode)",
         "auto: move the boundary when the measured saving pays; every freeze; or transitions only (default %(default)s)",
+    )
+    recache_mode: str = opt(
+        "write-through",
+        "cache (prefast mode)",
+        "how a new cache is written: by the training steps of the epoch after a freeze "
+        "(write-through; falls back to passes where rows cannot be written: compressed or "
+        "remote stores, several views, torchrun), or by a separate pass at the freeze (pass) "
+        "(default %(default)s)",
     )
     cache_batch_size: int | None = opt(
         None, "cache (prefast mode)", "batch size of cache passes (default: --batch-size)"

@@ -150,6 +150,8 @@ class CacheManager:
 
     def _write_through_applies(self) -> tuple[bool, str]:
         """Whether the next cache can be written by the training steps, else why not."""
+        if self.cfg.recache_mode == "pass":
+            return False, "--recache-mode pass"
         if self.views > 1:
             return False, f"--views {self.views}: each view is its own pass over the images"
         if self.cfg.codec != "none":
