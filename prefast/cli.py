@@ -238,13 +238,16 @@ def main(argv: list[str] | None = None) -> int:
             else f"rank {rank}: %(levelname)s %(name)s: %(message)s"
         ),
     )
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from prefast.errors import DistributedError, PrefastError
     from store.errors import StoreError
 
     try:
-        if args.command == "verify":
-            return _verify(args)
-        return _train(args, rank)
+        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+            if args.command == "verify":
+                return _verify(args)
+            return _train(args, rank)
     except (PrefastError, StoreError) as e:
         if isinstance(e, DistributedError):
             # Not bad input: a rank died or timed out. One line, exit 1.

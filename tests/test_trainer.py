@@ -185,6 +185,34 @@ def test_auto_policy_plans_the_cheapest_boundaries():
     assert plan_boundary("transitions", 1, 3, (1, 4)) == 1
 
 
+def test_write_through_plan_writes_when_the_saved_steps_pay_for_the_writes():
+    from prefast.cache.plan import plan_epochs
+
+    def cost(write_rate: float, overlap: bool = False) -> CostModel:
+        return CostModel(unit_fwd=[1e-3] * 4, image=1e-4, read_rate={"ram": 1e9},
+                         write_rate={"ram": write_rate}, overlap=overlap)  # fmt: skip
+
+    small = [4000, 1000, 1000, 1000, 1000]  # 1 us to read or write a sample past the images
+    kw = dict(batch_size=10, sample_bytes=small, tier_of=lambda b: "ram")
+    # frontier 3 from epoch 0 on, 3 epochs of 10 steps: writing 3 in epoch 0 (1 us per
+    # sample extra) saves 3 ms of frozen forward per sample in epochs 1 and 2
+    p = plan_epochs([[(10, 3)]] * 3, cost=cost(1e9), **kw)
+    assert p.targets == [3, 3, 3] and p.seconds < p.baseline_seconds
+    # the last epoch never writes: nothing would read it
+    assert plan_epochs([[(10, 3)]], cost=cost(1e9), **kw).targets == [0]
+    # writes slower than the forward they save (1 GB/s -> 1 kB/s): no cache
+    assert plan_epochs([[(10, 3)]] * 3, cost=cost(1e3), **kw).targets == [0, 0, 0]
+    # a frontier known to reach 3 in epoch 1 and 1 in epoch 0: write 1 first only if it pays
+    # before 3 can be written; here it does (two epochs at boundary 1 before 3 serves)
+    p = plan_epochs([[(10, 1)], [(10, 3)], [(10, 3)], [(10, 3)]], cost=cost(1e9), **kw)
+    assert p.targets[:2] == [1, 3]
+    # on CUDA a step costs max(host, device): a host read cheaper than the device's forward is
+    # hidden, so reading the cache costs nothing extra over the images
+    c = cost(1e9, overlap=True)
+    assert c.step(5e-3, 0.0, "ram", 1, 3) == c.step(0.0, 0.0, "ram", 1, 3)
+    assert cost(1e9).step(5e-3, 0.0, "ram", 1, 3) > cost(1e9).step(0.0, 0.0, "ram", 1, 3)
+
+
 def test_auto_policy_in_a_run_keeps_parity_with_freezeout(tmp_path):
     ref = train(tiny(mode="freezeout", augment=False, epochs=6))
     got = train(

@@ -196,7 +196,7 @@ def build_cache(
     seconds = time.perf_counter() - t0
     source: Any = store.open(path) if path is not None else sink
     nbytes = spec.views * n * math.prod(sample_shape) * TORCH_DTYPES[spec.dtype].itemsize
-    log.info(
+    log.debug(
         "cached boundary %d (%s) for %d samples x %d views: %s, %.1f MiB in %.2f s",
         boundary,
         model.unit_names[boundary - 1],

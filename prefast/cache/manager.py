@@ -226,7 +226,7 @@ class CacheManager:
             shutil.rmtree(trash)
         else:
             location.remove_store(path)
-        log.info("deleted superseded store %s", path)
+        log.debug("deleted superseded store %s", path)
 
     # ---- the current cache ----------------------------------------------------------------------
     @property
@@ -400,7 +400,7 @@ class CacheManager:
             if self.cost is None:
                 self.cost = self._measure_costs(j, frontier)
             epochs = list(range(epoch, self.cfg.epochs))
-            targets = plan_epochs(
+            plan = plan_epochs(
                 [self._epoch_segments(e) for e in epochs],
                 self.cfg.batch_size,
                 self.cost,
@@ -409,8 +409,21 @@ class CacheManager:
                 boundary=b,
                 tier=self.cache.tier if self.cache is not None else None,
             )
-            self._epoch_plan = dict(zip(epochs, targets, strict=True))
-            log.info("epoch %d: write-through plan (epoch: boundary) %s", epoch, self._epoch_plan)
+            self._epoch_plan = dict(zip(epochs, plan.targets, strict=True))
+            moves = {e: t for e, t in self._epoch_plan.items() if t != b}
+            log.info(
+                "epoch %d: write-through plan (epoch: boundary written) %s: predicted %.1f s for "
+                "the remaining %d epochs against %.1f s without a new cache (costs measured now, "
+                "per sample: image %.1f us, reads MB/s %s, writes MB/s %s)",
+                epoch,
+                _compact_moves(moves),
+                plan.seconds,
+                len(epochs),
+                plan.baseline_seconds,
+                self.cost.image * 1e6,
+                {k: round(v / 1e6) for k, v in self.cost.read_rate.items()},
+                {k: round(v / 1e6) for k, v in self.cost.write_rate.items()},
+            )
         return max(b, min(frontier, self._epoch_plan[epoch]))
 
     def _epoch_segments(self, epoch: int) -> list[tuple[int, int]]:
@@ -567,7 +580,7 @@ class CacheManager:
             write_rate=write,
             overlap=self.device.type == "cuda",  # loader threads read while the GPU computes
         )
-        log.info(
+        log.debug(
             "iteration %d: measured costs per sample: image %.1f us, forward %s us, read MB/s %s, write MB/s %s",
             j,
             image * 1e6,
@@ -714,6 +727,17 @@ class CacheManager:
                 with contextlib.suppress(OSError):
                     os.close(self._lock_fd)  # closing drops the flock
                 self._lock_fd = None
+
+
+def _compact_moves(moves: dict[int, int]) -> dict[int, int]:
+    """Only the epochs where the written boundary changes."""
+    out: dict[int, int] = {}
+    last = None
+    for e, t in sorted(moves.items()):
+        if t != last:
+            out[e] = t
+        last = t
+    return out
 
 
 def _lock_run_dir(run_dir: Path) -> int:

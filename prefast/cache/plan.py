@@ -153,6 +153,17 @@ def plan_boundaries(
     return plan[::-1]
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """``targets[e]``: the boundary written in the plan's epoch ``e`` (or the one held then);
+    ``seconds``: the plan's predicted time for the rest of the run; ``baseline_seconds``:
+    the same without any new cache."""
+
+    targets: list[int]
+    seconds: float
+    baseline_seconds: float
+
+
 def plan_epochs(
     segments: Sequence[Sequence[tuple[int, int]]],
     batch_size: int,
@@ -161,7 +172,7 @@ def plan_epochs(
     tier_of: Callable[[int], str],
     boundary: int = 0,
     tier: str | None = None,
-) -> list[int]:
+) -> EpochPlan:
     """Write-through re-caching: the boundary to write during each remaining epoch.
 
     ``segments[e]`` lists epoch ``e``'s stretches ``(steps, frontier)`` in order (the schedule
@@ -174,7 +185,7 @@ def plan_epochs(
     epoch ``e``, or the boundary held then when nothing is written. ``boundary``/``tier``
     describe the cache held now."""
     if not segments:
-        return []
+        return EpochPlan([], 0.0, 0.0)
     tiers = [tier_of(b) for b in range(len(sample_bytes))]
 
     def tier_at(b: int) -> str | None:
@@ -186,6 +197,13 @@ def plan_epochs(
         t = tier_at(b)
         return cost.image if t is None else cost.read(t, sample_bytes[b])
 
+    baseline = sum(
+        steps
+        * batch_size
+        * cost.step(read(boundary), 0.0, tier_at(boundary), boundary, max(f, boundary))
+        for segs in segments
+        for steps, f in segs
+    )
     best: dict[int, float] = {boundary: 0.0}
     back: list[dict[int, tuple[int, int]]] = []  # next boundary -> (previous, written)
     for segs in segments:
@@ -204,12 +222,13 @@ def plan_epochs(
         best = nxt
         back.append(choice)
     b = min(best, key=lambda k: best[k])
+    total = best[b]
     plan = []
     for choice in reversed(back):
         prev, written = choice[b]
         plan.append(written)
         b = prev
-    return plan[::-1]
+    return EpochPlan(plan[::-1], total, baseline)
 
 
 __all__ = [

@@ -7,6 +7,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,30 +57,77 @@ def measure_unit_forward(
     return times
 
 
-def _loader_rate(source: Any, batch: int, device: torch.device, epochs: int = 2) -> float:
-    """Bytes/s delivered to ``device`` by a StoreLoader over ``source``: gather, pinned staging
-    and the host-to-device copy, as training reads it (best of ``epochs`` shuffled epochs)."""
-    loader = store.StoreLoader(source, batch_size=batch, seed=0, device=device, prefetch=2)
-    best, nbytes = math.inf, 0
-    for e in range(epochs + 1):  # the first epoch warms up
+# A probe runs until it has moved STEADY_BYTES or STEADY_SECONDS have passed, whichever comes
+# first, after a warm-up round: short probes (a few batches) measured start-up, not rates.
+STEADY_BYTES = 500_000_000
+STEADY_SECONDS = 1.0
+
+
+def _steady_rate(round_: Callable[[int], int], device: torch.device) -> float:
+    """Bytes/s of ``round_(k)`` (which moves and returns some bytes) repeated until the steady
+    thresholds are met; round 0 warms up and is not counted."""
+    round_(0)
+    synchronize(device)
+    t = time.perf_counter()
+    moved, k = 0, 1
+    while True:
+        moved += round_(k)
+        k += 1
+        synchronize(device)
+        elapsed = time.perf_counter() - t
+        if moved >= STEADY_BYTES or elapsed >= STEADY_SECONDS:
+            return moved / max(elapsed, 1e-9)
+
+
+def _loader_rate(source: Any, batch: int, device: torch.device) -> float:
+    """Bytes/s delivered to ``device`` by a StoreLoader over ``source`` as training reads it:
+    shuffled epochs, gather, pinned staging and the host-to-device copy (a prefetch thread on
+    CUDA, the caller's thread on a CPU device, as the trainer runs it)."""
+    loader = store.StoreLoader(
+        source, batch_size=batch, seed=0, device=device, prefetch=2 if device.type == "cuda" else 0
+    )
+
+    def epoch(e: int) -> int:
         loader.set_epoch(e)
-        synchronize(device)
-        t = time.perf_counter()
-        nbytes = 0
+        n = 0
         for x, _ in loader:
-            nbytes += x.numel() * x.element_size()
-        synchronize(device)
-        if e:
-            best = min(best, time.perf_counter() - t)
-    return nbytes / max(best, 1e-9)
+            n += x.numel() * x.element_size()
+        return n
+
+    return _steady_rate(epoch, device)
+
+
+def _write_rate(
+    sink: Any, x: torch.Tensor, labels: torch.Tensor, batch: int, device: torch.device
+) -> float:
+    """Bytes/s of writing ``x``-sized batches over a sink of ``len(labels)`` samples: rows in a
+    shuffled order where the sink takes rows (write-through), whole ranges otherwise."""
+    n = len(labels)
+    rows = getattr(sink, "supports_rows", False)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).numpy()
+
+    def fill(_: int) -> int:
+        moved = 0
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            if rows:
+                idx = order[start:stop]
+                sink.write_rows(0, idx, x[: stop - start], labels[idx])
+            else:
+                sink.write(0, start, x[: stop - start], labels[start:stop])
+            moved += (stop - start) * x[0].numel() * x.element_size()
+        return moved
+
+    return _steady_rate(fill, device)
 
 
 def measure_tier_rates(
     sample_shape: tuple[int, ...], dtype: str, device: torch.device, batch: int
 ) -> dict[str, tuple[float, float]]:
-    """(write, read) bytes/s of the in-memory tiers, measured now: writes copy a device batch
-    into the tier, reads go through the loader to ``device``."""
-    n = 8 * batch
+    """(write, read) bytes/s of the in-memory tiers, measured now (steady, see STEADY_*):
+    writes copy a device batch into the tier, reads go through the loader to ``device``."""
+    sample_bytes = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
+    n = max(2 * batch, min(64 * batch, (128 << 20) // sample_bytes))  # <= ~128 MiB per tier
     x = torch.zeros((batch, *sample_shape), dtype=TORCH_DTYPES[dtype], device=device)
     labels = torch.zeros(n, dtype=torch.int64)
     out: dict[str, tuple[float, float]] = {}
@@ -89,12 +137,7 @@ def measure_tier_rates(
     if device.type == "cuda":
         tiers["device"] = store.DeviceCache.empty(n, 1, sample_shape, dtype, device=device)
     for name, cache in tiers.items():
-        synchronize(device)
-        t = time.perf_counter()
-        for start in range(0, n, batch):
-            cache.write(0, start, x, labels[start : start + batch])
-        synchronize(device)
-        write = n * x[0].numel() * x.element_size() / max(time.perf_counter() - t, 1e-9)
+        write = _write_rate(cache, x, labels, batch, device)
         out[name] = (write, _loader_rate(cache, batch, device))
     if "device" not in out:
         out["device"] = out["ram"]  # on a CPU run the device tier is host memory too
@@ -109,27 +152,45 @@ def measure_store_rates(
     codec: str | None,
     batch: int,
 ) -> tuple[float, float]:
-    """(write, read) bytes/s of a temporary store (about 64 MiB) in ``directory`` with the run's
-    dtype and codec, read through the loader to ``device``: a measured probe, removed after."""
+    """(write, read) bytes/s of a temporary store (up to 256 MiB) in ``directory`` with the
+    run's dtype and codec, steady (see STEADY_*): written the way the run writes (rows in a
+    shuffled order for write-through, whole chunks otherwise) and read through the loader to
+    ``device``. The probe's store is removed after."""
     # A fresh, unique name: nothing of the user's is ever overwritten or removed, and two
     # runs probing one folder do not meet.
     path = location.join(directory, f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
     sample_bytes = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
-    n = max(2 * batch, min(8 * batch, (64 << 20) // sample_bytes))
+    n = max(2 * batch, min(64 * batch, (256 << 20) // sample_bytes))
     g = torch.Generator().manual_seed(0)
     x = torch.relu(torch.randn((batch, *sample_shape), generator=g)).to(TORCH_DTYPES[dtype])
     labels = torch.zeros(n, dtype=torch.int64)
     created = False
-    try:
-        t = time.perf_counter()
-        with store.create(
-            path, sample_shape=sample_shape, num_samples=n, dtype=dtype, codec=codec
-        ) as w:
-            created = True
+
+    def one_store(k: int) -> int:
+        nonlocal created
+        w = store.create(
+            path,
+            sample_shape=sample_shape,
+            num_samples=n,
+            dtype=dtype,
+            codec=codec,
+            overwrite=k > 0,
+        )
+        created = True
+        with w:
+            rows = getattr(w, "supports_rows", False)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(k)).numpy()
             for start in range(0, n, batch):
                 stop = min(start + batch, n)
-                w.write(0, start, x[: stop - start], labels[start:stop])
-        write = n * sample_bytes / max(time.perf_counter() - t, 1e-9)
+                if rows:
+                    idx = order[start:stop]
+                    w.write_rows(0, idx, x[: stop - start], labels[idx])
+                else:
+                    w.write(0, start, x[: stop - start], labels[start:stop])
+        return n * sample_bytes
+
+    try:
+        write = _steady_rate(one_store, device)
         s = store.open(path)
         read = _loader_rate(s, batch, device)
         s.close()

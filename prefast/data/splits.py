@@ -54,13 +54,13 @@ def load_dataset(
     if name == "synthetic":
         n = default_size(split) if num_samples is None else num_samples
         images, labels = synthetic(split, n, seed, shape, spec)
-        logger.info("generated %d synthetic %s %s images (seed %d)", n, shape, split, seed)
+        logger.debug("generated %d synthetic %s %s images (seed %d)", n, shape, split, seed)
         return ImageData(torch.from_numpy(images), torch.from_numpy(labels), spec)
 
     root = Path(data_root).expanduser() if data_root is not None else None
     images, labels, source = load_real(name, split, root, download)
     data = ImageData(torch.from_numpy(images), torch.from_numpy(labels), spec)
-    logger.info("loaded %s %s: %d images from %s", name, split, len(data), source)
+    logger.debug("loaded %s %s: %d images from %s", name, split, len(data), source)
     if num_samples is not None:
         if num_samples > len(data):
             raise DataError(
