@@ -1,18 +1,36 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one script for a lent H100/H200 (Python 3.12, torch + torchvision present;
-# zarr, numcodecs, tqdm and pytest carried as wheels in .whl: run
+# zarr, numcodecs, crc32c, tqdm and pytest carried as wheels in .whl: run
 #   EXTRA_WHEELS="tqdm pytest pluggy iniconfig packaging" ../shared/tools/device-wheels
-# in the repo root first and carry .whl). Everything goes under $OUT; stages stop starting new
-# work at the deadline so the whole script stays under ~8 minutes.
+# in the repo root first and carry .whl). Everything goes under $OUT (at most 8 files come
+# back); stages stop starting new work at the deadline so the whole script stays under
+# GPU_BUDGET_SECONDS (default 500).
 #
 #   OUT=/tmp/out bash benchmarks/gpu.sh
+#
+# 1. the CUDA tests (graphs vs eager parity, no host sync in a step, write-through on every
+#    tier, the loader and the device tier)                                      -> pytest-gpu.txt
+# 2. the per-boundary step probe: eager vs CUDA graphs (and inductor at two cut points)
+#                                                                           -> step-probe-gpu.*
+# 3. the store to the GPU: host-tier read rates through the loader         -> bench-store-gpu.txt
+# 4. the 16-epoch scenario: freezeout and prefast on the device, RAM and zarr tiers in one run
+#    (DenseNet-BC-76 k=12, synthetic CIFAR 50,000, bf16, channels_last, batch 256, t0 0.6)
+#                                                                       -> compare-gpu-long.*
 set -u
 OUT=${OUT:?set OUT to the folder for results}
-DEADLINE=$(( $(date +%s) + ${GPU_BUDGET_SECONDS:-450} ))
-mkdir -p "$OUT"
+DEADLINE=$(( $(date +%s) + ${GPU_BUDGET_SECONDS:-500} ))
+COMPILE=${COMPILE:-graphs}
+W=/tmp/prefast-gpu-work  # everything lands here; at most 8 chosen files are copied to $OUT
+mkdir -p "$OUT" "$W"
 left() { echo $(( DEADLINE - $(date +%s) )); }
+collect() {
+  cp -f "$W/pytest-gpu.txt" "$W/step-probe-gpu.json" "$W/step-probe-inductor-gpu.json" \
+    "$W/bench-store-gpu.json" "$W/compare-gpu-long.json" "$W/compare-gpu-long.partial.json" "$OUT/" 2>/dev/null
+  cat "$W"/*.log > "$OUT/logs.txt" 2>/dev/null
+}
+trap collect EXIT
 
-if [ -d .whl ] && ! python3 -c "import zarr" 2>/dev/null; then
+if [ -d .whl ] && ! python3 -c "import zarr, crc32c" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -27,22 +45,25 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 cat "$OUT/environment.txt"
 
 echo "== 1. CUDA tests ($(left) s left)"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_data.py > "$OUT/pytest-gpu.txt" 2>&1
-tail -5 "$OUT/pytest-gpu.txt"
+timeout 170 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_data.py \
+  > "$W/pytest-gpu.txt" 2>&1
+tail -8 "$W/pytest-gpu.txt"
 
-echo "== 2. scenario (b): DenseNet-BC-76 k=12, synthetic CIFAR 50k, bf16, channels_last ($(left) s left)"
-timeout $(( $(left) - 120 )) python3 benchmarks/compare.py --scenario cifar-gpu --no-progress --no-plot \
-  --cache-dir /tmp/prefast-bench --out "$OUT/compare-cifar-gpu.json" > "$OUT/compare-cifar-gpu.log" 2>&1
-tail -25 "$OUT/compare-cifar-gpu.log"
+echo "== 2. step probe ($(left) s left)"
+timeout 90 python3 benchmarks/step_probe.py --device cuda --modes none graphs \
+  --boundaries 0 14 27 35 38 39 --out "$W/step-probe-gpu.json" > "$W/step-probe-gpu.log" 2>&1
+timeout 100 python3 benchmarks/step_probe.py --device cuda --modes none inductor \
+  --boundaries 27 38 --warmup 3 --out "$W/step-probe-inductor-gpu.json" > "$W/step-probe-inductor.log" 2>&1
+tail -10 "$W/step-probe-gpu.log" "$W/step-probe-inductor.log"
 
-echo "== 3. scenario (a) views on Fashion-MNIST, as far as time allows ($(left) s left)"
-FMNIST_ROOT=${FMNIST_ROOT:-$( [ -d .data/fashion-mnist ] && echo .data/fashion-mnist )}
-if [ -d /usr/share/datasets/fashion-mnist ] || [ -n "$FMNIST_ROOT" ]; then
-  timeout $(( $(left) - 10 )) python3 benchmarks/views.py --device cuda --batch-size 128 --epochs 6 \
-    --views 1 4 2 --seeds 0 1 --no-floor --budget-seconds $(( $(left) - 60 )) \
-    ${FMNIST_ROOT:+--data-root "$FMNIST_ROOT"} --out "$OUT/views-fmnist-gpu.json" > "$OUT/views-fmnist-gpu.log" 2>&1
-  tail -12 "$OUT/views-fmnist-gpu.log"
-else
-  echo "no Fashion-MNIST on this machine; skipped" | tee "$OUT/views-fmnist-gpu.log"
-fi
+echo "== 3. store -> GPU ($(left) s left)"
+timeout 60 python3 benchmarks/bench_store.py --gpu-only --out "$W/bench-store-gpu.json" \
+  > "$W/bench-store-gpu.log" 2>&1
+tail -12 "$W/bench-store-gpu.log"
+
+echo "== 4. 16 epochs, every tier, --compile $COMPILE ($(left) s left)"
+timeout $(( $(left) - 5 )) python3 benchmarks/compare.py --scenario cifar-gpu-long --compile "$COMPILE" \
+  --no-progress --no-plot --cache-dir /tmp/prefast-bench --out "$W/compare-gpu-long.json" \
+  > "$W/compare-gpu-long.log" 2>&1
+tail -16 "$W/compare-gpu-long.log"
 echo "== done ($(left) s left)"
