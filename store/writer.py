@@ -2,10 +2,12 @@
 
 ``create()`` returns a ``StoreWriter``; ``write()`` takes batches at any sample offset, assembles
 them into whole chunks in memory and hands each finished chunk to a bounded pool of threads
-that encode and store it (numcodecs' Blosc and Zstd release the GIL). A chunk counts as done
-only once its data, its labels and its CRC marker are stored, and the group's ``complete``
-flag is written last, so a writer that dies leaves a store that opens as incomplete and that
-``create(..., resume=True)`` completes.
+that checksum, encode and store it (crc32c and numcodecs' Blosc and Zstd release the GIL). A
+chunk counts as done only once its data, its labels (with view 0) and its CRC marker are
+stored, in that order, and the group's ``complete`` flag is written last, so a writer that
+dies leaves a store that opens as incomplete and that ``create(..., resume=True)`` completes.
+A failure on the pool (a full disk, say) is logged once and raised once, as
+``StoreWriteError``, at the next call; the writer then refuses further writes.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ from store.layout import (
     ACTIVATIONS,
     ATTRS_KEY,
     CHUNK_CRC,
+    LABEL_CRC,
     LABELS,
     StoreInfo,
     StoreLayout,
     check_write,
     chunk_crc,
     default_chunk_samples,
+    json_meta,
     merge_ranges,
     unwritten_ranges,
 )
@@ -172,7 +176,7 @@ def create(
         codec_level=codec_level,
         chunk_samples=chunk_samples,
     )
-    meta = dict(meta or {})
+    meta = json_meta(meta, f"{os.fspath(path)}: ")
     root = _zarr.as_local(path)
     if root is None:
         return _create_remote(
@@ -225,6 +229,7 @@ def _check_resume(
     if d is None:
         raise NotAStoreError(f"{where}: a zarr group without '{ATTRS_KEY}' attributes")
     info = StoreInfo.from_dict(d, where)
+    _zarr.check_arrays(group, info.layout, where)
     problems = _layout_mismatch(info.layout, layout)
     if info.meta != meta:
         problems.append("meta: the stored provenance differs from the one given")
@@ -236,35 +241,15 @@ def _check_resume(
 
 
 def _create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
-    group.create_array(
-        ACTIVATIONS,
-        shape=(layout.views, layout.num_samples, *layout.sample_shape),
-        chunks=(1, layout.chunk_samples, *layout.sample_shape),
-        dtype=layout.np_dtype,
-        compressors=_zarr.compressors_for(layout),
-        filters=None,
-        fill_value=0,
-        config={"write_empty_chunks": True},
-    )
-    group.create_array(
-        LABELS,
-        shape=(layout.num_samples,),
-        chunks=(layout.chunk_samples,),
-        dtype="int64",
-        compressors=None,
-        filters=None,
-        fill_value=-1,
-        config={"write_empty_chunks": True},
-    )
-    group.create_array(
-        CHUNK_CRC,
-        shape=(layout.views, layout.num_chunks),
-        chunks=(1, 1),
-        dtype="int64",
-        compressors=None,
-        filters=None,
-        fill_value=-1,
-    )
+    for name, spec in _zarr.array_specs(layout).items():
+        group.create_array(
+            name,
+            **spec,
+            compressors=_zarr.compressors_for(layout) if name == ACTIVATIONS else None,
+            serializer=_zarr.little_endian(),
+            filters=None,
+            config={"write_empty_chunks": True},
+        )
 
 
 def _create_remote(
@@ -329,7 +314,8 @@ def finalize(path: str | os.PathLike[str]) -> None:
     if d is None:
         raise NotAStoreError(f"{path}: not an activation store")
     info = StoreInfo.from_dict(d, os.fspath(path))
-    ranges = unwritten_ranges(_zarr.read_chunk_crcs(group), info.layout)
+    arrays = _zarr.check_arrays(group, info.layout, os.fspath(path))
+    ranges = unwritten_ranges(_zarr.read_table(arrays[CHUNK_CRC], os.fspath(path)), info.layout)
     if ranges:
         raise StoreIncompleteError(
             f"{path}: cannot finalize, missing (view, start, stop) ranges {ranges[:10]}"
@@ -362,6 +348,7 @@ class StoreWriter:
         self._acts = _zarr.writable(_zarr.array(group, ACTIVATIONS))
         self._labels_arr = _zarr.writable(_zarr.array(group, LABELS))
         self._crc_arr = _zarr.writable(_zarr.array(group, CHUNK_CRC))
+        self._label_crc_arr = _zarr.writable(_zarr.array(group, LABEL_CRC))
         self._done = _zarr.read_chunk_crcs(group) >= 0  # (views, num_chunks) bool
         self._labels = np.asarray(self._labels_arr[...], dtype=np.int64)  # -1 = not yet given
         self._buffers: dict[tuple[int, int], _ChunkBuffer] = {}
@@ -370,7 +357,10 @@ class StoreWriter:
         )
         self._max_pending = max_pending if max_pending is not None else 2 * max(1, workers)
         self._pending: deque[Future[None]] = deque()
+        # The first background failure; reported (raised) once, after which every write
+        # is refused and close() leaves the store incomplete without raising again.
         self._error: BaseException | None = None
+        self._error_reported = False
         self._state_lock = threading.Lock()
         self._closed = False
         self.chunks_written = 0
@@ -399,17 +389,45 @@ class StoreWriter:
     def complete(self) -> bool:
         return bool(self._done.all())
 
-    # ---- writing ------------------------------------------------------------------------
-    def _raise_pending_error(self) -> None:
-        while self._pending and self._pending[0].done():
+    # ---- failures -----------------------------------------------------------------------
+    def _record_error(self, exc: BaseException) -> None:
+        """Keep the first background failure (and log it, once); later ones are its echoes
+        (the same full disk) and are dropped."""
+        with self._state_lock:
+            if self._error is not None:
+                return
+            self._error = exc
+        log.error("%s: a background chunk write failed: %r", self.path, exc)
+
+    def _collect(self, block: bool) -> None:
+        """Retire finished background writes (all of them when ``block``), keeping a failure."""
+        while self._pending and (block or self._pending[0].done()):
             fut = self._pending.popleft()
-            exc = fut.exception()
-            if exc is not None and self._error is None:
-                self._error = exc
-        if self._error is not None:
+            try:
+                fut.result()
+            except BaseException as e:
+                self._record_error(e)
+
+    def _raise_once(self) -> None:
+        """Raise the recorded failure as ``StoreWriteError`` the first time only."""
+        if self._error is None or self._error_reported:
+            return
+        self._error_reported = True
+        raise StoreWriteError(
+            f"{self.path}: a background chunk write failed: {self._error!r}; the store is left "
+            "incomplete (resume it with store.create(..., resume=True))"
+        ) from self._error
+
+    def _raise_pending_error(self) -> None:
+        self._collect(block=False)
+        if self._error is not None and self._error_reported:
             raise StoreWriteError(
-                f"{self.path}: a background chunk write failed: {self._error!r}"
-            ) from self._error
+                f"{self.path}: this writer failed earlier ({self._error!r}, already raised); "
+                "it takes no more writes"
+            )
+        self._raise_once()
+
+    # ---- writing ------------------------------------------------------------------------
 
     def write(
         self,
@@ -486,37 +504,42 @@ class StoreWriter:
     def _store_chunk(
         self, view: int, chunk: int, data: np.ndarray, labels: np.ndarray | None
     ) -> None:
+        """On a pool thread: data, then labels and their CRC (view 0), then the marker."""
+        if self._error is not None:
+            return  # an earlier chunk failed (a full disk): do not pile up more failures
         c0, c1 = self.layout.chunk_range(chunk)
-        self._acts[view, c0:c1] = data
+        crc = chunk_crc(data)
+        self._write_activations(view, chunk, data)
         if labels is not None:
             self._labels_arr[c0:c1] = labels
+            self._label_crc_arr[chunk] = chunk_crc(labels)
         # The marker goes last: a chunk with a CRC entry is fully on disk.
-        self._crc_arr[view, chunk] = chunk_crc(data)
+        self._crc_arr[view, chunk] = crc
         with self._state_lock:
             self._done[view, chunk] = True
             self.chunks_written += 1
 
+    def _write_activations(self, view: int, chunk: int, data: np.ndarray) -> None:
+        """Store one chunk's samples, (chunk_len, *sample_shape) stored dtype."""
+        c0, c1 = self.layout.chunk_range(chunk)
+        self._acts[view, c0:c1] = data
+
     # ---- finishing ----------------------------------------------------------------------
     def flush(self) -> None:
-        """Wait until every finished chunk is on disk; raise a background failure if any."""
-        for fut in list(self._pending):
-            try:
-                fut.result()
-            except BaseException as e:
-                if self._error is None:
-                    self._error = e
-        self._pending.clear()
-        if self._error is not None:
-            raise StoreWriteError(
-                f"{self.path}: a background chunk write failed: {self._error!r}"
-            ) from self._error
+        """Wait until every finished chunk is on disk; raise a background failure that was not
+        raised yet."""
+        self._collect(block=True)
+        self._raise_once()
 
     def close(self) -> None:
-        """Flush, and mark the store complete when every chunk is written (single writer)."""
+        """Flush, and mark the store complete when every chunk is written (single writer). A
+        writer whose background write failed leaves the store incomplete."""
         if self._closed:
             return
         try:
             self.flush()
+            if self._error is not None:
+                return  # already raised; the store stays incomplete and resumable
             if self._buffers:
                 partial = sorted(self._buffers)
                 log.warning(
@@ -537,16 +560,13 @@ class StoreWriter:
                 self._lock.release()
 
     def abort(self) -> None:
-        """Stop without marking complete; chunks already handed to the pool are finished."""
+        """Stop without marking complete; chunks already handed to the pool are finished (a
+        failure among them is logged once, never raised: the caller is already failing)."""
         if self._closed:
             return
         self._closed = True
         try:
-            for fut in self._pending:
-                try:
-                    fut.result()
-                except BaseException:  # the caller is already failing; keep what reached disk
-                    log.exception("%s: chunk write failed during abort", self.path)
+            self._collect(block=True)
         finally:
             self._pool.shutdown(wait=True)
             if self._lock is not None:
