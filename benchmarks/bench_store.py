@@ -18,6 +18,13 @@ What is timed:
   the reading process's epochs. Page-cache pages behind a memory map are reclaimable and not
   counted; VmHWM, which counts them, is recorded in the JSON for reference.
 
+Side-by-side comparisons (each in one fresh process, the compared variants alternating in
+order, one untimed warm-up round, median of ``--repeats`` rounds, printed as ratios):
+
+* checks: reads of the raw store with chunk checksums verified vs not (``store.open(...,
+  checksums=False)``): the first epoch after ``open`` (every chunk is checked when first mapped)
+  and the next epoch on the same open store (maps already checked).
+
 Examples::
 
     python benchmarks/bench_store.py                  # 50,000 x (84, 16, 16) fp16, 3 repeats
@@ -305,6 +312,83 @@ def measure_read(variant: str, path: Path, cfg: Config) -> dict[str, Any]:
     return rec
 
 
+def _epoch(loader: store.StoreLoader, epoch: int) -> tuple[float, int]:
+    """Seconds and samples of one epoch, touching one element of every sample."""
+    loader.set_epoch(epoch)
+    n, checksum = 0, 0.0
+    t0 = time.perf_counter()
+    for x, y in loader:
+        checksum += x.flatten(1)[:, 0].double().sum().item()
+        n += len(y)
+    return time.perf_counter() - t0, n
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return float(a["median"] / b["median"])
+
+
+def compare_checks(path: Path, cfg: Config) -> dict[str, Any]:
+    """Raw store read with and without chunk checksums, alternating, in this process."""
+    first: dict[bool, list[float]] = {True: [], False: []}
+    later: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(cfg.repeats + 1):  # round 0 is the warm-up
+        for checked in (True, False) if r % 2 == 0 else (False, True):
+            s = store.open(path, checksums=checked)
+            loader = store.StoreLoader(
+                s, batch_size=cfg.batch_size, seed=cfg.seed, prefetch=cfg.prefetch
+            )
+            t_first, _ = _epoch(loader, 2 * r)  # every chunk is mapped (and checked) here
+            t_later, _ = _epoch(loader, 2 * r + 1)
+            s.close()
+            if r > 0:
+                first[checked].append(t_first)
+                later[checked].append(t_later)
+    rec: dict[str, Any] = {
+        "first_epoch_s": {"checked": summarize(first[True]), "unchecked": summarize(first[False])},
+        "later_epoch_s": {"checked": summarize(later[True]), "unchecked": summarize(later[False])},
+    }
+    rec["first_epoch_ratio"] = _ratio(
+        rec["first_epoch_s"]["checked"], rec["first_epoch_s"]["unchecked"]
+    )
+    rec["later_epoch_ratio"] = _ratio(
+        rec["later_epoch_s"]["checked"], rec["later_epoch_s"]["unchecked"]
+    )
+    # what one checksum pass over the store costs on its own: CRC-32C of every chunk in memory
+    s = store.open(path)
+    data = [s.read_chunk(0, c) for c in range(min(s.num_chunks, 16))]
+    t0 = time.perf_counter()
+    for d in data:
+        store.layout.chunk_crc(d)
+    dt = time.perf_counter() - t0
+    rec["crc32c_gb_per_s"] = sum(d.nbytes for d in data) / dt / GB
+    return rec
+
+
+COMPARISONS = {"checks": compare_checks}
+
+
+def run_compare_subprocess(name: str, path: Path, cfg: Config, workdir: Path) -> dict[str, Any]:
+    out = workdir / f"compare-{name}.json"
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_compare",
+        name,
+        "--_store",
+        str(path),
+        "--_result",
+        str(out),
+        "--_config",
+        json.dumps(cfg.to_dict()),
+    ]
+    r = subprocess.run(cmd, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"the comparison {name} failed (exit {r.returncode})")
+    rec: dict[str, Any] = json.loads(out.read_text())
+    out.unlink()
+    return rec
+
+
 def run_read_subprocess(variant: str, path: Path, cfg: Config, workdir: Path) -> dict[str, Any]:
     out = workdir / f"read-{variant}.json"
     cmd = [
@@ -351,6 +435,21 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             "detail": f"{peaks}; RamCache {ram_peak / MIB:.0f} MiB vs array {array / MIB:.0f} MiB",
         },
     ]
+
+
+def format_comparisons(c: dict[str, Any]) -> list[str]:
+    """One line per side-by-side comparison (ratios of medians, same process)."""
+    out = ["side by side (same process, alternating, median of the timed rounds):"]
+    if "checks" in c:
+        k = c["checks"]
+        f, l_ = k["first_epoch_s"], k["later_epoch_s"]
+        out.append(
+            f"  chunk checksums, raw store: first epoch after open {k['first_epoch_ratio']:.3f}x "
+            f"({f['checked']['median']:.3f} s checked vs {f['unchecked']['median']:.3f} s), "
+            f"later epochs {k['later_epoch_ratio']:.3f}x ({l_['checked']['median']:.3f} vs "
+            f"{l_['unchecked']['median']:.3f} s); CRC-32C alone {k['crc32c_gb_per_s']:.1f} GB/s"
+        )
+    return out
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -413,6 +512,7 @@ def format_table(result: dict[str, Any]) -> str:
         + ", ".join(
             f"{k} {v[k]['read']['samples_per_s']['median'] / ram:.2f}x" for k in STORE_VARIANTS
         ),
+        *format_comparisons(result["comparisons"]),
         f"data check: every epoch of every variant visited each sample once: "
         f"{'yes' if result['checksums_ok'] else 'NO'}",
         "targets:",
@@ -459,6 +559,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3,000 samples, 1 repeat (tests)")
     p.add_argument("--out", type=Path, default=None, help="JSON result path")
     p.add_argument("--_measure-read", dest="measure_read", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--_compare", dest="compare", choices=sorted(COMPARISONS), help=argparse.SUPPRESS
+    )
     p.add_argument("--_store", dest="store", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--_result", dest="result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--_config", dest="config", help=argparse.SUPPRESS)
@@ -521,6 +624,10 @@ def run(cfg: Config, workdir: Path, keep: bool, out: Path) -> dict[str, Any]:
             log.info("reading %s in a fresh process", name)
             path = paths["raw" if name == "ram" else name]
             result["variants"][name]["read"] = run_read_subprocess(name, path, cfg, workdir)
+        result["comparisons"] = {}
+        for name in COMPARISONS:
+            log.info("comparison %s in a fresh process", name)
+            result["comparisons"][name] = run_compare_subprocess(name, paths["raw"], cfg, workdir)
     finally:
         if not keep:
             for p in paths.values():
@@ -546,6 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure_read:
         cfg = Config.from_dict(json.loads(args.config))
         write_json(args.result, measure_read(args.measure_read, args.store, cfg))
+        return 0
+    if args.compare:
+        cfg = Config.from_dict(json.loads(args.config))
+        write_json(args.result, COMPARISONS[args.compare](args.store, cfg))
         return 0
 
     if args.quick:

@@ -9,10 +9,19 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
-from store.errors import NotAStoreError
-from store.layout import ATTRS_KEY, CHUNK_CRC, DEFAULT_LEVELS, StoreLayout
+from store.errors import NotAStoreError, StoreCorruptError
+from store.layout import (
+    ACTIVATIONS,
+    ATTRS_KEY,
+    CHUNK_CRC,
+    DEFAULT_LEVELS,
+    LABEL_CRC,
+    LABELS,
+    StoreLayout,
+    dimension_names,
+)
 
 Location = str | os.PathLike[str]
 
@@ -40,6 +49,85 @@ def compressors_for(layout: StoreLayout) -> list[Any] | None:
             )
         ]
     return [ZstdCodec(level=level)]
+
+
+def little_endian() -> BytesCodec:
+    """The serializer of every array: little-endian bytes, so a raw chunk file is the array a
+    memory map reads (explicit, not the host's order)."""
+    return BytesCodec(endian="little")
+
+
+def array_specs(layout: StoreLayout) -> dict[str, dict[str, Any]]:
+    """Shape, chunks, dtype, fill value and dimension names of each member array."""
+    lay = layout
+    return {
+        ACTIVATIONS: {
+            "shape": (lay.views, lay.num_samples, *lay.sample_shape),
+            "chunks": (1, lay.chunk_samples, *lay.sample_shape),
+            "dtype": lay.np_dtype,
+            "fill_value": 0,
+            "dimension_names": ("view", "sample", *dimension_names(len(lay.sample_shape))),
+        },
+        LABELS: {
+            "shape": (lay.num_samples,),
+            "chunks": (lay.chunk_samples,),
+            "dtype": np.dtype("int64"),
+            "fill_value": -1,
+            "dimension_names": ("sample",),
+        },
+        CHUNK_CRC: {
+            "shape": (lay.views, lay.num_chunks),
+            "chunks": (1, 1),
+            "dtype": np.dtype("int64"),
+            "fill_value": -1,
+            "dimension_names": ("view", "chunk"),
+        },
+        LABEL_CRC: {
+            "shape": (lay.num_chunks,),
+            "chunks": (1,),
+            "dtype": np.dtype("int64"),
+            "fill_value": -1,
+            "dimension_names": ("chunk",),
+        },
+    }
+
+
+def check_arrays(group: zarr.Group, layout: StoreLayout, where: str) -> dict[str, zarr.Array]:
+    """The member arrays, after checking that their own metadata agrees with the record (a
+    memory map trusts the record's shape, dtype and codec); a disagreement or a missing or
+    unreadable array raises ``StoreCorruptError``."""
+    out = {}
+    for name, spec in array_specs(layout).items():
+        try:
+            a = group[name]
+        except KeyError:
+            raise StoreCorruptError(f"{where}: the '{name}' array is missing") from None
+        except Exception as e:
+            raise StoreCorruptError(f"{where}: the '{name}' array cannot be opened: {e!r}") from e
+        if not isinstance(a, zarr.Array):
+            raise StoreCorruptError(f"{where}: member '{name}' is not an array")
+        got = {"shape": tuple(a.shape), "chunks": tuple(a.chunks), "dtype": np.dtype(a.dtype)}
+        for field, value in got.items():
+            if value != spec[field]:
+                raise StoreCorruptError(
+                    f"{where}: the record says {name} {field} {spec[field]}, the array has "
+                    f"{value}; the attributes or the array metadata were edited: rebuild the store"
+                )
+        compressed = len(a.compressors) > 0 or len(a.filters) > 0
+        raw_expected = name != ACTIVATIONS or layout.codec is None
+        if compressed == raw_expected or not isinstance(a.serializer, BytesCodec):
+            raise StoreCorruptError(
+                f"{where}: the record says {name} codec {layout.codec if name == ACTIVATIONS else None}, "
+                f"the array has codecs {[*a.filters, a.serializer, *a.compressors]}; rebuild the store"
+            )
+        keys = getattr(a.metadata, "chunk_key_encoding", None)  # chunk_file(): 'c/i/j/...'
+        if getattr(keys, "name", None) != "default" or getattr(keys, "separator", None) != "/":
+            raise StoreCorruptError(f"{where}: the '{name}' array has chunk keys {keys}")
+        endian = a.serializer.endian  # None for one-byte dtypes
+        if endian is not None and getattr(endian, "value", endian) != "little":
+            raise StoreCorruptError(f"{where}: the '{name}' array is not stored little-endian")
+        out[name] = a
+    return out
 
 
 def writable(array: zarr.Array) -> zarr.Array:
@@ -72,6 +160,18 @@ def array(group: zarr.Group, name: str) -> zarr.Array:
     if not isinstance(a, zarr.Array):
         raise NotAStoreError(f"{group.store_path}: member '{name}' is not an array")
     return a
+
+
+def read_table(a: zarr.Array, where: str) -> np.ndarray:
+    """A whole CRC table as int64 (-1 marks a chunk not yet written); an unreadable table
+    raises ``StoreCorruptError``."""
+    try:
+        t = np.asarray(a[...], dtype=np.int64)
+    except Exception as e:
+        raise StoreCorruptError(f"{where}: the '{a.basename}' table cannot be read: {e!r}") from e
+    if ((t < -1) | (t >= 2**32)).any():
+        raise StoreCorruptError(f"{where}: the '{a.basename}' table holds values that are no CRC")
+    return t
 
 
 def read_chunk_crcs(group: zarr.Group) -> np.ndarray:

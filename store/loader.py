@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -53,7 +54,9 @@ class StoreLoader:
     ``prefetch`` batches are prepared ahead on a background thread; ``prefetch=0`` prepares
     each batch when it is asked for, on the caller's thread (the better choice when training
     runs on the same few CPU cores). ``buffer_chunks`` and ``read_workers`` tune the streaming
-    of compressed stores (see ``store.sampling``)."""
+    of compressed stores (see ``store.sampling``). ``gather_workers`` threads gather each
+    batch of a host source (RAM or a memory-mapped store); the default is one on a CPU device
+    (the cores train) and up to eight, half the host's cores, when feeding a CUDA device."""
 
     def __init__(
         self,
@@ -69,6 +72,7 @@ class StoreLoader:
         buffer_chunks: int = 8,
         read_workers: int = 2,
         with_indices: bool = False,
+        gather_workers: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise StoreInputError(f"batch_size must be >= 1, got {batch_size}")
@@ -80,6 +84,8 @@ class StoreLoader:
             )
         if buffer_chunks < 1 or read_workers < 1:
             raise StoreInputError("buffer_chunks and read_workers must be >= 1")
+        if gather_workers is not None and gather_workers < 1:
+            raise StoreInputError(f"gather_workers must be >= 1, got {gather_workers}")
         if not isinstance(source, ActivationSource):
             raise StoreInputError(
                 f"source must be an ActivationStore, RamCache or DeviceCache, got {type(source).__name__}"
@@ -93,7 +99,14 @@ class StoreLoader:
         self.epoch = 0
         self.start_batch = 0
         self.batching = Batching(batch_size, shuffle, seed, drop_last, rank, world_size)
-        self.sampling = sampling_for(source, self.batching, buffer_chunks, read_workers)
+        if gather_workers is None:
+            gather_workers = (
+                min(8, max(1, (os.cpu_count() or 1) // 2)) if self.device.type == "cuda" else 1
+            )
+        self.gather_workers = gather_workers
+        self.sampling = sampling_for(
+            source, self.batching, buffer_chunks, read_workers, gather_workers
+        )
         self.streaming = isinstance(self.sampling, ChunkStreamSampling)
         self._labels = source.labels.cpu()
         self._thread: threading.Thread | None = None

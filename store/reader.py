@@ -6,6 +6,16 @@ memory copy, never a per-sample zarr call. Compressed stores are read a whole ch
 through zarr (see ``store.sampling`` for the streaming order that keeps a buffer of chunks).
 Statistics, pictures, checks and comparisons of a store are functions in ``store.tools``
 (``store.stats(s)``, ``store.show(s, i)``, ``store.verify(s)``, ``store.diff(a, b)``).
+
+Integrity: ``open`` checks the record's checksum and its agreement with the arrays' own
+metadata, and loads the CRC tables once. Every chunk is then checked against the table when it
+is first read in the process: a memory-mapped chunk when it is mapped (over all its samples;
+a map stays open, so later reads cost nothing), a decoded chunk on every decode (the CRC costs
+far less than the decode); labels when they are loaded. A mismatch raises
+``StoreCorruptError`` naming the chunk's file, view and samples. Because the tables are the
+ones loaded at open and an open map pins the file it maps, a reader whose store is replaced
+under it (``create(..., overwrite=True)`` in another process) reads the old store's values or
+gets ``StoreCorruptError``, never the new store's values.
 """
 
 from __future__ import annotations
@@ -32,6 +42,9 @@ from store.errors import (
 )
 from store.layout import (
     ACTIVATIONS,
+    ATTRS_KEY,
+    CHUNK_CRC,
+    LABEL_CRC,
     LABELS,
     StoreInfo,
     StoreLayout,
@@ -53,50 +66,97 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _samples(layout: StoreLayout, chunk: int) -> str:
+    c0, c1 = layout.chunk_range(chunk)
+    return f"samples {c0}..{c1 - 1}"
+
+
+def _mismatch(where: Any, what: str, recorded: int, computed: int) -> StoreCorruptError:
+    return StoreCorruptError(
+        f"{where}: {what} fails its checksum (CRC-32C recorded {recorded:08x}, computed "
+        f"{computed:08x}): the file was damaged, or the store was replaced since it was opened; "
+        "run 'python -m store verify' and rebuild the store"
+    )
+
+
 class _MemmapChunks:
     """Chunk files of one raw local array mapped on demand, with an LRU bound on open maps
-    (each map holds a file descriptor)."""
+    (each map holds a file descriptor). A chunk is CRC-checked when it is mapped; the file
+    identity (device, inode, size, mtime, ctime) it was checked under is remembered, so a
+    chunk mapped again after an eviction is checked again only if its file changed."""
 
-    def __init__(self, root: Path, layout: StoreLayout) -> None:
+    def __init__(
+        self, root: Path, layout: StoreLayout, crcs: np.ndarray | None, where: str
+    ) -> None:
         self.root = root
         self.layout = layout
+        self.crcs = crcs  # (views, num_chunks) int64 from open; None: no checks
+        self.where = where
         self.chunk_shape = (layout.chunk_samples, *layout.sample_shape)
         self.chunk_bytes = layout.chunk_samples * layout.sample_bytes
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.capacity = max(16, soft // 4)
         self._maps: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._checked: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._key_locks: dict[tuple[int, int], threading.Lock] = {}
         self._lock = threading.Lock()
 
+    def file(self, view: int, chunk: int) -> Path:
+        return _zarr.chunk_file(
+            self.root, ACTIVATIONS, (view, chunk, *([0] * len(self.layout.sample_shape)))
+        )
+
     def get(self, view: int, chunk: int) -> np.ndarray:
+        """The whole chunk (chunk_samples, *sample_shape), mapped and checked."""
         key = (view, chunk)
         with self._lock:
             m = self._maps.get(key)
             if m is not None:
                 self._maps.move_to_end(key)
                 return m
-        f = _zarr.chunk_file(
-            self.root, ACTIVATIONS, (view, chunk, *([0] * len(self.layout.sample_shape)))
-        )
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # one thread maps and checks a chunk; the others wait for it
+            with self._lock:
+                m = self._maps.get(key)
+            if m is None:
+                m = self._map(view, chunk)
+                with self._lock:
+                    self._maps[key] = m
+                    while len(self._maps) > self.capacity:
+                        self._maps.popitem(last=False)
+        return m
+
+    def _map(self, view: int, chunk: int) -> np.ndarray:
+        f = self.file(view, chunk)
+        name = f"chunk (view {view}, chunk {chunk}, {_samples(self.layout, chunk)})"
         try:
-            size = f.stat().st_size
+            fh = f.open("rb")
         except FileNotFoundError:
             raise StoreCorruptError(
-                f"{f}: chunk (view {view}, chunk {chunk}) is marked written but its file is missing"
+                f"{f}: {name} is marked written but its file is missing"
             ) from None
-        if size != self.chunk_bytes:
-            raise StoreCorruptError(
-                f"{f}: chunk (view {view}, chunk {chunk}) has {size} bytes, expected {self.chunk_bytes} "
-                "(truncated or not a raw chunk); rebuild the store or resume it after deleting this file"
+        with fh:
+            st = os.fstat(fh.fileno())  # the file we map, even if the path is replaced now
+            if st.st_size != self.chunk_bytes:
+                raise StoreCorruptError(
+                    f"{f}: {name} has {st.st_size} bytes, expected {self.chunk_bytes} "
+                    "(truncated or not a raw chunk); rebuild the store or resume it after "
+                    "deleting this file"
+                )
+            # A plain ndarray view of the map: indexing it skips np.memmap's slow __getitem__;
+            # the view keeps the map alive through its base.
+            m = np.memmap(fh, dtype=self.layout.np_dtype, mode="r", shape=self.chunk_shape).view(
+                np.ndarray
             )
-        # A plain ndarray view of the map: indexing it skips np.memmap's slow __getitem__; the
-        # view keeps the map alive through its base.
-        m = np.memmap(f, dtype=self.layout.np_dtype, mode="r", shape=self.chunk_shape).view(
-            np.ndarray
-        )
-        with self._lock:
-            self._maps[key] = m
-            while len(self._maps) > self.capacity:
-                self._maps.popitem(last=False)
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        key = (view, chunk)
+        if self.crcs is not None and self._checked.get(key) != ident:
+            c0, c1 = self.layout.chunk_range(chunk)
+            got = chunk_crc(m[: c1 - c0])  # reads the chunk once: ~16 GB/s, GIL released
+            want = int(self.crcs[view, chunk])
+            if got != want:
+                raise _mismatch(f, name, want, got)
+            self._checked[key] = ident
         return m
 
     def close(self) -> None:
@@ -108,19 +168,29 @@ class ActivationStore:
     """A read-only view of a store. Use ``store.open(path)``."""
 
     def __init__(
-        self, path: str | os.PathLike[str], group: zarr.Group, info: StoreInfo, crcs: np.ndarray
+        self,
+        path: str | os.PathLike[str],
+        group: zarr.Group,
+        info: StoreInfo,
+        arrays: dict[str, zarr.Array],
+        crcs: np.ndarray,
+        label_crcs: np.ndarray,
+        checksums: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self.info = info
         self.layout = info.layout
+        self.checksums = checksums
         self._group = group
-        self._acts = _zarr.array(group, ACTIVATIONS)
+        self._acts = arrays[ACTIVATIONS]
+        self._labels_arr = arrays[LABELS]
         self._crcs = crcs  # (views, num_chunks) int64, -1 = not written
+        self._label_crcs = label_crcs  # (num_chunks,) int64, -1 = not written
         self._labels: torch.Tensor | None = None
         root = _zarr.as_local(path)
         self._local_root = root
         self._mm = (
-            _MemmapChunks(root, self.layout)
+            _MemmapChunks(root, self.layout, crcs if checksums else None, self.path)
             if root is not None and self.layout.codec is None
             else None
         )
@@ -150,12 +220,53 @@ class ActivationStore:
 
     @property
     def labels(self) -> torch.Tensor:
-        """int64 (num_samples,)."""
+        """int64 (num_samples,); -1 where a partial store has no label yet. Checked against
+        the label CRCs when first loaded."""
         if self._labels is None:
-            self._labels = torch.from_numpy(
-                np.asarray(_zarr.array(self._group, LABELS)[...], dtype=np.int64)
-            )
+            labels = self._read_labels()
+            if self.checksums:
+                bad = self._bad_label_chunks(labels)
+                if bad:
+                    c, want, got = bad[0]
+                    raise _mismatch(
+                        self.chunk_path(LABELS, c),
+                        f"the labels of chunk {c} ({_samples(self.layout, c)})",
+                        want,
+                        got,
+                    )
+            self._labels = torch.from_numpy(labels)
         return self._labels
+
+    def _read_labels(self) -> np.ndarray:
+        try:
+            return np.asarray(self._labels_arr[...], dtype=np.int64)
+        except Exception as e:
+            raise StoreCorruptError(f"{self.path}: the labels cannot be read: {e!r}") from e
+
+    def _bad_label_chunks(self, labels: np.ndarray) -> list[tuple[int, int, int]]:
+        """(chunk, recorded, computed) of every labelled chunk whose labels fail their CRC."""
+        bad = []
+        for c in np.flatnonzero(self._label_crcs >= 0).tolist():
+            c0, c1 = self.layout.chunk_range(c)
+            got = chunk_crc(labels[c0:c1])
+            if got != int(self._label_crcs[c]):
+                bad.append((c, int(self._label_crcs[c]), got))
+        return bad
+
+    def verify_labels(self) -> list[int]:
+        """Read the labels afresh and return the chunks whose labels fail their CRC."""
+        return [c for c, _, _ in self._bad_label_chunks(self._read_labels())]
+
+    def chunk_path(self, array: str, chunk: int, view: int | None = None) -> str:
+        """The file (local stores) or key under the store's URL of one chunk of ``array``
+        (activations need ``view``)."""
+        if array == ACTIVATIONS:
+            key: tuple[int, ...] = (view or 0, chunk, *([0] * len(self.sample_shape)))
+        else:
+            key = (chunk,)
+        if self._local_root is not None:
+            return str(_zarr.chunk_file(self._local_root, array, key))
+        return f"{self.path.rstrip('/')}/{array}/c/{'/'.join(map(str, key))}"
 
     def chunk_written(self, view: int, chunk: int) -> bool:
         return bool(self._crcs[view, chunk] >= 0)
@@ -169,12 +280,14 @@ class ActivationStore:
         """Uncompressed bytes of the activations."""
         return self.layout.raw_bytes
 
-    def nbytes_stored(self) -> int:
-        """Bytes of all files of the store on disk (local stores), else -1."""
+    def nbytes_stored(self, array: str | None = None) -> int:
+        """Bytes on disk of all files of the store, or of one member array (local stores),
+        else -1."""
         if self._local_root is None:
             return -1
         total = 0
-        for dirpath, _, files in os.walk(self._local_root):
+        top = self._local_root if array is None else self._local_root / array
+        for dirpath, _, files in os.walk(top):
             for f in files:
                 total += os.path.getsize(os.path.join(dirpath, f))
         return total
@@ -198,39 +311,70 @@ class ActivationStore:
                 f"{self.path}: chunk {chunk} of view {view} (samples {c0}..{c1 - 1}) was never written"
             )
 
-    def read_chunk(self, view: int, chunk: int) -> np.ndarray:
-        """One whole chunk, (chunk_len, *sample_shape) in the stored numpy dtype."""
+    def _check_chunk_index(self, view: int, chunk: int) -> None:
         self._check_view(view)
         if not 0 <= chunk < self.num_chunks:
             raise StoreInputError(f"{self.path}: chunk {chunk} out of range [0, {self.num_chunks})")
         self._check_chunk_written(view, chunk)
+
+    def read_chunk(self, view: int, chunk: int) -> np.ndarray:
+        """One whole chunk, (chunk_len, *sample_shape) in the stored numpy dtype, checked
+        against its CRC (see the module's docstring)."""
+        self._check_chunk_index(view, chunk)
         c0, c1 = self.layout.chunk_range(chunk)
         if self._mm is not None:
             return np.array(self._mm.get(view, chunk)[: c1 - c0])
-        key = (view, chunk, *([0] * len(self.sample_shape)))
-        if (
-            self._local_root is not None
-            and not _zarr.chunk_file(self._local_root, ACTIVATIONS, key).exists()
-        ):
-            raise StoreCorruptError(
-                f"{_zarr.chunk_file(self._local_root, ACTIVATIONS, key)}: chunk (view {view}, chunk {chunk}) "
-                "is marked written but its file is missing"
-            )
+        data = self._decode(view, chunk)
+        if self.checksums:
+            got, want = chunk_crc(data), int(self._crcs[view, chunk])
+            if got != want:
+                raise _mismatch(
+                    self.chunk_path(ACTIVATIONS, chunk, view),
+                    f"chunk (view {view}, chunk {chunk}, {_samples(self.layout, chunk)})",
+                    want,
+                    got,
+                )
+        return data
+
+    def _decode(self, view: int, chunk: int) -> np.ndarray:
+        """A chunk read through zarr, unchecked; a missing or undecodable one raises."""
+        c0, c1 = self.layout.chunk_range(chunk)
+        where = self.chunk_path(ACTIVATIONS, chunk, view)
+        name = f"chunk (view {view}, chunk {chunk}, {_samples(self.layout, chunk)})"
+        if self._local_root is not None and not Path(where).exists():
+            # zarr would return the fill value for a missing chunk
+            raise StoreCorruptError(f"{where}: {name} is marked written but its file is missing")
         try:
             return np.asarray(self._acts[view, c0:c1])
         except Exception as e:
-            where = (
-                _zarr.chunk_file(self._local_root, ACTIVATIONS, key)
-                if self._local_root is not None
-                else f"{self.path} chunk {key}"
-            )
-            raise StoreCorruptError(
-                f"{where}: chunk (view {view}, chunk {chunk}) cannot be decoded: {e!r}"
-            ) from e
+            raise StoreCorruptError(f"{where}: {name} cannot be decoded: {e!r}") from e
 
     def verify_chunk(self, view: int, chunk: int) -> bool:
-        """Decode a chunk and compare it with the CRC recorded when it was written."""
-        return chunk_crc(self.read_chunk(view, chunk)) == int(self._crcs[view, chunk])
+        """Read a chunk afresh from storage (never a cached map) and compare it with the CRC
+        recorded when it was written. A missing, truncated or undecodable chunk raises
+        ``StoreCorruptError``."""
+        self._check_chunk_index(view, chunk)
+        c0, c1 = self.layout.chunk_range(chunk)
+        if self._mm is not None:
+            f = self._mm.file(view, chunk)
+            name = f"chunk (view {view}, chunk {chunk}, {_samples(self.layout, chunk)})"
+            try:
+                raw = f.read_bytes()
+            except FileNotFoundError:
+                raise StoreCorruptError(
+                    f"{f}: {name} is marked written but its file is missing"
+                ) from None
+            if len(raw) != self._mm.chunk_bytes:
+                raise StoreCorruptError(
+                    f"{f}: {name} has {len(raw)} bytes, expected {self._mm.chunk_bytes} "
+                    "(truncated or not a raw chunk)"
+                )
+            data = np.frombuffer(raw, dtype=self.layout.np_dtype)[
+                : (c1 - c0) * int(np.prod(self.sample_shape))
+            ]
+        else:
+            data = self._decode(view, chunk)
+        return chunk_crc(data) == int(self._crcs[view, chunk])
 
     def _indices(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
         idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
@@ -330,9 +474,15 @@ class ActivationStore:
         )
 
 
-def open(path: str | os.PathLike[str], *, partial: bool = False) -> ActivationStore:
+def open(
+    path: str | os.PathLike[str], *, partial: bool = False, checksums: bool = True
+) -> ActivationStore:
     """Open a store read-only. An incomplete store raises ``StoreIncompleteError`` (listing the
-    missing ranges) unless ``partial=True``; reading an unwritten chunk then raises."""
+    missing ranges) unless ``partial=True``; reading an unwritten chunk then raises.
+
+    The record is always checked (its checksum, its fields, its agreement with the arrays);
+    ``checksums=False`` skips the per-chunk and label CRC checks on read (for measuring what
+    they cost; ``store.verify`` still checks everything)."""
     local = _zarr.as_local(path)
     if local is not None:
         if not local.exists():
@@ -349,15 +499,25 @@ def open(path: str | os.PathLike[str], *, partial: bool = False) -> ActivationSt
         ) from None
     except Exception as e:
         raise NotAStoreError(f"{path}: not a zarr v3 group: {e!r}") from e
-    d = _zarr.read_info_dict(group)
-    if d is None:
+    if not isinstance(group.attrs.get(ATTRS_KEY), dict):
         raise NotAStoreError(f"{path}: a zarr group without prefast store attributes")
-    info = StoreInfo.from_dict(d, os.fspath(path))
-    for name in (ACTIVATIONS, LABELS):
-        if name not in group:
-            raise NotAStoreError(f"{path}: the '{name}' array is missing")
-    crcs = _zarr.read_chunk_crcs(group)
-    s = ActivationStore(path, group, info, crcs)
+    where = os.fspath(path)
+    info = StoreInfo.from_dict(group.attrs[ATTRS_KEY], where)
+    arrays = _zarr.check_arrays(group, info.layout, where)
+    crcs = _zarr.read_table(arrays[CHUNK_CRC], where)
+    label_crcs = _zarr.read_table(arrays[LABEL_CRC], where)
+    unlabelled = np.flatnonzero((crcs[0] >= 0) & (label_crcs < 0))
+    if unlabelled.size:
+        raise StoreCorruptError(
+            f"{where}: chunk {int(unlabelled[0])} of view 0 is marked written but its labels "
+            "have no checksum; rebuild the store"
+        )
+    if info.complete and (crcs < 0).any():
+        raise StoreCorruptError(
+            f"{where}: the store is marked complete but chunks are missing, (view, start, stop) "
+            f"{unwritten_ranges(crcs, info.layout)[:6]}; rebuild the store"
+        )
+    s = ActivationStore(path, group, info, arrays, crcs, label_crcs, checksums)
     if not info.complete and not partial:
         missing = s.missing_ranges()
         raise StoreIncompleteError(

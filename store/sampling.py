@@ -21,6 +21,7 @@ returns its sample ids. The loader owns the buffers, threads and device copies.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,11 +76,32 @@ class Sampling(Protocol):
 
 
 class RandomAccessSampling:
-    """The exact global permutation of ``store.order``, gathered sample by sample."""
+    """The exact global permutation of ``store.order``, gathered sample by sample; a host
+    source's batch is split into ``gather_workers`` contiguous parts gathered in parallel
+    (numpy's copies release the GIL), a device source's in one device op."""
 
-    def __init__(self, source: ActivationSource, batching: Batching) -> None:
+    def __init__(
+        self, source: ActivationSource, batching: Batching, gather_workers: int = 1
+    ) -> None:
         self.source = source
         self.batching = batching
+        self.gather_workers = max(1, gather_workers)
+        self._pool: ThreadPoolExecutor | None = None
+        if self.gather_workers > 1 and source.device.type == "cpu":
+            self._pool = ThreadPoolExecutor(self.gather_workers, thread_name_prefix="store-gather")
+
+    def _gather(self, views: np.ndarray, idx: np.ndarray, out: torch.Tensor) -> None:
+        k = self.gather_workers if self._pool is not None else 1
+        if k == 1 or len(idx) < 4 * k:
+            self.source.gather(views, idx, out)
+            return
+        bounds = np.linspace(0, len(idx), k + 1).astype(int)
+        parts = [
+            self._pool.submit(self.source.gather, views[a:b], idx[a:b], out[a:b])  # type: ignore[union-attr]
+            for a, b in itertools.pairwise(bounds.tolist())
+        ]
+        for f in parts:
+            f.result()
 
     def samples_per_rank(self) -> int:
         n, w = self.source.num_samples, self.batching.world_size
@@ -104,7 +126,7 @@ class RandomAccessSampling:
             def fill(
                 out: torch.Tensor, idx: np.ndarray = idx, views: np.ndarray = views
             ) -> torch.Tensor:
-                self.source.gather(views, idx, out)
+                self._gather(views, idx, out)
                 return torch.from_numpy(idx)
 
             yield Batch(len(idx), fill)
@@ -203,14 +225,18 @@ class ChunkStreamSampling:
 
 
 def sampling_for(
-    source: ActivationSource, batching: Batching, buffer_chunks: int = 8, read_workers: int = 2
+    source: ActivationSource,
+    batching: Batching,
+    buffer_chunks: int = 8,
+    read_workers: int = 2,
+    gather_workers: int = 1,
 ) -> RandomAccessSampling | ChunkStreamSampling:
     """The policy for ``source``, chosen once: chunk streaming for a store that is not memory
     mapped (compressed or remote: a per-sample read would decode a whole chunk), random access
     for everything else."""
     if isinstance(source, ActivationStore) and not source.memory_mapped:
         return ChunkStreamSampling(source, batching, buffer_chunks, read_workers)
-    return RandomAccessSampling(source, batching)
+    return RandomAccessSampling(source, batching, gather_workers)
 
 
 __all__ = [

@@ -100,6 +100,40 @@ class TensorCache:
                 )
             self.labels[start : start + n] = lab.to(torch.int64)
 
+    #: ``write_rows`` works on every tensor tier
+    supports_rows = True
+
+    def write_rows(
+        self,
+        view: int,
+        rows: Sequence[int] | np.ndarray | torch.Tensor,
+        x: torch.Tensor | np.ndarray,
+        labels: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Write sample ``rows[k]`` of ``view`` from ``x[k]``, in any order. ``rows`` may be on
+        this cache's device (no host synchronisation then, but ``labels`` must be None: give
+        them with host rows, or with ``write``)."""
+        check_write("", self.views, self.num_samples, self.sample_shape, view, 0, x[:0])
+        rt = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(np.asarray(rows))
+        if rt.dim() != 1 or rt.is_floating_point() or rt.dtype == torch.bool:
+            raise StoreInputError("field 'rows' must be a 1-D tensor of integers")
+        if rt.shape[0] != x.shape[0]:
+            raise StoreInputError(f"{rt.shape[0]} rows for {x.shape[0]} samples")
+        on_host = rt.device.type == "cpu"
+        if on_host and rt.numel() and (int(rt.min()) < 0 or int(rt.max()) >= self.num_samples):
+            raise StoreInputError(f"field 'rows': a sample outside [0, {self.num_samples})")
+        xt = torch.as_tensor(x).detach().to(self.device, self.dtype, non_blocking=True)
+        self.data[view].index_copy_(0, rt.to(self.device, torch.int64, non_blocking=True), xt)
+        if labels is not None:
+            if not on_host:
+                raise StoreInputError("labels with write_rows need the rows on the host")
+            lab = torch.as_tensor(labels).detach().cpu()
+            if lab.shape != (rt.shape[0],):
+                raise StoreInputError(
+                    f"field 'labels' must have shape ({rt.shape[0]},), got {tuple(lab.shape)}"
+                )
+            self.labels[rt.to(torch.int64)] = lab.to(torch.int64)
+
     def flush(self) -> None:
         """Nothing to do: ``write`` copies synchronously, nothing is written behind."""
 

@@ -2,10 +2,12 @@
 
 ``create()`` returns a ``StoreWriter``; ``write()`` takes batches at any sample offset, assembles
 them into whole chunks in memory and hands each finished chunk to a bounded pool of threads
-that encode and store it (numcodecs' Blosc and Zstd release the GIL). A chunk counts as done
-only once its data, its labels and its CRC marker are stored, and the group's ``complete``
-flag is written last, so a writer that dies leaves a store that opens as incomplete and that
-``create(..., resume=True)`` completes.
+that checksum, encode and store it (crc32c and numcodecs' Blosc and Zstd release the GIL). A
+chunk counts as done only once its data, its labels (with view 0) and its CRC marker are
+stored, in that order, and the group's ``complete`` flag is written last, so a writer that
+dies leaves a store that opens as incomplete and that ``create(..., resume=True)`` completes.
+A failure on the pool (a full disk, say) is logged once and raised once, as
+``StoreWriteError``, at the next call; the writer then refuses further writes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import shutil
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -44,12 +47,14 @@ from store.layout import (
     ACTIVATIONS,
     ATTRS_KEY,
     CHUNK_CRC,
+    LABEL_CRC,
     LABELS,
     StoreInfo,
     StoreLayout,
     check_write,
     chunk_crc,
     default_chunk_samples,
+    json_meta,
     merge_ranges,
     unwritten_ranges,
 )
@@ -109,6 +114,15 @@ class _DirLock:
             self.fd = -1
 
 
+def _pwrite_all(jobs: list[tuple[int, np.ndarray, int]]) -> None:
+    """(file descriptor, bytes, offset) each written whole (``os.pwrite`` releases the GIL)."""
+    for fd, src, off in jobs:
+        mv = memoryview(np.ascontiguousarray(src).data).cast("B")
+        while mv:
+            k = os.pwrite(fd, mv, off)
+            mv, off = mv[k:], off + k
+
+
 def _is_store_dir(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
@@ -144,7 +158,7 @@ def create(
     resume: bool = False,
     rank: int = 0,
     world_size: int = 1,
-    workers: int = 2,
+    workers: int | None = None,
     max_pending: int | None = None,
 ) -> StoreWriter:
     """Create a store at ``path`` (or, with ``resume=True``, reopen a partial one) for writing.
@@ -155,6 +169,9 @@ def create(
     ``world_size > 1`` every rank must pass ``resume=True`` except the one that creates the store,
     and ``finalize(path)`` marks it complete once all ranks are done.
     """
+    if workers is None:  # encoding, checksums and writes release the GIL
+        workers = min(8, max(2, (os.cpu_count() or 2) // 2))
+
     if overwrite and resume:
         raise StoreInputError("overwrite=True and resume=True exclude each other")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -172,7 +189,7 @@ def create(
         codec_level=codec_level,
         chunk_samples=chunk_samples,
     )
-    meta = dict(meta or {})
+    meta = json_meta(meta, f"{os.fspath(path)}: ")
     root = _zarr.as_local(path)
     if root is None:
         return _create_remote(
@@ -225,6 +242,7 @@ def _check_resume(
     if d is None:
         raise NotAStoreError(f"{where}: a zarr group without '{ATTRS_KEY}' attributes")
     info = StoreInfo.from_dict(d, where)
+    _zarr.check_arrays(group, info.layout, where)
     problems = _layout_mismatch(info.layout, layout)
     if info.meta != meta:
         problems.append("meta: the stored provenance differs from the one given")
@@ -236,35 +254,15 @@ def _check_resume(
 
 
 def _create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
-    group.create_array(
-        ACTIVATIONS,
-        shape=(layout.views, layout.num_samples, *layout.sample_shape),
-        chunks=(1, layout.chunk_samples, *layout.sample_shape),
-        dtype=layout.np_dtype,
-        compressors=_zarr.compressors_for(layout),
-        filters=None,
-        fill_value=0,
-        config={"write_empty_chunks": True},
-    )
-    group.create_array(
-        LABELS,
-        shape=(layout.num_samples,),
-        chunks=(layout.chunk_samples,),
-        dtype="int64",
-        compressors=None,
-        filters=None,
-        fill_value=-1,
-        config={"write_empty_chunks": True},
-    )
-    group.create_array(
-        CHUNK_CRC,
-        shape=(layout.views, layout.num_chunks),
-        chunks=(1, 1),
-        dtype="int64",
-        compressors=None,
-        filters=None,
-        fill_value=-1,
-    )
+    for name, spec in _zarr.array_specs(layout).items():
+        group.create_array(
+            name,
+            **spec,
+            compressors=_zarr.compressors_for(layout) if name == ACTIVATIONS else None,
+            serializer=_zarr.little_endian(),
+            filters=None,
+            config={"write_empty_chunks": True},
+        )
 
 
 def _create_remote(
@@ -329,7 +327,8 @@ def finalize(path: str | os.PathLike[str]) -> None:
     if d is None:
         raise NotAStoreError(f"{path}: not an activation store")
     info = StoreInfo.from_dict(d, os.fspath(path))
-    ranges = unwritten_ranges(_zarr.read_chunk_crcs(group), info.layout)
+    arrays = _zarr.check_arrays(group, info.layout, os.fspath(path))
+    ranges = unwritten_ranges(_zarr.read_table(arrays[CHUNK_CRC], os.fspath(path)), info.layout)
     if ranges:
         raise StoreIncompleteError(
             f"{path}: cannot finalize, missing (view, start, stop) ranges {ranges[:10]}"
@@ -362,6 +361,7 @@ class StoreWriter:
         self._acts = _zarr.writable(_zarr.array(group, ACTIVATIONS))
         self._labels_arr = _zarr.writable(_zarr.array(group, LABELS))
         self._crc_arr = _zarr.writable(_zarr.array(group, CHUNK_CRC))
+        self._label_crc_arr = _zarr.writable(_zarr.array(group, LABEL_CRC))
         self._done = _zarr.read_chunk_crcs(group) >= 0  # (views, num_chunks) bool
         self._labels = np.asarray(self._labels_arr[...], dtype=np.int64)  # -1 = not yet given
         self._buffers: dict[tuple[int, int], _ChunkBuffer] = {}
@@ -370,10 +370,27 @@ class StoreWriter:
         )
         self._max_pending = max_pending if max_pending is not None else 2 * max(1, workers)
         self._pending: deque[Future[None]] = deque()
+        # The first background failure; reported (raised) once, after which every write
+        # is refused and close() leaves the store incomplete without raising again.
         self._error: BaseException | None = None
+        self._error_reported = False
         self._state_lock = threading.Lock()
         self._closed = False
         self.chunks_written = 0
+        # Raw local stores: a chunk is a plain file of the chunk's bytes (what a memory map
+        # reads), written directly rather than through zarr, and ``write_rows`` writes samples
+        # in place. None for compressed or remote stores.
+        self._raw_root = root if isinstance(root, Path) and info.layout.codec is None else None
+        self._mode: str | None = (
+            None  # 'batches' (write) or 'rows' (write_rows), fixed by the first call
+        )
+        self._row_filled: np.ndarray | None = None  # (views, N) bool, rows given so far
+        self._row_counts: np.ndarray | None = None  # (views, num_chunks) int64
+        self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()  # open chunk files
+        self._workers = max(1, workers)
+        self._row_pool: ThreadPoolExecutor | None = None  # parallel pwrite of shuffled rows
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self._fd_capacity = max(8, soft // 8)
         missing = self.missing
         if info.complete:
             log.info("store %s is already complete", root)
@@ -399,17 +416,71 @@ class StoreWriter:
     def complete(self) -> bool:
         return bool(self._done.all())
 
-    # ---- writing ------------------------------------------------------------------------
-    def _raise_pending_error(self) -> None:
-        while self._pending and self._pending[0].done():
+    # ---- failures -----------------------------------------------------------------------
+    def _record_error(self, exc: BaseException) -> None:
+        """Keep the first background failure (and log it, once); later ones are its echoes
+        (the same full disk) and are dropped."""
+        with self._state_lock:
+            if self._error is not None:
+                return
+            self._error = exc
+        log.error("%s: a background chunk write failed: %r", self.path, exc)
+
+    def _collect(self, block: bool) -> None:
+        """Retire finished background writes (all of them when ``block``), keeping a failure."""
+        while self._pending and (block or self._pending[0].done()):
             fut = self._pending.popleft()
-            exc = fut.exception()
-            if exc is not None and self._error is None:
-                self._error = exc
-        if self._error is not None:
+            try:
+                fut.result()
+            except BaseException as e:
+                self._record_error(e)
+
+    def _raise_once(self) -> None:
+        """Raise the recorded failure as ``StoreWriteError`` the first time only."""
+        if self._error is None or self._error_reported:
+            return
+        self._error_reported = True
+        raise StoreWriteError(
+            f"{self.path}: a background chunk write failed: {self._error!r}; the store is left "
+            "incomplete (resume it with store.create(..., resume=True))"
+        ) from self._error
+
+    def _raise_pending_error(self) -> None:
+        self._collect(block=False)
+        if self._error is not None and self._error_reported:
             raise StoreWriteError(
-                f"{self.path}: a background chunk write failed: {self._error!r}"
-            ) from self._error
+                f"{self.path}: this writer failed earlier ({self._error!r}, already raised); "
+                "it takes no more writes"
+            )
+        self._raise_once()
+
+    # ---- writing ------------------------------------------------------------------------
+    def _set_mode(self, mode: str) -> None:
+        if self._mode is None:
+            self._mode = mode
+        elif self._mode != mode:
+            raise StoreInputError(
+                f"{self.path}: this writer takes {'write()' if self._mode == 'batches' else 'write_rows()'} "
+                "calls; one writer does not mix write() and write_rows()"
+            )
+
+    def _check_labels(self, lab_in: Any, n: int) -> np.ndarray:
+        lab = np.asarray(lab_in.detach().cpu() if isinstance(lab_in, torch.Tensor) else lab_in)
+        if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
+            raise StoreInputError(
+                f"{self.path}: field 'labels' must be {n} integers, got shape {lab.shape} dtype {lab.dtype}"
+            )
+        return lab.astype(np.int64)
+
+    def _agree_labels(self, rows: np.ndarray, lab: np.ndarray) -> None:
+        seen = self._labels[rows]
+        clash = (seen >= 0) & (seen != lab)
+        if clash.any():
+            k = int(np.nonzero(clash)[0][0])
+            raise StoreInputError(
+                f"{self.path}: field 'labels': sample {int(rows[k])} got label {lab[k]}, earlier {seen[k]}"
+            )
+        self._labels[rows] = lab
 
     def write(
         self,
@@ -428,21 +499,9 @@ class StoreWriter:
         n = check_write(
             f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, start, x
         )
+        self._set_mode("batches")
         if labels is not None:
-            lab = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
-            if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
-                raise StoreInputError(
-                    f"{self.path}: field 'labels' must be {n} integers, got shape {lab.shape} dtype {lab.dtype}"
-                )
-            lab = lab.astype(np.int64)
-            seen = self._labels[start : start + n]
-            clash = (seen >= 0) & (seen != lab)
-            if clash.any():
-                i = int(np.nonzero(clash)[0][0]) + start
-                raise StoreInputError(
-                    f"{self.path}: field 'labels': sample {i} got label {lab[i - start]}, earlier {seen[i - start]}"
-                )
-            self._labels[start : start + n] = lab
+            self._agree_labels(np.arange(start, start + n), self._check_labels(labels, n))
         first, last = start // lay.chunk_samples, (start + n - 1) // lay.chunk_samples
         for c in range(first, last + 1):
             if not self._owned(c):
@@ -469,7 +528,134 @@ class StoreWriter:
                 del self._buffers[(view, c)]
                 self._submit(view, c, buf.data)
 
-    def _submit(self, view: int, chunk: int, data: np.ndarray) -> None:
+    # ---- writing samples in place (write-through) ------------------------------------------
+    @property
+    def supports_rows(self) -> bool:
+        """Whether ``write_rows`` works here: raw (uncompressed) local stores of one writer."""
+        return self._raw_root is not None and self.world_size == 1
+
+    def write_rows(
+        self,
+        view: int,
+        rows: np.ndarray | torch.Tensor | Any,
+        x: torch.Tensor | np.ndarray,
+        labels: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Write sample ``rows[k]`` of ``view`` from ``x[k]``, in any order (a shuffled batch).
+
+        The samples go straight into their chunk files (no chunk is held in memory); a chunk
+        whose samples have all arrived is checksummed from its file on the pool and only then
+        gets its CRC marker, so a writer that dies leaves those chunks unwritten. A sample
+        given twice before its chunk completes is simply overwritten; rows in a chunk that is
+        already complete are skipped (resume). Raw local stores only (``supports_rows``)."""
+        if self._closed:
+            raise StoreError(f"{self.path}: write_rows() after close()")
+        if not self.supports_rows:
+            raise StoreInputError(
+                f"{self.path}: write_rows() needs a raw (uncompressed) local store of one writer; "
+                f"this one has codec {self.layout.codec!r}, world size {self.world_size}"
+            )
+        self._raise_pending_error()
+        lay = self.layout
+        r = np.asarray(rows.detach().cpu() if isinstance(rows, torch.Tensor) else rows)
+        if r.ndim != 1 or (r.size and not np.issubdtype(r.dtype, np.integer)):
+            raise StoreInputError(f"{self.path}: field 'rows' must be a 1-D array of integers")
+        r = r.astype(np.int64, copy=False)
+        check_write(f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, 0, x[:0])
+        n = int(x.shape[0])
+        if len(r) != n:
+            raise StoreInputError(f"{self.path}: {len(r)} rows for {n} samples")
+        if n and (r.min() < 0 or r.max() >= lay.num_samples):
+            bad = r[(r < 0) | (r >= lay.num_samples)][0]
+            raise StoreInputError(
+                f"{self.path}: field 'rows': sample {int(bad)} outside [0, {lay.num_samples})"
+            )
+        self._set_mode("rows")
+        if self._row_filled is None:
+            self._row_filled = np.zeros((lay.views, lay.num_samples), dtype=bool)
+            self._row_counts = np.zeros((lay.views, lay.num_chunks), dtype=np.int64)
+        if labels is not None:
+            self._agree_labels(r, self._check_labels(labels, n))
+        if n == 0:
+            return
+        data = to_stored_numpy(x, lay).reshape(n, -1).view(np.uint8)  # (n, sample_bytes)
+        cs, sb = lay.chunk_samples, lay.sample_bytes
+        chunk_of = r // cs
+        keep = ~self._done[view, chunk_of]
+        order = np.argsort(r, kind="stable")
+        order = order[keep[order]]
+        if order.size == 0:
+            return
+        # runs of consecutive samples in one chunk: one pwrite each
+        rs, cs_of = r[order], chunk_of[order]
+        breaks = np.flatnonzero((np.diff(rs) != 1) | (np.diff(cs_of) != 0)) + 1
+        runs = np.split(np.arange(order.size), breaks)
+        touched = np.unique(cs_of)
+        jobs = []
+        for c in touched.tolist():  # opened first: each stays open for this call
+            self._chunk_fd(view, c)
+        parallel = self._workers > 1 and len(runs) >= 64 and 2 * len(touched) <= self._fd_capacity
+        for run in runs:
+            c = int(cs_of[run[0]])
+            fd = self._chunk_fd(view, c) if not parallel else self._fds[(view, c)]
+            src = data[order[run]] if run.size > 1 else data[order[run[0]]]
+            jobs.append((fd, src, (int(rs[run[0]]) - c * cs) * sb))
+        if parallel:
+            if self._row_pool is None:
+                self._row_pool = ThreadPoolExecutor(self._workers, thread_name_prefix="store-rows")
+            k = self._workers
+            for f in [self._row_pool.submit(_pwrite_all, jobs[i::k]) for i in range(k)]:
+                f.result()
+        else:
+            _pwrite_all(jobs)
+        filled = self._row_filled[view]
+        fresh = np.unique(rs[~filled[rs]])
+        filled[fresh] = True
+        counts = self._row_counts[view]  # type: ignore[index]
+        np.add.at(counts, fresh // cs, 1)
+        for c in np.unique(fresh // cs).tolist():
+            c0, c1 = lay.chunk_range(c)
+            if counts[c] == c1 - c0:
+                self._close_fd(view, c)
+                self._submit(view, c, None)
+
+    def _chunk_fd(self, view: int, chunk: int) -> int:
+        """The open chunk file, created at its full size (an edge chunk padded with the fill
+        value 0, as zarr stores it) on first use; at most ``_fd_capacity`` stay open."""
+        key = (view, chunk)
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        assert self._raw_root is not None
+        f = _zarr.chunk_file(
+            self._raw_root, ACTIVATIONS, (view, chunk, *([0] * len(self.layout.sample_shape)))
+        )
+        f.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+        size = self.layout.chunk_samples * self.layout.sample_bytes
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        self._fds[key] = fd
+        while len(self._fds) > self._fd_capacity:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def _close_fd(self, view: int, chunk: int) -> None:
+        fd = self._fds.pop((view, chunk), None)
+        if fd is not None:
+            os.close(fd)
+
+    def _close_fds(self) -> None:
+        if self._row_pool is not None:
+            self._row_pool.shutdown(wait=True)
+            self._row_pool = None
+        while self._fds:
+            _, fd = self._fds.popitem()
+            os.close(fd)
+
+    def _submit(self, view: int, chunk: int, data: np.ndarray | None) -> None:
         c0, c1 = self.layout.chunk_range(chunk)
         labels = None
         if view == 0:
@@ -484,39 +670,81 @@ class StoreWriter:
         self._pending.append(self._pool.submit(self._store_chunk, view, chunk, data, labels))
 
     def _store_chunk(
-        self, view: int, chunk: int, data: np.ndarray, labels: np.ndarray | None
+        self, view: int, chunk: int, data: np.ndarray | None, labels: np.ndarray | None
     ) -> None:
+        """On a pool thread: data (None: already in its file, written in place), then labels
+        and their CRC (view 0), then the marker."""
+        if self._error is not None:
+            return  # an earlier chunk failed (a full disk): do not pile up more failures
         c0, c1 = self.layout.chunk_range(chunk)
-        self._acts[view, c0:c1] = data
+        if data is None:
+            crc = chunk_crc(self._read_raw(view, chunk)[: c1 - c0])
+        else:
+            crc = chunk_crc(data)
+            self._write_activations(view, chunk, data)
         if labels is not None:
             self._labels_arr[c0:c1] = labels
+            self._label_crc_arr[chunk] = chunk_crc(labels)
         # The marker goes last: a chunk with a CRC entry is fully on disk.
-        self._crc_arr[view, chunk] = chunk_crc(data)
+        self._crc_arr[view, chunk] = crc
         with self._state_lock:
             self._done[view, chunk] = True
             self.chunks_written += 1
 
+    def _raw_file(self, view: int, chunk: int) -> Path:
+        assert self._raw_root is not None
+        return _zarr.chunk_file(
+            self._raw_root, ACTIVATIONS, (view, chunk, *([0] * len(self.layout.sample_shape)))
+        )
+
+    def _read_raw(self, view: int, chunk: int) -> np.ndarray:
+        """A raw chunk file's samples as written, (chunk_samples, *sample_shape)."""
+        raw = self._raw_file(view, chunk).read_bytes()
+        shape = (self.layout.chunk_samples, *self.layout.sample_shape)
+        return np.frombuffer(raw, dtype=self.layout.np_dtype).reshape(shape)
+
+    def _write_activations(self, view: int, chunk: int, data: np.ndarray) -> None:
+        """Store one chunk's samples, (chunk_len, *sample_shape) stored dtype. A raw local
+        chunk is written as a plain file of its bytes (an edge chunk padded with the fill
+        value), which is what zarr itself stores; other stores go through zarr."""
+        c0, c1 = self.layout.chunk_range(chunk)
+        if self._raw_root is None:
+            self._acts[view, c0:c1] = data
+            return
+        f = self._raw_file(view, chunk)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        pad = (self.layout.chunk_samples - (c1 - c0)) * self.layout.sample_bytes
+        with open(f, "wb") as fh:
+            fh.write(np.ascontiguousarray(data).data)
+            if pad:
+                fh.write(bytes(pad))
+
     # ---- finishing ----------------------------------------------------------------------
     def flush(self) -> None:
-        """Wait until every finished chunk is on disk; raise a background failure if any."""
-        for fut in list(self._pending):
-            try:
-                fut.result()
-            except BaseException as e:
-                if self._error is None:
-                    self._error = e
-        self._pending.clear()
-        if self._error is not None:
-            raise StoreWriteError(
-                f"{self.path}: a background chunk write failed: {self._error!r}"
-            ) from self._error
+        """Wait until every finished chunk is on disk; raise a background failure that was not
+        raised yet."""
+        self._collect(block=True)
+        self._raise_once()
 
     def close(self) -> None:
-        """Flush, and mark the store complete when every chunk is written (single writer)."""
+        """Flush, and mark the store complete when every chunk is written (single writer). A
+        writer whose background write failed leaves the store incomplete."""
         if self._closed:
             return
         try:
             self.flush()
+            if self._error is not None:
+                return  # already raised; the store stays incomplete and resumable
+            if self._row_counts is not None:
+                partial_rows = np.argwhere((self._row_counts > 0) & ~self._done)
+                if len(partial_rows):
+                    log.warning(
+                        "%s: %d chunk(s) whose rows did not all arrive stay unwritten "
+                        "(view, chunk): %s",
+                        self.path,
+                        len(partial_rows),
+                        [tuple(map(int, p)) for p in partial_rows[:8]],
+                    )
             if self._buffers:
                 partial = sorted(self._buffers)
                 log.warning(
@@ -532,21 +760,20 @@ class StoreWriter:
                 log.warning("store %s left incomplete; missing %s", self.path, self.missing[:8])
         finally:
             self._closed = True
+            self._close_fds()
             self._pool.shutdown(wait=True)
             if self._lock is not None:
                 self._lock.release()
 
     def abort(self) -> None:
-        """Stop without marking complete; chunks already handed to the pool are finished."""
+        """Stop without marking complete; chunks already handed to the pool are finished (a
+        failure among them is logged once, never raised: the caller is already failing)."""
         if self._closed:
             return
         self._closed = True
         try:
-            for fut in self._pending:
-                try:
-                    fut.result()
-                except BaseException:  # the caller is already failing; keep what reached disk
-                    log.exception("%s: chunk write failed during abort", self.path)
+            self._close_fds()
+            self._collect(block=True)
         finally:
             self._pool.shutdown(wait=True)
             if self._lock is not None:

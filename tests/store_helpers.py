@@ -47,6 +47,7 @@ def write_store(
     chunk: int = CHUNK,
     batch: int = 50,
     meta: dict | None = None,
+    overwrite: bool = False,
 ) -> store.ActivationStore:
     views, n = x.shape[:2]
     with store.create(
@@ -58,6 +59,7 @@ def write_store(
         codec=codec,
         chunk_samples=chunk,
         meta=meta or {"test": True},
+        overwrite=overwrite,
     ) as w:
         for v in range(views):
             for i in range(0, n, batch):

@@ -52,6 +52,9 @@ def test_bench_store_quick(tmp_path: Path) -> None:
     assert res["variants"]["lz4"]["read"]["streaming"]
     assert res["checksums_ok"]
     assert len(res["targets"]) == 2
+    checks = res["comparisons"]["checks"]
+    assert checks["first_epoch_ratio"] > 0 and checks["later_epoch_ratio"] > 0
+    assert "chunk checksums, raw store" in r.stdout
 
     # The stores are deleted unless --keep.
     assert not work.exists() or not any(work.iterdir())

@@ -224,6 +224,87 @@ def test_missing_and_incomplete_stores(tmp_path, data, capsys):
     assert not r.ok and r.missing[0] == (0, 16, 117) and r.chunks_read == 2
 
 
+def _edit_record(path: Path, resign: bool, **changes) -> None:
+    """Edit the record in zarr.json by hand (``resign``: recompute its checksum too)."""
+    f = path / "zarr.json"
+    doc = json.loads(f.read_text())
+    rec = doc["attributes"]["prefast_store"]
+    for k, v in changes.items():
+        if isinstance(rec.get("layout"), dict) and k in rec["layout"]:
+            rec["layout"][k] = v
+        else:
+            rec[k] = v
+    if resign:
+        rec["checksum"] = store.layout.record_checksum(rec)
+    f.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("resign", "change", "match"),
+    [
+        (False, {"num_samples": 10**12}, "attributes fail their checksum"),
+        (True, {"num_samples": 10**12}, "bad layout: views * chunks = 375000000000 exceeds"),
+        (True, {"num_samples": 2900}, "the record says activations shape"),
+        (True, {"sample_shape": [3, 4, 5]}, "the record says activations shape"),
+        (True, {"layout": None}, "'layout' must be an object"),
+        (True, {"views": "3"}, "views must be an integer"),
+        (True, {"format_version": 1}, "older version: rebuild it"),
+    ],
+)
+def test_bad_attributes_are_one_line_errors_in_every_command(
+    tmp_path, data, capsys, resign, change, match
+):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    _edit_record(path, resign, **change)
+    p = str(path)
+    for argv in (
+        ["inspect", p],
+        ["stats", p, "--no-progress"],
+        ["verify", p, "--no-progress"],
+        ["diff", p, p, "--no-progress"],
+        ["show", p, "--sample", "0", "-o", str(tmp_path / "x.png")],
+    ):
+        assert store_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert match in err, err
+
+
+def test_bad_attributes_through_python_m_store(tmp_path, data):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    _edit_record(path, True, layout=None)
+    r = subprocess.run(
+        [sys.executable, "-m", "store", "stats", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=False,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_verify_catches_a_flipped_label_byte(tmp_path, data, capsys):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    f = path / "labels" / "c" / "3"
+    raw = bytearray(f.read_bytes())
+    raw[3] ^= 0x01
+    f.write_bytes(bytes(raw))
+    assert store_main(["verify", str(path), "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    assert "labels      1 chunk(s) BAD" in cap.out and str(f) in cap.out
+    assert f"error: corrupt labels {f} (samples 24..31)" in cap.err
+    assert store_main(["stats", str(path), "--no-progress"]) == 0  # stats reads no labels
+    capsys.readouterr()
+
+
 def test_to_xarray_without_xarray_points_to_zarr(stores):
     try:
         import xarray  # noqa: F401

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -429,24 +431,52 @@ def test_disjoint_ranks_write_one_store(tmp_path, data):
     assert torch.equal(store.open(tmp_path / "s").read(2, ALL), ref.read(2, ALL))
 
 
-def test_failing_background_write_surfaces(tmp_path, data):
+def test_failing_background_write_is_logged_once_and_raised_once(tmp_path, data, caplog):
     x, y = data
     w = store.create(
         tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32", chunk_samples=CHUNK
     )
 
-    class Exploding:
-        def __setitem__(self, key, value):
-            raise OSError("No space left on device")
+    def full_disk(view, chunk, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    w._acts = Exploding()
+    w._write_activations = full_disk  # every chunk write fails, like a full disk
+    raised = []
+    with caplog.at_level(logging.DEBUG, logger="store"):
+        try:
+            with w:
+                for i in range(0, N, 8):  # 15 chunks go to the pool, each one fails
+                    w.write(0, i, x[0, i : i + 8], y[i : i + 8])
+        except store.StoreWriteError as e:
+            raised.append(e)
+        with pytest.raises(store.StoreError, match="write"):
+            w.write(0, 0, x[0, :8], y[:8])  # a closed writer takes no more writes
+        w.close()  # closing again raises nothing
+    assert len(raised) == 1 and "No space left" in str(raised[0])
+    assert isinstance(raised[0].__cause__, OSError)
+    logged = [r for r in caplog.records if "No space left" in r.getMessage() or r.exc_info]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    with pytest.raises(store.StoreIncompleteError):
+        store.open(tmp_path / "s")
+
+
+def test_failure_raised_by_flush_is_not_raised_again_by_close(tmp_path, data):
+    x, y = data
+    w = store.create(
+        tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32", chunk_samples=CHUNK
+    )
+
+    def full_disk(view, chunk, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    w._write_activations = full_disk
     w.write(0, 0, x[0, :8], y[:8])  # one full chunk goes to the pool
     with pytest.raises(store.StoreWriteError, match="No space left"):
         w.flush()
-    with pytest.raises(store.StoreWriteError):
-        w.close()
-    with pytest.raises(store.StoreIncompleteError):
-        store.open(tmp_path / "s")
+    with pytest.raises(store.StoreWriteError, match="failed earlier"):
+        w.write(0, 8, x[0, 8:16], y[8:16])
+    w.close()  # the failure was raised already; the store stays incomplete
+    assert store.open(tmp_path / "s", partial=True).missing_ranges() == [(0, 0, N)]
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -571,6 +601,235 @@ def test_verify_chunk_detects_a_flipped_byte(tmp_path, data):
     s = store.open(tmp_path / "s")
     assert s.verify_chunk(0, 1)
     assert not s.verify_chunk(0, 2)
+
+
+# ---- integrity on the read path ---------------------------------------------------------------
+def _flip(f: Path, pos: int) -> None:
+    b = bytearray(f.read_bytes())
+    b[pos] ^= 0x10
+    f.write_bytes(bytes(b))
+
+
+def _epoch(src) -> None:
+    for _ in store.StoreLoader(src, batch_size=16, seed=0, buffer_chunks=2):
+        pass
+
+
+def test_flipped_byte_in_a_raw_chunk_fails_the_training_read(tmp_path, data):
+    x, y = data
+    write_store(tmp_path / "s", x, y, dtype="float16")
+    f = _raw_chunk(tmp_path / "s", 1, 3)
+    _flip(f, 100)
+    s = store.open(tmp_path / "s")
+    assert s.memory_mapped
+    assert torch.equal(s.read(1, [0, 40]), x[1, [0, 40]].half())  # other chunks read
+    with pytest.raises(
+        store.StoreCorruptError,
+        match=rf"{f}: chunk \(view 1, chunk 3, samples 24..31\) fails its checksum",
+    ):
+        s.read(1, [25])
+    with pytest.raises(store.StoreCorruptError, match="c/1/3/0/0/0"):
+        _epoch(s)
+    with pytest.raises(store.StoreCorruptError, match="c/1/3/0/0/0"):
+        store.RamCache.from_store(s)
+    # the bytes the chunk was checked under stay mapped: a repaired file is not re-read
+    assert torch.equal(store.open(tmp_path / "s", checksums=False).read(1, [0]), x[1, [0]].half())
+
+
+def _decodable_flip(f: Path, path: Path, view: int, chunk: int) -> None:
+    """Flip a byte of the zstd chunk file ``f`` such that it still decodes (these zstd frames
+    carry no checksum) to other values."""
+    good = f.read_bytes()
+    ref = store.open(path).read_chunk(view, chunk)
+    for pos in range(len(good) - 1, len(good) // 2, -1):
+        _flip(f, pos)
+        try:
+            changed = store.open(path, checksums=False).read_chunk(view, chunk)
+            if not np.array_equal(changed, ref, equal_nan=True):
+                return
+        except store.StoreCorruptError:
+            pass  # this flip breaks the frame; try another
+        f.write_bytes(good)
+    raise AssertionError("no byte flip of the chunk decodes")
+
+
+def test_flipped_byte_in_a_zstd_chunk_that_still_decodes_fails_the_read(tmp_path, data):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y, dtype="float16", codec="zstd")
+    f = _raw_chunk(path, 2, 5)
+    _decodable_flip(f, path, 2, 5)
+    unchecked = store.open(path, checksums=False).read_chunk(2, 5)
+    assert not np.array_equal(unchecked, x[2, 40:48].half().numpy())  # silently different
+    s = store.open(path)
+    with pytest.raises(
+        store.StoreCorruptError,
+        match=rf"{f}: chunk \(view 2, chunk 5, samples 40..47\) fails its checksum",
+    ):
+        s.read(2, [41])
+    with pytest.raises(store.StoreCorruptError, match="c/2/5/0/0/0"):
+        _epoch(s)
+    assert torch.equal(s.read(2, [39, 48]), x[2, [39, 48]].half())
+
+
+def test_flipped_label_byte_is_caught(tmp_path, data):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    f = path / "labels" / "c" / "6"
+    _flip(f, 9)  # sample 49's label, chunk 6 = samples 48..55
+    s = store.open(path)
+    assert torch.equal(s.read(0, [50]), x[0, [50]])  # activations are fine
+    with pytest.raises(
+        store.StoreCorruptError, match=rf"{f}: the labels of chunk 6 \(samples 48..55\) fail"
+    ):
+        s.labels  # noqa: B018
+    with pytest.raises(store.StoreCorruptError, match="labels"):
+        store.StoreLoader(s, batch_size=8)
+    r = store.verify(store.open(path))
+    assert not r.ok and [p.chunk for p in r.bad_label_chunks] == [6]
+
+
+def _edit_record(path: Path, resign: bool, **changes) -> None:
+    """Edit the store's record in zarr.json by hand; ``resign`` also recomputes its checksum
+    (an editor who knows the format)."""
+    f = path / "zarr.json"
+    doc = json.loads(f.read_text())
+    rec = doc["attributes"]["prefast_store"]
+    for k, v in changes.items():
+        if k in rec["layout"] and k not in ("layout",):
+            rec["layout"][k] = v
+        else:
+            rec[k] = v
+    if resign:
+        rec["checksum"] = store.layout.record_checksum(rec)
+    f.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("resign", [False, True])
+@pytest.mark.parametrize(
+    "change",
+    [{"num_samples": 110}, {"sample_shape": [3, 4, 5]}, {"dtype": "bfloat16"}, {"codec": "lz4"}],
+)
+def test_edited_attributes_are_caught_at_open(tmp_path, data, change, resign):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    _edit_record(path, resign, **change)
+    err = store.StoreCorruptError
+    with pytest.raises(err, match="fail their checksum" if not resign else "the record says"):
+        store.open(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"layout": None}, "'layout' must be an object"),
+        ({"views": "3"}, "views must be an integer"),
+        ({"views": True}, "views must be an integer"),
+        ({"num_samples": -5}, r"num_samples must be in \[1, "),
+        ({"num_samples": 10**12, "chunk_samples": 1}, "exceeds"),
+        ({"sample_shape": "abc"}, "'sample_shape' must be a list"),
+        ({"sample_shape": [3, None]}, "sample_shape must be an integer"),
+        ({"meta": None}, "'meta' has a bad value"),
+        ({"complete": "yes"}, "'complete' has a bad value"),
+    ],
+)
+def test_malformed_attributes_raise_format_errors(tmp_path, data, change, match):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    _edit_record(path, resign=True, **change)
+    with pytest.raises(store.StoreFormatError, match=match):
+        store.open(path)
+
+
+def test_layout_and_info_from_dict_validate_their_fields():
+    lay = store.StoreLayout(num_samples=10, views=2, sample_shape=(3, 4), chunk_samples=4)
+    assert store.StoreLayout.from_dict(lay.to_dict()) == lay
+    info = store.StoreInfo(layout=lay, meta={"a": [1, 2]})
+    assert store.StoreInfo.from_dict(info.to_dict()) == info
+    for bad in (None, [], "layout"):
+        with pytest.raises(store.StoreFormatError, match="'layout' must be an object"):
+            store.StoreLayout.from_dict(bad)
+    d = lay.to_dict()
+    for field, value in (("chunk_samples", 0), ("codec", 5), ("dtype", None), ("views", 2.0)):
+        with pytest.raises(store.StoreFormatError, match=field):
+            store.StoreLayout.from_dict({**d, field: value})
+    with pytest.raises(store.StoreFormatError, match=r"fields \['views'\] are missing"):
+        store.StoreLayout.from_dict({k: v for k, v in d.items() if k != "views"})
+    with pytest.raises(store.StoreFormatError, match="must be an object"):
+        store.StoreInfo.from_dict(None)
+
+
+def test_version_1_store_is_refused_with_a_rebuild_hint(tmp_path, data):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    _edit_record(path, resign=False, format_version=1)
+    with pytest.raises(store.StoreFormatError, match=r"format_version 1 .*older version: rebuild"):
+        store.open(path)
+
+
+def test_complete_store_with_a_lost_marker_is_corrupt(tmp_path, data):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    os.remove(path / "chunk_crc" / "c" / "2" / "7")
+    with pytest.raises(store.StoreCorruptError, match="marked complete but chunks are missing"):
+        store.open(path)
+
+
+OVERWRITER = textwrap.dedent(
+    """
+    import sys
+    import store
+    from tests.store_helpers import encoded, labels_for, write_store
+    codec = None if sys.argv[2] == "none" else sys.argv[2]
+    # other values and labels, same shape: only the checksums can tell the stores apart
+    s = write_store(sys.argv[1], encoded(seed=1) + 0.5, (labels_for() + 1) % 10,
+                    dtype="float16", codec=codec, overwrite=True)
+    print(s.complete)
+    """
+)
+
+
+@pytest.mark.parametrize("evict", [False, True])
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_reader_of_a_replaced_store_reads_old_values_or_fails(tmp_path, data, codec, evict):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y, dtype="float16", codec=None if codec == "none" else codec)
+    s = store.open(path)
+    if evict and s.memory_mapped:
+        s._mm.capacity = 2  # maps are dropped and mapped again: the old files are not pinned
+    old = x.half()
+    assert torch.equal(s.read(0, np.arange(40)), old[0, :40])  # chunks 0..4 of view 0
+    r = subprocess.run(
+        [sys.executable, "-c", OVERWRITER, str(path), codec],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert r.stdout.strip() == "True"
+    outcomes = []
+    for v in range(VIEWS):
+        for c in range(s.num_chunks):
+            c0, c1 = s.layout.chunk_range(c)
+            try:
+                got = s.read(v, np.arange(c0, c1))
+            except store.StoreCorruptError as e:
+                assert f"chunk (view {v}, chunk {c}" in str(e)
+                outcomes.append("error")
+                continue
+            assert torch.equal(got, old[v, c0:c1]), (v, c)  # never the new values
+            outcomes.append("old")
+    with pytest.raises(store.StoreCorruptError, match="labels"):
+        s.labels  # noqa: B018
+    if codec == "none" and not evict:
+        assert outcomes[:5] == ["old"] * 5  # the maps opened before pin the old files
+    assert outcomes.count("error") >= len(outcomes) - 5
 
 
 # ---- inspect ------------------------------------------------------------------------------------

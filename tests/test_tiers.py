@@ -73,3 +73,29 @@ def test_each_side_is_claimed_only_where_it_holds(tmp_path):
     s = store.open(tmp_path / "s", partial=True)
     assert not isinstance(s, store.ActivationSink)  # an opened store is read-only
     assert not isinstance(object(), store.ActivationSource | store.ActivationSink)
+
+
+@pytest.mark.parametrize("name", ["zarr", "ram"])
+def test_parallel_gather_delivers_the_same_batches(tmp_path, name):
+    # three gather threads split each batch (of 41, odd) into parts: same samples, same order
+    x, y = encoded(), labels_for()
+    sink, reopen = TIERS[name](tmp_path / "s", "float32")
+    with sink as w:
+        for v in range(VIEWS):
+            w.write(v, 0, x[v], y)
+    src = reopen()
+    got = {}
+    for workers in (1, 3):
+        loader = store.StoreLoader(
+            src, batch_size=41, seed=5, prefetch=0, with_indices=True, gather_workers=workers
+        )
+        assert loader.gather_workers == workers
+        loader.set_epoch(2)
+        got[workers] = list(loader)
+    assert len(got[1]) == len(got[3]) == 3
+    views = store.order.epoch_views(N, VIEWS, 5, 2)
+    for (x1, y1, i1), (x3, y3, i3) in zip(got[1], got[3], strict=True):
+        assert torch.equal(i1, i3) and torch.equal(y1, y3) and torch.equal(x1, x3)
+        assert torch.equal(x3, x[views[i3.numpy()], i3.numpy()])
+    with pytest.raises(store.StoreInputError, match="gather_workers"):
+        store.StoreLoader(src, gather_workers=0)

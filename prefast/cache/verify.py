@@ -212,7 +212,8 @@ def verify_against_checkpoint(
         x, _ = make_batch(train, idx, aug, dev)
         with torch.no_grad(), autocast(dev, cfg.amp):
             out = model.forward_range(x, 0, b).float().cpu()  # (K, *sample_shape)
-        stored = s.read(v, idx).float()
+        # a bad chunk is in report.chunks already: compare what is stored, unchecked
+        stored = store.open(s.path, partial=True, checksums=False).read(v, idx).float()
         err = (out - stored).abs().flatten(1).amax(1)
         scale = out.abs().flatten(1).amax(1).clamp_min(tiny)
         for i, rel in zip(idx.tolist(), (err / scale).tolist(), strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from store.layout import ACTIVATIONS
 from store.reader import ActivationStore
 
 
@@ -20,6 +21,7 @@ def summary(s: ActivationStore) -> dict[str, Any]:
     """A JSON-able description of a store."""
     lay = s.layout
     stored = s.nbytes_stored()
+    stored_acts = s.nbytes_stored(ACTIVATIONS)
     return {
         "path": os.fspath(s.path),
         "format_version": s.info.format_version,
@@ -36,7 +38,8 @@ def summary(s: ActivationStore) -> dict[str, Any]:
         "bytes_per_sample": lay.sample_bytes,
         "bytes_raw": lay.raw_bytes,
         "bytes_on_disk": stored,
-        "ratio": (lay.raw_bytes / stored) if stored > 0 else None,
+        # compression of the activations: uncompressed / stored activation bytes
+        "ratio": (lay.raw_bytes / stored_acts) if stored_acts > 0 else None,
         "complete": s.complete,
         "missing": [list(r) for r in s.missing_ranges()],
         "memory_mapped": s.memory_mapped,

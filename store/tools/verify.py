@@ -1,5 +1,7 @@
-"""Verifying a store: every written chunk is decoded and compared with the CRC-32 recorded when
-it was written (``store.layout.chunk_crc``), and chunks never written are listed.
+"""Verifying a store: every written chunk is read afresh and compared with the CRC-32C recorded
+when it was written (``store.layout.chunk_crc``), so are the labels of every labelled chunk,
+and chunks never written are listed. The store's attributes were already checked by
+``store.open`` (their checksum and their agreement with the arrays).
 
 Checking a store against the training checkpoint that produced it (fingerprint and
 recomputation through the frozen prefix) needs the model, so it lives in ``prefast``:
@@ -11,9 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from store import _zarr
 from store.errors import StoreCorruptError
-from store.layout import ACTIVATIONS
+from store.layout import ACTIVATIONS, LABELS
 from store.reader import ActivationStore
 
 
@@ -36,6 +37,7 @@ class VerifyReport:
     dtype: str
     chunks_read: int = 0
     bad_chunks: list[ChunkProblem] = field(default_factory=list)
+    bad_label_chunks: list[ChunkProblem] = field(default_factory=list)
     missing: list[tuple[int, int, int]] = field(default_factory=list)  # (view, start, stop)
     errors: list[str] = field(default_factory=list)  # one line per failure
 
@@ -62,19 +64,19 @@ class VerifyReport:
             )
         else:
             lines.append(f"chunks      {self.chunks_read} read, every checksum matches")
+        if self.bad_label_chunks:
+            lines.append(
+                f"labels      {len(self.bad_label_chunks)} chunk(s) BAD:"
+                + "".join(
+                    f"\n              {p.file}: {p.reason}" for p in self.bad_label_chunks[:20]
+                )
+            )
+        else:
+            lines.append("labels      every checksum matches")
         if self.missing:
             lines.append(f"missing     (view, start, stop) {self.missing[:6]}")
         lines.append("result      " + ("OK" if self.ok else "FAILED"))
         return "\n".join(lines)
-
-
-def _chunk_name(s: ActivationStore, view: int, chunk: int) -> str:
-    """The chunk's file (local stores) or its key under the store's URL."""
-    key = (view, chunk, *([0] * len(s.sample_shape)))
-    root = _zarr.as_local(s.path)
-    if root is not None:
-        return str(_zarr.chunk_file(root, ACTIVATIONS, key))
-    return f"{s.path}/{ACTIVATIONS}/c/{'/'.join(map(str, key))}"
 
 
 def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = False) -> None:
@@ -95,7 +97,7 @@ def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = Fals
                 bar.update(1)
                 if not s.chunk_written(v, c):
                     continue
-                name = _chunk_name(s, v, c)
+                name = s.chunk_path(ACTIVATIONS, c, v)
                 report.chunks_read += 1
                 try:
                     good = s.verify_chunk(v, c)
@@ -112,11 +114,34 @@ def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = Fals
         )
 
 
+def check_labels(s: ActivationStore, report: VerifyReport) -> None:
+    """Read the labels afresh and compare every labelled chunk with its recorded CRC."""
+    try:
+        bad = s.verify_labels()
+    except StoreCorruptError as e:
+        report.errors.append(str(e))
+        return
+    for c in bad:
+        p = ChunkProblem(
+            0,
+            c,
+            s.layout.chunk_range(c),
+            s.chunk_path(LABELS, c),
+            "labels' checksum differs from the one recorded when they were written",
+        )
+        report.bad_label_chunks.append(p)
+        report.errors.append(
+            f"corrupt labels {p.file} (samples {p.samples[0]}..{p.samples[1] - 1}): {p.reason}"
+        )
+
+
 def verify(s: ActivationStore, progress: bool = False) -> VerifyReport:
-    """Read and CRC-check every chunk of ``s``. Failures (corrupt or missing chunks) are
-    collected in ``report.errors``; ``report.ok`` is True when there are none."""
+    """Read and CRC-check every chunk and the labels of ``s``. Failures (corrupt or missing
+    chunks, corrupt labels) are collected in ``report.errors``; ``report.ok`` is True when
+    there are none."""
     report = VerifyReport(path=s.path, dtype=s.dtype_name)
     check_chunks(s, report, progress)
+    check_labels(s, report)
     return report
 
 

@@ -1,0 +1,194 @@
+"""Raw-store writes and loader feed rates, compared side by side in one process.
+
+Writes (the same seeded fp16 samples, into the page cache; ``close()`` does not fsync):
+
+* ``zarr-path``: whole chunks through zarr's own array writes, the store's write path before
+  raw chunks were written as plain files (kept here as the baseline);
+* ``write``: ``StoreWriter.write`` of sequential batches (plain chunk files, checksums on the
+  writer's threads);
+* ``write_rows``: ``StoreWriter.write_rows`` of shuffled batches, as write-through caching
+  writes them (samples in place, a chunk checksummed from its file when complete).
+
+Feeds: one shuffled epoch through ``StoreLoader`` to ``--device``, every batch consumed on the
+device (a sum of one element per sample, synchronised at the end), after an untimed warm-up
+epoch (warm page cache), for the RAM tier and the memory-mapped raw store, with one gather
+thread and with the loader's default. Rates are GB of samples delivered per second.
+
+Each measurement is the median of ``--repeats``; ratios are printed against the baseline of
+their group. Examples::
+
+    python benchmarks/bench_feed.py --device cuda            # 50,000 x (84, 16, 16) fp16
+    python benchmarks/bench_feed.py --num-samples 3000 --repeats 1   # a few seconds on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+import store
+
+GB = 1e9
+
+
+def _samples(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g).relu_().to(torch.float16)
+
+
+def _write(path: Path, x: torch.Tensor, y: torch.Tensor, how: str, batch: int, seed: int) -> float:
+    shutil.rmtree(path, ignore_errors=True)
+    n = len(x)
+    w = store.create(path, sample_shape=tuple(x.shape[1:]), num_samples=n, dtype="float16")
+    if how == "zarr-path":
+        w._raw_root = None  # the baseline: every chunk through zarr's array writes
+    order = np.random.default_rng(seed).permutation(n) if how == "write_rows" else None
+    t0 = time.perf_counter()
+    for s in range(0, n, batch):
+        if order is None:
+            w.write(0, s, x[s : s + batch], y[s : s + batch])
+        else:
+            idx = order[s : s + batch]
+            w.write_rows(0, idx, x[idx], y[idx])
+    w.close()
+    return time.perf_counter() - t0
+
+
+def _epoch(loader: store.StoreLoader, epoch: int, device: torch.device) -> float:
+    loader.set_epoch(epoch)
+    acc = torch.zeros((), device=device, dtype=torch.float32)
+    t0 = time.perf_counter()
+    for xb, _ in loader:
+        acc += xb.reshape(len(xb), -1)[:, 0].float().sum()
+    float(acc)  # synchronises the device
+    return time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    shape = tuple(args.shape)
+    x = _samples(args.num_samples, shape, args.seed)
+    y = torch.arange(args.num_samples) % 10
+    nbytes = x.numel() * x.element_size()
+    work = Path(tempfile.mkdtemp(prefix="bench-feed-", dir=args.dir))
+    out: dict[str, Any] = {
+        "num_samples": args.num_samples,
+        "shape": shape,
+        "bytes": nbytes,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "write_s": {},
+        "feed_s": {},
+    }
+    try:
+        hows = ["zarr-path", "write", "write_rows"]
+        times: dict[str, list[float]] = {h: [] for h in hows}
+        for r in range(args.repeats + 1):  # round 0 is a warm-up
+            for h in hows:
+                t = _write(work / h, x, y, h, args.batch_size, args.seed + r)
+                if r:
+                    times[h].append(t)
+        for h in hows:
+            out["write_s"][h] = statistics.median(times[h])
+        for h in hows[1:]:
+            s = store.open(work / h)
+            assert torch.equal(s.read(0, np.arange(args.num_samples)), x), h
+        raw = store.open(work / "write")
+        ram = store.RamCache.from_store(raw, pin=device.type == "cuda")
+        default_workers = store.StoreLoader(raw, device=device).gather_workers
+        feeds: dict[str, tuple[store.ActivationSource, int]] = {
+            "ram/1": (ram, 1),
+            f"ram/{default_workers}": (ram, default_workers),
+            "zarr/1": (raw, 1),
+            f"zarr/{default_workers}": (raw, default_workers),
+        }
+        ft: dict[str, list[float]] = {k: [] for k in feeds}
+        for k, (src, workers) in feeds.items():
+            loader = store.StoreLoader(
+                src,
+                batch_size=args.batch_size,
+                device=device,
+                prefetch=4,
+                seed=args.seed,
+                gather_workers=workers,
+            )
+            _epoch(loader, 0, device)  # warm-up
+            for r in range(args.repeats):
+                ft[k].append(_epoch(loader, r + 1, device))
+            loader.close()
+        for k in feeds:
+            out["feed_s"][k] = statistics.median(ft[k])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def report(r: dict[str, Any]) -> str:
+    b = r["bytes"]
+    lines = [
+        f"{r['num_samples']:,} x {tuple(r['shape'])} fp16 = {b / GB:.2f} GB; device {r['device']} "
+        f"({r['device_name']}), {r['cpus']} CPUs, torch {r['torch']}",
+        "",
+        "| write | s | GB/s | vs zarr-path |",
+        "|---|---|---|---|",
+    ]
+    base = r["write_s"]["zarr-path"]
+    for h, t in r["write_s"].items():
+        lines.append(f"| {h} | {t:.2f} | {b / t / GB:.2f} | {base / t:.2f}x |")
+    lines += [
+        "",
+        "| feed (tier/gather threads) | s/epoch | GB/s | vs one thread |",
+        "|---|---|---|---|",
+    ]
+    for k, t in r["feed_s"].items():
+        one = r["feed_s"][k.split("/")[0] + "/1"]
+        lines.append(f"| {k} | {t:.3f} | {b / t / GB:.2f} | {one / t:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--shape", type=int, nargs="+", default=[84, 16, 16], metavar="D")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dir", default=None, help="where to write the stores (a temp dir)")
+    p.add_argument("--out", type=Path, default=None, help="JSON result path (and .txt beside it)")
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.repeats < 1 or args.batch_size < 1:
+        p.error("--num-samples, --repeats and --batch-size must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    r = run(args)
+    text = report(r)
+    sys.stdout.write(text + "\n")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(r, indent=1) + "\n")
+        args.out.with_suffix(".txt").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
