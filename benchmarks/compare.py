@@ -349,6 +349,7 @@ def run_scenario(
     )
     for t0 in t0s:
         table = []
+        failed: list[dict[str, str]] = []
         ideal = schedule_ideal(TrainConfig(**{**base, "t0": t0}), len(fwd) - 1, iters, fwd, bwd)
         for var in variants_for(tiers, device, args.extra_views, full=sc.full or args.full):
             over = dict(var.overrides)
@@ -356,7 +357,12 @@ def run_scenario(
                 over["cache_dir"] = str(cache_root / f"{sc.name}-t{t0}-{var.name}")
             cfg = TrainConfig(**{**base, "t0": t0, **over})
             log.info("== %s t0=%s: %s", sc.name, t0, var.name)
-            r = run_variant(cfg)
+            try:
+                r = run_variant(cfg)
+            except Exception as e:  # one variant's failure must not lose the others' numbers
+                log.exception("variant %s failed", var.name)
+                failed.append({"variant": var.name, "error": repr(e)})
+                continue
             r["variant"] = var.name
             table.append(r)
             if partial is not None:  # what is measured survives a run cut short
@@ -364,10 +370,13 @@ def run_scenario(
                     "t0": t0,
                     "ideal": ideal,
                     "variants": table,
+                    "failed": failed,
                     "incomplete": True,
                 }
                 write_json(partial_path, partial)
         ref = {r["variant"]: r["train_seconds"] for r in table}
+        if "freezeout" not in ref:
+            raise RuntimeError(f"the freezeout baseline failed: {failed}")
         for r in table:
             r["vs_freezeout"] = r["train_seconds"] / ref["freezeout"]
             r["vs_full"] = r["train_seconds"] / ref["full"] if "full" in ref else None
@@ -385,7 +394,7 @@ def run_scenario(
             ideal_s = ideal.get(f"{kind}_saving") if kind else None
             r["ideal_saving_vs_full"] = ideal_s
             r["fraction_of_ideal"] = (r["saving_vs_full"] / ideal_s) if ideal_s else None
-        runs[f"t0={t0}"] = {"t0": t0, "ideal": ideal, "variants": table}
+        runs[f"t0={t0}"] = {"t0": t0, "ideal": ideal, "variants": table, "failed": failed}
     return {
         "scenario": sc.name,
         "note": sc.note,
@@ -440,6 +449,8 @@ def format_tables(res: dict[str, Any]) -> str:
         lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))
         for row in rows:
             lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        for f in run.get("failed", []):
+            lines.append(f"FAILED {f['variant']}: {f['error']}")
         v = {r["variant"]: r for r in run["variants"]}
         if "prefast-zarr" in v and "prefast-ram" in v:
             lines.append(

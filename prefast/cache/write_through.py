@@ -99,7 +99,7 @@ class WriteThrough:
         with torch.no_grad():
             if self.tier == "device":
                 x = h.detach().to(self.dtype)
-                self.sink.write_rows(0, ids.to(self.device, non_blocking=True), x, self.labels[ids])
+                self.sink.write_rows(0, ids, x, self.labels[ids])  # rows moved by the tier
                 return
             if not self._async:
                 self.sink.write_rows(0, idx, h.detach().to(self.dtype), self.labels[ids])
@@ -167,8 +167,7 @@ class WriteThrough:
             for start in range(0, missing.size, 256):
                 idx = missing[start : start + 256]
                 x = compute(idx).to(self.dtype)
-                rows: Any = torch.from_numpy(idx).to(self.device) if self.tier == "device" else idx
-                self.sink.write_rows(0, rows, x, self.labels[torch.from_numpy(idx)])
+                self.sink.write_rows(0, idx, x, self.labels[torch.from_numpy(idx)])
             self.written[missing] = True
         synchronize(self.device)
         self.sink.close()
