@@ -170,9 +170,12 @@ def variants_for(
     device: torch.device,
     extra_views: int | None = None,
     full: bool = True,
+    eager_baseline: bool = False,
 ) -> list[Variant]:
     out = [Variant("full", {"mode": "full"})] if full else []
     out.append(Variant("freezeout", {"mode": "freezeout"}))
+    if eager_baseline:  # the same freezeout with eager steps: what --compile saves
+        out.append(Variant("freezeout-eager", {"mode": "freezeout", "compile": "none"}))
     for t in tiers:
         if t == "device" and device.type != "cuda":
             continue
@@ -351,7 +354,10 @@ def run_scenario(
         table = []
         failed: list[dict[str, str]] = []
         ideal = schedule_ideal(TrainConfig(**{**base, "t0": t0}), len(fwd) - 1, iters, fwd, bwd)
-        for var in variants_for(tiers, device, args.extra_views, full=sc.full or args.full):
+        for var in variants_for(
+            tiers, device, args.extra_views, full=sc.full or args.full,
+            eager_baseline=args.eager_baseline,
+        ):  # fmt: skip
             over = dict(var.overrides)
             if over.get("cache") == "zarr":
                 over["cache_dir"] = str(cache_root / f"{sc.name}-t{t0}-{var.name}")
@@ -466,6 +472,12 @@ def format_tables(res: dict[str, Any]) -> str:
                 f"prefast-device vs freezeout: {1 - v['prefast-device']['vs_freezeout']:.1%} less wall-clock"
                 f" (cache passes {v['prefast-device']['cache_share']:.1%} of its run)"
             )
+        if "freezeout-eager" in v:
+            e = v["freezeout-eager"]["train_seconds"]
+            lines.append(
+                "speed-up over eager freezeout: "
+                + ", ".join(f"{k} {e / r['train_seconds']:.2f}x" for k, r in v.items())
+            )
         if "prefast-zarr" in v and "prefast-device" in v:
             lines.append(
                 f"prefast-zarr / prefast-device wall-clock: "
@@ -532,7 +544,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dtype", default=None)
     p.add_argument("--amp", choices=("none", "bf16"), default=None)
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", choices=("none", "graphs", "inductor"), default=None)
+    p.add_argument("--compile", choices=("auto", "none", "graphs", "inductor"), default=None)
     p.add_argument("--feature-aug", choices=("none", "shift", "shift+flip"), default=None)
     p.add_argument(
         "--full", action="store_true", help="add full training where a scenario omits it"
@@ -544,6 +556,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out",
         default=None,
         help="JSON path (default benchmarks/results/compare-<scenario>-<device>.json)",
+    )
+    p.add_argument(
+        "--eager-baseline",
+        action="store_true",
+        help="add freezeout with eager steps (--compile none) to the run",
     )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", default="none")
+    p.add_argument("--compile", default="auto", choices=("auto", "none", "graphs", "inductor"))
     p.add_argument(
         "--budget-seconds",
         type=float,

@@ -3,22 +3,24 @@
 # zarr, numcodecs, crc32c, tqdm and pytest carried as wheels in .whl: run
 #   EXTRA_WHEELS="tqdm pytest pluggy iniconfig packaging" ../shared/tools/device-wheels
 # in the repo root first and carry .whl). Everything goes under $OUT (at most 8 files come
-# back); each stage gets what is left of GPU_BUDGET_SECONDS (default 540) minus what the later
+# back); each stage gets what is left of GPU_BUDGET_SECONDS (default 530) minus what the later
 # stages need, so the whole script ends inside the budget and keeps what it measured.
 #
 #   OUT=/tmp/out bash benchmarks/gpu.sh
 #
-# 1. the per-boundary step probe, eager vs CUDA graphs (b = 0, 27, 38); the scenario uses
-#    graphs only if they ran here (COMPILE=none|graphs forces a choice)     -> step-probe-gpu.json
-# 2. the 16-epoch scenario: freezeout and prefast on the device, RAM and zarr tiers in one run
-#    (DenseNet-BC-76 k=12, synthetic CIFAR 50,000, bf16, channels_last, batch 256, t0 0.6)
+# 1. the per-boundary step probe, eager vs CUDA graphs (b = 0, 14, 27, 35, 38, 39); the
+#    scenario uses graphs only if they ran here (COMPILE=none|graphs forces a choice)
+#                                                                          -> step-probe-gpu.json
+# 2. the 16-epoch scenario: freezeout and prefast on the device, RAM and zarr tiers in one run,
+#    with freezeout's eager steps beside them (DenseNet-BC-76 k=12, synthetic CIFAR 50,000,
+#    bf16, channels_last, batch 256, t0 0.6)
 #                                                     -> compare-gpu-long.json (or .partial.json)
 # 3. the CUDA tests (graphs vs eager parity, no host sync in a step, write-through on every
 #    tier, the loader and the device tier)                                      -> pytest-gpu.txt
 # 4. raw-store writes and loader feed rates to the GPU                         -> bench-feed-gpu.*
 set -u
 OUT=${OUT:?set OUT to the folder for results}
-DEADLINE=$(( $(date +%s) + ${GPU_BUDGET_SECONDS:-540} ))
+DEADLINE=$(( $(date +%s) + ${GPU_BUDGET_SECONDS:-530} ))
 W=/tmp/prefast-gpu-work  # everything lands here; at most 8 chosen files are copied to $OUT
 mkdir -p "$OUT" "$W"
 left() { echo $(( DEADLINE - $(date +%s) )); }
@@ -46,24 +48,24 @@ cat "$OUT/environment.txt"
 
 echo "== 1. step probe ($(left) s left)"
 timeout 75 python3 benchmarks/step_probe.py --device cuda --modes none graphs \
-  --boundaries 0 27 38 --warmup 5 --steps 20 --repeats 3 --out "$W/step-probe-gpu.json" \
+  --boundaries 0 14 27 35 38 39 --warmup 5 --steps 20 --repeats 3 --out "$W/step-probe-gpu.json" \
   > "$W/step-probe-gpu.log" 2>&1
 tail -6 "$W/step-probe-gpu.log"
 if [ -z "${COMPILE:-}" ]; then
   COMPILE=none
-  python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows']; sys.exit(0 if sum(x['mode']=='graphs' for x in r)==3 else 1)" \
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows']; sys.exit(0 if sum(x['mode']=='graphs' for x in r)==6 else 1)" \
     "$W/step-probe-gpu.json" 2>/dev/null && COMPILE=graphs
 fi
 
 echo "== 2. 16 epochs, every tier, --compile $COMPILE ($(left) s left)"
-timeout $(( $(left) - 150 )) python3 benchmarks/compare.py --scenario cifar-gpu-long \
-  --compile "$COMPILE" --no-progress --no-plot --cache-dir /tmp/prefast-bench \
+timeout $(( $(left) - 70 )) python3 benchmarks/compare.py --scenario cifar-gpu-long \
+  --compile "$COMPILE" --eager-baseline --no-progress --no-plot --cache-dir /tmp/prefast-bench \
   --out "$W/compare-gpu-long.json" > "$W/compare-gpu-long.log" 2>&1
 tail -16 "$W/compare-gpu-long.log"
 rm -rf /tmp/prefast-bench
 
 echo "== 3. CUDA tests ($(left) s left)"
-timeout $(( $(left) - 55 )) python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
+timeout $(( $(left) - 30 )) python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
   > "$W/pytest-gpu.txt" 2>&1
 tail -8 "$W/pytest-gpu.txt"
 

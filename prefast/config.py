@@ -34,7 +34,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "recache_policy": RECACHE_POLICIES,
     "device": DEVICES,
     "amp": AMP,
-    "compile": ("none", "graphs", "inductor"),
+    "compile": ("auto", "none", "graphs", "inductor"),
     "feature_aug": ("none", "shift", "shift+flip"),
     "recache_mode": ("write-through", "pass"),
 }
@@ -155,10 +155,11 @@ class TrainConfig:
     amp: str = opt("none", "machine", "bf16 autocast (CUDA) (default %(default)s)")
     channels_last: bool = opt(False, "machine", "channels_last memory format (CUDA)")
     compile: str = opt(
-        "none",
+        "auto",
         "machine",
         "run each training step as a captured CUDA graph (graphs, CUDA only), with "
-        "torch.compile'd units (inductor), or eagerly (default %(default)s)",
+        "torch.compile'd units (inductor), or eagerly (none); auto: graphs on one CUDA "
+        "device, none on the CPU and under torchrun (default %(default)s)",
     )
     sync_bn: bool = opt(
         False, "machine", "under torchrun on CUDA: SyncBatchNorm in the trainable units"

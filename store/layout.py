@@ -87,6 +87,9 @@ def dimension_names(sample_ndim: int) -> tuple[str, ...]:
     return tuple(f"dim_{k}" for k in range(sample_ndim))
 
 
+PAGE_BYTES = 4096
+
+
 def default_chunk_samples(sample_shape: tuple[int, ...], dtype: str, num_samples: int) -> int:
     """Samples per chunk so that one chunk holds about 8 MiB uncompressed, evened out over the
     chunks: a raw chunk file is always written whole, so the last chunk's padding (fewer than
@@ -95,7 +98,12 @@ def default_chunk_samples(sample_shape: tuple[int, ...], dtype: str, num_samples
     sample_bytes = math.prod(sample_shape) * DTYPES[dtype][0].itemsize
     target = max(1, min(num_samples, round(DEFAULT_CHUNK_BYTES / max(sample_bytes, 1))))
     chunks = -(-num_samples // target)
-    return max(1, -(-num_samples // chunks))
+    cs = max(1, -(-num_samples // chunks))
+    # a whole number of 4 KiB pages per chunk where that costs a few samples at most: the
+    # reader then maps all chunks side by side and gathers a batch in one call
+    step = PAGE_BYTES // math.gcd(sample_bytes, PAGE_BYTES) if sample_bytes else 1
+    aligned = -(-cs // step) * step
+    return aligned if aligned <= num_samples and aligned - cs <= max(8, cs // 16) else cs
 
 
 @dataclass(frozen=True)

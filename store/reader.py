@@ -20,8 +20,11 @@ gets ``StoreCorruptError``, never the new store's values.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import resource
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -164,6 +167,129 @@ class _MemmapChunks:
             self._maps.clear()
 
 
+_PROT_NONE, _PROT_READ = 0, 1
+_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 1, 2, 0x10, 0x20, 0x4000
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+    ]  # fmt: skip
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+class _Region:
+    """One reserved range of address space, unmapped when the last array over it is gone (the
+    arrays made from it keep it alive through ``__array_interface__``)."""
+
+    def __init__(self, libc: Any, size: int, shape: tuple[int, ...], typestr: str) -> None:
+        self.libc = libc
+        self.size = size
+        addr = libc.mmap(
+            None, size, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0
+        )
+        if addr in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "cannot reserve address space for a store map")
+        self.addr = int(addr)
+        self.__array_interface__ = {
+            "shape": shape,
+            "typestr": typestr,
+            "data": (self.addr, True),
+            "version": 3,
+        }
+
+    def __del__(self) -> None:
+        if getattr(self, "addr", 0):
+            self.libc.munmap(self.addr, self.size)
+            self.addr = 0
+
+
+class _ContiguousMap:
+    """Every chunk file of a raw local store mapped side by side into one reserved range of
+    address space, so that view ``v`` is one array (samples, *sample_shape) and a shuffled
+    batch is gathered with a single ``np.take`` (which releases the GIL: several threads gather
+    parts of a batch in parallel). A chunk is mapped, and CRC-checked, when a read first
+    touches it; a chunk never touched stays unmapped. Needs Linux and chunks whose byte size is
+    a multiple of the page size (``usable``); otherwise the store uses ``_MemmapChunks``."""
+
+    @staticmethod
+    def usable(layout: StoreLayout) -> bool:
+        chunk_bytes = layout.chunk_samples * layout.sample_bytes
+        return sys.platform.startswith("linux") and chunk_bytes % mmap.PAGESIZE == 0
+
+    def __init__(self, files: _MemmapChunks, crcs: np.ndarray | None) -> None:
+        lay = files.layout
+        self.files = files
+        self.layout = lay
+        self.crcs = crcs
+        self.chunk_bytes = lay.chunk_samples * lay.sample_bytes
+        self.span = lay.num_chunks * self.chunk_bytes  # bytes of one view
+        cap = lay.num_chunks * lay.chunk_samples
+        self._libc = _libc()
+        self._region = _Region(
+            self._libc,
+            lay.views * self.span,
+            (lay.views, cap, *lay.sample_shape),
+            np.dtype(lay.np_dtype).newbyteorder("<").str,
+        )
+        self._all = np.asarray(self._region)  # (views, cap, *sample_shape), read-only by mapping
+        self._ready = np.zeros((lay.views, lay.num_chunks), dtype=bool)
+        self._lock = threading.Lock()
+
+    def view(self, view: int) -> np.ndarray:
+        return self._all[view]
+
+    def ensure(self, view: int, chunks: np.ndarray) -> None:
+        """Map (and check) the chunks of ``view`` not mapped yet; they must be written."""
+        todo = chunks[~self._ready[view, chunks]]
+        if todo.size == 0:
+            return
+        with self._lock:
+            for c in todo.tolist():
+                if not self._ready[view, c]:
+                    self._map(view, c)
+                    self._ready[view, c] = True
+
+    def _map(self, view: int, chunk: int) -> None:
+        f = self.files.file(view, chunk)
+        name = f"chunk (view {view}, chunk {chunk}, {_samples(self.layout, chunk)})"
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except FileNotFoundError:
+            raise StoreCorruptError(
+                f"{f}: {name} is marked written but its file is missing"
+            ) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != self.chunk_bytes:
+                raise StoreCorruptError(
+                    f"{f}: {name} has {size} bytes, expected {self.chunk_bytes} "
+                    "(truncated or not a raw chunk); rebuild the store or resume it after "
+                    "deleting this file"
+                )
+            at = self._region.addr + view * self.span + chunk * self.chunk_bytes
+            got = self._libc.mmap(at, self.chunk_bytes, _PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)
+            if got != at:
+                raise OSError(ctypes.get_errno(), f"{f}: cannot map {name}")
+        finally:
+            os.close(fd)
+        if self.crcs is not None:
+            c0, c1 = self.layout.chunk_range(chunk)
+            got_crc = chunk_crc(self._all[view, c0:c1])
+            want = int(self.crcs[view, chunk])
+            if got_crc != want:
+                # unmap again: a later read must not see the bad chunk as checked
+                self._libc.mmap(
+                    at, self.chunk_bytes, _PROT_NONE,
+                    _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED, -1, 0,
+                )  # fmt: skip
+                raise _mismatch(f, name, want, got_crc)
+
+
 class ActivationStore:
     """A read-only view of a store. Use ``store.open(path)``."""
 
@@ -192,6 +318,11 @@ class ActivationStore:
         self._mm = (
             _MemmapChunks(root, self.layout, crcs if checksums else None, self.path)
             if root is not None and self.layout.codec is None
+            else None
+        )
+        self._cm = (
+            _ContiguousMap(self._mm, crcs if checksums else None)
+            if self._mm is not None and _ContiguousMap.usable(self.layout)
             else None
         )
 
@@ -322,6 +453,9 @@ class ActivationStore:
         against its CRC (see the module's docstring)."""
         self._check_chunk_index(view, chunk)
         c0, c1 = self.layout.chunk_range(chunk)
+        if self._cm is not None:
+            self._cm.ensure(view, np.array([chunk]))
+            return np.array(self._cm.view(view)[c0:c1])
         if self._mm is not None:
             return np.array(self._mm.get(view, chunk)[: c1 - c0])
         data = self._decode(view, chunk)
@@ -394,17 +528,26 @@ class ActivationStore:
         """Gather samples ``indices`` of ``view`` into ``out[positions]`` (all of ``out`` when
         positions is None; stored numpy dtype), never through a per-sample zarr call.
 
-        Memory-mapped: a shuffled batch touches nearly as many chunks as it has samples, so it
-        is copied sample by sample from the mapped chunks (one small memcpy each); a batch
-        concentrated in few chunks is copied one vectorised gather per chunk. Compressed: each
-        chunk touched is decoded once."""
+        Memory-mapped with page-aligned chunks: one ``np.take`` over the side-by-side map of
+        all chunks. Other memory-mapped stores: a shuffled batch touches nearly as many chunks
+        as it has samples, so it is copied sample by sample from the mapped chunks (one small
+        memcpy each); a batch concentrated in few chunks is copied one vectorised gather per
+        chunk. Compressed: each chunk touched is decoded once."""
         cs = self.chunk_samples
         chunk_of = indices // cs
-        offsets = indices - chunk_of * cs
         touched = np.unique(chunk_of)
         unwritten = touched[self._crcs[view, touched] < 0]
         if unwritten.size:
             self._check_chunk_written(view, int(unwritten[0]))
+        if self._cm is not None:
+            self._cm.ensure(view, touched)
+            src = self._cm.view(view)
+            if positions is None:
+                np.take(src, indices, axis=0, out=out)
+            else:
+                out[positions] = np.take(src, indices, axis=0)
+            return
+        offsets = indices - chunk_of * cs
         pos = np.arange(len(indices)) if positions is None else positions
         if self._mm is not None and 4 * len(touched) > len(indices):
             maps = {int(c): self._mm.get(view, int(c)) for c in touched}
@@ -441,6 +584,7 @@ class ActivationStore:
     def close(self) -> None:
         if self._mm is not None:
             self._mm.close()
+        self._cm = None  # its address range is unmapped once no array over it is left
 
     # ---- as a labelled array ------------------------------------------------------------
     def to_xarray(self) -> Any:

