@@ -6,8 +6,10 @@ exact global permutation for random-access sources (memory-mapped raw stores, bo
 tiers), chunk streaming with a shuffle window for compressed or remote stores. This module
 does the rest: a bounded prefetch queue on a background thread (or the caller's thread with
 ``prefetch=0``), resume from ``start_batch``, and, with a CUDA device, gathers into pinned
-host buffers copied with ``non_blocking=True`` on a side stream; the consumer's stream waits
-on the copy's event.
+host buffers (on ``gather_workers`` threads). The copies to the device are issued by the
+consuming thread, one batch ahead, on a side stream it owns: the background threads make no
+CUDA stream or event calls, so nothing crosses threads but host tensors, and a training
+thread capturing CUDA graphs is never disturbed.
 """
 
 from __future__ import annotations
@@ -36,14 +38,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-class _Slot:
-    """A pinned host buffer and the event of its last copy to the device."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        self.host = torch.empty(shape, dtype=dtype, pin_memory=True)
-        self.event: torch.cuda.Event | None = None
 
 
 class StoreLoader:
@@ -149,8 +143,7 @@ class StoreLoader:
         if self.prefetch == 0:
             # No background thread: each batch is gathered when asked for. On a CPU-only
             # machine this keeps the gather from competing with the compute threads.
-            for item in self._items(threading.Event(), self.epoch, self.start_batch):
-                yield self._deliver(item)
+            yield from self._deliver(self._items(threading.Event(), self.epoch, self.start_batch))
             return
         self._stop = threading.Event()
         q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
@@ -162,26 +155,58 @@ class StoreLoader:
             daemon=True,
         )
         self._thread.start()
-        try:
+
+        def from_queue() -> Iterator[Any]:
             while True:
                 item = self._get(q)
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield self._deliver(item)
+                yield item
+
+        try:
+            yield from self._deliver(from_queue())
         finally:
             self.close()
 
-    def _deliver(self, item: Any) -> tuple[torch.Tensor, ...]:
-        """A produced batch, made safe to use on the consumer's CUDA stream."""
-        x, y, ids, event = item
-        if event is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(event)
-            x.record_stream(stream)
-            y.record_stream(stream)
-        return (x, y, ids) if self.with_indices else (x, y)
+    def _deliver(self, items: Iterator[Any]) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Host batches as the caller's batches. For a CUDA device, batch k + 1's copy is
+        issued on a side stream before batch k is handed over, so it overlaps batch k's work;
+        the caller's stream waits for a batch's copy (an event on this thread) before using
+        it. The pinned host buffers return to torch's pinned-memory cache only after their
+        copies are done (torch records the copy on them)."""
+        if self.device.type != "cuda":
+            for x, y, ids in items:
+                yield (x, y, ids) if self.with_indices else (x, y)
+            return
+        side = torch.cuda.Stream(self.device)
+
+        def issue(item: Any) -> tuple[Any, ...]:
+            x, y, ids = item
+            with torch.cuda.stream(side):
+                xd = x.to(self.device, non_blocking=True)
+                yd = y.to(self.device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(side)
+            return xd, yd, ids, done
+
+        ahead = None
+        for item in items:
+            nxt = issue(item)
+            if ahead is not None:
+                yield self._ready(ahead)
+            ahead = nxt
+        if ahead is not None:
+            yield self._ready(ahead)
+
+    def _ready(self, issued: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        xd, yd, ids, done = issued
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(done)
+        xd.record_stream(stream)
+        yd.record_stream(stream)
+        return (xd, yd, ids) if self.with_indices else (xd, yd)
 
     def _get(self, q: queue.Queue[Any]) -> Any:
         while True:
@@ -230,37 +255,20 @@ class StoreLoader:
             self._put(q, stop, e)
 
     def _items(self, stop: threading.Event, epoch: int, start_batch: int) -> Iterator[Any]:
-        """(x, y, ids, event) per batch: gathered on the host (into pinned buffers and copied on
-        a side stream when the device is CUDA; event marks the copy)."""
+        """(x, y, ids) per batch on the host: x gathered into a fresh buffer, pinned when the
+        device is CUDA (torch's pinned-memory cache makes that cheap after the first batches)."""
         shape = (self.batch_size, *self.source.sample_shape)
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        slots = (
-            [_Slot(shape, self.source.dtype) for _ in range(self.prefetch + 2)]
-            if stream is not None
-            else []
-        )
+        pin = self.device.type == "cuda"
         for b, batch in enumerate(self.sampling.batches(epoch)):
             if stop.is_set():
                 return
             if b < start_batch:
                 continue
             n = batch.size
-            if stream is not None:
-                slot = slots[b % len(slots)]
-                if slot.event is not None:
-                    slot.event.synchronize()  # the previous copy out of this buffer is done
-                ids = batch.fill(slot.host[:n])
-                y = self._labels[ids]
-                with torch.cuda.stream(stream):
-                    x = slot.host[:n].to(self.device, non_blocking=True)
-                    yd = y.pin_memory().to(self.device, non_blocking=True)
-                    slot.event = torch.cuda.Event()
-                    slot.event.record(stream)
-                yield (x, yd, ids, slot.event)
-            else:
-                out = torch.empty(shape, dtype=self.source.dtype)
-                ids = batch.fill(out[:n])
-                yield (out[:n], self._labels[ids], ids, None)
+            out = torch.empty(shape, dtype=self.source.dtype, pin_memory=pin)
+            ids = batch.fill(out[:n])
+            y = self._labels[ids]
+            yield (out[:n], y.pin_memory() if pin else y, ids)
 
     # ---- shutdown -------------------------------------------------------------------------
     def close(self) -> None:

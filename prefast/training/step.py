@@ -20,9 +20,11 @@ Three ways to run it (``--compile``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +140,7 @@ class StepRunner:
         # dropping the last step graph leaves the pool unowned while tensors allocated in it
         # (the gradients) live on, and the next capture into it fails an allocator assert.
         self._keeper: torch.cuda.CUDAGraph | None = None
+        self._side: torch.cuda.Stream | None = None  # eager warm-up steps run here
         self.capture_seconds = 0.0
         self.captures = 0
         # inductor: one compiled callable per unit and the head, built once, reused everywhere
@@ -268,14 +271,19 @@ class StepRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.optimizer is None:
             raise RuntimeError("StepRunner.configure() was never called")
-        s = torch.cuda.Stream(self.device)
+        s = self._side_stream()
         s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
+        with torch.cuda.stream(s), _quiet_stream_mismatch():
             self.optimizer.zero_grad()
             loss, out, tapped = self._compute(h, y, aug)
         torch.cuda.current_stream(self.device).wait_stream(s)
         self._eager_steps += 1
         return loss, out, tapped
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
 
     def _capture(
         self, key: GraphKey, h: torch.Tensor, y: torch.Tensor, aug: Aug | None
@@ -294,7 +302,10 @@ class StepRunner:
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loader's and the cache writer's threads keep copying on their own
         # streams while this thread captures (their calls are not part of the capture)
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with (
+            torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+            _quiet_stream_mismatch(),
+        ):
             loss, out, tapped = self._compute(x_static, y_static, aug_static)
         self._graph = _Graph(key, graph, x_static, y_static, aug_static, loss, out, tapped)
         graph.replay()  # capture records the work; replaying runs this step
@@ -308,6 +319,16 @@ class StepRunner:
             1e3 * (time.perf_counter() - t),
         )
         return loss, out, tapped
+
+
+@contextlib.contextmanager
+def _quiet_stream_mismatch() -> Iterator[None]:
+    """Autograd warns when a gradient-accumulation node made on one stream (an eager warm-up
+    step on the side stream) meets a backward on another (the capture stream). Warm-up,
+    capture and replay are ordered by stream waits, so here the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
+        yield
 
 
 def _graph_autocast(device: torch.device, amp: str) -> torch.autocast | _NoAutocast:
