@@ -364,7 +364,44 @@ def compare_checks(path: Path, cfg: Config) -> dict[str, Any]:
     return rec
 
 
-COMPARISONS = {"checks": compare_checks}
+def compare_dataset(path: Path, cfg: Config) -> dict[str, Any]:
+    """One shuffled epoch of the raw store through ``StoreLoader`` and through a
+    ``torch.utils.data.DataLoader`` over ``store.ActivationDataset`` (batches gathered by
+    ``__getitems__``, default collate, no workers), alternating, in this process."""
+    from torch.utils.data import DataLoader
+
+    s = store.open(path)
+    times: dict[str, list[float]] = {"StoreLoader": [], "DataLoader": []}
+    for r in range(cfg.repeats + 1):  # round 0 is the warm-up
+        for name in ("StoreLoader", "DataLoader") if r % 2 == 0 else ("DataLoader", "StoreLoader"):
+            if name == "StoreLoader":
+                loader = store.StoreLoader(
+                    s, batch_size=cfg.batch_size, seed=cfg.seed, prefetch=cfg.prefetch
+                )
+                t, _ = _epoch(loader, r)
+            else:
+                ds = store.ActivationDataset(s, epoch=r, seed=cfg.seed)
+                dl = DataLoader(
+                    ds,
+                    batch_size=cfg.batch_size,
+                    shuffle=True,
+                    generator=torch.Generator().manual_seed(cfg.seed + r),
+                )
+                checksum = 0.0
+                t0 = time.perf_counter()
+                for x, _ in dl:
+                    checksum += x.flatten(1)[:, 0].double().sum().item()
+                t = time.perf_counter() - t0
+            if r > 0:
+                times[name].append(t)
+    n = s.num_samples
+    rec: dict[str, Any] = {k: summarize(v) for k, v in times.items()}
+    rec["samples_per_s"] = {k: n / rec[k]["median"] for k in times}
+    rec["dataloader_vs_storeloader"] = _ratio(rec["DataLoader"], rec["StoreLoader"])
+    return rec
+
+
+COMPARISONS = {"checks": compare_checks, "dataset": compare_dataset}
 
 
 def run_compare_subprocess(name: str, path: Path, cfg: Config, workdir: Path) -> dict[str, Any]:
@@ -448,6 +485,14 @@ def format_comparisons(c: dict[str, Any]) -> list[str]:
             f"({f['checked']['median']:.3f} s checked vs {f['unchecked']['median']:.3f} s), "
             f"later epochs {k['later_epoch_ratio']:.3f}x ({l_['checked']['median']:.3f} vs "
             f"{l_['unchecked']['median']:.3f} s); CRC-32C alone {k['crc32c_gb_per_s']:.1f} GB/s"
+        )
+    if "dataset" in c:
+        k = c["dataset"]
+        out.append(
+            f"  raw store, one shuffled epoch: DataLoader over ActivationDataset "
+            f"{k['samples_per_s']['DataLoader']:,.0f} samples/s, StoreLoader "
+            f"{k['samples_per_s']['StoreLoader']:,.0f} samples/s (time ratio "
+            f"{k['dataloader_vs_storeloader']:.3f}x)"
         )
     return out
 

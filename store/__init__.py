@@ -13,6 +13,7 @@ are the on-disk tier, ``tiers`` the in-memory ones, ``sampling`` and ``loader`` 
 >>> store.stats(s).mean, store.show(s, 0).savefig("sample0.png"), store.verify(s).ok
 """
 
+from store.dataset import ActivationDataset
 from store.errors import (
     NotAStoreError,
     StoreCorruptError,
@@ -40,6 +41,7 @@ from store.writer import StoreWriter, create, finalize
 
 __all__ = [
     "FORMAT_VERSION",
+    "ActivationDataset",
     "ActivationSink",
     "ActivationSource",
     "ActivationStore",

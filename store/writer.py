@@ -228,7 +228,7 @@ def create(
         info = StoreInfo(layout=layout, meta=meta, complete=False, created=_now())
         group = zarr.create_group(str(root), zarr_format=3, attributes={ATTRS_KEY: info.to_dict()})
         _create_arrays(group, layout)
-        log.info("created store %s: %s", root, layout)
+        log.debug("created store %s: %s", root, layout)
         return StoreWriter(root, group, info, lock, rank, world_size, workers, max_pending)
     except BaseException:
         lock.release()
@@ -303,7 +303,7 @@ def _create_remote(
         url, zarr_format=3, overwrite=True, attributes={ATTRS_KEY: info.to_dict()}
     )
     _create_arrays(group, layout)
-    log.info("created remote store %s (no writer lock on object stores): %s", url, layout)
+    log.debug("created remote store %s (no writer lock on object stores): %s", url, layout)
     return StoreWriter(url, group, info, None, rank, world_size, workers, max_pending)
 
 
@@ -755,7 +755,7 @@ class StoreWriter:
                 )
             if self.world_size == 1 and self.complete and not self._info.complete:
                 self._info = _mark_complete(self._group, self._info)
-                log.info("store %s complete (%d chunks written)", self.path, self.chunks_written)
+                log.debug("store %s complete (%d chunks written)", self.path, self.chunks_written)
             elif self.world_size == 1 and not self.complete:
                 log.warning("store %s left incomplete; missing %s", self.path, self.missing[:8])
         finally:

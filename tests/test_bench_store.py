@@ -55,6 +55,10 @@ def test_bench_store_quick(tmp_path: Path) -> None:
     checks = res["comparisons"]["checks"]
     assert checks["first_epoch_ratio"] > 0 and checks["later_epoch_ratio"] > 0
     assert "chunk checksums, raw store" in r.stdout
+    ds = res["comparisons"]["dataset"]
+    assert set(ds["samples_per_s"]) == {"StoreLoader", "DataLoader"}
+    assert all(v > 0 for v in ds["samples_per_s"].values())
+    assert "DataLoader over ActivationDataset" in r.stdout
 
     # The stores are deleted unless --keep.
     assert not work.exists() or not any(work.iterdir())

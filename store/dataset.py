@@ -1,0 +1,138 @@
+"""``ActivationDataset``: a map-style ``torch.utils.data.Dataset`` over any cache tier.
+
+For users of ``torch.utils.data.DataLoader`` (their own sampler, collate, ``num_workers``,
+Lightning, Accelerate). Sample ``i`` is ``(x, y)``: x (sample_shape,) in the stored dtype, y an
+int64 scalar. ``__getitems__`` gathers a whole batch of indices in one call (the path the
+DataLoader takes with a batch sampler), through the same ``gather`` as ``StoreLoader``.
+
+Which view a sample reads: a fixed ``view``, or (``view=None``) the view ``store.order``
+assigns to it in epoch ``epoch`` (the one ``StoreLoader`` reads), changed with ``set_epoch``.
+
+Workers: a store-backed dataset reopens its store in each worker process (memory maps and
+locks are never shared across a fork); a RAM tier is shared as the tensor it is; a device tier
+cannot go to worker processes (CUDA does not survive a fork) and says so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from store.errors import StoreInputError
+from store.order import epoch_views
+from store.protocols import ActivationSource
+from store.reader import ActivationStore
+
+
+class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """(x, y) per sample of ``source``; see the module docstring."""
+
+    def __init__(
+        self,
+        source: ActivationSource,
+        view: int | None = None,
+        epoch: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(source, ActivationSource):
+            raise StoreInputError(
+                f"source must be an ActivationStore, RamCache or DeviceCache, got {type(source).__name__}"
+            )
+        if view is not None and not 0 <= view < source.views:
+            raise StoreInputError(f"view {view} out of range [0, {source.views})")
+        if epoch < 0:
+            raise StoreInputError(f"epoch must be >= 0, got {epoch}")
+        self._source: ActivationSource | None = source
+        self._path = source.path if isinstance(source, ActivationStore) else None
+        self._checksums = source.checksums if isinstance(source, ActivationStore) else True
+        self._pid = os.getpid()
+        self.view = view
+        self.seed = seed
+        self.num_samples = source.num_samples
+        self.views = source.views
+        self.sample_shape = source.sample_shape
+        self.dtype = source.dtype
+        self.device = source.device
+        self.labels = source.labels.cpu()
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """With ``view=None``: read each sample's view of epoch ``epoch``."""
+        if epoch < 0:
+            raise StoreInputError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+        if self.view is None:
+            self._views = epoch_views(self.num_samples, self.views, self.seed, epoch)
+        else:
+            self._views = np.full(self.num_samples, self.view, dtype=np.int64)
+
+    # ---- the source, reopened in a worker process ---------------------------------------
+    @property
+    def source(self) -> ActivationSource:
+        stale = self._path is not None and os.getpid() != self._pid  # a store, forked
+        if self._source is None or stale:
+            if self._path is None:
+                raise StoreInputError("this dataset's in-memory tier did not reach this process")
+            from store.reader import open as open_store
+
+            self._source = open_store(self._path, checksums=self._checksums)
+            self._pid = os.getpid()
+        return self._source
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self._path is not None:
+            state["_source"] = None  # reopened where it lands
+        elif self.device.type != "cpu":
+            raise StoreInputError(
+                "a device-tier ActivationDataset cannot be sent to DataLoader worker processes; "
+                "use num_workers=0 (its reads are device operations already)"
+            )
+        return state
+
+    # ---- the Dataset protocol -----------------------------------------------------------
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _index(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = self.num_samples
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"sample index out of range [0, {n})")
+        return idx
+
+    def _gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        src = self.source
+        out = torch.empty((len(idx), *self.sample_shape), dtype=self.dtype, device=self.device)
+        src.gather(self._views[idx], idx, out)
+        return out, self.labels[torch.from_numpy(idx)]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._gather(self._index([int(i)]))
+        return x[0], y[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A batch in one gather; returned as per-sample pairs (views of the batch), which
+        the DataLoader's default collate stacks back."""
+        x, y = self._gather(self._index(indices))
+        return list(zip(x.unbind(0), y.unbind(0), strict=True))
+
+    def batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch as two stacked tensors (x (B, *sample_shape), y (B,)), one gather."""
+        return self._gather(self._index(indices))
+
+    def __repr__(self) -> str:
+        view = "per epoch" if self.view is None else str(self.view)
+        return (
+            f"ActivationDataset({self.num_samples} samples of {self.sample_shape}, view {view}, "
+            f"epoch {self.epoch}, {type(self._source).__name__})"
+        )
+
+
+__all__ = ["ActivationDataset"]

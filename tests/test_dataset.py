@@ -1,0 +1,81 @@
+"""store.ActivationDataset under a real torch DataLoader (0 and 2 workers), every tier."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import store
+from tests.store_helpers import SHAPE, VIEWS, N, encoded, labels_for, write_store
+
+
+@pytest.fixture(scope="module")
+def tiers(tmp_path_factory):
+    x, y = encoded(), labels_for()
+    raw = write_store(tmp_path_factory.mktemp("ds") / "raw", x, y, dtype="float32")
+    return x, y, {"zarr": raw, "ram": store.RamCache.from_store(raw)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("tier", ["zarr", "ram"])
+def test_a_dataloader_sees_every_sample_once_with_its_value(tiers, tier, workers):
+    x, y, sources = tiers
+    ds = store.ActivationDataset(sources[tier], view=1)
+    assert len(ds) == N
+    # batch_size=10: the DataLoader hands each batch's indices to __getitems__ in one call
+    loader = DataLoader(ds, batch_size=10, shuffle=True, num_workers=workers,
+                        generator=torch.Generator().manual_seed(3))  # fmt: skip
+    seen = []
+    for xb, yb in loader:
+        assert xb.shape[1:] == SHAPE and xb.dtype == torch.float32 and yb.dtype == torch.int64
+        ids = xb.reshape(len(xb), -1)[:, 0].long() % 10000  # element 0 encodes the sample
+        assert torch.equal(xb, x[1, ids]) and torch.equal(yb, y[ids])
+        seen.append(ids)
+    assert sorted(torch.cat(seen).tolist()) == list(range(N))
+
+
+def test_per_epoch_views_follow_the_store_order(tiers):
+    x, y, sources = tiers
+    ds = store.ActivationDataset(sources["zarr"], seed=4, epoch=2)
+    views = store.order.epoch_views(N, VIEWS, 4, 2)
+    for i in (0, 57, 116, -1):
+        xi, yi = ds[i]
+        j = i % N
+        assert torch.equal(xi, x[views[j], j]) and int(yi) == int(y[j])
+    ds.set_epoch(3)
+    views3 = store.order.epoch_views(N, VIEWS, 4, 3)
+    xb, yb = ds.batch([5, 6, 7])
+    assert torch.equal(xb, x[views3[[5, 6, 7]], [5, 6, 7]]) and torch.equal(yb, y[[5, 6, 7]])
+    pairs = ds.__getitems__([116, 0])
+    assert len(pairs) == 2 and torch.equal(pairs[0][0], x[views3[116], 116])
+
+
+def test_a_store_dataset_reopens_after_pickling_and_bad_input_is_refused(tiers):
+    x, _, sources = tiers
+    ds = store.ActivationDataset(sources["zarr"], view=2)
+    back = pickle.loads(pickle.dumps(ds))
+    assert back._source is None  # reopened on first use
+    assert torch.equal(back[9][0], x[2, 9])
+    with pytest.raises(IndexError):
+        ds[N]
+    with pytest.raises(store.StoreInputError, match="view 3"):
+        store.ActivationDataset(sources["ram"], view=3)
+    with pytest.raises(store.StoreInputError, match="source"):
+        store.ActivationDataset(np.zeros(3))  # type: ignore[arg-type]
+    dev = store.DeviceCache.from_store(sources["zarr"], "cpu")
+    assert torch.equal(store.ActivationDataset(dev, view=0)[3][0], x[0, 3])
+
+
+def test_xarray_opens_a_store(tiers):
+    xr = pytest.importorskip("xarray")
+    x, y, sources = tiers
+    ds = xr.open_zarr(sources["zarr"].path, consolidated=False, zarr_format=3)
+    a = ds["activations"]
+    assert a.dims == ("view", "sample", "channel", "y", "x")
+    assert ds["labels"].dims == ("sample",)
+    np.testing.assert_array_equal(a.isel(view=1, sample=[4, 100]).values, x[1, [4, 100]].numpy())
+    np.testing.assert_array_equal(ds["labels"].values, y.numpy())
