@@ -627,10 +627,7 @@ class StoreWriter:
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
-        assert self._raw_root is not None
-        f = _zarr.chunk_file(
-            self._raw_root, ACTIVATIONS, (view, chunk, *([0] * len(self.layout.sample_shape)))
-        )
+        f = self._raw_file(view, chunk)
         f.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
         size = self.layout.chunk_samples * self.layout.sample_bytes
@@ -692,7 +689,8 @@ class StoreWriter:
             self.chunks_written += 1
 
     def _raw_file(self, view: int, chunk: int) -> Path:
-        assert self._raw_root is not None
+        if self._raw_root is None:  # only raw local stores write chunk files directly
+            raise StoreError(f"{self.path}: not a raw local store")
         return _zarr.chunk_file(
             self._raw_root, ACTIVATIONS, (view, chunk, *([0] * len(self.layout.sample_shape)))
         )
