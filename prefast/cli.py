@@ -42,8 +42,8 @@ TRAIN_EXAMPLES = """examples:
 """
 
 VERIFY_EXAMPLES = """examples:
-  prefast verify runs/fmnist/cache/boundary-013 --checkpoint runs/fmnist/last.pt --samples 16
-  prefast verify runs/fmnist/cache/boundary-013 --checkpoint runs/fmnist/last.pt --json
+  prefast verify runs/fmnist/cache/run-KEY/boundary-003 --checkpoint runs/fmnist/last.pt --samples 16
+  prefast verify runs/fmnist/cache/run-KEY/boundary-003 --checkpoint runs/fmnist/last.pt --json
 """
 
 # Model arguments with flags of their own (they go into TrainConfig.model_args).

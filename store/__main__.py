@@ -18,12 +18,12 @@ from store.tools.inspect import format_summary, summary
 from store.tools.stats import format_stats, histogram, plot_stats
 
 EXAMPLES = """examples:
-  python -m store inspect runs/fmnist/cache/boundary-007
-  python -m store inspect runs/fmnist/cache/boundary-007 --json
-  python -m store stats runs/fmnist/cache/boundary-007 --out stats.json --hist hist.png
-  python -m store show runs/fmnist/cache/boundary-007 --sample 0 -o sample0.png
-  python -m store show runs/fmnist/cache/boundary-007 --sample 0 --compare-views --channels 6 -o views.png
-  python -m store verify runs/fmnist/cache/boundary-007
+  python -m store inspect runs/fmnist/cache/run-KEY/boundary-003
+  python -m store inspect runs/fmnist/cache/run-KEY/boundary-003 --json
+  python -m store stats runs/fmnist/cache/run-KEY/boundary-003 --out stats.json --hist hist.png
+  python -m store show runs/fmnist/cache/run-KEY/boundary-003 --sample 0 -o sample0.png
+  python -m store show runs/fmnist/cache/run-KEY/boundary-003 --sample 0 --compare-views --channels 6 -o views.png
+  python -m store verify runs/fmnist/cache/run-KEY/boundary-003
   python -m store diff /tmp/a-float32 /tmp/b-float16
 """
 
