@@ -592,9 +592,10 @@ class StoreWriter:
         runs = np.split(np.arange(order.size), breaks)
         touched = np.unique(cs_of)
         jobs = []
-        for c in touched.tolist():  # opened first: each stays open for this call
-            self._chunk_fd(view, c)
         parallel = self._workers > 1 and len(runs) >= 64 and 2 * len(touched) <= self._fd_capacity
+        if parallel:  # opened first: each stays open while the threads write
+            for c in touched.tolist():
+                self._chunk_fd(view, c)
         for run in runs:
             c = int(cs_of[run[0]])
             fd = self._chunk_fd(view, c) if not parallel else self._fds[(view, c)]
