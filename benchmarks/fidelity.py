@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, environment, write_json
+from benchmarks.common import RESULTS_DIR, environment, git_commit, write_json
 from prefast import TrainConfig, train
 
 log = logging.getLogger("fidelity")
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         runs_path.unlink()
     done = {(r["name"], r["seed"]) for r in rows}
     start = time.perf_counter()
+    commit = git_commit()  # once, at start: the code the runs below are measured with
     base = dict(
         dataset=args.dataset, num_samples=args.num_samples, data_root=args.data_root, subset=args.subset, model=args.model,
         model_args={"depth": args.depth, "growth": args.growth}, epochs=args.epochs, batch_size=args.batch_size,
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             "cache_build_seconds": r.summary["total_cache_build_seconds"],
             "cache_boundary": r.summary["cache_boundary"],
             "curve": [x["test_error"] for x in r.records],
+            "commit": commit,
         }
         rows.append(row)
         with runs_path.open("a") as f:
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         out,
         {
             "config": base,
-            "variants": {n: VARIANTS[n] for n in args.variants},
+            # every variant the file holds, also those kept by --resume from earlier calls
+            "variants": {n: VARIANTS[n] for n in dict.fromkeys(r["name"] for r in rows)},
             "seeds": args.seeds,
             "runs": rows,
             "summary": summary,
