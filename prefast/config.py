@@ -132,8 +132,8 @@ class TrainConfig:
     recache_mode: str = opt(
         "write-through",
         "cache (prefast mode)",
-        "how a new cache is written: by the training steps of the epoch after a freeze "
-        "(write-through; falls back to passes where rows cannot be written: compressed or "
+        "how a new cache is written: by the training steps from the freeze to the epoch's "
+        "end, plus a catch-up pass over the epoch's earlier samples (write-through; falls back to passes where rows cannot be written: compressed or "
         "remote stores, several views, torchrun), or by a separate pass at the freeze (pass) "
         "(default %(default)s)",
     )

@@ -122,8 +122,9 @@ def reference(tmp_path_factory):
     return json.loads((tmp / "out.json").read_text())
 
 
-# (kill point, which occurrence): 4 steps an epoch, 5 epochs; the steps of epoch 2 write the
-# first store, epoch 3's the second (the first is deleted after epoch 3's checkpoint), a
+# (kill point, which occurrence): 4 steps an epoch, 5 epochs; the steps of epoch 1 write the
+# first store from its step 3 (a catch-up pass the samples of its first 3 steps), epoch 2's
+# the second (the first is deleted after epoch 2's checkpoint), epoch 3's the third, a
 # checkpoint after every epoch.
 MOMENTS = [
     ("step", 3),  # in the first epoch, before any checkpoint

@@ -73,6 +73,11 @@ def test_prefast_from_fp32_zarr_cache_equals_freezeout(tmp_path, caplog, recache
     else:  # each new cache is written by one epoch's steps and serves from the next
         assert 0 < got.summary["cache_boundary"] < got.summary["frozen_units"]
         assert any("through the training steps" in r.getMessage() for r in caplog.records)
+        # unit 0 freezes at iteration 10 (epoch 1, step 4): its cache is written from there
+        # and the epoch's first 4 steps' samples by a catch-up pass, exactly as well
+        msgs = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith("epoch 1, step 4: writing the cache at boundary 1") for m in msgs)
+        assert any("64 samples no writing step visited" in m for m in msgs)
     assert len(got.losses) == len(ref.losses) == 30
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
     torch.testing.assert_close(_weights(got.model), _weights(ref.model))
@@ -82,6 +87,50 @@ def test_prefast_from_fp32_zarr_cache_equals_freezeout(tmp_path, caplog, recache
     stores = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
     assert stores == [f"boundary-{got.summary['cache_boundary']:03d}"]
     assert got.summary["cache_path"] == str(run_dir / stores[0])
+
+
+def test_write_through_from_mid_epoch_stores_the_cached_view(tmp_path, caplog):
+    """The first cache starts mid-epoch (unit 0 freezes at epoch 1, step 2): the steps from
+    there write their samples, a catch-up pass the epoch's first two steps' samples, and the
+    batches switch to the cached view's augmentation, so every row of every later store is the
+    frozen prefix's output on that view, whichever wrote it."""
+    from prefast.data import Augment, epoch_key, load_data, make_batch, view_key
+
+    caplog.set_level(logging.INFO, logger="prefast")
+    cfg = tiny(
+        mode="prefast",
+        epochs=4,
+        augment=True,
+        cache="zarr",
+        cache_dir=str(tmp_path / "cache"),
+        cache_dtype="float32",
+        codec="none",
+        recache_policy="every",
+    )
+    r = train(cfg)
+    msgs = [m.getMessage() for m in caplog.records]
+    assert any(m.startswith("epoch 1, step 2: writing the cache at boundary 1") for m in msgs)
+    assert any(m.startswith("epoch 2, step 0: writing the cache at boundary 3") for m in msgs)
+    assert r.summary["cache_boundary"] == 3
+    train_data = load_data(cfg).train
+    view = Augment.from_spec(train_data.spec, True).params(view_key(cfg.seed, 0), len(train_data))
+    idx = torch.arange(len(train_data))
+    x, _ = make_batch(train_data, idx, view, "cpu")
+    r.model.eval()
+    with torch.no_grad():
+        want = r.model.forward_range(x, 0, 3)
+    s = store.open(r.summary["cache_path"])
+    try:
+        got = s.read(0, idx.numpy())
+    finally:
+        s.close()
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the first epoch's augmentation (not the cached view) would not match
+    first = Augment.from_spec(train_data.spec, True).params(epoch_key(cfg.seed, 1), len(train_data))
+    x0, _ = make_batch(train_data, idx, first, "cpu")
+    with torch.no_grad():
+        assert not torch.allclose(r.model.forward_range(x0, 0, 3), want, rtol=1e-4, atol=1e-4)
 
 
 # ---- modes and tiers -------------------------------------------------------------------------------
@@ -206,6 +255,19 @@ def test_write_through_plan_writes_when_the_saved_steps_pay_for_the_writes():
     # before 3 can be written; here it does (two epochs at boundary 1 before 3 serves)
     p = plan_epochs([[(10, 1)], [(10, 3)], [(10, 3)], [(10, 3)]], cost=cost(1e9), **kw)
     assert p.targets[:2] == [1, 3]
+    # a frontier that reaches 3 after 4 steps of epoch 0: write 3 from step 4 and the first
+    # 4 steps' samples in a catch-up pass, rather than an epoch later
+    p = plan_epochs([[(4, 0), (6, 3)], [(10, 3)], [(10, 3)]], cost=cost(1e9), **kw)
+    assert p.targets == [3, 3, 3] and p.starts == [4, 0, 0]
+    # the catch-up is priced: with 4 steps of an epoch under way (elapsed) and 6 left, per
+    # sample: writing steps 6.101 ms (image 0.1 + forward 3 + train 3 + write 0.001), catch-up
+    # 3.101 ms (image + forward + write), steps from the cache at 3 3.001 ms
+    p = plan_epochs([[(6, 3)], [(10, 3)], [(10, 3)]], cost=cost(1e9), elapsed=4, **kw)
+    assert p.targets == [3, 3, 3] and p.starts == [0, 0, 0]
+    assert p.seconds == pytest.approx(60 * 6.101e-3 + 40 * 3.101e-3 + 200 * 3.001e-3)
+    # ... and declined when it costs more than waiting for the next epoch
+    p = plan_epochs([[(6, 3)], [(10, 3)], [(10, 3)]], cost=cost(1e9), elapsed=1000, **kw)
+    assert p.targets == [0, 3, 3]
     # on CUDA a step costs max(host, device): a host read cheaper than the device's forward is
     # hidden, so reading the cache costs nothing extra over the images
     c = cost(1e9, overlap=True)

@@ -122,7 +122,8 @@ class CacheManager:
         self.seconds = 0.0  # spent building caches, all passes of the run
         self.cost: CostModel | None = None
         self._auto_plan: dict[int, int] | None = None  # iteration -> boundary (auto policy)
-        self._epoch_plan: dict[int, int] | None = None  # epoch -> boundary written (auto)
+        # epoch -> (iteration its steps start writing at, boundary written) (auto policy)
+        self._epoch_plan: dict[int, tuple[int, int]] | None = None
         self._writing: WriteThrough | None = None
         self.iters_per_epoch = schedule.total_iterations // cfg.epochs
         self._superseded: list[Cache] = []
@@ -279,10 +280,11 @@ class CacheManager:
     # ---- deciding ---------------------------------------------------------------------------------
     def on_freeze(self, j: int, frontier: int) -> bool:
         """Units froze at iteration ``j`` (the frontier is now ``frontier``): in pass mode, move
-        the boundary now if the policy says so. True when the batch source changed. (In
-        write-through mode boundaries move at epoch ends: ``begin_epoch``/``end_epoch``.)"""
+        the boundary now if the policy says so; in write-through mode, start writing the next
+        cache from this step on if the plan says so (``begin_epoch``/``end_epoch``). True when
+        the batch source changed."""
         if self.write_through:
-            return False
+            return self._start_writing(j, frontier)
         b_new = self._planned_boundary(j, frontier)
         if b_new > self.boundary:
             self._recache(b_new, j)
@@ -325,26 +327,43 @@ class CacheManager:
 
     # ---- write-through: a new cache per epoch, written by the steps ----------------------------
     def begin_epoch(self, epoch: int, frontier: int) -> int | None:
-        """In write-through mode: the boundary this epoch's steps write a new cache at (None:
-        nothing to write). The trainer taps the step's activation there (``take``)."""
-        if not self.write_through or epoch >= self.cfg.epochs - 1:
-            return None  # (in the last epoch a new cache would never be read)
-        target = self._epoch_target(epoch, frontier)
-        if target <= self.boundary:
+        """In write-through mode: the boundary this epoch's steps write a new cache at from its
+        first step (None: nothing, or not yet: ``on_freeze`` may start one later in the epoch).
+        The trainer taps the step's activation there (``take``)."""
+        if not self.write_through:
             return None
+        if self._writing is None:
+            self._start_writing(epoch * self.iters_per_epoch, frontier)
+        return self._writing.target if self._writing is not None else None
+
+    def _start_writing(self, j: int, frontier: int) -> bool:
+        """Open the cache the plan writes from iteration ``j`` on, if any (one per epoch; never
+        in the last epoch, whose cache nobody would read). The samples the epoch's earlier
+        steps visited are computed at its end (``WriteThrough.finish``). True when the batch
+        source changed: a pass where the tier takes no rows, or the first cache, whose image
+        batches switch to the cached view's augmentation."""
+        epoch, step = divmod(j, self.iters_per_epoch)
+        if self._writing is not None or epoch >= self.cfg.epochs - 1:
+            return False
+        target = self._epoch_target(j, frontier)
+        if target <= self.boundary:
+            return False
         w = self._open_write_through(target)
         if w is None:  # this tier's sink cannot take rows: one pass, now
-            self._recache(target, epoch * self.iters_per_epoch)
-            return None
+            self._recache(target, j)
+            return True
         self._writing = w
         log.info(
-            "epoch %d: writing the cache at boundary %d (%s, %s) through the training steps",
+            "epoch %d, step %d: writing the cache at boundary %d (%s, %s) through the training "
+            "steps%s",
             epoch,
+            step,
             target,
             self.model.unit_names[target - 1],
-            self._writing.tier,
+            w.tier,
+            f"; the epoch's first {step} steps' samples at its end" if step else "",
         )
-        return target
+        return self.boundary == 0
 
     @property
     def writing(self) -> WriteThrough | None:
@@ -388,48 +407,62 @@ class CacheManager:
         )
         return True
 
-    def _epoch_target(self, epoch: int, frontier: int) -> int:
-        """The boundary to write in ``epoch`` (decided on rank 0)."""
+    def _epoch_target(self, j: int, frontier: int) -> int:
+        """The boundary to start writing at iteration ``j`` (the boundary held: nothing now)."""
         b, policy = self.boundary, self.cfg.recache_policy
         if frontier <= b:
             return b
         if policy != "auto":
             return plan_boundary(policy, b, frontier, self.model.cut_points)
+        epoch = j // self.iters_per_epoch
         if self._epoch_plan is None or epoch not in self._epoch_plan:
-            j = epoch * self.iters_per_epoch
-            if self.cost is None:
-                self.cost = self._measure_costs(j, frontier)
-            epochs = list(range(epoch, self.cfg.epochs))
-            plan = plan_epochs(
-                [self._epoch_segments(e) for e in epochs],
-                self.cfg.batch_size,
-                self.cost,
-                self.sample_bytes,
-                self._tier_for,
-                boundary=b,
-                tier=self.cache.tier if self.cache is not None else None,
-            )
-            self._epoch_plan = dict(zip(epochs, plan.targets, strict=True))
-            moves = {e: t for e, t in self._epoch_plan.items() if t != b}
-            log.info(
-                "epoch %d: write-through plan (epoch: boundary written) %s: predicted %.1f s for "
-                "the remaining %d epochs against %.1f s without a new cache (costs measured now, "
-                "per sample: image %.1f us, reads MB/s %s, writes MB/s %s)",
-                epoch,
-                _compact_moves(moves),
-                plan.seconds,
-                len(epochs),
-                plan.baseline_seconds,
-                self.cost.image * 1e6,
-                {k: round(v / 1e6) for k, v in self.cost.read_rate.items()},
-                {k: round(v / 1e6) for k, v in self.cost.write_rate.items()},
-            )
-        return max(b, min(frontier, self._epoch_plan[epoch]))
+            self._epoch_plan = self._plan_epochs(j, frontier)
+        start, target = self._epoch_plan[epoch]
+        return max(b, min(frontier, target)) if start <= j else b
 
-    def _epoch_segments(self, epoch: int) -> list[tuple[int, int]]:
-        """``(steps, frontier)`` stretches of an epoch, in order."""
-        start = epoch * self.iters_per_epoch
-        end = start + self.iters_per_epoch
+    def _plan_epochs(self, j: int, frontier: int) -> dict[int, tuple[int, int]]:
+        """The write-through plan from iteration ``j`` to the end: epoch -> (iteration at which
+        its steps start writing, boundary written; the boundary held when nothing is)."""
+        b = self.boundary
+        if self.cost is None:
+            self.cost = self._measure_costs(j, frontier)
+        epoch, elapsed = divmod(j, self.iters_per_epoch)
+        epochs = list(range(epoch, self.cfg.epochs))
+        plan = plan_epochs(
+            [self._epoch_segments(e, j) for e in epochs],
+            self.cfg.batch_size,
+            self.cost,
+            self.sample_bytes,
+            self._tier_for,
+            boundary=b,
+            tier=self.cache.tier if self.cache is not None else None,
+            elapsed=elapsed,
+        )
+        out = {
+            e: ((j if e == epoch else e * self.iters_per_epoch) + start, target)
+            for e, start, target in zip(epochs, plan.starts, plan.targets, strict=True)
+        }
+        moves = {e: t for e, (_, t) in out.items() if t != b}
+        starts = {e: it for e, (it, t) in out.items() if t != b and it % self.iters_per_epoch}
+        log.info(
+            "iteration %d: write-through plan (epoch: boundary written) %s%s: predicted %.1f s "
+            "for the rest of the run against %.1f s without a new cache (costs measured now, "
+            "per sample: image %.1f us, reads MB/s %s, writes MB/s %s)",
+            j,
+            _compact_moves(moves),
+            f", mid-epoch starts (epoch: iteration) {starts}" if starts else "",
+            plan.seconds,
+            plan.baseline_seconds,
+            self.cost.image * 1e6,
+            {k: round(v / 1e6) for k, v in self.cost.read_rate.items()},
+            {k: round(v / 1e6) for k, v in self.cost.write_rate.items()},
+        )
+        return out
+
+    def _epoch_segments(self, epoch: int, j: int = 0) -> list[tuple[int, int]]:
+        """``(steps, frontier)`` stretches of an epoch from iteration ``j`` on, in order."""
+        start = max(epoch * self.iters_per_epoch, j)
+        end = (epoch + 1) * self.iters_per_epoch
         cuts = sorted(
             {it for it in self.schedule.freeze_iterations() if it is not None and start < it < end}
         )

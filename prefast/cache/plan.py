@@ -156,10 +156,13 @@ def plan_boundaries(
 @dataclass(frozen=True)
 class EpochPlan:
     """``targets[e]``: the boundary written in the plan's epoch ``e`` (or the one held then);
-    ``seconds``: the plan's predicted time for the rest of the run; ``baseline_seconds``:
-    the same without any new cache."""
+    ``starts[e]``: the step, counted from the first of the epoch's given segments, at which
+    the steps start writing it (0 when nothing is written); ``seconds``: the plan's
+    predicted time for the rest of the run; ``baseline_seconds``: the same without any new
+    cache."""
 
     targets: list[int]
+    starts: list[int]
     seconds: float
     baseline_seconds: float
 
@@ -172,20 +175,25 @@ def plan_epochs(
     tier_of: Callable[[int], str],
     boundary: int = 0,
     tier: str | None = None,
+    elapsed: int = 0,
 ) -> EpochPlan:
-    """Write-through re-caching: the boundary to write during each remaining epoch.
+    """Write-through re-caching: the boundary to write during each remaining epoch, and from
+    which of its steps.
 
     ``segments[e]`` lists epoch ``e``'s stretches ``(steps, frontier)`` in order (the schedule
-    is known in advance). A cache at ``B`` is written during an epoch from the activations the
-    steps compute anyway on their way to the frontier, so ``B`` must not exceed the frontier at
-    the epoch's start; the new cache serves from the next epoch on. A step at boundary ``b``
-    costs ``CostModel.step`` (reads overlap the device's work on CUDA); writing ``B`` adds its
-    host write to each step of that epoch, nothing else. A dynamic programme over (epoch,
-    boundary) minimises the run's time; the result's entry ``e`` is the boundary to write in
-    epoch ``e``, or the boundary held then when nothing is written. ``boundary``/``tier``
-    describe the cache held now."""
+    is known in advance); the first epoch may be the rest of one already under way, of which
+    ``elapsed`` steps ran. A cache at ``B`` is written from the activations the steps compute
+    anyway on their way to the frontier, so the steps can write ``B`` from the first stretch
+    whose frontier reaches it; the samples the epoch's earlier steps visited are then computed
+    at the epoch's end by a catch-up pass (read at ``b``, forward ``b..B``, write ``B``), and
+    the new cache serves from the next epoch on. Writing from the earliest such stretch is
+    always cheapest (a row written by a step costs a write; one left to the catch-up costs a
+    read, a forward and a write). A step at boundary ``b`` costs ``CostModel.step`` (reads
+    overlap the device's work on CUDA); writing ``B`` adds its host write to each writing
+    step. A dynamic programme over (epoch, boundary) minimises the run's time. ``boundary`` /
+    ``tier`` describe the cache held now."""
     if not segments:
-        return EpochPlan([], 0.0, 0.0)
+        return EpochPlan([], [], 0.0, 0.0)
     tiers = [tier_of(b) for b in range(len(sample_bytes))]
 
     def tier_at(b: int) -> str | None:
@@ -197,38 +205,48 @@ def plan_epochs(
         t = tier_at(b)
         return cost.image if t is None else cost.read(t, sample_bytes[b])
 
-    baseline = sum(
-        steps
-        * batch_size
-        * cost.step(read(boundary), 0.0, tier_at(boundary), boundary, max(f, boundary))
-        for segs in segments
-        for steps, f in segs
-    )
+    def steps_cost(segs: Sequence[tuple[int, int]], b: int, write: float) -> float:
+        return sum(
+            steps * batch_size * cost.step(read(b), write, tier_at(b), b, max(f, b))
+            for steps, f in segs
+        )
+
+    baseline = sum(steps_cost(segs, boundary, 0.0) for segs in segments)
     best: dict[int, float] = {boundary: 0.0}
-    back: list[dict[int, tuple[int, int]]] = []  # next boundary -> (previous, written)
-    for segs in segments:
-        f0 = segs[0][1] if segs else 0
+    back: list[dict[int, tuple[int, int, int]]] = []  # next -> (previous, written, start)
+    for e, segs in enumerate(segments):
+        before_epoch = elapsed if e == 0 else 0  # steps of this epoch that already ran
         nxt: dict[int, float] = {}
-        choice: dict[int, tuple[int, int]] = {}
+        choice: dict[int, tuple[int, int, int]] = {}
         for b, c in best.items():
-            for target in range(b, max(b, f0) + 1):
-                write = cost.write(tiers[target], sample_bytes[target]) if target != b else 0.0
-                total = c + sum(
-                    steps * batch_size * cost.step(read(b), write, tier_at(b), b, max(f, b))
-                    for steps, f in segs
-                )
+            options = [(b, 0, c + steps_cost(segs, b, 0.0))]  # write nothing
+            for k, (_, fk) in enumerate(segs):
+                lo = max(b, segs[k - 1][1]) if k else b  # targets first reachable at stretch k
+                if fk <= lo:
+                    continue
+                ran = before_epoch + sum(steps for steps, _ in segs[:k])
+                start = sum(steps for steps, _ in segs[:k])
+                head = steps_cost(segs[:k], b, 0.0)
+                for target in range(lo + 1, fk + 1):
+                    write = cost.write(tiers[target], sample_bytes[target])
+                    catch_up = ran * batch_size * (read(b) + cost.fwd(b, target) + write)
+                    total = c + head + steps_cost(segs[k:], b, write) + catch_up
+                    options.append((target, start, total))
+            for target, start, total in options:
                 if total < nxt.get(target, math.inf):
-                    nxt[target], choice[target] = total, (b, target)
+                    nxt[target], choice[target] = total, (b, target, start)
         best = nxt
         back.append(choice)
     b = min(best, key=lambda k: best[k])
     total = best[b]
-    plan = []
+    targets: list[int] = []
+    starts: list[int] = []
     for choice in reversed(back):
-        prev, written = choice[b]
-        plan.append(written)
+        prev, written, start = choice[b]
+        targets.append(written)
+        starts.append(start)
         b = prev
-    return EpochPlan(plan[::-1], total, baseline)
+    return EpochPlan(targets[::-1], starts[::-1], total, baseline)
 
 
 __all__ = [

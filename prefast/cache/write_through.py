@@ -2,11 +2,13 @@
 
 Between the cache boundary ``b`` and the frontier ``f`` the frozen units run forward on every
 sample in every epoch anyway, so the activation at any ``B`` in ``(b, f]`` is computed for
-free. During an epoch that writes ``B`` the step hands its activation at ``B`` (batch order:
-the epoch's shuffle) to ``WriteThrough.take``; the rows go into the new cache's sink with
-``write_rows``. At the epoch's end ``finish`` fills in the few samples no step visited (the
-tail a rank drops, a resumed epoch's skipped batches) with a small pass, closes the sink
-(a store is marked complete only then) and returns the new ``Cache``.
+free. From the step at which ``B`` froze (or the epoch's first), each step hands its
+activation at ``B`` (batch order: the epoch's shuffle) to ``WriteThrough.take``; the rows go
+into the new cache's sink with ``write_rows``. At the epoch's end ``finish`` computes the
+samples no writing step visited (those of the epoch's steps before the writing started, the
+tail a rank drops, a resumed epoch's skipped batches) in a catch-up pass, closes the sink (a
+store is marked complete only then) and returns the new ``Cache``. So a boundary is cached
+the epoch it freezes, at the price of one forward of the new frozen units per sample.
 
 On CUDA the rows leave the device on a side stream into pinned buffers and a writer thread
 scatters them into host tiers, so a step never waits for the host; the device tier takes them
@@ -160,7 +162,8 @@ class WriteThrough:
         missing = np.flatnonzero(~self.written)
         if missing.size:
             log.info(
-                "write-through at boundary %d: %d samples no step visited, computed apart",
+                "write-through at boundary %d: %d samples no writing step visited, computed "
+                "in a catch-up pass",
                 self.target,
                 missing.size,
             )
