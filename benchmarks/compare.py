@@ -183,6 +183,13 @@ def variants_for(
             out.append(
                 Variant("prefast-zarr-lz4", {"mode": "prefast", "cache": "zarr", "codec": "lz4"})
             )
+        elif t == "zarr-pass":  # re-caching by separate passes at the freezes
+            out.append(
+                Variant(
+                    "prefast-zarr-pass",
+                    {"mode": "prefast", "cache": "zarr", "recache_mode": "pass"},
+                )
+            )
         elif t == "zarr-zstd":
             out.append(
                 Variant("prefast-zarr-zstd", {"mode": "prefast", "cache": "zarr", "codec": "zstd"})
@@ -345,7 +352,7 @@ def run_scenario(
     )
 
     runs: dict[str, Any] = {}
-    partial = (
+    partial: dict[str, Any] | None = (
         {"scenario": sc.name, "device": str(device), "base_config": base, "runs": {}}
         if partial_path
         else None
@@ -371,7 +378,7 @@ def run_scenario(
                 continue
             r["variant"] = var.name
             table.append(r)
-            if partial is not None:  # what is measured survives a run cut short
+            if partial is not None and partial_path is not None:  # survives a run cut short
                 partial["runs"][f"t0={t0}"] = {
                     "t0": t0,
                     "ideal": ideal,
@@ -519,7 +526,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--tiers",
         nargs="+",
-        choices=("device", "ram", "zarr", "zarr-lz4", "zarr-zstd"),
+        choices=("device", "ram", "zarr", "zarr-pass", "zarr-lz4", "zarr-zstd"),
         default=None,
     )
     p.add_argument("--epochs", type=int, default=None)

@@ -8,7 +8,8 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu.sh
 #
-# 1. the per-boundary step probe, eager vs CUDA graphs (b = 0, 14, 27, 35, 38, 39); the
+# 1. the per-boundary step probe, eager vs CUDA graphs, and graphs with cuDNN autotuning
+#    (graphs+tuned) (b = 0, 14, 27, 35, 38, 39); the
 #    scenario uses graphs only if they ran here (COMPILE=none|graphs forces a choice)
 #                                                                          -> step-probe-gpu.json
 # 2. the 16-epoch scenario: freezeout and prefast on the device, RAM and zarr tiers in one run,
@@ -18,7 +19,15 @@
 # 3. the CUDA tests (graphs vs eager parity, no host sync in a step, write-through on every
 #    tier, the loader and the device tier)                                      -> pytest-gpu.txt
 # 4. raw-store writes and loader feed rates to the GPU                         -> bench-feed-gpu.*
+#
+# STAGES picks stages (default "probe scenario tests feed"); a fifth, "fidelity", runs the
+# accuracy study on the same model and data (16 epochs, seeds 0 1 2, FIDELITY_VARIANTS,
+# default freezeout prefast-v1 prefast-v1-shift+flip) until the budget is spent, seed-major,
+# so a short budget still covers every variant once        -> fidelity-cifar-gpu.{json,jsonl}
+#   STAGES=fidelity OUT=/tmp/out bash benchmarks/gpu.sh
 set -u
+STAGES=" ${STAGES:-probe scenario tests feed} "
+has() { [[ "$STAGES" == *" $1 "* ]]; }
 OUT=${OUT:?set OUT to the folder for results}
 DEADLINE=$(( $(date +%s) + ${GPU_BUDGET_SECONDS:-530} ))
 W=/tmp/prefast-gpu-work  # everything lands here; at most 8 chosen files are copied to $OUT
@@ -26,7 +35,8 @@ mkdir -p "$OUT" "$W"
 left() { echo $(( DEADLINE - $(date +%s) )); }
 collect() {
   cp -f "$W/pytest-gpu.txt" "$W/step-probe-gpu.json" "$W/bench-feed-gpu.json" \
-    "$W/compare-gpu-long.json" "$W/compare-gpu-long.partial.json" "$OUT/" 2>/dev/null
+    "$W/compare-gpu-long.json" "$W/compare-gpu-long.partial.json" \
+    "$W/fidelity-cifar-gpu.json" "$W/fidelity-cifar-gpu.jsonl" "$OUT/" 2>/dev/null
   cat "$W"/*.log > "$OUT/logs.txt" 2>/dev/null
 }
 trap collect EXIT
@@ -46,31 +56,54 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
-echo "== 1. step probe ($(left) s left)"
-timeout 75 python3 benchmarks/step_probe.py --device cuda --modes none graphs \
-  --boundaries 0 14 27 35 38 39 --warmup 5 --steps 20 --repeats 3 --out "$W/step-probe-gpu.json" \
-  > "$W/step-probe-gpu.log" 2>&1
-tail -6 "$W/step-probe-gpu.log"
-if [ -z "${COMPILE:-}" ]; then
-  COMPILE=none
-  python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows']; sys.exit(0 if sum(x['mode']=='graphs' for x in r)==6 else 1)" \
-    "$W/step-probe-gpu.json" 2>/dev/null && COMPILE=graphs
+COMPILE=${COMPILE:-}
+if has probe; then
+  echo "== 1. step probe ($(left) s left)"
+  timeout 110 python3 benchmarks/step_probe.py --device cuda --modes none graphs graphs+tuned \
+    --boundaries 0 14 27 35 38 39 --warmup 5 --steps 20 --repeats 3 --out "$W/step-probe-gpu.json" \
+    > "$W/step-probe-gpu.log" 2>&1
+  tail -6 "$W/step-probe-gpu.log"
+  if [ -z "$COMPILE" ]; then
+    COMPILE=none
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows']; sys.exit(0 if sum(x['mode']=='graphs' for x in r)==6 else 1)" \
+      "$W/step-probe-gpu.json" 2>/dev/null && COMPILE=graphs
+  fi
+fi
+COMPILE=${COMPILE:-auto}
+
+if has scenario; then
+  echo "== 2. 16 epochs, every tier, --compile $COMPILE ($(left) s left)"
+  timeout $(( $(left) - 70 )) python3 benchmarks/compare.py --scenario cifar-gpu-long \
+    --compile "$COMPILE" --eager-baseline --no-progress --no-plot --cache-dir /tmp/prefast-bench \
+    --out "$W/compare-gpu-long.json" > "$W/compare-gpu-long.log" 2>&1
+  tail -16 "$W/compare-gpu-long.log"
+  rm -rf /tmp/prefast-bench
 fi
 
-echo "== 2. 16 epochs, every tier, --compile $COMPILE ($(left) s left)"
-timeout $(( $(left) - 70 )) python3 benchmarks/compare.py --scenario cifar-gpu-long \
-  --compile "$COMPILE" --eager-baseline --no-progress --no-plot --cache-dir /tmp/prefast-bench \
-  --out "$W/compare-gpu-long.json" > "$W/compare-gpu-long.log" 2>&1
-tail -16 "$W/compare-gpu-long.log"
-rm -rf /tmp/prefast-bench
+if has tests; then
+  echo "== 3. CUDA tests ($(left) s left)"
+  timeout $(( $(left) - 30 )) python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
+    > "$W/pytest-gpu.txt" 2>&1
+  tail -8 "$W/pytest-gpu.txt"
+fi
 
-echo "== 3. CUDA tests ($(left) s left)"
-timeout $(( $(left) - 30 )) python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
-  > "$W/pytest-gpu.txt" 2>&1
-tail -8 "$W/pytest-gpu.txt"
+if has feed; then
+  echo "== 4. store writes and feed to the GPU ($(left) s left)"
+  timeout $(( $(left) - 3 )) python3 benchmarks/bench_feed.py --device cuda --num-samples 20000 \
+    --repeats 1 --dir /tmp --out "$W/bench-feed-gpu.json" > "$W/bench-feed-gpu.log" 2>&1
+  tail -14 "$W/bench-feed-gpu.log"
+fi
 
-echo "== 4. store writes and feed to the GPU ($(left) s left)"
-timeout $(( $(left) - 3 )) python3 benchmarks/bench_feed.py --device cuda --num-samples 20000 \
-  --repeats 1 --dir /tmp --out "$W/bench-feed-gpu.json" > "$W/bench-feed-gpu.log" 2>&1
-tail -14 "$W/bench-feed-gpu.log"
+if has fidelity; then
+  echo "== 5. fidelity study, 16 epochs ($(left) s left)"
+  # a run takes about a minute: start none in the last 100 s, stop the last one at the deadline
+  # shellcheck disable=SC2086
+  timeout $(( $(left) - 5 )) python3 benchmarks/fidelity.py --dataset synthetic \
+    --num-samples 50000 --depth 76 --growth 12 --epochs 16 --batch-size 256 --amp bf16 \
+    --channels-last --device cuda --compile "$COMPILE" --seeds 0 1 2 \
+    --variants ${FIDELITY_VARIANTS:-freezeout prefast-v1 prefast-v1-shift+flip} \
+    --budget-seconds $(( $(left) - 100 )) --out "$W/fidelity-cifar-gpu.json" \
+    > "$W/fidelity-cifar-gpu.log" 2>&1
+  tail -8 "$W/fidelity-cifar-gpu.log"
+fi
 echo "== done ($(left) s left)"

@@ -4,7 +4,9 @@ A PreFast step trained from boundary ``b`` (frozen and cached below ``b``) runs 
 and the head forward and backward plus the optimizer update. This times that step for every
 ``b`` in ``--boundaries`` (default: 0, the model's cut points and the last units) with each
 ``--modes`` entry (``none`` = eager, ``graphs`` = one CUDA graph per step, ``inductor`` =
-torch.compile'd units), all in one process on one device: warm-up steps first (they include
+torch.compile'd units; a ``+tuned`` suffix, e.g. ``graphs+tuned``, runs that mode with
+``torch.backends.cudnn.benchmark`` on, so cuDNN picks each convolution's fastest algorithm
+during the warm-up), all in one process on one device: warm-up steps first (they include
 graph capture and compilation, reported apart), then the median and spread of
 ``--repeats`` timed rounds of ``--steps`` steps each, synchronised at the round's ends only.
 
@@ -58,8 +60,12 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for b in bounds:
         for mode in args.modes:
-            if mode == "graphs" and device.type != "cuda":
+            base, _, tuned = mode.partition("+")
+            if tuned not in ("", "tuned"):
+                raise SystemExit(f"--modes: unknown suffix in {mode!r} (only +tuned)")
+            if device.type != "cuda" and (base == "graphs" or tuned):
                 continue
+            torch.backends.cudnn.benchmark = bool(tuned)
             fresh = create_model(
                 args.model,
                 num_classes=10,
@@ -74,7 +80,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
             freeze_prefix(fresh, b)
             set_train_modes(fresh, b)
             opt = UnitSGD(fresh, sched, range(b, n), momentum=0.9, nesterov=True, weight_decay=1e-4)
-            runner = StepRunner(fresh, device, args.amp, args.channels_last, mode, args.batch_size)
+            runner = StepRunner(fresh, device, args.amp, args.channels_last, base, args.batch_size)
             runner.configure(b, b, opt, None)
             g = torch.Generator().manual_seed(b)
             x = torch.randn((args.batch_size, *shapes[b]), generator=g).to(device)
@@ -118,6 +124,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
             del runner, opt, fresh
+    torch.backends.cudnn.benchmark = False
     return {"config": vars(args), "rows": rows}
 
 
