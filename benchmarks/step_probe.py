@@ -57,12 +57,14 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     bounds = args.boundaries or sorted({0, *model.cut_points, n - 1, n})
     shapes = [(3, 32, 32), *model.boundary_shapes((3, 32, 32))]
     sched = FreezeSchedule(ScheduleConfig(mode="freezeout"), n, 10**6)
+    for mode in args.modes:  # checked before any step runs
+        base, _, tuned = mode.partition("+")
+        if base not in ("none", "graphs", "inductor") or tuned not in ("", "tuned"):
+            raise SystemExit(f"--modes: {mode!r} is not none|graphs|inductor[+tuned]")
     rows = []
     for b in bounds:
         for mode in args.modes:
             base, _, tuned = mode.partition("+")
-            if tuned not in ("", "tuned"):
-                raise SystemExit(f"--modes: unknown suffix in {mode!r} (only +tuned)")
             if device.type != "cuda" and (base == "graphs" or tuned):
                 continue
             torch.backends.cudnn.benchmark = bool(tuned)

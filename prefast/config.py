@@ -133,9 +133,9 @@ class TrainConfig:
         "write-through",
         "cache (prefast mode)",
         "how a new cache is written: by the training steps from the freeze to the epoch's "
-        "end, plus a catch-up pass over the epoch's earlier samples (write-through; falls back to passes where rows cannot be written: compressed or "
-        "remote stores, several views, torchrun), or by a separate pass at the freeze (pass) "
-        "(default %(default)s)",
+        "end, plus a catch-up pass over the epoch's earlier samples (write-through; falls back "
+        "to passes where rows cannot be written: compressed or remote stores, several views, "
+        "torchrun), or by a separate pass at the freeze (pass) (default %(default)s)",
     )
     cache_batch_size: int | None = opt(
         None, "cache (prefast mode)", "batch size of cache passes (default: --batch-size)"

@@ -82,21 +82,21 @@ def _mismatch(where: Any, what: str, recorded: int, computed: int) -> StoreCorru
     )
 
 
-def _open_raw_chunk(f: Path, name: str, chunk_bytes: int) -> int:
-    """A raw chunk file opened read-only (a descriptor), after checking that it exists and has
-    the whole chunk's bytes; otherwise ``StoreCorruptError`` naming the chunk."""
+def _open_raw_chunk(f: Path, name: str, chunk_bytes: int) -> tuple[int, os.stat_result]:
+    """A raw chunk file opened read-only (a descriptor, and its ``fstat``), after checking that
+    it exists and has the whole chunk's bytes; otherwise ``StoreCorruptError`` naming it."""
     try:
         fd = os.open(f, os.O_RDONLY)
     except FileNotFoundError:
         raise StoreCorruptError(f"{f}: {name} is marked written but its file is missing") from None
-    size = os.fstat(fd).st_size
-    if size != chunk_bytes:
+    st = os.fstat(fd)  # the file opened, even if the path is replaced now
+    if st.st_size != chunk_bytes:
         os.close(fd)
         raise StoreCorruptError(
-            f"{f}: {name} has {size} bytes, expected {chunk_bytes} (truncated or not a raw "
-            "chunk); rebuild the store or resume it after deleting this file"
+            f"{f}: {name} has {st.st_size} bytes, expected {chunk_bytes} (truncated or not a "
+            "raw chunk); rebuild the store or resume it after deleting this file"
         )
-    return fd
+    return fd, st
 
 
 class _MemmapChunks:
@@ -149,8 +149,8 @@ class _MemmapChunks:
     def _map(self, view: int, chunk: int) -> np.ndarray:
         f = self.file(view, chunk)
         name = f"chunk (view {view}, chunk {chunk}, {_samples(self.layout, chunk)})"
-        with os.fdopen(_open_raw_chunk(f, name, self.chunk_bytes), "rb") as fh:
-            st = os.fstat(fh.fileno())  # the file we map, even if the path is replaced now
+        fd, st = _open_raw_chunk(f, name, self.chunk_bytes)
+        with os.fdopen(fd, "rb") as fh:
             # A plain ndarray view of the map: indexing it skips np.memmap's slow __getitem__;
             # the view keeps the map alive through its base.
             m = np.memmap(fh, dtype=self.layout.np_dtype, mode="r", shape=self.chunk_shape).view(
@@ -262,7 +262,7 @@ class _ContiguousMap:
     def _map(self, view: int, chunk: int) -> None:
         f = self.files.file(view, chunk)
         name = f"chunk (view {view}, chunk {chunk}, {_samples(self.layout, chunk)})"
-        fd = _open_raw_chunk(f, name, self.chunk_bytes)
+        fd, _ = _open_raw_chunk(f, name, self.chunk_bytes)
         try:
             at = self._region.addr + view * self.span + chunk * self.chunk_bytes
             got = self._libc.mmap(at, self.chunk_bytes, _PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 from prefast.errors import CacheError
 
@@ -216,6 +217,7 @@ def plan_epochs(
     back: list[dict[int, tuple[int, int, int]]] = []  # next -> (previous, written, start)
     for e, segs in enumerate(segments):
         before_epoch = elapsed if e == 0 else 0  # steps of this epoch that already ran
+        prefix = [0, *accumulate(steps for steps, _ in segs)]  # steps before each stretch
         nxt: dict[int, float] = {}
         choice: dict[int, tuple[int, int, int]] = {}
         for b, c in best.items():
@@ -224,14 +226,16 @@ def plan_epochs(
                 lo = max(b, segs[k - 1][1]) if k else b  # targets first reachable at stretch k
                 if fk <= lo:
                     continue
-                ran = before_epoch + sum(steps for steps, _ in segs[:k])
-                start = sum(steps for steps, _ in segs[:k])
                 head = steps_cost(segs[:k], b, 0.0)
                 for target in range(lo + 1, fk + 1):
                     write = cost.write(tiers[target], sample_bytes[target])
-                    catch_up = ran * batch_size * (read(b) + cost.fwd(b, target) + write)
+                    catch_up = (  # the steps before stretch k: their samples, at the end
+                        (before_epoch + prefix[k])
+                        * batch_size
+                        * (read(b) + cost.fwd(b, target) + write)
+                    )
                     total = c + head + steps_cost(segs[k:], b, write) + catch_up
-                    options.append((target, start, total))
+                    options.append((target, prefix[k], total))
             for target, start, total in options:
                 if total < nxt.get(target, math.inf):
                     nxt[target], choice[target] = total, (b, target, start)
