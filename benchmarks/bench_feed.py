@@ -7,7 +7,15 @@ Writes (the same seeded fp16 samples, into the page cache; ``close()`` does not 
 * ``write``: ``StoreWriter.write`` of sequential batches (plain chunk files, checksums on the
   writer's threads);
 * ``write_rows``: ``StoreWriter.write_rows`` of shuffled batches, as write-through caching
-  writes them (samples in place, a chunk checksummed from its file when complete).
+  writes them: one scatter per batch into the chunk files mapped side by side (the default
+  where chunks are whole pages), a chunk checksummed from the map when complete;
+* ``write_rows-pwrite``: the same rows with one ``pwrite`` per sample (the fallback, and the
+  path before the map).
+
+Beside a busy thread: ``write_rows`` and ``write_rows-pwrite`` again, each on a second thread
+(as the write-through writer thread runs) while the calling thread runs a loop like a training
+loop's host side (a little Python and a few small torch ops per iteration): the write rate, and
+the loop's iteration rate as a share of its rate alone (1.0: the writes cost it nothing).
 
 Feeds: one shuffled epoch through ``StoreLoader`` to ``--device``, every batch consumed on the
 device (a sum of one element per sample, synchronised at the end), after an untimed warm-up
@@ -31,6 +39,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +66,9 @@ def _write(path: Path, x: torch.Tensor, y: torch.Tensor, how: str, batch: int, s
     w = store.create(path, sample_shape=tuple(x.shape[1:]), num_samples=n, dtype="float16")
     if how == "zarr-path":
         w._raw_root = None  # the baseline: every chunk through zarr's array writes
-    order = np.random.default_rng(seed).permutation(n) if how == "write_rows" else None
+    if how == "write_rows-pwrite":
+        w._map_rows = False  # one pwrite per sample, not the map
+    order = np.random.default_rng(seed).permutation(n) if how.startswith("write_rows") else None
     t0 = time.perf_counter()
     for s in range(0, n, batch):
         if order is None:
@@ -67,6 +78,34 @@ def _write(path: Path, x: torch.Tensor, y: torch.Tensor, how: str, batch: int, s
             w.write_rows(0, idx, x[idx], y[idx])
     w.close()
     return time.perf_counter() - t0
+
+
+def _host_step(a: torch.Tensor) -> None:
+    """One iteration of a training loop's host side, roughly: some Python, a few small ops."""
+    s = 0
+    for i in range(200):
+        s += i
+    for _ in range(5):
+        a.add_(1)
+
+
+def _beside_busy_loop(
+    path: Path, x: torch.Tensor, y: torch.Tensor, how: str, batch: int, seed: int, alone: float
+) -> tuple[float, float]:
+    """(write seconds, the busy loop's iterations per second as a share of ``alone``)."""
+    a = torch.zeros(4)
+    got: list[float] = []
+    th = threading.Thread(target=lambda: got.append(_write(path, x, y, how, batch, seed)))
+    t0 = time.perf_counter()
+    th.start()
+    n = 0
+    while th.is_alive():
+        _host_step(a)
+        n += 1
+    th.join()
+    if not got:
+        raise RuntimeError(f"{how}: the write beside the busy loop failed")
+    return got[0], n / (time.perf_counter() - t0) / alone
 
 
 def _epoch(loader: store.StoreLoader, epoch: int, device: torch.device) -> float:
@@ -100,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "feed_s": {},
     }
     try:
-        hows = ["zarr-path", "write", "write_rows"]
+        hows = ["zarr-path", "write", "write_rows", "write_rows-pwrite"]
         times: dict[str, list[float]] = {h: [] for h in hows}
         for r in range(args.repeats + 1):  # round 0 is a warm-up
             for h in hows:
@@ -112,6 +151,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for h in hows[1:]:
             s = store.open(work / h)
             assert torch.equal(s.read(0, np.arange(args.num_samples)), x), h
+        a = torch.zeros(4)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.5:
+            _host_step(a)
+            n += 1
+        alone = n / (time.perf_counter() - t0)
+        out["busy_loop_alone_per_s"] = alone
+        out["beside_busy"] = {}
+        for h in ["write_rows", "write_rows-pwrite"]:
+            rounds = [
+                _beside_busy_loop(work / h, x, y, h, args.batch_size, args.seed + r, alone)
+                for r in range(args.repeats)
+            ]
+            out["beside_busy"][h] = {
+                "write_s": statistics.median(t for t, _ in rounds),
+                "loop_share": statistics.median(s for _, s in rounds),
+            }
         raw = store.open(work / "write")
         ram = store.RamCache.from_store(raw, pin=device.type == "cuda")
         default_workers = store.StoreLoader(raw, device=device).gather_workers
@@ -154,6 +210,16 @@ def report(r: dict[str, Any]) -> str:
     base = r["write_s"]["zarr-path"]
     for h, t in r["write_s"].items():
         lines.append(f"| {h} | {t:.2f} | {b / t / GB:.2f} | {base / t:.2f}x |")
+    if r.get("beside_busy"):
+        lines += [
+            "",
+            "| write beside a busy loop | s | GB/s | loop's rate vs alone |",
+            "|---|---|---|---|",
+        ]
+        for h, v in r["beside_busy"].items():
+            lines.append(
+                f"| {h} | {v['write_s']:.2f} | {b / v['write_s'] / GB:.2f} | {v['loop_share']:.2f} |"
+            )
     lines += [
         "",
         "| feed (tier/gather threads) | s/epoch | GB/s | vs one thread |",

@@ -13,13 +13,14 @@
 #    scenario uses graphs only if they ran here (COMPILE=none|graphs forces a choice)
 #                                                                          -> step-probe-gpu.json
 # 2. the 16-epoch scenario: freezeout and prefast on the device, RAM and zarr tiers in one run,
-#    with freezeout's eager steps beside them (DenseNet-BC-76 k=12, synthetic CIFAR 50,000,
-#    bf16, channels_last, batch 256, t0 0.6)
+#    with freezeout's eager steps beside them unless EAGER_BASELINE=0 (DenseNet-BC-76 k=12,
+#    synthetic CIFAR 50,000, bf16, channels_last, batch 256, t0 0.6)
 #                                                     -> compare-gpu-long.json (or .partial.json)
 # 3. the CUDA tests (graphs vs eager parity, no host sync in a step, write-through on every
 #    tier, the loader and the device tier)                                      -> pytest-gpu.txt
 # 4. raw-store writes and loader feed rates to the GPU                         -> bench-feed-gpu.*
 #
+# PROBE_MODES, PROBE_BOUNDARIES and PROBE_TIMEOUT (s) change the probe, e.g. PROBE_MODES=inductor.
 # STAGES picks stages (default "probe scenario tests feed"); a fifth, "fidelity", runs the
 # accuracy study on the same model and data (16 epochs, seeds 0 1 2, FIDELITY_VARIANTS,
 # default freezeout prefast-v1 prefast-v1-shift+flip) until the budget is spent, seed-major,
@@ -59,9 +60,10 @@ cat "$OUT/environment.txt"
 COMPILE=${COMPILE:-}
 if has probe; then
   echo "== 1. step probe ($(left) s left)"
-  timeout 110 python3 benchmarks/step_probe.py --device cuda --modes none graphs graphs+tuned \
-    --boundaries 0 14 27 35 38 39 --warmup 5 --steps 20 --repeats 3 --out "$W/step-probe-gpu.json" \
-    > "$W/step-probe-gpu.log" 2>&1
+  # shellcheck disable=SC2086
+  timeout "${PROBE_TIMEOUT:-110}" python3 benchmarks/step_probe.py --device cuda \
+    --modes ${PROBE_MODES:-none graphs graphs+tuned} --boundaries ${PROBE_BOUNDARIES:-0 14 27 35 38 39} \
+    --warmup 5 --steps 20 --repeats 3 --out "$W/step-probe-gpu.json" > "$W/step-probe-gpu.log" 2>&1
   tail -6 "$W/step-probe-gpu.log"
   if [ -z "$COMPILE" ]; then
     COMPILE=none
@@ -70,11 +72,14 @@ if has probe; then
   fi
 fi
 COMPILE=${COMPILE:-auto}
+EAGER=--eager-baseline
+[ "${EAGER_BASELINE:-1}" = 0 ] && EAGER=
 
 if has scenario; then
   echo "== 2. 16 epochs, every tier, --compile $COMPILE ($(left) s left)"
+  # shellcheck disable=SC2086
   timeout $(( $(left) - 70 )) python3 benchmarks/compare.py --scenario cifar-gpu-long \
-    --compile "$COMPILE" --eager-baseline --no-progress --no-plot --cache-dir /tmp/prefast-bench \
+    --compile "$COMPILE" $EAGER --no-progress --no-plot --cache-dir /tmp/prefast-bench \
     --out "$W/compare-gpu-long.json" > "$W/compare-gpu-long.log" 2>&1
   tail -16 "$W/compare-gpu-long.log"
   rm -rf /tmp/prefast-bench

@@ -20,11 +20,8 @@ gets ``StoreCorruptError``, never the new store's values.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import resource
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -35,7 +32,7 @@ import numpy as np
 import torch
 import zarr
 
-from store import _zarr
+from store import _mmap, _zarr
 from store.errors import (
     NotAStoreError,
     StoreCorruptError,
@@ -172,47 +169,6 @@ class _MemmapChunks:
             self._maps.clear()
 
 
-_PROT_NONE, _PROT_READ = 0, 1
-_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 1, 2, 0x10, 0x20, 0x4000
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _libc() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
-    ]  # fmt: skip
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    return libc
-
-
-class _Region:
-    """One reserved range of address space, unmapped when the last array over it is gone (the
-    arrays made from it keep it alive through ``__array_interface__``)."""
-
-    def __init__(self, libc: Any, size: int, shape: tuple[int, ...], typestr: str) -> None:
-        self.libc = libc
-        self.size = size
-        addr = libc.mmap(
-            None, size, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0
-        )
-        if addr in (None, _MAP_FAILED):
-            raise OSError(ctypes.get_errno(), "cannot reserve address space for a store map")
-        self.addr = int(addr)
-        self.__array_interface__ = {
-            "shape": shape,
-            "typestr": typestr,
-            "data": (self.addr, True),
-            "version": 3,
-        }
-
-    def __del__(self) -> None:
-        if getattr(self, "addr", 0):
-            self.libc.munmap(self.addr, self.size)
-            self.addr = 0
-
-
 class _ContiguousMap:
     """Every chunk file of a raw local store mapped side by side into one reserved range of
     address space, so that view ``v`` is one array (samples, *sample_shape) and a shuffled
@@ -223,8 +179,7 @@ class _ContiguousMap:
 
     @staticmethod
     def usable(layout: StoreLayout) -> bool:
-        chunk_bytes = layout.chunk_samples * layout.sample_bytes
-        return sys.platform.startswith("linux") and chunk_bytes % mmap.PAGESIZE == 0
+        return _mmap.usable(layout.chunk_samples * layout.sample_bytes)
 
     def __init__(self, files: _MemmapChunks, crcs: np.ndarray | None) -> None:
         lay = files.layout
@@ -234,12 +189,11 @@ class _ContiguousMap:
         self.chunk_bytes = lay.chunk_samples * lay.sample_bytes
         self.span = lay.num_chunks * self.chunk_bytes  # bytes of one view
         cap = lay.num_chunks * lay.chunk_samples
-        self._libc = _libc()
-        self._region = _Region(
-            self._libc,
+        self._region = _mmap.Region(
             lay.views * self.span,
             (lay.views, cap, *lay.sample_shape),
             np.dtype(lay.np_dtype).newbyteorder("<").str,
+            writable=False,
         )
         self._all = np.asarray(self._region)  # (views, cap, *sample_shape), read-only by mapping
         self._ready = np.zeros((lay.views, lay.num_chunks), dtype=bool)
@@ -263,11 +217,11 @@ class _ContiguousMap:
         f = self.files.file(view, chunk)
         name = f"chunk (view {view}, chunk {chunk}, {_samples(self.layout, chunk)})"
         fd, _ = _open_raw_chunk(f, name, self.chunk_bytes)
+        offset = view * self.span + chunk * self.chunk_bytes
         try:
-            at = self._region.addr + view * self.span + chunk * self.chunk_bytes
-            got = self._libc.mmap(at, self.chunk_bytes, _PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)
-            if got != at:
-                raise OSError(ctypes.get_errno(), f"{f}: cannot map {name}")
+            self._region.map_file(offset, self.chunk_bytes, fd, writable=False)
+        except OSError as e:
+            raise OSError(e.errno, f"{f}: cannot map {name}: {e.strerror}") from None
         finally:
             os.close(fd)
         if self.crcs is not None:
@@ -276,10 +230,7 @@ class _ContiguousMap:
             want = int(self.crcs[view, chunk])
             if got_crc != want:
                 # unmap again: a later read must not see the bad chunk as checked
-                self._libc.mmap(
-                    at, self.chunk_bytes, _PROT_NONE,
-                    _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED, -1, 0,
-                )  # fmt: skip
+                self._region.unmap(offset, self.chunk_bytes)
                 raise _mismatch(f, name, want, got_crc)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import zarr
 
-from store import _zarr
+from store import _mmap, _zarr
 from store.errors import (
     NotAStoreError,
     StoreError,
@@ -337,6 +337,57 @@ def finalize(path: str | os.PathLike[str]) -> None:
         _mark_complete(group, info)
 
 
+class _NoPreallocation(OSError):
+    """A chunk file's blocks cannot be reserved ahead on this file system."""
+
+
+class _RowMap:
+    """Every chunk file of a raw local store mapped writable side by side (see ``store._mmap``)
+    for ``write_rows``: view ``v`` is one array ``rows[v]`` (capacity, sample_bytes) uint8, so a
+    shuffled batch is scattered with one numpy call. A chunk is mapped when a row first goes
+    to it: its file is created at full size and preallocated (a full disk fails there, as an
+    ``OSError``, never later as a fault inside a write to the map), then its pages are faulted
+    in for writing in one call. Stores through the map land in the page cache exactly as
+    ``pwrite`` does; nothing here is synced to disk."""
+
+    def __init__(self, layout: StoreLayout, file_of: Any) -> None:
+        self.layout = layout
+        self.file_of = file_of
+        self.chunk_bytes = layout.chunk_samples * layout.sample_bytes
+        self.span = layout.num_chunks * self.chunk_bytes
+        cap = layout.num_chunks * layout.chunk_samples
+        self.region = _mmap.Region(
+            layout.views * self.span, (layout.views, cap, layout.sample_bytes), "|u1", writable=True
+        )
+        self.rows = np.asarray(self.region)  # (views, capacity, sample_bytes) uint8
+        self.mapped = np.zeros((layout.views, layout.num_chunks), dtype=bool)
+
+    def ensure(self, view: int, chunks: np.ndarray) -> None:
+        """Map the chunks of ``view`` not mapped yet."""
+        for c in chunks[~self.mapped[view, chunks]].tolist():
+            self._map(view, c)
+            self.mapped[view, c] = True
+
+    def _map(self, view: int, chunk: int) -> None:
+        f = self.file_of(view, chunk)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size != self.chunk_bytes:
+                os.ftruncate(fd, self.chunk_bytes)
+            try:
+                os.posix_fallocate(fd, 0, self.chunk_bytes)
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise _NoPreallocation(e.errno, f"{f}: {e.strerror}") from None
+                raise
+            offset = view * self.span + chunk * self.chunk_bytes
+            self.region.map_file(offset, self.chunk_bytes, fd, writable=True)
+        finally:
+            os.close(fd)
+        self.region.populate_write(offset, self.chunk_bytes)
+
+
 class StoreWriter:
     """Writes batches into a store; use as a context manager (see ``create``)."""
 
@@ -388,7 +439,13 @@ class StoreWriter:
         self._row_counts: np.ndarray | None = None  # (views, num_chunks) int64
         self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()  # open chunk files
         self._workers = max(1, workers)
-        self._row_pool: ThreadPoolExecutor | None = None  # parallel pwrite of shuffled rows
+        self._row_pool: ThreadPoolExecutor | None = None  # parallel writes of shuffled rows
+        # write_rows scatters a batch into all chunk files mapped side by side (one numpy call
+        # that releases the GIL) where the chunks are whole pages; else one pwrite per run
+        self._map_rows = self._raw_root is not None and _mmap.usable(
+            info.layout.chunk_samples * info.layout.sample_bytes
+        )
+        self._row_map: _RowMap | None = None
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         self._fd_capacity = max(8, soft // 8)
         missing = self.missing
@@ -579,36 +636,18 @@ class StoreWriter:
         if n == 0:
             return
         data = to_stored_numpy(x, lay).reshape(n, -1).view(np.uint8)  # (n, sample_bytes)
-        cs, sb = lay.chunk_samples, lay.sample_bytes
+        cs = lay.chunk_samples
         chunk_of = r // cs
         keep = ~self._done[view, chunk_of]
-        order = np.argsort(r, kind="stable")
-        order = order[keep[order]]
-        if order.size == 0:
+        if not keep.any():
             return
-        # runs of consecutive samples in one chunk: one pwrite each
-        rs, cs_of = r[order], chunk_of[order]
-        breaks = np.flatnonzero((np.diff(rs) != 1) | (np.diff(cs_of) != 0)) + 1
-        runs = np.split(np.arange(order.size), breaks)
-        touched = np.unique(cs_of)
-        jobs = []
-        parallel = self._workers > 1 and len(runs) >= 64 and 2 * len(touched) <= self._fd_capacity
-        if parallel:  # opened first: each stays open while the threads write
-            for c in touched.tolist():
-                self._chunk_fd(view, c)
-        for run in runs:
-            c = int(cs_of[run[0]])
-            fd = self._chunk_fd(view, c) if not parallel else self._fds[(view, c)]
-            src = data[order[run]] if run.size > 1 else data[order[run[0]]]
-            jobs.append((fd, src, (int(rs[run[0]]) - c * cs) * sb))
-        if parallel:
-            if self._row_pool is None:
-                self._row_pool = ThreadPoolExecutor(self._workers, thread_name_prefix="store-rows")
-            k = self._workers
-            for f in [self._row_pool.submit(_pwrite_all, jobs[i::k]) for i in range(k)]:
-                f.result()
-        else:
-            _pwrite_all(jobs)
+        try:
+            if self._map_rows and self._scatter_rows(view, r, data, keep):
+                rs = r[keep]
+            else:
+                rs = self._pwrite_rows(view, r, data, keep)
+        except OSError as e:  # a full disk, a file that cannot be created or mapped
+            raise StoreWriteError(f"{self.path}: writing rows of view {view} failed: {e}") from e
         filled = self._row_filled[view]
         fresh = np.unique(rs[~filled[rs]])
         filled[fresh] = True
@@ -619,6 +658,81 @@ class StoreWriter:
             if counts[c] == c1 - c0:
                 self._close_fd(view, c)
                 self._submit(view, c, None)
+
+    def _rows_parallel(self, jobs: int) -> ThreadPoolExecutor | None:
+        """The pool for splitting one batch's writes (None: write on the calling thread)."""
+        if self._workers < 2 or jobs < 64:
+            return None
+        if self._row_pool is None:
+            self._row_pool = ThreadPoolExecutor(self._workers, thread_name_prefix="store-rows")
+        return self._row_pool
+
+    def _scatter_rows(self, view: int, r: np.ndarray, data: np.ndarray, keep: np.ndarray) -> bool:
+        """Rows ``r[keep]`` into the side-by-side map of the chunk files: the chunks touched
+        are mapped (and their pages faulted in) first, then the batch is one numpy scatter per
+        thread. False where the chunk files cannot be preallocated here (the caller writes
+        with pwrite instead, and so does every later call)."""
+        rows, src = r[keep], data[keep]
+        if np.unique(rows).size != rows.size:  # a sample given twice: its last row wins
+            _, first_in_reversed = np.unique(rows[::-1], return_index=True)
+            last = rows.size - 1 - first_in_reversed
+            rows, src = rows[last], src[last]
+        if self._row_map is None:
+            self._row_map = _RowMap(self.layout, self._raw_file)
+        try:
+            self._row_map.ensure(view, np.unique(rows // self.layout.chunk_samples))
+        except _NoPreallocation as e:
+            if self._row_map.mapped.any():
+                raise
+            log.debug(
+                "%s: chunk files cannot be preallocated here (%s); rows go by pwrite", self.path, e
+            )
+            self._map_rows = False
+            self._row_map = None
+            return False
+        dst = self._row_map.rows[view]  # (capacity, sample_bytes) uint8
+        pool = self._rows_parallel(rows.size)
+        if pool is None:
+            dst[rows] = src
+        else:
+            k = self._workers
+            parts = [(rows[i::k], src[i::k]) for i in range(k)]
+            for f in [pool.submit(dst.__setitem__, ri, si) for ri, si in parts]:
+                f.result()
+        return True
+
+    def _pwrite_rows(
+        self, view: int, r: np.ndarray, data: np.ndarray, keep: np.ndarray
+    ) -> np.ndarray:
+        """Rows ``r[keep]`` with one pwrite per run of consecutive samples in a chunk; returns
+        the rows written, sorted."""
+        lay = self.layout
+        cs, sb = lay.chunk_samples, lay.sample_bytes
+        chunk_of = r // cs
+        order = np.argsort(r, kind="stable")
+        order = order[keep[order]]
+        # runs of consecutive samples in one chunk: one pwrite each
+        rs, cs_of = r[order], chunk_of[order]
+        breaks = np.flatnonzero((np.diff(rs) != 1) | (np.diff(cs_of) != 0)) + 1
+        runs = np.split(np.arange(order.size), breaks)
+        touched = np.unique(cs_of)
+        jobs = []
+        pool = self._rows_parallel(len(runs)) if 2 * len(touched) <= self._fd_capacity else None
+        if pool is not None:  # opened first: each stays open while the threads write
+            for c in touched.tolist():
+                self._chunk_fd(view, c)
+        for run in runs:
+            c = int(cs_of[run[0]])
+            fd = self._chunk_fd(view, c) if pool is None else self._fds[(view, c)]
+            src = data[order[run]] if run.size > 1 else data[order[run[0]]]
+            jobs.append((fd, src, (int(rs[run[0]]) - c * cs) * sb))
+        if pool is not None:
+            k = self._workers
+            for f in [pool.submit(_pwrite_all, jobs[i::k]) for i in range(k)]:
+                f.result()
+        else:
+            _pwrite_all(jobs)
+        return rs
 
     def _chunk_fd(self, view: int, chunk: int) -> int:
         """The open chunk file, created at its full size (an edge chunk padded with the fill
@@ -697,9 +811,15 @@ class StoreWriter:
         )
 
     def _read_raw(self, view: int, chunk: int) -> np.ndarray:
-        """A raw chunk file's samples as written, (chunk_samples, *sample_shape)."""
-        raw = self._raw_file(view, chunk).read_bytes()
+        """A raw chunk file's samples as written, (chunk_samples, *sample_shape): from the
+        row map where the chunk is mapped (no copy), else read from its file."""
         shape = (self.layout.chunk_samples, *self.layout.sample_shape)
+        rm = self._row_map
+        if rm is not None and rm.mapped[view, chunk]:
+            c0 = chunk * self.layout.chunk_samples
+            rows = rm.rows[view, c0 : c0 + self.layout.chunk_samples]
+            return rows.view(self.layout.np_dtype).reshape(shape)
+        raw = self._raw_file(view, chunk).read_bytes()
         return np.frombuffer(raw, dtype=self.layout.np_dtype).reshape(shape)
 
     def _write_activations(self, view: int, chunk: int, data: np.ndarray) -> None:
@@ -761,6 +881,7 @@ class StoreWriter:
             self._closed = True
             self._close_fds()
             self._pool.shutdown(wait=True)
+            self._row_map = None  # unmapped once no array over it is left
             if self._lock is not None:
                 self._lock.release()
 
@@ -775,6 +896,7 @@ class StoreWriter:
             self._collect(block=True)
         finally:
             self._pool.shutdown(wait=True)
+            self._row_map = None
             if self._lock is not None:
                 self._lock.release()
 

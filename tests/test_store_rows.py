@@ -137,3 +137,107 @@ def test_tensor_tiers_take_rows_in_any_order(tier):
     assert torch.equal(c.data, x) and torch.equal(c.labels, y)
     with pytest.raises(StoreInputError):
         c.write_rows(0, [N], x[0, :1])
+
+
+# ---- the side-by-side map of chunk files (chunks of whole pages) ------------------------------
+PAGE_SHAPE = (2, 4, 8)  # float32: 256 bytes a sample, 16 samples a 4 KiB chunk
+
+
+def _create_paged(path, views=1, **kw):
+    return store.create(
+        path,
+        sample_shape=PAGE_SHAPE,
+        num_samples=N,
+        views=views,
+        dtype="float32",
+        chunk_samples=16,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    ("mapped", "workers", "batch"), [(True, 1, 13), (True, 3, 117), (False, 3, 117)]
+)
+def test_rows_of_whole_page_chunks_go_through_one_map(tmp_path, mapped, workers, batch):
+    x, y = encoded(views=2, shape=PAGE_SHAPE), labels_for()
+    with _create_paged(tmp_path / "rows", views=2, workers=workers) as w:
+        w._map_rows = mapped  # False: the pwrite path, on the same layout
+        for v in range(2):
+            for idx in _shuffled_batches(20 + v, batch):
+                w.write_rows(v, idx, x[v, idx], y[idx] if v == 0 else None)
+        assert (w._row_map is not None) == mapped
+    with _create_paged(tmp_path / "batches", views=2) as w:
+        for v in range(2):
+            w.write(v, 0, x[v], y)
+    a = store.open(tmp_path / "rows")
+    assert a.complete and torch.equal(a.labels, y)
+    for v in range(2):
+        assert torch.equal(a.read(v, ALL), x[v])
+        assert all(a.verify_chunk(v, c) for c in range(a.num_chunks))
+    for f in sorted((tmp_path / "batches" / "activations" / "c").rglob("*")):
+        if f.is_file():  # byte for byte, the zero-padded edge chunk (117 = 7 x 16 + 5) included
+            assert (
+                tmp_path / "rows" / f.relative_to(tmp_path / "batches")
+            ).read_bytes() == f.read_bytes()
+
+
+def test_mapped_rows_given_twice_keep_the_last_and_resume_skips_done_chunks(tmp_path):
+    x, y = encoded(views=1, shape=PAGE_SHAPE), labels_for()
+    w = _create_paged(tmp_path / "s")
+    w.write_rows(0, [5, 40, 5], torch.stack([x[0, 0], x[0, 40], x[0, 5]]), y[[5, 40, 5]])
+    first = np.setdiff1d(np.arange(32), [5])  # chunks 0 and 1 complete, chunk 2 partial
+    w.write_rows(0, first, x[0, first], y[first])
+    w.flush()
+    assert w._row_map is not None
+    w.abort()  # as if killed
+    s = store.open(tmp_path / "s", partial=True)
+    assert s.missing_ranges() == [(0, 32, N)]
+    assert torch.equal(s.read(0, np.arange(32)), x[0, :32])
+    with _create_paged(tmp_path / "s", resume=True) as w:
+        junk = torch.zeros_like(x[0, :32])
+        w.write_rows(0, np.arange(32), junk, y[:32])  # rows of done chunks are skipped
+        rest = np.arange(32, N)[::-1].copy()
+        w.write_rows(0, rest, x[0, rest], y[rest])
+    s = store.open(tmp_path / "s")
+    assert s.complete and torch.equal(s.read(0, ALL), x[0])
+
+
+def test_mapped_rows_fall_back_to_pwrite_where_files_cannot_be_preallocated(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    x, y = encoded(views=1, shape=PAGE_SHAPE), labels_for()
+    with _create_paged(tmp_path / "s") as w:
+        for idx in _shuffled_batches(4, batch=31):
+            w.write_rows(0, idx, x[0, idx], y[idx])
+        assert w._row_map is None and not w._map_rows
+    assert torch.equal(store.open(tmp_path / "s").read(0, ALL), x[0])
+
+
+def test_a_full_disk_under_mapped_rows_raises_a_store_error_and_leaves_the_store_incomplete(
+    tmp_path, monkeypatch
+):
+    import errno
+    import os
+
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append(fd)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    x, y = encoded(views=1, shape=PAGE_SHAPE), labels_for()
+    w = _create_paged(tmp_path / "s")
+    w.write_rows(0, np.arange(32), x[0, :32], y[:32])  # chunks 0 and 1: preallocated
+    with pytest.raises(store.StoreWriteError, match="No space left"):
+        w.write_rows(0, np.arange(32, 48), x[0, 32:48], y[32:48])
+    w.close()
+    s = store.open(tmp_path / "s", partial=True)
+    assert s.missing_ranges() == [(0, 32, N)]
+    assert torch.equal(s.read(0, np.arange(32)), x[0, :32])
