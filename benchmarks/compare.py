@@ -362,7 +362,7 @@ def run_scenario(
         failed: list[dict[str, str]] = []
         ideal = schedule_ideal(TrainConfig(**{**base, "t0": t0}), len(fwd) - 1, iters, fwd, bwd)
         for var in variants_for(
-            tiers, device, args.extra_views, full=sc.full or args.full,
+            tiers, device, args.extra_views, full=(sc.full or args.full) and not args.no_full,
             eager_baseline=args.eager_baseline,
         ):  # fmt: skip
             over = dict(var.overrides)
@@ -555,6 +555,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--feature-aug", choices=("none", "shift", "shift+flip"), default=None)
     p.add_argument(
         "--full", action="store_true", help="add full training where a scenario omits it"
+    )
+    p.add_argument(
+        "--no-full",
+        action="store_true",
+        help="leave full training out (ratios to full then come from the profile's ideal)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)

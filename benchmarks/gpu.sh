@@ -51,6 +51,8 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   nproc
+  uname -r
+  df -T /tmp | tail -1
   python3 -c "import sys, torch, zarr, numcodecs, numpy; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name(0)); print('zarr', zarr.__version__, 'numcodecs', numcodecs.__version__, 'numpy', numpy.__version__)"
   git rev-parse HEAD 2>/dev/null || cat .git/HEAD
   git status --porcelain 2>/dev/null | head -20

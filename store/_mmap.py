@@ -59,7 +59,7 @@ class Region:
 
     def map_file(self, offset: int, length: int, fd: int, writable: bool) -> None:
         """Map ``length`` bytes of file ``fd`` (shared) at ``offset`` into the range."""
-        at = self.addr + offset
+        at = self.addr + int(offset)
         prot = PROT_READ | (PROT_WRITE if writable else 0)
         got = self.libc.mmap(at, length, prot, MAP_SHARED | MAP_FIXED, fd, 0)
         if got != at:
@@ -68,12 +68,12 @@ class Region:
     def populate_write(self, offset: int, length: int) -> bool:
         """Fault a mapped part in for writing in one call (False where the kernel cannot: the
         pages are then faulted in by the first writes)."""
-        return self.libc.madvise(self.addr + offset, length, MADV_POPULATE_WRITE) == 0
+        return self.libc.madvise(self.addr + int(offset), int(length), MADV_POPULATE_WRITE) == 0
 
     def unmap(self, offset: int, length: int) -> None:
         """Turn a mapped part back into reserved, inaccessible address space."""
         self.libc.mmap(
-            self.addr + offset, length, PROT_NONE,
+            self.addr + int(offset), int(length), PROT_NONE,
             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0,
         )  # fmt: skip
 

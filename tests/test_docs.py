@@ -148,7 +148,10 @@ NOT_RUN: list[tuple[str, str]] = [
         "every CPU benchmark, hours on 2 cores; its steps are compare.py, views.py and "
         "bench_store.py commands: the first two run here on tiny data",
     ),
-    (r"(STAGES=\S+ )?OUT=\S+ bash benchmarks/gpu\.sh", "needs a CUDA GPU (an H100/H200 session)"),
+    (
+        r"('?[A-Z_]+=[^' ]*(?: [^' ]+)*'? )*OUT=\S+ bash benchmarks/gpu\.sh",
+        "needs a CUDA GPU (an H100/H200 session)",
+    ),
     (
         r"python benchmarks/compare\.py --scenario cifar-gpu",
         "DenseNet-BC-76 on 50,000 images in bf16: needs a CUDA GPU",
