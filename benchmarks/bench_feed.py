@@ -17,6 +17,11 @@ Beside a busy thread: ``write_rows`` and ``write_rows-pwrite`` again, each on a 
 loop's host side (a little Python and a few small torch ops per iteration): the write rate, and
 the loop's iteration rate as a share of its rate alone (1.0: the writes cost it nothing).
 
+Where the time of a shuffled row write goes (the same rows, no store): ``ram-fresh`` scatters
+them into fresh host memory (the kernel faults every page in on first touch), ``ram-touched``
+into memory touched before (the copy alone), and ``map-populate`` only creates, preallocates,
+maps and faults in the chunk files for writing, as the row map does, without writing a row.
+
 Feeds: one shuffled epoch through ``StoreLoader`` to ``--device``, every batch consumed on the
 device (a sum of one element per sample, synchronised at the end), after an untimed warm-up
 epoch (warm page cache), for the RAM tier and the memory-mapped raw store, with one gather
@@ -108,6 +113,46 @@ def _beside_busy_loop(
     return got[0], n / (time.perf_counter() - t0) / alone
 
 
+def _breakdown(
+    path: Path, x: torch.Tensor, batch: int, seed: int, chunk_samples: int
+) -> dict[str, float]:
+    """Seconds of the parts of a shuffled row write (see the module docstring)."""
+    from store import _mmap  # the row map's own primitives
+
+    n = len(x)
+    rows = x.reshape(n, -1).view(torch.uint8).numpy()
+    order = np.random.default_rng(seed).permutation(n)
+    out: dict[str, float] = {}
+    for name in ("ram-fresh", "ram-touched"):
+        dst = np.empty_like(rows)
+        if name == "ram-touched":
+            dst.fill(0)
+        t0 = time.perf_counter()
+        for s in range(0, n, batch):
+            idx = order[s : s + batch]
+            dst[idx] = rows[idx]
+        out[name] = time.perf_counter() - t0
+        del dst
+    if _mmap.usable(chunk_samples * rows.shape[1]):
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        chunk_bytes = chunk_samples * rows.shape[1]
+        chunks = -(-n // chunk_samples)
+        region = _mmap.Region(chunks * chunk_bytes, (chunks * chunk_bytes,), "|u1", writable=True)
+        t0 = time.perf_counter()
+        for c in range(chunks):
+            fd = os.open(path / str(c), os.O_RDWR | os.O_CREAT, 0o644)
+            os.ftruncate(fd, chunk_bytes)
+            os.posix_fallocate(fd, 0, chunk_bytes)
+            region.map_file(c * chunk_bytes, chunk_bytes, fd, writable=True)
+            os.close(fd)
+            region.populate_write(c * chunk_bytes, chunk_bytes)
+        out["map-populate"] = time.perf_counter() - t0
+        del region
+        shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
 def _epoch(loader: store.StoreLoader, epoch: int, device: torch.device) -> float:
     loader.set_epoch(epoch)
     acc = torch.zeros((), device=device, dtype=torch.float32)
@@ -169,6 +214,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "loop_share": statistics.median(s for _, s in rounds),
             }
         raw = store.open(work / "write")
+        parts = [
+            _breakdown(work / "breakdown", x, args.batch_size, args.seed + r, raw.chunk_samples)
+            for r in range(args.repeats)
+        ]
+        out["breakdown_s"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
         ram = store.RamCache.from_store(raw, pin=device.type == "cuda")
         default_workers = store.StoreLoader(raw, device=device).gather_workers
         feeds: dict[str, tuple[store.ActivationSource, int]] = {
@@ -220,6 +270,10 @@ def report(r: dict[str, Any]) -> str:
             lines.append(
                 f"| {h} | {v['write_s']:.2f} | {b / v['write_s'] / GB:.2f} | {v['loop_share']:.2f} |"
             )
+    if r.get("breakdown_s"):
+        lines += ["", "| where a row write's time goes | s | GB/s |", "|---|---|---|"]
+        for k, t in r["breakdown_s"].items():
+            lines.append(f"| {k} | {t:.2f} | {b / t / GB:.2f} |")
     lines += [
         "",
         "| feed (tier/gather threads) | s/epoch | GB/s | vs one thread |",

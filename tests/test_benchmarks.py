@@ -42,3 +42,24 @@ def test_views_study_writes_mean_and_spread(tmp_path, capsys):
     assert all(s["runs"] == 2 and s["test_error_std"] is not None for s in by.values())
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 6
     assert "prefast-v2" in capsys.readouterr().out
+
+
+def test_bench_feed_times_every_write_path_and_feed(tmp_path, capsys):
+    from benchmarks import bench_feed
+
+    out = tmp_path / "feed.json"
+    # (4, 8, 8) fp16: 512-byte samples, chunks of whole pages, so the row map and the
+    # map-populate part run; the bench itself checks every written store against the data
+    assert bench_feed.main(
+        ["--num-samples", "600", "--shape", "4", "8", "8", "--batch-size", "64", "--repeats", "1",
+         "--dir", str(tmp_path), "--out", str(out)]
+    ) == 0  # fmt: skip
+    r = json.loads(out.read_text())
+    assert set(r["write_s"]) == {"zarr-path", "write", "write_rows", "write_rows-pwrite"}
+    assert set(r["beside_busy"]) == {"write_rows", "write_rows-pwrite"}
+    assert all(v["loop_share"] > 0 for v in r["beside_busy"].values())
+    assert set(r["breakdown_s"]) == {"ram-fresh", "ram-touched", "map-populate"}
+    assert set(r["feed_s"]) >= {"ram/1", "zarr/1"}
+    assert all(t > 0 for t in [*r["write_s"].values(), *r["feed_s"].values()])
+    assert "where a row write's time goes" in out.with_suffix(".txt").read_text()
+    assert list(tmp_path.glob("bench-feed-*")) == []  # its stores are removed
