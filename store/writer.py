@@ -345,7 +345,7 @@ class _RowMap:
     """Every chunk file of a raw local store mapped writable side by side (see ``store._mmap``)
     for ``write_rows``: view ``v`` is one array ``rows[v]`` (capacity, sample_bytes) uint8, so a
     shuffled batch is scattered with one numpy call. A chunk is mapped when a row first goes
-    to it: its file is created at full size and preallocated (a full disk fails there, as an
+    to it (the chunks a batch touches first, in parallel on the writer's row threads): its file is created at full size and preallocated (a full disk fails there, as an
     ``OSError``, never later as a fault inside a write to the map), then its pages are faulted
     in for writing in one call. Stores through the map land in the page cache exactly as
     ``pwrite`` does; nothing here is synced to disk."""
@@ -362,11 +362,26 @@ class _RowMap:
         self.rows = np.asarray(self.region)  # (views, capacity, sample_bytes) uint8
         self.mapped = np.zeros((layout.views, layout.num_chunks), dtype=bool)
 
-    def ensure(self, view: int, chunks: np.ndarray) -> None:
-        """Map the chunks of ``view`` not mapped yet."""
-        for c in chunks[~self.mapped[view, chunks]].tolist():
-            self._map(view, c)
-            self.mapped[view, c] = True
+    def ensure(self, view: int, chunks: np.ndarray, pool: ThreadPoolExecutor | None) -> None:
+        """Map the chunks of ``view`` not mapped yet, several at a time on ``pool`` (faulting
+        pages in is the kernel's work and scales with threads; every call releases the GIL).
+        A chunk that fails stays unmapped; the first failure is raised once all have run."""
+        todo = chunks[~self.mapped[view, chunks]].tolist()
+        if pool is None or len(todo) < 2:
+            for c in todo:
+                self._map(view, c)
+                self.mapped[view, c] = True
+            return
+        futures = [(c, pool.submit(self._map, view, c)) for c in todo]
+        error: BaseException | None = None
+        for c, f in futures:
+            try:
+                f.result()
+                self.mapped[view, c] = True
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def _map(self, view: int, chunk: int) -> None:
         f = self.file_of(view, chunk)
@@ -660,8 +675,9 @@ class StoreWriter:
                 self._submit(view, c, None)
 
     def _rows_parallel(self, jobs: int) -> ThreadPoolExecutor | None:
-        """The pool for splitting one batch's writes (None: write on the calling thread)."""
-        if self._workers < 2 or jobs < 64:
+        """The pool for splitting one batch's ``jobs`` writes or chunk maps (None: do them on
+        the calling thread: one worker, or too few jobs to pay for the hand-off)."""
+        if self._workers < 2 or jobs < 2:
             return None
         if self._row_pool is None:
             self._row_pool = ThreadPoolExecutor(self._workers, thread_name_prefix="store-rows")
@@ -680,7 +696,8 @@ class StoreWriter:
         if self._row_map is None:
             self._row_map = _RowMap(self.layout, self._raw_file)
         try:
-            self._row_map.ensure(view, np.unique(rows // self.layout.chunk_samples))
+            touched = np.unique(rows // self.layout.chunk_samples)
+            self._row_map.ensure(view, touched, self._rows_parallel(touched.size))
         except _NoPreallocation as e:
             if self._row_map.mapped.any():
                 raise
@@ -691,7 +708,7 @@ class StoreWriter:
             self._row_map = None
             return False
         dst = self._row_map.rows[view]  # (capacity, sample_bytes) uint8
-        pool = self._rows_parallel(rows.size)
+        pool = self._rows_parallel(rows.size) if rows.size >= 64 else None
         if pool is None:
             dst[rows] = src
         else:
@@ -717,7 +734,8 @@ class StoreWriter:
         runs = np.split(np.arange(order.size), breaks)
         touched = np.unique(cs_of)
         jobs = []
-        pool = self._rows_parallel(len(runs)) if 2 * len(touched) <= self._fd_capacity else None
+        parallel = len(runs) >= 64 and 2 * len(touched) <= self._fd_capacity
+        pool = self._rows_parallel(len(runs)) if parallel else None
         if pool is not None:  # opened first: each stays open while the threads write
             for c in touched.tolist():
                 self._chunk_fd(view, c)
