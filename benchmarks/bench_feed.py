@@ -117,7 +117,9 @@ def _breakdown(
     path: Path, x: torch.Tensor, batch: int, seed: int, chunk_samples: int
 ) -> dict[str, float]:
     """Seconds of the parts of a shuffled row write (see the module docstring)."""
-    from store import _mmap  # the row map's own primitives
+    from store import _mmap
+    from store.layout import StoreLayout
+    from store.writer import _RowMap  # the row map write_rows uses
 
     n = len(x)
     rows = x.reshape(n, -1).view(torch.uint8).numpy()
@@ -133,22 +135,14 @@ def _breakdown(
             dst[idx] = rows[idx]
         out[name] = time.perf_counter() - t0
         del dst
-    if _mmap.usable(chunk_samples * rows.shape[1]):
+    lay = StoreLayout(n, 1, tuple(x.shape[1:]), "float16", chunk_samples=chunk_samples)
+    if _mmap.usable(lay.chunk_samples * lay.sample_bytes):
         shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        chunk_bytes = chunk_samples * rows.shape[1]
-        chunks = -(-n // chunk_samples)
-        region = _mmap.Region(chunks * chunk_bytes, (chunks * chunk_bytes,), "|u1", writable=True)
+        rm = _RowMap(lay, lambda view, chunk: path / f"{view}.{chunk}")
         t0 = time.perf_counter()
-        for c in range(chunks):
-            fd = os.open(path / str(c), os.O_RDWR | os.O_CREAT, 0o644)
-            os.ftruncate(fd, chunk_bytes)
-            os.posix_fallocate(fd, 0, chunk_bytes)
-            region.map_file(c * chunk_bytes, chunk_bytes, fd, writable=True)
-            os.close(fd)
-            region.populate_write(c * chunk_bytes, chunk_bytes)
+        rm.ensure(0, np.arange(lay.num_chunks), None)  # one thread: the kernel's cost alone
         out["map-populate"] = time.perf_counter() - t0
-        del region
+        del rm
         shutil.rmtree(path, ignore_errors=True)
     return out
 

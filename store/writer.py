@@ -337,6 +337,20 @@ def finalize(path: str | os.PathLike[str]) -> None:
         _mark_complete(group, info)
 
 
+def _open_chunk_file(f: Path, size: int) -> int:
+    """A raw chunk file opened for writing (a descriptor), created at ``size`` bytes (holes
+    read as the fill value 0) if it is new or of another size."""
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class _NoPreallocation(OSError):
     """A chunk file's blocks cannot be reserved ahead on this file system."""
 
@@ -385,11 +399,8 @@ class _RowMap:
 
     def _map(self, view: int, chunk: int) -> None:
         f = self.file_of(view, chunk)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_chunk_file(f, self.chunk_bytes)
         try:
-            if os.fstat(fd).st_size != self.chunk_bytes:
-                os.ftruncate(fd, self.chunk_bytes)
             try:
                 os.posix_fallocate(fd, 0, self.chunk_bytes)
             except OSError as e:
@@ -657,10 +668,10 @@ class StoreWriter:
         if not keep.any():
             return
         try:
-            if self._map_rows and self._scatter_rows(view, r, data, keep):
+            if self._map_rows and self._scatter_rows(view, r, chunk_of, data, keep):
                 rs = r[keep]
             else:
-                rs = self._pwrite_rows(view, r, data, keep)
+                rs = self._pwrite_rows(view, r, chunk_of, data, keep)
         except OSError as e:  # a full disk, a file that cannot be created or mapped
             raise StoreWriteError(f"{self.path}: writing rows of view {view} failed: {e}") from e
         filled = self._row_filled[view]
@@ -683,10 +694,12 @@ class StoreWriter:
             self._row_pool = ThreadPoolExecutor(self._workers, thread_name_prefix="store-rows")
         return self._row_pool
 
-    def _scatter_rows(self, view: int, r: np.ndarray, data: np.ndarray, keep: np.ndarray) -> bool:
-        """Rows ``r[keep]`` into the side-by-side map of the chunk files: the chunks touched
-        are mapped (and their pages faulted in) first, then the batch is one numpy scatter per
-        thread. False where the chunk files cannot be preallocated here (the caller writes
+    def _scatter_rows(
+        self, view: int, r: np.ndarray, chunk_of: np.ndarray, data: np.ndarray, keep: np.ndarray
+    ) -> bool:
+        """Rows ``r[keep]`` (in chunks ``chunk_of[keep]``) into the side-by-side map of the chunk
+        files: the chunks touched are mapped (and their pages faulted in) first, then the batch
+        is one numpy scatter per thread. False where the chunk files cannot be preallocated here (the caller writes
         with pwrite instead, and so does every later call)."""
         rows, src = r[keep], data[keep]
         if np.unique(rows).size != rows.size:  # a sample given twice: its last row wins
@@ -696,7 +709,7 @@ class StoreWriter:
         if self._row_map is None:
             self._row_map = _RowMap(self.layout, self._raw_file)
         try:
-            touched = np.unique(rows // self.layout.chunk_samples)
+            touched = np.unique(chunk_of[keep])
             self._row_map.ensure(view, touched, self._rows_parallel(touched.size))
         except _NoPreallocation as e:
             if self._row_map.mapped.any():
@@ -719,13 +732,12 @@ class StoreWriter:
         return True
 
     def _pwrite_rows(
-        self, view: int, r: np.ndarray, data: np.ndarray, keep: np.ndarray
+        self, view: int, r: np.ndarray, chunk_of: np.ndarray, data: np.ndarray, keep: np.ndarray
     ) -> np.ndarray:
         """Rows ``r[keep]`` with one pwrite per run of consecutive samples in a chunk; returns
         the rows written, sorted."""
         lay = self.layout
         cs, sb = lay.chunk_samples, lay.sample_bytes
-        chunk_of = r // cs
         order = np.argsort(r, kind="stable")
         order = order[keep[order]]
         # runs of consecutive samples in one chunk: one pwrite each
@@ -760,12 +772,9 @@ class StoreWriter:
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
-        f = self._raw_file(view, chunk)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
-        size = self.layout.chunk_samples * self.layout.sample_bytes
-        if os.fstat(fd).st_size != size:
-            os.ftruncate(fd, size)
+        fd = _open_chunk_file(
+            self._raw_file(view, chunk), self.layout.chunk_samples * self.layout.sample_bytes
+        )
         self._fds[key] = fd
         while len(self._fds) > self._fd_capacity:
             _, old = self._fds.popitem(last=False)

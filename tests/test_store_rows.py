@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -203,9 +205,6 @@ def test_mapped_rows_given_twice_keep_the_last_and_resume_skips_done_chunks(tmp_
 
 
 def test_mapped_rows_fall_back_to_pwrite_where_files_cannot_be_preallocated(tmp_path, monkeypatch):
-    import errno
-    import os
-
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
@@ -221,9 +220,6 @@ def test_mapped_rows_fall_back_to_pwrite_where_files_cannot_be_preallocated(tmp_
 def test_a_full_disk_under_mapped_rows_raises_a_store_error_and_leaves_the_store_incomplete(
     tmp_path, monkeypatch
 ):
-    import errno
-    import os
-
     calls = []
 
     def full(fd, offset, length):
