@@ -147,6 +147,29 @@ def test_checkpoint_round_trips_with_weights_only(tmp_path):
     assert state["epoch"] == 1 and "numpy" in state["rng"]
 
 
+def test_save_checkpoint_leaves_a_users_files_alone(tmp_path, monkeypatch):
+    from prefast.training.checkpoint import save_checkpoint
+
+    mine = tmp_path / "last.tmp"  # the name the temporary file used to have
+    mine.write_bytes(b"a user's notes")
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    assert mine.read_bytes() == b"a user's notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.tmp"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 1}
+
+    def full_disk(obj, f):  # a failed write: the temporary file goes, the old checkpoint stays
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.tmp"]
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 1}
+    assert mine.read_bytes() == b"a user's notes"
+
+
 def test_load_checkpoint_file_names_a_foreign_file(tmp_path):
     from prefast.training.checkpoint import load_checkpoint_file
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,17 @@ from prefast.errors import CheckpointError
 CHECKPOINT_NAME = "last.pt"
 # Fields that may differ between a checkpoint's config and the resuming run's.
 RESUMABLE_FIELDS = frozenset(
-    {"resume", "progress", "metrics", "checkpoint_dir", "epochs", "device", "data_root", "download"}
+    {
+        "resume",
+        "progress",
+        "metrics",
+        "checkpoint_dir",
+        "epochs",
+        "device",
+        "data_root",
+        "download",
+        "keep_freed_memory",
+    }
 )
 
 
@@ -60,15 +71,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (a temporary file renamed over it)."""
+    """Write ``state`` to ``path`` atomically: a temporary file of a fresh, unique name in the
+    same folder (never a name a user's file could have), flushed to disk, renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        torch.save(state, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
     except BaseException:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: leave the previous checkpoint only
         raise
+    # what a run killed mid-save left: names only mkstemp above makes (8 characters of its own)
+    leftover = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    for p in path.parent.iterdir():
+        if leftover.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
 
 
 def checkpoint_load_reason(e: BaseException) -> str:
