@@ -133,6 +133,47 @@ def test_write_through_from_mid_epoch_stores_the_cached_view(tmp_path, caplog):
         assert not torch.allclose(r.model.forward_range(x0, 0, 3), want, rtol=1e-4, atol=1e-4)
 
 
+def test_write_through_catch_up_runs_at_the_given_batch_and_counts_the_steps_rows(caplog):
+    """The catch-up pass computes the samples no step wrote in batches of the run's size (a
+    larger batch is slower per sample on a CPU), and the epoch's log line counts the bytes the
+    steps handed over."""
+    from prefast.cache.write_through import WriteThrough
+
+    class Sink:
+        supports_rows = True
+
+        def __init__(self):
+            self.rows = torch.full((23, 2, 3), -1.0)
+
+        def write_rows(self, view, idx, x, labels):
+            self.rows[torch.as_tensor(idx)] = x.float()
+
+        def close(self):
+            pass
+
+    sink = Sink()
+    caplog.set_level(logging.INFO, logger="prefast")
+    w = WriteThrough(
+        target=2, sink=sink, tier="ram", path=None, fingerprint="f", meta={}, chain=(2,),
+        labels=torch.arange(23) % 3, dtype="float32", device=torch.device("cpu"),
+        batch_size=5, sample_shape=(2, 3), catch_up_batch=4,
+    )  # fmt: skip
+    visited = torch.tensor([3, 11, 0, 19, 7, 22, 15], dtype=torch.int64)
+    w.take(visited[:, None, None].expand(7, 2, 3).float(), visited)
+    sizes = []
+
+    def compute(idx):
+        sizes.append(len(idx))
+        return torch.as_tensor(idx, dtype=torch.float32)[:, None, None].expand(len(idx), 2, 3)
+
+    cache = w.finish(compute, lambda: sink.rows)
+    assert sizes == [4, 4, 4, 4]  # the 16 unvisited samples, 4 at a time
+    assert torch.equal(sink.rows[:, 1, 2], torch.arange(23, dtype=torch.float32))
+    assert cache.boundary == 2
+    (line,) = [r.getMessage() for r in caplog.records if "handed over" in r.getMessage()]
+    assert w.take_bytes == 7 * 6 * 4 and "catch-up of 16 samples" in line
+
+
 # ---- modes and tiers -------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["full", "freezeout"])
 def test_modes_train_and_freeze_as_scheduled(mode):

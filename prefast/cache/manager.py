@@ -85,6 +85,7 @@ _NOT_IN_RUN_KEY = frozenset(
         "cache_dir",
         "eval_batch_size",
         "dist_timeout",
+        "keep_freed_memory",
     }
 )
 
@@ -516,6 +517,7 @@ class CacheManager:
             device=self.device,
             batch_size=cfg.batch_size,
             sample_shape=shape,
+            catch_up_batch=cfg.cache_batch_size or cfg.batch_size,
         )
 
     def _rows_computer(self, prev: Cache | None, target: int) -> Any:

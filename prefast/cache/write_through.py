@@ -61,6 +61,7 @@ class WriteThrough:
         device: torch.device,
         batch_size: int,
         sample_shape: tuple[int, ...],
+        catch_up_batch: int | None = None,
     ) -> None:
         if not getattr(sink, "supports_rows", False):
             raise CacheError(f"the {tier} sink cannot take rows; use a cache pass")
@@ -74,8 +75,12 @@ class WriteThrough:
         self.labels = labels
         self.dtype = TORCH_DTYPES[dtype]
         self.device = device
+        # the catch-up pass's batch: the run's (a larger one is slower per sample on a CPU,
+        # whose caches it overflows)
+        self.catch_up_batch = catch_up_batch or batch_size
         self.written = np.zeros(len(labels), dtype=bool)  # (N,) which samples have rows
-        self.seconds = 0.0  # host time spent in take/finish (the writes themselves overlap)
+        self.take_seconds = 0.0  # time take() held the training thread (writes, copies)
+        self.take_bytes = 0  # bytes of rows handed over by the steps
         self._t0 = time.perf_counter()
         self._error: BaseException | None = None
         self._async = device.type == "cuda" and tier != "device"
@@ -96,8 +101,16 @@ class WriteThrough:
         on the host. ``h`` may be a CUDA graph's static output: it is read before the device
         moves on to the next step."""
         self._raise()
+        t = time.perf_counter()
+        try:
+            self._take(h, ids)
+        finally:
+            self.take_seconds += time.perf_counter() - t
+
+    def _take(self, h: torch.Tensor, ids: torch.Tensor) -> None:
         idx = ids.numpy()
         self.written[idx] = True
+        self.take_bytes += h.numel() * self.dtype.itemsize
         with torch.no_grad():
             if self.tier == "device":
                 x = h.detach().to(self.dtype)
@@ -159,6 +172,7 @@ class WriteThrough:
         loader's source: the reopened store, or the in-memory tier itself)."""
         self._stop_thread()
         self._raise()
+        t_finish = time.perf_counter()
         missing = np.flatnonzero(~self.written)
         if missing.size:
             log.info(
@@ -167,16 +181,28 @@ class WriteThrough:
                 self.target,
                 missing.size,
             )
-            for start in range(0, missing.size, 256):
-                idx = missing[start : start + 256]
+            step = self.catch_up_batch
+            for start in range(0, missing.size, step):
+                idx = missing[start : start + step]
                 x = compute(idx).to(self.dtype)
                 self.sink.write_rows(0, idx, x, self.labels[torch.from_numpy(idx)])
             self.written[missing] = True
         synchronize(self.device)
         self.sink.close()
         source = open_source()
-        seconds = time.perf_counter() - self._t0
+        now = time.perf_counter()
+        seconds = now - self._t0
         nbytes = int(source.nbytes)
+        log.info(
+            "write-through at boundary %d: the steps handed over %.0f MB, holding the training "
+            "thread %.2f s (%.0f MB/s); catch-up of %d samples and close %.2f s",
+            self.target,
+            self.take_bytes / 1e6,
+            self.take_seconds,
+            self.take_bytes / 1e6 / max(self.take_seconds, 1e-9),
+            missing.size,
+            now - t_finish,
+        )
         return Cache(
             self.target,
             self.tier,
