@@ -167,6 +167,12 @@ class TrainConfig:
     dist_timeout: float = opt(
         300.0, "machine", "seconds a rank waits for the others before failing (default %(default)s)"
     )
+    keep_freed_memory: bool = opt(
+        True,
+        "machine",
+        "leave the C allocator at its defaults (default: with glibc, memory a step frees is "
+        "kept for the next step instead of being returned to the system and faulted back in)",
+    )
     # outputs
     metrics: str | None = opt(
         None,

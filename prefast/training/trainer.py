@@ -54,7 +54,7 @@ from prefast.freezeout import (
 from prefast.models import UnitModel, create_model
 from prefast.monitor import PeakMemory, Stopwatch, peak_device_bytes
 from prefast.paths import check_writable_dir, check_writable_file
-from prefast.runtime import autocast, resolve_device
+from prefast.runtime import autocast, keep_freed_memory, resolve_device
 from prefast.training.batches import Batch, image_batches
 from prefast.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -100,6 +100,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        if cfg.keep_freed_memory:
+            keep_freed_memory()
         self.dist = DistContext.from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
         if self.dist.is_main:
             check_outputs(cfg)  # before any data is loaded or any step runs
