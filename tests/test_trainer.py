@@ -319,6 +319,31 @@ def test_write_through_plan_writes_when_the_saved_steps_pay_for_the_writes():
     assert cost(1e9).step(5e-3, 0.0, "ram", 1, 3) > cost(1e9).step(0.0, 0.0, "ram", 1, 3)
 
 
+@pytest.mark.parametrize(("tier", "memory", "stores"), [("zarr", [], 1), ("ram", [{"ram"}], 0)])
+def test_the_planner_probes_only_the_tiers_a_cache_can_go_to(
+    tmp_path, monkeypatch, tier, memory, stores
+):
+    import prefast.cache.manager as M
+
+    calls: dict[str, list] = {"memory": [], "store": []}
+    memory_rates, store_rates = M.measure_tier_rates, M.measure_store_rates
+
+    def spy_memory(*a):
+        calls["memory"].append(set(a[4]))
+        return memory_rates(*a)
+
+    def spy_store(*a):
+        calls["store"].append(a[2])
+        return store_rates(*a)
+
+    monkeypatch.setattr(M, "measure_tier_rates", spy_memory)
+    monkeypatch.setattr(M, "measure_store_rates", spy_store)
+    r = train(tiny(mode="prefast", cache=tier, cache_dir=str(tmp_path / "c"), epochs=4))
+    assert calls["memory"] == memory
+    assert len(calls["store"]) == stores
+    assert r.summary["cache_tier"] == tier
+
+
 def test_auto_policy_in_a_run_keeps_parity_with_freezeout(tmp_path):
     ref = train(tiny(mode="freezeout", augment=False, epochs=6))
     got = train(

@@ -122,6 +122,7 @@ class CacheManager:
         self.cache: Cache | None = None
         self.seconds = 0.0  # spent building caches, all passes of the run
         self.cost: CostModel | None = None
+        self._probe_shape: tuple[int, ...] = ()  # sample shape the tier rates are probed with
         self._auto_plan: dict[int, int] | None = None  # iteration -> boundary (auto policy)
         # epoch -> (iteration its steps start writing at, boundary written) (auto policy)
         self._epoch_plan: dict[int, tuple[int, int]] | None = None
@@ -310,6 +311,7 @@ class CacheManager:
             if self.cost is None:
                 self.cost = self._measure_costs(j, frontier)
             events = self._freeze_events(j)
+            tiers = self._plan_tiers()
             bounds = plan_boundaries(
                 events,
                 self.schedule.total_iterations,
@@ -318,7 +320,7 @@ class CacheManager:
                 self.views,
                 self.cost,
                 self.sample_bytes,
-                self._tier_for,
+                tiers.__getitem__,
                 boundary=b,
                 tier=self.cache.tier if self.cache is not None else None,
             )
@@ -429,12 +431,13 @@ class CacheManager:
             self.cost = self._measure_costs(j, frontier)
         epoch, elapsed = divmod(j, self.iters_per_epoch)
         epochs = list(range(epoch, self.cfg.epochs))
+        tiers = self._plan_tiers()
         plan = plan_epochs(
             [self._epoch_segments(e, j) for e in epochs],
             self.cfg.batch_size,
             self.cost,
             self.sample_bytes,
-            self._tier_for,
+            tiers.__getitem__,
             boundary=b,
             tier=self.cache.tier if self.cache is not None else None,
             elapsed=elapsed,
@@ -573,7 +576,8 @@ class CacheManager:
         return [(it, self.schedule.frozen_count(it)) for it in its]
 
     def _measure_costs(self, j: int, frontier: int) -> CostModel:
-        """Per-sample costs measured now on this device (DESIGN section 4)."""
+        """Per-sample compute costs measured now on this device (DESIGN section 4); the tiers'
+        rates are measured when a plan first needs them (``_plan_tiers``)."""
         cfg, train = self.cfg, self.data.train
         idx = np.arange(min(cfg.batch_size, len(train)))
         aug = (
@@ -591,39 +595,56 @@ class CacheManager:
         image = sorted(times)[1] / len(idx)  # median of 3
         with autocast(self.device, cfg.amp):
             unit_fwd = measure_unit_forward(self.model, x, self.model.num_units, self.device)
-        shape = self.model.boundary_shape(max(1, frontier), self.input_shape)
-        rates = measure_tier_rates(shape, cfg.cache_dtype, self.device, cfg.batch_size)
-        if cfg.cache in ("zarr", "auto") and any(
-            self._tier_for(b) == "zarr" for b in range(1, self.model.num_units + 1)
-        ):
+        self._probe_shape = self.model.boundary_shape(max(1, frontier), self.input_shape)
+        log.debug(
+            "iteration %d: measured costs per sample: image %.1f us, forward %s us",
+            j,
+            image * 1e6,
+            [round(t * 1e6, 1) for t in unit_fwd],
+        )
+        return CostModel(
+            unit_fwd=unit_fwd,
+            image=image,
+            read_rate={},
+            write_rate={},
+            overlap=self.device.type == "cuda",  # loader threads read while the GPU computes
+        )
+
+    def _plan_tiers(self) -> list[str]:
+        """The tier of a cache at each boundary as a plan sees it (asked once per plan: free
+        memory moves), after measuring the rates of those tiers and the held cache's tier
+        that are not measured yet: a tier no cache can go to is never probed (``--cache zarr``
+        probes the store only, ``--cache device`` the device only)."""
+        if self.cost is None:
+            raise CacheError("tier rates asked for before the costs were measured")
+        tiers = [self._tier_for(b) for b in range(len(self.sample_bytes))]
+        needed = set(tiers[1:]) | ({self.cache.tier} if self.cache is not None else set())
+        missing = needed - set(self.cost.read_rate)
+        cfg = self.cfg
+        rates: dict[str, tuple[float, float]] = {}
+        memory = missing & {"ram", "device"}
+        if memory:
+            rates |= measure_tier_rates(
+                self._probe_shape, cfg.cache_dtype, self.device, cfg.batch_size, memory
+            )
+        if "zarr" in missing:
             rates["zarr"] = measure_store_rates(
                 self.device,
                 self._zarr_dir(),
-                shape,
+                self._probe_shape,
                 cfg.cache_dtype,
                 None if cfg.codec == "none" else cfg.codec,
                 cfg.batch_size,
             )
-        else:
-            rates["zarr"] = rates["ram"]
-        write = {k: v[0] for k, v in rates.items()}
-        read = {k: v[1] for k, v in rates.items()}
-        cost = CostModel(
-            unit_fwd=unit_fwd,
-            image=image,
-            read_rate=read,
-            write_rate=write,
-            overlap=self.device.type == "cuda",  # loader threads read while the GPU computes
-        )
-        log.debug(
-            "iteration %d: measured costs per sample: image %.1f us, forward %s us, read MB/s %s, write MB/s %s",
-            j,
-            image * 1e6,
-            [round(t * 1e6, 1) for t in unit_fwd],
-            {k: round(v / 1e6) for k, v in read.items()},
-            {k: round(v / 1e6) for k, v in write.items()},
-        )
-        return cost
+        for tier, (write, read) in rates.items():
+            self.cost.write_rate[tier] = write
+            self.cost.read_rate[tier] = read
+        if rates:
+            log.debug(
+                "measured rates (MB/s, write/read): %s",
+                {k: (round(w / 1e6), round(r / 1e6)) for k, (w, r) in rates.items()},
+            )
+        return tiers
 
     # ---- building ---------------------------------------------------------------------------------
     def _recache(self, b_new: int, j: int) -> None:

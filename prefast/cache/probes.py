@@ -7,7 +7,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -122,26 +122,33 @@ def _write_rate(
 
 
 def measure_tier_rates(
-    sample_shape: tuple[int, ...], dtype: str, device: torch.device, batch: int
+    sample_shape: tuple[int, ...],
+    dtype: str,
+    device: torch.device,
+    batch: int,
+    tiers: Collection[str] = ("ram", "device"),
 ) -> dict[str, tuple[float, float]]:
-    """(write, read) bytes/s of the in-memory tiers, measured now (steady, see STEADY_*):
-    writes copy a device batch into the tier, reads go through the loader to ``device``."""
+    """(write, read) bytes/s of the in-memory ``tiers`` (of ``ram`` and ``device``), measured
+    now (steady, see STEADY_*): writes copy a device batch into the tier, reads go through the
+    loader to ``device``. Off CUDA the device tier is host memory: it gets ram's figures."""
     sample_bytes = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
     n = max(2 * batch, min(64 * batch, (128 << 20) // sample_bytes))  # <= ~128 MiB per tier
     x = torch.zeros((batch, *sample_shape), dtype=TORCH_DTYPES[dtype], device=device)
     labels = torch.zeros(n, dtype=torch.int64)
     out: dict[str, tuple[float, float]] = {}
-    tiers: dict[str, store.TensorCache] = {
-        "ram": store.RamCache.empty(n, 1, sample_shape, dtype, pin=False)
-    }
-    if device.type == "cuda":
-        tiers["device"] = store.DeviceCache.empty(n, 1, sample_shape, dtype, device=device)
-    for name, cache in tiers.items():
+    caches: dict[str, Callable[[], store.TensorCache]] = {}
+    if "ram" in tiers or ("device" in tiers and device.type != "cuda"):
+        caches["ram"] = lambda: store.RamCache.empty(n, 1, sample_shape, dtype, pin=False)
+    if "device" in tiers and device.type == "cuda":
+        caches["device"] = lambda: store.DeviceCache.empty(n, 1, sample_shape, dtype, device=device)
+    for name, make in caches.items():
+        cache = make()
         write = _write_rate(cache, x, labels, batch, device)
         out[name] = (write, _loader_rate(cache, batch, device))
-    if "device" not in out:
+        del cache
+    if "device" in tiers and "device" not in out:
         out["device"] = out["ram"]  # on a CPU run the device tier is host memory too
-    return out
+    return {k: v for k, v in out.items() if k in tiers}
 
 
 def measure_store_rates(
