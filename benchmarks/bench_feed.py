@@ -147,6 +147,22 @@ def _breakdown(
     return out
 
 
+def _gathers(x: torch.Tensor, batch: int, seed: int) -> dict[str, float]:
+    """Seconds to gather one shuffled epoch of ``x`` into a reused batch buffer on one thread:
+    ``np.take(..., out=buf)`` as numpy defaults it (mode="raise": into a temporary, then
+    copied) against mode="clip" on indices checked first, which the host tiers use."""
+    src = x.reshape(len(x), -1).view(torch.uint8).numpy()
+    buf = np.empty((batch, src.shape[1]), dtype=src.dtype)
+    order = np.random.default_rng(seed).permutation(len(src))
+    out: dict[str, float] = {}
+    for name, mode in (("take-buffered", "raise"), ("take-direct", "clip")):
+        t0 = time.perf_counter()
+        for s in range(0, len(src) - batch + 1, batch):
+            np.take(src, order[s : s + batch], axis=0, out=buf, mode=mode)  # type: ignore[call-overload]
+        out[name] = time.perf_counter() - t0
+    return out
+
+
 def _epoch(loader: store.StoreLoader, epoch: int, device: torch.device) -> float:
     loader.set_epoch(epoch)
     acc = torch.zeros((), device=device, dtype=torch.float32)
@@ -213,6 +229,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.repeats)
         ]
         out["breakdown_s"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+        _gathers(x, args.batch_size, args.seed)  # warm-up
+        gathers = [_gathers(x, args.batch_size, args.seed + r) for r in range(args.repeats)]
+        out["gather_s"] = {k: statistics.median(g[k] for g in gathers) for k in gathers[0]}
         ram = store.RamCache.from_store(raw, pin=device.type == "cuda")
         default_workers = store.StoreLoader(raw, device=device).gather_workers
         feeds: dict[str, tuple[store.ActivationSource, int]] = {
@@ -268,6 +287,15 @@ def report(r: dict[str, Any]) -> str:
         lines += ["", "| where a row write's time goes | s | GB/s |", "|---|---|---|"]
         for k, t in r["breakdown_s"].items():
             lines.append(f"| {k} | {t:.2f} | {b / t / GB:.2f} |")
+    if r.get("gather_s"):
+        g = r["gather_s"]
+        lines += [
+            "",
+            "| gather (one thread, one epoch) | s | GB/s | vs buffered |",
+            "|---|---|---|---|",
+        ]
+        for k, t in g.items():
+            lines.append(f"| {k} | {t:.3f} | {b / t / GB:.2f} | {g['take-buffered'] / t:.2f}x |")
     lines += [
         "",
         "| feed (tier/gather threads) | s/epoch | GB/s | vs one thread |",

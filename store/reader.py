@@ -477,6 +477,8 @@ class ActivationStore:
         as it has samples, so it is copied sample by sample from the mapped chunks (one small
         memcpy each); a batch concentrated in few chunks is copied one vectorised gather per
         chunk. Compressed: each chunk touched is decoded once."""
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
+            self._indices(indices)  # raises, naming the index
         cs = self.chunk_samples
         chunk_of = indices // cs
         touched = np.unique(chunk_of)
@@ -486,10 +488,12 @@ class ActivationStore:
         if self._cm is not None:
             self._cm.ensure(view, touched)
             src = self._cm.view(view)
+            # mode="clip" on indices checked above: with out= and mode="raise" numpy gathers
+            # into a temporary buffer and copies it again
             if positions is None:
-                np.take(src, indices, axis=0, out=out)
+                np.take(src, indices, axis=0, out=out, mode="clip")
             else:
-                out[positions] = np.take(src, indices, axis=0)
+                out[positions] = np.take(src, indices, axis=0, mode="clip")
             return
         offsets = indices - chunk_of * cs
         pos = np.arange(len(indices)) if positions is None else positions

@@ -181,7 +181,13 @@ class TensorCache:
             src = numpy_view(self.data)
             dst = numpy_view(out)
             if self.views == 1 or (views == views[0]).all():
-                np.take(src[int(views[0]) if len(views) else 0], indices, axis=0, out=dst)
+                if len(indices) and (indices.min() < 0 or indices.max() >= self.num_samples):
+                    raise StoreInputError(f"sample index out of range [0, {self.num_samples})")
+                # mode="clip" on checked indices: mode="raise" with out= gathers into a
+                # temporary buffer and copies it again
+                np.take(
+                    src[int(views[0]) if len(views) else 0], indices, axis=0, out=dst, mode="clip"
+                )
             else:
                 dst[...] = src[views, indices]
             return

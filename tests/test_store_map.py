@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import store
-from store.errors import StoreCorruptError
+from store.errors import StoreCorruptError, StoreInputError
 from store.layout import default_chunk_samples
 
 N, SHAPE, CHUNK = 75, (4, 16, 16), 6  # 2,048-byte fp16 samples: 12,288-byte (3-page) chunks
@@ -38,6 +38,9 @@ def test_side_by_side_map_reads_what_was_written(tmp_path):
     out = torch.empty((5, *SHAPE), dtype=torch.float16)
     s.gather(views, rows, out)
     assert torch.equal(out, x[views, rows])
+    for bad in (75, 77, -1):  # 75..77 are the edge chunk's padding, inside the map
+        with pytest.raises(StoreInputError, match=f"sample index {bad} out of range"):
+            s.gather(np.zeros(2, dtype=np.int64), np.array([3, bad]), out[:2])
     assert np.array_equal(s.read_chunk(1, 12), x[1, 72:75].numpy())
     loader = store.StoreLoader(
         s, batch_size=16, seed=3, prefetch=0, gather_workers=3, with_indices=True
