@@ -52,12 +52,25 @@ def _assert_intact(files: dict[Path, bytes]) -> None:
         assert p.read_bytes() == content, f"{p} was changed or deleted"
 
 
-def test_store_rate_probe_never_deletes_a_users_folder(tmp_path):
+@pytest.mark.parametrize("flush", [False, True])
+def test_store_rate_probe_never_deletes_a_users_folder(tmp_path, monkeypatch, flush):
     files = _user_files(tmp_path)
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
     write, read = measure_store_rates(
-        torch.device("cpu"), tmp_path, (4, 4, 4), "float16", None, batch=8
+        torch.device("cpu"), tmp_path, (4, 4, 4), "float16", None, batch=8, flush=flush
     )
     assert write > 0 and read > 0
+    # flush: the probe's own store files (a chunk file among them), and nothing of the user's
+    assert bool(synced) == flush
+    assert all(Path(f).parent != tmp_path and ".prefast-probe-" in f for f in synced), synced
+    assert not flush or any("/activations/c/" in f for f in synced), synced
     _assert_intact(files)
     # the probe's own store is gone, nothing else of ours is left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(USER_FOLDERS)

@@ -635,6 +635,10 @@ class CacheManager:
                 cfg.cache_dtype,
                 None if cfg.codec == "none" else cfg.codec,
                 cfg.batch_size,
+                # on a CPU the kernel writes the cache back to disk on the training's cores
+                # (fmnist: an epoch writing a 2.26 GB store took 56.9 s on disk, 49.0 s on
+                # tmpfs, for the same 2.4 s of writes in the steps)
+                flush=self.device.type == "cpu",
             )
         for tier, (write, read) in rates.items():
             self.cost.write_rate[tier] = write

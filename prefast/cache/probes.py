@@ -151,6 +151,19 @@ def measure_tier_rates(
     return {k: v for k, v in out.items() if k in tiers}
 
 
+def _flush_files(path: Path | str) -> None:
+    """``fsync`` every file of a local store (a remote one is left to its object store)."""
+    local = location.as_local(path)
+    if local is None:
+        return
+    for f in sorted(p for p in Path(local).rglob("*") if p.is_file() and not p.is_symlink()):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def measure_store_rates(
     device: torch.device,
     directory: Path | str,
@@ -158,11 +171,15 @@ def measure_store_rates(
     dtype: str,
     codec: str | None,
     batch: int,
+    flush: bool = False,
 ) -> tuple[float, float]:
     """(write, read) bytes/s of a temporary store (up to 256 MiB) in ``directory`` with the
     run's dtype and codec, steady (see STEADY_*): written the way the run writes (rows in a
     shuffled order for write-through, whole chunks otherwise) and read through the loader to
-    ``device``. The probe's store is removed after."""
+    ``device``. ``flush``: each written store is also flushed to disk (``fsync`` of its
+    files), so the write rate carries the kernel's writeback of what a cache writes; a run on
+    a CPU does that writeback on the cores it trains on (on a file system in memory it is
+    free). The probe's store is removed after."""
     # A fresh, unique name: nothing of the user's is ever overwritten or removed, and two
     # runs probing one folder do not meet.
     path = location.join(directory, f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
@@ -194,6 +211,8 @@ def measure_store_rates(
                     w.write_rows(0, idx, x[: stop - start], labels[idx])
                 else:
                     w.write(0, start, x[: stop - start], labels[start:stop])
+        if flush:
+            _flush_files(path)
         return n * sample_bytes
 
     try:
