@@ -22,6 +22,22 @@ RECACHE_POLICIES = ("auto", "every", "transitions")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16")
 
+# Fields that may differ between a checkpoint's config and the resuming run's (none of them
+# shapes a cached value, so none is in a cache folder's run key either).
+RESUMABLE_FIELDS = frozenset(
+    {
+        "resume",
+        "progress",
+        "metrics",
+        "checkpoint_dir",
+        "epochs",
+        "device",
+        "data_root",
+        "download",
+        "keep_freed_memory",
+    }
+)
+
 # field name -> allowed values (checked in __post_init__ and offered as CLI choices)
 CHOICES: dict[str, tuple[Any, ...]] = {
     "dataset": DATASETS,

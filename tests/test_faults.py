@@ -66,7 +66,7 @@ DRIVER = textwrap.dedent(
         save = T.save_checkpoint
         def _save(path, state):
             if point == "mid-checkpoint":
-                torch.save(state, path.parent / f".{path.name}.k1lled_0.tmp")  # half done ...
+                torch.save(state, path.parent / f".{path.name}.prefast-k1lled_0.tmp")  # half done ...
                 hit()  # ... and killed before it replaces the previous checkpoint
             save(path, state)
             if point == "checkpoint":

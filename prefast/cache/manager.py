@@ -54,7 +54,7 @@ from prefast.cache.probes import (
     measure_unit_forward,
 )
 from prefast.cache.write_through import WriteThrough
-from prefast.config import TrainConfig
+from prefast.config import RESUMABLE_FIELDS, TrainConfig
 from prefast.data import Augment, Datasets, epoch_key, make_batch, view_key
 from prefast.distributed import DistContext
 from prefast.errors import CacheError
@@ -72,22 +72,8 @@ RUN_MARKER = ".prefast-run"  # written into every run folder this package create
 LOCK_NAME = ".prefast-lock"
 TRASH_PREFIX = ".prefast-trash-"
 # Settings that do not shape the stored values: outputs, and what a resume may change.
-_NOT_IN_RUN_KEY = frozenset(
-    {
-        "resume",
-        "progress",
-        "metrics",
-        "checkpoint_dir",
-        "epochs",
-        "device",
-        "data_root",
-        "download",
-        "cache_dir",
-        "eval_batch_size",
-        "dist_timeout",
-        "keep_freed_memory",
-    }
-)
+# Settings that do not shape cached values: those a resumed run may change, and a few more.
+_NOT_IN_RUN_KEY = RESUMABLE_FIELDS | {"cache_dir", "eval_batch_size", "dist_timeout"}
 
 
 def run_key(cfg: TrainConfig) -> str:
@@ -635,10 +621,10 @@ class CacheManager:
                 cfg.cache_dtype,
                 None if cfg.codec == "none" else cfg.codec,
                 cfg.batch_size,
-                # on a CPU the kernel writes the cache back to disk on the training's cores
-                # (fmnist: an epoch writing a 2.26 GB store took 56.9 s on disk, 49.0 s on
-                # tmpfs, for the same 2.4 s of writes in the steps)
-                flush=self.device.type == "cpu",
+                # where host and device share the cores (a CPU run), the kernel's writeback
+                # of a cache runs on the training's cores (fmnist: an epoch writing a 2.26 GB
+                # store took 56.9 s on disk, 49.0 s on tmpfs, for the same 2.4 s of writes)
+                flush=not self.cost.overlap,
             )
         for tier, (write, read) in rates.items():
             self.cost.write_rate[tier] = write

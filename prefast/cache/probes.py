@@ -145,7 +145,6 @@ def measure_tier_rates(
         cache = make()
         write = _write_rate(cache, x, labels, batch, device)
         out[name] = (write, _loader_rate(cache, batch, device))
-        del cache
     if "device" in tiers and "device" not in out:
         out["device"] = out["ram"]  # on a CPU run the device tier is host memory too
     return {k: v for k, v in out.items() if k in tiers}

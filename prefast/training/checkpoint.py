@@ -18,23 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from prefast.config import RESUMABLE_FIELDS
 from prefast.errors import CheckpointError
 
 CHECKPOINT_NAME = "last.pt"
-# Fields that may differ between a checkpoint's config and the resuming run's.
-RESUMABLE_FIELDS = frozenset(
-    {
-        "resume",
-        "progress",
-        "metrics",
-        "checkpoint_dir",
-        "epochs",
-        "device",
-        "data_root",
-        "download",
-        "keep_freed_memory",
-    }
-)
+_TMP_TAG = "prefast-"  # in a temporary checkpoint's name: .last.pt.prefast-XXXXXXXX.tmp
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,7 +62,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file of a fresh, unique name in the
     same folder (never a name a user's file could have), flushed to disk, renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TMP_TAG}", suffix=".tmp")
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -86,7 +74,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: leave the previous checkpoint only
         raise
     # what a run killed mid-save left: names only mkstemp above makes (8 characters of its own)
-    leftover = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    leftover = re.compile(rf"\.{re.escape(path.name)}\.{_TMP_TAG}[a-z0-9_]{{8}}\.tmp")
     for p in path.parent.iterdir():
         if leftover.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
