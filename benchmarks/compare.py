@@ -261,6 +261,47 @@ def schedule_ideal(
 
 
 # ---- running --------------------------------------------------------------------------------------
+def round_order(variants: list[Variant], k: int) -> list[Variant]:
+    """The order of round ``k``: as listed in even rounds, reversed in odd ones, so over an
+    even number of rounds every variant runs as often early in the process as late (what runs
+    first pays start-up effects, and a machine's speed drifts)."""
+    return list(variants) if k % 2 == 0 else list(reversed(variants))
+
+
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's results over its rounds: times and test error are means over the rounds
+    (the per-epoch curve too), peaks are maxima; config, summary and records are the first
+    round's, and ``rounds`` keeps each round's own figures."""
+    first = runs[0]
+    n = len(runs)
+    out = dict(first)
+    out["rounds"] = [
+        {
+            "round": r["round"],
+            "position": r["position"],
+            "train_seconds": r["train_seconds"],
+            "cache_build_seconds": r["cache_build_seconds"],
+            "test_error": r["test_error"],
+            "epoch_seconds": [e["train_seconds"] for e in r["records"]],
+        }
+        for r in runs
+    ]
+    for key in ("train_seconds", "cache_build_seconds", "test_error", "process_wall_seconds"):
+        out[key] = sum(r[key] for r in runs) / n
+    for key in ("cache_bytes", "peak_host_private_bytes", "peak_gpu_bytes"):
+        out[key] = max(r[key] for r in runs)
+    if n > 1 and all(len(r["curve"]) == len(first["curve"]) for r in runs):
+        out["curve"] = [
+            {
+                "epoch": c["epoch"],
+                "train_seconds": sum(r["curve"][i]["train_seconds"] for r in runs) / n,
+                "test_error": sum(r["curve"][i]["test_error"] for r in runs) / n,
+            }
+            for i, c in enumerate(first["curve"])
+        ]
+    return out
+
+
 def run_variant(cfg: TrainConfig) -> dict[str, Any]:
     gc.collect()
     if torch.cuda.is_available():
@@ -357,41 +398,52 @@ def run_scenario(
         if partial_path
         else None
     )
+    rounds = max(1, args.rounds)
     for t0 in t0s:
-        table = []
-        failed: list[dict[str, str]] = []
+        failed: list[dict[str, Any]] = []
         ideal = schedule_ideal(TrainConfig(**{**base, "t0": t0}), len(fwd) - 1, iters, fwd, bwd)
-        for var in variants_for(
+        variants = variants_for(
             tiers, device, args.extra_views, full=(sc.full or args.full) and not args.no_full,
             eager_baseline=args.eager_baseline,
-        ):  # fmt: skip
-            over = dict(var.overrides)
-            if over.get("cache") == "zarr":
-                over["cache_dir"] = str(cache_root / f"{sc.name}-t{t0}-{var.name}")
-            cfg = TrainConfig(**{**base, "t0": t0, **over})
-            log.info("== %s t0=%s: %s", sc.name, t0, var.name)
-            try:
-                r = run_variant(cfg)
-            except Exception as e:  # one variant's failure must not lose the others' numbers
-                log.exception("variant %s failed", var.name)
-                failed.append({"variant": var.name, "error": repr(e)})
-                continue
-            r["variant"] = var.name
-            table.append(r)
-            if partial is not None and partial_path is not None:  # survives a run cut short
-                partial["runs"][f"t0={t0}"] = {
-                    "t0": t0,
-                    "ideal": ideal,
-                    "variants": table,
-                    "failed": failed,
-                    "incomplete": True,
-                }
-                write_json(partial_path, partial)
+        )  # fmt: skip
+        done: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
+        table: list[dict[str, Any]] = []
+        for rnd in range(rounds):
+            for pos, var in enumerate(round_order(variants, rnd)):
+                over = dict(var.overrides)
+                if over.get("cache") == "zarr":
+                    over["cache_dir"] = str(cache_root / f"{sc.name}-t{t0}-{var.name}")
+                cfg = TrainConfig(**{**base, "t0": t0, **over})
+                log.info("== %s t0=%s round %d/%d: %s", sc.name, t0, rnd + 1, rounds, var.name)
+                try:
+                    r = run_variant(cfg)
+                except Exception as e:  # one variant's failure must not lose the others' numbers
+                    log.exception("variant %s failed", var.name)
+                    failed.append({"variant": var.name, "round": rnd, "error": repr(e)})
+                    continue
+                r.update(variant=var.name, round=rnd, position=pos)
+                done[var.name].append(r)
+                table = [merge_rounds(done[v.name]) for v in variants if done[v.name]]
+                if partial is not None and partial_path is not None:  # survives a run cut short
+                    partial["runs"][f"t0={t0}"] = {
+                        "t0": t0,
+                        "ideal": ideal,
+                        "variants": table,
+                        "failed": failed,
+                        "incomplete": True,
+                    }
+                    write_json(partial_path, partial)
         ref = {r["variant"]: r["train_seconds"] for r in table}
         if "freezeout" not in ref:
             raise RuntimeError(f"the freezeout baseline failed: {failed}")
+        fo_rounds = {x["round"]: x["train_seconds"] for x in done["freezeout"]}
         for r in table:
             r["vs_freezeout"] = r["train_seconds"] / ref["freezeout"]
+            # each round's own ratio (rounds alternate the order: see round_order)
+            r["vs_freezeout_rounds"] = [
+                x["train_seconds"] / fo_rounds[x["round"]] if x["round"] in fo_rounds else None
+                for x in r["rounds"]
+            ]
             r["vs_full"] = r["train_seconds"] / ref["full"] if "full" in ref else None
             # without a full run, the saving vs full comes from freezeout's ideal share
             full_s = ref.get("full") or ref["freezeout"] / (1 - ideal["freezeout_saving"])
@@ -413,6 +465,7 @@ def run_scenario(
         "note": sc.note,
         "device": str(device),
         "base_config": base,
+        "rounds": rounds,
         "profile": {
             "fwd_seconds_per_batch": fwd,
             "bwd_seconds_per_batch": bwd,
@@ -424,6 +477,12 @@ def run_scenario(
 
 
 # ---- reporting --------------------------------------------------------------------------------------
+def _nth(position: int) -> str:
+    """A variant's place in its round's order, for the reader: 1st, 2nd, 3rd, 4th ..."""
+    n = position + 1
+    return f"{n}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(n if n < 20 else n % 10, 'th') } in its round"
+
+
 def _mib(b: int) -> str:
     return f"{b / MIB:,.0f}" if b else "-"
 
@@ -463,7 +522,22 @@ def format_tables(res: dict[str, Any]) -> str:
         for row in rows:
             lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
         for f in run.get("failed", []):
-            lines.append(f"FAILED {f['variant']}: {f['error']}")
+            where = f" (round {f['round'] + 1})" if "round" in f else ""
+            lines.append(f"FAILED {f['variant']}{where}: {f['error']}")
+        if res.get("rounds", 1) > 1:
+            lines.append(
+                f"times are means over {res['rounds']} rounds, the order reversed in every "
+                "other round; each round's time vs freezeout's in that round:"
+            )
+            for r in run["variants"]:
+                if r["variant"] == "freezeout":
+                    continue
+                per = ", ".join(
+                    f"{x:.3f} ({_nth(q['position'])})"
+                    for x, q in zip(r["vs_freezeout_rounds"], r["rounds"], strict=True)
+                    if x is not None
+                )
+                lines.append(f"  {r['variant']}: {per}")
         v = {r["variant"]: r for r in run["variants"]}
         if "prefast-zarr" in v and "prefast-ram" in v:
             lines.append(
@@ -573,6 +647,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--eager-baseline",
         action="store_true",
         help="add freezeout with eager steps (--compile none) to the run",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every variant this many times, the order reversed in every other round "
+        "(times are means; each round's ratios are listed)",
     )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -63,3 +63,68 @@ def test_bench_feed_times_every_write_path_and_feed(tmp_path, capsys):
     assert all(t > 0 for t in [*r["write_s"].values(), *r["feed_s"].values()])
     assert "where a row write's time goes" in out.with_suffix(".txt").read_text()
     assert list(tmp_path.glob("bench-feed-*")) == []  # its stores are removed
+
+
+def test_round_order_reverses_every_other_round():
+    vs = [compare.Variant(n) for n in ("freezeout", "prefast-ram", "prefast-zarr")]
+    names = [[v.name for v in compare.round_order(vs, k)] for k in range(4)]
+    assert names[0] == names[2] == ["freezeout", "prefast-ram", "prefast-zarr"]
+    assert names[1] == names[3] == ["prefast-zarr", "prefast-ram", "freezeout"]
+    assert [v.name for v in vs] == names[0]  # the list given is left as it was
+
+
+def _fake_run(k: int, pos: int, seconds: list[float], err: float) -> dict:
+    return {
+        "variant": "prefast-zarr", "round": k, "position": pos, "config": {"seed": 0},
+        "records": [{"epoch": e, "train_seconds": s} for e, s in enumerate(seconds)],
+        "curve": [{"epoch": e, "train_seconds": sum(seconds[: e + 1]), "test_error": err}
+                  for e in range(len(seconds))],
+        "train_seconds": sum(seconds), "cache_build_seconds": 0.5 * (k + 1), "test_error": err,
+        "process_wall_seconds": 2 * sum(seconds), "cache_bytes": 100 * (k + 1),
+        "peak_host_private_bytes": 7 - k, "peak_gpu_bytes": 0,
+    }  # fmt: skip
+
+
+def test_merge_rounds_means_times_and_keeps_each_round():
+    a, b = _fake_run(0, 0, [3.0, 1.0], 0.25), _fake_run(1, 2, [5.0, 2.0], 0.75)
+    m = compare.merge_rounds([a, b])
+    assert m["train_seconds"] == 5.5 and m["cache_build_seconds"] == 0.75
+    assert m["test_error"] == 0.5 and m["process_wall_seconds"] == 11.0
+    assert m["cache_bytes"] == 200 and m["peak_host_private_bytes"] == 7
+    assert [c["train_seconds"] for c in m["curve"]] == [4.0, 5.5]
+    assert [(r["round"], r["position"], r["epoch_seconds"]) for r in m["rounds"]] == [
+        (0, 0, [3.0, 1.0]),
+        (1, 2, [5.0, 2.0]),
+    ]
+    assert m["records"] is a["records"]  # the first round's records
+    one = compare.merge_rounds([a])
+    assert one["train_seconds"] == 4.0 and one["curve"] == a["curve"]
+    assert a["train_seconds"] == 4.0  # the inputs are not changed
+
+
+def test_compare_rounds_alternate_the_order(tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    rc = compare.main(
+        ["--quick", "--num-samples", "150", "--epochs", "2", "--tiers", "ram", "--no-full",
+         "--rounds", "2", "--out", str(out), "--no-progress", "--no-plot", "--device", "cpu"]
+    )  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["rounds"] == 2
+    fo, pf = res["runs"]["t0=0.6"]["variants"]
+    assert (fo["variant"], pf["variant"]) == ("freezeout", "prefast-ram")
+    assert [r["position"] for r in fo["rounds"]] == [0, 1]
+    assert [r["position"] for r in pf["rounds"]] == [1, 0]
+    for v in (fo, pf):
+        times = [r["train_seconds"] for r in v["rounds"]]
+        assert abs(v["train_seconds"] - sum(times) / 2) < 1e-9
+        # the same seed on a CPU: both rounds train to the same test error
+        assert v["rounds"][0]["test_error"] == v["rounds"][1]["test_error"]
+    assert fo["vs_freezeout_rounds"] == [1.0, 1.0]
+    expect = [
+        p["train_seconds"] / f["train_seconds"]
+        for p, f in zip(pf["rounds"], fo["rounds"], strict=True)
+    ]
+    assert pf["vs_freezeout_rounds"] == expect
+    text = capsys.readouterr().out
+    assert "means over 2 rounds" in text and "prefast-ram: " in text and "2nd in its round" in text

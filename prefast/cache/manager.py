@@ -71,7 +71,6 @@ RUN_PREFIX = "run-"
 RUN_MARKER = ".prefast-run"  # written into every run folder this package creates
 LOCK_NAME = ".prefast-lock"
 TRASH_PREFIX = ".prefast-trash-"
-# Settings that do not shape the stored values: outputs, and what a resume may change.
 # Settings that do not shape cached values: those a resumed run may change, and a few more.
 _NOT_IN_RUN_KEY = RESUMABLE_FIELDS | {"cache_dir", "eval_batch_size", "dist_timeout"}
 
