@@ -12,6 +12,7 @@ A failure on the pool (a full disk, say) is logged once and raised once, as
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import fcntl
@@ -611,6 +612,25 @@ class StoreWriter:
                 del self._buffers[(view, c)]
                 self._submit(view, c, buf.data)
 
+    def set_meta(self, meta: Mapping[str, Any] | None) -> None:
+        """Replace the store's provenance while none of its chunks is written yet: a writer
+        created ahead of its data (see ``prepare_rows``) is told what produced the data when
+        the writing starts. Single writer only."""
+        if self._closed:
+            raise StoreError(f"{self.path}: set_meta() after close()")
+        if (
+            self.world_size != 1
+            or self._done.any()
+            or self._buffers
+            or self._row_filled is not None
+        ):
+            raise StoreError(
+                f"{self.path}: set_meta() only before anything is written, by a single writer"
+            )
+        info = dataclasses.replace(self._info, meta=json_meta(meta, f"{self.path}: "))
+        self._group.attrs[ATTRS_KEY] = info.to_dict()
+        self._info = info
+
     # ---- writing samples in place (write-through) ------------------------------------------
     @property
     def supports_rows(self) -> bool:
@@ -706,19 +726,7 @@ class StoreWriter:
             _, first_in_reversed = np.unique(rows[::-1], return_index=True)
             last = rows.size - 1 - first_in_reversed
             rows, src = rows[last], src[last]
-        if self._row_map is None:
-            self._row_map = _RowMap(self.layout, self._raw_file)
-        try:
-            touched = np.unique(chunk_of[keep])
-            self._row_map.ensure(view, touched, self._rows_parallel(touched.size))
-        except _NoPreallocation as e:
-            if self._row_map.mapped.any():
-                raise
-            log.debug(
-                "%s: chunk files cannot be preallocated here (%s); rows go by pwrite", self.path, e
-            )
-            self._map_rows = False
-            self._row_map = None
+        if not self._map_chunks(view, np.unique(chunk_of[keep])) or self._row_map is None:
             return False
         dst = self._row_map.rows[view]  # (capacity, sample_bytes) uint8
         pool = self._rows_parallel(rows.size) if rows.size >= 64 else None
@@ -729,6 +737,50 @@ class StoreWriter:
             parts = [(rows[i::k], src[i::k]) for i in range(k)]
             for f in [pool.submit(dst.__setitem__, ri, si) for ri, si in parts]:
                 f.result()
+        return True
+
+    def _map_chunks(self, view: int, chunks: np.ndarray) -> bool:
+        """Map ``chunks`` of ``view`` into the row map (those not mapped yet; their pages
+        faulted in). False where chunk files cannot be preallocated here: rows then go by
+        pwrite, in this call and every later one."""
+        if self._row_map is None:
+            self._row_map = _RowMap(self.layout, self._raw_file)
+        try:
+            self._row_map.ensure(view, chunks, self._rows_parallel(chunks.size))
+        except _NoPreallocation as e:
+            if self._row_map.mapped.any():
+                raise
+            log.debug(
+                "%s: chunk files cannot be preallocated here (%s); rows go by pwrite", self.path, e
+            )
+            self._map_rows = False
+            self._row_map = None
+            return False
+        return True
+
+    def prepare_rows(self) -> bool:
+        """Map the files of every chunk still to write for ``write_rows`` and fault their pages
+        in now, several chunks at a time on the row threads, so that the rows written later
+        are copies only. Faulting in is the kernel's work and most of a shuffled row write's
+        time (``benchmarks/bench_feed.py``): a writer created ahead of its writes can pay it
+        early, for instance on a thread while a GPU trains. Not to be called while
+        ``write_rows`` runs on another thread. False where rows go by pwrite (nothing to
+        prepare); a full disk raises ``StoreWriteError``, as a write would."""
+        if self._closed:
+            raise StoreError(f"{self.path}: prepare_rows() after close()")
+        if not self.supports_rows:
+            raise StoreInputError(
+                f"{self.path}: prepare_rows() needs a raw (uncompressed) local store of one "
+                f"writer; this one has codec {self.layout.codec!r}, world size {self.world_size}"
+            )
+        if not self._map_rows:
+            return False
+        try:
+            for view in range(self.layout.views):
+                if not self._map_chunks(view, np.flatnonzero(~self._done[view])):
+                    return False
+        except OSError as e:
+            raise StoreWriteError(f"{self.path}: preparing rows failed: {e}") from e
         return True
 
     def _pwrite_rows(

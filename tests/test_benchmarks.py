@@ -55,8 +55,9 @@ def test_bench_feed_times_every_write_path_and_feed(tmp_path, capsys):
          "--dir", str(tmp_path), "--out", str(out)]
     ) == 0  # fmt: skip
     r = json.loads(out.read_text())
-    assert set(r["write_s"]) == {"zarr-path", "write", "write_rows", "write_rows-pwrite"}
-    assert set(r["beside_busy"]) == {"write_rows", "write_rows-pwrite"}
+    rows = {"write_rows", "write_rows-pwrite", "write_rows-prepared"}
+    assert set(r["write_s"]) == {"zarr-path", "write"} | rows
+    assert set(r["beside_busy"]) == rows and r["prepare_s"] > 0
     assert all(v["loop_share"] > 0 for v in r["beside_busy"].values())
     assert set(r["breakdown_s"]) == {"ram-fresh", "ram-touched", "map-populate"}
     assert set(r["feed_s"]) >= {"ram/1", "zarr/1"}
@@ -118,8 +119,9 @@ def test_compare_rounds_alternate_the_order(tmp_path, capsys):
     for v in (fo, pf):
         times = [r["train_seconds"] for r in v["rounds"]]
         assert abs(v["train_seconds"] - sum(times) / 2) < 1e-9
-        # the same seed on a CPU: both rounds train to the same test error
-        assert v["rounds"][0]["test_error"] == v["rounds"][1]["test_error"]
+    # the same seed on a CPU: freezeout trains to the same test error in both rounds (prefast
+    # may not: its plan follows the costs it measures)
+    assert fo["rounds"][0]["test_error"] == fo["rounds"][1]["test_error"]
     assert fo["vs_freezeout_rounds"] == [1.0, 1.0]
     expect = [
         p["train_seconds"] / f["train_seconds"]

@@ -237,3 +237,73 @@ def test_a_full_disk_under_mapped_rows_raises_a_store_error_and_leaves_the_store
     s = store.open(tmp_path / "s", partial=True)
     assert s.missing_ranges() == [(0, 32, N)]
     assert torch.equal(s.read(0, np.arange(32)), x[0, :32])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_prepare_rows_maps_the_chunks_to_write_before_any_row(tmp_path, workers):
+    """Created ahead, prepared (every chunk file mapped and faulted in, on the row threads),
+    then written in shuffled order: the same store as without preparing; after a kill, a
+    resumed writer prepares only the chunks still to write."""
+    x, y = encoded(views=2, shape=PAGE_SHAPE), labels_for()
+    with _create_paged(tmp_path / "s", views=2, workers=workers) as w:
+        assert w.prepare_rows()
+        assert w._row_map is not None and w._row_map.mapped.all()  # 2 views x 8 chunks
+        files = [p for p in (tmp_path / "s" / "activations" / "c").rglob("*") if p.is_file()]
+        assert len(files) == 16 and all(f.stat().st_size == 16 * 256 for f in files)
+        for v in range(2):
+            for idx in _shuffled_batches(30 + v, 29):
+                w.write_rows(v, idx, x[v, idx], y[idx] if v == 0 else None)
+    s = store.open(tmp_path / "s")
+    assert s.complete and torch.equal(s.labels, y)
+    for v in range(2):
+        assert torch.equal(s.read(v, ALL), x[v])
+        assert all(s.verify_chunk(v, c) for c in range(s.num_chunks))
+
+    w = _create_paged(tmp_path / "r", views=1, overwrite=True)
+    w.write_rows(0, np.arange(32), x[0, :32], y[:32])  # chunks 0 and 1 complete
+    w.flush()
+    w.abort()
+    with _create_paged(tmp_path / "r", views=1, resume=True) as w:
+        assert w.prepare_rows()
+        assert w._row_map is not None
+        assert w._row_map.mapped[0].tolist() == [False, False] + [True] * 6
+        w.write_rows(0, np.arange(32, N), x[0, 32:], y[32:])
+    assert torch.equal(store.open(tmp_path / "r").read(0, ALL), x[0])
+
+
+def test_prepare_rows_where_it_cannot(tmp_path, monkeypatch):
+    x, y = encoded(views=1, shape=PAGE_SHAPE), labels_for()
+    with _create_paged(tmp_path / "lz4", codec="lz4") as w, pytest.raises(StoreInputError):
+        w.prepare_rows()  # a compressed store takes whole chunks only
+    monkeypatch.setattr(
+        os, "posix_fallocate", lambda *a: (_ for _ in ()).throw(OSError(errno.EOPNOTSUPP, "no"))
+    )
+    with _create_paged(tmp_path / "s") as w:
+        assert not w.prepare_rows()  # no preallocation here: rows will go by pwrite
+        w.write_rows(0, ALL, x[0], y)
+    assert torch.equal(store.open(tmp_path / "s").read(0, ALL), x[0])
+    monkeypatch.setattr(
+        os, "posix_fallocate", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
+    w = _create_paged(tmp_path / "full", overwrite=True)
+    with pytest.raises(store.StoreWriteError, match="preparing rows failed"):
+        w.prepare_rows()
+    w.abort()
+    w.abort()
+    with pytest.raises(store.StoreError, match="after close"):
+        w.prepare_rows()
+
+
+def test_set_meta_before_anything_is_written(tmp_path):
+    x, y = encoded(views=1, shape=PAGE_SHAPE), labels_for()
+    with _create_paged(tmp_path / "s") as w:
+        w.set_meta({"boundary": 3, "fingerprint": "abc"})
+        w.write_rows(0, ALL, x[0], y)
+        with pytest.raises(store.StoreError, match="before anything is written"):
+            w.set_meta({"boundary": 4})
+    s = store.open(tmp_path / "s")
+    assert s.complete and s.info.meta == {"boundary": 3, "fingerprint": "abc"}
+    w = _create_paged(tmp_path / "t", meta={"a": 1})
+    w.set_meta(None)
+    w.abort()
+    assert store.open(tmp_path / "t", partial=True).info.meta == {}
