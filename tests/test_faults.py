@@ -48,10 +48,11 @@ DRIVER = textwrap.dedent(
             hit()
         WT.WriteThrough.take = _take
     elif point == "delete":  # halfway through deleting the n-th superseded store
-        rmtree = M.shutil.rmtree
+        import prefast.cache.identity as I
+        rmtree = I.shutil.rmtree
         class _Shutil:
             def __getattr__(self, name):
-                return getattr(M.__dict__["_real_shutil"], name)
+                return getattr(I.__dict__["_real_shutil"], name)
             @staticmethod
             def rmtree(path, *a, **k):
                 if ".prefast-trash-" in str(path):
@@ -60,8 +61,8 @@ DRIVER = textwrap.dedent(
                         f.unlink()
                     hit()
                 return rmtree(path, *a, **k)
-        M._real_shutil = M.shutil
-        M.shutil = _Shutil()
+        I._real_shutil = I.shutil
+        I.shutil = _Shutil()
     elif point in ("checkpoint", "mid-checkpoint"):  # right after / halfway through the n-th
         save = T.save_checkpoint
         def _save(path, state):

@@ -340,7 +340,7 @@ def test_the_planner_probes_only_the_tiers_a_cache_can_go_to(
     monkeypatch.setattr(M, "measure_store_rates", spy_store)
     r = train(tiny(mode="prefast", cache=tier, cache_dir=str(tmp_path / "c"), epochs=4))
     assert calls["memory"] == memory
-    assert calls["store"] == [{"flush": True}] * stores  # a CPU run: writeback is its cost
+    assert calls["store"] == [{"flush": True, "prepared": False}] * stores  # a CPU run
     assert r.summary["cache_tier"] == tier
 
 

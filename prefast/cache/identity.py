@@ -7,6 +7,9 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
+import shutil
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from store import location
 log = logging.getLogger(__name__)
 
 STORE_PREFIX = "boundary-"
+TRASH_PREFIX = ".prefast-trash-"  # a store being deleted; what a kill leaves is cleared later
 
 
 def update_digest(h: Any, items: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -74,6 +78,22 @@ PROVENANCE_KEYS = ("model", "boundary", "boundary_unit", "data", "fingerprint", 
 def store_path(cache_dir: Path | str, boundary: int) -> Path | str:
     """The store of boundary ``boundary`` in a cache folder (a local path or an fsspec URL)."""
     return location.join(cache_dir, f"{STORE_PREFIX}{boundary:03d}")
+
+
+def delete_store(path: Path | str) -> None:
+    """Delete a store this run made (a missing one is fine; a folder that is not a store is
+    refused). A local store is first renamed into its folder's trash, so a kill mid-delete
+    leaves trash, which the run folder's next start clears, never a half-deleted store under
+    a store's name."""
+    if not location.exists(path):
+        return
+    local = location.as_local(path)
+    if local is not None and location.is_activation_store(local):
+        trash = local.parent / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
+        os.rename(local, trash)
+        shutil.rmtree(trash)
+    else:
+        location.remove_store(path)
 
 
 def check_cache_dir(cache_dir: Path | str) -> None:

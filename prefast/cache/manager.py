@@ -28,7 +28,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,12 @@ import numpy as np
 import torch
 
 import store
+from prefast.cache.ahead import AheadStore
 from prefast.cache.build import Cache, PassSpec, build_cache
 from prefast.cache.identity import (
+    TRASH_PREFIX,
     check_cache_dir,
+    delete_store,
     fingerprint,
     open_matching,
     provenance,
@@ -70,7 +72,6 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x, y, sample ids (hos
 RUN_PREFIX = "run-"
 RUN_MARKER = ".prefast-run"  # written into every run folder this package creates
 LOCK_NAME = ".prefast-lock"
-TRASH_PREFIX = ".prefast-trash-"
 # Settings that do not shape cached values: those a resumed run may change, and a few more.
 _NOT_IN_RUN_KEY = RESUMABLE_FIELDS | {"cache_dir", "eval_batch_size", "dist_timeout"}
 
@@ -112,6 +113,7 @@ class CacheManager:
         # epoch -> (iteration its steps start writing at, boundary written) (auto policy)
         self._epoch_plan: dict[int, tuple[int, int]] | None = None
         self._writing: WriteThrough | None = None
+        self._ahead: AheadStore | None = None  # the next store, being prepared (CUDA)
         self.iters_per_epoch = schedule.total_iterations // cfg.epochs
         self._superseded: list[Cache] = []
         self._tmp_dir: Path | None = None
@@ -207,13 +209,7 @@ class CacheManager:
             return
         if not location.exists(path):
             return
-        local = location.as_local(path)
-        if local is not None and location.is_activation_store(local):
-            trash = local.parent / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
-            os.rename(local, trash)
-            shutil.rmtree(trash)
-        else:
-            location.remove_store(path)
+        delete_store(path)
         log.debug("deleted superseded store %s", path)
 
     # ---- the current cache ----------------------------------------------------------------------
@@ -271,7 +267,9 @@ class CacheManager:
         cache from this step on if the plan says so (``begin_epoch``/``end_epoch``). True when
         the batch source changed."""
         if self.write_through:
-            return self._start_writing(j, frontier)
+            changed = self._start_writing(j, frontier)
+            self._prepare_ahead(j)
+            return changed
         b_new = self._planned_boundary(j, frontier)
         if b_new > self.boundary:
             self._recache(b_new, j)
@@ -322,7 +320,64 @@ class CacheManager:
             return None
         if self._writing is None:
             self._start_writing(epoch * self.iters_per_epoch, frontier)
+        self._prepare_ahead(epoch * self.iters_per_epoch)
         return self._writing.target if self._writing is not None else None
+
+    def _prepare_ahead(self, j: int) -> None:
+        """Where the host works beside the device (``cost.overlap``: CUDA), create the store
+        the plan writes next (``--recache-policy auto``), if its writing starts after
+        iteration ``j`` and within the next epoch, and fault its files in on a thread now,
+        while the device trains: the steps that write it then only copy rows (``AheadStore``).
+        One process only (ranks write chunks, not rows). A store the plan no longer writes
+        when its epoch comes is deleted."""
+        if (
+            self._ahead is not None
+            or self._epoch_plan is None
+            or self.cost is None
+            or not self.cost.overlap
+            or self.dist.world_size > 1
+        ):
+            return
+        epoch = j // self.iters_per_epoch
+        held = self._writing.target if self._writing is not None else self.boundary
+        nxt = [
+            t
+            for e, (start, t) in sorted(self._epoch_plan.items())
+            if start > j and t > held and e <= epoch + 1 and e < self.cfg.epochs - 1
+        ]
+        if not nxt or self._tier_for(nxt[0]) != "zarr":
+            return
+        target = nxt[0]
+        path = store_path(self._zarr_dir(), target)
+        shape = self.model.boundary_shape(target, self.input_shape)
+        n, dtype = len(self.data.train), self.cfg.cache_dtype
+
+        def create() -> store.StoreWriter:
+            return store.create(
+                path, sample_shape=shape, num_samples=n, views=1, dtype=dtype, overwrite=True
+            )
+
+        self._ahead = AheadStore(target, path, create)
+        log.debug("iteration %d: preparing the store of boundary %d ahead, on a thread", j, target)
+
+    def _take_ahead(self, target: int, tier: str, meta: dict[str, Any]) -> Any:
+        """The writer prepared ahead for ``target`` in the store, given ``meta``; None where
+        none was prepared, or one for another boundary or where the cache now goes to another
+        tier (that store is deleted)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead.target != target or tier != "zarr":
+            log.info(
+                "the store prepared ahead for boundary %d is not used: boundary %d is written "
+                "(%s tier)",
+                ahead.target,
+                target,
+                tier,
+            )
+            ahead.drop()
+            return None
+        return ahead.take(meta)
 
     def _start_writing(self, j: int, frontier: int) -> bool:
         """Open the cache the plan writes from iteration ``j`` on, if any (one per epoch; never
@@ -469,7 +524,10 @@ class CacheManager:
         meta = provenance(self.model, target, self.data.desc, self._cache_desc(), fp)
         path = store_path(self._zarr_dir(), target) if tier == "zarr" else None
         sink: Any
-        if tier == "zarr":
+        ahead = self._take_ahead(target, tier, meta)
+        if ahead is not None:
+            sink = ahead
+        elif tier == "zarr":
             sink = store.create(
                 path,  # type: ignore[arg-type]
                 sample_shape=shape,
@@ -624,6 +682,8 @@ class CacheManager:
                 # of a cache runs on the training's cores (fmnist: an epoch writing a 2.26 GB
                 # store took 56.9 s on disk, 49.0 s on tmpfs, for the same 2.4 s of writes)
                 flush=not self.cost.overlap,
+                # where the next store is prepared ahead (_prepare_ahead), its steps only copy
+                prepared=self.cost.overlap and self.dist.world_size == 1,
             )
         for tier, (write, read) in rates.items():
             self.cost.write_rate[tier] = write
@@ -759,6 +819,9 @@ class CacheManager:
         if self._writing is not None:  # a run stopped mid-epoch: the new cache stays incomplete
             self._writing.abort()
             self._writing = None
+        if self._ahead is not None:  # prepared for an epoch that did not come
+            ahead, self._ahead = self._ahead, None
+            ahead.drop()
         try:
             if self._tmp_dir is not None:
                 self.dist.barrier("finishing with the temporary cache")

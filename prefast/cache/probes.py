@@ -63,18 +63,23 @@ STEADY_BYTES = 500_000_000
 STEADY_SECONDS = 1.0
 
 
-def _steady_rate(round_: Callable[[int], int], device: torch.device) -> float:
+def _steady_rate(
+    round_: Callable[[int], int],
+    device: torch.device,
+    off_clock: Callable[[], float] = lambda: 0.0,
+) -> float:
     """Bytes/s of ``round_(k)`` (which moves and returns some bytes) repeated until the steady
-    thresholds are met; round 0 warms up and is not counted."""
+    thresholds are met; round 0 warms up and is not counted. ``off_clock()``: the seconds the
+    rounds spent so far on work a run does elsewhere, left out of the time."""
     round_(0)
     synchronize(device)
-    t = time.perf_counter()
+    t, skipped = time.perf_counter(), off_clock()
     moved, k = 0, 1
     while True:
         moved += round_(k)
         k += 1
         synchronize(device)
-        elapsed = time.perf_counter() - t
+        elapsed = time.perf_counter() - t - (off_clock() - skipped)
         if moved >= STEADY_BYTES or elapsed >= STEADY_SECONDS:
             return moved / max(elapsed, 1e-9)
 
@@ -171,6 +176,7 @@ def measure_store_rates(
     codec: str | None,
     batch: int,
     flush: bool = False,
+    prepared: bool = False,
 ) -> tuple[float, float]:
     """(write, read) bytes/s of a temporary store (up to 256 MiB) in ``directory`` with the
     run's dtype and codec, steady (see STEADY_*): written the way the run writes (rows in a
@@ -178,7 +184,9 @@ def measure_store_rates(
     ``device``. ``flush``: each written store is also flushed to disk (``fsync`` of its
     files), so the write rate carries the kernel's writeback of what a cache writes; a run on
     a CPU does that writeback on the cores it trains on (on a file system in memory it is
-    free). The probe's store is removed after."""
+    free). ``prepared``: each store's files are faulted in before its rows are written, off
+    the clock, as a run on CUDA prepares the next store ahead while the device trains
+    (``prefast.cache.ahead``). The probe's store is removed after."""
     # A fresh, unique name: nothing of the user's is ever overwritten or removed, and two
     # runs probing one folder do not meet.
     path = location.join(directory, f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
@@ -188,9 +196,10 @@ def measure_store_rates(
     x = torch.relu(torch.randn((batch, *sample_shape), generator=g)).to(TORCH_DTYPES[dtype])
     labels = torch.zeros(n, dtype=torch.int64)
     created = False
+    ahead = 0.0  # seconds spent preparing stores (paid ahead in a run: off the clock)
 
     def one_store(k: int) -> int:
-        nonlocal created
+        nonlocal created, ahead
         w = store.create(
             path,
             sample_shape=sample_shape,
@@ -202,6 +211,10 @@ def measure_store_rates(
         created = True
         with w:
             rows = getattr(w, "supports_rows", False)
+            if rows and prepared:
+                t = time.perf_counter()
+                w.prepare_rows()
+                ahead += time.perf_counter() - t
             order = torch.randperm(n, generator=torch.Generator().manual_seed(k)).numpy()
             for start in range(0, n, batch):
                 stop = min(start + batch, n)
@@ -215,7 +228,7 @@ def measure_store_rates(
         return n * sample_bytes
 
     try:
-        write = _steady_rate(one_store, device)
+        write = _steady_rate(one_store, device, lambda: ahead)
         s = store.open(path)
         read = _loader_rate(s, batch, device)
         s.close()

@@ -1,0 +1,174 @@
+"""Stores created ahead of the epoch that writes them (``prefast.cache.ahead``)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import store
+from prefast import train
+from prefast.cache.ahead import AheadStore
+from prefast.cache.manager import CacheManager
+from prefast.cache.plan import EpochPlan
+from tests.test_trainer import _weights, tiny
+
+SHAPE = (4, 8, 8)  # float32: 1 KiB a sample, chunks of whole pages
+
+
+def _maker(path, fail: bool = False):
+    def create() -> store.StoreWriter:
+        if fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return store.create(
+            path, sample_shape=SHAPE, num_samples=50, dtype="float32", chunk_samples=16
+        )
+
+    return create
+
+
+def test_a_store_prepared_ahead_is_written_with_the_provenance_given_when_taken(tmp_path):
+    path = tmp_path / "boundary-003"
+    fake = SimpleNamespace(_ahead=AheadStore(3, path, _maker(path)))
+    w = CacheManager._take_ahead(fake, 3, "zarr", {"boundary": 3, "fingerprint": "f"})
+    assert fake._ahead is None
+    assert w is not None and w._row_map is not None and w._row_map.mapped.all()
+    x = torch.randn((50, *SHAPE))
+    y = torch.arange(50) % 10
+    with w:
+        order = np.random.default_rng(0).permutation(50)
+        for i in range(0, 50, 17):
+            idx = order[i : i + 17]
+            w.write_rows(0, idx, x[idx], y[idx])
+    s = store.open(path)
+    assert s.complete and s.info.meta == {"boundary": 3, "fingerprint": "f"}
+    assert torch.equal(s.read(0, np.arange(50)), x) and torch.equal(s.labels, y)
+    assert [p.name for p in tmp_path.iterdir()] == ["boundary-003"]
+
+
+def test_a_store_prepared_ahead_for_another_boundary_or_tier_is_deleted(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="prefast")
+    for target, tier in [(4, "zarr"), (3, "ram")]:
+        path = tmp_path / "boundary-003"
+        fake = SimpleNamespace(_ahead=AheadStore(3, path, _maker(path)))
+        assert CacheManager._take_ahead(fake, target, tier, {"boundary": target}) is None
+        assert fake._ahead is None
+        assert list(tmp_path.iterdir()) == []  # deleted, no trash left
+    assert "prepared ahead for boundary 3 is not used: boundary 3 is written (ram tier)" in (
+        caplog.text
+    )
+    assert CacheManager._take_ahead(SimpleNamespace(_ahead=None), 3, "zarr", {}) is None
+
+
+def test_a_store_that_could_not_be_prepared_ahead_is_made_when_written(tmp_path, caplog):
+    path = tmp_path / "boundary-002"
+    ahead = AheadStore(2, path, _maker(path, fail=True))
+    assert ahead.take({"boundary": 2}) is None
+    assert "preparing the store at" in caplog.text and "No space left" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
+
+def _every_epoch(
+    segments, batch_size, cost, sample_bytes, tier_of, boundary=0, tier=None, elapsed=0
+):
+    """A stand-in planner: every epoch writes the frontier of its first stretch past the
+    boundary held, from that stretch on."""
+    targets, starts, b = [], [], boundary
+    for segs in segments:
+        done, t, start = 0, b, 0
+        for steps, f in segs:
+            if f > b:
+                t, start = f, done
+                break
+            done += steps
+        targets.append(t)
+        starts.append(start)
+        b = t
+    return EpochPlan(targets, starts, 1.0, 2.0)
+
+
+def test_a_run_where_host_and_device_overlap_prepares_each_store_an_epoch_ahead(
+    tmp_path, monkeypatch, caplog
+):
+    """The store each epoch writes is created and faulted in on a thread from the epoch
+    before, and given its provenance when its writing starts (overlap forced on the CPU, the
+    plan fixed): the run equals one that creates each store as it writes it, and the run
+    folder holds only the last store."""
+    import prefast.cache.manager as M
+
+    monkeypatch.setattr(M, "plan_epochs", _every_epoch)
+    kw = dict(mode="prefast", epochs=5, augment=False, cache="zarr", cache_dtype="float32",
+              codec="none", recache_policy="auto")  # fmt: skip
+    ref = train(tiny(**kw, cache_dir=str(tmp_path / "a")))
+    measure = M.CacheManager._measure_costs
+
+    def overlapping(self, j, frontier):
+        c = measure(self, j, frontier)
+        c.overlap = True  # as on CUDA: host work runs beside the device's
+        return c
+
+    monkeypatch.setattr(M.CacheManager, "_measure_costs", overlapping)
+    caplog.set_level(logging.INFO, logger="prefast")
+    got = train(tiny(**kw, cache_dir=str(tmp_path / "b")))
+    msgs = [r.getMessage() for r in caplog.records]
+    ahead = [m for m in msgs if "faulted in ahead" in m]
+    written = [m for m in msgs if "through the training steps" in m]
+    assert len(written) == 3 and len(ahead) == 2  # epochs 1, 2, 3; the first at its plan
+    assert ahead[0].startswith("boundary ") and not any("not used" in m for m in msgs)
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
+    torch.testing.assert_close(_weights(got.model), _weights(ref.model))
+    assert got.summary["cache_boundary"] == ref.summary["cache_boundary"] > 1
+    a, b = store.open(ref.summary["cache_path"]), store.open(got.summary["cache_path"])
+    assert a.complete and b.complete
+    assert {k: b.meta[k] for k in ("boundary", "fingerprint")} == {
+        k: a.meta[k] for k in ("boundary", "fingerprint")
+    }
+    idx = np.arange(a.num_samples)
+    assert torch.equal(a.read(0, idx), b.read(0, idx))
+    (run_dir,) = (tmp_path / "b").iterdir()
+    names = {p.name for p in run_dir.iterdir()}
+    assert names - {".prefast-run", ".prefast-lock"} == {Path(got.summary["cache_path"]).name}
+
+
+def test_a_probe_leaves_the_time_paid_ahead_out_of_a_rate(monkeypatch):
+    """A fake clock: each round takes 0.3 s, 0.2 s of it paid ahead in a run; 1 MB a round."""
+    from prefast.cache import probes
+
+    now = [0.0]
+    ahead = [0.0]
+    monkeypatch.setattr(probes.time, "perf_counter", lambda: now[0])
+
+    def round_(k: int) -> int:
+        now[0] += 0.3
+        ahead[0] += 0.2
+        return 1_000_000
+
+    cpu = torch.device("cpu")
+    # on the clock 0.1 s a round: ten rounds reach the steady second
+    assert probes._steady_rate(round_, cpu, lambda: ahead[0]) == pytest.approx(10e6)
+    # everything on the clock: four rounds, 4 MB in 1.2 s
+    assert probes._steady_rate(round_, cpu) == pytest.approx(4e6 / 1.2)
+
+
+def test_the_store_probe_prepares_each_store_when_asked(tmp_path, monkeypatch):
+    calls = []
+    prepare = store.StoreWriter.prepare_rows
+
+    def spy(self):
+        calls.append(self.path)
+        return prepare(self)
+
+    monkeypatch.setattr(store.StoreWriter, "prepare_rows", spy)
+    from prefast.cache.probes import measure_store_rates
+
+    cpu = torch.device("cpu")
+    write, read = measure_store_rates(cpu, tmp_path, SHAPE, "float16", None, batch=8)
+    assert write > 0 and read > 0 and calls == []
+    write, read = measure_store_rates(cpu, tmp_path, SHAPE, "float16", None, 8, prepared=True)
+    assert write > 0 and read > 0 and len(calls) >= 2  # the warm-up store and one timed
+    assert list(tmp_path.iterdir()) == []  # the probe's stores are gone
