@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 import store
+from benchmarks.common import environment
 
 GB = 1e9
 
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     r = run(args)
+    r["environment"] = environment()  # the commit, versions and machine
     text = report(r)
     sys.stdout.write(text + "\n")
     if args.out is not None:
