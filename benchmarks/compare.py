@@ -657,6 +657,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="keep the runs' own log lines (freezes, plans, cache moves, write-through costs)",
+    )
     return p.parse_args(argv)
 
 
@@ -667,8 +673,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
     )
-    logging.getLogger("prefast").setLevel(logging.WARNING)
-    logging.getLogger("store").setLevel(logging.WARNING)
+    quiet = logging.INFO if args.verbose else logging.WARNING
+    logging.getLogger("prefast").setLevel(quiet)
+    logging.getLogger("store").setLevel(quiet)
     dev = (
         "gpu"
         if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

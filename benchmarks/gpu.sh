@@ -81,7 +81,7 @@ if has scenario; then
   echo "== 2. 16 epochs, every tier, --compile $COMPILE ($(left) s left)"
   # shellcheck disable=SC2086
   timeout $(( $(left) - 70 )) python3 benchmarks/compare.py --scenario cifar-gpu-long \
-    --compile "$COMPILE" $EAGER --no-progress --no-plot --cache-dir /tmp/prefast-bench \
+    --compile "$COMPILE" $EAGER --no-progress --no-plot --verbose --cache-dir /tmp/prefast-bench \
     --out "$W/compare-gpu-long.json" > "$W/compare-gpu-long.log" 2>&1
   tail -16 "$W/compare-gpu-long.log"
   rm -rf /tmp/prefast-bench

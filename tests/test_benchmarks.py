@@ -103,12 +103,14 @@ def test_merge_rounds_means_times_and_keeps_each_round():
     assert a["train_seconds"] == 4.0  # the inputs are not changed
 
 
-def test_compare_rounds_alternate_the_order(tmp_path, capsys):
+def test_compare_rounds_alternate_the_order(tmp_path, capsys, caplog):
     out = tmp_path / "cmp.json"
     rc = compare.main(
         ["--quick", "--num-samples", "150", "--epochs", "2", "--tiers", "ram", "--no-full",
-         "--rounds", "2", "--out", str(out), "--no-progress", "--no-plot", "--device", "cpu"]
+         "--rounds", "2", "--out", str(out), "--no-progress", "--no-plot", "--device", "cpu",
+         "-v"]
     )  # fmt: skip
+    assert "froze unit 0" in caplog.text  # -v keeps the runs' own log lines
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["rounds"] == 2
