@@ -172,3 +172,16 @@ def test_the_store_probe_prepares_each_store_when_asked(tmp_path, monkeypatch):
     write, read = measure_store_rates(cpu, tmp_path, SHAPE, "float16", None, 8, prepared=True)
     assert write > 0 and read > 0 and len(calls) >= 2  # the warm-up store and one timed
     assert list(tmp_path.iterdir()) == []  # the probe's stores are gone
+
+
+def test_a_half_made_store_prepared_ahead_is_left_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "boundary-002"
+
+    def half_made() -> store.StoreWriter:
+        path.mkdir()
+        (path / "partial").write_bytes(b"x")  # not a store yet: never deleted
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    assert AheadStore(2, path, half_made).take({}) is None
+    assert (path / "partial").read_bytes() == b"x"
+    assert "could not delete the store prepared ahead" in caplog.text
