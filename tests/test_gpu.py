@@ -224,3 +224,33 @@ def test_graph_recaptures_reuse_the_pool_while_old_outputs_live():
     torch.cuda.synchronize()
     assert runner.captures == 4 and all(h is not None for h in held)
     meter.check_finite()
+
+
+@pytest.mark.parametrize("compile_mode", ["none", "graphs"])
+def test_stores_prepared_ahead_on_cuda_match_freezeout(tmp_path, monkeypatch, caplog, compile_mode):
+    """On CUDA each store a later epoch writes is created and faulted in on a thread ahead of
+    it (the plan fixed to write every epoch): float32 prefast still equals freezeout."""
+    import logging
+
+    import prefast.cache.manager as M
+    from tests.test_ahead import _every_epoch
+
+    monkeypatch.setattr(M, "plan_epochs", _every_epoch)
+    torch.backends.cudnn.deterministic = True
+    kw = _gpu_kw(epochs=5, compile=compile_mode)
+    ref = train(TrainConfig(**{**kw, "mode": "freezeout"}))
+    caplog.set_level(logging.INFO, logger="prefast")
+    got = train(
+        TrainConfig(
+            **{**kw, "mode": "prefast"},
+            cache="zarr",
+            cache_dir=str(tmp_path / "c"),
+            cache_dtype="float32",
+            recache_policy="auto",
+        )
+    )
+    assert caplog.text.count("faulted in ahead") >= 1
+    assert got.summary["cache_boundary"] > 0
+    torch.testing.assert_close(
+        torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5
+    )
