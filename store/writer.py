@@ -637,6 +637,16 @@ class StoreWriter:
         """Whether ``write_rows`` works here: raw (uncompressed) local stores of one writer."""
         return self._raw_root is not None and self.world_size == 1
 
+    def _check_rows(self, call: str) -> None:
+        """Refuse ``call`` (a rows method) on a closed writer or a store that takes no rows."""
+        if self._closed:
+            raise StoreError(f"{self.path}: {call}() after close()")
+        if not self.supports_rows:
+            raise StoreInputError(
+                f"{self.path}: {call}() needs a raw (uncompressed) local store of one writer; "
+                f"this one has codec {self.layout.codec!r}, world size {self.world_size}"
+            )
+
     def write_rows(
         self,
         view: int,
@@ -651,13 +661,7 @@ class StoreWriter:
         gets its CRC marker, so a writer that dies leaves those chunks unwritten. A sample
         given twice before its chunk completes is simply overwritten; rows in a chunk that is
         already complete are skipped (resume). Raw local stores only (``supports_rows``)."""
-        if self._closed:
-            raise StoreError(f"{self.path}: write_rows() after close()")
-        if not self.supports_rows:
-            raise StoreInputError(
-                f"{self.path}: write_rows() needs a raw (uncompressed) local store of one writer; "
-                f"this one has codec {self.layout.codec!r}, world size {self.world_size}"
-            )
+        self._check_rows("write_rows")
         self._raise_pending_error()
         lay = self.layout
         r = np.asarray(rows.detach().cpu() if isinstance(rows, torch.Tensor) else rows)
@@ -766,13 +770,7 @@ class StoreWriter:
         early, for instance on a thread while a GPU trains. Not to be called while
         ``write_rows`` runs on another thread. False where rows go by pwrite (nothing to
         prepare); a full disk raises ``StoreWriteError``, as a write would."""
-        if self._closed:
-            raise StoreError(f"{self.path}: prepare_rows() after close()")
-        if not self.supports_rows:
-            raise StoreInputError(
-                f"{self.path}: prepare_rows() needs a raw (uncompressed) local store of one "
-                f"writer; this one has codec {self.layout.codec!r}, world size {self.world_size}"
-            )
+        self._check_rows("prepare_rows")
         if not self._map_rows:
             return False
         try:

@@ -349,15 +349,7 @@ class CacheManager:
             return
         target = nxt[0]
         path = store_path(self._zarr_dir(), target)
-        shape = self.model.boundary_shape(target, self.input_shape)
-        n, dtype = len(self.data.train), self.cfg.cache_dtype
-
-        def create() -> store.StoreWriter:
-            return store.create(
-                path, sample_shape=shape, num_samples=n, views=1, dtype=dtype, overwrite=True
-            )
-
-        self._ahead = AheadStore(target, path, create)
+        self._ahead = AheadStore(target, path, lambda: self._create_store(target, path, None))
         log.debug("iteration %d: preparing the store of boundary %d ahead, on a thread", j, target)
 
     def _take_ahead(self, target: int, tier: str, meta: dict[str, Any]) -> Any:
@@ -528,15 +520,7 @@ class CacheManager:
         if ahead is not None:
             sink = ahead
         elif tier == "zarr":
-            sink = store.create(
-                path,  # type: ignore[arg-type]
-                sample_shape=shape,
-                num_samples=n,
-                views=1,
-                dtype=cfg.cache_dtype,
-                meta=meta,
-                overwrite=True,
-            )
+            sink = self._create_store(target, path, meta)  # type: ignore[arg-type]
         elif tier == "device":
             sink = store.DeviceCache.empty(
                 n, 1, shape, cfg.cache_dtype, device=self.device, meta=meta
@@ -564,6 +548,21 @@ class CacheManager:
             batch_size=cfg.batch_size,
             sample_shape=shape,
             catch_up_batch=cfg.cache_batch_size or cfg.batch_size,
+        )
+
+    def _create_store(
+        self, target: int, path: Path | str, meta: dict[str, Any] | None
+    ) -> store.StoreWriter:
+        """A new store for a cache written through at ``target`` (one view, replacing a store
+        of this run's left at ``path``)."""
+        return store.create(
+            path,
+            sample_shape=self.model.boundary_shape(target, self.input_shape),
+            num_samples=len(self.data.train),
+            views=1,
+            dtype=self.cfg.cache_dtype,
+            meta=meta,
+            overwrite=True,
         )
 
     def _rows_computer(self, prev: Cache | None, target: int) -> Any:
