@@ -121,10 +121,13 @@ class CacheManager:
         self.cache_dir = self._resolve_cache_dir()
         self.run_dir: Path | str | None = None
         self.input_shape = tuple(data.train.images.shape[1:])
+        # the sample shape at each boundary, found once now: finding it runs the units (in
+        # eval mode, flags restored), which must not happen beside training on another thread
+        self.shapes = [self.input_shape, *model.boundary_shapes(self.input_shape)]
         # bytes per sample at each boundary: the fp32 image at 0, the cache dtype after
         itemsize = torch.tensor([], dtype=TORCH_DTYPES[cfg.cache_dtype]).element_size()
         self.sample_bytes = [math.prod(self.input_shape) * 4] + [
-            math.prod(shape) * itemsize for shape in model.boundary_shapes(self.input_shape)
+            math.prod(shape) * itemsize for shape in self.shapes[1:]
         ]
         if self.cache_dir is not None:
             # claim the run folder now: a second run with the same settings is refused at
@@ -511,7 +514,7 @@ class CacheManager:
     def _open_write_through(self, target: int) -> WriteThrough | None:
         cfg, n = self.cfg, len(self.data.train)
         tier = self._tier_for(target)
-        shape = self.model.boundary_shape(target, self.input_shape)
+        shape = self.shapes[target]
         fp = self._fingerprint(target)
         meta = provenance(self.model, target, self.data.desc, self._cache_desc(), fp)
         path = store_path(self._zarr_dir(), target) if tier == "zarr" else None
@@ -557,7 +560,7 @@ class CacheManager:
         of this run's left at ``path``)."""
         return store.create(
             path,
-            sample_shape=self.model.boundary_shape(target, self.input_shape),
+            sample_shape=self.shapes[target],
             num_samples=len(self.data.train),
             views=1,
             dtype=self.cfg.cache_dtype,
@@ -637,7 +640,7 @@ class CacheManager:
         image = sorted(times)[1] / len(idx)  # median of 3
         with autocast(self.device, cfg.amp):
             unit_fwd = measure_unit_forward(self.model, x, self.model.num_units, self.device)
-        self._probe_shape = self.model.boundary_shape(max(1, frontier), self.input_shape)
+        self._probe_shape = self.shapes[max(1, frontier)]
         log.debug(
             "iteration %d: measured costs per sample: image %.1f us, forward %s us",
             j,
