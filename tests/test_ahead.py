@@ -136,7 +136,8 @@ def test_a_run_where_host_and_device_overlap_prepares_each_store_an_epoch_ahead(
 
 
 def test_a_probe_leaves_the_time_paid_ahead_out_of_a_rate(monkeypatch):
-    """A fake clock: each round takes 0.3 s, 0.2 s of it paid ahead in a run; 1 MB a round."""
+    """A fake clock: each round takes 0.375 s, 0.25 s of it paid ahead in a run; 1 MB a round
+    (binary fractions: the sums are exact)."""
     from prefast.cache import probes
 
     now = [0.0]
@@ -144,15 +145,15 @@ def test_a_probe_leaves_the_time_paid_ahead_out_of_a_rate(monkeypatch):
     monkeypatch.setattr(probes.time, "perf_counter", lambda: now[0])
 
     def round_(k: int) -> int:
-        now[0] += 0.3
-        ahead[0] += 0.2
+        now[0] += 0.375
+        ahead[0] += 0.25
         return 1_000_000
 
     cpu = torch.device("cpu")
-    # on the clock 0.1 s a round: ten rounds reach the steady second
-    assert probes._steady_rate(round_, cpu, lambda: ahead[0]) == pytest.approx(10e6)
-    # everything on the clock: four rounds, 4 MB in 1.2 s
-    assert probes._steady_rate(round_, cpu) == pytest.approx(4e6 / 1.2)
+    # on the clock 0.125 s a round: eight rounds reach the steady second, 2 s were off it
+    assert probes._steady(round_, cpu, lambda: ahead[0]) == (8_000_000, 1.0, 2.0)
+    # everything on the clock: three rounds, 3 MB in 1.125 s
+    assert probes._steady_rate(round_, cpu) == pytest.approx(3e6 / 1.125)
 
 
 def test_the_store_probe_prepares_each_store_when_asked(tmp_path, monkeypatch):
@@ -167,11 +168,30 @@ def test_the_store_probe_prepares_each_store_when_asked(tmp_path, monkeypatch):
     from prefast.cache.probes import measure_store_rates
 
     cpu = torch.device("cpu")
-    write, read = measure_store_rates(cpu, tmp_path, SHAPE, "float16", None, batch=8)
-    assert write > 0 and read > 0 and calls == []
-    write, read = measure_store_rates(cpu, tmp_path, SHAPE, "float16", None, 8, prepared=True)
-    assert write > 0 and read > 0 and len(calls) >= 2  # the warm-up store and one timed
+    r = measure_store_rates(cpu, tmp_path, SHAPE, "float16", None, batch=8)
+    assert r.write > 0 and r.read > 0 and r.ahead_write is None and calls == []
+    r = measure_store_rates(cpu, tmp_path, SHAPE, "float16", None, 8, prepared=True)
+    assert len(calls) >= 2  # the warm-up store and one timed
+    # the same rounds: the plain rate counts the preparing, the ahead rate leaves it out
+    assert r.ahead_write is not None and r.ahead_write > r.write > 0 and r.read > 0
     assert list(tmp_path.iterdir()) == []  # the probe's stores are gone
+
+
+def test_the_plan_prices_stores_of_later_epochs_at_the_prepared_rate():
+    from prefast.cache.plan import CostModel, plan_epochs
+
+    def cost(**ahead) -> CostModel:
+        return CostModel(unit_fwd=[1e-3] * 4, image=1e-4, read_rate={"zarr": 1e9},
+                         write_rate={"zarr": 1e3}, overlap=True, ahead_write_rate=ahead)  # fmt: skip
+
+    kw = dict(batch_size=10, sample_bytes=[4000, 1000, 1000, 1000, 1000], tier_of=lambda b: "zarr")
+    # frontier 3 throughout: writes at 1 kB/s never pay; prepared at 1 GB/s they do, from
+    # the second epoch on (the first epoch's store is made as it is written)
+    assert plan_epochs([[(10, 3)]] * 4, cost=cost(), **kw).targets == [0, 0, 0, 0]
+    assert plan_epochs([[(10, 3)]] * 4, cost=cost(zarr=1e9), **kw).targets == [0, 3, 3, 3]
+    c = cost(zarr=1e9)
+    assert c.write("zarr", 1000, ahead=True) == 1e-6 and c.write("zarr", 1000) == 1.0
+    assert cost().write("zarr", 1000, ahead=True) == 1.0  # no prepared rate: the plain one
 
 
 def test_a_half_made_store_prepared_ahead_is_left_with_a_warning(tmp_path, caplog):

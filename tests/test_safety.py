@@ -63,10 +63,10 @@ def test_store_rate_probe_never_deletes_a_users_folder(tmp_path, monkeypatch, fl
         return fsync(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
-    write, read = measure_store_rates(
+    write, read, ahead = measure_store_rates(
         torch.device("cpu"), tmp_path, (4, 4, 4), "float16", None, batch=8, flush=flush
     )
-    assert write > 0 and read > 0
+    assert write > 0 and read > 0 and ahead is None
     # flush: the probe's own store files (a chunk file among them), and nothing of the user's
     assert bool(synced) == flush
     assert all(Path(f).parent != tmp_path and ".prefast-probe-" in f for f in synced), synced

@@ -486,7 +486,8 @@ class CacheManager:
         log.info(
             "iteration %d: write-through plan (epoch: boundary written) %s%s: predicted %.1f s "
             "for the rest of the run against %.1f s without a new cache (costs measured now, "
-            "per sample: image %.1f us, reads MB/s %s, writes MB/s %s)",
+            "per sample: image %.1f us, reads MB/s %s, writes MB/s %s, into stores prepared "
+            "ahead %s)",
             j,
             _compact_moves(moves),
             f", mid-epoch starts (epoch: iteration) {starts}" if starts else "",
@@ -495,6 +496,7 @@ class CacheManager:
             self.cost.image * 1e6,
             {k: round(v / 1e6) for k, v in self.cost.read_rate.items()},
             {k: round(v / 1e6) for k, v in self.cost.write_rate.items()},
+            {k: round(v / 1e6) for k, v in self.cost.ahead_write_rate.items()} or "-",
         )
         return out
 
@@ -673,7 +675,7 @@ class CacheManager:
                 self._probe_shape, cfg.cache_dtype, self.device, cfg.batch_size, memory
             )
         if "zarr" in missing:
-            rates["zarr"] = measure_store_rates(
+            got = measure_store_rates(
                 self.device,
                 self._zarr_dir(),
                 self._probe_shape,
@@ -684,16 +686,21 @@ class CacheManager:
                 # of a cache runs on the training's cores (fmnist: an epoch writing a 2.26 GB
                 # store took 56.9 s on disk, 49.0 s on tmpfs, for the same 2.4 s of writes)
                 flush=not self.cost.overlap,
-                # where the next store is prepared ahead (_prepare_ahead), its steps only copy
+                # where the stores of later epochs are prepared ahead (_prepare_ahead), the
+                # steps writing them only copy: priced apart from a store made as it is written
                 prepared=self.cost.overlap and self.dist.world_size == 1,
             )
+            rates["zarr"] = (got.write, got.read)
+            if got.ahead_write is not None:
+                self.cost.ahead_write_rate["zarr"] = got.ahead_write
         for tier, (write, read) in rates.items():
             self.cost.write_rate[tier] = write
             self.cost.read_rate[tier] = read
         if rates:
             log.debug(
-                "measured rates (MB/s, write/read): %s",
+                "measured rates (MB/s, write/read): %s; writes into stores prepared ahead: %s",
                 {k: (round(w / 1e6), round(r / 1e6)) for k, (w, r) in rates.items()},
+                {k: round(w / 1e6) for k, w in self.cost.ahead_write_rate.items()} or "-",
             )
         return tiers
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 from prefast.errors import CacheError
@@ -49,12 +49,18 @@ class CostModel:
     read_rate: dict[str, float]  # bytes/s by tier
     write_rate: dict[str, float]  # bytes/s by tier
     overlap: bool = False
+    # bytes/s of the steps' writes into a store prepared ahead (its files faulted in on a
+    # thread the epoch before: prefast.cache.ahead), by tier, where a run prepares them
+    ahead_write_rate: dict[str, float] = field(default_factory=dict)
 
     def read(self, tier: str, nbytes: int) -> float:
         return nbytes / self.read_rate[tier]
 
-    def write(self, tier: str, nbytes: int) -> float:
-        return nbytes / self.write_rate[tier]
+    def write(self, tier: str, nbytes: int, ahead: bool = False) -> float:
+        """Seconds to write ``nbytes`` into ``tier``; ``ahead``: into a store prepared ahead
+        (the tier's plain rate where it has no such rate)."""
+        rate = self.ahead_write_rate.get(tier) if ahead else None
+        return nbytes / (rate or self.write_rate[tier])
 
     def fwd(self, b0: int, b1: int) -> float:
         return float(sum(self.unit_fwd[b0:b1]))
@@ -191,7 +197,8 @@ def plan_epochs(
     always cheapest (a row written by a step costs a write; one left to the catch-up costs a
     read, a forward and a write). A step at boundary ``b`` costs ``CostModel.step`` (reads
     overlap the device's work on CUDA); writing ``B`` adds its host write to each writing
-    step. A dynamic programme over (epoch, boundary) minimises the run's time. ``boundary`` /
+    step, at ``CostModel.ahead_write_rate`` in the epochs after the first (their stores are
+    prepared ahead), at ``write_rate`` in the first. A dynamic programme over (epoch, boundary) minimises the run's time. ``boundary`` /
     ``tier`` describe the cache held now."""
     if not segments:
         return EpochPlan([], [], 0.0, 0.0)
@@ -228,7 +235,8 @@ def plan_epochs(
                     continue
                 head = steps_cost(segs[:k], b, 0.0)
                 for target in range(lo + 1, fk + 1):
-                    write = cost.write(tiers[target], sample_bytes[target])
+                    # a store written in a later epoch is prepared ahead, during the one before
+                    write = cost.write(tiers[target], sample_bytes[target], ahead=e > 0)
                     catch_up = (  # the steps before stretch k: their samples, at the end
                         (before_epoch + prefix[k])
                         * batch_size

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,6 +20,14 @@ from prefast.runtime import TORCH_DTYPES, synchronize
 from store import location
 
 PROBE_PREFIX = ".prefast-probe-"  # a rate probe's store, removed by the probe or the next start
+
+
+class StoreRates(NamedTuple):
+    """A store probe's bytes/s (``measure_store_rates``)."""
+
+    write: float  # the steps' writes into a fresh store
+    read: float  # through the loader to the device
+    ahead_write: float | None  # into a store prepared ahead (None: not measured)
 
 
 def free_memory(device: torch.device) -> tuple[int, int]:
@@ -63,14 +71,15 @@ STEADY_BYTES = 500_000_000
 STEADY_SECONDS = 1.0
 
 
-def _steady_rate(
+def _steady(
     round_: Callable[[int], int],
     device: torch.device,
     off_clock: Callable[[], float] = lambda: 0.0,
-) -> float:
-    """Bytes/s of ``round_(k)`` (which moves and returns some bytes) repeated until the steady
-    thresholds are met; round 0 warms up and is not counted. ``off_clock()``: the seconds the
-    rounds spent so far on work a run does elsewhere, left out of the time."""
+) -> tuple[int, float, float]:
+    """``round_(k)`` (which moves and returns some bytes) repeated until the steady thresholds
+    are met; round 0 warms up and is not counted. ``off_clock()``: the seconds the rounds
+    spent so far on work a run does elsewhere, kept out of the thresholds' time. Returns
+    (bytes moved, seconds on the clock, seconds off it)."""
     round_(0)
     synchronize(device)
     t, skipped = time.perf_counter(), off_clock()
@@ -79,9 +88,16 @@ def _steady_rate(
         moved += round_(k)
         k += 1
         synchronize(device)
-        elapsed = time.perf_counter() - t - (off_clock() - skipped)
+        off = off_clock() - skipped
+        elapsed = time.perf_counter() - t - off
         if moved >= STEADY_BYTES or elapsed >= STEADY_SECONDS:
-            return moved / max(elapsed, 1e-9)
+            return moved, max(elapsed, 1e-9), off
+
+
+def _steady_rate(round_: Callable[[int], int], device: torch.device) -> float:
+    """Bytes/s of ``round_`` repeated until steady (``_steady``)."""
+    moved, seconds, _ = _steady(round_, device)
+    return moved / seconds
 
 
 def _loader_rate(source: Any, batch: int, device: torch.device) -> float:
@@ -177,16 +193,17 @@ def measure_store_rates(
     batch: int,
     flush: bool = False,
     prepared: bool = False,
-) -> tuple[float, float]:
-    """(write, read) bytes/s of a temporary store (up to 256 MiB) in ``directory`` with the
-    run's dtype and codec, steady (see STEADY_*): written the way the run writes (rows in a
-    shuffled order for write-through, whole chunks otherwise) and read through the loader to
-    ``device``. ``flush``: each written store is also flushed to disk (``fsync`` of its
+) -> StoreRates:
+    """Bytes/s of writing and reading a temporary store (up to 256 MiB) in ``directory`` with
+    the run's dtype and codec, steady (see STEADY_*): written the way the run writes (rows in
+    a shuffled order for write-through, whole chunks otherwise) and read through the loader
+    to ``device``. ``flush``: each written store is also flushed to disk (``fsync`` of its
     files), so the write rate carries the kernel's writeback of what a cache writes; a run on
     a CPU does that writeback on the cores it trains on (on a file system in memory it is
-    free). ``prepared``: each store's files are faulted in before its rows are written, off
-    the clock, as a run on CUDA prepares the next store ahead while the device trains
-    (``prefast.cache.ahead``). The probe's store is removed after."""
+    free). ``prepared``: each store's files are first faulted in (``prepare_rows``), timed
+    apart: ``write`` counts that time, ``ahead_write`` leaves it out, as for a store a run on
+    CUDA prepares ahead while the device trains (``prefast.cache.ahead``); None unless
+    prepared. The probe's store is removed after."""
     # A fresh, unique name: nothing of the user's is ever overwritten or removed, and two
     # runs probing one folder do not meet.
     path = location.join(directory, f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
@@ -228,17 +245,22 @@ def measure_store_rates(
         return n * sample_bytes
 
     try:
-        write = _steady_rate(one_store, device, lambda: ahead)
+        moved, seconds, prepare = _steady(one_store, device, lambda: ahead)
         s = store.open(path)
         read = _loader_rate(s, batch, device)
         s.close()
     finally:
         if created:  # only what this probe made, and only if it is a store
             location.remove_store(path)
-    return write, read
+    return StoreRates(
+        write=moved / (seconds + prepare),
+        read=read,
+        ahead_write=moved / seconds if prepared else None,
+    )
 
 
 __all__ = [
+    "StoreRates",
     "free_memory",
     "measure_store_rates",
     "measure_tier_rates",
