@@ -86,6 +86,33 @@ def test_layout_is_plain_zarr(tmp_path, data):
     assert torch.equal(words, x[1, 10:12].bfloat16())
 
 
+@pytest.mark.parametrize("codec", [None, "lz4"])
+def test_table_chunks_written_as_files_are_what_zarr_writes(tmp_path, data, codec):
+    """In a local store the labels and CRC tables' chunks are plain files: byte for byte what
+    zarr writes for them (the labels' edge chunk padded with -1), and read back by zarr."""
+    x, y = data
+    made = {}
+    for name, direct in (("direct", True), ("zarr", False)):
+        w = store.create(tmp_path / name, sample_shape=SHAPE, num_samples=N, views=VIEWS,
+                         dtype="float32", codec=codec, chunk_samples=CHUNK)  # fmt: skip
+        if not direct:
+            w._local_root = None  # every table chunk through zarr's own writes
+        with w:
+            for v in range(VIEWS):
+                w.write(v, 0, x[v], y)
+        made[name] = tmp_path / name
+    for table in ("labels", "chunk_crc", "label_crc"):
+        files = sorted(f for f in (made["zarr"] / table / "c").rglob("*") if f.is_file())
+        assert len(files) == {"labels": 15, "chunk_crc": 45, "label_crc": 15}[table]
+        for f in files:
+            assert (made["direct"] / f.relative_to(made["zarr"])).read_bytes() == f.read_bytes()
+        mine = sorted(f for f in (made["direct"] / table).rglob("*") if f.is_file())
+        assert [f.name for f in mine if f.name.endswith(".tmp")] == []  # renamed into place
+    s = store.open(made["direct"])
+    assert s.complete and torch.equal(s.labels, y) and s.verify_labels() == []
+    assert all(s.verify_chunk(v, c) for v in range(VIEWS) for c in range(s.num_chunks))
+
+
 def test_memory_map_bytes_equal_zarr_read(tmp_path, data):
     x, y = data
     s = write_store(tmp_path / "s", x, y, dtype="float16")
