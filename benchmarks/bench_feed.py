@@ -2,8 +2,8 @@
 
 Writes (the same seeded fp16 samples, into the page cache; ``close()`` does not fsync):
 
-* ``zarr-path``: whole chunks through zarr's own array writes, the store's write path before
-  raw chunks were written as plain files (kept here as the baseline);
+* ``zarr-path``: whole chunks, and the labels and CRC tables, through zarr's own array
+  writes, the store's write path before chunks were written as plain files (the baseline);
 * ``write``: ``StoreWriter.write`` of sequential batches (plain chunk files, checksums on the
   writer's threads);
 * ``write_rows``: ``StoreWriter.write_rows`` of shuffled batches, as write-through caching
@@ -83,7 +83,7 @@ def _write(
     n = len(x)
     w = store.create(path, sample_shape=tuple(x.shape[1:]), num_samples=n, dtype="float16")
     if how == "zarr-path":
-        w._raw_root = None  # the baseline: every chunk through zarr's array writes
+        w._raw_root = w._local_root = None  # the baseline: every chunk through zarr
     if how == "write_rows-pwrite":
         w._map_rows = False  # one pwrite per sample, not the map
     if how == "write_rows-prepared":  # paid ahead, off the clock (a thread, in a CUDA run)
