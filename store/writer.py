@@ -456,12 +456,12 @@ class StoreWriter:
         self._state_lock = threading.Lock()
         self._closed = False
         self.chunks_written = 0
-        # Raw local stores: a chunk is a plain file of the chunk's bytes (what a memory map
-        # reads), written directly rather than through zarr, and ``write_rows`` writes samples
-        # in place. None for compressed or remote stores.
-        self._raw_root = root if isinstance(root, Path) and info.layout.codec is None else None
-        # Local stores: the labels and CRC tables' chunks are written as plain files too
+        # Local stores: the labels and CRC tables' chunks are plain files written directly.
+        # Raw local stores: so is every activation chunk (the chunk's bytes, what a memory
+        # map reads), and ``write_rows`` writes samples in place. None for compressed or
+        # remote stores.
         self._local_root = root if isinstance(root, Path) else None
+        self._raw_root = self._local_root if info.layout.codec is None else None
         self._mode: str | None = (
             None  # 'batches' (write) or 'rows' (write_rows), fixed by the first call
         )

@@ -80,13 +80,13 @@ def store_path(cache_dir: Path | str, boundary: int) -> Path | str:
     return location.join(cache_dir, f"{STORE_PREFIX}{boundary:03d}")
 
 
-def delete_store(path: Path | str) -> None:
-    """Delete a store this run made (a missing one is fine; a folder that is not a store is
-    refused). A local store is first renamed into its folder's trash, so a kill mid-delete
+def delete_store(path: Path | str) -> bool:
+    """Delete a store this run made; False where there is none (a folder that is not a store
+    is refused). A local store is first renamed into its folder's trash, so a kill mid-delete
     leaves trash, which the run folder's next start clears, never a half-deleted store under
     a store's name."""
     if not location.exists(path):
-        return
+        return False
     local = location.as_local(path)
     if local is not None and location.is_activation_store(local):
         trash = local.parent / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
@@ -94,6 +94,7 @@ def delete_store(path: Path | str) -> None:
         shutil.rmtree(trash)
     else:
         location.remove_store(path)
+    return True
 
 
 def check_cache_dir(cache_dir: Path | str) -> None:

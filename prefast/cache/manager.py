@@ -210,10 +210,8 @@ class CacheManager:
         cache.release()
         if cache.tier != "zarr" or path is None or not self.dist.is_main:
             return
-        if not location.exists(path):
-            return
-        delete_store(path)
-        log.debug("deleted superseded store %s", path)
+        if delete_store(path):
+            log.debug("deleted superseded store %s", path)
 
     # ---- the current cache ----------------------------------------------------------------------
     @property

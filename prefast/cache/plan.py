@@ -198,8 +198,8 @@ def plan_epochs(
     read, a forward and a write). A step at boundary ``b`` costs ``CostModel.step`` (reads
     overlap the device's work on CUDA); writing ``B`` adds its host write to each writing
     step, at ``CostModel.ahead_write_rate`` in the epochs after the first (their stores are
-    prepared ahead), at ``write_rate`` in the first. A dynamic programme over (epoch, boundary) minimises the run's time. ``boundary`` /
-    ``tier`` describe the cache held now."""
+    prepared ahead), at ``write_rate`` in the first. A dynamic programme over (epoch,
+    boundary) minimises the run's time. ``boundary`` / ``tier`` describe the cache held now."""
     if not segments:
         return EpochPlan([], [], 0.0, 0.0)
     tiers = [tier_of(b) for b in range(len(sample_bytes))]
