@@ -20,6 +20,7 @@
 #    tier, the loader and the device tier)                                      -> pytest-gpu.txt
 # 4. raw-store writes and loader feed rates to the GPU                         -> bench-feed-gpu.*
 #
+# SCENARIO_ARGS adds options to stage 2, e.g. SCENARIO_ARGS="--tiers device zarr --rounds 2".
 # PROBE_MODES, PROBE_BOUNDARIES and PROBE_TIMEOUT (s) change the probe, e.g. PROBE_MODES=inductor.
 # STAGES picks stages (default "probe scenario tests feed"); a fifth, "fidelity", runs the
 # accuracy study on the same model and data (16 epochs, seeds 0 1 2, FIDELITY_VARIANTS,
@@ -81,7 +82,7 @@ if has scenario; then
   echo "== 2. 16 epochs, every tier, --compile $COMPILE ($(left) s left)"
   # shellcheck disable=SC2086
   timeout $(( $(left) - 70 )) python3 benchmarks/compare.py --scenario cifar-gpu-long \
-    --compile "$COMPILE" $EAGER --no-progress --no-plot --verbose --cache-dir /tmp/prefast-bench \
+    --compile "$COMPILE" $EAGER ${SCENARIO_ARGS:-} --no-progress --no-plot --verbose --cache-dir /tmp/prefast-bench \
     --out "$W/compare-gpu-long.json" > "$W/compare-gpu-long.log" 2>&1
   tail -16 "$W/compare-gpu-long.log"
   rm -rf /tmp/prefast-bench
