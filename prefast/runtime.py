@@ -38,6 +38,13 @@ def autocast(device: torch.device, amp: str) -> Iterator[None]:
         yield
 
 
+def graph_autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[None]:
+    """``autocast`` without its weight cache, which CUDA graph capture does not allow."""
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work so wall-clock readings are honest."""
     if device.type == "cuda":

@@ -250,7 +250,37 @@ def test_stores_prepared_ahead_on_cuda_match_freezeout(tmp_path, monkeypatch, ca
         )
     )
     assert caplog.text.count("faulted in ahead") >= 1
+    timed = "measured costs per sample (replayed CUDA graphs)" in caplog.text
+    assert timed == (compile_mode == "graphs")
     assert got.summary["cache_boundary"] > 0
     torch.testing.assert_close(
         torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5
     )
+
+
+def test_unit_forwards_timed_as_replayed_graphs_release_their_memory():
+    """The planner's graph-timed forwards: one positive time per unit, units' flags restored,
+    and the probe's graphs and their pools gone when it returns."""
+    from prefast.cache.probes import measure_unit_forward
+    from prefast.models import create_model
+    from prefast.runtime import autocast
+
+    torch.manual_seed(0)
+    model = create_model(
+        "densenet_bc", num_classes=10, in_channels=3, image_size=32, depth=16, growth=8
+    ).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    model.train()
+    dev = torch.device("cuda")
+    x = torch.randn(64, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    with autocast(dev, "bf16"):
+        measure_unit_forward(model, x, model.num_units, dev, graphs_amp="bf16")  # warm
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with autocast(dev, "bf16"):
+        times = measure_unit_forward(model, x, model.num_units, dev, graphs_amp="bf16")
+    torch.cuda.synchronize()
+    assert len(times) == model.num_units
+    assert all(0 < t < 1 for t in times)
+    assert all(u.training for u in model.units)
+    assert torch.cuda.memory_allocated() == before

@@ -344,6 +344,45 @@ def test_the_planner_probes_only_the_tiers_a_cache_can_go_to(
     assert r.summary["cache_tier"] == tier
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_planner_times_the_units_on_input_laid_out_as_the_steps_take_it(
+    monkeypatch, caplog, channels_last
+):
+    import prefast.cache.manager as M
+
+    seen = []
+    real = M.measure_unit_forward
+
+    def spy(model, x, stop, device, **kw):
+        seen.append((x.shape[1], x.is_contiguous(memory_format=torch.channels_last), kw))
+        return real(model, x, stop, device, **kw)
+
+    monkeypatch.setattr(M, "measure_unit_forward", spy)
+    caplog.set_level(logging.INFO, logger="prefast")
+    train(tiny(mode="prefast", cache="ram", epochs=4, channels_last=channels_last))
+    # eager on a CPU (no graphs to replay), once per run, in the steps' memory format
+    assert seen == [(3, channels_last, {"graphs_amp": None})]
+    assert caplog.text.count("measured costs per sample (eager)") == 1
+    assert "a training step from the input priced at" in caplog.text
+
+
+def test_unit_forwards_are_timed_as_replayed_graphs_only_on_cuda():
+    from prefast.cache.probes import measure_unit_forward
+    from prefast.models import create_model
+
+    model = create_model(
+        "densenet_bc", num_classes=10, in_channels=3, image_size=32, depth=16, growth=8
+    )
+    x = torch.randn(5, 3, 32, 32)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        measure_unit_forward(model, x, model.num_units, torch.device("cpu"), graphs_amp="none")
+    model.train()
+    times = measure_unit_forward(model, x, 3, torch.device("cpu"))
+    assert len(times) == model.num_units and all(t > 0 for t in times[:3])
+    assert times[3:] == [0.0] * (model.num_units - 3)  # units from `stop` on are not timed
+    assert all(u.training for u in model.units)  # flags restored
+
+
 def test_auto_policy_in_a_run_keeps_parity_with_freezeout(tmp_path):
     ref = train(tiny(mode="freezeout", augment=False, epochs=6))
     got = train(
@@ -368,9 +407,11 @@ def test_metrics_jsonl_and_config(tmp_path):
     for k in (
         "epoch", "iterations", "train_loss", "train_accuracy", "test_loss", "test_error", "train_seconds",
         "cache_build_seconds", "frozen_units", "cache_boundary", "cache_tier", "cache_bytes",
-        "peak_host_private_bytes", "peak_gpu_bytes",
+        "peak_host_private_bytes", "peak_gpu_bytes", "input_wait_seconds",
     ):  # fmt: skip
         assert k in lines[0], k
+    for x in lines[:3]:  # the host's waits for batches are part of the epoch's time
+        assert 0 < x["input_wait_seconds"] < x["train_seconds"]
     assert lines[2]["iterations"] == 18 and lines[2]["cache_tier"] == "ram"
     assert lines[-1]["total_train_seconds"] == pytest.approx(
         sum(x["train_seconds"] for x in lines[:3])

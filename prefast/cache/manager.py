@@ -95,8 +95,10 @@ class CacheManager:
         schedule: FreezeSchedule,
         dist: DistContext,
         progress: bool,
+        graphs: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.graphs = graphs  # the steps replay CUDA graphs: compute is timed the same way
         self.model = model
         self.data = data
         self.augment = augment
@@ -638,22 +640,35 @@ class CacheManager:
             synchronize(self.device)
             times.append(time.perf_counter() - t)
         image = sorted(times)[1] / len(idx)  # median of 3
+        if cfg.channels_last and x.dim() == 4:  # as the steps see their input
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, cfg.amp):
-            unit_fwd = measure_unit_forward(self.model, x, self.model.num_units, self.device)
+            unit_fwd = measure_unit_forward(
+                self.model,
+                x,
+                self.model.num_units,
+                self.device,
+                graphs_amp=cfg.amp if self.graphs else None,
+            )
         self._probe_shape = self.shapes[max(1, frontier)]
-        log.debug(
-            "iteration %d: measured costs per sample: image %.1f us, forward %s us",
-            j,
-            image * 1e6,
-            [round(t * 1e6, 1) for t in unit_fwd],
-        )
-        return CostModel(
+        cost = CostModel(
             unit_fwd=unit_fwd,
             image=image,
             read_rate={},
             write_rate={},
             overlap=self.device.type == "cuda",  # loader threads read while the GPU computes
         )
+        log.info(
+            "iteration %d: measured costs per sample (%s): image %.1f us, forward %s us; a "
+            "training step from the input priced at %.2f ms per batch of %d",
+            j,
+            "replayed CUDA graphs" if self.graphs else "eager",
+            image * 1e6,
+            [round(t * 1e6, 2) for t in unit_fwd],
+            1e3 * cost.step(image, 0.0, None, 0, 0) * cfg.batch_size,
+            cfg.batch_size,
+        )
+        return cost
 
     def _plan_tiers(self) -> list[str]:
         """The tier of a cache at each boundary as a plan sees it (asked once per plan: free

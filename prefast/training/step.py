@@ -35,7 +35,7 @@ from prefast.data import FeatureAugment
 from prefast.errors import ConfigError
 from prefast.freezeout.optim import UnitSGD
 from prefast.models import UnitModel
-from prefast.runtime import autocast
+from prefast.runtime import autocast, graph_autocast
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class StepRunner:
         with (
             autocast(self.device, self.amp)
             if self.mode != "graphs"
-            else _graph_autocast(self.device, self.amp)
+            else graph_autocast(self.device, self.amp)
         ):
             out, tapped = self._forward(x, aug)
             loss = F.cross_entropy(out, y)
@@ -329,21 +329,6 @@ def _quiet_stream_mismatch() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
         yield
-
-
-def _graph_autocast(device: torch.device, amp: str) -> torch.autocast | _NoAutocast:
-    """Autocast without its weight cache, which CUDA graph capture does not allow."""
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
-    return _NoAutocast()
-
-
-class _NoAutocast:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 __all__ = ["COMPILE_MODES", "EpochMeter", "StepRunner"]

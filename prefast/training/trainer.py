@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,7 @@ class Trainer:
                 self.schedule,
                 self.dist,
                 self.progress,
+                graphs=compile_mode == "graphs",
             )
             if cfg.mode == "prefast"
             else None
@@ -250,13 +252,15 @@ class Trainer:
                     frozen=self.frontier,
                 )
                 log.info(
-                    "epoch %d: train loss %.4f acc %.4f, test error %.4f, %.2f s (cache %.2f s), frozen %d, boundary %d",
+                    "epoch %d: train loss %.4f acc %.4f, test error %.4f, %.2f s (cache %.2f s, "
+                    "waiting for batches %.2f s), frozen %d, boundary %d",
                     epoch,
                     rec["train_loss"],
                     rec["train_accuracy"],
                     test_err,
                     rec["train_seconds"],
                     rec["cache_build_seconds"],
+                    rec["input_wait_seconds"],
                     self.frontier,
                     rec["cache_boundary"],
                 )
@@ -321,13 +325,16 @@ class Trainer:
             batches = self._batches(epoch, 0)
             self._configure_steps()
             k = 0
+            waited = 0.0  # host seconds spent waiting for the next batch (a starved step)
             try:
                 while k < self.iters_per_epoch:
                     j = epoch * self.iters_per_epoch + k
                     if self._advance_frontier(j):
                         batches.close()  # type: ignore[attr-defined]
                         batches = self._batches(epoch, k)  # the same batch k, from the new source
+                    t = time.perf_counter()
                     h, y, ids = next(batches)
+                    waited += time.perf_counter() - t
                     visits.index_add_(0, ids, torch.ones(len(ids), dtype=torch.int32))
                     aug = None
                     if fa_rows is not None and self.boundary > 0:  # a batch read from a cache
@@ -359,6 +366,7 @@ class Trainer:
             "samples_seen": int((visits > 0).sum()),  # distinct samples, all ranks together
             "samples_seen_twice": int((visits > 1).sum()),
             "train_seconds": watch.seconds,
+            "input_wait_seconds": waited,
             "cache_build_seconds": (self.cache.seconds if self.cache is not None else 0.0)
             - cache_before,
             "frozen_units": self.frontier,
