@@ -284,3 +284,31 @@ def test_unit_forwards_timed_as_replayed_graphs_release_their_memory():
     assert all(0 < t < 1 for t in times)
     assert all(u.training for u in model.units)
     assert torch.cuda.memory_allocated() == before
+
+
+def test_image_batches_never_synchronise_the_host_and_match_the_cpu():
+    """The image path (the batches of FreezeOut and of PreFast before its first cache) queues
+    its copies without waiting for the GPU, so the host runs ahead of the steps; the batches
+    equal the CPU's."""
+    from prefast.training import Trainer
+    from prefast.training.batches import image_batches
+
+    tr = Trainer(TrainConfig(**_gpu_kw(mode="freezeout", augment=True, num_samples=256)))
+    kw = dict(seed=0, epoch=1, aug_key=(0, 1), start=0, batch_size=32, iterations=8, rank=0,
+              world_size=1)  # fmt: skip
+    cpu_data = tr.data.train.to(torch.device("cpu"))
+    want = list(image_batches(cpu_data, tr.augment, device=torch.device("cpu"), **kw))
+    list(image_batches(tr.data.train, tr.augment, device=tr.device, **kw))  # warm the caches
+    torch.cuda.synchronize()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.cuda.set_sync_debug_mode("error")
+        got = list(image_batches(tr.data.train, tr.augment, device=tr.device, **kw))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(got) == len(want) == 8
+    for (x, y, ids), (xc, yc, idc) in zip(got, want, strict=True):
+        assert x.is_cuda and y.is_cuda
+        assert torch.equal(ids, idc) and torch.equal(y.cpu(), yc)
+        torch.testing.assert_close(x.cpu(), xc)

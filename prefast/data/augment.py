@@ -207,15 +207,26 @@ class FeatureAugment:
 
 
 @lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
 def _norm_consts(
     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, bias), each (C, 1, 1) fp32 on ``device``, with x_norm = x_uint8 * scale + bias."""
+    """(scale, bias), each (C, 1, 1) fp32 on ``device``, with x_norm = x_uint8 * scale + bias
+    (made once per device: read-only, shared by every batch)."""
     m = torch.tensor(mean, dtype=torch.float64)
     s = torch.tensor(std, dtype=torch.float64)
     scale = (1.0 / (255.0 * s)).to(torch.float32).view(-1, 1, 1)
     bias = (-m / s).to(torch.float32).view(-1, 1, 1)
     return scale.to(device), bias.to(device)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without holding the host: a host tensor bound for a CUDA device goes
+    through pinned memory, since a copy from pageable memory waits for all the device's queued
+    work (on an H200 the image path then kept the host from running ahead of the steps)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
 
 
 def _as_index(indices: np.ndarray | torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
@@ -256,11 +267,11 @@ def make_batch(
     if aug is not None and len(aug) != len(data):
         raise DataError(f"augmentation parameters cover {len(aug)} samples, data has {len(data)}")
     src = data.images
-    x = src[idx.to(src.device)].to(device, non_blocking=True)  # (B, C, H, W) uint8
-    y = data.labels[idx.to(data.labels.device)].to(device, non_blocking=True)  # (B,) int64
+    x = _to(src[_to(idx, src.device)], device)  # (B, C, H, W) uint8
+    y = _to(data.labels[_to(idx, data.labels.device)], device)  # (B,) int64
     if aug is not None and (aug.pad > 0 or bool(aug.flips.any())):
-        offsets = aug.offsets[idx].to(device, non_blocking=True)  # (B, 2)
-        flips = aug.flips[idx].to(device, non_blocking=True)  # (B,)
+        offsets = _to(aug.offsets[idx], device)  # (B, 2)
+        flips = _to(aug.flips[idx], device)  # (B,)
         x = _crop_flip(x, offsets, flips, aug.pad)  # (B, C, H, W) uint8
     scale, bias = _norm_consts(data.spec.mean, data.spec.std, device)
     out = x.to(torch.float32).mul_(scale).add_(bias)  # (B, C, H, W) fp32
