@@ -165,14 +165,19 @@ def test_training_steps_never_synchronise_the_host(compile_mode):
 
 @pytest.mark.parametrize("cache", ["device", "ram", "zarr"])
 @pytest.mark.parametrize("compile_mode", ["none", "graphs"])
-def test_write_through_on_cuda_matches_freezeout(tmp_path, cache, compile_mode):
+def test_write_through_on_cuda_matches_freezeout(tmp_path, caplog, cache, compile_mode):
     """The steps write each new cache (device index_copy, or side-stream copies to pinned
-    buffers drained by a writer thread): float32 prefast equals freezeout."""
+    buffers drained by a writer thread, which the epoch-end catch-up pass uses too): float32
+    prefast equals freezeout."""
+    import logging
+
     torch.backends.cudnn.deterministic = True
-    ref = train(TrainConfig(**_gpu_kw(mode="freezeout", compile=compile_mode)))
+    # t0 0.5: a boundary freezes mid-epoch, so the epoch's earlier samples need the catch-up
+    ref = train(TrainConfig(**_gpu_kw(mode="freezeout", compile=compile_mode, t0=0.5)))
+    caplog.set_level(logging.INFO, logger="prefast")
     got = train(
         TrainConfig(
-            **_gpu_kw(mode="prefast", compile=compile_mode),
+            **_gpu_kw(mode="prefast", compile=compile_mode, t0=0.5),
             cache=cache,
             cache_dir=str(tmp_path / "c"),
             cache_dtype="float32",
@@ -180,6 +185,7 @@ def test_write_through_on_cuda_matches_freezeout(tmp_path, cache, compile_mode):
         )
     )
     assert got.summary["cache_boundary"] > 0 and got.summary["total_cache_build_seconds"] >= 0
+    assert "computed in a catch-up pass" in caplog.text  # the writes started mid-epoch
     torch.testing.assert_close(
         torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5
     )

@@ -84,6 +84,7 @@ class WriteThrough:
         self._t0 = time.perf_counter()
         self._error: BaseException | None = None
         self._async = device.type == "cuda" and tier != "device"
+        self._slot_rows = batch_size
         self._queue: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
         if self._async:
@@ -119,10 +120,16 @@ class WriteThrough:
             if not self._async:
                 self.sink.write_rows(0, idx, h.detach().to(self.dtype), self.labels[ids])
                 return
+            self._stage(h, idx)
+
+    def _stage(self, h: torch.Tensor, idx: np.ndarray) -> None:
+        """Copy ``h`` (at most ``batch_size`` rows, on the device) into a pinned slot on the side
+        stream and queue it for the writer thread; the caller's stream waits for the copy."""
+        with torch.no_grad():
             slot = self._free.get()  # back-pressure: at most _SLOTS batches in flight
             cur = torch.cuda.current_stream(self.device)
             self._stream.wait_stream(cur)
-            n = len(ids)
+            n = len(idx)
             with torch.cuda.stream(self._stream):
                 slot.host[:n].copy_(h.detach().to(self.dtype), non_blocking=True)
                 done = torch.cuda.Event()
@@ -170,7 +177,6 @@ class WriteThrough:
         """Fill the samples no step wrote (``compute(indices)`` -> their activations at
         ``target``), close the sink and return the complete cache (``open_source()`` gives the
         loader's source: the reopened store, or the in-memory tier itself)."""
-        self._stop_thread()
         self._raise()
         t_finish = time.perf_counter()
         missing = np.flatnonzero(~self.written)
@@ -181,12 +187,20 @@ class WriteThrough:
                 self.target,
                 missing.size,
             )
-            step = self.catch_up_batch
+            # on CUDA the pass's rows take the steps' way out (side-stream copies, the writer
+            # thread's scatter), so each batch's write overlaps the next batch's forward
+            step = min(self.catch_up_batch, self._slot_rows) if self._async else self.catch_up_batch
             for start in range(0, missing.size, step):
                 idx = missing[start : start + step]
-                x = compute(idx).to(self.dtype)
-                self.sink.write_rows(0, idx, x, self.labels[torch.from_numpy(idx)])
+                x = compute(idx)
+                if self._async:
+                    self._stage(x, idx)
+                else:
+                    x = x.to(self.dtype)
+                    self.sink.write_rows(0, idx, x, self.labels[torch.from_numpy(idx)])
             self.written[missing] = True
+        self._stop_thread()  # the writer thread has written every queued row
+        self._raise()
         synchronize(self.device)
         self.sink.close()
         source = open_source()
