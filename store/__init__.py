@@ -28,7 +28,7 @@ from store.errors import (
     StoreWriteError,
 )
 from store.layout import FORMAT_VERSION, StoreInfo, StoreLayout
-from store.loader import StoreLoader, resolve_device
+from store.loader import LoaderStats, StoreLoader, resolve_device
 from store.order import epoch_permutation, epoch_views, rank_part
 from store.protocols import ActivationSink, ActivationSource
 from store.reader import ActivationStore, open
@@ -48,6 +48,7 @@ __all__ = [
     "ChannelStats",
     "DeviceCache",
     "DiffReport",
+    "LoaderStats",
     "NotAStoreError",
     "RamCache",
     "StoreCorruptError",

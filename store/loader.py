@@ -19,7 +19,9 @@ import itertools
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
@@ -31,6 +33,31 @@ from store.protocols import ActivationSource
 from store.sampling import Batching, ChunkStreamSampling, RandomAccessSampling, sampling_for
 
 _END = object()
+
+
+@dataclass
+class LoaderStats:
+    """Where one pass of a loader spent its time, in seconds, for reading where a run's
+    epochs go (the trainer records them per epoch). ``gather``: filling the batches from the
+    source; ``buffers``: making the batch buffers (pinned for CUDA) and labels; ``copy``:
+    issuing the host-to-device copies; ``starved``: the consumer waiting for the prefetch
+    thread (the loader behind); ``full``: the prefetch thread waiting on a full queue (the
+    loader ahead)."""
+
+    batches: int = 0
+    bytes: int = 0
+    gather: float = 0.0
+    buffers: float = 0.0
+    copy: float = 0.0
+    starved: float = 0.0
+    full: float = 0.0
+
+    def add(self, other: LoaderStats) -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: (v if isinstance(v, int) else round(v, 4)) for k, v in asdict(self).items()}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -106,6 +133,7 @@ class StoreLoader:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue[Any] | None = None
+        self.stats = LoaderStats()  # the current (or last) pass over the loader
 
     # The batching, read-only: the sampling policy was built from it.
     batch_size = property(lambda self: self.batching.batch_size)
@@ -137,6 +165,7 @@ class StoreLoader:
     # ---- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self.close()
+        self.stats = LoaderStats()
         if self.source.device.type == self.device.type and self.source.device.type != "cpu":
             yield from self._iter_same_device()  # DeviceCache: gathers are device ops, no thread
             return
@@ -158,7 +187,9 @@ class StoreLoader:
 
         def from_queue() -> Iterator[Any]:
             while True:
+                t = time.perf_counter()
                 item = self._get(q)
+                self.stats.starved += time.perf_counter() - t
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
@@ -184,11 +215,13 @@ class StoreLoader:
 
         def issue(item: Any) -> tuple[Any, ...]:
             x, y, ids = item
+            t = time.perf_counter()
             with torch.cuda.stream(side):
                 xd = x.to(self.device, non_blocking=True)
                 yd = y.to(self.device, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(side)
+            self.stats.copy += time.perf_counter() - t
             return xd, yd, ids, done
 
         ahead = None
@@ -225,22 +258,31 @@ class StoreLoader:
 
     def _iter_same_device(self) -> Iterator[tuple[torch.Tensor, ...]]:
         batches = self.sampling.batches(self.epoch)
+        st = self.stats
         for batch in itertools.islice(batches, self.start_batch, None):
+            t = time.perf_counter()
             x = torch.empty(
                 (batch.size, *self.source.sample_shape), dtype=self.source.dtype, device=self.device
             )
-            ids = batch.fill(x)
+            ids = batch.fill(x)  # device ops: queued, not waited for
             y = self._labels[ids].to(self.device, non_blocking=True)
+            st.gather += time.perf_counter() - t
+            st.batches += 1
+            st.bytes += x.numel() * x.element_size()
             yield (x, y, ids) if self.with_indices else (x, y)
 
     def _put(self, q: queue.Queue[Any], stop: threading.Event, item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        t = time.perf_counter()
+        try:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+        finally:
+            self.stats.full += time.perf_counter() - t
 
     def _produce(
         self, q: queue.Queue[Any], stop: threading.Event, epoch: int, start_batch: int
@@ -259,16 +301,27 @@ class StoreLoader:
         device is CUDA (torch's pinned-memory cache makes that cheap after the first batches)."""
         shape = (self.batch_size, *self.source.sample_shape)
         pin = self.device.type == "cuda"
+        st = self.stats
+        clock = time.perf_counter
         for b, batch in enumerate(self.sampling.batches(epoch)):
             if stop.is_set():
                 return
             if b < start_batch:
                 continue
             n = batch.size
+            t0 = clock()
             out = torch.empty(shape, dtype=self.source.dtype, pin_memory=pin)
+            t1 = clock()
             ids = batch.fill(out[:n])
+            t2 = clock()
             y = self._labels[ids]
-            yield (out[:n], y.pin_memory() if pin else y, ids)
+            if pin:
+                y = y.pin_memory()
+            st.buffers += t1 - t0 + clock() - t2
+            st.gather += t2 - t1
+            st.batches += 1
+            st.bytes += n * out[0].numel() * out.element_size()
+            yield (out[:n], y, ids)
 
     # ---- shutdown -------------------------------------------------------------------------
     def close(self) -> None:
@@ -301,4 +354,4 @@ class StoreLoader:
             self.close()
 
 
-__all__ = ["StoreLoader", "resolve_device"]
+__all__ = ["LoaderStats", "StoreLoader", "resolve_device"]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -912,3 +913,35 @@ def test_prefetch_zero_gathers_on_the_callers_thread(data):
     threaded = store.StoreLoader(src, batch_size=16, seed=2, prefetch=2)
     threaded.set_epoch(1)
     assert all(torch.equal(a, b) for a, b in zip(batches, [xb for xb, _ in threaded], strict=True))
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_loader_stats_count_one_pass_and_restart_with_the_next(data, prefetch):
+    x, y = data
+
+    class Slow(store.RamCache):  # a gather that takes at least 2 ms
+        def gather(self, views, indices, out):
+            time.sleep(0.002)
+            super().gather(views, indices, out)
+
+    loader = store.StoreLoader(Slow(x.clone(), y.clone()), batch_size=20, seed=0, prefetch=prefetch)
+    for _ in range(2):  # the second pass starts from zero
+        n = 0
+        for _ in loader:
+            time.sleep(0.02)  # a slow consumer: a prefetch thread finds its queue full
+            n += 1
+        st = loader.stats
+        assert n == st.batches == 6  # 117 samples in batches of 20
+        assert st.bytes == N * x[0, 0].numel() * x.element_size()
+        assert st.gather >= 6 * 0.002
+        assert st.copy == 0.0  # no device copies on a CPU
+        if prefetch:  # the thread runs at most two batches ahead of 6 x 20 ms of consumer
+            assert st.full >= 0.02
+        else:  # each batch is made when asked for, on the caller's thread
+            assert st.full == 0.0 and st.starved == 0.0
+    d = st.as_dict()
+    assert set(d) == {"batches", "bytes", "gather", "buffers", "copy", "starved", "full"}
+    total = store.LoaderStats()
+    total.add(st)
+    total.add(st)
+    assert total.batches == 12 and total.gather == pytest.approx(2 * st.gather)

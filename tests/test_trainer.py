@@ -412,6 +412,11 @@ def test_metrics_jsonl_and_config(tmp_path):
         assert k in lines[0], k
     for x in lines[:3]:  # the host's waits for batches are part of the epoch's time
         assert 0 < x["input_wait_seconds"] < x["train_seconds"]
+    # the loader's own account: none while batches come from the images, then one pass
+    assert lines[0]["loader_seconds"] is None and lines[1]["loader_seconds"] is None
+    ld = lines[2]["loader_seconds"]
+    assert ld["batches"] == 6 and ld["bytes"] == lines[2]["cache_bytes"]  # 96 samples, 1 view
+    assert 0 < ld["gather"] < lines[2]["train_seconds"] and ld["copy"] == 0.0
     assert lines[2]["iterations"] == 18 and lines[2]["cache_tier"] == "ram"
     assert lines[-1]["total_train_seconds"] == pytest.approx(
         sum(x["train_seconds"] for x in lines[:3])

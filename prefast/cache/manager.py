@@ -118,6 +118,7 @@ class CacheManager:
         self._ahead: AheadStore | None = None  # the next store, being prepared (CUDA)
         self.iters_per_epoch = schedule.total_iterations // cfg.epochs
         self._superseded: list[Cache] = []
+        self.loader_stats = store.LoaderStats()  # the epoch's loaders so far (take_loader_stats)
         self._tmp_dir: Path | None = None
         self._lock_fd: int | None = None
         self.cache_dir = self._resolve_cache_dir()
@@ -782,9 +783,17 @@ class CacheManager:
             with_indices=True,
         )
         loader.set_epoch(epoch, start_batch=start)
-        with loader:
-            for x, y, ids in loader:
-                yield x.float(), y, ids
+        try:
+            with loader:
+                for x, y, ids in loader:
+                    yield x.float(), y, ids
+        finally:
+            self.loader_stats.add(loader.stats)
+
+    def take_loader_stats(self) -> store.LoaderStats:
+        """Where the loaders spent their time since the last call (the trainer's epoch)."""
+        stats, self.loader_stats = self.loader_stats, store.LoaderStats()
+        return stats
 
     # ---- checkpoints and the end of the run -------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any] | None:

@@ -358,6 +358,7 @@ class Trainer:
         if self.dist.enabled:
             visits = self.dist.run("combining the epoch's sample visits", _all_reduce_int, visits)
         cur = self.cache.cache if self.cache is not None else None
+        loader = self.cache.take_loader_stats() if self.cache is not None else None
         return {
             "epoch": epoch,
             "iterations": (epoch + 1) * self.iters_per_epoch,
@@ -367,6 +368,8 @@ class Trainer:
             "samples_seen_twice": int((visits > 1).sum()),
             "train_seconds": watch.seconds,
             "input_wait_seconds": waited,
+            # where the cache loaders' time went (None: every batch came from the images)
+            "loader_seconds": loader.as_dict() if loader is not None and loader.batches else None,
             "cache_build_seconds": (self.cache.seconds if self.cache is not None else 0.0)
             - cache_before,
             "frozen_units": self.frontier,
