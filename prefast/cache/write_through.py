@@ -81,6 +81,8 @@ class WriteThrough:
         self.written = np.zeros(len(labels), dtype=bool)  # (N,) which samples have rows
         self.take_seconds = 0.0  # time take() held the training thread (writes, copies)
         self.take_bytes = 0  # bytes of rows handed over by the steps
+        self.copy_wait_seconds = 0.0  # the writer thread waiting for device -> host copies
+        self.scatter_seconds = 0.0  # the writer thread writing rows into the sink
         self._t0 = time.perf_counter()
         self._error: BaseException | None = None
         self._async = device.type == "cuda" and tier != "device"
@@ -151,8 +153,12 @@ class WriteThrough:
             slot, done, idx, n = item
             try:
                 if self._error is None:
+                    t = time.perf_counter()
                     done.synchronize()
+                    t1 = time.perf_counter()
                     self.sink.write_rows(0, idx, slot.host[:n], self.labels[idx])
+                    self.copy_wait_seconds += t1 - t
+                    self.scatter_seconds += time.perf_counter() - t1
             except BaseException as e:  # surfaced by take() or finish()
                 self._error = e
             finally:
@@ -207,15 +213,22 @@ class WriteThrough:
         now = time.perf_counter()
         seconds = now - self._t0
         nbytes = int(source.nbytes)
+        writer = (
+            f"; the writer thread waited {self.copy_wait_seconds:.2f} s for copies and wrote "
+            f"rows for {self.scatter_seconds:.2f} s"
+            if self._async
+            else ""
+        )
         log.info(
             "write-through at boundary %d: the steps handed over %.0f MB, holding the training "
-            "thread %.2f s (%.0f MB/s); catch-up of %d samples and close %.2f s",
+            "thread %.2f s (%.0f MB/s); catch-up of %d samples and close %.2f s%s",
             self.target,
             self.take_bytes / 1e6,
             self.take_seconds,
             self.take_bytes / 1e6 / max(self.take_seconds, 1e-9),
             missing.size,
             now - t_finish,
+            writer,
         )
         return Cache(
             self.target,
