@@ -19,6 +19,7 @@ import fcntl
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import threading
@@ -321,6 +322,30 @@ def _mark_complete(group: zarr.Group, info: StoreInfo) -> StoreInfo:
     return done
 
 
+_TABLE_TEMP = re.compile(r"^\.\d+\.\d+\.tmp$")  # a table chunk's temporary name (_put_table)
+
+
+def _sweep_table_temps(root: Path) -> int:
+    """Remove the temporary files a killed writer can leave in a local store's table folders
+    (a table chunk is written to ``.KEY.THREAD.tmp`` and renamed into place; readers never
+    open those names). Called when the store is marked complete, when no writer is left.
+    Returns how many were removed."""
+    removed = 0
+    for name in (LABELS, LABEL_CRC, CHUNK_CRC):
+        folder = root / name / "c"
+        if not folder.is_dir():
+            continue
+        for f in folder.rglob(".*.tmp"):
+            if f.is_file() and _TABLE_TEMP.match(f.name):
+                f.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info(
+            "%s: removed %d temporary table file(s) left by an interrupted writer", root, removed
+        )
+    return removed
+
+
 def finalize(path: str | os.PathLike[str]) -> None:
     """Mark a store written by several ranks complete; raises StoreIncompleteError listing the
     missing ranges if some rank did not finish."""
@@ -336,6 +361,9 @@ def finalize(path: str | os.PathLike[str]) -> None:
             f"{path}: cannot finalize, missing (view, start, stop) ranges {ranges[:10]}"
         )
     if not info.complete:
+        local = _zarr.as_local(path)
+        if local is not None:  # every rank has closed its writer: nothing writes here now
+            _sweep_table_temps(local)
         _mark_complete(group, info)
 
 
@@ -982,6 +1010,8 @@ class StoreWriter:
                     partial[:8],
                 )
             if self.world_size == 1 and self.complete and not self._info.complete:
+                if self._local_root is not None:
+                    _sweep_table_temps(self._local_root)
                 self._info = _mark_complete(self._group, self._info)
                 log.debug("store %s complete (%d chunks written)", self.path, self.chunks_written)
             elif self.world_size == 1 and not self.complete:

@@ -945,3 +945,46 @@ def test_loader_stats_count_one_pass_and_restart_with_the_next(data, prefetch):
     total.add(st)
     total.add(st)
     assert total.batches == 12 and total.gather == pytest.approx(2 * st.gather)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_completing_a_store_removes_the_temporary_table_files_a_killed_writer_left(
+    tmp_path, data, ranks
+):
+    """A table chunk goes to ``.KEY.THREAD.tmp`` and is renamed into place; a writer killed in
+    between leaves that file. The store's completion (close, or finalize for several ranks)
+    removes such files, and nothing else."""
+    x, y = data
+    path = tmp_path / "s"
+    kw = dict(sample_shape=SHAPE, num_samples=N, views=VIEWS, dtype="float32",
+              chunk_samples=CHUNK, meta={"test": True})  # fmt: skip
+    first = store.create(path, world_size=ranks, **kw)
+    first.write(0, 0, x[0, :CHUNK], y[:CHUNK])
+    first.abort()  # as if killed: incomplete
+    left = [path / "labels" / "c" / ".1.140211.tmp", path / "chunk_crc" / "c" / "0" / ".3.77.tmp"]
+    kept = [
+        path / "labels" / "c" / ".notes.tmp",
+        path / ".0.1.tmp",
+        path / "labels" / "c" / "x.tmp",
+    ]
+    for f in left + kept:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"partial")
+    writers = [
+        store.create(path, rank=r, world_size=ranks, resume=True, **kw) for r in range(ranks)
+    ]
+    for r, w in enumerate(writers):
+        for v, start, stop in w.missing:
+            if (start // CHUNK) % ranks == r:
+                w.write(v, start, x[v, start:stop], y[start:stop])
+    for f in left:
+        assert f.exists()  # not while writers may still write
+    for w in writers:
+        w.close()
+    if ranks > 1:
+        store.finalize(path)
+    assert not any(f.exists() for f in left)
+    assert all(f.exists() for f in kept)
+    s = store.open(path)
+    assert s.complete and torch.equal(s.read(1, ALL), x[1])
+    assert store.verify(s).ok
