@@ -31,6 +31,7 @@ import torch
 from store.errors import StoreError, StoreInputError
 from store.protocols import ActivationSource
 from store.sampling import Batching, ChunkStreamSampling, RandomAccessSampling, sampling_for
+from store.tiers import to_device
 
 _END = object()
 
@@ -265,7 +266,7 @@ class StoreLoader:
                 (batch.size, *self.source.sample_shape), dtype=self.source.dtype, device=self.device
             )
             ids = batch.fill(x)  # device ops: queued, not waited for
-            y = self._labels[ids].to(self.device, non_blocking=True)
+            y = to_device(self._labels[ids], self.device)
             st.gather += time.perf_counter() - t
             st.batches += 1
             st.bytes += x.numel() * x.element_size()

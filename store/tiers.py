@@ -18,6 +18,16 @@ from store.layout import DTYPES, check_write
 from store.reader import ActivationStore, as_tensor, numpy_view
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without holding the host: a host tensor bound for a CUDA device is
+    copied from pinned memory. CUDA may make a copy from pageable memory wait for the stream's
+    queued work (its API synchronisation rules), which keeps the host from running ahead of
+    the GPU: per batch, that is a bubble between steps."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in {d for _, d in DTYPES.values()}:
@@ -122,8 +132,8 @@ class TensorCache:
         on_host = rt.device.type == "cpu"
         if on_host and rt.numel() and (int(rt.min()) < 0 or int(rt.max()) >= self.num_samples):
             raise StoreInputError(f"field 'rows': a sample outside [0, {self.num_samples})")
-        xt = torch.as_tensor(x).detach().to(self.device, self.dtype, non_blocking=True)
-        self.data[view].index_copy_(0, rt.to(self.device, torch.int64, non_blocking=True), xt)
+        xt = to_device(torch.as_tensor(x).detach(), self.device).to(self.dtype)
+        self.data[view].index_copy_(0, to_device(rt.to(torch.int64), self.device), xt)
         if labels is not None:
             if not on_host:
                 raise StoreInputError("labels with write_rows need the rows on the host")
@@ -191,12 +201,12 @@ class TensorCache:
             else:
                 dst[...] = src[views, indices]
             return
-        idx = torch.from_numpy(indices).to(self.device, non_blocking=True)
+        idx = to_device(torch.from_numpy(indices), self.device)
         if self.views == 1 or (views == views[0]).all():
             torch.index_select(self.data[int(views[0]) if len(views) else 0], 0, idx, out=out)
             return
         for v in np.unique(views):
-            pos = torch.from_numpy(np.flatnonzero(views == v)).to(self.device)
+            pos = to_device(torch.from_numpy(np.flatnonzero(views == v)), self.device)
             out[pos] = self.data[int(v)].index_select(0, idx[pos])
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ import torch
 
 import store
 from prefast import TrainConfig, train
-from tests.store_helpers import VIEWS, N, encoded, labels_for, write_store
+from tests.store_helpers import SHAPE, VIEWS, N, decode, encoded, labels_for, write_store
 
 pytestmark = pytest.mark.gpu
 
@@ -320,3 +320,37 @@ def test_image_batches_never_synchronise_the_host_and_match_the_cpu():
         assert x.is_cuda and y.is_cuda
         assert torch.equal(ids, idc) and torch.equal(y.cpu(), yc)
         torch.testing.assert_close(x.cpu(), xc)
+
+
+def test_device_tier_reads_and_row_writes_never_synchronise_the_host():
+    """Reading the device tier (indices and labels go to the GPU) and writing rows into it (the
+    device tier's write-through) queue their copies from pinned memory: under sync debug mode
+    nothing waits for the GPU, and the values are right."""
+    x, y = encoded(), labels_for()
+    src = store.DeviceCache.from_tensors(x, y, device="cuda")
+    sink = store.DeviceCache.empty(N, VIEWS, SHAPE, torch.float32, device="cuda")
+    loader = store.StoreLoader(src, batch_size=16, seed=3, device="cuda", with_indices=True)
+    list(loader)  # warm the allocators
+    order = np.random.default_rng(0).permutation(N)
+    parts = []  # (view, host rows, their samples already on the GPU)
+    for v in range(VIEWS):
+        for k in range(0, N, 20):
+            rows = torch.from_numpy(order[k : k + 20])
+            parts.append((v, rows, x[v, rows].cuda()))
+    torch.cuda.synchronize()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.cuda.set_sync_debug_mode("error")
+        got = [(xb, yb, ids) for xb, yb, ids in loader]
+        for v, rows, xb in parts:
+            sink.write_rows(v, rows, xb, y[rows])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    seen = []
+    for xb, yb, ids in got:
+        v, i = decode(xb.cpu())
+        assert np.array_equal(i, ids.numpy()) and torch.equal(yb.cpu(), y[ids])
+        seen.append(i)
+    assert sorted(np.concatenate(seen).tolist()) == list(range(N))
+    assert torch.equal(sink.data.cpu(), x) and torch.equal(sink.labels, y)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from prefast.data.images import ImageData
 from prefast.data.specs import DatasetSpec
 from prefast.errors import DataError
+from store.tiers import to_device
 
 # Last word of every augmentation seed sequence. It keeps the augmentation draws apart from
 # store.order's streams, which seed with [seed, epoch, 0..2] (SeedSequence pads with zeros,
@@ -220,15 +221,6 @@ def _norm_consts(
     return scale.to(device), bias.to(device)
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device`` without holding the host: a host tensor bound for a CUDA device goes
-    through pinned memory, since a copy from pageable memory waits for all the device's queued
-    work (on an H200 the image path then kept the host from running ahead of the steps)."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device, non_blocking=True)
-
-
 def _as_index(indices: np.ndarray | torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
     """Indices as a CPU int64 tensor (B,), range-checked against ``n`` samples."""
     if isinstance(indices, torch.Tensor):
@@ -267,11 +259,11 @@ def make_batch(
     if aug is not None and len(aug) != len(data):
         raise DataError(f"augmentation parameters cover {len(aug)} samples, data has {len(data)}")
     src = data.images
-    x = _to(src[_to(idx, src.device)], device)  # (B, C, H, W) uint8
-    y = _to(data.labels[_to(idx, data.labels.device)], device)  # (B,) int64
+    x = to_device(src[to_device(idx, src.device)], device)  # (B, C, H, W) uint8
+    y = to_device(data.labels[to_device(idx, data.labels.device)], device)  # (B,) int64
     if aug is not None and (aug.pad > 0 or bool(aug.flips.any())):
-        offsets = _to(aug.offsets[idx], device)  # (B, 2)
-        flips = _to(aug.flips[idx], device)  # (B,)
+        offsets = to_device(aug.offsets[idx], device)  # (B, 2)
+        flips = to_device(aug.flips[idx], device)  # (B,)
         x = _crop_flip(x, offsets, flips, aug.pad)  # (B, C, H, W) uint8
     scale, bias = _norm_consts(data.spec.mean, data.spec.std, device)
     out = x.to(torch.float32).mul_(scale).add_(bias)  # (B, C, H, W) fp32
