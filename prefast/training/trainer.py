@@ -68,6 +68,7 @@ from prefast.training.checkpoint import (
 from prefast.training.metrics import MetricsSink
 from prefast.training.step import EpochMeter, StepRunner
 from store import location
+from store.tiers import to_device
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ class Trainer:
                     visits.index_add_(0, ids, torch.ones(len(ids), dtype=torch.int32))
                     aug = None
                     if fa_rows is not None and self.boundary > 0:  # a batch read from a cache
-                        sel = ids.to(self.device, non_blocking=True)
+                        sel = to_device(ids, self.device)
                         aug = (fa_rows[0][sel], fa_rows[1][sel])
                     self.dist.run("a training step", self.steps.step, h, y, j, k, meter, aug, ids)
                     k += 1
