@@ -261,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"zarr/{default_workers}": (raw, default_workers),
         }
         ft: dict[str, list[float]] = {k: [] for k in feeds}
+        out["feed_stats"] = {}
         for k, (src, workers) in feeds.items():
             loader = store.StoreLoader(
                 src,
@@ -273,6 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _epoch(loader, 0, device)  # warm-up
             for r in range(args.repeats):
                 ft[k].append(_epoch(loader, r + 1, device))
+            out["feed_stats"][k] = loader.stats.as_dict()  # the last epoch's account
             loader.close()
         for k in feeds:
             out["feed_s"][k] = statistics.median(ft[k])
@@ -330,6 +332,17 @@ def report(r: dict[str, Any]) -> str:
     for k, t in r["feed_s"].items():
         one = r["feed_s"][k.split("/")[0] + "/1"]
         lines.append(f"| {k} | {t:.3f} | {b / t / GB:.2f} | {one / t:.2f}x |")
+    if r.get("feed_stats"):
+        lines += [
+            "",
+            "| feed, the last epoch's account (s) | gather | buffers | copy issue | starved | full |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k, st in r["feed_stats"].items():
+            lines.append(
+                f"| {k} | {st['gather']:.3f} | {st['buffers']:.3f} | {st['copy']:.3f} "
+                f"| {st['starved']:.3f} | {st['full']:.3f} |"
+            )
     return "\n".join(lines)
 
 
