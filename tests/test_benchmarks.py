@@ -132,3 +132,30 @@ def test_compare_rounds_alternate_the_order(tmp_path, capsys, caplog):
     assert pf["vs_freezeout_rounds"] == expect
     text = capsys.readouterr().out
     assert "means over 2 rounds" in text and "prefast-ram: " in text and "2nd in its round" in text
+
+
+def test_plan_whatif_plans_each_tier_from_a_runs_logged_costs(tmp_path, capsys):
+    import pytest
+
+    from benchmarks import plan_whatif
+
+    # a run's log line (3495aee on an H200): DenseNet-BC-76, 39 units
+    fwd = [1.0] * 14 + [0.4] * 13 + [0.2] * 12
+    log = tmp_path / "run.log"
+    log.write_text(
+        "2026-11-27 prefast.cache.manager: iteration 678: measured costs per sample (replayed "
+        f"CUDA graphs): image 2.9 us, forward {fwd} us; a training step ...\n"
+    )
+    rc = plan_whatif.main(["--log", str(log), "--read", "100", "0.5", "--write", "100"])
+    assert rc == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ")][1:]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert [c[0] for c in cells] == ["device", "zarr", "zarr"]
+    dev, same, slow = cells
+    # at the device's rates a host tier is no dearer (its reads overlap the device's work)
+    assert dev[3].startswith("[0, 4, 9") and float(same[4]) <= float(dev[4])
+    assert slow[3] == str([0] * 13)  # reads at 0.5 GB/s never pay: no cache in 13 epochs
+    assert float(slow[4]) > float(dev[4])
+    log.write_text("no costs here\n")
+    with pytest.raises(SystemExit, match="no 'measured costs"):
+        plan_whatif.main(["--log", str(log)])
