@@ -1020,7 +1020,14 @@ class StoreWriter:
             self._closed = True
             self._close_fds()
             self._pool.shutdown(wait=True)
-            self._row_map = None  # unmapped once no array over it is left
+            if self._row_map is not None:
+                # unmapping every faulted page of a store (~0.1 s a GB) is the kernel's work:
+                # a short-lived thread drops the map (the last reference), so the caller, the
+                # training thread in write-through, does not wait for it. The rows are in the
+                # page cache already and nothing reads through this map again.
+                held = [self._row_map]
+                self._row_map = None
+                threading.Thread(target=held.clear, name="store-unmap", daemon=True).start()
             if self._lock is not None:
                 self._lock.release()
 

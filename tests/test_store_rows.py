@@ -307,3 +307,38 @@ def test_set_meta_before_anything_is_written(tmp_path):
     w.set_meta(None)
     w.abort()
     assert store.open(tmp_path / "t", partial=True).info.meta == {}
+
+
+def test_a_closed_writers_row_map_is_unmapped_off_the_closing_thread(tmp_path, monkeypatch):
+    """Unmapping a store's faulted pages takes ~0.1 s a GB: close() leaves it to a thread, and
+    the store is complete and readable meanwhile."""
+    import threading
+
+    from store import _mmap
+
+    seen: list[str] = []
+    target = [0]
+    release = threading.Event()
+    original = _mmap.Region.__del__
+
+    def spy(self):
+        if id(self) == target[0]:  # the writer's map (not a reader's, nor another test's)
+            release.wait(5)  # unmapping is slow: the store must not wait for it
+            seen.append(threading.current_thread().name)
+        original(self)
+
+    monkeypatch.setattr(_mmap.Region, "__del__", spy)
+    x, y = encoded(views=1, shape=PAGE_SHAPE), labels_for()
+    w = _create_paged(tmp_path / "s", views=1)
+    for idx in _shuffled_batches(5, 29):
+        w.write_rows(0, idx, x[0, idx], y[idx])
+    assert w._row_map is not None
+    target[0] = id(w._row_map.region)
+    w.close()
+    s = store.open(tmp_path / "s")  # complete while the old map is still being dropped
+    assert s.complete and torch.equal(s.read(0, ALL), x[0]) and seen == []
+    release.set()
+    for t in threading.enumerate():
+        if t.name == "store-unmap":
+            t.join(5)
+    assert seen == ["store-unmap"]
