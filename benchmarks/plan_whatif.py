@@ -71,17 +71,7 @@ def plan(
     sched = FreezeSchedule(
         ScheduleConfig(mode="prefast", t0=t0, how_scale=base["how_scale"]), model.num_units, total
     )
-    freezes = sorted(it for it in sched.freeze_iterations() if it is not None)
-    j = freezes[0]
-
-    def segments(e: int) -> list[tuple[int, int]]:
-        start, end = max(e * ipe, j), (e + 1) * ipe
-        points = [start, *[it for it in freezes if start < it < end], end]
-        return [
-            (points[k + 1] - points[k], sched.frozen_count(points[k]))
-            for k in range(len(points) - 1)
-        ]
-
+    j = min(it for it in sched.freeze_iterations() if it is not None)  # the first freeze
     first, elapsed = divmod(j, ipe)
     cost = CostModel(
         unit_fwd=fwd,
@@ -92,7 +82,7 @@ def plan(
         ahead_write_rate={tier: write} if tier != "device" else {},
     )
     p = plan_epochs(
-        [segments(e) for e in range(first, epochs)],
+        [sched.stretches(max(e * ipe, j), (e + 1) * ipe) for e in range(first, epochs)],
         batch,
         cost,
         sample_bytes,

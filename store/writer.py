@@ -322,7 +322,13 @@ def _mark_complete(group: zarr.Group, info: StoreInfo) -> StoreInfo:
     return done
 
 
-_TABLE_TEMP = re.compile(r"^\.\d+\.\d+\.tmp$")  # a table chunk's temporary name (_put_table)
+_TABLE_TEMP = re.compile(r"^\.\d+\.\d+\.tmp$")  # what _table_temp names, and only that
+
+
+def _table_temp(f: Path) -> Path:
+    """The temporary name a table chunk file ``f`` is written under, then renamed from: the
+    thread's id keeps two writer threads apart."""
+    return f.with_name(f".{f.name}.{threading.get_ident()}.tmp")
 
 
 def _sweep_table_temps(root: Path) -> int:
@@ -936,7 +942,7 @@ class StoreWriter:
             data = np.concatenate([data, np.full(size - data.size, fill, dtype="<i8")])
         f = _zarr.chunk_file(self._local_root, name, key)
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f".{f.name}.{threading.get_ident()}.tmp")
+        tmp = _table_temp(f)
         tmp.write_bytes(data.tobytes())
         os.replace(tmp, f)
 

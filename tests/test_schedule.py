@@ -247,3 +247,15 @@ def test_ideal_saving_validation() -> None:
         ideal_saving(s, [1, 2], [1, 2, 3])
     with pytest.raises(ScheduleError, match="bwd_costs"):
         ideal_saving(s, [1, 2, 3], [1, -2, 3])
+
+
+def test_stretches_cut_a_range_at_its_freezes() -> None:
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 3, 100)
+    cuts = [it for it in s.freeze_iterations() if it is not None]
+    assert len(cuts) == 3 and cuts == sorted(cuts)
+    got = s.stretches(0, 100)
+    assert [n for n, _ in got] == [cuts[0], cuts[1] - cuts[0], cuts[2] - cuts[1], 100 - cuts[2]]
+    assert [f for _, f in got] == [0, 1, 2, 3]
+    inside = s.stretches(cuts[0] + 1, cuts[1] + 1)  # one freeze inside, the range's own start
+    assert inside == [(cuts[1] - cuts[0] - 1, 1), (1, 2)]
+    assert s.stretches(cuts[2], 100) == [(100 - cuts[2], 3)]  # a freeze at the start: no cut

@@ -76,6 +76,11 @@ LOCK_NAME = ".prefast-lock"
 _NOT_IN_RUN_KEY = RESUMABLE_FIELDS | {"cache_dir", "eval_batch_size", "dist_timeout"}
 
 
+def _mb_per_s(rates: dict[str, float]) -> dict[str, int]:
+    """Bytes/s by tier as whole MB/s, for the log."""
+    return {k: round(v / 1e6) for k, v in rates.items()}
+
+
 def run_key(cfg: TrainConfig) -> str:
     """12 hex digits of a SHA-256 over the settings that shape a run's cached values."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_RUN_KEY}
@@ -495,24 +500,16 @@ class CacheManager:
             plan.seconds,
             plan.baseline_seconds,
             self.cost.image * 1e6,
-            {k: round(v / 1e6) for k, v in self.cost.read_rate.items()},
-            {k: round(v / 1e6) for k, v in self.cost.write_rate.items()},
-            {k: round(v / 1e6) for k, v in self.cost.ahead_write_rate.items()} or "-",
+            _mb_per_s(self.cost.read_rate),
+            _mb_per_s(self.cost.write_rate),
+            _mb_per_s(self.cost.ahead_write_rate) or "-",
         )
         return out
 
     def _epoch_segments(self, epoch: int, j: int = 0) -> list[tuple[int, int]]:
         """``(steps, frontier)`` stretches of an epoch from iteration ``j`` on, in order."""
-        start = max(epoch * self.iters_per_epoch, j)
-        end = (epoch + 1) * self.iters_per_epoch
-        cuts = sorted(
-            {it for it in self.schedule.freeze_iterations() if it is not None and start < it < end}
-        )
-        points = [start, *cuts, end]
-        return [
-            (points[k + 1] - points[k], self.schedule.frozen_count(points[k]))
-            for k in range(len(points) - 1)
-        ]
+        ipe = self.iters_per_epoch
+        return self.schedule.stretches(max(epoch * ipe, j), (epoch + 1) * ipe)
 
     def _open_write_through(self, target: int) -> WriteThrough | None:
         cfg, n = self.cfg, len(self.data.train)
@@ -714,7 +711,7 @@ class CacheManager:
             log.debug(
                 "measured rates (MB/s, write/read): %s; writes into stores prepared ahead: %s",
                 {k: (round(w / 1e6), round(r / 1e6)) for k, (w, r) in rates.items()},
-                {k: round(w / 1e6) for k, w in self.cost.ahead_write_rate.items()} or "-",
+                _mb_per_s(self.cost.ahead_write_rate) or "-",
             )
         return tiers
 

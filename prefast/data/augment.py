@@ -208,7 +208,6 @@ class FeatureAugment:
 
 
 @lru_cache(maxsize=64)
-@lru_cache(maxsize=16)
 def _norm_consts(
     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -197,6 +197,18 @@ class FreezeSchedule:
         """`freeze_iteration` of every unit (head excluded), ``num_units`` entries."""
         return [self.freeze_iteration(i) for i in range(self.num_units)]
 
+    def stretches(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Iterations ``start .. end - 1`` cut at every freeze inside them: ``(steps,
+        frontier)`` per stretch, in order, the frontier being ``frozen_count`` at its start."""
+        cuts = sorted(
+            {it for it in self.freeze_iterations() if it is not None and start < it < end}
+        )
+        points = [start, *cuts, end]
+        return [
+            (points[k + 1] - points[k], self.frozen_count(points[k]))
+            for k in range(len(points) - 1)
+        ]
+
 
 def ideal_saving(
     schedule: FreezeSchedule, fwd_costs: Sequence[float], bwd_costs: Sequence[float]
