@@ -85,6 +85,9 @@ if has scenario; then
     --compile "$COMPILE" $EAGER ${SCENARIO_ARGS:-} --no-progress --no-plot --verbose --cache-dir /tmp/prefast-bench \
     --out "$W/compare-gpu-long.json" > "$W/compare-gpu-long.log" 2>&1
   tail -16 "$W/compare-gpu-long.log"
+  # each variant's epochs, and the plan's predictions against them (kept in logs.txt)
+  python3 benchmarks/epochs.py "$W/compare-gpu-long.json" --from-epoch 3 2>&1 \
+    | tee "$W/compare-gpu-long-epochs.log"
   rm -rf /tmp/prefast-bench
 fi
 

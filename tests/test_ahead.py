@@ -114,6 +114,7 @@ def test_a_run_where_host_and_device_overlap_prepares_each_store_an_epoch_ahead(
 
     monkeypatch.setattr(M.CacheManager, "_measure_costs", overlapping)
     caplog.set_level(logging.INFO, logger="prefast")
+    caplog.clear()  # the reference run's lines, where an earlier test left INFO on
     got = train(tiny(**kw, cache_dir=str(tmp_path / "b")))
     msgs = [r.getMessage() for r in caplog.records]
     ahead = [m for m in msgs if "faulted in ahead" in m]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import compare, views
 
 
@@ -159,3 +161,41 @@ def test_plan_whatif_plans_each_tier_from_a_runs_logged_costs(tmp_path, capsys):
     log.write_text("no costs here\n")
     with pytest.raises(SystemExit, match="no 'measured costs"):
         plan_whatif.main(["--log", str(log)])
+
+
+def test_epochs_tables_each_variants_epochs_and_the_plans_error(tmp_path, capsys):
+    from benchmarks import epochs
+
+    def rec(e, s, plan=None, wait=0.5, loader=None, boundary=0):
+        return {"epoch": e, "train_seconds": s, "plan_seconds": plan, "input_wait_seconds": wait,
+                "loader_seconds": loader, "cache_build_seconds": 0.0, "cache_boundary": boundary}  # fmt: skip
+
+    ld = {"batches": 7, "bytes": 10, "gather": 0.25, "buffers": 0.125, "copy": 0.125,
+          "starved": 1.0, "full": 0.0}  # fmt: skip
+    result = {
+        "scenario": "demo",
+        "runs": {"t0=0.6": {"variants": [
+            {"variant": "freezeout", "records": [rec(0, 3.0), rec(1, 2.0), rec(2, 1.5)]},
+            {"variant": "prefast-zarr", "records": [
+                rec(0, 3.0), rec(1, 1.5, plan=1.0, loader=ld, boundary=2),
+                rec(2, 0.75, plan=0.5, loader=ld, boundary=2)]},
+        ]}},
+    }  # fmt: skip
+    text = epochs.tables(result, from_epoch=1)
+    assert "| variant | 1 | 2 |" in text and "| 0 |" not in text  # epoch 0 left out
+    assert "| freezeout s | 2.00 | 1.50 |" in text
+    assert "| prefast-zarr plan s | 1.00 | 0.50 |" in text
+    assert "| prefast-zarr loader s | 0.50 | 0.50 |" in text  # gather + buffers + copy
+    assert "| prefast-zarr boundary | 2 | 2 |" in text
+    assert "freezeout plan s" not in text and "freezeout boundary" not in text  # nothing to say
+    # epochs 1-2 were predicted at 1.5 s and took 2.25 s
+    assert "- prefast-zarr, epochs 1-2: the plan predicted 1.50 s, they took 2.25 s (1.50x)" in text
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    assert epochs.main([str(path)]) == 0
+    assert "| freezeout s | 3.00 | 2.00 | 1.50 |" in capsys.readouterr().out
+    path.write_text("[]")
+    with pytest.raises(SystemExit) as exit_info:
+        epochs.main([str(path)])
+    assert exit_info.value.code == 2
+    assert "is not a compare.py result" in capsys.readouterr().err

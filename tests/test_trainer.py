@@ -299,6 +299,9 @@ def test_write_through_plan_writes_when_the_saved_steps_pay_for_the_writes():
     # before 3 can be written; here it does (two epochs at boundary 1 before 3 serves)
     p = plan_epochs([[(10, 1)], [(10, 3)], [(10, 3)], [(10, 3)]], cost=cost(1e9), **kw)
     assert p.targets[:2] == [1, 3]
+    assert len(p.epoch_seconds) == 4 and sum(p.epoch_seconds) == pytest.approx(p.seconds)
+    # epoch 3 reads the cache at 3: 100 samples at read 1 us + 3 x (1 ms) of training
+    assert p.epoch_seconds[3] == pytest.approx(100 * 3.001e-3)
     # a frontier that reaches 3 after 4 steps of epoch 0: write 3 from step 4 and the first
     # 4 steps' samples in a catch-up pass, rather than an epoch later
     p = plan_epochs([[(4, 0), (6, 3)], [(10, 3)], [(10, 3)]], cost=cost(1e9), **kw)
@@ -309,6 +312,10 @@ def test_write_through_plan_writes_when_the_saved_steps_pay_for_the_writes():
     p = plan_epochs([[(6, 3)], [(10, 3)], [(10, 3)]], cost=cost(1e9), elapsed=4, **kw)
     assert p.targets == [3, 3, 3] and p.starts == [0, 0, 0]
     assert p.seconds == pytest.approx(60 * 6.101e-3 + 40 * 3.101e-3 + 200 * 3.001e-3)
+    # ... broken down by epoch: the writing epoch carries its steps and its catch-up pass
+    assert p.epoch_seconds == pytest.approx(
+        [60 * 6.101e-3 + 40 * 3.101e-3, 100 * 3.001e-3, 100 * 3.001e-3]
+    )
     # ... and declined when it costs more than waiting for the next epoch
     p = plan_epochs([[(6, 3)], [(10, 3)], [(10, 3)]], cost=cost(1e9), elapsed=1000, **kw)
     assert p.targets == [0, 3, 3]
@@ -398,6 +405,35 @@ def test_auto_policy_in_a_run_keeps_parity_with_freezeout(tmp_path):
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
 
 
+def test_each_epoch_records_what_the_write_through_plan_predicted_for_it(monkeypatch, caplog):
+    import prefast.cache.manager as M
+
+    made = []
+    real = M.plan_epochs
+
+    def spy(segments, *a, **kw):
+        p = real(segments, *a, **kw)
+        made.append((len(segments), kw.get("elapsed", 0), p))
+        return p
+
+    monkeypatch.setattr(M, "plan_epochs", spy)
+    caplog.set_level(logging.INFO, logger="prefast")
+    r = train(tiny(mode="prefast", cache="ram", epochs=6, recache_policy="auto"))
+    assert len(made) == 1  # one plan, at the first freeze, for the rest of the run
+    left, elapsed, plan = made[0]
+    first = 6 - left  # the epoch the plan was made in
+    assert 0 < first < 6 and elapsed > 0 and len(plan.epoch_seconds) == left
+    got = [x["plan_seconds"] for x in r.records]
+    # none before the plan, nor for the epoch under way when it was made (only part of it)
+    assert got[: first + 1] == [None] * (first + 1)
+    assert got[first + 1 :] == pytest.approx(plan.epoch_seconds[1:])
+    assert all(g > 0 for g in got[first + 1 :])
+    assert f"(the plan predicted {got[-1]:.2f} s, cache" in caplog.text
+    # a fixed policy makes no prediction
+    fixed = train(tiny(mode="prefast", cache="ram", epochs=4, recache_policy="every"))
+    assert [x["plan_seconds"] for x in fixed.records] == [None] * 4
+
+
 # ---- metrics, checkpoints, resume ---------------------------------------------------------------------
 def test_metrics_jsonl_and_config(tmp_path):
     m = tmp_path / "run" / "metrics.jsonl"
@@ -407,7 +443,7 @@ def test_metrics_jsonl_and_config(tmp_path):
     for k in (
         "epoch", "iterations", "train_loss", "train_accuracy", "test_loss", "test_error", "train_seconds",
         "cache_build_seconds", "frozen_units", "cache_boundary", "cache_tier", "cache_bytes",
-        "peak_host_private_bytes", "peak_gpu_bytes", "input_wait_seconds",
+        "peak_host_private_bytes", "peak_gpu_bytes", "input_wait_seconds", "plan_seconds",
     ):  # fmt: skip
         assert k in lines[0], k
     for x in lines[:3]:  # the host's waits for batches are part of the epoch's time

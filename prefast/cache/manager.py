@@ -119,6 +119,8 @@ class CacheManager:
         self._auto_plan: dict[int, int] | None = None  # iteration -> boundary (auto policy)
         # epoch -> (iteration its steps start writing at, boundary written) (auto policy)
         self._epoch_plan: dict[int, tuple[int, int]] | None = None
+        # epoch -> the plan's predicted seconds of that whole epoch (auto write-through)
+        self._epoch_predicted: dict[int, float] = {}
         self._writing: WriteThrough | None = None
         self._ahead: AheadStore | None = None  # the next store, being prepared (CUDA)
         self.iters_per_epoch = schedule.total_iterations // cfg.epochs
@@ -487,6 +489,12 @@ class CacheManager:
             e: ((j if e == epoch else e * self.iters_per_epoch) + start, target)
             for e, start, target in zip(epochs, plan.starts, plan.targets, strict=True)
         }
+        if len(plan.epoch_seconds) == len(epochs):  # whole epochs only: not the one under way
+            self._epoch_predicted.update(
+                (e, sec)
+                for e, sec in zip(epochs, plan.epoch_seconds, strict=True)
+                if e > epoch or elapsed == 0
+            )
         moves = {e: t for e, (_, t) in out.items() if t != b}
         starts = {e: it for e, (it, t) in out.items() if t != b and it % self.iters_per_epoch}
         log.info(
@@ -786,6 +794,13 @@ class CacheManager:
                     yield x.float(), y, ids
         finally:
             self.loader_stats.add(loader.stats)
+
+    def predicted_seconds(self, epoch: int) -> float | None:
+        """The write-through plan's predicted seconds of the whole of ``epoch`` (its steps and
+        catch-up pass, from the costs measured for the plan), for comparing with what the
+        epoch took; None where no plan covers the whole epoch (before the plan, the epoch it
+        was made in, other policies)."""
+        return self._epoch_predicted.get(epoch)
 
     def take_loader_stats(self) -> store.LoaderStats:
         """Where the loaders spent their time since the last call (the trainer's epoch)."""

@@ -166,12 +166,15 @@ class EpochPlan:
     ``starts[e]``: the step, counted from the first of the epoch's given segments, at which
     the steps start writing it (0 when nothing is written); ``seconds``: the plan's
     predicted time for the rest of the run; ``baseline_seconds``: the same without any new
-    cache."""
+    cache; ``epoch_seconds[e]``: the plan's predicted time of its epoch ``e`` (its steps and
+    catch-up pass; the first covers only the steps still to run), which sum to ``seconds``
+    (empty where a planner does not break its prediction down)."""
 
     targets: list[int]
     starts: list[int]
     seconds: float
     baseline_seconds: float
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
 def plan_epochs(
@@ -221,6 +224,7 @@ def plan_epochs(
 
     baseline = sum(steps_cost(segs, boundary, 0.0) for segs in segments)
     best: dict[int, float] = {boundary: 0.0}
+    bests = [best]  # the run's cheapest cost so far, by boundary held, before each epoch
     back: list[dict[int, tuple[int, int, int]]] = []  # next -> (previous, written, start)
     for e, segs in enumerate(segments):
         before_epoch = elapsed if e == 0 else 0  # steps of this epoch that already ran
@@ -248,17 +252,20 @@ def plan_epochs(
                 if total < nxt.get(target, math.inf):
                     nxt[target], choice[target] = total, (b, target, start)
         best = nxt
+        bests.append(best)
         back.append(choice)
     b = min(best, key=lambda k: best[k])
     total = best[b]
     targets: list[int] = []
     starts: list[int] = []
-    for choice in reversed(back):
-        prev, written, start = choice[b]
+    seconds: list[float] = []
+    for e in reversed(range(len(back))):
+        prev, written, start = back[e][b]
         targets.append(written)
         starts.append(start)
+        seconds.append(bests[e + 1][b] - bests[e][prev])
         b = prev
-    return EpochPlan(targets[::-1], starts[::-1], total, baseline)
+    return EpochPlan(targets[::-1], starts[::-1], total, baseline, seconds[::-1])
 
 
 __all__ = [

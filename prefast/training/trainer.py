@@ -252,14 +252,16 @@ class Trainer:
                     test_err=f"{test_err:.4f}",
                     frozen=self.frontier,
                 )
+                planned = rec["plan_seconds"]
                 log.info(
-                    "epoch %d: train loss %.4f acc %.4f, test error %.4f, %.2f s (cache %.2f s, "
-                    "waiting for batches %.2f s), frozen %d, boundary %d",
+                    "epoch %d: train loss %.4f acc %.4f, test error %.4f, %.2f s (%scache %.2f "
+                    "s, waiting for batches %.2f s), frozen %d, boundary %d",
                     epoch,
                     rec["train_loss"],
                     rec["train_accuracy"],
                     test_err,
                     rec["train_seconds"],
+                    "" if planned is None else f"the plan predicted {planned:.2f} s, ",
                     rec["cache_build_seconds"],
                     rec["input_wait_seconds"],
                     self.frontier,
@@ -373,6 +375,8 @@ class Trainer:
             "loader_seconds": loader.as_dict() if loader is not None and loader.batches else None,
             "cache_build_seconds": (self.cache.seconds if self.cache is not None else 0.0)
             - cache_before,
+            # the write-through plan's prediction for this epoch (None: no plan covers it)
+            "plan_seconds": self.cache.predicted_seconds(epoch) if self.cache is not None else None,
             "frozen_units": self.frontier,
             "cache_boundary": self.boundary,
             "cache_tier": cur.tier if cur is not None else None,
