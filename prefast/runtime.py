@@ -7,7 +7,7 @@ import ctypes
 import logging
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -43,6 +43,77 @@ def graph_autocast(device: torch.device, amp: str) -> contextlib.AbstractContext
     if amp == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
+
+
+def capture_graph(
+    fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, amp: str
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``fn(h)`` captured as a CUDA graph under ``amp``, and its static output (written by each
+    replay; capture itself runs nothing, so replay once for this ``h``'s result). ``fn`` runs
+    once eagerly first, on a side stream (cuDNN picks its algorithms, the allocator its
+    blocks). The graph has its own memory pool, released with the graph and its output. The
+    capture is thread-local: other threads (a cache writer's copies) may use the device
+    meanwhile."""
+    device = h.device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), graph_autocast(device, amp):
+        fn(h)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with (
+        torch.cuda.graph(graph, capture_error_mode="thread_local"),
+        graph_autocast(device, amp),
+    ):
+        out = fn(h)
+    return graph, out
+
+
+class GraphedForward:
+    """``fn`` (a no-grad forward whose samples do not interact: eval mode) on batches of at
+    most the first call's size, replayed as one CUDA graph captured at that call. A shorter
+    batch is padded in the static input (the padding rows are computed and dropped). Each
+    call's result is the graph's static output: use it before the next call. Where the
+    capture fails, or a batch is larger or of another shape or dtype, ``fn`` runs eagerly
+    under ``amp``'s autocast (a capture failure is logged once)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], amp: str) -> None:
+        self.fn = fn
+        self.amp = amp
+        self.replays = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+        self._failed = False
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        n = len(h)
+        if self._graph is None and not self._failed and h.device.type == "cuda":
+            self._capture(h)
+        st = self._static
+        if (
+            self._graph is None
+            or st is None
+            or self._out is None
+            or n > len(st)
+            or h.shape[1:] != st.shape[1:]
+            or h.dtype != st.dtype
+        ):
+            with autocast(h.device, self.amp):
+                return self.fn(h)
+        st[:n].copy_(h)
+        self._graph.replay()
+        self.replays += 1
+        return self._out[:n]
+
+    def _capture(self, h: torch.Tensor) -> None:
+        self._static = h.clone(memory_format=torch.contiguous_format)
+        try:
+            self._graph, self._out = capture_graph(self.fn, self._static, self.amp)
+        except RuntimeError as e:
+            self._failed = True
+            self._graph = self._static = self._out = None
+            log.warning("could not capture a forward as a CUDA graph (%s); it runs eagerly", e)
 
 
 def synchronize(device: torch.device) -> None:
@@ -95,4 +166,13 @@ def keep_freed_memory() -> bool:
     return True
 
 
-__all__ = ["TORCH_DTYPES", "autocast", "keep_freed_memory", "resolve_device", "synchronize"]
+__all__ = [
+    "TORCH_DTYPES",
+    "GraphedForward",
+    "autocast",
+    "capture_graph",
+    "graph_autocast",
+    "keep_freed_memory",
+    "resolve_device",
+    "synchronize",
+]

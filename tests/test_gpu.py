@@ -186,6 +186,7 @@ def test_write_through_on_cuda_matches_freezeout(tmp_path, caplog, cache, compil
     )
     assert got.summary["cache_boundary"] > 0 and got.summary["total_cache_build_seconds"] >= 0
     assert "computed in a catch-up pass" in caplog.text  # the writes started mid-epoch
+    assert "could not capture" not in caplog.text  # with graphs, the catch-up replays one
     # host tiers: the rows leave through the writer thread, which accounts for its time
     assert ("the writer thread waited" in caplog.text) == (cache != "device")
     torch.testing.assert_close(
@@ -291,6 +292,39 @@ def test_unit_forwards_timed_as_replayed_graphs_release_their_memory():
     assert len(times) == model.num_units
     assert all(0 < t < 1 for t in times)
     assert all(u.training for u in model.units)
+    assert torch.cuda.memory_allocated() == before
+
+
+def test_a_graphed_forward_replays_what_the_eager_forward_computes():
+    """The catch-up pass's frozen forward as one replayed graph: full and short batches equal
+    the eager forward's, a larger batch runs eagerly, and its memory goes with it."""
+    from prefast.models import create_model
+    from prefast.runtime import GraphedForward, autocast
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = create_model(
+        "densenet_bc", num_classes=10, in_channels=3, image_size=32, depth=16, growth=8
+    ).cuda()
+    model.eval()
+
+    def frozen(h):
+        return model.forward_range(h, 0, 4).contiguous()
+
+    x = torch.randn(48, 3, 32, 32, device=dev)
+    with torch.no_grad():
+        with autocast(dev, "bf16"):
+            want = frozen(x)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        g = GraphedForward(frozen, "bf16")
+        got = [g(x[:32]).clone(), g(x[32:45]).clone()]  # captured at 32; then 13, padded
+        assert g.replays == 2
+        torch.testing.assert_close(torch.cat(got), want[:45], rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(g(x).clone(), want, rtol=2e-2, atol=2e-2)  # 48: eager
+        assert g.replays == 2
+        del g, got
+        torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
 
 

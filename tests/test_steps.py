@@ -102,6 +102,23 @@ def test_graphs_need_cuda_and_unknown_modes_are_refused():
         StepRunner(m, torch.device("cpu"), "none", False, "turbo", 8)
 
 
+def test_a_graphed_forward_runs_eagerly_off_cuda():
+    """Off CUDA nothing is captured: every call is the forward itself, under the amp asked."""
+    from prefast.runtime import GraphedForward
+
+    seen = []
+
+    def fn(h):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return h * 2 + 1
+
+    g = GraphedForward(fn, "bf16")
+    x = torch.arange(7.0).reshape(7, 1)
+    assert torch.equal(g(x), x * 2 + 1) and torch.equal(g(x[:3]), x[:3] * 2 + 1)
+    assert g.replays == 0 and seen == [True, True]
+    assert torch.equal(GraphedForward(fn, "none")(x), x * 2 + 1) and seen[-1] is False
+
+
 def test_compile_auto_is_eager_on_the_cpu():
     from prefast.training import Trainer
 

@@ -16,7 +16,7 @@ import torch
 import store
 from prefast.models import UnitModel
 from prefast.monitor import available_host_bytes
-from prefast.runtime import TORCH_DTYPES, graph_autocast, synchronize
+from prefast.runtime import TORCH_DTYPES, capture_graph, synchronize
 from store import location
 
 PROBE_PREFIX = ".prefast-probe-"  # a rate probe's store, removed by the probe or the next start
@@ -95,18 +95,7 @@ def _replayed(
     """Seconds of one replay of ``fn(h)`` captured as a CUDA graph (the best of ``repeats``
     rounds of REPLAYS replays), and a copy of its output. The graph and its memory pool are
     released before returning."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), graph_autocast(device, amp):
-        fn(h)  # warm-up off the capture: cuDNN picks its algorithms, the allocator its blocks
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: other threads (a cache writer's copies) may use the device meanwhile
-    with (
-        torch.cuda.graph(graph, capture_error_mode="thread_local"),
-        graph_autocast(device, amp),
-    ):
-        out = fn(h)
+    graph, out = capture_graph(fn, h, amp)
     best = math.inf
     for _ in range(max(1, repeats)):
         synchronize(device)
