@@ -115,14 +115,18 @@ def _gpu_kw(**over):
     return kw
 
 
-@pytest.mark.parametrize("mode", ["freezeout", "prefast"])
+@pytest.mark.parametrize("mode", ["freezeout", "prefast", "prefast-pass"])
 def test_cuda_graph_steps_match_eager_steps_in_float32(tmp_path, mode):
-    """--compile graphs replays the captured step: float32 losses and weights equal the eager
-    run's to the tolerance of non-deterministic kernels."""
+    """--compile graphs replays the captured step (and, with cache passes, each pass's frozen
+    forward): float32 losses and weights equal the eager run's to the tolerance of
+    non-deterministic kernels."""
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    extra = {"cache": "device", "recache_policy": "every"} if mode == "prefast" else {}
+    extra: dict = {"cache": "device", "recache_policy": "every"} if mode != "freezeout" else {}
+    if mode == "prefast-pass":
+        extra["recache_mode"] = "pass"
+        mode = "prefast"
     eager = train(TrainConfig(**_gpu_kw(mode=mode, **extra)))
     graphs = train(TrainConfig(**_gpu_kw(mode=mode, compile="graphs", **extra)))
     assert graphs.records[-1]["step_captures"] > 0

@@ -23,7 +23,7 @@ from prefast.data import Augment, ImageData, make_batch, view_key
 from prefast.distributed import DistContext
 from prefast.errors import CacheError
 from prefast.models import UnitModel
-from prefast.runtime import TORCH_DTYPES, autocast, synchronize
+from prefast.runtime import TORCH_DTYPES, GraphedForward, autocast, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class PassSpec:
     batch_size: int
     amp: str
     channels_last: bool
+    # the steps replay CUDA graphs: the pass's forward does too (one graph, captured at its
+    # first batch; eager, each unit costs its kernels' launches)
+    graphs: bool = False
 
 
 def _open_sink(
@@ -155,6 +158,13 @@ def build_cache(
         disable=not progress,
         leave=False,
     )
+
+    def frozen(h: torch.Tensor) -> torch.Tensor:
+        if spec.channels_last and h.dim() == 4:
+            h = h.contiguous(memory_format=torch.channels_last)
+        return model.forward_range(h, b0, boundary).contiguous()
+
+    forward = GraphedForward(frozen, spec.amp) if spec.graphs else frozen
     try:
         with sink, torch.no_grad(), autocast(device, spec.amp):
             for v in range(spec.views):
@@ -170,10 +180,9 @@ def build_cache(
                             h, _ = make_batch(spec.train, idx, aug, device)
                         else:
                             h = prev.source.read(v, idx).to(device, non_blocking=True).float()
-                        if spec.channels_last and h.dim() == 4:
-                            h = h.contiguous(memory_format=torch.channels_last)
-                        out = model.forward_range(h, b0, boundary)
-                        sink.write(v, start, out.contiguous(), labels[start : start + len(idx)])
+                        # a graph's static output: written before the next batch replays it
+                        out = forward(h)
+                        sink.write(v, start, out, labels[start : start + len(idx)])
                         bar.update(1)
     finally:
         bar.close()

@@ -254,6 +254,7 @@ class CacheManager:
             batch_size=cfg.cache_batch_size or cfg.batch_size,
             amp=cfg.amp,
             channels_last=cfg.channels_last,
+            graphs=self.graphs,
         )
 
     def _cache_nbytes(self, b: int) -> int:
