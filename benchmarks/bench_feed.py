@@ -25,6 +25,11 @@ them into fresh host memory (the kernel faults every page in on first touch), ``
 into memory touched before (the copy alone), and ``map-populate`` only creates, preallocates,
 maps and faults in the chunk files for writing, as the row map does, without writing a row.
 
+Without the loader: a shuffled gather (``np.take``) on one thread and on the loader's number of
+gather threads, and on CUDA copies from one pinned batch buffer to the device: the host's
+memory and the bus alone. The loader's cost per batch beyond moving bytes: an epoch of 8-byte
+samples, in microseconds per batch.
+
 Feeds: one shuffled epoch through ``StoreLoader`` to ``--device``, every batch consumed on the
 device (a sum of one element per sample, synchronised at the end), after an untimed warm-up
 epoch (warm page cache), for the RAM tier and the memory-mapped raw store, with one gather
@@ -40,6 +45,7 @@ their group. Examples::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -49,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +172,13 @@ def _breakdown(
     return out
 
 
-def _gathers(x: torch.Tensor, batch: int, seed: int) -> dict[str, float]:
-    """Seconds to gather one shuffled epoch of ``x`` into a reused batch buffer on one thread:
+def _gathers(x: torch.Tensor, batch: int, seed: int, threads: int) -> dict[str, float]:
+    """Seconds to gather one shuffled epoch of ``x`` into a reused batch buffer: on one thread,
     ``np.take(..., out=buf)`` as numpy defaults it (mode="raise": into a temporary, then
-    copied) against mode="clip" on indices checked first, which the host tiers use."""
+    copied) against mode="clip" on indices checked first, which the host tiers use; and the
+    latter split into ``threads`` contiguous parts on a thread pool, as the loader's gather
+    threads split a batch (``take-direct/Nt``): the host's memory bandwidth for this pattern,
+    without the loader."""
     src = x.reshape(len(x), -1).view(torch.uint8).numpy()
     buf = np.empty((batch, src.shape[1]), dtype=src.dtype)
     order = np.random.default_rng(seed).permutation(len(src))
@@ -178,6 +188,50 @@ def _gathers(x: torch.Tensor, batch: int, seed: int) -> dict[str, float]:
         for s in range(0, len(src) - batch + 1, batch):
             np.take(src, order[s : s + batch], axis=0, out=buf, mode=mode)  # type: ignore[call-overload]
         out[name] = time.perf_counter() - t0
+    if threads > 1:
+        bounds = np.linspace(0, batch, threads + 1).astype(int).tolist()
+        parts = list(itertools.pairwise(bounds))
+        with ThreadPoolExecutor(threads) as pool:
+            t0 = time.perf_counter()
+            for s in range(0, len(src) - batch + 1, batch):
+                idx = order[s : s + batch]
+                for f in [
+                    pool.submit(np.take, src, idx[a:b], 0, buf[a:b], "clip") for a, b in parts
+                ]:
+                    f.result()
+            out[f"take-direct/{threads}t"] = time.perf_counter() - t0
+    return out
+
+
+def _h2d(x: torch.Tensor, batch: int, device: torch.device) -> float:
+    """Seconds to copy one epoch's bytes of ``x`` to a CUDA ``device`` a batch at a time from
+    one pinned buffer (queued copies, synchronised at the end): the bus, without the loader."""
+    buf = x[:batch].clone().pin_memory()
+    dst = torch.empty_like(buf, device=device)
+    dst.copy_(buf, non_blocking=True)  # warm-up
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(len(x) // batch):
+        dst.copy_(buf, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * len(x) / (len(x) // batch * batch)
+
+
+def _per_batch(
+    num: int, batch: int, device: torch.device, workers: list[int], seed: int
+) -> dict[str, float]:
+    """Microseconds per batch of a loader over tiny samples (8 bytes each) from the RAM tier,
+    by gather threads: what the loader costs per batch beyond moving bytes (threads, buffers,
+    labels, queue, copies)."""
+    tiny = store.RamCache.empty(num, 1, (4,), "float16", pin=device.type == "cuda")
+    out: dict[str, float] = {}
+    for k in workers:
+        loader = store.StoreLoader(
+            tiny, batch_size=batch, device=device, prefetch=4, seed=seed, gather_workers=k
+        )
+        _epoch(loader, 0, device)  # warm-up
+        out[f"ram/{k}"] = 1e6 * _epoch(loader, 1, device) / len(loader)
+        loader.close()
     return out
 
 
@@ -249,11 +303,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.repeats)
         ]
         out["breakdown_s"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-        _gathers(x, args.batch_size, args.seed)  # warm-up
-        gathers = [_gathers(x, args.batch_size, args.seed + r) for r in range(args.repeats)]
-        out["gather_s"] = {k: statistics.median(g[k] for g in gathers) for k in gathers[0]}
-        ram = store.RamCache.from_store(raw, pin=device.type == "cuda")
         default_workers = store.StoreLoader(raw, device=device).gather_workers
+        threads = max(2, default_workers)
+        _gathers(x, args.batch_size, args.seed, threads)  # warm-up
+        gathers = [
+            _gathers(x, args.batch_size, args.seed + r, threads) for r in range(args.repeats)
+        ]
+        out["gather_s"] = {k: statistics.median(g[k] for g in gathers) for k in gathers[0]}
+        if device.type == "cuda":
+            out["h2d_s"] = statistics.median(
+                _h2d(x, args.batch_size, device) for _ in range(args.repeats)
+            )
+        out["per_batch_us"] = _per_batch(
+            args.num_samples, args.batch_size, device, sorted({1, threads}), args.seed
+        )
+        ram = store.RamCache.from_store(raw, pin=device.type == "cuda")
         feeds: dict[str, tuple[store.ActivationSource, int]] = {
             "ram/1": (ram, 1),
             f"ram/{default_workers}": (ram, default_workers),
@@ -319,11 +383,25 @@ def report(r: dict[str, Any]) -> str:
         g = r["gather_s"]
         lines += [
             "",
-            "| gather (one thread, one epoch) | s | GB/s | vs buffered |",
+            "| gather (one epoch, no loader; /Nt: N threads) | s | GB/s | vs buffered |",
             "|---|---|---|---|",
         ]
         for k, t in g.items():
             lines.append(f"| {k} | {t:.3f} | {b / t / GB:.2f} | {g['take-buffered'] / t:.2f}x |")
+    if r.get("h2d_s"):
+        t = r["h2d_s"]
+        lines.append(
+            f"\nhost to device from one pinned batch buffer (no loader): {t:.3f} s an epoch, "
+            f"{b / t / GB:.2f} GB/s"
+        )
+    if r.get("per_batch_us"):
+        lines += [
+            "",
+            "| loader, 8-byte samples (tier/gather threads) | us per batch |",
+            "|---|---|",
+        ]
+        for k, us in r["per_batch_us"].items():
+            lines.append(f"| {k} | {us:.0f} |")
     lines += [
         "",
         "| feed (tier/gather threads) | s/epoch | GB/s | vs one thread |",
