@@ -4,6 +4,7 @@ views, batches of 50 so writes straddle chunks; values encode their index)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,8 +81,9 @@ def test_each_side_is_claimed_only_where_it_holds(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["zarr", "ram"])
-def test_parallel_gather_delivers_the_same_batches(tmp_path, name):
+def test_parallel_gather_delivers_the_same_batches(tmp_path, monkeypatch, name):
     # three gather threads split each batch (of 41, odd) into parts: same samples, same order
+    monkeypatch.setattr(store.sampling, "MIN_PART_BYTES", 1)  # tiny samples: split anyway
     x, y = encoded(), labels_for()
     sink, reopen = TIERS[name](tmp_path / "s", "float32")
     with sink as w:
@@ -103,3 +105,29 @@ def test_parallel_gather_delivers_the_same_batches(tmp_path, name):
         assert torch.equal(x3, x[views[i3.numpy()], i3.numpy()])
     with pytest.raises(store.StoreInputError, match="gather_workers"):
         store.StoreLoader(src, gather_workers=0)
+
+
+def test_a_batch_is_split_among_gather_threads_only_into_parts_worth_a_thread(monkeypatch):
+    """Parts of at least MIN_PART_BYTES: a batch under twice that is gathered on the calling
+    thread, a larger one in as many parts as it holds (at most gather_workers)."""
+    src = store.RamCache.empty(64, 1, (4,), "float32")  # 16-byte samples
+    src.data[0] = torch.arange(256, dtype=torch.float32).view(64, 4)
+    calls: list[tuple[str, int]] = []
+    real = src.gather
+
+    def spy(views, indices, out):
+        calls.append((threading.current_thread().name, len(indices)))
+        real(views, indices, out)
+
+    monkeypatch.setattr(src, "gather", spy)
+    monkeypatch.setattr(store.sampling, "MIN_PART_BYTES", 16 * 10)  # 10 samples a part
+    for batch, parts in ((19, [19]), (32, [10, 11, 11]), (64, [16, 16, 16, 16])):
+        calls.clear()
+        loader = store.StoreLoader(src, batch_size=batch, prefetch=0, gather_workers=4)
+        loader.set_epoch(0)
+        xb, _ = next(iter(loader))
+        assert sorted(n for _, n in calls) == parts
+        on_pool = [name.startswith("store-gather") for name, _ in calls]
+        assert all(on_pool) if len(parts) > 1 else not any(on_pool)
+        ids = store.order.epoch_permutation(64, 0, 0, True)[:batch]
+        assert torch.equal(xb, src.data[0, torch.from_numpy(ids)])
