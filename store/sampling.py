@@ -30,6 +30,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from store import layout as _layout
 from store.errors import StoreInputError
 from store.order import chunk_rng, epoch_permutation, epoch_views, rank_part
 from store.protocols import ActivationSource
@@ -75,16 +76,10 @@ class Sampling(Protocol):
         ...
 
 
-# A host batch is split among gather threads only into parts of at least this many bytes:
-# below it, handing a part to a thread costs more than copying it (on a 2-core machine a
-# 0.26 MB batch took 82 us on one thread and 328 us split in two; 3.7 MB took 591 and 561).
-MIN_PART_BYTES = 1 << 20
-
-
 class RandomAccessSampling:
     """The exact global permutation of ``store.order``, gathered sample by sample; a host
     source's batch is split into up to ``gather_workers`` contiguous parts of at least
-    ``MIN_PART_BYTES`` gathered in parallel (numpy's copies release the GIL), a device
+    ``store.layout.MIN_PART_BYTES`` gathered in parallel (numpy's copies release the GIL), a device
     source's in one device op."""
 
     def __init__(
@@ -99,7 +94,7 @@ class RandomAccessSampling:
 
     def _gather(self, views: np.ndarray, idx: np.ndarray, out: torch.Tensor) -> None:
         k = self.gather_workers if self._pool is not None else 1
-        k = min(k, max(1, out.numel() * out.element_size() // MIN_PART_BYTES))
+        k = min(k, max(1, out.numel() * out.element_size() // _layout.MIN_PART_BYTES))
         if k == 1 or len(idx) < 4 * k:
             self.source.gather(views, idx, out)
             return
@@ -248,7 +243,6 @@ def sampling_for(
 
 
 __all__ = [
-    "MIN_PART_BYTES",
     "Batch",
     "Batching",
     "ChunkStreamSampling",

@@ -36,6 +36,7 @@ import torch
 import zarr
 
 from store import _mmap, _zarr
+from store import layout as _layout
 from store.errors import (
     NotAStoreError,
     StoreError,
@@ -770,11 +771,12 @@ class StoreWriter:
         if not self._map_chunks(view, np.unique(chunk_of[keep])) or self._row_map is None:
             return False
         dst = self._row_map.rows[view]  # (capacity, sample_bytes) uint8
-        pool = self._rows_parallel(rows.size) if rows.size >= 64 else None
+        # parts of at least MIN_PART_BYTES: a smaller one costs more to hand to a thread
+        k = min(self._workers, src.nbytes // _layout.MIN_PART_BYTES)
+        pool = self._rows_parallel(k) if rows.size >= 64 else None
         if pool is None:
             dst[rows] = src
         else:
-            k = self._workers
             parts = [(rows[i::k], src[i::k]) for i in range(k)]
             for f in [pool.submit(dst.__setitem__, ri, si) for ri, si in parts]:
                 f.result()

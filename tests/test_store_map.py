@@ -26,7 +26,7 @@ def _store(path, views=2):
 
 
 def test_side_by_side_map_reads_what_was_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(store.sampling, "MIN_PART_BYTES", 1)  # tiny samples: split anyway
+    monkeypatch.setattr(store.layout, "MIN_PART_BYTES", 1)  # tiny samples: split anyway
     x, _ = _store(tmp_path / "s")
     s = store.open(tmp_path / "s")
     assert s._cm is not None  # the aligned layout takes the one-map path

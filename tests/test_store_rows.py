@@ -160,7 +160,10 @@ def _create_paged(path, views=1, **kw):
 @pytest.mark.parametrize(
     ("mapped", "workers", "batch"), [(True, 1, 13), (True, 3, 117), (False, 3, 117)]
 )
-def test_rows_of_whole_page_chunks_go_through_one_map(tmp_path, mapped, workers, batch):
+def test_rows_of_whole_page_chunks_go_through_one_map(
+    tmp_path, monkeypatch, mapped, workers, batch
+):
+    monkeypatch.setattr(store.layout, "MIN_PART_BYTES", 1)  # small rows: split anyway
     x, y = encoded(views=2, shape=PAGE_SHAPE), labels_for()
     with _create_paged(tmp_path / "rows", views=2, workers=workers) as w:
         w._map_rows = mapped  # False: the pwrite path, on the same layout

@@ -83,7 +83,7 @@ def test_each_side_is_claimed_only_where_it_holds(tmp_path):
 @pytest.mark.parametrize("name", ["zarr", "ram"])
 def test_parallel_gather_delivers_the_same_batches(tmp_path, monkeypatch, name):
     # three gather threads split each batch (of 41, odd) into parts: same samples, same order
-    monkeypatch.setattr(store.sampling, "MIN_PART_BYTES", 1)  # tiny samples: split anyway
+    monkeypatch.setattr(store.layout, "MIN_PART_BYTES", 1)  # tiny samples: split anyway
     x, y = encoded(), labels_for()
     sink, reopen = TIERS[name](tmp_path / "s", "float32")
     with sink as w:
@@ -120,7 +120,7 @@ def test_a_batch_is_split_among_gather_threads_only_into_parts_worth_a_thread(mo
         real(views, indices, out)
 
     monkeypatch.setattr(src, "gather", spy)
-    monkeypatch.setattr(store.sampling, "MIN_PART_BYTES", 16 * 10)  # 10 samples a part
+    monkeypatch.setattr(store.layout, "MIN_PART_BYTES", 16 * 10)  # 10 samples a part
     for batch, parts in ((19, [19]), (32, [10, 11, 11]), (64, [16, 16, 16, 16])):
         calls.clear()
         loader = store.StoreLoader(src, batch_size=batch, prefetch=0, gather_workers=4)
