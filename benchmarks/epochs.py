@@ -47,13 +47,18 @@ ROWS: list[tuple[str, Row]] = [
 
 def plan_error(records: list[dict[str, Any]]) -> str | None:
     """The predicted epochs' seconds summed against what they took, or None without any."""
-    pairs = [(r["plan_seconds"], r["train_seconds"]) for r in records if r.get("plan_seconds")]
-    if not pairs:
+    planned = [r for r in records if r.get("plan_seconds")]
+    if not planned:
         return None
-    predicted = sum(p for p, _ in pairs)
-    took = sum(t for _, t in pairs)
-    first, last = (r["epoch"] for r in (records[-len(pairs)], records[-1]))
-    span = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+    predicted = sum(r["plan_seconds"] for r in planned)
+    took = sum(r["train_seconds"] for r in planned)
+    first, last = planned[0]["epoch"], planned[-1]["epoch"]
+    if first == last:
+        span = f"epoch {first}"
+    elif last - first + 1 == len(planned):
+        span = f"epochs {first}-{last}"
+    else:
+        span = "epochs " + ", ".join(str(r["epoch"]) for r in planned)
     return (
         f"{span}: the plan predicted {predicted:.2f} s, they took {took:.2f} s "
         f"({took / predicted:.2f}x)"
