@@ -25,6 +25,7 @@ import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,11 @@ class _MemmapChunks:
             self._maps.clear()
 
 
+# Threads that map and check a store's chunks when a read first touches several of them
+# (half the cores, up to 8; one on a 2-core machine, where the cores train).
+MAP_WORKERS = min(8, max(1, (os.cpu_count() or 1) // 2))
+
+
 class _ContiguousMap:
     """Every chunk file of a raw local store mapped side by side into one reserved range of
     address space, so that view ``v`` is one array (samples, *sample_shape) and a shuffled
@@ -198,20 +204,44 @@ class _ContiguousMap:
         self._all = np.asarray(self._region)  # (views, cap, *sample_shape), read-only by mapping
         self._ready = np.zeros((lay.views, lay.num_chunks), dtype=bool)
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def view(self, view: int) -> np.ndarray:
         return self._all[view]
 
     def ensure(self, view: int, chunks: np.ndarray) -> None:
-        """Map (and check) the chunks of ``view`` not mapped yet; they must be written."""
+        """Map (and check) the chunks of ``view`` not mapped yet; they must be written.
+
+        Several at once are mapped and checked on ``MAP_WORKERS`` threads (the checksum and
+        the page faults it takes run without the GIL): a shuffled batch touches nearly every
+        chunk, so the first batch read from a new store checks almost all of them."""
         todo = chunks[~self._ready[view, chunks]]
         if todo.size == 0:
             return
         with self._lock:
-            for c in todo.tolist():
-                if not self._ready[view, c]:
+            todo = np.array([c for c in todo.tolist() if not self._ready[view, c]])
+            if todo.size < 2 or MAP_WORKERS < 2:
+                for c in todo.tolist():
                     self._map(view, c)
                     self._ready[view, c] = True
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(MAP_WORKERS, thread_name_prefix="store-map")
+            futures = [(c, self._pool.submit(self._map, view, c)) for c in todo.tolist()]
+            error: BaseException | None = None
+            for c, f in futures:
+                try:
+                    f.result()
+                    self._ready[view, c] = True
+                except BaseException as e:  # every chunk is tried; the first error is raised
+                    error = error or e
+            if error is not None:
+                raise error
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _map(self, view: int, chunk: int) -> None:
         f = self.files.file(view, chunk)
@@ -532,6 +562,8 @@ class ActivationStore:
     def close(self) -> None:
         if self._mm is not None:
             self._mm.close()
+        if self._cm is not None:
+            self._cm.close()
         self._cm = None  # its address range is unmapped once no array over it is left
 
     # ---- as a labelled array ------------------------------------------------------------

@@ -72,6 +72,35 @@ def test_a_flipped_byte_is_caught_when_its_chunk_is_first_read(tmp_path):
     assert torch.equal(s2.read(0, [74]), x[0, [74]])
 
 
+def test_chunks_first_touched_together_are_mapped_and_checked_on_threads(tmp_path, monkeypatch):
+    """A read touching several unmapped chunks maps and checks them on MAP_WORKERS threads:
+    the same values; a bad chunk raises after every chunk was tried, the good ones stay
+    mapped and the bad one unmapped; the threads end with the store."""
+    import threading
+
+    import store.reader as R
+
+    monkeypatch.setattr(R, "MAP_WORKERS", 3)
+    x, _ = _store(tmp_path / "s", views=1)
+    f = tmp_path / "s" / "activations" / "c" / "0" / "3" / "0" / "0" / "0"
+    raw = bytearray(f.read_bytes())
+    raw[100] ^= 0x10
+    f.write_bytes(bytes(raw))
+    s = store.open(tmp_path / "s")
+    good = np.array([0, 7, 30, 74, 55, 2])  # chunks 0, 1, 5, 12, 9
+    assert torch.equal(s.read(0, good), x[0, good])
+    assert {t.name.split("_")[0] for t in threading.enumerate()} >= {"store-map"}
+    with pytest.raises(StoreCorruptError, match=r"chunk \(view 0, chunk 3"):
+        s.read(0, [19, 45, 61])  # chunks 3 (bad), 7, 10
+    assert s._cm is not None
+    assert s._cm._ready[0].nonzero()[0].tolist() == [0, 1, 5, 7, 9, 10, 12]
+    assert torch.equal(s.read(0, [45, 61]), x[0, [45, 61]])
+    with pytest.raises(StoreCorruptError, match=r"chunk \(view 0, chunk 3"):
+        s.read(0, [18])  # unmapped again: checked again
+    s.close()
+    assert not any(t.name.startswith("store-map") for t in threading.enumerate())
+
+
 def test_default_chunks_are_whole_pages_where_that_is_cheap():
     for shape, dtype, n in [((84, 16, 16), "float16", 50_000), ((3, 32, 32), "float32", 50_000),
                             ((1, 28, 28), "float16", 60_000), ((40, 32, 32), "bfloat16", 50_000)]:  # fmt: skip
