@@ -53,12 +53,18 @@ def test_side_by_side_map_reads_what_was_written(tmp_path, monkeypatch):
     assert torch.equal(xs, x[picked, ids.numpy()])
 
 
-def test_a_flipped_byte_is_caught_when_its_chunk_is_first_read(tmp_path):
-    x, _ = _store(tmp_path / "s", views=1)
-    f = tmp_path / "s" / "activations" / "c" / "0" / "3" / "0" / "0" / "0"
+def _store_with_bad_chunk_3(path):
+    """A one-view store whose chunk 3 has a flipped byte: (its samples as written, the file)."""
+    x, _ = _store(path, views=1)
+    f = path / "activations" / "c" / "0" / "3" / "0" / "0" / "0"
     raw = bytearray(f.read_bytes())
     raw[100] ^= 0x10
     f.write_bytes(bytes(raw))
+    return x, f
+
+
+def test_a_flipped_byte_is_caught_when_its_chunk_is_first_read(tmp_path):
+    x, f = _store_with_bad_chunk_3(tmp_path / "s")
     s = store.open(tmp_path / "s")
     assert s._cm is not None
     assert torch.equal(s.read(0, [0, 17, 30]), x[0, [0, 17, 30]])  # chunks 0, 2, 5
@@ -81,11 +87,7 @@ def test_chunks_first_touched_together_are_mapped_and_checked_on_threads(tmp_pat
     import store.reader as R
 
     monkeypatch.setattr(R, "MAP_WORKERS", 3)
-    x, _ = _store(tmp_path / "s", views=1)
-    f = tmp_path / "s" / "activations" / "c" / "0" / "3" / "0" / "0" / "0"
-    raw = bytearray(f.read_bytes())
-    raw[100] ^= 0x10
-    f.write_bytes(bytes(raw))
+    x, _ = _store_with_bad_chunk_3(tmp_path / "s")
     s = store.open(tmp_path / "s")
     good = np.array([0, 7, 30, 74, 55, 2])  # chunks 0, 1, 5, 12, 9
     assert torch.equal(s.read(0, good), x[0, good])
