@@ -186,7 +186,8 @@ class Trainer:
                 self.schedule,
                 self.dist,
                 self.progress,
-                graphs=compile_mode == "graphs",
+                # as the steps run: under torchrun they are eager (DDP), whatever --compile
+                graphs=compile_mode == "graphs" and not self.dist.enabled,
             )
             if cfg.mode == "prefast"
             else None
