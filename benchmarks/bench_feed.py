@@ -28,7 +28,7 @@ maps and faults in the chunk files for writing, as the row map does, without wri
 Without the loader: a shuffled gather (``np.take``) on one thread and on the loader's number of
 gather threads, and on CUDA copies from one pinned batch buffer to the device: the host's
 memory and the bus alone. The loader's cost per batch beyond moving bytes: an epoch of 8-byte
-samples, in microseconds per batch.
+samples, in microseconds per batch, made on the caller's thread and on the prefetch thread.
 
 Feeds: one shuffled epoch through ``StoreLoader`` to ``--device``, every batch consumed on the
 device (a sum of one element per sample, synchronised at the end), after an untimed warm-up
@@ -217,20 +217,19 @@ def _h2d(x: torch.Tensor, batch: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) * len(x) / (len(x) // batch * batch)
 
 
-def _per_batch(
-    num: int, batch: int, device: torch.device, workers: list[int], seed: int
-) -> dict[str, float]:
+def _per_batch(num: int, batch: int, device: torch.device, seed: int) -> dict[str, float]:
     """Microseconds per batch of a loader over tiny samples (8 bytes each) from the RAM tier,
-    by gather threads: what the loader costs per batch beyond moving bytes (threads, buffers,
-    labels, queue, copies)."""
+    batches made on the caller's thread (``prefetch=0``) and on the prefetch thread: what the
+    loader costs per batch beyond moving bytes (buffers, labels, the queue, copies). A tiny
+    batch is never split among gather threads."""
     tiny = store.RamCache.empty(num, 1, (4,), "float16", pin=device.type == "cuda")
     out: dict[str, float] = {}
-    for k in workers:
+    for name, prefetch in (("caller's thread", 0), ("prefetch thread", 4)):
         loader = store.StoreLoader(
-            tiny, batch_size=batch, device=device, prefetch=4, seed=seed, gather_workers=k
+            tiny, batch_size=batch, device=device, prefetch=prefetch, seed=seed
         )
         _epoch(loader, 0, device)  # warm-up
-        out[f"ram/{k}"] = 1e6 * _epoch(loader, 1, device) / len(loader)
+        out[name] = 1e6 * _epoch(loader, 1, device) / len(loader)
         loader.close()
     return out
 
@@ -314,9 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out["h2d_s"] = statistics.median(
                 _h2d(x, args.batch_size, device) for _ in range(args.repeats)
             )
-        out["per_batch_us"] = _per_batch(
-            args.num_samples, args.batch_size, device, sorted({1, threads}), args.seed
-        )
+        out["per_batch_us"] = _per_batch(args.num_samples, args.batch_size, device, args.seed)
         ram = store.RamCache.from_store(raw, pin=device.type == "cuda")
         feeds: dict[str, tuple[store.ActivationSource, int]] = {
             "ram/1": (ram, 1),
@@ -397,7 +394,7 @@ def report(r: dict[str, Any]) -> str:
     if r.get("per_batch_us"):
         lines += [
             "",
-            "| loader, 8-byte samples (tier/gather threads) | us per batch |",
+            "| loader, 8-byte samples, batches made on | us per batch |",
             "|---|---|",
         ]
         for k, us in r["per_batch_us"].items():
