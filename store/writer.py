@@ -741,11 +741,12 @@ class StoreWriter:
         filled[fresh] = True
         counts = self._row_counts[view]  # type: ignore[index]
         np.add.at(counts, fresh // cs, 1)
-        for c in np.unique(fresh // cs).tolist():
-            c0, c1 = lay.chunk_range(c)
-            if counts[c] == c1 - c0:
-                self._close_fd(view, c)
-                self._submit(view, c, None)
+        touched = np.unique(fresh // cs)
+        # a chunk holds chunk_samples samples, the last one what is left
+        sizes = np.minimum(cs, lay.num_samples - touched * cs)
+        for c in touched[counts[touched] == sizes].tolist():  # the chunks this batch completed
+            self._close_fd(view, c)
+            self._submit(view, c, None)
 
     def _rows_parallel(self, jobs: int) -> ThreadPoolExecutor | None:
         """The pool for splitting one batch's ``jobs`` writes or chunk maps (None: do them on
