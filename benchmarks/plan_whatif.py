@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.compare import SCENARIOS
-from prefast.cache.plan import CostModel, plan_epochs
+from prefast.cache.plan import TRAIN_FACTOR, CostModel, plan_epochs
 from prefast.freezeout import FreezeSchedule, ScheduleConfig
 from prefast.models import create_model
 
@@ -51,7 +51,13 @@ def costs_from_log(text: str) -> tuple[float, list[float], str]:
 
 
 def plan(
-    scenario: str, image: float, fwd: list[float], tier: str, read: float, write: float
+    scenario: str,
+    image: float,
+    fwd: list[float],
+    tier: str,
+    read: float,
+    write: float,
+    train_factor: float = TRAIN_FACTOR,
 ) -> tuple[list[int], float, float]:
     """(boundary written or held in each epoch from the first freeze's, predicted seconds for
     the rest of the run, the same without any cache) for one tier at the given rates."""
@@ -80,6 +86,7 @@ def plan(
         write_rate={tier: write},
         overlap=True,
         ahead_write_rate={tier: write} if tier != "device" else {},
+        train_factor=train_factor,
     )
     p = plan_epochs(
         [sched.stretches(max(e * ipe, j), (e + 1) * ipe) for e in range(first, epochs)],
@@ -99,14 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tier", default="zarr", choices=["ram", "zarr"])
     p.add_argument("--read", type=float, nargs="+", default=[5.2], help="GB/s to the device")
     p.add_argument("--write", type=float, nargs="+", default=[1.78], help="GB/s into the tier")
+    p.add_argument(
+        "--train-factor",
+        type=float,
+        default=TRAIN_FACTOR,
+        help="a trainable unit's forward and backward in multiples of its forward (the planner "
+        f"assumes {TRAIN_FACTOR:g}; a run's epochs before its plan may say otherwise)",
+    )
     args = p.parse_args(argv)
     if min(args.read + args.write) <= 0:
         p.error("--read and --write take rates above 0 GB/s")
+    if args.train_factor < 1:
+        p.error("--train-factor must be >= 1 (a backward is never free)")
+    tf = args.train_factor
     image, fwd, timed = costs_from_log(args.log.read_text())
-    dev, dev_s, none_s = plan(args.scenario, image, fwd, "device", DEVICE_RATE, DEVICE_RATE)
+    dev, dev_s, none_s = plan(args.scenario, image, fwd, "device", DEVICE_RATE, DEVICE_RATE, tf)
     print(
-        f"costs from {args.log} ({timed}); scenario {args.scenario}; predicted seconds for the "
-        f"rest of the run from the first freeze (no new cache: {none_s:.1f} s)\n"
+        f"costs from {args.log} ({timed}); scenario {args.scenario}; training {tf:g}x a "
+        f"unit's forward; predicted seconds for the rest of the run from the first freeze (no "
+        f"new cache: {none_s:.1f} s)\n"
     )
     print("| tier | read GB/s | write GB/s | boundary by epoch | predicted s | vs device |")
     print("|---|---|---|---|---|---|")
@@ -115,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in args.read:
         for w in args.write:
-            got, s, _ = plan(args.scenario, image, fwd, args.tier, r * 1e9, w * 1e9)
+            got, s, _ = plan(args.scenario, image, fwd, args.tier, r * 1e9, w * 1e9, tf)
             print(f"| {args.tier} | {r:g} | {w:g} | {got} | {s:.1f} | {s / dev_s:.2f} |")
     return 0
 

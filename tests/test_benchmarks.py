@@ -163,6 +163,15 @@ def test_plan_whatif_plans_each_tier_from_a_runs_logged_costs(tmp_path, capsys):
     assert dev[3].startswith("[0, 4, 9") and float(same[4]) <= float(dev[4])
     assert slow[3] == str([0] * 13)  # reads at 0.5 GB/s never pay: no cache in 13 epochs
     assert float(slow[4]) > float(dev[4])
+    # training priced at 4x a forward instead of 3x: every epoch's steps cost more
+    assert plan_whatif.main(["--log", str(log), "--write", "100", "--train-factor", "4"]) == 0
+    out = capsys.readouterr().out
+    row = next(r for r in out.splitlines() if r.startswith("| device |"))
+    dear = [c.strip() for c in row.strip("|").split("|")]
+    assert "training 4x a unit's forward" in out and float(dear[4]) > float(dev[4])
+    with pytest.raises(SystemExit):
+        plan_whatif.main(["--log", str(log), "--train-factor", "0.5"])
+    assert "--train-factor must be >= 1" in capsys.readouterr().err
     log.write_text("no costs here\n")
     with pytest.raises(SystemExit, match="no 'measured costs"):
         plan_whatif.main(["--log", str(log)])

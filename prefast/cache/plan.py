@@ -52,6 +52,8 @@ class CostModel:
     # bytes/s of the steps' writes into a store prepared ahead (its files faulted in on a
     # thread the epoch before: prefast.cache.ahead), by tier, where a run prepares them
     ahead_write_rate: dict[str, float] = field(default_factory=dict)
+    # a trainable unit's forward and backward, in multiples of its measured forward
+    train_factor: float = TRAIN_FACTOR
 
     def read(self, tier: str, nbytes: int) -> float:
         return nbytes / self.read_rate[tier]
@@ -69,7 +71,7 @@ class CostModel:
         """Per-sample time of a training step that reads its input at boundary ``b`` (``read``
         seconds, from ``tier``; None: images), runs ``units[b:f]`` frozen and trains the rest,
         and writes ``host_write`` seconds of a new cache."""
-        device = self.fwd(b, f) + TRAIN_FACTOR * self.fwd(f, len(self.unit_fwd))
+        device = self.fwd(b, f) + self.train_factor * self.fwd(f, len(self.unit_fwd))
         if tier == "device":
             device += read
             read = 0.0
