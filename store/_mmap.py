@@ -13,12 +13,44 @@ import ctypes
 import mmap
 import os
 import sys
+from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any
+
+import numpy as np
 
 PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 1, 2, 0x10, 0x20, 0x4000
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in for writing, in one call
 _MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_chunks(
+    view: int,
+    chunks: list[int],
+    map_one: Callable[[int, int], None],
+    mapped: np.ndarray,
+    pool: Executor | None,
+) -> None:
+    """``map_one(view, c)`` for each chunk ``c``, setting ``mapped[view, c]`` after each that
+    succeeds: on ``pool`` where given and there are several (mapping and faulting pages in are
+    the kernel's work, without the GIL; the first failure is raised once all have run), else
+    one after another, up to the first failure. A chunk that fails stays unmapped."""
+    if pool is None or len(chunks) < 2:
+        for c in chunks:
+            map_one(view, c)
+            mapped[view, c] = True
+        return
+    futures = [(c, pool.submit(map_one, view, c)) for c in chunks]
+    error: BaseException | None = None
+    for c, f in futures:
+        try:
+            f.result()
+            mapped[view, c] = True
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def usable(chunk_bytes: int) -> bool:

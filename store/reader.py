@@ -219,24 +219,10 @@ class _ContiguousMap:
         if todo.size == 0:
             return
         with self._lock:
-            todo = np.array([c for c in todo.tolist() if not self._ready[view, c]])
-            if todo.size < 2 or MAP_WORKERS < 2:
-                for c in todo.tolist():
-                    self._map(view, c)
-                    self._ready[view, c] = True
-                return
-            if self._pool is None:
+            todo = todo[~self._ready[view, todo]]  # another thread may have mapped some
+            if todo.size > 1 and MAP_WORKERS > 1 and self._pool is None:
                 self._pool = ThreadPoolExecutor(MAP_WORKERS, thread_name_prefix="store-map")
-            futures = [(c, self._pool.submit(self._map, view, c)) for c in todo.tolist()]
-            error: BaseException | None = None
-            for c, f in futures:
-                try:
-                    f.result()
-                    self._ready[view, c] = True
-                except BaseException as e:  # every chunk is tried; the first error is raised
-                    error = error or e
-            if error is not None:
-                raise error
+            _mmap.map_chunks(view, todo.tolist(), self._map, self._ready, self._pool)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -416,23 +416,10 @@ class _RowMap:
     def ensure(self, view: int, chunks: np.ndarray, pool: ThreadPoolExecutor | None) -> None:
         """Map the chunks of ``view`` not mapped yet, several at a time on ``pool`` (faulting
         pages in is the kernel's work and scales with threads; every call releases the GIL).
-        A chunk that fails stays unmapped; the first failure is raised once all have run."""
-        todo = chunks[~self.mapped[view, chunks]].tolist()
-        if pool is None or len(todo) < 2:
-            for c in todo:
-                self._map(view, c)
-                self.mapped[view, c] = True
-            return
-        futures = [(c, pool.submit(self._map, view, c)) for c in todo]
-        error: BaseException | None = None
-        for c, f in futures:
-            try:
-                f.result()
-                self.mapped[view, c] = True
-            except BaseException as e:
-                error = error or e
-        if error is not None:
-            raise error
+        A chunk that fails stays unmapped (``_mmap.map_chunks``)."""
+        _mmap.map_chunks(
+            view, chunks[~self.mapped[view, chunks]].tolist(), self._map, self.mapped, pool
+        )
 
     def _map(self, view: int, chunk: int) -> None:
         f = self.file_of(view, chunk)
