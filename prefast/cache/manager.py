@@ -37,7 +37,7 @@ import torch
 
 import store
 from prefast.cache.ahead import AheadStore
-from prefast.cache.build import Cache, PassSpec, build_cache
+from prefast.cache.build import Cache, PassSpec, build_cache, frozen_forward
 from prefast.cache.identity import (
     TRASH_PREFIX,
     check_cache_dir,
@@ -62,7 +62,7 @@ from prefast.distributed import DistContext
 from prefast.errors import CacheError
 from prefast.freezeout import FreezeSchedule
 from prefast.models import UnitModel
-from prefast.runtime import TORCH_DTYPES, GraphedForward, autocast, synchronize
+from prefast.runtime import TORCH_DTYPES, autocast, synchronize
 from store import location
 
 log = logging.getLogger(__name__)
@@ -579,12 +579,8 @@ class CacheManager:
 
     def _rows_computer(self, prev: Cache | None, target: int) -> Any:
         """``indices -> activations at target`` for samples no step visited: from the previous
-        cache, or the images with the cached view's augmentation. Where the steps replay CUDA
-        graphs, the frozen units' forward does too (``GraphedForward``, captured at the first
-        batch): run eagerly one call at a time, each unit cost its kernels' launches (~0.9 ms
-        per DenseNet unit and batch on an H200 whatever its size, 0.27-0.31 s of catch-up per
-        epoch where a replayed forward takes a fraction of that), and the planner prices a
-        catch-up's forward as replayed."""
+        cache, or the images with the cached view's augmentation; the frozen units run as in
+        a cache pass (``frozen_forward``: a replayed graph where the steps replay graphs)."""
         cfg, train = self.cfg, self.data.train
         b0 = prev.boundary if prev is not None else 0
         aug = (
@@ -592,28 +588,19 @@ class CacheManager:
             if self.augment.identity
             else self.augment.params(view_key(cfg.seed, 0), len(train))
         )
-
-        def frozen(h: torch.Tensor) -> torch.Tensor:
-            if cfg.channels_last and h.dim() == 4:
-                h = h.contiguous(memory_format=torch.channels_last)
-            return self.model.forward_range(h, b0, target).contiguous()
-
-        graphed = GraphedForward(frozen, cfg.amp) if self.graphs else None
+        forward = frozen_forward(self.model, b0, target, cfg.channels_last, cfg.amp, self.graphs)
 
         def compute(idx: np.ndarray) -> torch.Tensor:
             flags = [u.training for u in self.model.units]
             try:
                 for u in self.model.units[:target]:
                     u.eval()
-                with torch.no_grad():
-                    with autocast(self.device, cfg.amp):
-                        if prev is None:
-                            h, _ = make_batch(train, idx, aug, self.device)
-                        else:
-                            h = prev.source.read(0, idx).to(self.device).float()
-                        if graphed is None:
-                            return frozen(h)
-                    return graphed(h)  # its own autocast: a graph takes no weight cache
+                with torch.no_grad(), autocast(self.device, cfg.amp):
+                    if prev is None:
+                        h, _ = make_batch(train, idx, aug, self.device)
+                    else:
+                        h = prev.source.read(0, idx).to(self.device).float()
+                    return forward(h)
             finally:
                 for u, f in zip(self.model.units, flags, strict=True):
                     u.train(f)
