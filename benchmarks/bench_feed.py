@@ -344,80 +344,79 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, after an empty line."""
+    return ["", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
+
+
 def report(r: dict[str, Any]) -> str:
     b = r["bytes"]
+
+    def gbs(t: float) -> str:
+        return f"{b / t / GB:.2f}"
+
     lines = [
         f"{r['num_samples']:,} x {tuple(r['shape'])} fp16 = {b / GB:.2f} GB; device {r['device']} "
-        f"({r['device_name']}), {r['cpus']} CPUs, torch {r['torch']}",
-        "",
-        "| write | s | GB/s | vs zarr-path |",
-        "|---|---|---|---|",
+        f"({r['device_name']}), {r['cpus']} CPUs, torch {r['torch']}"
     ]
     base = r["write_s"]["zarr-path"]
-    for h, t in r["write_s"].items():
-        lines.append(f"| {h} | {t:.2f} | {b / t / GB:.2f} | {base / t:.2f}x |")
+    lines += _table(
+        ["write", "s", "GB/s", "vs zarr-path"],
+        [[h, f"{t:.2f}", gbs(t), f"{base / t:.2f}x"] for h, t in r["write_s"].items()],
+    )
     if r.get("prepare_s") is not None:
         p = r["prepare_s"]
         lines.append(
             f"\nwrite_rows-prepared: its store's files were mapped and faulted in before the "
-            f"clock started (prepare_rows on the row threads: {p:.2f} s, {b / p / GB:.2f} GB/s)"
+            f"clock started (prepare_rows on the row threads: {p:.2f} s, {gbs(p)} GB/s)"
         )
     if r.get("beside_busy"):
-        lines += [
-            "",
-            "| write beside a busy loop | s | GB/s | loop's rate vs alone |",
-            "|---|---|---|---|",
-        ]
-        for h, v in r["beside_busy"].items():
-            lines.append(
-                f"| {h} | {v['write_s']:.2f} | {b / v['write_s'] / GB:.2f} | {v['loop_share']:.2f} |"
-            )
+        lines += _table(
+            ["write beside a busy loop", "s", "GB/s", "loop's rate vs alone"],
+            [
+                [h, f"{v['write_s']:.2f}", gbs(v["write_s"]), f"{v['loop_share']:.2f}"]
+                for h, v in r["beside_busy"].items()
+            ],
+        )
     if r.get("breakdown_s"):
-        lines += ["", "| where a row write's time goes | s | GB/s |", "|---|---|---|"]
-        for k, t in r["breakdown_s"].items():
-            lines.append(f"| {k} | {t:.2f} | {b / t / GB:.2f} |")
+        lines += _table(
+            ["where a row write's time goes", "s", "GB/s"],
+            [[k, f"{t:.2f}", gbs(t)] for k, t in r["breakdown_s"].items()],
+        )
     if r.get("gather_s"):
         g = r["gather_s"]
-        lines += [
-            "",
-            "| gather (one epoch, no loader; /Nt: N threads) | s | GB/s | vs buffered |",
-            "|---|---|---|---|",
-        ]
-        for k, t in g.items():
-            lines.append(f"| {k} | {t:.3f} | {b / t / GB:.2f} | {g['take-buffered'] / t:.2f}x |")
+        lines += _table(
+            ["gather (one epoch, no loader; /Nt: N threads)", "s", "GB/s", "vs buffered"],
+            [[k, f"{t:.3f}", gbs(t), f"{g['take-buffered'] / t:.2f}x"] for k, t in g.items()],
+        )
     if r.get("h2d_s"):
         t = r["h2d_s"]
         lines.append(
             f"\nhost to device from one pinned batch buffer (no loader): {t:.3f} s an epoch, "
-            f"{b / t / GB:.2f} GB/s"
+            f"{gbs(t)} GB/s"
         )
     if r.get("per_batch_us"):
-        lines += [
-            "",
-            "| loader, 8-byte samples, batches made on | us per batch |",
-            "|---|---|",
-        ]
-        for k, us in r["per_batch_us"].items():
-            lines.append(f"| {k} | {us:.0f} |")
-    lines += [
-        "",
-        "| feed (tier/gather threads) | s/epoch | GB/s | vs one thread |",
-        "|---|---|---|---|",
-    ]
-    for k, t in r["feed_s"].items():
-        one = r["feed_s"][k.split("/")[0] + "/1"]
-        lines.append(f"| {k} | {t:.3f} | {b / t / GB:.2f} | {one / t:.2f}x |")
+        lines += _table(
+            ["loader, 8-byte samples, batches made on", "us per batch"],
+            [[k, f"{us:.0f}"] for k, us in r["per_batch_us"].items()],
+        )
+    feed = r["feed_s"]
+    lines += _table(
+        ["feed (tier/gather threads)", "s/epoch", "GB/s", "vs one thread"],
+        [
+            [k, f"{t:.3f}", gbs(t), f"{feed[k.split('/')[0] + '/1'] / t:.2f}x"]
+            for k, t in feed.items()
+        ],
+    )
     if r.get("feed_stats"):
-        lines += [
-            "",
-            "| feed, the last epoch's account (s) | gather | buffers | copy issue | starved | full |",
-            "|---|---|---|---|---|---|",
-        ]
-        for k, st in r["feed_stats"].items():
-            lines.append(
-                f"| {k} | {st['gather']:.3f} | {st['buffers']:.3f} | {st['copy']:.3f} "
-                f"| {st['starved']:.3f} | {st['full']:.3f} |"
-            )
+        parts = ["gather", "buffers", "copy", "starved", "full"]
+        head = ["feed, the last epoch's account (s)", "gather", "buffers", "copy issue"]
+        lines += _table(
+            [*head, "starved", "full"],
+            [[k, *(f"{st[p]:.3f}" for p in parts)] for k, st in r["feed_stats"].items()],
+        )
     return "\n".join(lines)
 
 
