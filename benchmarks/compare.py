@@ -18,12 +18,14 @@ against wall-clock seconds, one line per variant).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,42 +211,59 @@ def variants_for(
 # ---- the measured profile and the ideal saving -------------------------------------------------
 def profile_units(
     model: UnitModel, x: torch.Tensor, device: torch.device, amp: str, repeats: int = 5
-) -> tuple[list[float], list[float]]:
-    """Seconds per batch of each unit's (and the head's, last) forward and backward in train mode,
-    median over ``repeats``; the backward of unit 0 computes no input gradient."""
+) -> tuple[list[float], list[float], list[float]]:
+    """Seconds per batch of each unit's (and the head's, last) forward and backward in train
+    mode, and of its forward once frozen (eval mode, under no_grad, as FreezeOut runs a frozen
+    unit), median over ``repeats``; the backward of unit 0 computes no input gradient."""
     model.train()
-    fwd: list[list[float]] = [[] for _ in range(model.num_units + 1)]
-    bwd: list[list[float]] = [[] for _ in range(model.num_units + 1)]
-    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" else None
+    n = model.num_units + 1
+    fwd: list[list[float]] = [[] for _ in range(n)]
+    bwd: list[list[float]] = [[] for _ in range(n)]
+    frozen: list[list[float]] = [[] for _ in range(n)]
+    ctx = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if amp == "bf16"
+        else contextlib.nullcontext
+    )
+
+    def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+        synchronize(device)
+        t = time.perf_counter()
+        out = fn(*args)
+        synchronize(device)
+        return time.perf_counter() - t, out
+
     for _ in range(repeats + 1):  # the first round warms up
         h = x
-        for i in range(model.num_units + 1):
+        for i in range(n):
             module = model.units[i] if i < model.num_units else model.head
             inp = h.detach().requires_grad_(i > 0)
-            synchronize(device)
-            t = time.perf_counter()
-            if ctx is not None:
-                with ctx():
-                    out = module(inp)
-            else:
-                out = module(inp)
-            synchronize(device)
-            tf = time.perf_counter() - t
-            grad = torch.ones_like(out)
-            synchronize(device)
-            t = time.perf_counter()
-            out.backward(grad)
-            synchronize(device)
-            tb = time.perf_counter() - t
+            with ctx():
+                tf, out = timed(module, inp)
+            tb, _ = timed(out.backward, torch.ones_like(out))
+            module.eval()
+            with torch.no_grad(), ctx():
+                tz, _ = timed(module, h)
+            module.train()
             fwd[i].append(tf)
             bwd[i].append(tb)
+            frozen[i].append(tz)
             h = out.detach()
     model.zero_grad(set_to_none=True)
-    return [statistics.median(v[1:]) for v in fwd], [statistics.median(v[1:]) for v in bwd]
+
+    def medians(costs: list[list[float]]) -> list[float]:
+        return [statistics.median(v[1:]) for v in costs]
+
+    return medians(fwd), medians(bwd), medians(frozen)
 
 
 def schedule_ideal(
-    cfg: TrainConfig, num_units: int, total_iterations: int, fwd: list[float], bwd: list[float]
+    cfg: TrainConfig,
+    num_units: int,
+    total_iterations: int,
+    fwd: list[float],
+    bwd: list[float],
+    frozen: list[float],
 ) -> dict[str, float]:
     sched = FreezeSchedule(
         ScheduleConfig(
@@ -257,7 +276,7 @@ def schedule_ideal(
         num_units,
         total_iterations,
     )
-    return ideal_saving(sched, fwd, bwd)
+    return ideal_saving(sched, fwd, bwd, frozen)
 
 
 # ---- running --------------------------------------------------------------------------------------
@@ -383,13 +402,12 @@ def run_scenario(
     x, _ = make_batch(data.train, idx, None, device)
     if probe.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    fwd, bwd = profile_units(model, x, device, probe.amp)
+    fwd, bwd, frozen = profile_units(model, x, device, probe.amp)
     iters = math.ceil(len(data.train) / probe.batch_size) * probe.epochs
     del model, data, x
     log.info(
-        "profile per batch (ms): fwd %s, bwd %s",
-        [round(v * 1e3, 2) for v in fwd],
-        [round(v * 1e3, 2) for v in bwd],
+        "profile per batch (ms): fwd %s, bwd %s, frozen fwd %s",
+        *([round(v * 1e3, 2) for v in costs] for costs in (fwd, bwd, frozen)),
     )
 
     runs: dict[str, Any] = {}
@@ -401,7 +419,9 @@ def run_scenario(
     rounds = max(1, args.rounds)
     for t0 in t0s:
         failed: list[dict[str, Any]] = []
-        ideal = schedule_ideal(TrainConfig(**{**base, "t0": t0}), len(fwd) - 1, iters, fwd, bwd)
+        ideal = schedule_ideal(
+            TrainConfig(**{**base, "t0": t0}), len(fwd) - 1, iters, fwd, bwd, frozen
+        )
         variants = variants_for(
             tiers, device, args.extra_views, full=(sc.full or args.full) and not args.no_full,
             eager_baseline=args.eager_baseline,
@@ -469,6 +489,7 @@ def run_scenario(
         "profile": {
             "fwd_seconds_per_batch": fwd,
             "bwd_seconds_per_batch": bwd,
+            "frozen_fwd_seconds_per_batch": frozen,
             "batch_size": probe.batch_size,
             "total_iterations": iters,
         },
@@ -489,12 +510,18 @@ def _mib(b: int) -> str:
 
 def format_tables(res: dict[str, Any]) -> str:
     lines = []
+    # results from before the profile timed frozen forwards priced them as training forwards
+    frozen = (
+        "frozen units at their eval, no-grad forward"
+        if res.get("profile", {}).get("frozen_fwd_seconds_per_batch")
+        else "frozen units at their training forward"
+    )
     for key, run in res["runs"].items():
         ideal = run["ideal"]
         lines.append(
-            f"\n{res['scenario']} {key} on {res['device']}: ideal saving vs full from the measured profile: "
-            f"freezeout {ideal['freezeout_saving']:.1%}, prefast {ideal['prefast_saving']:.1%} "
-            f"(prefast vs freezeout {ideal['prefast_vs_freezeout']:.1%})"
+            f"\n{res['scenario']} {key} on {res['device']}: ideal saving vs full from the measured profile "
+            f"({frozen}): freezeout {ideal['freezeout_saving']:.1%}, prefast "
+            f"{ideal['prefast_saving']:.1%} (prefast vs freezeout {ideal['prefast_vs_freezeout']:.1%})"
         )
         head = [
             "variant",

@@ -24,11 +24,27 @@ def test_compare_quick_runs_every_variant(tmp_path, capsys):
         assert v["train_seconds"] > 0 and 0 <= v["test_error"] <= 1 and len(v["curve"]) == 2
     assert run["variants"][1]["vs_freezeout"] == 1.0
     assert 0 < run["ideal"]["freezeout_saving"] < run["ideal"]["prefast_saving"] < 1
-    assert len(res["profile"]["fwd_seconds_per_batch"]) == 10  # 9 units + head
+    prof = res["profile"]
+    assert len(prof["fwd_seconds_per_batch"]) == 10  # 9 units + head
+    assert len(prof["frozen_fwd_seconds_per_batch"]) == 10
+    assert all(t > 0 for t in prof["frozen_fwd_seconds_per_batch"])
+    # the ideal is recomputed from the logged profile: frozen units at their frozen forward
+    sched = compare.FreezeSchedule(
+        compare.ScheduleConfig(t0=0.6, how_scale="cubic"), 9, prof["total_iterations"]
+    )
+    assert run["ideal"] == pytest.approx(
+        compare.ideal_saving(
+            sched,
+            prof["fwd_seconds_per_batch"],
+            prof["bwd_seconds_per_batch"],
+            prof["frozen_fwd_seconds_per_batch"],
+        )
+    )
     assert res["environment"]["versions"]["torch"]
     assert out.with_suffix(".png").stat().st_size > 1000
     text = capsys.readouterr().out
     assert "prefast-zarr-lz4" in text and "ideal saving" in text
+    assert "frozen units at their eval, no-grad forward" in text
 
 
 def test_views_study_writes_mean_and_spread(tmp_path, capsys):

@@ -234,6 +234,21 @@ def test_ideal_saving_hand_example() -> None:
     assert out["prefast_vs_freezeout"] == pytest.approx(8 / 164)
 
 
+def test_ideal_saving_prices_frozen_units_at_their_frozen_forward() -> None:
+    # as the hand example, but a frozen unit's forward (eval, no_grad) costs less than its
+    # training forward; the head never freezes, so its frozen cost (99) is never used
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 2, 10)
+    out = ideal_saving(s, [1, 2, 3], [2, 4, 6], frozen_fwd_costs=[0.5, 1, 99])
+    assert out["full_cost"] == 180
+    # freezeout = (3*6 + 0.5*4) + (6*8 + 1*2) + 9*10
+    assert out["freezeout_cost"] == 160
+    assert out["prefast_cost"] == 156  # unchanged: prefast skips frozen units entirely
+    assert out["prefast_vs_freezeout"] == pytest.approx(4 / 160)
+    # frozen forwards as dear as training ones: the two-cost form
+    same = ideal_saving(s, [1, 2, 3], [2, 4, 6], frozen_fwd_costs=[1, 2, 3])
+    assert same == ideal_saving(s, [1, 2, 3], [2, 4, 6])
+
+
 def test_ideal_saving_full_mode_saves_nothing() -> None:
     s = FreezeSchedule(ScheduleConfig(mode="full"), 2, 10)
     out = ideal_saving(s, [1, 2, 3], [2, 4, 6])
@@ -247,6 +262,10 @@ def test_ideal_saving_validation() -> None:
         ideal_saving(s, [1, 2], [1, 2, 3])
     with pytest.raises(ScheduleError, match="bwd_costs"):
         ideal_saving(s, [1, 2, 3], [1, -2, 3])
+    with pytest.raises(ScheduleError, match="frozen_fwd_costs needs num_units"):
+        ideal_saving(s, [1, 2, 3], [1, 2, 3], frozen_fwd_costs=[1, 2])
+    with pytest.raises(ScheduleError, match="frozen_fwd_costs must be finite"):
+        ideal_saving(s, [1, 2, 3], [1, 2, 3], frozen_fwd_costs=[1, float("nan"), 3])
 
 
 def test_stretches_cut_a_range_at_its_freezes() -> None:
