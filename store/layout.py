@@ -62,6 +62,13 @@ DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024  # ~8 MiB of uncompressed samples per chun
 # 328 us split in two; a 0.26 MB row scatter 261 us and 383 us).
 MIN_PART_BYTES = 1 << 20
 
+
+def part_count(nbytes: int, workers: int) -> int:
+    """How many threads copy a batch of ``nbytes``: up to ``workers``, each part at least
+    ``MIN_PART_BYTES`` (1 where the batch is smaller)."""
+    return max(1, min(workers, nbytes // MIN_PART_BYTES))
+
+
 # dtype name -> (numpy dtype on disk, torch dtype in memory)
 DTYPES: dict[str, tuple[np.dtype[Any], torch.dtype]] = {
     "float16": (np.dtype("float16"), torch.float16),

@@ -94,7 +94,7 @@ class RandomAccessSampling:
 
     def _gather(self, views: np.ndarray, idx: np.ndarray, out: torch.Tensor) -> None:
         k = self.gather_workers if self._pool is not None else 1
-        k = min(k, max(1, out.numel() * out.element_size() // _layout.MIN_PART_BYTES))
+        k = _layout.part_count(out.numel() * out.element_size(), k)
         if k == 1 or len(idx) < 4 * k:
             self.source.gather(views, idx, out)
             return

@@ -760,7 +760,7 @@ class StoreWriter:
             return False
         dst = self._row_map.rows[view]  # (capacity, sample_bytes) uint8
         # parts of at least MIN_PART_BYTES: a smaller one costs more to hand to a thread
-        k = min(self._workers, src.nbytes // _layout.MIN_PART_BYTES)
+        k = _layout.part_count(src.nbytes, self._workers)
         pool = self._rows_parallel(k) if rows.size >= 64 else None
         if pool is None:
             dst[rows] = src

@@ -186,8 +186,8 @@ class Trainer:
                 self.schedule,
                 self.dist,
                 self.progress,
-                # as the steps run: under torchrun they are eager (DDP), whatever --compile
-                graphs=compile_mode == "graphs" and not self.dist.enabled,
+                # as the steps run (resolved above: eager under torchrun, whatever --compile)
+                graphs=self.steps.mode == "graphs",
             )
             if cfg.mode == "prefast"
             else None
