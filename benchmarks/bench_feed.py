@@ -28,12 +28,14 @@ maps and faults in the chunk files for writing, as the row map does, without wri
 Without the loader: a shuffled gather (``np.take``) on one thread and on the loader's number of
 gather threads, and on CUDA copies from one pinned batch buffer to the device: the host's
 memory and the bus alone. The loader's cost per batch beyond moving bytes: an epoch of 8-byte
-samples, in microseconds per batch, made on the caller's thread and on the prefetch thread.
+samples, in microseconds per batch, made on the caller's thread and on the prefetch thread,
+one batch a copy and ``GROUP`` batches a copy (gathered, copied and handed over as one group).
 
 Feeds: one shuffled epoch through ``StoreLoader`` to ``--device``, every batch consumed on the
 device (a sum of one element per sample, synchronised at the end), after an untimed warm-up
 epoch (warm page cache), for the RAM tier and the memory-mapped raw store, with one gather
-thread and with the loader's default. Rates are GB of samples delivered per second.
+thread and with the loader's default, the latter also with ``GROUP`` batches a copy. Rates are
+GB of samples delivered per second.
 
 Each measurement is the median of ``--repeats``; ratios are printed against the baseline of
 their group. Examples::
@@ -69,6 +71,10 @@ import store
 from benchmarks.common import environment
 
 GB = 1e9
+# Batches a copy in the grouped feeds and per-batch rows (``StoreLoader(batches_per_copy=)``):
+# fixed here, so that the comparison runs whatever the batch size (the loader's default
+# groups only batches under 8 MiB).
+GROUP = 4
 
 
 def _samples(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -219,14 +225,23 @@ def _h2d(x: torch.Tensor, batch: int, device: torch.device) -> float:
 
 def _per_batch(num: int, batch: int, device: torch.device, seed: int) -> dict[str, float]:
     """Microseconds per batch of a loader over tiny samples (8 bytes each) from the RAM tier,
-    batches made on the caller's thread (``prefetch=0``) and on the prefetch thread: what the
-    loader costs per batch beyond moving bytes (buffers, labels, the queue, copies). A tiny
-    batch is never split among gather threads."""
+    batches made on the caller's thread (``prefetch=0``) and on the prefetch thread, one batch
+    a copy and ``GROUP`` batches a copy: what the loader costs per batch beyond moving bytes
+    (buffers, labels, the queue, copies). A tiny batch is never split among gather threads."""
     tiny = store.RamCache.empty(num, 1, (4,), "float16", pin=device.type == "cuda")
     out: dict[str, float] = {}
-    for name, prefetch in (("caller's thread", 0), ("prefetch thread", 4)):
+    for (name, prefetch), per_copy in itertools.product(
+        (("caller's thread", 0), ("prefetch thread", 4)), (1, GROUP)
+    ):
+        if per_copy > 1:
+            name += f", {per_copy} a copy"
         loader = store.StoreLoader(
-            tiny, batch_size=batch, device=device, prefetch=prefetch, seed=seed
+            tiny,
+            batch_size=batch,
+            device=device,
+            prefetch=prefetch,
+            seed=seed,
+            batches_per_copy=per_copy,
         )
         _epoch(loader, 0, device)  # warm-up
         out[name] = 1e6 * _epoch(loader, 1, device) / len(loader)
@@ -315,15 +330,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         out["per_batch_us"] = _per_batch(args.num_samples, args.batch_size, device, args.seed)
         ram = store.RamCache.from_store(raw, pin=device.type == "cuda")
-        feeds: dict[str, tuple[store.ActivationSource, int]] = {
-            "ram/1": (ram, 1),
-            f"ram/{default_workers}": (ram, default_workers),
-            "zarr/1": (raw, 1),
-            f"zarr/{default_workers}": (raw, default_workers),
-        }
+        feeds: dict[str, tuple[store.ActivationSource, int, int]] = {}
+        tiers: tuple[tuple[str, store.ActivationSource], ...] = (("ram", ram), ("zarr", raw))
+        for tier, tier_src in tiers:
+            feeds[f"{tier}/1"] = (tier_src, 1, 1)
+            feeds[f"{tier}/{default_workers}"] = (tier_src, default_workers, 1)
+            feeds[f"{tier}/{default_workers} x{GROUP}"] = (tier_src, default_workers, GROUP)
         ft: dict[str, list[float]] = {k: [] for k in feeds}
         out["feed_stats"] = {}
-        for k, (src, workers) in feeds.items():
+        for k, (src, workers, per_copy) in feeds.items():
             loader = store.StoreLoader(
                 src,
                 batch_size=args.batch_size,
@@ -331,6 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 prefetch=4,
                 seed=args.seed,
                 gather_workers=workers,
+                batches_per_copy=per_copy,
             )
             _epoch(loader, 0, device)  # warm-up
             for r in range(args.repeats):
@@ -404,7 +420,7 @@ def report(r: dict[str, Any]) -> str:
         )
     feed = r["feed_s"]
     lines += _table(
-        ["feed (tier/gather threads)", "s/epoch", "GB/s", "vs one thread"],
+        [f"feed (tier/threads, x{GROUP}: {GROUP} batches a copy)", "s/epoch", "GB/s", "vs tier/1"],
         [
             [k, f"{t:.3f}", gbs(t), f"{feed[k.split('/')[0] + '/1'] / t:.2f}x"]
             for k, t in feed.items()

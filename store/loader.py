@@ -7,15 +7,19 @@ tiers), chunk streaming with a shuffle window for compressed or remote stores. T
 does the rest: a bounded prefetch queue on a background thread (or the caller's thread with
 ``prefetch=0``), resume from ``start_batch``, and, with a CUDA device, gathers into pinned
 host buffers (on ``gather_workers`` threads). The copies to the device are issued by the
-consuming thread, one batch ahead, on a side stream it owns: the background threads make no
-CUDA stream or event calls, so nothing crosses threads but host tensors, and a training
-thread capturing CUDA graphs is never disturbed.
+consuming thread, one group of ``batches_per_copy`` batches ahead, on a side stream it owns:
+the background threads make no CUDA stream or event calls, so nothing crosses threads but host
+tensors, and a training thread capturing CUDA graphs is never disturbed. A group is gathered
+into one buffer, copied in one call and handed over as its batches (views of the group on the
+device): the loader's fixed cost per batch (buffers, labels, the queue, the copy calls) is
+paid once per group, and the group's gather is split among the threads as one batch's is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import queue
 import threading
@@ -30,10 +34,30 @@ import torch
 
 from store.errors import StoreError, StoreInputError
 from store.protocols import ActivationSource
-from store.sampling import Batching, ChunkStreamSampling, RandomAccessSampling, sampling_for
+from store.sampling import (
+    Batching,
+    ChunkStreamSampling,
+    RandomAccessSampling,
+    fill_group,
+    sampling_for,
+)
 from store.tiers import to_device
 
 _END = object()
+
+# Feeding a CUDA device, consecutive batches are gathered and copied as one group of up to
+# COPY_GROUP_BYTES (at most MAX_BATCHES_PER_COPY batches; a larger batch goes alone).
+COPY_GROUP_BYTES = 16 << 20
+MAX_BATCHES_PER_COPY = 8
+
+
+def default_batches_per_copy(batch_bytes: int, device: torch.device) -> int:
+    """Batches per host-to-device copy when the caller does not say: one on a CPU device
+    (there is no copy), else as many as fit ``COPY_GROUP_BYTES``, 1 to
+    ``MAX_BATCHES_PER_COPY``."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(MAX_BATCHES_PER_COPY, COPY_GROUP_BYTES // max(1, batch_bytes)))
 
 
 @dataclass
@@ -78,7 +102,10 @@ class StoreLoader:
     runs on the same few CPU cores). ``buffer_chunks`` and ``read_workers`` tune the streaming
     of compressed stores (see ``store.sampling``). ``gather_workers`` threads gather each
     batch of a host source (RAM or a memory-mapped store); the default is one on a CPU device
-    (the cores train) and up to eight, half the host's cores, when feeding a CUDA device."""
+    (the cores train) and up to eight, half the host's cores, when feeding a CUDA device.
+    ``batches_per_copy`` consecutive batches are gathered and copied as one group (see the
+    module docstring); the default groups up to 16 MiB when feeding a CUDA device, 1 batch
+    otherwise. Batches, their order and their contents do not depend on it."""
 
     def __init__(
         self,
@@ -95,6 +122,7 @@ class StoreLoader:
         read_workers: int = 2,
         with_indices: bool = False,
         gather_workers: int | None = None,
+        batches_per_copy: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise StoreInputError(f"batch_size must be >= 1, got {batch_size}")
@@ -108,6 +136,8 @@ class StoreLoader:
             raise StoreInputError("buffer_chunks and read_workers must be >= 1")
         if gather_workers is not None and gather_workers < 1:
             raise StoreInputError(f"gather_workers must be >= 1, got {gather_workers}")
+        if batches_per_copy is not None and batches_per_copy < 1:
+            raise StoreInputError(f"batches_per_copy must be >= 1, got {batches_per_copy}")
         if not isinstance(source, ActivationSource):
             raise StoreInputError(
                 f"source must be an ActivationStore, RamCache or DeviceCache, got {type(source).__name__}"
@@ -126,6 +156,10 @@ class StoreLoader:
                 min(8, max(1, (os.cpu_count() or 1) // 2)) if self.device.type == "cuda" else 1
             )
         self.gather_workers = gather_workers
+        if batches_per_copy is None:
+            batch_bytes = batch_size * math.prod(source.sample_shape) * source.dtype.itemsize
+            batches_per_copy = default_batches_per_copy(batch_bytes, self.device)
+        self.batches_per_copy = batches_per_copy
         self.sampling = sampling_for(
             source, self.batching, buffer_chunks, read_workers, gather_workers
         )
@@ -203,14 +237,15 @@ class StoreLoader:
             self.close()
 
     def _deliver(self, items: Iterator[Any]) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Host batches as the caller's batches. For a CUDA device, batch k + 1's copy is
-        issued on a side stream before batch k is handed over, so it overlaps batch k's work;
-        the caller's stream waits for a batch's copy (an event on this thread) before using
-        it. The pinned host buffers return to torch's pinned-memory cache only after their
-        copies are done (torch records the copy on them)."""
+        """Host groups (x, y, ids per batch) as the caller's batches. For a CUDA device, group
+        g + 1's copy is issued on a side stream before group g's batches are handed over, so
+        it overlaps their work; the caller's stream waits for a group's copy (an event on this
+        thread) before using one of its batches. The pinned host buffers return to torch's
+        pinned-memory cache only after their copies are done (torch records the copy on
+        them)."""
         if self.device.type != "cuda":
             for x, y, ids in items:
-                yield (x, y, ids) if self.with_indices else (x, y)
+                yield from self._split(x, y, ids)
             return
         side = torch.cuda.Stream(self.device)
 
@@ -229,18 +264,31 @@ class StoreLoader:
         for item in items:
             nxt = issue(item)
             if ahead is not None:
-                yield self._ready(ahead)
+                yield from self._ready(ahead)
             ahead = nxt
         if ahead is not None:
-            yield self._ready(ahead)
+            yield from self._ready(ahead)
 
-    def _ready(self, issued: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+    def _split(
+        self, x: torch.Tensor, y: torch.Tensor, ids: list[torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """A group's batches: views of its samples, in order."""
+        pos = 0
+        for i in ids:
+            n = len(i)
+            xb, yb = x[pos : pos + n], y[pos : pos + n]
+            pos += n
+            yield (xb, yb, i) if self.with_indices else (xb, yb)
+
+    def _ready(self, issued: tuple[Any, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
         xd, yd, ids, done = issued
-        stream = torch.cuda.current_stream(self.device)
-        stream.wait_event(done)
-        xd.record_stream(stream)
-        yd.record_stream(stream)
-        return (xd, yd, ids) if self.with_indices else (xd, yd)
+        for batch in self._split(xd, yd, ids):
+            # per batch: the caller may consume each on another stream (graph warm-ups)
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            xd.record_stream(stream)
+            yd.record_stream(stream)
+            yield batch
 
     def _get(self, q: queue.Queue[Any]) -> Any:
         while True:
@@ -298,31 +346,34 @@ class StoreLoader:
             self._put(q, stop, e)
 
     def _items(self, stop: threading.Event, epoch: int, start_batch: int) -> Iterator[Any]:
-        """(x, y, ids) per batch on the host: x gathered into a fresh buffer, pinned when the
-        device is CUDA (torch's pinned-memory cache makes that cheap after the first batches)."""
-        shape = (self.batch_size, *self.source.sample_shape)
+        """(x, y, ids per batch) per group of ``batches_per_copy`` batches on the host: x
+        gathered into a fresh buffer, pinned when the device is CUDA (torch's pinned-memory
+        cache makes that cheap after the first groups)."""
+        k = self.batches_per_copy
+        shape = (k * self.batch_size, *self.source.sample_shape)
         pin = self.device.type == "cuda"
+        group_fill = getattr(self.sampling, "fill_group", None)
         st = self.stats
         clock = time.perf_counter
-        for b, batch in enumerate(self.sampling.batches(epoch)):
-            if stop.is_set():
+        batches = itertools.islice(self.sampling.batches(epoch), start_batch, None)
+        while not stop.is_set():
+            group = list(itertools.islice(batches, k))
+            if not group:
                 return
-            if b < start_batch:
-                continue
-            n = batch.size
+            n = sum(b.size for b in group)
             t0 = clock()
-            out = torch.empty(shape, dtype=self.source.dtype, pin_memory=pin)
+            out = torch.empty(shape, dtype=self.source.dtype, pin_memory=pin)[:n]
             t1 = clock()
-            ids = batch.fill(out[:n])
+            ids = group_fill(group, out) if group_fill is not None else fill_group(group, out)
             t2 = clock()
-            y = self._labels[ids]
+            y = self._labels[torch.cat(ids) if len(ids) > 1 else ids[0]]
             if pin:
                 y = y.pin_memory()
             st.buffers += t1 - t0 + clock() - t2
             st.gather += t2 - t1
-            st.batches += 1
+            st.batches += len(group)
             st.bytes += n * out[0].numel() * out.element_size()
-            yield (out[:n], y, ids)
+            yield (out, y, ids)
 
     # ---- shutdown -------------------------------------------------------------------------
     def close(self) -> None:

@@ -16,13 +16,16 @@
   once per epoch (per rank; ranks are cut to equal length).
 
 A policy yields ``Batch``es: a size and a ``fill(out)`` that gathers the batch into ``out`` and
-returns its sample ids. The loader owns the buffers, threads and device copies.
+returns its sample ids. ``fill_group`` fills several consecutive batches into one buffer (the
+loader's copies to a GPU move a group at a time): a random-access policy gathers the group in
+one call, split among its gather threads as one batch would be. The loader owns the buffers,
+threads and device copies.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,6 +65,10 @@ class Batch:
     # Gathers the batch into out (size, *sample_shape), on the source's device for a
     # DeviceCache, else the host; returns the batch's sample ids, int64 (size,) on the host.
     fill: Callable[[torch.Tensor], torch.Tensor]
+    # Random access only: the batch's sample indices and views, int64 (size,) each, so that
+    # consecutive batches can be gathered in one call (fill_group).
+    idx: np.ndarray | None = None
+    views: np.ndarray | None = None
 
 
 class Sampling(Protocol):
@@ -132,7 +139,17 @@ class RandomAccessSampling:
                 self._gather(views, idx, out)
                 return torch.from_numpy(idx)
 
-            yield Batch(len(idx), fill)
+            yield Batch(len(idx), fill, idx, views)
+
+    def fill_group(self, group: Sequence[Batch], out: torch.Tensor) -> list[torch.Tensor]:
+        """Gather consecutive ``group`` batches (of this policy) into ``out`` (their samples
+        back to back) in one call; their sample ids, one tensor per batch."""
+        if any(b.idx is None or b.views is None for b in group):
+            return fill_group(group, out)
+        idx = np.concatenate([b.idx for b in group])
+        views = np.concatenate([b.views for b in group])
+        self._gather(views, idx, out)
+        return [torch.from_numpy(b.idx) for b in group]
 
 
 class ChunkStreamSampling:
@@ -227,6 +244,16 @@ class ChunkStreamSampling:
                 del pool_x, pool_i
 
 
+def fill_group(group: Sequence[Batch], out: torch.Tensor) -> list[torch.Tensor]:
+    """Fill consecutive ``group`` batches into ``out`` (their samples back to back), one after
+    another; their sample ids, one tensor per batch."""
+    ids, pos = [], 0
+    for b in group:
+        ids.append(b.fill(out[pos : pos + b.size]))
+        pos += b.size
+    return ids
+
+
 def sampling_for(
     source: ActivationSource,
     batching: Batching,
@@ -248,5 +275,6 @@ __all__ = [
     "ChunkStreamSampling",
     "RandomAccessSampling",
     "Sampling",
+    "fill_group",
     "sampling_for",
 ]

@@ -46,12 +46,27 @@ def test_loader_to_cuda_matches_cpu(tmp_path, tier):
     assert VIEWS == 3
 
 
-def test_cuda_prefetch_matches_cpu_order(tmp_path):
+@pytest.mark.parametrize("per_copy", [None, 1, 3])
+def test_cuda_prefetch_matches_cpu_order(tmp_path, per_copy):
+    """Batches copied to the GPU one at a time or in groups (the default for these small
+    batches: 8 a copy; 3: a short last group) equal the CPU's, each batch consumed on its
+    own stream in turn (as graph warm-ups run on a side stream)."""
     x, y = encoded(), labels_for()
     s = write_store(tmp_path / "raw", x, y, dtype="bfloat16")
-    cpu = [b for b, _ in store.StoreLoader(s, batch_size=20, seed=1)]
-    gpu = [b.cpu() for b, _ in store.StoreLoader(s, batch_size=20, seed=1, device="cuda")]
-    assert all(torch.equal(a, b) for a, b in zip(cpu, gpu, strict=True))
+    cpu = [(b.clone(), c.clone()) for b, c in store.StoreLoader(s, batch_size=20, seed=1)]
+    loader = store.StoreLoader(s, batch_size=20, seed=1, device="cuda", batches_per_copy=per_copy)
+    assert loader.batches_per_copy == (per_copy or 8)
+    streams = [torch.cuda.current_stream(), torch.cuda.Stream()]
+    gpu = []
+    it = iter(loader)
+    for k in range(len(cpu)):
+        with torch.cuda.stream(streams[k % 2]):
+            xb, yb = next(it)
+            gpu.append(((xb * 1).cpu(), (yb + 0).cpu()))  # read on that stream
+    assert next(it, None) is None
+    assert len(gpu) == len(cpu) == 6
+    for (a, c), (b, d) in zip(cpu, gpu, strict=True):
+        assert torch.equal(a, b) and torch.equal(c, d)
 
 
 @pytest.mark.parametrize("cache", ["device", "ram", "zarr"])

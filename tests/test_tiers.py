@@ -131,3 +131,98 @@ def test_a_batch_is_split_among_gather_threads_only_into_parts_worth_a_thread(mo
         assert all(on_pool) if len(parts) > 1 else not any(on_pool)
         ids = store.order.epoch_permutation(64, 0, 0, True)[:batch]
         assert torch.equal(xb, src.data[0, torch.from_numpy(ids)])
+
+
+def _batches(
+    loader: store.StoreLoader, epoch: int, start: int = 0
+) -> list[tuple[torch.Tensor, ...]]:
+    loader.set_epoch(epoch, start_batch=start)
+    return [tuple(t.clone() for t in b) for b in loader]
+
+
+@pytest.mark.parametrize("name", ["zarr", "zarr-lz4", "ram"])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_batches_gathered_in_groups_are_the_batches_gathered_alone(tmp_path, name, prefetch):
+    """Groups of 3 and 4 batches (of 13, odd; 117 samples: a short last batch, and a short
+    last group) deliver exactly the batches, labels and ids of one batch at a time, from
+    the epoch's start, resumed mid-group, on one rank of two and with drop_last."""
+    x, y = encoded(), labels_for()
+    if name == "zarr-lz4":  # streamed chunk by chunk: no random access
+        path = tmp_path / "s"
+        kw = {"views": VIEWS, "dtype": "float32", "chunk_samples": CHUNK, "codec": "lz4"}
+        with store.create(path, sample_shape=SHAPE, num_samples=N, **kw) as w:
+            for v in range(VIEWS):
+                w.write(v, 0, x[v], y)
+        src: store.ActivationSource = store.open(path)
+        assert not src.memory_mapped
+    else:
+        sink, reopen = TIERS[name](tmp_path / "s", "float32")
+        with sink as w:
+            for v in range(VIEWS):
+                w.write(v, 0, x[v], y)
+        src = reopen()
+    for kw in ({}, {"rank": 1, "world_size": 2}, {"drop_last": True}):
+        ref = store.StoreLoader(
+            src, batch_size=13, seed=7, prefetch=prefetch, with_indices=True, **kw
+        )
+        assert ref.batches_per_copy == 1  # the default on a CPU device
+        for k in (3, 4):
+            grouped = store.StoreLoader(
+                src,
+                batch_size=13,
+                seed=7,
+                prefetch=prefetch,
+                with_indices=True,
+                batches_per_copy=k,
+                **kw,
+            )
+            for epoch, start in ((0, 0), (1, 5)):
+                want, got = _batches(ref, epoch, start), _batches(grouped, epoch, start)
+                assert len(got) == len(want) == len(ref) - start
+                for a, b in zip(want, got, strict=True):
+                    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+            assert grouped.stats.batches == len(grouped) - 5  # counted per batch, not group
+            assert grouped.stats.bytes == sum(len(b[0]) for b in got) * x[0, 0].numel() * 4
+    if name != "zarr-lz4":  # random access: the exact permutation, each sample its view
+        views = store.order.epoch_views(N, VIEWS, 7, 0)
+        for xb, yb, ids in _batches(ref, 0):
+            i = ids.numpy()
+            assert torch.equal(xb, x[views[i], i]) and torch.equal(yb, y[i])
+
+
+def test_a_group_is_gathered_in_one_call_split_among_the_threads_as_one_batch(monkeypatch):
+    """Random access: a group of 4 batches of 5 is one gather of 20 samples, split into
+    parts as a batch of 20 would be; the short last group is one gather too."""
+    src = store.RamCache.empty(46, 1, (4,), "float32")  # 16-byte samples
+    src.data[0] = torch.arange(46 * 4, dtype=torch.float32).view(46, 4)
+    calls: list[int] = []
+    real = src.gather
+
+    def spy(views, indices, out):
+        calls.append(len(indices))
+        real(views, indices, out)
+
+    monkeypatch.setattr(src, "gather", spy)
+    monkeypatch.setattr(store.layout, "MIN_PART_BYTES", 16 * 10)  # 10 samples a part
+    loader = store.StoreLoader(
+        src, batch_size=5, prefetch=0, gather_workers=2, batches_per_copy=4, with_indices=True
+    )
+    loader.set_epoch(3)
+    got = list(loader)
+    assert [len(b[0]) for b in got] == [5] * 9 + [1]
+    # groups of 20, 20 and 6 samples: two parts of 10, two of 10, then one call of 6
+    assert calls == [10, 10, 10, 10, 6]
+    order = store.order.epoch_permutation(46, 0, 3, True)
+    assert torch.equal(torch.cat([b[2] for b in got]), torch.from_numpy(order))
+    assert torch.equal(torch.cat([b[0] for b in got]), src.data[0, torch.from_numpy(order)])
+
+
+def test_batches_per_copy_default_and_validation():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert store.loader.default_batches_per_copy(3_700_000, cpu) == 1
+    assert store.loader.default_batches_per_copy(3_700_000, cuda) == 4  # 14.8 MB <= 16 MiB
+    assert store.loader.default_batches_per_copy(1_000, cuda) == 8  # at most 8 a group
+    assert store.loader.default_batches_per_copy(60_000_000, cuda) == 1  # a big batch alone
+    src = store.RamCache.empty(10, 1, (4,), "float32")
+    with pytest.raises(store.StoreInputError, match="batches_per_copy"):
+        store.StoreLoader(src, batches_per_copy=0)
