@@ -155,6 +155,36 @@ def test_a_probe_leaves_the_time_paid_ahead_out_of_a_rate(monkeypatch):
     assert probes._steady(round_, cpu, lambda: ahead[0]) == (8_000_000, 1.0, 2.0)
     # everything on the clock: three rounds, 3 MB in 1.125 s
     assert probes._steady_rate(round_, cpu) == pytest.approx(3e6 / 1.125)
+    # a shorter limit (a short run): one round reaches 0.25 s, two 0.5 s
+    assert probes._steady_rate(round_, cpu, seconds=0.25) == pytest.approx(1e6 / 0.375)
+    assert probes._steady_rate(round_, cpu, seconds=0.5) == pytest.approx(2e6 / 0.75)
+    # the limit never drops the counted round: at least one after the warm-up
+    assert probes._steady(round_, cpu, seconds=0.0) == (1_000_000, 0.375, 0.0)
+
+
+def test_a_probe_tier_holds_at_most_the_runs_samples(tmp_path, monkeypatch):
+    """Up to 64 batches and the byte cap, at most max_samples (the run's cache), at least two
+    batches; the store probe creates its stores that size (the warm-up a quarter of it)."""
+    from prefast.cache import probes
+
+    assert probes._probe_samples(100, 8, 1 << 20, None) == 512  # 64 batches of 8
+    assert probes._probe_samples(100, 8, 10_000, None) == 100  # the byte cap
+    assert probes._probe_samples(100, 8, 1 << 20, 77) == 77  # the run's samples
+    assert probes._probe_samples(100, 8, 1 << 20, 5) == 16  # at least two batches
+    sizes = []
+    create = store.create
+
+    def spy(path, **kw):
+        sizes.append(kw["num_samples"])
+        return create(path, **kw)
+
+    monkeypatch.setattr(probes.store, "create", spy)
+    cpu = torch.device("cpu")
+    r = probes.measure_store_rates(cpu, tmp_path, SHAPE, "float16", None, 8, max_samples=77)
+    assert r.write > 0 and r.read > 0
+    assert sizes[0] == 19 and set(sizes[1:]) == {77}  # the warm-up: 77 // 4
+    got = probes.measure_tier_rates(SHAPE, "float16", cpu, 8, ("ram",), 0.05, max_samples=77)
+    assert set(got) == {"ram"} and min(got["ram"]) > 0
 
 
 def test_the_store_probe_prepares_each_store_when_asked(tmp_path, monkeypatch):

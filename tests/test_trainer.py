@@ -335,20 +335,34 @@ def test_the_planner_probes_only_the_tiers_a_cache_can_go_to(
     calls: dict[str, list] = {"memory": [], "store": []}
     memory_rates, store_rates = M.measure_tier_rates, M.measure_store_rates
 
-    def spy_memory(*a):
+    limits = []
+
+    def spy_memory(*a, **k):
         calls["memory"].append(set(a[4]))
-        return memory_rates(*a)
+        limits.append(k)
+        return memory_rates(*a, **k)
 
     def spy_store(*a, **k):
-        calls["store"].append(k)
+        calls["store"].append({n: k[n] for n in ("flush", "prepared")})
+        limits.append({n: k[n] for n in ("seconds", "max_samples")})
         return store_rates(*a, **k)
 
     monkeypatch.setattr(M, "measure_tier_rates", spy_memory)
     monkeypatch.setattr(M, "measure_store_rates", spy_store)
+    if tier == "ram":  # as if the rest of the run were long: the steady limit holds
+        monkeypatch.setattr(M, "PROBE_SHARE", 1e9)
     r = train(tiny(mode="prefast", cache=tier, cache_dir=str(tmp_path / "c"), epochs=4))
     assert calls["memory"] == memory
     assert calls["store"] == [{"flush": True, "prepared": False}] * stores  # a CPU run
     assert r.summary["cache_tier"] == tier
+    # each probe's tier holds at most the run's samples; its time is 1 % of the rest of a
+    # run of a few seconds, at most the steady limit
+    (lim,) = limits
+    assert lim["max_samples"] == r.summary["train_samples"]
+    if tier == "ram":
+        assert lim["seconds"] == M.STEADY_SECONDS
+    else:
+        assert 0 < lim["seconds"] < 0.1
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

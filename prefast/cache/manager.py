@@ -50,6 +50,7 @@ from prefast.cache.identity import (
 from prefast.cache.plan import CostModel, choose_tier, plan_boundaries, plan_boundary, plan_epochs
 from prefast.cache.probes import (
     PROBE_PREFIX,
+    STEADY_SECONDS,
     free_memory,
     measure_store_rates,
     measure_tier_rates,
@@ -72,6 +73,9 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x, y, sample ids (hos
 RUN_PREFIX = "run-"
 RUN_MARKER = ".prefast-run"  # written into every run folder this package creates
 LOCK_NAME = ".prefast-lock"
+# A tier probe (its writes, then its reads) runs for at most this share of the time the run
+# has left when it is planned (predicted with no new cache), and at most STEADY_SECONDS.
+PROBE_SHARE = 0.01
 # Settings that do not shape cached values: those a resumed run may change, and a few more.
 _NOT_IN_RUN_KEY = RESUMABLE_FIELDS | {"cache_dir", "eval_batch_size", "dist_timeout"}
 
@@ -306,7 +310,7 @@ class CacheManager:
             if self.cost is None:
                 self.cost = self._measure_costs(j, frontier)
             events = self._freeze_events(j)
-            tiers = self._plan_tiers()
+            tiers = self._plan_tiers(j)
             bounds = plan_boundaries(
                 events,
                 self.schedule.total_iterations,
@@ -475,7 +479,7 @@ class CacheManager:
             self.cost = self._measure_costs(j, frontier)
         epoch, elapsed = divmod(j, self.iters_per_epoch)
         epochs = list(range(epoch, self.cfg.epochs))
-        tiers = self._plan_tiers()
+        tiers = self._plan_tiers(j)
         plan = plan_epochs(
             [self._epoch_segments(e, j) for e in epochs],
             self.cfg.batch_size,
@@ -677,11 +681,30 @@ class CacheManager:
         )
         return cost
 
-    def _plan_tiers(self) -> list[str]:
-        """The tier of a cache at each boundary as a plan sees it (asked once per plan: free
-        memory moves), after measuring the rates of those tiers and the held cache's tier
-        that are not measured yet: a tier no cache can go to is never probed (``--cache zarr``
-        probes the store only, ``--cache device`` the device only)."""
+    def _probe_limits(self, j: int) -> tuple[float, int]:
+        """(seconds, samples) of a tier probe planned at iteration ``j``: its writes and its
+        reads each run for at most STEADY_SECONDS, or PROBE_SHARE of the rest of the run's
+        predicted time with no new cache where that is less (a short run: the probe is then
+        not the larger part of what it decides about); its tier holds at most the samples of
+        this rank's cache."""
+        cost = self.cost
+        if cost is None:
+            raise CacheError("probe limits asked for before the costs were measured")
+        b = self.boundary
+        read = cost.image if b == 0 else 0.0  # a held cache's read rate may be the one probed
+        rest = sum(
+            steps * self.cfg.batch_size * cost.step(read, 0.0, None, b, max(f, b))
+            for e in range(j // self.iters_per_epoch, self.cfg.epochs)
+            for steps, f in self._epoch_segments(e, j)
+        )
+        samples = len(self.data.train) // self.dist.world_size
+        return min(STEADY_SECONDS, PROBE_SHARE * rest), max(1, samples)
+
+    def _plan_tiers(self, j: int) -> list[str]:
+        """The tier of a cache at each boundary as a plan sees it (asked once per plan at
+        iteration ``j``: free memory moves), after measuring the rates of those tiers and the
+        held cache's tier that are not measured yet: a tier no cache can go to is never probed
+        (``--cache zarr`` probes the store only, ``--cache device`` the device only)."""
         if self.cost is None:
             raise CacheError("tier rates asked for before the costs were measured")
         tiers = [self._tier_for(b) for b in range(len(self.sample_bytes))]
@@ -689,10 +712,17 @@ class CacheManager:
         missing = needed - set(self.cost.read_rate)
         cfg = self.cfg
         rates: dict[str, tuple[float, float]] = {}
+        seconds, samples = self._probe_limits(j) if missing else (STEADY_SECONDS, 0)
         memory = missing & {"ram", "device"}
         if memory:
             rates |= measure_tier_rates(
-                self._probe_shape, cfg.cache_dtype, self.device, cfg.batch_size, memory
+                self._probe_shape,
+                cfg.cache_dtype,
+                self.device,
+                cfg.batch_size,
+                memory,
+                seconds=seconds,
+                max_samples=samples,
             )
         if "zarr" in missing:
             got = measure_store_rates(
@@ -709,6 +739,8 @@ class CacheManager:
                 # where the stores of later epochs are prepared ahead (_prepare_ahead), the
                 # steps writing them only copy: priced apart from a store made as it is written
                 prepared=self.cost.overlap and self.dist.world_size == 1,
+                seconds=seconds,
+                max_samples=samples,
             )
             rates["zarr"] = (got.write, got.read)
             if got.ahead_write is not None:
@@ -718,9 +750,12 @@ class CacheManager:
             self.cost.read_rate[tier] = read
         if rates:
             log.debug(
-                "measured rates (MB/s, write/read): %s; writes into stores prepared ahead: %s",
+                "measured rates (MB/s, write/read): %s; writes into stores prepared ahead: %s "
+                "(probes of at most %.2f s and %d samples each)",
                 {k: (round(w / 1e6), round(r / 1e6)) for k, (w, r) in rates.items()},
                 _mb_per_s(self.cost.ahead_write_rate) or "-",
+                seconds,
+                samples,
             )
         return tiers
 

@@ -110,7 +110,9 @@ def _replayed(
 
 
 # A probe runs until it has moved STEADY_BYTES or STEADY_SECONDS have passed, whichever comes
-# first, after a warm-up round: short probes (a few batches) measured start-up, not rates.
+# first, after a warm-up round: short probes (a few batches) measured start-up, not rates. A
+# caller may shorten the time (a short run: see CacheManager._probe_limits), and the probe's
+# tier then holds at most as many samples as the run's cache would.
 STEADY_BYTES = 500_000_000
 STEADY_SECONDS = 1.0
 
@@ -119,11 +121,13 @@ def _steady(
     round_: Callable[[int], int],
     device: torch.device,
     off_clock: Callable[[], float] = lambda: 0.0,
+    seconds: float = STEADY_SECONDS,
 ) -> tuple[int, float, float]:
-    """``round_(k)`` (which moves and returns some bytes) repeated until the steady thresholds
-    are met; round 0 warms up and is not counted. ``off_clock()``: the seconds the rounds
-    spent so far on work a run does elsewhere, kept out of the thresholds' time. Returns
-    (bytes moved, seconds on the clock, seconds off it)."""
+    """``round_(k)`` (which moves and returns some bytes) repeated until it has moved
+    STEADY_BYTES or ``seconds`` have passed (at least one round is counted); round 0 warms up
+    and is not counted. ``off_clock()``: the seconds the rounds spent so far on work a run
+    does elsewhere, kept out of the thresholds' time. Returns (bytes moved, seconds on the
+    clock, seconds off it)."""
     round_(0)
     synchronize(device)
     t, skipped = time.perf_counter(), off_clock()
@@ -134,17 +138,30 @@ def _steady(
         synchronize(device)
         off = off_clock() - skipped
         elapsed = time.perf_counter() - t - off
-        if moved >= STEADY_BYTES or elapsed >= STEADY_SECONDS:
+        if moved >= STEADY_BYTES or elapsed >= seconds:
             return moved, max(elapsed, 1e-9), off
 
 
-def _steady_rate(round_: Callable[[int], int], device: torch.device) -> float:
+def _steady_rate(
+    round_: Callable[[int], int], device: torch.device, seconds: float = STEADY_SECONDS
+) -> float:
     """Bytes/s of ``round_`` repeated until steady (``_steady``)."""
-    moved, seconds, _ = _steady(round_, device)
-    return moved / seconds
+    moved, elapsed, _ = _steady(round_, device, seconds=seconds)
+    return moved / elapsed
 
 
-def _loader_rate(source: Any, batch: int, device: torch.device) -> float:
+def _probe_samples(sample_bytes: int, batch: int, cap_bytes: int, max_samples: int | None) -> int:
+    """Samples of a probe's tier: up to ``cap_bytes`` and 64 batches, and at most
+    ``max_samples`` (the run's cache), but at least two batches."""
+    n = min(64 * batch, cap_bytes // sample_bytes)
+    if max_samples is not None:
+        n = min(n, max_samples)
+    return max(2 * batch, n)
+
+
+def _loader_rate(
+    source: Any, batch: int, device: torch.device, seconds: float = STEADY_SECONDS
+) -> float:
     """Bytes/s delivered to ``device`` by a StoreLoader over ``source`` as training reads it:
     shuffled epochs, gather, pinned staging and the host-to-device copy (a prefetch thread on
     CUDA, the caller's thread on a CPU device, as the trainer runs it)."""
@@ -159,11 +176,16 @@ def _loader_rate(source: Any, batch: int, device: torch.device) -> float:
             n += x.numel() * x.element_size()
         return n
 
-    return _steady_rate(epoch, device)
+    return _steady_rate(epoch, device, seconds)
 
 
 def _write_rate(
-    sink: Any, x: torch.Tensor, labels: torch.Tensor, batch: int, device: torch.device
+    sink: Any,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    batch: int,
+    device: torch.device,
+    seconds: float = STEADY_SECONDS,
 ) -> float:
     """Bytes/s of writing ``x``-sized batches over a sink of ``len(labels)`` samples: rows in a
     shuffled order where the sink takes rows (write-through), whole ranges otherwise."""
@@ -183,7 +205,7 @@ def _write_rate(
             moved += (stop - start) * x[0].numel() * x.element_size()
         return moved
 
-    return _steady_rate(fill, device)
+    return _steady_rate(fill, device, seconds)
 
 
 def measure_tier_rates(
@@ -192,12 +214,16 @@ def measure_tier_rates(
     device: torch.device,
     batch: int,
     tiers: Collection[str] = ("ram", "device"),
+    seconds: float = STEADY_SECONDS,
+    max_samples: int | None = None,
 ) -> dict[str, tuple[float, float]]:
     """(write, read) bytes/s of the in-memory ``tiers`` (of ``ram`` and ``device``), measured
-    now (steady, see STEADY_*): writes copy a device batch into the tier, reads go through the
-    loader to ``device``. Off CUDA the device tier is host memory: it gets ram's figures."""
+    now (steady, see STEADY_*; each for at most ``seconds``): writes copy a device batch into
+    the tier, reads go through the loader to ``device``. A probe's tier holds up to ~128 MiB
+    and at most ``max_samples`` samples. Off CUDA the device tier is host memory: it gets
+    ram's figures."""
     sample_bytes = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
-    n = max(2 * batch, min(64 * batch, (128 << 20) // sample_bytes))  # <= ~128 MiB per tier
+    n = _probe_samples(sample_bytes, batch, 128 << 20, max_samples)
     x = torch.zeros((batch, *sample_shape), dtype=TORCH_DTYPES[dtype], device=device)
     labels = torch.zeros(n, dtype=torch.int64)
     out: dict[str, tuple[float, float]] = {}
@@ -208,8 +234,8 @@ def measure_tier_rates(
         caches["device"] = lambda: store.DeviceCache.empty(n, 1, sample_shape, dtype, device=device)
     for name, make in caches.items():
         cache = make()
-        write = _write_rate(cache, x, labels, batch, device)
-        out[name] = (write, _loader_rate(cache, batch, device))
+        write = _write_rate(cache, x, labels, batch, device, seconds)
+        out[name] = (write, _loader_rate(cache, batch, device, seconds))
     if "device" in tiers and "device" not in out:
         out["device"] = out["ram"]  # on a CPU run the device tier is host memory too
     return {k: v for k, v in out.items() if k in tiers}
@@ -237,9 +263,12 @@ def measure_store_rates(
     batch: int,
     flush: bool = False,
     prepared: bool = False,
+    seconds: float = STEADY_SECONDS,
+    max_samples: int | None = None,
 ) -> StoreRates:
-    """Bytes/s of writing and reading a temporary store (up to 256 MiB) in ``directory`` with
-    the run's dtype and codec, steady (see STEADY_*): written the way the run writes (rows in
+    """Bytes/s of writing and reading a temporary store (up to 256 MiB and ``max_samples``
+    samples) in ``directory`` with the run's dtype and codec, steady (see STEADY_*; each of
+    the write and the read for at most ``seconds``): written the way the run writes (rows in
     a shuffled order for write-through, whole chunks otherwise) and read through the loader
     to ``device``. ``flush``: each written store is also flushed to disk (``fsync`` of its
     files), so the write rate carries the kernel's writeback of what a cache writes; a run on
@@ -252,7 +281,7 @@ def measure_store_rates(
     # runs probing one folder do not meet.
     path = location.join(directory, f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
     sample_bytes = math.prod(sample_shape) * TORCH_DTYPES[dtype].itemsize
-    n = max(2 * batch, min(64 * batch, (256 << 20) // sample_bytes))
+    n = _probe_samples(sample_bytes, batch, 256 << 20, max_samples)
     g = torch.Generator().manual_seed(0)
     x = torch.relu(torch.randn((batch, *sample_shape), generator=g)).to(TORCH_DTYPES[dtype])
     labels = torch.zeros(n, dtype=torch.int64)
@@ -290,17 +319,17 @@ def measure_store_rates(
         return size * sample_bytes
 
     try:
-        moved, seconds, prepare = _steady(one_store, device, lambda: ahead)
+        moved, clock, prepare = _steady(one_store, device, lambda: ahead, seconds)
         s = store.open(path)
-        read = _loader_rate(s, batch, device)
+        read = _loader_rate(s, batch, device, seconds)
         s.close()
     finally:
         if created:  # only what this probe made, and only if it is a store
             location.remove_store(path)
     return StoreRates(
-        write=moved / (seconds + prepare),
+        write=moved / (clock + prepare),
         read=read,
-        ahead_write=moved / seconds if prepared else None,
+        ahead_write=moved / clock if prepared else None,
     )
 
 
