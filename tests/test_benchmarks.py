@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import compare, views
+from benchmarks import compare, fidelity, views
 
 
 def test_compare_quick_runs_every_variant(tmp_path, capsys):
@@ -60,6 +60,34 @@ def test_views_study_writes_mean_and_spread(tmp_path, capsys):
     assert all(s["runs"] == 2 and s["test_error_std"] is not None for s in by.values())
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 6
     assert "prefast-v2" in capsys.readouterr().out
+
+
+def test_fidelity_study_resumes_and_prices_each_variant_against_v1(tmp_path, capsys):
+    """Seed 0 of two variants, then --resume with seeds 0 and 1: only seed 1 trains (the
+    JSONL grows to 4 runs), and the table prices each variant against prefast-v1."""
+    out = tmp_path / "fid.json"
+    args = ["--dataset", "synthetic", "--num-samples", "150", "--epochs", "2", "--t0", "0.5",
+            "--variants", "freezeout", "prefast-v1", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert fidelity.main([*args, "--seeds", "0"]) == 0
+    first = out.with_suffix(".jsonl").read_text().splitlines()
+    assert [json.loads(x)["name"] for x in first] == ["freezeout", "prefast-v1"]
+    assert fidelity.main([*args, "--seeds", "0", "1", "--resume"]) == 0
+    lines = out.with_suffix(".jsonl").read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 4  # seed 0 kept as it was
+    res = json.loads(out.read_text())
+    assert res["variants"] == {
+        "freezeout": ["freezeout", 1, "none"],
+        "prefast-v1": ["prefast", 1, "none"],
+    }
+    by = {s["name"]: s for s in res["summary"]}
+    assert by["prefast-v1"]["seeds"] == [0, 1] and by["freezeout"]["runs"] == 2
+    assert all(r["commit"] for r in res["runs"])
+    table = out.with_suffix(".txt").read_text().splitlines()
+    assert table[0].split()[-2:] == ["vs", "v1"]
+    v1 = by["prefast-v1"]["train_seconds_mean"]
+    assert table[1].split()[-1] == f"{by['freezeout']['train_seconds_mean'] / v1:.3f}"
+    assert table[2].split()[-1] == "1.000"
+    assert "vs v1" in capsys.readouterr().out
 
 
 def test_bench_feed_times_every_write_path_and_feed(tmp_path, capsys):
