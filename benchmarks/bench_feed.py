@@ -37,6 +37,13 @@ epoch (warm page cache), for the RAM tier and the memory-mapped raw store, with 
 thread and with the loader's default, the latter also with ``GROUP`` batches a copy. Rates are
 GB of samples delivered per second.
 
+Beside a consumer's Python: the trainer's loader on that device (prefetch 2, the defaults) fed
+to a consumer that runs, after each batch, about as many busy-loop iterations as the loader
+takes per batch alone, as a training thread runs each step's Python. Its epoch against the
+feed alone and the Python alone; "share hidden" is how much of the shorter of the two the
+other hid (1: they overlap fully; 0: one waits for the other, as where they share the GIL or
+the cores).
+
 Each measurement is the median of ``--repeats``; ratios are printed against the baseline of
 their group. Examples::
 
@@ -249,6 +256,28 @@ def _per_batch(num: int, batch: int, device: torch.device, seed: int) -> dict[st
     return out
 
 
+def _beside_host_work(
+    loader: store.StoreLoader, epoch: int, device: torch.device, steps: int
+) -> tuple[float, float]:
+    """(seconds of the loader's epoch when its consumer runs ``steps`` busy-loop iterations
+    after each batch, as a training thread runs a step's Python; seconds of the same
+    iterations with no loader)."""
+    a = torch.zeros(4)
+    t0 = time.perf_counter()
+    for _ in range(len(loader) * steps):
+        _host_step(a)
+    work = time.perf_counter() - t0
+    loader.set_epoch(epoch)
+    acc = torch.zeros((), device=device, dtype=torch.float32)
+    t0 = time.perf_counter()
+    for xb, _ in loader:
+        acc += xb.reshape(len(xb), -1)[:, 0].float().sum()
+        for _ in range(steps):
+            _host_step(a)
+    float(acc)
+    return time.perf_counter() - t0, work
+
+
 def _epoch(loader: store.StoreLoader, epoch: int, device: torch.device) -> float:
     loader.set_epoch(epoch)
     acc = torch.zeros((), device=device, dtype=torch.float32)
@@ -355,6 +384,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             loader.close()
         for k in feeds:
             out["feed_s"][k] = statistics.median(ft[k])
+        # The loader's prefetch thread beside a consumer that runs Python between batches, as
+        # the training thread does (the trainer's loader on CUDA: prefetch 2, the defaults):
+        # about as much Python per batch as the loader alone takes per batch.
+        out["beside_work"] = {}
+        for tier, src in tiers:
+            loader = store.StoreLoader(
+                src, batch_size=args.batch_size, device=device, prefetch=2, seed=args.seed
+            )
+            per_batch = _epoch(loader, 0, device) / len(loader)  # warm-up, and the calibration
+            steps = max(1, round(per_batch * out["busy_loop_alone_per_s"]))
+            trials = [
+                (_epoch(loader, r + 1, device), *_beside_host_work(loader, r + 1, device, steps))
+                for r in range(args.repeats)
+            ]
+            loader.close()
+            out["beside_work"][tier] = {
+                "feed_s": statistics.median(f for f, _, _ in trials),
+                "work_s": statistics.median(w for _, _, w in trials),
+                "together_s": statistics.median(t for _, t, _ in trials),
+                "steps_per_batch": steps,
+            }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -426,6 +476,14 @@ def report(r: dict[str, Any]) -> str:
             for k, t in feed.items()
         ],
     )
+    if r.get("beside_work"):
+        rows = []
+        for tier, v in r["beside_work"].items():
+            feed_s, work_s, both = v["feed_s"], v["work_s"], v["together_s"]
+            hidden = (feed_s + work_s - both) / min(feed_s, work_s)
+            rows.append([tier, f"{feed_s:.3f}", f"{work_s:.3f}", f"{both:.3f}", f"{hidden:.2f}"])
+        head = ["feed beside a consumer's Python (s/epoch)", "feed alone", "Python alone"]
+        lines += _table([*head, "together", "share hidden"], rows)
     if r.get("feed_stats"):
         parts = ["gather", "buffers", "copy", "starved", "full"]
         head = ["feed, the last epoch's account (s)", "gather", "buffers", "copy issue"]

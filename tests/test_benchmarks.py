@@ -114,6 +114,10 @@ def test_bench_feed_times_every_write_path_and_feed(tmp_path, capsys):
         "caller's thread", "prefetch thread", "caller's thread, 4 a copy", "prefetch thread, 4 a copy"
     }  # fmt: skip
     assert "h2d_s" not in r  # no CUDA here
+    assert set(r["beside_work"]) == {"ram", "zarr"}
+    for v in r["beside_work"].values():
+        assert v["steps_per_batch"] >= 1 and min(v["feed_s"], v["work_s"], v["together_s"]) > 0
+    assert "share hidden" in out.with_suffix(".txt").read_text()
     assert all(us > 0 for us in r["per_batch_us"].values())
     assert all(t > 0 for t in [*r["write_s"].values(), *r["feed_s"].values()])
     assert "where a row write's time goes" in out.with_suffix(".txt").read_text()
