@@ -34,13 +34,7 @@ import torch
 
 from store.errors import StoreError, StoreInputError
 from store.protocols import ActivationSource
-from store.sampling import (
-    Batching,
-    ChunkStreamSampling,
-    RandomAccessSampling,
-    fill_group,
-    sampling_for,
-)
+from store.sampling import Batching, ChunkStreamSampling, RandomAccessSampling, sampling_for
 from store.tiers import to_device
 
 _END = object()
@@ -237,20 +231,20 @@ class StoreLoader:
             self.close()
 
     def _deliver(self, items: Iterator[Any]) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Host groups (x, y, ids per batch) as the caller's batches. For a CUDA device, group
+        """Host groups (x, y, ids, batch sizes) as the caller's batches. For a CUDA device, group
         g + 1's copy is issued on a side stream before group g's batches are handed over, so
         it overlaps their work; the caller's stream waits for a group's copy (an event on this
         thread) before using one of its batches. The pinned host buffers return to torch's
         pinned-memory cache only after their copies are done (torch records the copy on
         them)."""
         if self.device.type != "cuda":
-            for x, y, ids in items:
-                yield from self._split(x, y, ids)
+            for item in items:
+                yield from self._split(*item)
             return
         side = torch.cuda.Stream(self.device)
 
         def issue(item: Any) -> tuple[Any, ...]:
-            x, y, ids = item
+            x, y, ids, sizes = item
             t = time.perf_counter()
             with torch.cuda.stream(side):
                 xd = x.to(self.device, non_blocking=True)
@@ -258,7 +252,7 @@ class StoreLoader:
                 done = torch.cuda.Event()
                 done.record(side)
             self.stats.copy += time.perf_counter() - t
-            return xd, yd, ids, done
+            return xd, yd, ids, sizes, done
 
         ahead = None
         for item in items:
@@ -270,19 +264,18 @@ class StoreLoader:
             yield from self._ready(ahead)
 
     def _split(
-        self, x: torch.Tensor, y: torch.Tensor, ids: list[torch.Tensor]
+        self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, sizes: list[int]
     ) -> Iterator[tuple[torch.Tensor, ...]]:
-        """A group's batches: views of its samples, in order."""
+        """A group's batches (of ``sizes`` samples): views of its samples, in order."""
         pos = 0
-        for i in ids:
-            n = len(i)
-            xb, yb = x[pos : pos + n], y[pos : pos + n]
+        for n in sizes:
+            part = slice(pos, pos + n)
             pos += n
-            yield (xb, yb, i) if self.with_indices else (xb, yb)
+            yield (x[part], y[part], ids[part]) if self.with_indices else (x[part], y[part])
 
     def _ready(self, issued: tuple[Any, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
-        xd, yd, ids, done = issued
-        for batch in self._split(xd, yd, ids):
+        xd, yd, ids, sizes, done = issued
+        for batch in self._split(xd, yd, ids, sizes):
             # per batch: the caller may consume each on another stream (graph warm-ups)
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(done)
@@ -346,13 +339,12 @@ class StoreLoader:
             self._put(q, stop, e)
 
     def _items(self, stop: threading.Event, epoch: int, start_batch: int) -> Iterator[Any]:
-        """(x, y, ids per batch) per group of ``batches_per_copy`` batches on the host: x
+        """(x, y, ids, batch sizes) per group of ``batches_per_copy`` batches on the host: x
         gathered into a fresh buffer, pinned when the device is CUDA (torch's pinned-memory
         cache makes that cheap after the first groups)."""
         k = self.batches_per_copy
         shape = (k * self.batch_size, *self.source.sample_shape)
         pin = self.device.type == "cuda"
-        group_fill = getattr(self.sampling, "fill_group", None)
         st = self.stats
         clock = time.perf_counter
         batches = itertools.islice(self.sampling.batches(epoch), start_batch, None)
@@ -360,20 +352,21 @@ class StoreLoader:
             group = list(itertools.islice(batches, k))
             if not group:
                 return
-            n = sum(b.size for b in group)
+            sizes = [b.size for b in group]
+            n = sum(sizes)
             t0 = clock()
             out = torch.empty(shape, dtype=self.source.dtype, pin_memory=pin)[:n]
             t1 = clock()
-            ids = group_fill(group, out) if group_fill is not None else fill_group(group, out)
+            ids = self.sampling.fill_group(group, out)
             t2 = clock()
-            y = self._labels[torch.cat(ids) if len(ids) > 1 else ids[0]]
+            y = self._labels[ids]
             if pin:
                 y = y.pin_memory()
             st.buffers += t1 - t0 + clock() - t2
             st.gather += t2 - t1
             st.batches += len(group)
             st.bytes += n * out[0].numel() * out.element_size()
-            yield (out, y, ids)
+            yield (out, y, ids, sizes)
 
     # ---- shutdown -------------------------------------------------------------------------
     def close(self) -> None:

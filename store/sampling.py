@@ -16,10 +16,10 @@
   once per epoch (per rank; ranks are cut to equal length).
 
 A policy yields ``Batch``es: a size and a ``fill(out)`` that gathers the batch into ``out`` and
-returns its sample ids. ``fill_group`` fills several consecutive batches into one buffer (the
-loader's copies to a GPU move a group at a time): a random-access policy gathers the group in
-one call, split among its gather threads as one batch would be. The loader owns the buffers,
-threads and device copies.
+returns its sample ids; the policy's ``fill_group`` fills several consecutive batches into one
+buffer (the loader's copies to a GPU move a group at a time): a random-access policy gathers the
+group in one call, split among its gather threads as one batch would be. The loader owns the
+buffers, threads and device copies.
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ class Sampling(Protocol):
         """The epoch's batches for this rank, in order."""
         ...
 
+    def fill_group(self, group: Sequence[Batch], out: torch.Tensor) -> torch.Tensor:
+        """Fill consecutive ``group`` batches of this policy into ``out`` (their samples back
+        to back); their sample ids, int64 on the host, in that order."""
+        ...
+
 
 class RandomAccessSampling:
     """The exact global permutation of ``store.order``, gathered sample by sample; a host
@@ -141,15 +146,12 @@ class RandomAccessSampling:
 
             yield Batch(len(idx), fill, idx, views)
 
-    def fill_group(self, group: Sequence[Batch], out: torch.Tensor) -> list[torch.Tensor]:
-        """Gather consecutive ``group`` batches (of this policy) into ``out`` (their samples
-        back to back) in one call; their sample ids, one tensor per batch."""
-        if any(b.idx is None or b.views is None for b in group):
-            return fill_group(group, out)
+    def fill_group(self, group: Sequence[Batch], out: torch.Tensor) -> torch.Tensor:
+        """``Sampling.fill_group`` in one gather call (this policy's batches carry their
+        indices and views)."""
         idx = np.concatenate([b.idx for b in group])
-        views = np.concatenate([b.views for b in group])
-        self._gather(views, idx, out)
-        return [torch.from_numpy(b.idx) for b in group]
+        self._gather(np.concatenate([b.views for b in group]), idx, out)
+        return torch.from_numpy(idx)
 
 
 class ChunkStreamSampling:
@@ -178,6 +180,14 @@ class ChunkStreamSampling:
                 "use smaller chunks or an uncompressed store"
             )
         return (k - 1) * s.chunk_samples + self._chunk_len(s.num_chunks - 1)
+
+    def fill_group(self, group: Sequence[Batch], out: torch.Tensor) -> torch.Tensor:
+        """``Sampling.fill_group``, one batch after another (each from its decoded window)."""
+        ids, pos = [], 0
+        for b in group:
+            ids.append(b.fill(out[pos : pos + b.size]))
+            pos += b.size
+        return torch.cat(ids)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
         s, b = self.source, self.batching
@@ -244,16 +254,6 @@ class ChunkStreamSampling:
                 del pool_x, pool_i
 
 
-def fill_group(group: Sequence[Batch], out: torch.Tensor) -> list[torch.Tensor]:
-    """Fill consecutive ``group`` batches into ``out`` (their samples back to back), one after
-    another; their sample ids, one tensor per batch."""
-    ids, pos = [], 0
-    for b in group:
-        ids.append(b.fill(out[pos : pos + b.size]))
-        pos += b.size
-    return ids
-
-
 def sampling_for(
     source: ActivationSource,
     batching: Batching,
@@ -275,6 +275,5 @@ __all__ = [
     "ChunkStreamSampling",
     "RandomAccessSampling",
     "Sampling",
-    "fill_group",
     "sampling_for",
 ]

@@ -47,7 +47,14 @@ from prefast.cache.identity import (
     provenance,
     store_path,
 )
-from prefast.cache.plan import CostModel, choose_tier, plan_boundaries, plan_boundary, plan_epochs
+from prefast.cache.plan import (
+    CostModel,
+    choose_tier,
+    plan_boundaries,
+    plan_boundary,
+    plan_epochs,
+    steps_seconds,
+)
 from prefast.cache.probes import (
     PROBE_PREFIX,
     STEADY_SECONDS,
@@ -692,11 +699,12 @@ class CacheManager:
             raise CacheError("probe limits asked for before the costs were measured")
         b = self.boundary
         read = cost.image if b == 0 else 0.0  # a held cache's read rate may be the one probed
-        rest = sum(
-            steps * self.cfg.batch_size * cost.step(read, 0.0, None, b, max(f, b))
+        segments = [
+            seg
             for e in range(j // self.iters_per_epoch, self.cfg.epochs)
-            for steps, f in self._epoch_segments(e, j)
-        )
+            for seg in self._epoch_segments(e, j)
+        ]
+        rest = steps_seconds(segments, self.cfg.batch_size, cost, read, 0.0, None, b)
         samples = len(self.data.train) // self.dist.world_size
         return min(STEADY_SECONDS, PROBE_SHARE * rest), max(1, samples)
 
@@ -710,9 +718,11 @@ class CacheManager:
         tiers = [self._tier_for(b) for b in range(len(self.sample_bytes))]
         needed = set(tiers[1:]) | ({self.cache.tier} if self.cache is not None else set())
         missing = needed - set(self.cost.read_rate)
+        if not missing:
+            return tiers
         cfg = self.cfg
         rates: dict[str, tuple[float, float]] = {}
-        seconds, samples = self._probe_limits(j) if missing else (STEADY_SECONDS, 0)
+        seconds, samples = self._probe_limits(j)
         memory = missing & {"ram", "device"}
         if memory:
             rates |= measure_tier_rates(
@@ -748,15 +758,14 @@ class CacheManager:
         for tier, (write, read) in rates.items():
             self.cost.write_rate[tier] = write
             self.cost.read_rate[tier] = read
-        if rates:
-            log.debug(
-                "measured rates (MB/s, write/read): %s; writes into stores prepared ahead: %s "
-                "(probes of at most %.2f s and %d samples each)",
-                {k: (round(w / 1e6), round(r / 1e6)) for k, (w, r) in rates.items()},
-                _mb_per_s(self.cost.ahead_write_rate) or "-",
-                seconds,
-                samples,
-            )
+        log.debug(
+            "measured rates (MB/s, write/read): %s; writes into stores prepared ahead: %s "
+            "(probes of at most %.2f s and %d samples each)",
+            {k: (round(w / 1e6), round(r / 1e6)) for k, (w, r) in rates.items()},
+            _mb_per_s(self.cost.ahead_write_rate) or "-",
+            seconds,
+            samples,
+        )
         return tiers
 
     # ---- building ---------------------------------------------------------------------------------

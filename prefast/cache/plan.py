@@ -5,7 +5,7 @@ measurements come from ``prefast.cache.probes``."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -179,6 +179,23 @@ class EpochPlan:
     epoch_seconds: list[float] = field(default_factory=list)
 
 
+def steps_seconds(
+    segments: Iterable[tuple[int, int]],
+    batch_size: int,
+    cost: CostModel,
+    read: float,
+    write: float,
+    tier: str | None,
+    b: int,
+) -> float:
+    """Predicted seconds of the steps of ``segments`` (``(steps, frontier)`` stretches) that
+    read their input at boundary ``b`` (``read`` seconds a sample, from ``tier``) and write
+    ``write`` seconds a sample of a new cache (``CostModel.step``)."""
+    return sum(
+        steps * batch_size * cost.step(read, write, tier, b, max(f, b)) for steps, f in segments
+    )
+
+
 def plan_epochs(
     segments: Sequence[Sequence[tuple[int, int]]],
     batch_size: int,
@@ -219,10 +236,7 @@ def plan_epochs(
         return cost.image if t is None else cost.read(t, sample_bytes[b])
 
     def steps_cost(segs: Sequence[tuple[int, int]], b: int, write: float) -> float:
-        return sum(
-            steps * batch_size * cost.step(read(b), write, tier_at(b), b, max(f, b))
-            for steps, f in segs
-        )
+        return steps_seconds(segs, batch_size, cost, read(b), write, tier_at(b), b)
 
     baseline = sum(steps_cost(segs, boundary, 0.0) for segs in segments)
     best: dict[int, float] = {boundary: 0.0}
