@@ -182,6 +182,52 @@ def test_training_steps_never_synchronise_the_host(compile_mode):
     meter.check_finite()
 
 
+def test_a_replayed_step_launches_only_its_copies():
+    """With graphs, a step outside its graph copies the batch into the graph's inputs and the
+    graph's stats into the meter; the iteration counter and the meter's sums happen in the
+    graph or at the epoch's end. The losses equal eager steps' from the same start."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from prefast.training import Trainer
+    from prefast.training.step import EpochMeter
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not getattr(func, "is_view", False):
+                self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.backends.cudnn.deterministic = True
+    x = torch.randn(32, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    losses = {}
+    for mode in ("none", "graphs"):
+        tr = Trainer(
+            TrainConfig(**_gpu_kw(mode="freezeout", compile=mode, epochs=1, num_samples=256))
+        )
+        tr.steps.configure(0, 0, tr.optimizer, None)
+        meter = EpochMeter(8, tr.device)
+        for k in range(8):
+            if k < 3:  # graphs: 2 eager warm-up steps, then the capture
+                tr.steps.step(x, y, 40 + k, k, meter)
+                continue
+            with Ops() as ops:
+                tr.steps.step(x, y, 40 + k, k, meter)
+            if mode == "graphs":  # a replay
+                assert ops.names == ["copy_", "copy_", "copy_"], ops.names
+            else:
+                assert "fill_" not in ops.names  # consecutive iterations
+        losses[mode] = meter.read().losses
+        assert int(tr.steps.j) == 48
+    torch.testing.assert_close(
+        torch.tensor(losses["graphs"]), torch.tensor(losses["none"]), rtol=1e-4, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize("cache", ["device", "ram", "zarr"])
 @pytest.mark.parametrize("compile_mode", ["none", "graphs"])
 def test_write_through_on_cuda_matches_freezeout(tmp_path, caplog, cache, compile_mode):

@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from prefast import ConfigError, TrainConfig, train
 from prefast.freezeout import FreezeSchedule, ScheduleConfig, UnitSGD
 from prefast.models import create_model
-from prefast.training.step import EpochMeter, StepRunner
+from prefast.training.step import EpochMeter, StepRunner, step_stats
 
 
 def _model():
@@ -74,16 +75,68 @@ def test_unit_sgd_drops_frozen_units_and_round_trips_its_state():
         ).load_state_dict(opt.state_dict())
 
 
-def test_epoch_meter_sums_on_the_device_and_names_the_first_bad_iteration():
-    meter = EpochMeter(4, torch.device("cpu"))
+class _Ops(TorchDispatchMode):
+    """The ATen operations dispatched inside the block, views left out (they launch nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not getattr(func, "is_view", False):
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_epoch_meter_keeps_step_stats_and_names_the_first_bad_iteration():
+    meter = EpochMeter(5, torch.device("cpu"))
     out = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
     y = torch.tensor([0, 0, 0])
-    for k, (j, loss) in enumerate([(10, 1.5), (11, 0.5), (12, float("nan")), (13, float("inf"))]):
-        meter.add(k, torch.tensor(j), torch.tensor(loss), out, y)
-    assert meter.seen == 12 and int(meter.correct) == 8
-    assert meter.losses[:2].tolist() == [1.5, 0.5]
+    assert step_stats(torch.tensor(1.5), out, y).tolist() == [1.5, 2.0]
+    for k, (j, loss, n) in enumerate([(10, 1.5, 3), (11, 0.5, 2)]):
+        meter.add(k, j, step_stats(torch.tensor(loss), out[:n], y[:n]), n)
+    totals = meter.read()
+    assert totals.seen == 5 and totals.correct == 3  # 2 of 3, then 1 of 2
+    assert totals.loss_sum == 1.5 * 3 + 0.5 * 2
+    assert totals.losses == [1.5, 0.5, 0.0, 0.0, 0.0]  # steps not recorded read 0
+    for k, (j, loss) in enumerate([(12, float("nan")), (13, float("inf"))], start=2):
+        meter.add(k, j, step_stats(torch.tensor(loss), out, y), 3)
     with pytest.raises(FloatingPointError, match="iteration 12"):
-        meter.check_finite()
+        meter.read()
+
+
+def test_a_step_hands_the_meter_one_device_operation():
+    meter = EpochMeter(2, torch.device("cpu"))
+    stats = step_stats(torch.tensor(0.25), torch.eye(3), torch.tensor([0, 1, 0]))
+    with _Ops() as ops:
+        meter.add(0, 7, stats, 3)
+    assert ops.names == ["copy_"]
+    assert meter.read().correct == 2
+
+
+def test_the_step_keeps_the_iteration_counter_itself():
+    """Each step adds 1 to the device's iteration after its update, so a consecutive step sets
+    nothing and a jump (a resumed run, a new epoch's loop) sets it once; the learning rates the
+    update used are the schedule's at the step's own iteration."""
+    m = _model()
+    sched = FreezeSchedule(
+        ScheduleConfig(mode="freezeout", t0=0.5, how_scale="cubic"), m.num_units, 40
+    )
+    opt = UnitSGD(m, sched, range(m.num_units), momentum=0.9, nesterov=True, weight_decay=0.0)
+    runner = StepRunner(m, torch.device("cpu"), "none", False, "none", 4)
+    runner.configure(0, 0, opt, None)
+    meter = EpochMeter(4, torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((4, 3, 16, 16), generator=g)
+    y = torch.randint(0, 10, (4,), generator=g)
+    for k, j in enumerate([3, 4, 5, 21]):
+        with _Ops() as ops:
+            runner.step(x, y, j, k, meter)
+        assert ops.names.count("fill_") == (j in (3, 21))  # the first step and the jump
+        assert int(runner.j) == j + 1
+        expected = torch.tensor([sched.lr(i, j) for i in range(m.num_units + 1)])
+        torch.testing.assert_close(opt.lrs, expected, rtol=1e-6, atol=0)
+    assert meter.read().seen == 16
 
 
 def test_a_diverging_run_stops_naming_the_iteration():

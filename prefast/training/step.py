@@ -2,10 +2,12 @@
 
 A step at iteration ``j`` from the activation ``h`` at boundary ``b`` with frontier ``f``:
 ``units[b:f]`` forward under no_grad (frozen, not cached), ``units[f:]`` and the head forward,
-cross-entropy, backward, ``UnitSGD.step``. Loss and accuracy are summed on the device in
-``EpochMeter`` and read once per epoch (or every few steps for a progress bar), so no step
-blocks the host; a non-finite loss records its iteration on the device and is reported at the
-next read.
+cross-entropy, backward, ``UnitSGD.step``, then the batch's loss and number correct
+(``step_stats``) and ``j + 1`` into the device's iteration counter. ``EpochMeter`` keeps each
+step's stats on the device and reads them once per epoch, so no step blocks the host; a
+non-finite loss is reported then, with its iteration. Outside the step's own work a step
+launches only the copy of its stats into the meter (and, with graphs, the copies of its batch
+into the graph's inputs): consecutive steps leave the iteration counter to the step itself.
 
 Three ways to run it (``--compile``):
 
@@ -44,39 +46,71 @@ WARMUP = 2  # eager steps of a new configuration before it is captured
 
 
 class EpochMeter:
-    """Loss, accuracy and per-step losses of an epoch, accumulated on the device."""
+    """Per-step loss and accuracy of an epoch, kept on the device until the epoch's end.
+
+    A step hands over one small device tensor (``step_stats``: its mean loss and its count of
+    correct predictions, computed inside the step, so inside a captured graph) and the meter
+    copies it into row ``k`` of ``stats``: one device operation per step. Batch sizes and
+    iterations stay on the host. ``read`` syncs once, sums in float64 and names the first
+    iteration whose loss was not finite."""
 
     def __init__(self, steps: int, device: torch.device) -> None:
         self.device = device
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=device)
-        self.losses = torch.zeros(steps, dtype=torch.float32, device=device)  # mean loss per step
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # iteration, or -1
+        self.stats = torch.zeros(steps, 2, dtype=torch.float32, device=device)  # (loss, correct)
+        self._sizes = [0] * steps  # samples of step k
+        self._iters = [-1] * steps  # iteration of step k; -1: no step recorded
         self.seen = 0  # samples, counted on the host
 
-    @torch.no_grad()
-    def add(
-        self, k: int, j: torch.Tensor, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor
-    ) -> None:
-        """Record step ``k`` of the epoch (iteration ``j``, a device scalar): ``loss`` is the
-        batch's mean loss, ``out`` its logits."""
-        lf = loss.detach().float()
-        self.losses[k] = lf
-        self.loss_sum += lf.double() * len(y)
-        self.correct += (out.detach().argmax(1) == y).sum()
-        bad = ~torch.isfinite(lf)
-        self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), j, self.first_bad))
-        self.seen += len(y)
+    def add(self, k: int, j: int, stats: torch.Tensor, n: int) -> None:
+        """Record step ``k`` of the epoch (iteration ``j``, ``n`` samples); ``stats`` is its
+        ``step_stats`` (a device tensor, possibly a captured graph's static output)."""
+        self.stats[k].copy_(stats)
+        self._sizes[k] = n
+        self._iters[k] = j
+        self.seen += n
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """(steps,) the mean loss of each step (0 where none was recorded)."""
+        return self.stats[:, 0]
+
+    def read(self) -> EpochTotals:
+        """The epoch's totals on the host (a device sync: call it where the host waits
+        anyway). Raises FloatingPointError naming the first iteration whose loss was not
+        finite."""
+        s = self.stats.to("cpu", torch.float64)
+        recorded = torch.tensor([i >= 0 for i in self._iters])
+        bad = torch.nonzero(recorded & ~torch.isfinite(s[:, 0]))
+        if len(bad):
+            j = self._iters[int(bad[0, 0])]
+            raise FloatingPointError(f"iteration {j}: the loss is not finite; lower --base-lr")
+        sizes = torch.tensor(self._sizes, dtype=torch.float64)
+        return EpochTotals(
+            losses=s[:, 0].tolist(),
+            loss_sum=float((s[:, 0] * sizes).sum()),
+            correct=int(s[:, 1].sum()),
+            seen=self.seen,
+        )
 
     def check_finite(self) -> None:
-        """Raise FloatingPointError naming the first iteration with a non-finite loss (a host
-        sync: call it where the host waits anyway)."""
-        bad = int(self.first_bad)
-        if bad >= 0:
-            raise FloatingPointError(f"iteration {bad}: the loss is not finite; lower --base-lr")
+        """``read`` for its check alone."""
+        self.read()
 
-    def mean_loss(self) -> float:
-        return float(self.loss_sum) / max(self.seen, 1)
+
+@dataclass(frozen=True)
+class EpochTotals:
+    losses: list[float]  # the mean loss of each step of the epoch
+    loss_sum: float  # sum over samples
+    correct: int
+    seen: int
+
+
+@torch.no_grad()
+def step_stats(loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(2,) float32 on the device: the batch's mean loss and its number of correct predictions
+    (exact in float32 up to 2**24 samples a batch)."""
+    correct = (out.detach().argmax(1) == y).sum()
+    return torch.stack((loss.detach().float(), correct.float()))
 
 
 Aug = tuple[torch.Tensor, torch.Tensor]  # feature augmentation rows: shift (B, 2), flip (B,)
@@ -93,7 +127,7 @@ class _Graph:
     y: torch.Tensor  # static labels (B,)
     aug: Aug | None  # static feature-augmentation rows
     loss: torch.Tensor  # static outputs
-    out: torch.Tensor
+    stats: torch.Tensor  # step_stats
     tapped: torch.Tensor | None  # the activation at the tapped boundary (a static output)
 
 
@@ -126,7 +160,10 @@ class StepRunner:
         self.mode = compile_mode
         self.batch_size = batch_size  # only full batches are captured
         self.feature_aug = feature_aug
-        self.j = torch.zeros((), dtype=torch.int64, device=device)  # the iteration, on the device
+        # the iteration, on the device: every step adds 1 to it after its update (a captured
+        # graph too), so consecutive steps need no operation to set it
+        self.j = torch.zeros((), dtype=torch.int64, device=device)
+        self._j_next: int | None = None  # what self.j holds, if known
         self.boundary = 0
         self.frontier = 0
         self.optimizer: UnitSGD | None = None
@@ -200,7 +237,8 @@ class StepRunner:
     def _compute(
         self, x: torch.Tensor, y: torch.Tensor, aug: Aug | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Forward, loss, backward and update; (loss, logits, tapped activation)."""
+        """Forward, loss, backward, update and the next iteration; (loss, step_stats, tapped
+        activation)."""
         if self.optimizer is None:
             raise RuntimeError("StepRunner.configure() was never called")
         with (
@@ -212,7 +250,8 @@ class StepRunner:
             loss = F.cross_entropy(out, y)
         loss.backward()
         self.optimizer.step(self.j)
-        return loss, out, tapped
+        self.j.add_(1)
+        return loss, step_stats(loss, out, y), tapped
 
     # ---- one step ---------------------------------------------------------------------------
     def step(
@@ -228,18 +267,21 @@ class StepRunner:
         """Train on batch ``(h, y)`` at iteration ``j`` (step ``k`` of the epoch); ``aug``: the
         batch's feature-augmentation rows (cached batches only); ``ids``: its sample ids (host
         int64), needed when a boundary is tapped."""
-        self.j.fill_(j)  # a kernel with j as its argument: no copy, no sync
+        if self._j_next != j:
+            self.j.fill_(j)  # a kernel with j as its argument: no copy, no sync
+        self._j_next = None  # unknown until the step is launched
         if self.mode == "graphs" and self.ddp is None:
-            loss, out, tapped = self._graphed(h, y, aug)
+            _, stats, tapped = self._graphed(h, y, aug)
         else:
             if self.optimizer is not None:
                 self.optimizer.zero_grad()
-            loss, out, tapped = self._compute(h, y, aug)
+            _, stats, tapped = self._compute(h, y, aug)
+        self._j_next = j + 1
         if self.tap_fn is not None and tapped is not None:
             if ids is None:
                 raise RuntimeError("a tapped step needs the batch's sample ids")
             self.tap_fn(tapped, ids)
-        meter.add(k, self.j, loss, out, y)
+        meter.add(k, j, stats, len(y))
 
     def _graphed(
         self, h: torch.Tensor, y: torch.Tensor, aug: Aug | None
@@ -259,7 +301,7 @@ class StepRunner:
                 g.aug[0].copy_(aug[0])
                 g.aug[1].copy_(aug[1])
             g.graph.replay()
-            return g.loss, g.out, g.tapped
+            return g.loss, g.stats, g.tapped
         if g is None and self._eager_steps >= WARMUP and h.shape[0] == self.batch_size:
             return self._capture(key, h, y, aug)
         # warm-up steps of a new configuration, or a batch of another shape (the last of an
@@ -275,10 +317,10 @@ class StepRunner:
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s), _quiet_stream_mismatch():
             self.optimizer.zero_grad()
-            loss, out, tapped = self._compute(h, y, aug)
+            loss, stats, tapped = self._compute(h, y, aug)
         torch.cuda.current_stream(self.device).wait_stream(s)
         self._eager_steps += 1
-        return loss, out, tapped
+        return loss, stats, tapped
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._side is None:
@@ -306,8 +348,8 @@ class StepRunner:
             torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
             _quiet_stream_mismatch(),
         ):
-            loss, out, tapped = self._compute(x_static, y_static, aug_static)
-        self._graph = _Graph(key, graph, x_static, y_static, aug_static, loss, out, tapped)
+            loss, stats, tapped = self._compute(x_static, y_static, aug_static)
+        self._graph = _Graph(key, graph, x_static, y_static, aug_static, loss, stats, tapped)
         graph.replay()  # capture records the work; replaying runs this step
         self.capture_seconds += time.perf_counter() - t
         self.captures += 1
@@ -318,7 +360,7 @@ class StepRunner:
             key[2],
             1e3 * (time.perf_counter() - t),
         )
-        return loss, out, tapped
+        return loss, stats, tapped
 
 
 @contextlib.contextmanager
@@ -331,4 +373,4 @@ def _quiet_stream_mismatch() -> Iterator[None]:
         yield
 
 
-__all__ = ["COMPILE_MODES", "EpochMeter", "StepRunner"]
+__all__ = ["COMPILE_MODES", "EpochMeter", "EpochTotals", "StepRunner", "step_stats"]

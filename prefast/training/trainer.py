@@ -353,10 +353,10 @@ class Trainer:
                 bar.close()
             if self.cache is not None:
                 self.cache.end_epoch(epoch)  # the cache written this epoch takes over
-        meter.check_finite()
-        self.result.losses.extend(meter.losses.tolist())
+        totals = meter.read()  # raises on a non-finite loss, naming its iteration
+        self.result.losses.extend(totals.losses)
         loss_sum, correct_f, seen_f = self.dist.sum(
-            [float(meter.loss_sum), float(meter.correct), float(meter.seen)],
+            [totals.loss_sum, float(totals.correct), float(totals.seen)],
             "combining the epoch's loss",
         )
         if self.dist.enabled:
