@@ -182,6 +182,8 @@ def test_write_through_catch_up_runs_at_the_given_batch_and_counts_the_steps_row
 def test_modes_train_and_freeze_as_scheduled(mode):
     r = train(tiny(mode=mode))
     assert len(r.records) == 3 and all(torch.isfinite(torch.tensor(r.losses)))
+    # each epoch visits every one of the 96 samples once
+    assert [(x["samples_seen"], x["samples_seen_twice"]) for x in r.records] == [(96, 0)] * 3
     if mode == "full":
         assert r.summary["frozen_units"] == 0
         assert all(p.requires_grad for p in r.model.parameters())
@@ -218,6 +220,8 @@ def test_each_cache_tier_trains(tmp_path, tier, codec, dtype):
     assert r.summary["cache_boundary"] in r.model.cut_points
     rec = [x for x in r.records if x["cache_tier"] == tier]
     assert rec and rec[-1]["cache_bytes"] > 0
+    # the batches switch source mid-epoch and still visit every sample once
+    assert all(x["samples_seen"] == 96 and x["samples_seen_twice"] == 0 for x in r.records)
     assert torch.isfinite(torch.tensor(r.losses)).all()
     if tier == "zarr":
         s = store.open(r.summary["cache_path"])

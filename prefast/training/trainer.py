@@ -306,7 +306,7 @@ class Trainer:
         watch = Stopwatch(self.device)
         cache_before = self.cache.seconds if self.cache is not None else 0.0
         meter = EpochMeter(self.iters_per_epoch, self.device)
-        visits = torch.zeros(len(self.data.train), dtype=torch.int32)  # this rank's, per sample
+        visited: list[torch.Tensor] = []  # this rank's batches' sample ids, counted at the end
         j = epoch * self.iters_per_epoch
         bar = tqdm(
             total=self.iters_per_epoch,
@@ -339,7 +339,7 @@ class Trainer:
                     t = time.perf_counter()
                     h, y, ids = next(batches)
                     waited += time.perf_counter() - t
-                    visits.index_add_(0, ids, torch.ones(len(ids), dtype=torch.int32))
+                    visited.append(ids)
                     aug = None
                     if fa_rows is not None and self.boundary > 0:  # a batch read from a cache
                         sel = to_device(ids, self.device)
@@ -359,6 +359,10 @@ class Trainer:
             [totals.loss_sum, float(totals.correct), float(totals.seen)],
             "combining the epoch's loss",
         )
+        visits = torch.bincount(
+            torch.cat(visited) if visited else torch.zeros(0, dtype=torch.int64),
+            minlength=len(self.data.train),
+        ).to(torch.int32)  # this rank's visits per sample
         if self.dist.enabled:
             visits = self.dist.run("combining the epoch's sample visits", _all_reduce_int, visits)
         cur = self.cache.cache if self.cache is not None else None
