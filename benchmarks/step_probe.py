@@ -96,13 +96,14 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
                 k += 1
             synchronize(device)
             warm = time.perf_counter() - t
-            times = []
+            times, issued = [], []
             for _ in range(args.repeats):
                 synchronize(device)
                 t = time.perf_counter()
                 for _ in range(args.steps):
                     runner.step(x, y, k, k, meter)
                     k += 1
+                issued.append((time.perf_counter() - t) / args.steps)  # the host's part
                 synchronize(device)
                 times.append((time.perf_counter() - t) / args.steps)
             meter.check_finite()
@@ -114,6 +115,9 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
                 "ms_per_step_median": statistics.median(ms),
                 "ms_per_step_min": min(ms),
                 "ms_per_step_max": max(ms),
+                # the host's time to launch a step (CUDA: near ms_per_step where the host, not
+                # the device, bounds the step; on a CPU the same, since nothing is queued)
+                "host_ms_per_step_median": 1e3 * statistics.median(issued),
                 "warmup_seconds": warm,
                 "captures": runner.captures,
                 "capture_seconds": runner.capture_seconds,
@@ -121,8 +125,8 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
             })  # fmt: skip
             print(
                 f"b={b:>3} {rows[-1]['unit']:>10} {mode:>8}: {rows[-1]['ms_per_step_median']:8.2f} ms/step "
-                f"({rows[-1]['ms_per_step_min']:.2f}..{rows[-1]['ms_per_step_max']:.2f}), warm-up "
-                f"{warm:.2f} s",
+                f"({rows[-1]['ms_per_step_min']:.2f}..{rows[-1]['ms_per_step_max']:.2f}; host "
+                f"{rows[-1]['host_ms_per_step_median']:.2f}), warm-up {warm:.2f} s",
                 flush=True,
             )
             del runner, opt, fresh
@@ -135,6 +139,7 @@ def format_table(res: dict[str, Any]) -> str:
     by = {(r["boundary"], r["mode"]): r for r in res["rows"]}
     bounds = list(dict.fromkeys(r["boundary"] for r in res["rows"]))
     head = f"{'b':>4} {'unit':>10} " + " ".join(f"{m + ' ms':>12}" for m in modes)
+    head += " " + " ".join(f"{m + ' host':>14}" for m in modes)
     if "none" in modes:
         head += " " + " ".join(f"{'none/' + m:>14}" for m in modes if m != "none")
     lines = [head]
@@ -145,6 +150,12 @@ def format_table(res: dict[str, Any]) -> str:
             for m in modes
         ]
         line = f"{b:>4} {unit:>10} " + " ".join(cells)
+        line += " " + " ".join(
+            f"{by[(b, m)].get('host_ms_per_step_median', float('nan')):14.2f}"
+            if (b, m) in by
+            else f"{'-':>14}"
+            for m in modes
+        )
         if "none" in modes and (b, "none") in by:
             base = by[(b, "none")]["ms_per_step_median"]
             line += " " + " ".join(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import compare, fidelity, views
+from benchmarks import compare, fidelity, step_probe, views
 
 
 def test_compare_quick_runs_every_variant(tmp_path, capsys):
@@ -264,3 +264,19 @@ def test_epochs_tables_each_variants_epochs_and_the_plans_error(tmp_path, capsys
         epochs.main([str(path)])
     assert exit_info.value.code == 2
     assert "is not a compare.py result" in capsys.readouterr().err
+
+
+def test_step_probe_times_each_boundary_and_the_hosts_part(tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    argv = ["--device", "cpu", "--depth", "10", "--growth", "4", "--batch-size", "8",
+            "--steps", "2", "--repeats", "3", "--warmup", "1", "--modes", "none",
+            "--boundaries", "0", "5", "--out", str(out)]  # fmt: skip
+    assert step_probe.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["boundary"], r["mode"]) for r in rows] == [(0, "none"), (5, "none")]
+    for r in rows:
+        # the host's part is timed within the same rounds, before their synchronisation
+        assert 0 < r["host_ms_per_step_median"] <= r["ms_per_step_median"]
+        assert r["ms_per_step_min"] <= r["ms_per_step_median"] <= r["ms_per_step_max"]
+    head = out.with_suffix(".txt").read_text().splitlines()[0].split()
+    assert head == ["b", "unit", "none", "ms", "none", "host"]
