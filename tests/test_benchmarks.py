@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import compare, fidelity, step_probe, views
+from benchmarks import compare, fidelity, step_ops, step_probe, views
 
 
 def test_compare_quick_runs_every_variant(tmp_path, capsys):
@@ -280,3 +280,20 @@ def test_step_probe_times_each_boundary_and_the_hosts_part(tmp_path, capsys):
         assert r["ms_per_step_min"] <= r["ms_per_step_median"] <= r["ms_per_step_max"]
     head = out.with_suffix(".txt").read_text().splitlines()[0].split()
     assert head == ["b", "unit", "none", "ms", "none", "host"]
+
+
+def test_step_ops_counts_what_a_step_dispatches_beyond_its_own_work(tmp_path, capsys):
+    out = tmp_path / "ops.json"
+    argv = ["--device", "cpu", "--num-samples", "192", "--batch-size", "32", "--epochs", "3",
+            "--out", str(out)]  # fmt: skip
+    assert step_ops.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and all(r["steps"] == 6 for r in rows)
+    last = rows[-1]  # reads a cache and writes none (no cache is written in the last epoch)
+    assert last["cache_boundary"] > 0
+    # the meter takes one copy a step; the iteration counter, the meter's sums and the sample
+    # visits are not counted per step any more
+    assert last["ops"]["copy_"] == 6
+    assert not {"fill_", "argmax", "index_add_", "isfinite", "where"} & set(last["ops"])
+    assert last["ops_per_step"] < rows[1]["ops_per_step"]  # epoch 1 writes a cache through
+    assert "ops/step" in out.with_suffix(".txt").read_text()

@@ -116,6 +116,11 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
         "two boundaries, one timed step, results in the temporary folder",
     ),
     (
+        r"^(python benchmarks/step_ops\.py .*)$",
+        r"\1 --num-samples 96 --epochs 2 --batch-size 32 --out ops/out.json",
+        "two epochs of 96 images, results in the temporary folder",
+    ),
+    (
         r"--subset \d+",
         "--subset 64",
         "a subset of the 96 synthetic images",
