@@ -69,11 +69,6 @@ class EpochMeter:
         self._iters[k] = j
         self.seen += n
 
-    @property
-    def losses(self) -> torch.Tensor:
-        """(steps,) the mean loss of each step (0 where none was recorded)."""
-        return self.stats[:, 0]
-
     def read(self) -> EpochTotals:
         """The epoch's totals on the host (a device sync: call it where the host waits
         anyway). Raises FloatingPointError naming the first iteration whose loss was not
@@ -99,7 +94,7 @@ class EpochMeter:
 
 @dataclass(frozen=True)
 class EpochTotals:
-    losses: list[float]  # the mean loss of each step of the epoch
+    losses: list[float]  # the mean loss of each step of the epoch (0 where none was recorded)
     loss_sum: float  # sum over samples
     correct: int
     seen: int
