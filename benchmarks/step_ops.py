@@ -33,17 +33,18 @@ from prefast import TrainConfig
 from prefast.training import Trainer
 
 
-class _Count(TorchDispatchMode):
-    """Counts the non-view ATen operations dispatched while ``self.active``."""
+class DispatchedOps(TorchDispatchMode):
+    """Records the names of the non-view ATen operations (views launch nothing) dispatched
+    inside the ``with`` block while ``active``, in order."""
 
     def __init__(self) -> None:
         super().__init__()
         self.active = True
-        self.ops: collections.Counter[str] = collections.Counter()
+        self.names: list[str] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if self.active and not getattr(func, "is_view", False):
-            self.ops[func.overloadpacket.__name__] += 1
+            self.names.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
 
 
@@ -51,38 +52,32 @@ def count(cfg: TrainConfig) -> list[dict[str, Any]]:
     """One row per epoch: the operations per step outside the step's own work."""
     tr = Trainer(cfg)
     rows: list[dict[str, Any]] = []
-    counter: list[_Count] = []
+    mode = DispatchedOps()  # entered for each epoch, paused inside each step's own work
     compute = tr.steps._compute
 
     @functools.wraps(compute)
     def step_work(*a: Any, **k: Any) -> Any:
-        mode = counter[-1] if counter else None
-        if mode is not None:
-            mode.active = False
+        mode.active = False
         try:
             return compute(*a, **k)
         finally:
-            if mode is not None:
-                mode.active = True
+            mode.active = True
 
     epoch_fn: Callable[[int], dict[str, Any]] = tr._train_epoch
 
     def counted_epoch(epoch: int) -> dict[str, Any]:
-        mode = _Count()
-        counter.append(mode)
-        try:
-            with mode:
-                rec = epoch_fn(epoch)
-        finally:
-            counter.pop()
+        mode.names.clear()
+        with mode:
+            rec = epoch_fn(epoch)
+        ops = collections.Counter(mode.names)
         steps = tr.iters_per_epoch
         rows.append({
             "epoch": epoch,
             "steps": steps,
-            "ops_per_step": sum(mode.ops.values()) / steps,
+            "ops_per_step": len(mode.names) / steps,
             "cache_boundary": rec["cache_boundary"],
             "frozen_units": rec["frozen_units"],
-            "ops": dict(mode.ops.most_common()),
+            "ops": dict(ops.most_common()),
         })  # fmt: skip
         return rec
 

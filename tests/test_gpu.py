@@ -186,20 +186,9 @@ def test_a_replayed_step_launches_only_its_copies():
     """With graphs, a step outside its graph copies the batch into the graph's inputs and the
     graph's stats into the meter; the iteration counter and the meter's sums happen in the
     graph or at the epoch's end. The losses equal eager steps' from the same start."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    from benchmarks.step_ops import DispatchedOps
     from prefast.training import Trainer
     from prefast.training.step import EpochMeter
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not getattr(func, "is_view", False):
-                self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     torch.backends.cudnn.deterministic = True
     x = torch.randn(32, 3, 32, 32, device="cuda")
@@ -215,7 +204,7 @@ def test_a_replayed_step_launches_only_its_copies():
             if k < 3:  # graphs: 2 eager warm-up steps, then the capture
                 tr.steps.step(x, y, k, k, meter)
                 continue
-            with Ops() as ops:
+            with DispatchedOps() as ops:
                 tr.steps.step(x, y, k, k, meter)
             if mode == "graphs":  # a replay
                 assert ops.names == ["copy_", "copy_", "copy_"], ops.names

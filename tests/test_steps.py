@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.step_ops import DispatchedOps
 from prefast import ConfigError, TrainConfig, train
 from prefast.freezeout import FreezeSchedule, ScheduleConfig, UnitSGD
 from prefast.models import create_model
@@ -75,19 +75,6 @@ def test_unit_sgd_drops_frozen_units_and_round_trips_its_state():
         ).load_state_dict(opt.state_dict())
 
 
-class _Ops(TorchDispatchMode):
-    """The ATen operations dispatched inside the block, views left out (they launch nothing)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not getattr(func, "is_view", False):
-            self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_epoch_meter_keeps_step_stats_and_names_the_first_bad_iteration():
     meter = EpochMeter(5, torch.device("cpu"))
     out = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
@@ -108,7 +95,7 @@ def test_epoch_meter_keeps_step_stats_and_names_the_first_bad_iteration():
 def test_a_step_hands_the_meter_one_device_operation():
     meter = EpochMeter(2, torch.device("cpu"))
     stats = step_stats(torch.tensor(0.25), torch.eye(3), torch.tensor([0, 1, 0]))
-    with _Ops() as ops:
+    with DispatchedOps() as ops:
         meter.add(0, 7, stats, 3)
     assert ops.names == ["copy_"]
     assert meter.read().correct == 2
@@ -130,7 +117,7 @@ def test_the_step_keeps_the_iteration_counter_itself():
     x = torch.randn((4, 3, 16, 16), generator=g)
     y = torch.randint(0, 10, (4,), generator=g)
     for k, j in enumerate([3, 4, 5, 21]):
-        with _Ops() as ops:
+        with DispatchedOps() as ops:
             runner.step(x, y, j, k, meter)
         assert ops.names.count("fill_") == (j in (3, 21))  # the first step and the jump
         assert int(runner.j) == j + 1

@@ -59,7 +59,6 @@ class EpochMeter:
         self.stats = torch.zeros(steps, 2, dtype=torch.float32, device=device)  # (loss, correct)
         self._sizes = [0] * steps  # samples of step k
         self._iters = [-1] * steps  # iteration of step k; -1: no step recorded
-        self.seen = 0  # samples, counted on the host
 
     def add(self, k: int, j: int, stats: torch.Tensor, n: int) -> None:
         """Record step ``k`` of the epoch (iteration ``j``, ``n`` samples); ``stats`` is its
@@ -67,7 +66,6 @@ class EpochMeter:
         self.stats[k].copy_(stats)
         self._sizes[k] = n
         self._iters[k] = j
-        self.seen += n
 
     def read(self) -> EpochTotals:
         """The epoch's totals on the host (a device sync: call it where the host waits
@@ -84,7 +82,7 @@ class EpochMeter:
             losses=s[:, 0].tolist(),
             loss_sum=float((s[:, 0] * sizes).sum()),
             correct=int(s[:, 1].sum()),
-            seen=self.seen,
+            seen=sum(self._sizes),
         )
 
     def check_finite(self) -> None:

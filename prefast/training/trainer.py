@@ -359,10 +359,8 @@ class Trainer:
             [totals.loss_sum, float(totals.correct), float(totals.seen)],
             "combining the epoch's loss",
         )
-        visits = torch.bincount(
-            torch.cat(visited) if visited else torch.zeros(0, dtype=torch.int64),
-            minlength=len(self.data.train),
-        ).to(torch.int32)  # this rank's visits per sample
+        # this rank's visits per sample (an epoch has at least one step)
+        visits = torch.bincount(torch.cat(visited), minlength=len(self.data.train)).to(torch.int32)
         if self.dist.enabled:
             visits = self.dist.run("combining the epoch's sample visits", _all_reduce_int, visits)
         cur = self.cache.cache if self.cache is not None else None
