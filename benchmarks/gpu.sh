@@ -8,9 +8,10 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu.sh
 #
-# 1. the per-boundary step probe, eager vs CUDA graphs, and graphs with cuDNN autotuning
-#    (graphs+tuned) (b = 0, 14, 27, 35, 38, 39); the
-#    scenario uses graphs only if they ran here (COMPILE=none|graphs forces a choice)
+# 1. the per-boundary step probe with CUDA graphs (b = 0, 14, 27, 35, 38, 39), and below the
+#    last unit the same steps writing the next cache through into each tier
+#    (PROBE_WRITE_THROUGH, default "device ram zarr"; empty: none); the scenario uses graphs
+#    only if they ran here (COMPILE=none|graphs forces a choice)
 #                                                                          -> step-probe-gpu.json
 # 2. the 16-epoch scenario: freezeout and prefast on the device, RAM and zarr tiers in one run,
 #    with freezeout's eager steps beside them unless EAGER_BASELINE=0 (DenseNet-BC-76 k=12,
@@ -21,7 +22,8 @@
 # 4. raw-store writes and loader feed rates to the GPU                         -> bench-feed-gpu.*
 #
 # SCENARIO_ARGS adds options to stage 2, e.g. SCENARIO_ARGS="--tiers device zarr --rounds 2".
-# PROBE_MODES, PROBE_BOUNDARIES and PROBE_TIMEOUT (s) change the probe, e.g. PROBE_MODES=inductor.
+# PROBE_MODES, PROBE_BOUNDARIES and PROBE_TIMEOUT (s) change the probe, e.g. PROBE_MODES="none
+# graphs graphs+tuned" for eager steps and cuDNN autotuning beside graphs.
 # STAGES picks stages (default "probe scenario tests feed"); a fifth, "fidelity", runs the
 # accuracy study on the same model and data (16 epochs, seeds 0 1 2, FIDELITY_VARIANTS,
 # default freezeout prefast-v1 prefast-v1-shift+flip) until the budget is spent, seed-major,
@@ -64,13 +66,16 @@ COMPILE=${COMPILE:-}
 if has probe; then
   echo "== 1. step probe ($(left) s left)"
   # shellcheck disable=SC2086
+  WT=${PROBE_WRITE_THROUGH-device ram zarr}
   timeout "${PROBE_TIMEOUT:-110}" python3 benchmarks/step_probe.py --device cuda \
-    --modes ${PROBE_MODES:-none graphs graphs+tuned} --boundaries ${PROBE_BOUNDARIES:-0 14 27 35 38 39} \
+    --modes ${PROBE_MODES:-graphs} --boundaries ${PROBE_BOUNDARIES:-0 14 27 35 38 39} \
+    ${WT:+--write-through $WT} --store-dir /tmp \
     --warmup 5 --steps 20 --repeats 3 --out "$W/step-probe-gpu.json" > "$W/step-probe-gpu.log" 2>&1
-  tail -6 "$W/step-probe-gpu.log"
+  tail -14 "$W/step-probe-gpu.log"
   if [ -z "$COMPILE" ]; then
+    # graphs where every boundary probed has a graphs row (a probe cut short has fewer)
     COMPILE=none
-    python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows']; sys.exit(0 if sum(x['mode']=='graphs' for x in r)==6 else 1)" \
+    python3 -c "import json,sys; a=json.load(open(sys.argv[1])); r=[x for x in a['rows'] if 'write_through' not in x]; b=a['config']['boundaries']; sys.exit(0 if b and {x['boundary'] for x in r if x['mode']=='graphs'}==set(b) else 1)" \
       "$W/step-probe-gpu.json" 2>/dev/null && COMPILE=graphs
   fi
 fi

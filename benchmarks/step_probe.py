@@ -10,8 +10,17 @@ during the warm-up), all in one process on one device: warm-up steps first (they
 graph capture and compilation, reported apart), then the median and spread of
 ``--repeats`` timed rounds of ``--steps`` steps each, synchronised at the round's ends only.
 
+``--write-through device ram zarr`` adds, at each ``b`` below the last unit, the steps of an
+epoch that writes the next cache: unit ``b`` frozen too, each step handing its output (the
+activation at ``b + 1``) to write-through into an empty cache in each tier (the store is
+prepared for row writes first, as a plan's later stores are), each sample once in a shuffled
+order, beside the same steps unwritten. On CUDA the host tiers' rows are written on a thread;
+a round pays for them where they hold the steps back (at most four batches in flight).
+
     python benchmarks/step_probe.py --device cuda                 # DenseNet-BC-76 k=12, batch 256
     python benchmarks/step_probe.py --device cpu --depth 16 --growth 8 --batch-size 50 --steps 5
+    python benchmarks/step_probe.py --device cpu --depth 16 --growth 8 --batch-size 50 \
+        --modes none --boundaries 4 8 --write-through device ram zarr
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import store
 from benchmarks.common import RESULTS_DIR, environment, write_json
+from prefast.cache.write_through import WriteThrough
 from prefast.freezeout import (
     FreezeSchedule,
     ScheduleConfig,
@@ -35,12 +48,136 @@ from prefast.freezeout import (
     freeze_prefix,
     set_train_modes,
 )
-from prefast.models import create_model
+from prefast.models import UnitModel, create_model
 from prefast.runtime import synchronize
 from prefast.training.step import EpochMeter, StepRunner
 
+WRITE_THROUGH_TIERS = ("device", "ram", "zarr")
+CACHE_DTYPE = "float16"  # prefast train's default --cache-dtype
 
-def probe(args: argparse.Namespace) -> dict[str, Any]:
+
+def _sink(tier: str, shape: tuple[int, ...], n: int, device: torch.device, folder: Path) -> Any:
+    """An empty cache of ``n`` samples of ``shape`` in ``tier``, as write-through opens one; the
+    store is prepared for row writes first, as the stores a plan writes after its first are
+    (``prefast.cache.ahead``)."""
+    if tier == "device":
+        return store.DeviceCache.empty(n, 1, shape, CACHE_DTYPE, device=device)
+    if tier == "ram":
+        return store.RamCache.empty(n, 1, shape, CACHE_DTYPE, pin=False)
+    writer = store.create(
+        folder / "probe-store", sample_shape=shape, num_samples=n, dtype=CACHE_DTYPE, overwrite=True
+    )
+    writer.prepare_rows()
+    return writer
+
+
+def time_steps(
+    args: argparse.Namespace,
+    device: torch.device,
+    model: UnitModel,
+    sched: FreezeSchedule,
+    shapes: list[tuple[int, ...]],
+    b: int,
+    mode: str,
+    tier: str | None = None,
+    folder: Path | None = None,
+) -> dict[str, Any]:
+    """One row: steps trained from boundary ``b`` in ``mode``. With ``tier``, unit ``b`` is
+    frozen too (frontier ``b + 1``) and each step writes its output, the activation at
+    ``b + 1``, through into an empty cache in that tier (``WriteThrough.take``), each sample
+    once in a shuffled order, as in an epoch that writes the next cache; ``tier="none"``
+    times the same steps without the write, for reference."""
+    base, _, tuned = mode.partition("+")
+    torch.backends.cudnn.benchmark = bool(tuned)
+    n = model.num_units
+    f = b if tier is None else b + 1
+    fresh = create_model(
+        args.model, num_classes=10, in_channels=3, image_size=32, depth=args.depth,
+        growth=args.growth,
+    ).to(device)  # fmt: skip
+    fresh.load_state_dict(model.state_dict())
+    if args.channels_last:
+        fresh = fresh.to(memory_format=torch.channels_last)
+    freeze_prefix(fresh, f)
+    set_train_modes(fresh, f)
+    opt = UnitSGD(fresh, sched, range(f, n), momentum=0.9, nesterov=True, weight_decay=1e-4)
+    runner = StepRunner(fresh, device, args.amp, args.channels_last, base, args.batch_size)
+    total = args.warmup + args.steps * args.repeats
+    writer: WriteThrough | None = None
+    order = torch.randperm(total * args.batch_size, generator=torch.Generator().manual_seed(b))
+    if tier not in (None, "none"):
+        if folder is None:
+            raise ValueError("a write-through row needs a folder for its store")
+        writer = WriteThrough(
+            target=f, sink=_sink(tier, shapes[f], len(order), device, folder), tier=tier,
+            path=None, fingerprint="step-probe", meta={}, chain=(f,),
+            labels=torch.zeros(len(order), dtype=torch.int64), dtype=CACHE_DTYPE, device=device,
+            batch_size=args.batch_size, sample_shape=shapes[f],
+        )  # fmt: skip
+        runner.configure(b, f, opt, None, tap_at=f, tap_fn=writer.take)
+    else:
+        runner.configure(b, f, opt, None)
+    g = torch.Generator().manual_seed(b)
+    x = torch.randn((args.batch_size, *shapes[b]), generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
+    meter = EpochMeter(total, device)
+    k = 0
+
+    def step() -> None:
+        nonlocal k
+        ids = order[k * args.batch_size : (k + 1) * args.batch_size] if writer else None
+        runner.step(x, y, k, k, meter, ids=ids)
+        k += 1
+
+    try:
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(args.warmup):  # warm-up, capture, compilation
+            step()
+        synchronize(device)
+        warm = time.perf_counter() - t
+        times, issued = [], []
+        for _ in range(args.repeats):
+            synchronize(device)
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            issued.append((time.perf_counter() - t) / args.steps)  # the host's part
+            synchronize(device)
+            times.append((time.perf_counter() - t) / args.steps)
+        meter.check_finite()
+    finally:
+        if writer is not None:
+            writer.abort()
+    ms = [1e3 * v for v in times]
+    row = {
+        "boundary": b,
+        "unit": model.unit_names[b - 1] if b else "input",
+        "mode": mode,
+        "ms_per_step_median": statistics.median(ms),
+        "ms_per_step_min": min(ms),
+        "ms_per_step_max": max(ms),
+        # the host's time to launch a step (CUDA: near ms_per_step where the host, not
+        # the device, bounds the step; on a CPU the same, since nothing is queued)
+        "host_ms_per_step_median": 1e3 * statistics.median(issued),
+        "warmup_seconds": warm,
+        "captures": runner.captures,
+        "capture_seconds": runner.capture_seconds,
+        "images_per_second": args.batch_size / (statistics.median(ms) / 1e3),
+    }
+    if tier is not None:
+        # samples whose rows the steps handed over (every step's batch where a tier is written)
+        written = int(writer.written.sum()) if writer is not None else 0
+        row |= {"frontier": f, "write_through": tier, "samples_written": written}
+    torch.backends.cudnn.benchmark = False
+    return row
+
+
+def probe(
+    args: argparse.Namespace, save: Callable[[dict[str, Any]], object] | None = None
+) -> dict[str, Any]:
+    """Every row; ``save`` is given the result so far after each row (a probe stopped by a
+    time limit keeps what it measured)."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = create_model(
@@ -55,96 +192,60 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     n = model.num_units
     bounds = args.boundaries or sorted({0, *model.cut_points, n - 1, n})
+    if any(not 0 <= b <= n for b in bounds):
+        raise SystemExit(f"--boundaries: each must be in 0..{n} (the model's units), got {bounds}")
     shapes = [(3, 32, 32), *model.boundary_shapes((3, 32, 32))]
     sched = FreezeSchedule(ScheduleConfig(mode="freezeout"), n, 10**6)
     for mode in args.modes:  # checked before any step runs
         base, _, tuned = mode.partition("+")
         if base not in ("none", "graphs", "inductor") or tuned not in ("", "tuned"):
             raise SystemExit(f"--modes: {mode!r} is not none|graphs|inductor[+tuned]")
-    rows = []
-    for b in bounds:
-        for mode in args.modes:
-            base, _, tuned = mode.partition("+")
-            if device.type != "cuda" and (base == "graphs" or tuned):
-                continue
-            torch.backends.cudnn.benchmark = bool(tuned)
-            fresh = create_model(
-                args.model,
-                num_classes=10,
-                in_channels=3,
-                image_size=32,
-                depth=args.depth,
-                growth=args.growth,
-            ).to(device)
-            fresh.load_state_dict(model.state_dict())
-            if args.channels_last:
-                fresh = fresh.to(memory_format=torch.channels_last)
-            freeze_prefix(fresh, b)
-            set_train_modes(fresh, b)
-            opt = UnitSGD(fresh, sched, range(b, n), momentum=0.9, nesterov=True, weight_decay=1e-4)
-            runner = StepRunner(fresh, device, args.amp, args.channels_last, base, args.batch_size)
-            runner.configure(b, b, opt, None)
-            g = torch.Generator().manual_seed(b)
-            x = torch.randn((args.batch_size, *shapes[b]), generator=g).to(device)
-            y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
-            meter = EpochMeter(args.steps * (args.repeats + 1) + args.warmup, device)
-            k = 0
-            synchronize(device)
-            t = time.perf_counter()
-            for _ in range(args.warmup):  # warm-up, capture, compilation
-                runner.step(x, y, k, k, meter)
-                k += 1
-            synchronize(device)
-            warm = time.perf_counter() - t
-            times, issued = [], []
-            for _ in range(args.repeats):
-                synchronize(device)
-                t = time.perf_counter()
-                for _ in range(args.steps):
-                    runner.step(x, y, k, k, meter)
-                    k += 1
-                issued.append((time.perf_counter() - t) / args.steps)  # the host's part
-                synchronize(device)
-                times.append((time.perf_counter() - t) / args.steps)
-            meter.check_finite()
-            ms = [1e3 * v for v in times]
-            rows.append({
-                "boundary": b,
-                "unit": model.unit_names[b - 1] if b else "input",
-                "mode": mode,
-                "ms_per_step_median": statistics.median(ms),
-                "ms_per_step_min": min(ms),
-                "ms_per_step_max": max(ms),
-                # the host's time to launch a step (CUDA: near ms_per_step where the host, not
-                # the device, bounds the step; on a CPU the same, since nothing is queued)
-                "host_ms_per_step_median": 1e3 * statistics.median(issued),
-                "warmup_seconds": warm,
-                "captures": runner.captures,
-                "capture_seconds": runner.capture_seconds,
-                "images_per_second": args.batch_size / (statistics.median(ms) / 1e3),
-            })  # fmt: skip
-            print(
-                f"b={b:>3} {rows[-1]['unit']:>10} {mode:>8}: {rows[-1]['ms_per_step_median']:8.2f} ms/step "
-                f"({rows[-1]['ms_per_step_min']:.2f}..{rows[-1]['ms_per_step_max']:.2f}; host "
-                f"{rows[-1]['host_ms_per_step_median']:.2f}), warm-up {warm:.2f} s",
-                flush=True,
-            )
-            del runner, opt, fresh
-    torch.backends.cudnn.benchmark = False
+    # graphs and cuDNN autotuning are CUDA's
+    modes = [
+        m
+        for m in args.modes
+        if device.type == "cuda" or (m.partition("+")[0] != "graphs" and "+" not in m)
+    ]
+    rows: list[dict[str, Any]] = []
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print(_line(row), flush=True)
+        if save is not None:
+            save({"config": vars(args), "rows": rows, "partial": True})
+
+    with tempfile.TemporaryDirectory(prefix="prefast-step-probe-", dir=args.store_dir) as tmp:
+        for b in bounds:
+            for mode in modes:
+                add(time_steps(args, device, model, sched, shapes, b, mode))
+                # write-through: unit b frozen too, its output written; the same steps unwritten
+                for tier in ("none", *args.write_through) if args.write_through and b < n else ():
+                    add(time_steps(args, device, model, sched, shapes, b, mode, tier, Path(tmp)))
     return {"config": vars(args), "rows": rows}
 
 
+def _line(r: dict[str, Any]) -> str:
+    wt = f" write-through {r['write_through']:>6}" if "write_through" in r else ""
+    return (
+        f"b={r['boundary']:>3} {r['unit']:>10} {r['mode']:>8}{wt}: "
+        f"{r['ms_per_step_median']:8.2f} ms/step ({r['ms_per_step_min']:.2f}.."
+        f"{r['ms_per_step_max']:.2f}; host {r['host_ms_per_step_median']:.2f}), warm-up "
+        f"{r['warmup_seconds']:.2f} s"
+    )
+
+
 def format_table(res: dict[str, Any]) -> str:
-    modes = list(dict.fromkeys(r["mode"] for r in res["rows"]))
-    by = {(r["boundary"], r["mode"]): r for r in res["rows"]}
-    bounds = list(dict.fromkeys(r["boundary"] for r in res["rows"]))
+    plain = [r for r in res["rows"] if "write_through" not in r]
+    modes = list(dict.fromkeys(r["mode"] for r in plain))
+    by = {(r["boundary"], r["mode"]): r for r in plain}
+    bounds = list(dict.fromkeys(r["boundary"] for r in plain))
     head = f"{'b':>4} {'unit':>10} " + " ".join(f"{m + ' ms':>12}" for m in modes)
     head += " " + " ".join(f"{m + ' host':>14}" for m in modes)
     if "none" in modes:
         head += " " + " ".join(f"{'none/' + m:>14}" for m in modes if m != "none")
     lines = [head]
     for b in bounds:
-        unit = next(r["unit"] for r in res["rows"] if r["boundary"] == b)
+        unit = next(r["unit"] for r in plain if r["boundary"] == b)
         cells = [
             f"{by[(b, m)]['ms_per_step_median']:12.2f}" if (b, m) in by else f"{'-':>12}"
             for m in modes
@@ -164,7 +265,38 @@ def format_table(res: dict[str, Any]) -> str:
                 if m != "none"
             )
         lines.append(line)
-    return "\n".join(lines)
+    return "\n".join(lines + _write_through_table(res["rows"]))
+
+
+def _write_through_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The write-through rows: per boundary and mode, the steps unwritten (``none``) and, per
+    tier, writing (ms a step, what the write adds, the host's part)."""
+    wt = [r for r in rows if "write_through" in r]
+    if not wt:
+        return []
+    tiers = [t for t in dict.fromkeys(r["write_through"] for r in wt) if t != "none"]
+    by = {(r["boundary"], r["mode"], r["write_through"]): r for r in wt}
+    lines = [
+        "",
+        "write-through: unit b frozen too, each step writing its output (the activation at b+1)",
+        "into a cache in each tier; +ms: over the same steps unwritten (none)",
+        f"{'b':>4} {'unit':>10} {'mode':>12} {'none ms':>9}"
+        + "".join(f" {t + ' ms':>10} {'+ms':>7} {t + ' host':>10}" for t in tiers),
+    ]
+    for b, mode in dict.fromkeys((r["boundary"], r["mode"]) for r in wt):
+        ref = by.get((b, mode, "none"))
+        base = ref["ms_per_step_median"] if ref else float("nan")
+        unit = next(r["unit"] for r in wt if r["boundary"] == b)
+        line = f"{b:>4} {unit:>10} {mode:>12} {base:9.2f}"
+        for t in tiers:
+            r = by.get((b, mode, t))
+            if r is None:
+                line += f" {'-':>10} {'-':>7} {'-':>10}"
+                continue
+            ms = r["ms_per_step_median"]
+            line += f" {ms:10.2f} {ms - base:+7.2f} {r['host_ms_per_step_median']:10.2f}"
+        lines.append(line)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +315,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--write-through",
+        nargs="+",
+        default=[],
+        choices=WRITE_THROUGH_TIERS,
+        metavar="TIER",
+        help="also time, at each boundary b below the last unit, steps that freeze unit b too "
+        "and write its output into a cache in each of these tiers (device, ram, zarr), beside "
+        "the same steps unwritten",
+    )
+    p.add_argument(
+        "--store-dir",
+        default=None,
+        help="folder for the zarr tier's store (a temporary folder in it; default: the system's)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -190,11 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         args.amp = "bf16" if cuda else "none"
     if args.channels_last is None:
         args.channels_last = cuda
-    res = probe(args)
-    res["environment"] = environment()
     out = (
         Path(args.out) if args.out else RESULTS_DIR / f"step-probe-{'gpu' if cuda else 'cpu'}.json"
     )
+    env = environment()
+    res = probe(args, lambda partial: write_json(out, partial | {"environment": env}))
+    res["environment"] = env
     write_json(out, res)
     text = format_table(res)
     out.with_suffix(".txt").write_text(text + "\n")

@@ -282,6 +282,32 @@ def test_step_probe_times_each_boundary_and_the_hosts_part(tmp_path, capsys):
     assert head == ["b", "unit", "none", "ms", "none", "host"]
 
 
+def test_step_probe_times_steps_writing_through_into_each_tier(tmp_path, capsys):
+    out, stores = tmp_path / "probe.json", tmp_path / "stores"
+    stores.mkdir()
+    argv = ["--device", "cpu", "--depth", "10", "--growth", "4", "--batch-size", "7",
+            "--steps", "2", "--repeats", "2", "--warmup", "1", "--modes", "none",
+            "--boundaries", "2", "6", "--write-through", "device", "ram", "zarr",
+            "--store-dir", str(stores), "--out", str(out)]  # fmt: skip
+    assert step_probe.main(argv) == 0
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert "partial" not in res  # saved after each row, then complete
+    # b=6 is the last unit's output: nothing above it to freeze and write
+    assert [(r["boundary"], r.get("write_through")) for r in rows] == [
+        (2, None), (2, "none"), (2, "device"), (2, "ram"), (2, "zarr"), (6, None),
+    ]  # fmt: skip
+    steps = 1 + 2 * 2  # warm-up and timed rounds: each step's batch of 7 written once
+    for r in rows[1:5]:
+        assert r["frontier"] == 3 and r["ms_per_step_median"] > 0
+        assert r["samples_written"] == (0 if r["write_through"] == "none" else 7 * steps)
+    assert list(stores.iterdir()) == []  # the store's temporary folder is gone
+    text = out.with_suffix(".txt").read_text()
+    assert "write-through: unit b frozen too" in text
+    line = next(s for s in text.splitlines() if s.split()[:3] == ["2", "dense1.1", "none"])
+    assert len(line.split()) == 4 + 3 * 3  # b, unit, mode, none ms; ms, +ms, host per tier
+
+
 def test_step_ops_counts_what_a_step_dispatches_beyond_its_own_work(tmp_path, capsys):
     out = tmp_path / "ops.json"
     argv = ["--device", "cpu", "--num-samples", "192", "--batch-size", "32", "--epochs", "3",
