@@ -1,7 +1,10 @@
 """Where each variant's epochs went, from a ``compare.py`` result: one Markdown table per t0,
 epochs as columns, and for each variant the seconds an epoch took, what the write-through
 plan predicted for it (``plan_seconds``), the host's waits for batches, the cache loaders'
-own account, the cache-pass seconds and the boundary held at the epoch's end. No timing: it
+own account, the seconds spent measuring the planner's costs (``probe_seconds``), for a cache
+written through during the epoch the seconds its hand-over held the training thread and the
+rows its catch-up computed, the cache-pass seconds (catch-up and close included) and the
+boundary held at the epoch's end (``-``: not recorded by the run's version). No timing: it
 reads the records a run wrote (the first round's, where a scenario ran several).
 
     python benchmarks/epochs.py benchmarks/results/gpu/h200-3495aee/compare-gpu-long.json
@@ -35,11 +38,24 @@ def _loader(rec: dict[str, Any]) -> str:
     return f"{ld['gather'] + ld['buffers'] + ld['copy']:.2f}"
 
 
+def _written(key: str, fmt: str) -> Row:
+    """A field of the account of the cache an epoch wrote through (``-``: none written)."""
+
+    def cell(rec: dict[str, Any]) -> str:
+        wt = rec.get("write_through")
+        return "-" if not wt else fmt.format(wt[key])
+
+    return cell
+
+
 ROWS: list[tuple[str, Row]] = [
     ("s", lambda r: _s(r["train_seconds"])),
     ("plan s", lambda r: _s(r.get("plan_seconds"))),
     ("waited s", lambda r: _s(r.get("input_wait_seconds"))),
     ("loader s", _loader),
+    ("probe s", lambda r: _s(r.get("probe_seconds"))),
+    ("hand-over s", _written("take_seconds", "{:.2f}")),
+    ("catch-up rows", _written("catch_up_samples", "{}")),
     ("cache s", lambda r: _s(r.get("cache_build_seconds"))),
     ("boundary", lambda r: str(r["cache_boundary"])),
 ]

@@ -231,18 +231,22 @@ def test_plan_whatif_plans_each_tier_from_a_runs_logged_costs(tmp_path, capsys):
 def test_epochs_tables_each_variants_epochs_and_the_plans_error(tmp_path, capsys):
     from benchmarks import epochs
 
-    def rec(e, s, plan=None, wait=0.5, loader=None, boundary=0):
+    def rec(e, s, plan=None, wait=0.5, loader=None, boundary=0, probe=0.0, wt=None):
         return {"epoch": e, "train_seconds": s, "plan_seconds": plan, "input_wait_seconds": wait,
-                "loader_seconds": loader, "cache_build_seconds": 0.0, "cache_boundary": boundary}  # fmt: skip
+                "loader_seconds": loader, "cache_build_seconds": 0.0, "cache_boundary": boundary,
+                "probe_seconds": probe, "write_through": wt}  # fmt: skip
 
     ld = {"batches": 7, "bytes": 10, "gather": 0.25, "buffers": 0.125, "copy": 0.125,
           "starved": 1.0, "full": 0.0}  # fmt: skip
+    wt = {"boundary": 2, "tier": "zarr", "bytes": 640, "take_seconds": 0.125,
+          "copy_wait_seconds": 0.0, "scatter_seconds": 0.0, "catch_up_samples": 32,
+          "finish_seconds": 0.0625}  # fmt: skip
     result = {
         "scenario": "demo",
         "runs": {"t0=0.6": {"variants": [
             {"variant": "freezeout", "records": [rec(0, 3.0), rec(1, 2.0), rec(2, 1.5)]},
             {"variant": "prefast-zarr", "records": [
-                rec(0, 3.0), rec(1, 1.5, plan=1.0, loader=ld, boundary=2),
+                rec(0, 3.0), rec(1, 1.5, plan=1.0, loader=ld, boundary=2, probe=0.25, wt=wt),
                 rec(2, 0.75, plan=0.5, loader=ld, boundary=2)]},
         ]}},
     }  # fmt: skip
@@ -252,7 +256,12 @@ def test_epochs_tables_each_variants_epochs_and_the_plans_error(tmp_path, capsys
     assert "| prefast-zarr plan s | 1.00 | 0.50 |" in text
     assert "| prefast-zarr loader s | 0.50 | 0.50 |" in text  # gather + buffers + copy
     assert "| prefast-zarr boundary | 2 | 2 |" in text
+    assert "| prefast-zarr probe s | 0.25 | 0.00 |" in text
+    # the cache epoch 1 wrote through: the training thread's hold, the catch-up's rows
+    assert "| prefast-zarr hand-over s | 0.12 | - |" in text
+    assert "| prefast-zarr catch-up rows | 32 | - |" in text
     assert "freezeout plan s" not in text and "freezeout boundary" not in text  # nothing to say
+    assert "freezeout hand-over s" not in text and "freezeout probe s" not in text
     # epochs 1-2 were predicted at 1.5 s and took 2.25 s
     assert "- prefast-zarr, epochs 1-2: the plan predicted 1.50 s, they took 2.25 s (1.50x)" in text
     path = tmp_path / "r.json"

@@ -6,6 +6,7 @@ import json
 import logging
 import platform
 import resource
+import time
 from pathlib import Path
 
 import numpy as np
@@ -452,6 +453,41 @@ def test_each_epoch_records_what_the_write_through_plan_predicted_for_it(monkeyp
     assert [x["plan_seconds"] for x in fixed.records] == [None] * 4
 
 
+def test_epochs_record_the_planners_probes_and_each_cache_written_through(monkeypatch):
+    import prefast.cache.manager as M
+
+    def slow(real):
+        def measure(*a, **kw):
+            time.sleep(0.05)  # a probe known to take at least this long
+            return real(*a, **kw)
+
+        return measure
+
+    monkeypatch.setattr(M, "measure_unit_forward", slow(M.measure_unit_forward))
+    monkeypatch.setattr(M, "measure_tier_rates", slow(M.measure_tier_rates))
+    r = train(tiny(mode="prefast", cache="ram", epochs=6, recache_policy="auto"))
+    probes = [x["probe_seconds"] for x in r.records]
+    # the costs and the RAM tier's rates are measured once, in the epoch of the first freeze
+    first = next(x["epoch"] for x in r.records if x["frozen_units"] > 0)
+    assert probes[first] >= 0.1 and probes[:first] + probes[first + 1 :] == [0.0] * 5
+    assert r.summary["total_probe_seconds"] == pytest.approx(sum(probes))
+    assert probes[first] < r.records[first]["train_seconds"]  # part of the epoch's time
+    written = [(x["epoch"], x["write_through"]) for x in r.records if x["write_through"]]
+    assert written  # the plan writes at least one cache
+    prev = 0
+    for x in r.records:  # an account where, and only where, an epoch's end moved the boundary
+        wt = x["write_through"]
+        assert (wt is not None) == (x["cache_boundary"] != prev)
+        prev = x["cache_boundary"]
+        if wt is None:
+            continue
+        assert (wt["boundary"], wt["tier"]) == (x["cache_boundary"], "ram")
+        per_sample = x["cache_bytes"] // 96
+        # every sample once: handed over by a step, or computed by the catch-up
+        assert wt["bytes"] + wt["catch_up_samples"] * per_sample == x["cache_bytes"]
+        assert wt["take_seconds"] > 0 and wt["copy_wait_seconds"] == 0.0  # rows on this thread
+
+
 # ---- metrics, checkpoints, resume ---------------------------------------------------------------------
 def test_metrics_jsonl_and_config(tmp_path):
     m = tmp_path / "run" / "metrics.jsonl"
@@ -462,6 +498,7 @@ def test_metrics_jsonl_and_config(tmp_path):
         "epoch", "iterations", "train_loss", "train_accuracy", "test_loss", "test_error", "train_seconds",
         "cache_build_seconds", "frozen_units", "cache_boundary", "cache_tier", "cache_bytes",
         "peak_host_private_bytes", "peak_gpu_bytes", "input_wait_seconds", "plan_seconds",
+        "probe_seconds", "write_through",
     ):  # fmt: skip
         assert k in lines[0], k
     for x in lines[:3]:  # the host's waits for batches are part of the epoch's time

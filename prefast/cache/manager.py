@@ -125,6 +125,9 @@ class CacheManager:
         self.progress = progress
         self.cache: Cache | None = None
         self.seconds = 0.0  # spent building caches, all passes of the run
+        # spent measuring what the planner needs (unit forwards, tier rates), the whole run
+        self.probe_seconds = 0.0
+        self._written: dict[str, Any] | None = None  # the account of the cache written last
         self.cost: CostModel | None = None
         self._probe_shape: tuple[int, ...] = ()  # sample shape the tier rates are probed with
         self._auto_plan: dict[int, int] | None = None  # iteration -> boundary (auto policy)
@@ -454,6 +457,7 @@ class CacheManager:
             w.abort()
             raise
         self.seconds += time.perf_counter() - t  # the finish (missing rows, close); writes overlap
+        self._written = w.account()
         self.cache = cache
         self._retire(prev)
         log.info(
@@ -640,9 +644,22 @@ class CacheManager:
         )
         return [(it, self.schedule.frozen_count(it)) for it in its]
 
+    @contextlib.contextmanager
+    def _probing(self) -> Iterator[None]:
+        """Count the block's seconds in ``probe_seconds``."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.probe_seconds += time.perf_counter() - t
+
     def _measure_costs(self, j: int, frontier: int) -> CostModel:
         """Per-sample compute costs measured now on this device (DESIGN section 4); the tiers'
         rates are measured when a plan first needs them (``_plan_tiers``)."""
+        with self._probing():
+            return self._measure_compute(j, frontier)
+
+    def _measure_compute(self, j: int, frontier: int) -> CostModel:
         cfg, train = self.cfg, self.data.train
         idx = np.arange(min(cfg.batch_size, len(train)))
         aug = (
@@ -720,6 +737,14 @@ class CacheManager:
         missing = needed - set(self.cost.read_rate)
         if not missing:
             return tiers
+        with self._probing():
+            self._measure_rates(j, missing)
+        return tiers
+
+    def _measure_rates(self, j: int, missing: set[str]) -> None:
+        """Measure the read and write rates of the tiers in ``missing`` into ``self.cost``."""
+        if self.cost is None:
+            raise CacheError("tier rates asked for before the costs were measured")
         cfg = self.cfg
         rates: dict[str, tuple[float, float]] = {}
         seconds, samples = self._probe_limits(j)
@@ -766,7 +791,6 @@ class CacheManager:
             seconds,
             samples,
         )
-        return tiers
 
     # ---- building ---------------------------------------------------------------------------------
     def _recache(self, b_new: int, j: int) -> None:
@@ -846,6 +870,12 @@ class CacheManager:
         epoch took; None where no plan covers the whole epoch (before the plan, the epoch it
         was made in, other policies)."""
         return self._epoch_predicted.get(epoch)
+
+    def take_write_through_account(self) -> dict[str, Any] | None:
+        """The account of the cache written through since the last call (``WriteThrough.
+        account``), or None where none was completed since."""
+        written, self._written = self._written, None
+        return written
 
     def take_loader_stats(self) -> store.LoaderStats:
         """Where the loaders spent their time since the last call (the trainer's epoch)."""

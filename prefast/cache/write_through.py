@@ -83,6 +83,8 @@ class WriteThrough:
         self.take_bytes = 0  # bytes of rows handed over by the steps
         self.copy_wait_seconds = 0.0  # the writer thread waiting for device -> host copies
         self.scatter_seconds = 0.0  # the writer thread writing rows into the sink
+        self.catch_up_samples = 0  # rows the epoch-end catch-up pass computed (finish)
+        self.finish_seconds = 0.0  # the catch-up pass and the close (finish)
         self._t0 = time.perf_counter()
         self._error: BaseException | None = None
         self._async = device.type == "cuda" and tier != "device"
@@ -212,6 +214,7 @@ class WriteThrough:
         source = open_source()
         now = time.perf_counter()
         seconds = now - self._t0
+        self.catch_up_samples, self.finish_seconds = int(missing.size), now - t_finish
         nbytes = int(source.nbytes)
         writer = (
             f"; the writer thread waited {self.copy_wait_seconds:.2f} s for copies and wrote "
@@ -241,6 +244,23 @@ class WriteThrough:
             meta=self.meta,
             chain=self.chain,
         )
+
+    def account(self) -> dict[str, Any]:
+        """Where writing this cache went, for the epoch's record: the boundary and tier, the
+        bytes the steps handed over and the seconds that held the training thread, the writer
+        thread's waits for device-to-host copies and its row writes (0 where rows are written
+        on the training thread), the catch-up's samples and the seconds of catch-up and
+        close (after ``finish``)."""
+        return {
+            "boundary": self.target,
+            "tier": self.tier,
+            "bytes": self.take_bytes,
+            "take_seconds": round(self.take_seconds, 4),
+            "copy_wait_seconds": round(self.copy_wait_seconds, 4),
+            "scatter_seconds": round(self.scatter_seconds, 4),
+            "catch_up_samples": self.catch_up_samples,
+            "finish_seconds": round(self.finish_seconds, 4),
+        }
 
     def abort(self) -> None:
         """Stop without completing (the sink stays incomplete: a store never opens as done)."""

@@ -305,6 +305,7 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         watch = Stopwatch(self.device)
         cache_before = self.cache.seconds if self.cache is not None else 0.0
+        probe_before = self.cache.probe_seconds if self.cache is not None else 0.0
         meter = EpochMeter(self.iters_per_epoch, self.device)
         visited: list[torch.Tensor] = []  # this rank's batches' sample ids, counted at the end
         j = epoch * self.iters_per_epoch
@@ -378,6 +379,13 @@ class Trainer:
             "loader_seconds": loader.as_dict() if loader is not None and loader.batches else None,
             "cache_build_seconds": (self.cache.seconds if self.cache is not None else 0.0)
             - cache_before,
+            # measuring the planner's costs (unit forwards, tier rates): part of the epoch
+            "probe_seconds": (self.cache.probe_seconds if self.cache is not None else 0.0)
+            - probe_before,
+            # the cache the epoch's steps wrote through, where one was completed at its end
+            "write_through": self.cache.take_write_through_account()
+            if self.cache is not None
+            else None,
             # the write-through plan's prediction for this epoch (None: no plan covers it)
             "plan_seconds": self.cache.predicted_seconds(epoch) if self.cache is not None else None,
             "frozen_units": self.frontier,
@@ -528,6 +536,8 @@ class Trainer:
             "iterations": self.total_iterations,
             "total_train_seconds": sum(r["train_seconds"] for r in recs),
             "total_cache_build_seconds": sum(r["cache_build_seconds"] for r in recs),
+            # records restored from a checkpoint of an older version may lack it
+            "total_probe_seconds": sum(r.get("probe_seconds", 0.0) for r in recs),
             "final_test_error": last.get("test_error"),
             "final_test_loss": last.get("test_loss"),
             "best_test_error": min((r["test_error"] for r in recs), default=None),
