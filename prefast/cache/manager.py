@@ -646,7 +646,9 @@ class CacheManager:
 
     @contextlib.contextmanager
     def _probing(self) -> Iterator[None]:
-        """Count the block's seconds in ``probe_seconds``."""
+        """Count the block's seconds in ``probe_seconds``. The device's queued steps finish
+        first (the probes wait for them anyway): their time is the steps', not the probe's."""
+        synchronize(self.device)
         t = time.perf_counter()
         try:
             yield
