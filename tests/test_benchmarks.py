@@ -317,6 +317,27 @@ def test_step_probe_times_steps_writing_through_into_each_tier(tmp_path, capsys)
     assert len(line.split()) == 4 + 3 * 3  # b, unit, mode, none ms; ms, +ms, host per tier
 
 
+def test_step_probe_stopped_midway_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "probe.json"
+    real, calls = step_probe.time_steps, []
+
+    def second_row_stops(*a, **kw):
+        calls.append(a[5])  # the boundary
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a time limit's signal would stop it
+        return real(*a, **kw)
+
+    monkeypatch.setattr(step_probe, "time_steps", second_row_stops)
+    argv = ["--device", "cpu", "--depth", "10", "--growth", "4", "--batch-size", "4",
+            "--steps", "1", "--repeats", "1", "--warmup", "1", "--modes", "none",
+            "--boundaries", "0", "5", "--out", str(out)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        step_probe.main(argv)
+    res = json.loads(out.read_text())
+    assert res["partial"] is True and [r["boundary"] for r in res["rows"]] == [0]
+    assert "commit" in res["environment"]
+
+
 def test_step_ops_counts_what_a_step_dispatches_beyond_its_own_work(tmp_path, capsys):
     out = tmp_path / "ops.json"
     argv = ["--device", "cpu", "--num-samples", "192", "--batch-size", "32", "--epochs", "3",
