@@ -71,6 +71,19 @@ def _sink(tier: str, shape: tuple[int, ...], n: int, device: torch.device, folde
     return writer
 
 
+def _model(args: argparse.Namespace, device: torch.device) -> UnitModel:
+    """The probed model on ``device`` (32x32 inputs, 10 classes), channels_last where asked."""
+    model = create_model(
+        args.model,
+        num_classes=10,
+        in_channels=3,
+        image_size=32,
+        depth=args.depth,
+        growth=args.growth,
+    ).to(device)
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
 def time_steps(
     args: argparse.Namespace,
     device: torch.device,
@@ -91,13 +104,8 @@ def time_steps(
     torch.backends.cudnn.benchmark = bool(tuned)
     n = model.num_units
     f = b if tier is None else b + 1
-    fresh = create_model(
-        args.model, num_classes=10, in_channels=3, image_size=32, depth=args.depth,
-        growth=args.growth,
-    ).to(device)  # fmt: skip
+    fresh = _model(args, device)
     fresh.load_state_dict(model.state_dict())
-    if args.channels_last:
-        fresh = fresh.to(memory_format=torch.channels_last)
     freeze_prefix(fresh, f)
     set_train_modes(fresh, f)
     opt = UnitSGD(fresh, sched, range(f, n), momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -180,16 +188,7 @@ def probe(
     time limit keeps what it measured)."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = create_model(
-        args.model,
-        num_classes=10,
-        in_channels=3,
-        image_size=32,
-        depth=args.depth,
-        growth=args.growth,
-    ).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = _model(args, device)
     n = model.num_units
     bounds = args.boundaries or sorted({0, *model.cut_points, n - 1, n})
     if any(not 0 <= b <= n for b in bounds):

@@ -740,13 +740,11 @@ class CacheManager:
         if not missing:
             return tiers
         with self._probing():
-            self._measure_rates(j, missing)
+            self._measure_rates(self.cost, j, missing)
         return tiers
 
-    def _measure_rates(self, j: int, missing: set[str]) -> None:
-        """Measure the read and write rates of the tiers in ``missing`` into ``self.cost``."""
-        if self.cost is None:
-            raise CacheError("tier rates asked for before the costs were measured")
+    def _measure_rates(self, cost: CostModel, j: int, missing: set[str]) -> None:
+        """Measure the read and write rates of the tiers in ``missing`` into ``cost``."""
         cfg = self.cfg
         rates: dict[str, tuple[float, float]] = {}
         seconds, samples = self._probe_limits(j)
@@ -772,24 +770,24 @@ class CacheManager:
                 # where host and device share the cores (a CPU run), the kernel's writeback
                 # of a cache runs on the training's cores (fmnist: an epoch writing a 2.26 GB
                 # store took 56.9 s on disk, 49.0 s on tmpfs, for the same 2.4 s of writes)
-                flush=not self.cost.overlap,
+                flush=not cost.overlap,
                 # where the stores of later epochs are prepared ahead (_prepare_ahead), the
                 # steps writing them only copy: priced apart from a store made as it is written
-                prepared=self.cost.overlap and self.dist.world_size == 1,
+                prepared=cost.overlap and self.dist.world_size == 1,
                 seconds=seconds,
                 max_samples=samples,
             )
             rates["zarr"] = (got.write, got.read)
             if got.ahead_write is not None:
-                self.cost.ahead_write_rate["zarr"] = got.ahead_write
+                cost.ahead_write_rate["zarr"] = got.ahead_write
         for tier, (write, read) in rates.items():
-            self.cost.write_rate[tier] = write
-            self.cost.read_rate[tier] = read
+            cost.write_rate[tier] = write
+            cost.read_rate[tier] = read
         log.debug(
             "measured rates (MB/s, write/read): %s; writes into stores prepared ahead: %s "
             "(probes of at most %.2f s and %d samples each)",
             {k: (round(w / 1e6), round(r / 1e6)) for k, (w, r) in rates.items()},
-            _mb_per_s(self.cost.ahead_write_rate) or "-",
+            _mb_per_s(cost.ahead_write_rate) or "-",
             seconds,
             samples,
         )
