@@ -12,7 +12,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 from typing import Any, NoReturn
@@ -221,8 +223,36 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if r.ok else 1
 
 
+class _Stopped(BaseException):
+    """A termination signal (SIGTERM: ``kill``, a scheduler's time limit, ``docker stop``)
+    raised on the main thread, so the run stops as on Ctrl-C: a store being written stays
+    incomplete, and the temporary cache folder is removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: types.FrameType | None) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise _Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if (
+        threading.current_thread() is not threading.main_thread()  # handlers: main thread only
+        or int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun's agent stops its ranks itself
+    ):
+        return _main(args)
+    previous = signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     quiet = getattr(args, "quiet", False) or rank != 0
     # Under torchrun only rank 0 logs progress; the others report warnings and errors.
@@ -260,6 +290,16 @@ def main(argv: list[str] | None = None) -> int:
         # The machine or the run failed (a full disk, a diverging loss): one line, exit 1.
         print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, _Stopped) as e:
+        # Stopped from outside: one line, the shell's code for the signal (130: Ctrl-C).
+        signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
+        hint = (
+            "; --resume continues from the last epoch's checkpoint"
+            if getattr(args, "checkpoint_dir", None)
+            else ""
+        )
+        print(f"prefast: stopped by {signal.Signals(signum).name}{hint}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

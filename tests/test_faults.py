@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,18 @@ DRIVER = textwrap.dedent(
     elif point != "none":
         raise SystemExit(f"unknown kill point {point}")
 
+    costs = os.environ.get("FAKE_COSTS")  # fixed planner measurements: "fast" or "slow" tiers
+    if costs:
+        from prefast.cache.plan import CostModel
+        def _compute(self, j, frontier):
+            self._probe_shape = self.shapes[max(1, frontier)]
+            return CostModel([1e-3] * self.model.num_units, 1e-4, {}, {})
+        def _rates(self, cost, j, missing):
+            for t in missing:
+                cost.read_rate[t] = cost.write_rate[t] = 1e12 if costs == "fast" else 1e3
+        M.CacheManager._measure_compute = _compute
+        M.CacheManager._measure_rates = _rates
+
     r = train(cfg)
     keep = ("epoch", "iterations", "train_loss", "train_accuracy", "test_loss", "test_error",
             "frozen_units", "cache_boundary", "cache_tier", "samples_seen")
@@ -103,9 +116,11 @@ CFG = dict(
 )
 
 
-def _run(tmp: Path, point: str, n: int, **over: object) -> subprocess.CompletedProcess[str]:
+def _run(
+    tmp: Path, point: str, n: int, costs: str = "", **over: object
+) -> subprocess.CompletedProcess[str]:
     cfg = {**CFG, "checkpoint_dir": str(tmp / "ck"), "cache_dir": str(tmp / "cache"), **over}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FAKE_COSTS": costs}
     return subprocess.run(
         [sys.executable, "-c", DRIVER, point, str(n), str(tmp / "out.json"), json.dumps(cfg)],
         env=env,
@@ -151,3 +166,56 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, reference, point, n):
     left = sorted(p.name for p in run_dir.iterdir())
     assert not [x for x in left if x.startswith((".prefast-trash-", ".prefast-probe-"))], left
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["last.pt"]
+
+
+def test_a_resumed_run_follows_the_plan_the_run_made(tmp_path):
+    """--recache-policy auto plans from measured costs once, in epoch 1 (here: reads and writes
+    that pay, so it writes boundaries 1, 4 and 6). A run killed after epoch 1's checkpoint and
+    resumed where the same measurements would say caching never pays must still follow the
+    checkpoint's plan, to the same result as the run never interrupted."""
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = _run(ref_dir, "none", 0, costs="fast", recache_policy="auto")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    reference = json.loads((ref_dir / "out.json").read_text())
+    assert [r["cache_boundary"] for r in reference["records"]] == [0, 1, 4, 6, 6]
+    killed = _run(tmp_path, "checkpoint", 2, costs="fast", recache_policy="auto")
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    resumed = _run(tmp_path, "none", 0, costs="slow", recache_policy="auto", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["records"] == reference["records"]
+    assert got["losses"] == reference["losses"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signalled_run_stops_cleanly_and_removes_its_temporary_folder(tmp_path, sig):
+    """SIGTERM (kill, a scheduler's time limit) and SIGINT (Ctrl-C) stop a run as one line on
+    stderr and the signal's exit code; the temporary cache folder goes, stores and all."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+    args = ["train", "--dataset", "synthetic", "--num-samples", "512", "--synthetic-shape", "mnist",
+            "--depth", "16", "--growth", "8", "--epochs", "40", "--batch-size", "16", "--t0", "0.1",
+            "--how-scale", "linear", "--mode", "prefast", "--cache", "zarr", "--recache-policy",
+            "every", "--device", "cpu", "--no-progress", "-q"]  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-m", "prefast", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp.glob("prefast-cache-*/run-*/boundary-*")):  # a store is being written
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + sig, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"prefast: stopped by {signal.Signals(sig).name}"
+    assert "Traceback" not in err
+    assert not list(tmp.glob("prefast-cache-*"))

@@ -13,6 +13,7 @@ import store
 from prefast import CheckpointError, TrainConfig, train
 from prefast.cache.probes import measure_store_rates
 from prefast.cli import main
+from prefast.training import Trainer
 from store import location
 
 TINY = dict(
@@ -109,6 +110,34 @@ def test_a_users_folder_named_like_a_store_is_left_alone(tmp_path, capsys):
     with pytest.raises(store.StoreExistsError, match="refusing to overwrite"):
         store.create(mine, sample_shape=(2,), num_samples=4, overwrite=True)
     assert (mine / "data.bin").read_bytes() == b"x" * 10
+
+
+def test_a_start_removes_only_the_stores_its_run_folder_left_unfinished(tmp_path):
+    cache = tmp_path / "cache"
+    cfg = TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache))
+    manager = Trainer(cfg).cache
+    run_dir = Path(manager.run_dir)
+    manager.close()  # the run folder's lock is free again
+
+    def made(path: Path, finished: bool) -> None:
+        w = store.create(path, sample_shape=(2,), num_samples=4)
+        if finished:
+            w.write(0, 0, torch.ones(4, 2), torch.zeros(4, dtype=torch.long))
+            w.close()
+        else:
+            w.abort()
+
+    made(run_dir / "boundary-005", finished=False)  # a kill mid-write leaves this: removed
+    made(run_dir / "boundary-006", finished=True)  # a complete store: kept
+    made(cache / "boundary-005", finished=False)  # not in a run folder: not ours to judge
+    mine = run_dir / "boundary-010"  # a user's folder named like a store: not a store
+    mine.mkdir()
+    (mine / "thesis.tex").write_bytes(b"irreplaceable")
+    Trainer(cfg).cache.close()
+    assert not (run_dir / "boundary-005").exists()
+    assert store.open(run_dir / "boundary-006").complete
+    assert not store.open(cache / "boundary-005", partial=True).complete
+    assert (mine / "thesis.tex").read_bytes() == b"irreplaceable"
 
 
 def test_remove_store_refuses_what_is_not_a_store(tmp_path):

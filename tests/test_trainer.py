@@ -554,6 +554,32 @@ def test_resume_continues_to_the_same_result(tmp_path, monkeypatch, caplog):
     torch.testing.assert_close(_weights(got.model), _weights(ref.model), rtol=0, atol=0)
 
 
+def test_a_checkpoints_cache_plan_is_followed_only_where_it_was_made_for(tmp_path):
+    """The auto policy's plan and costs survive a checkpoint (weights_only: plain containers);
+    on resume they are taken for the same epochs and device, dropped for another --epochs."""
+    kw = dict(mode="prefast", cache="ram", recache_policy="auto", epochs=3)
+    made = Trainer(tiny(**kw)).cache
+    assert made.plan_state() is None  # nothing planned yet
+    made.cost = CostModel([1e-3, 2e-3], 5e-4, {"ram": 1e9}, {"ram": 2e9}, ahead_write_rate={})
+    made._probe_shape = (8, 7, 7)
+    made._epoch_plan = {1: (5, 2), 2: (8, 2)}
+    made._epoch_predicted = {2: 0.25}
+    path = tmp_path / "plan.pt"
+    torch.save({"plan": made.plan_state()}, path)
+    state = torch.load(path, weights_only=True)["plan"]
+    again = Trainer(tiny(**kw)).cache
+    again.restore_plan(state)
+    assert again.cost == made.cost
+    assert again._probe_shape == (8, 7, 7)
+    assert again._epoch_plan == {1: (5, 2), 2: (8, 2)}
+    assert again._auto_plan is None
+    assert again.predicted_seconds(2) == 0.25
+    longer = Trainer(tiny(**{**kw, "epochs": 4})).cache
+    longer.restore_plan(state)
+    assert longer.cost is None and longer._epoch_plan is None
+    assert longer.predicted_seconds(2) is None
+
+
 def test_resume_rebuilds_a_cache_whose_fingerprint_differs(tmp_path, monkeypatch, caplog):
     kw = dict(mode="prefast", cache="zarr", recache_policy="every", epochs=3)
     ck = tmp_path / "ck"
@@ -587,6 +613,38 @@ def test_resume_rebuilds_a_cache_whose_fingerprint_differs(tmp_path, monkeypatch
     assert any("rebuilding the cache" in r.getMessage() for r in caplog.records)
 
 
+def test_resume_rebuilds_a_store_with_a_damaged_chunk(tmp_path, monkeypatch, caplog):
+    kw = dict(mode="prefast", cache="zarr", recache_policy="every", epochs=3)
+    ref = train(tiny(**kw, cache_dir=str(tmp_path / "ref-cache")))
+    ck = tmp_path / "ck"
+    real_eval = Trainer.evaluate
+    calls = {"n": 0}
+
+    def crash(self, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Crash
+        return real_eval(self, data)
+
+    monkeypatch.setattr(Trainer, "evaluate", crash)
+    with pytest.raises(_Crash):
+        train(tiny(**kw, checkpoint_dir=str(ck)))
+    monkeypatch.setattr(Trainer, "evaluate", real_eval)
+    path = Path(torch.load(ck / "last.pt", weights_only=True)["cache"]["path"])
+    s = store.open(path)
+    chunk = Path(s.chunk_path("activations", s.num_chunks - 1, 0))
+    s.close()
+    raw = bytearray(chunk.read_bytes())
+    raw[7] ^= 0xFF  # one flipped byte: the store still opens, the chunk fails its CRC
+    chunk.write_bytes(bytes(raw))
+    caplog.set_level(logging.INFO, logger="prefast")
+    got = train(tiny(**kw, checkpoint_dir=str(ck), resume=True))
+    assert any("fails its checks" in r.getMessage() for r in caplog.records)
+    assert any("rebuilding the cache" in r.getMessage() for r in caplog.records)
+    assert got.losses == ref.losses
+    assert store.verify(store.open(path)).ok  # rebuilt in place: a later resume reuses it
+
+
 def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, capsys):
     ck = tmp_path / "ck"
     train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(ck)))
@@ -595,6 +653,11 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, capsys):
             "--checkpoint-dir", str(ck), "--resume"]  # fmt: skip
     assert main(args) == 2
     assert "--t0" in capsys.readouterr().err
+    deeper = list(args)
+    deeper[args.index("--depth") + 1] = "22"  # a model argument: named by its own flag
+    assert main(deeper) == 2
+    err = capsys.readouterr().err
+    assert "settings: --depth, --t0" in err and "model-args" not in err, err
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ created and marked are ever deleted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -39,6 +40,7 @@ import store
 from prefast.cache.ahead import AheadStore
 from prefast.cache.build import Cache, PassSpec, build_cache, frozen_forward
 from prefast.cache.identity import (
+    STORE_PREFIX,
     TRASH_PREFIX,
     check_cache_dir,
     delete_store,
@@ -896,6 +898,59 @@ class CacheManager:
             "chain": list(c.chain),
         }
 
+    def plan_state(self) -> dict[str, Any] | None:
+        """What a checkpoint records of the auto policy's plan (None before one is made): the
+        costs it was made from and its decisions, for the epochs and device it was made for.
+        A resumed run follows them rather than a plan made from new timings, which may
+        cache other boundaries and so train from other values."""
+        if self.cost is None and self._epoch_plan is None and self._auto_plan is None:
+            return None
+        return {
+            "epochs": self.cfg.epochs,
+            "iters_per_epoch": self.iters_per_epoch,
+            "device": self.device.type,
+            "cost": dataclasses.asdict(self.cost) if self.cost is not None else None,
+            "probe_shape": list(self._probe_shape),
+            "epoch_plan": None
+            if self._epoch_plan is None
+            else {e: [s, t] for e, (s, t) in self._epoch_plan.items()},
+            "auto_plan": None if self._auto_plan is None else dict(self._auto_plan),
+            "epoch_predicted": dict(self._epoch_predicted),
+        }
+
+    def restore_plan(self, info: dict[str, Any] | None) -> None:
+        """On resume: take the plan a checkpoint recorded (``plan_state``). One made for
+        another number of epochs or another device is dropped, and the rest of the run is
+        planned anew from new measurements, as is one of a checkpoint that has none."""
+        if not info:
+            return
+        made_for = (int(info["epochs"]), int(info["iters_per_epoch"]), str(info["device"]))
+        now = (self.cfg.epochs, self.iters_per_epoch, self.device.type)
+        if made_for != now:
+            log.info(
+                "resume: the checkpoint's cache plan was made for %d epochs of %d steps on %s; "
+                "the rest of the run is planned anew",
+                *made_for,
+            )
+            return
+        cost = info.get("cost")
+        self.cost = CostModel(**cost) if cost is not None else None
+        self._probe_shape = tuple(int(d) for d in info.get("probe_shape") or ())
+        epoch_plan = info.get("epoch_plan")
+        self._epoch_plan = (
+            None
+            if epoch_plan is None
+            else {int(e): (int(s), int(t)) for e, (s, t) in epoch_plan.items()}
+        )
+        auto_plan = info.get("auto_plan")
+        self._auto_plan = (
+            None if auto_plan is None else {int(j): int(b) for j, b in auto_plan.items()}
+        )
+        self._epoch_predicted = {
+            int(e): float(sec) for e, sec in (info.get("epoch_predicted") or {}).items()
+        }
+        log.info("resume: following the checkpoint's cache plan (no new measurements)")
+
     def restore(self, info: dict[str, Any]) -> None:
         """On resume: reuse the checkpoint's store when its fingerprint matches, else rebuild it
         along the chain of boundaries the run went through (the same bits as the original)."""
@@ -907,9 +962,11 @@ class CacheManager:
         path = info.get("path") or None
         if info.get("tier") == "zarr" and path is not None:
             s = open_matching(path, fp)
-            if s is not None:
+            if s is not None and self._verified(s, path):
                 self.cache = Cache(b, "zarr", s, fp, path, meta=s.meta, chain=chain)
-                log.info("resume: reusing store %s (fingerprint matches)", path)
+                log.info(
+                    "resume: reusing store %s (fingerprint matches, every chunk checked)", path
+                )
                 return
         log.info(
             "resume: rebuilding the cache at boundary %d through %s (%s tier not reusable)",
@@ -924,6 +981,22 @@ class CacheManager:
                 self._discard(cache)
             cache = nxt
         self.cache = cache
+
+    def _verified(self, s: store.ActivationStore, path: Path | str) -> bool:
+        """Whether every chunk and label of the store a checkpoint names passes its checksum,
+        read now: a damaged chunk found only when an epoch reads it would stop every resume
+        at the same place, where a store rebuilt now costs one pass."""
+        t = time.perf_counter()
+        report = store.verify(s, progress=self.progress)
+        if report.ok:
+            log.debug("resume: checked store %s in %.2f s", path, time.perf_counter() - t)
+            return True
+        s.close()
+        more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+        log.warning(
+            "resume: store %s fails its checks: %s%s; rebuilding it", path, report.errors[0], more
+        )
+        return False
 
     def release_superseded(self) -> None:
         """Delete the stores no checkpoint names any more (after a checkpoint, or at the end)."""
@@ -994,13 +1067,32 @@ def _lock_run_dir(run_dir: Path) -> int:
 
 def _clear_leftovers(run_dir: Path) -> None:
     """Delete what an interrupted run left in its own run folder (which carries our marker):
-    renamed-away stores in the trash and stores of rate probes."""
+    renamed-away stores in the trash, stores of rate probes, and stores whose writing never
+    finished (a run never reads those: it writes a boundary's store anew)."""
     if not (run_dir / RUN_MARKER).is_file():
         return
     for child in run_dir.iterdir():
         if child.is_dir() and child.name.startswith((TRASH_PREFIX, PROBE_PREFIX)):
             shutil.rmtree(child, ignore_errors=True)
             log.info("cleared %s, left by an interrupted run", child)
+        elif child.is_dir() and child.name.startswith(STORE_PREFIX) and _unfinished(child):
+            delete_store(child)
+            log.info("removed %s, a store an interrupted run did not finish writing", child)
+
+
+def _unfinished(path: Path) -> bool:
+    """Whether ``path`` is an activation store that opens and is marked incomplete (a folder
+    that is not a store, or a store that does not open, is left alone)."""
+    if not location.is_activation_store(path):
+        return False
+    try:
+        s = store.open(path, partial=True)
+    except store.StoreError:
+        return False
+    try:
+        return not s.complete
+    finally:
+        s.close()
 
 
 __all__ = ["CacheManager"]

@@ -476,6 +476,7 @@ class Trainer:
                     "optimizer": self.optimizer.state_dict(),
                     "frontier": self.frontier,
                     "cache": self.cache.checkpoint_state() if self.cache is not None else None,
+                    "cache_plan": self.cache.plan_state() if self.cache is not None else None,
                     "cache_seconds": self.cache.seconds if self.cache is not None else 0.0,
                     "records": self.result.records,
                     "losses": self.result.losses,
@@ -504,7 +505,7 @@ class Trainer:
         if diff:
             raise CheckpointError(
                 f"--resume: the checkpoint at {path} was made with other settings: "
-                + ", ".join(f"--{k.replace('_', '-')}" for k in diff)
+                + ", ".join(_flags(diff, saved.model_args, self.cfg.model_args))
             )
         self.model.load_state_dict(state["model"])
         self.frontier = int(state["frontier"])
@@ -519,6 +520,8 @@ class Trainer:
             self.cache.seconds = float(state.get("cache_seconds", 0.0))
             if state["cache"] is not None:
                 self.cache.restore(state["cache"])
+            # after the cache: rebuilding it must not touch the recorded costs
+            self.cache.restore_plan(state.get("cache_plan"))
         log.info("resumed from %s at epoch %d (frontier %d)", path, self.start_epoch, self.frontier)
 
     # ---- summaries and ranks ---------------------------------------------------------------------
@@ -602,6 +605,19 @@ def _all_reduce_int(t: torch.Tensor) -> torch.Tensor:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train one configuration (see ``TrainConfig``); the library entry point of ``prefast train``."""
     return Trainer(cfg).run()
+
+
+def _flags(fields: list[str], saved_args: dict[str, Any], args: dict[str, Any]) -> list[str]:
+    """The flags of config ``fields``; the model arguments' own (``--depth``, ``--growth``)
+    where ``model_args`` differ."""
+    out = []
+    for k in fields:
+        if k == "model_args":
+            keys = sorted(set(saved_args) | set(args))
+            out += [f"--{m.replace('_', '-')}" for m in keys if saved_args.get(m) != args.get(m)]
+        else:
+            out.append(f"--{k.replace('_', '-')}")
+    return out
 
 
 __all__ = ["TrainResult", "Trainer", "build_model", "train"]
