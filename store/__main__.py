@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import store
 from store.tools.inspect import format_summary, summary
@@ -93,6 +94,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if s.complete else 1
 
 
+def _save(fig: Any, path: str, flag: str, **kw: Any) -> None:
+    try:
+        fig.savefig(path, **kw)
+    except ValueError as e:  # a file type matplotlib cannot write
+        raise store.StoreInputError(f"{flag} {path}: {e}") from None
+
+
 def _stats(args: argparse.Namespace) -> int:
     if args.bins < 1:
         raise store.StoreInputError(f"--bins must be >= 1, got {args.bins}")
@@ -109,7 +117,7 @@ def _stats(args: argparse.Namespace) -> int:
         unit = s.meta.get("boundary_unit")
         title = f"{Path(s.path).name}" + (f" (after {unit})" if unit else "")
         title += f", views {list(st.views)}"
-        plot_stats(st, counts, edges, title).savefig(args.hist)
+        _save(plot_stats(st, counts, edges, title), args.hist, "--hist")
         print(f"wrote {args.hist}")
     return 0
 
@@ -117,13 +125,14 @@ def _stats(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     s = store.open(args.path)
     fig = store.show(s, args.sample, args.view, args.channels, args.compare_views)
-    fig.savefig(args.out, dpi=args.dpi)
+    _save(fig, args.out, "-o", dpi=args.dpi)
     print(f"wrote {args.out}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    r = store.verify(store.open(args.path), progress=args.progress)
+    # an incomplete store is verified too: its chunks never written are among the failures
+    r = store.verify(store.open(args.path, partial=True), progress=args.progress)
     print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
     for e in r.errors:
         print(f"error: {e}", file=sys.stderr)

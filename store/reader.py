@@ -584,6 +584,14 @@ class ActivationStore:
         )
 
 
+def check_opened(s: object, call: str) -> None:
+    """Refuse what is not an opened store (a path, say) where ``call`` needs one."""
+    if not isinstance(s, ActivationStore):
+        raise StoreInputError(
+            f"{call}() takes an opened store, got {type(s).__name__}: {call}(store.open(path))"
+        )
+
+
 def open(
     path: str | os.PathLike[str], *, partial: bool = False, checksums: bool = True
 ) -> ActivationStore:
@@ -638,4 +646,4 @@ def open(
     return s
 
 
-__all__ = ["ActivationStore", "as_tensor", "numpy_view", "open"]
+__all__ = ["ActivationStore", "as_tensor", "check_opened", "numpy_view", "open"]

@@ -15,7 +15,7 @@ import torch
 
 from store.errors import StoreInputError
 from store.layout import DTYPES, check_write
-from store.reader import ActivationStore, as_tensor, numpy_view
+from store.reader import ActivationStore, as_tensor, check_opened, numpy_view
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -264,6 +264,7 @@ class RamCache(TensorCache):
 
     @classmethod
     def from_store(cls, s: ActivationStore, pin: bool = False) -> RamCache:
+        check_opened(s, "RamCache.from_store")
         cache = cls.empty(
             s.num_samples, s.views, s.sample_shape, s.layout.dtype, pin=pin, meta=s.meta
         )
@@ -306,6 +307,7 @@ class DeviceCache(TensorCache):
 
     @classmethod
     def from_store(cls, s: ActivationStore, device: str | torch.device) -> DeviceCache:
+        check_opened(s, "DeviceCache.from_store")
         cache = cls.empty(
             s.num_samples, s.views, s.sample_shape, s.layout.dtype, device=device, meta=s.meta
         )

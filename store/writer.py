@@ -45,6 +45,7 @@ from store.errors import (
     StoreInputError,
     StoreLockedError,
     StoreMismatchError,
+    StoreNotFoundError,
     StoreWriteError,
 )
 from store.layout import (
@@ -356,7 +357,10 @@ def _sweep_table_temps(root: Path) -> int:
 def finalize(path: str | os.PathLike[str]) -> None:
     """Mark a store written by several ranks complete; raises StoreIncompleteError listing the
     missing ranges if some rank did not finish."""
-    group = _zarr.open_group(path, mode="r+")
+    try:
+        group = _zarr.open_group(path, mode="r+")
+    except FileNotFoundError:
+        raise StoreNotFoundError(f"{path}: no store to finalize") from None
     d = _zarr.read_info_dict(group)
     if d is None:
         raise NotAStoreError(f"{path}: not an activation store")
@@ -579,6 +583,12 @@ class StoreWriter:
             raise StoreInputError(
                 f"{self.path}: field 'labels' must be {n} integers, got shape {lab.shape} dtype {lab.dtype}"
             )
+        if lab.size and int(lab.min()) < 0:
+            k = int(np.argmax(lab < 0))
+            raise StoreInputError(
+                f"{self.path}: field 'labels' must be >= 0 (class indices), got {int(lab[k])} "
+                f"at position {k}"
+            )
         return lab.astype(np.int64)
 
     def _agree_labels(self, rows: np.ndarray, lab: np.ndarray) -> None:
@@ -645,6 +655,7 @@ class StoreWriter:
             raise StoreError(f"{self.path}: set_meta() after close()")
         if (
             self.world_size != 1
+            or self._mode is not None  # set by the first write: its chunks may be in flight
             or self._done.any()
             or self._buffers
             or self._row_filled is not None

@@ -159,6 +159,26 @@ def test_verify_names_a_corrupted_chunk(tmp_path, data, capsys, codec):
     assert [(p.view, p.chunk, p.samples) for p in r.bad_chunks] == [(1, 4, (32, 40))]
 
 
+def test_verify_lists_the_chunks_an_incomplete_store_never_wrote(tmp_path, data, capsys):
+    x, y = data
+    path = tmp_path / "part"
+    w = store.create(path, sample_shape=SHAPE, num_samples=N, chunk_samples=CHUNK)
+    w.write(0, 0, x[0, : 2 * CHUNK], y[: 2 * CHUNK])  # two whole chunks, then killed
+    w.abort()
+    assert store_main(["verify", str(path), "--no-progress", "--json"]) == 1
+    r = json.loads(capsys.readouterr().out)
+    assert not r["ok"] and r["missing"] == [[0, 2 * CHUNK, N]]
+
+
+def test_show_to_a_file_type_it_cannot_write_is_one_line(tmp_path, data, capsys):
+    x, y = data
+    write_store(tmp_path / "s", x, y)
+    out = tmp_path / "sample.txt"
+    assert store_main(["show", str(tmp_path / "s"), "--sample", "0", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: -o {out}: ") and err.count("\n") == 1, err
+
+
 def test_verify_reports_a_truncated_chunk(tmp_path, data):
     x, y = data
     path = tmp_path / "s"

@@ -994,3 +994,27 @@ def test_completing_a_store_removes_the_temporary_table_files_a_killed_writer_le
     s = store.open(path)
     assert s.complete and torch.equal(s.read(1, ALL), x[1])
     assert store.verify(s).ok
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: store.verify("s"),
+        lambda: store.stats("s"),
+        lambda: store.diff("s", "t"),
+        lambda: store.show("s", 0),
+        lambda: store.RamCache.from_store("s"),
+        lambda: store.DeviceCache.from_store("s", "cpu"),
+    ],
+    ids=["verify", "stats", "diff", "show", "RamCache", "DeviceCache"],
+)
+def test_a_path_where_an_opened_store_is_needed_is_refused_clearly(call):
+    with pytest.raises(
+        store.StoreInputError, match=r"takes an opened store, got str: .*store\.open\(path\)"
+    ):
+        call()
+
+
+def test_finalize_without_a_store_is_a_store_error(tmp_path):
+    with pytest.raises(store.StoreNotFoundError, match="no store to finalize"):
+        store.finalize(tmp_path / "nope")

@@ -312,6 +312,40 @@ def test_set_meta_before_anything_is_written(tmp_path):
     assert store.open(tmp_path / "t", partial=True).info.meta == {}
 
 
+def test_set_meta_after_a_write_whose_chunks_are_still_in_flight_is_refused(tmp_path, monkeypatch):
+    """write() hands full chunks to a pool; set_meta() must refuse from the first write on,
+    not only once the pool has stored a chunk."""
+    import threading
+
+    from store.writer import StoreWriter
+
+    hold = threading.Event()
+    store_chunk = StoreWriter._store_chunk
+
+    def held(self, *a):
+        hold.wait(30)
+        return store_chunk(self, *a)
+
+    monkeypatch.setattr(StoreWriter, "_store_chunk", held)
+    x, y = encoded(views=1), labels_for()
+    w = store.create(tmp_path / "s", sample_shape=tuple(x.shape[2:]), num_samples=len(y))
+    w.write(0, 0, x[0], y)  # every chunk full, none stored yet
+    with pytest.raises(store.StoreError, match="before anything is written"):
+        w.set_meta({"boundary": 4})
+    hold.set()
+    w.close()
+    assert store.open(tmp_path / "s").info.meta == {}
+
+
+def test_negative_labels_are_refused_where_they_are_given(tmp_path):
+    x, y = encoded(views=1), labels_for()
+    y[5] = -1
+    w = store.create(tmp_path / "s", sample_shape=tuple(x.shape[2:]), num_samples=len(y))
+    with pytest.raises(store.StoreInputError, match=r"must be >= 0 .*got -1 at position 5"):
+        w.write(0, 0, x[0], y)
+    w.abort()
+
+
 def test_a_closed_writers_row_map_is_unmapped_off_the_closing_thread(tmp_path, monkeypatch):
     """Unmapping a store's faulted pages takes ~0.1 s a GB: close() leaves it to a thread, and
     the store is complete and readable meanwhile."""

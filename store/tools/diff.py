@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from store.errors import StoreMismatchError
-from store.reader import ActivationStore
+from store.reader import ActivationStore, check_opened
 
 TINY = np.finfo(np.float64).tiny
 
@@ -98,6 +98,9 @@ def diff(a: ActivationStore, b: ActivationStore, progress: bool = False) -> Diff
     """Compare ``b`` with ``a`` value by value; raises ``StoreMismatchError`` when the shapes
     differ."""
     from tqdm.auto import tqdm
+
+    check_opened(a, "store.diff")
+    check_opened(b, "store.diff")
 
     shape_a = (a.views, a.num_samples, *a.sample_shape)
     shape_b = (b.views, b.num_samples, *b.sample_shape)

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from store.layout import ACTIVATIONS
-from store.reader import ActivationStore
+from store.reader import ActivationStore, check_opened
 
 
 def _human(n: float) -> str:
@@ -19,6 +19,7 @@ def _human(n: float) -> str:
 
 def summary(s: ActivationStore) -> dict[str, Any]:
     """A JSON-able description of a store."""
+    check_opened(s, "store.summary")
     lay = s.layout
     stored = s.nbytes_stored()
     stored_acts = s.nbytes_stored(ACTIVATIONS)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from store.errors import StoreInputError
-from store.reader import ActivationStore, as_tensor
+from store.reader import ActivationStore, as_tensor, check_opened
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ def _channels_first(a: np.ndarray) -> np.ndarray:
 def stats(s: ActivationStore, view: int | None = None, progress: bool = False) -> ChannelStats:
     """Per-channel mean, std, min, max and fraction of exact zeros over ``view`` (all views
     when None), in one pass over the chunks."""
+    check_opened(s, "store.stats")
     views = _views(s, view)
     run = _Running(s.sample_shape[0])
     for a in iter_chunks(s, views, progress, desc="stats"):

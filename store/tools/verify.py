@@ -15,7 +15,7 @@ from typing import Any
 
 from store.errors import StoreCorruptError
 from store.layout import ACTIVATIONS, LABELS
-from store.reader import ActivationStore
+from store.reader import ActivationStore, check_opened
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ def verify(s: ActivationStore, progress: bool = False) -> VerifyReport:
     """Read and CRC-check every chunk and the labels of ``s``. Failures (corrupt or missing
     chunks, corrupt labels) are collected in ``report.errors``; ``report.ok`` is True when
     there are none."""
+    check_opened(s, "store.verify")
     report = VerifyReport(path=s.path, dtype=s.dtype_name)
     check_chunks(s, report, progress)
     check_labels(s, report)

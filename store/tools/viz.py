@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from store.errors import StoreInputError
-from store.reader import ActivationStore
+from store.reader import ActivationStore, check_opened
 
 DEFAULT_CHANNELS = 64  # tiles of a one-view grid when channels=None
 DEFAULT_COMPARE_CHANNELS = 8  # columns of a views-by-channels grid when channels=None
@@ -76,6 +76,7 @@ def show(
     ``DEFAULT_COMPARE_CHANNELS`` by default). All tiles share one colour scale, shown by a
     colorbar: diverging and centred on 0 when the values have both signs.
     """
+    check_opened(s, "store.show")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
