@@ -7,6 +7,7 @@ Every field carries its CLI help and group in ``metadata``; ``prefast.cli`` gene
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,6 +225,10 @@ class TrainConfig:
             raise ConfigError("--resume: needs --checkpoint-dir")
         if not isinstance(self.model_args, dict):
             raise ConfigError(f"model_args: must be a dict, got {self.model_args!r}")
+        for name in ("data_root", "cache_dir", "metrics", "checkpoint_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"{_flag(name)}: must be a path, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,7 +25,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available else cpu; ``cuda`` where there is none is an error."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: cuda was asked for but torch.cuda.is_available() is False")
-    return store.resolve_device(name)
+    try:
+        return store.resolve_device(name)
+    except RuntimeError as e:  # torch's own refusal of the name: many lines
+        raise ConfigError(f"--device: {name!r} is not a device: use cpu, cuda or auto") from e
 
 
 @contextlib.contextmanager

@@ -112,6 +112,13 @@ def test_verify_fails_on_an_altered_checkpoint(run, tmp_path, capsys):
     assert err.count("\n") == 1
     r = verify_against_checkpoint(store.open(run["store"]), bad)
     assert r.fingerprint_ok is False and not r.samples
+    del state["model"]["units.0.weight"]  # a checkpoint of another model: says what differs
+    torch.save(state, bad)
+    r = verify_against_checkpoint(store.open(run["store"]), bad)
+    assert (
+        r.fingerprint_ok is False
+        and 'Missing key(s) in state_dict: "units.0.weight"' in r.errors[0]
+    )
 
 
 def test_verify_checkpoint_input_errors(run, tmp_path, stores, capsys):
@@ -131,6 +138,8 @@ def test_verify_checkpoint_input_errors(run, tmp_path, stores, capsys):
         "only stores written by prefast train",
     )
     one_line([path, "--checkpoint", str(run["ckpt"]), "--samples", "-4"], "--samples")
+    one_line([path, "--checkpoint", str(run["ckpt"]), "--rtol", "0"], "--rtol: must be > 0")
+    one_line([path, "--checkpoint", str(run["ckpt"]), "--device", "tpu"], "'tpu' is not a device")
     one_line([str(tmp_path / "nowhere"), "--checkpoint", str(run["ckpt"])], "nowhere")
     # store verify points to prefast verify
     assert store_main(["verify", path, "--checkpoint", str(run["ckpt"])]) == 2

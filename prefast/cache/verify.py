@@ -157,6 +157,9 @@ def verify_against_checkpoint(
         )
     if samples < 1:
         raise CheckpointError(f"--samples: must be >= 1, got {samples}")
+    if rtol is not None and not rtol > 0:
+        raise CheckpointError(f"--rtol: must be > 0, got {rtol}")
+    dev = resolve_device(device)
     state = load_checkpoint_file(ckpt, "--checkpoint")
     report.chunks = store.verify(s, progress=progress)
     try:
@@ -170,7 +173,10 @@ def verify_against_checkpoint(
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+        # torch's first line only introduces the list ("Error(s) in loading state_dict
+        # for UnitModel:"); the first entry says what differs
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = " ".join(lines[:2])[:240]
         report.fingerprint_ok = False
         report.errors.append(
             f"{FINGERPRINT_MISMATCH} ({ckpt} holds other weights than the store's model: {first})"
@@ -201,7 +207,6 @@ def verify_against_checkpoint(
     if not report.labels_ok:
         report.errors.append(f"{s.path}: the stored labels differ from the training labels")
 
-    dev = resolve_device(device)
     model.to(dev)
     n = s.num_samples
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(samples, n), replace=False))

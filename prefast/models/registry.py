@@ -80,9 +80,8 @@ def create_model(
     ]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ModelError(
-            f"model {name!r} got unknown argument(s) {unknown}; accepted: {', '.join(accepted)}"
-        )
+        takes = f"accepted: {', '.join(accepted)}" if accepted else "it takes none"
+        raise ModelError(f"model {name!r} got unknown argument(s) {unknown}; {takes}")
     model = factory(
         num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs
     )
