@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -138,6 +139,25 @@ def test_a_start_removes_only_the_stores_its_run_folder_left_unfinished(tmp_path
     assert store.open(run_dir / "boundary-006").complete
     assert not store.open(cache / "boundary-005", partial=True).complete
     assert (mine / "thesis.tex").read_bytes() == b"irreplaceable"
+
+
+def test_a_folder_named_like_a_run_folder_is_not_cleared(tmp_path, caplog):
+    """A CACHE_DIR/run-KEY folder prefast did not make (no marker, someone's files) is used,
+    but nothing in it is cleared, even under names prefast's leftovers have."""
+    from prefast.cache.manager import RUN_PREFIX, run_key
+
+    cfg = TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(tmp_path / "cache"))
+    theirs = tmp_path / "cache" / f"{RUN_PREFIX}{run_key(cfg)}"
+    files = {}
+    for name in (".prefast-trash-mine", ".prefast-probe-1-abc"):
+        (theirs / name).mkdir(parents=True)
+        files[theirs / name / "keep.txt"] = name.encode()
+        (theirs / name / "keep.txt").write_bytes(name.encode())
+    with caplog.at_level(logging.WARNING, logger="prefast"):
+        Trainer(cfg).cache.close()
+    _assert_intact(files)
+    assert any("was not made by prefast" in r.getMessage() for r in caplog.records)
+    assert not (theirs / ".prefast-run").exists()
 
 
 def test_remove_store_refuses_what_is_not_a_store(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import store
-from prefast import CacheError, TrainConfig, train
+from prefast import CacheError, CheckpointError, ConfigError, TrainConfig, train
 from prefast.cache.plan import CostModel, plan_boundaries, plan_boundary
 from prefast.cli import main
 from prefast.models import UnitModel, from_sequential, register_model, unregister_model
@@ -231,6 +231,36 @@ def test_each_cache_tier_trains(tmp_path, tier, codec, dtype):
         )
         assert s.meta["boundary"] == r.summary["cache_boundary"] and s.meta["model"]["depth"] == 16
         assert s.meta["fingerprint"] and s.meta["data"]["dataset"] == "synthetic"
+
+
+@pytest.mark.parametrize(
+    ("tier", "fraction", "written"), [("ram", 0.5, "ram"), ("auto", 1e-12, "zarr")]
+)
+def test_a_codec_sends_only_store_caches_to_passes(tmp_path, caplog, tier, fraction, written):
+    """--codec zstd compresses stores, which then take no rows: with --cache auto a cache that
+    goes to the store is made by a pass (compressed), one in RAM is written through; with
+    --cache ram the codec is ignored, with a warning."""
+    caplog.set_level(logging.INFO, logger="prefast")
+    r = train(
+        tiny(
+            mode="prefast",
+            cache=tier,
+            codec="zstd",
+            cache_dir=str(tmp_path / "c"),
+            recache_policy="every",
+            cache_memory_fraction=fraction,
+        )
+    )
+    said = [x.getMessage() for x in caplog.records]
+    assert any("re-caching: write-through" in m for m in said), said
+    assert r.summary["cache_tier"] == written
+    if written == "zarr":
+        assert any("which takes no rows (--codec zstd" in m for m in said), said
+        assert not any("written through" in m for m in said), said
+        assert store.open(r.summary["cache_path"]).codec == "zstd"
+    else:
+        assert any("the ram tier ignores it" in m for m in said), said
+        assert any("(ram, written through)" in m for m in said), said
 
 
 def test_views_are_distinct_augmentations(tmp_path):
@@ -645,6 +675,23 @@ def test_resume_rebuilds_a_store_with_a_damaged_chunk(tmp_path, monkeypatch, cap
     assert store.verify(store.open(path)).ok  # rebuilt in place: a later resume reuses it
 
 
+@pytest.mark.parametrize("tier", ["ram", "zarr"])
+def test_resuming_a_finished_run_reports_it_without_touching_the_cache(tmp_path, caplog, tier):
+    kw = dict(mode="prefast", cache=tier, recache_policy="every", checkpoint_dir=str(tmp_path))
+    done = train(tiny(**kw))
+    assert done.summary["cache_boundary"] > 0
+    caplog.set_level(logging.INFO, logger="prefast")
+    again = train(tiny(**kw, resume=True))
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "rebuilding" in m or "reusing store" in m], said
+    assert again.records == done.records
+    keys = ("cache_boundary", "cache_tier", "cache_path", "final_test_error")
+    assert {k: again.summary[k] for k in keys} == {k: done.summary[k] for k in keys}
+    assert (done.summary["cache_path"] is not None) == (tier == "zarr")
+    with pytest.raises(CheckpointError, match="has 3 epochs done, more than --epochs 2"):
+        train(tiny(**{**kw, "epochs": 2}, resume=True))
+
+
 def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, capsys):
     ck = tmp_path / "ck"
     train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(ck)))
@@ -686,7 +733,11 @@ BAD = [
     (["--dataset", "cifar10", "--num-samples", "10"], "--num-samples"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent"], "--data-root"),
     ([*SYN, "--subset", "100"], "--subset"),
-    ([*SYN, "--model", "resnet18"], "'resnet18' got unknown argument(s) ['depth', 'growth']"),
+    (
+        [*SYN, "--model", "resnet18"],
+        "'resnet18' got unknown argument(s) ['depth', 'growth']; it takes none",
+    ),
+    ([*SYN, "--model", "wrn"], "'wrn' got unknown argument(s) ['growth']; accepted: depth, widen"),
 ]
 
 
@@ -709,6 +760,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(extra, needle, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("prefast: error:") and needle in err
     assert "\n" not in err and "Traceback" not in err
+
+
+def test_a_config_path_that_is_not_a_path_is_refused():
+    with pytest.raises(ConfigError, match="--cache-dir: must be a path, got 5"):
+        tiny(cache_dir=5)
+    tiny(cache_dir=Path("c"), checkpoint_dir="k")  # a str or a Path: fine
 
 
 def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):

@@ -138,6 +138,7 @@ class CacheManager:
         # epoch -> the plan's predicted seconds of that whole epoch (auto write-through)
         self._epoch_predicted: dict[int, float] = {}
         self._writing: WriteThrough | None = None
+        self._recorded: dict[str, Any] | None = None  # a finished run's checkpoint cache
         self._ahead: AheadStore | None = None  # the next store, being prepared (CUDA)
         self.iters_per_epoch = schedule.total_iterations // cfg.epochs
         self._superseded: list[Cache] = []
@@ -159,6 +160,10 @@ class CacheManager:
             # claim the run folder now: a second run with the same settings is refused at
             # start-up, not at its first cache
             self._open_run_dir(self.cache_dir)
+        if cfg.codec != "none" and cfg.cache in ("ram", "device"):
+            log.warning(
+                "--codec %s applies to stores only: the %s tier ignores it", cfg.codec, cfg.cache
+            )
         self.write_through, why = self._write_through_applies()
         log.info(
             "re-caching: %s",
@@ -168,18 +173,26 @@ class CacheManager:
         )
 
     def _write_through_applies(self) -> tuple[bool, str]:
-        """Whether the next cache can be written by the training steps, else why not."""
+        """Whether the next cache can be written by the training steps, else why not. With
+        ``--cache auto``, a cache that goes to a store that takes no rows is made by a pass
+        (``_open_write_through``), the others are written through."""
         if self.cfg.recache_mode == "pass":
             return False, "--recache-mode pass"
         if self.views > 1:
             return False, f"--views {self.views}: each view is its own pass over the images"
-        if self.cfg.codec != "none":
-            return False, f"--codec {self.cfg.codec}: compressed chunks are written whole"
-        if self.cache_dir is not None and location.as_local(self.cache_dir) is None:
-            return False, "a remote --cache-dir takes whole chunks only"
+        if self.cfg.cache == "zarr" and self._store_rows_refusal():
+            return False, self._store_rows_refusal()
         if self.dist.enabled:
             return False, "under torchrun the ranks fill separate parts of a cache"
         return True, ""
+
+    def _store_rows_refusal(self) -> str:
+        """Why this run's stores take whole chunks only ('' where they take rows)."""
+        if self.cfg.codec != "none":
+            return f"--codec {self.cfg.codec}: compressed chunks are written whole"
+        if self.cache_dir is not None and location.as_local(self.cache_dir) is None:
+            return "a remote --cache-dir takes whole chunks only"
+        return ""
 
     # ---- where stores live --------------------------------------------------------------------
     def _resolve_cache_dir(self) -> Path | str | None:
@@ -216,9 +229,10 @@ class CacheManager:
                 ) from None
             local = location.as_local(run_dir)
             if local is not None:
-                (local / RUN_MARKER).touch()
+                ours = _claim_run_dir(local)
                 self._lock_fd = _lock_run_dir(local)
-                _clear_leftovers(local)
+                if ours:
+                    _clear_leftovers(local)
             else:
                 log.warning(
                     "%s: object stores have no locks; run one prefast run with these settings "
@@ -373,7 +387,7 @@ class CacheManager:
             for e, (start, t) in sorted(self._epoch_plan.items())
             if start > j and t > held and e <= epoch + 1 and e < self.cfg.epochs - 1
         ]
-        if not nxt or self._tier_for(nxt[0]) != "zarr":
+        if not nxt or self._tier_for(nxt[0]) != "zarr" or self._store_rows_refusal():
             return
         target = nxt[0]
         path = store_path(self._zarr_dir(), target)
@@ -543,6 +557,13 @@ class CacheManager:
         shape = self.shapes[target]
         fp = self._fingerprint(target)
         meta = provenance(self.model, target, self.data.desc, self._cache_desc(), fp)
+        if tier == "zarr" and self._store_rows_refusal():
+            log.info(
+                "boundary %d goes to the store, which takes no rows (%s): a cache pass",
+                target,
+                self._store_rows_refusal(),
+            )
+            return None
         path = store_path(self._zarr_dir(), target) if tier == "zarr" else None
         sink: Any
         ahead = self._take_ahead(target, tier, meta)
@@ -951,9 +972,14 @@ class CacheManager:
         }
         log.info("resume: following the checkpoint's cache plan (no new measurements)")
 
-    def restore(self, info: dict[str, Any]) -> None:
+    def restore(self, info: dict[str, Any], load: bool = True) -> None:
         """On resume: reuse the checkpoint's store when its fingerprint matches, else rebuild it
-        along the chain of boundaries the run went through (the same bits as the original)."""
+        along the chain of boundaries the run went through (the same bits as the original).
+        ``load=False`` (a finished run, resumed to report it): only remember what the
+        checkpoint names (``ended_with``)."""
+        if not load:
+            self._recorded = info
+            return
         b = int(info["boundary"])
         chain = tuple(int(c) for c in info.get("chain") or (b,))
         if not chain or chain[-1] != b or list(chain) != sorted(set(chain)):
@@ -997,6 +1023,23 @@ class CacheManager:
             "resume: store %s fails its checks: %s%s; rebuilding it", path, report.errors[0], more
         )
         return False
+
+    def ended_with(self) -> tuple[int, str | None, str | None]:
+        """(boundary, tier, path of the store kept after the run) of the cache the run ended
+        with: the one held, else the one the checkpoint of a finished run names."""
+        if self.cache is not None or self._recorded is None:
+            return self.boundary, self.cache.tier if self.cache else None, self.kept_path
+        info = self._recorded
+        path = info.get("path")
+        kept = (
+            str(path)
+            if info.get("tier") == "zarr"
+            and path
+            and self._tmp_dir is None
+            and location.exists(path)
+            else None
+        )
+        return int(info["boundary"]), info.get("tier"), kept
 
     def release_superseded(self) -> None:
         """Delete the stores no checkpoint names any more (after a checkpoint, or at the end)."""
@@ -1063,6 +1106,25 @@ def _lock_run_dir(run_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _claim_run_dir(run_dir: Path) -> bool:
+    """Mark ``run_dir`` as this package's if it is: it carries the marker already, or it is
+    empty (just made, or made empty). True when it is ours; a folder of the same name with
+    someone else's files in it is used, but nothing in it is ever cleared."""
+    marker = run_dir / RUN_MARKER
+    if marker.is_file():
+        return True
+    if any(run_dir.iterdir()):
+        log.warning(
+            "%s exists and was not made by prefast (no %s in it): its stores are written there, "
+            "but nothing left in it is cleared",
+            run_dir,
+            RUN_MARKER,
+        )
+        return False
+    marker.touch()
+    return True
 
 
 def _clear_leftovers(run_dir: Path) -> None:

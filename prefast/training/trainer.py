@@ -513,13 +513,19 @@ class Trainer:
         self.optimizer = self._make_optimizer(range(self.frontier, self.model.num_units))
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
+        if self.start_epoch > self.cfg.epochs:
+            raise CheckpointError(
+                f"--resume: the checkpoint at {path} has {self.start_epoch} epochs done, more "
+                f"than --epochs {self.cfg.epochs}; give --epochs {self.start_epoch} or more"
+            )
         self.result.records = list(state["records"])
         self.result.losses = list(state["losses"])
         set_rng_state(state["rng"])
         if self.cache is not None:
             self.cache.seconds = float(state.get("cache_seconds", 0.0))
             if state["cache"] is not None:
-                self.cache.restore(state["cache"])
+                # a finished run only reports: its cache is not opened, checked or rebuilt
+                self.cache.restore(state["cache"], load=self.start_epoch < self.cfg.epochs)
             # after the cache: rebuilding it must not touch the recorded costs
             self.cache.restore_plan(state.get("cache_plan"))
         log.info("resumed from %s at epoch %d (frontier %d)", path, self.start_epoch, self.frontier)
@@ -528,7 +534,9 @@ class Trainer:
     def _summary(self) -> dict[str, Any]:
         recs = self.result.records
         last = recs[-1] if recs else {}
-        c = self.cache.cache if self.cache is not None else None
+        boundary, tier, kept = (
+            self.cache.ended_with() if self.cache is not None else (0, None, None)
+        )
         return {
             "summary": True,
             "mode": self.cfg.mode,
@@ -547,9 +555,9 @@ class Trainer:
             "frozen_units": self.frontier,
             "num_units": self.model.num_units,
             "freeze_iterations": self.schedule.freeze_iterations(),
-            "cache_boundary": self.boundary,
-            "cache_tier": c.tier if c is not None else None,
-            "cache_path": self.cache.kept_path if self.cache is not None else None,
+            "cache_boundary": boundary,
+            "cache_tier": tier,
+            "cache_path": kept,
             "peak_host_private_bytes": max((r["peak_host_private_bytes"] for r in recs), default=0),
             "peak_gpu_bytes": max((r["peak_gpu_bytes"] for r in recs), default=0),
             "device": str(self.device),
