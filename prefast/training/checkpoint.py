@@ -99,8 +99,8 @@ def load_checkpoint_file(path: Path | str, what: str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal, a truncated or foreign file
         raise CheckpointError(
-            f"{what}: refusing {path}: not a checkpoint of tensors and plain containers "
-            f"({checkpoint_load_reason(e)})"
+            f"{what}: refusing {path}: damaged (truncated?), or not a checkpoint of tensors "
+            f"and plain containers ({checkpoint_load_reason(e)})"
         ) from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CheckpointError(
