@@ -19,6 +19,7 @@ import types
 import typing
 from typing import Any, NoReturn
 
+from prefast import interrupt
 from prefast.config import CHOICES, TrainConfig
 from prefast.models import list_models
 
@@ -223,33 +224,31 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if r.ok else 1
 
 
-class _Stopped(BaseException):
-    """A termination signal (SIGTERM: ``kill``, a scheduler's time limit, ``docker stop``)
-    raised on the main thread, so the run stops as on Ctrl-C: a store being written stays
-    incomplete, and the temporary cache folder is removed."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 def _on_signal(signum: int, frame: types.FrameType | None) -> None:
-    signal.signal(signum, signal.SIG_IGN)  # a second one must not cut the clean-up short
-    raise _Stopped(signum)
+    """The first SIGTERM or Ctrl-C asks the run to stop at its next safe point; a second one
+    stops it at once."""
+    if interrupt.requested() is not None:
+        raise interrupt.Stopped(signum)
+    interrupt.request_stop(signum)
+    os.write(2, b"prefast: stopping at the next step (again to stop at once)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (
-        threading.current_thread() is not threading.main_thread()  # handlers: main thread only
+        args.command != "train"  # verify: Ctrl-C and SIGTERM act at once, as usual
+        or threading.current_thread() is not threading.main_thread()  # handlers: main thread
         or int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun's agent stops its ranks itself
     ):
         return _main(args)
-    previous = signal.signal(signal.SIGTERM, _on_signal)
+    interrupt.clear()
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _main(args)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        interrupt.clear()
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -290,9 +289,9 @@ def _main(args: argparse.Namespace) -> int:
         # The machine or the run failed (a full disk, a diverging loss): one line, exit 1.
         print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, _Stopped) as e:
+    except (KeyboardInterrupt, interrupt.Stopped) as e:
         # Stopped from outside: one line, the shell's code for the signal (130: Ctrl-C).
-        signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
+        signum = e.signum if isinstance(e, interrupt.Stopped) else signal.SIGINT
         hint = (
             "; --resume continues from the last epoch's checkpoint"
             if getattr(args, "checkpoint_dir", None)

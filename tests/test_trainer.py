@@ -762,6 +762,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(extra, needle, capsys):
     assert "\n" not in err and "Traceback" not in err
 
 
+def test_a_requested_stop_stops_the_run_before_its_next_step(tmp_path, monkeypatch):
+    from prefast import interrupt
+
+    steps = {"n": 0}
+    real = Trainer._train_epoch
+
+    def count(self, epoch):
+        step = self.steps.step
+
+        def counted(*a):
+            steps["n"] += 1
+            if steps["n"] == 3:
+                interrupt.request_stop()  # as the CLI's SIGTERM handler does
+            return step(*a)
+
+        self.steps.step = counted
+        return real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", count)
+    try:
+        with pytest.raises(interrupt.Stopped, match="stopped by SIGTERM"):
+            train(tiny(mode="prefast", cache="zarr", checkpoint_dir=str(tmp_path)))
+    finally:
+        interrupt.clear()
+    assert steps["n"] == 3  # the step under way finished; no fourth began
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_a_config_path_that_is_not_a_path_is_refused():
     with pytest.raises(ConfigError, match="--cache-dir: must be a path, got 5"):
         tiny(cache_dir=5)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import store
+from prefast import interrupt
 from prefast.data import Augment, ImageData, make_batch, view_key
 from prefast.distributed import DistContext
 from prefast.errors import CacheError
@@ -187,6 +188,7 @@ def build_cache(
                 )
                 for c in mine:
                     for start in range(c * chunk, min((c + 1) * chunk, n), bs):
+                        interrupt.check()
                         idx = np.arange(start, min(start + bs, (c + 1) * chunk, n))
                         if prev is None:
                             h, _ = make_batch(spec.train, idx, aug, device)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prefast import interrupt
 from prefast.cache.build import Cache
 from prefast.errors import CacheError
 from prefast.runtime import TORCH_DTYPES, synchronize
@@ -199,6 +200,7 @@ class WriteThrough:
             # thread's scatter), so each batch's write overlaps the next batch's forward
             step = min(self.catch_up_batch, self._slot_rows) if self._async else self.catch_up_batch
             for start in range(0, missing.size, step):
+                interrupt.check()
                 idx = missing[start : start + step]
                 x = compute(idx)
                 if self._async:

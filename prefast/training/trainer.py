@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prefast import interrupt
 from prefast.cache.identity import state_digest
 from prefast.cache.manager import CacheManager
 from prefast.config import TrainConfig
@@ -333,6 +334,7 @@ class Trainer:
             waited = 0.0  # host seconds spent waiting for the next batch (a starved step)
             try:
                 while k < self.iters_per_epoch:
+                    interrupt.check()  # a stop asked for from outside: here, between steps
                     j = epoch * self.iters_per_epoch + k
                     if self._advance_frontier(j):
                         batches.close()  # type: ignore[attr-defined]
@@ -448,6 +450,7 @@ class Trainer:
         mine = np.arange(self.dist.rank, n, self.dist.world_size)
         with torch.no_grad(), autocast(self.device, self.cfg.amp):
             for s in range(0, len(mine), self.cfg.eval_batch_size):
+                interrupt.check()
                 x, y = make_batch(data, mine[s : s + self.cfg.eval_batch_size], None, self.device)
                 if self.cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
