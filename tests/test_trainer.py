@@ -608,6 +608,13 @@ def test_a_checkpoints_cache_plan_is_followed_only_where_it_was_made_for(tmp_pat
     longer.restore_plan(state)
     assert longer.cost is None and longer._epoch_plan is None
     assert longer.predicted_seconds(2) is None
+    # another version's costs: a field it dropped is ignored, one it lacks means planning anew
+    newer = Trainer(tiny(**kw)).cache
+    newer.restore_plan({**state, "cost": {**state["cost"], "gone": 1.0}})
+    assert newer.cost == made.cost
+    older = Trainer(tiny(**kw)).cache
+    older.restore_plan({**state, "cost": {k: v for k, v in state["cost"].items() if k != "image"}})
+    assert older.cost is None and older._epoch_plan is None
 
 
 def test_resume_rebuilds_a_cache_whose_fingerprint_differs(tmp_path, monkeypatch, caplog):

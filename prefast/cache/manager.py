@@ -955,7 +955,15 @@ class CacheManager:
             )
             return
         cost = info.get("cost")
-        self.cost = CostModel(**cost) if cost is not None else None
+        if cost is not None:
+            known = {f.name for f in dataclasses.fields(CostModel)}
+            try:  # a checkpoint of another version may lack a field, or carry an old one
+                self.cost = CostModel(**{k: v for k, v in cost.items() if k in known})
+            except TypeError as e:
+                log.info(
+                    "resume: the checkpoint's cache plan cannot be read (%s); planning anew", e
+                )
+                return
         self._probe_shape = tuple(int(d) for d in info.get("probe_shape") or ())
         epoch_plan = info.get("epoch_plan")
         self._epoch_plan = (
