@@ -552,6 +552,23 @@ class _Crash(Exception):
     pass
 
 
+def _crash_in_third_epoch(monkeypatch, cfg: TrainConfig) -> None:
+    """Train ``cfg`` until its third evaluation, which raises: two epochs' checkpoints done."""
+    real_eval = Trainer.evaluate
+    calls = {"n": 0}
+
+    def crash(self, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Crash
+        return real_eval(self, data)
+
+    monkeypatch.setattr(Trainer, "evaluate", crash)
+    with pytest.raises(_Crash):
+        train(cfg)
+    monkeypatch.setattr(Trainer, "evaluate", real_eval)
+
+
 def test_resume_continues_to_the_same_result(tmp_path, monkeypatch, caplog):
     kw = dict(
         mode="prefast",
@@ -563,19 +580,7 @@ def test_resume_continues_to_the_same_result(tmp_path, monkeypatch, caplog):
     )
     ref = train(tiny(**kw, cache_dir=str(tmp_path / "ref-cache")))
     ck = tmp_path / "ck"
-    real_eval = Trainer.evaluate
-    calls = {"n": 0}
-
-    def crash_on_third_epoch(self, data):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Crash
-        return real_eval(self, data)
-
-    monkeypatch.setattr(Trainer, "evaluate", crash_on_third_epoch)
-    with pytest.raises(_Crash):
-        train(tiny(**kw, checkpoint_dir=str(ck)))
-    monkeypatch.setattr(Trainer, "evaluate", real_eval)
+    _crash_in_third_epoch(monkeypatch, tiny(**kw, checkpoint_dir=str(ck)))
     caplog.set_level(logging.INFO, logger="prefast")
     got = train(tiny(**kw, checkpoint_dir=str(ck), resume=True))
     assert any("reusing store" in r.getMessage() for r in caplog.records)
@@ -620,19 +625,7 @@ def test_a_checkpoints_cache_plan_is_followed_only_where_it_was_made_for(tmp_pat
 def test_resume_rebuilds_a_cache_whose_fingerprint_differs(tmp_path, monkeypatch, caplog):
     kw = dict(mode="prefast", cache="zarr", recache_policy="every", epochs=3)
     ck = tmp_path / "ck"
-    real_eval = Trainer.evaluate
-    calls = {"n": 0}
-
-    def crash(self, data):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Crash
-        return real_eval(self, data)
-
-    monkeypatch.setattr(Trainer, "evaluate", crash)
-    with pytest.raises(_Crash):
-        train(tiny(**kw, checkpoint_dir=str(ck)))
-    monkeypatch.setattr(Trainer, "evaluate", real_eval)
+    _crash_in_third_epoch(monkeypatch, tiny(**kw, checkpoint_dir=str(ck)))
     state = torch.load(ck / "last.pt", weights_only=True)
     path = Path(state["cache"]["path"])
     import zarr
@@ -654,19 +647,7 @@ def test_resume_rebuilds_a_store_with_a_damaged_chunk(tmp_path, monkeypatch, cap
     kw = dict(mode="prefast", cache="zarr", recache_policy="every", epochs=3)
     ref = train(tiny(**kw, cache_dir=str(tmp_path / "ref-cache")))
     ck = tmp_path / "ck"
-    real_eval = Trainer.evaluate
-    calls = {"n": 0}
-
-    def crash(self, data):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Crash
-        return real_eval(self, data)
-
-    monkeypatch.setattr(Trainer, "evaluate", crash)
-    with pytest.raises(_Crash):
-        train(tiny(**kw, checkpoint_dir=str(ck)))
-    monkeypatch.setattr(Trainer, "evaluate", real_eval)
+    _crash_in_third_epoch(monkeypatch, tiny(**kw, checkpoint_dir=str(ck)))
     path = Path(torch.load(ck / "last.pt", weights_only=True)["cache"]["path"])
     s = store.open(path)
     chunk = Path(s.chunk_path("activations", s.num_chunks - 1, 0))

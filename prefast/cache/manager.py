@@ -180,8 +180,8 @@ class CacheManager:
             return False, "--recache-mode pass"
         if self.views > 1:
             return False, f"--views {self.views}: each view is its own pass over the images"
-        if self.cfg.cache == "zarr" and self._store_rows_refusal():
-            return False, self._store_rows_refusal()
+        if self.cfg.cache == "zarr" and (why := self._store_rows_refusal()):
+            return False, why
         if self.dist.enabled:
             return False, "under torchrun the ranks fill separate parts of a cache"
         return True, ""
@@ -229,10 +229,9 @@ class CacheManager:
                 ) from None
             local = location.as_local(run_dir)
             if local is not None:
-                ours = _claim_run_dir(local)
+                _claim_run_dir(local)
                 self._lock_fd = _lock_run_dir(local)
-                if ours:
-                    _clear_leftovers(local)
+                _clear_leftovers(local)  # only where the marker says the folder is ours
             else:
                 log.warning(
                     "%s: object stores have no locks; run one prefast run with these settings "
@@ -557,11 +556,9 @@ class CacheManager:
         shape = self.shapes[target]
         fp = self._fingerprint(target)
         meta = provenance(self.model, target, self.data.desc, self._cache_desc(), fp)
-        if tier == "zarr" and self._store_rows_refusal():
+        if tier == "zarr" and (why := self._store_rows_refusal()):
             log.info(
-                "boundary %d goes to the store, which takes no rows (%s): a cache pass",
-                target,
-                self._store_rows_refusal(),
+                "boundary %d goes to the store, which takes no rows (%s): a cache pass", target, why
             )
             return None
         path = store_path(self._zarr_dir(), target) if tier == "zarr" else None
@@ -1116,13 +1113,13 @@ def _lock_run_dir(run_dir: Path) -> int:
     return fd
 
 
-def _claim_run_dir(run_dir: Path) -> bool:
-    """Mark ``run_dir`` as this package's if it is: it carries the marker already, or it is
-    empty (just made, or made empty). True when it is ours; a folder of the same name with
-    someone else's files in it is used, but nothing in it is ever cleared."""
+def _claim_run_dir(run_dir: Path) -> None:
+    """Mark ``run_dir`` as this package's where it is: new or empty (a folder that carries the
+    marker already is). A folder of the same name with someone else's files in it stays
+    unmarked: it is used, but nothing in it is ever cleared (``_clear_leftovers``)."""
     marker = run_dir / RUN_MARKER
     if marker.is_file():
-        return True
+        return
     if any(run_dir.iterdir()):
         log.warning(
             "%s exists and was not made by prefast (no %s in it): its stores are written there, "
@@ -1130,9 +1127,8 @@ def _claim_run_dir(run_dir: Path) -> bool:
             run_dir,
             RUN_MARKER,
         )
-        return False
+        return
     marker.touch()
-    return True
 
 
 def _clear_leftovers(run_dir: Path) -> None:

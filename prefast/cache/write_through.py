@@ -231,8 +231,8 @@ class WriteThrough:
             self.take_bytes / 1e6,
             self.take_seconds,
             self.take_bytes / 1e6 / max(self.take_seconds, 1e-9),
-            missing.size,
-            now - t_finish,
+            self.catch_up_samples,
+            self.finish_seconds,
             writer,
         )
         return Cache(
