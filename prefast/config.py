@@ -249,4 +249,33 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-__all__ = ["CACHE_TIERS", "CHOICES", "MODES", "RECACHE_POLICIES", "TrainConfig"]
+_CACHE_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(TrainConfig)
+    if f.metadata.get("group") == "cache (prefast mode)"
+)
+
+
+def unused_options(cfg: TrainConfig, device_type: str, distributed: bool) -> list[str]:
+    """One line for each option set away from its default that this run will not use (the
+    run goes on; the trainer logs them as warnings). ``device_type`` is the resolved device's
+    (``cpu``/``cuda``); ``distributed`` says whether the run is under torchrun."""
+    defaults = TrainConfig()
+    changed = [n for n in _CACHE_FIELDS if getattr(cfg, n) != getattr(defaults, n)]
+    out = []
+    if cfg.mode != "prefast" and changed:
+        flags = ", ".join(_flag(n) for n in changed)
+        out.append(f"{flags}: no effect with --mode {cfg.mode} (they apply to --mode prefast)")
+    elif cfg.mode == "prefast":
+        if cfg.feature_aug != "none" and not cfg.augment:
+            out.append("--feature-aug: no effect with --no-augment")
+        if cfg.cache == "device" and device_type == "cpu":
+            out.append("--cache device: on the CPU the device is host memory, as --cache ram")
+    if cfg.sync_bn and not distributed:
+        out.append("--sync-bn: no effect outside torchrun")
+    if cfg.synthetic_shape != defaults.synthetic_shape and cfg.dataset != "synthetic":
+        out.append(f"--synthetic-shape: no effect with --dataset {cfg.dataset}")
+    return out
+
+
+__all__ = ["CACHE_TIERS", "CHOICES", "MODES", "RECACHE_POLICIES", "TrainConfig", "unused_options"]

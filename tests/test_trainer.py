@@ -1009,3 +1009,40 @@ def test_keep_freed_memory_is_asked_for_by_the_config(monkeypatch):
     assert calls == []
     T.Trainer(tiny(mode="freezeout"))
     assert calls == [1]
+
+
+def test_options_a_run_will_not_use_are_named():
+    from prefast.config import unused_options
+
+    assert unused_options(TrainConfig(), "cpu", False) == []
+    assert unused_options(TrainConfig(mode="freezeout", seed=3, augment=False), "cpu", False) == []
+    lines = unused_options(
+        TrainConfig(mode="freezeout", cache="zarr", codec="lz4", views=3, sync_bn=True),
+        "cuda",
+        False,
+    )
+    assert lines == [
+        "--cache, --codec, --views: no effect with --mode freezeout (they apply to --mode prefast)",
+        "--sync-bn: no effect outside torchrun",
+    ]
+    assert unused_options(TrainConfig(sync_bn=True), "cuda", True) == []
+    assert unused_options(TrainConfig(feature_aug="shift", augment=False), "cuda", False) == [
+        "--feature-aug: no effect with --no-augment"
+    ]
+    assert unused_options(TrainConfig(cache="device"), "cpu", False) == [
+        "--cache device: on the CPU the device is host memory, as --cache ram"
+    ]
+    assert unused_options(TrainConfig(cache="device"), "cuda", False) == []
+    assert unused_options(TrainConfig(synthetic_shape="mnist"), "cpu", False) == [
+        "--synthetic-shape: no effect with --dataset fashion-mnist"
+    ]
+    assert (
+        unused_options(TrainConfig(dataset="synthetic", synthetic_shape="mnist"), "cpu", False)
+        == []
+    )
+
+
+def test_the_trainer_warns_of_an_unused_option(caplog):
+    with caplog.at_level(logging.WARNING, logger="prefast"):
+        train(tiny(mode="freezeout", cache="ram", epochs=1))
+    assert "--cache: no effect with --mode freezeout" in caplog.text

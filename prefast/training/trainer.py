@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from prefast import interrupt
 from prefast.cache.identity import state_digest
 from prefast.cache.manager import CacheManager
-from prefast.config import TrainConfig
+from prefast.config import TrainConfig, unused_options
 from prefast.data import (
     Augment,
     DatasetSpec,
@@ -108,6 +108,8 @@ class Trainer:
         self.dist = DistContext.from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
         if self.dist.is_main:
             check_outputs(cfg)  # before any data is loaded or any step runs
+            for line in unused_options(cfg, self.dist.device.type, self.dist.enabled):
+                log.warning("%s", line)
         self.device = self.dist.device
         self.progress = cfg.progress and self.dist.is_main
         self.data = load_data(cfg)
