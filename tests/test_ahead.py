@@ -73,9 +73,7 @@ def test_a_store_that_could_not_be_prepared_ahead_is_made_when_written(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-def _every_epoch(
-    segments, batch_size, cost, sample_bytes, tier_of, boundary=0, tier=None, elapsed=0
-):
+def _every_epoch(segments, batch_size, cost, sample_bytes, tier_of, boundary=0, **_):
     """A stand-in planner: every epoch writes the frontier of its first stretch past the
     boundary held, from that stretch on."""
     targets, starts, b = [], [], boundary

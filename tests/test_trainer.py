@@ -354,6 +354,24 @@ def test_write_through_plan_writes_when_the_saved_steps_pay_for_the_writes():
     # ... and declined when it costs more than waiting for the next epoch
     p = plan_epochs([[(6, 3)], [(10, 3)], [(10, 3)]], cost=cost(1e9), elapsed=1000, **kw)
     assert p.targets == [0, 3, 3]
+    # a store that takes no rows (compressed, remote) is made by a pass when its stretch
+    # begins, which no step overlaps: on CUDA (steps cost max(host, device)) a 5 ms write
+    # hides behind a 6 ms step but not in a pass (image 0.1 + forward 3 + write 5 ms a sample)
+    slow = CostModel(unit_fwd=[1e-3] * 4, image=1e-4, read_rate={"zarr": 1e9},
+                     write_rate={"zarr": 2e5}, overlap=True)  # fmt: skip
+    kz = dict(batch_size=10, sample_bytes=small, tier_of=lambda b: "zarr", cost=slow)
+    assert plan_epochs([[(10, 3)]] * 2, **kz).targets == [3, 3]
+    p = plan_epochs([[(10, 3)]] * 2, pass_tiers=frozenset({"zarr"}), num_samples=100, **kz)
+    assert p.targets == [0, 0] and p.seconds == pytest.approx(200 * 6e-3)
+    # ... and where it pays (1 ms writes), the pass and the steps after it are what is priced
+    fast = CostModel(unit_fwd=[1e-3] * 4, image=1e-4, read_rate={"zarr": 1e9},
+                     write_rate={"zarr": 1e6}, overlap=True)  # fmt: skip
+    p = plan_epochs([[(4, 0), (6, 3)], [(10, 3)], [(10, 3)]], pass_tiers=frozenset({"zarr"}),
+                    num_samples=100, **{**kz, "cost": fast})  # fmt: skip
+    assert p.targets == [3, 3, 3] and p.starts == [4, 0, 0]
+    # 40 samples from the images with nothing frozen (4 units trained: 12 ms), the pass (0.1
+    # + 3 + 1 ms a sample), 260 samples from the cache (3 ms of training, the read hidden)
+    assert p.seconds == pytest.approx(40 * 12e-3 + 100 * 4.1e-3 + 260 * 3e-3)
     # on CUDA a step costs max(host, device): a host read cheaper than the device's forward is
     # hidden, so reading the cache costs nothing extra over the images
     c = cost(1e9, overlap=True)
@@ -1046,3 +1064,25 @@ def test_the_trainer_warns_of_an_unused_option(caplog):
     with caplog.at_level(logging.WARNING, logger="prefast"):
         train(tiny(mode="freezeout", cache="ram", epochs=1))
     assert "--cache: no effect with --mode freezeout" in caplog.text
+
+
+@pytest.mark.parametrize(("codec", "passes"), [("lz4", {"zarr"}), ("none", set())])
+def test_the_write_through_plan_prices_a_store_that_takes_no_rows_as_a_pass(
+    tmp_path, monkeypatch, codec, passes
+):
+    """--cache auto with a codec: caches that go to RAM or the device are written through, those
+    that go to a store are made by passes; the plan is told which (here every cache goes to
+    the store: it may take almost no host memory)."""
+    import prefast.cache.manager as M
+
+    seen: list[dict] = []
+    real = M.plan_epochs
+
+    def spy(*a, **k):
+        seen.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(M, "plan_epochs", spy)
+    train(tiny(mode="prefast", cache="auto", codec=codec, cache_memory_fraction=1e-9,
+               recache_policy="auto", epochs=4, cache_dir=str(tmp_path)))  # fmt: skip
+    assert seen and all(k["pass_tiers"] == passes and k["num_samples"] == 96 for k in seen)

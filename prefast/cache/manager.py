@@ -515,6 +515,9 @@ class CacheManager:
             boundary=b,
             tier=self.cache.tier if self.cache is not None else None,
             elapsed=elapsed,
+            # a store that takes no rows is made by a pass (_open_write_through)
+            pass_tiers=frozenset({"zarr"} if self._store_rows_refusal() else ()),
+            num_samples=len(self.data.train),
         )
         out = {
             e: ((j if e == epoch else e * self.iters_per_epoch) + start, target)

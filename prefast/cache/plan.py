@@ -205,6 +205,8 @@ def plan_epochs(
     boundary: int = 0,
     tier: str | None = None,
     elapsed: int = 0,
+    pass_tiers: frozenset[str] = frozenset(),
+    num_samples: int = 0,
 ) -> EpochPlan:
     """Write-through re-caching: the boundary to write during each remaining epoch, and from
     which of its steps.
@@ -221,7 +223,11 @@ def plan_epochs(
     overlap the device's work on CUDA); writing ``B`` adds its host write to each writing
     step, at ``CostModel.ahead_write_rate`` in the epochs after the first (their stores are
     prepared ahead), at ``write_rate`` in the first. A dynamic programme over (epoch,
-    boundary) minimises the run's time. ``boundary`` / ``tier`` describe the cache held now."""
+    boundary) minimises the run's time. ``boundary`` / ``tier`` describe the cache held now.
+
+    A cache whose tier is in ``pass_tiers`` takes no rows (a compressed or remote store): it is
+    made by one pass over the ``num_samples`` samples when its stretch begins (read at ``b``,
+    forward ``b..B``, write ``B``), and the epoch's later steps already read it."""
     if not segments:
         return EpochPlan([], [], 0.0, 0.0)
     tiers = [tier_of(b) for b in range(len(sample_bytes))]
@@ -255,6 +261,15 @@ def plan_epochs(
                     continue
                 head = steps_cost(segs[:k], b, 0.0)
                 for target in range(lo + 1, fk + 1):
+                    if tiers[target] in pass_tiers:  # one pass now, then read from it
+                        one_pass = num_samples * (
+                            read(b)
+                            + cost.fwd(b, target)
+                            + cost.write(tiers[target], sample_bytes[target])
+                        )
+                        rest = steps_cost(segs[k:], target, 0.0)
+                        options.append((target, prefix[k], c + head + one_pass + rest))
+                        continue
                     # a store written in a later epoch is prepared ahead, during the one before
                     write = cost.write(tiers[target], sample_bytes[target], ahead=e > 0)
                     catch_up = (  # the steps before stretch k: their samples, at the end
