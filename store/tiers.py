@@ -22,9 +22,14 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device`` without holding the host: a host tensor bound for a CUDA device is
     copied from pinned memory. CUDA may make a copy from pageable memory wait for the stream's
     queued work (its API synchronisation rules), which keeps the host from running ahead of
-    the GPU: per batch, that is a bubble between steps."""
+    the GPU: per batch, that is a bubble between steps. A device tensor bound for the host is
+    copied before this returns."""
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
+    if device.type == "cpu" and t.device.type != "cpu":
+        # blocking: the host may read the result at once, and a non_blocking copy to the host
+        # returns before its data are there
+        return t.to(device)
     return t.to(device, non_blocking=True)
 
 

@@ -446,3 +446,41 @@ def test_device_tier_reads_and_row_writes_never_synchronise_the_host():
         seen.append(i)
     assert sorted(np.concatenate(seen).tolist()) == list(range(N))
     assert torch.equal(sink.data.cpu(), x) and torch.equal(sink.labels, y)
+
+
+def test_warm_up_steps_hand_their_outputs_to_the_step_stream(monkeypatch):
+    """A warm-up step runs on a side stream; what it returns is read on the step's stream, so
+    each output is recorded there (freed, its block waits for those reads even when a
+    loader's copy stream is the same pooled stream as the side one)."""
+    from prefast.training import Trainer
+    from prefast.training.step import EpochMeter
+
+    tr = Trainer(
+        TrainConfig(**_gpu_kw(mode="freezeout", compile="graphs", epochs=1, num_samples=256))
+    )
+    tr.steps.configure(0, 0, tr.optimizer, None)
+    meter = EpochMeter(4, tr.device)
+    x = torch.randn(32, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    recorded: list[torch.cuda.Stream] = []
+    real = torch.Tensor.record_stream
+
+    def spy(t, stream):
+        recorded.append(stream)
+        return real(t, stream)
+
+    monkeypatch.setattr(torch.Tensor, "record_stream", spy)
+    tr.steps.step(x, y, 0, 0, meter)  # the first warm-up step
+    assert len(recorded) >= 2  # the loss and the stats
+    assert all(s == torch.cuda.current_stream() for s in recorded)
+
+
+def test_a_cuda_tensor_written_into_a_ram_cache_is_there_when_the_call_returns():
+    """write_rows of device rows into host memory: the copy to the host has finished before the
+    host scatters it (the GPU is kept busy first, so a copy still queued would show)."""
+    cache = store.RamCache.empty(300, 1, (64, 16, 16), "float16")
+    x = torch.randn(257, 64, 16, 16, device="cuda")
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued before the copy
+    rows = torch.arange(257) + 17
+    cache.write_rows(0, rows, x)
+    assert torch.equal(cache.data[0, 17:274], x.cpu().half())

@@ -311,7 +311,14 @@ class StepRunner:
         with torch.cuda.stream(s), _quiet_stream_mismatch():
             self.optimizer.zero_grad()
             loss, stats, tapped = self._compute(h, y, aug)
-        torch.cuda.current_stream(self.device).wait_stream(s)
+        cur = torch.cuda.current_stream(self.device)
+        cur.wait_stream(s)
+        # made on the side stream, read on this one: freed, their blocks must wait for this
+        # stream's reads (torch.cuda.Stream() draws from a pool, so a loader's copy stream
+        # may be this very side stream)
+        for t in (loss, stats, tapped):
+            if t is not None:
+                t.record_stream(cur)
         self._eager_steps += 1
         return loss, stats, tapped
 
