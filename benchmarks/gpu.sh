@@ -35,8 +35,16 @@ has() { [[ "$STAGES" == *" $1 "* ]]; }
 OUT=${OUT:?set OUT to the folder for results}
 DEADLINE=$(( $(date +%s) + ${GPU_BUDGET_SECONDS:-530} ))
 W=/tmp/prefast-gpu-work  # everything lands here; at most 8 chosen files are copied to $OUT
+rm -rf "$W"  # a rerun on a warm machine must not return the last call's files as its own
 mkdir -p "$OUT" "$W"
 left() { echo $(( DEADLINE - $(date +%s) )); }
+# seconds for a stage that must leave $1 s to the later ones; none (the stage is skipped,
+# saying so) under 10 s: `timeout 0` would not limit it, a negative one would not run it
+share() {
+  local s=$(( $(left) - $1 ))
+  if [ "$s" -lt 10 ]; then echo "-- skipped: ${s} s left for it" >&2; return 1; fi
+  echo "$s"
+}
 collect() {
   cp -f "$W/pytest-gpu.txt" "$W/step-probe-gpu.json" "$W/bench-feed-gpu.json" \
     "$W/compare-gpu-long.json" "$W/compare-gpu-long.partial.json" \
@@ -86,40 +94,51 @@ EAGER=--eager-baseline
 if has scenario; then
   echo "== 2. 16 epochs, every tier, --compile $COMPILE ($(left) s left)"
   # shellcheck disable=SC2086
-  timeout $(( $(left) - 70 )) python3 benchmarks/compare.py --scenario cifar-gpu-long \
-    --compile "$COMPILE" $EAGER ${SCENARIO_ARGS:-} --no-progress --no-plot --verbose --cache-dir /tmp/prefast-bench \
-    --out "$W/compare-gpu-long.json" > "$W/compare-gpu-long.log" 2>&1
-  tail -16 "$W/compare-gpu-long.log"
-  # each variant's epochs, and the plan's predictions against them (kept in logs.txt)
-  python3 benchmarks/epochs.py "$W/compare-gpu-long.json" --from-epoch 3 2>&1 \
-    | tee "$W/compare-gpu-long-epochs.log"
-  rm -rf /tmp/prefast-bench
+  if T=$(share 70); then
+    timeout "$T" python3 benchmarks/compare.py --scenario cifar-gpu-long \
+      --compile "$COMPILE" $EAGER ${SCENARIO_ARGS:-} --no-progress --no-plot --verbose --cache-dir /tmp/prefast-bench \
+      --out "$W/compare-gpu-long.json" > "$W/compare-gpu-long.log" 2>&1
+    tail -16 "$W/compare-gpu-long.log"
+    # each variant's epochs, and the plan's predictions against them (kept in logs.txt); a
+    # scenario cut short left only its partial file
+    R="$W/compare-gpu-long.json"
+    [ -f "$R" ] || R="$W/compare-gpu-long.partial.json"
+    [ -f "$R" ] && python3 benchmarks/epochs.py "$R" --from-epoch 3 2>&1 \
+      | tee "$W/compare-gpu-long-epochs.log"
+    rm -rf /tmp/prefast-bench
+  fi
 fi
 
 if has tests; then
   echo "== 3. CUDA tests ($(left) s left)"
-  timeout $(( $(left) - 30 )) python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
-    > "$W/pytest-gpu.txt" 2>&1
-  tail -8 "$W/pytest-gpu.txt"
+  if T=$(share 30); then
+    timeout "$T" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
+      > "$W/pytest-gpu.txt" 2>&1
+    tail -8 "$W/pytest-gpu.txt"
+  fi
 fi
 
 if has feed; then
   echo "== 4. store writes and feed to the GPU ($(left) s left)"
-  timeout $(( $(left) - 3 )) python3 benchmarks/bench_feed.py --device cuda --num-samples 20000 \
-    --repeats 1 --dir /tmp --out "$W/bench-feed-gpu.json" > "$W/bench-feed-gpu.log" 2>&1
-  tail -14 "$W/bench-feed-gpu.log"
+  if T=$(share 3); then
+    timeout "$T" python3 benchmarks/bench_feed.py --device cuda --num-samples 20000 \
+      --repeats 1 --dir /tmp --out "$W/bench-feed-gpu.json" > "$W/bench-feed-gpu.log" 2>&1
+    tail -14 "$W/bench-feed-gpu.log"
+  fi
 fi
 
 if has fidelity; then
   echo "== 5. fidelity study, 16 epochs ($(left) s left)"
   # a run takes about a minute: start none in the last 100 s, stop the last one at the deadline
   # shellcheck disable=SC2086
-  timeout $(( $(left) - 5 )) python3 benchmarks/fidelity.py --dataset synthetic \
-    --num-samples 50000 --depth 76 --growth 12 --epochs 16 --batch-size 256 --amp bf16 \
-    --channels-last --device cuda --compile "$COMPILE" --seeds 0 1 2 \
-    --variants ${FIDELITY_VARIANTS:-freezeout prefast-v1 prefast-v1-shift+flip} \
-    --budget-seconds $(( $(left) - 100 )) --out "$W/fidelity-cifar-gpu.json" \
-    > "$W/fidelity-cifar-gpu.log" 2>&1
-  tail -8 "$W/fidelity-cifar-gpu.log"
+  if T=$(share 105); then
+    timeout $(( T + 100 )) python3 benchmarks/fidelity.py --dataset synthetic \
+      --num-samples 50000 --depth 76 --growth 12 --epochs 16 --batch-size 256 --amp bf16 \
+      --channels-last --device cuda --compile "$COMPILE" --seeds 0 1 2 \
+      --variants ${FIDELITY_VARIANTS:-freezeout prefast-v1 prefast-v1-shift+flip} \
+      --budget-seconds "$T" --out "$W/fidelity-cifar-gpu.json" \
+      > "$W/fidelity-cifar-gpu.log" 2>&1
+    tail -8 "$W/fidelity-cifar-gpu.log"
+  fi
 fi
 echo "== done ($(left) s left)"

@@ -484,3 +484,25 @@ def test_a_cuda_tensor_written_into_a_ram_cache_is_there_when_the_call_returns()
     rows = torch.arange(257) + 17
     cache.write_rows(0, rows, x)
     assert torch.equal(cache.data[0, 17:274], x.cpu().half())
+
+
+def test_the_benchmark_profile_times_units_as_replayed_graphs():
+    """compare.py's profile for runs that replay graphs: a positive forward, backward and frozen
+    forward per unit and for the head, below the eager calls' (which pay each kernel's
+    launch), and the model's grads released."""
+    from benchmarks.compare import profile_units, profile_units_graphed
+    from prefast.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(
+        "densenet_bc", num_classes=10, in_channels=3, image_size=32, depth=16, growth=8
+    ).cuda()
+    dev = torch.device("cuda")
+    x = torch.randn(64, 3, 32, 32, device=dev)
+    fwd, bwd, frozen = profile_units_graphed(model, x, dev, "bf16")
+    n = model.num_units + 1
+    assert len(fwd) == len(bwd) == len(frozen) == n
+    assert all(0 < t < 1 for t in fwd + frozen) and all(0 <= t < 1 for t in bwd)
+    assert all(p.grad is None for p in model.parameters())
+    eager = profile_units(model, x, dev, "bf16")
+    assert sum(fwd) + sum(bwd) < sum(eager[0]) + sum(eager[1])
