@@ -123,11 +123,12 @@ class DistContext:
         return t.tolist()
 
     def broadcast_tensor(self, t: torch.Tensor, src: int, what: str = "broadcast") -> None:
-        """In place; 16-bit float tensors travel as int16 words (exact, any backend)."""
+        """In place; a contiguous 16-bit float tensor travels as its bytes (exact; gloo and
+        NCCL take uint8, neither takes int16)."""
         if not self.enabled:
             return
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.view(torch.int16)
+        if t.dtype in (torch.float16, torch.bfloat16) and t.is_contiguous() and t.dim():
+            t = t.view(torch.uint8)
         with self._collective(what):
             dist.broadcast(t, src=src)
 

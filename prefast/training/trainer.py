@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,6 +419,9 @@ class Trainer:
             return False
         for i in range(self.frontier, f):
             freeze_unit(self.model, self.optimizer, i, j)
+        # under torchrun each rank's last step updated its own BatchNorm statistics: the
+        # frozen units keep rank 0's, as the checkpoint will, before any cache pass uses them
+        self._sync_buffers(self.model.units[self.frontier : f])
         self.frontier = f
         self._wrap_trainable()  # the trainable set changed
         moved = self.cache.on_freeze(j, f) if self.cache is not None else False
@@ -569,13 +572,15 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
 
-    def _sync_buffers(self) -> None:
-        """Rank 0's BatchNorm statistics on every rank. DDP syncs buffers at the start of each
-        forward, so after the last step each rank holds its own update; evaluation, checkpoints
-        and the next epoch use rank 0's, as the next forward would."""
+    def _sync_buffers(self, modules: Iterable[torch.nn.Module] | None = None) -> None:
+        """Rank 0's BatchNorm statistics on every rank (of ``modules``; default: the model).
+        DDP syncs buffers at the start of each forward, so after the last step each rank holds
+        its own update; evaluation, checkpoints and the next epoch use rank 0's, as the next
+        forward would, and so do units as they freeze (they leave DDP)."""
         if not self.dist.enabled:
             return
-        for b in self.model.buffers():
+        mods = [self.model] if modules is None else list(modules)
+        for b in (b for m in mods for b in m.buffers()):
             self.dist.broadcast_tensor(b, src=0, what="sharing BatchNorm statistics")
 
     def _check_ranks_agree(self, epoch: int) -> dict[str, Any]:
