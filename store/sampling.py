@@ -170,16 +170,31 @@ class ChunkStreamSampling:
         return c1 - c0
 
     def samples_per_rank(self) -> int:
-        # Equal on every rank and in every epoch: the worst case of a rank holding
-        # floor(chunks / world_size) chunks, one of them the short last chunk.
+        """N // world_size on every rank, as random access gives (the epoch's remainder is
+        left out)."""
         s, w = self.source, self.batching.world_size
-        k = s.num_chunks // w
-        if k == 0:
+        if s.num_samples < w:
             raise StoreInputError(
-                f"{s.path}: {s.num_chunks} chunk(s) cannot be shared by {w} ranks; "
-                "use smaller chunks or an uncompressed store"
+                f"{s.path}: {s.num_samples} sample(s) cannot be shared by {w} ranks"
             )
-        return (k - 1) * s.chunk_samples + self._chunk_len(s.num_chunks - 1)
+        return s.num_samples // w
+
+    def _pieces(self, order: np.ndarray) -> list[tuple[int, int, int]]:
+        """This rank's part of an epoch: ``(chunk, lo, hi)``, the chunk's samples ``lo:hi``.
+        The chunks' samples in ``order`` are one sequence of N; rank r takes its r-th run of
+        N // world_size, so a rank reads at most two chunks it shares with its neighbours."""
+        m, r = self.samples_per_rank(), self.batching.rank
+        start, stop = r * m, (r + 1) * m
+        out, pos = [], 0
+        for c in order:
+            n = self._chunk_len(int(c))
+            lo, hi = max(start - pos, 0), min(stop - pos, n)
+            if lo < hi:
+                out.append((int(c), lo, hi))
+            pos += n
+            if pos >= stop:
+                break
+        return out
 
     def fill_group(self, group: Sequence[Batch], out: torch.Tensor) -> torch.Tensor:
         """``Sampling.fill_group``, one batch after another (each from its decoded window)."""
@@ -194,7 +209,7 @@ class ChunkStreamSampling:
         nc = s.num_chunks
         # The chunk order and the per-chunk views both start from chunk_rng(seed, epoch).
         order = chunk_rng(b.seed, epoch).permutation(nc) if b.shuffle else np.arange(nc)
-        chunks = order[b.rank :: b.world_size]
+        pieces = self._pieces(order)
         limit = self.samples_per_rank()  # equal length on every rank
         views_of_chunk = (
             chunk_rng(b.seed, epoch).integers(0, s.views, size=nc)
@@ -204,7 +219,7 @@ class ChunkStreamSampling:
         # A separate stream per epoch and rank for the within-window shuffles.
         rng = np.random.default_rng([b.seed, epoch, 3, b.rank])
         windows = [
-            chunks[i : i + self.buffer_chunks] for i in range(0, len(chunks), self.buffer_chunks)
+            pieces[i : i + self.buffer_chunks] for i in range(0, len(pieces), self.buffer_chunks)
         ]
         bs = b.batch_size
         emitted = 0
@@ -214,14 +229,19 @@ class ChunkStreamSampling:
             max_workers=self.read_workers, thread_name_prefix="store-read"
         ) as pool:
 
-            def submit(w: np.ndarray) -> list[Future[np.ndarray]]:
-                return [pool.submit(s.read_chunk, int(views_of_chunk[c]), int(c)) for c in w]
+            def submit(w: list[tuple[int, int, int]]) -> list[Future[np.ndarray]]:
+                return [pool.submit(s.read_chunk, int(views_of_chunk[c]), c) for c, _, _ in w]
 
             pending = submit(windows[0]) if windows else []
             for wi in range(len(windows)):
-                data = [f.result() for f in pending]
+                data = [
+                    f.result()[lo:hi] for f, (_, lo, hi) in zip(pending, windows[wi], strict=True)
+                ]
                 pending = submit(windows[wi + 1]) if wi + 1 < len(windows) else []
-                ids = [np.arange(*s.layout.chunk_range(int(c))) for c in windows[wi]]
+                ids = [
+                    np.arange(s.layout.chunk_range(c)[0] + lo, s.layout.chunk_range(c)[0] + hi)
+                    for c, lo, hi in windows[wi]
+                ]
                 pool_x = np.concatenate(([carry_x] if carry_x is not None else []) + data)
                 pool_i = np.concatenate([carry_i, *ids])  # sample id of each pooled sample
                 del data  # the window now lives in pool_x only

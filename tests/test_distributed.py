@@ -58,16 +58,18 @@ def test_torchrun_two_ranks_stay_in_sync_and_cover_every_sample(tmp_path):
     assert r.stdout.count("test error") == 1
 
 
-@pytest.mark.parametrize("tier", ["zarr", "ram"])
-def test_caches_built_under_torchrun_hold_the_checkpoints_frozen_units(tmp_path, tier):
+@pytest.mark.parametrize(("tier", "codec"), [("zarr", "none"), ("ram", "none"), ("zarr", "lz4")])
+def test_caches_built_under_torchrun_hold_the_checkpoints_frozen_units(tmp_path, tier, codec):
     """Every rank computes its share of each cache pass with the frozen units the checkpoint
     holds: their weights and rank 0's BatchNorm statistics (each rank's last step before a
     freeze updates its own; rank 1's chunks were 4x the float16 tolerance off). The RAM tier's
-    float16 chunks travel between ranks (gloo and NCCL take no int16)."""
+    float16 chunks travel between ranks (gloo and NCCL take no int16). A compressed store
+    gives each rank N // 2 samples an epoch, as the trainer counts its steps (it gave fewer,
+    and the epoch ran out of batches)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "prefast", "train", "--dataset", "synthetic", "--num-samples", "301", "--depth", "16",
            "--growth", "8", "--batch-size", "16", "--t0", "0.5", "--epochs", "4", "--device", "cpu",
-           "--no-progress", "--cache", tier, "--cache-dir", str(tmp_path / "c"), "--recache-policy",
+           "--no-progress", "--cache", tier, "--codec", codec, "--cache-dir", str(tmp_path / "c"), "--recache-policy",
            "every", "--checkpoint-dir", str(tmp_path / "ck"), "--metrics", str(tmp_path / "m.jsonl")]  # fmt: skip
     r = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
