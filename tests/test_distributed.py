@@ -144,10 +144,21 @@ def test_sharded_cache_pass_equals_single_process_byte_for_byte(tmp_path, tier):
         assert a.shape == (2, 301, 32, 32, 32) and torch.equal(a, b)
 
 
-def test_a_rank_that_dies_makes_the_other_fail_clearly(tmp_path):
+@pytest.mark.parametrize("mode", ["freezeout", "prefast"])
+def test_a_rank_that_dies_makes_the_other_fail_clearly(tmp_path, mode):
+    """Rank 1 is killed; rank 0 fails with one line naming the collective it was in, and a
+    temporary cache folder (prefast with no --cache-dir, killed after its first cache) is
+    removed all the same."""
     port = str(_free_port())
-    cmd = [sys.executable, "-m", "prefast", "train", *TINY, "--epochs", "400", "--mode", "freezeout",
-           "--dist-timeout", "30"]  # fmt: skip
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    if mode == "freezeout":
+        extra, ready = ["--epochs", "400", "--mode", "freezeout"], "epoch 0:"
+    else:
+        extra = ["--epochs", "400", "--t0", "0.02", "--mode", "prefast", "--cache", "zarr",
+                 "--recache-policy", "every"]  # fmt: skip
+        ready = "cache boundary 0 ->"
+    cmd = [sys.executable, "-m", "prefast", "train", *TINY, *extra, "--dist-timeout", "30"]
     procs = [
         subprocess.Popen(
             cmd,
@@ -157,6 +168,7 @@ def test_a_rank_that_dies_makes_the_other_fail_clearly(tmp_path):
                 LOCAL_RANK=str(r),
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=port,
+                TMPDIR=str(tmp),
             ),
             cwd=tmp_path,
             stdout=subprocess.DEVNULL,
@@ -172,7 +184,7 @@ def test_a_rank_that_dies_makes_the_other_fail_clearly(tmp_path):
         assert procs[0].stderr is not None
         for line in procs[0].stderr:
             lines.append(line)
-            if "epoch 0:" in line:
+            if ready in line:
                 started.set()
 
     reader = threading.Thread(target=read_rank0, daemon=True)
@@ -189,7 +201,9 @@ def test_a_rank_that_dies_makes_the_other_fail_clearly(tmp_path):
         last = err.strip().splitlines()[-1]
         assert last.startswith("prefast: error: rank 0:"), err[-1500:]
         assert "another rank died or the process group timed out" in last
+        assert "finishing with the temporary cache" not in last
         assert "Traceback" not in err
+        assert list(tmp.glob("prefast-cache-*")) == []
     finally:
         for p in procs:
             if p.poll() is None:

@@ -328,3 +328,65 @@ def test_metrics_after_a_resume_hold_each_epoch_once(tmp_path, monkeypatch):
 
     epochs = [json.loads(line).get("epoch") for line in metrics.read_text().splitlines()]
     assert epochs == [0, 1, 2, None]  # three epochs once each, then the summary
+
+
+def test_temporary_cache_folders_of_ended_runs_are_swept_and_no_others(tmp_path, monkeypatch):
+    """A killed run cannot remove its temporary cache folder; the next run that makes one
+    removes it. Only prefast-cache-* folders of this user holding an owner record of this host
+    whose process has ended (or whose id another process took over) are removed."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from prefast.cache import scratch
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(done.stdout)
+    me = scratch.owner_record()
+
+    def folder(name: str, rec: dict | None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "boundary-001").mkdir()
+        if rec is not None:
+            (d / scratch.OWNER_NAME).write_text(json.dumps(rec))
+        return d
+
+    gone = folder("prefast-cache-dead", {**me, "pid": dead_pid, "start": None})
+    reused = folder("prefast-cache-reused", {**me, "start": "1"})  # our id, another start
+    rebooted = folder("prefast-cache-boot", {**me, "boot": "another-boot"})
+    alive = folder("prefast-cache-alive", me)
+    other_host = folder(
+        "prefast-cache-host", {**me, "pid": dead_pid, "host": socket.gethostname() + "x"}
+    )
+    unrecorded = folder("prefast-cache-users", None)
+    bad = folder("prefast-cache-bad", None)
+    (bad / scratch.OWNER_NAME).write_text("not json")
+    other_name = folder("cache-dead", {**me, "pid": dead_pid})
+    link = tmp_path / "prefast-cache-link"
+    link.symlink_to(folder("elsewhere", {**me, "pid": dead_pid}))
+
+    made = scratch.make_temp_dir()  # what a run without a cache folder does first
+    assert not gone.exists() and not reused.exists() and not rebooted.exists()
+    for d in (alive, other_host, unrecorded, bad, other_name, link):
+        assert (d / "boundary-001").is_dir(), d
+    assert made.parent == tmp_path and made.name.startswith("prefast-cache-")
+    assert json.loads((made / scratch.OWNER_NAME).read_text()) == me
+    assert scratch.sweep(tmp_path) == []  # the new folder's owner is running
+
+
+def test_a_run_removes_its_temporary_cache_folder_and_one_a_killed_run_left(tmp_path, monkeypatch):
+    import json
+
+    from prefast.cache import scratch
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    left = tmp_path / "prefast-cache-left"
+    left.mkdir()
+    (left / scratch.OWNER_NAME).write_text(json.dumps({**scratch.owner_record(), "start": "1"}))
+    r = train(TrainConfig(**TINY, mode="prefast", cache="zarr", recache_policy="every"))
+    assert r.summary["cache_tier"] == "zarr"
+    assert list(tmp_path.iterdir()) == []

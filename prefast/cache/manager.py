@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +64,7 @@ from prefast.cache.probes import (
     measure_tier_rates,
     measure_unit_forward,
 )
+from prefast.cache.scratch import make_temp_dir
 from prefast.cache.write_through import WriteThrough
 from prefast.config import RESUMABLE_FIELDS, TrainConfig
 from prefast.data import Augment, Datasets, epoch_key, make_batch, view_key
@@ -207,7 +207,7 @@ class CacheManager:
         """The run folder stores go to (made on first use when there is no --cache-dir)."""
         if self.run_dir is None:
             # one folder for all ranks (on one node; several nodes need a shared --cache-dir)
-            made = tempfile.mkdtemp(prefix="prefast-cache-") if self.dist.is_main else None
+            made = str(make_temp_dir()) if self.dist.is_main else None
             self._tmp_dir = Path(self.dist.broadcast_object(made, "sharing the cache folder"))
             self.cache_dir = self._tmp_dir
             self._open_run_dir(self._tmp_dir)
@@ -1055,9 +1055,11 @@ class CacheManager:
             self._discard(c)
         self._superseded.clear()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Release the run folder's lock; remove the temporary cache folder, if one was made
-        (a kept --cache-dir stays)."""
+        (a kept --cache-dir stays). Under torchrun the ranks meet first, unless the run
+        ``failed`` (a peer may be gone, or waiting in another collective); rank 0 removes the
+        folder even where that meeting fails, and a failed run's own error is not replaced."""
         if self._writing is not None:  # a run stopped mid-epoch: the new cache stays incomplete
             self._writing.abort()
             self._writing = None
@@ -1066,12 +1068,15 @@ class CacheManager:
             ahead.drop()
         try:
             if self._tmp_dir is not None:
-                self.dist.barrier("finishing with the temporary cache")
-                if self.cache is not None:
-                    self.cache.release()
-                    self.cache = None
-                if self.dist.is_main:
-                    shutil.rmtree(self._tmp_dir, ignore_errors=True)
+                try:
+                    if not failed:
+                        self.dist.barrier("finishing with the temporary cache")
+                finally:
+                    if self.cache is not None:
+                        self.cache.release()
+                        self.cache = None
+                    if self.dist.is_main:
+                        shutil.rmtree(self._tmp_dir, ignore_errors=True)
         finally:
             if self._lock_fd is not None:
                 with contextlib.suppress(OSError):

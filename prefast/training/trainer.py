@@ -224,6 +224,7 @@ class Trainer:
         peak = PeakMemory().start()
         set_train_modes(self.model, self.frontier)
         self._wrap_trainable()
+        failed = False
         try:
             epochs = tqdm(
                 range(self.start_epoch, cfg.epochs),
@@ -276,11 +277,14 @@ class Trainer:
             metrics.write(self.result.summary)
             if self.cache is not None:
                 self.cache.release_superseded()  # the run is done; no checkpoint needs them
+        except BaseException:
+            failed = True
+            raise
         finally:
             peak.stop()
             metrics.close()
             if self.cache is not None:
-                self.cache.close()
+                self.cache.close(failed)
             self.dist.shutdown()
         self.result.model = self.model
         return self.result

@@ -1,0 +1,114 @@
+"""Temporary cache folders (a run with neither ``--cache-dir`` nor ``--checkpoint-dir``).
+
+A run removes its temporary folder when it ends, fails or is stopped. A process that is
+killed (SIGKILL, the kernel's out-of-memory killer, a torchrun rank stopped by its agent)
+cannot, and its folder may hold gigabytes of activations under a random name no later run
+reuses. So each folder carries an owner record (host, boot, process id and start time), and
+the next run that makes a temporary folder in the same place first removes those whose owner
+is gone: folders named ``prefast-cache-*`` directly in the temporary directory, owned by this
+user, holding a record of this host whose process no longer runs (or runs since a reboot, or
+is another process that took over its id). A folder without a readable record is never
+touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PREFIX = "prefast-cache-"
+OWNER_NAME = ".prefast-owner"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    return _read("/proc/sys/kernel/random/boot_id")
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), or None."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None or ")" not in stat:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[19] if len(fields) > 19 else None  # field 22 of proc(5), after pid and comm
+
+
+def owner_record() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _start_time(pid)}
+
+
+def owner_gone(rec: dict[str, Any]) -> bool:
+    """Whether the process that wrote ``rec`` has certainly ended (False when in doubt)."""
+    if rec.get("host") != socket.gethostname():
+        return False  # a folder another machine shares with this one
+    pid = rec.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    boot = _boot_id()
+    if boot is not None and isinstance(rec.get("boot"), str) and rec["boot"] != boot:
+        return True  # written before a reboot
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive (another user's process), or unknown
+    start = _start_time(pid)
+    return isinstance(rec.get("start"), str) and start is not None and start != rec["start"]
+
+
+def make_temp_dir() -> Path:
+    """A new temporary cache folder with this process's owner record, after removing the
+    folders of owners that are gone."""
+    sweep()
+    path = Path(tempfile.mkdtemp(prefix=PREFIX))
+    (path / OWNER_NAME).write_text(json.dumps(owner_record()))
+    return path
+
+
+def sweep(root: Path | str | None = None) -> list[Path]:
+    """Remove the temporary cache folders in ``root`` (default: the temporary directory) whose
+    owner is gone; returns them."""
+    base = Path(root if root is not None else tempfile.gettempdir())
+    removed = []
+    try:
+        candidates = sorted(base.glob(PREFIX + "*"))
+    except OSError:
+        return []
+    for d in candidates:
+        try:
+            if d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
+                continue
+            rec = json.loads((d / OWNER_NAME).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and owner_gone(rec):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+            log.warning(
+                "removed %s, the temporary cache folder of a run that ended without removing "
+                "it (process %s)",
+                d,
+                rec.get("pid"),
+            )
+    return removed
+
+
+__all__ = ["OWNER_NAME", "PREFIX", "make_temp_dir", "owner_gone", "owner_record", "sweep"]
