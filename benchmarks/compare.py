@@ -22,6 +22,8 @@ import contextlib
 import gc
 import logging
 import math
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -347,6 +349,10 @@ def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ]
     for key in ("train_seconds", "cache_build_seconds", "test_error", "process_wall_seconds"):
         out[key] = sum(r[key] for r in runs) / n
+    out["train_seconds_range"] = [
+        min(r["train_seconds"] for r in runs),
+        max(r["train_seconds"] for r in runs),
+    ]
     for key in ("cache_bytes", "peak_host_private_bytes", "peak_gpu_bytes"):
         out[key] = max(r[key] for r in runs)
     if n > 1 and all(len(r["curve"]) == len(first["curve"]) for r in runs):
@@ -391,6 +397,45 @@ def run_variant(cfg: TrainConfig) -> dict[str, Any]:
     del result
     gc.collect()
     return out
+
+
+def warm_up(
+    base: dict[str, Any],
+    tiers: tuple[str, ...],
+    device: torch.device,
+    args: argparse.Namespace,
+    num_train: int,
+    cache_dir: Path,
+) -> float:
+    """Untimed: each variant's configuration for two epochs of four batches, before the first
+    timed run. What a process does first pays its start-up (cuDNN's algorithm choice, the
+    allocator's and the page cache's first growth, graph pools, the store's thread pools);
+    without this, the first variant of round 1, freezeout, paid it alone (its epoch 0 ran
+    0.4-0.7 s slower than the same epoch of the variants after it on an H200). Returns the
+    seconds it took."""
+    t = time.perf_counter()
+    small = {"epochs": 2, "subset": min(num_train, 4 * int(base["batch_size"]))}
+    for var in variants_for(tiers, device, args.extra_views, full=False,
+                            eager_baseline=args.eager_baseline):  # fmt: skip
+        over = dict(var.overrides)
+        if over.get("cache") == "zarr":
+            over["cache_dir"] = str(cache_dir)
+        log.info("warm-up (untimed): %s", var.name)
+        train(TrainConfig(**{**base, **over, **small}))
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    gc.collect()
+    seconds = time.perf_counter() - t
+    log.info("warm-up took %.1f s", seconds)
+    return seconds
+
+
+def settle(cache_dir: str | None) -> None:
+    """After a timed variant, untimed: remove its stores and write the kernel's dirty pages
+    back, so the next variant neither finds them nor pays for their write-back."""
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    if hasattr(os, "sync"):
+        os.sync()
 
 
 def run_scenario(
@@ -451,12 +496,17 @@ def run_scenario(
             log.exception("the profile as replayed graphs failed; timing units eagerly")
     if method == "eager":
         fwd, bwd, frozen = profile_units(model, x, device, probe.amp)
-    iters = math.ceil(len(data.train) / probe.batch_size) * probe.epochs
+    len_train = len(data.train)
+    iters = math.ceil(len_train / probe.batch_size) * probe.epochs
     del model, data, x
     log.info(
         "profile per batch (ms): fwd %s, bwd %s, frozen fwd %s",
         *([round(v * 1e3, 2) for v in costs] for costs in (fwd, bwd, frozen)),
     )
+
+    warm_up_seconds = 0.0
+    if not args.no_warm_up:
+        warm_up_seconds = warm_up(base, tiers, device, args, len_train, cache_root / "warm-up")
 
     runs: dict[str, Any] = {}
     partial: dict[str, Any] | None = (
@@ -489,6 +539,8 @@ def run_scenario(
                     log.exception("variant %s failed", var.name)
                     failed.append({"variant": var.name, "round": rnd, "error": repr(e)})
                     continue
+                finally:
+                    settle(over.get("cache_dir"))
                 r.update(variant=var.name, round=rnd, position=pos)
                 done[var.name].append(r)
                 table = [merge_rounds(done[v.name]) for v in variants if done[v.name]]
@@ -534,6 +586,7 @@ def run_scenario(
         "device": str(device),
         "base_config": base,
         "rounds": rounds,
+        "warm_up_seconds": warm_up_seconds,
         "profile": {
             "fwd_seconds_per_batch": fwd,
             "bwd_seconds_per_batch": bwd,
@@ -585,19 +638,37 @@ def format_tables(res: dict[str, Any]) -> str:
             "GPU peak MiB",
             "saving/ideal",
         ]
+        several = res.get("rounds", 1) > 1
+        if several:
+            head.insert(2, "min-max s")
+        # without a full run, full's time is modelled (freezeout's / (1 - its ideal saving))
+        modelled = not any(r["variant"] == "full" for r in run["variants"])
+        mark = "~" if modelled else ""
         rows = []
         for r in run["variants"]:
             frac = r["fraction_of_ideal"]
             vs_full = f"{r['vs_full']:.3f}" if r.get("vs_full") is not None else "-"
-            rows.append([
+            if modelled:
+                vs_full = f"~{1 - r['saving_vs_full']:.3f}"
+            row = [
                 r["variant"], f"{r['train_seconds']:.1f}", f"{r['vs_freezeout']:.3f}", vs_full,
                 f"{r['test_error']:.4f}", f"{r['cache_build_seconds']:.1f}", _mib(r["cache_bytes"]),
-                _mib(r["peak_host_private_bytes"]), _mib(r["peak_gpu_bytes"]), f"{frac:.2f}" if frac is not None else "-",
-            ])  # fmt: skip
+                _mib(r["peak_host_private_bytes"]), _mib(r["peak_gpu_bytes"]),
+                f"{mark}{frac:.2f}" if frac is not None else "-",
+            ]  # fmt: skip
+            if several:
+                lo, hi = r.get("train_seconds_range") or (r["train_seconds"], r["train_seconds"])
+                row.insert(2, f"{lo:.1f}-{hi:.1f}")
+            rows.append(row)
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
         lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)))
         for row in rows:
             lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if modelled:
+            lines.append(
+                "~: no full run; full's time is modelled from freezeout's and the profile's ideal "
+                "(freezeout's saving/ideal is 1 by construction)"
+            )
         for f in run.get("failed", []):
             where = f" (round {f['round'] + 1})" if "round" in f else ""
             lines.append(f"FAILED {f['variant']}{where}: {f['error']}")
@@ -731,6 +802,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="run every variant this many times, the order reversed in every other round "
         "(times are means; each round's ratios are listed)",
+    )
+    p.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="skip the untimed warm-up of every variant (two epochs of four batches) before "
+        "the first timed run",
     )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -42,6 +42,8 @@ def test_compare_quick_runs_every_variant(tmp_path, capsys):
     )
     assert res["environment"]["versions"]["torch"]
     assert out.with_suffix(".png").stat().st_size > 1000
+    assert res["warm_up_seconds"] > 0  # every variant ran untimed before the first timed one
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("zarr.json"))
     text = capsys.readouterr().out
     assert "prefast-zarr-lz4" in text and "ideal saving" in text
     assert "frozen units at their eval, no-grad forward" in text
@@ -157,6 +159,7 @@ def test_merge_rounds_means_times_and_keeps_each_round():
     ]
     assert m["records"] is a["records"]  # the first round's records
     one = compare.merge_rounds([a])
+    assert m["train_seconds_range"] == [4.0, 7.0]
     assert one["train_seconds"] == 4.0 and one["curve"] == a["curve"]
     assert a["train_seconds"] == 4.0  # the inputs are not changed
 
@@ -171,7 +174,7 @@ def test_compare_rounds_alternate_the_order(tmp_path, capsys, caplog):
     assert "froze unit 0" in caplog.text  # -v keeps the runs' own log lines
     assert rc == 0
     res = json.loads(out.read_text())
-    assert res["rounds"] == 2
+    assert res["rounds"] == 2 and res["warm_up_seconds"] > 0
     fo, pf = res["runs"]["t0=0.6"]["variants"]
     assert (fo["variant"], pf["variant"]) == ("freezeout", "prefast-ram")
     assert [r["position"] for r in fo["rounds"]] == [0, 1]
@@ -190,6 +193,9 @@ def test_compare_rounds_alternate_the_order(tmp_path, capsys, caplog):
     assert pf["vs_freezeout_rounds"] == expect
     text = capsys.readouterr().out
     assert "means over 2 rounds" in text and "prefast-ram: " in text and "2nd in its round" in text
+    lo, hi = sorted(r["train_seconds"] for r in pf["rounds"])
+    assert pf["train_seconds_range"] == [lo, hi] and f"{lo:.1f}-{hi:.1f}" in text
+    assert "~: no full run" in text  # vs full and saving/ideal are modelled, and say so
 
 
 def test_plan_whatif_plans_each_tier_from_a_runs_logged_costs(tmp_path, capsys):
