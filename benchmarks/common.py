@@ -44,7 +44,12 @@ def _git(*args: str) -> str | None:
 
 def git_commit() -> str:
     """``git rev-parse HEAD``, with ``-dirty`` when tracked or untracked files differ from it
-    (results under ``benchmarks/results`` excluded); ``unknown`` outside a git checkout."""
+    (results under ``benchmarks/results`` excluded); ``unknown`` outside a git checkout.
+    ``PREFAST_COMMIT``, where set, wins: a copy of the tree on a lent machine carries a
+    ``.git`` of another commit (gpu.sh's command names the commit it was copied from)."""
+    given = os.environ.get("PREFAST_COMMIT")
+    if given:
+        return given
     head = _git("rev-parse", "HEAD")
     if not head:
         return "unknown"
@@ -71,8 +76,9 @@ def _version(module: str) -> str | None:
     return str(getattr(m, "__version__", "unknown"))
 
 
-def device_record() -> dict[str, Any]:
-    """The compute device: the CUDA device when one is visible, else the CPU model and cores."""
+def device_record(device_type: str | None = None) -> dict[str, Any]:
+    """The compute device: the CUDA device when one is visible (and the run's
+    ``device_type`` is not ``cpu``), else the CPU model and cores."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -81,7 +87,7 @@ def device_record() -> dict[str, Any]:
         "cpu_cores": cores,
         "torch_threads": torch.get_num_threads(),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and device_type != "cpu":
         d["name"] = torch.cuda.get_device_name(0)
         d["cuda"] = torch.version.cuda
     else:
@@ -89,8 +95,9 @@ def device_record() -> dict[str, Any]:
     return d
 
 
-def environment() -> dict[str, Any]:
-    """What a result needs beside it to be reproducible; no host name."""
+def environment(device_type: str | None = None) -> dict[str, Any]:
+    """What a result needs beside it to be reproducible; no host name. ``device_type``: the
+    run's (``cpu`` or ``cuda``; default: CUDA where visible)."""
     mem_total = read_proc_status("/proc/meminfo").get("MemTotal")
     return {
         "commit": git_commit(),
@@ -98,7 +105,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {m: _version(m) for m in ("torch", "zarr", "numcodecs", "numpy")},
-        "device": device_record(),
+        "commit_given": bool(os.environ.get("PREFAST_COMMIT")),
+        "device": device_record(device_type),
         "mem_total_bytes": mem_total,
         "loadavg_1_5_15": list(os.getloadavg()),
         "argv": sys.argv[1:],

@@ -6,7 +6,10 @@
 # back); each stage gets what is left of GPU_BUDGET_SECONDS (default 530) minus what the later
 # stages need, so the whole script ends inside the budget and keeps what it measured.
 #
-#   OUT=/tmp/out bash benchmarks/gpu.sh
+#   OUT=/tmp/out PREFAST_COMMIT=<the commit copied> bash benchmarks/gpu.sh
+#
+# PREFAST_COMMIT is what every result's environment records as its commit (the copy's own .git
+# is stale on a lent machine); give the full hash of the tree as copied.
 #
 # 1. the per-boundary step probe with CUDA graphs (b = 0, 14, 27, 35, 38, 39), and below the
 #    last unit the same steps writing the next cache through into each tier
@@ -65,6 +68,8 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
   uname -r
   df -T /tmp | tail -1
   python3 -c "import sys, torch, zarr, numcodecs, numpy; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name(0)); print('zarr', zarr.__version__, 'numcodecs', numcodecs.__version__, 'numpy', numpy.__version__)"
+  # this copy's .git may be another commit's: the command names the one it was copied from
+  echo "commit (given): ${PREFAST_COMMIT:-none given}"
   git rev-parse HEAD 2>/dev/null || cat .git/HEAD
   git status --porcelain 2>/dev/null | head -20
 } > "$OUT/environment.txt" 2>&1

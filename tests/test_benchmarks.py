@@ -359,3 +359,17 @@ def test_step_ops_counts_what_a_step_dispatches_beyond_its_own_work(tmp_path, ca
     assert not {"fill_", "argmax", "index_add_", "isfinite", "where"} & set(last["ops"])
     assert last["ops_per_step"] < rows[1]["ops_per_step"]  # epoch 1 writes a cache through
     assert "ops/step" in out.with_suffix(".txt").read_text()
+
+
+def test_a_results_environment_records_the_commit_it_is_given(monkeypatch):
+    """On a lent machine the tree's copy carries a stale .git: PREFAST_COMMIT names the
+    commit instead. A --device cpu run names the CPU even where CUDA is visible."""
+    from benchmarks.common import environment, git_commit
+
+    monkeypatch.delenv("PREFAST_COMMIT", raising=False)
+    own = git_commit()
+    assert own != "abc123" and environment()["commit_given"] is False
+    monkeypatch.setenv("PREFAST_COMMIT", "abc123")
+    env = environment("cpu")
+    assert env["commit"] == "abc123" and env["commit_given"] is True
+    assert env["device"]["name"].startswith("CPU: ")
