@@ -97,8 +97,10 @@ def _write(
     batch: int,
     seed: int,
     prepare_s: list[float] | None = None,
+    started: threading.Event | None = None,
 ) -> float:
-    """Seconds to write ``x`` the ``how`` way (``prepare_s`` gets prepare_rows' seconds)."""
+    """Seconds to write ``x`` the ``how`` way (``prepare_s`` gets prepare_rows' seconds;
+    ``started`` is set as the timed writes begin)."""
     shutil.rmtree(path, ignore_errors=True)
     n = len(x)
     w = store.create(path, sample_shape=tuple(x.shape[1:]), num_samples=n, dtype="float16")
@@ -112,6 +114,8 @@ def _write(
         if prepare_s is not None:
             prepare_s.append(time.perf_counter() - t0)
     order = np.random.default_rng(seed).permutation(n) if how.startswith("write_rows") else None
+    if started is not None:
+        started.set()
     t0 = time.perf_counter()
     for s in range(0, n, batch):
         if order is None:
@@ -135,12 +139,18 @@ def _host_step(a: torch.Tensor) -> None:
 def _beside_busy_loop(
     path: Path, x: torch.Tensor, y: torch.Tensor, how: str, batch: int, seed: int, alone: float
 ) -> tuple[float, float]:
-    """(write seconds, the busy loop's iterations per second as a share of ``alone``)."""
+    """(write seconds, the busy loop's iterations per second as a share of ``alone``, over the
+    timed writes only: not the store's creation or prepare_rows)."""
     a = torch.zeros(4)
     got: list[float] = []
-    th = threading.Thread(target=lambda: got.append(_write(path, x, y, how, batch, seed)))
-    t0 = time.perf_counter()
+    started = threading.Event()
+    th = threading.Thread(
+        target=lambda: got.append(_write(path, x, y, how, batch, seed, started=started))
+    )
     th.start()
+    while not started.is_set() and th.is_alive():
+        _host_step(a)  # uncounted: the store is being made
+    t0 = time.perf_counter()
     n = 0
     while th.is_alive():
         _host_step(a)
@@ -230,7 +240,9 @@ def _h2d(x: torch.Tensor, batch: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) * len(x) / (len(x) // batch * batch)
 
 
-def _per_batch(num: int, batch: int, device: torch.device, seed: int) -> dict[str, float]:
+def _per_batch(
+    num: int, batch: int, device: torch.device, seed: int, repeats: int = 1
+) -> dict[str, float]:
     """Microseconds per batch of a loader over tiny samples (8 bytes each) from the RAM tier,
     batches made on the caller's thread (``prefetch=0``) and on the prefetch thread, one batch
     a copy and ``GROUP`` batches a copy: what the loader costs per batch beyond moving bytes
@@ -251,7 +263,8 @@ def _per_batch(num: int, batch: int, device: torch.device, seed: int) -> dict[st
             batches_per_copy=per_copy,
         )
         _epoch(loader, 0, device)  # warm-up
-        out[name] = 1e6 * _epoch(loader, 1, device) / len(loader)
+        times = [_epoch(loader, 1 + k, device) for k in range(max(1, repeats))]
+        out[name] = 1e6 * statistics.median(times) / len(loader)
         loader.close()
     return out
 
@@ -357,7 +370,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out["h2d_s"] = statistics.median(
                 _h2d(x, args.batch_size, device) for _ in range(args.repeats)
             )
-        out["per_batch_us"] = _per_batch(args.num_samples, args.batch_size, device, args.seed)
+        out["per_batch_us"] = _per_batch(
+            args.num_samples, args.batch_size, device, args.seed, args.repeats
+        )
         ram = store.RamCache.from_store(raw, pin=device.type == "cuda")
         feeds: dict[str, tuple[store.ActivationSource, int, int]] = {}
         tiers: tuple[tuple[str, store.ActivationSource], ...] = (("ram", ram), ("zarr", raw))

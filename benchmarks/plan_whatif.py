@@ -72,7 +72,7 @@ def plan(
     shapes = model.boundary_shapes((3, 32, 32))
     sample_bytes = [3 * 32 * 32 * 4] + [2 * math.prod(s) for s in shapes]  # fp32 image, fp16 cache
     epochs, batch = base["epochs"], base["batch_size"]
-    total = (base["num_samples"] // batch) * epochs
+    total = math.ceil(base["num_samples"] / batch) * epochs  # as the trainer counts steps
     ipe = total // epochs
     sched = FreezeSchedule(
         ScheduleConfig(mode="prefast", t0=t0, how_scale=base["how_scale"]), model.num_units, total
