@@ -454,7 +454,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     ram = v["ram"]["read"]["samples_per_s"]["median"]
     raw_ratio = v["raw"]["read"]["samples_per_s"]["median"] / ram
     store_peaks = {k: v[k]["read"]["peak_rss_anon"] for k in STORE_VARIANTS}
-    ram_peak = v["ram"]["read"]["peak_rss_anon"]
+    # what the RamCache added over the process before it: its whole array (the absolute peak
+    # would count the process's own ~0.4 GB too)
+    ram_peak = v["ram"]["read"].get("peak_rss_anon_added", v["ram"]["read"]["peak_rss_anon"])
     array = result["config"]["array_bytes"]
     peaks = ", ".join(f"{k} {p / MIB:.0f} MiB" for k, p in store_peaks.items())
     return [
@@ -469,7 +471,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             "the whole array",
             "value": max(store_peaks.values()),
             "met": max(store_peaks.values()) < MEM_LIMIT and ram_peak >= array,
-            "detail": f"{peaks}; RamCache {ram_peak / MIB:.0f} MiB vs array {array / MIB:.0f} MiB",
+            "detail": f"{peaks}; RamCache added {ram_peak / MIB:.0f} MiB vs array {array / MIB:.0f} MiB",
         },
     ]
 
