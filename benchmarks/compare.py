@@ -836,10 +836,11 @@ def main(argv: list[str] | None = None) -> int:
         else "cpu"
     )
     out = Path(args.out) if args.out else RESULTS_DIR / f"compare-{args.scenario}-{dev}.json"
-    load_at_start = list(os.getloadavg())  # the end's includes the benchmark's own load
+    # recorded before the run: the tree that runs (a commit made meanwhile is not it) and the
+    # load before the benchmark's own
+    env = environment("cuda" if dev == "gpu" else "cpu")
     res = run_scenario(SCENARIOS[args.scenario], args, out.with_suffix(".partial.json"))
-    res["environment"] = environment(torch.device(res["device"]).type)
-    res["environment"]["loadavg_at_start_1_5_15"] = load_at_start
+    res["environment"] = env | {"loadavg_at_end_1_5_15": list(os.getloadavg())}
     write_json(out, res)
     out.with_suffix(".partial.json").unlink(missing_ok=True)
     text = format_tables(res)
