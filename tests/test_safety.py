@@ -331,9 +331,10 @@ def test_metrics_after_a_resume_hold_each_epoch_once(tmp_path, monkeypatch):
 
 
 def test_temporary_cache_folders_of_ended_runs_are_swept_and_no_others(tmp_path, monkeypatch):
-    """A killed run cannot remove its temporary cache folder; the next run that makes one
-    removes it. Only prefast-cache-* folders of this user holding an owner record of this host
-    whose process has ended (or whose id another process took over) are removed."""
+    """A killed run cannot remove its temporary cache folder; the next run that may make one
+    removes it. Only prefast-cache-* folders of this user holding an owner record of this
+    host, boot and process id namespace whose process has ended (or whose id another process
+    took over) are removed: another container's ids, or another boot's, mean nothing here."""
     import json
     import socket
     import subprocess
@@ -357,7 +358,11 @@ def test_temporary_cache_folders_of_ended_runs_are_swept_and_no_others(tmp_path,
 
     gone = folder("prefast-cache-dead", {**me, "pid": dead_pid, "start": None})
     reused = folder("prefast-cache-reused", {**me, "start": "1"})  # our id, another start
-    rebooted = folder("prefast-cache-boot", {**me, "boot": "another-boot"})
+    rebooted = folder("prefast-cache-boot", {**me, "pid": dead_pid, "boot": "another-boot"})
+    container = folder("prefast-cache-ns", {**me, "pid": dead_pid, "pidns": "pid:[1]"})
+    unnamed_ns = folder(
+        "prefast-cache-nons", {k: v for k, v in {**me, "pid": dead_pid}.items() if k != "pidns"}
+    )
     alive = folder("prefast-cache-alive", me)
     other_host = folder(
         "prefast-cache-host", {**me, "pid": dead_pid, "host": socket.gethostname() + "x"}
@@ -369,9 +374,19 @@ def test_temporary_cache_folders_of_ended_runs_are_swept_and_no_others(tmp_path,
     link = tmp_path / "prefast-cache-link"
     link.symlink_to(folder("elsewhere", {**me, "pid": dead_pid}))
 
-    made = scratch.make_temp_dir()  # what a run without a cache folder does first
-    assert not gone.exists() and not reused.exists() and not rebooted.exists()
-    for d in (alive, other_host, unrecorded, bad, other_name, link):
+    assert sorted(scratch.sweep()) == [gone, reused]  # what a run without a cache folder does
+    made = scratch.make_temp_dir()
+    for d in (
+        rebooted,
+        container,
+        unnamed_ns,
+        alive,
+        other_host,
+        unrecorded,
+        bad,
+        other_name,
+        link,
+    ):
         assert (d / "boundary-001").is_dir(), d
     assert made.parent == tmp_path and made.name.startswith("prefast-cache-")
     assert json.loads((made / scratch.OWNER_NAME).read_text()) == me

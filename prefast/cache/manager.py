@@ -65,6 +65,7 @@ from prefast.cache.probes import (
     measure_unit_forward,
 )
 from prefast.cache.scratch import make_temp_dir
+from prefast.cache.scratch import sweep as sweep_temp_dirs
 from prefast.cache.write_through import WriteThrough
 from prefast.config import RESUMABLE_FIELDS, TrainConfig
 from prefast.data import Augment, Datasets, epoch_key, make_batch, view_key
@@ -160,6 +161,10 @@ class CacheManager:
             # claim the run folder now: a second run with the same settings is refused at
             # start-up, not at its first cache
             self._open_run_dir(self.cache_dir)
+        elif self.dist.is_main:
+            # the temporary folders killed runs left: now, not in a timed epoch at the first
+            # cache (their removal may take a while)
+            sweep_temp_dirs()
         if cfg.codec != "none" and cfg.cache in ("ram", "device"):
             log.warning(
                 "--codec %s applies to stores only: the %s tier ignores it", cfg.codec, cfg.cache
@@ -1059,14 +1064,16 @@ class CacheManager:
         """Release the run folder's lock; remove the temporary cache folder, if one was made
         (a kept --cache-dir stays). Under torchrun the ranks meet first, unless the run
         ``failed`` (a peer may be gone, or waiting in another collective); rank 0 removes the
-        folder even where that meeting fails, and a failed run's own error is not replaced."""
-        if self._writing is not None:  # a run stopped mid-epoch: the new cache stays incomplete
-            self._writing.abort()
-            self._writing = None
-        if self._ahead is not None:  # prepared for an epoch that did not come
-            ahead, self._ahead = self._ahead, None
-            ahead.drop()
+        folder even where that meeting fails, after a failure every rank does, and a failed
+        run's own error is not replaced by one of the clean-up's."""
         try:
+            with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+                if self._writing is not None:  # stopped mid-epoch: the new cache stays incomplete
+                    writing, self._writing = self._writing, None
+                    writing.abort()
+                if self._ahead is not None:  # prepared for an epoch that did not come
+                    ahead, self._ahead = self._ahead, None
+                    ahead.drop()
             if self._tmp_dir is not None:
                 try:
                     if not failed:
@@ -1075,7 +1082,10 @@ class CacheManager:
                     if self.cache is not None:
                         self.cache.release()
                         self.cache = None
-                    if self.dist.is_main:
+                    # after a failure every rank removes it (they share one node): a rank
+                    # still writing when rank 0 stopped would otherwise make parts of it
+                    # again, without the owner record a later sweep needs
+                    if self.dist.is_main or failed:
                         shutil.rmtree(self._tmp_dir, ignore_errors=True)
         finally:
             if self._lock_fd is not None:

@@ -3,12 +3,13 @@
 A run removes its temporary folder when it ends, fails or is stopped. A process that is
 killed (SIGKILL, the kernel's out-of-memory killer, a torchrun rank stopped by its agent)
 cannot, and its folder may hold gigabytes of activations under a random name no later run
-reuses. So each folder carries an owner record (host, boot, process id and start time), and
-the next run that makes a temporary folder in the same place first removes those whose owner
+reuses. So each folder carries an owner record (host, boot, process id namespace, process id
+and start time), and a run that may need a temporary folder first removes those whose owner
 is gone: folders named ``prefast-cache-*`` directly in the temporary directory, owned by this
-user, holding a record of this host whose process no longer runs (or runs since a reboot, or
-is another process that took over its id). A folder without a readable record is never
-touched.
+user, holding a record of this host, boot and process id namespace whose process no longer
+runs (or is another process that took over its id). A folder without a readable record, or
+written in another process id namespace (a container sharing this /tmp and host name: its
+ids mean other processes here), is never touched.
 """
 
 from __future__ import annotations
@@ -49,9 +50,23 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None  # field 22 of proc(5), after pid and comm
 
 
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def owner_record() -> dict[str, Any]:
+    """What identifies this process to a later run on the same machine."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _start_time(pid)}
+    return {
+        "host": socket.gethostname(),
+        "boot": _boot_id(),
+        "pidns": _pid_namespace(),
+        "pid": pid,
+        "start": _start_time(pid),
+    }
 
 
 def owner_gone(rec: dict[str, Any]) -> bool:
@@ -62,8 +77,11 @@ def owner_gone(rec: dict[str, Any]) -> bool:
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     boot = _boot_id()
-    if boot is not None and isinstance(rec.get("boot"), str) and rec["boot"] != boot:
-        return True  # written before a reboot
+    if boot is None or rec.get("boot") != boot:
+        return False  # another boot, or unknown: ids may mean anything
+    ns = _pid_namespace()
+    if ns is None or rec.get("pidns") != ns:
+        return False  # another container's ids: not what this one sees
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -75,11 +93,12 @@ def owner_gone(rec: dict[str, Any]) -> bool:
 
 
 def make_temp_dir() -> Path:
-    """A new temporary cache folder with this process's owner record, after removing the
-    folders of owners that are gone."""
-    sweep()
+    """A new temporary cache folder with this process's owner record (``sweep`` first, at a
+    run's start, removes those of owners that are gone)."""
     path = Path(tempfile.mkdtemp(prefix=PREFIX))
-    (path / OWNER_NAME).write_text(json.dumps(owner_record()))
+    tmp = path / (OWNER_NAME + ".tmp")
+    tmp.write_text(json.dumps(owner_record()))
+    tmp.replace(path / OWNER_NAME)  # whole or absent
     return path
 
 
@@ -101,6 +120,8 @@ def sweep(root: Path | str | None = None) -> list[Path]:
             continue
         if isinstance(rec, dict) and owner_gone(rec):
             shutil.rmtree(d, ignore_errors=True)
+            if d.exists():  # the removal failed (files not ours to remove)
+                continue
             removed.append(d)
             log.warning(
                 "removed %s, the temporary cache folder of a run that ended without removing "
