@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     r = run(args)
-    r["environment"] = environment()  # the commit, versions and machine
+    r["environment"] = environment(torch.device(args.device).type)  # commit, versions, machine
     text = report(r)
     sys.stdout.write(text + "\n")
     if args.out is not None:

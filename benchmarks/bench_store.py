@@ -470,7 +470,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             "name": "store-backed epoch peak private memory (RssAnon) < 1 GB while RamCache holds "
             "the whole array",
             "value": max(store_peaks.values()),
-            "met": max(store_peaks.values()) < MEM_LIMIT and ram_peak >= array,
+            # 2 % slack: pages the process freed between its reading before and the peak
+            "met": max(store_peaks.values()) < MEM_LIMIT and ram_peak >= 0.98 * array,
             "detail": f"{peaks}; RamCache added {ram_peak / MIB:.0f} MiB vs array {array / MIB:.0f} MiB",
         },
     ]
@@ -636,7 +637,7 @@ def check_resources(cfg: Config, workdir: Path) -> str | None:
 
 
 def run(cfg: Config, workdir: Path, keep: bool, out: Path) -> dict[str, Any]:
-    env = environment()
+    env = environment("cpu")  # host reads and writes only
     paths = {k: workdir / f"bench_store-{k}.zarr" for k in STORE_VARIANTS}
     result: dict[str, Any] = {
         "benchmark": "bench_store",

@@ -26,6 +26,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -401,37 +402,48 @@ def run_variant(cfg: TrainConfig) -> dict[str, Any]:
 
 def warm_up(
     base: dict[str, Any],
-    tiers: tuple[str, ...],
-    device: torch.device,
-    args: argparse.Namespace,
+    variants: list[Variant],
     num_train: int,
-    cache_dir: Path,
-) -> float:
+    cache_root: Path,
+) -> tuple[float, list[dict[str, Any]]]:
     """Untimed: each variant's configuration for two epochs of four batches, before the first
     timed run. What a process does first pays its start-up (cuDNN's algorithm choice, the
     allocator's and the page cache's first growth, graph pools, the store's thread pools);
     without this, the first variant of round 1, freezeout, paid it alone (its epoch 0 ran
     0.4-0.7 s slower than the same epoch of the variants after it on an H200). Returns the
-    seconds it took."""
+    seconds it took and the variants that failed (the timed runs go on without them)."""
     t = time.perf_counter()
     small = {"epochs": 2, "subset": min(num_train, 4 * int(base["batch_size"]))}
-    for var in variants_for(tiers, device, args.extra_views, full=False,
-                            eager_baseline=args.eager_baseline):  # fmt: skip
+    failed = []
+    for var in variants:
         over = dict(var.overrides)
         if over.get("cache") == "zarr":
-            over["cache_dir"] = str(cache_dir)
+            over["cache_dir"] = variant_cache_dir(cache_root, f"warm-up-{var.name}")
         log.info("warm-up (untimed): %s", var.name)
-        train(TrainConfig(**{**base, **over, **small}))
-    shutil.rmtree(cache_dir, ignore_errors=True)
+        try:
+            train(TrainConfig(**{**base, **over, **small}))
+        except Exception as e:  # the timed run of the same variant will fail and say so too
+            log.exception("warm-up of %s failed", var.name)
+            failed.append({"variant": var.name, "error": repr(e)})
+        finally:
+            settle(over.get("cache_dir"))
     gc.collect()
     seconds = time.perf_counter() - t
     log.info("warm-up took %.1f s", seconds)
-    return seconds
+    return seconds, failed
+
+
+def variant_cache_dir(cache_root: Path, name: str) -> str:
+    """A new folder for one run's stores, made here so that ``settle`` removes only what this
+    benchmark made (never a folder of the user's under ``--cache-dir``)."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{name}-", dir=cache_root)
 
 
 def settle(cache_dir: str | None) -> None:
-    """After a timed variant, untimed: remove its stores and write the kernel's dirty pages
-    back, so the next variant neither finds them nor pays for their write-back."""
+    """After a variant, untimed: remove its stores (``cache_dir`` from ``variant_cache_dir``)
+    and write the kernel's dirty pages back, so the next variant neither finds them nor pays
+    for their write-back."""
     if cache_dir is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)
     if hasattr(os, "sync"):
@@ -439,7 +451,10 @@ def settle(cache_dir: str | None) -> None:
 
 
 def run_scenario(
-    sc: Scenario, args: argparse.Namespace, partial_path: Path | None = None
+    sc: Scenario,
+    args: argparse.Namespace,
+    partial_path: Path | None = None,
+    env: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     device = torch.device(
         "cuda"
@@ -504,13 +519,27 @@ def run_scenario(
         *([round(v * 1e3, 2) for v in costs] for costs in (fwd, bwd, frozen)),
     )
 
-    warm_up_seconds = 0.0
+    full = (sc.full or args.full) and not args.no_full
+    warm_up_seconds, warm_up_failed = 0.0, list[dict[str, Any]]()
     if not args.no_warm_up:
-        warm_up_seconds = warm_up(base, tiers, device, args, len_train, cache_root / "warm-up")
+        warm_up_seconds, warm_up_failed = warm_up(
+            base,
+            variants_for(
+                tiers, device, args.extra_views, full=full, eager_baseline=args.eager_baseline
+            ),
+            len_train,
+            cache_root,
+        )
 
     runs: dict[str, Any] = {}
     partial: dict[str, Any] | None = (
-        {"scenario": sc.name, "device": str(device), "base_config": base, "runs": {}}
+        {
+            "scenario": sc.name,
+            "device": str(device),
+            "base_config": base,
+            "runs": {},
+            "environment": env,
+        }
         if partial_path
         else None
     )
@@ -521,16 +550,15 @@ def run_scenario(
             TrainConfig(**{**base, "t0": t0}), len(fwd) - 1, iters, fwd, bwd, frozen
         )
         variants = variants_for(
-            tiers, device, args.extra_views, full=(sc.full or args.full) and not args.no_full,
-            eager_baseline=args.eager_baseline,
-        )  # fmt: skip
+            tiers, device, args.extra_views, full=full, eager_baseline=args.eager_baseline
+        )
         done: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
         table: list[dict[str, Any]] = []
         for rnd in range(rounds):
             for pos, var in enumerate(round_order(variants, rnd)):
                 over = dict(var.overrides)
                 if over.get("cache") == "zarr":
-                    over["cache_dir"] = str(cache_root / f"{sc.name}-t{t0}-{var.name}")
+                    over["cache_dir"] = variant_cache_dir(cache_root, f"{sc.name}-t{t0}-{var.name}")
                 cfg = TrainConfig(**{**base, "t0": t0, **over})
                 log.info("== %s t0=%s round %d/%d: %s", sc.name, t0, rnd + 1, rounds, var.name)
                 try:
@@ -587,6 +615,7 @@ def run_scenario(
         "base_config": base,
         "rounds": rounds,
         "warm_up_seconds": warm_up_seconds,
+        "warm_up_failed": warm_up_failed,
         "profile": {
             "fwd_seconds_per_batch": fwd,
             "bwd_seconds_per_batch": bwd,
@@ -839,7 +868,8 @@ def main(argv: list[str] | None = None) -> int:
     # recorded before the run: the tree that runs (a commit made meanwhile is not it) and the
     # load before the benchmark's own
     env = environment("cuda" if dev == "gpu" else "cpu")
-    res = run_scenario(SCENARIOS[args.scenario], args, out.with_suffix(".partial.json"))
+    env["loadavg_at_start_1_5_15"] = env["loadavg_1_5_15"]
+    res = run_scenario(SCENARIOS[args.scenario], args, out.with_suffix(".partial.json"), env)
     res["environment"] = env | {"loadavg_at_end_1_5_15": list(os.getloadavg())}
     write_json(out, res)
     out.with_suffix(".partial.json").unlink(missing_ok=True)

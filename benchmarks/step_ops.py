@@ -137,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         out = Path(args.out)
-        write_json(out, {"config": vars(args), "rows": rows, "environment": environment()})
+        write_json(
+            out,
+            {
+                "config": vars(args),
+                "rows": rows,
+                "environment": environment(torch.device(args.device).type),
+            },
+        )
         out.with_suffix(".txt").write_text(text + "\n")
         print(f"\nresults: {out}")
     return 0

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     out = (
         Path(args.out) if args.out else RESULTS_DIR / f"step-probe-{'gpu' if cuda else 'cpu'}.json"
     )
-    env = environment()
+    env = environment(torch.device(args.device).type)
     res = probe(args, lambda partial: write_json(out, partial | {"environment": env}))
     res["environment"] = env
     write_json(out, res)

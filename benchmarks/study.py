@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, git_commit, write_json
 from prefast import TrainConfig, train
+from prefast.runtime import resolve_device
 
 log = logging.getLogger("study")
 
@@ -193,7 +194,7 @@ def run(
             "seeds": args.seeds,
             "runs": rows,
             "summary": summary,
-            "environment": environment(),
+            "environment": environment(resolve_device(args.device).type),
         },
     )
     text = table(summary)

@@ -11,6 +11,10 @@ from benchmarks import compare, fidelity, step_ops, step_probe, views
 
 def test_compare_quick_runs_every_variant(tmp_path, capsys):
     out = tmp_path / "cmp.json"
+    mine = [tmp_path / "c" / n / "thesis.tex" for n in ("warm-up", "quick-t0.6-prefast-zarr")]
+    for f in mine:  # a user's folders under --cache-dir named like the benchmark's
+        f.parent.mkdir(parents=True)
+        f.write_text("irreplaceable")
     rc = compare.main(
         ["--quick", "--num-samples", "300", "--epochs", "2", "--tiers", "ram", "zarr", "zarr-lz4",
          "--cache-dir", str(tmp_path / "c"), "--out", str(out), "--no-progress", "--device", "cpu"]
@@ -43,7 +47,9 @@ def test_compare_quick_runs_every_variant(tmp_path, capsys):
     assert res["environment"]["versions"]["torch"]
     assert out.with_suffix(".png").stat().st_size > 1000
     assert res["warm_up_seconds"] > 0  # every variant ran untimed before the first timed one
-    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("zarr.json"))
+    assert res["warm_up_failed"] == []
+    assert not any((tmp_path / "c").rglob("zarr.json"))  # each run's stores removed after it
+    assert all(f.read_text() == "irreplaceable" for f in mine)
     text = capsys.readouterr().out
     assert "prefast-zarr-lz4" in text and "ideal saving" in text
     assert "frozen units at their eval, no-grad forward" in text
@@ -364,8 +370,13 @@ def test_step_ops_counts_what_a_step_dispatches_beyond_its_own_work(tmp_path, ca
 def test_a_results_environment_records_the_commit_it_is_given(monkeypatch):
     """On a lent machine the tree's copy carries a stale .git: PREFAST_COMMIT names the
     commit instead. A --device cpu run names the CPU even where CUDA is visible."""
+    import torch
+
     from benchmarks.common import environment, git_commit
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert environment("cuda")["device"]["name"] == "NVIDIA H200"
     monkeypatch.delenv("PREFAST_COMMIT", raising=False)
     own = git_commit()
     assert own != "abc123" and environment()["commit_given"] is False
