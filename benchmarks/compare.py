@@ -416,9 +416,7 @@ def warm_up(
     small = {"epochs": 2, "subset": min(num_train, 4 * int(base["batch_size"]))}
     failed = []
     for var in variants:
-        over = dict(var.overrides)
-        if over.get("cache") == "zarr":
-            over["cache_dir"] = variant_cache_dir(cache_root, f"warm-up-{var.name}")
+        over = run_overrides(var, cache_root, f"warm-up-{var.name}")
         log.info("warm-up (untimed): %s", var.name)
         try:
             train(TrainConfig(**{**base, **over, **small}))
@@ -433,15 +431,19 @@ def warm_up(
     return seconds, failed
 
 
-def variant_cache_dir(cache_root: Path, name: str) -> str:
-    """A new folder for one run's stores, made here so that ``settle`` removes only what this
-    benchmark made (never a folder of the user's under ``--cache-dir``)."""
-    cache_root.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f"{name}-", dir=cache_root)
+def run_overrides(var: Variant, cache_root: Path, name: str) -> dict[str, Any]:
+    """The config changes of one run of ``var``; a zarr run's stores go to a new folder under
+    ``cache_root``, made here so that ``settle`` removes only what this benchmark made (never
+    a folder of the user's under ``--cache-dir``)."""
+    over = dict(var.overrides)
+    if over.get("cache") == "zarr":
+        cache_root.mkdir(parents=True, exist_ok=True)
+        over["cache_dir"] = tempfile.mkdtemp(prefix=f"{name}-", dir=cache_root)
+    return over
 
 
 def settle(cache_dir: str | None) -> None:
-    """After a variant, untimed: remove its stores (``cache_dir`` from ``variant_cache_dir``)
+    """After a variant, untimed: remove its stores (``cache_dir`` from ``run_overrides``)
     and write the kernel's dirty pages back, so the next variant neither finds them nor pays
     for their write-back."""
     if cache_dir is not None:
@@ -520,16 +522,12 @@ def run_scenario(
     )
 
     full = (sc.full or args.full) and not args.no_full
+    variants = variants_for(
+        tiers, device, args.extra_views, full=full, eager_baseline=args.eager_baseline
+    )
     warm_up_seconds, warm_up_failed = 0.0, list[dict[str, Any]]()
     if not args.no_warm_up:
-        warm_up_seconds, warm_up_failed = warm_up(
-            base,
-            variants_for(
-                tiers, device, args.extra_views, full=full, eager_baseline=args.eager_baseline
-            ),
-            len_train,
-            cache_root,
-        )
+        warm_up_seconds, warm_up_failed = warm_up(base, variants, len_train, cache_root)
 
     runs: dict[str, Any] = {}
     partial: dict[str, Any] | None = (
@@ -549,16 +547,11 @@ def run_scenario(
         ideal = schedule_ideal(
             TrainConfig(**{**base, "t0": t0}), len(fwd) - 1, iters, fwd, bwd, frozen
         )
-        variants = variants_for(
-            tiers, device, args.extra_views, full=full, eager_baseline=args.eager_baseline
-        )
         done: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
         table: list[dict[str, Any]] = []
         for rnd in range(rounds):
             for pos, var in enumerate(round_order(variants, rnd)):
-                over = dict(var.overrides)
-                if over.get("cache") == "zarr":
-                    over["cache_dir"] = variant_cache_dir(cache_root, f"{sc.name}-t{t0}-{var.name}")
+                over = run_overrides(var, cache_root, f"{sc.name}-t{t0}-{var.name}")
                 cfg = TrainConfig(**{**base, "t0": t0, **over})
                 log.info("== %s t0=%s round %d/%d: %s", sc.name, t0, rnd + 1, rounds, var.name)
                 try:
@@ -647,12 +640,14 @@ def format_tables(res: dict[str, Any]) -> str:
         if res.get("profile", {}).get("frozen_fwd_seconds_per_batch")
         else "frozen units at their training forward"
     )
+    timed_as = (
+        "replayed graphs" if res.get("profile", {}).get("method") == "graphs" else "eager calls"
+    )
     for key, run in res["runs"].items():
         ideal = run["ideal"]
-        method = res.get("profile", {}).get("method", "eager")
         lines.append(
             f"\n{res['scenario']} {key} on {res['device']}: ideal saving vs full from the measured profile "
-            f"({frozen}, timed as {'replayed graphs' if method == 'graphs' else 'eager calls'}): freezeout {ideal['freezeout_saving']:.1%}, prefast "
+            f"({frozen}, timed as {timed_as}): freezeout {ideal['freezeout_saving']:.1%}, prefast "
             f"{ideal['prefast_saving']:.1%} (prefast vs freezeout {ideal['prefast_vs_freezeout']:.1%})"
         )
         head = [

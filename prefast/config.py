@@ -203,13 +203,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
-            check_choice(_flag(name), getattr(self, name), allowed)
+            check_choice(cli_flag(name), getattr(self, name), allowed)
         check_number("--t0", self.t0, 0.0, 1.0, low_open=True)
         for name in ("views", "epochs", "batch_size", "eval_batch_size"):
-            check_int(_flag(name), getattr(self, name))
+            check_int(cli_flag(name), getattr(self, name))
         for name in ("num_samples", "subset", "cache_batch_size"):
             if getattr(self, name) is not None:
-                check_int(_flag(name), getattr(self, name))
+                check_int(cli_flag(name), getattr(self, name))
         check_int("--val-size", self.val_size, minimum=0)
         check_int("--seed", self.seed, minimum=0)
         check_number("--dist-timeout", self.dist_timeout, 0.0, low_open=True)
@@ -228,7 +228,7 @@ class TrainConfig:
         for name in ("data_root", "cache_dir", "metrics", "checkpoint_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
-                raise ConfigError(f"{_flag(name)}: must be a path, got {value!r}")
+                raise ConfigError(f"{cli_flag(name)}: must be a path, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,7 +245,8 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _flag(name: str) -> str:
+def cli_flag(name: str) -> str:
+    """The ``prefast train`` flag of config field (or model argument) ``name``."""
     return "--" + name.replace("_", "-")
 
 
@@ -264,7 +265,7 @@ def unused_options(cfg: TrainConfig, device_type: str, distributed: bool) -> lis
     changed = [n for n in _CACHE_FIELDS if getattr(cfg, n) != getattr(defaults, n)]
     out = []
     if cfg.mode != "prefast" and changed:
-        flags = ", ".join(_flag(n) for n in changed)
+        flags = ", ".join(cli_flag(n) for n in changed)
         out.append(f"{flags}: no effect with --mode {cfg.mode} (they apply to --mode prefast)")
     elif cfg.mode == "prefast":
         if cfg.feature_aug != "none" and not cfg.augment:
@@ -278,4 +279,12 @@ def unused_options(cfg: TrainConfig, device_type: str, distributed: bool) -> lis
     return out
 
 
-__all__ = ["CACHE_TIERS", "CHOICES", "MODES", "RECACHE_POLICIES", "TrainConfig", "unused_options"]
+__all__ = [
+    "CACHE_TIERS",
+    "CHOICES",
+    "MODES",
+    "RECACHE_POLICIES",
+    "TrainConfig",
+    "cli_flag",
+    "unused_options",
+]

@@ -238,10 +238,7 @@ class ChunkStreamSampling:
                     f.result()[lo:hi] for f, (_, lo, hi) in zip(pending, windows[wi], strict=True)
                 ]
                 pending = submit(windows[wi + 1]) if wi + 1 < len(windows) else []
-                ids = [
-                    np.arange(s.layout.chunk_range(c)[0] + lo, s.layout.chunk_range(c)[0] + hi)
-                    for c, lo, hi in windows[wi]
-                ]
+                ids = [np.arange(lo, hi) + s.layout.chunk_range(c)[0] for c, lo, hi in windows[wi]]
                 pool_x = np.concatenate(([carry_x] if carry_x is not None else []) + data)
                 pool_i = np.concatenate([carry_i, *ids])  # sample id of each pooled sample
                 del data  # the window now lives in pool_x only

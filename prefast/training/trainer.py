@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from prefast import interrupt
 from prefast.cache.identity import state_digest
 from prefast.cache.manager import CacheManager
-from prefast.config import TrainConfig, unused_options
+from prefast.config import TrainConfig, cli_flag, unused_options
 from prefast.data import (
     Augment,
     DatasetSpec,
@@ -583,9 +583,9 @@ class Trainer:
         forward would, and so do units as they freeze (they leave DDP)."""
         if not self.dist.enabled:
             return
-        mods = [self.model] if modules is None else list(modules)
-        for b in (b for m in mods for b in m.buffers()):
-            self.dist.broadcast_tensor(b, src=0, what="sharing BatchNorm statistics")
+        for m in [self.model] if modules is None else modules:
+            for b in m.buffers():
+                self.dist.broadcast_tensor(b, src=0, what="sharing BatchNorm statistics")
 
     def _check_ranks_agree(self, epoch: int) -> dict[str, Any]:
         """Every rank must hold the same weights after an epoch; a divergence is an error."""
@@ -636,9 +636,9 @@ def _flags(fields: list[str], saved_args: dict[str, Any], args: dict[str, Any]) 
     for k in fields:
         if k == "model_args":
             keys = sorted(set(saved_args) | set(args))
-            out += [f"--{m.replace('_', '-')}" for m in keys if saved_args.get(m) != args.get(m)]
+            out += [cli_flag(m) for m in keys if saved_args.get(m) != args.get(m)]
         else:
-            out.append(f"--{k.replace('_', '-')}")
+            out.append(cli_flag(k))
     return out
 
 
