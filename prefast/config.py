@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefast.data.specs import DATASETS, SHAPES
+from prefast.data.specs import DATASETS, SHAPES, spec_for
 from prefast.errors import ConfigError, check_choice, check_int, check_number
 from prefast.freezeout.schedule import MODES, SCALES
 
@@ -270,6 +270,14 @@ def unused_options(cfg: TrainConfig, device_type: str, distributed: bool) -> lis
     elif cfg.mode == "prefast":
         if cfg.feature_aug != "none" and not cfg.augment:
             out.append("--feature-aug: no effect with --no-augment")
+        elif (
+            cfg.feature_aug == "shift+flip" and not spec_for(cfg.dataset, cfg.synthetic_shape).flip
+        ):
+            name = cfg.dataset if cfg.dataset != "synthetic" else "synthetic (mnist shape)"
+            out.append(
+                f"--feature-aug shift+flip: {name} is not flipped in training, so only the "
+                "shift applies (as --feature-aug shift)"
+            )
         if cfg.cache == "device" and device_type == "cpu":
             out.append("--cache device: on the CPU the device is host memory, as --cache ram")
     if cfg.sync_bn and not distributed:

@@ -1047,6 +1047,20 @@ def test_options_a_run_will_not_use_are_named():
     assert unused_options(TrainConfig(feature_aug="shift", augment=False), "cuda", False) == [
         "--feature-aug: no effect with --no-augment"
     ]
+    assert unused_options(TrainConfig(dataset="mnist", feature_aug="shift+flip"), "cpu", False) == [
+        "--feature-aug shift+flip: mnist is not flipped in training, so only the shift applies"
+        " (as --feature-aug shift)"
+    ]
+    mnist_shaped = TrainConfig(
+        dataset="synthetic", synthetic_shape="mnist", feature_aug="shift+flip"
+    )
+    assert unused_options(mnist_shaped, "cpu", False)[0].startswith(
+        "--feature-aug shift+flip: synthetic (mnist shape) is not flipped"
+    )
+    for flipped in ("fashion-mnist", "cifar10", "synthetic"):
+        cfg = TrainConfig(dataset=flipped, feature_aug="shift+flip")
+        assert unused_options(cfg, "cpu", False) == []
+    assert unused_options(TrainConfig(dataset="mnist", feature_aug="shift"), "cpu", False) == []
     assert unused_options(TrainConfig(cache="device"), "cpu", False) == [
         "--cache device: on the CPU the device is host memory, as --cache ram"
     ]
