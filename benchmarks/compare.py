@@ -262,11 +262,12 @@ def profile_units(
 
 
 def profile_units_graphed(
-    model: UnitModel, x: torch.Tensor, device: torch.device, amp: str, repeats: int = 3
+    model: UnitModel, x: torch.Tensor, device: torch.device, amp: str, repeats: int = 5
 ) -> tuple[list[float], list[float], list[float]]:
     """``profile_units`` for a run whose steps replay CUDA graphs: each unit's training forward,
     its forward and backward together, and its frozen forward are each captured as a graph and
-    timed as a replay (``prefast.cache.probes._replayed``); backward is their difference.
+    timed as a replay (``prefast.cache.probes._replayed``), the median over ``repeats`` rounds
+    as in ``profile_units``; backward is their difference.
     Timed eagerly, one call at a time, a unit costs its kernels' launches (~0.5-0.9 ms per
     DenseNet-BC-76 unit on an H200, whatever its size), which the replayed steps do not pay."""
     model.train()
@@ -286,11 +287,11 @@ def profile_units_graphed(
             out.backward(torch.ones_like(out))
             return out
 
-        tf, out = _replayed(forward, h, device, amp, repeats)
-        tfb, _ = _replayed(forward_backward, h, device, amp, repeats)
+        tf, out = _replayed(forward, h, device, amp, repeats, statistics.median)
+        tfb, _ = _replayed(forward_backward, h, device, amp, repeats, statistics.median)
         module.eval()
         with torch.no_grad():
-            tz, _ = _replayed(module, h, device, amp, repeats)
+            tz, _ = _replayed(module, h, device, amp, repeats, statistics.median)
         module.train()
         fwd.append(tf)
         bwd.append(max(tfb - tf, 0.0))

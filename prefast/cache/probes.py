@@ -91,22 +91,23 @@ def _replayed(
     device: torch.device,
     amp: str,
     repeats: int,
+    reduce: Callable[[list[float]], float] = min,
 ) -> tuple[float, torch.Tensor]:
-    """Seconds of one replay of ``fn(h)`` captured as a CUDA graph (the best of ``repeats``
-    rounds of REPLAYS replays), and a copy of its output. The graph and its memory pool are
-    released before returning."""
+    """Seconds of one replay of ``fn(h)`` captured as a CUDA graph (``reduce``, by default the
+    best, of ``repeats`` rounds of REPLAYS replays), and a copy of its output. The graph and
+    its memory pool are released before returning."""
     graph, out = capture_graph(fn, h, amp)
-    best = math.inf
+    rounds = []
     for _ in range(max(1, repeats)):
         synchronize(device)
         t = time.perf_counter()
         for _ in range(REPLAYS):
             graph.replay()
         synchronize(device)
-        best = min(best, (time.perf_counter() - t) / REPLAYS)
+        rounds.append((time.perf_counter() - t) / REPLAYS)
     result = out.clone()
     del out, graph
-    return best, result
+    return reduce(rounds), result
 
 
 # A probe runs until it has moved STEADY_BYTES or STEADY_SECONDS have passed, whichever comes
