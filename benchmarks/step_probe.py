@@ -14,8 +14,11 @@ graph capture and compilation, reported apart), then the median and spread of
 epoch that writes the next cache: unit ``b`` frozen too, each step handing its output (the
 activation at ``b + 1``) to write-through into an empty cache in each tier (the store is
 prepared for row writes first, as a plan's later stores are), each sample once in a shuffled
-order, beside the same steps unwritten. On CUDA the host tiers' rows are written on a thread;
-a round pays for them where they hold the steps back (at most four batches in flight).
+order, beside the same steps unwritten; the tiers (and the unwritten steps) run in an order
+rotated by one at each boundary, so none is always first or last. On CUDA the host tiers' rows
+are written on a thread; a round pays for them where they hold the steps back (at most four
+batches in flight), and the rows still queued after the last round are timed apart
+(``drain_seconds``; ``ms_per_step_with_drain`` spreads them over the timed steps).
 
     python benchmarks/step_probe.py --device cuda                 # DenseNet-BC-76 k=12, batch 256
     python benchmarks/step_probe.py --device cpu --depth 16 --growth 8 --batch-size 50 --steps 5
@@ -154,6 +157,8 @@ def time_steps(
             synchronize(device)
             times.append((time.perf_counter() - t) / args.steps)
         meter.check_finite()
+        # the rows the writer thread still holds after the last round
+        drain = writer.wait_written() if writer is not None else 0.0
     finally:
         if writer is not None:
             writer.abort()
@@ -176,7 +181,15 @@ def time_steps(
     if tier is not None:
         # samples whose rows the steps handed over (every step's batch where a tier is written)
         written = int(writer.written.sum()) if writer is not None else 0
-        row |= {"frontier": f, "write_through": tier, "samples_written": written}
+        row |= {
+            "frontier": f,
+            "write_through": tier,
+            "samples_written": written,
+            "drain_seconds": drain,
+            "ms_per_step_with_drain": 1e3
+            * (sum(times) * args.steps + drain)
+            / (args.steps * args.repeats),
+        }
     torch.backends.cudnn.benchmark = False
     return row
 
@@ -214,17 +227,27 @@ def probe(
             save({"config": vars(args), "rows": rows, "partial": True})
 
     with tempfile.TemporaryDirectory(prefix="prefast-step-probe-", dir=args.store_dir) as tmp:
-        for b in bounds:
+        for i, b in enumerate(bounds):
             for mode in modes:
                 add(time_steps(args, device, model, sched, shapes, b, mode))
                 # write-through: unit b frozen too, its output written; the same steps unwritten
-                for tier in ("none", *args.write_through) if args.write_through and b < n else ():
+                for tier in write_through_order(args.write_through, i) if b < n else ():
                     add(time_steps(args, device, model, sched, shapes, b, mode, tier, Path(tmp)))
     return {"config": vars(args), "rows": rows}
 
 
+def write_through_order(tiers: list[str], i: int) -> list[str]:
+    """The write-through rows of the ``i``-th boundary: the unwritten steps (``none``) and each
+    tier, rotated by ``i`` (what runs first after the plain steps may pay for their memory)."""
+    seq = ["none", *tiers] if tiers else []
+    k = i % len(seq) if seq else 0
+    return seq[k:] + seq[:k]
+
+
 def _line(r: dict[str, Any]) -> str:
     wt = f" write-through {r['write_through']:>6}" if "write_through" in r else ""
+    if r.get("drain_seconds", 0.0) > 0:
+        wt += f" (+{1e3 * r['drain_seconds']:.1f} ms drain after the last round)"
     return (
         f"b={r['boundary']:>3} {r['unit']:>10} {r['mode']:>8}{wt}: "
         f"{r['ms_per_step_median']:8.2f} ms/step ({r['ms_per_step_min']:.2f}.."

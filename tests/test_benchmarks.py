@@ -308,20 +308,29 @@ def test_step_probe_times_steps_writing_through_into_each_tier(tmp_path, capsys)
     stores.mkdir()
     argv = ["--device", "cpu", "--depth", "10", "--growth", "4", "--batch-size", "7",
             "--steps", "2", "--repeats", "2", "--warmup", "1", "--modes", "none",
-            "--boundaries", "2", "6", "--write-through", "device", "ram", "zarr",
+            "--boundaries", "2", "3", "6", "--write-through", "device", "ram", "zarr",
             "--store-dir", str(stores), "--out", str(out)]  # fmt: skip
     assert step_probe.main(argv) == 0
     res = json.loads(out.read_text())
     rows = res["rows"]
     assert "partial" not in res  # saved after each row, then complete
-    # b=6 is the last unit's output: nothing above it to freeze and write
+    # each boundary's write-through rows in an order rotated by one; b=6 is the last unit's
+    # output: nothing above it to freeze and write
     assert [(r["boundary"], r.get("write_through")) for r in rows] == [
-        (2, None), (2, "none"), (2, "device"), (2, "ram"), (2, "zarr"), (6, None),
+        (2, None), (2, "none"), (2, "device"), (2, "ram"), (2, "zarr"),
+        (3, None), (3, "device"), (3, "ram"), (3, "zarr"), (3, "none"), (6, None),
     ]  # fmt: skip
     steps = 1 + 2 * 2  # warm-up and timed rounds: each step's batch of 7 written once
-    for r in rows[1:5]:
-        assert r["frontier"] == 3 and r["ms_per_step_median"] > 0
+    for r in rows[1:5] + rows[6:10]:
+        assert r["frontier"] == r["boundary"] + 1 and r["ms_per_step_median"] > 0
         assert r["samples_written"] == (0 if r["write_through"] == "none" else 7 * steps)
+        # on the CPU rows are written as they are handed over: nothing is left to drain
+        assert r["drain_seconds"] == 0.0
+        # so it is the rounds' mean
+        lo, hi = r["ms_per_step_min"], r["ms_per_step_max"]
+        assert lo * (1 - 1e-9) <= r["ms_per_step_with_drain"] <= hi * (1 + 1e-9)
+    assert step_probe.write_through_order([], 3) == []
+    assert step_probe.write_through_order(["ram"], 3) == ["ram", "none"]
     assert list(stores.iterdir()) == []  # the store's temporary folder is gone
     text = out.with_suffix(".txt").read_text()
     assert "write-through: unit b frozen too" in text

@@ -506,3 +506,29 @@ def test_the_benchmark_profile_times_units_as_replayed_graphs():
     assert all(p.grad is None for p in model.parameters())
     eager = profile_units(model, x, dev, "bf16")
     assert sum(fwd) + sum(bwd) < sum(eager[0]) + sum(eager[1])
+
+
+def test_write_through_waits_until_its_queued_rows_are_in_a_host_cache():
+    """wait_written on CUDA with a host tier: every row handed over is in the sink when it
+    returns, though the copies were queued behind ~0.1 s of GPU work (step_probe times it).
+    Four batches: no take() waits for a free staging slot."""
+    from prefast.cache.write_through import WriteThrough
+
+    n, shape = 250, (8, 4, 4)
+    sink = store.RamCache.empty(n, 1, shape, "float16")
+    wt = WriteThrough(
+        target=1, sink=sink, tier="ram", path=None, fingerprint="t", meta={}, chain=(1,),
+        labels=torch.zeros(n, dtype=torch.int64), dtype="float16", device=torch.device("cuda"),
+        batch_size=64, sample_shape=shape,
+    )  # fmt: skip
+    try:
+        x = torch.randn(n, *shape, device="cuda")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+        torch.cuda._sleep(200_000_000)
+        for s in range(0, n, 64):
+            ids = order[s : s + 64]
+            wt.take(x[ids.cuda()], ids)
+        assert wt.wait_written() > 0
+        assert torch.equal(sink.data[0], x.cpu().half())
+    finally:
+        wt.abort()

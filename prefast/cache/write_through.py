@@ -173,6 +173,19 @@ class WriteThrough:
                 f"writing the cache at boundary {self.target} failed: {self._error!r}"
             ) from self._error
 
+    def wait_written(self) -> float:
+        """Return once every row handed over so far is in the sink (on CUDA with a host tier,
+        once the writer thread has written every queued batch), with the seconds waited (0.0
+        where rows are written as they are handed over); raise the writer's error."""
+        if not self._async:
+            return 0.0
+        t = time.perf_counter()
+        slots = [self._free.get() for _ in range(_SLOTS)]  # all back: none queued or in write
+        for slot in slots:
+            self._free.put(slot)
+        self._raise()
+        return time.perf_counter() - t
+
     def _stop_thread(self) -> None:
         if self._thread is not None and self._queue is not None:
             self._queue.put(_END)
