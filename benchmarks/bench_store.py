@@ -10,7 +10,9 @@ What is timed:
 
 * write: only the ``w.write(...)`` calls and ``w.close()``; the data (a small pool of seeded
   random fp16 batches) is generated before. ``close()`` does not fsync, so this is the speed of
-  encoding and writing into the page cache; ``os.sync()`` runs afterwards, untimed.
+  encoding and writing into the page cache; ``os.sync()`` runs afterwards, untimed. Every
+  store is written once untimed, then in ``--repeats`` rounds, the stores' order reversed in
+  every other round (none always pays for running first).
 * read: one shuffled epoch through ``StoreLoader`` (device cpu), consuming every batch with a
   cheap reduction over one element per sample; one untimed warm-up epoch first (warm page
   cache), then ``--repeats`` timed epochs, each a different order.
@@ -174,47 +176,75 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def bench_write(
-    path: Path, codec: str | None, cfg: Config, pool: list[torch.Tensor], labels: torch.Tensor
-) -> dict[str, Any]:
-    """Write the store ``cfg.repeats`` times (overwriting); time write() calls + close()."""
+def _write_once(
+    path: Path,
+    codec: str | None,
+    cfg: Config,
+    plan: list[tuple[int, torch.Tensor]],
+    labels: torch.Tensor,
+) -> float:
+    """Write the store once (overwriting); seconds of the write() calls and close()."""
+    w = store.create(
+        path,
+        sample_shape=cfg.shape,
+        num_samples=cfg.num_samples,
+        views=1,
+        dtype="float16",
+        codec=codec,
+        chunk_samples=cfg.chunk_samples,
+        meta={"benchmark": "bench_store", "data": cfg.data, "seed": cfg.seed},
+        overwrite=True,
+        workers=cfg.write_workers,
+    )
+    try:
+        t0 = time.perf_counter()
+        for start, x in plan:
+            w.write(0, start, x, labels[start : start + len(x)])
+        w.close()
+        return time.perf_counter() - t0
+    except BaseException:
+        w.abort()
+        raise
+
+
+def write_order(names: list[str], r: int) -> list[str]:
+    """The stores written in round ``r``: as listed in even rounds, reversed in odd ones."""
+    return list(names) if r % 2 == 0 else list(reversed(names))
+
+
+def bench_writes(
+    paths: dict[str, Path], cfg: Config, pool: list[torch.Tensor], labels: torch.Tensor
+) -> dict[str, dict[str, Any]]:
+    """Write every store (STORE_VARIANTS) once untimed, then ``cfg.repeats`` timed rounds, the
+    variants alternating in order between rounds (``write_order``), each round overwriting
+    the last; each store's record (times of the write() calls + close(), disk size)."""
     plan = batches(cfg, pool)
-    seconds = []
-    for r in range(cfg.repeats):
-        w = store.create(
-            path,
-            sample_shape=cfg.shape,
-            num_samples=cfg.num_samples,
-            views=1,
-            dtype="float16",
-            codec=codec,
-            chunk_samples=cfg.chunk_samples,
-            meta={"benchmark": "bench_store", "data": cfg.data, "seed": cfg.seed},
-            overwrite=True,
-            workers=cfg.write_workers,
-        )
-        try:
-            t0 = time.perf_counter()
-            for start, x in plan:
-                w.write(0, start, x, labels[start : start + len(x)])
-            w.close()
-            seconds.append(time.perf_counter() - t0)
-        except BaseException:
-            w.abort()
-            raise
-        log.info(
-            "write %s %d/%d: %.2f s, %.2f GB/s",
-            codec or "raw",
-            r + 1,
-            cfg.repeats,
-            seconds[-1],
-            cfg.array_bytes / seconds[-1] / GB,
-        )
+    names = list(STORE_VARIANTS)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(cfg.repeats + 1):  # round 0 warms up (allocator, codecs, the file system)
+        for name in write_order(names, r):
+            t = _write_once(paths[name], STORE_VARIANTS[name], cfg, plan, labels)
+            if r == 0:
+                log.info("write %s: warm-up %.2f s (untimed)", name, t)
+                continue
+            seconds[name].append(t)
+            log.info(
+                "write %s %d/%d: %.2f s, %.2f GB/s",
+                name,
+                r,
+                cfg.repeats,
+                t,
+                cfg.array_bytes / t / GB,
+            )
+    return {name: _write_record(paths[name], cfg, seconds[name]) for name in names}
+
+
+def _write_record(path: Path, cfg: Config, seconds: list[float]) -> dict[str, Any]:
     s = store.open(path)
     disk = s.nbytes_stored()
     acts = dir_bytes(path / "activations")
     rec = {
-        "codec": codec,
+        "codec": s.layout.codec,
         "codec_level": s.layout.codec_level,
         "chunk_samples": s.chunk_samples,
         "num_chunks": s.num_chunks,
@@ -661,9 +691,9 @@ def run(cfg: Config, workdir: Path, keep: bool, out: Path) -> dict[str, Any]:
         pool = make_pool(cfg)
         labels = torch.arange(cfg.num_samples, dtype=torch.int64) % 10
         checksum = expected_checksum(cfg, pool)
-        for name, codec in STORE_VARIANTS.items():
-            log.info("writing the %s store to %s", name, paths[name])
-            result["variants"][name]["write"] = bench_write(paths[name], codec, cfg, pool, labels)
+        log.info("writing the %s stores to %s", ", ".join(STORE_VARIANTS), workdir)
+        for name, rec in bench_writes(paths, cfg, pool, labels).items():
+            result["variants"][name]["write"] = rec
         del pool
         with Timer() as t:
             os.sync()  # flush dirty pages so write-back does not overlap the reads

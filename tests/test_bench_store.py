@@ -46,8 +46,15 @@ def test_bench_store_quick(tmp_path: Path) -> None:
             assert read["ram_cache_bytes"] == res["config"]["array_bytes"]
         else:
             assert v["write"]["gb_per_s"]["median"] > 0
+            assert len(v["write"]["seconds"]["values"]) == 1  # the warm-up write is not timed
+            assert v["write"]["codec"] == (None if name == "raw" else name)
             assert v["write"]["disk_bytes"] > 0
             assert v["write"]["compression_ratio"] > 0
+    # one untimed round, then the timed round in the reverse order
+    writes = [
+        ln.split("write ")[1].split(":")[0] for ln in r.stderr.splitlines() if " write " in ln
+    ]
+    assert writes == ["raw", "lz4", "zstd", "zstd 1/1", "lz4 1/1", "raw 1/1"]
     assert res["variants"]["raw"]["read"]["memory_mapped"]
     assert res["variants"]["lz4"]["read"]["streaming"]
     assert res["checksums_ok"]
