@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from prefast.errors import DistributedError
+from prefast.errors import DistributedError, PrefastError, RefusedByRankZero
+from store.errors import StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -131,6 +132,26 @@ class DistContext:
             t = t.view(torch.uint8)
         with self._collective(what):
             dist.broadcast(t, src=src)
+
+    def on_main(self, what: str, fn: Callable[[], T]) -> T | None:
+        """``fn()`` on rank 0 only (None on the others), which wait for it to finish. Where it
+        refuses the run (a PrefastError or StoreError: bad input), rank 0 raises that error
+        and every other rank raises RefusedByRankZero quoting it, rather than failing at its
+        next collective as if rank 0 had died."""
+        if not self.enabled:
+            return fn()
+        if self.is_main:
+            try:
+                out = fn()
+            except (PrefastError, StoreError) as e:
+                self.broadcast_object(" ".join(str(e).split()) or type(e).__name__, what)
+                raise
+            self.broadcast_object(None, what)
+            return out
+        refusal = self.broadcast_object(None, what)
+        if refusal is not None:
+            raise RefusedByRankZero(f"rank {self.rank}: stopped, rank 0 refused the run: {refusal}")
+        return None
 
     def run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` (e.g. a DDP step) with communication failures turned into

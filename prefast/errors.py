@@ -44,6 +44,11 @@ class DistributedError(PrefastError):
     """A collective failed: another rank died, or the process group timed out."""
 
 
+class RefusedByRankZero(PrefastError):
+    """Under torchrun, rank 0 refused the run in a check only it makes (an output path, the
+    cache folder's lock); the other ranks stop with this, quoting its reason."""
+
+
 # ---- validators: one definition for config, models and the schedule ----------------------------
 def check_choice(
     what: str, value: object, allowed: Iterable[object], error: type[PrefastError] = ConfigError

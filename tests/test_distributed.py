@@ -27,7 +27,13 @@ TINY = ["--dataset", "synthetic", "--num-samples", "97", "--depth", "16", "--gro
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    return {
+        **env,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",
+        **extra,
+    }
 
 
 def _free_port() -> int:
@@ -211,3 +217,53 @@ def test_a_rank_that_dies_makes_the_other_fail_clearly(tmp_path, mode):
             p.wait()
             if p.stderr:
                 p.stderr.close()
+
+
+@pytest.mark.parametrize("refusal", ["metrics", "lock"])
+def test_a_check_only_rank_0_makes_stops_every_rank_with_its_reason(tmp_path, refusal):
+    """Rank 0 alone checks the output paths and locks the cache folder. When it refuses, rank 1
+    stops quoting its reason (exit 2 on each rank), not failing at its next collective as if
+    rank 0 had died."""
+    import fcntl
+
+    from prefast.cache.manager import LOCK_NAME, RUN_PREFIX, run_key
+    from prefast.cli import build_parser, config_from_args
+
+    args = [*TINY, "--epochs", "1", "--mode", "prefast", "--cache", "zarr",
+            "--cache-dir", str(tmp_path / "cache"), "--dist-timeout", "60"]  # fmt: skip
+    held = None
+    if refusal == "metrics":
+        (tmp_path / "m").mkdir()
+        args += ["--metrics", str(tmp_path / "m")]
+        reason = "--metrics"
+    else:  # another run with the same settings holds the run folder's lock
+        run_dir = tmp_path / "cache" / (RUN_PREFIX + run_key(config_from_args(
+            build_parser().parse_args(["train", *args]))))  # fmt: skip
+        run_dir.mkdir(parents=True)
+        held = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        reason = "another prefast run with the same settings is using"
+    port = str(_free_port())
+    env = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "prefast", "train", *args],
+                env=_env(RANK=str(r), LOCAL_RANK=str(r), **env),
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in range(2)
+        ]
+        errs = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        if held is not None:
+            os.close(held)
+    lasts = [e.strip().splitlines()[-1] for e in errs]
+    assert [p.returncode for p in procs] == [2, 2], "\n----\n".join(errs)
+    assert lasts[0].startswith("prefast: error: ") and reason in lasts[0], errs[0][-1500:]
+    assert lasts[1].startswith("prefast: error: rank 1: stopped, rank 0 refused the run: ")
+    assert reason in lasts[1]
+    assert not any("another rank died" in e or "Traceback" in e for e in errs), errs

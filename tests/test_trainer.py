@@ -696,6 +696,32 @@ def test_resuming_a_finished_run_reports_it_without_touching_the_cache(tmp_path,
     assert (done.summary["cache_path"] is not None) == (tier == "zarr")
     with pytest.raises(CheckpointError, match="has 3 epochs done, more than --epochs 2"):
         train(tiny(**{**kw, "epochs": 2}, resume=True))
+    # the refusal released the run folder's lock: the same settings run again in this process
+    assert train(tiny(**kw, resume=True)).records == done.records
+
+
+def test_a_trainer_whose_set_up_fails_releases_the_run_folder(tmp_path, monkeypatch):
+    """A failure after the cache folder is locked (here the ranks' start-up meeting) releases
+    the lock and the process group before the error leaves the constructor."""
+    from prefast.distributed import DistContext
+    from prefast.errors import DistributedError
+    from prefast.training import trainer as T
+
+    cfg = tiny(mode="prefast", cache="zarr", cache_dir=str(tmp_path / "cache"))
+    real, shut = DistContext.barrier, []
+
+    def fail_start_up(self, what="barrier"):
+        if what == "start-up":
+            raise DistributedError("rank 0: start-up failed")
+        return real(self, what)
+
+    monkeypatch.setattr(DistContext, "barrier", fail_start_up)
+    monkeypatch.setattr(DistContext, "shutdown", lambda self: shut.append(1))
+    with pytest.raises(DistributedError, match="start-up failed"):
+        T.Trainer(cfg)
+    assert shut == [1]
+    monkeypatch.setattr(DistContext, "barrier", real)
+    T.Trainer(cfg).cache.close()  # the same settings take the folder again
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, capsys):

@@ -224,27 +224,29 @@ class CacheManager:
         """Make (or reopen) ``CACHE_DIR/run-KEY``, lock it, and clear what an interrupted run
         left in it. Rank 0 does the work; the other ranks wait for it."""
         run_dir = location.join(cache_dir, RUN_PREFIX + run_key(self.cfg))
-        if self.dist.is_main:
-            check_cache_dir(cache_dir)
-            try:
-                location.make_dirs(run_dir)
-            except OSError as e:
-                raise CacheError(
-                    f"--cache-dir: cannot create {run_dir}: {e.strerror or e}"
-                ) from None
-            local = location.as_local(run_dir)
-            if local is not None:
-                _claim_run_dir(local)
-                self._lock_fd = _lock_run_dir(local)
-                _clear_leftovers(local)  # only where the marker says the folder is ours
-            else:
-                log.warning(
-                    "%s: object stores have no locks; run one prefast run with these settings "
-                    "per --cache-dir at a time",
-                    run_dir,
-                )
-        self.dist.barrier("opening the cache folder")
+        self.dist.on_main(
+            "opening the cache folder", lambda: self._make_run_dir(cache_dir, run_dir)
+        )
         self.run_dir = run_dir
+
+    def _make_run_dir(self, cache_dir: Path | str, run_dir: Path | str) -> None:
+        """Rank 0's part of ``_open_run_dir``."""
+        check_cache_dir(cache_dir)
+        try:
+            location.make_dirs(run_dir)
+        except OSError as e:
+            raise CacheError(f"--cache-dir: cannot create {run_dir}: {e.strerror or e}") from None
+        local = location.as_local(run_dir)
+        if local is not None:
+            _claim_run_dir(local)
+            self._lock_fd = _lock_run_dir(local)
+            _clear_leftovers(local)  # only where the marker says the folder is ours
+        else:
+            log.warning(
+                "%s: object stores have no locks; run one prefast run with these settings "
+                "per --cache-dir at a time",
+                run_dir,
+            )
 
     def _discard(self, cache: Cache) -> None:
         """Release a superseded cache and delete its store. A local store is first renamed into

@@ -106,8 +106,26 @@ class Trainer:
         if cfg.keep_freed_memory:
             keep_freed_memory()
         self.dist = DistContext.from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
+        self.cache: CacheManager | None = None
+        try:
+            self._set_up(cfg)
+        except BaseException:
+            self._close(failed=True)
+            raise
+
+    def _close(self, failed: bool) -> None:
+        """Release what the run holds: the cache (the run folder's lock, a temporary folder)
+        and the process group (a process that exits without destroying it may abort)."""
+        try:
+            if self.cache is not None:
+                self.cache.close(failed)
+        finally:
+            self.dist.shutdown()
+
+    def _set_up(self, cfg: TrainConfig) -> None:
+        # before any data is loaded or any step runs
+        self.dist.on_main("checking the run's outputs", lambda: check_outputs(cfg))
         if self.dist.is_main:
-            check_outputs(cfg)  # before any data is loaded or any step runs
             for line in unused_options(cfg, self.dist.device.type, self.dist.enabled):
                 log.warning("%s", line)
         self.device = self.dist.device
@@ -216,16 +234,19 @@ class Trainer:
     # ---- the run ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
-        if cfg.resume:
-            self._load_checkpoint()
-        metrics = MetricsSink(
-            cfg.metrics if self.dist.is_main else None, cfg.to_dict(), self.result.records
-        )
-        peak = PeakMemory().start()
-        set_train_modes(self.model, self.frontier)
-        self._wrap_trainable()
         failed = False
+        metrics: MetricsSink | None = None
+        peak: PeakMemory | None = None
         try:
+            # a refused resume releases the run folder too (a library caller may try again)
+            if cfg.resume:
+                self._load_checkpoint()
+            metrics = MetricsSink(
+                cfg.metrics if self.dist.is_main else None, cfg.to_dict(), self.result.records
+            )
+            peak = PeakMemory().start()
+            set_train_modes(self.model, self.frontier)
+            self._wrap_trainable()
             epochs = tqdm(
                 range(self.start_epoch, cfg.epochs),
                 desc=f"{cfg.mode} {cfg.model}",
@@ -281,11 +302,11 @@ class Trainer:
             failed = True
             raise
         finally:
-            peak.stop()
-            metrics.close()
-            if self.cache is not None:
-                self.cache.close(failed)
-            self.dist.shutdown()
+            if peak is not None:
+                peak.stop()
+            if metrics is not None:
+                metrics.close()
+            self._close(failed)
         self.result.model = self.model
         return self.result
 
