@@ -36,6 +36,13 @@ def _env(**extra: str) -> dict[str, str]:
     }
 
 
+def _torchrun_env(tmp_path: Path) -> dict[str, str]:
+    """``_env()`` with the temporary folder under ``tmp_path``: torchrun's agent leaves a
+    ``torchelastic_*`` folder in it."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return _env(TMPDIR=str(tmp_path / "tmp"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,7 +55,8 @@ def test_torchrun_two_ranks_stay_in_sync_and_cover_every_sample(tmp_path):
            "-m", "prefast", "train", *TINY, "--epochs", "3", "--mode", "prefast", "--cache", "zarr",
            "--cache-dir", str(tmp_path / "cache"), "--recache-policy", "every", "--views", "2",
            "--checkpoint-dir", str(tmp_path / "ck"), "--metrics", str(metrics)]  # fmt: skip
-    r = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=_torchrun_env(tmp_path), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in metrics.read_text().splitlines()]
     epochs, summary = recs[:-1], recs[-1]
@@ -77,7 +85,8 @@ def test_caches_built_under_torchrun_hold_the_checkpoints_frozen_units(tmp_path,
            "--growth", "8", "--batch-size", "16", "--t0", "0.5", "--epochs", "4", "--device", "cpu",
            "--no-progress", "--cache", tier, "--codec", codec, "--cache-dir", str(tmp_path / "c"), "--recache-policy",
            "every", "--checkpoint-dir", str(tmp_path / "ck"), "--metrics", str(tmp_path / "m.jsonl")]  # fmt: skip
-    r = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=_torchrun_env(tmp_path), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
     assert summary["cache_tier"] == tier and summary["cache_boundary"] == 9
