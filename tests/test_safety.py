@@ -405,3 +405,35 @@ def test_a_run_removes_its_temporary_cache_folder_and_one_a_killed_run_left(tmp_
     r = train(TrainConfig(**TINY, mode="prefast", cache="zarr", recache_policy="every"))
     assert r.summary["cache_tier"] == "zarr"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_removal_cut_short_leaves_the_owner_record_for_a_later_sweep(tmp_path, monkeypatch):
+    """A second Ctrl-C inside the removal of a temporary cache folder (here, after its first
+    store) stops it; the owner record goes last, so the next run's sweep removes the rest."""
+    import shutil
+
+    from prefast.cache import scratch
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    d = scratch.make_temp_dir()
+    for name in ("run-a", "run-b", "run-c"):
+        (d / name / "boundary-003").mkdir(parents=True)
+        (d / name / "boundary-003" / "c.0").write_bytes(b"x" * 1000)
+    real, calls = shutil.rmtree, []
+
+    def second_ctrl_c(path, *a, **kw):
+        calls.append(path)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        real(path, *a, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        scratch.remove(d)
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert len(calls) == 2 and (d / scratch.OWNER_NAME).is_file()
+    assert len(list(d.glob("run-*"))) == 2  # one removed before the stop
+    monkeypatch.setattr(scratch, "owner_gone", lambda rec: rec["pid"] == os.getpid())
+    assert scratch.sweep() == [d]
+    assert list(tmp_path.iterdir()) == []
+    scratch.remove(tmp_path / "prefast-cache-gone")  # a folder already gone: nothing to do

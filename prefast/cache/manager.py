@@ -65,6 +65,7 @@ from prefast.cache.probes import (
     measure_unit_forward,
 )
 from prefast.cache.scratch import make_temp_dir
+from prefast.cache.scratch import remove as remove_temp_dir
 from prefast.cache.scratch import sweep as sweep_temp_dirs
 from prefast.cache.write_through import WriteThrough
 from prefast.config import RESUMABLE_FIELDS, TrainConfig
@@ -1088,7 +1089,7 @@ class CacheManager:
                     # still writing when rank 0 stopped would otherwise make parts of it
                     # again, without the owner record a later sweep needs
                     if self.dist.is_main or failed:
-                        shutil.rmtree(self._tmp_dir, ignore_errors=True)
+                        remove_temp_dir(self._tmp_dir)
         finally:
             if self._lock_fd is not None:
                 with contextlib.suppress(OSError):

@@ -14,6 +14,7 @@ ids mean other processes here), is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -102,6 +103,29 @@ def make_temp_dir() -> Path:
     return path
 
 
+def remove(path: Path | str) -> None:
+    """Remove a temporary cache folder, its owner record last: a removal cut short (a second
+    Ctrl-C, a kill) leaves the record, so a later ``sweep`` still knows the folder for ours.
+    Errors are ignored (what cannot be removed stays)."""
+    path = Path(path)
+    try:
+        children = list(path.iterdir())
+    except OSError:
+        return
+    for child in children:
+        if child.name == OWNER_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                child.unlink()
+    with contextlib.suppress(OSError):
+        (path / OWNER_NAME).unlink()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
 def sweep(root: Path | str | None = None) -> list[Path]:
     """Remove the temporary cache folders in ``root`` (default: the temporary directory) whose
     owner is gone; returns them."""
@@ -119,7 +143,7 @@ def sweep(root: Path | str | None = None) -> list[Path]:
         except (OSError, ValueError):
             continue
         if isinstance(rec, dict) and owner_gone(rec):
-            shutil.rmtree(d, ignore_errors=True)
+            remove(d)
             if d.exists():  # the removal failed (files not ours to remove)
                 continue
             removed.append(d)
@@ -132,4 +156,12 @@ def sweep(root: Path | str | None = None) -> list[Path]:
     return removed
 
 
-__all__ = ["OWNER_NAME", "PREFIX", "make_temp_dir", "owner_gone", "owner_record", "sweep"]
+__all__ = [
+    "OWNER_NAME",
+    "PREFIX",
+    "make_temp_dir",
+    "owner_gone",
+    "owner_record",
+    "remove",
+    "sweep",
+]
