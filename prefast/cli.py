@@ -270,7 +270,7 @@ def _main(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from prefast.errors import DistributedError, PrefastError
-    from store.errors import StoreError
+    from store.errors import StoreError, StoreWriteError
 
     try:
         with logging_redirect_tqdm():  # log lines above the progress bars, not through them
@@ -281,6 +281,10 @@ def _main(args: argparse.Namespace) -> int:
         if isinstance(e, DistributedError):
             # Not bad input: a rank died or timed out. One line, exit 1.
             print(f"prefast: error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, StoreWriteError) or isinstance(e.__cause__, StoreWriteError):
+            # Not bad input: writing a store failed (a full disk). One line, exit 1.
+            print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
             return 1
         # Bad input (or a store that fails its checks): one line, exit 2, no trace.
         print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -123,12 +123,15 @@ def test_partially_missing_names_the_missing_file(tmp_path: Path) -> None:
 
 def test_failed_download_raises_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(name: str, split: str, root: Path) -> None:
-        raise OSError("network unreachable")
+        raise OSError("network unreachable\nTraceback of the HTTP client")
 
     monkeypatch.setattr(R, "_download", offline)
     with pytest.raises(DataError, match=r"download into .* failed.*--data-root") as err:
         load_dataset("cifar100", "test", data_root=tmp_path, download=True)
     assert isinstance(err.value.__cause__, OSError)
+    # the cause's type and first line, not its repr with escaped newlines
+    assert "failed (OSError: network unreachable). " in str(err.value)
+    assert "\\n" not in str(err.value) and "HTTP client" not in str(err.value)
 
 
 def test_download_then_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

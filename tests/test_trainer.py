@@ -794,6 +794,37 @@ def test_cli_bad_input_is_one_line_and_exit_2(extra, needle, capsys):
     assert "\n" not in err and "Traceback" not in err
 
 
+def test_cli_a_store_write_that_fails_is_a_failed_run_exit_1(tmp_path, monkeypatch, capsys):
+    """A full disk while a cache is written fails the run (exit 1), not its input (exit 2):
+    raised by the store, or by write-through quoting the store's error."""
+    import errno
+
+    from prefast.cache.write_through import WriteThrough
+    from prefast.errors import CacheError
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    args = ["train", *SYN, "--depth", "16", "--growth", "8", "--epochs", "2", "--t0", "0.3",
+            "--device", "cpu", "--no-progress", "-q", "--mode", "prefast", "--cache", "zarr",
+            "--recache-policy", "every", "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+
+    def no_space(self, view, rows, x, y=None):
+        raise store.StoreWriteError("boundary-002: writing rows of view 0 failed") from full
+
+    real = store.StoreWriter.write_rows
+    monkeypatch.setattr(store.StoreWriter, "write_rows", no_space)
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prefast: error:") and "writing rows of view 0 failed" in err
+
+    def raised_by_the_writer_thread(self, *args):
+        raise CacheError("writing the cache at boundary 2 failed") from store.StoreWriteError("x")
+
+    monkeypatch.setattr(store.StoreWriter, "write_rows", real)
+    monkeypatch.setattr(WriteThrough, "finish", raised_by_the_writer_thread)
+    assert main([*args, "--cache-dir", str(tmp_path / "d")]) == 1
+    assert "writing the cache at boundary 2 failed" in capsys.readouterr().err
+
+
 def test_a_requested_stop_stops_the_run_before_its_next_step(tmp_path, monkeypatch):
     from prefast import interrupt
 

@@ -242,8 +242,10 @@ def load_real(
         try:
             _download(name, split, root)
         except Exception as exc:  # network, HTTP, checksum, disk: all end the same way
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise DataError(
-                f"{name}: download into {root} failed ({exc!r}). {_how_to_get(name)}"
+                f"{name}: download into {root} failed ({type(exc).__name__}: {why}). "
+                f"{_how_to_get(name)}"
             ) from exc
         found, missing_here = _locate(name, split, root)
         if not missing_here:
