@@ -22,15 +22,29 @@ def is_url(loc: Location) -> bool:
     return as_local(loc) is None
 
 
+# what to install for fsspec URLs
+REMOTE_EXTRA = "pip install 'prefast[remote]' (from a checkout: pip install -e '.[remote]')"
+
+
 def _fs(url: str) -> tuple[Any, str]:
     try:
         import fsspec
-    except ImportError as e:
+
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as e:  # fsspec, or the protocol's backend (s3fs, gcsfs, ...)
         raise StoreInputError(
-            f"{url}: remote stores need fsspec: pip install 'prefast[remote]'"
-        ) from e
-    fs, path = fsspec.core.url_to_fs(url)
+            f"{url}: remote stores need fsspec and its backend: {REMOTE_EXTRA} ({e})"
+        ) from None
+    except ValueError as e:  # an unknown protocol
+        raise StoreInputError(f"{url}: {e}") from None
     return fs, path
+
+
+def check_reachable(loc: Location) -> None:
+    """For a URL, that fsspec and the protocol's backend are installed (StoreInputError if
+    not); nothing for a local path. Nothing is read or written."""
+    if is_url(loc):
+        _fs(os.fspath(loc))
 
 
 def join(base: Location, name: str) -> Path | str:

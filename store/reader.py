@@ -52,6 +52,7 @@ from store.layout import (
     chunk_crc,
     unwritten_ranges,
 )
+from store.location import REMOTE_EXTRA
 
 
 def as_tensor(a: np.ndarray, layout: StoreLayout) -> torch.Tensor:
@@ -613,7 +614,7 @@ def open(
         raise StoreNotFoundError(f"{path}: no store at this URL") from None
     except ImportError as e:
         raise NotAStoreError(
-            f"{path}: remote stores need fsspec and its backend: pip install 'prefast[remote]' ({e})"
+            f"{path}: remote stores need fsspec and its backend: {REMOTE_EXTRA} ({e})"
         ) from None
     except Exception as e:
         raise NotAStoreError(f"{path}: not a zarr v3 group: {e!r}") from e

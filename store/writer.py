@@ -63,7 +63,7 @@ from store.layout import (
     merge_ranges,
     unwritten_ranges,
 )
-from store.location import is_activation_store
+from store.location import REMOTE_EXTRA, is_activation_store
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def _create_remote(
         group = None
     except ImportError as e:
         raise StoreInputError(
-            f"{url}: remote stores need fsspec and its backend: pip install 'prefast[remote]' ({e})"
+            f"{url}: remote stores need fsspec and its backend: {REMOTE_EXTRA} ({e})"
         ) from None
     if group is not None and resume:
         info = _check_resume(group, layout, meta, url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pickle
@@ -248,7 +249,21 @@ def _bad_output_cases(tmp: Path) -> list[tuple[list[str], str]]:
     a_dir = tmp / "a-dir"
     a_dir.mkdir()
     unwritable = "/proc/self/prefast-cannot-exist"  # not creatable, even as root
+    a_store = tmp / "a-store"
+    w = store.create(a_store, sample_shape=(2,), num_samples=3, chunk_samples=3)
+    w.write(0, 0, torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64))
+    w.close()
+    prefast_zarr = ["--mode", "prefast", "--cache", "zarr", "--cache-dir"]
+    remote = []  # a URL whose fsspec backend is missing (s3fs is not a test dependency)
+    if importlib.util.find_spec("s3fs") is None:
+        remote = [
+            ([*prefast_zarr, "s3://no-bucket/x"], "remote stores need fsspec and its backend")
+        ]
     return [
+        *remote,
+        ([*prefast_zarr, "nosuchprotocol://x"], "--cache-dir: nosuchprotocol://x:"),
+        ([*prefast_zarr, str(a_store)], "is an activation store"),
+        ([*prefast_zarr, str(a_store / "activations" / "x")], f"{a_store} is an activation store"),
         (["--metrics", str(a_dir)], "--metrics"),
         (["--metrics", str(a_file / "m.jsonl")], "--metrics"),
         (["--checkpoint-dir", str(a_file)], "--checkpoint-dir"),

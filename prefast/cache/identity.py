@@ -98,10 +98,24 @@ def delete_store(path: Path | str) -> bool:
 
 
 def check_cache_dir(cache_dir: Path | str) -> None:
-    """A cache folder must be a folder (or not exist yet)."""
+    """A cache folder must be a folder (or not exist yet), and not inside an activation store
+    (an easy mix-up with the store path a run prints); a URL's fsspec backend must be
+    installed."""
     local = location.as_local(cache_dir)
-    if local is not None and local.exists() and not local.is_dir():
+    if local is None:
+        try:
+            location.check_reachable(cache_dir)
+        except store.StoreError as e:
+            raise CacheError(f"--cache-dir: {e}") from None
+        return
+    if local.exists() and not local.is_dir():
         raise CacheError(f"--cache-dir: {cache_dir} exists and is not a directory")
+    for folder in (local, *local.absolute().parents):
+        if location.is_activation_store(folder):
+            raise CacheError(
+                f"--cache-dir: {folder} is an activation store; give a folder outside it (a "
+                "run writes its stores to CACHE_DIR/run-KEY/boundary-NNN)"
+            )
 
 
 def open_matching(path: Path | str, fp: str) -> store.ActivationStore | None:

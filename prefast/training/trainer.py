@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prefast import interrupt
-from prefast.cache.identity import state_digest
+from prefast.cache.identity import check_cache_dir, state_digest
 from prefast.cache.manager import CacheManager
 from prefast.config import TrainConfig, cli_flag, unused_options
 from prefast.data import (
@@ -633,8 +633,11 @@ def check_outputs(cfg: TrainConfig) -> None:
         ck = check_writable_dir(cfg.checkpoint_dir, "--checkpoint-dir")
         if (ck / CHECKPOINT_NAME).is_dir():
             raise ConfigError(f"--checkpoint-dir: {ck / CHECKPOINT_NAME} is a directory")
-    if cfg.mode == "prefast" and cfg.cache_dir and location.as_local(cfg.cache_dir) is not None:
-        check_writable_dir(location.as_local(cfg.cache_dir) or cfg.cache_dir, "--cache-dir")
+    if cfg.mode == "prefast" and cfg.cache_dir:
+        check_cache_dir(cfg.cache_dir)  # a URL's backend, a folder not inside a store
+        local = location.as_local(cfg.cache_dir)
+        if local is not None:
+            check_writable_dir(local, "--cache-dir")
 
 
 def _all_reduce_int(t: torch.Tensor) -> torch.Tensor:
