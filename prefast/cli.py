@@ -17,6 +17,7 @@ import sys
 import threading
 import types
 import typing
+from pathlib import Path
 from typing import Any, NoReturn
 
 from prefast import interrupt
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="prefast", description="FreezeOut training with precomputed frozen-layer outputs."
     )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
     t = sub.add_parser(
         "train",
         help="train a model (full, freezeout or prefast)",
@@ -181,10 +182,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{summary['epochs']} epochs): test error {err:.4f}, train {summary['total_train_seconds']:.1f} s "
         f"(cache passes {summary['total_cache_build_seconds']:.1f} s), frozen {summary['frozen_units']}/{summary['num_units']} units"
     )
-    if summary.get("cache_path"):
-        print(
-            f"cache store: {summary['cache_path']}  (inspect: python -m store inspect {summary['cache_path']})"
-        )
+    path = summary.get("cache_path")
+    if path and str(path).startswith("memory://"):  # gone with this process
+        print(f"cache store: {path}  (in this process's memory only: gone now)")
+    elif path:
+        print(f"cache store: {path}  (inspect: python -m store inspect {path})")
     elif summary.get("cache_tier"):
         print(
             f"cache: boundary {summary['cache_boundary']} in the {summary['cache_tier']} tier (not kept after the run)"
@@ -234,7 +236,11 @@ def _on_signal(signum: int, frame: types.FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `prefast`: what it can do, not only what is missing
+        parser.print_usage(sys.stderr)
+        parser.error("give a command: train (train a model) or verify (check a cache store)")
     if (
         args.command != "train"  # verify: Ctrl-C and SIGTERM act at once, as usual
         or threading.current_thread() is not threading.main_thread()  # handlers: main thread
@@ -296,9 +302,12 @@ def _main(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, interrupt.Stopped) as e:
         # Stopped from outside: one line, the shell's code for the signal (130: Ctrl-C).
         signum = e.signum if isinstance(e, interrupt.Stopped) else signal.SIGINT
+        from prefast.training.checkpoint import CHECKPOINT_NAME
+
+        ck = getattr(args, "checkpoint_dir", None)
         hint = (
             "; --resume continues from the last epoch's checkpoint"
-            if getattr(args, "checkpoint_dir", None)
+            if ck and (Path(ck) / CHECKPOINT_NAME).is_file()
             else ""
         )
         print(f"prefast: stopped by {signal.Signals(signum).name}{hint}", file=sys.stderr)

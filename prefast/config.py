@@ -169,8 +169,15 @@ class TrainConfig:
     device: str = opt(
         "auto", "machine", "auto: cuda when available, else cpu (default %(default)s)"
     )
-    amp: str = opt("none", "machine", "bf16 autocast (CUDA) (default %(default)s)")
-    channels_last: bool = opt(False, "machine", "channels_last memory format (CUDA)")
+    amp: str = opt(
+        "none",
+        "machine",
+        "bf16 autocast, for CUDA; on the CPU it applies too, and changes the numbers "
+        "(default %(default)s)",
+    )
+    channels_last: bool = opt(
+        False, "machine", "channels_last memory format, for CUDA (on the CPU it applies too)"
+    )
     compile: str = opt(
         "auto",
         "machine",

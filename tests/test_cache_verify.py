@@ -139,6 +139,7 @@ def test_verify_checkpoint_input_errors(run, tmp_path, stores, capsys):
     )
     one_line([path, "--checkpoint", str(run["ckpt"]), "--samples", "-4"], "--samples")
     one_line([path, "--checkpoint", str(run["ckpt"]), "--rtol", "0"], "--rtol: must be > 0")
+    one_line([path, "--checkpoint", str(run["ckpt"]), "--seed", "-5"], "--seed: must be >= 0")
     one_line([path, "--checkpoint", str(run["ckpt"]), "--device", "tpu"], "'tpu' is not a device")
     one_line([str(tmp_path / "nowhere"), "--checkpoint", str(run["ckpt"])], "nowhere")
     # store verify points to prefast verify

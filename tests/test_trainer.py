@@ -853,6 +853,36 @@ def test_a_requested_stop_stops_the_run_before_its_next_step(tmp_path, monkeypat
     assert not (tmp_path / "last.pt").exists()
 
 
+def test_the_stop_line_offers_resume_only_where_a_checkpoint_exists(tmp_path, monkeypatch, capsys):
+    import signal
+
+    import prefast.training
+    from prefast import interrupt
+
+    def stopped(cfg):
+        raise interrupt.Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(prefast.training, "train", stopped)
+    args = ["train", *SYN, "--checkpoint-dir", str(tmp_path), "--no-progress", "-q"]
+    assert main(args) == 128 + signal.SIGTERM  # stopped before the first epoch's checkpoint
+    assert capsys.readouterr().err.strip() == "prefast: stopped by SIGTERM"
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert main(args) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == (
+        "prefast: stopped by SIGTERM; --resume continues from the last epoch's checkpoint"
+    )
+
+
+def test_a_bare_prefast_names_its_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: prefast") and "{train,verify}" in err
+    assert err.strip().endswith("prefast: error: give a command: train (train a model) or verify "
+                                "(check a cache store)")  # fmt: skip
+
+
 def test_a_config_path_that_is_not_a_path_is_refused():
     with pytest.raises(ConfigError, match="--cache-dir: must be a path, got 5"):
         tiny(cache_dir=5)
@@ -905,12 +935,17 @@ def test_cache_dir_as_a_file_url_is_the_local_folder(tmp_path):
     assert store.open(path).memory_mapped
 
 
-def test_cache_dir_at_an_fsspec_url(tmp_path):
+def test_cache_dir_at_an_fsspec_url(tmp_path, capsys):
+    from prefast.cli import _print_summary
     from store import location
 
     url = "memory://prefast-trainer-test/cache"
     r = train(tiny(mode="prefast", cache="zarr", cache_dir=url, recache_policy="every"))
     path = r.summary["cache_path"]
+    _print_summary(r.summary)  # no inspect command for a store that ends with the process
+    said = capsys.readouterr().out
+    assert f"cache store: {path}  (in this process's memory only" in said
+    assert "python -m store inspect" not in said
     (run_dir,) = location.children(url)
     assert path == f"{run_dir}/boundary-{r.summary['cache_boundary']:03d}"
     s = store.open(path)

@@ -157,6 +157,8 @@ def verify_against_checkpoint(
         )
     if samples < 1:
         raise CheckpointError(f"--samples: must be >= 1, got {samples}")
+    if seed < 0:
+        raise CheckpointError(f"--seed: must be >= 0, got {seed}")
     if rtol is not None and not rtol > 0:
         raise CheckpointError(f"--rtol: must be > 0, got {rtol}")
     dev = resolve_device(device)
