@@ -700,6 +700,21 @@ def test_resuming_a_finished_run_reports_it_without_touching_the_cache(tmp_path,
     assert train(tiny(**kw, resume=True)).records == done.records
 
 
+def test_a_run_that_keeps_no_store_leaves_no_run_folder(tmp_path):
+    """A RAM cache, and a refused resume, leave the cache folder as they found it; a kept
+    store keeps its run folder."""
+    c = tmp_path / "c"
+    train(tiny(mode="prefast", cache="ram", recache_policy="every", cache_dir=str(c)))
+    assert list(c.iterdir()) == []
+    kw = dict(mode="prefast", cache="zarr", cache_dir=str(c), checkpoint_dir=str(tmp_path / "k"))
+    kept = train(tiny(**kw)).summary["cache_path"]
+    (run_dir,) = c.iterdir()
+    assert Path(kept).parent == run_dir
+    with pytest.raises(CheckpointError, match="other settings: --t0"):
+        train(tiny(**{**kw, "t0": 0.9}, resume=True))
+    assert list(c.iterdir()) == [run_dir]  # the refused run's own folder is gone
+
+
 def test_a_trainer_whose_set_up_fails_releases_the_run_folder(tmp_path, monkeypatch):
     """A failure after the cache folder is locked (here the ranks' start-up meeting) releases
     the lock and the process group before the error leaves the constructor."""

@@ -1092,6 +1092,9 @@ class CacheManager:
                         remove_temp_dir(self._tmp_dir)
         finally:
             if self._lock_fd is not None:
+                local = location.as_local(self.run_dir) if self.run_dir is not None else None
+                if local is not None:  # rank 0 holds the lock: nothing kept, no folder left
+                    _remove_if_unused(local)
                 with contextlib.suppress(OSError):
                     os.close(self._lock_fd)  # closing drops the flock
                 self._lock_fd = None
@@ -1132,6 +1135,17 @@ def _lock_run_dir(run_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove ``run_dir`` where it holds nothing but its marker and lock (a run that kept no
+    store: a RAM or device cache, a refused resume); called with the lock still held, so a
+    run that starts meanwhile is refused, or its lock file keeps the folder."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in run_dir.iterdir()} <= {RUN_MARKER, LOCK_NAME}:
+            (run_dir / RUN_MARKER).unlink(missing_ok=True)
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
 def _claim_run_dir(run_dir: Path) -> None:
