@@ -898,6 +898,38 @@ def test_a_bare_prefast_names_its_commands(capsys):
                                 "(check a cache store)")  # fmt: skip
 
 
+def test_a_stopped_run_names_the_stores_it_leaves_in_its_cache_folder(
+    tmp_path, monkeypatch, caplog
+):
+    from prefast import interrupt
+
+    real = Trainer._save_checkpoint
+
+    def then_stop(self, next_epoch):
+        real(self, next_epoch)
+        if next_epoch == 2:
+            interrupt.request_stop()
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", then_stop)
+    caplog.set_level(logging.WARNING, logger="prefast")
+    try:
+        with pytest.raises(interrupt.Stopped):
+            train(tiny(mode="prefast", cache="zarr", recache_policy="every",
+                       checkpoint_dir=str(tmp_path)))  # fmt: skip
+    finally:
+        interrupt.clear()
+    (run_dir,) = (tmp_path / "cache").iterdir()
+    names = sorted(p.name for p in run_dir.glob("boundary-*"))
+    said = [r.getMessage() for r in caplog.records if "keeps" in r.getMessage()]
+    assert names and len(said) == 1
+    head, rest = said[0].split(" store(s), ")
+    assert head == f"{run_dir} keeps {len(names)}" and float(rest.split(" MB")[0]) > 0
+    assert rest.split(" MB ")[1] == (
+        f"({', '.join(names)}): --resume reuses a complete one, the next start removes an "
+        "unfinished one; delete the folder to free the space"
+    )
+
+
 def test_a_config_path_that_is_not_a_path_is_refused():
     with pytest.raises(ConfigError, match="--cache-dir: must be a path, got 5"):
         tiny(cache_dir=5)

@@ -1095,6 +1095,8 @@ class CacheManager:
                 local = location.as_local(self.run_dir) if self.run_dir is not None else None
                 if local is not None:  # rank 0 holds the lock: nothing kept, no folder left
                     _remove_if_unused(local)
+                    if failed and self._tmp_dir is None:
+                        _say_what_stays(local)
                 with contextlib.suppress(OSError):
                     os.close(self._lock_fd)  # closing drops the flock
                 self._lock_fd = None
@@ -1135,6 +1137,23 @@ def _lock_run_dir(run_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _say_what_stays(run_dir: Path) -> None:
+    """After a failed or stopped run, name the stores it leaves in its kept cache folder (a
+    --resume reuses them; an unfinished one is removed at the folder's next start)."""
+    with contextlib.suppress(OSError):
+        stores = sorted(p for p in run_dir.iterdir() if p.name.startswith(STORE_PREFIX))
+        if stores:
+            size = sum(f.stat().st_size for p in stores for f in p.rglob("*") if f.is_file())
+            log.warning(
+                "%s keeps %d store(s), %.1f MB (%s): --resume reuses a complete one, the next "
+                "start removes an unfinished one; delete the folder to free the space",
+                run_dir,
+                len(stores),
+                size / 1e6,
+                ", ".join(p.name for p in stores),
+            )
 
 
 def _remove_if_unused(run_dir: Path) -> None:
