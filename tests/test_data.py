@@ -86,6 +86,10 @@ def test_idx_files_directly_in_root(tmp_path: Path, compress: bool) -> None:
     data = load_dataset("fashion-mnist", "test", data_root=tmp_path)
     np.testing.assert_array_equal(data.images.numpy(), expected["test"].images)
     np.testing.assert_array_equal(data.labels.numpy(), expected["test"].labels)
+    # MNIST's files have the same names: --dataset mnist on this folder is refused, not
+    # trained on Fashion-MNIST under MNIST's name
+    with pytest.raises(DataError, match=r"mnist test split not found: missing .*/MNIST/raw/"):
+        load_dataset("mnist", "test", data_root=tmp_path)
 
 
 def test_num_samples_takes_seeded_subset(tmp_path: Path) -> None:

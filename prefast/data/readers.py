@@ -93,7 +93,9 @@ def _expected_files(name: str, split: str, root: Path) -> list[list[Path]]:
     """For each file the split needs, the candidate paths under ``root``, preferred first."""
     if name in _CIFAR_DIRS:
         return [[root / _CIFAR_DIRS[name] / f] for f in _CIFAR_FILES[(name, split)]]
-    dirs = [root / _IDX_DIRS[name] / "raw", root]
+    # the raw idx files directly in DIR only for Fashion-MNIST (the Debian package's layout):
+    # MNIST's have the same names, so DIR/MNIST/raw tells the two apart
+    dirs = [root / _IDX_DIRS[name] / "raw"] + ([root] if name == "fashion-mnist" else [])
     return [[d / f"{base}{ext}" for d in dirs for ext in ("", ".gz")] for base in _idx_names(split)]
 
 
