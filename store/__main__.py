@@ -17,6 +17,7 @@ from typing import Any
 import store
 from store.tools.inspect import format_summary, summary
 from store.tools.stats import format_stats, histogram, plot_stats
+from store.tools.viz import require_matplotlib
 
 EXAMPLES = """examples:
   python -m store inspect runs/fmnist/cache/run-KEY/boundary-003
@@ -101,9 +102,20 @@ def _save(fig: Any, path: str, flag: str, **kw: Any) -> None:
         raise store.StoreInputError(f"{flag} {path}: {e}") from None
 
 
+def _need_matplotlib(what: str) -> None:
+    """Checked before any work: without matplotlib a command fails at the start, not after
+    a pass over the store."""
+    try:
+        require_matplotlib(what)
+    except ImportError as e:
+        raise store.StoreInputError(str(e)) from None
+
+
 def _stats(args: argparse.Namespace) -> int:
     if args.bins < 1:
         raise store.StoreInputError(f"--bins must be >= 1, got {args.bins}")
+    if args.hist:
+        _need_matplotlib("--hist")
     s = store.open(args.path)
     st = store.stats(s, args.view, progress=args.progress)
     print(format_stats(st))
@@ -123,6 +135,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    _need_matplotlib("show")
     s = store.open(args.path)
     fig = store.show(s, args.sample, args.view, args.channels, args.compare_views)
     _save(fig, args.out, "-o", dpi=args.dpi)

@@ -170,6 +170,29 @@ def test_verify_lists_the_chunks_an_incomplete_store_never_wrote(tmp_path, data,
     assert not r["ok"] and r["missing"] == [[0, 2 * CHUNK, N]]
 
 
+def test_plots_without_matplotlib_fail_at_the_start_naming_the_extra(
+    tmp_path, stores, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    p = str(stores["f32"])
+    hist, png = tmp_path / "h.png", tmp_path / "x.png"
+    for argv, what in (
+        (["stats", p, "--hist", str(hist), "--no-progress"], "--hist"),
+        (["show", p, "--sample", "0", "-o", str(png)], "show"),
+    ):
+        assert store_main(argv) == 2
+        cap = capsys.readouterr()
+        assert cap.out == ""  # failed before the stats pass, nothing printed
+        assert cap.err == (
+            f"error: {what} needs matplotlib: pip install 'prefast[plot]' "
+            "(from a checkout: pip install -e '.[plot]')\n"
+        )
+    assert not hist.exists() and not png.exists()
+    with pytest.raises(ModuleNotFoundError, match=r"store\.show needs matplotlib: pip install"):
+        store.show(store.open(p), 0)
+    assert store_main(["stats", p, "--no-progress"]) == 0  # no plot asked for: no matplotlib
+
+
 def test_show_to_a_file_type_it_cannot_write_is_one_line(tmp_path, data, capsys):
     x, y = data
     write_store(tmp_path / "s", x, y)

@@ -24,6 +24,7 @@ import numpy as np
 
 from store.errors import StoreInputError
 from store.reader import ActivationStore, as_tensor, check_opened
+from store.tools.viz import require_matplotlib
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ def histogram(
 def plot_stats(st: ChannelStats, counts: np.ndarray, edges: np.ndarray, title: str = "") -> Any:
     """A matplotlib Figure: the value histogram (log counts) and per-channel mean +- std with
     the min..max range. Made without pyplot, so no global figure state is touched."""
+    require_matplotlib("plot_stats")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -17,9 +17,21 @@ import numpy as np
 from store.errors import StoreInputError
 from store.reader import ActivationStore, check_opened
 
+PLOT_EXTRA = "pip install 'prefast[plot]' (from a checkout: pip install -e '.[plot]')"
 DEFAULT_CHANNELS = 64  # tiles of a one-view grid when channels=None
 DEFAULT_COMPARE_CHANNELS = 8  # columns of a views-by-channels grid when channels=None
 TILE_INCHES = 1.3
+
+
+def require_matplotlib(what: str) -> None:
+    """Raise ``ModuleNotFoundError`` naming the ``plot`` extra when matplotlib does not import;
+    ``what`` says who needs it (``"store.show"``, ``"--hist"``)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            f"{what} needs matplotlib: {PLOT_EXTRA}", name="matplotlib"
+        ) from e
 
 
 def _tiles(x: np.ndarray, path: str) -> np.ndarray:
@@ -77,6 +89,7 @@ def show(
     colorbar: diverging and centred on 0 when the values have both signs.
     """
     check_opened(s, "store.show")
+    require_matplotlib("store.show")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -147,4 +160,10 @@ def show(
     return fig
 
 
-__all__ = ["DEFAULT_CHANNELS", "DEFAULT_COMPARE_CHANNELS", "show"]
+__all__ = [
+    "DEFAULT_CHANNELS",
+    "DEFAULT_COMPARE_CHANNELS",
+    "PLOT_EXTRA",
+    "require_matplotlib",
+    "show",
+]
