@@ -45,6 +45,7 @@ from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
 from prefast.models import UnitModel
 from prefast.monitor import rss_anon_bytes, synchronize
 from prefast.training import build_model
+from store.tools.viz import require_matplotlib
 
 log = logging.getLogger("compare")
 MIB = 2**20
@@ -740,6 +741,20 @@ def format_tables(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_wanted(no_plot: bool) -> bool:
+    """Whether to draw the plot: asked for, and matplotlib imports. Checked at start-up: without
+    matplotlib a run trained every variant and then crashed drawing their curves. A missing
+    matplotlib is a warning, not a failure: the results are worth more than their picture."""
+    if no_plot:
+        return False
+    try:
+        require_matplotlib("the plot")
+    except ImportError as e:
+        log.warning("%s; no plot will be drawn (--no-plot skips it without this warning)", e)
+        return False
+    return True
+
+
 def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -855,6 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = logging.INFO if args.verbose else logging.WARNING
     logging.getLogger("prefast").setLevel(quiet)
     logging.getLogger("store").setLevel(quiet)
+    draw = plot_wanted(args.no_plot)
     dev = (
         "gpu"
         if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -872,9 +888,9 @@ def main(argv: list[str] | None = None) -> int:
     text = format_tables(res)
     print(text)
     out.with_suffix(".txt").write_text(text.lstrip("\n") + "\n")
-    if not args.no_plot:
+    if draw:
         plot(res, out.with_suffix(".png"))
-    print(f"\nresults: {out} (+ .txt{'' if args.no_plot else ', .png'})")
+    print(f"\nresults: {out} (+ .txt{', .png' if draw else ''})")
     return 0
 
 

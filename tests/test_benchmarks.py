@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -202,6 +203,30 @@ def test_compare_rounds_alternate_the_order(tmp_path, capsys, caplog):
     lo, hi = sorted(r["train_seconds"] for r in pf["rounds"])
     assert pf["train_seconds_range"] == [lo, hi] and f"{lo:.1f}-{hi:.1f}" in text
     assert "~: no full run" in text  # vs full and saving/ideal are modelled, and say so
+
+
+def test_compare_without_matplotlib_warns_at_the_start_and_runs_without_the_plot(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    warned_before_the_runs = []
+
+    def no_runs(sc, args, partial, env):  # the runs monkeypatched away
+        warned_before_the_runs.append("no plot will be drawn" in caplog.text)
+        return {"runs": {}}
+
+    monkeypatch.setattr(compare, "run_scenario", no_runs)
+    monkeypatch.setattr(compare, "format_tables", lambda res: "tables")
+    out = tmp_path / "cmp.json"
+    assert compare.main(["--quick", "--out", str(out), "--device", "cpu"]) == 0
+    assert warned_before_the_runs == [True]
+    assert "the plot needs matplotlib: pip install 'prefast[plot]'" in caplog.text
+    assert "--no-plot" in caplog.text
+    assert out.exists() and not out.with_suffix(".png").exists()
+    assert f"results: {out} (+ .txt)" in capsys.readouterr().out
+    caplog.clear()
+    assert compare.main(["--quick", "--out", str(out), "--device", "cpu", "--no-plot"]) == 0
+    assert "matplotlib" not in caplog.text  # no plot asked for: no warning
 
 
 def test_plan_whatif_plans_each_tier_from_a_runs_logged_costs(tmp_path, capsys):
