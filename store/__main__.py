@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 a failed check (an incomplete store for ``inspect``, a failed
 ``verify``, stores that differ for ``diff``); 2 bad input (a missing store, a sample index out
-of range), reported as one ``error: ...`` line on stderr. Checking a store against a training
+of range), reported as one ``error: ...`` line on stderr; 130 stopped by Ctrl-C; 141 stdout
+closed by its reader (``| head``), quietly. Checking a store against a training
 checkpoint needs the model and moved to ``prefast verify STORE --checkpoint CK``.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -164,6 +166,19 @@ CHECKPOINT_MOVED = (
 COMMANDS = {"inspect": _inspect, "stats": _stats, "show": _show, "verify": _verify, "diff": _diff}
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null so that the interpreter's flush of what is
+    left in sys.stdout at exit does not fail again (the recipe of the Python docs, signal
+    module, "Note on SIGPIPE")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's captured stdout)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["verify"] and any(
@@ -173,7 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return rc
+    except BrokenPipeError:
+        # stdout's reader has gone (`python -m store stats S | head -5`): end quietly. 141 is
+        # what the shell reports for a tool that SIGPIPE ends (cat, grep, seq), 128 + SIGPIPE,
+        # as 130 is for Ctrl-C: `set -o pipefail` scripts that tolerate a closed pipe expect it,
+        # and 0 would claim an output that nobody read was delivered.
+        _stdout_to_devnull()
+        return 128 + 13  # SIGPIPE (no signal.SIGPIPE on Windows)
+    except KeyboardInterrupt:
+        print("stopped by SIGINT", file=sys.stderr)
+        return 128 + 2  # SIGINT
     except (store.StoreError, OSError) as e:
         # OSError: an output file that cannot be written
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

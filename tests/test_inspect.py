@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import store
+import store.__main__ as store_cli
 from store.__main__ import main as store_main
 from tests.store_helpers import CHUNK, SHAPE, VIEWS, N, encoded, labels_for, write_store
 
@@ -366,6 +368,43 @@ def test_importing_store_imports_neither_prefast_nor_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("exc", "rc", "err"),
+    [(KeyboardInterrupt, 130, "stopped by SIGINT\n"), (BrokenPipeError, 141, "")],
+)
+def test_ctrl_c_and_a_closed_stdout_end_without_a_traceback(
+    stores, capsys, monkeypatch, exc, rc, err
+):
+    def stopped(args):
+        print("half a table")
+        raise exc
+
+    monkeypatch.setitem(store_cli.COMMANDS, "stats", stopped)
+    try:
+        got = store_main(["stats", str(stores["f32"]), "--no-progress"])
+    except BaseException as e:  # a KeyboardInterrupt let through would stop pytest itself
+        pytest.fail(f"{type(e).__name__} escaped main")
+    assert got == rc
+    assert capsys.readouterr().err == err
+
+
+def test_stats_into_a_closed_pipe_ends_quietly(stores):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone, as after `| head`
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "store", "stats", str(stores["f32"]), "--no-progress"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")
 
 
 def test_verify_with_a_checkpoint_points_to_prefast(stores, capsys):
