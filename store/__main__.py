@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--view", type=int, default=None, help="one view (default: all views)")
     st.add_argument("--out", default=None, help="also write the statistics as JSON here")
     st.add_argument(
-        "--hist", default=None, help="write a PNG: value histogram and per-channel mean/std/range"
+        "--hist",
+        default=None,
+        help="write a PNG: value histogram and per-channel mean/std/range (.png is added to a "
+        "name without a suffix; a folder is refused)",
     )
     st.add_argument("--bins", type=int, default=100, help="histogram bins (default %(default)s)")
     st.add_argument("--no-progress", dest="progress", action="store_false")
@@ -72,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sh.add_argument("--compare-views", action="store_true", help="rows = views, columns = channels")
     sh.add_argument("--dpi", type=int, default=100)
-    sh.add_argument("-o", "--out", required=True, help="PNG file to write")
+    sh.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        help="PNG file to write (.png is added to a name without a suffix; a folder is refused)",
+    )
 
     ve = sub.add_parser(
         "verify",
@@ -97,6 +105,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if s.complete else 1
 
 
+def _figure_path(path: str, flag: str, example: str) -> str:
+    """The file a figure goes to, checked before any work: ``path``, with ``.png`` added to a
+    name without a suffix (what savefig would do; made explicit so that 'wrote' names the
+    file). A folder is refused rather than given a picture whose name the user never chose."""
+    if path.endswith(("/", os.sep)) or Path(path).is_dir():
+        raise store.StoreInputError(
+            f"{flag} {path}: a folder; name the file, e.g. {flag} {Path(path) / example}"
+        )
+    p = Path(path)
+    return path if p.suffix else str(p.with_name(p.name + ".png"))
+
+
 def _save(fig: Any, path: str, flag: str, **kw: Any) -> None:
     try:
         fig.savefig(path, **kw)
@@ -116,7 +136,8 @@ def _need_matplotlib(what: str) -> None:
 def _stats(args: argparse.Namespace) -> int:
     if args.bins < 1:
         raise store.StoreInputError(f"--bins must be >= 1, got {args.bins}")
-    if args.hist:
+    hist = _figure_path(args.hist, "--hist", "hist.png") if args.hist else None
+    if hist:
         _need_matplotlib("--hist")
     s = store.open(args.path)
     st = store.stats(s, args.view, progress=args.progress)
@@ -124,24 +145,25 @@ def _stats(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(st.to_dict(), indent=2) + "\n")
         print(f"wrote {args.out}")
-    if args.hist:
+    if hist:
         counts, edges = histogram(
             s, args.bins, (float(st.min.min()), float(st.max.max())), args.view, args.progress
         )
         unit = s.meta.get("boundary_unit")
         title = f"{Path(s.path).name}" + (f" (after {unit})" if unit else "")
         title += f", views {list(st.views)}"
-        _save(plot_stats(st, counts, edges, title), args.hist, "--hist")
-        print(f"wrote {args.hist}")
+        _save(plot_stats(st, counts, edges, title), hist, "--hist")
+        print(f"wrote {hist}")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
+    out = _figure_path(args.out, "-o", f"sample{args.sample}.png")
     _need_matplotlib("show")
     s = store.open(args.path)
     fig = store.show(s, args.sample, args.view, args.channels, args.compare_views)
-    _save(fig, args.out, "-o", dpi=args.dpi)
-    print(f"wrote {args.out}")
+    _save(fig, out, "-o", dpi=args.dpi)
+    print(f"wrote {out}")
     return 0
 
 

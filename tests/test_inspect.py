@@ -204,6 +204,28 @@ def test_show_to_a_file_type_it_cannot_write_is_one_line(tmp_path, data, capsys)
     assert err.startswith(f"error: -o {out}: ") and err.count("\n") == 1, err
 
 
+def test_show_and_hist_say_the_file_they_wrote_and_refuse_a_folder(
+    tmp_path, stores, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    p = str(stores["f32"])
+    assert store_main(["show", p, "--sample", "0", "-o", "sample_noext"]) == 0
+    assert capsys.readouterr().out == "wrote sample_noext.png\n"
+    assert (tmp_path / "sample_noext.png").is_file()
+    (tmp_path / "runs").mkdir()
+    for argv, err in (
+        (["show", p, "--sample", "3", "-o", "runs"], "-o runs: a folder; name the file, e.g. -o "),
+        (["stats", p, "--hist", "runs", "--no-progress"], "--hist runs: a folder; name the file"),
+    ):
+        assert store_main(argv) == 2
+        cap = capsys.readouterr()
+        assert cap.out == ""  # refused before the stats pass
+        assert cap.err.startswith(f"error: {err}") and cap.err.count("\n") == 1, cap.err
+    assert store_main(["show", p, "--sample", "3", "-o", "new/"]) == 2  # names a folder too
+    assert "e.g. -o new/sample3.png" in capsys.readouterr().err
+    assert not (tmp_path / "runs.png").exists() and not any((tmp_path / "runs").iterdir())
+
+
 def test_verify_reports_a_truncated_chunk(tmp_path, data):
     x, y = data
     path = tmp_path / "s"
