@@ -291,6 +291,27 @@ def test_missing_and_incomplete_stores(tmp_path, data, capsys):
     assert not r.ok and r.missing[0] == (0, 16, 117) and r.chunks_read == 2
 
 
+def test_an_incomplete_store_gets_command_line_advice(tmp_path, data, stores, capsys):
+    x, y = data
+    part = tmp_path / "part"
+    w = store.create(part, sample_shape=SHAPE, num_samples=N, chunk_samples=CHUNK)
+    w.write(0, 0, x[0, :16], y[:16])  # 2 of 15 chunks, then killed
+    w.abort()
+    for argv in (
+        ["stats", str(part), "--no-progress"],
+        ["show", str(part), "--sample", "0", "-o", str(tmp_path / "x.png")],
+        ["diff", str(stores["f32"]), str(part), "--no-progress"],
+    ):
+        assert store_main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"error: {part}: the store is incomplete (its writer did not finish): 13 of 15 "
+            f"chunks missing; 'python -m store inspect {part}' lists them, "
+            f"'python -m store verify {part}' checks the chunks that were written\n"
+        )
+    with pytest.raises(store.StoreIncompleteError, match=r"resume=True\) or open it with partial"):
+        store.open(part)  # a Python caller keeps the advice for Python
+
+
 def _edit_record(path: Path, resign: bool, **changes) -> None:
     """Edit the record in zarr.json by hand (``resign``: recompute its checksum too)."""
     f = path / "zarr.json"
