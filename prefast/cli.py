@@ -207,10 +207,10 @@ def _train(args: argparse.Namespace, rank: int) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    import store
     from prefast.cache.verify import verify_against_checkpoint
+    from store.tools.inspect import open_complete
 
-    s = store.open(args.path)
+    s = open_complete(args.path)
     r = verify_against_checkpoint(
         s,
         args.checkpoint,

@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import store
-from store.tools.inspect import format_summary, summary
+from store.tools.inspect import format_summary, open_complete, summary
 from store.tools.stats import format_stats, histogram, plot_stats
 from store.tools.viz import require_matplotlib
 
@@ -99,24 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _open(path: str) -> store.ActivationStore:
-    """``store.open(path)``, whose error for an incomplete store is advice for Python callers
-    (``resume=True``, ``partial=True``), with advice for this command line instead."""
-    s = store.open(path, partial=True)
-    if not s.complete:
-        # the ranges start at a chunk's first sample: ceil(samples / chunk_samples) chunks each
-        missing = sum(
-            -(-(stop - start) // s.chunk_samples) for _, start, stop in s.missing_ranges()
-        )
-        q = shlex.quote(path)
-        raise store.StoreIncompleteError(
-            f"{path}: the store is incomplete (its writer did not finish): {missing} of "
-            f"{s.views * s.num_chunks} chunks missing; 'python -m store inspect {q}' lists "
-            f"them, 'python -m store verify {q}' checks the chunks that were written"
-        )
-    return s
-
-
 def _inspect(args: argparse.Namespace) -> int:
     s = store.open(args.path, partial=True)
     d = summary(s)
@@ -158,7 +139,7 @@ def _stats(args: argparse.Namespace) -> int:
     hist = _figure_path(args.hist, "--hist", "hist.png") if args.hist else None
     if hist:
         _need_matplotlib("--hist")
-    s = _open(args.path)
+    s = open_complete(args.path)
     st = store.stats(s, args.view, progress=args.progress)
     print(format_stats(st))
     if args.out:
@@ -179,7 +160,7 @@ def _stats(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     out = _figure_path(args.out, "-o", f"sample{args.sample}.png")
     _need_matplotlib("show")
-    s = _open(args.path)
+    s = open_complete(args.path)
     fig = store.show(s, args.sample, args.view, args.channels, args.compare_views)
     _save(fig, out, "-o", dpi=args.dpi)
     print(f"wrote {out}")
@@ -196,7 +177,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    r = store.diff(_open(args.a), _open(args.b), progress=args.progress)
+    r = store.diff(open_complete(args.a), open_complete(args.b), progress=args.progress)
     print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
     return 0 if r.identical else 1
 

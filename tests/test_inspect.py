@@ -308,6 +308,12 @@ def test_an_incomplete_store_gets_command_line_advice(tmp_path, data, stores, ca
             f"chunks missing; 'python -m store inspect {part}' lists them, "
             f"'python -m store verify {part}' checks the chunks that were written\n"
         )
+    # prefast verify says the same (it opens the store before reading the checkpoint)
+    from prefast.cli import main as prefast_main
+
+    assert prefast_main(["verify", str(part), "--checkpoint", str(tmp_path / "ck.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prefast: error: {part}: the store is incomplete") and "13 of 15" in err
     with pytest.raises(store.StoreIncompleteError, match=r"resume=True\) or open it with partial"):
         store.open(part)  # a Python caller keeps the advice for Python
 

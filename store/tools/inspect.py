@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Any
 
+from store.errors import StoreIncompleteError
 from store.layout import ACTIVATIONS
 from store.reader import ActivationStore, check_opened
+from store.reader import open as open_store
 
 
 def _human(n: float) -> str:
@@ -167,4 +170,23 @@ def _compact(v: Any) -> str:
     return s if len(s) <= 100 else s[:97] + "..."
 
 
-__all__ = ["format_summary", "provenance_rows", "summary"]
+def open_complete(path: str) -> ActivationStore:
+    """``store.open(path)`` for the command lines (``python -m store``, ``prefast verify``):
+    ``store.open``'s error for an incomplete store is advice for Python callers
+    (``resume=True``, ``partial=True``); this one says what a command-line user can do."""
+    s = open_store(path, partial=True)
+    if not s.complete:
+        # the ranges start at a chunk's first sample: ceil(samples / chunk_samples) chunks each
+        missing = sum(
+            -(-(stop - start) // s.chunk_samples) for _, start, stop in s.missing_ranges()
+        )
+        q = shlex.quote(path)
+        raise StoreIncompleteError(
+            f"{path}: the store is incomplete (its writer did not finish): {missing} of "
+            f"{s.views * s.num_chunks} chunks missing; 'python -m store inspect {q}' lists "
+            f"them, 'python -m store verify {q}' checks the chunks that were written"
+        )
+    return s
+
+
+__all__ = ["format_summary", "open_complete", "provenance_rows", "summary"]
