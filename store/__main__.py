@@ -139,6 +139,10 @@ def _stats(args: argparse.Namespace) -> int:
     hist = _figure_path(args.hist, "--hist", "hist.png") if args.hist else None
     if hist:
         _need_matplotlib("--hist")
+    if args.out and (args.out.endswith(("/", os.sep)) or Path(args.out).is_dir()):
+        raise store.StoreInputError(
+            f"--out {args.out}: a folder; name the file, e.g. --out {Path(args.out) / 'stats.json'}"
+        )
     s = open_complete(args.path)
     st = store.stats(s, args.view, progress=args.progress)
     print(format_stats(st))

@@ -216,6 +216,7 @@ def test_show_and_hist_say_the_file_they_wrote_and_refuse_a_folder(
     for argv, err in (
         (["show", p, "--sample", "3", "-o", "runs"], "-o runs: a folder; name the file, e.g. -o "),
         (["stats", p, "--hist", "runs", "--no-progress"], "--hist runs: a folder; name the file"),
+        (["stats", p, "--out", "runs", "--no-progress"], "--out runs: a folder; name the file"),
     ):
         assert store_main(argv) == 2
         cap = capsys.readouterr()
