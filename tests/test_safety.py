@@ -119,7 +119,11 @@ def test_a_start_removes_only_the_stores_its_run_folder_left_unfinished(tmp_path
     cfg = TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache))
     manager = Trainer(cfg).cache
     run_dir = Path(manager.run_dir)
-    manager.close()  # the run folder's lock is free again
+    manager.close()  # the run folder's lock is free again; the empty folder is removed
+    from prefast.cache.manager import RUN_MARKER
+
+    run_dir.mkdir()
+    (run_dir / RUN_MARKER).touch()  # as a killed run leaves its folder
 
     def made(path: Path, finished: bool) -> None:
         w = store.create(path, sample_shape=(2,), num_samples=4)
