@@ -706,7 +706,8 @@ def test_a_run_that_keeps_no_store_leaves_no_run_folder(tmp_path):
     c = tmp_path / "c"
     train(tiny(mode="prefast", cache="ram", recache_policy="every", cache_dir=str(c)))
     assert list(c.iterdir()) == []
-    kw = dict(mode="prefast", cache="zarr", cache_dir=str(c), checkpoint_dir=str(tmp_path / "k"))
+    kw = dict(mode="prefast", cache="zarr", recache_policy="every", cache_dir=str(c),
+              checkpoint_dir=str(tmp_path / "k"))  # fmt: skip
     kept = train(tiny(**kw)).summary["cache_path"]
     (run_dir,) = c.iterdir()
     assert Path(kept).parent == run_dir
