@@ -123,6 +123,8 @@ class Trainer:
             self.dist.shutdown()
 
     def _set_up(self, cfg: TrainConfig) -> None:
+        """Everything the run needs before its first epoch; on failure ``__init__`` closes
+        what was opened."""
         # before any data is loaded or any step runs
         self.dist.on_main("checking the run's outputs", lambda: check_outputs(cfg))
         if self.dist.is_main:
