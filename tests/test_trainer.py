@@ -705,7 +705,10 @@ def test_a_run_that_keeps_no_store_leaves_no_run_folder(tmp_path):
     store keeps its run folder."""
     c = tmp_path / "c"
     train(tiny(mode="prefast", cache="ram", recache_policy="every", cache_dir=str(c)))
-    assert list(c.iterdir()) == []
+    assert list(c.iterdir()) == []  # the folder given stays
+    ram = tmp_path / "ram"
+    train(tiny(mode="prefast", cache="ram", recache_policy="every", checkpoint_dir=str(ram)))
+    assert sorted(p.name for p in ram.iterdir()) == ["last.pt"]  # no empty cache/ beside it
     kw = dict(mode="prefast", cache="zarr", recache_policy="every", cache_dir=str(c),
               checkpoint_dir=str(tmp_path / "k"))  # fmt: skip
     kept = train(tiny(**kw)).summary["cache_path"]

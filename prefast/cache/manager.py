@@ -1095,6 +1095,10 @@ class CacheManager:
                 local = location.as_local(self.run_dir) if self.run_dir is not None else None
                 if local is not None:  # rank 0 holds the lock: nothing kept, no folder left
                     _remove_if_unused(local)
+                    if self.cfg.cache_dir is None and self._tmp_dir is None:
+                        # CHECKPOINT_DIR/cache, made for this run: gone too where now empty
+                        with contextlib.suppress(OSError):
+                            local.parent.rmdir()
                     if failed and self._tmp_dir is None:
                         _say_what_stays(local)
                 with contextlib.suppress(OSError):
