@@ -284,17 +284,14 @@ def _main(args: argparse.Namespace) -> int:
                 return _verify(args)
             return _train(args, rank)
     except (PrefastError, StoreError) as e:
-        if isinstance(e, DistributedError):
-            # Not bad input: a rank died or timed out. One line, exit 1.
-            print(f"prefast: error: {e}", file=sys.stderr)
-            return 1
-        if isinstance(e, StoreWriteError) or isinstance(e.__cause__, StoreWriteError):
-            # Not bad input: writing a store failed (a full disk). One line, exit 1.
-            print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 1
-        # Bad input (or a store that fails its checks): one line, exit 2, no trace.
+        # One line, no trace. Exit 1 where the run failed rather than its input: a rank died or
+        # timed out, or writing a store failed (a full disk); else bad input (or a store that
+        # fails its checks), exit 2.
         print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        failed = isinstance(e, (DistributedError, StoreWriteError)) or isinstance(
+            e.__cause__, StoreWriteError
+        )
+        return 1 if failed else 2
     except (OSError, FloatingPointError) as e:
         # The machine or the run failed (a full disk, a diverging loss): one line, exit 1.
         print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)

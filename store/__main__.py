@@ -105,14 +105,20 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if s.complete else 1
 
 
-def _figure_path(path: str, flag: str, example: str) -> str:
-    """The file a figure goes to, checked before any work: ``path``, with ``.png`` added to a
-    name without a suffix (what savefig would do; made explicit so that 'wrote' names the
-    file). A folder is refused rather than given a picture whose name the user never chose."""
+def _refuse_folder(path: str, flag: str, example: str) -> None:
+    """An output file given as a folder (existing, or ending in a separator) is refused before
+    any work, with ``example`` as a file name in it."""
     if path.endswith(("/", os.sep)) or Path(path).is_dir():
         raise store.StoreInputError(
             f"{flag} {path}: a folder; name the file, e.g. {flag} {Path(path) / example}"
         )
+
+
+def _figure_path(path: str, flag: str, example: str) -> str:
+    """The file a figure goes to, checked before any work: ``path``, with ``.png`` added to a
+    name without a suffix (what savefig would do; made explicit so that 'wrote' names the
+    file). A folder is refused rather than given a picture whose name the user never chose."""
+    _refuse_folder(path, flag, example)
     p = Path(path)
     return path if p.suffix else str(p.with_name(p.name + ".png"))
 
@@ -139,10 +145,8 @@ def _stats(args: argparse.Namespace) -> int:
     hist = _figure_path(args.hist, "--hist", "hist.png") if args.hist else None
     if hist:
         _need_matplotlib("--hist")
-    if args.out and (args.out.endswith(("/", os.sep)) or Path(args.out).is_dir()):
-        raise store.StoreInputError(
-            f"--out {args.out}: a folder; name the file, e.g. --out {Path(args.out) / 'stats.json'}"
-        )
+    if args.out:
+        _refuse_folder(args.out, "--out", "stats.json")
     s = open_complete(args.path)
     st = store.stats(s, args.view, progress=args.progress)
     print(format_stats(st))

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def install_hint(extra: str) -> str:
+    """How to install one of the package's extras, from PyPI or from a checkout."""
+    return f"pip install 'prefast[{extra}]' (from a checkout: pip install -e '.[{extra}]')"
+
+
 class StoreError(ValueError):
     """Base of all store errors."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from store._zarr import as_local
-from store.errors import NotAStoreError, StoreInputError
+from store.errors import NotAStoreError, StoreInputError, install_hint
 from store.layout import ATTRS_KEY, FORMAT_NAME
 
 Location = str | os.PathLike[str]
@@ -22,22 +22,21 @@ def is_url(loc: Location) -> bool:
     return as_local(loc) is None
 
 
-# what to install for fsspec URLs
-REMOTE_EXTRA = "pip install 'prefast[remote]' (from a checkout: pip install -e '.[remote]')"
-
-
 def _fs(url: str) -> tuple[Any, str]:
     try:
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as e:  # fsspec, or the protocol's backend (s3fs, gcsfs, ...)
-        raise StoreInputError(
-            f"{url}: remote stores need fsspec and its backend: {REMOTE_EXTRA} ({e})"
-        ) from None
+        raise StoreInputError(missing_backend(url, e)) from None
     except ValueError as e:  # an unknown protocol
         raise StoreInputError(f"{url}: {e}") from None
     return fs, path
+
+
+def missing_backend(url: str, e: ImportError) -> str:
+    """The message for a URL whose fsspec (or protocol backend) does not import."""
+    return f"{url}: remote stores need fsspec and its backend: {install_hint('remote')} ({e})"
 
 
 def check_reachable(loc: Location) -> None:

@@ -52,7 +52,7 @@ from store.layout import (
     chunk_crc,
     unwritten_ranges,
 )
-from store.location import REMOTE_EXTRA
+from store.location import missing_backend
 
 
 def as_tensor(a: np.ndarray, layout: StoreLayout) -> torch.Tensor:
@@ -613,9 +613,7 @@ def open(
     except FileNotFoundError:
         raise StoreNotFoundError(f"{path}: no store at this URL") from None
     except ImportError as e:
-        raise NotAStoreError(
-            f"{path}: remote stores need fsspec and its backend: {REMOTE_EXTRA} ({e})"
-        ) from None
+        raise NotAStoreError(missing_backend(os.fspath(path), e)) from None
     except Exception as e:
         raise NotAStoreError(f"{path}: not a zarr v3 group: {e!r}") from e
     if not isinstance(group.attrs.get(ATTRS_KEY), dict):

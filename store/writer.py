@@ -63,7 +63,7 @@ from store.layout import (
     merge_ranges,
     unwritten_ranges,
 )
-from store.location import REMOTE_EXTRA, is_activation_store
+from store.location import is_activation_store, missing_backend
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +289,7 @@ def _create_remote(
     except FileNotFoundError:
         group = None
     except ImportError as e:
-        raise StoreInputError(
-            f"{url}: remote stores need fsspec and its backend: {REMOTE_EXTRA} ({e})"
-        ) from None
+        raise StoreInputError(missing_backend(url, e)) from None
     if group is not None and resume:
         info = _check_resume(group, layout, meta, url)
         return StoreWriter(url, group, info, None, rank, world_size, workers, max_pending)

@@ -1165,7 +1165,8 @@ def _remove_if_unused(run_dir: Path) -> None:
     store: a RAM or device cache, a refused resume); called with the lock still held, so a
     run that starts meanwhile is refused, or its lock file keeps the folder."""
     with contextlib.suppress(OSError):
-        if {p.name for p in run_dir.iterdir()} <= {RUN_MARKER, LOCK_NAME}:
+        names = {p.name for p in run_dir.iterdir()}
+        if RUN_MARKER in names and names <= {RUN_MARKER, LOCK_NAME}:
             (run_dir / RUN_MARKER).unlink(missing_ok=True)
             (run_dir / LOCK_NAME).unlink(missing_ok=True)
             run_dir.rmdir()

@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import StoreInputError
+from store.errors import StoreInputError, install_hint
 from store.reader import ActivationStore, check_opened
 
-PLOT_EXTRA = "pip install 'prefast[plot]' (from a checkout: pip install -e '.[plot]')"
 DEFAULT_CHANNELS = 64  # tiles of a one-view grid when channels=None
 DEFAULT_COMPARE_CHANNELS = 8  # columns of a views-by-channels grid when channels=None
 TILE_INCHES = 1.3
@@ -30,7 +29,7 @@ def require_matplotlib(what: str) -> None:
         import matplotlib  # noqa: F401
     except ImportError as e:
         raise ModuleNotFoundError(
-            f"{what} needs matplotlib: {PLOT_EXTRA}", name="matplotlib"
+            f"{what} needs matplotlib: {install_hint('plot')}", name="matplotlib"
         ) from e
 
 
@@ -163,7 +162,6 @@ def show(
 __all__ = [
     "DEFAULT_CHANNELS",
     "DEFAULT_COMPARE_CHANNELS",
-    "PLOT_EXTRA",
     "require_matplotlib",
     "show",
 ]
