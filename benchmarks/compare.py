@@ -527,7 +527,8 @@ def run_scenario(
     variants = variants_for(
         tiers, device, args.extra_views, full=full, eager_baseline=args.eager_baseline
     )
-    warm_up_seconds, warm_up_failed = 0.0, list[dict[str, Any]]()
+    warm_up_seconds = 0.0
+    warm_up_failed: list[dict[str, Any]] = []
     if not args.no_warm_up:
         warm_up_seconds, warm_up_failed = warm_up(base, variants, len_train, cache_root)
 
