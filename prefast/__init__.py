@@ -9,7 +9,8 @@ a store, RAM or device memory) -> ``training`` (the run loop). The ``store`` pac
 one holds the activation store itself and imports nothing from here.
 """
 
-from prefast.config import TrainConfig
+from typing import TYPE_CHECKING
+
 from prefast.errors import (
     CacheError,
     CheckpointError,
@@ -20,9 +21,24 @@ from prefast.errors import (
     PrefastError,
     ScheduleError,
 )
-from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
-from prefast.models import UnitModel, create_model, from_sequential, list_models
-from prefast.training import Trainer, TrainResult, train
+
+if TYPE_CHECKING:
+    from prefast.config import TrainConfig
+    from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
+    from prefast.models import UnitModel, create_model, from_sequential, list_models
+    from prefast.training import Trainer, TrainResult, train
+else:  # imported on first use (prefast._lazy): the CLI answers --help without torch
+    from prefast._lazy import exports
+
+    __getattr__, __dir__ = exports(
+        __name__,
+        {
+            "prefast.config": ("TrainConfig",),
+            "prefast.freezeout": ("FreezeSchedule", "ScheduleConfig", "ideal_saving"),
+            "prefast.models": ("UnitModel", "create_model", "from_sequential", "list_models"),
+            "prefast.training": ("Trainer", "TrainResult", "train"),
+        },
+    )
 
 __all__ = [
     "CacheError",

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from prefast import interrupt
-from prefast.config import CHOICES, TrainConfig
-from prefast.models import list_models
+from prefast.config import BUILTIN_MODELS, CHOICES, TrainConfig
 
 TRAIN_EXAMPLES = """examples:
   # Fashion-MNIST (Debian package dataset-fashion-mnist), PreFast with a zarr cache
@@ -75,6 +74,15 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def _model_names() -> list[str]:
+    """The built-in models, and those registered so far where the registry is loaded (a script
+    that registers its own model, then builds the parser); the registry imports torch, so a
+    plain ``prefast --help`` does not load it."""
+    registry = sys.modules.get("prefast.models.registry")
+    registered = registry.list_models() if registry is not None else []
+    return sorted({*BUILTIN_MODELS, *registered})
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     groups: dict[str, Any] = {}
@@ -107,7 +115,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name in CHOICES:
             kw["metavar"] = "{" + ",".join(map(str, CHOICES[f.name])) + "}"
         if f.name == "model":  # read when the parser is built: models registered by then show
-            kw["help"] = f"one of {', '.join(list_models())} (default %(default)s; docs/models.md)"
+            kw["help"] = f"one of {', '.join(_model_names())} (default %(default)s; docs/models.md)"
         g.add_argument(flag, **kw)
         if f.name == "model":
             for name, help_text in MODEL_FLAGS.items():
@@ -194,9 +202,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _train(args: argparse.Namespace, rank: int) -> int:
+    cfg = config_from_args(args)  # bad values are refused before torch is imported
     from prefast.training import train
 
-    cfg = config_from_args(args)
     result = train(cfg)
     if rank != 0:
         return 0

@@ -22,6 +22,8 @@ CODECS = ("none", "lz4", "zstd")
 RECACHE_POLICIES = ("auto", "every", "transitions")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16")
+# The models prefast.models registers (the CLI's --model help names them before torch loads).
+BUILTIN_MODELS = ("densenet_bc", "resnet18", "resnet34", "vgg", "wrn")
 
 # Fields that may differ between a checkpoint's config and the resuming run's (none of them
 # shapes a cached value, so none is in a cache folder's run key either).
@@ -295,6 +297,7 @@ def unused_options(cfg: TrainConfig, device_type: str, distributed: bool) -> lis
 
 
 __all__ = [
+    "BUILTIN_MODELS",
     "CACHE_TIERS",
     "CHOICES",
     "MODES",

@@ -6,6 +6,8 @@ import json
 import logging
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -1140,6 +1142,73 @@ def test_cli_model_help_lists_the_registered_models(byo_cnn, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--model MODEL one of byo_cnn, densenet_bc, resnet18, resnet34, vgg, wrn" in help_text
     assert "resnet18, resnet34: fixed, no --depth" in help_text
+
+
+def test_cli_answers_help_and_usage_errors_without_importing_torch():
+    """--help and a wrong flag take milliseconds, not the seconds torch takes to import, and a
+    Ctrl-C in those seconds of a real run reaches prefast's handler (a clean stop, exit 130)
+    rather than interrupting an import with a traceback."""
+    code = (
+        "import sys\n"
+        "from prefast.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['train', '--bogus'], ['verify', '-h']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--model MODEL" in out.stdout and "unrecognized arguments: --bogus" in out.stderr
+    assert out.stdout.splitlines()[-1] == "[]"
+
+
+def test_builtin_model_names_are_the_registered_builtins():
+    """The CLI names the built-in models from prefast.config.BUILTIN_MODELS without loading
+    the registry; the list must be what prefast.models registers."""
+    from prefast.config import BUILTIN_MODELS
+    from prefast.models import registry
+
+    builtin = {
+        name
+        for name in registry.list_models()
+        if registry._REGISTRY[name].__module__ in {
+            "prefast.models.densenet", "prefast.models.resnet", "prefast.models.vgg",
+            "prefast.models.wrn",
+        }
+    }  # fmt: skip
+    assert sorted(BUILTIN_MODELS) == sorted(builtin) == list(BUILTIN_MODELS)
+
+
+@pytest.mark.parametrize("package", ["prefast", "prefast.data", "prefast.freezeout"])
+def test_lazy_exports_match_the_type_checking_imports(package):
+    """Each lazily exporting package lists its names twice: in the TYPE_CHECKING imports (for
+    mypy) and in the table prefast._lazy imports them from. Both must agree with __all__, and
+    every name must resolve to the object its module defines."""
+    import ast
+    import importlib
+
+    mod = importlib.import_module(package)
+    tree = ast.parse(Path(mod.__file__).read_text())
+    guarded = next(
+        n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+    )
+    typed = {
+        (i.module, a.name) for i in guarded.body if isinstance(i, ast.ImportFrom) for a in i.names
+    }
+    eager = {(i.module, a.name) for i in tree.body if isinstance(i, ast.ImportFrom) for a in i.names
+             if i.module not in ("__future__", "typing", "prefast._lazy")}  # fmt: skip
+    call = next(
+        n for n in ast.walk(guarded) if isinstance(n, ast.Call) and ast.unparse(n.func) == "exports"
+    )
+    table = {(m, name) for m, names in ast.literal_eval(call.args[1]).items() for name in names}
+    assert typed == table
+    assert sorted(name for _, name in typed | eager) == sorted(mod.__all__)
+    for module, name in table:
+        assert getattr(mod, name) is getattr(importlib.import_module(module), name)
+        assert name in dir(mod)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        mod.no_such_name  # noqa: B018
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")

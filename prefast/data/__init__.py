@@ -9,21 +9,47 @@ Every dataset PreFast trains on fits in host memory, so a split is one contiguou
 - ``splits``: :func:`load_dataset` (one split) and :func:`load_data` (a run's splits).
 """
 
-from prefast.data.augment import (
-    FEATURE_AUG_MODES,
-    Augment,
-    AugParams,
-    FeatureAugment,
-    epoch_key,
-    feature_key,
-    make_batch,
-    view_key,
-)
-from prefast.data.images import ImageData
-from prefast.data.readers import DEFAULT_DATA_ROOT, SYSTEM_FASHION_MNIST
-from prefast.data.specs import DATASETS, SHAPES, SPLITS, DatasetSpec, spec_for
-from prefast.data.splits import Datasets, load_data, load_dataset
+from typing import TYPE_CHECKING
+
 from prefast.errors import DataError
+
+if TYPE_CHECKING:
+    from prefast.data.augment import (
+        FEATURE_AUG_MODES,
+        Augment,
+        AugParams,
+        FeatureAugment,
+        epoch_key,
+        feature_key,
+        make_batch,
+        view_key,
+    )
+    from prefast.data.images import ImageData
+    from prefast.data.readers import DEFAULT_DATA_ROOT, SYSTEM_FASHION_MNIST
+    from prefast.data.specs import DATASETS, SHAPES, SPLITS, DatasetSpec, spec_for
+    from prefast.data.splits import Datasets, load_data, load_dataset
+else:  # imported on first use (prefast._lazy): the specs need no torch
+    from prefast._lazy import exports
+
+    __getattr__, __dir__ = exports(
+        __name__,
+        {
+            "prefast.data.augment": (
+                "FEATURE_AUG_MODES",
+                "Augment",
+                "AugParams",
+                "FeatureAugment",
+                "epoch_key",
+                "feature_key",
+                "make_batch",
+                "view_key",
+            ),
+            "prefast.data.images": ("ImageData",),
+            "prefast.data.readers": ("DEFAULT_DATA_ROOT", "SYSTEM_FASHION_MNIST"),
+            "prefast.data.specs": ("DATASETS", "SHAPES", "SPLITS", "DatasetSpec", "spec_for"),
+            "prefast.data.splits": ("Datasets", "load_data", "load_dataset"),
+        },
+    )
 
 __all__ = [
     "DATASETS",
