@@ -6,6 +6,7 @@ import gzip
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -136,6 +137,37 @@ def test_failed_download_raises_data_error(tmp_path: Path, monkeypatch: pytest.M
     # the cause's type and first line, not its repr with escaped newlines
     assert "failed (OSError: network unreachable). " in str(err.value)
     assert "\\n" not in str(err.value) and "HTTP client" not in str(err.value)
+
+
+def test_failed_download_removes_the_empty_folders_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchvision makes ROOT/MNIST/raw before fetching; a failed fetch must not leave that
+    empty tree (nor the --data-root it created), while a folder that existed, or one the
+    download put a file in, stays."""
+    import torchvision.datasets as tvd
+
+    def offline(self: Any) -> None:
+        Path(self.raw_folder).mkdir(parents=True, exist_ok=True)
+        if "keep" in self.raw_folder:
+            (Path(self.raw_folder) / "t10k-images-idx3-ubyte.gz.part").write_bytes(b"x")
+        raise RuntimeError("Error downloading t10k-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tvd.MNIST, "download", offline)
+    root = tmp_path / "new" / "data"
+    with pytest.raises(DataError, match=r"download into .* failed"):
+        load_dataset("mnist", "test", data_root=root, download=True)
+    assert list(tmp_path.iterdir()) == []
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    with pytest.raises(DataError, match=r"download into .* failed"):
+        load_dataset("mnist", "test", data_root=tmp_path / "mine", download=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+    with pytest.raises(DataError, match=r"download into .* failed"):
+        load_dataset("mnist", "test", data_root=tmp_path / "keep", download=True)
+    assert (tmp_path / "keep" / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz.part").is_file()
 
 
 def test_download_then_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@ directly and safely, without torchvision's md5 checks; torchvision only download
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import math
@@ -221,8 +222,20 @@ def _download(name: str, split: str, root: Path) -> None:
         "mnist": tvd.MNIST,
         "fashion-mnist": tvd.FashionMNIST,
     }
+    dataset = classes[name]
+    # The folders this download may make (torchvision puts MNIST-like sets in ROOT/Class/raw);
+    # where it fails, those of them still empty go again: a retry or another --data-root
+    # should not find an empty MNIST/raw it did not ask for.
+    raw = root / dataset.__name__ / "raw"
+    made = [p for p in (*reversed(raw.parents), raw) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
-    classes[name](root=str(root), train=split == "train", download=True)
+    try:
+        dataset(root=str(root), train=split == "train", download=True)
+    except BaseException:
+        for folder in reversed(made):  # deepest first; a folder with a file in it stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def load_real(
