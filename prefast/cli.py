@@ -44,6 +44,14 @@ TRAIN_EXAMPLES = """examples:
   prefast train --dataset cifar10 --data-root ~/data --subset 2000 --t0 0.6 --mode prefast --cache ram
 """
 
+CACHE_EXAMPLES = """examples:
+  # the run folders in a cache folder: size, stores, what produced them, whether a run uses them
+  prefast cache list runs/fmnist/cache
+
+  # delete run folders (prefast's, and not in use); --dry-run says what would go
+  prefast cache remove runs/fmnist/cache/run-* --dry-run
+"""
+
 VERIFY_EXAMPLES = """examples:
   prefast verify runs/fmnist/cache/run-KEY/boundary-003 --checkpoint runs/fmnist/last.pt --samples 16
   prefast verify runs/fmnist/cache/run-KEY/boundary-003 --checkpoint runs/fmnist/last.pt --json
@@ -180,6 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    c = sub.add_parser(
+        "cache",
+        help="list or remove the run folders in a cache folder",
+        description="A run keeps its last store in CACHE_DIR/run-KEY, one folder per set of "
+        "settings: list them, and remove those no longer needed.",
+        epilog=CACHE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cs = c.add_subparsers(dest="cache_command", parser_class=_Parser, required=True)
+    cl = cs.add_parser(
+        "list",
+        help="the run folders: size, stores, what produced them, whether a run is using them",
+    )
+    cl.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a cache folder (or a run-KEY folder in one)"
+    )
+    cl.add_argument("--json", action="store_true", help="print the list as JSON")
+    cr = cs.add_parser(
+        "remove",
+        help="delete run folders that prefast made and no run is using",
+        description="Delete run-KEY folders with their stores. A folder prefast did not make, "
+        "or one a run is using, is refused, and then nothing is removed. A checkpoint whose "
+        "store was removed still resumes: the store is rebuilt.",
+    )
+    cr.add_argument("paths", nargs="+", metavar="RUN_DIR", help="a run-KEY folder")
+    cr.add_argument(
+        "-n", "--dry-run", action="store_true", help="say what would be removed, remove nothing"
+    )
     return p
 
 
@@ -211,6 +247,43 @@ def _train(args: argparse.Namespace, rank: int) -> int:
     _print_summary(result.summary)
     if cfg.metrics:
         print(f"metrics: {cfg.metrics}")
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from prefast.cache import folders
+
+    if args.cache_command == "list":
+        found = [r for path in args.paths for r in folders.list_run_folders(path)]
+        if args.json:
+            print(json.dumps([r.to_dict() for r in found], indent=2))
+            return 0
+        for r in found:
+            state = [] if r.ours else ["not made by prefast"]
+            if r.user is not None:
+                state.append(f"in use by pid {r.user}" if r.user else "in use")
+            when = folders.iso_time(r.modified)[:16].replace("T", " ") + " UTC"
+            print(f"{r.path}  {_mb(r.nbytes)}, last written {when}"
+                  + (f" ({'; '.join(state)})" if state else ""))  # fmt: skip
+            for st in r.stores:
+                done = {True: "complete", False: "incomplete", None: "not a readable store"}
+                print(f"  {st.name}  {_mb(st.nbytes)}  {done[st.complete]}  {st.what}")
+        total = sum(r.nbytes for r in found)
+        print(f"{len(found)} run folder(s), {_mb(total)}")
+        return 0
+    runs = [folders.check_removable(path) for path in args.paths]  # all, before removing any
+    if args.dry_run:
+        for r in runs:
+            print(f"would remove {r.path} ({_mb(r.nbytes)})")
+        return 0
+    for r in runs:
+        left = folders.remove_run_folder(r.path)
+        kept = f"; kept {r.path} for what prefast did not write: {', '.join(left)}" if left else ""
+        print(f"removed {r.path} ({_mb(r.nbytes)}){kept}")
     return 0
 
 
@@ -248,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:  # a bare `prefast`: what it can do, not only what is missing
         parser.print_usage(sys.stderr)
-        parser.error("give a command: train (train a model) or verify (check a cache store)")
+        parser.error(
+            "give a command: train (train a model), verify (check a cache store) or cache "
+            "(list or remove run folders)"
+        )
     if (
         args.command != "train"  # verify: Ctrl-C and SIGTERM act at once, as usual
         or threading.current_thread() is not threading.main_thread()  # handlers: main thread
@@ -290,6 +366,8 @@ def _main(args: argparse.Namespace) -> int:
         with logging_redirect_tqdm():  # log lines above the progress bars, not through them
             if args.command == "verify":
                 return _verify(args)
+            if args.command == "cache":
+                return _cache(args)
             return _train(args, rank)
     except (PrefastError, StoreError) as e:
         # One line, no trace. Exit 1 where the run failed rather than its input: a rank died or

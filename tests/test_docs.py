@@ -427,6 +427,8 @@ def _project_cli(tokens: list[str]) -> tuple[list[str], list[str]] | None:
         tokens = ["python", "-m", "prefast", *tokens[1:]]
     if tokens[:3] in (["python", "-m", "prefast"], ["python", "-m", "store"]):
         if len(tokens) > 3 and re.fullmatch(r"[a-z]+", tokens[3]):
+            if tokens[3] == "cache" and len(tokens) > 4 and tokens[4] in ("list", "remove"):
+                return tokens[:5], tokens[5:]  # prefast cache list|remove
             return tokens[:4], tokens[4:]
         return None
     if len(tokens) > 1 and tokens[0] == "python" and re.fullmatch(r"benchmarks/\w+\.py", tokens[1]):
@@ -453,6 +455,7 @@ def all_help_flags() -> set[str]:
     from store.__main__ import COMMANDS
 
     clis = [["python", "-m", "prefast", c] for c in ("train", "verify")]
+    clis += [["python", "-m", "prefast", "cache", c] for c in ("list", "remove")]
     clis += [["python", "-m", "store", c] for c in COMMANDS]
     clis += [  # the scripts; the package's shared modules (common, study) have no main
         ["python", str(p.relative_to(ROOT))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import pickle
@@ -456,3 +457,120 @@ def test_a_removal_cut_short_leaves_the_owner_record_for_a_later_sweep(tmp_path,
     assert scratch.sweep() == [d]
     assert list(tmp_path.iterdir()) == []
     scratch.remove(tmp_path / "prefast-cache-gone")  # a folder already gone: nothing to do
+
+
+def _run_folder(cache: Path, key: str, stores: dict[str, bool]) -> Path:
+    """A run folder as a run leaves it: the marker, and ``boundary-NNN`` stores (finished or
+    not) with the provenance a run records."""
+    from prefast.cache.identity import RUN_MARKER
+
+    run_dir = cache / f"run-{key}"
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_MARKER).touch()
+    meta = {
+        "model": {"name": "densenet_bc", "depth": 16, "num_classes": 10},
+        "data": {"dataset": "synthetic", "split": "train", "num_samples": 5},
+    }
+    for name, finished in stores.items():
+        w = store.create(run_dir / name, sample_shape=(3,), num_samples=5, meta=meta)
+        if finished:
+            w.write(0, 0, torch.ones(5, 3), torch.zeros(5, dtype=torch.long))
+            w.close()
+        else:
+            w.abort()
+    return run_dir
+
+
+def test_cache_list_describes_each_run_folder(tmp_path, capsys):
+    from prefast.cache.folders import list_run_folders
+
+    cache = tmp_path / "cache"
+    ours = _run_folder(cache, "0123456789ab", {"boundary-004": True, "boundary-007": False})
+    theirs = cache / "run-notours"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_bytes(b"x" * 7)
+    (cache / "notes").mkdir()  # not a run folder: not listed
+    found = {r.path.name: r for r in list_run_folders(cache)}
+    assert sorted(found) == ["run-0123456789ab", "run-notours"]
+    r = found["run-0123456789ab"]
+    assert r.ours and r.user is None
+    assert [(s.name, s.complete) for s in r.stores] == [
+        ("boundary-004", True),
+        ("boundary-007", False),
+    ]
+    assert (
+        r.stores[0].what
+        == "densenet_bc (depth=16; num_classes=10) on synthetic, train split, 5 samples"
+    )
+    assert r.nbytes == sum(f.stat().st_size for f in ours.rglob("*") if f.is_file()) > 0
+    assert not found["run-notours"].ours and found["run-notours"].nbytes == 7
+    assert [r.path for r in list_run_folders(ours)] == [ours]  # a run folder itself
+
+    assert main(["cache", "list", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "run-notours  0.0 MB" in out and "(not made by prefast)" in out
+    assert "  boundary-007  " in out and "  incomplete  densenet_bc" in out
+    assert out.rstrip().endswith("2 run folder(s), " + f"{(r.nbytes + 7) / 1e6:.1f} MB")
+    assert main(["cache", "list", str(cache), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {row["path"]: row["made_by_prefast"] for row in rows} == {
+        str(ours): True,
+        str(theirs): False,
+    }
+
+
+def test_cache_remove_deletes_only_prefasts_run_folders_not_in_use(tmp_path, capsys):
+    import fcntl
+
+    from prefast.cache.identity import LOCK_NAME
+
+    cache = tmp_path / "cache"
+    a = _run_folder(cache, "aaaaaaaaaaaa", {"boundary-004": True})
+    b = _run_folder(cache, "bbbbbbbbbbbb", {"boundary-002": True, "boundary-005": False})
+    (b / ".prefast-trash-123").mkdir()  # what a killed delete leaves
+    (b / ".prefast-probe-1-abc").mkdir()
+    mine = b / "boundary-009"  # a user's folder named like a store, and a user's file
+    mine.mkdir()
+    (mine / "thesis.tex").write_bytes(b"irreplaceable")
+    outside = _run_folder(tmp_path / "elsewhere", "cccccccccccc", {"boundary-001": True})
+    (b / "boundary-010").symlink_to(outside / "boundary-001")  # not followed
+    theirs = cache / "run-dddddddddddd"  # no marker: not prefast's
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("theirs")
+
+    # refused, and then nothing is removed, not even the removable folders named before
+    for bad, needle in [
+        (theirs, "not made by prefast"),
+        (cache, "not a run folder"),
+        (tmp_path / "missing", "no such folder"),
+        (mine, "not a run folder"),
+    ]:
+        assert main(["cache", "remove", str(a), str(bad)]) == 2
+        assert needle in capsys.readouterr().err
+        assert store.open(a / "boundary-004").complete
+    held = os.open(a / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(held, b"4242\n", 0)
+        assert main(["cache", "remove", str(a)]) == 2
+        assert "a prefast run is using it (pid 4242)" in capsys.readouterr().err
+        assert main(["cache", "list", str(a)]) == 0
+        assert "(in use by pid 4242)" in capsys.readouterr().out
+    finally:
+        os.close(held)
+    assert store.open(a / "boundary-004").complete
+
+    assert main(["cache", "remove", "--dry-run", str(a), str(b)]) == 0
+    assert "would remove" in capsys.readouterr().out and a.is_dir() and b.is_dir()
+    assert main(["cache", "remove", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"removed {a} (" in out
+        and f"kept {b} for what prefast did not write: boundary-009, boundary-010" in out
+    )
+    assert not a.exists()
+    # what is not prefast's stays, and with it the folder, still marked as a run folder
+    names = sorted(p.name for p in b.iterdir())
+    assert names == [".prefast-lock", ".prefast-run", "boundary-009", "boundary-010"]
+    assert (mine / "thesis.tex").read_bytes() == b"irreplaceable"
+    assert store.open(outside / "boundary-001").complete and (theirs / "keep.txt").is_file()

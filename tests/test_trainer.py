@@ -416,8 +416,9 @@ def test_the_planner_probes_only_the_tiers_a_cache_can_go_to(
     assert lim["max_samples"] == r.summary["train_samples"]
     if tier == "ram":
         assert lim["seconds"] == M.STEADY_SECONDS
-    else:
-        assert 0 < lim["seconds"] < 0.1
+    else:  # the share, not the steady limit: a few seconds' run is ~0.05 s (more on a loaded
+        # machine, which once gave 0.1 s and more; never near the 1 s of the steady limit)
+        assert 0 < lim["seconds"] < M.STEADY_SECONDS / 2
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -899,9 +900,9 @@ def test_a_bare_prefast_names_its_commands(capsys):
         main([])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: prefast") and "{train,verify}" in err
-    assert err.strip().endswith("prefast: error: give a command: train (train a model) or verify "
-                                "(check a cache store)")  # fmt: skip
+    assert err.startswith("usage: prefast") and "{train,verify,cache}" in err
+    assert err.strip().endswith("prefast: error: give a command: train (train a model), verify "
+                                "(check a cache store) or cache (list or remove run folders)")  # fmt: skip
 
 
 def test_a_stopped_run_names_the_stores_it_leaves_in_its_cache_folder(
@@ -932,7 +933,7 @@ def test_a_stopped_run_names_the_stores_it_leaves_in_its_cache_folder(
     assert head == f"{run_dir} keeps {len(names)}" and float(rest.split(" MB")[0]) > 0
     assert rest.split(" MB ")[1] == (
         f"({', '.join(names)}): --resume reuses a complete one, the next start removes an "
-        "unfinished one; delete the folder to free the space"
+        f"unfinished one; 'prefast cache remove {run_dir}' frees the space"
     )
 
 

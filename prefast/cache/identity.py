@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 STORE_PREFIX = "boundary-"
 TRASH_PREFIX = ".prefast-trash-"  # a store being deleted; what a kill leaves is cleared later
+RUN_PREFIX = "run-"  # CACHE_DIR/run-KEY: one folder per set of settings
+RUN_MARKER = ".prefast-run"  # written into every run folder this package creates
+LOCK_NAME = ".prefast-lock"  # flock-ed by the run using its run folder
 
 
 def update_digest(h: Any, items: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -138,7 +141,10 @@ def open_matching(path: Path | str, fp: str) -> store.ActivationStore | None:
 
 
 __all__ = [
+    "LOCK_NAME",
     "PROVENANCE_KEYS",
+    "RUN_MARKER",
+    "RUN_PREFIX",
     "STORE_PREFIX",
     "check_cache_dir",
     "fingerprint",

@@ -39,6 +39,9 @@ import store
 from prefast.cache.ahead import AheadStore
 from prefast.cache.build import Cache, PassSpec, build_cache, frozen_forward
 from prefast.cache.identity import (
+    LOCK_NAME,
+    RUN_MARKER,
+    RUN_PREFIX,
     STORE_PREFIX,
     TRASH_PREFIX,
     check_cache_dir,
@@ -81,9 +84,6 @@ log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x, y, sample ids (host int64)
 
-RUN_PREFIX = "run-"
-RUN_MARKER = ".prefast-run"  # written into every run folder this package creates
-LOCK_NAME = ".prefast-lock"
 # A tier probe (its writes, then its reads) runs for at most this share of the time the run
 # has left when it is planned (predicted with no new cache), and at most STEADY_SECONDS.
 PROBE_SHARE = 0.01
@@ -1152,11 +1152,12 @@ def _say_what_stays(run_dir: Path) -> None:
             size = sum(f.stat().st_size for p in stores for f in p.rglob("*") if f.is_file())
             log.warning(
                 "%s keeps %d store(s), %.1f MB (%s): --resume reuses a complete one, the next "
-                "start removes an unfinished one; delete the folder to free the space",
+                "start removes an unfinished one; 'prefast cache remove %s' frees the space",
                 run_dir,
                 len(stores),
                 size / 1e6,
                 ", ".join(p.name for p in stores),
+                run_dir,
             )
 
 

@@ -90,14 +90,16 @@ def format_summary(d: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _model(m: dict[str, Any]) -> str:
+def describe_model(m: dict[str, Any]) -> str:
+    """``meta.model`` in one line: ``densenet_bc (depth=16, ...; num_classes=10, ...)``."""
     common = ("num_classes", "in_channels", "image_size")
     args = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name" and k not in common)
     io = ", ".join(f"{k}={m[k]}" for k in common if k in m)
     return f"{m.get('name', '?')} ({args}{'; ' if args and io else ''}{io})"
 
 
-def _dataset(d: dict[str, Any]) -> str:
+def describe_dataset(d: dict[str, Any]) -> str:
+    """``meta.dataset`` in one line: the dataset, split, samples and augmentation."""
     parts = [str(d.get("dataset", "?"))]
     if d.get("synthetic_shape"):
         parts[0] += f" ({d['synthetic_shape']}-shaped)"
@@ -124,7 +126,7 @@ def provenance_rows(meta: dict[str, Any]) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     model = m.pop("model", None)
     if isinstance(model, dict):
-        rows.append(("meta.model", _model(model)))
+        rows.append(("meta.model", describe_model(model)))
     elif model is not None:
         rows.append(("meta.model", model))
     if "boundary" in m:
@@ -133,7 +135,7 @@ def provenance_rows(meta: dict[str, Any]) -> list[tuple[str, Any]]:
         rows.append(("meta.boundary", f"{b} (after unit {unit})" if unit else b))
     data = m.pop("data", None)
     if isinstance(data, dict):
-        rows.append(("meta.dataset", _dataset(data)))
+        rows.append(("meta.dataset", describe_dataset(data)))
         if "seed" in data:
             rows.append(("meta.seed", data["seed"]))
     elif data is not None:
@@ -189,4 +191,11 @@ def open_complete(path: str) -> ActivationStore:
     return s
 
 
-__all__ = ["format_summary", "open_complete", "provenance_rows", "summary"]
+__all__ = [
+    "describe_dataset",
+    "describe_model",
+    "format_summary",
+    "open_complete",
+    "provenance_rows",
+    "summary",
+]

@@ -1,0 +1,220 @@
+"""What cache folders hold, and removing run folders (``prefast cache list`` and ``remove``).
+
+A run keeps its last store in ``CACHE_DIR/run-KEY`` (one run folder per set of settings), so
+a sweep over settings leaves one folder per point. ``list_run_folders`` describes them (size,
+stores, what produced them, whether a run is using them); ``remove_run_folder`` deletes one,
+and only one that prefast made (it carries the run marker) and no run is using (its lock is
+free, and stays taken while the folder goes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import store
+from prefast.cache.identity import (
+    LOCK_NAME,
+    RUN_MARKER,
+    RUN_PREFIX,
+    STORE_PREFIX,
+    TRASH_PREFIX,
+    delete_store,
+)
+from prefast.cache.probes import PROBE_PREFIX
+from prefast.errors import CacheError
+from store import location
+from store.tools.inspect import describe_dataset, describe_model
+
+
+@dataclass
+class StoreEntry:
+    """One ``boundary-NNN`` store of a run folder."""
+
+    name: str
+    nbytes: int
+    complete: bool | None  # None: not readable as a store
+    what: str  # the model and data that produced it, or why it does not open
+
+
+@dataclass
+class RunFolder:
+    """One ``run-KEY`` folder."""
+
+    path: Path
+    nbytes: int
+    modified: float  # the newest modification time in it (seconds since the epoch)
+    ours: bool  # carries the run marker: prefast made it, and ``remove`` may delete it
+    user: int | None  # the pid of the run using it (0: in use, pid unknown); None: free
+    stores: list[StoreEntry] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": os.fspath(self.path),
+            "bytes": self.nbytes,
+            "modified": iso_time(self.modified),
+            "made_by_prefast": self.ours,
+            "in_use_by_pid": self.user,
+            "stores": [
+                {"name": s.name, "bytes": s.nbytes, "complete": s.complete, "what": s.what}
+                for s in self.stores
+            ],
+        }
+
+
+def iso_time(t: float) -> str:
+    """A modification time as an ISO date and time in UTC."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def _size_and_mtime(path: Path) -> tuple[int, float]:
+    """Bytes of the files under ``path`` and their newest mtime (symlinks not followed)."""
+    total, newest = 0, path.lstat().st_mtime
+    for top, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(top, name))
+                newest = max(newest, st.st_mtime)
+                if name in files:
+                    total += st.st_size
+    return total, newest
+
+
+def _user(run_dir: Path) -> int | None:
+    """The pid of the run holding ``run_dir``'s lock (0 where it does not say), None if free."""
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            with contextlib.suppress(OSError, ValueError):
+                return int(os.pread(fd, 32, 0).decode().strip())
+            return 0
+        return None  # the shared lock is dropped with the descriptor
+    finally:
+        os.close(fd)
+
+
+def _store_entry(path: Path) -> StoreEntry:
+    nbytes, _ = _size_and_mtime(path)
+    try:
+        s = store.open(path, partial=True)
+    except store.StoreError as e:
+        return StoreEntry(path.name, nbytes, None, f"not readable: {' '.join(str(e).split())}")
+    meta = s.meta
+    what = describe_model(meta["model"]) if isinstance(meta.get("model"), dict) else "?"
+    if isinstance(meta.get("data"), dict):
+        what += " on " + describe_dataset(meta["data"])
+    return StoreEntry(path.name, nbytes, s.complete, what)
+
+
+def describe_run_folder(run_dir: Path) -> RunFolder:
+    """Size, stores and state of one run folder."""
+    nbytes, modified = _size_and_mtime(run_dir)
+    stores = [
+        _store_entry(p)
+        for p in sorted(run_dir.iterdir())
+        if p.name.startswith(STORE_PREFIX) and p.is_dir() and not p.is_symlink()
+    ]
+    return RunFolder(
+        run_dir, nbytes, modified, (run_dir / RUN_MARKER).is_file(), _user(run_dir), stores
+    )
+
+
+def _is_run_folder(path: Path) -> bool:
+    return path.name.startswith(RUN_PREFIX) and path.is_dir() and not path.is_symlink()
+
+
+def _local_folder(path: str | Path, what: str) -> Path:
+    local = location.as_local(path)
+    if local is None:
+        raise CacheError(f"{path}: prefast cache {what} works on local folders only")
+    if not local.is_dir():
+        raise CacheError(f"{path}: no such folder")
+    return local
+
+
+def list_run_folders(path: str | Path) -> list[RunFolder]:
+    """The run folders in cache folder ``path`` (``path`` itself where it is one), newest
+    first."""
+    local = _local_folder(path, "list")
+    found = [local] if _is_run_folder(local) else [p for p in local.iterdir() if _is_run_folder(p)]
+    return sorted((describe_run_folder(p) for p in found), key=lambda r: r.modified, reverse=True)
+
+
+def check_removable(path: str | Path) -> RunFolder:
+    """The run folder at ``path``, where ``remove_run_folder`` may delete it; else CacheError
+    saying why (not a run folder, not made by prefast, in use)."""
+    local = _local_folder(path, "remove")
+    if not _is_run_folder(local):
+        raise CacheError(
+            f"{path}: not a run folder (a {RUN_PREFIX}KEY folder of a cache folder; "
+            "'prefast cache list CACHE_DIR' lists them)"
+        )
+    info = describe_run_folder(local)
+    if not info.ours:
+        raise CacheError(f"{path}: not made by prefast (no {RUN_MARKER} in it); left as it is")
+    if info.user is not None:
+        pid = f" (pid {info.user})" if info.user else ""
+        raise CacheError(f"{path}: a prefast run is using it{pid}; wait for it to finish")
+    return info
+
+
+def remove_run_folder(path: str | Path) -> list[str]:
+    """Delete the run folder at ``path`` (see ``check_removable``), holding its lock meanwhile
+    so that no run starts in it. Its stores go first, each renamed into the folder's trash
+    before it is deleted (a kill leaves trash that a later start or remove clears), then the
+    marker and the lock. Anything else in it (a file prefast did not write) stays, with the
+    folder; the names left are returned."""
+    info = check_removable(path)
+    run_dir = info.path
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CacheError(f"{path}: a prefast run started using it; left as it is") from None
+            raise
+        for child in sorted(run_dir.iterdir()):
+            if child.is_symlink() or not child.is_dir():
+                continue
+            if child.name.startswith(STORE_PREFIX) and location.is_activation_store(child):
+                delete_store(child)  # renamed into the trash first
+            elif child.name.startswith((TRASH_PREFIX, PROBE_PREFIX)):
+                shutil.rmtree(child)
+        left = sorted(p.name for p in run_dir.iterdir() if p.name not in (RUN_MARKER, LOCK_NAME))
+        if not left:
+            (run_dir / RUN_MARKER).unlink()
+            (run_dir / LOCK_NAME).unlink()
+    finally:
+        os.close(fd)
+    if not left:
+        try:
+            run_dir.rmdir()
+        except OSError:  # a run started in it after the lock went
+            left = sorted(p.name for p in run_dir.iterdir())
+    return left
+
+
+__all__ = [
+    "RunFolder",
+    "StoreEntry",
+    "check_removable",
+    "describe_run_folder",
+    "iso_time",
+    "list_run_folders",
+    "remove_run_folder",
+]
