@@ -8,12 +8,13 @@
   This is an exact, uniform global shuffle and the same order the image loader uses, so
   swapping tiers changes no batch.
 * ``ChunkStreamSampling`` (compressed or remote stores, where a per-sample read decodes a whole
-  chunk): each epoch visits the chunks in a permuted order (rank ``r`` takes every
-  ``world_size``-th of them), decodes them on ``read_workers`` threads, keeps a window of
-  ``buffer_chunks`` decoded chunks and shuffles samples across that window. The view is drawn
-  **per chunk** per epoch (all samples of a chunk read the same view in an epoch), and the
-  order is quasi-random rather than the exact permutation. Each sample is still read exactly
-  once per epoch (per rank; ranks are cut to equal length).
+  chunk): each epoch visits the chunks in a permuted order (rank ``r`` takes the ``r``-th run
+  of ``N // world_size`` of their samples, so neighbours may share a chunk), decodes them on
+  ``read_workers`` threads, keeps a window of ``buffer_chunks`` decoded chunks and shuffles
+  samples across that window. The view is drawn **per chunk** per epoch (all samples of a
+  chunk read the same view in an epoch), and the order is quasi-random rather than the exact
+  permutation. Each sample is still read exactly once per epoch (per rank; ranks are cut to
+  equal length).
 
 A policy yields ``Batch``es: a size and a ``fill(out)`` that gathers the batch into ``out`` and
 returns its sample ids; the policy's ``fill_group`` fills several consecutive batches into one
