@@ -875,6 +875,22 @@ def test_a_requested_stop_stops_the_run_before_its_next_step(tmp_path, monkeypat
     assert not (tmp_path / "last.pt").exists()
 
 
+def test_a_stop_requested_from_python_ends_with_its_run(tmp_path):
+    """A notebook stops a run with request_stop(), then runs the cell again: the request was
+    the first run's, and the second trains."""
+    from prefast import interrupt
+
+    cfg = tiny(mode="prefast", cache="zarr", cache_dir=str(tmp_path / "c"), epochs=1)
+    try:
+        interrupt.request_stop()
+        with pytest.raises(interrupt.Stopped):
+            train(cfg)
+        assert interrupt.requested() is None
+        assert len(train(cfg).losses) == 6
+    finally:
+        interrupt.clear()
+
+
 def test_the_stop_line_offers_resume_only_where_a_checkpoint_exists(tmp_path, monkeypatch, capsys):
     import signal
 

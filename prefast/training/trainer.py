@@ -115,11 +115,14 @@ class Trainer:
 
     def _close(self, failed: bool) -> None:
         """Release what the run holds: the cache (the run folder's lock, a temporary folder)
-        and the process group (a process that exits without destroying it may abort)."""
+        and the process group (a process that exits without destroying it may abort). A stop
+        requested with ``interrupt.request_stop`` was this run's: forgotten, so that the next
+        ``train`` in the process (a notebook's re-run) does not stop at its first step."""
         try:
             if self.cache is not None:
                 self.cache.close(failed)
         finally:
+            interrupt.clear()
             self.dist.shutdown()
 
     def _set_up(self, cfg: TrainConfig) -> None:
