@@ -238,6 +238,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise ConfigError(f"{cli_flag(name)}: must be a path, got {value!r}")
+            if isinstance(value, os.PathLike):
+                # kept as a str: the config goes into JSON (--metrics) and checkpoints, which
+                # --resume loads with weights_only=True (a pathlib.Path is refused there)
+                object.__setattr__(self, name, os.fspath(value))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -959,6 +959,17 @@ def test_a_config_path_that_is_not_a_path_is_refused():
     tiny(cache_dir=Path("c"), checkpoint_dir="k")  # a str or a Path: fine
 
 
+def test_paths_given_as_path_objects_write_metrics_and_resume(tmp_path):
+    """A notebook passes pathlib.Paths: the metrics' config is JSON, and --resume loads the
+    checkpoint it wrote (weights_only refuses a pickled Path)."""
+    cfg = tiny(mode="freezeout", epochs=1, checkpoint_dir=tmp_path, metrics=tmp_path / "m.jsonl")
+    assert cfg.checkpoint_dir == str(tmp_path) and cfg.metrics == str(tmp_path / "m.jsonl")
+    first = train(cfg)
+    again = train(cfg.replace(resume=True))  # finished: reports the same summary
+    assert again.summary["final_test_error"] == first.summary["final_test_error"]
+    assert json.loads((tmp_path / "m.config.json").read_text())["checkpoint_dir"] == str(tmp_path)
+
+
 def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
     """Another model, or other settings, in the same --cache-dir: each run keeps its stores in
     its own run folder, and neither replaces the other's."""
