@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefast.data.specs import DATASETS, SHAPES, spec_for
-from prefast.errors import ConfigError, check_choice, check_int, check_number
+from prefast.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from prefast.freezeout.schedule import MODES, SCALES
 
 CACHE_TIERS = ("auto", "device", "ram", "zarr")
@@ -219,6 +219,9 @@ class TrainConfig:
         for name in ("num_samples", "subset", "cache_batch_size"):
             if getattr(self, name) is not None:
                 check_int(cli_flag(name), getattr(self, name))
+        for f in dataclasses.fields(self):
+            if f.type == "bool":  # a str such as "no" would be truthy: augment="no" augmented
+                check_bool(f.name, getattr(self, f.name))
         check_int("--val-size", self.val_size, minimum=0)
         check_int("--seed", self.seed, minimum=0)
         check_number("--dist-timeout", self.dist_timeout, 0.0, low_open=True)

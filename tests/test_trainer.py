@@ -959,6 +959,14 @@ def test_a_config_path_that_is_not_a_path_is_refused():
     tiny(cache_dir=Path("c"), checkpoint_dir="k")  # a str or a Path: fine
 
 
+@pytest.mark.parametrize("field", ["augment", "progress", "download", "keep_freed_memory"])
+def test_a_switch_that_is_not_a_bool_is_refused(field):
+    # from Python a switch is a field: "no" or 0 must not pass for False (a str is truthy)
+    with pytest.raises(ConfigError, match=f"^{field}: must be True or False, got 'no'$"):
+        tiny(**{field: "no"})
+    assert getattr(tiny(**{field: False}), field) is False
+
+
 def test_paths_given_as_path_objects_write_metrics_and_resume(tmp_path):
     """A notebook passes pathlib.Paths: the metrics' config is JSON, and --resume loads the
     checkpoint it wrote (weights_only refuses a pickled Path)."""
