@@ -56,6 +56,30 @@ def test_unit_sgd_equals_torch_sgd_with_per_unit_learning_rates(nesterov):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_unit_sgd_leaves_parameters_the_model_fixed_alone():
+    """A model of one's own may fix some parameters (requires_grad=False), in a unit or in the
+    head: they get no gradient, and the step updates the others instead of refusing."""
+    from torch import nn
+
+    from prefast.models import from_sequential
+
+    torch.manual_seed(0)
+    unit = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    unit[0].bias.requires_grad_(False)
+    head[2].weight.requires_grad_(False)
+    m = from_sequential([unit], head)
+    fixed = [unit[0].bias.clone(), head[2].weight.clone()]
+    trained = [unit[0].weight.clone(), head[2].bias.clone()]
+    sched = FreezeSchedule(ScheduleConfig(mode="freezeout", t0=0.5), m.num_units, 10)
+    opt = UnitSGD(m, sched, range(m.num_units), momentum=0.9, nesterov=True, weight_decay=1e-4)
+    F.cross_entropy(m(torch.randn(2, 3, 8, 8)), torch.tensor([1, 2])).backward()
+    opt.step(torch.zeros((), dtype=torch.int64))
+    assert torch.equal(unit[0].bias, fixed[0]) and torch.equal(head[2].weight, fixed[1])
+    assert not torch.equal(unit[0].weight, trained[0])
+    assert not torch.equal(head[2].bias, trained[1])
+
+
 def test_unit_sgd_drops_frozen_units_and_round_trips_its_state():
     m = _model()
     sched = FreezeSchedule(ScheduleConfig(), m.num_units, 10)

@@ -48,9 +48,11 @@ class UnitSGD:
         head = model.num_units
         modules = {i: model.units[i] for i in units}
         modules[head] = model.head
-        # unit index -> its parameters (units without parameters are left out)
+        # unit index -> its trainable parameters (units without any are left out); one the
+        # model's author fixed (requires_grad=False) gets no gradient and stays as it is, as
+        # torch's optimizers leave it
         self.groups: dict[int, list[torch.nn.Parameter]] = {
-            i: list(m.parameters()) for i, m in sorted(modules.items())
+            i: [p for p in m.parameters() if p.requires_grad] for i, m in sorted(modules.items())
         }
         self.groups = {i: ps for i, ps in self.groups.items() if ps}
         self.buffers: dict[int, list[torch.Tensor]] = {
