@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 import store
-from prefast import CacheError, CheckpointError, ConfigError, TrainConfig, train
+from prefast import CacheError, CheckpointError, ConfigError, ModelError, TrainConfig, train
 from prefast.cache.plan import CostModel, plan_boundaries, plan_boundary
 from prefast.cli import main
 from prefast.models import UnitModel, from_sequential, register_model, unregister_model
@@ -1094,6 +1095,36 @@ def test_a_model_of_your_own_trains_in_freezeout_and_prefast(byo_cnn, tmp_path):
     assert store.open(got.summary["cache_path"]).meta["model"] == got.model.config
     assert len(got.losses) == 6
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
+
+
+def _fixed_cnn(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
+               classes: int = 10, channels: int = 3):  # fmt: skip
+    """A factory that ignores num_classes and in_channels, as a hurried notebook's may."""
+    unit = nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU())
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes))
+    return from_sequential([unit], head, config={"name": "fixed_cnn", "classes": classes,
+                                                "channels": channels})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ({"classes": 100}, "its output for one synthetic image is (1, 100), not logits of shape "
+                           "(1, 10) for the dataset's 10 classes; does its factory build for "
+                           "in_channels=3, image_size=32 and num_classes=10?"),
+        ({"classes": 5}, "is (1, 5), not logits of shape (1, 10)"),
+        ({"channels": 1}, "does not run on synthetic's 3x32x32 images (Given groups=1"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("mode", ["freezeout", "prefast"])
+def test_a_model_that_does_not_fit_the_data_is_refused_before_training(args, needle, mode):
+    register_model("fixed_cnn")(_fixed_cnn)
+    try:
+        with pytest.raises(ModelError, match=re.escape(needle)) as e:
+            train(tiny(model="fixed_cnn", model_args=args, mode=mode, epochs=1))
+        assert str(e.value).startswith("model 'fixed_cnn'")
+    finally:
+        unregister_model("fixed_cnn")
 
 
 # ResNet-18 costs ~100x densenet-16 per sample (0.45 GMAC at 28x28): on this CPU a step of 16

@@ -43,7 +43,7 @@ from prefast.data import (
     make_batch,
 )
 from prefast.distributed import DistContext
-from prefast.errors import CheckpointError, ConfigError, DistributedError
+from prefast.errors import CheckpointError, ConfigError, DistributedError, ModelError
 from prefast.freezeout import (
     FreezeSchedule,
     ScheduleConfig,
@@ -86,6 +86,35 @@ def build_model(cfg: TrainConfig, spec: DatasetSpec) -> UnitModel:
         image_size=spec.image_size,
         **cfg.model_args,
     )
+
+
+def check_model_fits(model: UnitModel, name: str, spec: DatasetSpec) -> None:
+    """Raise ``ModelError`` unless ``model`` maps one of the dataset's images to
+    ``(1, num_classes)`` logits: a factory that ignores ``in_channels`` or ``image_size`` fails
+    here with one line instead of in the first step, and one that ignores ``num_classes``
+    (more logits than classes trained silently; fewer failed with a bare IndexError)."""
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    hint = (
+        f"does its factory build for in_channels={spec.channels}, "
+        f"image_size={spec.image_size} and num_classes={spec.num_classes}?"
+    )
+    try:
+        with model._probe():  # eval mode, no_grad, one zero image; training flags restored
+            out = model(model._dummy(shape))
+    except torch.cuda.OutOfMemoryError:  # a RuntimeError too, not the model's fault
+        raise
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise ModelError(
+            f"model {name!r} does not run on {spec.name}'s {'x'.join(map(str, shape))} images "
+            f"({msg}); {hint}"
+        ) from e
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (1, spec.num_classes):
+        raise ModelError(
+            f"model {name!r}: its output for one {spec.name} image is {got}, not logits of "
+            f"shape (1, {spec.num_classes}) for the dataset's {spec.num_classes} classes; {hint}"
+        )
 
 
 @dataclass
@@ -137,6 +166,7 @@ class Trainer:
         self.progress = cfg.progress and self.dist.is_main
         self.data = load_data(cfg)
         self.model = build_model(cfg, self.data.train.spec).to(self.device)
+        check_model_fits(self.model, cfg.model, self.data.train.spec)
         if cfg.sync_bn and self.dist.enabled:
             if self.device.type != "cuda":
                 raise ConfigError("--sync-bn: needs CUDA (SyncBatchNorm does not run on the CPU)")
@@ -671,4 +701,4 @@ def _flags(fields: list[str], saved_args: dict[str, Any], args: dict[str, Any]) 
     return out
 
 
-__all__ = ["TrainResult", "Trainer", "build_model", "train"]
+__all__ = ["TrainResult", "Trainer", "build_model", "check_model_fits", "train"]
