@@ -1127,6 +1127,24 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_training(args, nee
         unregister_model("fixed_cnn")
 
 
+def test_a_head_without_trainable_parameters_is_refused_before_training():
+    """The head trains alone after the last freeze: one with nothing to train failed there,
+    near the end of the run, with torch's 'does not require grad'."""
+
+    def factory(*, num_classes: int, in_channels: int = 3, image_size: int = 32):
+        units = [nn.Conv2d(in_channels, 4, 3, padding=1), nn.Conv2d(4, num_classes, 1)]
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return from_sequential(units, head, config={"name": "headless"})
+
+    register_model("headless")(factory)
+    try:
+        with pytest.raises(ModelError, match=r"^model 'headless': its head has no trainable "):
+            train(tiny(model="headless", model_args={}, mode="freezeout", epochs=1))
+        assert train(tiny(model="headless", model_args={}, mode="full", epochs=1)).losses
+    finally:
+        unregister_model("headless")
+
+
 # ResNet-18 costs ~100x densenet-16 per sample (0.45 GMAC at 28x28): on this CPU a step of 16
 # took ~2 s and evaluating the 256 synthetic test images ~5 s. So: MNIST-shaped inputs, 32
 # training images in batches of 8 (still 8 iterations, the freeze pattern below), 32 test images.

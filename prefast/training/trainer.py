@@ -167,6 +167,14 @@ class Trainer:
         self.data = load_data(cfg)
         self.model = build_model(cfg, self.data.train.spec).to(self.device)
         check_model_fits(self.model, cfg.model, self.data.train.spec)
+        if cfg.mode != "full" and not any(p.requires_grad for p in self.model.head.parameters()):
+            # every unit freezes before the run ends; the steps after the last freeze would
+            # have nothing to train (the backward failed there, near the end of the run)
+            raise ModelError(
+                f"model {cfg.model!r}: its head has no trainable parameters; the head trains "
+                f"alone once every unit has frozen (--mode {cfg.mode}): give it one, e.g. the "
+                "classifier's Linear"
+            )
         if cfg.sync_bn and self.dist.enabled:
             if self.device.type != "cuda":
                 raise ConfigError("--sync-bn: needs CUDA (SyncBatchNorm does not run on the CPU)")
