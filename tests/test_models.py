@@ -485,6 +485,24 @@ def test_from_sequential_refuses_shared_parameters() -> None:
         from_sequential(units, tied)
 
 
+def test_a_unit_that_returns_a_tuple_is_named_where_a_cache_needs_a_tensor() -> None:
+    """The boundary shapes (what a cache allocates) need one tensor per unit: a unit returning
+    a tuple is a ModelError naming it, not an AttributeError from inside the probe."""
+
+    class Both(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x
+
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10))
+    m = from_sequential([nn.Conv2d(3, 3, 1), Both()], head, unit_names=["conv", "both"])
+    needle = "unit 1 (both) returns a tuple, not a tensor: PreFast caches the activation"
+    with pytest.raises(ModelError, match=re.escape(needle)):
+        m.boundary_shapes(CIFAR)
+    with pytest.raises(ModelError, match=re.escape(needle)):
+        m.boundary_shape(2, CIFAR)
+    assert m.boundary_shape(1, CIFAR) == CIFAR
+
+
 def test_register_and_unregister_a_custom_model() -> None:
     def tiny(*, num_classes: int, in_channels: int = 1, image_size: int = 28) -> UnitModel:
         units, head = _seq_parts()

@@ -125,8 +125,20 @@ class UnitModel(nn.Module):
         if b == 0:
             return tuple(int(s) for s in input_shape)
         with self._probe():
-            h = self.forward_range(self._dummy(input_shape), 0, b)  # (1, C, H, W)
+            h = self._dummy(input_shape)
+            for i in range(b):
+                h = self._tensor_out(i, self.units[i](h))  # (1, C, H, W)
         return tuple(h.shape[1:])
+
+    def _tensor_out(self, i: int, h: object) -> torch.Tensor:
+        """``h``, unit ``i``'s output, if it is a tensor (what a cache stores), else raise."""
+        if not isinstance(h, torch.Tensor):
+            raise ModelError(
+                f"unit {i} ({self.unit_names[i]}) returns a {type(h).__name__}, not a tensor: "
+                "PreFast caches the activation after a unit, so each unit must return one "
+                "tensor (--mode freezeout and --mode full do not cache)"
+            )
+        return h
 
     def boundary_shapes(self, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
         """Per-sample shape after ``units[0:b]`` for every ``b = 1 .. num_units``, from one
@@ -134,8 +146,8 @@ class UnitModel(nn.Module):
         shapes = []
         with self._probe():
             h = self._dummy(input_shape)
-            for u in self.units:
-                h = u(h)
+            for i, u in enumerate(self.units):
+                h = self._tensor_out(i, u(h))
                 shapes.append(tuple(h.shape[1:]))
         return shapes
 
