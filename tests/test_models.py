@@ -282,6 +282,28 @@ def test_register_model_rejects_duplicate_names() -> None:
     assert register_model("densenet_bc")(densenet_bc) is densenet_bc  # re-registering is fine
 
 
+def test_register_model_checks_its_name_and_the_factorys_arguments() -> None:
+    """Refused at registration, with the fix: a name that is not a str (an int left the
+    registry unable to list itself; @register_model without ("name") registered nothing),
+    and a factory that cannot take the arguments every run passes (a bare TypeError later)."""
+
+    def wrong(num_classes: int, channels: int, size: int) -> UnitModel:
+        raise AssertionError("never called")
+
+    with pytest.raises(ModelError, match=r'got 3; write @register_model\("my_net"\)'):
+        register_model(3)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="must be a non-empty string, got <function"):
+        register_model(wrong)  # type: ignore[arg-type]
+    needle = (
+        "register_model('wrong'): the factory must take the keyword arguments num_classes, "
+        "in_channels, image_size (a run passes them from the dataset); wrong lacks "
+        "in_channels, image_size"
+    )
+    with pytest.raises(ModelError, match=re.escape(needle)):
+        register_model("wrong")(wrong)
+    assert "wrong" not in list_models() and all(isinstance(n, str) for n in list_models())
+
+
 def test_unit_model_validates_its_parts() -> None:
     units = [nn.Identity(), nn.Identity()]
     with pytest.raises(ValueError, match="unit_names"):

@@ -29,15 +29,45 @@ _COMMON = ("num_classes", "in_channels", "image_size")
 
 
 def register_model(name: str) -> Callable[[F], F]:
-    """Decorator registering a factory under ``name``; the name must be new."""
+    """Decorator registering a factory under ``name``; the name must be new, and the factory
+    must take the keyword arguments ``num_classes``, ``in_channels`` and ``image_size``."""
+    if not isinstance(name, str) or not name:
+        # e.g. @register_model without its ("name"): the factory itself arrives as the name
+        raise ModelError(
+            f"register_model: the name must be a non-empty string, got {name!r}; write "
+            '@register_model("my_net") above the factory'
+        )
 
     def decorator(factory: F) -> F:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ModelError(f"model name {name!r} is already registered")
+        missing = _missing_common(factory)
+        if missing:
+            raise ModelError(
+                f"register_model({name!r}): the factory must take the keyword arguments "
+                f"{', '.join(_COMMON)} (a run passes them from the dataset); "
+                f"{getattr(factory, '__name__', 'it')} lacks {', '.join(missing)}"
+            )
         _REGISTRY[name] = factory
         return factory
 
     return decorator
+
+
+def _missing_common(factory: Factory) -> list[str]:
+    """The arguments of ``_COMMON`` that ``factory`` cannot take by keyword."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): trust it
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return []
+    keywords = {
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return [c for c in _COMMON if c not in keywords]
 
 
 def unregister_model(name: str) -> None:
