@@ -543,6 +543,31 @@ def test_register_and_unregister_a_custom_model() -> None:
         unregister_model("tiny_byo")
 
 
+def test_a_factory_that_takes_any_keyword_gets_the_model_arguments() -> None:
+    """``def factory(**kw)`` takes any argument: create_model passed none of model_args and
+    said "accepted: kw", the name of the catch-all."""
+
+    def any_args(*, num_classes: int, **kw: Any) -> UnitModel:
+        units, head = _seq_parts()
+        return from_sequential(units, head, config={"name": "any_byo", **kw})
+
+    def fixed(*, num_classes: int, in_channels: int, image_size: int, width: int = 2) -> UnitModel:
+        raise AssertionError("never called")
+
+    register_model("any_byo")(any_args)
+    register_model("fixed_byo")(fixed)
+    try:
+        m = create_model("any_byo", num_classes=3, in_channels=1, image_size=28, width=6)
+        assert m.config == {"name": "any_byo", "in_channels": 1, "image_size": 28, "width": 6}
+        with pytest.raises(
+            ModelError, match=r"unknown argument\(s\) \['depth'\]; accepted: width$"
+        ):
+            create_model("fixed_byo", num_classes=3, in_channels=1, image_size=28, depth=2)
+    finally:
+        unregister_model("any_byo")
+        unregister_model("fixed_byo")
+
+
 def test_create_model_checks_what_a_factory_returns() -> None:
     def not_a_unit_model(**kwargs: Any) -> UnitModel:
         return nn.Sequential(nn.Flatten())  # type: ignore[return-value]

@@ -105,10 +105,16 @@ def create_model(
         raise ModelError(
             f"unknown model {name!r}; known models: {', '.join(list_models())}"
         ) from None
+    params = inspect.signature(factory).parameters.values()
     accepted = [
-        p for p in inspect.signature(factory).parameters if p not in _COMMON and p != "self"
+        p.name
+        for p in params
+        if p.name not in _COMMON
+        and p.name != "self"
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     ]
-    unknown = sorted(set(kwargs) - set(accepted))
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)  # def f(**kw)
+    unknown = [] if takes_any else sorted(set(kwargs) - set(accepted))
     if unknown:
         takes = f"accepted: {', '.join(accepted)}" if accepted else "it takes none"
         raise ModelError(f"model {name!r} got unknown argument(s) {unknown}; {takes}")
