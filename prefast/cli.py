@@ -8,6 +8,7 @@ on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,6 +18,7 @@ import sys
 import threading
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -341,16 +343,33 @@ def main(argv: list[str] | None = None) -> int:
         interrupt.clear()
 
 
+@contextlib.contextmanager
+def _log_level(level: int, names: tuple[str, ...]) -> Iterator[None]:
+    """The loggers ``names`` at ``level`` inside the block, their own levels restored after."""
+    loggers = [logging.getLogger(n) for n in names]
+    previous = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, was in zip(loggers, previous, strict=True):
+            lg.setLevel(was)
+
+
 def _main(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     quiet = getattr(args, "quiet", False) or rank != 0
     # Under torchrun only rank 0 logs progress; the others report warnings and errors.
-    logging.basicConfig(
-        level=logging.WARNING
+    level = (
+        logging.WARNING
         if quiet
         else logging.DEBUG
         if getattr(args, "verbose", False)
-        else logging.INFO,
+        else logging.INFO
+    )
+    logging.basicConfig(
+        level=level,
         format=(
             "%(levelname)s %(name)s: %(message)s"
             if rank == 0
@@ -362,39 +381,43 @@ def _main(args: argparse.Namespace) -> int:
     from prefast.errors import DistributedError, PrefastError
     from store.errors import StoreError, StoreWriteError
 
-    try:
-        with logging_redirect_tqdm():  # log lines above the progress bars, not through them
-            if args.command == "verify":
-                return _verify(args)
-            if args.command == "cache":
-                return _cache(args)
-            return _train(args, rank)
-    except (PrefastError, StoreError) as e:
-        # One line, no trace. Exit 1 where the run failed rather than its input: a rank died or
-        # timed out, or writing a store failed (a full disk); else bad input (or a store that
-        # fails its checks), exit 2.
-        print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
-        failed = isinstance(e, (DistributedError, StoreWriteError)) or isinstance(
-            e.__cause__, StoreWriteError
-        )
-        return 1 if failed else 2
-    except (OSError, FloatingPointError) as e:
-        # The machine or the run failed (a full disk, a diverging loss): one line, exit 1.
-        print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, interrupt.Stopped) as e:
-        # Stopped from outside: one line, the shell's code for the signal (130: Ctrl-C).
-        signum = e.signum if isinstance(e, interrupt.Stopped) else signal.SIGINT
-        from prefast.training.checkpoint import CHECKPOINT_NAME
+    # basicConfig does nothing where the process has configured logging already (a notebook,
+    # an earlier main() call): -q and -v set the level of prefast's and store's loggers,
+    # for this call
+    with _log_level(level, ("prefast", "store")):
+        try:
+            with logging_redirect_tqdm():  # log lines above the progress bars, not through them
+                if args.command == "verify":
+                    return _verify(args)
+                if args.command == "cache":
+                    return _cache(args)
+                return _train(args, rank)
+        except (PrefastError, StoreError) as e:
+            # One line, no trace. Exit 1 where the run failed rather than its input: a rank died or
+            # timed out, or writing a store failed (a full disk); else bad input (or a store that
+            # fails its checks), exit 2.
+            print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
+            failed = isinstance(e, (DistributedError, StoreWriteError)) or isinstance(
+                e.__cause__, StoreWriteError
+            )
+            return 1 if failed else 2
+        except (OSError, FloatingPointError) as e:
+            # The machine or the run failed (a full disk, a diverging loss): one line, exit 1.
+            print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, interrupt.Stopped) as e:
+            # Stopped from outside: one line, the shell's code for the signal (130: Ctrl-C).
+            signum = e.signum if isinstance(e, interrupt.Stopped) else signal.SIGINT
+            from prefast.training.checkpoint import CHECKPOINT_NAME
 
-        ck = getattr(args, "checkpoint_dir", None)
-        hint = (
-            "; --resume continues from the last epoch's checkpoint"
-            if ck and (Path(ck) / CHECKPOINT_NAME).is_file()
-            else ""
-        )
-        print(f"prefast: stopped by {signal.Signals(signum).name}{hint}", file=sys.stderr)
-        return 128 + signum
+            ck = getattr(args, "checkpoint_dir", None)
+            hint = (
+                "; --resume continues from the last epoch's checkpoint"
+                if ck and (Path(ck) / CHECKPOINT_NAME).is_file()
+                else ""
+            )
+            print(f"prefast: stopped by {signal.Signals(signum).name}{hint}", file=sys.stderr)
+            return 128 + signum
 
 
 if __name__ == "__main__":

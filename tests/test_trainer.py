@@ -912,6 +912,25 @@ def test_the_stop_line_offers_resume_only_where_a_checkpoint_exists(tmp_path, mo
     )
 
 
+@pytest.mark.parametrize(("flag", "info"), [("-q", False), ("-v", True)])
+def test_quiet_and_verbose_apply_where_logging_is_configured_already(caplog, flag, info):
+    """prefast.cli.main from Python (docs/models.md), in a process whose logging is set up (a
+    notebook, an earlier main call): basicConfig does nothing there, -q still hid no INFO line
+    and -v showed none under a WARNING root; the loggers' levels are restored after."""
+    root = logging.getLogger()
+    was = root.level
+    root.setLevel(logging.WARNING if info else logging.INFO)  # the process's own choice
+    args = ["train", *SYN, "--model", "densenet_bc", "--depth", "10", "--growth", "4",
+            "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-progress", flag]  # fmt: skip
+    try:
+        assert main(args) == 0
+    finally:
+        root.setLevel(was)
+    said = [r for r in caplog.records if r.name.startswith("prefast") and r.levelno == logging.INFO]
+    assert bool(said) == info
+    assert logging.getLogger("prefast").level == logging.NOTSET
+
+
 def test_a_bare_prefast_names_its_commands(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
