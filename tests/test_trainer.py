@@ -918,7 +918,7 @@ def test_quiet_and_verbose_apply_where_logging_is_configured_already(caplog, fla
     notebook, an earlier main call): basicConfig does nothing there, -q still hid no INFO line
     and -v showed none under a WARNING root; the loggers' levels are restored after."""
     root = logging.getLogger()
-    was = root.level
+    was, prefast_was = root.level, logging.getLogger("prefast").level  # another test's, maybe
     root.setLevel(logging.WARNING if info else logging.INFO)  # the process's own choice
     args = ["train", *SYN, "--model", "densenet_bc", "--depth", "10", "--growth", "4",
             "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-progress", flag]  # fmt: skip
@@ -928,7 +928,7 @@ def test_quiet_and_verbose_apply_where_logging_is_configured_already(caplog, fla
         root.setLevel(was)
     said = [r for r in caplog.records if r.name.startswith("prefast") and r.levelno == logging.INFO]
     assert bool(said) == info
-    assert logging.getLogger("prefast").level == logging.NOTSET
+    assert logging.getLogger("prefast").level == prefast_was
 
 
 def test_a_bare_prefast_names_its_commands(capsys):
