@@ -276,6 +276,11 @@ def _cache(args: argparse.Namespace) -> int:
                 print(f"  {st.name}  {_mb(st.nbytes)}  {done[st.complete]}  {st.what}")
         total = sum(r.nbytes for r in found)
         print(f"{len(found)} run folder(s), {_mb(total)}")
+        for path in args.paths:  # a --checkpoint-dir given: its default cache folder is inside
+            if not found and Path(path, "cache").is_dir():
+                print(
+                    f"(a run with --checkpoint-dir {path} keeps its stores in {Path(path, 'cache')})"
+                )
         return 0
     runs = [folders.check_removable(path) for path in args.paths]  # all, before removing any
     if args.dry_run:

@@ -511,6 +511,12 @@ def test_cache_list_describes_each_run_folder(tmp_path, capsys):
     assert "run-notours  0.0 MB" in out and "(not made by prefast)" in out
     assert "  boundary-007  " in out and "  incomplete  densenet_bc" in out
     assert out.rstrip().endswith("2 run folder(s), " + f"{(r.nbytes + 7) / 1e6:.1f} MB")
+    (tmp_path / "cache" / "notes" / "cache").mkdir()  # as a --checkpoint-dir's cache folder
+    assert main(["cache", "list", str(cache / "notes")]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "0 run folder(s), 0.0 MB",
+        f"(a run with --checkpoint-dir {cache / 'notes'} keeps its stores in {cache / 'notes' / 'cache'})",
+    ]
     assert main(["cache", "list", str(cache), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {row["path"]: row["made_by_prefast"] for row in rows} == {
