@@ -466,6 +466,9 @@ class StoreWriter:
         self._crc_arr = _zarr.writable(_zarr.array(group, CHUNK_CRC))
         self._label_crc_arr = _zarr.writable(_zarr.array(group, LABEL_CRC))
         self._done = _zarr.read_chunk_crcs(group) >= 0  # (views, num_chunks) bool
+        # Chunks handed to the pool (set on the caller's thread; ``_done`` only once stored):
+        # a later write of one of them is skipped, never raced with its store and checksum.
+        self._submitted = self._done.copy()
         self._labels = np.asarray(self._labels_arr[...], dtype=np.int64)  # -1 = not yet given
         self._buffers: dict[tuple[int, int], _ChunkBuffer] = {}
         self._pool = ThreadPoolExecutor(
@@ -628,8 +631,8 @@ class StoreWriter:
                 )
         data = to_stored_numpy(x, lay)
         for c in range(first, last + 1):
-            if self._done[view, c]:
-                continue  # already stored (resume, or the same chunk written twice)
+            if self._submitted[view, c]:
+                continue  # already stored or on its way (resume, or the same chunk written twice)
             c0, c1 = lay.chunk_range(c)
             s0, s1 = max(c0, start), min(c1, start + n)
             buf = self._buffers.get((view, c))
@@ -722,7 +725,7 @@ class StoreWriter:
         data = to_stored_numpy(x, lay).reshape(n, -1).view(np.uint8)  # (n, sample_bytes)
         cs = lay.chunk_samples
         chunk_of = r // cs
-        keep = ~self._done[view, chunk_of]
+        keep = ~self._submitted[view, chunk_of]  # a chunk handed to the pool is not touched again
         if not keep.any():
             return
         try:
@@ -811,7 +814,7 @@ class StoreWriter:
             return False
         try:
             for view in range(self.layout.views):
-                if not self._map_chunks(view, np.flatnonzero(~self._done[view])):
+                if not self._map_chunks(view, np.flatnonzero(~self._submitted[view])):
                     return False
         except OSError as e:
             raise StoreWriteError(f"{self.path}: preparing rows failed: {e}") from e
@@ -893,6 +896,7 @@ class StoreWriter:
             wait([self._pending[0]])
             self._raise_pending_error()
         self._pending.append(self._pool.submit(self._store_chunk, view, chunk, data, labels))
+        self._submitted[view, chunk] = True
 
     def _store_chunk(
         self, view: int, chunk: int, data: np.ndarray | None, labels: np.ndarray | None

@@ -153,6 +153,28 @@ def test_writing_a_chunk_twice_is_harmless(tmp_path, data):
     assert torch.equal(s.read(0, ALL), x[0])
 
 
+def test_a_chunk_written_again_while_its_first_write_is_in_flight_keeps_the_first(tmp_path):
+    # The pool's one thread is held, so chunk 0's first write is still queued when it is
+    # written again: the second write is skipped as for a stored chunk, never stored too
+    # (two stores of one chunk race: one's data with the other's checksum).
+    gate = threading.Event()
+    with store.create(
+        tmp_path / "s", sample_shape=(3,), num_samples=8, dtype="float32", chunk_samples=4,
+        workers=1,
+    ) as w:  # fmt: skip
+        held = w._pool.submit(gate.wait, 10)
+        w.write(0, 0, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+        w.write(0, 0, torch.ones(8, 3), torch.zeros(8, dtype=torch.long))
+        gate.set()
+        held.result()
+    assert w.chunks_written == 2
+    s = store.open(tmp_path / "s")
+    assert torch.equal(
+        s.read(0, np.arange(8)), torch.tensor([0.0] * 4 + [1.0] * 4)[:, None].expand(8, 3)
+    )
+    assert all(s.verify_chunk(0, c) for c in range(2))
+
+
 def test_writes_in_random_order_and_from_any_device_dtype(tmp_path, data):
     x, y = data
     order = np.random.default_rng(3).permutation(N)

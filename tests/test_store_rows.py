@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -89,6 +90,39 @@ def test_a_row_given_twice_before_its_chunk_completes_is_overwritten(tmp_path):
         w.write_rows(0, rest, x[0, rest], y[rest])
     s = store.open(tmp_path / "s")
     assert torch.equal(s.read(0, ALL), x[0])
+
+
+def test_rows_of_a_chunk_already_handed_to_the_pool_are_skipped_not_raced_with_its_checksum(
+    tmp_path, monkeypatch
+):
+    # Chunk 0 completes and goes to the pool, which checksums its file; its rows written
+    # again meanwhile must not change the file under the checksum (a complete store whose
+    # chunk fails its CRC), nor the data: a chunk handed over counts as written.
+    import store.writer as writer_module
+
+    crc, in_crc, gate = writer_module.chunk_crc, threading.Event(), threading.Event()
+
+    def held_crc(data):
+        value = crc(data)
+        if threading.current_thread().name.startswith("store-writer"):
+            in_crc.set()
+            gate.wait(10)
+        return value
+
+    monkeypatch.setattr(writer_module, "chunk_crc", held_crc)
+    with store.create(
+        tmp_path / "s", sample_shape=(3,), num_samples=8, dtype="float32", chunk_samples=4,
+        workers=1,
+    ) as w:  # fmt: skip
+        zero = torch.zeros(4, dtype=torch.long)
+        w.write_rows(0, np.arange(4), torch.zeros(4, 3), zero)  # chunk 0 complete
+        assert in_crc.wait(10)  # its checksum is computed, its marker not written yet
+        w.write_rows(0, np.arange(4), torch.ones(4, 3), zero)
+        gate.set()
+        w.write_rows(0, np.arange(4, 8), torch.ones(4, 3), zero)
+    s = store.open(tmp_path / "s")
+    assert all(s.verify_chunk(0, c) for c in range(2))
+    assert torch.equal(s.read(0, np.arange(4)), torch.zeros(4, 3))
 
 
 def test_missing_rows_leave_the_store_incomplete_with_a_warning(tmp_path, caplog):
