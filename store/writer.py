@@ -728,22 +728,25 @@ class StoreWriter:
         keep = ~self._submitted[view, chunk_of]  # a chunk handed to the pool is not touched again
         if not keep.any():
             return
-        try:
-            if self._map_rows and self._scatter_rows(view, r, chunk_of, data, keep):
-                rs = r[keep]
-            else:
-                rs = self._pwrite_rows(view, r, chunk_of, data, keep)
-        except OSError as e:  # a full disk, a file that cannot be created or mapped
-            raise StoreWriteError(f"{self.path}: writing rows of view {view} failed: {e}") from e
         filled = self._row_filled[view]
-        fresh = np.unique(rs[~filled[rs]])
-        filled[fresh] = True
+        rk = r[keep]
+        fresh = np.unique(rk[~filled[rk]])
         counts = self._row_counts[view]  # type: ignore[index]
-        np.add.at(counts, fresh // cs, 1)
-        touched = np.unique(fresh // cs)
+        touched, arrived = np.unique(fresh // cs, return_counts=True)
         # a chunk holds chunk_samples samples, the last one what is left
         sizes = np.minimum(cs, lay.num_samples - touched * cs)
-        for c in touched[counts[touched] == sizes].tolist():  # the chunks this batch completed
+        completed = touched[counts[touched] + arrived == sizes]  # the chunks this batch completes
+        if view == 0:  # refused before any row is written, so the batch can be given again
+            for c in completed.tolist():
+                self._check_chunk_labels(c)
+        try:
+            if not (self._map_rows and self._scatter_rows(view, r, chunk_of, data, keep)):
+                self._pwrite_rows(view, r, chunk_of, data, keep)
+        except OSError as e:  # a full disk, a file that cannot be created or mapped
+            raise StoreWriteError(f"{self.path}: writing rows of view {view} failed: {e}") from e
+        filled[fresh] = True
+        counts[touched] += arrived
+        for c in completed.tolist():
             self._close_fd(view, c)
             self._submit(view, c, None)
 
@@ -883,15 +886,20 @@ class StoreWriter:
             _, fd = self._fds.popitem()
             os.close(fd)
 
-    def _submit(self, view: int, chunk: int, data: np.ndarray | None) -> None:
+    def _check_chunk_labels(self, chunk: int) -> np.ndarray:
+        """The labels of a full chunk (a copy); ``StoreInputError`` where some were never given."""
         c0, c1 = self.layout.chunk_range(chunk)
+        labels = self._labels[c0:c1].copy()
+        if (labels < 0).any():
+            raise StoreInputError(
+                f"{self.path}: chunk {chunk} of view 0 is full but some labels were never given"
+            )
+        return labels
+
+    def _submit(self, view: int, chunk: int, data: np.ndarray | None) -> None:
         labels = None
         if view == 0:
-            labels = self._labels[c0:c1].copy()
-            if (labels < 0).any():
-                raise StoreInputError(
-                    f"{self.path}: chunk {chunk} of view 0 is full but some labels were never given"
-                )
+            labels = self._check_chunk_labels(chunk)
         while len(self._pending) >= self._max_pending:  # back-pressure: bounded memory
             wait([self._pending[0]])
             self._raise_pending_error()

@@ -380,6 +380,23 @@ def test_negative_labels_are_refused_where_they_are_given(tmp_path):
     w.abort()
 
 
+@pytest.mark.parametrize("chunk", [CHUNK, 32])  # pwrite, and whole-page chunks (one map)
+def test_rows_that_complete_an_unlabelled_chunk_are_refused_whole_and_can_be_given_again(
+    tmp_path, chunk
+):
+    # The refusal comes before any row is written: the same rows given again with their
+    # labels complete the store (they were counted as arrived, so no chunk ever completed).
+    x, y = encoded(views=1, shape=PAGE_SHAPE), labels_for()
+    kw = {"sample_shape": PAGE_SHAPE, "num_samples": N, "dtype": "float32", "chunk_samples": chunk}
+    with store.create(tmp_path / "s", **kw) as w:
+        rows = np.arange(N)[::-1].copy()
+        with pytest.raises(store.StoreInputError, match="labels were never given"):
+            w.write_rows(0, rows, x[0, rows])
+        w.write_rows(0, rows, x[0, rows], y[rows])
+    s = store.open(tmp_path / "s")
+    assert s.complete and torch.equal(s.read(0, ALL), x[0]) and torch.equal(s.labels, y)
+
+
 def test_a_closed_writers_row_map_is_unmapped_off_the_closing_thread(tmp_path, monkeypatch):
     """Unmapping a store's faulted pages takes ~0.1 s a GB: close() leaves it to a thread, and
     the store is complete and readable meanwhile."""
