@@ -151,6 +151,11 @@ class StoreLayout:
         if self.codec_level is not None:
             _check_int("codec_level", self.codec_level, -(2**17), 22)
         _check_int("chunk_samples", self.chunk_samples, 1, MAX_SAMPLES)
+        # numpy integers pass the checks; the record is JSON and holds Python ints
+        for name in ("num_samples", "views", "chunk_samples", "codec_level"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, int(value))
         if self.chunk_samples * self.sample_bytes > MAX_CHUNK_BYTES:
             raise StoreInputError(
                 f"chunk_samples={self.chunk_samples}: a chunk of "

@@ -579,6 +579,23 @@ def test_write_errors_name_the_field(tmp_path, data):
         store.create(tmp_path / "t", sample_shape=SHAPE, num_samples=N, codec="gzip")
 
 
+def test_numpy_integer_sizes_make_a_store(tmp_path):
+    # The layout takes numpy integers (a size computed with numpy); the record that holds
+    # them is JSON, so they are kept as Python ints.
+    x = torch.randn(6, 3)
+    kw = {"num_samples": np.int64(6), "views": np.int64(1), "chunk_samples": np.int32(4)}
+    with store.create(tmp_path / "s", sample_shape=(3,), dtype="float32", **kw) as w:
+        w.write(0, 0, x, torch.arange(6))
+    with store.create(
+        tmp_path / "z", sample_shape=(3,), num_samples=np.int64(6), codec="zstd",
+        codec_level=np.int64(3),
+    ) as w:  # fmt: skip
+        w.write(0, 0, x, torch.arange(6))
+    s = store.open(tmp_path / "s")
+    assert s.complete and s.chunk_samples == 4 and torch.equal(s.read(0, np.arange(6)), x)
+    assert store.open(tmp_path / "z").layout.codec_level == 3
+
+
 def test_read_errors(tmp_path, data):
     x, y = data
     s = write_store(tmp_path / "s", x, y)
