@@ -118,6 +118,21 @@ def default_chunk_samples(sample_shape: tuple[int, ...], dtype: str, num_samples
     return aligned if aligned <= num_samples and aligned - cs <= max(8, cs // 16) else cs
 
 
+def as_shape(shape: Any) -> tuple[int, ...]:
+    """``sample_shape`` checked (1 to ``MAX_SAMPLE_DIMS`` integers, each in [1, ``MAX_DIM``])
+    and made a tuple of ints; anything else raises ``StoreInputError``."""
+    if isinstance(shape, str | bytes) or not hasattr(shape, "__iter__"):
+        raise StoreInputError(f"sample_shape must be a sequence of integers, got {shape!r}")
+    shape = tuple(shape)
+    if not 1 <= len(shape) <= MAX_SAMPLE_DIMS:
+        raise StoreInputError(
+            f"sample_shape must have 1 to {MAX_SAMPLE_DIMS} dimensions, got {shape!r}"
+        )
+    for d in shape:
+        _check_int("sample_shape", d, 1, MAX_DIM)
+    return tuple(int(d) for d in shape)
+
+
 @dataclass(frozen=True)
 class StoreLayout:
     """Shape, dtype and chunking of a store; validated on construction."""
@@ -131,17 +146,7 @@ class StoreLayout:
     chunk_samples: int = 1
 
     def __post_init__(self) -> None:
-        shape = self.sample_shape
-        if isinstance(shape, str | bytes) or not hasattr(shape, "__iter__"):
-            raise StoreInputError(f"sample_shape must be a sequence of integers, got {shape!r}")
-        shape = tuple(shape)
-        if not 1 <= len(shape) <= MAX_SAMPLE_DIMS:
-            raise StoreInputError(
-                f"sample_shape must have 1 to {MAX_SAMPLE_DIMS} dimensions, got {shape!r}"
-            )
-        for d in shape:
-            _check_int("sample_shape", d, 1, MAX_DIM)
-        object.__setattr__(self, "sample_shape", tuple(int(d) for d in shape))
+        object.__setattr__(self, "sample_shape", as_shape(self.sample_shape))
         _check_int("num_samples", self.num_samples, 1, MAX_SAMPLES)
         _check_int("views", self.views, 1, MAX_VIEWS)
         _check_choice("dtype", self.dtype, tuple(DTYPES))

@@ -183,12 +183,13 @@ def create(
         raise StoreInputError(
             f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
         )
+    shape = _layout.as_shape(sample_shape)
     if chunk_samples is None:
-        chunk_samples = default_chunk_samples(tuple(sample_shape), dtype, max(num_samples, 1))
+        chunk_samples = default_chunk_samples(shape, dtype, max(num_samples, 1))
     layout = StoreLayout(
         num_samples=num_samples,
         views=views,
-        sample_shape=tuple(sample_shape),
+        sample_shape=shape,
         dtype=dtype,
         codec=codec,
         codec_level=codec_level,

@@ -596,6 +596,21 @@ def test_numpy_integer_sizes_make_a_store(tmp_path):
     assert store.open(tmp_path / "z").layout.codec_level == 3
 
 
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        (512, "sequence of integers, got 512"),
+        (None, "sequence of integers, got None"),
+        ((3.5,), "must be an integer, got 3.5"),
+        ((2, "a"), "must be an integer, got 'a'"),
+    ],
+)
+def test_a_bad_sample_shape_is_refused_by_create_as_an_input_error(tmp_path, shape, match):
+    # checked before the default chunk size is worked out from it
+    with pytest.raises(store.StoreInputError, match=match):
+        store.create(tmp_path / "s", sample_shape=shape, num_samples=4)
+
+
 def test_read_errors(tmp_path, data):
     x, y = data
     s = write_store(tmp_path / "s", x, y)
