@@ -362,6 +362,22 @@ def check_write(
     return n
 
 
+def check_labels(where: str, labels: Any, n: int) -> np.ndarray:
+    """A batch's labels as int64 (n,), checked: ``n`` integers, each >= 0 (class indices), as
+    every sink takes them; otherwise ``StoreInputError`` naming the field."""
+    lab = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
+        raise StoreInputError(
+            f"{where}field 'labels' must be {n} integers, got shape {lab.shape} dtype {lab.dtype}"
+        )
+    if lab.size and int(lab.min()) < 0:
+        k = int(np.argmax(lab < 0))
+        raise StoreInputError(
+            f"{where}field 'labels' must be >= 0 (class indices), got {int(lab[k])} at position {k}"
+        )
+    return lab.astype(np.int64)
+
+
 def chunk_crc(data: np.ndarray) -> int:
     """CRC-32C of an array's bytes in memory order: a chunk's samples (samples beyond the
     array's end excluded) or its labels. Releases the GIL."""
@@ -403,6 +419,7 @@ __all__ = [
     "StoreInfo",
     "StoreLayout",
     "canonical_json",
+    "check_labels",
     "check_write",
     "chunk_crc",
     "default_chunk_samples",

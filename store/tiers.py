@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from store.errors import StoreInputError
-from store.layout import DTYPES, check_write
+from store.layout import DTYPES, check_labels, check_write
 from store.reader import ActivationStore, as_tensor, check_opened, numpy_view
 
 
@@ -105,15 +105,11 @@ class TensorCache:
         labels: torch.Tensor | np.ndarray | None = None,
     ) -> None:
         n = check_write("", self.views, self.num_samples, self.sample_shape, view, start, x)
+        lab = None if labels is None else torch.from_numpy(check_labels("", labels, n))
         xt = torch.as_tensor(x)
         self.data[view, start : start + n].copy_(xt.detach(), non_blocking=False)
-        if labels is not None:
-            lab = torch.as_tensor(labels).detach().cpu()
-            if lab.shape != (n,):
-                raise StoreInputError(
-                    f"field 'labels' must have shape ({n},), got {tuple(lab.shape)}"
-                )
-            self.labels[start : start + n] = lab.to(torch.int64)
+        if lab is not None:
+            self.labels[start : start + n] = lab
 
     #: ``write_rows`` works on every tensor tier
     supports_rows = True
@@ -137,17 +133,15 @@ class TensorCache:
         on_host = rt.device.type == "cpu"
         if on_host and rt.numel() and (int(rt.min()) < 0 or int(rt.max()) >= self.num_samples):
             raise StoreInputError(f"field 'rows': a sample outside [0, {self.num_samples})")
-        xt = to_device(torch.as_tensor(x).detach(), self.device).to(self.dtype)
-        self.data[view].index_copy_(0, to_device(rt.to(torch.int64), self.device), xt)
+        lab = None
         if labels is not None:
             if not on_host:
                 raise StoreInputError("labels with write_rows need the rows on the host")
-            lab = torch.as_tensor(labels).detach().cpu()
-            if lab.shape != (rt.shape[0],):
-                raise StoreInputError(
-                    f"field 'labels' must have shape ({rt.shape[0]},), got {tuple(lab.shape)}"
-                )
-            self.labels[rt.to(torch.int64)] = lab.to(torch.int64)
+            lab = torch.from_numpy(check_labels("", labels, int(rt.shape[0])))
+        xt = to_device(torch.as_tensor(x).detach(), self.device).to(self.dtype)
+        self.data[view].index_copy_(0, to_device(rt.to(torch.int64), self.device), xt)
+        if lab is not None:
+            self.labels[rt.to(torch.int64)] = lab
 
     def flush(self) -> None:
         """Nothing to do: ``write`` copies synchronously, nothing is written behind."""

@@ -56,6 +56,7 @@ from store.layout import (
     LABELS,
     StoreInfo,
     StoreLayout,
+    check_labels,
     check_write,
     chunk_crc,
     default_chunk_samples,
@@ -580,18 +581,7 @@ class StoreWriter:
             )
 
     def _check_labels(self, lab_in: Any, n: int) -> np.ndarray:
-        lab = np.asarray(lab_in.detach().cpu() if isinstance(lab_in, torch.Tensor) else lab_in)
-        if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
-            raise StoreInputError(
-                f"{self.path}: field 'labels' must be {n} integers, got shape {lab.shape} dtype {lab.dtype}"
-            )
-        if lab.size and int(lab.min()) < 0:
-            k = int(np.argmax(lab < 0))
-            raise StoreInputError(
-                f"{self.path}: field 'labels' must be >= 0 (class indices), got {int(lab[k])} "
-                f"at position {k}"
-            )
-        return lab.astype(np.int64)
+        return check_labels(f"{self.path}: ", lab_in, n)
 
     def _agree_labels(self, rows: np.ndarray, lab: np.ndarray) -> None:
         seen = self._labels[rows]

@@ -226,3 +226,22 @@ def test_batches_per_copy_default_and_validation():
     src = store.RamCache.empty(10, 1, (4,), "float32")
     with pytest.raises(store.StoreInputError, match="batches_per_copy"):
         store.StoreLoader(src, batches_per_copy=0)
+
+
+@pytest.mark.parametrize("tier", ["ram", "device"])
+def test_tensor_tiers_refuse_the_labels_a_store_refuses(tier):
+    # a cache pass writes any tier: labels a store refuses (negative, fractional) are refused
+    # by the in-memory tiers too, before anything is written, not kept as -1 or truncated
+    make = store.RamCache.empty if tier == "ram" else store.DeviceCache.empty
+    cache = make(4, 1, (3,), dtype="float32")
+    cache.data.zero_()
+    x = torch.ones(2, 3)
+    with pytest.raises(store.StoreInputError, match=r"must be >= 0 .*got -1 at position 0"):
+        cache.write(0, 0, x, torch.tensor([-1, 2]))
+    with pytest.raises(store.StoreInputError, match="must be 2 integers"):
+        cache.write(0, 0, x, torch.tensor([1.7, 2.2]))
+    with pytest.raises(store.StoreInputError, match=r"must be >= 0"):
+        cache.write_rows(0, [3, 1], x, torch.tensor([0, -5]))
+    assert torch.equal(cache.labels, torch.full((4,), -1)) and not cache.data.eq(1).any()
+    cache.write_rows(0, [3, 1], x, [0, 5])
+    assert cache.labels.tolist() == [-1, 5, -1, 0]
