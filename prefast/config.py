@@ -211,6 +211,11 @@ class TrainConfig:
     progress: bool = opt(True, "outputs", "no progress bars")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            plain = _plain(value)
+            if plain is not value:
+                object.__setattr__(self, f.name, plain)
         for name, allowed in CHOICES.items():
             check_choice(cli_flag(name), getattr(self, name), allowed)
         check_number("--t0", self.t0, 0.0, 1.0, low_open=True)
@@ -259,6 +264,19 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar (a sweep's ``np.linspace`` value, ``np.int64`` from ``np.arange``) as
+    the Python number it holds, also among ``model_args``' values: the config goes into JSON
+    and into checkpoints, which ``--resume`` loads with ``weights_only=True`` (it refuses
+    numpy scalars: the run could not be resumed)."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    if isinstance(value, dict):
+        plain = {k: _plain(v) for k, v in value.items()}
+        return value if all(plain[k] is v for k, v in value.items()) else plain
+    return value
 
 
 def cli_flag(name: str) -> str:

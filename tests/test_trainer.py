@@ -998,6 +998,24 @@ def test_paths_given_as_path_objects_write_metrics_and_resume(tmp_path):
     assert json.loads((tmp_path / "m.config.json").read_text())["checkpoint_dir"] == str(tmp_path)
 
 
+def test_numpy_numbers_from_a_sweep_are_plain_and_the_run_resumes(tmp_path):
+    """A sweep over np.linspace / np.arange hands numpy scalars to TrainConfig; kept as they
+    were, they went into the checkpoint, and --resume refused it (weights_only loads no numpy
+    scalar): 'damaged (truncated?)'."""
+    cfg = tiny(mode="freezeout", epochs=np.int64(1), t0=np.float64(0.3), augment=np.bool_(True),
+               model_args={"depth": np.int64(16), "growth": 8}, checkpoint_dir=str(tmp_path))  # fmt: skip
+    assert [type(v) for v in (cfg.epochs, cfg.t0, cfg.augment, cfg.model_args["depth"])] == [
+        int,
+        float,
+        bool,
+        int,
+    ]
+    assert (cfg.epochs, cfg.t0, cfg.model_args) == (1, 0.3, {"depth": 16, "growth": 8})
+    first = train(cfg)
+    again = train(cfg.replace(resume=True))  # finished: reports the same summary
+    assert again.summary["final_test_error"] == first.summary["final_test_error"]
+
+
 def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
     """Another model, or other settings, in the same --cache-dir: each run keeps its stores in
     its own run folder, and neither replaces the other's."""
