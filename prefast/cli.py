@@ -1,4 +1,5 @@
-"""Command line: ``prefast train ...`` and ``prefast verify ...`` (also ``python -m prefast``).
+"""Command line: ``prefast train``, ``prefast verify`` and ``prefast cache list|remove`` (also
+``python -m prefast``).
 
 The ``train`` flags are generated from ``TrainConfig``'s fields (their help and group live in
 the field metadata), so a config field always has its flag. Bad input of any kind is one line
