@@ -580,3 +580,25 @@ def test_cache_remove_deletes_only_prefasts_run_folders_not_in_use(tmp_path, cap
     assert names == [".prefast-lock", ".prefast-run", "boundary-009", "boundary-010"]
     assert (mine / "thesis.tex").read_bytes() == b"irreplaceable"
     assert store.open(outside / "boundary-001").complete and (theirs / "keep.txt").is_file()
+
+
+def test_a_run_starting_while_cache_list_looks_at_its_folder_is_not_refused(tmp_path):
+    # list (and remove's check) sees whether a run uses a folder by taking a shared lock on
+    # its lock file for an instant; a run starting in that instant waited for nothing and was
+    # refused as if another run were using the folder
+    import fcntl
+    import threading
+
+    from prefast.cache.identity import LOCK_NAME
+    from prefast.cache.manager import _lock_run_dir
+
+    run_dir = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {})
+    probe = os.open(run_dir / LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # as folders._user does
+    timer = threading.Timer(0.05, os.close, (probe,))
+    timer.start()
+    try:
+        fd = _lock_run_dir(run_dir)
+    finally:
+        timer.join()
+    os.close(fd)

@@ -1117,6 +1117,10 @@ def _compact_moves(moves: dict[int, int]) -> dict[int, int]:
     return out
 
 
+LOCK_PATIENCE = 0.5  # seconds a start waits for a run folder's lock before it is refused
+_LOCK_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+
+
 def _lock_run_dir(run_dir: Path) -> int:
     """An exclusive ``flock`` on ``run_dir/.prefast-lock`` for the life of the run (the kernel
     drops it when the process dies). Raises CacheError naming the holder when taken."""
@@ -1126,13 +1130,23 @@ def _lock_run_dir(run_dir: Path) -> int:
     except OSError as e:
         raise CacheError(f"--cache-dir: cannot write {path}: {e.strerror or e}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # ``prefast cache list`` and ``remove`` see whether a run is using the folder by taking
+        # a shared lock for an instant: a start at that instant waits it out, not refused
+        deadline = time.monotonic() + LOCK_PATIENCE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in _LOCK_BUSY or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
     except OSError as e:
         holder = ""
         with contextlib.suppress(OSError, ValueError):
             holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
         os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        if e.errno in _LOCK_BUSY:
             raise CacheError(
                 f"--cache-dir: another prefast run with the same settings is using {run_dir}"
                 f"{holder}; wait for it to finish or use another --cache-dir"
