@@ -602,3 +602,14 @@ def test_a_run_starting_while_cache_list_looks_at_its_folder_is_not_refused(tmp_
     finally:
         timer.join()
     os.close(fd)
+
+
+def test_cache_remove_of_a_folder_named_twice_removes_it_once(tmp_path, capsys, monkeypatch):
+    # it was removed, then refused as 'no such folder' (exit 2, as if nothing were removed)
+    run_dir = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {"boundary-004": True})
+    monkeypatch.chdir(run_dir.parent)
+    assert main(["cache", "list", "run-aaaaaaaaaaaa", ".", "./run-aaaaaaaaaaaa/"]) == 0
+    assert capsys.readouterr().out.count("boundary-004") == 1
+    assert main(["cache", "remove", "run-aaaaaaaaaaaa", "./run-aaaaaaaaaaaa/", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("removed ") == 1 and err == "" and not run_dir.exists()
