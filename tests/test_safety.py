@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import types
 from pathlib import Path
 
 import pytest
@@ -613,3 +614,32 @@ def test_cache_remove_of_a_folder_named_twice_removes_it_once(tmp_path, capsys, 
     assert main(["cache", "remove", "run-aaaaaaaaaaaa", "./run-aaaaaaaaaaaa/", str(run_dir)]) == 0
     out, err = capsys.readouterr()
     assert out.count("removed ") == 1 and err == "" and not run_dir.exists()
+
+
+def test_a_run_folder_removed_while_a_run_takes_its_lock_is_made_again_and_locked(
+    tmp_path, monkeypatch
+):
+    # cache remove unlinks the lock file and the folder: a run that had opened the lock file
+    # just before locked the unlinked file, and ran unlocked in a folder that was gone (its
+    # stores made it again, unmarked, where a second run with its settings could start too)
+    import fcntl
+
+    from prefast.cache import folders, manager
+    from prefast.cache.identity import LOCK_NAME, RUN_MARKER
+
+    run_dir = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {"boundary-004": True})
+    removed = []
+
+    def flock(fd: int, op: int) -> None:
+        if op & fcntl.LOCK_EX and not removed:  # between the run's open and its flock
+            removed.append(folders.remove_run_folder(run_dir))
+        fcntl.flock(fd, op)
+
+    monkeypatch.setattr(manager, "fcntl", types.SimpleNamespace(**{**vars(fcntl), "flock": flock}))
+    fd = manager._take_run_dir(run_dir)
+    try:
+        assert removed == [[]]
+        assert os.fstat(fd).st_ino == os.stat(run_dir / LOCK_NAME).st_ino
+        assert (run_dir / RUN_MARKER).is_file()
+    finally:
+        os.close(fd)

@@ -239,8 +239,7 @@ class CacheManager:
             raise CacheError(f"--cache-dir: cannot create {run_dir}: {e.strerror or e}") from None
         local = location.as_local(run_dir)
         if local is not None:
-            _claim_run_dir(local)
-            self._lock_fd = _lock_run_dir(local)
+            self._lock_fd = _take_run_dir(local)
             _clear_leftovers(local)  # only where the marker says the folder is ours
         else:
             log.warning(
@@ -1155,6 +1154,21 @@ def _lock_run_dir(run_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _take_run_dir(run_dir: Path) -> int:
+    """Claim ``run_dir`` and lock it (``_claim_run_dir``, ``_lock_run_dir``). A lock taken on a
+    lock file that is gone (``prefast cache remove``, or the end of a run that kept nothing,
+    deleted the folder between this run's open and its flock) guards nothing: the folder is
+    made and claimed again, and the new lock file locked."""
+    for _ in range(3):
+        _claim_run_dir(run_dir)
+        fd = _lock_run_dir(run_dir)
+        if os.fstat(fd).st_nlink > 0:
+            return fd
+        os.close(fd)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    raise CacheError(f"--cache-dir: {run_dir} keeps being removed while this run starts")
 
 
 def _say_what_stays(run_dir: Path) -> None:
