@@ -276,6 +276,13 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         plain = {k: _plain(v) for k, v in value.items()}
         return value if all(plain[k] is v for k, v in value.items()) else plain
+    if isinstance(value, (list, tuple)):  # a model argument's list (widths=list(np.arange(3)))
+        items = [_plain(v) for v in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        if isinstance(value, list):
+            return items
+        return value._make(items) if hasattr(value, "_make") else tuple(items)
     return value
 
 

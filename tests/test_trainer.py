@@ -1016,6 +1016,20 @@ def test_numpy_numbers_from_a_sweep_are_plain_and_the_run_resumes(tmp_path):
     assert again.summary["final_test_error"] == first.summary["final_test_error"]
 
 
+def test_numpy_numbers_in_a_model_arguments_list_are_plain(tmp_path):
+    """A model of one's own taking a list (widths=list(np.arange(...))): its numpy scalars
+    stayed, so --metrics failed (JSON) and --resume refused the checkpoint as damaged."""
+    from prefast.config import TrainConfig
+
+    cfg = TrainConfig(model_args={"widths": list(np.arange(8, 10)), "pair": (np.float32(0.5), 1)})
+    assert cfg.model_args == {"widths": [8, 9], "pair": (0.5, 1)}
+    assert {type(v) for v in cfg.model_args["widths"]} == {int}
+    assert type(cfg.model_args["pair"][0]) is float
+    json.dumps(cfg.to_dict())
+    torch.save(cfg.to_dict(), tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["model_args"] == cfg.model_args
+
+
 def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
     """Another model, or other settings, in the same --cache-dir: each run keeps its stores in
     its own run folder, and neither replaces the other's."""
