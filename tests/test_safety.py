@@ -643,3 +643,44 @@ def test_a_run_folder_removed_while_a_run_takes_its_lock_is_made_again_and_locke
         assert (run_dir / RUN_MARKER).is_file()
     finally:
         os.close(fd)
+
+
+def test_cache_remove_refuses_a_folder_it_may_not_delete_from_before_removing_any(
+    tmp_path, monkeypatch, capsys
+):
+    """All refused if one is: a folder the user may not delete from is refused in the check,
+    not after the folders named before it are gone (root passes os.access, so it is faked)."""
+    import prefast.cache.folders as F
+
+    a = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {"boundary-001": True})
+    b = _run_folder(tmp_path / "cache", "bbbbbbbbbbbb", {"boundary-001": True})
+    real = os.access
+    monkeypatch.setattr(F.os, "access", lambda p, mode: Path(p) != b and real(p, mode))
+    assert main(["cache", "remove", str(a), str(b)]) == 2
+    assert f"{b}: no permission to delete from {b}" in capsys.readouterr().err
+    assert store.open(a / "boundary-001").complete and store.open(b / "boundary-001").complete
+
+
+def test_a_cache_remove_cut_short_at_its_end_leaves_a_folder_it_can_remove(tmp_path, monkeypatch):
+    """The lock file goes before the marker: a removal stopped between the two leaves a marked
+    folder, which a second remove deletes (the other order left an unmarked lock file that
+    every later remove refused as not prefast's)."""
+    from prefast.cache.folders import remove_run_folder
+    from prefast.cache.identity import RUN_MARKER
+
+    run_dir = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {"boundary-001": True})
+    real_unlink = Path.unlink
+    calls = []
+
+    def stopped_after_one(self, *a, **k):
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        remove_run_folder(run_dir)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert sorted(p.name for p in run_dir.iterdir()) == [RUN_MARKER]
+    assert remove_run_folder(run_dir) == [] and not run_dir.exists()

@@ -169,6 +169,9 @@ def check_removable(path: str | Path) -> RunFolder:
     if info.user is not None:
         pid = f" (pid {info.user})" if info.user else ""
         raise CacheError(f"{path}: a prefast run is using it{pid}; wait for it to finish")
+    for folder in (local, local.parent):  # refused now, not after removing the others named
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise CacheError(f"{path}: no permission to delete from {folder}")
     return info
 
 
@@ -196,9 +199,9 @@ def remove_run_folder(path: str | Path) -> list[str]:
             elif child.name.startswith((TRASH_PREFIX, PROBE_PREFIX)):
                 shutil.rmtree(child)
         left = sorted(p.name for p in run_dir.iterdir() if p.name not in (RUN_MARKER, LOCK_NAME))
-        if not left:
-            (run_dir / RUN_MARKER).unlink()
+        if not left:  # the lock file first: cut short here, the marked folder can go again
             (run_dir / LOCK_NAME).unlink()
+            (run_dir / RUN_MARKER).unlink()
     finally:
         os.close(fd)
     if not left:
