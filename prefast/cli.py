@@ -257,20 +257,11 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _once(runs: list[Any]) -> list[Any]:
-    """Run folders named more than once (``run-K``, ``./run-K/``, a cache folder and a run
-    folder in it) kept once, in their first place."""
-    seen: dict[str, Any] = {}
-    for r in runs:
-        seen.setdefault(os.path.realpath(r.path), r)
-    return list(seen.values())
-
-
 def _cache(args: argparse.Namespace) -> int:
     from prefast.cache import folders
 
     if args.cache_command == "list":
-        found = _once([r for path in args.paths for r in folders.list_run_folders(path)])
+        found = folders.unique([r for path in args.paths for r in folders.list_run_folders(path)])
         if args.json:
             print(json.dumps([r.to_dict() for r in found], indent=2))
             return 0
@@ -292,7 +283,9 @@ def _cache(args: argparse.Namespace) -> int:
                     f"(a run with --checkpoint-dir {path} keeps its stores in {Path(path, 'cache')})"
                 )
         return 0
-    runs = _once([folders.check_removable(path) for path in args.paths])  # all, before any goes
+    runs = folders.unique(
+        [folders.check_removable(path) for path in args.paths]
+    )  # all, before any goes
     if args.dry_run:
         for r in runs:
             print(f"would remove {r.path} ({_mb(r.nbytes)})")

@@ -10,7 +10,6 @@ free, and stays taken while the folder goes).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Any
 
 import store
 from prefast.cache.identity import (
+    LOCK_BUSY,
     LOCK_NAME,
     RUN_MARKER,
     RUN_PREFIX,
@@ -97,7 +97,7 @@ def _user(run_dir: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if e.errno not in LOCK_BUSY:
                 raise
             with contextlib.suppress(OSError, ValueError):
                 return int(os.pread(fd, 32, 0).decode().strip())
@@ -154,6 +154,15 @@ def list_run_folders(path: str | Path) -> list[RunFolder]:
     return sorted((describe_run_folder(p) for p in found), key=lambda r: r.modified, reverse=True)
 
 
+def unique(runs: list[RunFolder]) -> list[RunFolder]:
+    """Run folders named more than once (``run-K``, ``./run-K/``, a cache folder and a run
+    folder in it) kept once, in their first place."""
+    seen: dict[str, RunFolder] = {}
+    for r in runs:
+        seen.setdefault(os.path.realpath(r.path), r)
+    return list(seen.values())
+
+
 def check_removable(path: str | Path) -> RunFolder:
     """The run folder at ``path``, where ``remove_run_folder`` may delete it; else CacheError
     saying why (not a run folder, not made by prefast, in use)."""
@@ -188,7 +197,7 @@ def remove_run_folder(path: str | Path) -> list[str]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if e.errno in LOCK_BUSY:
                 raise CacheError(f"{path}: a prefast run started using it; left as it is") from None
             raise
         for child in sorted(run_dir.iterdir()):
@@ -220,4 +229,5 @@ __all__ = [
     "iso_time",
     "list_run_folders",
     "remove_run_folder",
+    "unique",
 ]

@@ -4,6 +4,7 @@ store on disk is one this run may reuse (DESIGN section 3, staleness)."""
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ TRASH_PREFIX = ".prefast-trash-"  # a store being deleted; what a kill leaves is
 RUN_PREFIX = "run-"  # CACHE_DIR/run-KEY: one folder per set of settings
 RUN_MARKER = ".prefast-run"  # written into every run folder this package creates
 LOCK_NAME = ".prefast-lock"  # flock-ed by the run using its run folder
+LOCK_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # what flock(LOCK_NB) raises if held
 
 
 def update_digest(h: Any, items: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -141,6 +143,7 @@ def open_matching(path: Path | str, fp: str) -> store.ActivationStore | None:
 
 
 __all__ = [
+    "LOCK_BUSY",
     "LOCK_NAME",
     "PROVENANCE_KEYS",
     "RUN_MARKER",

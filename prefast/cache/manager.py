@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import json
@@ -39,6 +38,7 @@ import store
 from prefast.cache.ahead import AheadStore
 from prefast.cache.build import Cache, PassSpec, build_cache, frozen_forward
 from prefast.cache.identity import (
+    LOCK_BUSY,
     LOCK_NAME,
     RUN_MARKER,
     RUN_PREFIX,
@@ -1117,7 +1117,6 @@ def _compact_moves(moves: dict[int, int]) -> dict[int, int]:
 
 
 LOCK_PATIENCE = 0.5  # seconds a start waits for a run folder's lock before it is refused
-_LOCK_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 def _lock_run_dir(run_dir: Path) -> int:
@@ -1137,7 +1136,7 @@ def _lock_run_dir(run_dir: Path) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError as e:
-                if e.errno not in _LOCK_BUSY or time.monotonic() >= deadline:
+                if e.errno not in LOCK_BUSY or time.monotonic() >= deadline:
                     raise
                 time.sleep(0.02)
     except OSError as e:
@@ -1145,7 +1144,7 @@ def _lock_run_dir(run_dir: Path) -> int:
         with contextlib.suppress(OSError, ValueError):
             holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
         os.close(fd)
-        if e.errno in _LOCK_BUSY:
+        if e.errno in LOCK_BUSY:
             raise CacheError(
                 f"--cache-dir: another prefast run with the same settings is using {run_dir}"
                 f"{holder}; wait for it to finish or use another --cache-dir"
