@@ -266,7 +266,9 @@ def _cache(args: argparse.Namespace) -> int:
             print(json.dumps([r.to_dict() for r in found], indent=2))
             return 0
         for r in found:
-            state = [] if r.ours else ["not made by prefast"]
+            state = [] if r.ours or r.unreadable else ["not made by prefast"]
+            if r.unreadable:
+                state.append(f"not readable: {r.unreadable}")
             if r.user is not None:
                 state.append(f"in use by pid {r.user}" if r.user else "in use")
             when = folders.iso_time(r.modified)[:16].replace("T", " ") + " UTC"

@@ -518,6 +518,19 @@ def test_cache_list_describes_each_run_folder(tmp_path, capsys):
         "0 run folder(s), 0.0 MB",
         f"(a run with --checkpoint-dir {cache / 'notes'} keeps its stores in {cache / 'notes' / 'cache'})",
     ]
+    real_iterdir = Path.iterdir
+
+    def refused(self):  # another user's folder (root reads every folder: faked)
+        if self == theirs:
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "iterdir", refused)
+        assert main(["cache", "list", str(cache)]) == 0  # the others are still listed
+    out = capsys.readouterr().out
+    assert "run-notours  0.0 MB" in out and "(not readable: Permission denied)" in out
+    assert "  boundary-004  " in out
     assert main(["cache", "list", str(cache), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {row["path"]: row["made_by_prefast"] for row in rows} == {

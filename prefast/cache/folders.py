@@ -54,10 +54,12 @@ class RunFolder:
     ours: bool  # carries the run marker: prefast made it, and ``remove`` may delete it
     user: int | None  # the pid of the run using it (0: in use, pid unknown); None: free
     stores: list[StoreEntry] = field(default_factory=list)
+    unreadable: str | None = None  # why the folder could not be looked into (permissions)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": os.fspath(self.path),
+            "unreadable": self.unreadable,
             "bytes": self.nbytes,
             "modified": iso_time(self.modified),
             "made_by_prefast": self.ours,
@@ -151,7 +153,18 @@ def list_run_folders(path: str | Path) -> list[RunFolder]:
     first."""
     local = _local_folder(path, "list")
     found = [local] if _is_run_folder(local) else [p for p in local.iterdir() if _is_run_folder(p)]
-    return sorted((describe_run_folder(p) for p in found), key=lambda r: r.modified, reverse=True)
+    return sorted((_described(p) for p in found), key=lambda r: r.modified, reverse=True)
+
+
+def _described(run_dir: Path) -> RunFolder:
+    """``describe_run_folder``, or a folder that says why it could not be read: one folder of
+    another user does not fail the list of the others."""
+    try:
+        return describe_run_folder(run_dir)
+    except OSError as e:
+        return RunFolder(
+            run_dir, 0, run_dir.lstat().st_mtime, False, None, [], e.strerror or str(e)
+        )
 
 
 def unique(runs: list[RunFolder]) -> list[RunFolder]:
