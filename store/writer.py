@@ -580,9 +580,6 @@ class StoreWriter:
                 "calls; one writer does not mix write() and write_rows()"
             )
 
-    def _check_labels(self, lab_in: Any, n: int) -> np.ndarray:
-        return check_labels(f"{self.path}: ", lab_in, n)
-
     def _agree_labels(self, rows: np.ndarray, lab: np.ndarray) -> None:
         seen = self._labels[rows]
         clash = (seen >= 0) & (seen != lab)
@@ -612,7 +609,9 @@ class StoreWriter:
         )
         self._set_mode("batches")
         if labels is not None:
-            self._agree_labels(np.arange(start, start + n), self._check_labels(labels, n))
+            self._agree_labels(
+                np.arange(start, start + n), check_labels(f"{self.path}: ", labels, n)
+            )
         first, last = start // lay.chunk_samples, (start + n - 1) // lay.chunk_samples
         for c in range(first, last + 1):
             if not self._owned(c):
@@ -710,7 +709,7 @@ class StoreWriter:
             self._row_filled = np.zeros((lay.views, lay.num_samples), dtype=bool)
             self._row_counts = np.zeros((lay.views, lay.num_chunks), dtype=np.int64)
         if labels is not None:
-            self._agree_labels(r, self._check_labels(labels, n))
+            self._agree_labels(r, check_labels(f"{self.path}: ", labels, n))
         if n == 0:
             return
         data = to_stored_numpy(x, lay).reshape(n, -1).view(np.uint8)  # (n, sample_bytes)
@@ -816,9 +815,8 @@ class StoreWriter:
 
     def _pwrite_rows(
         self, view: int, r: np.ndarray, chunk_of: np.ndarray, data: np.ndarray, keep: np.ndarray
-    ) -> np.ndarray:
-        """Rows ``r[keep]`` with one pwrite per run of consecutive samples in a chunk; returns
-        the rows written, sorted."""
+    ) -> None:
+        """Rows ``r[keep]`` with one pwrite per run of consecutive samples in a chunk."""
         lay = self.layout
         cs, sb = lay.chunk_samples, lay.sample_bytes
         order = np.argsort(r, kind="stable")
@@ -845,7 +843,6 @@ class StoreWriter:
                 f.result()
         else:
             _pwrite_all(jobs)
-        return rs
 
     def _chunk_fd(self, view: int, chunk: int) -> int:
         """The open chunk file, created at its full size (an edge chunk padded with the fill

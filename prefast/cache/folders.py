@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from prefast.cache.probes import PROBE_PREFIX
 from prefast.errors import CacheError
 from store import location
 from store.tools.inspect import describe_dataset, describe_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,17 +79,31 @@ def iso_time(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
-def _size_and_mtime(path: Path) -> tuple[int, float]:
-    """Bytes of the files under ``path`` and their newest mtime (symlinks not followed)."""
-    total, newest = 0, path.lstat().st_mtime
-    for top, dirs, files in os.walk(path):
-        for name in dirs + files:
+def entry_sizes(run_dir: Path) -> tuple[dict[str, int], float]:
+    """Bytes of the files under each entry of ``run_dir`` (by the entry's name) and the newest
+    mtime in it, in one walk (symlinks not followed)."""
+    sizes: dict[str, int] = {}
+    newest = run_dir.lstat().st_mtime
+    for top, dirs, files in os.walk(run_dir):
+        rel = os.path.relpath(top, run_dir)
+        entry = None if rel == "." else rel.split(os.sep, 1)[0]
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(top, name)).st_mtime)
+        for name in files:
             with contextlib.suppress(OSError):
                 st = os.lstat(os.path.join(top, name))
                 newest = max(newest, st.st_mtime)
-                if name in files:
-                    total += st.st_size
-    return total, newest
+                key = entry or name
+                sizes[key] = sizes.get(key, 0) + st.st_size
+    return sizes, newest
+
+
+def lock_holder(fd: int) -> int:
+    """The pid a run wrote into the run-folder lock file open as ``fd`` (0 where it says none)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip())
+    return 0
 
 
 def _user(run_dir: Path) -> int | None:
@@ -101,37 +118,42 @@ def _user(run_dir: Path) -> int | None:
         except OSError as e:
             if e.errno not in LOCK_BUSY:
                 raise
-            with contextlib.suppress(OSError, ValueError):
-                return int(os.pread(fd, 32, 0).decode().strip())
-            return 0
+            return lock_holder(fd)
         return None  # the shared lock is dropped with the descriptor
     finally:
         os.close(fd)
 
 
-def _store_entry(path: Path) -> StoreEntry:
-    nbytes, _ = _size_and_mtime(path)
+def _store_entry(path: Path, nbytes: int) -> StoreEntry:
     try:
         s = store.open(path, partial=True)
     except store.StoreError as e:
         return StoreEntry(path.name, nbytes, None, f"not readable: {' '.join(str(e).split())}")
-    meta = s.meta
+    try:
+        meta, complete = s.meta, s.complete
+    finally:
+        s.close()
     what = describe_model(meta["model"]) if isinstance(meta.get("model"), dict) else "?"
     if isinstance(meta.get("data"), dict):
         what += " on " + describe_dataset(meta["data"])
-    return StoreEntry(path.name, nbytes, s.complete, what)
+    return StoreEntry(path.name, nbytes, complete, what)
 
 
 def describe_run_folder(run_dir: Path) -> RunFolder:
     """Size, stores and state of one run folder."""
-    nbytes, modified = _size_and_mtime(run_dir)
+    sizes, modified = entry_sizes(run_dir)
     stores = [
-        _store_entry(p)
+        _store_entry(p, sizes.get(p.name, 0))
         for p in sorted(run_dir.iterdir())
         if p.name.startswith(STORE_PREFIX) and p.is_dir() and not p.is_symlink()
     ]
     return RunFolder(
-        run_dir, nbytes, modified, (run_dir / RUN_MARKER).is_file(), _user(run_dir), stores
+        run_dir,
+        sum(sizes.values()),
+        modified,
+        (run_dir / RUN_MARKER).is_file(),
+        _user(run_dir),
+        stores,
     )
 
 
@@ -197,11 +219,57 @@ def check_removable(path: str | Path) -> RunFolder:
     return info
 
 
+def clear_leftovers(run_dir: Path) -> None:
+    """Delete what an interrupted run left in its own run folder (which carries our marker):
+    renamed-away stores in the trash, stores of rate probes, and stores whose writing never
+    finished (a run never reads those: it writes a boundary's store anew)."""
+    if not (run_dir / RUN_MARKER).is_file():
+        return
+    for child in run_dir.iterdir():
+        if child.is_dir() and child.name.startswith((TRASH_PREFIX, PROBE_PREFIX)):
+            shutil.rmtree(child, ignore_errors=True)
+            log.info("cleared %s, left by an interrupted run", child)
+        elif child.is_dir() and child.name.startswith(STORE_PREFIX) and _unfinished(child):
+            delete_store(child)
+            log.info("removed %s, a store an interrupted run did not finish writing", child)
+
+
+def _unfinished(path: Path) -> bool:
+    """Whether ``path`` is an activation store that opens and is marked incomplete (a folder
+    that is not a store, or a store that does not open, is left alone)."""
+    if not location.is_activation_store(path):
+        return False
+    try:
+        s = store.open(path, partial=True)
+    except store.StoreError:
+        return False
+    try:
+        return not s.complete
+    finally:
+        s.close()
+
+
+def remove_if_unused(run_dir: Path) -> bool:
+    """Remove ``run_dir`` where it holds nothing but its marker and lock; True if it went.
+    Called with the lock held, so a run that starts meanwhile is refused, or its lock file
+    keeps the folder. The lock file goes before the marker: cut short between the two, the
+    folder is still marked, and a later ``remove`` (or a run's end) takes it."""
+    with contextlib.suppress(OSError):
+        names = {p.name for p in run_dir.iterdir()}
+        if RUN_MARKER in names and names <= {RUN_MARKER, LOCK_NAME}:
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            (run_dir / RUN_MARKER).unlink()
+            run_dir.rmdir()
+            return True
+    return False
+
+
 def remove_run_folder(path: str | Path) -> list[str]:
     """Delete the run folder at ``path`` (see ``check_removable``), holding its lock meanwhile
-    so that no run starts in it. Its stores go first, each renamed into the folder's trash
-    before it is deleted (a kill leaves trash that a later start or remove clears), then the
-    marker and the lock. Anything else in it (a file prefast did not write) stays, with the
+    so that no run starts in it. What interrupted runs left goes first (``clear_leftovers``),
+    then its stores, each renamed into the folder's trash before it is deleted (a kill leaves
+    trash that a later start or remove clears), then the lock and the marker
+    (``remove_if_unused``). Anything else in it (a file prefast did not write) stays, with the
     folder; the names left are returned."""
     info = check_removable(path)
     run_dir = info.path
@@ -213,34 +281,30 @@ def remove_run_folder(path: str | Path) -> list[str]:
             if e.errno in LOCK_BUSY:
                 raise CacheError(f"{path}: a prefast run started using it; left as it is") from None
             raise
+        clear_leftovers(run_dir)
         for child in sorted(run_dir.iterdir()):
             if child.is_symlink() or not child.is_dir():
                 continue
             if child.name.startswith(STORE_PREFIX) and location.is_activation_store(child):
                 delete_store(child)  # renamed into the trash first
-            elif child.name.startswith((TRASH_PREFIX, PROBE_PREFIX)):
-                shutil.rmtree(child)
-        left = sorted(p.name for p in run_dir.iterdir() if p.name not in (RUN_MARKER, LOCK_NAME))
-        if not left:  # the lock file first: cut short here, the marked folder can go again
-            (run_dir / LOCK_NAME).unlink()
-            (run_dir / RUN_MARKER).unlink()
+        if remove_if_unused(run_dir):
+            return []
     finally:
         os.close(fd)
-    if not left:
-        try:
-            run_dir.rmdir()
-        except OSError:  # a run started in it after the lock went
-            left = sorted(p.name for p in run_dir.iterdir())
-    return left
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in (RUN_MARKER, LOCK_NAME))
 
 
 __all__ = [
     "RunFolder",
     "StoreEntry",
     "check_removable",
+    "clear_leftovers",
     "describe_run_folder",
+    "entry_sizes",
     "iso_time",
     "list_run_folders",
+    "lock_holder",
+    "remove_if_unused",
     "remove_run_folder",
     "unique",
 ]

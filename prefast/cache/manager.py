@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,13 +36,13 @@ import torch
 import store
 from prefast.cache.ahead import AheadStore
 from prefast.cache.build import Cache, PassSpec, build_cache, frozen_forward
+from prefast.cache.folders import clear_leftovers, entry_sizes, lock_holder, remove_if_unused
 from prefast.cache.identity import (
     LOCK_BUSY,
     LOCK_NAME,
     RUN_MARKER,
     RUN_PREFIX,
     STORE_PREFIX,
-    TRASH_PREFIX,
     check_cache_dir,
     delete_store,
     fingerprint,
@@ -60,7 +59,6 @@ from prefast.cache.plan import (
     steps_seconds,
 )
 from prefast.cache.probes import (
-    PROBE_PREFIX,
     STEADY_SECONDS,
     free_memory,
     measure_store_rates,
@@ -240,7 +238,7 @@ class CacheManager:
         local = location.as_local(run_dir)
         if local is not None:
             self._lock_fd = _take_run_dir(local)
-            _clear_leftovers(local)  # only where the marker says the folder is ours
+            clear_leftovers(local)  # only where the marker says the folder is ours
         else:
             log.warning(
                 "%s: object stores have no locks; run one prefast run with these settings "
@@ -1093,7 +1091,7 @@ class CacheManager:
             if self._lock_fd is not None:
                 local = location.as_local(self.run_dir) if self.run_dir is not None else None
                 if local is not None:  # rank 0 holds the lock: nothing kept, no folder left
-                    _remove_if_unused(local)
+                    remove_if_unused(local)
                     if self.cfg.cache_dir is None and self._tmp_dir is None:
                         # CHECKPOINT_DIR/cache, made for this run: gone too where now empty
                         with contextlib.suppress(OSError):
@@ -1140,9 +1138,8 @@ def _lock_run_dir(run_dir: Path) -> int:
                     raise
                 time.sleep(0.02)
     except OSError as e:
-        holder = ""
-        with contextlib.suppress(OSError, ValueError):
-            holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
+        pid = lock_holder(fd)
+        holder = f" (pid {pid})" if pid else ""
         os.close(fd)
         if e.errno in LOCK_BUSY:
             raise CacheError(
@@ -1176,7 +1173,8 @@ def _say_what_stays(run_dir: Path) -> None:
     with contextlib.suppress(OSError):
         stores = sorted(p for p in run_dir.iterdir() if p.name.startswith(STORE_PREFIX))
         if stores:
-            size = sum(f.stat().st_size for p in stores for f in p.rglob("*") if f.is_file())
+            sizes, _ = entry_sizes(run_dir)
+            size = sum(sizes.get(p.name, 0) for p in stores)
             log.warning(
                 "%s keeps %d store(s), %.1f MB (%s): --resume reuses a complete one, the next "
                 "start removes an unfinished one; 'prefast cache remove %s' frees the space",
@@ -1188,22 +1186,10 @@ def _say_what_stays(run_dir: Path) -> None:
             )
 
 
-def _remove_if_unused(run_dir: Path) -> None:
-    """Remove ``run_dir`` where it holds nothing but its marker and lock (a run that kept no
-    store: a RAM or device cache, a refused resume); called with the lock still held, so a
-    run that starts meanwhile is refused, or its lock file keeps the folder."""
-    with contextlib.suppress(OSError):
-        names = {p.name for p in run_dir.iterdir()}
-        if RUN_MARKER in names and names <= {RUN_MARKER, LOCK_NAME}:
-            (run_dir / RUN_MARKER).unlink(missing_ok=True)
-            (run_dir / LOCK_NAME).unlink(missing_ok=True)
-            run_dir.rmdir()
-
-
 def _claim_run_dir(run_dir: Path) -> None:
     """Mark ``run_dir`` as this package's where it is: new or empty (a folder that carries the
     marker already is). A folder of the same name with someone else's files in it stays
-    unmarked: it is used, but nothing in it is ever cleared (``_clear_leftovers``)."""
+    unmarked: it is used, but nothing in it is ever cleared (``clear_leftovers``)."""
     marker = run_dir / RUN_MARKER
     if marker.is_file():
         return
@@ -1216,36 +1202,6 @@ def _claim_run_dir(run_dir: Path) -> None:
         )
         return
     marker.touch()
-
-
-def _clear_leftovers(run_dir: Path) -> None:
-    """Delete what an interrupted run left in its own run folder (which carries our marker):
-    renamed-away stores in the trash, stores of rate probes, and stores whose writing never
-    finished (a run never reads those: it writes a boundary's store anew)."""
-    if not (run_dir / RUN_MARKER).is_file():
-        return
-    for child in run_dir.iterdir():
-        if child.is_dir() and child.name.startswith((TRASH_PREFIX, PROBE_PREFIX)):
-            shutil.rmtree(child, ignore_errors=True)
-            log.info("cleared %s, left by an interrupted run", child)
-        elif child.is_dir() and child.name.startswith(STORE_PREFIX) and _unfinished(child):
-            delete_store(child)
-            log.info("removed %s, a store an interrupted run did not finish writing", child)
-
-
-def _unfinished(path: Path) -> bool:
-    """Whether ``path`` is an activation store that opens and is marked incomplete (a folder
-    that is not a store, or a store that does not open, is left alone)."""
-    if not location.is_activation_store(path):
-        return False
-    try:
-        s = store.open(path, partial=True)
-    except store.StoreError:
-        return False
-    try:
-        return not s.complete
-    finally:
-        s.close()
 
 
 __all__ = ["CacheManager"]
