@@ -28,7 +28,11 @@ def exports(
         module = where.get(name)
         if module is not None:
             value = getattr(importlib.import_module(module), name)
-        elif not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}"):
+        elif (
+            name.isidentifier()
+            and not name.startswith("__")
+            and importlib.util.find_spec(f"{package}.{name}")
+        ):
             value = importlib.import_module(f"{package}.{name}")
         else:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")

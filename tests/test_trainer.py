@@ -1345,6 +1345,10 @@ def test_lazy_exports_match_the_type_checking_imports(package):
         assert name in dir(mod)
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         mod.no_such_name  # noqa: B018
+    # not a module name: hasattr and getattr with a default answer, as for any module
+    for odd in ("a.b", "", "1x", ".models"):
+        assert not hasattr(mod, odd)
+        assert getattr(mod, odd, None) is None
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
