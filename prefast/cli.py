@@ -389,7 +389,15 @@ def _main(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from prefast.errors import DistributedError, PrefastError
-    from store.errors import StoreError, StoreWriteError
+
+    def store_errors(name: str) -> tuple[type[BaseException], ...]:
+        # Looked up, not imported: the store package imports torch (seconds), and where it was
+        # never imported, nothing raised can be one of its errors (prefast train --t0 2).
+        module = sys.modules.get("store.errors")
+        return (getattr(module, name),) if module else ()
+
+    def one_line_errors() -> tuple[type[BaseException], ...]:
+        return (PrefastError, *store_errors("StoreError"))
 
     # basicConfig does nothing where the process has configured logging already (a notebook,
     # an earlier main() call): -q and -v set the level of prefast's and store's loggers,
@@ -402,14 +410,13 @@ def _main(args: argparse.Namespace) -> int:
                 if args.command == "cache":
                     return _cache(args)
                 return _train(args, rank)
-        except (PrefastError, StoreError) as e:
+        except one_line_errors() as e:
             # One line, no trace. Exit 1 where the run failed rather than its input: a rank died or
             # timed out, or writing a store failed (a full disk); else bad input (or a store that
             # fails its checks), exit 2.
             print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
-            failed = isinstance(e, (DistributedError, StoreWriteError)) or isinstance(
-                e.__cause__, StoreWriteError
-            )
+            written = store_errors("StoreWriteError")
+            failed = isinstance(e, (DistributedError, *written)) or isinstance(e.__cause__, written)
             return 1 if failed else 2
         except (OSError, FloatingPointError) as e:
             # The machine or the run failed (a full disk, a diverging loss): one line, exit 1.

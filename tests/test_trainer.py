@@ -1287,15 +1287,18 @@ def test_cli_answers_help_and_usage_errors_without_importing_torch():
     code = (
         "import sys\n"
         "from prefast.cli import main\n"
-        "for argv in (['--help'], ['train', '--help'], ['train', '--bogus'], ['verify', '-h']):\n"
+        "for argv in (['--help'], ['train', '--help'], ['train', '--bogus'], ['verify', '-h'],\n"
+        "             ['train', '--t0', '2', '--no-progress']):\n"
         "    try:\n"
-        "        main(argv)\n"
+        "        print('exit', main(argv))\n"
         "    except SystemExit:\n"
         "        pass\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--model MODEL" in out.stdout and "unrecognized arguments: --bogus" in out.stderr
+    assert "prefast: error: --t0: must be a finite number in (0, 1], got 2.0" in out.stderr
+    assert "exit 2" in out.stdout
     assert out.stdout.splitlines()[-1] == "[]"
 
 
