@@ -270,7 +270,8 @@ def _cache(args: argparse.Namespace) -> int:
             if r.unreadable:
                 state.append(f"not readable: {r.unreadable}")
             if r.user is not None:
-                state.append(f"in use by pid {r.user}" if r.user else "in use")
+                who = "being removed by prefast cache remove," if r.removing else "in use by"
+                state.append(f"{who} pid {r.user}" if r.user else "in use")
             when = folders.iso_time(r.modified)[:16].replace("T", " ") + " UTC"
             print(f"{r.path}  {_mb(r.nbytes)}, last written {when}"
                   + (f" ({'; '.join(state)})" if state else ""))  # fmt: skip

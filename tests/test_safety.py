@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import store
-from prefast import CheckpointError, TrainConfig, train
+from prefast import CacheError, CheckpointError, TrainConfig, train
 from prefast.cache.probes import measure_store_rates
 from prefast.cli import main
 from prefast.training import Trainer
@@ -594,6 +594,44 @@ def test_cache_remove_deletes_only_prefasts_run_folders_not_in_use(tmp_path, cap
     assert names == [".prefast-lock", ".prefast-run", "boundary-009", "boundary-010"]
     assert (mine / "thesis.tex").read_bytes() == b"irreplaceable"
     assert store.open(outside / "boundary-001").complete and (theirs / "keep.txt").is_file()
+
+
+def test_a_run_or_list_meeting_cache_remove_names_the_removal_not_a_stale_pid(
+    tmp_path, capsys, monkeypatch
+):
+    # remove holds the folder's lock while it deletes; the lock file still said the pid of
+    # the last run there (long gone), and a run refused meanwhile named that run
+    from prefast.cache import folders
+    from prefast.cache.identity import LOCK_NAME
+    from prefast.cache.manager import _lock_run_dir
+
+    cache = tmp_path / "cache"
+    run_dir = _run_folder(cache, "aaaaaaaaaaaa", {"boundary-003": True, "boundary-007": True})
+    (run_dir / LOCK_NAME).write_text("4242\n")  # the last run's pid
+    seen: list[str] = []
+    real = folders.delete_store
+
+    def meanwhile(path):
+        if not seen:
+            with pytest.raises(CacheError) as info:
+                _lock_run_dir(run_dir)
+            seen.append(str(info.value))
+            assert main(["cache", "list", str(cache)]) == 0
+            seen.append(capsys.readouterr().out)
+            with pytest.raises(CacheError) as info:
+                folders.check_removable(run_dir)
+            seen.append(str(info.value))
+            assert folders.describe_run_folder(run_dir).to_dict()["being_removed"] is True
+        real(path)
+
+    monkeypatch.setattr(folders, "delete_store", meanwhile)
+    assert main(["cache", "remove", str(run_dir)]) == 0
+    me = os.getpid()
+    assert "4242" not in "".join(seen)
+    assert f"is being deleted by prefast cache remove (pid {me})" in seen[0]
+    assert f"(being removed by prefast cache remove, pid {me})" in seen[1]
+    assert f"prefast cache remove (pid {me}) is deleting it already" in seen[2]
+    assert not run_dir.exists()
 
 
 def test_a_run_starting_while_cache_list_looks_at_its_folder_is_not_refused(tmp_path):

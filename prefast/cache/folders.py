@@ -58,6 +58,7 @@ class RunFolder:
     user: int | None  # the pid of the run using it (0: in use, pid unknown); None: free
     stores: list[StoreEntry] = field(default_factory=list)
     unreadable: str | None = None  # why the folder could not be looked into (permissions)
+    removing: bool = False  # the lock's holder is ``prefast cache remove``, not a run
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +68,7 @@ class RunFolder:
             "modified": iso_time(self.modified),
             "made_by_prefast": self.ours,
             "in_use_by_pid": self.user,
+            "being_removed": self.removing,
             "stores": [
                 {"name": s.name, "bytes": s.nbytes, "complete": s.complete, "what": s.what}
                 for s in self.stores
@@ -99,19 +101,32 @@ def entry_sizes(run_dir: Path) -> tuple[dict[str, int], float]:
     return sizes, newest
 
 
-def lock_holder(fd: int) -> int:
-    """The pid a run wrote into the run-folder lock file open as ``fd`` (0 where it says none)."""
-    with contextlib.suppress(OSError, ValueError):
-        return int(os.pread(fd, 32, 0).decode().strip())
-    return 0
+REMOVING = "remove"  # follows the pid in the lock file while ``prefast cache remove`` holds it
 
 
-def _user(run_dir: Path) -> int | None:
-    """The pid of the run holding ``run_dir``'s lock (0 where it does not say), None if free."""
+def write_lock_holder(fd: int, removing: bool = False) -> None:
+    """Write this process into the run-folder lock file open (and locked) as ``fd``: its pid,
+    and whether it is removing the folder rather than running in it."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}{' ' + REMOVING if removing else ''}\n".encode(), 0)
+
+
+def lock_holder(fd: int) -> tuple[int, bool]:
+    """Who wrote into the run-folder lock file open as ``fd`` (``write_lock_holder``): the pid
+    (0 where it says none) and whether it is removing the folder."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        words = os.pread(fd, 32, 0).decode().split()
+        return int(words[0]), words[1:] == [REMOVING]
+    return 0, False
+
+
+def _user(run_dir: Path) -> tuple[int | None, bool]:
+    """The pid of the process holding ``run_dir``'s lock (0 where it does not say; None if
+    free), and whether that is ``prefast cache remove``."""
     try:
         fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
     except FileNotFoundError:
-        return None
+        return None, False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -119,7 +134,7 @@ def _user(run_dir: Path) -> int | None:
             if e.errno not in LOCK_BUSY:
                 raise
             return lock_holder(fd)
-        return None  # the shared lock is dropped with the descriptor
+        return None, False  # the shared lock is dropped with the descriptor
     finally:
         os.close(fd)
 
@@ -147,13 +162,15 @@ def describe_run_folder(run_dir: Path) -> RunFolder:
         for p in sorted(run_dir.iterdir())
         if p.name.startswith(STORE_PREFIX) and p.is_dir() and not p.is_symlink()
     ]
+    user, removing = _user(run_dir)
     return RunFolder(
         run_dir,
         sum(sizes.values()),
         modified,
         (run_dir / RUN_MARKER).is_file(),
-        _user(run_dir),
+        user,
         stores,
+        removing=removing,
     )
 
 
@@ -210,6 +227,8 @@ def check_removable(path: str | Path) -> RunFolder:
     info = describe_run_folder(local)
     if not info.ours:
         raise CacheError(f"{path}: not made by prefast (no {RUN_MARKER} in it); left as it is")
+    if info.removing:
+        raise CacheError(f"{path}: prefast cache remove (pid {info.user}) is deleting it already")
     if info.user is not None:
         pid = f" (pid {info.user})" if info.user else ""
         raise CacheError(f"{path}: a prefast run is using it{pid}; wait for it to finish")
@@ -281,6 +300,7 @@ def remove_run_folder(path: str | Path) -> list[str]:
             if e.errno in LOCK_BUSY:
                 raise CacheError(f"{path}: a prefast run started using it; left as it is") from None
             raise
+        write_lock_holder(fd, removing=True)  # a run refused meanwhile names this, not a pid gone
         clear_leftovers(run_dir)
         for child in sorted(run_dir.iterdir()):
             if child.is_symlink() or not child.is_dir():
@@ -307,4 +327,5 @@ __all__ = [
     "remove_if_unused",
     "remove_run_folder",
     "unique",
+    "write_lock_holder",
 ]

@@ -36,7 +36,13 @@ import torch
 import store
 from prefast.cache.ahead import AheadStore
 from prefast.cache.build import Cache, PassSpec, build_cache, frozen_forward
-from prefast.cache.folders import clear_leftovers, entry_sizes, lock_holder, remove_if_unused
+from prefast.cache.folders import (
+    clear_leftovers,
+    entry_sizes,
+    lock_holder,
+    remove_if_unused,
+    write_lock_holder,
+)
 from prefast.cache.identity import (
     LOCK_BUSY,
     LOCK_NAME,
@@ -1138,17 +1144,21 @@ def _lock_run_dir(run_dir: Path) -> int:
                     raise
                 time.sleep(0.02)
     except OSError as e:
-        pid = lock_holder(fd)
+        pid, removing = lock_holder(fd)
         holder = f" (pid {pid})" if pid else ""
         os.close(fd)
+        if e.errno in LOCK_BUSY and removing:
+            raise CacheError(
+                f"--cache-dir: {run_dir}, the folder of a run with these settings, is being "
+                f"deleted by prefast cache remove (pid {pid}); start again when it has finished"
+            ) from None
         if e.errno in LOCK_BUSY:
             raise CacheError(
                 f"--cache-dir: another prefast run with the same settings is using {run_dir}"
                 f"{holder}; wait for it to finish or use another --cache-dir"
             ) from None
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    write_lock_holder(fd)
     return fd
 
 
