@@ -277,9 +277,41 @@ def test_register_model_rejects_duplicate_names() -> None:
     def impostor(**kwargs: Any) -> UnitModel:
         return densenet_bc(num_classes=2, depth=16, growth=4)
 
-    with pytest.raises(ModelError, match="already registered"):
+    with pytest.raises(ModelError, match=r"already registered \(by prefast.models.densenet."):
         register_model("densenet_bc")(impostor)
     assert register_model("densenet_bc")(densenet_bc) is densenet_bc  # re-registering is fine
+    net = create_model("densenet_bc", num_classes=3, in_channels=1, image_size=8, depth=16)
+    assert net.config["name"] == "densenet_bc"
+
+
+def test_register_model_takes_a_redefinition_of_the_same_factory(caplog) -> None:
+    """A notebook cell (or a script) that defines and registers a model, run a second time,
+    defines a new function of the same name: it replaces the first, rather than failing
+    until the user unregisters it. Another function claiming the name is still refused."""
+    source = (
+        "from prefast.models import register_model, from_sequential\n"
+        "from torch import nn\n"
+        "@register_model('cell_net')\n"
+        "def cell_net(*, num_classes, in_channels, image_size, width=WIDTH):\n"
+        "    return from_sequential([nn.Conv2d(in_channels, width, 3, padding=1)],\n"
+        "        nn.Sequential(nn.Flatten(), nn.Linear(width * image_size**2, num_classes)),\n"
+        "        config={'name': 'cell_net', 'width': width})\n"
+    )
+    caplog.set_level("INFO", "prefast")
+    try:
+        for width in (3, 5):  # the cell run twice, edited in between
+            exec(source.replace("WIDTH", str(width)), {"__name__": "__main__"})
+        assert "replacing the earlier definition" in caplog.text
+        model = create_model("cell_net", num_classes=2, in_channels=1, image_size=8)
+        assert model.units[0].out_channels == 5
+
+        def cell_net(*, num_classes: int, in_channels: int, image_size: int) -> UnitModel:
+            raise AssertionError("never called")
+
+        with pytest.raises(ModelError, match=r"already registered \(by __main__\.cell_net\)"):
+            register_model("cell_net")(cell_net)  # same name, another module: refused
+    finally:
+        unregister_model("cell_net")
 
 
 def test_register_model_checks_its_name_and_the_factorys_arguments() -> None:

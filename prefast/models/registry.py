@@ -39,8 +39,16 @@ def register_model(name: str) -> Callable[[F], F]:
         )
 
     def decorator(factory: F) -> F:
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ModelError(f"model name {name!r} is already registered")
+        old = _REGISTRY.get(name)
+        if old is not None and old is not factory:
+            if not _same_definition(old, factory):
+                where = f"{getattr(old, '__module__', '?')}.{getattr(old, '__qualname__', '?')}"
+                raise ModelError(
+                    f"model name {name!r} is already registered (by {where}); "
+                    "pick another name, or unregister_model it first"
+                )
+            # the same function defined again: a notebook cell or a script run a second time
+            logger.info("register_model(%r): replacing the earlier definition", name)
         missing = _missing_common(factory)
         if missing:
             raise ModelError(
@@ -52,6 +60,15 @@ def register_model(name: str) -> Callable[[F], F]:
         return factory
 
     return decorator
+
+
+def _same_definition(old: Factory, new: Factory) -> bool:
+    """Whether ``new`` is ``old`` defined again (same module and qualified name) rather than
+    another factory claiming its name."""
+    names = ("__module__", "__qualname__")
+    return all(getattr(old, a, None) is not None for a in names) and all(
+        getattr(old, a) == getattr(new, a, None) for a in names
+    )
 
 
 def _missing_common(factory: Factory) -> list[str]:
