@@ -375,6 +375,12 @@ def check_labels(where: str, labels: Any, n: int) -> np.ndarray:
         raise StoreInputError(
             f"{where}field 'labels' must be >= 0 (class indices), got {int(lab[k])} at position {k}"
         )
+    if lab.size and int(lab.max()) > np.iinfo(np.int64).max:  # uint64: would wrap to < 0
+        k = int(np.argmax(lab > np.iinfo(np.int64).max))
+        raise StoreInputError(
+            f"{where}field 'labels' must fit in int64 (class indices), got {int(lab[k])} at "
+            f"position {k}"
+        )
     return lab.astype(np.int64)
 
 

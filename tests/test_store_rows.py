@@ -377,6 +377,12 @@ def test_negative_labels_are_refused_where_they_are_given(tmp_path):
     w = store.create(tmp_path / "s", sample_shape=tuple(x.shape[2:]), num_samples=len(y))
     with pytest.raises(store.StoreInputError, match=r"must be >= 0 .*got -1 at position 5"):
         w.write(0, 0, x[0], y)
+    y[5] = 1
+    big = y.numpy().astype(np.uint64)  # 2**63 and more wrapped to negative labels
+    big[7] = 2**63
+    with pytest.raises(store.StoreInputError, match=r"must fit in int64 .*at position 7"):
+        w.write(0, 0, x[0], big)
+    w.write(0, 0, x[0], y.numpy().astype(np.uint64))  # uint64 class indices are fine
     w.abort()
 
 
