@@ -41,6 +41,16 @@ from store.protocols import ActivationSource
 from store.reader import ActivationStore, numpy_view
 
 
+def _samples_per_rank(source: ActivationSource, world_size: int) -> int:
+    """N // world_size on every rank (the epoch's remainder is left out); StoreInputError
+    where the source has fewer samples than there are ranks, for every kind of source."""
+    n = source.num_samples
+    if n < world_size:
+        where = getattr(source, "path", type(source).__name__)
+        raise StoreInputError(f"{where}: {n} sample(s) cannot be shared by {world_size} ranks")
+    return n // world_size
+
+
 @dataclass(frozen=True)
 class Batching:
     """How an epoch is cut into batches; the loader validates the values."""
@@ -120,8 +130,7 @@ class RandomAccessSampling:
             f.result()
 
     def samples_per_rank(self) -> int:
-        n, w = self.source.num_samples, self.batching.world_size
-        return n if w == 1 else n // w
+        return _samples_per_rank(self.source, self.batching.world_size)
 
     def plan(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The epoch's (sample indices, views) per batch of this rank, both int64 (B,)."""
@@ -171,14 +180,7 @@ class ChunkStreamSampling:
         return c1 - c0
 
     def samples_per_rank(self) -> int:
-        """N // world_size on every rank, as random access gives (the epoch's remainder is
-        left out)."""
-        s, w = self.source, self.batching.world_size
-        if s.num_samples < w:
-            raise StoreInputError(
-                f"{s.path}: {s.num_samples} sample(s) cannot be shared by {w} ranks"
-            )
-        return s.num_samples // w
+        return _samples_per_rank(self.source, self.batching.world_size)
 
     def _pieces(self, order: np.ndarray) -> list[tuple[int, int, int]]:
         """This rank's part of an epoch: ``(chunk, lo, hi)``, the chunk's samples ``lo:hi``.

@@ -305,6 +305,16 @@ def test_rank_parts_are_disjoint_equal_and_cover(tmp_path, data, tier, world):
     assert len(union) == N - N % world  # covers all but the epoch's remainder
 
 
+@pytest.mark.parametrize("tier", ["zarr-raw", "zarr-lz4", "ram"])
+def test_fewer_samples_than_ranks_is_refused_by_every_tier(tmp_path, data, tier):
+    # random access gave each rank 0 samples (a silent epoch of nothing), streaming raised
+    x, y = data
+    src = _tiers(tmp_path, x[:, :2], y[:2])[tier]
+    with pytest.raises(store.StoreInputError, match=r"2 sample\(s\) cannot be shared by 3 ranks"):
+        len(store.StoreLoader(src, batch_size=7, seed=3, rank=2, world_size=3))
+    assert len(store.StoreLoader(src, batch_size=7, seed=3, rank=1, world_size=2)) == 1
+
+
 def test_drop_last_and_start_batch(tmp_path, data):
     x, y = data
     src = store.RamCache.from_tensors(x, y)
