@@ -121,9 +121,10 @@ class TensorCache:
         x: torch.Tensor | np.ndarray,
         labels: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        """Write sample ``rows[k]`` of ``view`` from ``x[k]``, in any order. ``rows`` may be on
-        this cache's device (no host synchronisation then, but ``labels`` must be None: give
-        them with host rows, or with ``write``)."""
+        """Write sample ``rows[k]`` of ``view`` from ``x[k]``, in any order; a row given twice
+        keeps its last sample. ``rows`` may be on this cache's device (no host synchronisation
+        then, but they must be distinct and ``labels`` must be None: give them with host rows,
+        or with ``write``)."""
         check_write("", self.views, self.num_samples, self.sample_shape, view, 0, x[:0])
         rt = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(np.asarray(rows))
         if rt.dim() != 1 or rt.is_floating_point() or rt.dtype == torch.bool:
@@ -138,7 +139,16 @@ class TensorCache:
             if not on_host:
                 raise StoreInputError("labels with write_rows need the rows on the host")
             lab = torch.from_numpy(check_labels("", labels, int(rt.shape[0])))
-        xt = to_device(torch.as_tensor(x).detach(), self.device).to(self.dtype)
+        xt = torch.as_tensor(x).detach()
+        if on_host and rt.numel() > 1:
+            # a row given twice keeps its last sample, as a store does (index_copy_ on a GPU
+            # keeps an undefined one); rows on the device must be distinct
+            last, first_rev = np.unique(rt.numpy()[::-1], return_index=True)
+            if len(last) < rt.shape[0]:
+                keep = torch.from_numpy(rt.shape[0] - 1 - first_rev)
+                rt, xt = rt[keep], xt[keep.to(xt.device)]
+                lab = lab[keep] if lab is not None else None
+        xt = to_device(xt, self.device).to(self.dtype)
         self.data[view].index_copy_(0, to_device(rt.to(torch.int64), self.device), xt)
         if lab is not None:
             self.labels[rt.to(torch.int64)] = lab

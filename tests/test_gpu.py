@@ -532,3 +532,13 @@ def test_write_through_waits_until_its_queued_rows_are_in_a_host_cache():
         assert torch.equal(sink.data[0], x.cpu().half())
     finally:
         wt.abort()
+
+
+def test_a_row_given_twice_on_the_host_keeps_its_last_sample_in_a_cuda_tier():
+    # index_copy_ with repeated indices keeps an undefined source on a GPU
+    cache = store.DeviceCache.empty(4, 1, (64,), dtype="float32", device="cuda")
+    rows = np.array([1] * 500 + [0, 2, 3])
+    x = torch.arange(503, dtype=torch.float32, device="cuda")[:, None].expand(503, 64)
+    cache.write_rows(0, rows, x)
+    assert cache.data[0, :, 0].tolist() == [500.0, 499.0, 501.0, 502.0]
+    assert bool((cache.data[0, 1] == 499.0).all())

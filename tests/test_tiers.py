@@ -245,3 +245,20 @@ def test_tensor_tiers_refuse_the_labels_a_store_refuses(tier):
     assert torch.equal(cache.labels, torch.full((4,), -1)) and not cache.data.eq(1).any()
     cache.write_rows(0, [3, 1], x, [0, 5])
     assert cache.labels.tolist() == [-1, 5, -1, 0]
+
+
+@pytest.mark.parametrize("tier", ["ram", "device"])
+def test_a_row_given_twice_keeps_its_last_sample_as_a_store_does(tmp_path, tier):
+    # index_copy_ with a repeated index keeps an undefined one of its sources on a GPU
+    make = store.RamCache.empty if tier == "ram" else store.DeviceCache.empty
+    cache = make(5, 1, (3,), dtype="float32")
+    rows = [2, 0, 2, 4, 1, 2, 3]
+    x = torch.arange(7, dtype=torch.float32)[:, None].expand(7, 3) + 10
+    cache.write_rows(0, np.array(rows), x, [7, 0, 8, 4, 1, 9, 3])
+    assert cache.data[0, :, 0].tolist() == [11.0, 14.0, 15.0, 16.0, 13.0]
+    assert cache.labels.tolist() == [0, 1, 9, 3, 4]
+    w = store.create(tmp_path / "s", sample_shape=(3,), num_samples=5, dtype="float32")
+    w.write_rows(0, rows, x.numpy(), np.array([7, 0, 8, 4, 1, 9, 3]))
+    w.close()
+    stored = store.RamCache.from_store(store.open(tmp_path / "s"))
+    assert torch.equal(stored.data, cache.data) and torch.equal(stored.labels, cache.labels)
