@@ -762,6 +762,32 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, capsys):
     assert "settings: --depth, --t0" in err and "model-args" not in err, err
 
 
+def test_resume_names_a_checkpoint_of_another_version_instead_of_failing_in_it(tmp_path):
+    # a checkpoint another version wrote (an entry less, a setting more, another layout)
+    # failed with a KeyError or a bare "unknown config fields"
+    from prefast.training.checkpoint import CHECKPOINT_NAME
+
+    ck = tmp_path / "ck"
+    first = train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(ck)))
+    path = ck / CHECKPOINT_NAME
+    good = torch.load(path, weights_only=True)
+    assert good["format"] == 1
+    older = {k: v for k, v in good.items() if k not in ("format", "rng", "losses")}
+    newer = {**good, "config": {**good["config"], "warmup_epochs": 2}}
+    later = {**good, "format": 2}
+    again = tiny(mode="freezeout", epochs=2, checkpoint_dir=str(ck), resume=True)
+    for state, needle in [
+        (older, "lacks the entries losses, rng: written by another version of prefast"),
+        (newer, r"made by another version of prefast: unknown config fields \['warmup_epochs'\]"),
+        (later, "a checkpoint of format 2, written by another version of prefast; this version"),
+    ]:
+        torch.save(state, path)
+        with pytest.raises(CheckpointError, match=needle):
+            train(again)
+    torch.save({k: v for k, v in good.items() if k != "format"}, path)  # before the stamp
+    assert train(again).records[0] == first.records[0]
+
+
 # ---- the CLI -----------------------------------------------------------------------------------------------
 def test_cli_documented_command_runs(tmp_path, capsys):
     args = [

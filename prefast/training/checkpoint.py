@@ -22,6 +22,14 @@ from prefast.config import RESUMABLE_FIELDS
 from prefast.errors import CheckpointError
 
 CHECKPOINT_NAME = "last.pt"
+# The layout of a checkpoint's dict; a version of prefast that changes what a checkpoint holds
+# (or how) raises it, so a checkpoint of a newer layout is refused by name, not misread.
+# Checkpoints written before it was stamped hold the layout of format 1.
+CHECKPOINT_FORMAT = 1
+# what a run resumes from (``load_checkpoint_file(..., needs=RESUME_ENTRIES)``)
+RESUME_ENTRIES = (
+    "config", "epoch", "model", "optimizer", "frontier", "cache", "records", "losses", "rng"
+)  # fmt: skip
 _TMP_TAG = "prefast-"  # in a temporary checkpoint's name: .last.pt.prefast-XXXXXXXX.tmp
 
 
@@ -90,9 +98,12 @@ def checkpoint_load_reason(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:160]
 
 
-def load_checkpoint_file(path: Path | str, what: str) -> dict[str, Any]:
-    """A training checkpoint's contents. Loaded with ``weights_only=True``: tensors and plain
-    containers only, so a crafted file cannot run code; anything else is refused."""
+def load_checkpoint_file(
+    path: Path | str, what: str, needs: tuple[str, ...] = ("config", "model")
+) -> dict[str, Any]:
+    """A training checkpoint's contents, holding at least the entries ``needs``. Loaded with
+    ``weights_only=True``: tensors and plain containers only, so a crafted file cannot run code;
+    anything else is refused, as is a checkpoint of another layout (``CHECKPOINT_FORMAT``)."""
     if not Path(path).is_file():
         raise CheckpointError(f"{what}: no checkpoint at {path}")
     try:
@@ -106,12 +117,26 @@ def load_checkpoint_file(path: Path | str, what: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{what}: {path} is not a prefast training checkpoint (no 'config' and 'model' entries)"
         )
+    fmt = state.get("format", 1)
+    if fmt != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{what}: {path} is a checkpoint of format {fmt!r}, written by another version of "
+            f"prefast; this version reads format {CHECKPOINT_FORMAT}"
+        )
+    missing = [k for k in needs if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{what}: {path} lacks the entries {', '.join(missing)}: written by another "
+            "version of prefast, or not by a training run"
+        )
     return state
 
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "CHECKPOINT_NAME",
     "RESUMABLE_FIELDS",
+    "RESUME_ENTRIES",
     "checkpoint_load_reason",
     "load_checkpoint_file",
     "rng_state",

@@ -59,8 +59,10 @@ from prefast.paths import check_writable_dir, check_writable_file
 from prefast.runtime import autocast, keep_freed_memory, resolve_device
 from prefast.training.batches import Batch, image_batches
 from prefast.training.checkpoint import (
+    CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     RESUMABLE_FIELDS,
+    RESUME_ENTRIES,
     load_checkpoint_file,
     rng_state,
     save_checkpoint,
@@ -546,6 +548,7 @@ class Trainer:
             save_checkpoint(
                 path,
                 {
+                    "format": CHECKPOINT_FORMAT,
                     "config": self.cfg.to_dict(),
                     "epoch": next_epoch,
                     "model": self.model.state_dict(),
@@ -571,8 +574,13 @@ class Trainer:
             # starts over
             log.warning("--resume: no checkpoint at %s yet; starting from the beginning", path)
             return
-        state = load_checkpoint_file(path, "--resume")
-        saved = TrainConfig.from_dict(state["config"])
+        state = load_checkpoint_file(path, "--resume", needs=RESUME_ENTRIES)
+        try:
+            saved = TrainConfig.from_dict(state["config"])
+        except ConfigError as e:  # a setting this version does not have: a newer version's
+            raise CheckpointError(
+                f"--resume: the checkpoint at {path} was made by another version of prefast: {e}"
+            ) from None
         diff = [
             k
             for k, v in saved.to_dict().items()
