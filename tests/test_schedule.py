@@ -159,6 +159,49 @@ def test_unit_that_would_freeze_after_the_run_never_freezes() -> None:
     assert s.frozen_count(99) == 0
 
 
+@pytest.mark.parametrize("how_scale", ["linear", "squared", "cubic"])
+@pytest.mark.parametrize("scale_lr", [True, False])
+def test_every_unit_follows_the_design_formulas(how_scale: str, scale_lr: bool) -> None:
+    # DESIGN.md section 2, written out with L = 5 units over J = 37 iterations, t0 = 0.35:
+    # t_i = scale(t0 + (1 - t0) i / L), max_j = t_i J, lr_i(0) = base_lr / t_i (scale_lr),
+    # lr_i(j) = lr_i(0) (1 + cos(pi j / max_j)) / 2 while j <= max_j, frozen (0) after
+    power = {"linear": 1, "squared": 2, "cubic": 3}[how_scale]
+    s = FreezeSchedule(
+        ScheduleConfig(t0=0.35, how_scale=how_scale, scale_lr=scale_lr, base_lr=0.07), 5, 37
+    )
+    for i in range(6):
+        t = (0.35 + 0.65 * i / 5) ** power
+        max_j = t * 37
+        lr0 = 0.07 / t if scale_lr else 0.07
+        assert s.t[i] == pytest.approx(t, rel=1e-12)
+        assert s.max_j[i] == pytest.approx(max_j, abs=1e-6)
+        for j in range(37):
+            frozen = i < 5 and j > max_j
+            assert s.is_frozen(i, j) == frozen
+            want = 0.0 if frozen else 0.5 * lr0 * (1 + math.cos(math.pi * j / max_j))
+            assert s.lr(i, j) == pytest.approx(want, rel=1e-9, abs=1e-15)
+        first = math.floor(max_j) + 1
+        assert s.freeze_iteration(i) == (first if i < 5 and first < 37 else None)
+
+
+def test_a_unit_whose_freeze_point_rounds_to_zero_trains_at_its_initial_lr() -> None:
+    # t_0 = 0.001 ** 3 = 1e-9: max_j = 5e-9 rounds to 0; the unit trains at j = 0 only, at
+    # lr_0(0) (the cosine's limit), as if max_j were tiny but positive (0 / 0 raised here,
+    # and gave UnitSGD a NaN learning rate)
+    s = FreezeSchedule(ScheduleConfig(t0=0.001, scale_lr=False), 3, 5)
+    assert s.max_j[0] == 0.0
+    assert s.lr(0, 0) == 0.1
+    assert s.is_frozen(0, 1) and s.lr(0, 1) == 0.0
+    assert s.freeze_iterations()[0] == 1
+
+
+def test_a_t0_whose_scaled_t_underflows_is_refused() -> None:
+    # 1e-120 cubed is 0.0 in floats: the first unit would start at base_lr / 0
+    with pytest.raises(ScheduleError, match=r"t0: 1e-120 is too small for how_scale=cubic"):
+        FreezeSchedule(ScheduleConfig(t0=1e-120), 3, 10)
+    assert FreezeSchedule(ScheduleConfig(t0=1e-120, how_scale="linear"), 3, 10).t[0] == 1e-120
+
+
 def test_densenet76_defaults() -> None:
     s = FreezeSchedule(ScheduleConfig(), 39, 90_000)
     assert s.t[0] == pytest.approx(0.512)

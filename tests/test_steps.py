@@ -56,6 +56,21 @@ def test_unit_sgd_equals_torch_sgd_with_per_unit_learning_rates(nesterov):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_unit_sgd_learning_rate_where_a_freeze_point_rounds_to_zero():
+    """t0 = 0.001 cubed is 1e-9: unit 0's max_j (1e-9 * 5) rounds to 0. It trains at j = 0 at
+    lr_0(0), as schedule.lr says; 0 / 0 on the device gave it a NaN learning rate (a NaN loss
+    from the next step on)."""
+    m = _model()
+    sched = FreezeSchedule(ScheduleConfig(t0=0.001, scale_lr=False), m.num_units, 5)
+    opt = UnitSGD(m, sched, range(m.num_units), momentum=0.9, nesterov=True, weight_decay=0.0)
+    for j in range(3):
+        opt.update_lrs(torch.tensor(j))
+        expected = torch.tensor([sched.lr(i, j) for i in range(m.num_units + 1)])
+        torch.testing.assert_close(opt.lrs, expected, rtol=1e-6, atol=0)
+    opt.update_lrs(torch.tensor(0))
+    assert float(opt.lrs[0]) == pytest.approx(0.1)
+
+
 def test_unit_sgd_leaves_parameters_the_model_fixed_alone():
     """A model of one's own may fix some parameters (requires_grad=False), in a unit or in the
     head: they get no gradient, and the step updates the others instead of refusing."""

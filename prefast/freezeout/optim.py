@@ -63,6 +63,9 @@ class UnitSGD:
         # the schedule's per-unit constants (head last), float64 so lr matches schedule.lr
         self._lr0 = torch.tensor(schedule.initial_lr, dtype=torch.float64, device=device)
         self._max_j = torch.tensor(schedule.max_j, dtype=torch.float64, device=device)
+        # the divisor of j: max_j, or 1 where max_j rounds to 0 (a unit that trains at j = 0
+        # only, at lr_i(0), as schedule.lr; 0 / 0 gave it a NaN learning rate)
+        self._div = torch.where(self._max_j > 0, self._max_j, 1.0)
         self.lrs = torch.zeros(head + 1, dtype=torch.float32, device=device)  # (num_units + 1,)
 
     @property
@@ -86,7 +89,7 @@ class UnitSGD:
     def update_lrs(self, j: torch.Tensor) -> None:
         """``self.lrs`` at iteration ``j`` (a device scalar), in place."""
         jf = j.to(torch.float64)
-        lr = 0.5 * self._lr0 * (1.0 + torch.cos(math.pi * jf / self._max_j))
+        lr = 0.5 * self._lr0 * (1.0 + torch.cos(math.pi * jf / self._div))
         self.lrs.copy_(torch.where(jf > self._max_j, 0.0, lr))  # frozen: 0, as schedule.lr
 
     @torch.no_grad()

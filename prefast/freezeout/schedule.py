@@ -53,6 +53,11 @@ def unit_t(num_units: int, t0: float, how_scale: str) -> tuple[float, ...]:
     n = _check_count("num_units", num_units)
     t0 = _check_t0(t0)
     scale = _check_scale(how_scale)
+    if scale(t0) <= 0.0:  # underflow (t0 = 1e-120, cubic): unit 0 would start at base_lr / 0
+        raise ScheduleError(
+            f"t0: {t0!r} is too small for how_scale={how_scale}: the first unit's t underflows "
+            "to 0; use a larger t0"
+        )
     return (*(scale(t0 + (1.0 - t0) * i / n) for i in range(n)), 1.0)
 
 
@@ -168,7 +173,10 @@ class FreezeSchedule:
         """
         if self.is_frozen(i, j):
             return 0.0
-        return 0.5 * self.initial_lr[i] * (1.0 + math.cos(math.pi * j / self.max_j[i]))
+        # max_j rounds to 0 where t_i * total_iterations < 5e-7: the unit trains at j = 0 only,
+        # at lr_i(0) (the ratio's limit), not at cos(0 / 0)
+        max_j = self.max_j[i]
+        return 0.5 * self.initial_lr[i] * (1.0 + math.cos(math.pi * j / max_j if max_j else 0.0))
 
     def frozen_count(self, j: int) -> int:
         """How many leading units are frozen at iteration ``j``; the head never counts.
