@@ -231,6 +231,26 @@ def test_idx_label_count_and_range_checked(tmp_path: Path) -> None:
         load_dataset("mnist", "test", data_root=tmp_path)
 
 
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_a_file_holding_no_images_is_refused(tmp_path: Path, name: str) -> None:
+    # a well-formed file with 0 images: an empty test split ended a run with a bare
+    # ZeroDivisionError after its first epoch, an empty train split with an error about ranks
+    if name == "mnist":
+        write_fake_idx(tmp_path, name)
+        images_path, labels_path = idx_paths(tmp_path, name, "test")
+        write_idx(images_path, np.zeros((0, 28, 28), np.uint8))
+        write_idx(labels_path, np.zeros(0, np.uint8))
+    else:
+        write_fake_cifar(tmp_path, name)
+        images_path = tmp_path / "cifar-10-batches-py" / "test_batch"
+        # protocol 4: protocol 2 pickles empty bytes as a call to the global bytes()
+        with images_path.open("wb") as f:
+            pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, f, protocol=4)
+    with pytest.raises(DataError, match="holds no images") as err:
+        load_dataset(name, "test", data_root=tmp_path)
+    assert str(images_path) in str(err.value)
+
+
 def test_corrupt_cifar_pickle_names_the_file(tmp_path: Path) -> None:
     write_fake_cifar(tmp_path, "cifar100")
     path = tmp_path / "cifar-100-python" / "test"

@@ -149,6 +149,8 @@ def _read_idx_split(
     images_path: Path, labels_path: Path, spec: DatasetSpec
 ) -> tuple[np.ndarray, np.ndarray]:
     images = _read_idx(images_path, _IDX_IMAGES_MAGIC)  # (N, H, W)
+    if len(images) == 0:  # an empty split failed later: a bare ZeroDivisionError in evaluation
+        raise DataError(f"{images_path}: holds no images; the file is truncated or corrupt")
     if images.shape[1:] != (spec.image_size, spec.image_size):
         raise DataError(
             f"{images_path}: images are {images.shape[1:]}, {spec.name} needs "
@@ -190,6 +192,8 @@ def _read_cifar_batch(path: Path, spec: DatasetSpec) -> tuple[np.ndarray, np.nda
     pixels = spec.channels * spec.image_size * spec.image_size
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
         raise DataError(f"{path}: data must be (N, {pixels}) uint8, got {data.dtype} {data.shape}")
+    if len(data) == 0:
+        raise DataError(f"{path}: holds no images; the file is truncated or corrupt")
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(
             f"{path}: {label_key!r} must be {len(data)} integers, got {labels.dtype} {labels.shape}"
