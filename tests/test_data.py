@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import gzip
 import os
 import pickle
@@ -249,6 +250,46 @@ def test_a_file_holding_no_images_is_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(DataError, match="holds no images") as err:
         load_dataset(name, "test", data_root=tmp_path)
     assert str(images_path) in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist", "cifar100"])
+def test_a_file_the_user_may_not_read_is_not_called_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # EACCES said "the file is corrupt, delete it" of a good file in a shared folder
+    write_fake(tmp_path, name)
+    denied = Path(_locate_first(name, tmp_path))
+    real_path_open, real_open = Path.open, builtins.open
+
+    def deny(path: str | os.PathLike[str]) -> None:
+        if Path(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    def path_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        deny(self)
+        return real_path_open(self, *args, **kwargs)
+
+    def open_(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, str | os.PathLike):
+            deny(file)
+        return real_open(file, *args, **kwargs)
+
+    # as chmod 000 would for a user other than root: Path.open, and open() for gzip.open
+    monkeypatch.setattr(Path, "open", path_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    with pytest.raises(DataError) as err:
+        load_dataset(name, "train", data_root=tmp_path)
+    assert str(err.value) == (
+        f"{denied}: cannot read (Permission denied); check the file's permissions"
+    )
+
+
+def _locate_first(name: str, root: Path) -> Path:
+    from prefast.data.readers import _locate
+
+    found, missing = _locate(name, "train", root)
+    assert not missing
+    return found[0]
 
 
 def test_corrupt_cifar_pickle_names_the_file(tmp_path: Path) -> None:

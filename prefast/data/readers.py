@@ -113,12 +113,19 @@ def _locate(name: str, split: str, root: Path) -> tuple[list[Path], list[Path]]:
     return found, missing
 
 
+def _unreadable(path: Path, exc: PermissionError) -> DataError:
+    """A file this user may not read: not corrupt, so not to be deleted."""
+    return DataError(f"{path}: cannot read ({exc.strerror}); check the file's permissions")
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
+    except PermissionError as exc:
+        raise _unreadable(path, exc) from exc
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc}); the file is corrupt, delete it") from exc
 
@@ -178,6 +185,8 @@ def _read_cifar_batch(path: Path, spec: DatasetSpec) -> tuple[np.ndarray, np.nda
     try:
         with path.open("rb") as f:
             obj = _SafeUnpickler(f, encoding="latin1").load()
+    except PermissionError as exc:
+        raise _unreadable(path, exc) from exc
     except Exception as exc:  # a malformed pickle can raise nearly anything
         raise DataError(f"{path}: not a readable CIFAR pickle ({exc!r}); delete it") from exc
     if not isinstance(obj, dict):
