@@ -570,6 +570,23 @@ def test_metrics_jsonl_and_config(tmp_path):
     )
 
 
+def test_metrics_stay_strict_json_when_the_weights_diverge(tmp_path):
+    # one step per epoch: the step's loss is finite, its update is not, so the epoch's test
+    # loss is NaN; the record said NaN (not JSON) before the next epoch stopped the run
+    m = tmp_path / "m.jsonl"
+    cfg = tiny(mode="full", num_samples=13, base_lr=1e30, epochs=2, metrics=str(m))
+    with pytest.raises(FloatingPointError, match="iteration 1"):
+        train(cfg)
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in the metrics")
+
+    (line,) = m.read_text().splitlines()
+    rec = json.loads(line, parse_constant=refuse)
+    assert rec["epoch"] == 0 and rec["iterations"] == 1 and rec["test_loss"] is None
+    assert 0 < rec["train_loss"] < 10  # finite: its step ran on finite weights
+
+
 class _Crash(Exception):
     pass
 
