@@ -157,3 +157,31 @@ def test_a_copied_store_with_a_corrupt_chunk_fails_verify_with_a_checkpoint(run,
     r = verify_against_checkpoint(store.open(copy), run["ckpt"], samples=4)
     assert r.fingerprint_ok and [(p.view, p.chunk) for p in r.chunks.bad_chunks] == [(0, 0)]
     assert not r.ok
+
+
+def test_a_store_with_an_unreadable_chunk_is_reported_not_refused(run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run["store"], copy)
+    s = store.open(copy)
+    assert s.views == 2 and s.num_chunks == 1
+    chunk = copy / "activations" / "c" / "1" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])  # view 1's only chunk, truncated
+    r = verify_against_checkpoint(store.open(copy), run["ckpt"], samples=5, seed=3)
+    assert [(p.view, p.chunk) for p in r.chunks.bad_chunks] == [(1, 0)]
+    assert r.fingerprint_ok and not r.ok
+    # view 0 is recomputed, view 1's samples cannot be read and are skipped
+    assert [c.view for c in r.samples] == [0] * 5 and r.max_rel_error <= r.tolerance
+    rc = prefast_main(["verify", str(copy), "--checkpoint", str(run["ckpt"]), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "recomputed  16 samples x 1 view(s)" in out and "result      FAILED" in out
+
+
+def test_a_boundary_outside_the_model_is_refused(run, tmp_path, capsys):
+    meta = dict(store.open(run["store"]).meta)
+    x = encoded(num_samples=9, views=1)
+    for b in (0, 99, "3"):
+        write_store(tmp_path / "s", x, labels_for(9), meta={**meta, "boundary": b}, overwrite=True)
+        rc = prefast_main(["verify", str(tmp_path / "s"), "--checkpoint", str(run["ckpt"])])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"meta.boundary is {b!r}, not a boundary of its model (" in err

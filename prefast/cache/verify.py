@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,10 +123,16 @@ class CheckpointReport:
             )
         if self.max_rel_error is not None and self.samples:
             worst = max(self.samples, key=lambda s: s.rel_error)
-            views = sorted({s.view for s in self.samples})
+            per_view = Counter(s.view for s in self.samples)
+            counts = set(per_view.values())
             lines.append(
-                f"recomputed  {len(self.samples) // max(len(views), 1)} samples x {len(views)} "
-                f"view(s) through units[0:{self.boundary}] ({self.boundary_unit}): max relative "
+                "recomputed  "
+                + (
+                    f"{counts.pop()} samples x {len(per_view)} view(s)"
+                    if len(counts) == 1
+                    else f"{len(self.samples)} samples of {len(per_view)} view(s)"
+                )
+                + f" through units[0:{self.boundary}] ({self.boundary_unit}): max relative "
                 f"error {self.max_rel_error:.3g} (view {worst.view}, sample {worst.sample}), "
                 f"tolerance {self.tolerance:.3g} -> "
                 + ("within" if self.within_tolerance else "EXCEEDED")
@@ -163,13 +170,19 @@ def verify_against_checkpoint(
         raise CheckpointError(f"--rtol: must be > 0, got {rtol}")
     dev = resolve_device(device)
     state = load_checkpoint_file(ckpt, "--checkpoint")
-    report.chunks = store.verify(s, progress=progress)
     try:
         cfg = TrainConfig.from_dict(state["config"])
         model = create_model(**meta["model"])
     except (PrefastError, TypeError) as e:
         raise CheckpointError(f"{ckpt}: cannot rebuild the run: {e}") from None
-    b = int(meta["boundary"])
+    b = meta["boundary"]
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= len(model.units):
+        raise CheckpointError(
+            f"{s.path}: the store's meta.boundary is {b!r}, not a boundary of its model "
+            f"({len(model.units)} units); only stores written by prefast train can be checked "
+            "against a checkpoint"
+        )
+    report.chunks = store.verify(s, progress=progress)
     report.boundary = b
     report.boundary_unit = meta.get("boundary_unit")
     try:
@@ -214,17 +227,31 @@ def verify_against_checkpoint(
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(samples, n), replace=False))
     augment = Augment.from_spec(train.spec, cfg.augment)
     tiny = float(np.finfo(np.float32).tiny)
+    # a bad chunk is in report.chunks already: what is stored is compared unchecked, and the
+    # samples of a chunk that cannot be read at all (missing, truncated, undecodable) skipped
+    unchecked = store.open(s.path, partial=True, checksums=False)
     for v in range(s.views):
+        parts = []
+        for c in np.unique(idx // s.chunk_samples).tolist():
+            rows = idx[idx // s.chunk_samples == c]
+            try:
+                parts.append((rows, unchecked.read(v, rows).float()))
+            except store.StoreCorruptError:
+                continue
+        if not parts:
+            continue
+        vidx = np.concatenate([r for r, _ in parts])
+        stored = torch.cat([t for _, t in parts])
         aug = augment.params(view_key(cfg.seed, v), n) if not augment.identity else None
-        x, _ = make_batch(train, idx, aug, dev)
+        x, _ = make_batch(train, vidx, aug, dev)
         with torch.no_grad(), autocast(dev, cfg.amp):
             out = model.forward_range(x, 0, b).float().cpu()  # (K, *sample_shape)
-        # a bad chunk is in report.chunks already: compare what is stored, unchecked
-        stored = store.open(s.path, partial=True, checksums=False).read(v, idx).float()
         err = (out - stored).abs().flatten(1).amax(1)
         scale = out.abs().flatten(1).amax(1).clamp_min(tiny)
-        for i, rel in zip(idx.tolist(), (err / scale).tolist(), strict=True):
+        for i, rel in zip(vidx.tolist(), (err / scale).tolist(), strict=True):
             report.samples.append(SampleCheck(v, int(i), float(rel)))
+    if not report.samples:  # every chosen sample lies in an unreadable chunk
+        return report
     report.max_rel_error = max(c.rel_error for c in report.samples)
     tol = rtol
     if tol is None:
