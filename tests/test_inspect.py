@@ -292,6 +292,22 @@ def test_missing_and_incomplete_stores(tmp_path, data, capsys):
     assert not r.ok and r.missing[0] == (0, 16, 117) and r.chunks_read == 2
 
 
+def test_inspect_ratio_of_an_incomplete_store_counts_only_written_chunks(tmp_path, data):
+    from store.tools.inspect import summary
+
+    x, y = data
+    w = store.create(tmp_path / "part", sample_shape=SHAPE, num_samples=N, chunk_samples=CHUNK)
+    w.write(0, 0, x[0, :16], y[:16])  # 2 of 15 chunks of an uncompressed store, then killed
+    w.abort()
+    s = store.open(tmp_path / "part", partial=True)
+    d = summary(s)
+    stored = s.nbytes_stored("activations")
+    assert d["ratio"] == 16 * s.layout.sample_bytes / stored and d["ratio"] < 1
+    w = store.create(tmp_path / "none", sample_shape=SHAPE, num_samples=N, chunk_samples=CHUNK)
+    w.abort()  # nothing written: no ratio
+    assert summary(store.open(tmp_path / "none", partial=True))["ratio"] is None
+
+
 def test_an_incomplete_store_gets_command_line_advice(tmp_path, data, stores, capsys):
     x, y = data
     part = tmp_path / "part"

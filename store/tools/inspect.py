@@ -26,6 +26,13 @@ def summary(s: ActivationStore) -> dict[str, Any]:
     lay = s.layout
     stored = s.nbytes_stored()
     stored_acts = s.nbytes_stored(ACTIVATIONS)
+    # uncompressed bytes of the chunks written: an incomplete store's files hold only those
+    raw_written = lay.sample_bytes * sum(
+        c1 - c0
+        for c, (c0, c1) in enumerate(map(lay.chunk_range, range(lay.num_chunks)))
+        for v in range(lay.views)
+        if s.chunk_written(v, c)
+    )
     return {
         "path": os.fspath(s.path),
         "format_version": s.info.format_version,
@@ -42,8 +49,8 @@ def summary(s: ActivationStore) -> dict[str, Any]:
         "bytes_per_sample": lay.sample_bytes,
         "bytes_raw": lay.raw_bytes,
         "bytes_on_disk": stored,
-        # compression of the activations: uncompressed / stored activation bytes
-        "ratio": (lay.raw_bytes / stored_acts) if stored_acts > 0 else None,
+        # compression of the activations: uncompressed / stored bytes of the chunks written
+        "ratio": (raw_written / stored_acts) if stored_acts > 0 and raw_written > 0 else None,
         "complete": s.complete,
         "missing": [list(r) for r in s.missing_ranges()],
         "memory_mapped": s.memory_mapped,
