@@ -107,11 +107,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _refuse_folder(path: str, flag: str, example: str) -> None:
     """An output file given as a folder (existing, or ending in a separator) is refused before
-    any work, with ``example`` as a file name in it."""
+    any work, with ``example`` as a file name in it; so is a file in a folder that does not
+    exist (found at the end, it would waste the pass over the store)."""
     if path.endswith(("/", os.sep)) or Path(path).is_dir():
         raise store.StoreInputError(
             f"{flag} {path}: a folder; name the file, e.g. {flag} {Path(path) / example}"
         )
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise store.StoreInputError(f"{flag} {path}: {folder} is not an existing folder")
 
 
 def _figure_path(path: str, flag: str, example: str) -> str:

@@ -217,6 +217,10 @@ def test_show_and_hist_say_the_file_they_wrote_and_refuse_a_folder(
         (["show", p, "--sample", "3", "-o", "runs"], "-o runs: a folder; name the file, e.g. -o "),
         (["stats", p, "--hist", "runs", "--no-progress"], "--hist runs: a folder; name the file"),
         (["stats", p, "--out", "runs", "--no-progress"], "--out runs: a folder; name the file"),
+        # a file in a folder that does not exist: refused before the pass, not after it
+        (["stats", p, "--out", "no/s.json"], "--out no/s.json: no is not an existing folder"),
+        (["stats", p, "--hist", "no/h"], "--hist no/h: no is not an existing folder"),
+        (["show", p, "--sample", "3", "-o", "no/x.png"], "-o no/x.png: no is not an existing"),
     ):
         assert store_main(argv) == 2
         cap = capsys.readouterr()
