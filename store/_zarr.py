@@ -3,6 +3,7 @@ writer and the reader use them."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -162,13 +163,48 @@ def array(group: zarr.Group, name: str) -> zarr.Array:
     return a
 
 
-def read_table(a: zarr.Array, where: str) -> np.ndarray:
-    """A whole CRC table as int64 (-1 marks a chunk not yet written); an unreadable table
-    raises ``StoreCorruptError``."""
-    try:
-        t = np.asarray(a[...], dtype=np.int64)
-    except Exception as e:
-        raise StoreCorruptError(f"{where}: the '{a.basename}' table cannot be read: {e!r}") from e
+def read_local_int64(a: zarr.Array, root: Path) -> np.ndarray:
+    """A whole raw int64 member array (a table, the labels) of the local store at ``root``,
+    read from its chunk files: each holds a whole chunk's little-endian values (an edge chunk
+    padded), a missing file is a chunk of the fill value. A file of another size raises
+    ``StoreCorruptError`` naming it. (zarr's own read of the whole array gathers every chunk
+    concurrently; when one fails, the others are left pending and the interpreter prints
+    hundreds of lines about them at exit.)"""
+    shape, chunks = tuple(a.shape), tuple(a.chunks)
+    out = np.full(shape, a.fill_value, dtype=np.int64)
+    size = math.prod(chunks) * 8  # bytes of a chunk file
+    grid = [-(-n // c) for n, c in zip(shape, chunks, strict=True)]
+    for key in np.ndindex(*grid):
+        f = chunk_file(root, a.basename, key)
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
+            continue
+        if len(data) != size:
+            raise StoreCorruptError(
+                f"{f}: a chunk of the '{a.basename}' array has {len(data)} bytes, expected "
+                f"{size} (truncated or replaced); rebuild the store"
+            )
+        region = tuple(
+            slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(key, chunks, shape, strict=True)
+        )
+        block = np.frombuffer(data, dtype="<i8").reshape(chunks)
+        out[region] = block[tuple(slice(0, r.stop - r.start) for r in region)]
+    return out
+
+
+def read_table(a: zarr.Array, where: str, root: Path | None = None) -> np.ndarray:
+    """A whole CRC table as int64 (-1 marks a chunk not yet written), from its chunk files in
+    a local store at ``root``; an unreadable table raises ``StoreCorruptError``."""
+    if root is not None:
+        t = read_local_int64(a, root)
+    else:
+        try:
+            t = np.asarray(a[...], dtype=np.int64)
+        except Exception as e:
+            raise StoreCorruptError(
+                f"{where}: the '{a.basename}' table cannot be read: {e!r}"
+            ) from e
     if ((t < -1) | (t >= 2**32)).any():
         raise StoreCorruptError(f"{where}: the '{a.basename}' table holds values that are no CRC")
     return t

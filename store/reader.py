@@ -331,7 +331,11 @@ class ActivationStore:
 
     def _read_labels(self) -> np.ndarray:
         try:
+            if self._local_root is not None:
+                return _zarr.read_local_int64(self._labels_arr, self._local_root)
             return np.asarray(self._labels_arr[...], dtype=np.int64)
+        except StoreCorruptError:
+            raise
         except Exception as e:
             raise StoreCorruptError(f"{self.path}: the labels cannot be read: {e!r}") from e
 
@@ -621,8 +625,8 @@ def open(
     where = os.fspath(path)
     info = StoreInfo.from_dict(group.attrs[ATTRS_KEY], where)
     arrays = _zarr.check_arrays(group, info.layout, where)
-    crcs = _zarr.read_table(arrays[CHUNK_CRC], where)
-    label_crcs = _zarr.read_table(arrays[LABEL_CRC], where)
+    crcs = _zarr.read_table(arrays[CHUNK_CRC], where, local)
+    label_crcs = _zarr.read_table(arrays[LABEL_CRC], where, local)
     unlabelled = np.flatnonzero((crcs[0] >= 0) & (label_crcs < 0))
     if unlabelled.size:
         raise StoreCorruptError(

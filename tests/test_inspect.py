@@ -420,6 +420,38 @@ def test_verify_catches_a_flipped_label_byte(tmp_path, data, capsys):
     capsys.readouterr()
 
 
+def test_truncated_table_and_label_chunks_are_one_line_naming_the_file(tmp_path, data, capsys):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    crc = path / "chunk_crc" / "c" / "1" / "3"
+    good = crc.read_bytes()
+    crc.write_bytes(b"")
+    r = subprocess.run(
+        [sys.executable, "-m", "store", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=False,
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    # zarr's concurrent read of the whole table left the other chunks' reads pending, and the
+    # interpreter printed them (hundreds of lines) at exit
+    assert r.stderr == (
+        f"error: {crc}: a chunk of the 'chunk_crc' array has 0 bytes, expected 8 (truncated or "
+        "replaced); rebuild the store\n"
+    )
+    crc.write_bytes(good)
+    labels = path / "labels" / "c" / "5"
+    labels.write_bytes(labels.read_bytes()[:20])
+    assert store_main(["verify", str(path), "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    assert f"labels      cannot be read: {labels}: a chunk of the 'labels' array has 20 bytes" in (
+        cap.out
+    )
+    assert "result      FAILED" in cap.out
+
+
 def test_to_xarray_without_xarray_points_to_zarr(stores):
     try:
         import xarray  # noqa: F401

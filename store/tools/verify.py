@@ -39,6 +39,7 @@ class VerifyReport:
     bad_chunks: list[ChunkProblem] = field(default_factory=list)
     bad_label_chunks: list[ChunkProblem] = field(default_factory=list)
     missing: list[tuple[int, int, int]] = field(default_factory=list)  # (view, start, stop)
+    labels_unreadable: str | None = None  # why the labels could not be read at all
     errors: list[str] = field(default_factory=list)  # one line per failure
 
     @property
@@ -64,7 +65,9 @@ class VerifyReport:
             )
         else:
             lines.append(f"chunks      {self.chunks_read} read, every checksum matches")
-        if self.bad_label_chunks:
+        if self.labels_unreadable is not None:
+            lines.append(f"labels      cannot be read: {self.labels_unreadable}")
+        elif self.bad_label_chunks:
             lines.append(
                 f"labels      {len(self.bad_label_chunks)} chunk(s) BAD:"
                 + "".join(
@@ -119,6 +122,7 @@ def check_labels(s: ActivationStore, report: VerifyReport) -> None:
     try:
         bad = s.verify_labels()
     except StoreCorruptError as e:
+        report.labels_unreadable = str(e)
         report.errors.append(str(e))
         return
     for c in bad:
