@@ -125,6 +125,15 @@ def test_show_api_tiles_share_one_scale_and_compare_views(stores):
     assert [float(im.get_array()[0, 0]) for im in images[:: SHAPE[0]]] == [7, 10007, 20007]
 
 
+def test_show_title_fits_a_grid_of_few_tiles(tmp_path):
+    x = torch.randn(1, 5, 1, 7, 9)  # one channel: a grid of one tile
+    s = write_store(tmp_path / "boundary-004-of-a-long-run-name", x, labels_for(5), chunk=4)
+    for fig in (store.show(s, 3), store.show(s, 3, compare_views=True)):
+        fig.draw_without_rendering()
+        box = fig._suptitle.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+
+
 def test_show_errors(tmp_path, stores, capsys):
     p = str(stores["f32"])
     assert store_main(["show", p, "--sample", "117", "-o", str(tmp_path / "x.png")]) == 2

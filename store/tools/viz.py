@@ -20,6 +20,7 @@ from store.reader import ActivationStore, check_opened
 DEFAULT_CHANNELS = 64  # tiles of a one-view grid when channels=None
 DEFAULT_COMPARE_CHANNELS = 8  # columns of a views-by-channels grid when channels=None
 TILE_INCHES = 1.3
+TITLE_CHAR_INCHES = 0.08  # width of a character of the title (10 pt DejaVu Sans, at most)
 
 
 def require_matplotlib(what: str) -> None:
@@ -112,11 +113,19 @@ def show(
     else:
         ncols = math.ceil(math.sqrt(len(chans)))
         nrows = math.ceil(len(chans) / ncols)
+    label = int(s.labels[int(sample)])
+    unit = s.meta.get("boundary_unit")
+    where = f", after {unit}" if unit else ""
+    which = f"views 0..{s.views - 1}" if compare_views else f"view {view}"
+    title = (
+        f"{os.path.basename(os.path.normpath(s.path))}: sample {sample} (label {label}), "
+        f"{which}{where}; {len(chans)} of {num_channels} channels"
+    )
     h, w = maps.shape[2:]
     tile_h = TILE_INCHES * (min(1.0, h / w) if h > 1 else 0.3)
-    fig = Figure(
-        figsize=(ncols * TILE_INCHES + 1.2, nrows * tile_h + 0.7), layout="constrained", dpi=100
-    )
+    # wide enough for the title too (a few tiles would clip it): ~0.08 in a character
+    width = max(ncols * TILE_INCHES + 1.2, TITLE_CHAR_INCHES * len(title) + 0.3)
+    fig = Figure(figsize=(width, nrows * tile_h + 0.7), layout="constrained", dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     images: list[Any] = []  # one per drawn tile; _channel_list never returns an empty list
@@ -147,15 +156,7 @@ def show(
             if compare_views and c == 0:
                 ax.set_ylabel(f"view {views[r]}", fontsize="small")
     fig.colorbar(images[0], ax=axes.ravel().tolist(), shrink=0.9, pad=0.02)
-    label = int(s.labels[int(sample)])
-    unit = s.meta.get("boundary_unit")
-    where = f", after {unit}" if unit else ""
-    which = f"views 0..{s.views - 1}" if compare_views else f"view {view}"
-    fig.suptitle(
-        f"{os.path.basename(os.path.normpath(s.path))}: sample {sample} (label {label}), "
-        f"{which}{where}; {len(chans)} of {num_channels} channels",
-        fontsize="medium",
-    )
+    fig.suptitle(title, fontsize="medium")
     return fig
 
 
