@@ -236,6 +236,22 @@ def test_each_cache_tier_trains(tmp_path, tier, codec, dtype):
         assert s.meta["fingerprint"] and s.meta["data"]["dataset"] == "synthetic"
 
 
+@pytest.mark.parametrize("recache_mode", ["write-through", "pass"])
+def test_a_compressed_store_takes_over_at_an_epochs_end(tmp_path, caplog, recache_mode):
+    """A compressed store is read in its own chunk order, not the epoch's permutation: a cache
+    due mid-epoch (the first freeze comes at step 5 of 6) is built and read from the epoch's
+    end, so every epoch still visits each sample once (it visited 13 twice in epoch 0)."""
+    caplog.set_level(logging.INFO, logger="prefast")
+    kw = dict(mode="prefast", cache="zarr", codec="lz4", recache_policy="every", t0=0.25)
+    r = train(tiny(**kw, recache_mode=recache_mode, cache_dir=str(tmp_path / "c")))
+    assert [(x["samples_seen"], x["samples_seen_twice"]) for x in r.records] == [(96, 0)] * 3
+    assert [x["cache_boundary"] for x in r.records] == [1, 5, 5]  # none built in the last epoch
+    said = [rec.getMessage() for rec in caplog.records]
+    assert any("boundary 1 is cached at the end of epoch 0" in m for m in said)
+    assert any("end of epoch 0: cache boundary 0 -> 1 (zarr)" in m for m in said)
+    assert store.open(r.summary["cache_path"]).meta["boundary"] == 5
+
+
 @pytest.mark.parametrize(
     ("tier", "fraction", "written"), [("ram", 0.5, "ram"), ("auto", 1e-12, "zarr")]
 )

@@ -131,7 +131,10 @@ class CacheManager:
         self.dist = dist
         self.device = dist.device
         self.progress = progress
-        self.cache: Cache | None = None
+        self.cache: Cache | None = None  # the cache the batches are read from
+        # the boundary of a cache due mid-epoch, built and read from the epoch's end (0: none;
+        # ``_recache``)
+        self._next = 0
         self.seconds = 0.0  # spent building caches, all passes of the run
         # spent measuring what the planner needs (unit forwards, tier rates), the whole run
         self.probe_seconds = 0.0
@@ -269,6 +272,19 @@ class CacheManager:
         return self.cache.boundary if self.cache is not None else 0
 
     @property
+    def _held(self) -> int:
+        """The boundary of the newest cache, read now or due at the epoch's end (0: none):
+        what a new cache must go past."""
+        return max(self.boundary, self._next)
+
+    def _held_tier(self) -> str | None:
+        """The tier of the cache at ``_held`` (one due at the epoch's end: the tier it will
+        go to)."""
+        if self._next > self.boundary:
+            return self._tier_for(self._next)
+        return self.cache.tier if self.cache is not None else None
+
+    @property
     def kept_path(self) -> str | None:
         """The current store's location when it outlives the run (not in a temporary folder)."""
         c = self.cache
@@ -323,9 +339,8 @@ class CacheManager:
             self._prepare_ahead(j)
             return changed
         b_new = self._planned_boundary(j, frontier)
-        if b_new > self.boundary:
-            self._recache(b_new, j)
-            return True
+        if b_new > self._held:
+            return self._recache(b_new, j)
         return False
 
     def _planned_boundary(self, j: int, frontier: int) -> int:
@@ -335,7 +350,7 @@ class CacheManager:
         return int(self.dist.broadcast_object(plan, "sharing the re-caching decision"))
 
     def _plan_on_this_rank(self, j: int, frontier: int) -> int:
-        b = self.boundary
+        b = self._held
         policy = self.cfg.recache_policy
         if policy != "auto":
             return plan_boundary(policy, b, frontier, self.model.cut_points)
@@ -357,7 +372,7 @@ class CacheManager:
                 self.sample_bytes,
                 tiers.__getitem__,
                 boundary=b,
-                tier=self.cache.tier if self.cache is not None else None,
+                tier=self._held_tier(),
             )
             self._auto_plan = {it: bb for (it, _), bb in zip(events, bounds, strict=True)}
             log.info("iteration %d: re-caching plan (iteration: boundary) %s", j, self._auto_plan)
@@ -391,7 +406,7 @@ class CacheManager:
         ):
             return
         epoch = j // self.iters_per_epoch
-        held = self._writing.target if self._writing is not None else self.boundary
+        held = self._writing.target if self._writing is not None else self._held
         nxt = [
             t
             for e, (start, t) in sorted(self._epoch_plan.items())
@@ -433,12 +448,11 @@ class CacheManager:
         if self._writing is not None or epoch >= self.cfg.epochs - 1:
             return False
         target = self._epoch_target(j, frontier)
-        if target <= self.boundary:
+        if target <= self._held:
             return False
         w = self._open_write_through(target)
         if w is None:  # this tier's sink cannot take rows: one pass, now
-            self._recache(target, j)
-            return True
+            return self._recache(target, j)
         self._writing = w
         log.info(
             "epoch %d, step %d: writing the cache at boundary %d (%s, %s) through the training "
@@ -470,10 +484,11 @@ class CacheManager:
             self._writing.take(h, ids)
 
     def end_epoch(self, epoch: int) -> bool:
-        """Finish the cache written this epoch and switch to it. True when the source changed."""
+        """Finish the cache written this epoch, or build the one due since a step of it
+        (``_recache``), and switch to it. True when the source changed."""
         w = self._writing
         if w is None:
-            return False
+            return self._build_next(epoch)
         self._writing = None
         prev = self.cache
         t = time.perf_counter()
@@ -484,6 +499,7 @@ class CacheManager:
             raise
         self.seconds += time.perf_counter() - t  # the finish (missing rows, close); writes overlap
         self._written = w.account()
+        self._next = 0  # one due at a lower boundary: superseded by the one written through
         self.cache = cache
         self._retire(prev)
         log.info(
@@ -495,9 +511,27 @@ class CacheManager:
         )
         return True
 
+    def _build_next(self, epoch: int) -> bool:
+        """Build the cache due since a step of this epoch, if one is (``_recache``), and switch
+        to it; none in the last epoch, whose cache nobody would read."""
+        b_new, self._next = self._next, 0
+        if b_new <= self.boundary or epoch >= self.cfg.epochs - 1:
+            return False
+        prev = self.cache
+        self.cache = self._build(b_new, prev)
+        self._retire(prev)
+        log.info(
+            "end of epoch %d: cache boundary %d -> %d (%s)",
+            epoch,
+            prev.boundary if prev else 0,
+            b_new,
+            self.cache.tier,
+        )
+        return True
+
     def _epoch_target(self, j: int, frontier: int) -> int:
         """The boundary to start writing at iteration ``j`` (the boundary held: nothing now)."""
-        b, policy = self.boundary, self.cfg.recache_policy
+        b, policy = self._held, self.cfg.recache_policy
         if frontier <= b:
             return b
         if policy != "auto":
@@ -511,7 +545,7 @@ class CacheManager:
     def _plan_epochs(self, j: int, frontier: int) -> dict[int, tuple[int, int]]:
         """The write-through plan from iteration ``j`` to the end: epoch -> (iteration at which
         its steps start writing, boundary written; the boundary held when nothing is)."""
-        b = self.boundary
+        b = self._held
         if self.cost is None:
             self.cost = self._measure_costs(j, frontier)
         epoch, elapsed = divmod(j, self.iters_per_epoch)
@@ -524,7 +558,7 @@ class CacheManager:
             self.sample_bytes,
             tiers.__getitem__,
             boundary=b,
-            tier=self.cache.tier if self.cache is not None else None,
+            tier=self._held_tier(),
             elapsed=elapsed,
             # a store that takes no rows is made by a pass (_open_write_through)
             pass_tiers=frozenset({"zarr"} if self._store_rows_refusal() else ()),
@@ -827,9 +861,36 @@ class CacheManager:
         )
 
     # ---- building ---------------------------------------------------------------------------------
-    def _recache(self, b_new: int, j: int) -> None:
+    def _recache(self, b_new: int, j: int) -> bool:
+        """One cache pass to ``b_new`` now, and the batches switch to it; mid-epoch where the
+        cache read now or the new one is a store read a chunk at a time (compressed or
+        remote), at the epoch's end instead (``end_epoch``): such a store is read in its own
+        chunk order, not the epoch's sample permutation, so the rest of the epoch would visit
+        some samples twice and others not at all. True when the batch source changed."""
+        epoch, step = divmod(j, self.iters_per_epoch)
+        tier = self.dist.broadcast_object(
+            self._tier_for(b_new) if self.dist.is_main else None, "sharing the cache tier"
+        )
+        streamed = tier == "zarr" and bool(self._store_rows_refusal())
+        if step and (streamed or _chunk_streamed(self.cache)):
+            self._next = b_new
+            why = (
+                f"--codec {self.cfg.codec}" if self.cfg.codec != "none" else "a remote --cache-dir"
+            )
+            log.info(
+                "iteration %d: boundary %d is cached %s: a store read a chunk at a time (%s) "
+                "visits the samples in its own order, so a switch mid-epoch would repeat some "
+                "and skip others",
+                j,
+                b_new,
+                f"at the end of epoch {epoch}"
+                if epoch < self.cfg.epochs - 1
+                else "not at all (no later epoch would read it)",
+                why,
+            )
+            return False
         prev = self.cache
-        self.cache = self._build(b_new, prev)
+        self.cache = self._build(b_new, prev, tier)
         self._retire(prev)
         log.info(
             "iteration %d: cache boundary %d -> %d (%s)",
@@ -838,13 +899,15 @@ class CacheManager:
             b_new,
             self.cache.tier,
         )
+        return True
 
-    def _build(self, b_new: int, prev: Cache | None) -> Cache:
-        """One cache pass to boundary ``b_new`` from ``prev`` (or the images), into the tier
-        the policy picks."""
-        tier = self.dist.broadcast_object(
-            self._tier_for(b_new) if self.dist.is_main else None, "sharing the cache tier"
-        )
+    def _build(self, b_new: int, prev: Cache | None, tier: str | None = None) -> Cache:
+        """One cache pass to boundary ``b_new`` from ``prev`` (or the images), into ``tier``
+        (default: the one the policy picks now)."""
+        if tier is None:
+            tier = self.dist.broadcast_object(
+                self._tier_for(b_new) if self.dist.is_main else None, "sharing the cache tier"
+            )
         path = store_path(self._zarr_dir(), b_new) if tier == "zarr" else None
         fp = self._fingerprint(b_new)
         meta = self.dist.broadcast_object(
@@ -1107,6 +1170,13 @@ class CacheManager:
                 with contextlib.suppress(OSError):
                     os.close(self._lock_fd)  # closing drops the flock
                 self._lock_fd = None
+
+
+def _chunk_streamed(cache: Cache | None) -> bool:
+    """Whether ``cache`` is a store read a whole chunk at a time (compressed or remote), in
+    its own order rather than the epoch's sample permutation (``store.sampling``)."""
+    s = cache.source if cache is not None else None
+    return isinstance(s, store.ActivationStore) and not s.memory_mapped
 
 
 def _compact_moves(moves: dict[int, int]) -> dict[int, int]:
