@@ -46,6 +46,27 @@ def test_apply_shifts_with_zero_padding_and_flips():
     assert torch.equal(out[2], h[2].flip(-1))
 
 
+@pytest.mark.parametrize(
+    ("spec", "size"), [(CIFAR, 16), (CIFAR, 8), (spec_for("fashion-mnist"), 7)]
+)
+def test_opposite_image_shifts_move_the_map_by_opposite_amounts(spec, size):
+    """Every image-space shift s is scaled to the map as -(the scaling of -s): the feature
+    shifts average to zero as the image crops do (halves rounded up moved them right)."""
+    fa = FeatureAugment.from_spec(spec, "shift")
+    p, c = fa.pad, size // 2
+    s = torch.arange(-p, p + 1)
+    h = torch.zeros(len(s), 1, size, size)
+    h[:, :, c, c] = 1.0  # one lit pixel in the middle
+    out = fa.apply(
+        h, torch.stack([torch.zeros_like(s), s], 1), torch.zeros(len(s), dtype=torch.bool)
+    )
+    moved = [c - int(o[0, c].nonzero()[0]) for o in out]  # the crop's offset in feature pixels
+    assert moved == [-m for m in reversed(moved)]
+    q = fa.pad_at(size)
+    expected = {16: [-2, -2, -1, -1, 0, 1, 1, 2, 2], 8: [-1, -1, -1, 0, 0, 0, 1, 1, 1]}
+    assert moved == expected.get(size, [-1, -1, 0, 1, 1]) and max(moved) == q
+
+
 @pytest.mark.parametrize(("mode", "enabled"), [("none", True), ("shift+flip", False)])
 def test_none_and_no_augmentation_are_the_identity(mode, enabled):
     fa = FeatureAugment.from_spec(CIFAR, mode, enabled=enabled)

@@ -200,9 +200,11 @@ class FeatureAugment:
         q = self.pad_at(int(h.shape[-1]))
         if q == 0 and not self.flip:
             return h
-        # scale the image-space shift to this map: round(s * q / pad), then offsets in [0, 2q]
-        scaled = torch.div(shift * (2 * q) + self.pad, 2 * self.pad, rounding_mode="floor")
-        offsets = scaled + q
+        # scale the image-space shift to this map: round(s * q / pad), halves away from zero so
+        # that s and -s move by opposite amounts (rounding halves up moved the crops right and
+        # down on average), then offsets in [0, 2q]
+        mag = torch.div(shift.abs() * (2 * q) + self.pad, 2 * self.pad, rounding_mode="floor")
+        offsets = shift.sign() * mag + q
         fl = flips if self.flip else torch.zeros_like(flips)
         return _crop_flip(h, offsets, fl, q)
 
