@@ -396,18 +396,23 @@ def test_bad_attributes_are_one_line_errors_in_every_command(
         assert match in err, err
 
 
-def test_bad_attributes_through_python_m_store(tmp_path, data):
-    x, y = data
-    path = tmp_path / "s"
-    write_store(path, x, y)
-    _edit_record(path, True, layout=None)
-    r = subprocess.run(
-        [sys.executable, "-m", "store", "stats", str(path)],
+def _python_m_store(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m store ARGS`` in a fresh interpreter, from the repository's root."""
+    return subprocess.run(
+        [sys.executable, "-m", "store", *args],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
         check=False,
     )
+
+
+def test_bad_attributes_through_python_m_store(tmp_path, data):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    _edit_record(path, True, layout=None)
+    r = _python_m_store("stats", str(path))
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr
@@ -436,13 +441,7 @@ def test_truncated_table_and_label_chunks_are_one_line_naming_the_file(tmp_path,
     crc = path / "chunk_crc" / "c" / "1" / "3"
     good = crc.read_bytes()
     crc.write_bytes(b"")
-    r = subprocess.run(
-        [sys.executable, "-m", "store", "inspect", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-        check=False,
-    )
+    r = _python_m_store("inspect", str(path))
     assert r.returncode == 2 and r.stdout == ""
     # zarr's concurrent read of the whole table left the other chunks' reads pending, and the
     # interpreter printed them (hundreds of lines) at exit
