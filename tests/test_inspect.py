@@ -312,10 +312,25 @@ def test_inspect_ratio_of_an_incomplete_store_counts_only_written_chunks(tmp_pat
     w = store.create(tmp_path / "part", sample_shape=SHAPE, num_samples=N, chunk_samples=CHUNK)
     w.write(0, 0, x[0, :16], y[:16])  # 2 of 15 chunks of an uncompressed store, then killed
     w.abort()
-    s = store.open(tmp_path / "part", partial=True)
-    d = summary(s)
-    stored = s.nbytes_stored("activations")
-    assert d["ratio"] == 16 * s.layout.sample_bytes / stored and d["ratio"] < 1
+    assert summary(store.open(tmp_path / "part", partial=True))["ratio"] == 1.0
+    # rows written into 6 chunks' files, 1 chunk complete (a write-through run killed): the
+    # other files held no written chunk and showed 0.16x
+    w = store.create(tmp_path / "rows", sample_shape=SHAPE, num_samples=N, chunk_samples=CHUNK)
+    rows = np.array([*range(8), 9, 17, 25, 33, 41])
+    w.write_rows(0, rows, x[0, rows].numpy(), y[rows].numpy())
+    w.abort()
+    s = store.open(tmp_path / "rows", partial=True)
+    assert [s.chunk_written(0, c) for c in range(6)] == [True] + [False] * 5
+    assert summary(s)["ratio"] == 1.0
+    w = store.create(tmp_path / "lz4", sample_shape=SHAPE, num_samples=N, chunk_samples=CHUNK,
+                     codec="lz4")  # fmt: skip
+    w.write(0, 0, torch.zeros(24, *SHAPE), y[:24])  # 3 chunks of zeros: compressed well
+    w.abort()
+    s = store.open(tmp_path / "lz4", partial=True)
+    files = sorted((tmp_path / "lz4" / "activations" / "c" / "0").iterdir())
+    assert [f.name for f in files] == ["0", "1", "2"]
+    stored = sum(f.joinpath("0", "0", "0").stat().st_size for f in files)
+    assert summary(s)["ratio"] == 24 * s.layout.sample_bytes / stored > 2
     w = store.create(tmp_path / "none", sample_shape=SHAPE, num_samples=N, chunk_samples=CHUNK)
     w.abort()  # nothing written: no ratio
     assert summary(store.open(tmp_path / "none", partial=True))["ratio"] is None

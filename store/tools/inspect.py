@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 from typing import Any
 
+from store import _zarr
 from store.errors import StoreIncompleteError
 from store.layout import ACTIVATIONS
 from store.reader import ActivationStore, check_opened
@@ -20,19 +22,33 @@ def _human(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def _written_chunk_bytes(s: ActivationStore) -> tuple[int, int]:
+    """(uncompressed bytes, bytes on disk; -1 for a remote store) of the activation chunks
+    written. An incomplete store may hold files of chunks not written yet (a raw store takes
+    rows into its chunk files, which may have been created ahead): only the written ones
+    count."""
+    lay = s.layout
+    root = _zarr.as_local(s.path)
+    rest = (0,) * len(lay.sample_shape)
+    raw = disk = 0
+    for v in range(lay.views):
+        for c in range(lay.num_chunks):
+            if not s.chunk_written(v, c):
+                continue
+            c0, c1 = lay.chunk_range(c)
+            raw += (c1 - c0) * lay.sample_bytes
+            if root is not None:
+                with contextlib.suppress(OSError):  # a missing file: verify reports it
+                    disk += _zarr.chunk_file(root, ACTIVATIONS, (v, c, *rest)).stat().st_size
+    return raw, disk if root is not None else -1
+
+
 def summary(s: ActivationStore) -> dict[str, Any]:
     """A JSON-able description of a store."""
     check_opened(s, "store.summary")
     lay = s.layout
     stored = s.nbytes_stored()
-    stored_acts = s.nbytes_stored(ACTIVATIONS)
-    # uncompressed bytes of the chunks written: an incomplete store's files hold only those
-    raw_written = lay.sample_bytes * sum(
-        c1 - c0
-        for c, (c0, c1) in enumerate(map(lay.chunk_range, range(lay.num_chunks)))
-        for v in range(lay.views)
-        if s.chunk_written(v, c)
-    )
+    raw_written, stored_written = _written_chunk_bytes(s)
     return {
         "path": os.fspath(s.path),
         "format_version": s.info.format_version,
@@ -50,7 +66,7 @@ def summary(s: ActivationStore) -> dict[str, Any]:
         "bytes_raw": lay.raw_bytes,
         "bytes_on_disk": stored,
         # compression of the activations: uncompressed / stored bytes of the chunks written
-        "ratio": (raw_written / stored_acts) if stored_acts > 0 and raw_written > 0 else None,
+        "ratio": (raw_written / stored_written) if stored_written > 0 and raw_written > 0 else None,
         "complete": s.complete,
         "missing": [list(r) for r in s.missing_ranges()],
         "memory_mapped": s.memory_mapped,
