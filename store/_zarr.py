@@ -208,8 +208,3 @@ def read_table(a: zarr.Array, where: str, root: Path | None = None) -> np.ndarra
     if ((t < -1) | (t >= 2**32)).any():
         raise StoreCorruptError(f"{where}: the '{a.basename}' table holds values that are no CRC")
     return t
-
-
-def read_chunk_crcs(group: zarr.Group) -> np.ndarray:
-    """The (views, num_chunks) int64 CRC table; -1 marks a chunk not yet written."""
-    return np.asarray(array(group, CHUNK_CRC)[...])

@@ -467,11 +467,23 @@ class StoreWriter:
         self._labels_arr = _zarr.writable(_zarr.array(group, LABELS))
         self._crc_arr = _zarr.writable(_zarr.array(group, CHUNK_CRC))
         self._label_crc_arr = _zarr.writable(_zarr.array(group, LABEL_CRC))
-        self._done = _zarr.read_chunk_crcs(group) >= 0  # (views, num_chunks) bool
+        # Local stores: the labels and CRC tables' chunks are plain files written directly.
+        # Raw local stores: so is every activation chunk (the chunk's bytes, what a memory
+        # map reads), and ``write_rows`` writes samples in place. None for compressed or
+        # remote stores.
+        self._local_root = root if isinstance(root, Path) else None
+        self._raw_root = self._local_root if info.layout.codec is None else None
+        # read from their chunk files where local, as a reader does (a damaged one is named)
+        crcs = _zarr.read_table(self._crc_arr, os.fspath(root), self._local_root)
+        self._done = crcs >= 0  # (views, num_chunks) bool
         # Chunks handed to the pool (set on the caller's thread; ``_done`` only once stored):
         # a later write of one of them is skipped, never raced with its store and checksum.
         self._submitted = self._done.copy()
-        self._labels = np.asarray(self._labels_arr[...], dtype=np.int64)  # -1 = not yet given
+        self._labels = (  # -1 = not yet given
+            _zarr.read_local_int64(self._labels_arr, self._local_root)
+            if self._local_root is not None
+            else np.asarray(self._labels_arr[...], dtype=np.int64)
+        )
         self._buffers: dict[tuple[int, int], _ChunkBuffer] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix="store-writer"
@@ -485,12 +497,6 @@ class StoreWriter:
         self._state_lock = threading.Lock()
         self._closed = False
         self.chunks_written = 0
-        # Local stores: the labels and CRC tables' chunks are plain files written directly.
-        # Raw local stores: so is every activation chunk (the chunk's bytes, what a memory
-        # map reads), and ``write_rows`` writes samples in place. None for compressed or
-        # remote stores.
-        self._local_root = root if isinstance(root, Path) else None
-        self._raw_root = self._local_root if info.layout.codec is None else None
         self._mode: str | None = (
             None  # 'batches' (write) or 'rows' (write_rows), fixed by the first call
         )

@@ -437,6 +437,26 @@ def test_killed_writer_leaves_incomplete_store_that_resume_completes(tmp_path, d
     assert chunk_files(path) == chunk_files(tmp_path / "ref")
 
 
+@pytest.mark.parametrize("table", ["chunk_crc/c/0/1", "labels/c/1"])
+def test_resume_names_a_truncated_table_chunk(tmp_path, data, table):
+    # zarr's read of the table raised a bare ValueError ('cannot reshape array of size 0')
+    x, y = data
+    kw = dict(sample_shape=SHAPE, num_samples=N, chunk_samples=CHUNK, dtype="float32")
+    w = store.create(tmp_path / "s", **kw)
+    w.write(0, 0, x[0, :20], y[:20])  # chunks 0, 1 written, then killed
+    w.abort()
+    f = tmp_path / "s" / table
+    f.write_bytes(f.read_bytes()[:5])
+    with pytest.raises(store.StoreCorruptError, match=rf"{f}: a chunk of the .* has 5 bytes"):
+        store.create(tmp_path / "s", resume=True, **kw)
+    if table.startswith("chunk_crc"):
+        f.unlink()  # a missing CRC chunk: the chunk is written again
+        with store.create(tmp_path / "s", resume=True, **kw) as w:
+            assert w.missing == [(0, 8, N)]
+            w.write(0, 8, x[0, 8:], y[8:])
+        assert torch.equal(store.open(tmp_path / "s").read(0, ALL), x[0])
+
+
 def test_second_writer_is_refused(tmp_path):
     w = store.create(
         tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32", chunk_samples=CHUNK
