@@ -331,7 +331,8 @@ class CacheManager:
     # ---- deciding ---------------------------------------------------------------------------------
     def on_freeze(self, j: int, frontier: int) -> bool:
         """Units froze at iteration ``j`` (the frontier is now ``frontier``): in pass mode, move
-        the boundary now if the policy says so; in write-through mode, start writing the next
+        the boundary now if the policy says so (at the epoch's end where a store read a chunk
+        at a time is read or made: ``_recache``); in write-through mode, start writing the next
         cache from this step on if the plan says so (``begin_epoch``/``end_epoch``). True when
         the batch source changed."""
         if self.write_through:
