@@ -200,6 +200,11 @@ def test_a_t0_whose_scaled_t_underflows_is_refused() -> None:
     with pytest.raises(ScheduleError, match=r"t0: 1e-120 is too small for how_scale=cubic"):
         FreezeSchedule(ScheduleConfig(t0=1e-120), 3, 10)
     assert FreezeSchedule(ScheduleConfig(t0=1e-120, how_scale="linear"), 3, 10).t[0] == 1e-120
+    # 1e-107 cubed is subnormal, not 0: base_lr / t overflowed to an infinite learning rate
+    # ('the loss is not finite; lower --base-lr', which no --base-lr of use fixed)
+    with pytest.raises(ScheduleError, match=r"t0: 1e-107 is too small .* base_lr / t overflows"):
+        FreezeSchedule(ScheduleConfig(t0=1e-107), 3, 10)
+    assert FreezeSchedule(ScheduleConfig(t0=1e-107, scale_lr=False), 3, 10).initial_lr[0] == 0.1
 
 
 def test_densenet76_defaults() -> None:

@@ -131,6 +131,11 @@ class FreezeSchedule:
         self.initial_lr: tuple[float, ...] = tuple(
             config.base_lr / t if config.scale_lr else config.base_lr for t in self.t
         )
+        if not math.isfinite(self.initial_lr[0]):  # a subnormal t_0 (t0 = 1e-107, cubic)
+            raise ScheduleError(
+                f"t0: {config.t0!r} is too small for how_scale={config.how_scale}: the first "
+                f"unit's learning rate base_lr / t overflows; use a larger t0"
+            )
 
     def __repr__(self) -> str:
         return (
