@@ -252,6 +252,18 @@ def test_a_compressed_store_takes_over_at_an_epochs_end(tmp_path, caplog, recach
     assert store.open(r.summary["cache_path"]).meta["boundary"] == 5
 
 
+def test_the_start_up_line_names_every_reason_for_cache_passes(tmp_path, caplog):
+    # it named the first only: a user who dropped --views 2 still got passes, from the codec
+    caplog.set_level(logging.INFO, logger="prefast")
+    train(tiny(mode="prefast", cache="zarr", codec="lz4", views=2, epochs=2,
+               cache_dir=str(tmp_path / "c")))  # fmt: skip
+    said = [x.getMessage() for x in caplog.records if x.getMessage().startswith("re-caching:")]
+    assert said == [
+        "re-caching: separate cache passes (--views 2: each view is its own pass over the "
+        "images; --codec lz4: compressed chunks are written whole)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("tier", "fraction", "written"), [("ram", 0.5, "ram"), ("auto", 1e-12, "zarr")]
 )

@@ -191,13 +191,14 @@ class CacheManager:
         (``_open_write_through``), the others are written through."""
         if self.cfg.recache_mode == "pass":
             return False, "--recache-mode pass"
+        whys = []  # every reason, so that removing one does not reveal the next by surprise
         if self.views > 1:
-            return False, f"--views {self.views}: each view is its own pass over the images"
+            whys.append(f"--views {self.views}: each view is its own pass over the images")
         if self.cfg.cache == "zarr" and (why := self._store_rows_refusal()):
-            return False, why
+            whys.append(why)
         if self.dist.enabled:
-            return False, "under torchrun the ranks fill separate parts of a cache"
-        return True, ""
+            whys.append("under torchrun the ranks fill separate parts of a cache")
+        return not whys, "; ".join(whys)
 
     def _store_rows_refusal(self) -> str:
         """Why this run's stores take whole chunks only ('' where they take rows)."""
