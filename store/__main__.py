@@ -143,6 +143,13 @@ def _need_matplotlib(what: str) -> None:
         raise store.StoreInputError(str(e)) from None
 
 
+def _finite_range(st: store.ChannelStats) -> tuple[float, float]:
+    """The histogram's range: the finite values' min..max (0..1 when there are none)."""
+    o = st.overall()
+    lo, hi = o["min"], o["max"]
+    return (lo, hi) if lo == lo and hi == hi else (0.0, 1.0)  # NaN: no finite value
+
+
 def _stats(args: argparse.Namespace) -> int:
     if args.bins < 1:
         raise store.StoreInputError(f"--bins must be >= 1, got {args.bins}")
@@ -158,9 +165,7 @@ def _stats(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(st.to_dict(), indent=2) + "\n")
         print(f"wrote {args.out}")
     if hist:
-        counts, edges = histogram(
-            s, args.bins, (float(st.min.min()), float(st.max.max())), args.view, args.progress
-        )
+        counts, edges = histogram(s, args.bins, _finite_range(st), args.view, args.progress)
         unit = s.meta.get("boundary_unit")
         title = f"{Path(s.path).name}" + (f" (after {unit})" if unit else "")
         title += f", views {list(st.views)}"

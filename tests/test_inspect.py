@@ -95,6 +95,88 @@ def test_stats_command_writes_json_and_histogram(tmp_path, stores, capsys):
     assert "view 3 out of range" in capsys.readouterr().err
 
 
+def _planted(x: torch.Tensor) -> torch.Tensor:
+    """x with +inf, -inf and NaN planted at odd places: first and last (partial) chunks, a
+    chunk's inner sample, two in one channel of one sample."""
+    x = x.clone()
+    x[0, 3, 1, 2, 1] = float("inf")
+    x[1, 116, 0, 4, 3] = float("-inf")  # last sample, in the partial chunk
+    x[2, 100, 1, 0, 3] = float("nan")
+    x[2, 100, 1, 4, 0] = float("nan")
+    x[0, 0, 2, 0, 0] = float("inf")  # first value of the store's first chunk
+    return x
+
+
+def test_stats_count_nonfinite_values_and_ignore_them(tmp_path, data, capsys):
+    x, y = data
+    x = _planted(x)
+    s = write_store(tmp_path / "s", x, y)
+    ref = _per_channel(x.numpy())  # (C, values)
+    ok = np.isfinite(ref)
+    st = store.stats(s)
+    assert st.posinf.tolist() == [0, 1, 1]
+    assert st.neginf.tolist() == [1, 0, 0]
+    assert st.nan.tolist() == [0, 2, 0]
+    assert st.finite.tolist() == ok.sum(1).tolist() == [st.count - 1, st.count - 3, st.count - 1]
+    for c in range(3):
+        fin = ref[c][ok[c]]
+        np.testing.assert_allclose(st.mean[c], fin.mean(), rtol=1e-9)
+        np.testing.assert_allclose(st.std[c], fin.std(), rtol=1e-9)
+        assert st.min[c] == fin.min() and st.max[c] == fin.max()
+    o = st.overall()
+    fin = ref[ok]
+    np.testing.assert_allclose([o["mean"], o["std"]], [fin.mean(), fin.std()], rtol=1e-9)
+    assert (o["min"], o["max"]) == (fin.min(), fin.max())
+    # the histogram covers the finite values only
+    counts, edges = store.tools.stats.histogram(s, bins=7)
+    assert counts.sum() == ok.sum() and (edges[0], edges[-1]) == (fin.min(), fin.max())
+
+    out = tmp_path / "stats.json"
+    hist = tmp_path / "hist.png"
+    args = ["stats", str(s.path), "--out", str(out), "--hist", str(hist), "--no-progress"]
+    assert store_main(args) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[1] == (
+        "5 values not finite (2 +inf, 1 -inf, 2 NaN); mean, std, min and max are over the "
+        "finite values"
+    )
+    assert text[2].split() == [
+        "channel",
+        "mean",
+        "std",
+        "min",
+        "max",
+        "zeros",
+        "+inf",
+        "-inf",
+        "NaN",
+    ]
+    assert text[3].split()[-3:] == ["0", "1", "0"] and text[6].split()[-3:] == ["2", "1", "2"]
+    d = json.loads(out.read_text())  # strict JSON: no NaN
+    assert d["nonfinite"] == {"total": 5, "posinf": 2, "neginf": 1, "nan": 2}
+    assert d["nan"] == [0, 2, 0] and d["finite"] == st.finite.tolist()
+    assert d["overall"]["min"] == fin.min()
+    assert _imread(hist)[..., :3].var() > 0
+
+
+def test_stats_of_a_channel_without_finite_values(tmp_path, capsys):
+    x = torch.arange(13 * 2 * 3, dtype=torch.float32).reshape(1, 13, 2, 3)
+    x[0, :, 1] = float("nan")  # channel 1: NaN only
+    x[0, 5, 0, 2] = float("-inf")
+    s = write_store(tmp_path / "s", x, labels_for(13), chunk=4)
+    st = store.stats(s)
+    assert st.nan.tolist() == [0, 39] and st.neginf.tolist() == [1, 0]
+    ch0 = x[0, :, 0].numpy().astype(np.float64).ravel()
+    ch0 = ch0[np.isfinite(ch0)]
+    np.testing.assert_allclose(st.mean[0], ch0.mean(), rtol=1e-12)
+    assert np.isnan(st.mean[1]) and np.isnan(st.min[1])
+    assert st.overall()["max"] == ch0.max()
+    assert store_main(["stats", str(s.path), "--no-progress"]) == 0
+    row = capsys.readouterr().out.splitlines()[4].split()
+    assert row == ["1", "n/a", "n/a", "n/a", "n/a", "0.00%", "0", "0", "39"]
+    assert store.stats(s).to_dict()["mean"][1] is None
+
+
 # ---- show -----------------------------------------------------------------------------------
 def test_show_writes_a_png_of_the_expected_size(tmp_path, stores, capsys):
     png = tmp_path / "grid.png"
