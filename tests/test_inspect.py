@@ -207,6 +207,29 @@ def test_show_api_tiles_share_one_scale_and_compare_views(stores):
     assert [float(im.get_array()[0, 0]) for im in images[:: SHAPE[0]]] == [7, 10007, 20007]
 
 
+def test_show_scales_colours_by_finite_values_and_marks_the_others(tmp_path, data):
+    from matplotlib.colors import to_rgba
+
+    x, y = data
+    x = _planted(x)
+    s = write_store(tmp_path / "s", x, y)
+    fig = store.show(s, 100, compare_views=True)  # views 0..2 of sample 100: two NaN in view 2
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    maps = x[:, 100].numpy()  # (views, C, H, W)
+    m = float(np.abs(maps[np.isfinite(maps)]).max())
+    assert {im.get_clim() for im in images} == {(-m, m)}
+    masks = [np.ma.getmaskarray(im.get_array()) for im in images]
+    assert sum(int(k.sum()) for k in masks) == 2 and masks[2 * 3 + 1][0, 3]
+    assert images[7].get_cmap().get_bad() == pytest.approx(to_rgba("magenta"))
+    assert fig._suptitle.get_text().endswith("\nmagenta: 2 values not finite (2 NaN)")
+    fig = store.show(s, 0, channels=[2])  # +inf alone in the tile: the rest sets the scale
+    (im,) = [ax.images[0] for ax in fig.axes if ax.images]
+    rest = x[0, 0, 2].numpy().ravel()[1:]
+    assert im.get_clim() == (-float(np.abs(rest).max()), float(np.abs(rest).max()))
+    assert fig._suptitle.get_text().endswith("\nmagenta: 1 value not finite (1 +inf)")
+    fig.savefig(tmp_path / "x.png")
+
+
 def test_show_title_fits_a_grid_of_few_tiles(tmp_path):
     x = torch.randn(1, 5, 1, 7, 9)  # one channel: a grid of one tile
     s = write_store(tmp_path / "boundary-004-of-a-long-run-name", x, labels_for(5), chunk=4)

@@ -21,6 +21,8 @@ DEFAULT_CHANNELS = 64  # tiles of a one-view grid when channels=None
 DEFAULT_COMPARE_CHANNELS = 8  # columns of a views-by-channels grid when channels=None
 TILE_INCHES = 1.3
 TITLE_CHAR_INCHES = 0.08  # width of a character of the title (10 pt DejaVu Sans, at most)
+# drawn for values that are not finite (inf, NaN): absent from both automatic colour maps
+NONFINITE_COLOUR = "magenta"
 
 
 def require_matplotlib(what: str) -> None:
@@ -62,7 +64,13 @@ def _channel_list(channels: int | Sequence[int] | None, num: int, default: int) 
 
 
 def _colour_scale(values: np.ndarray) -> tuple[float, float, str]:
-    """(vmin, vmax, cmap): symmetric and diverging around 0 when values have both signs."""
+    """(vmin, vmax, cmap) from the finite values: symmetric and diverging around 0 when they
+    have both signs."""
+    ok = np.isfinite(values)
+    if not ok.all():
+        values = values[ok]
+    if values.size == 0:  # nothing finite to scale by
+        return 0.0, 1.0, "viridis"
     lo, hi = float(values.min()), float(values.max())
     if lo < 0 < hi:
         m = max(-lo, hi)
@@ -86,7 +94,9 @@ def show(
     ``channels`` is None; an int N means the first N, a sequence names channels). With
     ``compare_views`` the rows are the views and the columns the channels (the first
     ``DEFAULT_COMPARE_CHANNELS`` by default). All tiles share one colour scale, shown by a
-    colorbar: diverging and centred on 0 when the values have both signs.
+    colorbar: diverging and centred on 0 when the values have both signs, scaled by the
+    finite values. Values that are not finite (inf, NaN) are drawn in ``NONFINITE_COLOUR``, and
+    a second title line counts them.
     """
     check_opened(s, "store.show")
     require_matplotlib("store.show")
@@ -107,7 +117,13 @@ def show(
     )
     maps = maps[:, chans]
     vmin, vmax, auto_cmap = _colour_scale(maps)
-    cmap = cmap or auto_cmap
+    bad = ~np.isfinite(maps)
+    colours: Any = cmap or auto_cmap
+    if bad.any():
+        # inf and NaN pixels are masked and drawn in one colour that the title names
+        from matplotlib import colormaps
+
+        colours = colormaps[colours].with_extremes(bad=NONFINITE_COLOUR)
     if compare_views:
         nrows, ncols = len(views), len(chans)
     else:
@@ -121,11 +137,25 @@ def show(
         f"{os.path.basename(os.path.normpath(s.path))}: sample {sample} (label {label}), "
         f"{which}{where}; {len(chans)} of {num_channels} channels"
     )
+    if bad.any():
+        kinds = ", ".join(
+            f"{n} {name}"
+            for n, name in (
+                (int(np.isposinf(maps).sum()), "+inf"),
+                (int(np.isneginf(maps).sum()), "-inf"),
+                (int(np.isnan(maps).sum()), "NaN"),
+            )
+            if n
+        )
+        n = int(bad.sum())
+        title += f"\n{NONFINITE_COLOUR}: {n} value{'s' if n != 1 else ''} not finite ({kinds})"
     h, w = maps.shape[2:]
     tile_h = TILE_INCHES * (min(1.0, h / w) if h > 1 else 0.3)
     # wide enough for the title too (a few tiles would clip it): ~0.08 in a character
-    width = max(ncols * TILE_INCHES + 1.2, TITLE_CHAR_INCHES * len(title) + 0.3)
-    fig = Figure(figsize=(width, nrows * tile_h + 0.7), layout="constrained", dpi=100)
+    longest = max(len(line) for line in title.splitlines())
+    width = max(ncols * TILE_INCHES + 1.2, TITLE_CHAR_INCHES * longest + 0.3)
+    extra = 0.2 * title.count("\n")  # inches for a second title line
+    fig = Figure(figsize=(width, nrows * tile_h + 0.7 + extra), layout="constrained", dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     images: list[Any] = []  # one per drawn tile; _channel_list never returns an empty list
@@ -143,10 +173,10 @@ def show(
                     continue
             images.append(
                 ax.imshow(
-                    maps[v, k],
+                    np.ma.masked_invalid(maps[v, k]) if bad[v, k].any() else maps[v, k],
                     vmin=vmin,
                     vmax=vmax,
-                    cmap=cmap,
+                    cmap=colours,
                     interpolation="nearest",
                     aspect="equal" if h > 1 else "auto",
                 )
