@@ -452,6 +452,11 @@ class ActivationStore:
         """Read a chunk afresh from storage (never a cached map) and compare it with the CRC
         recorded when it was written. A missing, truncated or undecodable chunk raises
         ``StoreCorruptError``."""
+        return self._verify_chunk(view, chunk)[0]
+
+    def _verify_chunk(self, view: int, chunk: int) -> tuple[bool, np.ndarray]:
+        """``verify_chunk``'s answer and the chunk's values it read, (chunk_len * prod(sample),)
+        or (chunk_len, *sample) in the stored numpy dtype."""
         self._check_chunk_index(view, chunk)
         c0, c1 = self.layout.chunk_range(chunk)
         if self._mm is not None:
@@ -473,7 +478,7 @@ class ActivationStore:
             ]
         else:
             data = self._decode(view, chunk)
-        return chunk_crc(data) == int(self._crcs[view, chunk])
+        return chunk_crc(data) == int(self._crcs[view, chunk]), data
 
     def _indices(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
         idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)

@@ -275,6 +275,42 @@ def test_verify_names_a_corrupted_chunk(tmp_path, data, capsys, codec):
     assert [(p.view, p.chunk, p.samples) for p in r.bad_chunks] == [(1, 4, (32, 40))]
 
 
+@pytest.mark.parametrize(("dtype", "codec"), [("float16", None), ("bfloat16", "zstd")])
+def test_verify_counts_values_that_are_not_finite(tmp_path, data, capsys, dtype, codec):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, _planted(x), y, dtype=dtype, codec=codec)
+    r = store.verify(store.open(path))
+    assert r.ok and (r.inf, r.nan, r.nonfinite_chunks) == (3, 2, 3)
+    assert store_main(["verify", str(path), "--no-progress"]) == 0  # not a failure
+    assert capsys.readouterr().out.splitlines()[3] == (
+        "values      5 not finite (3 inf, 2 NaN) in 3 chunk(s); 'python -m store stats' "
+        "counts them per channel"
+    )
+    assert store_main(["verify", str(path), "--no-progress", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["inf"], d["nan"], d["nonfinite_chunks"]) == (3, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_count_nonfinite_reads_the_bits_of_every_dtype(dtype):
+    from store.tools.verify import count_nonfinite
+
+    big = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38}[dtype]
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([0.0, -0.0, 1.5, big, -big, 1e-40, -1e-40], dtype=getattr(torch, dtype))
+    bits = x.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else x.numpy()
+    assert count_nonfinite(bits, dtype) == (0, 0)
+    y = torch.tensor([inf, -inf, nan, -nan, 1.0, -inf, 3.0], dtype=getattr(torch, dtype))
+    for k in range(len(y)):  # each alone, then all
+        one = y[k : k + 1]
+        b = one.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else one.numpy()
+        want = (int(torch.isinf(one).sum()), int(torch.isnan(one).sum()))
+        assert count_nonfinite(b, dtype) == want
+    b = y.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else y.numpy()
+    assert count_nonfinite(b.reshape(7, 1), dtype) == (3, 2)
+
+
 def test_verify_lists_the_chunks_an_incomplete_store_never_wrote(tmp_path, data, capsys):
     x, y = data
     path = tmp_path / "part"

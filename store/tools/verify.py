@@ -6,12 +6,21 @@ and chunks never written are listed. The store's attributes were already checked
 Checking a store against the training checkpoint that produced it (fingerprint and
 recomputation through the frozen prefix) needs the model, so it lives in ``prefast``:
 ``prefast verify STORE --checkpoint CK``.
+
+While a chunk's values are in memory, ``verify`` also counts those that are not finite (inf,
+NaN; the writer stores them as given). It does not fail the store for them: they are what the
+model produced. The test costs two integer max-reductions per chunk (a value is +inf or +NaN
+when its bits, read as a signed integer, are at least the exponent mask; -inf or -NaN when,
+read as an unsigned one, they are at least sign bit | exponent mask); only a chunk that holds
+some is counted value by value.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from store.errors import StoreCorruptError
 from store.layout import ACTIVATIONS, LABELS
@@ -41,6 +50,10 @@ class VerifyReport:
     missing: list[tuple[int, int, int]] = field(default_factory=list)  # (view, start, stop)
     labels_unreadable: str | None = None  # why the labels could not be read at all
     errors: list[str] = field(default_factory=list)  # one line per failure
+    # values that are not finite in the chunks that passed their check (not a failure)
+    inf: int = 0
+    nan: int = 0
+    nonfinite_chunks: int = 0
 
     @property
     def ok(self) -> bool:
@@ -78,12 +91,40 @@ class VerifyReport:
             lines.append("labels      every checksum matches")
         if self.missing:
             lines.append(f"missing     (view, start, stop) {self.missing[:6]}")
+        if self.inf or self.nan:
+            lines.append(
+                f"values      {self.inf + self.nan} not finite ({self.inf} inf, {self.nan} NaN) "
+                f"in {self.nonfinite_chunks} chunk(s); 'python -m store stats' counts them "
+                "per channel"
+            )
         lines.append("result      " + ("OK" if self.ok else "FAILED"))
         return "\n".join(lines)
 
 
+# stored dtype -> (signed, unsigned integer view, exponent mask, sign bit)
+_BITS: dict[str, tuple[type[np.integer[Any]], type[np.integer[Any]], int, int]] = {
+    "float16": (np.int16, np.uint16, 0x7C00, 0x8000),
+    "bfloat16": (np.int16, np.uint16, 0x7F80, 0x8000),
+    "float32": (np.int32, np.uint32, 0x7F800000, 0x80000000),
+}
+
+
+def count_nonfinite(data: np.ndarray, dtype: str) -> tuple[int, int]:
+    """(inf, NaN) among ``data``'s values, stored as ``dtype`` (bfloat16 as uint16 bits)."""
+    signed, unsigned, exp, sign = _BITS[dtype]
+    flat = np.ascontiguousarray(data).reshape(-1)
+    if flat.size == 0:
+        return 0, 0
+    # two reductions at memory speed decide a clean chunk (nearly every one)
+    if int(flat.view(signed).max()) < exp and int(flat.view(unsigned).max()) < (sign | exp):
+        return 0, 0
+    mag = flat.view(unsigned) & (sign - 1)  # the bits without the sign
+    return int((mag == exp).sum()), int((mag > exp).sum())
+
+
 def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = False) -> None:
-    """Decode every written chunk and compare it with its recorded CRC."""
+    """Decode every written chunk and compare it with its recorded CRC; count the values that
+    are not finite in those that pass."""
     from tqdm.auto import tqdm
 
     report.missing = s.missing_ranges()
@@ -103,11 +144,16 @@ def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = Fals
                 name = s.chunk_path(ACTIVATIONS, c, v)
                 report.chunks_read += 1
                 try:
-                    good = s.verify_chunk(v, c)
+                    good, data = s._verify_chunk(v, c)
                     reason = "checksum differs from the one recorded when it was written"
                 except StoreCorruptError as e:
                     good, reason = False, str(e).removeprefix(name + ": ")
-                if not good:
+                if good:
+                    inf, nan = count_nonfinite(data, s.dtype_name)
+                    report.inf += inf
+                    report.nan += nan
+                    report.nonfinite_chunks += bool(inf or nan)
+                else:
                     report.bad_chunks.append(
                         ChunkProblem(v, c, s.layout.chunk_range(c), name, reason)
                     )
