@@ -59,6 +59,7 @@ from store.layout import (
     check_labels,
     check_write,
     chunk_crc,
+    count_nonfinite,
     default_chunk_samples,
     json_meta,
     merge_ranges,
@@ -497,6 +498,9 @@ class StoreWriter:
         self._state_lock = threading.Lock()
         self._closed = False
         self.chunks_written = 0
+        # values that are not finite in the chunks written: (inf, NaN, chunks holding some);
+        # stored as given, said once at close
+        self.nonfinite = (0, 0, 0)
         self._mode: str | None = (
             None  # 'batches' (write) or 'rows' (write_rows), fixed by the first call
         )
@@ -909,9 +913,12 @@ class StoreWriter:
             return  # an earlier chunk failed (a full disk): do not pile up more failures
         c0, c1 = self.layout.chunk_range(chunk)
         if data is None:
-            crc = chunk_crc(self._read_raw(view, chunk)[: c1 - c0])
+            raw = self._read_raw(view, chunk)[: c1 - c0]
+            crc = chunk_crc(raw)
+            inf, nan = count_nonfinite(raw, self.layout.dtype)
         else:
             crc = chunk_crc(data)
+            inf, nan = count_nonfinite(data, self.layout.dtype)
             self._write_activations(view, chunk, data)
         if labels is not None:
             self._put_table(LABELS, (chunk,), labels, self._labels_arr, slice(c0, c1), -1)
@@ -923,6 +930,9 @@ class StoreWriter:
         with self._state_lock:
             self._done[view, chunk] = True
             self.chunks_written += 1
+            if inf or nan:
+                i, n, k = self.nonfinite
+                self.nonfinite = (i + inf, n + nan, k + 1)
 
     def _put_table(
         self,
@@ -1002,6 +1012,18 @@ class StoreWriter:
             self.flush()
             if self._error is not None:
                 return  # already raised; the store stays incomplete and resumable
+            inf, nan, chunks = self.nonfinite
+            if inf or nan:
+                log.warning(
+                    "%s: %d value(s) written are not finite (%d inf, %d NaN) in %d chunk(s); "
+                    "they are stored as given (a float16 store rounds values beyond 65504 to "
+                    "inf); 'python -m store stats' counts them per channel",
+                    self.path,
+                    inf + nan,
+                    inf,
+                    nan,
+                    chunks,
+                )
             if self._row_counts is not None:
                 partial_rows = np.argwhere((self._row_counts > 0) & ~self._done)
                 if len(partial_rows):

@@ -294,7 +294,7 @@ def test_verify_counts_values_that_are_not_finite(tmp_path, data, capsys, dtype,
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_count_nonfinite_reads_the_bits_of_every_dtype(dtype):
-    from store.tools.verify import count_nonfinite
+    from store.layout import count_nonfinite
 
     big = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38}[dtype]
     inf, nan = float("inf"), float("nan")

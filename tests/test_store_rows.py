@@ -436,3 +436,40 @@ def test_a_closed_writers_row_map_is_unmapped_off_the_closing_thread(tmp_path, m
         if t.name == "store-unmap":
             t.join(5)
     assert seen == ["store-unmap"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "codec"), [("float16", None), ("bfloat16", None), ("float16", "lz4")]
+)
+def test_writer_says_once_how_many_values_are_not_finite(tmp_path, caplog, dtype, codec):
+    # 70000 rounds to inf in float16 (its largest value is 65504), not in bfloat16
+    x, y = encoded(views=2), labels_for()
+    x[0, 5, 1, 2, 3] = 70000.0
+    x[1, 116, 0, 0, 1] = float("nan")  # the last, partial chunk
+    x[1, 40, 2, 4, 0] = float("-inf")
+    x[1, 41, 2, 4, 0] = float("nan")  # the same chunk as sample 40
+    with caplog.at_level(logging.WARNING, logger="store"):
+        # rows: written in place (write-through); batches: copied (a cache pass, compressed)
+        for name, rows in (("rows", True), ("batches", False)):
+            if rows and codec is not None:
+                continue
+            with _create(tmp_path / name, dtype=dtype, codec=codec) as w:
+                for v in range(2):
+                    if rows:
+                        for idx in _shuffled_batches(v):
+                            w.write_rows(v, idx, x[v, idx], y[idx] if v == 0 else None)
+                    else:
+                        w.write(v, 0, x[v], y)
+            inf = 2 if dtype == "float16" else 1
+            assert w.nonfinite == (inf, 2, 3 if dtype == "float16" else 2)
+    said = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(said) == (2 if codec is None else 1)  # once per store
+    assert said[-1].startswith(
+        f"{tmp_path / 'batches'}: {inf + 2} value(s) written are not finite ({inf} inf, 2 NaN)"
+    )
+    with caplog.at_level(logging.WARNING, logger="store"):
+        caplog.clear()
+        with _create(tmp_path / "clean", dtype=dtype, codec=codec) as w:
+            for v in range(2):
+                w.write(v, 0, encoded(views=2)[v], y)
+        assert w.nonfinite == (0, 0, 0) and not caplog.records

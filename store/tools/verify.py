@@ -20,10 +20,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from store.errors import StoreCorruptError
-from store.layout import ACTIVATIONS, LABELS
+from store.layout import ACTIVATIONS, LABELS, count_nonfinite
 from store.reader import ActivationStore, check_opened
 
 
@@ -99,27 +97,6 @@ class VerifyReport:
             )
         lines.append("result      " + ("OK" if self.ok else "FAILED"))
         return "\n".join(lines)
-
-
-# stored dtype -> (signed, unsigned integer view, exponent mask, sign bit)
-_BITS: dict[str, tuple[type[np.integer[Any]], type[np.integer[Any]], int, int]] = {
-    "float16": (np.int16, np.uint16, 0x7C00, 0x8000),
-    "bfloat16": (np.int16, np.uint16, 0x7F80, 0x8000),
-    "float32": (np.int32, np.uint32, 0x7F800000, 0x80000000),
-}
-
-
-def count_nonfinite(data: np.ndarray, dtype: str) -> tuple[int, int]:
-    """(inf, NaN) among ``data``'s values, stored as ``dtype`` (bfloat16 as uint16 bits)."""
-    signed, unsigned, exp, sign = _BITS[dtype]
-    flat = np.ascontiguousarray(data).reshape(-1)
-    if flat.size == 0:
-        return 0, 0
-    # two reductions at memory speed decide a clean chunk (nearly every one)
-    if int(flat.view(signed).max()) < exp and int(flat.view(unsigned).max()) < (sign | exp):
-        return 0, 0
-    mag = flat.view(unsigned) & (sign - 1)  # the bits without the sign
-    return int((mag == exp).sum()), int((mag > exp).sum())
 
 
 def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = False) -> None:
