@@ -408,6 +408,37 @@ def test_diff_float16_against_float32(stores, capsys):
     assert "identical" in capsys.readouterr().out
 
 
+def test_diff_matches_values_that_are_not_finite_by_kind(tmp_path, data, capsys):
+    x, y = data
+    xa = _planted(x)
+    xb = xa.clone()
+    xb[0, 3, 1, 2, 1] = float("nan")  # +inf in a: another kind
+    xb[2, 100, 1, 0, 3] = 0.5  # NaN in a: finite in b
+    xb[1, 7, 2, 0, 2] = float("-inf")  # finite in a
+    xb[0, 9, 0, 1, 1] += 0.25  # a finite difference
+    a = write_store(tmp_path / "a", xa, y)
+    b = write_store(tmp_path / "b", xb, y)
+    assert store.diff(a, a).identical  # NaN and inf in the same places, the same kinds
+    r = store.diff(a, b)
+    assert not r.identical
+    assert r.nonfinite_a.tolist() == [1, 3, 1] and r.nonfinite_b.tolist() == [1, 2, 2]
+    assert r.nonfinite_differ.tolist() == [0, 2, 1]
+    ref_a, ref_b = _per_channel(xa.numpy()), _per_channel(xb.numpy())
+    both = np.isfinite(ref_a) & np.isfinite(ref_b)
+    d = [np.abs(ref_a[c][both[c]] - ref_b[c][both[c]]) for c in range(3)]
+    np.testing.assert_allclose(r.max_abs, [0.25, 0, 0])
+    np.testing.assert_allclose(r.mean_abs, [k.mean() for k in d], rtol=1e-12)
+    assert store_main(["diff", str(a.path), str(b.path), "--no-progress", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["nonfinite_differ"] == [0, 2, 1]
+    assert store_main(["diff", str(a.path), str(b.path), "--no-progress"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3] == (
+        "values not finite (inf, NaN): 5 in a, 5 in b, 3 where a and b differ; the figures "
+        "are over the values finite in both"
+    )
+    assert lines[-2].split()[-1] == "3" and lines[-1] == "the stores differ"
+
+
 def store_data(s: store.ActivationStore) -> np.ndarray:
     return np.stack([s.read(v, np.arange(N)).float().numpy() for v in range(s.views)])
 

@@ -14,11 +14,16 @@ The relative figures are scaled by the channel's magnitude rather than element b
 so values near zero (float16 subnormals, exact zeros after a ReLU) do not turn rounding into
 huge relative errors. Rounding a float32 store to float16 therefore gives ``max_rel`` of at
 most 2**-11 (half a unit in the last place of the largest value), bfloat16 at most 2**-8.
+
+Values that are not finite (inf, NaN) are equal when both stores hold the same kind there
+(+inf, -inf or NaN); where they differ (one side finite, or another kind) they are counted per
+channel (``nonfinite_differ``) and the store differs. The figures above are over the positions
+where both values are finite.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,8 +49,20 @@ class DiffReport:
     mean_rel: np.ndarray
     labels_equal: bool
     identical: bool  # every value and label equal
+    # (C,) int64: values not finite in a, in b, and positions where a and b hold other
+    # non-finite kinds or only one of them does; None: zeros
+    nonfinite_a: np.ndarray | None = field(default=None)
+    nonfinite_b: np.ndarray | None = field(default=None)
+    nonfinite_differ: np.ndarray | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("nonfinite_a", "nonfinite_b", "nonfinite_differ"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.zeros(len(self.max_abs), dtype=np.int64))
 
     def to_dict(self) -> dict[str, Any]:
+        assert self.nonfinite_a is not None and self.nonfinite_b is not None
+        assert self.nonfinite_differ is not None
         return {
             "a": self.a,
             "b": self.b,
@@ -64,25 +81,46 @@ class DiffReport:
             "mean_abs": self.mean_abs.tolist(),
             "max_rel": self.max_rel.tolist(),
             "mean_rel": self.mean_rel.tolist(),
+            "nonfinite_a": self.nonfinite_a.tolist(),
+            "nonfinite_b": self.nonfinite_b.tolist(),
+            "nonfinite_differ": self.nonfinite_differ.tolist(),
         }
 
     def format(self) -> str:
+        assert self.nonfinite_a is not None and self.nonfinite_b is not None
+        assert self.nonfinite_differ is not None
         o = self.to_dict()["overall"]
+        bad = bool(self.nonfinite_a.any() or self.nonfinite_b.any())
         lines = [
             f"a: {self.a} ({self.dtype_a})",
             f"b: {self.b} ({self.dtype_b})",
             f"shape (views, samples, *sample): {self.shape}; labels "
             + ("equal" if self.labels_equal else "DIFFER"),
-            f"{'channel':>7}  {'max abs':>10}  {'mean abs':>10}  {'max rel':>10}  {'mean rel':>10}",
         ]
+        head = (
+            f"{'channel':>7}  {'max abs':>10}  {'mean abs':>10}  {'max rel':>10}  {'mean rel':>10}"
+        )
+        if bad:
+            lines.append(
+                f"values not finite (inf, NaN): {int(self.nonfinite_a.sum())} in a, "
+                f"{int(self.nonfinite_b.sum())} in b, {int(self.nonfinite_differ.sum())} "
+                "where a and b differ; the figures are over the values finite in both"
+            )
+            head += f"  {'inf/NaN differ':>14}"
+        lines.append(head)
+
+        def differ(i: int | slice) -> str:
+            assert self.nonfinite_differ is not None
+            return f"  {int(np.sum(self.nonfinite_differ[i])):>14}" if bad else ""
+
         for c in range(len(self.max_abs)):
             lines.append(
                 f"{c:>7}  {self.max_abs[c]:>10.3g}  {self.mean_abs[c]:>10.3g}  "
-                f"{self.max_rel[c]:>10.3g}  {self.mean_rel[c]:>10.3g}"
+                f"{self.max_rel[c]:>10.3g}  {self.mean_rel[c]:>10.3g}" + differ(c)
             )
         lines.append(
             f"{'all':>7}  {o['max_abs']:>10.3g}  {o['mean_abs']:>10.3g}  "
-            f"{o['max_rel']:>10.3g}  {o['mean_rel']:>10.3g}"
+            f"{o['max_rel']:>10.3g}  {o['mean_rel']:>10.3g}" + differ(slice(None))
         )
         lines.append("identical" if self.identical else "the stores differ")
         return "\n".join(lines)
@@ -114,7 +152,10 @@ def diff(a: ActivationStore, b: ActivationStore, progress: bool = False) -> Diff
     sum_abs = np.zeros(c)
     sum_mag = np.zeros(c)
     max_mag = np.zeros(c)
-    count = 0
+    count = np.zeros(c, dtype=np.int64)  # positions finite in both, per channel
+    bad_a = np.zeros(c, dtype=np.int64)
+    bad_b = np.zeros(c, dtype=np.int64)
+    bad_differ = np.zeros(c, dtype=np.int64)
     block = max(a.chunk_samples, b.chunk_samples)
     n = a.num_samples
     total = a.views * -(-n // block)
@@ -123,13 +164,26 @@ def diff(a: ActivationStore, b: ActivationStore, progress: bool = False) -> Diff
             for start in range(0, n, block):
                 stop = min(start + block, n)
                 xa, xb = _float64(a, v, start, stop), _float64(b, v, start, stop)
+                aa, ab = np.abs(xa), np.abs(xb)
+                ma, mb = aa.max(axis=1), ab.max(axis=1)  # NaN or inf where some value is
+                if not (np.isfinite(ma).all() and np.isfinite(mb).all()):
+                    fa, fb = np.isfinite(xa), np.isfinite(xb)
+                    both = fa & fb
+                    same = (xa == xb) | (np.isnan(xa) & np.isnan(xb))  # inf == inf
+                    bad_a += (~fa).sum(axis=1)
+                    bad_b += (~fb).sum(axis=1)
+                    bad_differ += (~both & ~same).sum(axis=1)
+                    xa, xb = np.where(both, xa, 0.0), np.where(both, xb, 0.0)
+                    aa, ab = np.abs(xa), np.abs(xb)
+                    ma, mb = aa.max(axis=1), ab.max(axis=1)
+                    count += both.sum(axis=1)
+                else:
+                    count += xa.shape[1]
                 d = np.abs(xa - xb)
                 np.maximum(max_abs, d.max(axis=1), out=max_abs)
                 sum_abs += d.sum(axis=1)
-                aa, ab = np.abs(xa), np.abs(xb)
                 sum_mag += (aa + ab).sum(axis=1)
-                np.maximum(max_mag, np.maximum(aa.max(axis=1), ab.max(axis=1)), out=max_mag)
-                count += d.shape[1]
+                np.maximum(max_mag, np.maximum(ma, mb), out=max_mag)
                 bar.update(1)
     labels_equal = bool(np.array_equal(a.labels.numpy(), b.labels.numpy()))
     return DiffReport(
@@ -139,11 +193,14 @@ def diff(a: ActivationStore, b: ActivationStore, progress: bool = False) -> Diff
         dtype_a=a.dtype_name,
         dtype_b=b.dtype_name,
         max_abs=max_abs,
-        mean_abs=sum_abs / count,
+        mean_abs=sum_abs / np.maximum(count, 1),
         max_rel=max_abs / np.maximum(max_mag, TINY),
         mean_rel=2 * sum_abs / np.maximum(sum_mag, TINY),
         labels_equal=labels_equal,
-        identical=labels_equal and not bool(max_abs.any()),
+        identical=labels_equal and not bool(max_abs.any()) and not bool(bad_differ.any()),
+        nonfinite_a=bad_a,
+        nonfinite_b=bad_b,
+        nonfinite_differ=bad_differ,
     )
 
 
