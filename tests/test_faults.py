@@ -135,7 +135,15 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     p = _run(tmp, "none", 0)
     assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads((tmp / "out.json").read_text())
+    ref = json.loads((tmp / "out.json").read_text())
+    ref["stores"] = _stores(tmp)
+    return ref
+
+
+def _stores(tmp: Path) -> list[str]:
+    """The stores the run left in its run folder."""
+    run_dir = next((tmp / "cache").iterdir())
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("boundary-"))
 
 
 # (kill point, which occurrence): 4 steps an epoch, 5 epochs; the steps of epoch 1 write the
@@ -147,6 +155,7 @@ MOMENTS = [
     ("rows", 2),  # while the steps write a store: rows on disk, the store not complete
     ("delete", 1),  # halfway through deleting a superseded store after a checkpoint
     ("checkpoint", 2),  # right after the second checkpoint
+    ("checkpoint", 3),  # right after the third, before it deletes the store it superseded
     ("mid-checkpoint", 2),  # the second checkpoint half written (last.tmp left behind)
     ("step", 14),  # mid-way through epoch 3, reading a store while writing the next
 ]
@@ -165,6 +174,9 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, reference, point, n):
     run_dir = next((tmp_path / "cache").iterdir())
     left = sorted(p.name for p in run_dir.iterdir())
     assert not [x for x in left if x.startswith((".prefast-trash-", ".prefast-probe-"))], left
+    # a store superseded before the kill is gone too (killed after the checkpoint that made
+    # it superseded, before its deletion: the resumed run deletes it)
+    assert _stores(tmp_path) == reference["stores"] == ["boundary-004"]
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["last.pt"]
 
 

@@ -993,6 +993,9 @@ class CacheManager:
             "path": str(c.path) if c.path else None,
             "fingerprint": c.fingerprint,
             "chain": list(c.chain),
+            # deleted once the checkpoint is written (release_superseded); a run killed
+            # before that deletes them on --resume (restore)
+            "superseded": [str(s.path) for s in self._superseded if s.path is not None],
         }
 
     def plan_state(self) -> dict[str, Any] | None:
@@ -1060,7 +1063,10 @@ class CacheManager:
         """On resume: reuse the checkpoint's store when its fingerprint matches, else rebuild it
         along the chain of boundaries the run went through (the same bits as the original).
         ``load=False`` (a finished run, resumed to report it): only remember what the
-        checkpoint names (``ended_with``)."""
+        checkpoint names (``ended_with``). Either way the stores the checkpoint records as
+        superseded are deleted: a run killed after the checkpoint was written, before it
+        deleted them, would otherwise leave them in the run folder for good."""
+        self._delete_recorded_superseded(info)
         if not load:
             self._recorded = info
             return
@@ -1091,6 +1097,16 @@ class CacheManager:
                 self._discard(cache)
             cache = nxt
         self.cache = cache
+
+    def _delete_recorded_superseded(self, info: dict[str, Any]) -> None:
+        """Delete the stores of this run folder that a checkpoint ``info`` lists as superseded
+        (never the one it names, nor anything outside the run folder)."""
+        if self.run_dir is None or not self.dist.is_main:
+            return
+        ours = {str(store_path(self.run_dir, b)) for b in range(1, self.model.num_units + 1)}
+        for p in info.get("superseded") or ():
+            if str(p) in ours and str(p) != str(info.get("path")) and delete_store(p):
+                log.info("resume: deleted superseded store %s", p)
 
     def _verified(self, s: store.ActivationStore, path: Path | str) -> bool:
         """Whether every chunk and label of the store a checkpoint names passes its checksum,
