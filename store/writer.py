@@ -135,11 +135,32 @@ def _is_store_dir(path: Path) -> bool:
 
 
 def _clear_store_dir(path: Path) -> None:
+    """Empty a folder a store is being created over. A store there marked complete is first
+    marked incomplete, and its record (``zarr.json``) goes last: a writer killed meanwhile
+    leaves an incomplete store, never a half-deleted one still marked complete."""
+    _mark_incomplete(path)
     for child in path.iterdir():
+        if child.name == "zarr.json":
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
             child.unlink()
+    (path / "zarr.json").unlink(missing_ok=True)
+
+
+def _mark_incomplete(path: Path) -> None:
+    """Rewrite the record of the store at ``path`` as incomplete (one atomic write of its
+    ``zarr.json``), where it is a store of this format marked complete."""
+    if not is_activation_store(path):
+        return
+    try:
+        group = _zarr.open_group(path, mode="r+")
+        info = StoreInfo.from_dict(_zarr.read_info_dict(group), str(path))
+    except (StoreError, OSError, ValueError):
+        return  # a record this code cannot read: no reader takes it as complete either
+    if info.complete:
+        group.attrs[ATTRS_KEY] = dataclasses.replace(info, complete=False, completed=None).to_dict()
 
 
 def _layout_mismatch(a: StoreLayout, b: StoreLayout) -> list[str]:

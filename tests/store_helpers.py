@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,16 @@ def chunk_files(path: Path) -> dict[str, bytes]:
         if f.is_file() and f.name != "zarr.json":
             out[str(f.relative_to(path))] = f.read_bytes()
     return out
+
+
+def cut_short_after_removing(monkeypatch, name: str) -> None:
+    """Make the next ``shutil.rmtree`` of a folder called ``name`` be the last thing a writer
+    does (it removes it, then is killed: raises ``KeyboardInterrupt``)."""
+    rmtree = shutil.rmtree
+
+    def _rmtree(path, *a, **k):
+        rmtree(path, *a, **k)
+        if Path(path).name == name:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(shutil, "rmtree", _rmtree)

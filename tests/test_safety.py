@@ -19,6 +19,7 @@ from prefast.cache.probes import measure_store_rates
 from prefast.cli import main
 from prefast.training import Trainer
 from store import location
+from tests.store_helpers import cut_short_after_removing
 
 TINY = dict(
     dataset="synthetic",
@@ -116,7 +117,7 @@ def test_a_users_folder_named_like_a_store_is_left_alone(tmp_path, capsys):
     assert (mine / "data.bin").read_bytes() == b"x" * 10
 
 
-def test_a_start_removes_only_the_stores_its_run_folder_left_unfinished(tmp_path):
+def test_a_start_removes_only_the_stores_its_run_folder_left_unfinished(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cfg = TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache))
     manager = Trainer(cfg).cache
@@ -138,11 +139,17 @@ def test_a_start_removes_only_the_stores_its_run_folder_left_unfinished(tmp_path
     made(run_dir / "boundary-005", finished=False)  # a kill mid-write leaves this: removed
     made(run_dir / "boundary-006", finished=True)  # a complete store: kept
     made(cache / "boundary-005", finished=False)  # not in a run folder: not ours to judge
+    made(run_dir / "boundary-007", finished=True)  # a kill while a run overwrote it: removed
+    cut_short_after_removing(monkeypatch, "chunk_crc")
+    with pytest.raises(KeyboardInterrupt):
+        store.create(run_dir / "boundary-007", sample_shape=(2,), num_samples=4, overwrite=True)
+    monkeypatch.undo()
     mine = run_dir / "boundary-010"  # a user's folder named like a store: not a store
     mine.mkdir()
     (mine / "thesis.tex").write_bytes(b"irreplaceable")
     Trainer(cfg).cache.close()
     assert not (run_dir / "boundary-005").exists()
+    assert not (run_dir / "boundary-007").exists()
     assert store.open(run_dir / "boundary-006").complete
     assert not store.open(cache / "boundary-005", partial=True).complete
     assert (mine / "thesis.tex").read_bytes() == b"irreplaceable"

@@ -27,6 +27,7 @@ from tests.store_helpers import (
     VIEWS,
     N,
     chunk_files,
+    cut_short_after_removing,
     encoded,
     labels_for,
     write_store,
@@ -675,6 +676,27 @@ def test_existing_store_needs_overwrite_or_resume(tmp_path, data):
     with pytest.raises(store.StoreExistsError, match="refusing"):
         store.create(tmp_path / "other", sample_shape=SHAPE, num_samples=N, overwrite=True)
     assert (tmp_path / "other" / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("name", ["activations", "chunk_crc"])
+def test_an_overwrite_cut_short_leaves_the_store_marked_incomplete(
+    tmp_path, data, monkeypatch, name
+):
+    """Overwriting a complete store empties its folder first; a writer killed meanwhile must
+    not leave a half-deleted store still marked complete (its record goes last)."""
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    cut_short_after_removing(monkeypatch, name)
+    with pytest.raises(KeyboardInterrupt):
+        store.create(path, sample_shape=SHAPE, num_samples=N, overwrite=True)
+    monkeypatch.undo()
+    assert not (path / name).exists()
+    record = json.loads((path / "zarr.json").read_text())["attributes"]["prefast_store"]
+    assert record["complete"] is False
+    assert store.location.is_activation_store(path)  # so a later overwrite takes it
+    write_store(path, x, y, overwrite=True)
+    assert store.verify(store.open(path)).ok
 
 
 def _raw_chunk(path: Path, view: int, chunk: int) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from prefast.cache.identity import (
 from prefast.cache.probes import PROBE_PREFIX
 from prefast.errors import CacheError
 from store import location
+from store.layout import ATTRS_KEY
 from store.tools.inspect import describe_dataset, describe_model
 
 log = logging.getLogger(__name__)
@@ -254,18 +256,29 @@ def clear_leftovers(run_dir: Path) -> None:
 
 
 def _unfinished(path: Path) -> bool:
-    """Whether ``path`` is an activation store that opens and is marked incomplete (a folder
-    that is not a store, or a store that does not open, is left alone)."""
+    """Whether ``path`` is an activation store marked incomplete (a folder that is not a
+    store, or a store that does not open and whose record does not say so, is left alone)."""
     if not location.is_activation_store(path):
         return False
     try:
         s = store.open(path, partial=True)
     except store.StoreError:
-        return False
+        return _marked_incomplete(path)
     try:
         return not s.complete
     finally:
         s.close()
+
+
+def _marked_incomplete(path: Path) -> bool:
+    """Whether the record of a store that does not open marks it incomplete: one whose
+    overwriting was cut short (``store.create(..., overwrite=True)`` marks it incomplete
+    before it deletes anything, and deletes the record last)."""
+    try:
+        record = json.loads((path / "zarr.json").read_text())["attributes"][ATTRS_KEY]
+        return not store.StoreInfo.from_dict(record, str(path)).complete
+    except (OSError, ValueError, KeyError, TypeError, store.StoreError):
+        return False
 
 
 def remove_if_unused(run_dir: Path) -> bool:
