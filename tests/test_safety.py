@@ -238,7 +238,7 @@ def test_save_checkpoint_leaves_a_users_files_alone(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=r"No space left on device: '.*last\.pt'"):  # names the file
         save_checkpoint(tmp_path / "last.pt", {"epoch": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.tmp"]
     monkeypatch.undo()

@@ -78,8 +78,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: leave the previous checkpoint only
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            # a full disk names the file whose write filled it, not a bare "[Errno 28] ..."
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     # what a run killed mid-save left: names only mkstemp above makes (8 characters of its own)
     leftover = re.compile(rf"\.{re.escape(path.name)}\.{_TMP_TAG}[a-z0-9_]{{8}}\.tmp")
