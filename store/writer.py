@@ -1066,7 +1066,13 @@ class StoreWriter:
             if self.world_size == 1 and self.complete and not self._info.complete:
                 if self._local_root is not None:
                     _sweep_table_temps(self._local_root)
-                self._info = _mark_complete(self._group, self._info)
+                try:
+                    self._info = _mark_complete(self._group, self._info)
+                except OSError as e:  # a full disk: the record is whole or the old one
+                    raise StoreWriteError(
+                        f"{self.path}: marking the store complete failed: {e}; the store is "
+                        "left incomplete"
+                    ) from e
                 log.debug("store %s complete (%d chunks written)", self.path, self.chunks_written)
             elif self.world_size == 1 and not self.complete:
                 log.warning("store %s left incomplete; missing %s", self.path, self.missing[:8])

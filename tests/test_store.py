@@ -543,6 +543,25 @@ def test_failing_background_write_is_logged_once_and_raised_once(tmp_path, data,
         store.open(tmp_path / "s")
 
 
+def test_a_full_disk_when_marking_complete_names_the_store(tmp_path, data, monkeypatch):
+    x, y = data
+    path = tmp_path / "s"
+    w = store.create(path, sample_shape=SHAPE, num_samples=N, dtype="float32", chunk_samples=CHUNK)
+    w.write_rows(0, ALL[::-1].copy(), x[0].flip(0), y.flip(0))
+
+    def full_disk(group, info):  # the record's write is the one that finds the disk full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("store.writer._mark_complete", full_disk)
+    with pytest.raises(store.StoreWriteError, match=f"{path}: marking the store complete failed"):
+        w.close()
+    monkeypatch.undo()
+    assert not store.open(path, partial=True).complete
+    store.create(path, sample_shape=SHAPE, num_samples=N, dtype="float32", chunk_samples=CHUNK,
+                 resume=True).close()  # fmt: skip
+    assert store.verify(store.open(path)).ok
+
+
 def test_failure_raised_by_flush_is_not_raised_again_by_close(tmp_path, data):
     x, y = data
     w = store.create(
