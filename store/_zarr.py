@@ -163,13 +163,25 @@ def array(group: zarr.Group, name: str) -> zarr.Array:
     return a
 
 
-def read_local_int64(a: zarr.Array, root: Path) -> np.ndarray:
-    """A whole raw int64 member array (a table, the labels) of the local store at ``root``,
-    read from its chunk files: each holds a whole chunk's little-endian values (an edge chunk
-    padded), a missing file is a chunk of the fill value. A file of another size raises
-    ``StoreCorruptError`` naming it. (zarr's own read of the whole array gathers every chunk
-    concurrently; when one fails, the others are left pending and the interpreter prints
-    hundreds of lines about them at exit.)"""
+def read_int64(a: zarr.Array, where: str, root: Path | None) -> np.ndarray:
+    """A whole int64 member array (a table, the labels) of the store at ``where``: from its
+    chunk files where the store is local at ``root`` (``_read_local_int64``), else through
+    zarr. An unreadable one raises ``StoreCorruptError``."""
+    if root is not None:
+        return _read_local_int64(a, root)
+    try:
+        return np.asarray(a[...], dtype=np.int64)
+    except Exception as e:
+        raise StoreCorruptError(f"{where}: the '{a.basename}' array cannot be read: {e!r}") from e
+
+
+def _read_local_int64(a: zarr.Array, root: Path) -> np.ndarray:
+    """A whole raw int64 member array of the local store at ``root``, read from its chunk
+    files: each holds a whole chunk's little-endian values (an edge chunk padded), a missing
+    file is a chunk of the fill value. A file of another size raises ``StoreCorruptError``
+    naming it. (zarr's own read of the whole array gathers every chunk concurrently; when one
+    fails, the others are left pending and the interpreter prints hundreds of lines about
+    them at exit.)"""
     shape, chunks = tuple(a.shape), tuple(a.chunks)
     out = np.full(shape, a.fill_value, dtype=np.int64)
     size = math.prod(chunks) * 8  # bytes of a chunk file
@@ -193,18 +205,11 @@ def read_local_int64(a: zarr.Array, root: Path) -> np.ndarray:
     return out
 
 
-def read_table(a: zarr.Array, where: str, root: Path | None = None) -> np.ndarray:
-    """A whole CRC table as int64 (-1 marks a chunk not yet written), from its chunk files in
-    a local store at ``root``; an unreadable table raises ``StoreCorruptError``."""
-    if root is not None:
-        t = read_local_int64(a, root)
-    else:
-        try:
-            t = np.asarray(a[...], dtype=np.int64)
-        except Exception as e:
-            raise StoreCorruptError(
-                f"{where}: the '{a.basename}' table cannot be read: {e!r}"
-            ) from e
+def read_table(a: zarr.Array, where: str, root: Path | None) -> np.ndarray:
+    """A whole CRC table as int64 (-1 marks a chunk not yet written), read as ``read_int64``
+    does; an unreadable table, or one holding values that are no CRC, raises
+    ``StoreCorruptError``."""
+    t = read_int64(a, where, root)
     if ((t < -1) | (t >= 2**32)).any():
         raise StoreCorruptError(f"{where}: the '{a.basename}' table holds values that are no CRC")
     return t

@@ -101,9 +101,10 @@ def remove(loc: Location) -> None:
         fs.rm(path, recursive=True)
 
 
-def is_activation_store(loc: Location) -> bool:
-    """Whether ``loc`` holds a store this package wrote: a zarr group whose attributes carry
-    the activation-store record (a folder of a user's, even one with a ``zarr.json``, does not)."""
+def store_record(loc: Location) -> dict[str, Any] | None:
+    """The activation-store record in the attributes of ``loc``'s ``zarr.json``, read as JSON
+    without opening the store (so also for one whose arrays are gone); None where there is
+    none (a folder of a user's, even one with a ``zarr.json``, another format)."""
     local = as_local(loc)
     try:
         if local is not None:
@@ -113,9 +114,15 @@ def is_activation_store(loc: Location) -> bool:
             text = fs.cat_file(path.rstrip("/") + "/zarr.json").decode()
         d = json.loads(text)
     except (OSError, ValueError):
-        return False
+        return None
     record = d.get("attributes", {}).get(ATTRS_KEY) if isinstance(d, dict) else None
-    return isinstance(record, dict) and record.get("format") == FORMAT_NAME
+    return record if isinstance(record, dict) and record.get("format") == FORMAT_NAME else None
+
+
+def is_activation_store(loc: Location) -> bool:
+    """Whether ``loc`` holds a store this package wrote: a zarr group whose attributes carry
+    the activation-store record (``store_record``)."""
+    return store_record(loc) is not None
 
 
 def remove_store(loc: Location) -> None:
@@ -139,4 +146,5 @@ __all__ = [
     "make_dirs",
     "remove",
     "remove_store",
+    "store_record",
 ]

@@ -330,14 +330,7 @@ class ActivationStore:
         return self._labels
 
     def _read_labels(self) -> np.ndarray:
-        try:
-            if self._local_root is not None:
-                return _zarr.read_local_int64(self._labels_arr, self._local_root)
-            return np.asarray(self._labels_arr[...], dtype=np.int64)
-        except StoreCorruptError:
-            raise
-        except Exception as e:
-            raise StoreCorruptError(f"{self.path}: the labels cannot be read: {e!r}") from e
+        return _zarr.read_int64(self._labels_arr, os.fspath(self.path), self._local_root)
 
     def _bad_label_chunks(self, labels: np.ndarray) -> list[tuple[int, int, int]]:
         """(chunk, recorded, computed) of every labelled chunk whose labels fail their CRC."""

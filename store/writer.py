@@ -388,7 +388,8 @@ def finalize(path: str | os.PathLike[str]) -> None:
         raise NotAStoreError(f"{path}: not an activation store")
     info = StoreInfo.from_dict(d, os.fspath(path))
     arrays = _zarr.check_arrays(group, info.layout, os.fspath(path))
-    ranges = unwritten_ranges(_zarr.read_table(arrays[CHUNK_CRC], os.fspath(path)), info.layout)
+    crcs = _zarr.read_table(arrays[CHUNK_CRC], os.fspath(path), _zarr.as_local(path))
+    ranges = unwritten_ranges(crcs, info.layout)
     if ranges:
         raise StoreIncompleteError(
             f"{path}: cannot finalize, missing (view, start, stop) ranges {ranges[:10]}"
@@ -496,16 +497,13 @@ class StoreWriter:
         self._local_root = root if isinstance(root, Path) else None
         self._raw_root = self._local_root if info.layout.codec is None else None
         # read from their chunk files where local, as a reader does (a damaged one is named)
-        crcs = _zarr.read_table(self._crc_arr, os.fspath(root), self._local_root)
-        self._done = crcs >= 0  # (views, num_chunks) bool
+        where = os.fspath(root)
+        self._done = _zarr.read_table(self._crc_arr, where, self._local_root) >= 0
         # Chunks handed to the pool (set on the caller's thread; ``_done`` only once stored):
         # a later write of one of them is skipped, never raced with its store and checksum.
         self._submitted = self._done.copy()
-        self._labels = (  # -1 = not yet given
-            _zarr.read_local_int64(self._labels_arr, self._local_root)
-            if self._local_root is not None
-            else np.asarray(self._labels_arr[...], dtype=np.int64)
-        )
+        # -1 = not yet given
+        self._labels = _zarr.read_int64(self._labels_arr, where, self._local_root)
         self._buffers: dict[tuple[int, int], _ChunkBuffer] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix="store-writer"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -33,7 +32,6 @@ from prefast.cache.identity import (
 from prefast.cache.probes import PROBE_PREFIX
 from prefast.errors import CacheError
 from store import location
-from store.layout import ATTRS_KEY
 from store.tools.inspect import describe_dataset, describe_model
 
 log = logging.getLogger(__name__)
@@ -274,10 +272,10 @@ def _marked_incomplete(path: Path) -> bool:
     """Whether the record of a store that does not open marks it incomplete: one whose
     overwriting was cut short (``store.create(..., overwrite=True)`` marks it incomplete
     before it deletes anything, and deletes the record last)."""
+    record = location.store_record(path)
     try:
-        record = json.loads((path / "zarr.json").read_text())["attributes"][ATTRS_KEY]
-        return not store.StoreInfo.from_dict(record, str(path)).complete
-    except (OSError, ValueError, KeyError, TypeError, store.StoreError):
+        return record is not None and not store.StoreInfo.from_dict(record, str(path)).complete
+    except (ValueError, KeyError, TypeError, store.StoreError):  # a record of another shape
         return False
 
 

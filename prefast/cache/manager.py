@@ -519,16 +519,7 @@ class CacheManager:
         b_new, self._next = self._next, 0
         if b_new <= self.boundary or epoch >= self.cfg.epochs - 1:
             return False
-        prev = self.cache
-        self.cache = self._build(b_new, prev)
-        self._retire(prev)
-        log.info(
-            "end of epoch %d: cache boundary %d -> %d (%s)",
-            epoch,
-            prev.boundary if prev else 0,
-            b_new,
-            self.cache.tier,
-        )
+        self._switch(b_new, f"end of epoch {epoch}")
         return True
 
     def _epoch_target(self, j: int, frontier: int) -> int:
@@ -891,17 +882,22 @@ class CacheManager:
                 why,
             )
             return False
+        self._switch(b_new, f"iteration {j}", tier)
+        return True
+
+    def _switch(self, b_new: int, when: str, tier: str | None = None) -> None:
+        """Build the cache at ``b_new`` by a pass (``_build``), read from it on, retire the old
+        one, and log the move as of ``when``."""
         prev = self.cache
         self.cache = self._build(b_new, prev, tier)
         self._retire(prev)
         log.info(
-            "iteration %d: cache boundary %d -> %d (%s)",
-            j,
+            "%s: cache boundary %d -> %d (%s)",
+            when,
             prev.boundary if prev else 0,
             b_new,
             self.cache.tier,
         )
-        return True
 
     def _build(self, b_new: int, prev: Cache | None, tier: str | None = None) -> Cache:
         """One cache pass to boundary ``b_new`` from ``prev`` (or the images), into ``tier``
