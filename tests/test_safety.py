@@ -742,3 +742,22 @@ def test_a_cache_remove_cut_short_at_its_end_leaves_a_folder_it_can_remove(tmp_p
     monkeypatch.setattr(Path, "unlink", real_unlink)
     assert sorted(p.name for p in run_dir.iterdir()) == [RUN_MARKER]
     assert remove_run_folder(run_dir) == [] and not run_dir.exists()
+
+
+def test_a_run_folders_start_leaves_symlinks_alone(tmp_path):
+    # a symlink named like a store (or like trash) points at what is not the run folder's:
+    # the start followed it, renamed the link into the trash and failed in rmtree ("cannot
+    # call rmtree on a symbolic link"), stopping the run and leaving a trash link for good
+    from prefast.cache.folders import clear_leftovers
+
+    run_dir = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {"boundary-002": False})
+    elsewhere = _run_folder(tmp_path / "mine", "bbbbbbbbbbbb", {"boundary-001": False})
+    (run_dir / "boundary-005").symlink_to(elsewhere / "boundary-001")
+    (run_dir / ".prefast-trash-0123456789ab").symlink_to(elsewhere)
+    clear_leftovers(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".prefast-run",
+        ".prefast-trash-0123456789ab",
+        "boundary-005",
+    ]  # the unfinished store of the run folder's own went; the links stayed
+    assert store.open(elsewhere / "boundary-001", partial=True).info.layout.num_samples == 5

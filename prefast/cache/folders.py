@@ -245,6 +245,8 @@ def clear_leftovers(run_dir: Path) -> None:
     if not (run_dir / RUN_MARKER).is_file():
         return
     for child in run_dir.iterdir():
+        if child.is_symlink():  # it points at what is not this folder's own
+            continue
         if child.is_dir() and child.name.startswith((TRASH_PREFIX, PROBE_PREFIX)):
             shutil.rmtree(child, ignore_errors=True)
             log.info("cleared %s, left by an interrupted run", child)
