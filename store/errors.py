@@ -45,7 +45,8 @@ class StoreCorruptError(StoreError):
 
 
 class StoreWriteError(StoreError):
-    """A background write failed; the original exception is chained."""
+    """Writing the store failed (its folder, a chunk, its record); the original exception is
+    chained."""
 
 
 class StoreInputError(StoreError):

@@ -250,7 +250,12 @@ def create(
         raise StoreInputError(
             f"{root}: rank {rank} must open an existing store with resume=True (rank 0 creates it)"
         )
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreWriteError(
+            f"{root}: cannot create the store's folder: {_mkdir_reason(root, e)}"
+        ) from e
     lock = _DirLock(root, shared=world_size > 1)
     try:
         _clear_store_dir(root)
@@ -262,6 +267,16 @@ def create(
     except BaseException:
         lock.release()
         raise
+
+
+def _mkdir_reason(root: Path, e: OSError) -> str:
+    """Why ``root.mkdir(parents=True)`` failed, naming a file that stands where a folder must."""
+    for parent in root.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+    return e.strerror or str(e)
 
 
 def _check_resume(

@@ -284,6 +284,33 @@ def test_a_file_the_user_may_not_read_is_not_called_corrupt(
     )
 
 
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10"])
+def test_a_data_folder_the_user_may_not_enter_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # a folder without the execute bit made Path.is_file raise a bare PermissionError (exit 1)
+    write_fake(tmp_path, name)
+    locked = tmp_path / "locked"
+    (tmp_path / "locked" / "inside").mkdir(parents=True)
+    real_is_file, real_access = Path.is_file, os.access
+
+    def is_file(self: Path) -> bool:
+        if locked in self.parents:  # as stat() inside a folder without x for a user not root
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    def access(path: Any, mode: int, **kwargs: Any) -> bool:
+        return Path(path) != locked and real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(DataError) as err:
+        load_dataset(name, "train", data_root=locked / "inside")
+    assert str(err.value) == (
+        f"{locked}: cannot look inside (Permission denied); check the folder's permissions"
+    )
+
+
 def _locate_first(name: str, root: Path) -> Path:
     from prefast.data.readers import _locate
 

@@ -600,6 +600,13 @@ def test_open_errors_name_the_path(tmp_path, data):
         store.open(tmp_path / "s")
 
 
+def test_create_under_a_file_names_the_file(tmp_path):
+    (tmp_path / "afile").write_text("a user's file")
+    with pytest.raises(store.StoreWriteError, match=r"afile is a file, not a folder"):
+        store.create(tmp_path / "afile" / "sub" / "s", sample_shape=SHAPE, num_samples=N)
+    assert (tmp_path / "afile").read_text() == "a user's file"
+
+
 def test_write_errors_name_the_field(tmp_path, data):
     x, y = data
     with store.create(

@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import logging
 import math
+import os
 import pickle
 import struct
 import zlib
@@ -105,12 +106,26 @@ def _locate(name: str, split: str, root: Path) -> tuple[list[Path], list[Path]]:
     path of each needed file that has none."""
     found, missing = [], []
     for candidates in _expected_files(name, split, root):
-        hit = next((p for p in candidates if p.is_file()), None)
+        hit = next((p for p in candidates if _is_file(p)), None)
         if hit is None:
             missing.append(candidates[0])
         else:
             found.append(hit)
     return found, missing
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, where a folder on the way this user may not enter is a DataError
+    naming it (Python < 3.13 raises PermissionError there; 3.13 answers False, so "missing")."""
+    try:
+        return path.is_file()
+    except PermissionError as exc:
+        where = next(
+            (p for p in (*reversed(path.parents), path) if not os.access(p, os.X_OK)), path
+        )
+        raise DataError(
+            f"{where}: cannot look inside ({exc.strerror}); check the folder's permissions"
+        ) from exc
 
 
 def _unreadable(path: Path, exc: PermissionError) -> DataError:
