@@ -6,8 +6,9 @@ that checksum, encode and store it (crc32c and numcodecs' Blosc and Zstd release
 chunk counts as done only once its data, its labels (with view 0) and its CRC marker are
 stored, in that order, and the group's ``complete`` flag is written last, so a writer that
 dies leaves a store that opens as incomplete and that ``create(..., resume=True)`` completes.
-A failure on the pool (a full disk, say) is logged once and raised once, as
-``StoreWriteError``, at the next call; the writer then refuses further writes.
+A failure on the pool (a full disk, say) is raised once, as ``StoreWriteError``, at the next
+call (or logged, where ``abort`` ends a writer whose caller is failing already); the writer then
+refuses further writes.
 """
 
 from __future__ import annotations
@@ -578,13 +579,11 @@ class StoreWriter:
 
     # ---- failures -----------------------------------------------------------------------
     def _record_error(self, exc: BaseException) -> None:
-        """Keep the first background failure (and log it, once); later ones are its echoes
-        (the same full disk) and are dropped."""
+        """Keep the first background failure, raised once (``_raise_once``) or logged once
+        (``abort``); later ones are its echoes (the same full disk) and are dropped."""
         with self._state_lock:
-            if self._error is not None:
-                return
-            self._error = exc
-        log.error("%s: a background chunk write failed: %r", self.path, exc)
+            if self._error is None:
+                self._error = exc
 
     def _collect(self, block: bool) -> None:
         """Retire finished background writes (all of them when ``block``), keeping a failure."""
@@ -602,7 +601,7 @@ class StoreWriter:
         self._error_reported = True
         raise StoreWriteError(
             f"{self.path}: a background chunk write failed: {self._error!r}; the store is left "
-            "incomplete (resume it with store.create(..., resume=True))"
+            "incomplete"
         ) from self._error
 
     def _raise_pending_error(self) -> None:
@@ -1113,6 +1112,13 @@ class StoreWriter:
         try:
             self._close_fds()
             self._collect(block=True)
+            if self._error is not None and not self._error_reported:
+                self._error_reported = True
+                log.error(
+                    "%s: a background chunk write failed: %r; the store is left incomplete",
+                    self.path,
+                    self._error,
+                )
         finally:
             self._pool.shutdown(wait=True)
             self._row_map = None

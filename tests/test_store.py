@@ -514,7 +514,9 @@ def test_disjoint_ranks_write_one_store(tmp_path, data):
     assert torch.equal(store.open(tmp_path / "s").read(2, ALL), ref.read(2, ALL))
 
 
-def test_failing_background_write_is_logged_once_and_raised_once(tmp_path, data, caplog):
+def test_failing_background_write_is_raised_once_and_logged_only_where_not_raised(
+    tmp_path, data, caplog
+):
     x, y = data
     w = store.create(
         tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32", chunk_samples=CHUNK
@@ -537,10 +539,26 @@ def test_failing_background_write_is_logged_once_and_raised_once(tmp_path, data,
         w.close()  # closing again raises nothing
     assert len(raised) == 1 and "No space left" in str(raised[0])
     assert isinstance(raised[0].__cause__, OSError)
+    # raised, so not logged too (a CLI printed an ERROR line, then the same as its error line)
     logged = [r for r in caplog.records if "No space left" in r.getMessage() or r.exc_info]
-    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert logged == []
     with pytest.raises(store.StoreIncompleteError):
         store.open(tmp_path / "s")
+
+    # a caller failing for another reason aborts the writer: the failure it never raised is logged
+    w = store.create(
+        tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32", chunk_samples=CHUNK,
+        resume=True,
+    )  # fmt: skip
+    w._write_activations = full_disk
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="store"), pytest.raises(KeyError), w:
+        w.write(0, 0, x[0, :8], y[:8])  # one chunk to the pool, which fails
+        w._collect(block=True)
+        raise KeyError("the caller's own failure")
+    logged = [r for r in caplog.records if "No space left" in r.getMessage()]
+    assert [r.levelname for r in logged] == ["ERROR"]
+    assert "left incomplete" in logged[0].getMessage()
 
 
 def test_a_full_disk_when_marking_complete_names_the_store(tmp_path, data, monkeypatch):
