@@ -185,3 +185,28 @@ def test_a_boundary_outside_the_model_is_refused(run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1, err
         assert f"meta.boundary is {b!r}, not a boundary of its model (" in err
+
+
+def test_verify_text_counts_the_values_that_are_not_finite(run, tmp_path, capsys):
+    # the JSON had the counts; the text said nothing of them
+    s = store.open(run["store"])
+    idx = torch.arange(s.num_samples)
+    x = torch.stack([s.read(v, idx) for v in range(s.views)])
+    x[0, 5, 0, 0, 0] = float("inf")
+    x[1, 7, 1, 1, 1] = float("nan")
+    x[1, 8, 1, 1, 1] = float("-inf")
+    write_store(tmp_path / "s", x, s.labels, meta=dict(s.meta), chunk=s.layout.chunk_samples)
+    rc = prefast_main(
+        ["verify", str(tmp_path / "s"), "--checkpoint", str(run["ckpt"]), "--no-progress"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert lines[2] == (
+        "values      3 not finite (2 inf, 1 NaN) in 2 chunk(s); 'python -m store stats' counts "
+        "them per channel"
+    )
+    rc = prefast_main(
+        ["verify", str(run["store"]), "--checkpoint", str(run["ckpt"]), "--no-progress"]
+    )
+    assert rc == 0 and "values" not in capsys.readouterr().out

@@ -108,6 +108,8 @@ class CheckpointReport:
                 f"chunks      {c.chunks_read} read, "
                 + (f"{bad} BAD" if bad else "every checksum matches")
             )
+            if c.values_line() is not None:
+                lines.append(f"values      {c.values_line()}")
         lines.append(f"checkpoint  {self.checkpoint}")
         if self.fingerprint_ok is not None:
             lines.append("fingerprint " + ("matches" if self.fingerprint_ok else "DOES NOT MATCH"))

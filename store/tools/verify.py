@@ -62,6 +62,15 @@ class VerifyReport:
         d["ok"] = self.ok
         return d
 
+    def values_line(self) -> str | None:
+        """What the chunks hold that is not finite; None where every value read is finite."""
+        if not (self.inf or self.nan):
+            return None
+        return (
+            f"{self.inf + self.nan} not finite ({self.inf} inf, {self.nan} NaN) in "
+            f"{self.nonfinite_chunks} chunk(s); 'python -m store stats' counts them per channel"
+        )
+
     def format(self) -> str:
         lines = [f"store       {self.path} ({self.dtype})"]
         if self.bad_chunks:
@@ -89,12 +98,8 @@ class VerifyReport:
             lines.append("labels      every checksum matches")
         if self.missing:
             lines.append(f"missing     (view, start, stop) {self.missing[:6]}")
-        if self.inf or self.nan:
-            lines.append(
-                f"values      {self.inf + self.nan} not finite ({self.inf} inf, {self.nan} NaN) "
-                f"in {self.nonfinite_chunks} chunk(s); 'python -m store stats' counts them "
-                "per channel"
-            )
+        if self.values_line() is not None:
+            lines.append(f"values      {self.values_line()}")
         lines.append("result      " + ("OK" if self.ok else "FAILED"))
         return "\n".join(lines)
 
