@@ -117,6 +117,39 @@ def test_a_users_folder_named_like_a_store_is_left_alone(tmp_path, capsys):
     assert (mine / "data.bin").read_bytes() == b"x" * 10
 
 
+def test_a_users_files_under_a_store_name_of_the_run_are_refused_at_start(tmp_path):
+    """A run folder's boundary-NNN with a user's files in it failed the run only when it
+    reached that boundary, maybe hours in; it is refused at start, and nothing is touched."""
+    cache = tmp_path / "cache"
+    cfg = TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache))
+    manager = Trainer(cfg).cache
+    run_dir = Path(manager.run_dir)
+    manager.close()
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "boundary-002").mkdir()
+    (run_dir / "boundary-002" / "notes.txt").write_text("mine")
+    (run_dir / "boundary-003").write_text("a file")
+    (run_dir / "boundary-004").mkdir()  # empty: a store can be written there
+    (run_dir / "boundary-999").mkdir()  # past the model's last boundary: never written
+    (run_dir / "boundary-999" / "notes.txt").write_text("mine too")
+    with pytest.raises(CacheError) as err:
+        Trainer(cfg)
+    assert str(err.value) == (
+        f"--cache-dir: {run_dir / 'boundary-002'}, {run_dir / 'boundary-003'} hold what is not "
+        "an activation store, under the name this run writes a boundary's store to; move it out "
+        "of the run folder or use another --cache-dir"
+    )
+    assert (run_dir / "boundary-002" / "notes.txt").read_text() == "mine"
+    assert (run_dir / "boundary-003").read_text() == "a file"
+    # the refused start let go of the folder's lock: the same process starts once they are gone
+    (run_dir / "boundary-002" / "notes.txt").unlink()
+    (run_dir / "boundary-003").unlink()
+    Trainer(cfg).cache.close()
+    # a run that writes no store is not refused
+    (run_dir / "boundary-002" / "notes.txt").write_text("mine")
+    Trainer(TrainConfig(**TINY, mode="prefast", cache="ram", cache_dir=str(cache))).cache.close()
+
+
 def test_a_start_removes_only_the_stores_its_run_folder_left_unfinished(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cfg = TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache))

@@ -28,6 +28,7 @@ from prefast.cache.identity import (
     STORE_PREFIX,
     TRASH_PREFIX,
     delete_store,
+    store_path,
 )
 from prefast.cache.probes import PROBE_PREFIX
 from prefast.errors import CacheError
@@ -255,6 +256,20 @@ def clear_leftovers(run_dir: Path) -> None:
             log.info("removed %s, a store an interrupted run did not finish writing", child)
 
 
+def blocked_store_names(run_dir: Path, boundaries: range) -> list[Path]:
+    """The entries of ``run_dir`` under the store name of one of ``boundaries`` where no store
+    can be written: a file, or a folder (not a link) that holds something and no activation
+    store. A run refuses them at its start, not when it reaches that boundary."""
+    blocked = []
+    for b in boundaries:
+        p = run_dir / Path(store_path(run_dir, b)).name
+        if p.is_symlink() or not p.exists():
+            continue
+        if not p.is_dir() or (any(p.iterdir()) and not location.is_activation_store(p)):
+            blocked.append(p)
+    return blocked
+
+
 def _unfinished(path: Path) -> bool:
     """Whether ``path`` is an activation store marked incomplete (a folder that is not a
     store, or a store that does not open and whose record does not say so, is left alone)."""
@@ -330,6 +345,7 @@ def remove_run_folder(path: str | Path) -> list[str]:
 __all__ = [
     "RunFolder",
     "StoreEntry",
+    "blocked_store_names",
     "check_removable",
     "clear_leftovers",
     "describe_run_folder",

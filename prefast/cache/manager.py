@@ -37,6 +37,7 @@ import store
 from prefast.cache.ahead import AheadStore
 from prefast.cache.build import Cache, PassSpec, build_cache, frozen_forward
 from prefast.cache.folders import (
+    blocked_store_names,
     clear_leftovers,
     entry_sizes,
     lock_holder,
@@ -248,12 +249,32 @@ class CacheManager:
         local = location.as_local(run_dir)
         if local is not None:
             self._lock_fd = _take_run_dir(local)
-            clear_leftovers(local)  # only where the marker says the folder is ours
+            try:
+                clear_leftovers(local)  # only where the marker says the folder is ours
+                self._refuse_blocked_store_names(local)
+            except BaseException:
+                os.close(self._lock_fd)  # a run started again in this process is not refused
+                self._lock_fd = None
+                raise
         else:
             log.warning(
                 "%s: object stores have no locks; run one prefast run with these settings "
                 "per --cache-dir at a time",
                 run_dir,
+            )
+
+    def _refuse_blocked_store_names(self, run_dir: Path) -> None:
+        """Refuse now a run folder where a store this run may write cannot be (a user's
+        files under its name), rather than when the run reaches that boundary."""
+        if self.cfg.cache not in ("zarr", "auto"):
+            return
+        blocked = blocked_store_names(run_dir, range(1, len(self.shapes)))
+        if blocked:
+            raise CacheError(
+                f"--cache-dir: {', '.join(map(str, blocked))} "
+                f"{'holds' if len(blocked) == 1 else 'hold'} what is not an activation store, "
+                "under the name this run writes a boundary's store to; move it out of the run "
+                "folder or use another --cache-dir"
             )
 
     def _discard(self, cache: Cache) -> None:
