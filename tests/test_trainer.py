@@ -344,6 +344,85 @@ def test_auto_policy_plans_the_cheapest_boundaries():
     assert plan_boundary("transitions", 1, 3, (1, 4)) == 1
 
 
+def _followed(plan, events, total, ipe, kw, chunked):
+    """Seconds of a run that follows a pass-mode ``plan`` as CacheManager does, step by step:
+    a move from or to a ``chunked`` store asked for inside an epoch is made by one pass at the
+    epoch's end (none after the last), reading the current cache until then."""
+    cost, sb, tiers = kw["cost"], kw["sample_bytes"], kw["tiers"]
+    n, batch = kw["num_samples"], kw["batch_size"]
+    asked = {it: b for (it, _), b in zip(events, plan, strict=True)}
+    frontier_at = dict(events)
+    read_b, held, frontier, seconds = 0, 0, 0, 0.0
+
+    def read(b):
+        return cost.image if b == 0 else cost.read(tiers[b], sb[b])
+
+    def one_pass(b0, b1):
+        return n * (read(b0) + cost.fwd(b0, b1) + cost.write(tiers[b1], sb[b1]))
+
+    for j in range(events[0][0], total):
+        if j % ipe == 0 and held > read_b:  # the end of the epoch before
+            seconds += one_pass(read_b, held)
+            read_b = held
+        if j in asked:
+            frontier = frontier_at[j]
+            b = max(held, asked[j])
+            waits = j % ipe and ((read_b and tiers[read_b] in chunked) or tiers[b] in chunked)
+            if b > held and waits:
+                held = b
+            elif b > held:
+                seconds += one_pass(read_b, b)
+                read_b = held = b
+        tier = tiers[read_b] if read_b else None
+        seconds += batch * cost.step(read(read_b), 0.0, tier, read_b, max(read_b, frontier))
+    return seconds
+
+
+def test_the_pass_plan_prices_a_move_to_a_chunked_store_at_the_epochs_end():
+    """With --codec or a remote --cache-dir, a cache due mid-epoch is made at the epoch's end
+    (none in the last epoch): the plan prices it so, and follows the cheapest run there is."""
+    cost = CostModel(
+        unit_fwd=[1e-3] * 4, image=1e-4, read_rate={"zarr": 1e9}, write_rate={"zarr": 1e9}
+    )
+    small = [4000, 1000, 1000, 1000, 1000]  # 1 us to read or write a sample past the images
+    kw = dict(batch_size=10, num_samples=100, views=1, cost=cost, sample_bytes=small,
+              tier_of=lambda b: "zarr")  # fmt: skip
+    chunked = frozenset({"zarr"})
+    # frontier 3 at step 5 of epoch 0 (of 2, 10 steps each): a pass costs 100 x 3.101 ms =
+    # 310.1 ms and saves 3.099 ms a sample: made now it saves 150 samples (464.9 ms), made at
+    # the epoch's end only epoch 1's 100 (309.9 ms), less than the pass
+    assert plan_boundaries([(5, 3)], 20, **kw) == [3]  # a raw store: switched now
+    assert plan_boundaries([(5, 3)], 20, iters_per_epoch=10, **kw) == [3]
+    assert plan_boundaries([(5, 3)], 20, iters_per_epoch=10, chunked=chunked, **kw) == [0]
+    # with 3 epochs the one made at epoch 0's end pays: it is asked for at the freeze
+    assert plan_boundaries([(5, 3)], 30, iters_per_epoch=10, chunked=chunked, **kw) == [3]
+    # any plan followed as the manager does costs at least what the planner's choice costs
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        units = int(rng.integers(1, 4))
+        tiers = [str(t) for t in rng.choice(["ram", "zarr"], units + 1)]
+        c = CostModel(unit_fwd=list(rng.choice([1e-5, 1e-3, 3e-3], units)), image=1e-4,
+                      read_rate={"ram": 1e9, "zarr": float(rng.choice([1e6, 1e8]))},
+                      write_rate={"ram": 1e9, "zarr": float(rng.choice([1e6, 1e8]))},
+                      overlap=bool(rng.integers(2)))  # fmt: skip
+        sb = [int(v) for v in rng.integers(100, 10_000, units + 1)]
+        ipe, epochs = int(rng.integers(2, 6)), int(rng.integers(1, 4))
+        total = ipe * epochs
+        its = sorted(int(i) for i in rng.choice(total, min(3, total), replace=False))
+        fronts = sorted(int(f) for f in rng.integers(1, units + 1, len(its)))
+        events = list(zip(its, fronts, strict=True))
+        k = dict(batch_size=5, num_samples=int(rng.integers(5, 60)), views=1, cost=c,
+                 sample_bytes=sb, tier_of=tiers.__getitem__)  # fmt: skip
+        got = plan_boundaries(events, total, iters_per_epoch=ipe, chunked=chunked, **k)
+        sim = {**k, "tiers": tiers}
+        plans: list[list[int]] = [[0]]  # every plan, after a leading 0: boundaries only grow
+        for _, f in events:
+            plans = [[*p, b] for p in plans for b in range(p[-1], max(p[-1], f) + 1)]
+        plans = [p[1:] for p in plans]
+        cheapest = min(_followed(p, events, total, ipe, sim, chunked) for p in plans)
+        assert _followed(got, events, total, ipe, sim, chunked) == pytest.approx(cheapest)
+
+
 def test_write_through_plan_writes_when_the_saved_steps_pay_for_the_writes():
     from prefast.cache.plan import plan_epochs
 
@@ -394,15 +473,26 @@ def test_write_through_plan_writes_when_the_saved_steps_pay_for_the_writes():
     assert plan_epochs([[(10, 3)]] * 2, **kz).targets == [3, 3]
     p = plan_epochs([[(10, 3)]] * 2, pass_tiers=frozenset({"zarr"}), num_samples=100, **kz)
     assert p.targets == [0, 0] and p.seconds == pytest.approx(200 * 6e-3)
-    # ... and where it pays (1 ms writes), the pass and the steps after it are what is priced
+    # ... and where it pays (1 ms writes), the pass and the steps after it are what is priced:
+    # a pass due mid-epoch is made at the epoch's end (a store read a chunk at a time is not
+    # read from the middle of an epoch), so the epoch's later steps still read the images
     fast = CostModel(unit_fwd=[1e-3] * 4, image=1e-4, read_rate={"zarr": 1e9},
                      write_rate={"zarr": 1e6}, overlap=True)  # fmt: skip
-    p = plan_epochs([[(4, 0), (6, 3)], [(10, 3)], [(10, 3)]], pass_tiers=frozenset({"zarr"}),
-                    num_samples=100, **{**kz, "cost": fast})  # fmt: skip
-    assert p.targets == [3, 3, 3] and p.starts == [4, 0, 0]
-    # 40 samples from the images with nothing frozen (4 units trained: 12 ms), the pass (0.1
-    # + 3 + 1 ms a sample), 260 samples from the cache (3 ms of training, the read hidden)
-    assert p.seconds == pytest.approx(40 * 12e-3 + 100 * 4.1e-3 + 260 * 3e-3)
+    kf = dict(pass_tiers=frozenset({"zarr"}), num_samples=100, **{**kz, "cost": fast})
+    p = plan_epochs([[(4, 0), (6, 3)], [(10, 3)], [(10, 3)]], **kf)
+    assert p.targets[1:] == [3, 3]
+    # 40 samples from the images with nothing frozen (4 units trained: 12 ms), 60 with 3 frozen
+    # (6 ms), the pass (0.1 + 3 + 1 ms a sample), 200 samples from the cache (3 ms of training,
+    # the read hidden); the pass at epoch 0's end or epoch 1's start costs the same
+    assert p.seconds == pytest.approx(40 * 12e-3 + 60 * 6e-3 + 100 * 4.1e-3 + 200 * 3e-3)
+    # a pass at an epoch's first step is made then, and that epoch reads it
+    p = plan_epochs([[(10, 3)], [(10, 3)], [(10, 3)]], **kf)
+    assert p.targets == [3, 3, 3] and p.starts == [0, 0, 0]
+    assert p.seconds == pytest.approx(100 * 4.1e-3 + 300 * 3e-3)
+    # nothing is made in the last epoch, whose cache would never be read: a frontier that
+    # reaches 3 only there leaves the plan without a cache, however much it would save
+    p = plan_epochs([[(10, 0)], [(1, 0), (99, 3)]], **kf)
+    assert p.targets == [0, 0] and p.seconds == p.baseline_seconds
     # on CUDA a step costs max(host, device): a host read cheaper than the device's forward is
     # hidden, so reading the cache costs nothing extra over the images
     c = cost(1e9, overlap=True)

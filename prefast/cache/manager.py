@@ -396,6 +396,10 @@ class CacheManager:
                 tiers.__getitem__,
                 boundary=b,
                 tier=self._held_tier(),
+                iters_per_epoch=self.iters_per_epoch,
+                # a move from or to a store read or made a chunk at a time waits for the
+                # epoch's end (_recache)
+                chunked=frozenset({"zarr"} if self._store_rows_refusal() else ()),
             )
             self._auto_plan = {it: bb for (it, _), bb in zip(events, bounds, strict=True)}
             log.info("iteration %d: re-caching plan (iteration: boundary) %s", j, self._auto_plan)

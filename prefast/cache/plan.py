@@ -93,6 +93,17 @@ def plan_boundary(policy: str, boundary: int, frontier: int, cut_points: Sequenc
     raise CacheError(f"--recache-policy: {policy!r} is planned by plan_boundaries")
 
 
+_State = tuple[int, int]  # (boundary read, boundary asked for: made at the epoch's end)
+
+
+def _keep(
+    best: dict[_State, float], back: dict[_State, _State], state: _State, cost: float, prev: _State
+) -> None:
+    """Record reaching ``state`` from ``prev`` at ``cost`` where that is the cheapest yet."""
+    if cost < best.get(state, math.inf):
+        best[state], back[state] = cost, prev
+
+
 def plan_boundaries(
     events: Sequence[tuple[int, int]],
     total_iterations: int,
@@ -104,6 +115,8 @@ def plan_boundaries(
     tier_of: Callable[[int], str],
     boundary: int = 0,
     tier: str | None = None,
+    iters_per_epoch: int = 0,
+    chunked: frozenset[str] = frozenset(),
 ) -> list[int]:
     """The cheapest boundary to hold after each freeze event, over the rest of the run.
 
@@ -116,7 +129,14 @@ def plan_boundaries(
     inside a dense block is skipped when a transition soon replaces it. ``boundary``/``tier``
     describe the cache held now. Costs are per sample in seconds (``CostModel``). This is the
     planner of separate cache passes (compressed stores, several views, torchrun); write-through
-    re-caching is planned by ``plan_epochs``."""
+    re-caching is planned by ``plan_epochs``.
+
+    ``chunked``: the tiers whose caches are read or made a chunk at a time (a compressed or
+    remote store). A move at an event inside an epoch (``iters_per_epoch`` steps each, the
+    last ending at ``total_iterations``) from or to such a cache waits for the epoch's end, as
+    ``CacheManager`` makes it: the rest of the epoch still reads ``b``, one pass at its end
+    makes the boundary asked for last, and a move asked for in the run's last epoch is never
+    made. The plan is priced so."""
     if not events:
         return []
     # tier_of may query free host/device memory: ask once per boundary, not per DP step
@@ -131,34 +151,68 @@ def plan_boundaries(
         t = tier_at(b)
         return cost.image if t is None else cost.read(t, sample_bytes[b])
 
-    ends = [it for it, _ in events[1:]] + [total_iterations]
-    best: dict[int, float] = {boundary: 0.0}
-    back: list[dict[int, int]] = []
-    for (it, frontier), end in zip(events, ends, strict=True):
+    def one_pass(b0: int, b1: int) -> float:
+        return (
+            num_samples
+            * views
+            * (read(b0) + cost.fwd(b0, b1) + cost.write(tiers[b1], sample_bytes[b1]))
+        )
+
+    def waits(it: int, b0: int, b1: int) -> bool:
+        """Whether a move from ``b0`` to ``b1`` asked for at ``it`` waits for the epoch's end."""
+        return (
+            iters_per_epoch > 0
+            and it % iters_per_epoch != 0
+            and (tier_at(b0) in chunked or tiers[b1] in chunked)
+        )
+
+    # the run's timeline: each event, and each epoch's start after the first event, where the
+    # move that waited for the end of the epoch before is made
+    points: list[tuple[int, int | None]] = [(it, e) for e, (it, _) in enumerate(events)]
+    if iters_per_epoch > 0 and chunked:
+        first = events[0][0]
+        points += [
+            (s, None)
+            for s in range(
+                (first // iters_per_epoch + 1) * iters_per_epoch, total_iterations, iters_per_epoch
+            )
+        ]
+    points.sort(key=lambda p: (p[0], p[1] is not None))  # an epoch's start before its event
+    ends = [it for it, _ in points[1:]] + [total_iterations]
+    # state: (boundary read, boundary asked for and due at the epoch's end); the cheapest cost
+    best: dict[_State, float] = {(boundary, boundary): 0.0}
+    back: list[tuple[int | None, dict[_State, _State]]] = []
+    frontier = 0
+    for (it, e), end in zip(points, ends, strict=True):
+        nxt: dict[_State, float] = {}
+        choice: dict[_State, _State] = {}
+        if e is None:  # an epoch's start: the move due at the end of the one before is made
+            for (r, p), c in best.items():
+                _keep(nxt, choice, (p, p), c + (one_pass(r, p) if p > r else 0.0), (r, p))
+        else:
+            frontier = events[e][1]
+            for (r, p), c in best.items():
+                _keep(nxt, choice, (r, p), c, (r, p))
+                for b in range(p + 1, frontier + 1):
+                    if waits(it, r, b):
+                        _keep(nxt, choice, (r, b), c, (r, p))
+                    else:
+                        _keep(nxt, choice, (b, b), c + one_pass(r, b), (r, p))
         samples = max(0, end - it) * batch_size
-        nxt: dict[int, float] = {}
-        choice: dict[int, int] = {}
-        for b_prev, c_prev in best.items():
-            for b in range(b_prev, max(b_prev, frontier) + 1):
-                moved = b != b_prev
-                pass_cost = (
-                    num_samples
-                    * views
-                    * (read(b_prev) + cost.fwd(b_prev, b) + cost.write(tiers[b], sample_bytes[b]))
-                    if moved
-                    else 0.0
-                )
-                step = cost.step(read(b), 0.0, tier_at(b), b, max(b, frontier))
-                total = c_prev + pass_cost + samples * step
-                if total < nxt.get(b, math.inf):
-                    nxt[b], choice[b] = total, b_prev
+        step_of: dict[int, float] = {}
+        for state in nxt:
+            r = state[0]
+            if r not in step_of:
+                step_of[r] = samples * cost.step(read(r), 0.0, tier_at(r), r, max(r, frontier))
+            nxt[state] += step_of[r]
         best = nxt
-        back.append(choice)
-    b = min(best, key=lambda k: best[k])
-    plan = [b]
-    for choice in reversed(back[1:]):
-        b = choice[b]
-        plan.append(b)
+        back.append((e, choice))
+    state = min(best, key=lambda s: (best[s], s[1]))  # a tie: the fewer moves asked for
+    plan: list[int] = []
+    for e, choice in reversed(back):
+        if e is not None:
+            plan.append(state[1])
+        state = choice[state]
     return plan[::-1]
 
 
@@ -226,8 +280,11 @@ def plan_epochs(
     boundary) minimises the run's time. ``boundary`` / ``tier`` describe the cache held now.
 
     A cache whose tier is in ``pass_tiers`` takes no rows (a compressed or remote store): it is
-    made by one pass over the ``num_samples`` samples when its stretch begins (read at ``b``,
-    forward ``b..B``, write ``B``), and the epoch's later steps already read it."""
+    made by one pass over the ``num_samples`` samples (read at ``b``, forward ``b..B``, write
+    ``B``), as ``CacheManager`` makes it: at the epoch's first step, when its stretch begins
+    there, and the epoch's steps read it; else at the epoch's end (such a store is read in its
+    own chunk order, not from the middle of an epoch's sample order), the epoch's steps reading
+    ``b``. The last of ``segments`` is the run's last epoch, in which nothing is written."""
     if not segments:
         return EpochPlan([], [], 0.0, 0.0)
     tiers = [tier_of(b) for b in range(len(sample_bytes))]
@@ -248,6 +305,7 @@ def plan_epochs(
     best: dict[int, float] = {boundary: 0.0}
     bests = [best]  # the run's cheapest cost so far, by boundary held, before each epoch
     back: list[dict[int, tuple[int, int, int]]] = []  # next -> (previous, written, start)
+    last = len(segments) - 1
     for e, segs in enumerate(segments):
         before_epoch = elapsed if e == 0 else 0  # steps of this epoch that already ran
         prefix = [0, *accumulate(steps for steps, _ in segs)]  # steps before each stretch
@@ -261,14 +319,19 @@ def plan_epochs(
                     continue
                 head = steps_cost(segs[:k], b, 0.0)
                 for target in range(lo + 1, fk + 1):
-                    if tiers[target] in pass_tiers:  # one pass now, then read from it
+                    if tiers[target] in pass_tiers:
+                        if e == last:  # the last epoch's cache would never be read
+                            continue
                         one_pass = num_samples * (
                             read(b)
                             + cost.fwd(b, target)
                             + cost.write(tiers[target], sample_bytes[target])
                         )
-                        rest = steps_cost(segs[k:], target, 0.0)
-                        options.append((target, prefix[k], c + head + one_pass + rest))
+                        if before_epoch + prefix[k] == 0:  # one pass now, then read from it
+                            rest = steps_cost(segs, target, 0.0)
+                        else:  # one pass at the epoch's end; its steps read b
+                            rest = steps_cost(segs, b, 0.0)
+                        options.append((target, prefix[k], c + one_pass + rest))
                         continue
                     # a store written in a later epoch is prepared ahead, during the one before
                     write = cost.write(tiers[target], sample_bytes[target], ahead=e > 0)
