@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 
 import torch
@@ -30,10 +31,80 @@ def rss_anon_bytes() -> int:
     return -1 if v is None else v
 
 
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
+# cgroup v2 and v1 files: (limit, usage, the memory.stat line of page cache the kernel drops first)
+_CGROUP_FILES = {
+    "v2": ("memory.max", "memory.current", "inactive_file"),
+    "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
+
+
+def _cgroup_int(path: Path, key: str | None = None) -> int | None:
+    """The integer in a cgroup file (the ``key N`` line of a memory.stat where ``key`` is
+    given); None where absent, unreadable or ``max`` (no limit)."""
+    try:
+        text = path.read_text()
+        if key is None:
+            return int(text.split()[0])
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cgroup_memory_headroom(proc_cgroup: str | None = None, root: str | None = None) -> int | None:
+    """Bytes this process's memory cgroup, and each above it, can still take before its limit
+    (the limit less the usage, the inactive page cache the kernel reclaims first not counted),
+    the least of them; None where no limit applies or none can be read. A container, a SLURM
+    job or a systemd unit limits memory this way, and /proc/meminfo does not show it.
+    ``proc_cgroup``, ``root``: PROC_CGROUP and CGROUP_ROOT by default."""
+    root = root or CGROUP_ROOT
+    try:
+        lines = Path(proc_cgroup or PROC_CGROUP).read_text().splitlines()
+    except OSError:
+        return None
+    headroom: int | None = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":  # cgroup v2, mounted at the root or (hybrid) at root/unified
+            base = Path(root)
+            if not (base / "cgroup.controllers").exists():
+                base = base / "unified"
+            files = _CGROUP_FILES["v2"]
+        elif "memory" in controllers.split(","):
+            base, files = Path(root) / "memory", _CGROUP_FILES["v1"]
+        else:
+            continue
+        here = base / rel.strip("/")
+        if not here.is_dir():  # a container's own view: its cgroup is the mount's root
+            here = base
+        for d in (here, *here.parents):
+            limit = _cgroup_int(d / files[0])
+            if limit is not None and limit < (1 << 60):  # v1 writes "no limit" as ~2**63
+                usage = _cgroup_int(d / files[1]) or 0
+                inactive = _cgroup_int(d / "memory.stat", files[2]) or 0
+                free = max(0, limit - max(0, usage - inactive))
+                headroom = free if headroom is None else min(headroom, free)
+            if d == base:
+                break
+    return headroom
+
+
 def available_host_bytes() -> int:
-    """MemAvailable from /proc/meminfo (bytes); a conservative 1 GiB where unreadable."""
+    """Memory this process may still take (bytes): MemAvailable from /proc/meminfo (a
+    conservative 1 GiB where unreadable), or less where a memory cgroup's limit is nearer
+    (``cgroup_memory_headroom``)."""
     v = _proc_kib("/proc/meminfo", "MemAvailable")
-    return (1 << 30) if v is None else v
+    avail = (1 << 30) if v is None else v
+    cg = cgroup_memory_headroom()
+    return avail if cg is None else min(avail, cg)
 
 
 class PeakMemory:

@@ -294,6 +294,63 @@ def test_a_codec_sends_only_store_caches_to_passes(tmp_path, caplog, tier, fract
         assert any("(ram, written through)" in m for m in said), said
 
 
+def _cgroup(root: Path, rel: str, files: dict[str, str]) -> None:
+    d = root / rel
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (d / name).write_text(text)
+
+
+def test_host_memory_counts_a_memory_cgroups_limit(tmp_path):
+    """A container, a SLURM job or a systemd unit limits memory with a cgroup, which
+    /proc/meminfo does not show: the headroom is the least of each level's limit less its
+    usage, page cache the kernel drops first (inactive files) not counted as used."""
+    from prefast.monitor import cgroup_memory_headroom
+
+    mib = 1 << 20
+    # cgroup v2: the job's group (300 MiB limit, 250 used of which 100 inactive page cache)
+    # under a parent with no limit ("max")
+    v2 = tmp_path / "v2"
+    _cgroup(v2, "", {"cgroup.controllers": "cpu memory", "memory.max": "max"})
+    _cgroup(v2, "job", {"memory.max": "max", "memory.current": str(900 * mib)})
+    _cgroup(v2, "job/step", {"memory.max": str(300 * mib), "memory.current": str(250 * mib),
+                             "memory.stat": f"anon 1\ninactive_file {100 * mib}\n"})  # fmt: skip
+    (tmp_path / "cg2").write_text("0::/job/step\n")
+    assert cgroup_memory_headroom(str(tmp_path / "cg2"), str(v2)) == 150 * mib
+    # a parent nearer its own limit wins
+    (v2 / "job" / "memory.max").write_text(str(1000 * mib))
+    assert cgroup_memory_headroom(str(tmp_path / "cg2"), str(v2)) == 100 * mib
+    # cgroup v1 (a path the container cannot see: its own group is the mount's root); "no
+    # limit" is written as a number near 2**63
+    v1 = tmp_path / "v1"
+    _cgroup(v1, "memory", {"memory.limit_in_bytes": str(200 * mib),
+                           "memory.usage_in_bytes": str(190 * mib),
+                           "memory.stat": f"inactive_file 0\ntotal_inactive_file {40 * mib}\n"})  # fmt: skip
+    (tmp_path / "cg1").write_text("5:cpu:/x\n4:memory:/docker/abc\n0::/\n")
+    assert cgroup_memory_headroom(str(tmp_path / "cg1"), str(v1)) == 50 * mib
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")
+    assert cgroup_memory_headroom(str(tmp_path / "cg1"), str(v1)) is None
+    # no cgroup file, or none with memory
+    assert cgroup_memory_headroom(str(tmp_path / "none"), str(v1)) is None
+
+
+def test_cache_auto_goes_to_the_store_where_a_cgroup_leaves_little_memory(tmp_path, monkeypatch):
+    """--cache auto in a job whose memory cgroup has 1 MiB left: the store, not RAM that the
+    host has free but the job may not take."""
+    import prefast.monitor as mon
+
+    v2 = tmp_path / "v2"
+    _cgroup(v2, "", {"cgroup.controllers": "memory", "memory.max": str(101 << 20),
+                     "memory.current": str(100 << 20)})  # fmt: skip
+    (tmp_path / "cg").write_text("0::/\n")
+    monkeypatch.setattr(mon, "PROC_CGROUP", str(tmp_path / "cg"))
+    monkeypatch.setattr(mon, "CGROUP_ROOT", str(v2))
+    assert mon.available_host_bytes() == 1 << 20
+    r = train(tiny(mode="prefast", cache="auto", recache_policy="every",
+                   cache_dir=str(tmp_path / "c")))  # fmt: skip
+    assert r.summary["cache_tier"] == "zarr"
+
+
 def test_views_are_distinct_augmentations(tmp_path):
     r = train(
         tiny(
