@@ -103,7 +103,10 @@ def available_host_bytes() -> int:
     (``cgroup_memory_headroom``)."""
     v = _proc_kib("/proc/meminfo", "MemAvailable")
     avail = (1 << 30) if v is None else v
-    cg = cgroup_memory_headroom()
+    try:
+        cg = cgroup_memory_headroom()
+    except OSError:  # a cgroup tree this process may not look into: no limit it can see
+        cg = None
     return avail if cg is None else min(avail, cg)
 
 
