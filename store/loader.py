@@ -4,8 +4,8 @@ One loader serves every tier (``ActivationStore``, ``RamCache``, ``DeviceCache``
 samples make up each batch is the business of ``store.sampling``, chosen once per loader: an
 exact global permutation for random-access sources (memory-mapped raw stores, both in-memory
 tiers), chunk streaming with a shuffle window for compressed or remote stores. This module
-does the rest: a bounded prefetch queue on a background thread (or the caller's thread with
-``prefetch=0``), resume from ``start_batch``, and, with a CUDA device, gathers into pinned
+does the rest: a bounded prefetch queue on a background thread, one per pass over the loader
+(or the caller's thread with ``prefetch=0``), resume from ``start_batch``, and, with a CUDA device, gathers into pinned
 host buffers (on ``gather_workers`` threads). The copies to the device are issued by the
 consuming thread, one group of ``batches_per_copy`` batches ahead, on a side stream it owns:
 the background threads make no CUDA stream or event calls, so nothing crosses threads but host
@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
@@ -84,6 +84,76 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+class _Prefetch:
+    """One pass's background thread and its bounded queue of ``depth`` items."""
+
+    def __init__(self, depth: int, stats: LoaderStats) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.stats = stats  # the pass's: ``full`` and ``starved`` are counted here
+
+    def start(self, produce: Callable[..., None], *args: Any) -> None:
+        self.thread = threading.Thread(
+            target=produce, args=(self.put, self.stopped, *args), name="store-loader", daemon=True
+        )
+        self.thread.start()
+
+    def put(self, item: Any) -> bool:
+        """Called by the thread: ``item`` into the queue; False once the pass is stopped."""
+        t = time.perf_counter()
+        try:
+            while not self.stopped.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+        finally:
+            self.stats.full += time.perf_counter() - t
+
+    def items(self) -> Iterator[Any]:
+        """The thread's items, in order, until _END; its error is raised here."""
+        while True:
+            t = time.perf_counter()
+            item = self._get()
+            self.stats.starved += time.perf_counter() - t
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _get(self) -> Any:
+        while True:
+            if self.stopped.is_set():
+                raise StoreError("the loader was closed while this pass over it was under way")
+            try:
+                return self.queue.get(timeout=1.0)
+            except queue.Empty:
+                t = self.thread
+                if t is None or not t.is_alive():
+                    # The producer always ends with _END or an exception; drain once more.
+                    try:
+                        return self.queue.get_nowait()
+                    except queue.Empty:
+                        raise StoreError(
+                            "the loader's background thread ended without a result"
+                        ) from None
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it (not from the thread itself: it ends on its own)."""
+        self.stopped.set()
+        t = self.thread
+        if t is None or t is threading.current_thread():
+            return
+        while t.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self.queue.get_nowait()
+            t.join(timeout=0.05)
 
 
 class StoreLoader:
@@ -159,9 +229,10 @@ class StoreLoader:
         )
         self.streaming = isinstance(self.sampling, ChunkStreamSampling)
         self._labels = source.labels.cpu()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._queue: queue.Queue[Any] | None = None
+        # The background threads of the passes under way (each pass over the loader has its
+        # own: two passes at once, nested or zipped, do not disturb each other).
+        self._passes: set[_Prefetch] = set()
+        self._lock = threading.Lock()
         self.stats = LoaderStats()  # the current (or last) pass over the loader
 
     # The batching, read-only: the sampling policy was built from it.
@@ -193,44 +264,28 @@ class StoreLoader:
 
     # ---- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        self.close()
-        self.stats = LoaderStats()
+        st = self.stats = LoaderStats()
         if self.source.device.type == self.device.type and self.source.device.type != "cpu":
-            yield from self._iter_same_device()  # DeviceCache: gathers are device ops, no thread
+            yield from self._iter_same_device(st)  # DeviceCache: gathers are device ops, no thread
             return
         if self.prefetch == 0:
             # No background thread: each batch is gathered when asked for. On a CPU-only
             # machine this keeps the gather from competing with the compute threads.
-            yield from self._deliver(self._items(threading.Event(), self.epoch, self.start_batch))
+            items = self._items(threading.Event(), self.epoch, self.start_batch, st)
+            yield from self._deliver(items, st)
             return
-        self._stop = threading.Event()
-        q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
-        self._queue = q
-        self._thread = threading.Thread(
-            target=self._produce,
-            args=(q, self._stop, self.epoch, self.start_batch),
-            name="store-loader",
-            daemon=True,
-        )
-        self._thread.start()
-
-        def from_queue() -> Iterator[Any]:
-            while True:
-                t = time.perf_counter()
-                item = self._get(q)
-                self.stats.starved += time.perf_counter() - t
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-
+        run = _Prefetch(self.prefetch, st)
+        with self._lock:
+            self._passes.add(run)
         try:
-            yield from self._deliver(from_queue())
+            run.start(self._produce, self.epoch, self.start_batch, st)
+            yield from self._deliver(run.items(), st)
         finally:
-            self.close()
+            run.stop()
+            with self._lock:
+                self._passes.discard(run)
 
-    def _deliver(self, items: Iterator[Any]) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _deliver(self, items: Iterator[Any], st: LoaderStats) -> Iterator[tuple[torch.Tensor, ...]]:
         """Host groups (x, y, ids, batch sizes) as the caller's batches. For a CUDA device, group
         g + 1's copy is issued on a side stream before group g's batches are handed over, so
         it overlaps their work; the caller's stream waits for a group's copy (an event on this
@@ -251,7 +306,7 @@ class StoreLoader:
                 yd = y.to(self.device, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(side)
-            self.stats.copy += time.perf_counter() - t
+            st.copy += time.perf_counter() - t
             return xd, yd, ids, sizes, done
 
         ahead = None
@@ -283,24 +338,8 @@ class StoreLoader:
             yd.record_stream(stream)
             yield batch
 
-    def _get(self, q: queue.Queue[Any]) -> Any:
-        while True:
-            try:
-                return q.get(timeout=1.0)
-            except queue.Empty:
-                t = self._thread
-                if t is None or not t.is_alive():
-                    # The producer always ends with _END or an exception; drain once more.
-                    try:
-                        return q.get_nowait()
-                    except queue.Empty:
-                        raise StoreError(
-                            "the loader's background thread ended without a result"
-                        ) from None
-
-    def _iter_same_device(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _iter_same_device(self, st: LoaderStats) -> Iterator[tuple[torch.Tensor, ...]]:
         batches = self.sampling.batches(self.epoch)
-        st = self.stats
         for batch in itertools.islice(batches, self.start_batch, None):
             t = time.perf_counter()
             x = torch.empty(
@@ -313,39 +352,32 @@ class StoreLoader:
             st.bytes += x.numel() * x.element_size()
             yield (x, y, ids) if self.with_indices else (x, y)
 
-    def _put(self, q: queue.Queue[Any], stop: threading.Event, item: Any) -> bool:
-        t = time.perf_counter()
-        try:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-        finally:
-            self.stats.full += time.perf_counter() - t
-
     def _produce(
-        self, q: queue.Queue[Any], stop: threading.Event, epoch: int, start_batch: int
+        self,
+        put: Callable[[Any], bool],
+        stop: threading.Event,
+        epoch: int,
+        start_batch: int,
+        st: LoaderStats,
     ) -> None:
         """The background thread: every item into the bounded queue, then _END (or the error)."""
         try:
-            for item in self._items(stop, epoch, start_batch):
-                if not self._put(q, stop, item):
+            for item in self._items(stop, epoch, start_batch, st):
+                if not put(item):
                     return
-            self._put(q, stop, _END)
+            put(_END)
         except BaseException as e:
-            self._put(q, stop, e)
+            put(e)
 
-    def _items(self, stop: threading.Event, epoch: int, start_batch: int) -> Iterator[Any]:
+    def _items(
+        self, stop: threading.Event, epoch: int, start_batch: int, st: LoaderStats
+    ) -> Iterator[Any]:
         """(x, y, ids, batch sizes) per group of ``batches_per_copy`` batches on the host: x
         gathered into a fresh buffer, pinned when the device is CUDA (torch's pinned-memory
         cache makes that cheap after the first groups)."""
         k = self.batches_per_copy
         shape = (k * self.batch_size, *self.source.sample_shape)
         pin = self.device.type == "cuda"
-        st = self.stats
         clock = time.perf_counter
         batches = itertools.islice(self.sampling.batches(epoch), start_batch, None)
         while not stop.is_set():
@@ -370,18 +402,13 @@ class StoreLoader:
 
     # ---- shutdown -------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the background thread (if any) and wait for it."""
-        self._stop.set()
-        t = self._thread
-        if t is not None:
-            q = self._queue
-            while t.is_alive():
-                if q is not None:
-                    with contextlib.suppress(queue.Empty):
-                        q.get_nowait()
-                t.join(timeout=0.05)
-        self._thread = None
-        self._queue = None
+        """Stop the background threads of the passes under way (if any) and wait for them; a
+        pass stopped so raises ``StoreError`` if it is iterated further."""
+        with self._lock:
+            runs = list(self._passes)
+            self._passes.clear()
+        for run in runs:
+            run.stop()
 
     def __enter__(self) -> StoreLoader:
         return self

@@ -28,6 +28,7 @@ from tests.store_helpers import (
     N,
     chunk_files,
     cut_short_after_removing,
+    decode,
     encoded,
     labels_for,
     write_store,
@@ -355,6 +356,38 @@ def test_loader_close_stops_its_thread(data):
     next(it)
     it.close()
     assert _threads() == before
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_nested_passes_over_one_loader_each_see_the_whole_epoch(data, prefetch):
+    x, y = data
+    before = _threads()
+    loader = store.StoreLoader(store.RamCache.from_tensors(x, y), batch_size=20, prefetch=prefetch)
+    outer = []
+    for k, (xb, yb) in enumerate(loader):
+        outer.append(decode(xb)[1])
+        if k < 3:  # an inner pass (an evaluation, say) while the outer one is under way
+            inner = np.concatenate([decode(b)[1] for b, _ in loader])
+            assert sorted(inner.tolist()) == list(range(N))
+        assert torch.equal(yb, y[torch.from_numpy(outer[-1])])
+    assert sorted(np.concatenate(outer).tolist()) == list(range(N))
+    # two passes side by side deliver the same batches
+    pairs = list(zip(loader, loader, strict=True))
+    assert len(pairs) == len(loader) == 6
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
+    assert _threads() == before
+
+
+def test_a_pass_stopped_by_close_says_so(data):
+    x, y = data
+    before = _threads()
+    loader = store.StoreLoader(store.RamCache.from_tensors(x, y), batch_size=20, prefetch=1)
+    it = iter(loader)
+    next(it)
+    loader.close()
+    assert _threads() == before
+    with pytest.raises(store.StoreError, match="closed while this pass"):
+        next(it)
 
 
 def test_ram_and_device_cache_written_like_a_store(data):
