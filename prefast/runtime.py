@@ -27,8 +27,8 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("--device: cuda was asked for but torch.cuda.is_available() is False")
     try:
         return store.resolve_device(name)
-    except RuntimeError as e:  # torch's own refusal of the name: many lines
-        raise ConfigError(f"--device: {name!r} is not a device: use cpu, cuda or auto") from e
+    except store.StoreInputError as e:
+        raise ConfigError(f"--device: {e}") from e
 
 
 @contextlib.contextmanager

@@ -80,10 +80,28 @@ class LoaderStats:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; anything else as torch.device."""
+    """``"auto"`` -> cuda if available else cpu; else a cpu or cuda device that is there.
+    ``StoreInputError`` for a name torch does not know, another kind of device (the loader
+    feeds the CPU or a CUDA device), or a CUDA device this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # torch's own refusal of the name: many lines
+        raise StoreInputError(f"{device!r} is not a device: use cpu, cuda, cuda:N or auto") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise StoreInputError(f"device {device!r}: batches go to cpu or cuda, not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StoreInputError(
+                f"device {device!r}: CUDA is not available here (torch.cuda.is_available() is "
+                "False); use cpu or auto"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StoreInputError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return dev
 
 
 class _Prefetch:

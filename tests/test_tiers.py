@@ -228,6 +228,24 @@ def test_batches_per_copy_default_and_validation():
         store.StoreLoader(src, batches_per_copy=0)
 
 
+def test_a_device_the_loader_cannot_feed_is_refused_when_it_is_made(monkeypatch):
+    """Not a torch.RuntimeError from the first batch, nor host batches for an mps device."""
+    src = store.RamCache.empty(10, 1, (4,), "float32")
+    with pytest.raises(store.StoreInputError, match="'gpu' is not a device"):
+        store.StoreLoader(src, device="gpu")
+    for kind in ("meta", "mps"):
+        with pytest.raises(store.StoreInputError, match=f"cpu or cuda, not {kind}"):
+            store.StoreLoader(src, device=kind)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(store.StoreInputError, match="CUDA is not available"):
+        store.StoreLoader(src, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(store.StoreInputError, match="has 1 CUDA device"):
+        store.StoreLoader(src, device="cuda:1")
+    assert store.StoreLoader(src, device=torch.device("cpu")).device == torch.device("cpu")
+
+
 @pytest.mark.parametrize("tier", ["ram", "device"])
 def test_tensor_tiers_refuse_the_labels_a_store_refuses(tier):
     # a cache pass writes any tier: labels a store refuses (negative, fractional) are refused
