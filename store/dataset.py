@@ -99,8 +99,12 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return self.num_samples
 
-    def _index(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    def _index(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+        raw = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        if raw.size and (raw.dtype == np.bool_ or not np.issubdtype(raw.dtype, np.integer)):
+            # a float index would be truncated to another sample
+            raise IndexError(f"sample indices must be integers, got {raw.dtype} {indices!r}")
+        idx = raw.astype(np.int64).reshape(-1)
         n = self.num_samples
         idx = np.where(idx < 0, idx + n, idx)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
@@ -114,7 +118,7 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return out, self.labels[torch.from_numpy(idx)]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self._gather(self._index([int(i)]))
+        x, y = self._gather(self._index([i]))
         return x[0], y[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -533,7 +533,7 @@ class ActivationStore:
     def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None:
         """Fill the CPU tensor ``out`` (len, *sample_shape) with sample indices[k] of view views[k]."""
         out_np = numpy_view(out)
-        if self.views == 1 or (views == views[0]).all():
+        if self.views == 1 or (views == views[:1]).all():  # one view (or none: empty)
             self.read_into(int(views[0]) if len(views) else 0, indices, out_np)
             return
         for v in np.unique(views):

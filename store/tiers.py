@@ -199,7 +199,7 @@ class TensorCache:
             # across its compute threads, which stalls when those are busy training.
             src = numpy_view(self.data)
             dst = numpy_view(out)
-            if self.views == 1 or (views == views[0]).all():
+            if self.views == 1 or (views == views[:1]).all():  # one view (or none: empty)
                 if len(indices) and (indices.min() < 0 or indices.max() >= self.num_samples):
                     raise StoreInputError(f"sample index out of range [0, {self.num_samples})")
                 # mode="clip" on checked indices: mode="raise" with out= gathers into a
@@ -211,7 +211,7 @@ class TensorCache:
                 dst[...] = src[views, indices]
             return
         idx = to_device(torch.from_numpy(indices), self.device)
-        if self.views == 1 or (views == views[0]).all():
+        if self.views == 1 or (views == views[:1]).all():  # one view (or none: empty)
             torch.index_select(self.data[int(views[0]) if len(views) else 0], 0, idx, out=out)
             return
         for v in np.unique(views):

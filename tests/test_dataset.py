@@ -54,6 +54,21 @@ def test_per_epoch_views_follow_the_store_order(tiers):
     assert len(pairs) == 2 and torch.equal(pairs[0][0], x[views3[116], 116])
 
 
+@pytest.mark.parametrize("tier", ["zarr", "ram", "device"])
+def test_indices_must_be_integers_and_an_empty_batch_is_empty(tiers, tier):
+    x, y, sources = tiers
+    src = sources[tier] if tier != "device" else store.DeviceCache.from_tensors(x, y)
+    ds = store.ActivationDataset(src)  # several views: each sample reads its epoch's view
+    for bad in (1.5, True, torch.tensor(2.0)):
+        with pytest.raises(IndexError, match="must be integers"):
+            ds[bad]  # not sample 1 or 2: truncating picks another sample than asked for
+    with pytest.raises(IndexError, match="must be integers"):
+        ds.batch([3.9, 4.0])
+    assert torch.equal(ds[np.int64(4)][0], ds[torch.tensor(4)][0])
+    xb, yb = ds.batch([])
+    assert xb.shape == (0, *SHAPE) and yb.shape == (0,) and ds.__getitems__([]) == []
+
+
 def test_a_store_dataset_reopens_after_pickling_and_bad_input_is_refused(tiers):
     x, _, sources = tiers
     ds = store.ActivationDataset(sources["zarr"], view=2)
