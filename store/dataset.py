@@ -6,7 +6,8 @@ int64 scalar. ``__getitems__`` gathers a whole batch of indices in one call (the
 DataLoader takes with a batch sampler), through the same ``gather`` as ``StoreLoader``.
 
 Which view a sample reads: a fixed ``view``, or (``view=None``) the view ``store.order``
-assigns to it in epoch ``epoch`` (the one ``StoreLoader`` reads), changed with ``set_epoch``.
+assigns to it in epoch ``epoch`` (the one ``StoreLoader`` reads, except from a store it streams,
+compressed or remote, where it draws a view per chunk), changed with ``set_epoch``.
 
 Workers: a store-backed dataset reopens its store in each worker process (memory maps and
 locks are never shared across a fork); a RAM tier is shared as the tensor it is; a device tier
