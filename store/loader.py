@@ -263,9 +263,16 @@ class StoreLoader:
 
     # ---- order ----------------------------------------------------------------------------
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's order; ``start_batch`` skips that many batches (mid-epoch resume)."""
+        """Select the epoch's order; ``start_batch`` skips that many batches (mid-epoch resume),
+        at most ``len(self)`` (the end of the epoch: no batches)."""
         if epoch < 0 or start_batch < 0:
             raise StoreInputError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
+        if start_batch > len(self):
+            # an epoch of no batches, silently: a resume point from another batch size or rank
+            # count, say
+            raise StoreInputError(
+                f"start_batch={start_batch} is past the end of an epoch of {len(self)} batches"
+            )
         self.epoch = epoch
         self.start_batch = start_batch
 

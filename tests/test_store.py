@@ -327,6 +327,10 @@ def test_drop_last_and_start_batch(tmp_path, data):
     loader.set_epoch(0, start_batch=8)
     rest = [yb for _, yb in loader]
     assert len(rest) == 3 and all(torch.equal(a, b) for a, b in zip(full[8:], rest, strict=True))
+    loader.set_epoch(0, start_batch=11)  # the end of the epoch: nothing left
+    assert list(loader) == []
+    with pytest.raises(store.StoreInputError, match="past the end of an epoch of 11 batches"):
+        loader.set_epoch(0, start_batch=12)
 
 
 def test_loader_source_error_surfaces_instead_of_hanging(data):
