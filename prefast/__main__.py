@@ -1,7 +1,5 @@
 """``python -m prefast ...`` (and ``torchrun -m prefast train ...``)."""
 
-import sys
+from prefast.cli import entry
 
-from prefast.cli import main
-
-sys.exit(main())
+entry()

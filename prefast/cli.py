@@ -438,5 +438,22 @@ def _main(args: argparse.Namespace) -> int:
             return 128 + signum
 
 
+def _exit_at_once(signum: int, frame: types.FrameType | None) -> None:
+    os._exit(128 + signum)
+
+
+def entry() -> NoReturn:
+    """``main`` as a program (the ``prefast`` command, ``python -m prefast``). A stopped run
+    has cleaned up when ``main`` returns, but the interpreter then spends a second or more in
+    torch's exit handlers: an impatient second Ctrl-C there interrupted them with a traceback.
+    It now ends the process at once with exit code 130."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    signal.signal(signal.SIGINT, _exit_at_once)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

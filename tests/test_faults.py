@@ -231,3 +231,42 @@ def test_a_signalled_run_stops_cleanly_and_removes_its_temporary_folder(tmp_path
     assert err.strip().splitlines()[-1] == f"prefast: stopped by {signal.Signals(sig).name}"
     assert "Traceback" not in err
     assert not list(tmp.glob("prefast-cache-*"))
+
+
+def test_a_second_ctrl_c_while_the_process_exits_ends_it_without_a_traceback(tmp_path):
+    """An impatient user presses Ctrl-C twice: the first stops the run, the second comes while
+    the interpreter runs its exit handlers (torch's take a second or more). That interrupted
+    them with a KeyboardInterrupt traceback; the process now ends at once with exit code 130.
+    The exit handler below stands in for torch's, the patched main for a stopped run."""
+    code = textwrap.dedent(
+        """
+        import atexit, os, runpy, signal, sys, time
+        import prefast.cli
+
+        def stopped_run(argv=None):
+            print("prefast: stopped by SIGINT", file=sys.stderr)
+            return 130
+
+        def slow_exit_handler():
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C
+            time.sleep(30)
+            print("exit handler finished", file=sys.stderr)
+
+        prefast.cli.main = stopped_run
+        atexit.register(slow_exit_handler)
+        runpy.run_module("prefast", run_name="__main__")  # python -m prefast
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 128 + signal.SIGINT, p.stderr[-2000:]
+    assert p.stderr == "prefast: stopped by SIGINT\n"
+
+
+def test_the_prefast_command_is_the_entry_that_handles_signals_at_exit():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"prefast": "prefast.cli:entry"}
