@@ -190,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="relative tolerance (default: the dtype's rounding x 4, see prefast.cache.verify)",
     )
     v.add_argument("--json", action="store_true", help="print the report as JSON")
-    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    v.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bars (shown only where stderr is a terminal)",
+    )
     c = sub.add_parser(
         "cache",
         help="list or remove the run folders in a cache folder",
@@ -240,8 +245,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
 
 
+def _bars_shown(progress: bool) -> bool:
+    """Progress bars only where stderr is a terminal: in a log file (a scheduler's, a pipe to
+    tee) each redraw was a carriage return and cursor-up codes around every log line."""
+    return progress and sys.stderr.isatty()
+
+
 def _train(args: argparse.Namespace, rank: int) -> int:
     cfg = config_from_args(args)  # bad values are refused before torch is imported
+    if cfg.progress and not _bars_shown(cfg.progress):
+        cfg = dataclasses.replace(cfg, progress=False)
     from prefast.training import train
 
     result = train(cfg)
@@ -312,7 +325,7 @@ def _verify(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         rtol=args.rtol,
-        progress=args.progress,
+        progress=_bars_shown(args.progress),
     )
     print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
     for e in r.all_errors:

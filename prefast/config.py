@@ -208,7 +208,9 @@ class TrainConfig:
     checkpoint_dir: str | None = opt(None, "outputs", "save a checkpoint every epoch here")
     resume: bool = opt(False, "outputs", "continue from --checkpoint-dir")
     eval_batch_size: int = opt(500, "outputs", "batch size of evaluation (default %(default)s)")
-    progress: bool = opt(True, "outputs", "no progress bars")
+    progress: bool = opt(
+        True, "outputs", "no progress bars (shown only where stderr is a terminal)"
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -1149,6 +1149,22 @@ def test_quiet_and_verbose_apply_where_logging_is_configured_already(caplog, fla
     assert logging.getLogger("prefast").level == prefast_was
 
 
+@pytest.mark.parametrize("terminal", [False, True], ids=["log-file", "terminal"])
+def test_progress_bars_show_only_on_a_terminal(capsys, monkeypatch, terminal):
+    """prefast train with stderr in a file (a scheduler's log, a pipe to tee): the bars'
+    redraws were carriage returns and cursor-up codes around every log line there."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    args = ["train", *SYN, "--synthetic-shape", "mnist", "--num-samples", "37", "--model",
+            "densenet_bc", "--depth", "10", "--growth", "4", "--epochs", "1", "--batch-size",
+            "8", "--mode", "freezeout", "--device", "cpu", "-q"]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert ("\r" in err) == terminal
+    assert ("5/5 [" in err) == terminal  # the epoch's bar: 37 images in 5 steps of 8
+
+
 def test_a_bare_prefast_names_its_commands(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
