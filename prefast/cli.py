@@ -393,7 +393,9 @@ def _main(args: argparse.Namespace) -> int:
         else logging.INFO
     )
     logging.basicConfig(
-        level=level,
+        # -v is prefast's and store's details (their loggers' level is set below), not the
+        # debug lines of every library they use (numcodecs registering codecs, zarr, asyncio)
+        level=max(level, logging.INFO),
         format=(
             "%(levelname)s %(name)s: %(message)s"
             if rank == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import re
 import resource
@@ -1153,8 +1154,6 @@ def test_quiet_and_verbose_apply_where_logging_is_configured_already(caplog, fla
 def test_progress_bars_show_only_on_a_terminal(capsys, monkeypatch, terminal):
     """prefast train with stderr in a file (a scheduler's log, a pipe to tee): the bars'
     redraws were carriage returns and cursor-up codes around every log line there."""
-    import sys
-
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     args = ["train", *SYN, "--synthetic-shape", "mnist", "--num-samples", "37", "--model",
             "densenet_bc", "--depth", "10", "--growth", "4", "--epochs", "1", "--batch-size",
@@ -1163,6 +1162,23 @@ def test_progress_bars_show_only_on_a_terminal(capsys, monkeypatch, terminal):
     err = capsys.readouterr().err
     assert ("\r" in err) == terminal
     assert ("5/5 [" in err) == terminal  # the epoch's bar: 37 images in 5 steps of 8
+
+
+def test_verbose_adds_prefasts_details_not_every_librarys_debug_lines(tmp_path):
+    """-v gave 47 lines of other packages' debug output (numcodecs registering each codec,
+    zarr.group, asyncio) among prefast's 6 details in a 2-epoch run."""
+    args = ["train", *SYN, "--synthetic-shape", "mnist", "--num-samples", "37", "--model",
+            "densenet_bc", "--depth", "10", "--growth", "4", "--epochs", "2", "--batch-size",
+            "8", "--t0", "0.3", "--mode", "prefast", "--cache", "zarr", "--cache-dir",
+            str(tmp_path), "--device", "cpu", "--no-progress", "-v"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run(
+        [sys.executable, "-m", "prefast", *args], env=env, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    debug = [line.split(":")[0] for line in p.stderr.splitlines() if line.startswith("DEBUG ")]
+    assert "DEBUG store.writer" in debug and "DEBUG prefast.models.registry" in debug
+    assert {d.split()[1].split(".")[0] for d in debug} == {"prefast", "store"}, debug
 
 
 def test_a_bare_prefast_names_its_commands(capsys):
