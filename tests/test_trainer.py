@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from prefast.cache.plan import CostModel, plan_boundaries, plan_boundary
 from prefast.cli import main
 from prefast.models import UnitModel, from_sequential, register_model, unregister_model
 from prefast.training import Trainer
+from prefast.training.step import StepRunner
 
 TINY = dict(
     dataset="synthetic",
@@ -1093,6 +1095,47 @@ def test_a_requested_stop_stops_the_run_before_its_next_step(tmp_path, monkeypat
         interrupt.clear()
     assert steps["n"] == 3  # the step under way finished; no fourth began
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_stopped_runs_metrics_end_with_where_it_stopped_and_a_resume_drops_it(
+    tmp_path, monkeypatch
+):
+    """A stopped run's metrics file ended with its last epoch's record, as a crashed one's
+    does: nothing said the run had stopped, where, or what --resume continues from."""
+    from prefast import interrupt
+
+    metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
+    cfg = dict(mode="prefast", cache="zarr", checkpoint_dir=str(ck), metrics=str(metrics))
+    steps = {"n": 0}
+    real = StepRunner.step
+
+    def counted(self, *a):
+        steps["n"] += 1
+        if steps["n"] == 9:  # epoch 1's third step (6 steps an epoch)
+            interrupt.request_stop(signal.SIGINT)
+        return real(self, *a)
+
+    monkeypatch.setattr(StepRunner, "step", counted)
+    try:
+        with pytest.raises(interrupt.Stopped):
+            train(tiny(**cfg))
+    finally:
+        interrupt.clear()
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r.get("epoch") for r in lines[:-1]] == [0]
+    assert lines[-1] == {
+        "stopped": True,
+        "signal": "SIGINT",
+        "epoch": 1,
+        "iteration": 9,
+        "epochs_done": 1,
+        "checkpoint": str(ck / "last.pt"),
+    }
+    monkeypatch.setattr(StepRunner, "step", real)
+    train(tiny(**cfg, resume=True))
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r.get("epoch") for r in lines] == [0, 1, 2, None] and lines[-1]["summary"]
+    assert not any("stopped" in r for r in lines)
 
 
 def test_a_stop_requested_from_python_ends_with_its_run(tmp_path):

@@ -15,8 +15,10 @@ batches and compute the same losses and weights to float tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -259,6 +261,8 @@ class Trainer:
             else None
         )
         self.start_epoch = 0
+        self.epoch = 0  # the epoch under way
+        self.iteration = 0  # steps done, all epochs together
         self.result = TrainResult()
         self.dist.barrier("start-up")
 
@@ -301,6 +305,7 @@ class Trainer:
                 total=cfg.epochs,
             )
             for epoch in epochs:
+                self.epoch = epoch
                 peak.reset()
                 peak_device_bytes(self.device, reset=True)
                 rec = self._train_epoch(epoch)
@@ -343,6 +348,12 @@ class Trainer:
             metrics.write(self.result.summary)
             if self.cache is not None:
                 self.cache.release_superseded()  # the run is done; no checkpoint needs them
+        except (interrupt.Stopped, KeyboardInterrupt) as e:
+            failed = True
+            if metrics is not None:
+                with contextlib.suppress(OSError):  # a full disk must not hide the stop
+                    metrics.write(self._stopped_record(e))
+            raise
         except BaseException:
             failed = True
             raise
@@ -421,6 +432,7 @@ class Trainer:
                         aug = (fa_rows[0][sel], fa_rows[1][sel])
                     self.dist.run("a training step", self.steps.step, h, y, j, k, meter, aug, ids)
                     k += 1
+                    self.iteration = j + 1
                     if k % PROGRESS_EVERY == 0 or k == self.iters_per_epoch:
                         bar.update(k - bar.n)  # a count only: reading the loss would sync
             finally:
@@ -596,7 +608,8 @@ class Trainer:
         freeze_prefix(self.model, self.frontier)
         self.optimizer = self._make_optimizer(range(self.frontier, self.model.num_units))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.start_epoch = int(state["epoch"])
+        self.start_epoch = self.epoch = int(state["epoch"])
+        self.iteration = self.start_epoch * self.iters_per_epoch
         if self.start_epoch > self.cfg.epochs:
             raise CheckpointError(
                 f"--resume: the checkpoint at {path} has {self.start_epoch} epochs done, more "
@@ -615,6 +628,21 @@ class Trainer:
         log.info("resumed from %s at epoch %d (frontier %d)", path, self.start_epoch, self.frontier)
 
     # ---- summaries and ranks ---------------------------------------------------------------------
+    def _stopped_record(self, e: interrupt.Stopped | KeyboardInterrupt) -> dict[str, Any]:
+        """The metrics file's last record where the run was stopped from outside: by what,
+        where, and what ``--resume`` continues from (the summary record is left out)."""
+        signum = e.signum if isinstance(e, interrupt.Stopped) else signal.SIGINT
+        path = self._checkpoint_path()
+        done = len(self.result.records)
+        return {
+            "stopped": True,
+            "signal": signal.Signals(signum).name,
+            "epoch": self.epoch,  # the epoch under way (epochs_done where between epochs)
+            "iteration": self.iteration,  # steps done, all epochs together
+            "epochs_done": done,  # the epoch records above; the checkpoint's, with one
+            "checkpoint": str(path) if path is not None and done and path.is_file() else None,
+        }
+
     def _summary(self) -> dict[str, Any]:
         recs = self.result.records
         last = recs[-1] if recs else {}
