@@ -358,7 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     ):
         return _main(args)
     interrupt.clear()
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # A signal the process was started ignoring stays ignored, as Python leaves such a SIGINT
+    # alone: `prefast train ... &` in a shell script ignores Ctrl-C meant for the script
+    previous = {
+        s: signal.signal(s, _on_signal)
+        for s in (signal.SIGTERM, signal.SIGINT)
+        if signal.getsignal(s) is not signal.SIG_IGN
+    }
     try:
         return _main(args)
     finally:
@@ -466,7 +472,8 @@ def entry() -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
             stream.flush()
-    signal.signal(signal.SIGINT, _exit_at_once)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _exit_at_once)
     sys.exit(code)
 
 

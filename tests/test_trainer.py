@@ -1138,6 +1138,28 @@ def test_a_stopped_runs_metrics_end_with_where_it_stopped_and_a_resume_drops_it(
     assert not any("stopped" in r for r in lines)
 
 
+def test_a_signal_the_process_ignores_stays_ignored_during_a_run(monkeypatch):
+    """`prefast train ... &` in a shell script starts with SIGINT ignored, so that a Ctrl-C
+    meant for the script leaves it running; prefast's handler replaced that and stopped it."""
+    import prefast.training
+
+    seen = {}
+
+    def record_handlers(cfg):
+        seen.update({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+        raise ConfigError("enough")
+
+    monkeypatch.setattr(prefast.training, "train", record_handlers)
+    was = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["train", *SYN, "--no-progress", "-q"]) == 2
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, was)
+    assert seen[signal.SIGINT] is signal.SIG_IGN
+    assert seen[signal.SIGTERM] not in (signal.SIG_IGN, signal.SIG_DFL)  # prefast's own
+
+
 def test_a_stop_requested_from_python_ends_with_its_run(tmp_path):
     """A notebook stops a run with request_stop(), then runs the cell again: the request was
     the first run's, and the second trains."""
