@@ -339,7 +339,12 @@ def _on_signal(signum: int, frame: types.FrameType | None) -> None:
     if interrupt.requested() is not None:
         raise interrupt.Stopped(signum)
     interrupt.request_stop(signum)
-    os.write(2, b"prefast: stopping at the next step (again to stop at once)\n")
+    line = "prefast: stopping at the next step (again to stop at once)"
+    tqdm_std = sys.modules.get("tqdm.std")
+    if tqdm_std is not None and sys.stderr.isatty():  # above the bars, not glued to one
+        tqdm_std.tqdm.write(line, file=sys.stderr)
+    else:
+        os.write(2, (line + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1229,6 +1229,35 @@ def test_progress_bars_show_only_on_a_terminal(capsys, monkeypatch, terminal):
     assert ("5/5 [" in err) == terminal  # the epoch's bar: 37 images in 5 steps of 8
 
 
+def test_the_stopping_line_goes_above_the_progress_bars_on_a_terminal(monkeypatch):
+    """The first Ctrl-C's line was written straight to fd 2, glued to the end of a progress
+    bar on a terminal ('... 0/3 [00:04<?, ?epoch/s]prefast: stopping ...')."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    from prefast import cli, interrupt
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    bar = tqdm(total=3, desc="bar", file=term, ncols=40)
+    try:
+        bar.update(1)
+        cli._on_signal(signal.SIGINT, None)
+        assert interrupt.requested() == signal.SIGINT
+    finally:
+        bar.close()
+        interrupt.clear()
+    line = "prefast: stopping at the next step (again to stop at once)"
+    out = term.getvalue()
+    before, after = out.split(f"\r{' ' * 40}\r{line}\n")  # the bar cleared, then the line
+    assert before.startswith("\rbar:") and after.startswith("\rbar:  33%")  # then the bar again
+
+
 def test_verbose_adds_prefasts_details_not_every_librarys_debug_lines(tmp_path):
     """-v gave 47 lines of other packages' debug output (numcodecs registering each codec,
     zarr.group, asyncio) among prefast's 6 details in a 2-epoch run."""
