@@ -103,6 +103,25 @@ def test_caches_built_under_torchrun_hold_the_checkpoints_frozen_units(tmp_path,
         assert main(["verify", *args]) == 0
 
 
+def test_torchrun_auto_policy_store_without_a_cache_dir(tmp_path):
+    """--cache zarr with the auto policy and neither --cache-dir nor --checkpoint-dir: rank 0's
+    plan probes the store tier in a temporary run folder made on first use. Made by rank 0
+    alone inside the plan, its broadcast met the other ranks' wait for the decision, and rank
+    1 failed with a traceback (int() of the folder's path)."""
+    metrics = tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "prefast", "train", *TINY, "--epochs", "2", "--mode", "prefast", "--cache", "zarr",
+           "--recache-policy", "auto", "--metrics", str(metrics), "--dist-timeout", "60"]  # fmt: skip
+    env = _torchrun_env(tmp_path)
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    *records, summary = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [(x["samples_seen"], x["samples_seen_twice"]) for x in records] == [(96, 0)] * 2
+    assert all(x["ranks_in_sync"] for x in records) and summary["world_size"] == 2
+    assert list(Path(env["TMPDIR"]).glob("prefast-cache-*")) == []  # the temporary folder went
+
+
 def _cache_worker(rank: int, world: int, port: int, out: str, tier: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
