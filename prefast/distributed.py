@@ -35,6 +35,9 @@ class DistContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     timeout_s: float = 300.0
     initialized_here: bool = False
+    # the ranks on this machine, which share its host memory (torchrun's LOCAL_WORLD_SIZE;
+    # every rank where it is not set)
+    local_world_size: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -51,11 +54,12 @@ class DistContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         dev = torch.device(device)
         if dev.type == "cuda" and world > 1:
             dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
-        ctx = cls(rank, world, dev, timeout_s)
+        ctx = cls(rank, world, dev, timeout_s, local_world_size=max(1, min(local_world, world)))
         if world > 1 and not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
             try:

@@ -122,6 +122,38 @@ def test_torchrun_auto_policy_store_without_a_cache_dir(tmp_path):
     assert list(Path(env["TMPDIR"]).glob("prefast-cache-*")) == []  # the temporary folder went
 
 
+def test_cache_auto_counts_a_ram_copy_per_rank_of_the_machine(tmp_path):
+    """Under torchrun every rank holds a whole copy of a RAM cache, in the host memory the
+    machine's ranks share: --cache auto takes RAM only where all their copies fit the share of
+    it (a memory cgroup leaving 2 MiB here), else the store. It took RAM where one copy fit,
+    and the ranks together could take twice the memory the rule allows."""
+    mib = 1 << 20
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("memory")
+    (root / "memory.max").write_text(str(102 * mib))
+    (root / "memory.current").write_text(str(100 * mib))
+    (tmp_path / "cg").write_text("0::/\n")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\nimport prefast.monitor as mon\n"
+        "mon.PROC_CGROUP, mon.CGROUP_ROOT = sys.argv.pop(1), sys.argv.pop(1)\n"
+        "from prefast.cli import main\nsys.exit(main())\n"
+    )
+    metrics = tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(tmp_path / "cg"), str(root), "train", *TINY, "--epochs", "3",
+           "--mode", "prefast", "--cache", "auto", "--recache-policy", "every",
+           "--cache-dir", str(tmp_path / "c"), "--metrics", str(metrics)]  # fmt: skip
+    r = subprocess.run(cmd, env=_torchrun_env(tmp_path), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    *records, _ = [json.loads(x) for x in metrics.read_text().splitlines()]
+    got = [(x["cache_boundary"], x["cache_bytes"], x["cache_tier"]) for x in records]
+    # boundary 4 (776 KiB) went to the store, where one copy would have fit; 8 (291 KiB) to RAM
+    assert got == [(0, 0, None), (4, 794624, "zarr"), (8, 297984, "ram")], got
+
+
 def _cache_worker(rank: int, world: int, port: int, out: str, tier: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip

@@ -346,7 +346,9 @@ class CacheManager:
             self.device.type,
             self.cfg.cache_memory_fraction,
             free_device,
-            free_host,
+            # under torchrun every rank holds a whole copy of a RAM cache (build_cache): the
+            # ranks of this machine share its host memory; each has a device of its own
+            free_host // self.dist.local_world_size,
         )
         return tier
 
