@@ -154,6 +154,38 @@ def test_cache_auto_counts_a_ram_copy_per_rank_of_the_machine(tmp_path):
     assert got == [(0, 0, None), (4, 794624, "zarr"), (8, 297984, "ram")], got
 
 
+def test_resume_under_torchrun_checks_the_store_on_rank_0_only(tmp_path):
+    """--resume reuses the checkpoint's store where every chunk passes its checksum: rank 0
+    reads it through and the other ranks follow its decision. Each rank read the whole store
+    (W reads of it at every resume), and ranks deciding apart would have diverged."""
+    calls = tmp_path / "verify-calls"
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys\nimport store\nfrom store import verify\n"
+        "def counted(*a, **k):\n"
+        f"    with open({str(calls)!r}, 'a') as f:\n"
+        "        f.write(os.environ['RANK'] + '\\n')\n"
+        "    return verify(*a, **k)\n"
+        "store.verify = counted\n"
+        "from prefast.cli import main\nsys.exit(main())\n"
+    )
+    metrics = tmp_path / "m.jsonl"
+    args = [*TINY, "--mode", "prefast", "--cache", "zarr", "--recache-policy", "every",
+            "--cache-dir", str(tmp_path / "c"), "--checkpoint-dir", str(tmp_path / "ck"),
+            "--metrics", str(metrics), "--resume"]  # fmt: skip
+    for epochs in ("2", "3"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", str(script), "train", *args, "--epochs", epochs]  # fmt: skip
+        r = subprocess.run(cmd, env=_torchrun_env(tmp_path), cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume: reusing store" in r.stderr
+    assert calls.read_text().split() == ["0"]
+    *records, summary = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert len(records) == 3 and all(x["ranks_in_sync"] for x in records)
+    assert summary["cache_tier"] == "zarr"
+
+
 def _cache_worker(rank: int, world: int, port: int, out: str, tier: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip

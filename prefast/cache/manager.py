@@ -1109,8 +1109,8 @@ class CacheManager:
         fp = self._fingerprint(b)
         path = info.get("path") or None
         if info.get("tier") == "zarr" and path is not None:
-            s = open_matching(path, fp)
-            if s is not None and self._verified(s, path):
+            s = self._reusable_store(path, fp)
+            if s is not None:
                 self.cache = Cache(b, "zarr", s, fp, path, meta=s.meta, chain=chain)
                 log.info(
                     "resume: reusing store %s (fingerprint matches, every chunk checked)", path
@@ -1129,6 +1129,28 @@ class CacheManager:
                 self._discard(cache)
             cache = nxt
         self.cache = cache
+
+    def _reusable_store(self, path: Path | str, fp: str) -> store.ActivationStore | None:
+        """The checkpoint's store at ``path``, open, where it matches ``fp`` and every chunk
+        passes its checksum, else None. Under torchrun rank 0 alone reads it through and the
+        others follow its decision: each rank read the whole store, and ranks that decided
+        apart would have met in different collectives (one reusing, one rebuilding)."""
+        s = self.dist.on_main(
+            "checking the checkpoint's store",
+            lambda: m if (m := open_matching(path, fp)) and self._verified(m, path) else None,
+        )
+        reuse = self.dist.broadcast_object(
+            s is not None if self.dist.is_main else None, "sharing whether the store is reused"
+        )
+        if not reuse or s is not None:
+            return s
+        s = open_matching(path, fp)
+        if s is None:
+            raise CacheError(
+                f"rank {self.dist.rank}: --resume: cannot open {path}, the store rank 0 reuses; "
+                "--cache-dir must be on a filesystem every rank sees"
+            )
+        return s
 
     def _delete_recorded_superseded(self, info: dict[str, Any]) -> None:
         """Delete the stores of this run folder that a checkpoint ``info`` lists as superseded
