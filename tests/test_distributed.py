@@ -186,6 +186,37 @@ def test_resume_under_torchrun_checks_the_store_on_rank_0_only(tmp_path):
     assert summary["cache_tier"] == "zarr"
 
 
+def test_resume_under_torchrun_refuses_ranks_that_read_different_checkpoints(tmp_path):
+    """A --checkpoint-dir on each node's own disk: rank 1 saw no checkpoint and started over
+    while rank 0 resumed (or read an older run's). Every rank refuses the resume, at once."""
+    script = tmp_path / "run.py"
+    script.write_text(  # rank 1 looks for the checkpoint in a folder of its own, as on a node
+        "import os, sys\nfrom pathlib import Path\nfrom prefast.training import trainer\n"
+        "real = trainer.Trainer._checkpoint_path\n"
+        "def own(self):\n"
+        "    p = real(self)\n"
+        f"    return p if os.environ['RANK'] == '0' else Path({str(tmp_path / 'node1')!r}) / p.name\n"
+        "trainer.Trainer._checkpoint_path = own\n"
+        "from prefast.cli import main\nsys.exit(main())\n"
+    )
+    args = [*TINY, "--mode", "freezeout", "--checkpoint-dir", str(tmp_path / "ck"), "--resume"]
+
+    def run(epochs: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", str(script), "train", *args, "--epochs", epochs]  # fmt: skip
+        return subprocess.run(cmd, env=_torchrun_env(tmp_path), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    assert run("1").returncode == 0  # no rank has a checkpoint yet: both start over, agreeing
+    r = run("2")
+    assert r.returncode != 0
+    # each rank says it (the two lines may interleave), naming the path it read
+    for ck in (tmp_path / "ck" / "last.pt", tmp_path / "node1" / "last.pt"):
+        said = f"prefast: error: --resume: the ranks do not read the same checkpoint at {ck} ("
+        assert r.stderr.count(said) == 1, r.stderr[-3000:]
+    assert r.stderr.count(", rank 1: none); --checkpoint-dir must be one folder every rank") == 2
+
+
 def _cache_worker(rank: int, world: int, port: int, out: str, tier: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip

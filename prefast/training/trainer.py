@@ -582,6 +582,7 @@ class Trainer:
         if path is None:
             raise ConfigError("--resume: needs --checkpoint-dir")
         if not path.exists():
+            self._agree_on_checkpoint(path, None)
             # --resume is always safe to type: a run killed before its first checkpoint
             # starts over
             log.warning("--resume: no checkpoint at %s yet; starting from the beginning", path)
@@ -604,6 +605,7 @@ class Trainer:
                 + ", ".join(_flags(diff, saved.model_args, self.cfg.model_args))
             )
         self.model.load_state_dict(state["model"])
+        self._agree_on_checkpoint(path, (int(state["epoch"]), state_digest(self.model)))
         self.frontier = int(state["frontier"])
         freeze_prefix(self.model, self.frontier)
         self.optimizer = self._make_optimizer(range(self.frontier, self.model.num_units))
@@ -626,6 +628,25 @@ class Trainer:
             # after the cache: rebuilding it must not touch the recorded costs
             self.cache.restore_plan(state.get("cache_plan"))
         log.info("resumed from %s at epoch %d (frontier %d)", path, self.start_epoch, self.frontier)
+
+    def _agree_on_checkpoint(self, path: Path, found: tuple[int, str] | None) -> None:
+        """Under torchrun, refuse a resume where the ranks do not read one checkpoint (a
+        --checkpoint-dir on each node's own disk: one rank resumed while another started over,
+        or read an older run's). Every rank raises the same error, before any rank restores
+        its cache (a collective the others would not join)."""
+        if not self.dist.enabled:
+            return
+        seen = self.dist.all_gather_object(found, "comparing the ranks' checkpoints")
+        if len(set(seen)) == 1:
+            return
+        each = ", ".join(
+            f"rank {r}: " + ("none" if f is None else f"{f[0]} epoch(s) done, weights {f[1][:8]}")
+            for r, f in enumerate(seen)
+        )
+        raise CheckpointError(
+            f"--resume: the ranks do not read the same checkpoint at {path} ({each}); "
+            "--checkpoint-dir must be one folder every rank sees (a shared file system)"
+        )
 
     # ---- summaries and ranks ---------------------------------------------------------------------
     def _stopped_record(self, e: interrupt.Stopped | KeyboardInterrupt) -> dict[str, Any]:
