@@ -217,6 +217,21 @@ def test_resume_under_torchrun_refuses_ranks_that_read_different_checkpoints(tmp
     assert r.stderr.count(", rank 1: none); --checkpoint-dir must be one folder every rank") == 2
 
 
+def test_more_ranks_than_training_images_is_refused_on_every_rank(tmp_path):
+    args = [a for a in TINY if a != "97"]
+    args[args.index("--num-samples") + 1 : args.index("--num-samples") + 1] = ["1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "prefast", "train", *args, "--epochs", "1", "--mode", "freezeout"]  # fmt: skip
+    r = subprocess.run(cmd, env=_torchrun_env(tmp_path), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert r.returncode != 0
+    said = (
+        "prefast: error: --nproc-per-node: 2 ranks for 1 training image(s): each rank needs one "
+        "at least; start at most 1 rank(s) or train on more images"
+    )
+    assert r.stderr.count(said) == 2, r.stderr[-3000:]
+
+
 def _cache_worker(rank: int, world: int, port: int, out: str, tier: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip

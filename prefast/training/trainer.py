@@ -199,7 +199,9 @@ class Trainer:
         self.samples_per_rank = n // self.dist.world_size
         if self.samples_per_rank < 1:
             raise ConfigError(
-                f"--nproc-per-node: {self.dist.world_size} ranks for {n} training images"
+                f"--nproc-per-node: {self.dist.world_size} ranks for {n} training image(s): "
+                "each rank needs one at least; start at most "
+                f"{n} rank(s) or train on more images"
             )
         self.iters_per_epoch = math.ceil(self.samples_per_rank / cfg.batch_size)
         self.total_iterations = cfg.epochs * self.iters_per_epoch
