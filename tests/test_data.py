@@ -598,3 +598,45 @@ def test_cuda_batch_matches_cpu() -> None:
     assert torch.equal(y_gpu.cpu(), y_cpu)
     half, _ = make_batch(data, idx, params, "cuda", dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
+
+
+def test_processes_downloading_into_one_folder_take_turns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun ranks, each with --download, fetched the same files into the same folder at
+    once; one downloads while the others wait, then they read what it fetched."""
+    import threading
+
+    from prefast.data import readers
+
+    calls = []
+    both_looked = threading.Barrier(2, timeout=10)
+    first_look: set[int] = set()
+    real_locate = readers._locate
+
+    def locate(name: str, split: str, root: Path) -> Any:
+        out = real_locate(name, split, root)
+        if threading.get_ident() not in first_look:  # each finds the files missing first
+            first_look.add(threading.get_ident())
+            both_looked.wait()
+        return out
+
+    def fake_download(name: str, split: str, root: Path) -> None:
+        calls.append(threading.get_ident())
+        write_fake(root, name)
+
+    monkeypatch.setattr(R, "_download", fake_download)
+    monkeypatch.setattr(readers, "_locate", locate)
+    got: list[Any] = []
+
+    def load() -> None:
+        got.append(load_dataset("mnist", "test", data_root=tmp_path / "d", download=True))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(calls) == 1 and len(got) == 2
+    assert np.array_equal(got[0].images, got[1].images)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["MNIST"]  # no lock file left

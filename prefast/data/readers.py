@@ -4,6 +4,7 @@ directly and safely, without torchvision's md5 checks; torchvision only download
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import logging
 import math
@@ -11,6 +12,7 @@ import os
 import pickle
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +268,35 @@ def _download(name: str, split: str, root: Path) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _one_download_at_a_time(root: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the folder ``root`` (made where missing) while a download
+    into it runs: the ranks of a torchrun job, each with ``--download``, fetched the same files
+    into the same folder at once. One downloads; the others wait, then find the files. No lock
+    file is left behind (the folder itself is locked); where the download fails, the folders
+    made for it that are still empty go again."""
+    made = [p for p in (*reversed(root.parents), root) if not p.exists()]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root, os.O_RDONLY)
+    except OSError as exc:
+        raise DataError(f"{root}: cannot make or open the data folder ({exc.strerror})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process's download into %s", root)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    except BaseException:
+        for folder in reversed(made):  # deepest first; a folder with a file in it stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    finally:
+        os.close(fd)  # drops the lock
+
+
 def load_real(
     name: str, split: str, data_root: Path | None, download: bool
 ) -> tuple[np.ndarray, np.ndarray, Path]:
@@ -281,16 +312,20 @@ def load_real(
         missing.extend(missing_here)
     if download:
         root = roots[0]
-        logger.info("downloading %s (%s) into %s", name, split, root)
-        try:
-            _download(name, split, root)
-        except Exception as exc:  # network, HTTP, checksum, disk: all end the same way
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise DataError(
-                f"{name}: download into {root} failed ({type(exc).__name__}: {why}). "
-                f"{_how_to_get(name)}"
-            ) from exc
-        found, missing_here = _locate(name, split, root)
+        with _one_download_at_a_time(root):
+            # another process (a torchrun rank) may have fetched it while this one waited
+            found, missing_here = _locate(name, split, root)
+            if missing_here:
+                logger.info("downloading %s (%s) into %s", name, split, root)
+                try:
+                    _download(name, split, root)
+                except Exception as exc:  # network, HTTP, checksum, disk: all end the same way
+                    why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    raise DataError(
+                        f"{name}: download into {root} failed ({type(exc).__name__}: {why}). "
+                        f"{_how_to_get(name)}"
+                    ) from exc
+                found, missing_here = _locate(name, split, root)
         if not missing_here:
             return (*_read_split(name, found, spec), root)
         missing = missing_here
