@@ -1494,6 +1494,78 @@ def test_a_model_of_your_own_trains_in_freezeout_and_prefast(byo_cnn, tmp_path):
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
 
 
+def _flat_cnn(*, num_classes: int, in_channels: int = 3, image_size: int = 32, width: int = 5):
+    """A model given layer by layer, as an ``nn.Sequential``'s children: the activations are
+    units of their own and work in place on the previous unit's output, and the units hold
+    BatchNorm and dropout."""
+    units = [
+        nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width)),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width)),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Sequential(nn.Dropout(0.25), nn.Conv2d(width, width, 3, padding=1)),
+    ]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+    config = {"name": "flat_cnn", "num_classes": num_classes, "in_channels": in_channels,
+              "image_size": image_size, "width": width}  # fmt: skip
+    return from_sequential(units, head, cut_points=[2, 4], config=config)
+
+
+@pytest.mark.parametrize(
+    ("tier", "recache_mode"), [("ram", "write-through"), ("ram", "pass"), ("zarr", "write-through")]
+)
+def test_a_model_of_your_own_from_an_fp32_cache_equals_freezeout(
+    tmp_path, monkeypatch, tier, recache_mode
+):
+    """Exactness for a model of one's own: same losses and weights (BatchNorm statistics too)
+    as FreezeOut, and a frozen unit's weights and statistics stay as they were at its freeze.
+    Written through the steps, a cache took the activation after the in-place LeakyReLU that
+    follows its boundary, so the next epochs applied it twice."""
+    from prefast.training import trainer
+
+    at_freeze: list[dict[int, dict[str, torch.Tensor]]] = []
+
+    real_freeze_unit = trainer.freeze_unit
+
+    def freeze_unit(model, optimizer, i, j):
+        real_freeze_unit(model, optimizer, i, j)
+        at_freeze[-1][i] = {k: v.clone() for k, v in model.units[i].state_dict().items()}
+
+    monkeypatch.setattr(trainer, "freeze_unit", freeze_unit)
+    register_model("flat_cnn")(_flat_cnn)
+    try:
+        kw = dict(model="flat_cnn", model_args={}, num_samples=77, epochs=4, augment=False)
+        at_freeze.append({})
+        ref = train(tiny(mode="freezeout", **kw))
+        at_freeze.append({})
+        got = train(
+            tiny(
+                mode="prefast",
+                cache=tier,
+                cache_dir=str(tmp_path / "c"),
+                cache_dtype="float32",
+                recache_policy="every",
+                recache_mode=recache_mode,
+                **kw,
+            )
+        )
+    finally:
+        unregister_model("flat_cnn")
+    assert ref.summary["frozen_units"] == got.summary["frozen_units"] == 5
+    assert got.summary["cache_tier"] == tier
+    if recache_mode == "write-through":  # the caches were written by the steps
+        assert 0 < got.summary["cache_boundary"] < 5
+    assert len(got.losses) == len(ref.losses) == 20
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
+    torch.testing.assert_close(_weights(got.model), _weights(ref.model))
+    for run, frozen in zip((ref, got), at_freeze, strict=True):
+        assert sorted(frozen) == [0, 1, 2, 3, 4]
+        for i, state in frozen.items():
+            torch.testing.assert_close(run.model.units[i].state_dict(), state, rtol=0, atol=0)
+    # the BatchNorm statistics did move while the units trained
+    assert ref.model.units[0][1].num_batches_tracked > 0
+
+
 def _fixed_cnn(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
                classes: int = 10, channels: int = 3):  # fmt: skip
     """A factory that ignores num_classes and in_channels, as a hurried notebook's may."""

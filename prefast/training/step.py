@@ -214,7 +214,9 @@ class StepRunner:
                 for i in range(b, f):
                     h = self._units[i](h)
                     if i + 1 == self.tap_at:
-                        tapped = h  # clean: before any feature augmentation
+                        # a copy: the next unit may work in place on its input (a lone
+                        # LeakyReLU(inplace=True)); clean: before any feature augmentation
+                        tapped = h.clone()
         if aug is not None and self.feature_aug is not None:
             # the cached sample's fresh augmentation for this epoch, where training starts
             h = self.feature_aug.apply(h, *aug)
