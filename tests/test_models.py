@@ -539,6 +539,38 @@ def test_from_sequential_refuses_shared_parameters() -> None:
         from_sequential(units, tied)
 
 
+def test_a_unit_model_built_directly_checks_its_units_as_from_sequential_does() -> None:
+    """A UnitModel made without from_sequential (a factory may) with one module in two units
+    trained until the first of them froze, then failed in the optimizer; a non-module unit
+    was torch's TypeError from inside ModuleList."""
+    units, head = _seq_parts()
+    with pytest.raises(ModelError, match=r"^UnitModel: units\[3\] shares parameters with units\["):
+        UnitModel([*units, units[2]], head, ["a", "b", "c", "d"])
+    with pytest.raises(ModelError, match=r"^UnitModel: head shares parameters with units\[2\]"):
+        UnitModel(units, units[2], ["a", "b", "c"])
+    with pytest.raises(ModelError, match=r"^UnitModel: units\[1\] must be an nn.Module, got int"):
+        UnitModel([units[0], 3], head, ["a", "b"])  # type: ignore[list-item]
+    assert UnitModel(units, head, ["a", "b", "c"]).num_units == 3
+
+
+@pytest.mark.parametrize("method", ["forward", "forward_range", "forward_head"])
+def test_a_unit_model_that_computes_another_function_is_refused(method: str) -> None:
+    """Training runs the units and the head one by one (from a cache, the units after its
+    boundary): a subclass whose forward differs trained one function and was evaluated on
+    another, silently."""
+
+    def doubled(self: UnitModel, *args: Any) -> torch.Tensor:
+        return 2 * getattr(UnitModel, method)(self, *args)
+
+    Doubled = type("Doubled", (UnitModel,), {method: doubled})
+    units, head = _seq_parts()
+    with pytest.raises(ModelError, match=rf"^Doubled overrides UnitModel\.{method}: a run "):
+        Doubled(units, head, ["a", "b", "c"])
+    # a subclass that adds to the model without changing what it computes is fine
+    Named = type("Named", (UnitModel,), {"describe": lambda self: "three units"})
+    assert Named(units, head, ["a", "b", "c"]).describe() == "three units"
+
+
 def test_a_unit_that_returns_a_tuple_is_named_where_a_cache_needs_a_tensor() -> None:
     """The boundary shapes (what a cache allocates) need one tensor per unit: a unit returning
     a tuple is a ModelError naming it, not an AttributeError from inside the probe."""

@@ -56,6 +56,19 @@ class UnitModel(nn.Module):
                 f"UnitModel transition_after must hold unit indices in 0..{len(units) - 1}, "
                 f"got {bad}"
             )
+        overridden = [
+            f
+            for f in ("forward", "forward_range", "forward_head")
+            if getattr(type(self), f) is not getattr(UnitModel, f)
+        ]
+        if overridden:
+            raise ModelError(
+                f"{type(self).__name__} overrides UnitModel.{overridden[0]}: a run applies the "
+                "units in order and then the head (from a cache, only the units after its "
+                "boundary), never a forward of its own; put the computation into the units "
+                "and the head instead"
+            )
+        check_own_parameters([*units, head], "UnitModel")
         self.units = nn.ModuleList(units)
         self.head = head
         self.unit_names: tuple[str, ...] = tuple(unit_names)
@@ -188,6 +201,24 @@ class UnitModel(nn.Module):
         return f"num_units={self.num_units}, cut_points={self.cut_points}"
 
 
+def check_own_parameters(parts: Sequence[nn.Module], who: str) -> None:
+    """Refuse a parameter shared by two units (or a unit and the head), ``parts`` being the
+    units and then the head: freezing one would silently freeze, or keep training, the other."""
+    owner: dict[int, int] = {}
+    for slot, part in enumerate(parts):
+        if not isinstance(part, nn.Module):
+            what = "head" if slot == len(parts) - 1 else f"units[{slot}]"
+            raise ModelError(f"{who}: {what} must be an nn.Module, got {type(part).__name__}")
+        for p in part.parameters():
+            first = owner.setdefault(id(p), slot)
+            if first != slot:
+                what = "head" if slot == len(parts) - 1 else f"units[{slot}]"
+                raise ModelError(
+                    f"{who}: {what} shares parameters with units[{first}]; each unit must own "
+                    "its parameters (FreezeOut freezes one unit at a time)"
+                )
+
+
 def reference_init_(model: nn.Module) -> None:
     """Initialise in place as the FreezeOut reference does.
 
@@ -207,4 +238,4 @@ def reference_init_(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-__all__ = ["UnitModel", "reference_init_"]
+__all__ = ["UnitModel", "check_own_parameters", "reference_init_"]

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from prefast.errors import ModelError
-from prefast.models.base import UnitModel
+from prefast.models.base import UnitModel, check_own_parameters
 
 
 def _units_and_names(units: object) -> tuple[list[nn.Module], list[str]]:
@@ -100,7 +100,7 @@ def from_sequential(
             )
     if not isinstance(head, nn.Module):
         raise ModelError(f"from_sequential: head must be an nn.Module, got {type(head).__name__}")
-    _check_own_parameters([*items, head])
+    check_own_parameters([*items, head], "from_sequential")
 
     if unit_names is None:
         names = default_names
@@ -152,21 +152,6 @@ def from_sequential(
         ) from None
 
     return UnitModel(items, head, names, transition_after=[c - 1 for c in cuts], config=cfg)
-
-
-def _check_own_parameters(parts: list[nn.Module]) -> None:
-    """Refuse a module or parameter shared by two units (or a unit and the head): freezing
-    one would silently freeze, or keep training, the other."""
-    owner: dict[int, int] = {}
-    for slot, part in enumerate(parts):
-        for p in part.parameters():
-            first = owner.setdefault(id(p), slot)
-            if first != slot:
-                what = "head" if slot == len(parts) - 1 else f"units[{slot}]"
-                raise ModelError(
-                    f"from_sequential: {what} shares parameters with units[{first}]; each unit "
-                    "must own its parameters (FreezeOut freezes one unit at a time)"
-                )
 
 
 __all__ = ["from_sequential"]
