@@ -1596,6 +1596,46 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_training(args, nee
         unregister_model("fixed_cnn")
 
 
+class _WithSpare(nn.Module):
+    """``inner`` plus a layer built but never called."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.spare = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x)
+        return out
+
+
+@pytest.mark.parametrize(("where", "needle"), [("unit", "unit 1 (pool)"), ("head", "the head")])
+def test_a_parameter_the_forward_never_uses_is_named(where, needle):
+    """The first step failed with "unit 1 has parameters without a gradient; was backward()
+    run?", which names neither the layer nor the fix."""
+
+    def factory(*, num_classes: int, in_channels: int = 3, image_size: int = 32):
+        pool: nn.Module = nn.AvgPool2d(2)
+        head: nn.Module = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes)
+        )
+        if where == "unit":
+            pool = _WithSpare(pool)
+        else:
+            head = _WithSpare(head)
+        units = [nn.Conv2d(in_channels, 4, 3, padding=1), pool, nn.Conv2d(4, 4, 3)]
+        names = ["conv", "pool", "conv2"]
+        return from_sequential(units, head, unit_names=names, config={"name": "spare"})
+
+    register_model("spare")(factory)
+    try:
+        msg = f"{needle}: parameter spare.weight got no gradient: its forward does not use it."
+        with pytest.raises(ModelError, match=re.escape(msg)):
+            train(tiny(model="spare", model_args={}, mode="freezeout", epochs=1))
+    finally:
+        unregister_model("spare")
+
+
 def test_a_head_without_trainable_parameters_is_refused_before_training():
     """The head trains alone after the last freeze: one with nothing to train failed there,
     near the end of the run, with torch's 'does not require grad'."""

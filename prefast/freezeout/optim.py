@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from prefast.errors import ScheduleError
+from prefast.errors import ModelError, ScheduleError
 from prefast.freezeout.schedule import FreezeSchedule
 from prefast.models import UnitModel
 
@@ -55,6 +55,12 @@ class UnitSGD:
             i: [p for p in m.parameters() if p.requires_grad] for i, m in sorted(modules.items())
         }
         self.groups = {i: ps for i, ps in self.groups.items() if ps}
+        # "unit 3 (conv2): parameter body.0.weight": named in the error for a missing gradient
+        self._names: dict[int, list[str]] = {
+            i: [n for n, p in modules[i].named_parameters() if p.requires_grad] for i in self.groups
+        }
+        self._where = {i: f"unit {i} ({model.unit_names[i]})" for i in self.groups if i < head}
+        self._where[head] = "the head"
         self.buffers: dict[int, list[torch.Tensor]] = {
             i: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in ps]
             for i, ps in self.groups.items()
@@ -99,9 +105,14 @@ class UnitSGD:
         for i, params in self.groups.items():
             ps: list[torch.Tensor] = list(params)
             grads = [p.grad for p in params]
-            if any(g is None for g in grads):
-                raise ScheduleError(
-                    f"unit {i} has parameters without a gradient; was backward() run?"
+            unused = [n for n, g in zip(self._names[i], grads, strict=True) if g is None]
+            if unused:
+                # torch's SGD would skip it; here it is a model's mistake (a layer built but
+                # never called), named before the run trains the rest around it
+                raise ModelError(
+                    f"{self._where[i]}: parameter {unused[0]} got no gradient: its forward does "
+                    "not use it. Remove it from the model, or set requires_grad=False on it to "
+                    "keep it fixed"
                 )
             gs: list[torch.Tensor] = grads  # type: ignore[assignment]
             bufs = self.buffers[i]
