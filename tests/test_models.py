@@ -589,6 +589,46 @@ def test_a_unit_that_returns_a_tuple_is_named_where_a_cache_needs_a_tensor() -> 
     assert m.boundary_shape(1, CIFAR) == CIFAR
 
 
+class _MergeBatch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1)  # (B, C, 1, 1) -> (B * C,)
+
+
+class _BatchWide(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, : x.shape[0] + 2]  # (B, C, H, W) -> (B, C, min(H, B + 2), W)
+
+
+class _Signs(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x > 0).long()
+
+
+@pytest.mark.parametrize(
+    ("unit", "needle"),
+    [
+        (nn.Sequential(nn.AdaptiveAvgPool2d(1), _MergeBatch()),
+         "unit 1 (odd): for a batch of 1 it returns shape (3,); PreFast caches the activation "
+         "after a unit per sample, so each unit must keep the batch first"),
+        (_BatchWide(), "unit 1 (odd): its output per sample is (3, 3, 32) in a batch of 1 but "
+                       "(3, 4, 32) in a batch of 2; a cache stores one shape per sample"),
+        (_Signs(), "unit 1 (odd) returns torch.int64 activations; a cache stores floating-point"),
+    ],
+)  # fmt: skip
+def test_a_unit_whose_output_a_cache_cannot_hold_is_named(unit: nn.Module, needle: str) -> None:
+    """The shapes a cache allocates came from one dummy sample: a unit that merged the batch
+    into its output, or whose per-sample shape followed the batch size, gave a shape that the
+    first cache write refused with a StoreInputError naming no unit, in the middle of a run."""
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10))
+    m = from_sequential([nn.Conv2d(3, 3, 1), unit, nn.Identity()], head,
+                        unit_names=["conv", "odd", "id"])  # fmt: skip
+    with pytest.raises(ModelError, match=re.escape(needle)):
+        m.boundary_shapes(CIFAR)
+    with pytest.raises(ModelError, match=re.escape(needle)):
+        m.boundary_shape(3, CIFAR)
+    assert m.boundary_shape(1, CIFAR) == CIFAR
+
+
 def test_register_and_unregister_a_custom_model() -> None:
     def tiny(*, num_classes: int, in_channels: int = 1, image_size: int = 28) -> UnitModel:
         units, head = _seq_parts()

@@ -120,12 +120,12 @@ class UnitModel(nn.Module):
             for m, flag in flags:
                 m.train(flag)
 
-    def _dummy(self, input_shape: Sequence[int]) -> torch.Tensor:
-        """A zero batch of one sample on the model's device and dtype."""
+    def _dummy(self, input_shape: Sequence[int], n: int = 1) -> torch.Tensor:
+        """A zero batch of ``n`` samples on the model's device and dtype."""
         param = next(self.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else None
-        return torch.zeros((1, *input_shape), device=device, dtype=dtype)
+        return torch.zeros((n, *input_shape), device=device, dtype=dtype)
 
     def boundary_shape(self, b: int, input_shape: Sequence[int]) -> tuple[int, ...]:
         """Per-sample shape of the activation after the first ``b`` units.
@@ -133,36 +133,66 @@ class UnitModel(nn.Module):
         Args:
             b: boundary in ``0..num_units``.
             input_shape: per-sample input shape, e.g. ``(3, 32, 32)``.
+
+        Raises:
+            ModelError: a unit before ``b`` returns what a cache cannot hold (see
+                `boundary_shapes`).
         """
         self._check_boundary("boundary b", b)
         if b == 0:
             return tuple(int(s) for s in input_shape)
-        with self._probe():
-            h = self._dummy(input_shape)
-            for i in range(b):
-                h = self._tensor_out(i, self.units[i](h))  # (1, C, H, W)
-        return tuple(h.shape[1:])
+        return self._shapes(input_shape, b)[-1]
 
-    def _tensor_out(self, i: int, h: object) -> torch.Tensor:
-        """``h``, unit ``i``'s output, if it is a tensor (what a cache stores), else raise."""
+    def boundary_shapes(self, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """Per-sample shape after ``units[0:b]`` for every ``b = 1 .. num_units``, from
+        eval-mode passes of one and of two dummy samples (training flags restored).
+
+        Raises:
+            ModelError: a unit returns what a cache cannot hold: not one floating-point tensor
+                with the batch first, or a per-sample shape that depends on the batch size.
+        """
+        return self._shapes(input_shape, self.num_units)
+
+    def _shapes(self, input_shape: Sequence[int], stop: int) -> list[tuple[int, ...]]:
+        shapes = []
+        with self._probe():
+            h1 = self._dummy(input_shape, 1)
+            h2 = self._dummy(input_shape, 2)
+            for i in range(stop):
+                h1 = self._tensor_out(i, self.units[i](h1), 1)  # (1, *shape)
+                h2 = self._tensor_out(i, self.units[i](h2), 2)  # (2, *shape)
+                shape = tuple(h1.shape[1:])
+                if tuple(h2.shape[1:]) != shape:
+                    raise ModelError(
+                        f"unit {i} ({self.unit_names[i]}): its output per sample is "
+                        f"{shape} in a batch of 1 but {tuple(h2.shape[1:])} in a batch of 2; "
+                        "a cache stores one shape per sample, whatever the batch size"
+                    )
+                shapes.append(shape)
+        return shapes
+
+    def _tensor_out(self, i: int, h: object, n: int) -> torch.Tensor:
+        """``h``, unit ``i``'s output for a batch of ``n``, if a cache can store it (one
+        floating-point tensor, batch first), else raise."""
+        name = f"unit {i} ({self.unit_names[i]})"
         if not isinstance(h, torch.Tensor):
             raise ModelError(
-                f"unit {i} ({self.unit_names[i]}) returns a {type(h).__name__}, not a tensor: "
+                f"{name} returns a {type(h).__name__}, not a tensor: "
                 "PreFast caches the activation after a unit, so each unit must return one "
                 "tensor (--mode freezeout and --mode full do not cache)"
             )
+        if h.dim() == 0 or h.shape[0] != n:
+            raise ModelError(
+                f"{name}: for a batch of {n} it returns shape {tuple(h.shape)}; PreFast "
+                f"caches the activation after a unit per sample, so each unit must keep the "
+                "batch first, (B, ...) in and out (--mode freezeout and --mode full do not cache)"
+            )
+        if not h.is_floating_point():
+            raise ModelError(
+                f"{name} returns {h.dtype} activations; a cache stores floating-point ones "
+                "(--mode freezeout and --mode full do not cache)"
+            )
         return h
-
-    def boundary_shapes(self, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
-        """Per-sample shape after ``units[0:b]`` for every ``b = 1 .. num_units``, from one
-        eval-mode pass of a single dummy sample (training flags restored)."""
-        shapes = []
-        with self._probe():
-            h = self._dummy(input_shape)
-            for i, u in enumerate(self.units):
-                h = self._tensor_out(i, u(h))
-                shapes.append(tuple(h.shape[1:]))
-        return shapes
 
     def unit_costs(self, input_shape: Sequence[int]) -> list[int]:
         """Forward multiply-accumulates per sample of each unit, the head last.
