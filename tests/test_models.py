@@ -273,6 +273,20 @@ def test_unknown_model_lists_known_names() -> None:
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("DenseNet-BC", " did you mean 'densenet_bc'? known models: "),
+        ("resnet", " did you mean 'resnet18' or 'resnet34'? known models: "),
+        ("vgg16", " did you mean 'vgg'? known models: "),
+        ("lenet", " known models: "),
+    ],
+)
+def test_unknown_model_suggests_the_nearest_names(name: str, hint: str) -> None:
+    with pytest.raises(ModelError, match=rf"^unknown model '{name}';{re.escape(hint)}densenet_bc"):
+        create_model(name, num_classes=10, in_channels=3, image_size=32)
+
+
 def test_register_model_rejects_duplicate_names() -> None:
     def impostor(**kwargs: Any) -> UnitModel:
         return densenet_bc(num_classes=2, depth=16, growth=4)

@@ -8,6 +8,7 @@ its own architecture knobs, checks them with :func:`check_common` and the valida
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import warnings
@@ -120,7 +121,7 @@ def create_model(
         factory = _REGISTRY[name]
     except KeyError:
         raise ModelError(
-            f"unknown model {name!r}; known models: {', '.join(list_models())}"
+            f"unknown model {name!r};{_did_you_mean(name)} known models: {', '.join(list_models())}"
         ) from None
     params = inspect.signature(factory).parameters.values()
     accepted = [
@@ -154,6 +155,20 @@ def create_model(
         )
     logger.debug("created model %s with config %s", name, model.config)
     return model
+
+
+def _did_you_mean(name: object) -> str:
+    """`` did you mean 'densenet_bc'?`` for a near miss of a registered name (the closest, and
+    any as close), else ``""``."""
+    if not isinstance(name, str):
+        return ""
+    key = name.lower().replace("-", "_")
+    scores = {n: difflib.SequenceMatcher(None, key, n.lower()).ratio() for n in _REGISTRY}
+    best = max(scores.values(), default=0.0)
+    if best < 0.7:
+        return ""
+    close = sorted(n for n, r in scores.items() if r >= best - 0.05)
+    return f" did you mean {' or '.join(map(repr, close))}?"
 
 
 def check_common(
