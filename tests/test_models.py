@@ -643,6 +643,34 @@ def test_a_unit_whose_output_a_cache_cannot_hold_is_named(unit: nn.Module, needl
     assert m.boundary_shape(1, CIFAR) == CIFAR
 
 
+def test_a_cache_fingerprint_follows_the_frozen_units_and_the_config() -> None:
+    """What a store at boundary b depends on changes its fingerprint: the config, the weights
+    and BatchNorm statistics of units[:b]; the units after b do not."""
+    from prefast.cache.identity import fingerprint
+
+    data, cache = {"dataset": "synthetic", "samples": 117}, {"dtype": "float32", "views": 1}
+
+    def model(**config: Any) -> UnitModel:
+        units, head = _seq_parts()  # seeded: the same weights every call
+        return from_sequential(units, head, cut_points=[2], config=config or None)
+
+    base = fingerprint(model(), 2, data, cache)
+    assert fingerprint(model(), 2, data, cache) == base
+    assert fingerprint(model(), 1, data, cache) != base
+    assert fingerprint(model(name="custom", width=5), 2, data, cache) != base
+    m = model()
+    m.units[2].weight.data[0, 0, 0, 0] += 1  # after the boundary
+    assert fingerprint(m, 2, data, cache) == base
+    assert fingerprint(m, 3, data, cache) != fingerprint(model(), 3, data, cache)
+    m.units[0][1].running_var[1] += 0.5  # a BatchNorm statistic before it
+    assert fingerprint(m, 2, data, cache) != base
+    m = model()
+    m.units[1][0].bias.data[2] -= 1e-6
+    assert fingerprint(m, 2, data, cache) != base
+    assert fingerprint(model(), 2, {**data, "samples": 118}, cache) != base
+    assert fingerprint(model(), 2, data, {**cache, "dtype": "float16"}) != base
+
+
 def test_register_and_unregister_a_custom_model() -> None:
     def tiny(*, num_classes: int, in_channels: int = 1, image_size: int = 28) -> UnitModel:
         units, head = _seq_parts()
