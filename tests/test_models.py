@@ -279,12 +279,24 @@ def test_unknown_model_lists_known_names() -> None:
         ("DenseNet-BC", " did you mean 'densenet_bc'? known models: "),
         ("resnet", " did you mean 'resnet18' or 'resnet34'? known models: "),
         ("vgg16", " did you mean 'vgg'? known models: "),
-        ("lenet", " known models: "),
+        ("my_net", " known models: "),
     ],
 )
 def test_unknown_model_suggests_the_nearest_names(name: str, hint: str) -> None:
     with pytest.raises(ModelError, match=rf"^unknown model '{name}';{re.escape(hint)}densenet_bc"):
         create_model(name, num_classes=10, in_channels=3, image_size=32)
+
+
+def test_an_unknown_name_says_where_a_model_of_your_own_is_registered() -> None:
+    """`prefast verify` (or `prefast train`) run from the shell on a store of a model of one's
+    own listed the built-in models only; docs/models.md says to run it from the registering
+    script."""
+    needle = "; a model of your own must be registered (register_model) in the process that "
+    with pytest.raises(ModelError, match=re.escape(needle)):
+        create_model("my_net", num_classes=10, in_channels=3, image_size=32)
+    with pytest.raises(ModelError) as info:
+        create_model("densenet", num_classes=10, in_channels=3, image_size=32)
+    assert "register" not in str(info.value)  # a near miss is a typo: the suggestion is enough
 
 
 def test_register_model_rejects_duplicate_names() -> None:

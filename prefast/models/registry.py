@@ -120,8 +120,16 @@ def create_model(
     try:
         factory = _REGISTRY[name]
     except KeyError:
+        hint = _did_you_mean(name)
         raise ModelError(
-            f"unknown model {name!r};{_did_you_mean(name)} known models: {', '.join(list_models())}"
+            f"unknown model {name!r};{hint} known models: {', '.join(list_models())}"
+            + (
+                ""
+                if hint
+                else "; a model of your own must be registered (register_model) in the process "
+                "that builds it: run prefast.cli.main([...]) from the script that registers it "
+                "(docs/models.md)"
+            )
         ) from None
     params = inspect.signature(factory).parameters.values()
     accepted = [
