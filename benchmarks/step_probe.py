@@ -125,7 +125,7 @@ def time_steps(
             labels=torch.zeros(len(order), dtype=torch.int64), dtype=CACHE_DTYPE, device=device,
             batch_size=args.batch_size, sample_shape=shapes[f],
         )  # fmt: skip
-        runner.configure(b, f, opt, None, tap_at=f, tap_fn=writer.take)
+        runner.configure(b, f, opt, None, tap_at=f, tap_fn=writer.take, tap_dtype=writer.dtype)
     else:
         runner.configure(b, f, opt, None)
     g = torch.Generator().manual_seed(b)

@@ -163,6 +163,7 @@ class StepRunner:
         self.ddp: nn.Module | None = None
         self.tap_at = 0  # boundary whose activation goes to tap_fn (write-through); 0: none
         self.tap_fn: Tap | None = None
+        self.tap_dtype: torch.dtype | None = None  # the tapped copy's dtype (None: as computed)
         self._graph: _Graph | None = None
         self._eager_steps = 0  # eager steps of the current configuration
         self._pool = torch.cuda.graph_pool_handle() if compile_mode == "graphs" else None
@@ -188,14 +189,17 @@ class StepRunner:
         ddp: nn.Module | None,
         tap_at: int = 0,
         tap_fn: Tap | None = None,
+        tap_dtype: torch.dtype | None = None,
     ) -> None:
         """The step's shape changed (a freeze, a new cache, a new optimizer, a DDP wrap, a cache
-        to write through). ``tap_at`` in (boundary, frontier]: every step hands its activation
-        there to ``tap_fn`` with the batch's sample ids."""
+        to write through). ``tap_at`` in (boundary, frontier]: every step hands a copy of its
+        activation there, in ``tap_dtype`` (the cache's), to ``tap_fn`` with the batch's sample
+        ids."""
         if tap_at and not boundary < tap_at <= frontier:
             raise ConfigError(f"write-through boundary {tap_at} is not in ({boundary}, {frontier}]")
         self.boundary, self.frontier, self.optimizer, self.ddp = boundary, frontier, optimizer, ddp
         self.tap_at, self.tap_fn = (tap_at, tap_fn) if tap_fn is not None else (0, None)
+        self.tap_dtype = tap_dtype
         if self._graph is not None:
             self._graph = None  # its memory returns to the shared pool
         self._eager_steps = 0
@@ -215,8 +219,10 @@ class StepRunner:
                     h = self._units[i](h)
                     if i + 1 == self.tap_at:
                         # a copy: the next unit may work in place on its input (a lone
-                        # LeakyReLU(inplace=True)); clean: before any feature augmentation
-                        tapped = h.clone()
+                        # LeakyReLU(inplace=True)); in the cache's dtype, so the conversion
+                        # the cache needs is that copy (inside a captured graph, too); clean:
+                        # before any feature augmentation
+                        tapped = h.to(self.tap_dtype or h.dtype, copy=True)
         if aug is not None and self.feature_aug is not None:
             # the cached sample's fresh augmentation for this epoch, where training starts
             h = self.feature_aug.apply(h, *aug)

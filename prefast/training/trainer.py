@@ -493,6 +493,7 @@ class Trainer:
             self.ddp,
             tap_at=w.target if w is not None else 0,
             tap_fn=self.cache.take if w is not None and self.cache is not None else None,
+            tap_dtype=w.dtype if w is not None else None,
         )
 
     def _advance_frontier(self, j: int) -> bool:
