@@ -226,7 +226,10 @@ def create(
             os.fspath(path), layout, meta, overwrite, resume, rank, world_size, workers, max_pending
         )
 
-    exists = root.exists()
+    try:
+        exists = root.exists()
+    except OSError as e:  # a folder on the way this user may not enter
+        raise StoreWriteError(f"{root}: cannot look for the store: {_mkdir_reason(root, e)}") from e
     if exists and not root.is_dir():
         raise NotAStoreError(f"{root}: exists and is not a directory")
     if exists and _is_store_dir(root) and resume:
@@ -273,10 +276,13 @@ def create(
 def _mkdir_reason(root: Path, e: OSError) -> str:
     """Why ``root.mkdir(parents=True)`` failed, naming a file that stands where a folder must."""
     for parent in root.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{parent} is a file, not a folder"
-            break
+        try:
+            if parent.exists():
+                if not parent.is_dir():
+                    return f"{parent} is a file, not a folder"
+                break
+        except OSError:  # a folder above this user may not enter: e says so
+            continue
     return e.strerror or str(e)
 
 

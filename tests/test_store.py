@@ -662,6 +662,35 @@ def test_create_under_a_file_names_the_file(tmp_path):
     assert (tmp_path / "afile").read_text() == "a user's file"
 
 
+def test_create_where_a_folder_may_not_be_entered_is_a_write_error(tmp_path, monkeypatch):
+    # a folder on the way this user may not enter (mode 700, another user's): mkdir fails with
+    # EACCES and so does every stat below it; simulated, as root may enter any folder
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdir, real_stat = Path.mkdir, Path.stat
+
+    def denied(p: Path) -> bool:
+        return p != locked and locked in p.parents
+
+    def mkdir(self, *a, **k):
+        if denied(self):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    def stat(self, *a, **k):
+        if denied(self):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(
+        store.StoreWriteError,
+        match=r"locked.sub.s: cannot (look for|create) the store.*Permission denied",
+    ):
+        store.create(locked / "sub" / "s", sample_shape=SHAPE, num_samples=N)
+
+
 def test_write_errors_name_the_field(tmp_path, data):
     x, y = data
     with store.create(
