@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import gzip
 import os
 import pickle
@@ -183,6 +184,22 @@ def test_download_then_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert len(data) == N_TEST and calls == [("mnist", "test", tmp_path)]
     load_dataset("mnist", "test", data_root=tmp_path, download=True)  # present: no second call
     assert len(calls) == 1
+
+
+def test_download_where_the_folder_takes_no_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an NFS --data-root: an exclusive flock needs a file open for writing, and a folder's
+    # descriptor is read-only (EBADF); the download goes ahead without the lock
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(R.fcntl, "flock", no_flock)
+    monkeypatch.setattr(R, "_download", lambda name, split, root: write_fake(root, name))
+    with caplog.at_level("WARNING", logger=R.logger.name):
+        data = load_dataset("mnist", "test", data_root=tmp_path, download=True)
+    assert len(data) == N_TEST
+    assert "cannot lock the data folder (Bad file descriptor)" in caplog.text
 
 
 def _corrupt_bad_magic(path: Path) -> None:

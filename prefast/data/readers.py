@@ -287,6 +287,15 @@ def _one_download_at_a_time(root: Path) -> Iterator[None]:
         except BlockingIOError:
             logger.info("waiting for another process's download into %s", root)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            # NFS takes an exclusive flock only on a file open for writing (EBADF on this
+            # folder's descriptor); some file systems take none (ENOLCK, EOPNOTSUPP)
+            logger.warning(
+                "%s: cannot lock the data folder (%s); downloading without waiting for other "
+                "processes (under torchrun, download once before the run)",
+                root,
+                exc.strerror or exc,
+            )
         yield
     except BaseException:
         for folder in reversed(made):  # deepest first; a folder with a file in it stays
