@@ -119,6 +119,11 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return out, self.labels[torch.from_numpy(idx)]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (i.dim() if isinstance(i, torch.Tensor) else np.ndim(i)) != 0:
+            # a list or a 1-D tensor would otherwise give its first sample alone
+            raise IndexError(
+                f"ds[i] takes one sample index, got {i!r}; ds.batch(indices) reads several"
+            )
         x, y = self._gather(self._index([i]))
         return x[0], y[0]
 

@@ -64,6 +64,9 @@ def test_indices_must_be_integers_and_an_empty_batch_is_empty(tiers, tier):
             ds[bad]  # not sample 1 or 2: truncating picks another sample than asked for
     with pytest.raises(IndexError, match="must be integers"):
         ds.batch([3.9, 4.0])
+    for several in ([1, 2], torch.tensor([1, 2]), (3,), np.array([5])):
+        with pytest.raises(IndexError, match="one sample index"):
+            ds[several]  # not its first sample alone
     assert torch.equal(ds[np.int64(4)][0], ds[torch.tensor(4)][0])
     xb, yb = ds.batch([])
     assert xb.shape == (0, *SHAPE) and yb.shape == (0,) and ds.__getitems__([]) == []
