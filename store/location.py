@@ -12,7 +12,7 @@ from typing import Any
 
 from store._zarr import as_local
 from store.errors import NotAStoreError, StoreInputError, install_hint
-from store.layout import ATTRS_KEY, FORMAT_NAME
+from store.layout import ATTRS_KEY, FORMAT_NAME, StoreInfo
 
 Location = str | os.PathLike[str]
 
@@ -119,6 +119,16 @@ def store_record(loc: Location) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and record.get("format") == FORMAT_NAME else None
 
 
+def recorded_info(loc: Location) -> StoreInfo | None:
+    """The ``StoreInfo`` of ``store_record`` (so also of a store that no longer opens); None
+    where there is no record or one of another shape."""
+    record = store_record(loc)
+    try:
+        return None if record is None else StoreInfo.from_dict(record, os.fspath(loc))
+    except (ValueError, KeyError, TypeError):  # StoreError is a ValueError
+        return None
+
+
 def is_activation_store(loc: Location) -> bool:
     """Whether ``loc`` holds a store this package wrote: a zarr group whose attributes carry
     the activation-store record (``store_record``)."""
@@ -144,6 +154,7 @@ __all__ = [
     "is_url",
     "join",
     "make_dirs",
+    "recorded_info",
     "remove",
     "remove_store",
     "store_record",

@@ -66,7 +66,7 @@ from store.layout import (
     merge_ranges,
     unwritten_ranges,
 )
-from store.location import is_activation_store, missing_backend
+from store.location import is_activation_store, missing_backend, recorded_info
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +153,14 @@ def _clear_store_dir(path: Path) -> None:
 def _mark_incomplete(path: Path) -> None:
     """Rewrite the record of the store at ``path`` as incomplete (one atomic write of its
     ``zarr.json``), where it is a store of this format marked complete."""
-    if not is_activation_store(path):
-        return
+    info = recorded_info(path)
+    if info is None or not info.complete:
+        return  # none, or one this code cannot read: no reader takes it as complete either
     try:
         group = _zarr.open_group(path, mode="r+")
-        info = StoreInfo.from_dict(_zarr.read_info_dict(group), str(path))
     except (StoreError, OSError, ValueError):
-        return  # a record this code cannot read: no reader takes it as complete either
-    if info.complete:
-        group.attrs[ATTRS_KEY] = dataclasses.replace(info, complete=False, completed=None).to_dict()
+        return
+    group.attrs[ATTRS_KEY] = dataclasses.replace(info, complete=False, completed=None).to_dict()
 
 
 def _layout_mismatch(a: StoreLayout, b: StoreLayout) -> list[str]:

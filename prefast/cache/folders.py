@@ -262,7 +262,7 @@ def blocked_store_names(run_dir: Path, boundaries: range) -> list[Path]:
     store. A run refuses them at its start, not when it reaches that boundary."""
     blocked = []
     for b in boundaries:
-        p = run_dir / Path(store_path(run_dir, b)).name
+        p = Path(store_path(run_dir, b))
         if p.is_symlink() or not p.exists():
             continue
         if not p.is_dir() or (any(p.iterdir()) and not location.is_activation_store(p)):
@@ -289,11 +289,8 @@ def _marked_incomplete(path: Path) -> bool:
     """Whether the record of a store that does not open marks it incomplete: one whose
     overwriting was cut short (``store.create(..., overwrite=True)`` marks it incomplete
     before it deletes anything, and deletes the record last)."""
-    record = location.store_record(path)
-    try:
-        return record is not None and not store.StoreInfo.from_dict(record, str(path)).complete
-    except (ValueError, KeyError, TypeError, store.StoreError):  # a record of another shape
-        return False
+    info = location.recorded_info(path)
+    return info is not None and not info.complete
 
 
 def remove_if_unused(run_dir: Path) -> bool:

@@ -253,16 +253,22 @@ def _download(name: str, split: str, root: Path) -> None:
         "fashion-mnist": tvd.FashionMNIST,
     }
     dataset = classes[name]
-    # The folders this download may make (torchvision puts MNIST-like sets in ROOT/Class/raw);
-    # where it fails, those of them still empty go again: a retry or another --data-root
-    # should not find an empty MNIST/raw it did not ask for.
-    raw = root / dataset.__name__ / "raw"
-    made = [p for p in (*reversed(raw.parents), raw) if not p.exists()]
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    # torchvision puts MNIST-like sets in ROOT/Class/raw: a failed fetch must not leave them
+    with _new_folders_go_on_failure(root / dataset.__name__ / "raw"):
+        root.mkdir(parents=True, exist_ok=True)
         dataset(root=str(root), train=split == "train", download=True)
+
+
+@contextlib.contextmanager
+def _new_folders_go_on_failure(deepest: Path) -> Iterator[None]:
+    """Where the body fails, remove the folders down to ``deepest`` that did not exist before
+    it and are still empty: a retry or another --data-root should not find an empty tree it
+    did not ask for (a folder with a file in it stays)."""
+    made = [p for p in (*reversed(deepest.parents), deepest) if not p.exists()]
+    try:
+        yield
     except BaseException:
-        for folder in reversed(made):  # deepest first; a folder with a file in it stays
+        for folder in reversed(made):  # deepest first
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
@@ -275,35 +281,38 @@ def _one_download_at_a_time(root: Path) -> Iterator[None]:
     into the same folder at once. One downloads; the others wait, then find the files. No lock
     file is left behind (the folder itself is locked); where the download fails, the folders
     made for it that are still empty go again."""
-    made = [p for p in (*reversed(root.parents), root) if not p.exists()]
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root, os.O_RDONLY)
-    except OSError as exc:
-        raise DataError(f"{root}: cannot make or open the data folder ({exc.strerror})") from exc
-    try:
+    with _new_folders_go_on_failure(root):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process's download into %s", root)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(root, os.O_RDONLY)
         except OSError as exc:
-            # NFS takes an exclusive flock only on a file open for writing (EBADF on this
-            # folder's descriptor); some file systems take none (ENOLCK, EOPNOTSUPP)
-            logger.warning(
-                "%s: cannot lock the data folder (%s); downloading without waiting for other "
-                "processes (under torchrun, download once before the run)",
-                root,
-                exc.strerror or exc,
-            )
-        yield
-    except BaseException:
-        for folder in reversed(made):  # deepest first; a folder with a file in it stays
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    finally:
-        os.close(fd)  # drops the lock
+            raise DataError(
+                f"{root}: cannot make or open the data folder ({exc.strerror})"
+            ) from exc
+        try:
+            _lock_folder(fd, root)
+            yield
+        finally:
+            os.close(fd)  # drops the lock
+
+
+def _lock_folder(fd: int, root: Path) -> None:
+    """An exclusive ``flock`` on ``fd``, the open folder ``root``, waited for where another
+    process holds it; none where the file system takes no lock, with a warning."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        logger.info("waiting for another process's download into %s", root)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        # NFS takes an exclusive flock only on a file open for writing (EBADF on this
+        # folder's descriptor); some file systems take none (ENOLCK, EOPNOTSUPP)
+        logger.warning(
+            "%s: cannot lock the data folder (%s); downloading without waiting for other "
+            "processes (under torchrun, download once before the run)",
+            root,
+            exc.strerror or exc,
+        )
 
 
 def load_real(

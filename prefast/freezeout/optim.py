@@ -105,12 +105,12 @@ class UnitSGD:
         for i, params in self.groups.items():
             ps: list[torch.Tensor] = list(params)
             grads = [p.grad for p in params]
-            unused = [n for n, g in zip(self._names[i], grads, strict=True) if g is None]
-            if unused:
+            if any(g is None for g in grads):
                 # torch's SGD would skip it; here it is a model's mistake (a layer built but
                 # never called), named before the run trains the rest around it
+                unused = next(n for n, g in zip(self._names[i], grads, strict=True) if g is None)
                 raise ModelError(
-                    f"{self._where[i]}: parameter {unused[0]} got no gradient: its forward does "
+                    f"{self._where[i]}: parameter {unused} got no gradient: its forward does "
                     "not use it. Remove it from the model, or set requires_grad=False on it to "
                     "keep it fixed"
                 )
