@@ -683,6 +683,27 @@ def test_a_cache_fingerprint_follows_the_frozen_units_and_the_config() -> None:
     assert fingerprint(model(), 2, data, {**cache, "dtype": "float16"}) != base
 
 
+def test_a_cache_fingerprint_follows_the_frozen_units_layers() -> None:
+    """A layer without weights shapes a cached value too: a model of one's own edited from ReLU
+    to GELU before the boundary, with the same config and weights (a resumed run), had the
+    fingerprint of the old model's store, which was reused with the old layers' outputs."""
+    from prefast.cache.identity import fingerprint
+
+    data, cache = {"dataset": "synthetic", "samples": 117}, {"dtype": "float32", "views": 1}
+
+    def model(act: type[nn.Module] = nn.ReLU, pool: int = 2) -> UnitModel:
+        units, head = _seq_parts()
+        units[1][1] = act()
+        units[1][2] = nn.MaxPool2d(pool)
+        return from_sequential(units, head, cut_points=[2])
+
+    base = fingerprint(model(), 2, data, cache)
+    assert fingerprint(model(), 2, data, cache) == base
+    assert fingerprint(model(nn.GELU), 2, data, cache) != base
+    assert fingerprint(model(pool=3), 2, data, cache) != base
+    assert fingerprint(model(nn.GELU), 1, data, cache) == fingerprint(model(), 1, data, cache)
+
+
 def test_register_and_unregister_a_custom_model() -> None:
     def tiny(*, num_classes: int, in_channels: int = 1, image_size: int = 28) -> UnitModel:
         units, head = _seq_parts()

@@ -47,14 +47,29 @@ def state_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def layers(unit: torch.nn.Module) -> list[list[str]]:
+    """Each layer of ``unit``: its name, class and settings (``extra_repr``), which shape its
+    output beside the weights (a ReLU swapped for a GELU has no weights to tell them apart)."""
+    return [
+        [name, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr()]
+        for name, m in unit.named_modules()
+    ]
+
+
 def fingerprint(
     model: UnitModel, boundary: int, data_desc: dict[str, Any], cache_desc: dict[str, Any]
 ) -> str:
-    """SHA-256 over what produced a cache: the architecture, the boundary, the frozen units'
-    weights and buffers, the data (dataset, split, subset, transform) and the cache's views,
-    seeds and dtype."""
+    """SHA-256 over what produced a cache: the architecture (the config and the frozen units'
+    layers), the boundary, the frozen units' weights and buffers, the data (dataset, split,
+    subset, transform) and the cache's views, seeds and dtype."""
     h = hashlib.sha256()
-    head = {"model": model.config, "boundary": boundary, "data": data_desc, "cache": cache_desc}
+    head = {
+        "model": model.config,
+        "layers": [layers(model.units[i]) for i in range(boundary)],
+        "boundary": boundary,
+        "data": data_desc,
+        "cache": cache_desc,
+    }
     h.update(json.dumps(head, sort_keys=True).encode())
     for i in range(boundary):
         update_digest(h, ((f"{i}.{k}", t) for k, t in sorted(model.units[i].state_dict().items())))

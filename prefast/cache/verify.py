@@ -204,7 +204,7 @@ def verify_against_checkpoint(
     report.fingerprint_ok = fingerprint(model, b, meta["data"], cache_desc) == meta["fingerprint"]
     if not report.fingerprint_ok:
         report.errors.append(
-            f"{FINGERPRINT_MISMATCH} ({ckpt}: the weights of units[0:{b}] or the store's "
+            f"{FINGERPRINT_MISMATCH} ({ckpt}: the layers or weights of units[0:{b}] or the store's "
             f"recorded data and cache settings differ from what wrote {s.path})"
         )
         return report
