@@ -150,6 +150,39 @@ def test_a_users_files_under_a_store_name_of_the_run_are_refused_at_start(tmp_pa
     Trainer(TrainConfig(**TINY, mode="prefast", cache="ram", cache_dir=str(cache))).cache.close()
 
 
+def test_an_entry_of_the_run_folder_the_user_may_not_read_is_named(tmp_path, monkeypatch):
+    """A run folder's entry this user may not list (a shared cache folder) made the start
+    raise a bare PermissionError from the check for a user's files under a store's name; it
+    is a CacheError naming it, and the lock is let go."""
+    cache = tmp_path / "cache"
+    cfg = TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache))
+    manager = Trainer(cfg).cache
+    run_dir = Path(manager.run_dir)
+    manager.close()
+    run_dir.mkdir(exist_ok=True)
+    locked = run_dir / "boundary-002"
+    locked.mkdir()
+    (locked / "notes.txt").write_text("theirs")
+    listdir, scandir = os.listdir, os.scandir  # as root, the mode bits would not stop this process
+
+    def refuse(path):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "listdir", lambda p=".": refuse(p) or listdir(p))
+    monkeypatch.setattr(os, "scandir", lambda p=".": refuse(p) or scandir(p))
+    with pytest.raises(CacheError) as err:
+        Trainer(cfg)
+    assert str(err.value) == (
+        f"--cache-dir: cannot read {locked}: Permission denied; check its permissions or use "
+        "another --cache-dir"
+    )
+    assert (locked / "notes.txt").read_text() == "theirs"
+    monkeypatch.undo()
+    (locked / "notes.txt").unlink()
+    Trainer(cfg).cache.close()  # the lock was let go
+
+
 def test_a_start_removes_only_the_stores_its_run_folder_left_unfinished(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cfg = TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache))

@@ -248,10 +248,12 @@ class CacheManager:
             raise CacheError(f"--cache-dir: cannot create {run_dir}: {e.strerror or e}") from None
         local = location.as_local(run_dir)
         if local is not None:
-            self._lock_fd = _take_run_dir(local)
+            with _permission_as_cache_error():
+                self._lock_fd = _take_run_dir(local)
             try:
-                clear_leftovers(local)  # only where the marker says the folder is ours
-                self._refuse_blocked_store_names(local)
+                with _permission_as_cache_error():
+                    clear_leftovers(local)  # only where the marker says the folder is ours
+                    self._refuse_blocked_store_names(local)
             except BaseException:
                 os.close(self._lock_fd)  # a run started again in this process is not refused
                 self._lock_fd = None
@@ -1302,6 +1304,19 @@ def _lock_run_dir(run_dir: Path) -> int:
         raise
     write_lock_holder(fd)
     return fd
+
+
+@contextlib.contextmanager
+def _permission_as_cache_error() -> Iterator[None]:
+    """A run folder, or an entry in it, that this user may not read or enter (a shared cache
+    folder) is a CacheError naming it, not a bare PermissionError."""
+    try:
+        yield
+    except PermissionError as e:
+        raise CacheError(
+            f"--cache-dir: cannot read {e.filename}: {e.strerror or e}; check its permissions "
+            "or use another --cache-dir"
+        ) from None
 
 
 def _take_run_dir(run_dir: Path) -> int:
