@@ -1138,6 +1138,40 @@ def test_a_stopped_runs_metrics_end_with_where_it_stopped_and_a_resume_drops_it(
     assert not any("stopped" in r for r in lines)
 
 
+def test_a_failed_runs_metrics_end_with_the_error_and_a_resume_drops_it(tmp_path, monkeypatch):
+    """A failed run's metrics file ended with its last epoch's record: a reader could not
+    tell a failed run from one still running, nor see the error."""
+    metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
+    cfg = dict(mode="prefast", cache="ram", checkpoint_dir=str(ck), metrics=str(metrics))
+    steps = {"n": 0}
+    real = StepRunner.step
+
+    def failing(self, *a):
+        steps["n"] += 1
+        if steps["n"] == 10:  # epoch 1's fourth step (6 steps an epoch)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(self, *a)
+
+    monkeypatch.setattr(StepRunner, "step", failing)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        train(tiny(**cfg))
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r.get("epoch") for r in lines[:-1]] == [0]
+    assert lines[-1] == {
+        "failed": True,
+        "error": "RuntimeError: CUDA error: an illegal memory access was encountered",
+        "epoch": 1,
+        "iteration": 9,
+        "epochs_done": 1,
+        "checkpoint": str(ck / "last.pt"),
+    }
+    monkeypatch.setattr(StepRunner, "step", real)
+    train(tiny(**cfg, resume=True))
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r.get("epoch") for r in lines] == [0, 1, 2, None] and lines[-1]["summary"]
+    assert not any("failed" in r for r in lines)
+
+
 def test_a_signal_the_process_ignores_stays_ignored_during_a_run(monkeypatch):
     """`prefast train ... &` in a shell script starts with SIGINT ignored, so that a Ctrl-C
     meant for the script leaves it running; prefast's handler replaced that and stopped it."""

@@ -356,8 +356,11 @@ class Trainer:
                 with contextlib.suppress(OSError):  # a full disk must not hide the stop
                     metrics.write(self._stopped_record(e))
             raise
-        except BaseException:
+        except BaseException as e:
             failed = True
+            if metrics is not None and isinstance(e, Exception):
+                with contextlib.suppress(OSError):  # a full disk must not hide the error
+                    metrics.write(self._failed_record(e))
             raise
         finally:
             if peak is not None:
@@ -656,11 +659,17 @@ class Trainer:
         """The metrics file's last record where the run was stopped from outside: by what,
         where, and what ``--resume`` continues from (the summary record is left out)."""
         signum = e.signum if isinstance(e, interrupt.Stopped) else signal.SIGINT
+        return {"stopped": True, "signal": signal.Signals(signum).name, **self._where()}
+
+    def _failed_record(self, e: Exception) -> dict[str, Any]:
+        """The metrics file's last record where the run failed: the error, and where."""
+        return {"failed": True, "error": f"{type(e).__name__}: {e}", **self._where()}
+
+    def _where(self) -> dict[str, Any]:
+        """Where a run that did not finish ended, and what ``--resume`` continues from."""
         path = self._checkpoint_path()
         done = len(self.result.records)
         return {
-            "stopped": True,
-            "signal": signal.Signals(signum).name,
             "epoch": self.epoch,  # the epoch under way (epochs_done where between epochs)
             "iteration": self.iteration,  # steps done, all epochs together
             "epochs_done": done,  # the epoch records above; the checkpoint's, with one
