@@ -8,7 +8,10 @@ Writes (the same seeded fp16 samples, into the page cache; ``close()`` does not 
   writer's threads);
 * ``write_rows``: ``StoreWriter.write_rows`` of shuffled batches, as write-through caching
   writes them: one scatter per batch into the chunk files mapped side by side (the default
-  where chunks are whole pages), a chunk checksummed from the map when complete;
+  where chunks are whole pages), a chunk checksummed from the map when complete; each
+  batch's samples are gathered in the shuffled order before the clock starts, as a training
+  step hands a batch over (results before this change timed that gather too: a copy of
+  every row, about as long as the write itself on a CPU);
 * ``write_rows-pwrite``: the same rows with one ``pwrite`` per sample (the fallback, and the
   path before the map);
 * ``write_rows-prepared``: ``write_rows`` into a store whose files ``prepare_rows`` mapped and
@@ -89,6 +92,18 @@ def _samples(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn((n, *shape), generator=g).relu_().to(torch.float16)
 
 
+def _shuffled(order: np.ndarray, batch: int, *arrays: Any) -> list[tuple[Any, ...]]:
+    """One shuffled epoch's batches: ``(ids, *rows)`` per batch of ``batch`` samples in
+    ``order``, each of ``arrays`` (tensors or numpy arrays, samples first) gathered in ``order``
+    once, here, so that a batch's rows are a contiguous slice: as a training step hands a batch
+    over. Called before a clock starts: a write is timed without gathering its rows."""
+    gathered = [a[order] for a in arrays]  # one copy of each array, untimed
+    return [
+        (order[s : s + batch], *(g[s : s + batch] for g in gathered))
+        for s in range(0, len(order), batch)
+    ]
+
+
 def _write(
     path: Path,
     x: torch.Tensor,
@@ -113,16 +128,20 @@ def _write(
         w.prepare_rows()
         if prepare_s is not None:
             prepare_s.append(time.perf_counter() - t0)
-    order = np.random.default_rng(seed).permutation(n) if how.startswith("write_rows") else None
+    rows = (
+        _shuffled(np.random.default_rng(seed).permutation(n), batch, x, y)
+        if how.startswith("write_rows")
+        else None
+    )  # gathered before the clock: the rows' own gather is no part of a write
     if started is not None:
         started.set()
     t0 = time.perf_counter()
-    for s in range(0, n, batch):
-        if order is None:
+    if rows is None:
+        for s in range(0, n, batch):
             w.write(0, s, x[s : s + batch], y[s : s + batch])
-        else:
-            idx = order[s : s + batch]
-            w.write_rows(0, idx, x[idx], y[idx])
+    else:
+        for idx, xb, yb in rows:
+            w.write_rows(0, idx, xb, yb)
     w.close()
     return time.perf_counter() - t0
 
@@ -171,16 +190,16 @@ def _breakdown(
 
     n = len(x)
     rows = x.reshape(n, -1).view(torch.uint8).numpy()
-    order = np.random.default_rng(seed).permutation(n)
+    # each batch's rows gathered before the clock, as write_rows gets them (_write)
+    plan = _shuffled(np.random.default_rng(seed).permutation(n), batch, rows)
     out: dict[str, float] = {}
     for name in ("ram-fresh", "ram-touched"):
         dst = np.empty_like(rows)
         if name == "ram-touched":
             dst.fill(0)
         t0 = time.perf_counter()
-        for s in range(0, n, batch):
-            idx = order[s : s + batch]
-            dst[idx] = rows[idx]
+        for idx, src in plan:
+            dst[idx] = src
         out[name] = time.perf_counter() - t0
         del dst
     lay = StoreLayout(n, 1, tuple(x.shape[1:]), "float16", chunk_samples=chunk_samples)

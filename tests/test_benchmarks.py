@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 
@@ -131,6 +132,51 @@ def test_bench_feed_times_every_write_path_and_feed(tmp_path, capsys):
     assert all(t > 0 for t in [*r["write_s"].values(), *r["feed_s"].values()])
     assert "where a row write's time goes" in out.with_suffix(".txt").read_text()
     assert list(tmp_path.glob("bench-feed-*")) == []  # its stores are removed
+
+
+def test_bench_feed_times_row_writes_without_gathering_their_rows(tmp_path, monkeypatch):
+    """A shuffled batch reaches write_rows as a training step hands it over: its rows already
+    side by side. The benchmark gathers every batch's rows before its clock starts (it timed
+    a copy of each batch, x[idx], inside the write) and so does the breakdown's RAM scatter."""
+    import types
+
+    import numpy as np
+    import torch
+
+    import store
+    from benchmarks import bench_feed
+
+    events: list[str] = []
+    real_shuffled = getattr(bench_feed, "_shuffled", None)
+    real_rows = store.StoreWriter.write_rows
+    views: list[bool] = []
+
+    def shuffled(*a, **kw):
+        events.append("gather")
+        assert real_shuffled is not None
+        return real_shuffled(*a, **kw)
+
+    def clock() -> float:
+        events.append("clock")
+        return time.perf_counter()
+
+    def write_rows(self, view, rows, x, labels=None):
+        views.append(x._base is not None)  # a slice of the batches gathered ahead, no copy
+        return real_rows(self, view, rows, x, labels)
+
+    monkeypatch.setattr(bench_feed, "_shuffled", shuffled, raising=False)
+    monkeypatch.setattr(bench_feed, "time", types.SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(store.StoreWriter, "write_rows", write_rows)
+    x = torch.arange(100 * 256, dtype=torch.float16).reshape(100, 4, 8, 8) % 1000
+    y = torch.arange(100) % 10
+    assert bench_feed._write(tmp_path / "s", x, y, "write_rows", 16, 0) >= 0
+    assert events == ["gather", "clock", "clock"]  # one gather, before the clock
+    assert views == [True] * 7
+    got = store.open(tmp_path / "s")
+    assert torch.equal(got.read(0, np.arange(100)), x)  # every row where it belongs
+    events.clear()
+    bench_feed._breakdown(tmp_path / "b", x, 16, 0, 8)
+    assert events[0] == "gather" and events.count("gather") == 1
 
 
 def test_round_order_reverses_every_other_round():
