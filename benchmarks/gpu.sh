@@ -6,19 +6,23 @@
 # back); each stage gets what is left of GPU_BUDGET_SECONDS (default 530) minus what the later
 # stages need, so the whole script ends inside the budget and keeps what it measured.
 #
-#   OUT=/tmp/out PREFAST_COMMIT=<the commit copied> bash benchmarks/gpu.sh
+#   PREFAST_COMMIT=<the commit copied> bash benchmarks/gpu.sh
 #
+# OUT is the folder whose files come back: a lent machine's tool sets it, so leave it as it is
+# there (OUT=/tmp/out ... would put the results where nothing is copied back); elsewhere set it.
 # PREFAST_COMMIT is what every result's environment records as its commit (the copy's own .git
 # is stale on a lent machine); give the full hash of the tree as copied.
 #
 # 1. the per-boundary step probe with CUDA graphs (b = 0, 14, 27, 35, 38, 39), and below the
 #    last unit the same steps writing the next cache through into each tier
 #    (PROBE_WRITE_THROUGH, default "device ram zarr"; empty: none); the scenario uses graphs
-#    only if they ran here (COMPILE=none|graphs forces a choice)
+#    if they ran at every boundary, or at those the probe reached before its time limit, and
+#    eager steps if the probe failed (COMPILE=none|graphs forces a choice)
 #                                                                          -> step-probe-gpu.json
 # 2. the 16-epoch scenario: freezeout and prefast on the device, RAM and zarr tiers in one run,
-#    with freezeout's eager steps beside them unless EAGER_BASELINE=0 (DenseNet-BC-76 k=12,
-#    synthetic CIFAR 50,000, bf16, channels_last, batch 256, t0 0.6)
+#    with freezeout's eager steps beside them (run last, the first cut by the budget) unless
+#    EAGER_BASELINE=0 (DenseNet-BC-76 k=12, synthetic CIFAR 50,000, bf16, channels_last,
+#    batch 256, t0 0.6)
 #                                                     -> compare-gpu-long.json (or .partial.json)
 # 3. the CUDA tests (graphs vs eager parity, no host sync in a step, write-through on every
 #    tier, the loader and the device tier)                                      -> pytest-gpu.txt
@@ -62,6 +66,14 @@ if [ -d .whl ] && ! python3 -c "import zarr, crc32c, tqdm" 2>/dev/null; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
+# every stage needs these: without them each would fail in turn and the script still end
+# "done", its budget spent on nothing
+if ! python3 -c "import torch, zarr, numcodecs, crc32c, tqdm" > "$OUT/environment.txt" 2>&1; then
+  echo "missing packages: carry the wheels in .whl (see this script's header)" \
+    | tee -a "$OUT/environment.txt"
+  exit 1
+fi
+[ -n "${PREFAST_COMMIT:-}" ] || echo "warning: PREFAST_COMMIT is not set; results record this copy's .git"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   nproc
@@ -80,16 +92,24 @@ if has probe; then
   echo "== 1. step probe ($(left) s left)"
   # shellcheck disable=SC2086
   WT=${PROBE_WRITE_THROUGH-device ram zarr}
-  timeout "${PROBE_TIMEOUT:-110}" python3 benchmarks/step_probe.py --device cuda \
-    --modes ${PROBE_MODES:-graphs} --boundaries ${PROBE_BOUNDARIES:-0 14 27 35 38 39} \
-    ${WT:+--write-through $WT} --store-dir /tmp \
-    --warmup 5 --steps 20 --repeats 3 --out "$W/step-probe-gpu.json" > "$W/step-probe-gpu.log" 2>&1
-  tail -14 "$W/step-probe-gpu.log"
-  if [ -z "$COMPILE" ]; then
-    # graphs where every boundary probed has a graphs row (a probe cut short has fewer)
-    COMPILE=none
-    python3 -c "import json,sys; a=json.load(open(sys.argv[1])); r=[x for x in a['rows'] if 'write_through' not in x]; b=a['config']['boundaries']; sys.exit(0 if b and {x['boundary'] for x in r if x['mode']=='graphs'}==set(b) else 1)" \
-      "$W/step-probe-gpu.json" 2>/dev/null && COMPILE=graphs
+  PT=${PROBE_TIMEOUT:-110}
+  [ "$PT" -le "$(left)" ] || PT=$(left)  # never past the deadline
+  if [ "$PT" -lt 10 ]; then
+    echo "-- skipped: ${PT} s left for it" >&2
+  else
+    timeout "$PT" python3 benchmarks/step_probe.py --device cuda \
+      --modes ${PROBE_MODES:-graphs} --boundaries ${PROBE_BOUNDARIES:-0 14 27 35 38 39} \
+      ${WT:+--write-through $WT} --store-dir /tmp \
+      --warmup 5 --steps 20 --repeats 3 --out "$W/step-probe-gpu.json" > "$W/step-probe-gpu.log" 2>&1
+    RC=$?
+    tail -14 "$W/step-probe-gpu.log"
+    if [ -z "$COMPILE" ]; then
+      # graphs where every boundary probed has a graphs row, or where the probe's time limit
+      # (exit 124) stopped it after graphs ran; none where it failed (graphs may be what
+      # failed); auto where it measured nothing
+      COMPILE=$(python3 -c "import sys; from benchmarks.step_probe import compile_choice; print(compile_choice(sys.argv[1], int(sys.argv[2])))" \
+        "$W/step-probe-gpu.json" "$RC" 2>/dev/null)
+    fi
   fi
 fi
 COMPILE=${COMPILE:-auto}

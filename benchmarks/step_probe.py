@@ -29,6 +29,7 @@ batches in flight), and the rows still queued after the last round are timed apa
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -242,6 +243,27 @@ def write_through_order(tiers: list[str], i: int) -> list[str]:
     seq = ["none", *tiers] if tiers else []
     k = i % len(seq) if seq else 0
     return seq[k:] + seq[:k]
+
+
+def compile_choice(path: str | Path, rc: int) -> str:
+    """The ``--compile`` mode for the training that follows a probe (gpu.sh) from the probe's
+    JSON at ``path`` and its exit status ``rc``: ``graphs`` where a graphs row was measured at
+    every boundary probed, or where the time limit (``timeout``'s 124) stopped the probe after
+    graphs ran (the boundaries it did not reach are untried, not failed); ``none`` where the
+    probe failed or graphs rows are missing for another reason (graphs may be what failed);
+    ``auto`` where it measured nothing to go by (no file, no rows)."""
+    try:
+        res = json.loads(Path(path).read_text())
+        rows = [r for r in res["rows"] if "write_through" not in r]
+        bounds = set(res["config"]["boundaries"] or ())
+    except (OSError, ValueError, KeyError, TypeError):
+        return "auto"
+    graphed = {r["boundary"] for r in rows if r["mode"] == "graphs"}
+    if bounds and graphed == bounds:
+        return "graphs"
+    if rc == 124:
+        return "graphs" if graphed else "auto"
+    return "none"
 
 
 def _line(r: dict[str, Any]) -> str:

@@ -464,3 +464,136 @@ def test_a_results_environment_records_the_commit_it_is_given(monkeypatch):
     env = environment("cpu")
     assert env["commit"] == "abc123" and env["commit_given"] is True
     assert env["device"]["name"].startswith("CPU: ")
+
+
+# ---- gpu.sh, dry-run on the CPU: every python3 it starts is a stand-in that records its
+# arguments and writes what the real script would (no GPU, no timing), except `python3 -c`,
+# which runs for real (the script's own checks and its choice of --compile)
+_FAKE_PYTHON = r"""#!{python}
+import json, os, subprocess, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+if args[0] == "-c":
+    if os.environ.get("FAKE_MISSING") and "crc32c" in args[1]:
+        sys.exit("ModuleNotFoundError: No module named 'zarr'")
+    sys.exit(subprocess.call([{python!r}, *args]))
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(args) + "\n")
+name = Path(args[1] if args[0] == "-m" else args[0]).stem
+out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+if name == "step_probe":
+    i = args.index("--boundaries") + 1
+    bounds = []
+    while i < len(args) and not args[i].startswith("--"):
+        bounds.append(int(args[i]))
+        i += 1
+    cut = os.environ.get("FAKE_PROBE") == "timeout"  # stopped by its time limit after b[0]
+    rows = [{{"boundary": b, "mode": "graphs"}} for b in (bounds[:1] if cut else bounds)]
+    out.write_text(json.dumps({{"config": {{"boundaries": bounds}}, "rows": rows}}))
+    sys.exit(124 if cut else 0)
+if out is not None:
+    out.write_text("{{}}")
+if name == "pytest":
+    print("1 passed")
+"""
+
+
+def _gpu_sh(tmp_path, **env):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    (bin_ / "python3").write_text(_FAKE_PYTHON.format(python=sys.executable))
+    (bin_ / "nvidia-smi").write_text(
+        "#!/bin/sh\necho 'name, memory.total'\necho 'Fake GPU, 1 MiB'\n"
+    )
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    out, log = tmp_path / "out", tmp_path / "calls.jsonl"
+    log.write_text("")
+    full_env = {
+        **os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "OUT": str(out),
+        "FAKE_LOG": str(log), "PREFAST_COMMIT": "0" * 40, "PYTHONPATH": str(repo), **env,
+    }  # fmt: skip
+    r = subprocess.run(
+        ["bash", "benchmarks/gpu.sh"], cwd=repo, env=full_env, capture_output=True, text=True
+    )
+    calls = [json.loads(x) for x in log.read_text().splitlines()]
+    return r, out, calls
+
+
+def test_gpu_sh_dry_run_runs_every_stage_and_returns_its_files(tmp_path):
+    r, out, calls = _gpu_sh(tmp_path)
+    assert r.returncode == 0, r.stderr
+    scripts = [c[1] if c[0] == "-m" else c[0].split("/")[-1] for c in calls]
+    assert scripts == ["step_probe.py", "compare.py", "epochs.py", "pytest", "bench_feed.py"]
+    scenario = calls[1]
+    # graphs ran at every boundary probed: the scenario replays graphs, eager FreezeOut beside
+    assert scenario[scenario.index("--compile") + 1] == "graphs"
+    assert "--eager-baseline" in scenario
+    got = sorted(p.name for p in out.iterdir())
+    assert got == [
+        "bench-feed-gpu.json", "compare-gpu-long.json", "environment.txt", "logs.txt",
+        "pytest-gpu.txt", "step-probe-gpu.json",
+    ]  # fmt: skip
+    assert len(got) <= 8  # what comes back from a lent machine
+    assert "commit (given): " + "0" * 40 in (out / "environment.txt").read_text()
+    assert "== done" in r.stdout
+
+
+def test_gpu_sh_probe_stopped_by_its_time_limit_still_picks_graphs(tmp_path):
+    """A probe that its timeout stopped after graphs ran (exit 124, fewer rows than boundaries)
+    tried graphs and saw them work: the scenario still replays graphs (it chose eager steps,
+    about 1.9x slower on an H200, so that the scenario outran the budget)."""
+    r, _, calls = _gpu_sh(tmp_path, FAKE_PROBE="timeout", STAGES="probe scenario")
+    assert r.returncode == 0, r.stderr
+    scenario = next(c for c in calls if c[0].endswith("compare.py"))
+    assert scenario[scenario.index("--compile") + 1] == "graphs"
+
+
+def test_gpu_sh_stops_at_once_without_its_packages(tmp_path):
+    r, out, calls = _gpu_sh(tmp_path, FAKE_MISSING="1")
+    assert r.returncode == 1 and calls == []  # no stage spent the budget failing
+    assert "carry the wheels in .whl" in (out / "environment.txt").read_text()
+    assert "carry the wheels in .whl" in r.stdout
+
+
+def test_compile_choice_reads_the_probe_and_how_it_ended(tmp_path):
+    path = tmp_path / "probe.json"
+    assert step_probe.compile_choice(path, 124) == "auto"  # nothing measured
+    rows = [{"boundary": 0, "mode": "graphs"}, {"boundary": 0, "mode": "graphs",
+            "write_through": "ram"}]  # fmt: skip
+    path.write_text(json.dumps({"config": {"boundaries": [0, 14]}, "rows": rows}))
+    assert step_probe.compile_choice(path, 124) == "graphs"  # stopped by its time limit
+    assert step_probe.compile_choice(path, 1) == "none"  # failed at b=14: graphs may have
+    rows.append({"boundary": 14, "mode": "graphs"})
+    path.write_text(json.dumps({"config": {"boundaries": [0, 14]}, "rows": rows}))
+    assert step_probe.compile_choice(path, 0) == "graphs"
+    path.write_text(json.dumps({"config": {"boundaries": [0]}, "rows": []}))
+    assert step_probe.compile_choice(path, 124) == "auto"
+
+
+def test_eager_baseline_runs_after_every_other_variant():
+    """freezeout-eager, the slowest run and a side measurement, comes last: a time limit
+    (gpu.sh's budget) cuts it rather than a cache tier."""
+    vs = compare.variants_for(
+        ("device", "ram", "zarr"), compare.torch.device("cuda"), 4, eager_baseline=True
+    )
+    assert [v.name for v in vs] == [
+        "full", "freezeout", "prefast-device", "prefast-ram", "prefast-zarr", "prefast-zarr-v4",
+        "freezeout-eager",
+    ]  # fmt: skip
+    assert vs[-1].overrides == {"mode": "freezeout", "compile": "none"}
+
+
+def test_gpu_sh_probe_starts_only_inside_the_budget(tmp_path):
+    """The probe's own time limit (110 s) was not held to the budget: with 5 s left it ran
+    anyway, past the deadline. Now no stage starts with under 10 s left."""
+    r, out, calls = _gpu_sh(tmp_path, GPU_BUDGET_SECONDS="5")
+    assert r.returncode == 0 and calls == []
+    assert r.stderr.count("-- skipped") == 4  # probe, scenario, tests, feed
+    assert (out / "environment.txt").exists()
