@@ -54,7 +54,7 @@ from prefast.freezeout import (
 )
 from prefast.models import UnitModel, create_model
 from prefast.runtime import synchronize
-from prefast.training.step import EpochMeter, StepRunner
+from prefast.training.step import WARMUP, EpochMeter, StepRunner
 
 WRITE_THROUGH_TIERS = ("device", "ram", "zarr")
 CACHE_DTYPE = "float16"  # prefast train's default --cache-dtype
@@ -213,6 +213,12 @@ def probe(
         base, _, tuned = mode.partition("+")
         if base not in ("none", "graphs", "inductor") or tuned not in ("", "tuned"):
             raise SystemExit(f"--modes: {mode!r} is not none|graphs|inductor[+tuned]")
+    if any(m.partition("+")[0] == "graphs" for m in args.modes) and args.warmup <= WARMUP:
+        # (checked on any device: the same command would time captures on CUDA)
+        raise SystemExit(
+            f"--warmup {args.warmup}: a graphs step is captured after {WARMUP} eager steps, so "
+            f"the timed rounds would include the capture; give --warmup {WARMUP + 1} or more"
+        )
     # graphs and cuDNN autotuning are CUDA's
     modes = [
         m

@@ -597,3 +597,14 @@ def test_gpu_sh_probe_starts_only_inside_the_budget(tmp_path):
     assert r.returncode == 0 and calls == []
     assert r.stderr.count("-- skipped") == 4  # probe, scenario, tests, feed
     assert (out / "environment.txt").exists()
+
+
+def test_step_probe_refuses_a_warm_up_that_would_time_the_graph_capture(tmp_path):
+    """A graphs step is captured after two eager steps: with --warmup 2 the first timed round
+    held the capture (and the eager steps before it) and reported them as steps."""
+    argv = ["--device", "cpu", "--depth", "10", "--growth", "4", "--batch-size", "4",
+            "--modes", "none", "graphs", "--warmup", "2", "--boundaries", "0",
+            "--out", str(tmp_path / "p.json")]  # fmt: skip
+    with pytest.raises(SystemExit, match="--warmup 2: a graphs step is captured after 2 eager"):
+        step_probe.main(argv)
+    assert not (tmp_path / "p.json").exists()
