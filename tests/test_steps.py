@@ -206,3 +206,46 @@ def test_compile_auto_is_eager_on_the_cpu():
                       device="cpu", progress=False)  # fmt: skip
     assert cfg.compile == "auto"
     assert Trainer(cfg).steps.mode == "none"
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_inductor_compiles_every_unit_whose_class_many_units_share(monkeypatch, caplog):
+    """The units of a model share their class's forward and each compiles for its own input
+    shape: past torch._dynamo's recompile limit (8) the later units ran eagerly, with a
+    warning, so --compile inductor timed a mostly eager step. Dynamo with its eager backend
+    (no C++ compiler, fast) hits the same limit."""
+    import logging
+
+    import torch._dynamo
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    from prefast.models import from_sequential
+
+    class Grow(nn.Module):  # a DenseNet layer in miniature: one more channel than its input
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(c, 1, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, torch.relu(self.conv(x))], 1)
+
+    cfg = torch._dynamo.config
+    monkeypatch.setattr(cfg, "recompile_limit", 8)  # torch's default; restored afterwards
+    monkeypatch.setattr(cfg, "accumulated_recompile_limit", 256)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    units = [nn.Conv2d(1, 2, 3, padding=1)] + [Grow(c) for c in range(2, 13)]  # 11 share Grow
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(13, 3))
+    model = from_sequential(units, head)
+    runner = StepRunner(model, torch.device("cpu"), "none", False, "inductor", batch_size=4)
+    h = torch.randn(4, 1, 5, 5)
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        for u in runner._units:
+            h = u(h)
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+    assert counters["frames"]["ok"] == counters["frames"]["total"] == 12  # conv, 11 shapes
+    torch._dynamo.reset()

@@ -124,6 +124,25 @@ class _Graph:
     tapped: torch.Tensor | None  # the activation at the tapped boundary (a static output)
 
 
+def allow_recompiles(n: int) -> None:
+    """Let torch.compile compile one ``forward`` up to ``n`` times (raised, never lowered; a
+    process-wide setting of ``torch._dynamo``). The units of a model share their class's
+    ``forward`` and each compiles for its own input shape (a DenseNet's layers for their
+    growing channel counts), frozen or trained: past dynamo's default of 8 the remaining units
+    silently ran eagerly."""
+    cfg = torch._dynamo.config
+    for new, old in (
+        ("recompile_limit", "cache_size_limit"),  # the names before torch 2.6
+        ("accumulated_recompile_limit", "accumulated_cache_size_limit"),
+    ):
+        name = new if hasattr(cfg, new) else old
+        if getattr(cfg, name) < n:
+            log.debug(
+                "--compile inductor: torch._dynamo.config.%s %d -> %d", name, getattr(cfg, name), n
+            )
+            setattr(cfg, name, n)
+
+
 class StepRunner:
     """Runs training steps of ``model`` with ``optimizer`` (see the module docstring). The
     trainer calls ``configure`` whenever the boundary, the frontier or the optimizer changes."""
@@ -178,6 +197,7 @@ class StepRunner:
         self._units: list[Callable[[torch.Tensor], torch.Tensor]] = list(model.units)
         self._head: Callable[[torch.Tensor], torch.Tensor] = model.head
         if compile_mode == "inductor":
+            allow_recompiles(8 * (model.num_units + 1))
             self._units = [torch.compile(u, dynamic=False) for u in model.units]
             self._head = torch.compile(model.head, dynamic=False)
 
