@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from store.errors import StoreInputError
+from store.errors import StoreInputError, check_int
 from store.order import epoch_views
 from store.protocols import ActivationSource
 from store.reader import ActivationStore
@@ -44,10 +44,11 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             raise StoreInputError(
                 f"source must be an ActivationStore, RamCache or DeviceCache, got {type(source).__name__}"
             )
-        if view is not None and not 0 <= view < source.views:
-            raise StoreInputError(f"view {view} out of range [0, {source.views})")
-        if epoch < 0:
-            raise StoreInputError(f"epoch must be >= 0, got {epoch}")
+        if view is not None:
+            view = check_int("view", view)
+            if not 0 <= view < source.views:
+                raise StoreInputError(f"view {view} out of range [0, {source.views})")
+        seed = check_int("seed", seed, 0)
         self._source: ActivationSource | None = source
         self._path = source.path if isinstance(source, ActivationStore) else None
         self._checksums = source.checksums if isinstance(source, ActivationStore) else True
@@ -64,8 +65,7 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def set_epoch(self, epoch: int) -> None:
         """With ``view=None``: read each sample's view of epoch ``epoch``."""
-        if epoch < 0:
-            raise StoreInputError(f"epoch must be >= 0, got {epoch}")
+        epoch = check_int("epoch", epoch, 0)
         self.epoch = epoch
         if self.view is None:
             self._views = epoch_views(self.num_samples, self.views, self.seed, epoch)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 
 def install_hint(extra: str) -> str:
     """How to install one of the package's extras, from PyPI or from a checkout."""
@@ -53,6 +56,24 @@ class StoreInputError(StoreError):
     """A call got a bad argument: wrong shape, dtype, count or out-of-range index."""
 
 
+def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` as an int if it is an integer (a numpy one too; not a bool, a float or a
+    str) in ``[lo, hi]`` (``lo=None``: any integer; ``hi=None``: no upper bound), else raise
+    ``StoreInputError`` naming ``name``."""
+    # bool is an int subclass; a record saying `"views": true` is damaged, not 1 view
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise StoreInputError(f"{name} must be an integer, got {value!r}")
+    n = int(value)
+    if lo is None:
+        pass
+    elif hi is None:
+        if n < lo:
+            raise StoreInputError(f"{name} must be >= {lo}, got {n}")
+    elif not lo <= n <= hi:
+        raise StoreInputError(f"{name} must be in [{lo}, {hi}], got {n}")
+    return n
+
+
 __all__ = [
     "NotAStoreError",
     "StoreCorruptError",
@@ -65,4 +86,5 @@ __all__ = [
     "StoreMismatchError",
     "StoreNotFoundError",
     "StoreWriteError",
+    "check_int",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ import crc32c
 import numpy as np
 import torch
 
-from store.errors import StoreCorruptError, StoreFormatError, StoreInputError
+from store.errors import StoreCorruptError, StoreFormatError, StoreInputError, check_int
 
 FORMAT_NAME = "prefast.activation-store"
 # 2: CRC-32C chunk checksums (1 had zlib CRC-32), label_crc, the record's checksum,
@@ -84,14 +85,6 @@ def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
         raise StoreInputError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    # bool is an int subclass; a record saying `"views": true` is damaged, not 1 view
-    if not isinstance(value, int | np.integer) or isinstance(value, bool):
-        raise StoreInputError(f"{name} must be an integer, got {value!r}")
-    if not lo <= value <= hi:
-        raise StoreInputError(f"{name} must be in [{lo}, {hi}], got {value}")
-
-
 def dimension_names(sample_ndim: int) -> tuple[str, ...]:
     """Names of a sample's axes: channel, y, x for (C, H, W) samples, else dim_0, dim_1, ..."""
     if sample_ndim == 3:
@@ -129,7 +122,7 @@ def as_shape(shape: Any) -> tuple[int, ...]:
             f"sample_shape must have 1 to {MAX_SAMPLE_DIMS} dimensions, got {shape!r}"
         )
     for d in shape:
-        _check_int("sample_shape", d, 1, MAX_DIM)
+        check_int("sample_shape", d, 1, MAX_DIM)
     return tuple(int(d) for d in shape)
 
 
@@ -147,15 +140,15 @@ class StoreLayout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sample_shape", as_shape(self.sample_shape))
-        _check_int("num_samples", self.num_samples, 1, MAX_SAMPLES)
-        _check_int("views", self.views, 1, MAX_VIEWS)
+        check_int("num_samples", self.num_samples, 1, MAX_SAMPLES)
+        check_int("views", self.views, 1, MAX_VIEWS)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
         _check_choice("codec", self.codec, CODECS)
         if self.codec is None and self.codec_level is not None:
             raise StoreInputError("codec_level is only meaningful with codec='lz4' or 'zstd'")
         if self.codec_level is not None:
-            _check_int("codec_level", self.codec_level, -(2**17), 22)
-        _check_int("chunk_samples", self.chunk_samples, 1, MAX_SAMPLES)
+            check_int("codec_level", self.codec_level, -(2**17), 22)
+        check_int("chunk_samples", self.chunk_samples, 1, MAX_SAMPLES)
         # numpy integers pass the checks; the record is JSON and holds Python ints
         for name in ("num_samples", "views", "chunk_samples", "codec_level"):
             value = getattr(self, name)
@@ -322,6 +315,8 @@ def record_checksum(d: Mapping[str, Any]) -> str:
 
 def json_meta(meta: Mapping[str, Any] | None, where: str = "") -> dict[str, Any]:
     """``meta`` as it reads back from zarr.json (tuples become lists): JSON-able or an error."""
+    if meta is not None and not isinstance(meta, Mapping):
+        raise StoreInputError(f"{where}field 'meta' must be a dict, got {meta!r}")
     try:  # key order kept: people read it (store inspect)
         out = json.loads(json.dumps(dict(meta or {})))
     except (TypeError, ValueError) as e:
@@ -340,6 +335,9 @@ def check_write(
 ) -> int:
     """Validate a ``write(view, start, x)`` against a store's or cache's shape; returns the
     batch length. Errors name the field."""
+    for name, value in (("view", view), ("start", start)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise StoreInputError(f"{where}field '{name}' must be an integer, got {value!r}")
     if not 0 <= view < views:
         raise StoreInputError(f"{where}field 'view'={view} out of range [0, {views})")
     if tuple(x.shape[1:]) != sample_shape:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from store.errors import StoreError, StoreInputError
+from store.errors import StoreError, StoreInputError, check_int
 from store.protocols import ActivationSource
 from store.sampling import Batching, ChunkStreamSampling, RandomAccessSampling, sampling_for
 from store.tiers import to_device
@@ -206,20 +206,22 @@ class StoreLoader:
         gather_workers: int | None = None,
         batches_per_copy: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise StoreInputError(f"batch_size must be >= 1, got {batch_size}")
-        if prefetch < 0:
-            raise StoreInputError(f"prefetch must be >= 0, got {prefetch}")
-        if world_size < 1 or not 0 <= rank < world_size:
+        # integers (a float, a str or a bool is refused by name, not taken as another count)
+        batch_size = check_int("batch_size", batch_size, 1)
+        prefetch = check_int("prefetch", prefetch, 0)
+        seed = check_int("seed", seed, 0)
+        world_size = check_int("world_size", world_size, 1)
+        rank = check_int("rank", rank, 0)
+        if rank >= world_size:
             raise StoreInputError(
                 f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
             )
-        if buffer_chunks < 1 or read_workers < 1:
-            raise StoreInputError("buffer_chunks and read_workers must be >= 1")
-        if gather_workers is not None and gather_workers < 1:
-            raise StoreInputError(f"gather_workers must be >= 1, got {gather_workers}")
-        if batches_per_copy is not None and batches_per_copy < 1:
-            raise StoreInputError(f"batches_per_copy must be >= 1, got {batches_per_copy}")
+        buffer_chunks = check_int("buffer_chunks", buffer_chunks, 1)
+        read_workers = check_int("read_workers", read_workers, 1)
+        if gather_workers is not None:
+            gather_workers = check_int("gather_workers", gather_workers, 1)
+        if batches_per_copy is not None:
+            batches_per_copy = check_int("batches_per_copy", batches_per_copy, 1)
         if not isinstance(source, ActivationSource):
             raise StoreInputError(
                 f"source must be an ActivationStore, RamCache or DeviceCache, got {type(source).__name__}"
@@ -265,8 +267,8 @@ class StoreLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's order; ``start_batch`` skips that many batches (mid-epoch resume),
         at most ``len(self)`` (the end of the epoch: no batches)."""
-        if epoch < 0 or start_batch < 0:
-            raise StoreInputError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
+        epoch = check_int("epoch", epoch, 0)
+        start_batch = check_int("start_batch", start_batch, 0)
         if start_batch > len(self):
             # an epoch of no batches, silently: a resume point from another batch size or rank
             # count, say

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from store.errors import StoreInputError
+from store.errors import StoreInputError, check_int
 
 # Distinct streams so the permutation and the view draw never share random numbers.
 _PERM_STREAM = 0
@@ -19,6 +19,8 @@ _CHUNK_STREAM = 2
 
 
 def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    check_int("seed", seed, 0)
+    check_int("epoch", epoch, 0)
     if seed < 0 or epoch < 0:
         raise StoreInputError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
     return np.random.default_rng([int(seed), int(epoch), stream])

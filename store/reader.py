@@ -40,6 +40,7 @@ from store.errors import (
     StoreIncompleteError,
     StoreInputError,
     StoreNotFoundError,
+    check_int,
 )
 from store.layout import (
     ACTIVATIONS,
@@ -390,6 +391,7 @@ class ActivationStore:
 
     # ---- reading ------------------------------------------------------------------------
     def _check_view(self, view: int) -> None:
+        check_int(f"{self.path}: view", view)
         if not 0 <= view < self.views:
             raise StoreInputError(f"{self.path}: view {view} out of range [0, {self.views})")
 

@@ -13,7 +13,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from store.errors import StoreInputError
+from store.errors import StoreInputError, check_int
 from store.layout import DTYPES, check_labels, check_write
 from store.reader import ActivationStore, as_tensor, check_opened, numpy_view
 
@@ -178,6 +178,7 @@ class TensorCache:
 
     # ---- reading -------------------------------------------------------------------------
     def _check(self, view: int, idx: torch.Tensor) -> None:
+        check_int("view", view)
         if not 0 <= view < self.views:
             raise StoreInputError(f"view {view} out of range [0, {self.views})")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
@@ -185,10 +186,11 @@ class TensorCache:
 
     def read(self, view: int, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Samples ``indices`` of ``view`` on this cache's device, (len, *sample_shape)."""
-        idx = torch.as_tensor(
-            np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices),
-            dtype=torch.int64,
-        )
+        raw = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        if raw.ndim != 1 or (raw.size and not np.issubdtype(raw.dtype, np.integer)):
+            # a float index would be truncated to another sample (the store refuses it too)
+            raise StoreInputError("indices must be a 1-D sequence of integers")
+        idx = torch.as_tensor(raw, dtype=torch.int64)
         self._check(view, idx)
         return self.data[view].index_select(0, idx.to(self.device))
 

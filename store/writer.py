@@ -48,6 +48,7 @@ from store.errors import (
     StoreMismatchError,
     StoreNotFoundError,
     StoreWriteError,
+    check_int,
 )
 from store.layout import (
     ACTIVATIONS,
@@ -199,14 +200,21 @@ def create(
     """
     if workers is None:  # encoding, checksums and writes release the GIL
         workers = min(8, max(2, (os.cpu_count() or 2) // 2))
+    workers = check_int("workers", workers, 1)
+    if max_pending is not None:
+        max_pending = check_int("max_pending", max_pending, 1)
 
     if overwrite and resume:
         raise StoreInputError("overwrite=True and resume=True exclude each other")
-    if world_size < 1 or not 0 <= rank < world_size:
+    world_size = check_int("world_size", world_size, 1)
+    rank = check_int("rank", rank, 0)
+    if rank >= world_size:
         raise StoreInputError(
             f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
         )
     shape = _layout.as_shape(sample_shape)
+    # before the default chunking, which computes with it
+    check_int("num_samples", num_samples, 1, _layout.MAX_SAMPLES)
     if chunk_samples is None:
         chunk_samples = default_chunk_samples(shape, dtype, max(num_samples, 1))
     layout = StoreLayout(

@@ -788,6 +788,51 @@ def test_existing_store_needs_overwrite_or_resume(tmp_path, data):
     assert (tmp_path / "other" / "notes.txt").exists()
 
 
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        # a str, a float or a bool where an integer goes: refused by name, never a TypeError
+        # from a comparison, an IndexError from numpy, nor taken as another count
+        (lambda s, p: store.create(p, sample_shape=SHAPE, num_samples="10"), "num_samples must"),
+        (lambda s, p: store.create(p, sample_shape=SHAPE, num_samples=4, rank="0"), "rank must"),
+        (lambda s, p: store.create(p, sample_shape=SHAPE, num_samples=4, world_size=2.0), "world_"),
+        (lambda s, p: store.create(p, sample_shape=SHAPE, num_samples=4, workers="2"), "workers"),
+        (lambda s, p: store.create(p, sample_shape=SHAPE, num_samples=4, workers=0), "workers"),
+        (lambda s, p: store.create(p, sample_shape=SHAPE, num_samples=4, max_pending=0), "max_pe"),
+        (lambda s, p: store.create(p, sample_shape=SHAPE, num_samples=4, meta="x"), "be a dict"),
+        (lambda s, p: store.StoreLoader(s, batch_size="5"), "batch_size must be an integer"),
+        (lambda s, p: store.StoreLoader(s, batch_size=True), "batch_size must be an integer"),
+        (lambda s, p: store.StoreLoader(s, prefetch=1.5), "prefetch must be an integer"),
+        (lambda s, p: store.StoreLoader(s, seed=1.5), "seed must be an integer"),
+        (lambda s, p: store.StoreLoader(s, rank="0"), "rank must be an integer"),
+        (lambda s, p: store.StoreLoader(s, read_workers="2"), "read_workers must be an integer"),
+        (lambda s, p: store.StoreLoader(s, batches_per_copy=2.5), "batches_per_copy must be an"),
+        (lambda s, p: store.StoreLoader(s).set_epoch("1"), "epoch must be an integer"),
+        (lambda s, p: store.ActivationDataset(s, view="1"), "view must be an integer"),
+        (lambda s, p: store.ActivationDataset(s, view=True), "view must be an integer"),
+        (lambda s, p: store.ActivationDataset(s, seed=-1, view=0), "seed must be >= 0"),
+        (lambda s, p: store.ActivationDataset(s, epoch=1.5), "epoch must be an integer"),
+        (lambda s, p: s.read("0", [1]), "view must be an integer"),
+        (lambda s, p: s.read(True, [1]), "view must be an integer"),
+        (lambda s, p: store.RamCache.from_store(s).read(0, [1.5]), "1-D sequence of integers"),
+        (lambda s, p: store.RamCache.from_store(s).read(0.0, [1]), "view must be an integer"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_input_errors_naming_them(tmp_path, data, call, match):
+    x, y = data
+    s = write_store(tmp_path / "s", x, y)
+    with pytest.raises(store.StoreInputError, match=match):
+        call(s, tmp_path / "new")
+
+
+@pytest.mark.parametrize(("view", "start"), [("0", 0), (0.0, 0), (0, "0"), (0, 1.5), (0, True)])
+def test_write_refuses_a_view_or_start_that_is_not_an_integer(tmp_path, view, start):
+    with store.create(tmp_path / "s", sample_shape=(2,), num_samples=4) as w:
+        with pytest.raises(store.StoreInputError, match="must be an integer"):
+            w.write(view=view, start=start, x=torch.zeros(2, 2), labels=torch.zeros(2).long())
+        w.write(view=0, start=0, x=torch.zeros(4, 2), labels=torch.zeros(4).long())
+
+
 @pytest.mark.parametrize("name", ["activations", "chunk_crc"])
 def test_an_overwrite_cut_short_leaves_the_store_marked_incomplete(
     tmp_path, data, monkeypatch, name
