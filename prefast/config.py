@@ -7,8 +7,9 @@ Every field carries its CLI help and group in ``metadata``; ``prefast.cli`` gene
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,9 @@ RESUMABLE_FIELDS = frozenset(
         "keep_freed_memory",
     }
 )
+
+MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed takes
+MAX_DIST_TIMEOUT = 1e9  # seconds (about 31 years): a timedelta, and c10d's milliseconds, hold it
 
 # field name -> allowed values (checked in __post_init__ and offered as CLI choices)
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -230,8 +234,10 @@ class TrainConfig:
             if f.type == "bool":  # a str such as "no" would be truthy: augment="no" augmented
                 check_bool(f.name, getattr(self, f.name))
         check_int("--val-size", self.val_size, minimum=0)
-        check_int("--seed", self.seed, minimum=0)
-        check_number("--dist-timeout", self.dist_timeout, 0.0, low_open=True)
+        # torch.manual_seed takes 64 bits: a larger seed failed in the model's build
+        check_int("--seed", self.seed, minimum=0, maximum=MAX_SEED)
+        # under torchrun it becomes a timedelta, which ends near 8.6e13 s (an OverflowError)
+        check_number("--dist-timeout", self.dist_timeout, 0.0, MAX_DIST_TIMEOUT, low_open=True)
         check_number("--base-lr", self.base_lr, 0.0, low_open=True)
         check_number("--momentum", self.momentum, 0.0, 1.0)
         check_number("--weight-decay", self.weight_decay, 0.0)
@@ -258,14 +264,35 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config fields {unknown}")
+        """The config of ``d``, a dict of fields as ``to_dict()`` makes (or a part of one:
+        missing fields take their defaults); an unknown field is a ``ConfigError``."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(
+                f"TrainConfig.from_dict: needs a dict of config fields, got {type(d).__name__}"
+            )
+        _check_field_names(d)
         return cls(**dict(d))
 
     def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``, validated as a new config; an unknown field is a
+        ``ConfigError``."""
+        _check_field_names(changes)
         return dataclasses.replace(self, **changes)
+
+
+def _check_field_names(names: Iterable[Any]) -> None:
+    """Raise ``ConfigError`` naming the entries of ``names`` that are no config field (with the
+    field each may have meant: ``epoch`` -> ``epochs``)."""
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        hints = []
+        for n in unknown:
+            close = difflib.get_close_matches(str(n), known, n=1)
+            if close:
+                hints.append(f"{n!r} -> {close[0]!r}")
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise ConfigError(f"unknown config fields {unknown}{hint}")
 
 
 def _plain(value: Any) -> Any:

@@ -60,11 +60,23 @@ def check_choice(
 
 
 def check_int(
-    what: str, value: object, minimum: int = 1, error: type[PrefastError] = ConfigError
+    what: str,
+    value: object,
+    minimum: int = 1,
+    error: type[PrefastError] = ConfigError,
+    *,
+    maximum: int | None = None,
 ) -> int:
-    """``value`` if it is an int >= ``minimum`` (bools refused), else raise ``error``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise error(f"{what}: must be an integer >= {minimum}, got {value!r}")
+    """``value`` if it is an int >= ``minimum`` (and <= ``maximum``, if given; bools
+    refused), else raise ``error``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise error(f"{what}: must be an integer {allowed}, got {value!r}")
     return value
 
 

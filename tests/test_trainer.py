@@ -1367,6 +1367,38 @@ def test_a_switch_that_is_not_a_bool_is_refused(field):
     assert getattr(tiny(**{field: False}), field) is False
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        # torch.manual_seed takes 64 bits: a larger seed was a bare ValueError ("Overflow when
+        # unpacking long long") from the model's build, a traceback from prefast train
+        ("seed", 2**64, r"--seed: must be an integer in \[0, 18446744073709551615\], got"),
+        # under torchrun a timedelta: an OverflowError traceback as the ranks joined
+        ("dist_timeout", 1e14, r"--dist-timeout: must be a finite number in \(0, 1e\+09\]"),
+    ],
+)
+def test_a_value_too_large_for_what_uses_it_is_refused_up_front(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**{field: value})
+    assert TrainConfig(seed=2**64 - 1, dist_timeout=1e9).seed == 2**64 - 1
+
+
+def test_from_dict_and_replace_refuse_what_is_no_config_field_by_name():
+    cfg = TrainConfig(epochs=3, model_args={"depth": 16})
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert TrainConfig.from_dict({"epochs": 3, "model_args": {"depth": 16}}) == cfg  # defaults
+    # replace(epoch=...) was a bare TypeError; from_dict(None) too, and from_dict of a list of
+    # pairs called each pair an unknown field
+    for call in (lambda: cfg.replace(epoch=5), lambda: TrainConfig.from_dict({"epoch": 5})):
+        with pytest.raises(ConfigError, match=r"^unknown config fields \['epoch'\] \(did you "
+                           r"mean 'epoch' -> 'epochs'\?\)$"):  # fmt: skip
+            call()
+    for bad in (None, [("epochs", 3)]):
+        with pytest.raises(ConfigError, match="from_dict: needs a dict of config fields, got"):
+            TrainConfig.from_dict(bad)
+    assert cfg.replace(epochs=5).epochs == 5
+
+
 def test_paths_given_as_path_objects_write_metrics_and_resume(tmp_path):
     """A notebook passes pathlib.Paths: the metrics' config is JSON, and --resume loads the
     checkpoint it wrote (weights_only refuses a pickled Path)."""
