@@ -428,6 +428,17 @@ def test_synthetic_default_size_and_statistics() -> None:
     assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1
 
 
+@pytest.mark.parametrize("n", [10**13, 10**30])
+def test_synthetic_data_too_large_to_allocate_is_a_data_error(n: int) -> None:
+    # prefast train --num-samples 9999999999 was a numpy MemoryError traceback (10**30: a
+    # ValueError, "Maximum allowed dimension exceeded"); 10**13 MNIST images are 7.8 PB, past
+    # any machine's address space
+    with pytest.raises(DataError, match=rf"^num_samples={n} \(--num-samples\): {n} synthetic "
+                       r"1x28x28 train images take .* GB of memory, more than this machine can "
+                       r"allocate \(.*\); ask for fewer$"):  # fmt: skip
+        load_dataset("synthetic", "train", num_samples=n, shape="mnist")
+
+
 def test_synthetic_classes_are_separable() -> None:
     # Nearest class mean on the test split must be far above chance (10 %) yet not perfect.
     train = load_dataset("synthetic", "train", num_samples=3000, seed=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from prefast.data.specs import SPLITS, DatasetSpec
+from prefast.errors import DataError
 
 _SYNTH_STREAM = 0x53_594E  # "SYN": last word of the generator seeds
 
@@ -72,8 +73,15 @@ def synthetic(
 
     split_tag = 1 + SPLITS.index(split)
     blocks = -(-num_samples // _SYNTH_BLOCK)
-    flat = np.empty((blocks * _SYNTH_BLOCK, pixels), dtype=np.uint8)
-    labels = np.empty(blocks * _SYNTH_BLOCK, dtype=np.int64)
+    try:
+        flat = np.empty((blocks * _SYNTH_BLOCK, pixels), dtype=np.uint8)
+        labels = np.empty(blocks * _SYNTH_BLOCK, dtype=np.int64)
+    except (MemoryError, ValueError) as e:  # ValueError: more elements than numpy indexes
+        raise DataError(
+            f"num_samples={num_samples} (--num-samples): {num_samples} synthetic {c}x{h}x{h} "
+            f"{split} images take {num_samples * (pixels + 8) / 1e9:.3g} GB of memory, more "
+            f"than this machine can allocate ({e}); ask for fewer"
+        ) from None
     acc = np.empty((_SYNTH_BLOCK, pixels), dtype=np.int16)  # grey levels before clipping
     offset = 128 - _SYNTH_NOISE // 2
     for b in range(blocks):
