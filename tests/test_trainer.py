@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 import store
-from prefast import CacheError, CheckpointError, ConfigError, ModelError, TrainConfig, train
+from prefast import (
+    CacheError,
+    CheckpointError,
+    ConfigError,
+    ModelError,
+    PrefastError,
+    TrainConfig,
+    train,
+)
 from prefast.cache.plan import CostModel, plan_boundaries, plan_boundary
 from prefast.cli import main
 from prefast.models import UnitModel, from_sequential, register_model, unregister_model
@@ -1399,6 +1407,31 @@ def test_from_dict_and_replace_refuse_what_is_no_config_field_by_name():
     assert cfg.replace(epochs=5).epochs == 5
 
 
+def test_a_trainer_runs_once_and_one_not_run_is_closed_to_free_its_cache_folder(tmp_path):
+    cfg = tiny(mode="prefast", epochs=2, cache="zarr", cache_dir=str(tmp_path))
+    t = Trainer(cfg)
+    result = t.run()
+    assert len(result.records) == 2 and len(result.losses) == 2 * 6  # 96 images, batch 16
+    # a second run() trained the trained model again, without its cache, and appended its
+    # records to the first run's (4 records, 24 losses)
+    with pytest.raises(PrefastError, match=r"^Trainer.run: this Trainer has run or was closed"):
+        t.run()
+    assert len(result.records) == 2
+    # a Trainer never run kept the cache folder's lock for the life of the process: every
+    # later run with its settings was refused as "another prefast run ... (pid <this one>)"
+    idle = Trainer(cfg)
+    with pytest.raises(CacheError, match=rf"this process \(pid {os.getpid()}\) is using .* "
+                       r"already: .* a Trainer made with them has neither run nor been closed"):  # fmt: skip
+        train(cfg)
+    idle.close()
+    idle.close()  # twice: fine
+    with pytest.raises(PrefastError, match="has run or was closed already"):
+        idle.run()
+    with Trainer(cfg) as t:
+        assert t.model.num_units == 9
+    assert train(cfg).summary["epochs"] == 2
+
+
 def test_paths_given_as_path_objects_write_metrics_and_resume(tmp_path):
     """A notebook passes pathlib.Paths: the metrics' config is JSON, and --resume loads the
     checkpoint it wrote (weights_only refuses a pickled Path)."""
@@ -1464,13 +1497,12 @@ def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
 def test_a_second_run_with_the_same_settings_is_refused_at_start_up(tmp_path):
     cfg = tiny(mode="prefast", cache="zarr", cache_dir=str(tmp_path / "c"))
     first = Trainer(cfg)  # holds the run folder's lock until it closes
-    try:
-        with pytest.raises(CacheError, match="another prefast run with the same settings"):
+    try:  # in this process; another one's is "another prefast run with the same settings"
+        with pytest.raises(CacheError, match=r"this process \(pid \d+\) is using .* already"):
             Trainer(cfg)
     finally:
-        assert first.cache is not None
-        first.cache.close()
-    Trainer(cfg).cache.close()  # free again once the first let go
+        first.close()
+    Trainer(cfg).close()  # free again once the first let go
 
 
 def test_cache_dir_as_a_file_url_is_the_local_folder(tmp_path):

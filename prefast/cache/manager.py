@@ -1296,6 +1296,12 @@ def _lock_run_dir(run_dir: Path) -> int:
                 f"--cache-dir: {run_dir}, the folder of a run with these settings, is being "
                 f"deleted by prefast cache remove (pid {pid}); start again when it has finished"
             ) from None
+        if e.errno in LOCK_BUSY and pid == os.getpid():
+            raise CacheError(
+                f"--cache-dir: this process (pid {pid}) is using {run_dir} already: another "
+                "run with the same settings is under way in it, or a Trainer made with them "
+                "has neither run nor been closed (Trainer.close() releases it)"
+            ) from None
         if e.errno in LOCK_BUSY:
             raise CacheError(
                 f"--cache-dir: another prefast run with the same settings is using {run_dir}"

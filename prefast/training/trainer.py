@@ -45,7 +45,13 @@ from prefast.data import (
     make_batch,
 )
 from prefast.distributed import DistContext
-from prefast.errors import CheckpointError, ConfigError, DistributedError, ModelError
+from prefast.errors import (
+    CheckpointError,
+    ConfigError,
+    DistributedError,
+    ModelError,
+    PrefastError,
+)
 from prefast.freezeout import (
     FreezeSchedule,
     ScheduleConfig,
@@ -132,10 +138,14 @@ class TrainResult:
 
 
 class Trainer:
-    """Runs one configuration; ``run()`` trains and returns a ``TrainResult``."""
+    """Runs one configuration: ``Trainer(cfg)`` loads the data, builds the model and takes the
+    cache folder's lock; ``run()`` trains, returns a ``TrainResult`` and releases what the run
+    holds. A Trainer runs once. One that is not run holds the cache folder (a second run with
+    these settings is refused) until ``close()``; ``with Trainer(cfg) as t:`` closes it."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self._closed = False
         if cfg.keep_freed_memory:
             keep_freed_memory()
         self.dist = DistContext.from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
@@ -151,12 +161,25 @@ class Trainer:
         and the process group (a process that exits without destroying it may abort). A stop
         requested with ``interrupt.request_stop`` was this run's: forgotten, so that the next
         ``train`` in the process (a notebook's re-run) does not stop at its first step."""
+        self._closed = True
         try:
             if self.cache is not None:
                 self.cache.close(failed)
         finally:
             interrupt.clear()
             self.dist.shutdown()
+
+    def close(self) -> None:
+        """Release what a Trainer that was not run holds (the cache folder's lock, a temporary
+        cache folder, the process group); ``run()`` does this itself. Closing twice is fine."""
+        if not self._closed:
+            self._close(failed=False)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _set_up(self, cfg: TrainConfig) -> None:
         """Everything the run needs before its first epoch; on failure ``__init__`` closes
@@ -284,6 +307,15 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Train (from the checkpoint with ``resume``), then release the cache folder and the
+        process group; the result's ``model`` is the trained model."""
+        if self._closed:
+            # a second run trained the trained model again without its cache, appending its
+            # epochs to the first run's records
+            raise PrefastError(
+                "Trainer.run: this Trainer has run or was closed already (a Trainer runs "
+                "once); make a new one, Trainer(cfg), or call train(cfg)"
+            )
         cfg = self.cfg
         failed = False
         metrics: MetricsSink | None = None
