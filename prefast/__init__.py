@@ -1,7 +1,11 @@
 """PreFast: FreezeOut training that precomputes frozen layers' outputs into an activation store.
 
 >>> from prefast import TrainConfig, train
->>> result = train(TrainConfig(dataset="synthetic", num_samples=512, epochs=3, mode="prefast"))
+>>> cfg = TrainConfig(dataset="synthetic", num_samples=256, model_args={"depth": 16, "growth": 8},
+...                   epochs=3, t0=0.6, mode="prefast", progress=False)
+>>> result = train(cfg)  # result.summary["final_test_error"], result.model: the trained model
+>>> len(result.records), result.summary["frozen_units"]
+(3, 9)
 
 The packages follow the data flow: ``data`` (datasets, augmentation) -> ``models`` (units and
 a head) -> ``freezeout`` (the schedule, freezing) -> ``cache`` (the frozen prefix's outputs in

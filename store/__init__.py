@@ -3,14 +3,20 @@
 A library for any project's activations: it imports no model. ``protocols`` holds the two
 contracts (``ActivationSource`` to read, ``ActivationSink`` to write); ``writer`` and ``reader``
 are the on-disk tier, ``tiers`` the in-memory ones, ``sampling`` and ``loader`` the batches,
-``tools`` the inspection functions re-exported here.
+``tools`` the inspection functions re-exported here (``store.show`` draws a sample with
+matplotlib, the ``plot`` extra).
 
+>>> import torch
 >>> import store
->>> with store.create(path, sample_shape=(84, 16, 16), num_samples=n, views=2) as w:
-...     w.write(view=0, start=0, x=batch, labels=y)
->>> s = store.open(path)
->>> for x, y in store.StoreLoader(s, batch_size=50, seed=0): ...
->>> store.stats(s).mean, store.show(s, 0).savefig("sample0.png"), store.verify(s).ok
+>>> n = 120  # samples of (84, 16, 16), two views each
+>>> with store.create("acts.zarr", sample_shape=(84, 16, 16), num_samples=n, views=2) as w:
+...     for view in range(2):  # the store is complete once every view is written
+...         w.write(view=view, start=0, x=torch.randn(n, 84, 16, 16), labels=torch.arange(n) % 10)
+>>> s = store.open("acts.zarr")
+>>> [len(y) for x, y in store.StoreLoader(s, batch_size=50, seed=0)]
+[50, 50, 20]
+>>> store.stats(s).mean.shape, store.verify(s).ok
+((84,), True)
 """
 
 from store.dataset import ActivationDataset

@@ -1,4 +1,5 @@
-"""Every command and snippet in README.md and docs/*.md runs, on tiny data.
+"""Every command and snippet in README.md and docs/*.md runs, on tiny data, and so does
+every ``>>>`` example in prefast's and store's docstrings (``test_docstring_examples_run``).
 
 The convention the docs follow (checked by ``test_fences_follow_the_convention``):
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import doctest
 import glob
 import importlib
 import io
@@ -354,6 +356,38 @@ def test_doc_runs(doc, tmp_path, monkeypatch, one_thread):
         import matplotlib.pyplot as plt
 
         plt.close("all")
+
+
+def _docstring_modules() -> list[str]:
+    """The modules of prefast and store whose source holds a ``>>>`` example."""
+    return sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for pkg in ("prefast", "store")
+        for path in (ROOT / pkg).rglob("*.py")
+        if ">>> " in path.read_text()
+    )
+
+
+@pytest.mark.parametrize("module", _docstring_modules())
+def test_docstring_examples_run(module, tmp_path, monkeypatch, one_thread):
+    """The ``>>>`` examples of every docstring in prefast and store run as written, in a
+    temporary folder, and print what they show."""
+    from prefast.models import list_models, unregister_model
+
+    monkeypatch.chdir(tmp_path)
+    models = set(list_models())
+    mod = importlib.import_module(module)
+    tests = [t for t in doctest.DocTestFinder().find(mod) if t.examples]
+    assert tests, f"{module}: a '>>> ' that doctest does not find"
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    out = io.StringIO()
+    try:
+        for t in tests:
+            runner.run(t, out=out.write)
+    finally:
+        for name in set(list_models()) - models:
+            unregister_model(name)
+    assert runner.failures == 0, out.getvalue()[-3000:]
 
 
 # ---- the convention and the tables -------------------------------------------------------------
