@@ -767,10 +767,12 @@ def test_metrics_stay_strict_json_when_the_weights_diverge(tmp_path):
     def refuse(name: str) -> None:
         raise AssertionError(f"{name} in the metrics")
 
-    (line,) = m.read_text().splitlines()
+    line, last = m.read_text().splitlines()  # epoch 0, then the failed run's closing line
     rec = json.loads(line, parse_constant=refuse)
     assert rec["epoch"] == 0 and rec["iterations"] == 1 and rec["test_loss"] is None
     assert 0 < rec["train_loss"] < 10  # finite: its step ran on finite weights
+    end = json.loads(last, parse_constant=refuse)
+    assert end["failed"] is True and end["error"].startswith("FloatingPointError: iteration 1")
 
 
 class _Crash(Exception):
