@@ -956,15 +956,35 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, capsys):
     ck = tmp_path / "ck"
     train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(ck)))
     args = ["train", "--dataset", "synthetic", "--num-samples", "96", "--depth", "16", "--growth", "8", "--epochs", "1",
-            "--batch-size", "16", "--t0", "0.5", "--mode", "freezeout", "--device", "cpu", "--no-progress", "-q",
-            "--checkpoint-dir", str(ck), "--resume"]  # fmt: skip
+            "--batch-size", "16", "--t0", "0.5", "--how-scale", "linear", "--mode", "freezeout", "--device", "cpu",
+            "--no-progress", "-q", "--eval-batch-size", "256", "--checkpoint-dir", str(ck), "--resume"]  # fmt: skip
     assert main(args) == 2
-    assert "--t0" in capsys.readouterr().err
+    assert "other settings: --t0 0.3 (now 0.5); give them as" in capsys.readouterr().err
     deeper = list(args)
     deeper[args.index("--depth") + 1] = "22"  # a model argument: named by its own flag
     assert main(deeper) == 2
     err = capsys.readouterr().err
-    assert "settings: --depth, --t0" in err and "model-args" not in err, err
+    assert "settings: --depth 16 (now 22), --t0 0.3 (now 0.5)" in err, err
+    assert "model-args" not in err, err
+
+
+def test_a_resume_refusal_names_switches_by_their_own_flags(tmp_path, capsys):
+    """A switch that differs is named by the flag the user types (--no-augment, not a bare
+    --augment, which the CLI does not have), with which side gave it; an option left out on
+    one side says so."""
+    ck = tmp_path / "ck"
+    train(tiny(mode="freezeout", epochs=1, augment=False, checkpoint_dir=str(ck)))
+    args = ["train", "--dataset", "synthetic", "--num-samples", "96", "--depth", "16", "--growth", "8",
+            "--epochs", "1", "--batch-size", "16", "--t0", "0.3", "--how-scale", "linear", "--mode",
+            "freezeout", "--device", "cpu", "--no-progress", "-q", "--eval-batch-size", "256",
+            "--checkpoint-dir", str(ck), "--resume"]  # fmt: skip
+    assert main([*args, "--no-nesterov", "--momentum", "0", "--subset", "48"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "other settings: --subset left out (now 48), --no-augment (now left out), "
+        "--momentum 0.9 (now 0.0), --no-nesterov left out (now given); give them"
+    ) in err, err
+    assert main([*args, "--no-augment"]) == 0
 
 
 def test_resume_names_a_checkpoint_of_another_version_instead_of_failing_in_it(tmp_path):

@@ -16,8 +16,10 @@ batches and compute the same losses and weights to float tolerance.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import shlex
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -632,15 +634,13 @@ class Trainer:
             raise CheckpointError(
                 f"--resume: the checkpoint at {path} was made by another version of prefast: {e}"
             ) from None
-        diff = [
-            k
-            for k, v in saved.to_dict().items()
-            if k not in RESUMABLE_FIELDS and getattr(self.cfg, k) != v
-        ]
+        diff = _differences(saved, self.cfg)
         if diff:
             raise CheckpointError(
                 f"--resume: the checkpoint at {path} was made with other settings: "
-                + ", ".join(_flags(diff, saved.model_args, self.cfg.model_args))
+                + ", ".join(diff)
+                + "; give them as the checkpoint has them, or start afresh in another "
+                "--checkpoint-dir"
             )
         self.model.load_state_dict(state["model"])
         self._agree_on_checkpoint(path, (int(state["epoch"]), state_digest(self.model)))
@@ -797,17 +797,39 @@ def train(cfg: TrainConfig) -> TrainResult:
     return Trainer(cfg).run()
 
 
-def _flags(fields: list[str], saved_args: dict[str, Any], args: dict[str, Any]) -> list[str]:
-    """The flags of config ``fields``; the model arguments' own (``--depth``, ``--growth``)
-    where ``model_args`` differ."""
+def _differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """Each setting other than a resumable one that ``cfg`` gives otherwise than the checkpoint's
+    config ``saved``: its flag and value as the checkpoint has them, then the value now
+    (``--t0 0.6 (now 0.5)``, ``--no-augment (now left out)``, ``--subset left out (now 2000)``);
+    the model arguments' own flags (``--depth``, ``--growth``) where ``model_args`` differ."""
+    defaults = TrainConfig()
     out = []
-    for k in fields:
+    for k, v in saved.to_dict().items():
+        now = getattr(cfg, k)
+        if k in RESUMABLE_FIELDS or now == v:
+            continue
         if k == "model_args":
-            keys = sorted(set(saved_args) | set(args))
-            out += [cli_flag(m) for m in keys if saved_args.get(m) != args.get(m)]
+            for m in sorted(set(v) | set(now)):
+                if v.get(m) != now.get(m):
+                    out.append(_setting(cli_flag(m), v.get(m), now.get(m)))
+        elif isinstance(getattr(defaults, k), bool):  # a switch: --no-augment, --channels-last
+            on = getattr(defaults, k) is False
+            flag = cli_flag(k) if on else "--no-" + k.replace("_", "-")
+            given = v is on
+            out.append(f"{flag} (now left out)" if given else f"{flag} left out (now given)")
         else:
-            out.append(cli_flag(k))
+            out.append(_setting(cli_flag(k), v, now))
     return out
+
+
+def _setting(flag: str, saved: Any, now: Any) -> str:
+    """``--t0 0.6 (now 0.5)``; ``left out`` for a value not given (None)."""
+
+    def shown(v: Any) -> str:
+        return shlex.quote(v) if isinstance(v, str) else json.dumps(v, default=str)
+
+    was = f"{flag} left out" if saved is None else f"{flag} {shown(saved)}"
+    return f"{was} (now {'left out' if now is None else shown(now)})"
 
 
 __all__ = ["TrainResult", "Trainer", "build_model", "check_model_fits", "train"]
