@@ -27,7 +27,9 @@ AMP = ("none", "bf16")
 BUILTIN_MODELS = ("densenet_bc", "resnet18", "resnet34", "vgg", "wrn")
 
 # Fields that may differ between a checkpoint's config and the resuming run's (none of them
-# shapes a cached value, so none is in a cache folder's run key either).
+# shapes a cached value, so none is in a cache folder's run key either). --dist-timeout and
+# --eval-batch-size shape no training step: a resume whose ranks time out checking a large
+# store needs a longer --dist-timeout, and one on a smaller GPU a smaller --eval-batch-size.
 RESUMABLE_FIELDS = frozenset(
     {
         "resume",
@@ -39,6 +41,8 @@ RESUMABLE_FIELDS = frozenset(
         "data_root",
         "download",
         "keep_freed_memory",
+        "dist_timeout",
+        "eval_batch_size",
     }
 )
 

@@ -968,6 +968,17 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, capsys):
     assert "model-args" not in err, err
 
 
+def test_a_resume_may_wait_longer_for_its_ranks_and_evaluate_in_smaller_batches(tmp_path):
+    """--dist-timeout and --eval-batch-size shape no training step: a resume whose ranks time
+    out checking a large store, or that evaluates on a smaller GPU, may change them (they were
+    refused as other settings, so such a run could not be resumed at all)."""
+    ck = tmp_path / "ck"
+    first = train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(ck)))
+    again = tiny(mode="freezeout", epochs=2, checkpoint_dir=str(ck), resume=True)
+    got = train(again.replace(dist_timeout=900.0, eval_batch_size=40))
+    assert got.records[0] == first.records[0] and len(got.records) == 2
+
+
 def test_a_resume_refusal_names_switches_by_their_own_flags(tmp_path, capsys):
     """A switch that differs is named by the flag the user types (--no-augment, not a bare
     --augment, which the CLI does not have), with which side gave it; an option left out on

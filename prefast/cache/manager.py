@@ -92,8 +92,8 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x, y, sample ids (hos
 # A tier probe (its writes, then its reads) runs for at most this share of the time the run
 # has left when it is planned (predicted with no new cache), and at most STEADY_SECONDS.
 PROBE_SHARE = 0.01
-# Settings that do not shape cached values: those a resumed run may change, and a few more.
-_NOT_IN_RUN_KEY = RESUMABLE_FIELDS | {"cache_dir", "eval_batch_size", "dist_timeout"}
+# Settings that do not shape cached values: those a resumed run may change, and the folder.
+_NOT_IN_RUN_KEY = RESUMABLE_FIELDS | {"cache_dir"}
 
 
 def _mb_per_s(rates: dict[str, float]) -> dict[str, int]:
