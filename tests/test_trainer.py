@@ -979,6 +979,42 @@ def test_a_resume_may_wait_longer_for_its_ranks_and_evaluate_in_smaller_batches(
     assert got.records[0] == first.records[0] and len(got.records) == 2
 
 
+def test_resume_names_a_model_of_ones_own_edited_since_the_checkpoint(tmp_path):
+    """A registered model whose layers changed since the checkpoint (same name and settings)
+    is refused as a CheckpointError naming the checkpoint and what differs, not a RuntimeError
+    of torch's spanning a line per tensor."""
+
+    def factory(width):
+        def build(*, num_classes, in_channels=3, image_size=32):
+            unit = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU())
+            head = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)
+            )
+            return from_sequential([unit], head, config={"name": "edited"})
+
+        return build
+
+    ck = tmp_path / "ck"
+    cfg = tiny(model="edited", model_args={}, mode="freezeout", epochs=1, checkpoint_dir=str(ck))
+    register_model("edited")(factory(8))
+    try:
+        train(cfg)
+    finally:
+        unregister_model("edited")
+    register_model("edited")(factory(16))
+    try:
+        with pytest.raises(CheckpointError) as e:
+            train(cfg.replace(epochs=2, resume=True))
+    finally:
+        unregister_model("edited")
+    assert str(e.value).startswith(
+        f"--resume: the checkpoint at {ck / 'last.pt'} holds the weights of another model than "
+        "'edited' builds now (Error(s) in loading state_dict for UnitModel: size mismatch for "
+        "units.0.0.weight: copying a param with shape torch.Size([8, 3, 3, 3]) from checkpoint"
+    ), e.value
+    assert "\n" not in str(e.value)
+
+
 def test_a_resume_refusal_names_switches_by_their_own_flags(tmp_path, capsys):
     """A switch that differs is named by the flag the user types (--no-augment, not a bare
     --augment, which the CLI does not have), with which side gave it; an option left out on

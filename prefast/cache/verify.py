@@ -46,7 +46,7 @@ from prefast.errors import CheckpointError, PrefastError
 from prefast.freezeout import freeze_prefix
 from prefast.models import create_model
 from prefast.runtime import autocast, resolve_device
-from prefast.training.checkpoint import load_checkpoint_file
+from prefast.training.checkpoint import load_checkpoint_file, state_dict_mismatch
 
 RTOL = {"float32": 1e-5, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 INCREMENTAL_FACTOR = 4.0
@@ -190,13 +190,10 @@ def verify_against_checkpoint(
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        # torch's first line only introduces the list ("Error(s) in loading state_dict
-        # for UnitModel:"); the first entry says what differs
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        first = " ".join(lines[:2])[:240]
         report.fingerprint_ok = False
         report.errors.append(
-            f"{FINGERPRINT_MISMATCH} ({ckpt} holds other weights than the store's model: {first})"
+            f"{FINGERPRINT_MISMATCH} ({ckpt} holds other weights than the store's model: "
+            f"{state_dict_mismatch(e)})"
         )
         return report
     freeze_prefix(model, b)  # the frozen prefix, as the trainer froze it

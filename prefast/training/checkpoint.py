@@ -101,6 +101,14 @@ def checkpoint_load_reason(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:160]
 
 
+def state_dict_mismatch(e: RuntimeError) -> str:
+    """What a failed ``load_state_dict`` says differs, on one line: torch's first line only
+    introduces the list (``Error(s) in loading state_dict for UnitModel:``), the first entry
+    says what differs."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:240]
+
+
 def load_checkpoint_file(
     path: Path | str, what: str, needs: tuple[str, ...] = ("config", "model")
 ) -> dict[str, Any]:
@@ -145,4 +153,5 @@ __all__ = [
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "state_dict_mismatch",
 ]

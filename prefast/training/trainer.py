@@ -77,6 +77,7 @@ from prefast.training.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    state_dict_mismatch,
 )
 from prefast.training.metrics import MetricsSink
 from prefast.training.step import EpochMeter, StepRunner
@@ -642,7 +643,14 @@ class Trainer:
                 + "; give them as the checkpoint has them, or start afresh in another "
                 "--checkpoint-dir"
             )
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:  # a model of one's own, edited since: other layers or shapes
+            raise CheckpointError(
+                f"--resume: the checkpoint at {path} holds the weights of another model than "
+                f"{self.cfg.model!r} builds now ({state_dict_mismatch(e)}); resume with the "
+                "model the run started with, or start afresh in another --checkpoint-dir"
+            ) from None
         self._agree_on_checkpoint(path, (int(state["epoch"]), state_digest(self.model)))
         self.frontier = int(state["frontier"])
         freeze_prefix(self.model, self.frontier)
