@@ -890,6 +890,42 @@ def test_resume_rebuilds_a_store_with_a_damaged_chunk(tmp_path, monkeypatch, cap
     assert store.verify(store.open(path)).ok  # rebuilt in place: a later resume reuses it
 
 
+def test_a_copied_run_folder_resumes_from_its_own_stores(tmp_path, monkeypatch, caplog):
+    """A checkpoint records where its stores were written. A copy of the --checkpoint-dir,
+    resumed to train longer, read the original's store (outside its own run folder, unlocked)
+    and deleted it as it moved on, and left the original's superseded stores alone while its
+    own copies stayed: it now reads and deletes the stores of its own run folder only."""
+    import shutil
+
+    kw = dict(mode="prefast", cache="zarr", recache_policy="every", epochs=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    _crash_in_third_epoch(monkeypatch, tiny(**kw, checkpoint_dir=str(a)))
+    state = torch.load(a / "last.pt", weights_only=True)
+    held = Path(state["cache"]["path"])  # a/cache/run-KEY/boundary-001
+    assert held.parent.parent == a / "cache"
+    # a store superseded after the checkpoint, its deletion not done yet
+    shutil.copytree(held, held.parent / "boundary-002")
+    state["cache"]["superseded"] = [str(held.parent / "boundary-002")]
+    torch.save(state, a / "last.pt")
+    shutil.copytree(a, b)
+    caplog.set_level(logging.INFO, logger="prefast")
+    got = train(tiny(**{**kw, "epochs": 5}, checkpoint_dir=str(b), resume=True))
+    mine = b / "cache" / held.parent.name
+    said = [r.getMessage() for r in caplog.records]
+    assert (
+        f"resume: reusing store {mine / 'boundary-001'} (fingerprint matches, every chunk checked)"
+        in said
+    )
+    assert f"resume: deleted superseded store {mine / 'boundary-002'}" in said
+    assert not (mine / "boundary-002").exists() and not (mine / "boundary-001").exists()
+    assert got.summary["cache_path"] == str(mine / f"boundary-{got.summary['cache_boundary']:03d}")
+    assert sorted(p.name for p in held.parent.iterdir() if p.name.startswith("boundary-")) == [
+        "boundary-001",
+        "boundary-002",
+    ]  # the original's stores, untouched
+    assert store.verify(store.open(held)).ok
+
+
 @pytest.mark.parametrize("tier", ["ram", "zarr"])
 def test_resuming_a_finished_run_reports_it_without_touching_the_cache(tmp_path, caplog, tier):
     kw = dict(mode="prefast", cache=tier, recache_policy="every", checkpoint_dir=str(tmp_path))

@@ -1101,6 +1101,7 @@ class CacheManager:
         superseded are deleted: a run killed after the checkpoint was written, before it
         deleted them, would otherwise leave them in the run folder for good."""
         self._delete_recorded_superseded(info)
+        info = {**info, "path": self._own_store_path(info)}
         if not load:
             self._recorded = info
             return
@@ -1132,6 +1133,17 @@ class CacheManager:
             cache = nxt
         self.cache = cache
 
+    def _own_store_path(self, info: dict[str, Any]) -> str | None:
+        """Where the store a checkpoint's cache ``info`` names is now: this run folder's store
+        of its boundary. The checkpoint records where it was written, which is another run
+        folder's where the --checkpoint-dir holding it was moved or copied (a copy, resumed to
+        train on, read the original's store outside its own folder, unlocked, and deleted it
+        when it moved on; a moved one rebuilt the store it had)."""
+        path = info.get("path")
+        if not path or self.run_dir is None:
+            return path or None
+        return str(store_path(self.run_dir, int(info["boundary"])))
+
     def _reusable_store(self, path: Path | str, fp: str) -> store.ActivationStore | None:
         """The checkpoint's store at ``path``, open, where it matches ``fp`` and every chunk
         passes its checksum, else None. Under torchrun rank 0 alone reads it through and the
@@ -1155,14 +1167,20 @@ class CacheManager:
         return s
 
     def _delete_recorded_superseded(self, info: dict[str, Any]) -> None:
-        """Delete the stores of this run folder that a checkpoint ``info`` lists as superseded
-        (never the one it names, nor anything outside the run folder)."""
+        """Delete the stores of this run folder that a checkpoint ``info`` lists as superseded,
+        found by their names in this run folder (the checkpoint's folder may have been moved
+        or copied since: ``_own_store_path``); never the one it names, nor anything outside
+        the run folder."""
         if self.run_dir is None or not self.dist.is_main:
             return
-        ours = {str(store_path(self.run_dir, b)) for b in range(1, self.model.num_units + 1)}
+        names = {f"{STORE_PREFIX}{b:03d}": b for b in range(1, self.model.num_units + 1)}
         for p in info.get("superseded") or ():
-            if str(p) in ours and str(p) != str(info.get("path")) and delete_store(p):
-                log.info("resume: deleted superseded store %s", p)
+            b = names.get(str(p).rstrip("/").rsplit("/", 1)[-1])  # a local path or a URL
+            if b is None or b == int(info["boundary"]):
+                continue
+            own = store_path(self.run_dir, b)
+            if delete_store(own):
+                log.info("resume: deleted superseded store %s", own)
 
     def _verified(self, s: store.ActivationStore, path: Path | str) -> bool:
         """Whether every chunk and label of the store a checkpoint names passes its checksum,
