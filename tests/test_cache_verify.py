@@ -130,6 +130,16 @@ def test_verify_checkpoint_input_errors(run, tmp_path, stores, capsys):
         assert err.startswith("prefast: error:") and needle in err and err.count("\n") == 1, err
 
     one_line([path, "--checkpoint", str(tmp_path / "none.pt")], "no checkpoint at")
+    # a run's --checkpoint-dir for the file in it: named as a folder, with the file to give
+    ck = run["ckpt"].parent
+    one_line(
+        [path, "--checkpoint", str(ck)],
+        f"{ck} is a folder, not a checkpoint file; give {ck / 'last.pt'}",
+    )
+    one_line(
+        [path, "--checkpoint", str(tmp_path)],
+        "is a folder, not a checkpoint file; a run's --checkpoint-dir holds last.pt",
+    )
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     one_line([path, "--checkpoint", str(tmp_path / "junk.pt")], "refusing")
     # a store without provenance cannot be checked against a checkpoint

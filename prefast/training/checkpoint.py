@@ -115,6 +115,14 @@ def load_checkpoint_file(
     """A training checkpoint's contents, holding at least the entries ``needs``. Loaded with
     ``weights_only=True``: tensors and plain containers only, so a crafted file cannot run code;
     anything else is refused, as is a checkpoint of another layout (``CHECKPOINT_FORMAT``)."""
+    if Path(path).is_dir():  # a run's --checkpoint-dir, given for the file it holds
+        inside = Path(path) / CHECKPOINT_NAME
+        hint = (
+            f"give {inside}"
+            if inside.is_file()
+            else f"a run's --checkpoint-dir holds {CHECKPOINT_NAME}"
+        )
+        raise CheckpointError(f"{what}: {path} is a folder, not a checkpoint file; {hint}")
     if not Path(path).is_file():
         raise CheckpointError(f"{what}: no checkpoint at {path}")
     try:
