@@ -542,3 +542,17 @@ def test_a_row_given_twice_on_the_host_keeps_its_last_sample_in_a_cuda_tier():
     cache.write_rows(0, rows, x)
     assert cache.data[0, :, 0].tolist() == [500.0, 499.0, 501.0, 502.0]
     assert bool((cache.data[0, 1] == 499.0).all())
+
+
+def test_a_checkpoints_generator_states_restore_the_cuda_draws():
+    """A checkpoint saved the CPU, numpy and Python generators only: a model's own dropout on
+    a GPU drew other masks after --resume than the run it continues."""
+    from prefast.training.checkpoint import rng_state, set_rng_state
+
+    torch.cuda.manual_seed_all(3)
+    torch.rand(5, device="cuda")
+    saved = rng_state()
+    expected = torch.rand(7, device="cuda")
+    torch.cuda.manual_seed_all(4)  # a resumed process seeds afresh
+    set_rng_state(saved)
+    assert torch.equal(torch.rand(7, device="cuda"), expected)

@@ -827,3 +827,49 @@ def test_a_run_folders_start_leaves_symlinks_alone(tmp_path):
         "boundary-005",
     ]  # the unfinished store of the run folder's own went; the links stayed
     assert store.open(elsewhere / "boundary-001", partial=True).info.layout.num_samples == 5
+
+
+def test_a_checkpoint_keeps_the_cuda_generators_where_cuda_is_in_use(monkeypatch):
+    """The CUDA generators' states are saved where CUDA is in use and restored where the
+    process sees as many devices; a CPU run saves none and restores nothing."""
+    from prefast.training import checkpoint
+
+    states = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3], dtype=torch.uint8)]
+    restored = []
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(cuda, "get_rng_state_all", lambda: list(states))
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(cuda, "set_rng_state_all", restored.append)
+    saved = checkpoint.rng_state()
+    assert saved["cuda"] == states
+    checkpoint.set_rng_state(saved)
+    assert len(restored) == 1 and all(map(torch.equal, restored[0], states))
+    monkeypatch.setattr(cuda, "device_count", lambda: 1)  # another machine: left as seeded
+    checkpoint.set_rng_state(saved)
+    assert len(restored) == 1
+    monkeypatch.setattr(cuda, "is_initialized", lambda: False)
+    assert checkpoint.rng_state()["cuda"] is None
+    checkpoint.set_rng_state({**saved, "cuda": None})
+    assert len(restored) == 1
+
+
+def test_a_checkpoint_save_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
+    """The checkpoint's bytes were flushed but not the rename: after a power cut the folder
+    could still name the previous checkpoint, or none."""
+    import stat
+
+    from prefast.training.checkpoint import save_checkpoint
+
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        mode = os.fstat(fd).st_mode
+        synced.append("folder" if stat.S_ISDIR(mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    assert synced == ["file", "folder"]

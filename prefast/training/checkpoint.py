@@ -8,6 +8,7 @@ the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -34,10 +35,13 @@ _TMP_TAG = "prefast-"  # in a temporary checkpoint's name: .last.pt.prefast-XXXX
 
 
 def rng_state() -> dict[str, Any]:
-    """The torch, numpy and Python generators' states as tensors and plain containers."""
+    """The torch (CPU, and each CUDA device's where CUDA is in use), numpy and Python
+    generators' states as tensors and plain containers."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()  # legacy MT19937 tuple
     return {
         "torch": torch.get_rng_state(),
+        # a model's own dropout on a GPU draws from the device's generator
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "numpy": {
             "name": str(name),
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
@@ -50,8 +54,13 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved."""
+    """Restore what ``rng_state`` saved (CUDA's where it was saved with as many devices as
+    this process sees; a checkpoint from a CPU run, or from before CUDA's was saved, leaves
+    them as seeded)."""
     torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
     n = state["numpy"]
     np.random.set_state(
         (
@@ -78,6 +87,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+        _sync_folder(path.parent)  # the rename too, so a power cut keeps the new checkpoint
     except BaseException as e:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: leave the previous checkpoint only
         if isinstance(e, OSError) and e.errno is not None and e.filename is None:
@@ -89,6 +99,16 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     for p in path.parent.iterdir():
         if leftover.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries to disk (where the file system lets a folder be synced)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def checkpoint_load_reason(e: BaseException) -> str:
