@@ -334,17 +334,19 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _on_signal(signum: int, frame: types.FrameType | None) -> None:
-    """The first SIGTERM or Ctrl-C asks the run to stop at its next safe point; a second one
-    stops it at once."""
+    """The first SIGTERM, SIGHUP or Ctrl-C asks the run to stop at its next safe point; a
+    second one stops it at once."""
     if interrupt.requested() is not None:
         raise interrupt.Stopped(signum)
     interrupt.request_stop(signum)
     line = "prefast: stopping at the next step (again to stop at once)"
     tqdm_std = sys.modules.get("tqdm.std")
-    if tqdm_std is not None and sys.stderr.isatty():  # above the bars, not glued to one
-        tqdm_std.tqdm.write(line, file=sys.stderr)
-    else:
-        os.write(2, (line + "\n").encode())
+    # a hung-up terminal (SIGHUP) fails the write: the stop must not fail with it
+    with contextlib.suppress(OSError, ValueError):
+        if tqdm_std is not None and sys.stderr.isatty():  # above the bars, not glued to one
+            tqdm_std.tqdm.write(line, file=sys.stderr)
+        else:
+            os.write(2, (line + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             "(list or remove run folders)"
         )
     if (
-        args.command != "train"  # verify: Ctrl-C and SIGTERM act at once, as usual
+        args.command != "train"  # verify: Ctrl-C, SIGTERM, SIGHUP act at once, as usual
         or threading.current_thread() is not threading.main_thread()  # handlers: main thread
         or int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun's agent stops its ranks itself
     ):
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     # alone: `prefast train ... &` in a shell script ignores Ctrl-C meant for the script
     previous = {
         s: signal.signal(s, _on_signal)
-        for s in (signal.SIGTERM, signal.SIGINT)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: a closed terminal
         if signal.getsignal(s) is not signal.SIG_IGN
     }
     try:

@@ -200,10 +200,14 @@ def test_a_resumed_run_follows_the_plan_the_run_made(tmp_path):
     assert got["losses"] == reference["losses"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
+)
 def test_a_signalled_run_stops_cleanly_and_removes_its_temporary_folder(tmp_path, sig):
-    """SIGTERM (kill, a scheduler's time limit) and SIGINT (Ctrl-C) stop a run as one line on
-    stderr and the signal's exit code; the temporary cache folder goes, stores and all."""
+    """SIGTERM (kill, a scheduler's time limit), SIGINT (Ctrl-C) and SIGHUP (the terminal
+    closed: an ssh session that dropped, which killed the run where it stood and left its
+    folder) stop a run as one line on stderr and the signal's exit code; the temporary cache
+    folder goes, stores and all."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
