@@ -397,16 +397,18 @@ def test_auto_policy_plans_the_cheapest_boundaries():
     small = [4000, 1000, 1000, 1000, 1000]  # read/write 1 us per sample past the images
     # one event, frontier 3: a pass costs 100 * (image + 3 ms + 1 us) = 0.31 s; it saves
     # 3.1 ms per sample still to train: not worth it for 50 samples, worth it for 500
-    assert plan_boundaries([(0, 3)], 1, sample_bytes=small, **kw) == [0]
-    assert plan_boundaries([(0, 3)], 10, sample_bytes=small, **kw) == [3]
+    assert plan_boundaries([(0, 3)], 1, sample_bytes=small, **kw).bounds == [0]
+    assert plan_boundaries([(0, 3)], 10, sample_bytes=small, **kw).bounds == [3]
     # two events: with a cheap boundary 1, caching it first and moving on later is cheapest
-    assert plan_boundaries([(0, 1), (2, 3)], 20, sample_bytes=small, **kw) == [1, 3]
+    assert plan_boundaries([(0, 1), (2, 3)], 20, sample_bytes=small, **kw).bounds == [1, 3]
     # with an expensive boundary 1 (1 ms to read or write a sample) it is skipped: the plan
     # waits for frontier 3, which a greedy look at event 0 alone would not know is coming
     big1 = [4000, 10**6, 1000, 1000, 1000]
-    assert plan_boundaries([(0, 1), (2, 3)], 20, sample_bytes=big1, **kw) == [0, 3]
+    assert plan_boundaries([(0, 1), (2, 3)], 20, sample_bytes=big1, **kw).bounds == [0, 3]
     # an existing cache is kept when moving does not pay
-    assert plan_boundaries([(5, 4)], 6, sample_bytes=small, boundary=3, tier="ram", **kw) == [3]
+    assert plan_boundaries(
+        [(5, 4)], 6, sample_bytes=small, boundary=3, tier="ram", **kw
+    ).bounds == [3]
     assert plan_boundary("every", 0, 3, (1,)) == 3
     assert plan_boundary("transitions", 0, 3, (1, 4)) == 1
     assert plan_boundary("transitions", 1, 3, (1, 4)) == 1
@@ -459,11 +461,11 @@ def test_the_pass_plan_prices_a_move_to_a_chunked_store_at_the_epochs_end():
     # frontier 3 at step 5 of epoch 0 (of 2, 10 steps each): a pass costs 100 x 3.101 ms =
     # 310.1 ms and saves 3.099 ms a sample: made now it saves 150 samples (464.9 ms), made at
     # the epoch's end only epoch 1's 100 (309.9 ms), less than the pass
-    assert plan_boundaries([(5, 3)], 20, **kw) == [3]  # a raw store: switched now
-    assert plan_boundaries([(5, 3)], 20, iters_per_epoch=10, **kw) == [3]
-    assert plan_boundaries([(5, 3)], 20, iters_per_epoch=10, chunked=chunked, **kw) == [0]
+    assert plan_boundaries([(5, 3)], 20, **kw).bounds == [3]  # a raw store: switched now
+    assert plan_boundaries([(5, 3)], 20, iters_per_epoch=10, **kw).bounds == [3]
+    assert plan_boundaries([(5, 3)], 20, iters_per_epoch=10, chunked=chunked, **kw).bounds == [0]
     # with 3 epochs the one made at epoch 0's end pays: it is asked for at the freeze
-    assert plan_boundaries([(5, 3)], 30, iters_per_epoch=10, chunked=chunked, **kw) == [3]
+    assert plan_boundaries([(5, 3)], 30, iters_per_epoch=10, chunked=chunked, **kw).bounds == [3]
     # any plan followed as the manager does costs at least what the planner's choice costs
     rng = np.random.default_rng(0)
     for _ in range(150):
@@ -481,7 +483,8 @@ def test_the_pass_plan_prices_a_move_to_a_chunked_store_at_the_epochs_end():
         events = list(zip(its, fronts, strict=True))
         k = dict(batch_size=5, num_samples=int(rng.integers(5, 60)), views=1, cost=c,
                  sample_bytes=sb, tier_of=tiers.__getitem__)  # fmt: skip
-        got = plan_boundaries(events, total, iters_per_epoch=ipe, chunked=chunked, **k)
+        priced = plan_boundaries(events, total, iters_per_epoch=ipe, chunked=chunked, **k)
+        got = priced.bounds
         sim = {**k, "tiers": tiers}
         plans: list[list[int]] = [[0]]  # every plan, after a leading 0: boundaries only grow
         for _, f in events:
@@ -489,6 +492,12 @@ def test_the_pass_plan_prices_a_move_to_a_chunked_store_at_the_epochs_end():
         plans = [p[1:] for p in plans]
         cheapest = min(_followed(p, events, total, ipe, sim, chunked) for p in plans)
         assert _followed(got, events, total, ipe, sim, chunked) == pytest.approx(cheapest)
+        # and predicts what following it costs, and what holding no cache would
+        assert priced.seconds == pytest.approx(cheapest)
+        held = [0] * len(events)
+        assert priced.baseline_seconds == pytest.approx(
+            _followed(held, events, total, ipe, sim, chunked)
+        )
 
 
 def test_write_through_plan_writes_when_the_saved_steps_pay_for_the_writes():

@@ -398,7 +398,7 @@ class CacheManager:
                 self.cost = self._measure_costs(j, frontier)
             events = self._freeze_events(j)
             tiers = self._plan_tiers(j)
-            bounds = plan_boundaries(
+            plan = plan_boundaries(
                 events,
                 self.schedule.total_iterations,
                 self.cfg.batch_size,
@@ -414,8 +414,15 @@ class CacheManager:
                 # epoch's end (_recache)
                 chunked=frozenset({"zarr"} if self._store_rows_refusal() else ()),
             )
-            self._auto_plan = {it: bb for (it, _), bb in zip(events, bounds, strict=True)}
-            log.info("iteration %d: re-caching plan (iteration: boundary) %s", j, self._auto_plan)
+            self._auto_plan = {it: bb for (it, _), bb in zip(events, plan.bounds, strict=True)}
+            log.info(
+                "iteration %d: re-caching plan (iteration: boundary) %s: predicted %.1f s for "
+                "the rest of the run against %.1f s without a new cache",
+                j,
+                self._auto_plan,
+                plan.seconds,
+                plan.baseline_seconds,
+            )
         return max(b, self._auto_plan[j])
 
     # ---- write-through: a new cache per epoch, written by the steps ----------------------------

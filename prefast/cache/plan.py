@@ -117,8 +117,9 @@ def plan_boundaries(
     tier: str | None = None,
     iters_per_epoch: int = 0,
     chunked: frozenset[str] = frozenset(),
-) -> list[int]:
-    """The cheapest boundary to hold after each freeze event, over the rest of the run.
+) -> BoundaryPlan:
+    """The cheapest boundary to hold after each freeze event, over the rest of the run, with
+    its predicted seconds and those of holding ``boundary`` throughout.
 
     ``events`` are the schedule's remaining freeze points ``(iteration, frontier)`` in order
     (known in advance: the schedule is deterministic). Between event e and the next, every
@@ -138,7 +139,7 @@ def plan_boundaries(
     makes the boundary asked for last, and a move asked for in the run's last epoch is never
     made. The plan is priced so."""
     if not events:
-        return []
+        return BoundaryPlan([], 0.0, 0.0)
     # tier_of may query free host/device memory: ask once per boundary, not per DP step
     tiers = [tier_of(b) for b in range(len(sample_bytes))]
 
@@ -183,6 +184,7 @@ def plan_boundaries(
     best: dict[_State, float] = {(boundary, boundary): 0.0}
     back: list[tuple[int | None, dict[_State, _State]]] = []
     frontier = 0
+    baseline = 0.0
     for (it, e), end in zip(points, ends, strict=True):
         nxt: dict[_State, float] = {}
         choice: dict[_State, _State] = {}
@@ -205,15 +207,30 @@ def plan_boundaries(
             if r not in step_of:
                 step_of[r] = samples * cost.step(read(r), 0.0, tier_at(r), r, max(r, frontier))
             nxt[state] += step_of[r]
+        baseline += samples * cost.step(
+            read(boundary), 0.0, tier_at(boundary), boundary, max(boundary, frontier)
+        )
         best = nxt
         back.append((e, choice))
     state = min(best, key=lambda s: (best[s], s[1]))  # a tie: the fewer moves asked for
+    seconds = best[state]
     plan: list[int] = []
     for e, choice in reversed(back):
         if e is not None:
             plan.append(state[1])
         state = choice[state]
-    return plan[::-1]
+    return BoundaryPlan(plan[::-1], seconds, baseline)
+
+
+@dataclass(frozen=True)
+class BoundaryPlan:
+    """``bounds[e]``: the boundary asked for at freeze event ``e`` (``plan_boundaries``);
+    ``seconds``: the plan's predicted time for the rest of the run, passes included;
+    ``baseline_seconds``: the same holding the cache held now throughout."""
+
+    bounds: list[int]
+    seconds: float
+    baseline_seconds: float
 
 
 @dataclass(frozen=True)
@@ -364,6 +381,7 @@ def plan_epochs(
 
 __all__ = [
     "TRAIN_FACTOR",
+    "BoundaryPlan",
     "CostModel",
     "choose_tier",
     "plan_boundaries",
