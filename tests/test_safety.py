@@ -873,3 +873,30 @@ def test_a_checkpoint_save_syncs_the_file_then_its_folder(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "fsync", fsync)
     save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
     assert synced == ["file", "folder"]
+
+
+def test_deleting_a_store_that_is_a_symlink_removes_the_link_never_its_target(tmp_path, caplog):
+    # a boundary-NNN that a user made a link to a store elsewhere (on another disk): a run
+    # superseding it renamed the link into the trash, then rmtree refused the link ("Cannot
+    # call rmtree on a symbolic link"), which stopped the run and left a trash link for good
+    from prefast.cache.identity import delete_store
+
+    run_dir = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {})
+    elsewhere = _run_folder(tmp_path / "disk2", "bbbbbbbbbbbb", {"boundary-001": True})
+    link = run_dir / "boundary-001"
+    link.symlink_to(elsewhere / "boundary-001")
+    with caplog.at_level(logging.WARNING, logger="prefast.cache.identity"):
+        assert delete_store(link) is True
+    assert sorted(p.name for p in run_dir.iterdir()) == [".prefast-run"]  # no trash link
+    assert store.open(elsewhere / "boundary-001").complete  # the target is whole
+    assert f"removed the link {link}" in caplog.text
+    assert str(elsewhere / "boundary-001") in caplog.text  # where the store still is
+    # a link to what is not a store is refused, as such a folder is; the link stays
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_bytes(b"irreplaceable")
+    (run_dir / "boundary-002").symlink_to(mine)
+    with pytest.raises(store.NotAStoreError):
+        delete_store(run_dir / "boundary-002")
+    assert (run_dir / "boundary-002").is_symlink()
+    assert (mine / "thesis.tex").read_bytes() == b"irreplaceable"

@@ -104,10 +104,21 @@ def delete_store(path: Path | str) -> bool:
     """Delete a store this run made; False where there is none (a folder that is not a store
     is refused). A local store is first renamed into its folder's trash, so a kill mid-delete
     leaves trash, which the run folder's next start clears, never a half-deleted store under
-    a store's name."""
+    a store's name. A symlink to a store (a user's link to another disk) is unlinked; what it
+    points at is never deleted, and a warning says where that store still is."""
     if not location.exists(path):
         return False
     local = location.as_local(path)
+    if local is not None and local.is_symlink() and location.is_activation_store(local):
+        target = local.resolve()
+        local.unlink()
+        log.warning(
+            "removed the link %s; the store it pointed to, %s, is left as it is (never "
+            "deleted through a link): delete it yourself if it is no longer needed",
+            local,
+            target,
+        )
+        return True
     if local is not None and location.is_activation_store(local):
         trash = local.parent / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
         os.rename(local, trash)
