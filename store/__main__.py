@@ -32,6 +32,9 @@ EXAMPLES = """examples:
 """
 
 
+NO_PROGRESS = "no progress bars (shown only where stderr is a terminal)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m store",
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "name without a suffix; a folder is refused)",
     )
     st.add_argument("--bins", type=int, default=100, help="histogram bins (default %(default)s)")
-    st.add_argument("--no-progress", dest="progress", action="store_false")
+    st.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS)
 
     sh = sub.add_parser("show", help="a PNG grid of one sample's activation maps")
     sh.add_argument("path")
@@ -88,13 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ve.add_argument("path")
     ve.add_argument("--json", action="store_true", help="print the report as JSON")
-    ve.add_argument("--no-progress", dest="progress", action="store_false")
+    ve.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS)
 
     di = sub.add_parser("diff", help="per-channel differences of store B against store A")
     di.add_argument("a")
     di.add_argument("b")
     di.add_argument("--json", action="store_true", help="print the report as JSON")
-    di.add_argument("--no-progress", dest="progress", action="store_false")
+    di.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS)
     return p
 
 
@@ -143,6 +146,12 @@ def _need_matplotlib(what: str) -> None:
         raise store.StoreInputError(str(e)) from None
 
 
+def _bars(args: argparse.Namespace) -> bool:
+    """Progress bars only where stderr is a terminal: in a log file or a pipe each redraw is
+    a carriage return around the lines that matter (as ``prefast`` does)."""
+    return bool(args.progress) and sys.stderr.isatty()
+
+
 def _finite_range(st: store.ChannelStats) -> tuple[float, float]:
     """The histogram's range: the finite values' min..max (0..1 when there are none)."""
     o = st.overall()
@@ -159,13 +168,13 @@ def _stats(args: argparse.Namespace) -> int:
     if args.out:
         _refuse_folder(args.out, "--out", "stats.json")
     s = open_complete(args.path)
-    st = store.stats(s, args.view, progress=args.progress)
+    st = store.stats(s, args.view, progress=_bars(args))
     print(format_stats(st))
     if args.out:
         Path(args.out).write_text(json.dumps(st.to_dict(), indent=2) + "\n")
         print(f"wrote {args.out}")
     if hist:
-        counts, edges = histogram(s, args.bins, _finite_range(st), args.view, args.progress)
+        counts, edges = histogram(s, args.bins, _finite_range(st), args.view, _bars(args))
         unit = s.meta.get("boundary_unit")
         title = f"{Path(s.path).name}" + (f" (after {unit})" if unit else "")
         title += f", views {list(st.views)}"
@@ -186,7 +195,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     # an incomplete store is verified too: its chunks never written are among the failures
-    r = store.verify(store.open(args.path, partial=True), progress=args.progress)
+    r = store.verify(store.open(args.path, partial=True), progress=_bars(args))
     print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
     for e in r.errors:
         print(f"error: {e}", file=sys.stderr)
@@ -194,7 +203,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    r = store.diff(open_complete(args.a), open_complete(args.b), progress=args.progress)
+    r = store.diff(open_complete(args.a), open_complete(args.b), progress=_bars(args))
     print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
     return 0 if r.identical else 1
 

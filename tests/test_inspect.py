@@ -713,3 +713,15 @@ def test_verify_with_a_checkpoint_points_to_prefast(stores, capsys):
             "error: checking a store against a checkpoint moved to "
             "'prefast verify STORE --checkpoint CK'\n"
         )
+
+
+def test_progress_bars_only_where_stderr_is_a_terminal(stores, capsys, monkeypatch):
+    # stderr redirected to a file or a pipe (2>log, a scheduler) got the bars' carriage-return
+    # redraws around the error lines; prefast train and verify already drew them on a terminal only
+    p = str(stores["f32"])
+    for args in (["verify", p], ["stats", p], ["diff", p, p]):
+        assert store_main(args) == 0
+        assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert store_main(["verify", p]) == 0
+    assert "verify chunks" in capsys.readouterr().err  # on a terminal they are drawn
