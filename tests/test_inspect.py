@@ -725,3 +725,36 @@ def test_progress_bars_only_where_stderr_is_a_terminal(stores, capsys, monkeypat
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert store_main(["verify", p]) == 0
     assert "verify chunks" in capsys.readouterr().err  # on a terminal they are drawn
+
+
+@pytest.mark.parametrize("codec", [None, "zstd"])
+def test_verify_reports_a_chunk_it_may_not_read_and_checks_the_others(
+    tmp_path, data, capsys, monkeypatch, codec
+):
+    # a chunk file the user may not read (a shared folder, chmod; root reads everything, so it
+    # is faked): a raw store's verify stopped at it with '[Errno 13] Permission denied' and no
+    # report (exit 2), a compressed one's called it a corrupt chunk that 'cannot be decoded'
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y, codec=codec)
+    chunk = path / "activations" / "c" / "1" / "4" / "0" / "0" / "0"
+    real = Path.read_bytes
+
+    def refused(self):
+        if self == chunk:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    assert store_main(["verify", str(path), "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    why = "cannot be read: Permission denied; check the file's permissions"
+    assert f"45 read, 1 BAD:\n              {chunk}: {why}" in cap.out
+    assert cap.err == f"error: unreadable chunk {chunk} (view 1, samples 32..39): {why}\n"
+    r = store.verify(store.open(path))
+    assert r.chunks_read == VIEWS * 15 and [(p.view, p.chunk) for p in r.bad_chunks] == [(1, 4)]
+    chunk = path / "labels" / "c" / "2"  # the labels too: reported, not a stop with exit 2
+    assert store_main(["verify", str(path), "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    assert f"labels      cannot be read: {chunk}: Permission denied; check the" in cap.out
+    assert cap.err.endswith(f"error: {chunk}: {why}\n")

@@ -34,6 +34,7 @@ class ChunkProblem:
     samples: tuple[int, int]  # [start, stop)
     file: str
     reason: str
+    unreadable: bool = False  # the file could not be read (permissions), not damaged
 
 
 @dataclass
@@ -125,11 +126,23 @@ def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = Fals
                     continue
                 name = s.chunk_path(ACTIVATIONS, c, v)
                 report.chunks_read += 1
+                unreadable = None
                 try:
                     good, data = s._verify_chunk(v, c)
                     reason = "checksum differs from the one recorded when it was written"
                 except StoreCorruptError as e:
+                    # a compressed chunk's read error comes wrapped, as one it cannot decode
                     good, reason = False, str(e).removeprefix(name + ": ")
+                    if isinstance(e.__cause__, OSError):
+                        unreadable = e.__cause__
+                except OSError as e:  # a raw chunk's file
+                    good, unreadable = False, e
+                if unreadable is not None:
+                    reason = f"cannot be read: {unreadable.strerror or unreadable}" + (
+                        "; check the file's permissions"
+                        if isinstance(unreadable, PermissionError)
+                        else ""
+                    )
                 if good:
                     inf, nan = count_nonfinite(data, s.dtype_name)
                     report.inf += inf
@@ -137,11 +150,13 @@ def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = Fals
                     report.nonfinite_chunks += bool(inf or nan)
                 else:
                     report.bad_chunks.append(
-                        ChunkProblem(v, c, s.layout.chunk_range(c), name, reason)
+                        ChunkProblem(
+                            v, c, s.layout.chunk_range(c), name, reason, unreadable is not None
+                        )
                     )
     for p in report.bad_chunks:
         report.errors.append(
-            f"corrupt chunk {p.file} (view {p.view}, samples {p.samples[0]}..{p.samples[1] - 1}): {p.reason}"
+            f"{'unreadable' if p.unreadable else 'corrupt'} chunk {p.file} (view {p.view}, samples {p.samples[0]}..{p.samples[1] - 1}): {p.reason}"
         )
 
 
@@ -152,6 +167,13 @@ def check_labels(s: ActivationStore, report: VerifyReport) -> None:
     except StoreCorruptError as e:
         report.labels_unreadable = str(e)
         report.errors.append(str(e))
+        return
+    except OSError as e:  # a label chunk's file the user may not read
+        why = f"{e.strerror or e}" + (
+            "; check the file's permissions" if isinstance(e, PermissionError) else ""
+        )
+        report.labels_unreadable = f"{e.filename}: {why}"
+        report.errors.append(f"{e.filename}: cannot be read: {why}")
         return
     for c in bad:
         p = ChunkProblem(
