@@ -220,3 +220,49 @@ def test_verify_text_counts_the_values_that_are_not_finite(run, tmp_path, capsys
         ["verify", str(run["store"]), "--checkpoint", str(run["ckpt"]), "--no-progress"]
     )
     assert rc == 0 and "values" not in capsys.readouterr().out
+
+
+def test_verify_json_is_strict_where_a_relative_error_is_not_finite(run, tmp_path, capsys):
+    # a sample holding inf or NaN has an infinite or NaN relative error: --json printed them as
+    # Infinity and NaN, which strict JSON readers (jq, JSON.parse) refuse; they are null now
+    import json
+
+    s = store.open(run["store"])
+    idx = torch.arange(s.num_samples)
+    x = torch.stack([s.read(v, idx) for v in range(s.views)])
+    x[0, 5, 0, 0, 0] = float("inf")
+    x[1, 7, 1, 1, 1] = float("nan")
+    write_store(tmp_path / "s", x, s.labels, meta=dict(s.meta), chunk=s.layout.chunk_samples)
+    args = ["verify", str(tmp_path / "s"), "--checkpoint", str(run["ckpt"]), "--no-progress"]
+    assert prefast_main([*args, "--json", "--samples", str(s.num_samples)]) == 1
+
+    def refused(name):
+        raise AssertionError(f"not strict JSON: {name}")
+
+    d = json.loads(capsys.readouterr().out, parse_constant=refused)
+    rel = {(c["view"], c["sample"]): c["rel_error"] for c in d["samples"]}
+    assert rel[(0, 5)] is None and rel[(1, 7)] is None and d["max_rel_error"] is None
+    assert rel[(0, 6)] <= d["tolerance"] and not d["ok"] and d["within_tolerance"] is False
+
+
+def test_a_chunk_it_may_not_read_is_reported_not_a_stop(run, tmp_path, capsys, monkeypatch):
+    # a raw chunk file the user may not read (faked: root reads everything) stopped prefast
+    # verify with '[Errno 13] Permission denied' and no report; view 0 is still recomputed
+    import os
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run["store"], copy)
+    chunk = copy / "activations" / "c" / "1" / "0" / "0" / "0" / "0"  # view 1's only chunk
+    real_open, real_read = os.open, Path.read_bytes
+
+    def refused(f):
+        if Path(f) == chunk:
+            raise PermissionError(13, "Permission denied", str(f))
+
+    monkeypatch.setattr(os, "open", lambda f, *a, **k: refused(f) or real_open(f, *a, **k))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: refused(self) or real_read(self))
+    args = ["verify", str(copy), "--checkpoint", str(run["ckpt"]), "--no-progress"]
+    assert prefast_main(args) == 1
+    cap = capsys.readouterr()
+    assert "recomputed  16 samples x 1 view(s)" in cap.out and "result      FAILED" in cap.out
+    assert f"prefast: unreadable chunk {chunk} (view 1, samples 0..95): cannot be read" in cap.err

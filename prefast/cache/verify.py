@@ -93,8 +93,13 @@ class CheckpointReport:
         return self.max_rel_error <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able; a relative error that is not finite (a value is inf or NaN) is None, as
+        strict JSON has no Infinity or NaN."""
         d = asdict(self)
         d["chunks"] = self.chunks.to_dict() if self.chunks is not None else None
+        for c in d["samples"]:
+            c["rel_error"] = _finite(c["rel_error"])
+        d["max_rel_error"] = _finite(d["max_rel_error"])
         d["ok"] = self.ok
         d["within_tolerance"] = self.within_tolerance
         return d
@@ -141,6 +146,10 @@ class CheckpointReport:
             )
         lines.append("result      " + ("OK" if self.ok else "FAILED"))
         return "\n".join(lines)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and np.isfinite(x) else None
 
 
 def verify_against_checkpoint(
@@ -227,7 +236,8 @@ def verify_against_checkpoint(
     augment = Augment.from_spec(train.spec, cfg.augment)
     tiny = float(np.finfo(np.float32).tiny)
     # a bad chunk is in report.chunks already: what is stored is compared unchecked, and the
-    # samples of a chunk that cannot be read at all (missing, truncated, undecodable) skipped
+    # samples of a chunk that cannot be read at all (missing, truncated, undecodable, refused)
+    # skipped
     unchecked = store.open(s.path, partial=True, checksums=False)
     for v in range(s.views):
         parts = []
@@ -235,7 +245,7 @@ def verify_against_checkpoint(
             rows = idx[idx // s.chunk_samples == c]
             try:
                 parts.append((rows, unchecked.read(v, rows).float()))
-            except store.StoreCorruptError:
+            except (store.StoreCorruptError, OSError):  # OSError: a file it may not read
                 continue
         if not parts:
             continue
