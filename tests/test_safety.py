@@ -900,3 +900,19 @@ def test_deleting_a_store_that_is_a_symlink_removes_the_link_never_its_target(tm
         delete_store(run_dir / "boundary-002")
     assert (run_dir / "boundary-002").is_symlink()
     assert (mine / "thesis.tex").read_bytes() == b"irreplaceable"
+
+
+def test_cache_list_and_remove_say_what_a_path_is_that_is_no_cache_folder(tmp_path, capsys):
+    # a file was 'no such folder'; a store (the path a run prints) listed '0 run folder(s)'
+    run_dir = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {"boundary-003": True})
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for cmd in ("list", "remove"):
+        assert main(["cache", cmd, str(notes)]) == 2
+        assert capsys.readouterr().err == f"prefast: error: {notes}: a file, not a folder\n"
+    assert main(["cache", "list", str(run_dir / "boundary-003")]) == 2
+    assert capsys.readouterr().err == (
+        f"prefast: error: {run_dir / 'boundary-003'}: an activation store, not a cache folder; "
+        f"its run folder: prefast cache list {run_dir}\n"
+    )
+    assert notes.read_text() == "mine" and store.open(run_dir / "boundary-003").complete

@@ -184,7 +184,9 @@ def _local_folder(path: str | Path, what: str) -> Path:
     if local is None:
         raise CacheError(f"{path}: prefast cache {what} works on local folders only")
     if not local.is_dir():
-        raise CacheError(f"{path}: no such folder")
+        raise CacheError(
+            f"{path}: {'a file, not a folder' if local.exists() else 'no such folder'}"
+        )
     return local
 
 
@@ -192,6 +194,14 @@ def list_run_folders(path: str | Path) -> list[RunFolder]:
     """The run folders in cache folder ``path`` (``path`` itself where it is one), newest
     first."""
     local = _local_folder(path, "list")
+    if location.is_activation_store(local):  # the path a run prints at its end
+        parent = local.absolute().parent
+        where = (
+            f"its run folder: prefast cache list {parent}"
+            if _is_run_folder(parent)
+            else "give the cache folder it is in"
+        )
+        raise CacheError(f"{path}: an activation store, not a cache folder; {where}")
     found = [local] if _is_run_folder(local) else [p for p in local.iterdir() if _is_run_folder(p)]
     return sorted((_described(p) for p in found), key=lambda r: r.modified, reverse=True)
 
