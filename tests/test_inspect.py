@@ -758,3 +758,58 @@ def test_verify_reports_a_chunk_it_may_not_read_and_checks_the_others(
     cap = capsys.readouterr()
     assert f"labels      cannot be read: {chunk}: Permission denied; check the" in cap.out
     assert cap.err.endswith(f"error: {chunk}: {why}\n")
+
+
+def _json_keys_documented() -> dict[str, set[str]]:
+    """docs/inspecting.md's 'JSON output' list: the command of each entry and the keys named."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "inspecting.md").read_text()
+    section = text.split("## JSON output", 1)[1].split("\n## ", 1)[0]
+    entries = re.findall(r"^\* `([^`]+)`: (.*?)(?=^\* |\Z)", section, re.M | re.S)
+    return {cmd: set(re.findall(r"`([a-z_]+)`", keys)) for cmd, keys in entries}
+
+
+def _keys(d: dict) -> set[str]:
+    """Every key of ``d`` and of the dicts in it (a list's first), but for ``meta`` (what the
+    writer recorded) and ``chunks`` (the nested report of verify, documented on its own)."""
+    out = set(d)
+    for k, v in d.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            v = v[0]
+        if isinstance(v, dict) and k not in ("meta", "chunks"):
+            out |= _keys(v)
+    return out
+
+
+def test_json_keys_are_those_the_docs_list(tmp_path, data, stores, capsys):
+    # the keys of the --json outputs were documented nowhere
+    from prefast.cache.folders import list_run_folders
+    from prefast.cache.identity import RUN_MARKER
+    from prefast.cache.verify import CheckpointReport, SampleCheck
+
+    documented = _json_keys_documented()
+    p = str(stores["f32"])
+    found: dict[str, dict] = {}
+    assert store_main(["inspect", p, "--json"]) == 0
+    found["python -m store inspect --json"] = json.loads(capsys.readouterr().out)
+    assert store_main(["stats", p, "--out", str(tmp_path / "s.json")]) == 0
+    found["python -m store stats --out"] = json.loads((tmp_path / "s.json").read_text())
+    capsys.readouterr()
+    x, y = data
+    run_dir = tmp_path / "cache" / "run-aaaaaaaaaaaa"
+    write_store(run_dir / "boundary-001", x, y)
+    (run_dir / RUN_MARKER).touch()
+    chunk = run_dir / "boundary-001" / "activations" / "c" / "0" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[::-1])  # a bad chunk: its entry's keys
+    assert store_main(["verify", str(run_dir / "boundary-001"), "--json"]) == 1
+    found["python -m store verify --json"] = json.loads(capsys.readouterr().out)
+    assert store_main(["diff", p, str(stores["f16"]), "--json"]) == 1
+    found["python -m store diff --json"] = json.loads(capsys.readouterr().out)
+    report = CheckpointReport("s", "last.pt", samples=[SampleCheck(0, 3, 1e-4)])
+    found["prefast verify --json"] = report.to_dict()
+    found["prefast cache list --json"] = list_run_folders(tmp_path / "cache")[0].to_dict()
+    capsys.readouterr()
+    assert set(documented) == set(found)
+    for cmd, d in found.items():
+        assert documented[cmd] == _keys(d), cmd
