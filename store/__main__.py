@@ -184,6 +184,8 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    if args.dpi < 1:
+        raise store.StoreInputError(f"--dpi must be >= 1, got {args.dpi}")
     out = _figure_path(args.out, "-o", f"sample{args.sample}.png")
     _need_matplotlib("show")
     s = open_complete(args.path)

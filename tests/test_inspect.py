@@ -813,3 +813,15 @@ def test_json_keys_are_those_the_docs_list(tmp_path, data, stores, capsys):
     assert set(documented) == set(found)
     for cmd, d in found.items():
         assert documented[cmd] == _keys(d), cmd
+
+
+def test_show_refuses_a_dpi_below_1_before_any_work(tmp_path, stores, capsys, monkeypatch):
+    # matplotlib refused it after the store was read and the figure drawn: '-o x.png: dpi
+    # must be positive'
+    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    for dpi in ("0", "-5"):
+        out = str(tmp_path / "x.png")
+        assert (
+            store_main(["show", str(stores["f32"]), "--sample", "0", "--dpi", dpi, "-o", out]) == 2
+        )
+        assert capsys.readouterr().err == f"error: --dpi must be >= 1, got {dpi}\n"
