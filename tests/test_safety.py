@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import types
 from pathlib import Path
 
@@ -915,4 +916,29 @@ def test_cache_list_and_remove_say_what_a_path_is_that_is_no_cache_folder(tmp_pa
         f"prefast: error: {run_dir / 'boundary-003'}: an activation store, not a cache folder; "
         f"its run folder: prefast cache list {run_dir}\n"
     )
+    assert notes.read_text() == "mine" and store.open(run_dir / "boundary-003").complete
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_left_whole(tmp_path, capsys):
+    """A run, prefast cache list and cache remove opened the run folder's .prefast-lock
+    through a link of that name, and a run or remove emptied the file it points to and wrote
+    its pid there."""
+    from prefast.cache.identity import LOCK_NAME
+
+    cache = tmp_path / "cache"
+    run_dir = _run_folder(cache, "aaaaaaaaaaaa", {"boundary-003": True})
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    (run_dir / LOCK_NAME).symlink_to(notes)
+    said = f"{run_dir / LOCK_NAME} is a link, not prefast's lock file; remove it"
+    for cmd in ("list", "remove"):
+        assert main(["cache", cmd, str(cache if cmd == "list" else run_dir)]) == 2
+        assert capsys.readouterr().err == f"prefast: error: {said}\n"
+    manager = Trainer(TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache)))
+    real = Path(manager.cache.run_dir)
+    manager.close()  # the unused run folder goes
+    real.mkdir()
+    (real / LOCK_NAME).symlink_to(notes)
+    with pytest.raises(CacheError, match=re.escape(said.replace(str(run_dir), str(real)))):
+        Trainer(TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache)))
     assert notes.read_text() == "mine" and store.open(run_dir / "boundary-003").complete

@@ -10,6 +10,7 @@ free, and stays taken while the folder goes).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -121,11 +122,25 @@ def lock_holder(fd: int) -> tuple[int, bool]:
     return 0, False
 
 
+def open_lock_file(run_dir: Path, create: bool) -> int:
+    """Open ``run_dir``'s lock file (read-write, made where missing, with ``create``; else
+    read-only). Never through a link: the holder's pid is written into it, which would empty
+    and overwrite the file a link of that name points to."""
+    path = run_dir / LOCK_NAME
+    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CacheError(f"{path} is a link, not prefast's lock file; remove it") from None
+        raise
+
+
 def _user(run_dir: Path) -> tuple[int | None, bool]:
     """The pid of the process holding ``run_dir``'s lock (0 where it does not say; None if
     free), and whether that is ``prefast cache remove``."""
     try:
-        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+        fd = open_lock_file(run_dir, create=False)
     except FileNotFoundError:
         return None, False
     try:
@@ -327,7 +342,7 @@ def remove_run_folder(path: str | Path) -> list[str]:
     folder; the names left are returned."""
     info = check_removable(path)
     run_dir = info.path
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(run_dir, create=True)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -360,6 +375,7 @@ __all__ = [
     "iso_time",
     "list_run_folders",
     "lock_holder",
+    "open_lock_file",
     "remove_if_unused",
     "remove_run_folder",
     "unique",

@@ -41,6 +41,7 @@ from prefast.cache.folders import (
     clear_leftovers,
     entry_sizes,
     lock_holder,
+    open_lock_file,
     remove_if_unused,
     write_lock_holder,
 )
@@ -1297,7 +1298,7 @@ def _lock_run_dir(run_dir: Path) -> int:
     drops it when the process dies). Raises CacheError naming the holder when taken."""
     path = run_dir / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(run_dir, create=True)
     except OSError as e:
         raise CacheError(f"--cache-dir: cannot write {path}: {e.strerror or e}") from None
     try:
