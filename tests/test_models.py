@@ -789,3 +789,29 @@ def test_docs_models_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
         if "my_net" in list_models():
             unregister_model("my_net")
     assert capsys.readouterr().out.strip().endswith("(1, 3)")
+
+
+def test_a_cache_fingerprint_is_the_same_with_sync_batch_norm() -> None:
+    """--sync-bn turns every BatchNorm into SyncBatchNorm under torchrun; in eval mode (as a
+    frozen unit runs) both compute the same. The fingerprint named the class, so prefast verify,
+    which rebuilds the model with BatchNorm2d, reported every store of a --sync-bn run as
+    written by another model."""
+    from prefast.cache.identity import fingerprint
+
+    data, cache = {"dataset": "synthetic", "samples": 117}, {"dtype": "float32", "views": 1}
+
+    def model() -> UnitModel:
+        units, head = _seq_parts()  # units[0] holds a BatchNorm2d
+        return from_sequential(units, head, cut_points=[1, 2])
+
+    plain = model()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model())
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    assert fingerprint(synced, 2, data, cache) == fingerprint(plain, 2, data, cache)
+    x = torch.randn(3, 1, 8, 8)
+    plain.eval()
+    synced.eval()
+    torch.testing.assert_close(synced.units[0](x), plain.units[0](x))
+    wider = model()
+    wider.units[0][1].eps = 1e-3  # another setting still tells them apart
+    assert fingerprint(wider, 2, data, cache) != fingerprint(plain, 2, data, cache)

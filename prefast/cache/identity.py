@@ -47,11 +47,29 @@ def state_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# the batch norms that compute one function in eval mode (running statistics), as frozen units
+# run: --sync-bn turns a model's BatchNorm2d into SyncBatchNorm under torchrun, and a store it
+# wrote must keep the fingerprint of the model `prefast verify` rebuilds
+_BATCH_NORMS = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+)
+
+
 def layers(unit: torch.nn.Module) -> list[list[str]]:
     """Each layer of ``unit``: its name, class and settings (``extra_repr``), which shape its
-    output beside the weights (a ReLU swapped for a GELU has no weights to tell them apart)."""
+    output beside the weights (a ReLU swapped for a GELU has no weights to tell them apart).
+    The batch norms are one class here (``_BATCH_NORMS``)."""
     return [
-        [name, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr()]
+        [
+            name,
+            "torch.nn.BatchNorm"
+            if type(m) in _BATCH_NORMS
+            else f"{type(m).__module__}.{type(m).__qualname__}",
+            m.extra_repr(),
+        ]
         for name, m in unit.named_modules()
     ]
 
