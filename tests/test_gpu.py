@@ -551,8 +551,8 @@ def test_a_checkpoints_generator_states_restore_the_cuda_draws():
 
     torch.cuda.manual_seed_all(3)
     torch.rand(5, device="cuda")
-    saved = rng_state()
+    saved = rng_state(torch.device("cuda"))
     expected = torch.rand(7, device="cuda")
     torch.cuda.manual_seed_all(4)  # a resumed process seeds afresh
-    set_rng_state(saved)
+    set_rng_state(saved, torch.device("cuda"))
     assert torch.equal(torch.rand(7, device="cuda"), expected)

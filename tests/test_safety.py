@@ -831,29 +831,39 @@ def test_a_run_folders_start_leaves_symlinks_alone(tmp_path):
 
 
 def test_a_checkpoint_keeps_the_cuda_generators_where_cuda_is_in_use(monkeypatch):
-    """The CUDA generators' states are saved where CUDA is in use and restored where the
-    process sees as many devices; a CPU run saves none and restores nothing."""
+    """The generator of the CUDA device a run trains on is saved, and restored into the device
+    the resumed process trains on. Under torchrun rank 0 saved every visible device's, and
+    each rank restored them by index: rank 1's GPU got the state rank 0's process had left on
+    cuda:1 (as seeded, unused), not its own draws', so rank 1's dropout after --resume drew
+    other masks than the run it continues. A CPU run saves none and restores nothing."""
     from prefast.training import checkpoint
 
-    states = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3], dtype=torch.uint8)]
-    restored = []
+    gens = {0: torch.tensor([1, 2], dtype=torch.uint8), 1: torch.tensor([0], dtype=torch.uint8)}
     cuda = torch.cuda
     monkeypatch.setattr(cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(cuda, "get_rng_state_all", lambda: list(states))
     monkeypatch.setattr(cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(cuda, "set_rng_state_all", restored.append)
-    saved = checkpoint.rng_state()
-    assert saved["cuda"] == states
-    checkpoint.set_rng_state(saved)
-    assert len(restored) == 1 and all(map(torch.equal, restored[0], states))
-    monkeypatch.setattr(cuda, "device_count", lambda: 1)  # another machine: left as seeded
-    checkpoint.set_rng_state(saved)
-    assert len(restored) == 1
-    monkeypatch.setattr(cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(cuda, "get_rng_state_all", lambda: [gens[0], gens[1]])
+    monkeypatch.setattr(cuda, "get_rng_state", lambda device="cuda": gens[device.index])
+
+    def set_all(states):
+        gens[0], gens[1] = states
+
+    def set_one(state, device="cuda"):
+        gens[device.index] = state
+
+    monkeypatch.setattr(cuda, "set_rng_state_all", set_all)
+    monkeypatch.setattr(cuda, "set_rng_state", set_one)
+    saved = checkpoint.rng_state(torch.device("cuda", 0))  # rank 0, its draws on cuda:0
+    assert torch.equal(saved["cuda"], torch.tensor([1, 2], dtype=torch.uint8))
+    gens.update({0: torch.tensor([9], dtype=torch.uint8), 1: torch.tensor([9], dtype=torch.uint8)})
+    checkpoint.set_rng_state(saved, torch.device("cuda", 1))  # rank 1, resumed
+    assert gens[1].tolist() == [1, 2] and gens[0].tolist() == [9]
+    checkpoint.set_rng_state(saved, torch.device("cpu"))  # a resume on the CPU: nothing
+    checkpoint.set_rng_state({**saved, "cuda": None}, torch.device("cuda", 0))  # a CPU run's
+    assert gens[0].tolist() == [9] and gens[1].tolist() == [1, 2]
+    assert checkpoint.rng_state(torch.device("cpu"))["cuda"] is None
     assert checkpoint.rng_state()["cuda"] is None
-    checkpoint.set_rng_state({**saved, "cuda": None})
-    assert len(restored) == 1
 
 
 def test_a_checkpoint_save_syncs_the_file_then_its_folder(tmp_path, monkeypatch):

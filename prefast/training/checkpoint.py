@@ -34,14 +34,17 @@ RESUME_ENTRIES = (
 _TMP_TAG = "prefast-"  # in a temporary checkpoint's name: .last.pt.prefast-XXXXXXXX.tmp
 
 
-def rng_state() -> dict[str, Any]:
-    """The torch (CPU, and each CUDA device's where CUDA is in use), numpy and Python
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The torch (CPU, and the CUDA ``device``'s the run trains on), numpy and Python
     generators' states as tensors and plain containers."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()  # legacy MT19937 tuple
     return {
         "torch": torch.get_rng_state(),
-        # a model's own dropout on a GPU draws from the device's generator
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        # a model's own dropout on a GPU draws from its device's generator; under torchrun
+        # rank 0 saves its own device's, which every rank's equals (one seed, the same draws)
+        "cuda": torch.cuda.get_rng_state(device)
+        if device is not None and device.type == "cuda"
+        else None,
         "numpy": {
             "name": str(name),
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
@@ -53,14 +56,18 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved (CUDA's where it was saved with as many devices as
-    this process sees; a checkpoint from a CPU run, or from before CUDA's was saved, leaves
-    them as seeded)."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` saved; the CUDA generator's state goes to ``device``, the
+    one this process trains on (under torchrun each rank's own GPU). A checkpoint from a CPU
+    run, or from before CUDA's was saved, leaves it as seeded."""
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+    if device is not None and device.type == "cuda":
+        if isinstance(cuda, torch.Tensor):
+            torch.cuda.set_rng_state(cuda.cpu(), device)
+        elif cuda and len(cuda) == torch.cuda.device_count():
+            # saved as every visible device's (one single-process layout of this version)
+            torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
     n = state["numpy"]
     np.random.set_state(
         (

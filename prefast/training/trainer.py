@@ -612,7 +612,7 @@ class Trainer:
                     "cache_seconds": self.cache.seconds if self.cache is not None else 0.0,
                     "records": self.result.records,
                     "losses": self.result.losses,
-                    "rng": rng_state(),
+                    "rng": rng_state(self.device),
                 },
             )
         if self.cache is not None:
@@ -665,7 +665,7 @@ class Trainer:
             )
         self.result.records = list(state["records"])
         self.result.losses = list(state["losses"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)
         if self.cache is not None:
             self.cache.seconds = float(state.get("cache_seconds", 0.0))
             if state["cache"] is not None:
