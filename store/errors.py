@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
+import operator
 from typing import Any
 
 
@@ -57,13 +57,18 @@ class StoreInputError(StoreError):
 
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` as an int if it is an integer (a numpy one too; not a bool, a float or a
-    str) in ``[lo, hi]`` (``lo=None``: any integer; ``hi=None``: no upper bound), else raise
-    ``StoreInputError`` naming ``name``."""
-    # bool is an int subclass; a record saying `"views": true` is damaged, not 1 view
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    """``value`` as an int if it is an integer (a numpy one, or a 0-d integer tensor or
+    array, too; not a bool, a float or a str) in ``[lo, hi]`` (``lo=None``: any integer;
+    ``hi=None``: no upper bound), else raise ``StoreInputError`` naming ``name``."""
+    # bool is an int subclass; a record saying `"views": true` is damaged, not 1 view. A
+    # 1-element tensor or array has an index too, but is a list of indices, not one
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, bool) or getattr(value, "ndim", 0) != 0 or "bool" in str(dtype):
         raise StoreInputError(f"{name} must be an integer, got {value!r}")
-    n = int(value)
+    try:
+        n = operator.index(value)  # cheap: on the step path of write-through
+    except TypeError:
+        raise StoreInputError(f"{name} must be an integer, got {value!r}") from None
     if lo is None:
         pass
     elif hi is None:

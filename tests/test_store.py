@@ -825,6 +825,26 @@ def test_arguments_of_the_wrong_type_are_input_errors_naming_them(tmp_path, data
         call(s, tmp_path / "new")
 
 
+def test_integer_arguments_may_be_numpy_integers_or_0_d_tensors(tmp_path, data):
+    """0-d integer tensors (what indexing a tensor gives) were taken as integers; the
+    check that refuses floats and strings refused them too. Booleans and 1-element tensors
+    stay refused."""
+    x, y = data
+    s = write_store(tmp_path / "s", x, y)
+    one, np_one = torch.tensor(1), np.int64(1)
+    assert len(store.StoreLoader(s, batch_size=torch.tensor(5))) == len(
+        store.StoreLoader(s, batch_size=5)
+    )
+    second = store.ActivationDataset(s, view=1)[0][0]
+    assert store.ActivationDataset(s, view=one)[0][0].equal(second)
+    assert store.ActivationDataset(s, view=np_one)[0][0].equal(second)
+    ram = store.RamCache.from_store(s)
+    assert ram.read(one, [0])[0].equal(ram.read(1, [0])[0])
+    for bad in (torch.tensor(True), torch.tensor([1]), np.array([1]), np.True_):
+        with pytest.raises(store.StoreInputError, match="view must be an integer"):
+            store.ActivationDataset(s, view=bad)
+
+
 @pytest.mark.parametrize(("view", "start"), [("0", 0), (0.0, 0), (0, "0"), (0, 1.5), (0, True)])
 def test_write_refuses_a_view_or_start_that_is_not_an_integer(tmp_path, view, start):
     with store.create(tmp_path / "s", sample_shape=(2,), num_samples=4) as w:
