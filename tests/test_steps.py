@@ -231,8 +231,10 @@ def test_inductor_compiles_every_unit_whose_class_many_units_share(monkeypatch, 
             return torch.cat([x, torch.relu(self.conv(x))], 1)
 
     cfg = torch._dynamo.config
-    monkeypatch.setattr(cfg, "recompile_limit", 8)  # torch's default; restored afterwards
-    monkeypatch.setattr(cfg, "accumulated_recompile_limit", 256)
+    for name, default in (("recompile_limit", 8), ("accumulated_recompile_limit", 256)):
+        old = name.replace("recompile_limit", "cache_size_limit")  # older torch's names
+        # torch's defaults; restored afterwards
+        monkeypatch.setattr(cfg, name if hasattr(cfg, name) else old, default)
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager", **kw))
     torch._dynamo.reset()

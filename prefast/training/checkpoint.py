@@ -62,12 +62,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
     run, or from before CUDA's was saved, leaves it as seeded."""
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
-    if device is not None and device.type == "cuda":
-        if isinstance(cuda, torch.Tensor):
-            torch.cuda.set_rng_state(cuda.cpu(), device)
-        elif cuda and len(cuda) == torch.cuda.device_count():
-            # saved as every visible device's (one single-process layout of this version)
-            torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+    if device is not None and device.type == "cuda" and isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda.cpu(), device)
     n = state["numpy"]
     np.random.set_state(
         (

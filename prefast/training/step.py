@@ -132,7 +132,7 @@ def allow_recompiles(n: int) -> None:
     silently ran eagerly."""
     cfg = torch._dynamo.config
     for new, old in (
-        ("recompile_limit", "cache_size_limit"),  # the names before torch 2.6
+        ("recompile_limit", "cache_size_limit"),  # the names of older torch
         ("accumulated_recompile_limit", "accumulated_cache_size_limit"),
     ):
         name = new if hasattr(cfg, new) else old
