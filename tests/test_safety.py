@@ -133,18 +133,29 @@ def test_a_users_files_under_a_store_name_of_the_run_are_refused_at_start(tmp_pa
     (run_dir / "boundary-004").mkdir()  # empty: a store can be written there
     (run_dir / "boundary-999").mkdir()  # past the model's last boundary: never written
     (run_dir / "boundary-999" / "notes.txt").write_text("mine too")
+    # links: to a user's folder and to nothing are refused too (a store was refused at that
+    # boundary, after hours); one to an empty folder is written through
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "thesis.tex").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    (run_dir / "boundary-005").symlink_to(tmp_path / "thesis")
+    (run_dir / "boundary-006").symlink_to(tmp_path / "gone")
+    (run_dir / "boundary-007").symlink_to(tmp_path / "empty")
     with pytest.raises(CacheError) as err:
         Trainer(cfg)
+    blocked = ", ".join(str(run_dir / f"boundary-00{b}") for b in (2, 3, 5, 6))
     assert str(err.value) == (
-        f"--cache-dir: {run_dir / 'boundary-002'}, {run_dir / 'boundary-003'} hold what is not "
-        "an activation store, under the name this run writes a boundary's store to; move it out "
-        "of the run folder or use another --cache-dir"
+        f"--cache-dir: {blocked} hold what is not an activation store, under the name this run "
+        "writes a boundary's store to; move it out of the run folder or use another --cache-dir"
     )
     assert (run_dir / "boundary-002" / "notes.txt").read_text() == "mine"
     assert (run_dir / "boundary-003").read_text() == "a file"
+    assert (tmp_path / "thesis" / "thesis.tex").read_text() == "mine"
     # the refused start let go of the folder's lock: the same process starts once they are gone
     (run_dir / "boundary-002" / "notes.txt").unlink()
     (run_dir / "boundary-003").unlink()
+    (run_dir / "boundary-005").unlink()
+    (run_dir / "boundary-006").unlink()
     Trainer(cfg).cache.close()
     # a run that writes no store is not refused
     (run_dir / "boundary-002" / "notes.txt").write_text("mine")

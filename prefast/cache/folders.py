@@ -283,12 +283,15 @@ def clear_leftovers(run_dir: Path) -> None:
 
 def blocked_store_names(run_dir: Path, boundaries: range) -> list[Path]:
     """The entries of ``run_dir`` under the store name of one of ``boundaries`` where no store
-    can be written: a file, or a folder (not a link) that holds something and no activation
-    store. A run refuses them at its start, not when it reaches that boundary."""
+    can be written: a file, a folder that holds something and no activation store, or a link
+    to either or to nothing (a link to a store or to an empty folder is written through). A
+    run refuses them at its start, not when it reaches that boundary."""
     blocked = []
     for b in boundaries:
         p = Path(store_path(run_dir, b))
-        if p.is_symlink() or not p.exists():
+        if not p.exists():  # follows a link: a dangling one is blocked
+            if p.is_symlink():
+                blocked.append(p)
             continue
         if not p.is_dir() or (any(p.iterdir()) and not location.is_activation_store(p)):
             blocked.append(p)
