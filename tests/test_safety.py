@@ -118,15 +118,22 @@ def test_a_users_folder_named_like_a_store_is_left_alone(tmp_path, capsys):
     assert (mine / "data.bin").read_bytes() == b"x" * 10
 
 
-def test_a_users_files_under_a_store_name_of_the_run_are_refused_at_start(tmp_path):
-    """A run folder's boundary-NNN with a user's files in it failed the run only when it
-    reached that boundary, maybe hours in; it is refused at start, and nothing is touched."""
+def _zarr_run_folder(tmp_path: Path) -> tuple[TrainConfig, Path, Path]:
+    """A tiny zarr run's config, its --cache-dir and its run folder, made and left empty
+    (unlocked) by a start."""
     cache = tmp_path / "cache"
     cfg = TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache))
     manager = Trainer(cfg).cache
     run_dir = Path(manager.run_dir)
     manager.close()
     run_dir.mkdir(exist_ok=True)
+    return cfg, cache, run_dir
+
+
+def test_a_users_files_under_a_store_name_of_the_run_are_refused_at_start(tmp_path):
+    """A run folder's boundary-NNN with a user's files in it failed the run only when it
+    reached that boundary, maybe hours in; it is refused at start, and nothing is touched."""
+    cfg, cache, run_dir = _zarr_run_folder(tmp_path)
     (run_dir / "boundary-002").mkdir()
     (run_dir / "boundary-002" / "notes.txt").write_text("mine")
     (run_dir / "boundary-003").write_text("a file")
@@ -166,12 +173,7 @@ def test_an_entry_of_the_run_folder_the_user_may_not_read_is_named(tmp_path, mon
     """A run folder's entry this user may not list (a shared cache folder) made the start
     raise a bare PermissionError from the check for a user's files under a store's name; it
     is a CacheError naming it, and the lock is let go."""
-    cache = tmp_path / "cache"
-    cfg = TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache))
-    manager = Trainer(cfg).cache
-    run_dir = Path(manager.run_dir)
-    manager.close()
-    run_dir.mkdir(exist_ok=True)
+    cfg, _, run_dir = _zarr_run_folder(tmp_path)
     locked = run_dir / "boundary-002"
     locked.mkdir()
     (locked / "notes.txt").write_text("theirs")

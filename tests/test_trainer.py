@@ -1219,6 +1219,37 @@ def test_a_requested_stop_stops_the_run_before_its_next_step(tmp_path, monkeypat
     assert not (tmp_path / "last.pt").exists()
 
 
+def _ended_then_resumed(tmp_path, monkeypatch, cache, on_step):
+    """Train with ``on_step(n)`` called before step n (from 1), which ends the run; then
+    resume it with plain steps. (What ended it, the metrics lines then, the checkpoint.)"""
+    from prefast import interrupt
+
+    metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
+    cfg = dict(mode="prefast", cache=cache, checkpoint_dir=str(ck), metrics=str(metrics))
+    steps = {"n": 0}
+    real = StepRunner.step
+
+    def hooked(self, *a):
+        steps["n"] += 1
+        on_step(steps["n"])
+        return real(self, *a)
+
+    monkeypatch.setattr(StepRunner, "step", hooked)
+    try:
+        with pytest.raises(BaseException) as ended:
+            train(tiny(**cfg))
+    finally:
+        interrupt.clear()
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r.get("epoch") for r in lines[:-1]] == [0]
+    monkeypatch.setattr(StepRunner, "step", real)
+    train(tiny(**cfg, resume=True))
+    resumed = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r.get("epoch") for r in resumed] == [0, 1, 2, None] and resumed[-1]["summary"]
+    assert not any("stopped" in r or "failed" in r for r in resumed)  # the end line dropped
+    return ended.value, lines, ck / "last.pt"
+
+
 def test_a_stopped_runs_metrics_end_with_where_it_stopped_and_a_resume_drops_it(
     tmp_path, monkeypatch
 ):
@@ -1226,72 +1257,40 @@ def test_a_stopped_runs_metrics_end_with_where_it_stopped_and_a_resume_drops_it(
     does: nothing said the run had stopped, where, or what --resume continues from."""
     from prefast import interrupt
 
-    metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
-    cfg = dict(mode="prefast", cache="zarr", checkpoint_dir=str(ck), metrics=str(metrics))
-    steps = {"n": 0}
-    real = StepRunner.step
-
-    def counted(self, *a):
-        steps["n"] += 1
-        if steps["n"] == 9:  # epoch 1's third step (6 steps an epoch)
+    def stop(n):
+        if n == 9:  # epoch 1's third step (6 steps an epoch): it runs, the next does not
             interrupt.request_stop(signal.SIGINT)
-        return real(self, *a)
 
-    monkeypatch.setattr(StepRunner, "step", counted)
-    try:
-        with pytest.raises(interrupt.Stopped):
-            train(tiny(**cfg))
-    finally:
-        interrupt.clear()
-    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r.get("epoch") for r in lines[:-1]] == [0]
+    ended, lines, ck = _ended_then_resumed(tmp_path, monkeypatch, "zarr", stop)
+    assert isinstance(ended, interrupt.Stopped)
     assert lines[-1] == {
         "stopped": True,
         "signal": "SIGINT",
         "epoch": 1,
         "iteration": 9,
         "epochs_done": 1,
-        "checkpoint": str(ck / "last.pt"),
+        "checkpoint": str(ck),
     }
-    monkeypatch.setattr(StepRunner, "step", real)
-    train(tiny(**cfg, resume=True))
-    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r.get("epoch") for r in lines] == [0, 1, 2, None] and lines[-1]["summary"]
-    assert not any("stopped" in r for r in lines)
 
 
 def test_a_failed_runs_metrics_end_with_the_error_and_a_resume_drops_it(tmp_path, monkeypatch):
     """A failed run's metrics file ended with its last epoch's record: a reader could not
     tell a failed run from one still running, nor see the error."""
-    metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
-    cfg = dict(mode="prefast", cache="ram", checkpoint_dir=str(ck), metrics=str(metrics))
-    steps = {"n": 0}
-    real = StepRunner.step
 
-    def failing(self, *a):
-        steps["n"] += 1
-        if steps["n"] == 10:  # epoch 1's fourth step (6 steps an epoch)
+    def fail(n):
+        if n == 10:  # epoch 1's fourth step (6 steps an epoch)
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(self, *a)
 
-    monkeypatch.setattr(StepRunner, "step", failing)
-    with pytest.raises(RuntimeError, match="illegal memory access"):
-        train(tiny(**cfg))
-    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r.get("epoch") for r in lines[:-1]] == [0]
+    ended, lines, ck = _ended_then_resumed(tmp_path, monkeypatch, "ram", fail)
+    assert isinstance(ended, RuntimeError)
     assert lines[-1] == {
         "failed": True,
         "error": "RuntimeError: CUDA error: an illegal memory access was encountered",
         "epoch": 1,
         "iteration": 9,
         "epochs_done": 1,
-        "checkpoint": str(ck / "last.pt"),
+        "checkpoint": str(ck),
     }
-    monkeypatch.setattr(StepRunner, "step", real)
-    train(tiny(**cfg, resume=True))
-    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r.get("epoch") for r in lines] == [0, 1, 2, None] and lines[-1]["summary"]
-    assert not any("failed" in r for r in lines)
 
 
 def test_a_signal_the_process_ignores_stays_ignored_during_a_run(monkeypatch):
