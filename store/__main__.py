@@ -111,7 +111,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _refuse_folder(path: str, flag: str, example: str) -> None:
     """An output file given as a folder (existing, or ending in a separator) is refused before
     any work, with ``example`` as a file name in it; so is a file in a folder that does not
-    exist (found at the end, it would waste the pass over the store)."""
+    exist, or that this user may not write (found at the end, it would waste the pass over the
+    store)."""
     if path.endswith(("/", os.sep)) or Path(path).is_dir():
         raise store.StoreInputError(
             f"{flag} {path}: a folder; name the file, e.g. {flag} {Path(path) / example}"
@@ -119,6 +120,11 @@ def _refuse_folder(path: str, flag: str, example: str) -> None:
     folder = Path(path).parent
     if not folder.is_dir():
         raise store.StoreInputError(f"{flag} {path}: {folder} is not an existing folder")
+    target = Path(path) if Path(path).exists() else folder
+    if not os.access(target, os.W_OK):
+        raise store.StoreInputError(
+            f"{flag} {path}: {target} may not be written (permission denied)"
+        )
 
 
 def _figure_path(path: str, flag: str, example: str) -> str:

@@ -376,6 +376,23 @@ def test_show_and_hist_say_the_file_they_wrote_and_refuse_a_folder(
         cap = capsys.readouterr()
         assert cap.out == ""  # refused before the stats pass
         assert cap.err.startswith(f"error: {err}") and cap.err.count("\n") == 1, cap.err
+    # a folder or a file this user may not write (as root the mode bits would not stop it)
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "old.json").write_text("{}")
+    access = os.access
+    refused = {tmp_path / "locked", tmp_path / "old.json"}
+    monkeypatch.setattr(
+        os, "access", lambda f, m: Path(f).absolute() not in refused and access(f, m)
+    )
+    for argv, err in (
+        (["stats", p, "--out", "locked/s.json"], "--out locked/s.json: locked may not be written"),
+        (["stats", p, "--out", "old.json"], "--out old.json: old.json may not be written"),
+        (["show", p, "--sample", "3", "-o", "locked/x.png"], "-o locked/x.png: locked may not"),
+    ):
+        assert store_main(argv) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and cap.err.startswith(f"error: {err}"), cap.err
+    monkeypatch.setattr(os, "access", access)
     assert store_main(["show", p, "--sample", "3", "-o", "new/"]) == 2  # names a folder too
     assert "e.g. -o new/sample3.png" in capsys.readouterr().err
     assert not (tmp_path / "runs.png").exists() and not any((tmp_path / "runs").iterdir())
