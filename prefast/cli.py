@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from prefast import interrupt
-from prefast.config import BUILTIN_MODELS, CHOICES, TrainConfig
+from prefast.config import BUILTIN_MODELS, CHOICES, TrainConfig, cli_flag, switch_flag
 
 TRAIN_EXAMPLES = """examples:
   # Fashion-MNIST (Debian package dataset-fashion-mnist), PreFast with a zarr cache
@@ -104,18 +104,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         g = groups.get(meta["group"])
         if g is None:
             g = groups[meta["group"]] = p.add_argument_group(meta["group"])
-        flag = "--" + f.name.replace("_", "-")
+        flag = cli_flag(f.name)
         tp = _base_type(hints[f.name])
         if tp is bool:
-            if f.default is True:
-                g.add_argument(
-                    "--no-" + f.name.replace("_", "-"),
-                    dest=f.name,
-                    action="store_false",
-                    help=meta["help"],
-                )
-            else:
-                g.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+            on = f.default is True
+            g.add_argument(
+                switch_flag(f.name, on),
+                dest=f.name,
+                action="store_false" if on else "store_true",
+                help=meta["help"],
+            )
             continue
         kw: dict[str, Any] = {
             "dest": f.name,

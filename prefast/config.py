@@ -324,6 +324,12 @@ def cli_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def switch_flag(name: str, default: bool) -> str:
+    """The flag that turns bool field ``name`` away from its ``default``: ``--channels-last``
+    for one off by default, ``--no-augment`` for one on."""
+    return "--no-" + name.replace("_", "-") if default else cli_flag(name)
+
+
 _CACHE_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(TrainConfig)
@@ -369,5 +375,6 @@ __all__ = [
     "RECACHE_POLICIES",
     "TrainConfig",
     "cli_flag",
+    "switch_flag",
     "unused_options",
 ]

@@ -19,11 +19,8 @@ _CHUNK_STREAM = 2
 
 
 def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
-    check_int("seed", seed, 0)
-    check_int("epoch", epoch, 0)
-    if seed < 0 or epoch < 0:
-        raise StoreInputError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    return np.random.default_rng([int(seed), int(epoch), stream])
+    seed, epoch = check_int("seed", seed, 0), check_int("epoch", epoch, 0)
+    return np.random.default_rng([seed, epoch, stream])
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

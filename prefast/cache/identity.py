@@ -127,7 +127,9 @@ def delete_store(path: Path | str) -> bool:
     if not location.exists(path):
         return False
     local = location.as_local(path)
-    if local is not None and local.is_symlink() and location.is_activation_store(local):
+    if local is None or not location.is_activation_store(local):
+        location.remove_store(path)  # a URL's store; anything else is refused there
+    elif local.is_symlink():
         target = local.resolve()
         local.unlink()
         log.warning(
@@ -136,13 +138,10 @@ def delete_store(path: Path | str) -> bool:
             local,
             target,
         )
-        return True
-    if local is not None and location.is_activation_store(local):
+    else:
         trash = local.parent / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
         os.rename(local, trash)
         shutil.rmtree(trash)
-    else:
-        location.remove_store(path)
     return True
 
 

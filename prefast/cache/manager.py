@@ -251,14 +251,13 @@ class CacheManager:
         if local is not None:
             with _permission_as_cache_error():
                 self._lock_fd = _take_run_dir(local)
-            try:
-                with _permission_as_cache_error():
+                try:
                     clear_leftovers(local)  # only where the marker says the folder is ours
                     self._refuse_blocked_store_names(local)
-            except BaseException:
-                os.close(self._lock_fd)  # a run started again in this process is not refused
-                self._lock_fd = None
-                raise
+                except BaseException:
+                    os.close(self._lock_fd)  # a run started again in this process is not refused
+                    self._lock_fd = None
+                    raise
         else:
             log.warning(
                 "%s: object stores have no locks; run one prefast run with these settings "

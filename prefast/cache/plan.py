@@ -207,9 +207,7 @@ def plan_boundaries(
             if r not in step_of:
                 step_of[r] = samples * cost.step(read(r), 0.0, tier_at(r), r, max(r, frontier))
             nxt[state] += step_of[r]
-        baseline += samples * cost.step(
-            read(boundary), 0.0, tier_at(boundary), boundary, max(boundary, frontier)
-        )
+        baseline += step_of[boundary]  # (boundary, boundary) is kept at every point
         best = nxt
         back.append((e, choice))
     state = min(best, key=lambda s: (best[s], s[1]))  # a tie: the fewer moves asked for

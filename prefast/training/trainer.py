@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from prefast import interrupt
 from prefast.cache.identity import check_cache_dir, state_digest
 from prefast.cache.manager import CacheManager
-from prefast.config import TrainConfig, cli_flag, unused_options
+from prefast.config import TrainConfig, cli_flag, switch_flag, unused_options
 from prefast.data import (
     Augment,
     DatasetSpec,
@@ -820,10 +820,9 @@ def _differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
             for m in sorted(set(v) | set(now)):
                 if v.get(m) != now.get(m):
                     out.append(_setting(cli_flag(m), v.get(m), now.get(m)))
-        elif isinstance(getattr(defaults, k), bool):  # a switch: --no-augment, --channels-last
-            on = getattr(defaults, k) is False
-            flag = cli_flag(k) if on else "--no-" + k.replace("_", "-")
-            given = v is on
+        elif isinstance(default := getattr(defaults, k), bool):  # --no-augment, --channels-last
+            flag = switch_flag(k, default)
+            given = v != default
             out.append(f"{flag} (now left out)" if given else f"{flag} left out (now given)")
         else:
             out.append(_setting(cli_flag(k), v, now))

@@ -138,11 +138,7 @@ def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = Fals
                 except OSError as e:  # a raw chunk's file
                     good, unreadable = False, e
                 if unreadable is not None:
-                    reason = f"cannot be read: {unreadable.strerror or unreadable}" + (
-                        "; check the file's permissions"
-                        if isinstance(unreadable, PermissionError)
-                        else ""
-                    )
+                    reason = f"cannot be read: {_why_unreadable(unreadable)}"
                 if good:
                     inf, nan = count_nonfinite(data, s.dtype_name)
                     report.inf += inf
@@ -160,6 +156,13 @@ def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = Fals
         )
 
 
+def _why_unreadable(e: OSError) -> str:
+    """Why a chunk's file could not be read, with what to check where it is its permissions."""
+    return f"{e.strerror or e}" + (
+        "; check the file's permissions" if isinstance(e, PermissionError) else ""
+    )
+
+
 def check_labels(s: ActivationStore, report: VerifyReport) -> None:
     """Read the labels afresh and compare every labelled chunk with its recorded CRC."""
     try:
@@ -169,9 +172,7 @@ def check_labels(s: ActivationStore, report: VerifyReport) -> None:
         report.errors.append(str(e))
         return
     except OSError as e:  # a label chunk's file the user may not read
-        why = f"{e.strerror or e}" + (
-            "; check the file's permissions" if isinstance(e, PermissionError) else ""
-        )
+        why = _why_unreadable(e)
         report.labels_unreadable = f"{e.filename}: {why}"
         report.errors.append(f"{e.filename}: cannot be read: {why}")
         return
