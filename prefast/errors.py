@@ -11,6 +11,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from store.errors import shown
+
 
 class PrefastError(ValueError):
     """Base of prefast's errors."""
@@ -76,7 +78,7 @@ def check_int(
         or (maximum is not None and value > maximum)
     ):
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise error(f"{what}: must be an integer {allowed}, got {value!r}")
+        raise error(f"{what}: must be an integer {allowed}, got {shown(value)}")
     return value
 
 
@@ -105,13 +107,13 @@ def check_number(
             if math.isfinite(high)
             else f"{'>' if low_open else '>='} {low:g}"
         )
-        raise error(f"{what}: must be a finite number {rng}, got {value!r}")
+        raise error(f"{what}: must be a finite number {rng}, got {shown(value)}")
     return float(value)  # type: ignore[arg-type]
 
 
 def check_bool(what: str, value: Any, error: type[PrefastError] = ConfigError) -> bool:
     if not isinstance(value, bool):
-        raise error(f"{what}: must be True or False, got {value!r}")
+        raise error(f"{what}: must be True or False, got {shown(value)}")
     return value
 
 

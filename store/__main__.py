@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import store
-from store.tools.inspect import format_summary, open_complete, summary
+from store.tools.inspect import format_summary, open_complete, strict_json, summary
 from store.tools.stats import format_stats, histogram, plot_stats
 from store.tools.viz import require_matplotlib
 
@@ -101,10 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _json(d: object) -> str:
+    """Strict JSON (a float that is not finite, in a meta another program wrote, as null)."""
+    return json.dumps(strict_json(d), indent=2, allow_nan=False)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     s = store.open(args.path, partial=True)
     d = summary(s)
-    print(json.dumps(d, indent=2) if args.json else format_summary(d))
+    print(_json(d) if args.json else format_summary(d))
     return 0 if s.complete else 1
 
 
@@ -177,7 +182,7 @@ def _stats(args: argparse.Namespace) -> int:
     st = store.stats(s, args.view, progress=_bars(args))
     print(format_stats(st))
     if args.out:
-        Path(args.out).write_text(json.dumps(st.to_dict(), indent=2) + "\n")
+        Path(args.out).write_text(_json(st.to_dict()) + "\n")
         print(f"wrote {args.out}")
     if hist:
         counts, edges = histogram(s, args.bins, _finite_range(st), args.view, _bars(args))
@@ -204,7 +209,7 @@ def _show(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     # an incomplete store is verified too: its chunks never written are among the failures
     r = store.verify(store.open(args.path, partial=True), progress=_bars(args))
-    print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
+    print(_json(r.to_dict()) if args.json else r.format())
     for e in r.errors:
         print(f"error: {e}", file=sys.stderr)
     return 0 if r.ok else 1
@@ -212,7 +217,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _diff(args: argparse.Namespace) -> int:
     r = store.diff(open_complete(args.a), open_complete(args.b), progress=_bars(args))
-    print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
+    print(_json(r.to_dict()) if args.json else r.format())
     return 0 if r.identical else 1
 
 

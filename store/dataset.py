@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from store.errors import StoreInputError, check_int
+from store.errors import StoreInputError, check_int, shown
 from store.order import epoch_views
 from store.protocols import ActivationSource
 from store.reader import ActivationStore
@@ -122,7 +122,7 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if (i.dim() if isinstance(i, torch.Tensor) else np.ndim(i)) != 0:
             # a list or a 1-D tensor would otherwise give its first sample alone
             raise IndexError(
-                f"ds[i] takes one sample index, got {i!r}; ds.batch(indices) reads several"
+                f"ds[i] takes one sample index, got {shown(i)}; ds.batch(indices) reads several"
             )
         x, y = self._gather(self._index([i]))
         return x[0], y[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -9,6 +10,20 @@ from typing import Any
 def install_hint(extra: str) -> str:
     """How to install one of the package's extras, from PyPI or from a checkout."""
     return f"pip install 'prefast[{extra}]' (from a checkout: pip install -e '.[{extra}]')"
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``value`` as an error message quotes it: an array or tensor of more than one element by
+    its kind, shape and dtype (its repr can run to thousands of lines), anything else by its
+    repr, cut to ``limit`` characters."""
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple) and math.prod(shape) > 1 and hasattr(value, "dtype"):
+        kind = type(value).__name__
+        kind = {"Tensor": "tensor", "ndarray": "array"}.get(kind, kind)
+        article = "an" if kind[0] in "aeiou" else "a"
+        return f"{article} {kind} of shape {tuple(shape)} and dtype {value.dtype}"
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 class StoreError(ValueError):
@@ -64,11 +79,11 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
     # 1-element tensor or array has an index too, but is a list of indices, not one
     dtype = getattr(value, "dtype", None)
     if isinstance(value, bool) or getattr(value, "ndim", 0) != 0 or "bool" in str(dtype):
-        raise StoreInputError(f"{name} must be an integer, got {value!r}")
+        raise StoreInputError(f"{name} must be an integer, got {shown(value)}")
     try:
         n = operator.index(value)  # cheap: on the step path of write-through
     except TypeError:
-        raise StoreInputError(f"{name} must be an integer, got {value!r}") from None
+        raise StoreInputError(f"{name} must be an integer, got {shown(value)}") from None
     if lo is None:
         pass
     elif hi is None:

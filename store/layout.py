@@ -34,7 +34,7 @@ import crc32c
 import numpy as np
 import torch
 
-from store.errors import StoreCorruptError, StoreFormatError, StoreInputError, check_int
+from store.errors import StoreCorruptError, StoreFormatError, StoreInputError, check_int, shown
 
 FORMAT_NAME = "prefast.activation-store"
 # 2: CRC-32C chunk checksums (1 had zlib CRC-32), label_crc, the record's checksum,
@@ -316,10 +316,13 @@ def record_checksum(d: Mapping[str, Any]) -> str:
 def json_meta(meta: Mapping[str, Any] | None, where: str = "") -> dict[str, Any]:
     """``meta`` as it reads back from zarr.json (tuples become lists): JSON-able or an error."""
     if meta is not None and not isinstance(meta, Mapping):
-        raise StoreInputError(f"{where}field 'meta' must be a dict, got {meta!r}")
+        raise StoreInputError(f"{where}field 'meta' must be a dict, got {shown(meta)}")
     try:  # key order kept: people read it (store inspect)
-        out = json.loads(json.dumps(dict(meta or {})))
+        # strict JSON: zarr.json with NaN or Infinity in it is not JSON to other readers
+        out = json.loads(json.dumps(dict(meta or {}), allow_nan=False))
     except (TypeError, ValueError) as e:
+        if isinstance(e, ValueError) and "not JSON compliant" in str(e):
+            e = ValueError("a float that is not finite (NaN or infinity) is not JSON")
         raise StoreInputError(f"{where}field 'meta' must be JSON-able: {e}") from None
     return dict(out)
 
@@ -337,7 +340,7 @@ def check_write(
     batch length. Errors name the field."""
     for name, value in (("view", view), ("start", start)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise StoreInputError(f"{where}field '{name}' must be an integer, got {value!r}")
+            raise StoreInputError(f"{where}field '{name}' must be an integer, got {shown(value)}")
     if not 0 <= view < views:
         raise StoreInputError(f"{where}field 'view'={view} out of range [0, {views})")
     if tuple(x.shape[1:]) != sample_shape:

@@ -842,3 +842,37 @@ def test_show_refuses_a_dpi_below_1_before_any_work(tmp_path, stores, capsys, mo
             store_main(["show", str(stores["f32"]), "--sample", "0", "--dpi", dpi, "-o", out]) == 2
         )
         assert capsys.readouterr().err == f"error: --dpi must be >= 1, got {dpi}\n"
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"not strict JSON: {name}")
+
+
+def test_json_outputs_are_strict_where_another_program_wrote_nan_into_meta(tmp_path, data, capsys):
+    # create() refuses such a meta now, but a store another program wrote may hold one:
+    # inspect --json printed NaN and Infinity, which JSON readers refuse
+    from store.layout import CHECKSUM_KEY, record_checksum
+
+    x, y = data
+    write_store(tmp_path / "s", x, y, meta={"lr": 0.5, "x": [1.0, 2.0]})
+    zj = tmp_path / "s" / "zarr.json"
+    d = json.loads(zj.read_text())
+    rec = d["attributes"]["prefast_store"]
+    rec["meta"] = {"lr": float("nan"), "x": [1.0, float("inf")]}
+    rec[CHECKSUM_KEY] = record_checksum(rec)
+    zj.write_text(json.dumps(d))
+    assert store_main(["inspect", str(tmp_path / "s"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=_no_constants)
+    assert out["meta"] == {"lr": None, "x": [1.0, None]}
+    assert store_main(["inspect", str(tmp_path / "s")]) == 0
+    assert "meta.lr         nan" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf"), [1.0, float("inf")]])
+def test_create_refuses_a_meta_that_is_not_strict_json(tmp_path, bad):
+    # zarr.json got NaN or Infinity, which other zarr readers refuse
+    with pytest.raises(
+        store.StoreInputError, match=r"field 'meta' must be JSON-able: .*not finite"
+    ):
+        store.create(tmp_path / "s", num_samples=3, sample_shape=(2,), meta={"a": bad})
+    assert not (tmp_path / "s").exists()

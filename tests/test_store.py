@@ -21,6 +21,7 @@ import zarr
 
 import store
 from store.__main__ import main as store_main
+from store.errors import check_int
 from tests.store_helpers import (
     CHUNK,
     SHAPE,
@@ -750,6 +751,26 @@ def test_a_bad_sample_shape_is_refused_by_create_as_an_input_error(tmp_path, sha
     # checked before the default chunk size is worked out from it
     with pytest.raises(store.StoreInputError, match=match):
         store.create(tmp_path / "s", sample_shape=shape, num_samples=4)
+
+
+def test_an_argument_error_names_an_array_by_shape_not_by_its_whole_repr(tmp_path):
+    # w.write(0, x, y) (start left out) printed all of x's values in the error: thousands of
+    # lines for a real batch
+    x = torch.zeros(40, 3, 5, 5)
+    with store.create(tmp_path / "s", sample_shape=(3, 5, 5), num_samples=40) as w:
+        with pytest.raises(store.StoreInputError) as e:
+            w.write(0, x, torch.zeros(40, dtype=torch.long))  # type: ignore[arg-type]
+        w.write(0, 0, x, torch.zeros(40, dtype=torch.long))
+    assert str(e.value).endswith(
+        "field 'start' must be an integer, got a tensor of shape (40, 3, 5, 5) and dtype "
+        "torch.float32"
+    )
+    with pytest.raises(store.StoreInputError, match=r"got an array of shape \(2, 3\) and dtype"):
+        check_int("n", np.zeros((2, 3)))
+    with pytest.raises(store.StoreInputError, match=r"got 'aaaa.*aaa\.\.\.$"):
+        check_int("n", "a" * 500)
+    with pytest.raises(store.StoreInputError, match=r"got tensor\(\[4\]\)$"):
+        check_int("n", torch.tensor([4]))  # one element: its repr is short and exact
 
 
 def test_read_errors(tmp_path, data):

@@ -4,11 +4,12 @@ with the resolved config saved beside it."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from store.tools.inspect import strict_json
 
 
 class MetricsSink:
@@ -33,7 +34,7 @@ class MetricsSink:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is not None:
-            self._f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+            self._f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
             self._f.flush()
 
     def close(self) -> None:
@@ -51,18 +52,6 @@ class MetricsSink:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (a test loss after the weights diverged in the
-    epoch's last step) as None: json.dumps wrote NaN and Infinity, which are not JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 __all__ = ["MetricsSink"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 from typing import Any
@@ -195,6 +196,19 @@ def _compact(v: Any) -> str:
     return s if len(s) <= 100 else s[:97] + "..."
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every float that is not finite as None, for ``json.dumps(...,
+    allow_nan=False)``: Python writes NaN and Infinity, which are not JSON. A store's meta may
+    hold them where another program wrote the store."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def open_complete(path: str) -> ActivationStore:
     """``store.open(path)`` for the command lines (``python -m store``, ``prefast verify``):
     ``store.open``'s error for an incomplete store is advice for Python callers
@@ -220,5 +234,6 @@ __all__ = [
     "format_summary",
     "open_complete",
     "provenance_rows",
+    "strict_json",
     "summary",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import StoreInputError, install_hint
+from store.errors import StoreInputError, install_hint, shown
 from store.reader import ActivationStore, check_opened
 
 DEFAULT_CHANNELS = 64  # tiles of a one-view grid when channels=None
@@ -104,7 +104,7 @@ def show(
     from matplotlib.figure import Figure
 
     if isinstance(sample, bool) or not isinstance(sample, int | np.integer):
-        raise StoreInputError(f"sample must be an int, got {sample!r}")
+        raise StoreInputError(f"sample must be an int, got {shown(sample)}")
     if not 0 <= sample < s.num_samples:
         raise StoreInputError(f"{s.path}: sample {sample} out of range [0, {s.num_samples})")
     views = list(range(s.views)) if compare_views else [view]
