@@ -37,6 +37,7 @@ from store import _mmap, _zarr
 from store.errors import (
     NotAStoreError,
     StoreCorruptError,
+    StoreError,
     StoreIncompleteError,
     StoreInputError,
     StoreNotFoundError,
@@ -275,6 +276,7 @@ class ActivationStore:
         self._crcs = crcs  # (views, num_chunks) int64, -1 = not written
         self._label_crcs = label_crcs  # (num_chunks,) int64, -1 = not written
         self._labels: torch.Tensor | None = None
+        self._closed = False
         root = _zarr.as_local(path)
         self._local_root = root
         self._mm = (
@@ -402,7 +404,12 @@ class ActivationStore:
                 f"{self.path}: chunk {chunk} of view {view} (samples {c0}..{c1 - 1}) was never written"
             )
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self.path}: read after close(); store.open(path) opens it again")
+
     def _check_chunk_index(self, view: int, chunk: int) -> None:
+        self._check_open()
         self._check_view(view)
         if not 0 <= chunk < self.num_chunks:
             raise StoreInputError(f"{self.path}: chunk {chunk} out of range [0, {self.num_chunks})")
@@ -498,6 +505,7 @@ class ActivationStore:
         as it has samples, so it is copied sample by sample from the mapped chunks (one small
         memcpy each); a batch concentrated in few chunks is copied one vectorised gather per
         chunk. Compressed: each chunk touched is decoded once."""
+        self._check_open()
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_samples):
             self._indices(indices)  # raises, naming the index
         cs = self.chunk_samples
@@ -551,11 +559,20 @@ class ActivationStore:
         return as_tensor(out, self.layout)
 
     def close(self) -> None:
+        """Unmap the chunk files. Reads after it raise ``StoreError``; a second close is a
+        no-op. ``with store.open(path) as s:`` closes at the block's end."""
+        self._closed = True
         if self._mm is not None:
             self._mm.close()
         if self._cm is not None:
             self._cm.close()
         self._cm = None  # its address range is unmapped once no array over it is left
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- as a labelled array ------------------------------------------------------------
     def to_xarray(self) -> Any:

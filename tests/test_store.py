@@ -773,6 +773,27 @@ def test_an_argument_error_names_an_array_by_shape_not_by_its_whole_repr(tmp_pat
         check_int("n", torch.tensor([4]))  # one element: its repr is short and exact
 
 
+@pytest.mark.parametrize("codec", [None, "zstd"])
+def test_a_closed_store_refuses_reads(tmp_path, data, codec):
+    # reads after close() went on, the raw store mapping its chunk files again one by one
+    x, y = data
+    write_store(tmp_path / "s", x, y, codec=codec)
+    with store.open(tmp_path / "s") as s:
+        assert torch.equal(s.read(1, [5, 116]), x[1, [5, 116]])
+    out = np.empty((2, *SHAPE), dtype=np.float32)
+    for call in (
+        lambda: s.read(0, [0]),
+        lambda: s.read_chunk(0, 0),
+        lambda: s.read_into(0, np.array([3, 4]), out),
+        lambda: s.verify_chunk(0, 1),
+        lambda: store.ActivationDataset(s)[0],
+    ):
+        with pytest.raises(store.StoreError, match=r"read after close\(\); store.open"):
+            call()
+    s.close()  # a second close is a no-op
+    assert torch.equal(s.labels, y)  # what describes the store stays readable
+
+
 def test_read_errors(tmp_path, data):
     x, y = data
     s = write_store(tmp_path / "s", x, y)
