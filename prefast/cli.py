@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -331,12 +332,31 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if r.ok else 1
 
 
+def _off_a_hung_up_terminal() -> None:
+    """Point stdout and stderr at /dev/null where they are a terminal that hung up: every
+    write to one fails (EIO), so the progress bars' next redraw failed the run, and the stop's
+    last line its exit code, where the stop should end it cleanly. A zero-byte write tells:
+    it fails on such a terminal only."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                os.write(fd, b"")
+            except OSError as e:
+                if e.errno == errno.EIO:
+                    os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 def _on_signal(signum: int, frame: types.FrameType | None) -> None:
     """The first SIGTERM, SIGHUP or Ctrl-C asks the run to stop at its next safe point; a
     second one stops it at once."""
     if interrupt.requested() is not None:
         raise interrupt.Stopped(signum)
     interrupt.request_stop(signum)
+    if signum == signal.SIGHUP:
+        _off_a_hung_up_terminal()
     line = "prefast: stopping at the next step (again to stop at once)"
     tqdm_std = sys.modules.get("tqdm.std")
     # a hung-up terminal (SIGHUP) fails the write: the stop must not fail with it

@@ -237,6 +237,55 @@ def test_a_signalled_run_stops_cleanly_and_removes_its_temporary_folder(tmp_path
     assert not list(tmp.glob("prefast-cache-*"))
 
 
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_run_whose_terminal_hangs_up_stops_cleanly_with_exit_129(tmp_path):
+    """The terminal really closes (an ssh session that dropped): the kernel sends SIGHUP and
+    every later write to it fails (EIO). The progress bars' next redraw then failed the run
+    and the stop's last line its exit code (1); the run now stops at its next step with 129,
+    its metrics end with the stop and its temporary folder is gone."""
+    import fcntl
+    import termios
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    metrics = tmp_path / "m.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+    args = ["train", "--dataset", "synthetic", "--num-samples", "512", "--synthetic-shape", "mnist",
+            "--depth", "16", "--growth", "8", "--epochs", "400", "--batch-size", "16", "--t0", "0.1",
+            "--how-scale", "linear", "--mode", "prefast", "--cache", "zarr", "--recache-policy",
+            "every", "--device", "cpu", "--metrics", str(metrics)]  # fmt: skip
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:  # in the child, a session leader (setsid) by then
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "prefast", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        start_new_session=True,
+        preexec_fn=controlling_terminal,
+    )
+    os.close(slave)
+    try:
+        seen, deadline = b"", time.monotonic() + 300
+        while b"epoch 1:" not in seen:  # the bars are drawn on the terminal, the run is under way
+            assert p.poll() is None and time.monotonic() < deadline, seen[-2000:]
+            seen += os.read(master, 65536)
+        os.close(master)  # the terminal hangs up: SIGHUP to its session
+        master = -1
+        assert p.wait(timeout=120) == 128 + signal.SIGHUP
+    finally:
+        p.kill()
+        if master >= 0:
+            os.close(master)
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert last["stopped"] is True and last["signal"] == "SIGHUP" and last["epochs_done"] >= 1
+    assert not list(tmp.glob("prefast-cache-*"))
+
+
 def test_a_second_ctrl_c_while_the_process_exits_ends_it_without_a_traceback(tmp_path):
     """An impatient user presses Ctrl-C twice: the first stops the run, the second comes while
     the interpreter runs its exit handlers (torch's take a second or more). That interrupted
