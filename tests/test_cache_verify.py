@@ -121,6 +121,31 @@ def test_verify_fails_on_an_altered_checkpoint(run, tmp_path, capsys):
     )
 
 
+def test_a_store_fingerprinted_before_layers_were_hashed_is_named_as_such(run, tmp_path):
+    # such a store failed as "the layers or weights ... differ", which sent its owner looking
+    # for a change to the model that was never made
+    from prefast.cache.identity import PROVENANCE_KEYS, fingerprint
+    from prefast.freezeout import freeze_prefix
+    from prefast.models import create_model
+
+    meta = dict(store.open(run["store"]).meta)
+    model = create_model(**meta["model"])
+    model.load_state_dict(torch.load(run["ckpt"], map_location="cpu", weights_only=True)["model"])
+    freeze_prefix(model, meta["boundary"])
+    cache_desc = {k: v for k, v in meta.items() if k not in PROVENANCE_KEYS}
+    assert fingerprint(model, meta["boundary"], meta["data"], cache_desc) == meta["fingerprint"]
+    old = fingerprint(model, meta["boundary"], meta["data"], cache_desc, with_layers=False)
+    assert old != meta["fingerprint"]
+    for fp, named in ((old, True), ("0" * 64, False)):
+        x = encoded(num_samples=9, views=1)
+        s = write_store(tmp_path / "s", x, labels_for(9), meta={**meta, "fingerprint": fp},
+                        overwrite=True)  # fmt: skip
+        r = verify_against_checkpoint(s, run["ckpt"])
+        assert r.fingerprint_ok is False and not r.samples and len(r.errors) == 1
+        assert ("was written by an older prefast" in r.errors[0]) is named, r.errors[0]
+        assert ("the layers or weights of units[0:" in r.errors[0]) is not named
+
+
 def test_verify_checkpoint_input_errors(run, tmp_path, stores, capsys):
     path = str(run["store"])
 

@@ -75,19 +75,27 @@ def layers(unit: torch.nn.Module) -> list[list[str]]:
 
 
 def fingerprint(
-    model: UnitModel, boundary: int, data_desc: dict[str, Any], cache_desc: dict[str, Any]
+    model: UnitModel,
+    boundary: int,
+    data_desc: dict[str, Any],
+    cache_desc: dict[str, Any],
+    *,
+    with_layers: bool = True,
 ) -> str:
     """SHA-256 over what produced a cache: the architecture (the config and the frozen units'
     layers), the boundary, the frozen units' weights and buffers, the data (dataset, split,
-    subset, transform) and the cache's views, seeds and dtype."""
+    subset, transform) and the cache's views, seeds and dtype. ``with_layers=False``: the
+    fingerprint of the stores written before it hashed the layers, which ``prefast verify``
+    tells apart from a mismatch."""
     h = hashlib.sha256()
-    head = {
+    head: dict[str, Any] = {
         "model": model.config,
-        "layers": [layers(model.units[i]) for i in range(boundary)],
         "boundary": boundary,
         "data": data_desc,
         "cache": cache_desc,
     }
+    if with_layers:
+        head["layers"] = [layers(model.units[i]) for i in range(boundary)]
     h.update(json.dumps(head, sort_keys=True).encode())
     for i in range(boundary):
         update_digest(h, ((f"{i}.{k}", t) for k, t in sorted(model.units[i].state_dict().items())))

@@ -209,9 +209,15 @@ def verify_against_checkpoint(
     cache_desc = {k: v for k, v in meta.items() if k not in PROVENANCE_KEYS}
     report.fingerprint_ok = fingerprint(model, b, meta["data"], cache_desc) == meta["fingerprint"]
     if not report.fingerprint_ok:
+        older = fingerprint(model, b, meta["data"], cache_desc, with_layers=False)
         report.errors.append(
-            f"{FINGERPRINT_MISMATCH} ({ckpt}: the layers or weights of units[0:{b}] or the store's "
-            f"recorded data and cache settings differ from what wrote {s.path})"
+            f"{FINGERPRINT_MISMATCH} ({s.path} was written by an older prefast, whose "
+            f"fingerprint did not cover the frozen units' layers: {ckpt}'s weights and the "
+            "store's data and cache settings match, but a run will not reuse the store; "
+            "prefast train --resume rebuilds it)"
+            if older == meta["fingerprint"]
+            else f"{FINGERPRINT_MISMATCH} ({ckpt}: the layers or weights of units[0:{b}] or the "
+            f"store's recorded data and cache settings differ from what wrote {s.path})"
         )
         return report
     data = load_data(cfg)
