@@ -442,7 +442,8 @@ def test_temporary_cache_folders_of_ended_runs_are_swept_and_no_others(tmp_path,
     """A killed run cannot remove its temporary cache folder; the next run that may make one
     removes it. Only prefast-cache-* folders of this user holding an owner record of this
     host, boot and process id namespace whose process has ended (or whose id another process
-    took over) are removed: another container's ids, or another boot's, mean nothing here."""
+    took over), or of this host written before this boot, are removed: another container's ids,
+    or those of a boot since this one started, mean nothing here."""
     import json
     import socket
     import subprocess
@@ -466,7 +467,13 @@ def test_temporary_cache_folders_of_ended_runs_are_swept_and_no_others(tmp_path,
 
     gone = folder("prefast-cache-dead", {**me, "pid": dead_pid, "start": None})
     reused = folder("prefast-cache-reused", {**me, "start": "1"})  # our id, another start
+    # another boot's record: written before this boot, its process ended with that boot;
+    # written since, it is another machine's of the same name sharing the folder
     rebooted = folder("prefast-cache-boot", {**me, "pid": dead_pid, "boot": "another-boot"})
+    before_boot = folder("prefast-cache-reboot", {**me, "pid": os.getpid(), "boot": "old-boot"})
+    booted = scratch._boot_time()
+    assert booted is not None
+    os.utime(before_boot / scratch.OWNER_NAME, (booted - 3600, booted - 3600))
     container = folder("prefast-cache-ns", {**me, "pid": dead_pid, "pidns": "pid:[1]"})
     unnamed_ns = folder(
         "prefast-cache-nons", {k: v for k, v in {**me, "pid": dead_pid}.items() if k != "pidns"}
@@ -482,7 +489,8 @@ def test_temporary_cache_folders_of_ended_runs_are_swept_and_no_others(tmp_path,
     link = tmp_path / "prefast-cache-link"
     link.symlink_to(folder("elsewhere", {**me, "pid": dead_pid}))
 
-    assert sorted(scratch.sweep()) == [gone, reused]  # what a run without a cache folder does
+    # what a run without a cache folder does
+    assert sorted(scratch.sweep()) == sorted([gone, reused, before_boot])
     made = scratch.make_temp_dir()
     for d in (
         rebooted,
@@ -541,7 +549,7 @@ def test_a_removal_cut_short_leaves_the_owner_record_for_a_later_sweep(tmp_path,
     monkeypatch.setattr(shutil, "rmtree", real)
     assert len(calls) == 2 and (d / scratch.OWNER_NAME).is_file()
     assert len(list(d.glob("run-*"))) == 2  # one removed before the stop
-    monkeypatch.setattr(scratch, "owner_gone", lambda rec: rec["pid"] == os.getpid())
+    monkeypatch.setattr(scratch, "owner_gone", lambda rec, written: rec["pid"] == os.getpid())
     assert scratch.sweep() == [d]
     assert list(tmp_path.iterdir()) == []
     scratch.remove(tmp_path / "prefast-cache-gone")  # a folder already gone: nothing to do

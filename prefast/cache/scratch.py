@@ -7,9 +7,11 @@ reuses. So each folder carries an owner record (host, boot, process id namespace
 and start time), and a run that may need a temporary folder first removes those whose owner
 is gone: folders named ``prefast-cache-*`` directly in the temporary directory, owned by this
 user, holding a record of this host, boot and process id namespace whose process no longer
-runs (or is another process that took over its id). A folder without a readable record, or
-written in another process id namespace (a container sharing this /tmp and host name: its
-ids mean other processes here), is never touched.
+runs (or is another process that took over its id), or a record of this host written before
+this machine last booted (no process survives a reboot). A folder without a readable record,
+or written in another process id namespace (a container sharing this /tmp and host name: its
+ids mean other processes here), or under another boot since this one started (another
+machine of the same name sharing the folder), is never touched.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def _boot_id() -> str | None:
     return _read("/proc/sys/kernel/random/boot_id")
 
 
+def _boot_time() -> float | None:
+    """When this machine booted, in seconds since the epoch (Linux), or None."""
+    for line in (_read("/proc/stat") or "").splitlines():
+        if line.startswith("btime "):
+            with contextlib.suppress(ValueError):
+                return float(line.split()[1])
+    return None
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), or None."""
     stat = _read(f"/proc/{pid}/stat")
@@ -70,8 +81,9 @@ def owner_record() -> dict[str, Any]:
     }
 
 
-def owner_gone(rec: dict[str, Any]) -> bool:
-    """Whether the process that wrote ``rec`` has certainly ended (False when in doubt)."""
+def owner_gone(rec: dict[str, Any], written: float | None = None) -> bool:
+    """Whether the process that wrote ``rec`` (at ``written``, seconds since the epoch, where
+    known) has certainly ended (False when in doubt)."""
     if rec.get("host") != socket.gethostname():
         return False  # a folder another machine shares with this one
     pid = rec.get("pid")
@@ -79,7 +91,15 @@ def owner_gone(rec: dict[str, Any]) -> bool:
         return False
     boot = _boot_id()
     if boot is None or rec.get("boot") != boot:
-        return False  # another boot, or unknown: ids may mean anything
+        booted = _boot_time()
+        # written before this boot: its process ended with the boot it ran in. Else another
+        # boot or unknown: ids may mean anything (a 60 s margin for clocks set at boot)
+        return (
+            boot is not None
+            and booted is not None
+            and written is not None
+            and written < booted - 60
+        )
     ns = _pid_namespace()
     if ns is None or rec.get("pidns") != ns:
         return False  # another container's ids: not what this one sees
@@ -139,10 +159,12 @@ def sweep(root: Path | str | None = None) -> list[Path]:
         try:
             if d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
                 continue
-            rec = json.loads((d / OWNER_NAME).read_text())
+            record = d / OWNER_NAME
+            rec = json.loads(record.read_text())
+            written = record.stat().st_mtime
         except (OSError, ValueError):
             continue
-        if isinstance(rec, dict) and owner_gone(rec):
+        if isinstance(rec, dict) and owner_gone(rec, written):
             remove(d)
             if d.exists():  # the removal failed (files not ours to remove)
                 continue
