@@ -16,6 +16,7 @@ from prefast import train
 from prefast.cache.ahead import AheadStore
 from prefast.cache.manager import CacheManager
 from prefast.cache.plan import EpochPlan
+from prefast.models import from_sequential
 from tests.test_trainer import _weights, tiny
 
 SHAPE = (4, 8, 8)  # float32: 1 KiB a sample, chunks of whole pages
@@ -158,6 +159,35 @@ def test_a_probe_leaves_the_time_paid_ahead_out_of_a_rate(monkeypatch):
     assert probes._steady_rate(round_, cpu, seconds=0.5) == pytest.approx(2e6 / 0.75)
     # the limit never drops the counted round: at least one after the warm-up
     assert probes._steady(round_, cpu, seconds=0.0) == (1_000_000, 0.375, 0.0)
+
+
+def test_a_stop_asked_for_during_the_probes_stops_at_their_next_round(tmp_path, monkeypatch):
+    # Ctrl-C or SIGTERM during the planner's probes waited for all of them (seconds each)
+    from prefast import interrupt
+    from prefast.cache import probes
+
+    rounds = []
+
+    def round_(k: int) -> int:
+        rounds.append(k)
+        if k == 2:
+            interrupt.request_stop()
+        return 1  # never steady by bytes: only the 100 s limit would end it
+
+    cpu = torch.device("cpu")
+    try:
+        with pytest.raises(interrupt.Stopped):
+            probes._steady(round_, cpu, seconds=100.0)
+        assert rounds == [0, 1, 2]
+        with pytest.raises(interrupt.Stopped):  # the store probe: its stores are removed
+            probes.measure_store_rates(cpu, tmp_path, SHAPE, "float16", None, 8, seconds=100.0)
+        assert list(tmp_path.iterdir()) == []
+        model = from_sequential([torch.nn.Linear(3, 3), torch.nn.ReLU()], torch.nn.Identity())
+        interrupt.request_stop()
+        with pytest.raises(interrupt.Stopped):
+            probes.measure_unit_forward(model, torch.zeros(4, 3), 2, cpu)
+    finally:
+        interrupt.clear()
 
 
 def test_a_probe_tier_holds_at_most_the_runs_samples(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 import store
+from prefast import interrupt
 from prefast.models import UnitModel
 from prefast.monitor import available_host_bytes
 from prefast.runtime import TORCH_DTYPES, capture_graph, synchronize
@@ -62,6 +63,7 @@ def measure_unit_forward(
         with torch.no_grad():
             h = x
             for i in range(stop):
+                interrupt.check()  # a stop asked for: here, not after every unit's timing
                 if graphs_amp is not None:
                     best, h = _replayed(model.units[i], h, device, graphs_amp, repeats)
                     times[i] = best / len(x)
@@ -134,6 +136,7 @@ def _steady(
     t, skipped = time.perf_counter(), off_clock()
     moved, k = 0, 1
     while True:
+        interrupt.check()  # a stop asked for: at the next round, not after every probe
         moved += round_(k)
         k += 1
         synchronize(device)
