@@ -74,8 +74,37 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``prefast: error: ...`` and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            message += _did_you_mean(self, message.split(": ", 1)[1].split())
         sys.stderr.write(f"prefast: error: {' '.join(message.split())}\n")
         sys.exit(2)
+
+
+def _options(p: argparse.ArgumentParser) -> set[str]:
+    """The long options of ``p`` and of every subcommand's parser below it."""
+    out: set[str] = set()
+    for a in p._actions:
+        out.update(o for o in a.option_strings if o.startswith("--"))
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in a.choices.values():
+                out |= _options(sp)
+    return out
+
+
+def _did_you_mean(p: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """`` (did you mean --base-lr?)`` for the unknown options close to a known one (a typo, an
+    option of another tool), else ''. Unrecognized arguments are reported by the top parser,
+    which does not know the subcommand: every subcommand's options are candidates."""
+    import difflib
+
+    known = sorted(_options(p))
+    hints = []
+    for u in unknown:
+        if u.startswith("--"):
+            close = difflib.get_close_matches(u.split("=", 1)[0], known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{u.split('=', 1)[0]}: did you mean {close[0]}?")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _base_type(tp: Any) -> Any:

@@ -1139,6 +1139,26 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--lr", "0.1"], "arguments: --lr 0.1 (--lr: did you mean --base-lr?)"),
+        (
+            ["--batchsize=8", "--cache-dri", "x"],
+            "(--batchsize: did you mean --batch-size?; --cache-dri: did you mean --cache-dir?)",
+        ),
+        (["--learning-rate", "1"], "unrecognized arguments: --learning-rate 1"),
+    ],
+)
+def test_cli_names_the_option_an_unknown_one_was_likely_meant_for(extra, needle, capsys):
+    # argparse said only 'unrecognized arguments: --lr 0.1'
+    with pytest.raises(SystemExit) as e:
+        main(["train", *SYN, *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("prefast: error: ") and err.count("\n") == 1
+    assert err.rstrip().endswith(needle), err
+
+
 @pytest.mark.parametrize(("extra", "needle"), BAD)
 def test_cli_bad_input_is_one_line_and_exit_2(extra, needle, capsys):
     base = [
