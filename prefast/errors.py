@@ -11,7 +11,17 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from store.errors import shown
+
+def shown(value: Any) -> str:
+    """``value`` as an error quotes it (``store.errors.shown``: an array or tensor by its
+    shape and dtype, anything else by its repr cut to 80 characters). The store package is
+    imported only for an array: it imports torch, which ``prefast --t0 2`` need not wait for."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        from store.errors import shown as store_shown
+
+        return store_shown(value)
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 class PrefastError(ValueError):

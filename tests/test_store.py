@@ -1337,3 +1337,13 @@ def test_a_path_where_an_opened_store_is_needed_is_refused_clearly(call):
 def test_finalize_without_a_store_is_a_store_error(tmp_path):
     with pytest.raises(store.StoreNotFoundError, match="no store to finalize"):
         store.finalize(tmp_path / "nope")
+
+
+def test_prefast_option_checks_quote_an_array_by_its_shape_too():
+    from prefast.errors import ConfigError, check_bool, check_int, check_number
+
+    for check in (check_int, check_number, check_bool):
+        with pytest.raises(ConfigError, match=r"got a tensor of shape \(64, 3\) and dtype"):
+            check("seed", torch.zeros(64, 3))  # type: ignore[operator]
+    with pytest.raises(ConfigError, match=r"got 'xxxxx.*x\.\.\.$"):
+        check_int("seed", "x" * 300)
