@@ -3,10 +3,10 @@
 A signal handler that raised at once could stop the main thread anywhere: while it waits for
 zarr's I/O thread to create a store, say, which then goes on writing files after the run has
 removed its folder. So ``request_stop`` (what ``prefast train``'s SIGTERM and Ctrl-C handlers
-call; a program driving ``train`` may call it too) only records the request, and the run
-raises ``Stopped`` at its next safe point: before a training step, an evaluation batch, a
-batch of a cache pass or a round of the planner's probes. The run's clean-up then runs as for any error: a store being written
-stays incomplete, a temporary cache folder is removed.
+call; a program driving ``train`` may call it too) only records the request, and the run raises
+``Stopped`` at its next safe point: before a training step, an evaluation batch, a batch of a
+cache pass or a round of the planner's probes. The run's clean-up then runs as for any error: a
+store being written stays incomplete, a temporary cache folder is removed.
 """
 
 from __future__ import annotations
