@@ -199,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     v.add_argument("path", help="the store (a boundary-NNN folder of a cache dir)")
-    v.add_argument("--checkpoint", required=True, help="a prefast train checkpoint (last.pt)")
+    v.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a prefast train checkpoint (last.pt), or the --checkpoint-dir holding it",
+    )
     v.add_argument(
         "--samples", type=int, default=16, help="samples recomputed per view (default %(default)s)"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -155,12 +156,12 @@ def test_verify_checkpoint_input_errors(run, tmp_path, stores, capsys):
         assert err.startswith("prefast: error:") and needle in err and err.count("\n") == 1, err
 
     one_line([path, "--checkpoint", str(tmp_path / "none.pt")], "no checkpoint at")
-    # a run's --checkpoint-dir for the file in it: named as a folder, with the file to give
+    # a run's --checkpoint-dir stands for the checkpoint in it (it was refused, naming it)
     ck = run["ckpt"].parent
-    one_line(
-        [path, "--checkpoint", str(ck)],
-        f"{ck} is a folder, not a checkpoint file; give {ck / 'last.pt'}",
-    )
+    rc = prefast_main(["verify", path, "--checkpoint", str(ck), "--samples", "2", "--json",
+                       "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and json.loads(out)["checkpoint"] == str(run["ckpt"]), out
     one_line(
         [path, "--checkpoint", str(tmp_path)],
         "is a folder, not a checkpoint file; a run's --checkpoint-dir holds last.pt",

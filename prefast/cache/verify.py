@@ -46,7 +46,11 @@ from prefast.errors import CheckpointError, PrefastError
 from prefast.freezeout import freeze_prefix
 from prefast.models import create_model
 from prefast.runtime import autocast, resolve_device
-from prefast.training.checkpoint import load_checkpoint_file, state_dict_mismatch
+from prefast.training.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint_file,
+    state_dict_mismatch,
+)
 
 RTOL = {"float32": 1e-5, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 INCREMENTAL_FACTOR = 4.0
@@ -163,8 +167,11 @@ def verify_against_checkpoint(
 ) -> CheckpointReport:
     """Checksums, fingerprint, data and a recomputation of ``samples`` samples of every view
     (see the module docstring). Failures are collected in the report; bad input (a missing or
-    foreign checkpoint, a store without provenance) raises ``CheckpointError``."""
+    foreign checkpoint, a store without provenance) raises ``CheckpointError``.
+    ``checkpoint`` may be a run's ``--checkpoint-dir``: the checkpoint in it is checked."""
     ckpt = os.fspath(checkpoint)
+    if os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, CHECKPOINT_NAME)):
+        ckpt = os.path.join(ckpt, CHECKPOINT_NAME)
     report = CheckpointReport(path=s.path, checkpoint=ckpt)
     meta = s.meta
     lacking = [k for k in _REQUIRED_META if k not in meta]
