@@ -362,6 +362,26 @@ def test_register_model_checks_its_name_and_the_factorys_arguments() -> None:
     assert "wrong" not in list_models() and all(isinstance(n, str) for n in list_models())
 
 
+def test_a_factory_whose_config_is_not_strict_json_is_refused_when_it_builds() -> None:
+    # a factory that builds its UnitModel itself with clip=inf in its config trained until
+    # its first cache, whose store then refused the config as meta
+    def clipped(num_classes: int, in_channels: int, image_size: int, clip: float) -> UnitModel:
+        units = [nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU()]
+        head = nn.Sequential(nn.Flatten(), nn.Linear(4 * image_size**2, num_classes))
+        return UnitModel(units, head, ["conv", "relu"], config={"name": "clipped", "clip": clip})
+
+    register_model("clipped")(clipped)
+    try:
+        assert create_model(
+            "clipped", num_classes=3, in_channels=1, image_size=5, clip=1.0
+        ).config == {"name": "clipped", "clip": 1.0}
+        with pytest.raises(ModelError, match=r"model 'clipped': its config must be JSON-able "
+                           r".*no NaN or infinity"):  # fmt: skip
+            create_model("clipped", num_classes=3, in_channels=1, image_size=5, clip=math.inf)
+    finally:
+        unregister_model("clipped")
+
+
 def test_unit_model_validates_its_parts() -> None:
     units = [nn.Identity(), nn.Identity()]
     with pytest.raises(ValueError, match="unit_names"):
@@ -546,6 +566,8 @@ def test_from_sequential_is_exported() -> None:
         ({"config": "custom"}, "config must be a dict"),
         ({"config": {"name": 3}}, r"config\['name'\]"),
         ({"config": {"name": "x", "act": nn.ReLU()}}, "config must be JSON-able"),
+        # a store records the config; its writer refuses NaN (it failed at the first cache)
+        ({"config": {"name": "x", "clip": float("inf")}}, "no NaN or infinity"),
     ],
 )
 def test_from_sequential_errors_name_the_field(kwargs: dict[str, Any], needle: str) -> None:

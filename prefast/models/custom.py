@@ -144,11 +144,13 @@ def from_sequential(
     if not isinstance(cfg["name"], str) or not cfg["name"]:
         raise ModelError(f"from_sequential: config['name'] must be a string, got {cfg['name']!r}")
     try:
-        json.dumps(cfg, sort_keys=True)
+        # strict: every cache records the config in its store's zarr.json, which other
+        # readers refuse with NaN or Infinity in it (and the store writer refuses it)
+        json.dumps(cfg, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ModelError(
             f"from_sequential: config must be JSON-able (str keys; numbers, strings, lists, "
-            f"dicts): {e}"
+            f"dicts; no NaN or infinity): {e}"
         ) from None
 
     return UnitModel(items, head, names, transition_after=[c - 1 for c in cuts], config=cfg)

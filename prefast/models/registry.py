@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -152,6 +153,13 @@ def create_model(
             f"model {name!r}: the factory returned a {type(model).__name__}, not a UnitModel; "
             "build it with prefast.models.from_sequential"
         )
+    try:  # a factory that builds its UnitModel itself: the check from_sequential makes
+        json.dumps(model.config, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ModelError(
+            f"model {name!r}: its config must be JSON-able (str keys; numbers, strings, lists, "
+            f"dicts; no NaN or infinity), as every cache records it: {e}"
+        ) from None
     if model.config.get("name") != name:
         # A cache fingerprint hashes the config and `prefast verify` rebuilds the model with
         # create_model(**config): both need the registered name in it.
