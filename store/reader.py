@@ -614,6 +614,26 @@ def check_opened(s: object, call: str) -> None:
         )
 
 
+def _stores_below(folder: Path, most: int = 4) -> str:
+    """``; the stores in it: a/b, ...`` for a folder holding stores up to three levels down (a
+    run folder, a cache folder, a checkpoint folder: what a user gives for the store in it),
+    else ''. The nearest level that holds any is listed."""
+    found: list[str] = []
+    try:
+        for depth in ("*", "*/*", "*/*/*"):
+            for z in sorted(folder.glob(f"{depth}/zarr.json")):
+                if z.is_file() and ATTRS_KEY in z.read_text(errors="replace"):
+                    found.append(os.path.relpath(z.parent, folder))
+            if found:
+                break
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    more = f" and {len(found) - most} more" if len(found) > most else ""
+    return "; the stores in it: " + ", ".join(found[:most]) + more
+
+
 def open(
     path: str | os.PathLike[str], *, partial: bool = False, checksums: bool = True
 ) -> ActivationStore:
@@ -628,7 +648,9 @@ def open(
         if not local.exists():
             raise StoreNotFoundError(f"{local}: no such file or directory")
         if not (local / "zarr.json").is_file():
-            raise NotAStoreError(f"{local}: not an activation store (no zarr.json)")
+            raise NotAStoreError(
+                f"{local}: not an activation store (no zarr.json){_stores_below(local)}"
+            )
     try:
         group = _zarr.open_group(path, mode="r")
     except FileNotFoundError:

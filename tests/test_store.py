@@ -1347,3 +1347,28 @@ def test_prefast_option_checks_quote_an_array_by_its_shape_too():
             check("seed", torch.zeros(64, 3))  # type: ignore[operator]
     with pytest.raises(ConfigError, match=r"got 'xxxxx.*x\.\.\.$"):
         check_int("seed", "x" * 300)
+
+
+def test_opening_a_folder_above_stores_names_the_stores_in_it(tmp_path, data):
+    # a run's checkpoint, cache or run folder given for the store in it: only 'no zarr.json'
+    x, y = data
+    x, y = x[:1, :9], y[:9]
+    write_store(tmp_path / "ck" / "cache" / "run-a" / "boundary-004", x, y, chunk=4)
+    for where, named in (
+        ("ck", "cache/run-a/boundary-004"),
+        ("ck/cache", "run-a/boundary-004"),
+        ("ck/cache/run-a", "boundary-004"),
+    ):
+        with pytest.raises(store.NotAStoreError) as e:
+            store.open(tmp_path / where)
+        assert str(e.value) == (
+            f"{tmp_path / where}: not an activation store (no zarr.json); the stores in it: {named}"
+        )
+    for k in range(6):
+        write_store(tmp_path / "many" / f"s{k}", x, y, chunk=4)
+    with pytest.raises(store.NotAStoreError, match=r"in it: s0, s1, s2, s3 and 2 more$"):
+        store.open(tmp_path / "many")
+    (tmp_path / "other" / "notes").mkdir(parents=True)
+    (tmp_path / "other" / "notes" / "zarr.json").write_text("{}")  # a zarr group, not a store
+    with pytest.raises(store.NotAStoreError, match=r"\(no zarr.json\)$"):
+        store.open(tmp_path / "other")
