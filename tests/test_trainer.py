@@ -997,6 +997,28 @@ def test_a_trainer_whose_set_up_fails_releases_the_run_folder(tmp_path, monkeypa
     T.Trainer(cfg).cache.close()  # the same settings take the folder again
 
 
+def test_a_run_without_resume_refuses_to_replace_a_checkpoint(tmp_path, capsys):
+    # a forgotten --resume overwrote the earlier run's last.pt at its first epoch
+    ck = tmp_path / "ck"
+    train(tiny(epochs=1, checkpoint_dir=str(ck)))
+    before = (ck / "last.pt").read_bytes()
+    argv = ["train", *SYN, "--depth", "16", "--growth", "8", "--epochs", "1",
+            "--batch-size", "16", "--t0", "0.3", "--how-scale", "linear", "--device", "cpu",
+            "--no-progress", "-q", "--checkpoint-dir", str(ck)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"prefast: error: --checkpoint-dir: {ck / 'last.pt'} holds an earlier run's checkpoint; "
+        "--resume continues that run (a finished one prints its summary), or delete the file "
+        "or give another --checkpoint-dir to start afresh\n"
+    )
+    assert (ck / "last.pt").read_bytes() == before
+    with pytest.raises(ConfigError, match="holds an earlier run's checkpoint"):
+        train(tiny(epochs=1, checkpoint_dir=str(ck)))
+    r = train(tiny(epochs=1, checkpoint_dir=str(ck), resume=True))  # the finished run
+    assert len(r.records) == 1 and (ck / "last.pt").read_bytes() == before
+
+
 def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, capsys):
     ck = tmp_path / "ck"
     train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(ck)))

@@ -785,6 +785,13 @@ def check_outputs(cfg: TrainConfig) -> None:
         ck = check_writable_dir(cfg.checkpoint_dir, "--checkpoint-dir")
         if (ck / CHECKPOINT_NAME).is_dir():
             raise ConfigError(f"--checkpoint-dir: {ck / CHECKPOINT_NAME} is a directory")
+        if not cfg.resume and (ck / CHECKPOINT_NAME).exists():
+            # a forgotten --resume replaced it at the new run's first epoch: hours of training
+            raise ConfigError(
+                f"--checkpoint-dir: {ck / CHECKPOINT_NAME} holds an earlier run's checkpoint; "
+                "--resume continues that run (a finished one prints its summary), or delete "
+                "the file or give another --checkpoint-dir to start afresh"
+            )
     if cfg.mode == "prefast" and cfg.cache_dir:
         check_cache_dir(cfg.cache_dir)  # a URL's backend, a folder not inside a store
         local = location.as_local(cfg.cache_dir)
