@@ -47,6 +47,8 @@ RESUMABLE_FIELDS = frozenset(
 )
 
 MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed takes
+# create_model's own arguments: set from --model and the dataset, never from model_args
+_NOT_MODEL_ARGS = ("name", "num_classes", "in_channels", "image_size")
 MAX_DIST_TIMEOUT = 1e9  # seconds (about 31 years): a timedelta, and c10d's milliseconds, hold it
 
 # field name -> allowed values (checked in __post_init__ and offered as CLI choices)
@@ -254,6 +256,17 @@ class TrainConfig:
             raise ConfigError("--resume: needs --checkpoint-dir")
         if not isinstance(self.model_args, dict):
             raise ConfigError(f"model_args: must be a dict, got {self.model_args!r}")
+        # create_model(model, num_classes=..., in_channels=..., image_size=..., **model_args):
+        # these names (and a key that is no name) failed there with a TypeError, after the data
+        # had loaded
+        taken = [k for k in self.model_args if not isinstance(k, str) or k in _NOT_MODEL_ARGS]
+        if taken:
+            raise ConfigError(
+                f"model_args: {', '.join(map(repr, taken))} cannot be given: model_args are "
+                "the factory's own keyword arguments (e.g. depth, growth); num_classes, "
+                "in_channels and image_size come from the dataset, and the model's name is "
+                "--model"
+            )
         for name in ("data_root", "cache_dir", "metrics", "checkpoint_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):

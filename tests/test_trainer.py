@@ -1546,6 +1546,16 @@ def test_a_value_too_large_for_what_uses_it_is_refused_up_front(field, value, ma
     assert TrainConfig(seed=2**64 - 1, dist_timeout=1e9).seed == 2**64 - 1
 
 
+@pytest.mark.parametrize("key", ["num_classes", "in_channels", "image_size", "name", 3])
+def test_model_args_that_create_model_sets_itself_are_refused(key):
+    # model_args={"num_classes": 100} was a bare TypeError ("create_model() got multiple
+    # values for keyword argument 'num_classes'") once the data had loaded
+    with pytest.raises(ConfigError, match=rf"^model_args: {key!r} cannot be given: .* come "
+                       "from the dataset, and the model's name is --model$"):  # fmt: skip
+        TrainConfig(model_args={"depth": 16, key: 5})
+    assert TrainConfig(model_args={"depth": 16, "growth": 8}).model_args["growth"] == 8
+
+
 def test_from_dict_and_replace_refuse_what_is_no_config_field_by_name():
     cfg = TrainConfig(epochs=3, model_args={"depth": 16})
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
