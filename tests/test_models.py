@@ -252,6 +252,7 @@ def test_unit_costs_exact_for_densenet_pieces() -> None:
         ("wrn", {"depth": 15}, "depth"),
         ("wrn", {"widen": 0}, "widen"),
         ("vgg", {"depth": 17}, "depth"),
+        ("vgg", {"depth": 16.0}, "depth"),  # taken, and recorded as 16.0 in the config
         ("vgg", {"width": 2}, "width"),
     ],
 )
