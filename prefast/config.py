@@ -230,6 +230,12 @@ class TrainConfig:
                 object.__setattr__(self, f.name, plain)
         for name, allowed in CHOICES.items():
             check_choice(cli_flag(name), getattr(self, name), allowed)
+        if not isinstance(self.model, str) or not self.model:
+            # None or ["densenet_bc"] passed until the model was built, after the data loaded
+            raise ConfigError(
+                f"--model: must be a registered model's name, e.g. 'densenet_bc', got "
+                f"{self.model!r}"
+            )
         check_number("--t0", self.t0, 0.0, 1.0, low_open=True)
         for name in ("views", "epochs", "batch_size", "eval_batch_size"):
             check_int(cli_flag(name), getattr(self, name))

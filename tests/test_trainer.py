@@ -31,7 +31,13 @@ from prefast import (
 )
 from prefast.cache.plan import CostModel, plan_boundaries, plan_boundary
 from prefast.cli import main
-from prefast.models import UnitModel, from_sequential, register_model, unregister_model
+from prefast.models import (
+    UnitModel,
+    create_model,
+    from_sequential,
+    register_model,
+    unregister_model,
+)
 from prefast.training import Trainer
 from prefast.training.step import StepRunner
 
@@ -1544,6 +1550,17 @@ def test_a_value_too_large_for_what_uses_it_is_refused_up_front(field, value, ma
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**{field: value})
     assert TrainConfig(seed=2**64 - 1, dist_timeout=1e9).seed == 2**64 - 1
+
+
+@pytest.mark.parametrize("model", [None, ["densenet_bc"], "", 5])
+def test_a_model_that_is_no_name_is_refused(model):
+    # None, 5 or a list passed the config and failed once the data had loaded (a list with a
+    # bare TypeError, unhashable type)
+    with pytest.raises(ConfigError, match=r"^--model: must be a registered model's name, e\.g\. "
+                       rf"'densenet_bc', got {re.escape(repr(model))}$"):  # fmt: skip
+        TrainConfig(model=model)
+    with pytest.raises(ModelError, match=r"^unknown model"):
+        create_model(model, num_classes=10, in_channels=3, image_size=32)
 
 
 @pytest.mark.parametrize("key", ["num_classes", "in_channels", "image_size", "name", 3])

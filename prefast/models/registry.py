@@ -120,7 +120,7 @@ def create_model(
     """
     try:
         factory = _REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name, ["densenet_bc"]
         hint = _did_you_mean(name)
         raise ModelError(
             f"unknown model {name!r};{hint} known models: {', '.join(list_models())}"
