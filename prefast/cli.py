@@ -261,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     err = summary.get("final_test_error")
+    val = summary.get("final_val_error")
+    val_text = f", val error {val:.4f}" if val is not None else ""
     print(
         f"{summary['mode']} {summary['model']['name']} on {summary['dataset']} ({summary['train_samples']} images, "
-        f"{summary['epochs']} epochs): test error {err:.4f}, train {summary['total_train_seconds']:.1f} s "
+        f"{summary['epochs']} epochs): test error {err:.4f}{val_text}, train {summary['total_train_seconds']:.1f} s "
         f"(cache passes {summary['total_cache_build_seconds']:.1f} s), frozen {summary['frozen_units']}/{summary['num_units']} units"
     )
     path = summary.get("cache_path")

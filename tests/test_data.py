@@ -479,6 +479,41 @@ def test_subset_and_split_off() -> None:
             data.split_off(bad, seed=0)
 
 
+def test_validation_error_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    # --val-size held images out and evaluated them every epoch, but the error reached only
+    # an undocumented metrics field: not the epoch's log line, the summary or the CLI's output
+    from prefast.cli import main
+
+    args = [
+        "train", "--dataset", "synthetic", "--num-samples", "40", "--val-size", "8",
+        "--model", "densenet_bc", "--depth", "10", "--growth", "4", "--epochs", "2",
+        "--batch-size", "16", "--mode", "freezeout", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    line = captured.out.strip().splitlines()[0]
+    assert "on synthetic (32 images, 2 epochs): test error " in line
+    val = float(line.split("val error ")[1].split(",")[0])
+    assert val in {k / 8 for k in range(9)}  # 8 held-out images
+    assert "epoch 1: " in captured.err and f"val error {val:.4f}" in captured.err
+
+
+def test_summary_holds_the_validation_error() -> None:
+    from prefast import TrainConfig, train
+
+    cfg = dict(
+        dataset="synthetic", num_samples=40, model="densenet_bc", model_args={"depth": 10, "growth": 4},
+        epochs=2, batch_size=16, mode="freezeout", device="cpu", progress=False,
+    )  # fmt: skip
+    r = train(TrainConfig(**cfg, val_size=8))
+    errors = [rec["val_error"] for rec in r.records]
+    assert r.summary["final_val_error"] == errors[-1]
+    assert r.summary["best_val_error"] == min(errors)
+    assert r.summary["final_val_loss"] == r.records[-1]["val_loss"]
+    plain = train(TrainConfig(**cfg))
+    assert plain.summary["final_val_error"] is None and plain.summary["best_val_error"] is None
+
+
 def test_image_data_validates() -> None:
     spec = spec_for("mnist")
     with pytest.raises(DataError, match="needs"):

@@ -367,12 +367,13 @@ class Trainer:
                 )
                 planned = rec["plan_seconds"]
                 log.info(
-                    "epoch %d: train loss %.4f acc %.4f, test error %.4f, %.2f s (%scache %.2f "
-                    "s, waiting for batches %.2f s), frozen %d, boundary %d",
+                    "epoch %d: train loss %.4f acc %.4f, test error %.4f%s, %.2f s (%scache "
+                    "%.2f s, waiting for batches %.2f s), frozen %d, boundary %d",
                     epoch,
                     rec["train_loss"],
                     rec["train_accuracy"],
                     test_err,
+                    f", val error {rec['val_error']:.4f}" if "val_error" in rec else "",
                     rec["train_seconds"],
                     "" if planned is None else f"the plan predicted {planned:.2f} s, ",
                     rec["cache_build_seconds"],
@@ -737,6 +738,10 @@ class Trainer:
             "final_test_error": last.get("test_error"),
             "final_test_loss": last.get("test_loss"),
             "best_test_error": min((r["test_error"] for r in recs), default=None),
+            # with --val-size: the held-out training images' error (None without)
+            "final_val_error": last.get("val_error"),
+            "final_val_loss": last.get("val_loss"),
+            "best_val_error": min((r["val_error"] for r in recs if "val_error" in r), default=None),
             "frozen_units": self.frontier,
             "num_units": self.model.num_units,
             "freeze_iterations": self.schedule.freeze_iterations(),
