@@ -1341,6 +1341,47 @@ def test_a_failed_runs_metrics_end_with_the_error_and_a_resume_drops_it(tmp_path
     }
 
 
+def test_each_epochs_step_captures_are_its_own_and_a_resume_counts_them_alike(
+    tmp_path, monkeypatch
+):
+    """step_captures counted the run's captures so far, where every other epoch field is the
+    epoch's own: a resumed run, whose count starts at 0, wrote other values than the run never
+    interrupted. Here each configuration counts as one capture (a CUDA graph's, on a GPU)."""
+    from prefast import interrupt
+
+    configure = StepRunner.configure
+
+    def counted(self, *a, **k):
+        configure(self, *a, **k)
+        self.captures += 1
+
+    monkeypatch.setattr(StepRunner, "configure", counted)
+
+    def captures(sub, **kw):
+        metrics = tmp_path / sub / "m.jsonl"
+        cfg = dict(mode="freezeout", checkpoint_dir=str(tmp_path / sub), metrics=str(metrics))
+        train(tiny(**cfg, **kw))
+        return [r["step_captures"] for r in map(json.loads, metrics.read_text().splitlines()[:-1])]
+
+    whole = captures("whole")
+    assert whole == [1, 5, 6]  # the epoch's start, then one per freeze (none in epoch 0)
+    step = StepRunner.step
+
+    def stop_in_epoch_1(self, h, y, j, *a):
+        if j == 8:  # epoch 1 (6 steps an epoch): this step runs, the next does not
+            interrupt.request_stop()
+        return step(self, h, y, j, *a)
+
+    monkeypatch.setattr(StepRunner, "step", stop_in_epoch_1)
+    try:
+        with pytest.raises(interrupt.Stopped):
+            captures("resumed")
+    finally:
+        interrupt.clear()
+    monkeypatch.setattr(StepRunner, "step", step)
+    assert captures("resumed", resume=True) == whole
+
+
 def test_a_signal_the_process_ignores_stays_ignored_during_a_run(monkeypatch):
     """`prefast train ... &` in a shell script starts with SIGINT ignored, so that a Ctrl-C
     meant for the script leaves it running; prefast's handler replaced that and stopped it."""

@@ -431,6 +431,7 @@ class Trainer:
         watch = Stopwatch(self.device)
         cache_before = self.cache.seconds if self.cache is not None else 0.0
         probe_before = self.cache.probe_seconds if self.cache is not None else 0.0
+        captures_before = self.steps.captures
         meter = EpochMeter(self.iters_per_epoch, self.device)
         visited: list[torch.Tensor] = []  # this rank's batches' sample ids, counted at the end
         j = epoch * self.iters_per_epoch
@@ -520,7 +521,9 @@ class Trainer:
             "cache_tier": cur.tier if cur is not None else None,
             "cache_bytes": cur.nbytes if cur is not None else 0,
             "lr_head": self.schedule.lr(self.model.num_units, min(j, self.total_iterations - 1)),
-            "step_captures": self.steps.captures,
+            # CUDA graphs captured by the epoch's steps (each epoch captures its own: the first
+            # configure drops the graph), as a resumed run counts them too
+            "step_captures": self.steps.captures - captures_before,
         }
 
     def _configure_steps(self) -> None:
