@@ -198,6 +198,55 @@ def test_write_through_catch_up_runs_at_the_given_batch_and_counts_the_steps_row
     assert w.take_bytes == 7 * 6 * 4 and "catch-up of 16 samples" in line
 
 
+@pytest.mark.parametrize(
+    ("tier", "dtype", "batch_size"),
+    [("ram", "float32", 16), ("device", "bfloat16", 16), ("zarr", "float16", 64)],
+)
+def test_every_row_written_through_is_the_frozen_prefix_output_at_odd_sizes(
+    tmp_path, monkeypatch, tier, dtype, batch_size
+):
+    """33 samples: batches of 16 leave a last batch of one sample, and a batch of 64 is larger
+    than the dataset (one step an epoch). Each cache written through, when it takes over, holds
+    for every sample and label what the frozen units give in eval mode, hop by hop along its
+    chain, each hop rounded to the cache dtype (to a rounding of that dtype)."""
+    from prefast.cache.manager import CacheManager
+    from prefast.data import Augment, load_data, make_batch, view_key
+
+    taken = []
+    end_epoch = CacheManager.end_epoch
+
+    def snapshot(self, epoch):
+        moved = end_epoch(self, epoch)
+        if moved:
+            c, n = self.cache, len(self.data.train)
+            taken.append((c.chain, c.source.read(0, np.arange(n)).clone(), c.source.labels))
+        return moved
+
+    monkeypatch.setattr(CacheManager, "end_epoch", snapshot)
+    cfg = tiny(
+        mode="prefast", num_samples=33, batch_size=batch_size, epochs=4 if batch_size < 33 else 6,
+        cache=tier, cache_dtype=dtype, cache_dir=str(tmp_path / "c"), recache_policy="every",
+    )  # fmt: skip
+    r = train(cfg)
+    assert r.summary["cache_tier"] in (tier, "ram")  # --cache device on the CPU: host memory
+    assert len(taken) >= 1 and all(x["samples_seen"] == 33 for x in r.records)
+    wt = [x["write_through"] for x in r.records if x["write_through"]]
+    assert len(wt) == len(taken)
+    train_data = load_data(cfg).train
+    view = Augment.from_spec(train_data.spec, True).params(view_key(cfg.seed, 0), 33)
+    x, _ = make_batch(train_data, np.arange(33), view, "cpu")
+    r.model.eval()
+    eps = torch.finfo(getattr(torch, dtype)).eps
+    for chain, got, labels in taken:
+        h, b0 = x, 0
+        with torch.no_grad():
+            for b in chain:
+                h, b0 = r.model.forward_range(h.float(), b0, b).to(got.dtype), b
+        assert got.dtype == getattr(torch, dtype) and got.shape == h.shape
+        torch.testing.assert_close(got.float(), h.float(), rtol=2 * eps, atol=1e-5)
+        assert torch.equal(labels.cpu(), train_data.labels.cpu())
+
+
 # ---- modes and tiers -------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["full", "freezeout"])
 def test_modes_train_and_freeze_as_scheduled(mode):
