@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CACHE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    cs = c.add_subparsers(dest="cache_command", parser_class=_Parser, required=True)
+    cs = c.add_subparsers(dest="cache_command", parser_class=_Parser)
     cl = cs.add_parser(
         "list",
         help="the run folders: size, stores, what produced them, whether a run is using them",
@@ -410,6 +410,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "give a command: train (train a model), verify (check a cache store) or cache "
             "(list or remove run folders)"
+        )
+    if args.command == "cache" and args.cache_command is None:  # argparse named its dest
+        cache = next(
+            a.choices["cache"] for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+        )
+        cache.print_usage(sys.stderr)
+        cache.error(
+            "give a command: list (the run folders in a cache folder) or remove (delete run "
+            "folders)"
         )
     if (
         args.command != "train"  # verify: Ctrl-C, SIGTERM, SIGHUP act at once, as usual

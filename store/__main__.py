@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command")
 
     ins = sub.add_parser(
         "inspect", help="summary of a store: shape, dtype, codec, bytes, completeness, provenance"
@@ -247,7 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print(f"error: {CHECKPOINT_MOVED}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `python -m store`: what it can do, not a dest's name
+        parser.error(  # prints the usage first
+            "give a command: inspect (what is in a store), stats (per-channel statistics), show "
+            "(pictures of a sample), verify (every chunk's checksum) or diff (two stores)"
+        )
     try:
         rc = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit

@@ -77,6 +77,19 @@ def test_stats_merge_is_stable_far_from_zero(tmp_path):
     np.testing.assert_allclose(store.stats(s).std, ref.std(1), rtol=1e-4)
 
 
+def test_a_bare_python_m_store_names_its_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        store_main([])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m store") and "required" not in err
+    assert err.strip().endswith(
+        "python -m store: error: give a command: inspect (what is in a store), stats "
+        "(per-channel statistics), show (pictures of a sample), verify (every chunk's checksum) "
+        "or diff (two stores)"
+    )
+
+
 def test_stats_command_writes_json_and_histogram(tmp_path, stores, capsys):
     out, hist = tmp_path / "stats.json", tmp_path / "hist.png"
     rc = store_main(

@@ -1580,6 +1580,16 @@ def test_a_bare_prefast_names_its_commands(capsys):
                                 "(check a cache store) or cache (list or remove run folders)")  # fmt: skip
 
 
+def test_a_bare_prefast_cache_names_its_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["cache"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: prefast cache") and "cache_command" not in err
+    assert err.strip().endswith("prefast: error: give a command: list (the run folders in a "
+                                "cache folder) or remove (delete run folders)")  # fmt: skip
+
+
 def test_a_stopped_run_names_the_stores_it_leaves_in_its_cache_folder(
     tmp_path, monkeypatch, caplog
 ):
