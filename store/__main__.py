@@ -33,6 +33,7 @@ EXAMPLES = """examples:
 
 
 NO_PROGRESS = "no progress bars (shown only where stderr is a terminal)"
+STORE_PATH = "the store: its folder (a boundary-NNN of a prefast cache folder) or fsspec URL"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,14 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser(
         "inspect", help="summary of a store: shape, dtype, codec, bytes, completeness, provenance"
     )
-    ins.add_argument("path")
+    ins.add_argument("path", help=STORE_PATH)
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     st = sub.add_parser(
         "stats",
         help="per-channel mean, std, min, max and zero fraction (one streaming pass)",
     )
-    st.add_argument("path")
+    st.add_argument("path", help=STORE_PATH)
     st.add_argument("--view", type=int, default=None, help="one view (default: all views)")
     st.add_argument("--out", default=None, help="also write the statistics as JSON here")
     st.add_argument(
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS)
 
     sh = sub.add_parser("show", help="a PNG grid of one sample's activation maps")
-    sh.add_argument("path")
+    sh.add_argument("path", help=STORE_PATH)
     sh.add_argument("--sample", type=int, required=True, help="sample index")
     sh.add_argument("--view", type=int, default=0, help="view to draw (default 0)")
     sh.add_argument(
@@ -77,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw the first N channels (default: up to 64, or 8 with --compare-views)",
     )
     sh.add_argument("--compare-views", action="store_true", help="rows = views, columns = channels")
-    sh.add_argument("--dpi", type=int, default=100)
+    sh.add_argument(
+        "--dpi",
+        type=int,
+        default=100,
+        help="resolution of the PNG, dots per inch (default %(default)s)",
+    )
     sh.add_argument(
         "-o",
         "--out",
@@ -89,13 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="CRC-check every chunk (against a training checkpoint: prefast verify)",
     )
-    ve.add_argument("path")
+    ve.add_argument("path", help=STORE_PATH)
     ve.add_argument("--json", action="store_true", help="print the report as JSON")
     ve.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS)
 
     di = sub.add_parser("diff", help="per-channel differences of store B against store A")
-    di.add_argument("a")
-    di.add_argument("b")
+    di.add_argument("a", metavar="A", help="the store compared against (a folder or URL)")
+    di.add_argument("b", metavar="B", help="the store compared with A")
     di.add_argument("--json", action="store_true", help="print the report as JSON")
     di.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS)
     return p

@@ -90,6 +90,21 @@ def test_a_bare_python_m_store_names_its_commands(capsys):
     )
 
 
+def test_every_argument_of_python_m_store_says_what_it_is():
+    import argparse
+
+    sub = next(
+        a for a in store_cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    bare = {
+        f"{name} {a.dest}"
+        for name, p in sub.choices.items()
+        for a in p._actions
+        if not a.help and not isinstance(a, argparse._HelpAction)
+    }
+    assert bare == set()
+
+
 def test_stats_command_writes_json_and_histogram(tmp_path, stores, capsys):
     out, hist = tmp_path / "stats.json", tmp_path / "hist.png"
     rc = store_main(
