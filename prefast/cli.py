@@ -306,6 +306,7 @@ def _mb(n: int) -> str:
 
 def _cache(args: argparse.Namespace) -> int:
     from prefast.cache import folders
+    from prefast.errors import CacheError
 
     if args.cache_command == "list":
         found = folders.unique([r for path in args.paths for r in folders.list_run_folders(path)])
@@ -333,9 +334,14 @@ def _cache(args: argparse.Namespace) -> int:
                     f"(a run with --checkpoint-dir {path} keeps its stores in {Path(path, 'cache')})"
                 )
         return 0
-    runs = folders.unique(
-        [folders.check_removable(path) for path in args.paths]
-    )  # all, before any goes
+    try:
+        runs = folders.unique(
+            [folders.check_removable(path) for path in args.paths]
+        )  # all, before any goes
+    except CacheError as e:
+        if len(args.paths) == 1:
+            raise
+        raise CacheError(f"{e}; none of the {len(args.paths)} folders named was removed") from None
     if args.dry_run:
         for r in runs:
             print(f"would remove {r.path} ({_mb(r.nbytes)})")
