@@ -65,10 +65,21 @@ class RefusedByRankZero(PrefastError):
 def check_choice(
     what: str, value: object, allowed: Iterable[object], error: type[PrefastError] = ConfigError
 ) -> None:
-    """Raise ``error`` naming ``what`` unless ``value`` is one of ``allowed``."""
+    """Raise ``error`` naming ``what`` unless ``value`` is one of ``allowed``; a string that
+    differs from one only in case and separators (``fashion_mnist``, ``CIFAR-10``) is named."""
     allowed = list(allowed)
     if isinstance(value, bool) or value not in allowed:
-        raise error(f"{what}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        hint = ""
+        if isinstance(value, str):
+            key = _letters(value)
+            close = [a for a in allowed if isinstance(a, str) and _letters(a) == key]
+            hint = f"; did you mean {close[0]!r}?" if len(close) == 1 else ""
+        raise error(f"{what}: {value!r} is not one of {', '.join(map(str, allowed))}{hint}")
+
+
+def _letters(s: str) -> str:
+    """``s`` in lower case without separators: ``FashionMNIST`` and ``fashion-mnist`` alike."""
+    return "".join(c for c in s.lower() if c.isalnum())
 
 
 def check_int(

@@ -1236,6 +1236,26 @@ def test_cli_names_the_option_an_unknown_one_was_likely_meant_for(extra, needle,
     assert err.rstrip().endswith(needle), err
 
 
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--dataset", "fashion_mnist"], "; did you mean 'fashion-mnist'?"),
+        (["--dataset", "CIFAR-10"], "; did you mean 'cifar10'?"),
+        (["--recache-mode", "write_through"], "; did you mean 'write-through'?"),
+        (
+            ["--dataset", "fmnist"],
+            "is not one of cifar10, cifar100, mnist, fashion-mnist, synthetic",
+        ),
+    ],
+)
+def test_cli_names_the_choice_a_misspelt_value_was_meant_for(extra, needle, capsys):
+    # a value that differs from a choice in case and separators only was refused with the list
+    assert main(["train", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prefast: error: ") and err.count("\n") == 1
+    assert err.rstrip().endswith(needle), err
+
+
 @pytest.mark.parametrize(("extra", "needle"), BAD)
 def test_cli_bad_input_is_one_line_and_exit_2(extra, needle, capsys):
     base = [
