@@ -10,6 +10,7 @@ checkpoint needs the model and moved to ``prefast verify STORE --checkpoint CK``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -133,9 +134,11 @@ def _refuse_folder(path: str, flag: str, example: str) -> None:
         raise store.StoreInputError(f"{flag} {path}: {folder} is not an existing folder")
     target = Path(path) if Path(path).exists() else folder
     if not os.access(target, os.W_OK):
-        raise store.StoreInputError(
-            f"{flag} {path}: {target} may not be written (permission denied)"
-        )
+        why = "permission denied"
+        with contextlib.suppress(OSError):
+            if os.statvfs(target).f_flag & os.ST_RDONLY:
+                why = "a read-only file system; name a file elsewhere"
+        raise store.StoreInputError(f"{flag} {path}: {target} may not be written ({why})")
 
 
 def _figure_path(path: str, flag: str, example: str) -> str:

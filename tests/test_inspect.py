@@ -420,6 +420,19 @@ def test_show_and_hist_say_the_file_they_wrote_and_refuse_a_folder(
         assert store_main(argv) == 2
         cap = capsys.readouterr()
         assert cap.out == "" and cap.err.startswith(f"error: {err}"), cap.err
+    # on a read-only file system (a mount of data, a container's image) it says so, not
+    # 'permission denied'
+    statvfs = os.statvfs
+    ro = os.statvfs_result((4096,) * 8 + (os.ST_RDONLY, 255))
+    monkeypatch.setattr(
+        os, "statvfs", lambda f: ro if Path(f).absolute() in refused else statvfs(f)
+    )
+    assert store_main(["stats", p, "--out", "locked/s.json"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --out locked/s.json: locked may not be written (a read-only file system; name a "
+        "file elsewhere)\n"
+    )
+    monkeypatch.setattr(os, "statvfs", statvfs)
     monkeypatch.setattr(os, "access", access)
     assert store_main(["show", p, "--sample", "3", "-o", "new/"]) == 2  # names a folder too
     assert "e.g. -o new/sample3.png" in capsys.readouterr().err
