@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -390,6 +391,28 @@ def _off_a_hung_up_terminal() -> None:
         os.close(null)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (a ``| head`` that has its lines): poll
+    reports POLLERR on the write end of such a pipe (a zero-byte write does not fail there)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's captured stdout)
+        return False
+    p = select.poll()
+    p.register(fd, select.POLLOUT)
+    return any(ev & select.POLLERR for _, ev in p.poll(0))
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null, so that flushing what is left in
+    sys.stdout does not fail again (the Python docs' "Note on SIGPIPE")."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, sys.stdout.fileno())
+    finally:
+        os.close(null)
+
+
 def _on_signal(signum: int, frame: types.FrameType | None) -> None:
     """The first SIGTERM, SIGHUP or Ctrl-C asks the run to stop at its next safe point; a
     second one stops it at once."""
@@ -516,6 +539,11 @@ def _main(args: argparse.Namespace) -> int:
             failed = isinstance(e, (DistributedError, *written)) or isinstance(e.__cause__, written)
             return 1 if failed else 2
         except (OSError, FloatingPointError) as e:
+            if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+                # stdout's reader has gone (`prefast cache list D | head -1`): end quietly, with
+                # the shell's code for a tool that SIGPIPE ends, as python -m store does
+                _stdout_to_devnull()
+                return 128 + signal.SIGPIPE
             # The machine or the run failed (a full disk, a diverging loss): one line, exit 1.
             print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
             return 1
@@ -544,9 +572,15 @@ def entry() -> NoReturn:
     torch's exit handlers: an impatient second Ctrl-C there interrupted them with a traceback.
     It now ends the process at once with exit code 130."""
     code = main()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
-            stream.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # what main printed went to a reader that has gone (`| head`)
+        _stdout_to_devnull()
+        code = code or 128 + signal.SIGPIPE
+    except (OSError, ValueError):  # nothing more to say
+        pass
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _exit_at_once)
     sys.exit(code)

@@ -966,3 +966,30 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_left_whole(tmp_pat
     with pytest.raises(CacheError, match=re.escape(said.replace(str(run_dir), str(real)))):
         Trainer(TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache)))
     assert notes.read_text() == "mine" and store.open(run_dir / "boundary-003").complete
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_cache_list_into_a_closed_pipe_ends_quietly(tmp_path, unbuffered):
+    # with PYTHONUNBUFFERED (common in containers) the first line written after `| head` had
+    # gone failed it: 'prefast: error: [Errno 32] Broken pipe', exit 1; now as python -m store
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    for key in ("aaaaaaaaaaaa", "bbbbbbbbbbbb"):
+        _run_folder(cache, key, {"boundary-004": True})
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone, as after `| head`
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "prefast", "cache", "list", str(cache)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "PYTHONUNBUFFERED": unbuffered},
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")
