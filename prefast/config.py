@@ -86,7 +86,9 @@ class TrainConfig:
         False, "data", "download a missing dataset with torchvision (needs a network)"
     )
     num_samples: int | None = opt(None, "data", "synthetic: training-set size (default 50000)")
-    synthetic_shape: str = opt("cifar", "data", "synthetic: 3x32x32 (cifar) or 1x28x28 (mnist)")
+    synthetic_shape: str = opt(
+        "cifar", "data", "synthetic: 3x32x32 (cifar) or 1x28x28 (mnist) (default %(default)s)"
+    )
     subset: int | None = opt(
         None, "data", "train on a seeded random subset of N images (the paper used 2000)"
     )
