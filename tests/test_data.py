@@ -95,6 +95,20 @@ def test_idx_files_directly_in_root(tmp_path: Path, compress: bool) -> None:
         load_dataset("mnist", "test", data_root=tmp_path)
 
 
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_idx_compression_is_read_from_the_content_not_the_name(
+    tmp_path: Path, gzipped: bool
+) -> None:
+    # a browser that unpacks a download keeps the .gz name (was: "the file is corrupt, delete
+    # it"); a gzipped copy without it was refused for a bad magic number
+    expected = write_fake_idx(tmp_path, "mnist", compress=gzipped)["test"]
+    for path in idx_paths(tmp_path, "mnist", "test", compress=gzipped):
+        path.rename(path.with_suffix("") if gzipped else Path(f"{path}.gz"))  # same bytes
+    data = load_dataset("mnist", "test", data_root=tmp_path)
+    np.testing.assert_array_equal(data.images.numpy(), expected.images)
+    np.testing.assert_array_equal(data.labels.numpy(), expected.labels)
+
+
 def test_num_samples_takes_seeded_subset(tmp_path: Path) -> None:
     expected = write_fake(tmp_path, "mnist")["train"]
     a = load_dataset("mnist", "train", data_root=tmp_path, num_samples=9, seed=3)

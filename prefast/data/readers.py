@@ -39,6 +39,8 @@ _IDX_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _IDX_IMAGES_MAGIC = 0x0803  # unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 0x0801  # unsigned byte, 1 dimension
+_IDX_UBYTE = b"\x00\x00\x08"  # how every unsigned-byte idx file starts
+_GZIP_MAGIC = b"\x1f\x8b"
 
 # The only globals a CIFAR pickle needs (a dict of a numpy array and lists); anything else is
 # refused rather than executed.
@@ -136,15 +138,23 @@ def _unreadable(path: Path, exc: PermissionError) -> DataError:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """An idx file's bytes, gunzipped where they are gzip data. The content decides, not the
+    name: a browser that unpacks a download keeps its .gz name, and a gzipped copy may have
+    lost it; either was refused as corrupt or as a bad magic number."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        raw = path.read_bytes()
+        if raw[:2] == _GZIP_MAGIC:
+            return gzip.decompress(raw)
     except PermissionError as exc:
         raise _unreadable(path, exc) from exc
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc}); the file is corrupt, delete it") from exc
+    if path.suffix == ".gz" and raw[:3] != _IDX_UBYTE:
+        raise DataError(
+            f"{path}: cannot read (neither gzip data nor an idx file); the file is corrupt, "
+            "delete it"
+        )
+    return raw
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
