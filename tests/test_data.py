@@ -250,6 +250,7 @@ def test_corrupt_idx_names_the_file(tmp_path: Path, corrupt, match: str) -> None
     with pytest.raises(DataError, match=match) as err:
         load_dataset("fashion-mnist", "train", data_root=tmp_path)
     assert str(images_path) in str(err.value)
+    assert str(err.value).endswith(_WHAT_TO_DO)
 
 
 def test_idx_label_count_and_range_checked(tmp_path: Path) -> None:
@@ -360,6 +361,28 @@ def test_corrupt_cifar_pickle_names_the_file(tmp_path: Path) -> None:
     write_cifar_pickle(path, {b"data": np.zeros((2, 100), np.uint8), b"fine_labels": [0, 1]})
     with pytest.raises(DataError, match=r"\(N, 3072\)"):
         load_dataset("cifar100", "test", data_root=tmp_path)
+
+
+_WHAT_TO_DO = "delete it and fetch the dataset again (--download), or put a good copy there"
+
+
+@pytest.mark.parametrize(
+    "entries, match",
+    [
+        ([1, 2], "expected a dict"),
+        ({b"labels": [0]}, "no 'data' entry"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.5, 1.5]}, "2 integers"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, r"span \[0, 10\]"),
+    ],
+)
+def test_every_bad_cifar_file_says_what_to_do(tmp_path: Path, entries: Any, match: str) -> None:
+    # the file was named but most messages left the user guessing what to do about it
+    write_fake_cifar(tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    write_cifar_pickle(path, entries)
+    with pytest.raises(DataError, match=match) as err:
+        load_dataset("cifar10", "train", data_root=tmp_path)
+    assert str(err.value).startswith(f"{path}: ") and str(err.value).endswith(_WHAT_TO_DO)
 
 
 class _Evil:

@@ -132,6 +132,14 @@ def _is_file(path: Path) -> bool:
         ) from exc
 
 
+def _corrupt(path: Path, what: str) -> DataError:
+    """A dataset file that cannot be right, named, with what to do about it."""
+    return DataError(
+        f"{path}: {what}; the file is truncated or corrupt: delete it and fetch the dataset "
+        "again (--download), or put a good copy there"
+    )
+
+
 def _unreadable(path: Path, exc: PermissionError) -> DataError:
     """A file this user may not read: not corrupt, so not to be deleted."""
     return DataError(f"{path}: cannot read ({exc.strerror}); check the file's permissions")
@@ -148,12 +156,9 @@ def _read_bytes(path: Path) -> bytes:
     except PermissionError as exc:
         raise _unreadable(path, exc) from exc
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot read ({exc}); the file is corrupt, delete it") from exc
+        raise _corrupt(path, f"cannot read ({exc})") from exc
     if path.suffix == ".gz" and raw[:3] != _IDX_UBYTE:
-        raise DataError(
-            f"{path}: cannot read (neither gzip data nor an idx file); the file is corrupt, "
-            "delete it"
-        )
+        raise _corrupt(path, "cannot read (neither gzip data nor an idx file)")
     return raw
 
 
@@ -161,20 +166,19 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     """An idx file's uint8 payload, shaped by its header, as a writable array."""
     raw = _read_bytes(path)
     if len(raw) < 4:
-        raise DataError(f"{path}: truncated idx file ({len(raw)} bytes)")
+        raise _corrupt(path, f"truncated idx file ({len(raw)} bytes)")
     (got,) = struct.unpack(">I", raw[:4])
     if got != magic:
-        raise DataError(f"{path}: bad idx magic number 0x{got:08x}, expected 0x{magic:08x}")
+        raise _corrupt(path, f"bad idx magic number 0x{got:08x}, expected 0x{magic:08x}")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{path}: truncated idx header ({len(raw)} bytes)")
+        raise _corrupt(path, f"truncated idx header ({len(raw)} bytes)")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     size = math.prod(dims)
     if len(raw) != header + size:
-        raise DataError(
-            f"{path}: header says shape {dims} ({header + size} bytes), file has {len(raw)} "
-            "bytes; the file is truncated or corrupt"
+        raise _corrupt(
+            path, f"header says shape {dims} ({header + size} bytes), file has {len(raw)} bytes"
         )
     return np.frombuffer(raw, dtype=np.uint8, count=size, offset=header).reshape(dims).copy()
 
@@ -184,16 +188,16 @@ def _read_idx_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     images = _read_idx(images_path, _IDX_IMAGES_MAGIC)  # (N, H, W)
     if len(images) == 0:  # an empty split failed later: a bare ZeroDivisionError in evaluation
-        raise DataError(f"{images_path}: holds no images; the file is truncated or corrupt")
+        raise _corrupt(images_path, "holds no images")
     if images.shape[1:] != (spec.image_size, spec.image_size):
-        raise DataError(
-            f"{images_path}: images are {images.shape[1:]}, {spec.name} needs "
-            f"{(spec.image_size, spec.image_size)}"
+        raise _corrupt(
+            images_path,
+            f"images are {images.shape[1:]}, {spec.name} needs {(spec.image_size, spec.image_size)}",
         )
     labels = _read_idx(labels_path, _IDX_LABELS_MAGIC).astype(np.int64)  # (N,)
     if len(labels) != len(images):
-        raise DataError(
-            f"{labels_path} has {len(labels)} labels but {images_path} has {len(images)} images"
+        raise _corrupt(
+            labels_path, f"has {len(labels)} labels but {images_path} has {len(images)} images"
         )
     _check_labels(labels, spec, labels_path)
     return images.reshape(len(images), 1, spec.image_size, spec.image_size), labels
@@ -201,9 +205,10 @@ def _read_idx_split(
 
 def _check_labels(labels: np.ndarray, spec: DatasetSpec, path: Path) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise DataError(
-            f"{path}: labels span [{labels.min()}, {labels.max()}], {spec.name} has "
-            f"{spec.num_classes} classes; the file is corrupt"
+        raise _corrupt(
+            path,
+            f"labels span [{labels.min()}, {labels.max()}], {spec.name} has "
+            f"{spec.num_classes} classes",
         )
 
 
@@ -215,24 +220,24 @@ def _read_cifar_batch(path: Path, spec: DatasetSpec) -> tuple[np.ndarray, np.nda
     except PermissionError as exc:
         raise _unreadable(path, exc) from exc
     except Exception as exc:  # a malformed pickle can raise nearly anything
-        raise DataError(f"{path}: not a readable CIFAR pickle ({exc!r}); delete it") from exc
+        raise _corrupt(path, f"not a readable CIFAR pickle ({exc!r})") from exc
     if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")
+        raise _corrupt(path, f"expected a dict, got {type(obj).__name__}")
     entries = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
     label_key = _CIFAR_LABEL_KEY[spec.name]
     for key in ("data", label_key):
         if key not in entries:
-            raise DataError(f"{path}: no {key!r} entry (has {sorted(map(str, entries))})")
+            raise _corrupt(path, f"no {key!r} entry (has {sorted(map(str, entries))})")
     data = np.asarray(entries["data"])
     labels = np.asarray(entries[label_key])
     pixels = spec.channels * spec.image_size * spec.image_size
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
-        raise DataError(f"{path}: data must be (N, {pixels}) uint8, got {data.dtype} {data.shape}")
+        raise _corrupt(path, f"data must be (N, {pixels}) uint8, got {data.dtype} {data.shape}")
     if len(data) == 0:
-        raise DataError(f"{path}: holds no images; the file is truncated or corrupt")
+        raise _corrupt(path, "holds no images")
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(
-            f"{path}: {label_key!r} must be {len(data)} integers, got {labels.dtype} {labels.shape}"
+        raise _corrupt(
+            path, f"{label_key!r} must be {len(data)} integers, got {labels.dtype} {labels.shape}"
         )
     labels = labels.astype(np.int64)
     _check_labels(labels, spec, path)
