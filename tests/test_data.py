@@ -72,6 +72,36 @@ def test_reads_fake_back_exactly(tmp_path: Path, name: str, split: str) -> None:
     np.testing.assert_array_equal(data.labels.numpy(), expected.labels)
 
 
+@pytest.mark.parametrize("name", REAL)
+def test_images_and_labels_equal_torchvisions_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # the real CIFAR pickles come from Python 2: read with latin1, their keys are str
+    import torchvision.datasets as tvd
+    import torchvision.datasets.cifar as tv_cifar
+
+    # torchvision reads the idx files only uncompressed
+    write_fake(tmp_path, name, **({} if name.startswith("cifar") else {"compress": False}))
+    for path in tmp_path.glob("cifar-*/*"):
+        with path.open("rb") as f:
+            entries = pickle.load(f)
+        write_cifar_pickle(path, {k.decode(): v for k, v in entries.items()})
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)  # no md5 on fakes
+    classes = {
+        "cifar10": tvd.CIFAR10,
+        "cifar100": tvd.CIFAR100,
+        "mnist": tvd.MNIST,
+        "fashion-mnist": tvd.FashionMNIST,
+    }
+    for split in ("train", "test"):
+        theirs = classes[name](str(tmp_path), train=split == "train")
+        ours = load_dataset(name, split, data_root=tmp_path)
+        images = np.asarray(theirs.data)  # CIFAR (N, H, W, C), MNIST (N, H, W)
+        images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
+        np.testing.assert_array_equal(ours.images.numpy(), images)
+        np.testing.assert_array_equal(ours.labels.numpy(), np.asarray(theirs.targets))
+
+
 def test_cifar_rows_are_channel_planes(tmp_path: Path) -> None:
     write_fake_cifar(tmp_path, "cifar10")
     with (tmp_path / "cifar-10-batches-py" / "data_batch_2").open("rb") as f:
