@@ -178,7 +178,10 @@ class TrainConfig:
     )
     # machine
     seed: int = opt(
-        0, "machine", "seed of the model, order, augmentation and views (default %(default)s)"
+        0,
+        "machine",
+        "seed of the model, order, augmentation and views, of the --subset and --val-size "
+        "draws, and of the synthetic data (default %(default)s)",
     )
     device: str = opt(
         "auto", "machine", "auto: cuda when available, else cpu (default %(default)s)"
