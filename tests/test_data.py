@@ -172,6 +172,20 @@ def test_partially_missing_names_the_missing_file(tmp_path: Path) -> None:
     load_dataset("cifar10", "test", data_root=tmp_path)  # the test split is complete
 
 
+def test_a_folder_in_place_of_a_file_is_named_as_such(tmp_path: Path) -> None:
+    # some unpackers make a folder of the file's name holding the file; the error said the
+    # path was missing while the user could see it there
+    write_fake_idx(tmp_path, "mnist")
+    images_path, _ = idx_paths(tmp_path, "mnist", "test")
+    inner = images_path.read_bytes()
+    images_path.unlink()
+    images_path.mkdir()
+    (images_path / "t10k-images.idx3-ubyte").write_bytes(inner)
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist", "test", data_root=tmp_path)
+    assert f"missing {images_path} (a folder, not the file). " in str(err.value)
+
+
 def test_failed_download_raises_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(name: str, split: str, root: Path) -> None:
         raise OSError("network unreachable\nTraceback of the HTTP client")

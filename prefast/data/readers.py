@@ -106,13 +106,14 @@ def _expected_files(name: str, split: str, root: Path) -> list[list[Path]]:
 
 
 def _locate(name: str, split: str, root: Path) -> tuple[list[Path], list[Path]]:
-    """(found, missing): the first existing candidate of each needed file, and the preferred
-    path of each needed file that has none."""
+    """(found, missing): the first existing candidate of each needed file, and for each needed
+    file that has none a candidate that is a folder (an unpacker may have made one of the
+    file's name), else the preferred path."""
     found, missing = [], []
     for candidates in _expected_files(name, split, root):
         hit = next((p for p in candidates if _is_file(p)), None)
         if hit is None:
-            missing.append(candidates[0])
+            missing.append(next((p for p in candidates if p.is_dir()), candidates[0]))
         else:
             found.append(hit)
     return found, missing
@@ -362,7 +363,7 @@ def load_real(
         if not missing_here:
             return (*_read_split(name, found, spec), root)
         missing = missing_here
-    shown = ", ".join(str(p) for p in missing)
+    shown = ", ".join(f"{p} (a folder, not the file)" if p.is_dir() else str(p) for p in missing)
     raise DataError(f"{name} {split} split not found: missing {shown}. {_how_to_get(name)}")
 
 
