@@ -388,6 +388,16 @@ def unused_options(cfg: TrainConfig, device_type: str, distributed: bool) -> lis
         out.append("--sync-bn: no effect outside torchrun")
     if cfg.synthetic_shape != defaults.synthetic_shape and cfg.dataset != "synthetic":
         out.append(f"--synthetic-shape: no effect with --dataset {cfg.dataset}")
+    if cfg.dataset == "synthetic":
+        read = [
+            cli_flag(n)
+            for n in ("data_root", "download")
+            if getattr(cfg, n) != getattr(defaults, n)
+        ]
+        if read:
+            out.append(
+                f"{', '.join(read)}: no effect with --dataset synthetic (generated, not read)"
+            )
     return out
 
 

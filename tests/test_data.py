@@ -618,6 +618,17 @@ def test_the_seed_draws_the_data_and_its_help_says_so() -> None:
         assert what in seed_help.metadata["help"]
 
 
+def test_data_options_synthetic_data_does_not_read_are_named() -> None:
+    # --data-root and --download were dropped in silence with --dataset synthetic
+    from prefast.config import TrainConfig, unused_options
+
+    cfg = TrainConfig(dataset="synthetic", data_root="data", download=True)
+    assert unused_options(cfg, "cpu", False) == [
+        "--data-root, --download: no effect with --dataset synthetic (generated, not read)"
+    ]
+    assert unused_options(TrainConfig(dataset="cifar10", data_root="data"), "cpu", False) == []
+
+
 def test_image_data_validates() -> None:
     spec = spec_for("mnist")
     with pytest.raises(DataError, match="needs"):
