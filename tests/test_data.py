@@ -186,6 +186,20 @@ def test_a_folder_in_place_of_a_file_is_named_as_such(tmp_path: Path) -> None:
     assert f"missing {images_path} (a folder, not the file). " in str(err.value)
 
 
+@pytest.mark.parametrize("name, deep", [("cifar10", "cifar-10-batches-py"), ("mnist", "MNIST/raw")])
+def test_a_data_root_one_level_too_deep_is_pointed_up(tmp_path: Path, name: str, deep: str) -> None:
+    # --data-root DIR/cifar-10-batches-py said only "missing .../cifar-10-batches-py/
+    # cifar-10-batches-py/data_batch_1, ..."
+    write_fake(tmp_path, name)
+    with pytest.raises(DataError) as err:
+        load_dataset(name, "test", data_root=tmp_path / deep)
+    hint = f"The split is in torchvision's layout under {tmp_path}: give --data-root {tmp_path}."
+    assert hint in str(err.value)
+    with pytest.raises(DataError) as err:  # no such hint where the data is not there
+        load_dataset(name, "test", data_root=tmp_path / "a" / "b" / "c")
+    assert "torchvision's layout under" not in str(err.value)
+
+
 def test_failed_download_raises_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(name: str, split: str, root: Path) -> None:
         raise OSError("network unreachable\nTraceback of the HTTP client")

@@ -364,7 +364,21 @@ def load_real(
             return (*_read_split(name, found, spec), root)
         missing = missing_here
     shown = ", ".join(f"{p} (a folder, not the file)" if p.is_dir() else str(p) for p in missing)
-    raise DataError(f"{name} {split} split not found: missing {shown}. {_how_to_get(name)}")
+    hint = ""
+    if data_root is not None and (above := _layout_above(name, split, data_root)) is not None:
+        hint = f" The split is in torchvision's layout under {above}: give --data-root {above}."
+    raise DataError(f"{name} {split} split not found: missing {shown}.{hint} {_how_to_get(name)}")
+
+
+def _layout_above(name: str, split: str, root: Path) -> Path | None:
+    """The folder one or two levels above ``root`` that holds the split in torchvision's
+    layout, where ``root`` names the dataset's own folder (DIR/cifar-10-batches-py,
+    DIR/MNIST/raw) instead of DIR; else None."""
+    for above in root.parents[:2]:
+        with contextlib.suppress(DataError):  # a folder this user may not enter: no hint
+            if not _locate(name, split, above)[1]:
+                return above
+    return None
 
 
 __all__ = ["DEFAULT_DATA_ROOT", "SYSTEM_FASHION_MNIST", "load_real"]
