@@ -243,7 +243,10 @@ def test_every_row_written_through_is_the_frozen_prefix_output_at_odd_sizes(
             for b in chain:
                 h, b0 = r.model.forward_range(h.float(), b0, b).to(got.dtype), b
         assert got.dtype == getattr(torch, dtype) and got.shape == h.shape
-        torch.testing.assert_close(got.float(), h.float(), rtol=2 * eps, atol=1e-5)
+        # in 16 bits a value the steps computed a bit apart from this batch-of-33 forward can
+        # round to the neighbouring step after two hops: a rounding step of the largest value
+        atol = 1e-5 if dtype == "float32" else eps * float(h.float().abs().max())
+        torch.testing.assert_close(got.float(), h.float(), rtol=2 * eps, atol=atol)
         assert torch.equal(labels.cpu(), train_data.labels.cpu())
 
 
