@@ -374,21 +374,27 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if r.ok else 1
 
 
+def _to_devnull(fd: int) -> None:
+    """Point file descriptor ``fd`` at /dev/null: writes to it, and the flush of what Python
+    holds for it, then succeed (the Python docs' "Note on SIGPIPE")."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 def _off_a_hung_up_terminal() -> None:
     """Point stdout and stderr at /dev/null where they are a terminal that hung up: every
     write to one fails (EIO), so the progress bars' next redraw failed the run, and the stop's
     last line its exit code, where the stop should end it cleanly. A zero-byte write tells:
     it fails on such a terminal only."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            try:
-                os.write(fd, b"")
-            except OSError as e:
-                if e.errno == errno.EIO:
-                    os.dup2(null, fd)
-    finally:
-        os.close(null)
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")
+        except OSError as e:
+            if e.errno == errno.EIO:
+                _to_devnull(fd)
 
 
 def _stdout_reader_gone() -> bool:
@@ -401,16 +407,6 @@ def _stdout_reader_gone() -> bool:
     p = select.poll()
     p.register(fd, select.POLLOUT)
     return any(ev & select.POLLERR for _, ev in p.poll(0))
-
-
-def _stdout_to_devnull() -> None:
-    """Point stdout's file descriptor at /dev/null, so that flushing what is left in
-    sys.stdout does not fail again (the Python docs' "Note on SIGPIPE")."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, sys.stdout.fileno())
-    finally:
-        os.close(null)
 
 
 def _on_signal(signum: int, frame: types.FrameType | None) -> None:
@@ -542,7 +538,7 @@ def _main(args: argparse.Namespace) -> int:
             if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
                 # stdout's reader has gone (`prefast cache list D | head -1`): end quietly, with
                 # the shell's code for a tool that SIGPIPE ends, as python -m store does
-                _stdout_to_devnull()
+                _to_devnull(sys.stdout.fileno())
                 return 128 + signal.SIGPIPE
             # The machine or the run failed (a full disk, a diverging loss): one line, exit 1.
             print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -575,7 +571,7 @@ def entry() -> NoReturn:
     try:
         sys.stdout.flush()
     except BrokenPipeError:  # what main printed went to a reader that has gone (`| head`)
-        _stdout_to_devnull()
+        _to_devnull(sys.stdout.fileno())
         code = code or 128 + signal.SIGPIPE
     except (OSError, ValueError):  # nothing more to say
         pass

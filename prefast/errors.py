@@ -68,7 +68,10 @@ def check_choice(
     """Raise ``error`` naming ``what`` unless ``value`` is one of ``allowed``; a string that
     differs from one only in case and separators (``fashion_mnist``, ``CIFAR-10``) is named."""
     allowed = list(allowed)
-    if isinstance(value, bool) or value not in allowed:
+    # bool is an int, and 16.0 == 16: a choice among ints takes an int only (a float depth
+    # recorded 16.0 in a model's config, so in every cache's fingerprint)
+    inexact = isinstance(value, float) and not any(isinstance(a, float) for a in allowed)
+    if isinstance(value, bool) or inexact or value not in allowed:
         hint = ""
         if isinstance(value, str):
             key = _letters(value)

@@ -51,6 +51,7 @@ from prefast.training.checkpoint import (
     load_checkpoint_file,
     state_dict_mismatch,
 )
+from store.tools.inspect import strict_json
 
 RTOL = {"float32": 1e-5, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 INCREMENTAL_FACTOR = 4.0
@@ -101,12 +102,9 @@ class CheckpointReport:
         strict JSON has no Infinity or NaN."""
         d = asdict(self)
         d["chunks"] = self.chunks.to_dict() if self.chunks is not None else None
-        for c in d["samples"]:
-            c["rel_error"] = _finite(c["rel_error"])
-        d["max_rel_error"] = _finite(d["max_rel_error"])
         d["ok"] = self.ok
         d["within_tolerance"] = self.within_tolerance
-        return d
+        return dict(strict_json(d))
 
     def format(self) -> str:
         c = self.chunks
@@ -150,10 +148,6 @@ class CheckpointReport:
             )
         lines.append("result      " + ("OK" if self.ok else "FAILED"))
         return "\n".join(lines)
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and np.isfinite(x) else None
 
 
 def verify_against_checkpoint(

@@ -7,6 +7,7 @@ first ``b`` units: ``b = 0`` is the input, ``b = num_units`` is what the head se
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -249,6 +250,19 @@ def check_own_parameters(parts: Sequence[nn.Module], who: str) -> None:
                 )
 
 
+def check_config_json(config: Mapping[str, Any], who: str) -> None:
+    """Raise ``ModelError`` (``who: ...``) unless a model's config is strict JSON: every cache
+    records it in its store's zarr.json, which other readers refuse with NaN or Infinity in
+    it (and the store writer refuses it, at the run's first cache)."""
+    try:
+        json.dumps(config, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ModelError(
+            f"{who} must be JSON-able (str keys; numbers, strings, lists, dicts; no NaN or "
+            f"infinity), as every cache records it: {e}"
+        ) from None
+
+
 def reference_init_(model: nn.Module) -> None:
     """Initialise in place as the FreezeOut reference does.
 
@@ -268,4 +282,4 @@ def reference_init_(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-__all__ = ["UnitModel", "check_own_parameters", "reference_init_"]
+__all__ = ["UnitModel", "check_config_json", "check_own_parameters", "reference_init_"]

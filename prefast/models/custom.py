@@ -6,14 +6,13 @@ factory that returns `from_sequential(...)` and name it there (see `from_sequent
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from prefast.errors import ModelError
-from prefast.models.base import UnitModel, check_own_parameters
+from prefast.models.base import UnitModel, check_config_json, check_own_parameters
 
 
 def _units_and_names(units: object) -> tuple[list[nn.Module], list[str]]:
@@ -143,15 +142,7 @@ def from_sequential(
         raise ModelError(f"from_sequential: config must be a dict, got {type(config).__name__}")
     if not isinstance(cfg["name"], str) or not cfg["name"]:
         raise ModelError(f"from_sequential: config['name'] must be a string, got {cfg['name']!r}")
-    try:
-        # strict: every cache records the config in its store's zarr.json, which other
-        # readers refuse with NaN or Infinity in it (and the store writer refuses it)
-        json.dumps(cfg, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ModelError(
-            f"from_sequential: config must be JSON-able (str keys; numbers, strings, lists, "
-            f"dicts; no NaN or infinity): {e}"
-        ) from None
+    check_config_json(cfg, "from_sequential: config")
 
     return UnitModel(items, head, names, transition_after=[c - 1 for c in cuts], config=cfg)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from prefast.errors import ModelError, check_int
-from prefast.models.base import UnitModel, reference_init_
+from prefast.models.base import UnitModel, check_config_json, reference_init_
 
 logger = logging.getLogger(__name__)
 
@@ -153,13 +152,7 @@ def create_model(
             f"model {name!r}: the factory returned a {type(model).__name__}, not a UnitModel; "
             "build it with prefast.models.from_sequential"
         )
-    try:  # a factory that builds its UnitModel itself: the check from_sequential makes
-        json.dumps(model.config, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ModelError(
-            f"model {name!r}: its config must be JSON-able (str keys; numbers, strings, lists, "
-            f"dicts; no NaN or infinity), as every cache records it: {e}"
-        ) from None
+    check_config_json(model.config, f"model {name!r}: its config")  # as from_sequential's
     if model.config.get("name") != name:
         # A cache fingerprint hashes the config and `prefast verify` rebuilds the model with
         # create_model(**config): both need the registered name in it.

@@ -45,10 +45,6 @@ def vgg(
         depth: 11, 13, 16 or 19.
     """
     check_common(_NAME, num_classes, in_channels, image_size)
-    # an int only: 16.0 equals 16, so check_choice alone took it and the config, hence every
-    # cache's fingerprint, recorded 16.0 (densenet_bc and wrn refuse a float depth)
-    if isinstance(depth, float):
-        raise ModelError(f"{_NAME}: depth: must be an integer, one of 11, 13, 16, 19; got {depth}")
     check_choice(f"{_NAME}: depth", depth, sorted(_STAGES), error=ModelError)
 
     units: list[nn.Module] = []
