@@ -260,13 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     err = summary.get("final_test_error")
     val = summary.get("final_val_error")
     val_text = f", val error {val:.4f}" if val is not None else ""
     print(
-        f"{summary['mode']} {summary['model']['name']} on {summary['dataset']} ({summary['train_samples']} images, "
-        f"{summary['epochs']} epochs): test error {err:.4f}{val_text}, train {summary['total_train_seconds']:.1f} s "
+        f"{summary['mode']} {summary['model']['name']} on {summary['dataset']} "
+        f"({_count(summary['train_samples'], 'image')}, "
+        f"{_count(summary['epochs'], 'epoch')}): test error {err:.4f}{val_text}, train {summary['total_train_seconds']:.1f} s "
         f"(cache passes {summary['total_cache_build_seconds']:.1f} s), frozen {summary['frozen_units']}/{summary['num_units']} units"
     )
     path = summary.get("cache_path")

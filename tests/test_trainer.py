@@ -1200,6 +1200,21 @@ def test_cli_documented_command_runs(tmp_path, capsys):
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
 
 
+def test_cli_summary_counts_one_epoch_and_one_image(capsys):
+    from prefast.cli import _print_summary
+
+    summary = {
+        "mode": "freezeout", "model": {"name": "vgg"}, "dataset": "synthetic", "train_samples": 1,
+        "epochs": 1, "final_test_error": 0.5, "total_train_seconds": 1.0,
+        "total_cache_build_seconds": 0.0, "frozen_units": 0, "num_units": 3,
+    }  # fmt: skip
+    _print_summary(summary)
+    assert (
+        "freezeout vgg on synthetic (1 image, 1 epoch): test error 0.5000"
+        in capsys.readouterr().out
+    )
+
+
 SYN = ["--dataset", "synthetic", "--num-samples", "64"]
 BAD = [
     ([*SYN, "--model", "resnet9000"], "resnet9000"),
