@@ -957,6 +957,33 @@ def test_resume_rebuilds_a_store_with_a_damaged_chunk(tmp_path, monkeypatch, cap
     assert store.verify(store.open(path)).ok  # rebuilt in place: a later resume reuses it
 
 
+def test_resume_counts_the_cache_rebuild_in_its_first_epoch(tmp_path, monkeypatch, caplog):
+    """A ram cache is rebuilt on resume, before the first resumed epoch: those seconds are the
+    run's too (they were in no record, so the summary's cache seconds left them out)."""
+    from prefast.cache.manager import CacheManager
+
+    kw = dict(mode="prefast", cache="ram", recache_policy="every", epochs=3)
+    ck = tmp_path / "ck"
+    _crash_in_third_epoch(monkeypatch, tiny(**kw, checkpoint_dir=str(ck)))
+    hops = len(torch.load(ck / "last.pt", weights_only=True)["cache"]["chain"])  # to rebuild
+    real_build = CacheManager._build
+
+    def slow_build(self, *a, **k):
+        time.sleep(0.25)
+        return real_build(self, *a, **k)
+
+    monkeypatch.setattr(CacheManager, "_build", slow_build)
+    caplog.set_level(logging.INFO, logger="prefast")
+    got = train(tiny(**kw, checkpoint_dir=str(ck), resume=True))
+    assert any("rebuilding the cache" in r.getMessage() for r in caplog.records)
+    first, second, third = got.records
+    assert first["resume_cache_seconds"] == second["resume_cache_seconds"] == 0.0
+    assert third["resume_cache_seconds"] >= 0.25 * hops
+    assert third["cache_build_seconds"] >= third["resume_cache_seconds"]
+    assert third["train_seconds"] >= third["resume_cache_seconds"]
+    assert got.summary["total_cache_build_seconds"] >= third["resume_cache_seconds"]
+
+
 def test_a_copied_run_folder_resumes_from_its_own_stores(tmp_path, monkeypatch, caplog):
     """A checkpoint records where its stores were written. A copy of the --checkpoint-dir,
     resumed to train longer, read the original's store (outside its own run folder, unlocked)

@@ -289,6 +289,8 @@ class Trainer:
             else None
         )
         self.start_epoch = 0
+        # seconds --resume spent checking or rebuilding the cache, counted in the first epoch
+        self.resume_cache_seconds = 0.0
         self.epoch = 0  # the epoch under way
         self.iteration = 0  # steps done, all epochs together
         self.result = TrainResult()
@@ -429,7 +431,10 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         watch = Stopwatch(self.device)
-        cache_before = self.cache.seconds if self.cache is not None else 0.0
+        # a resumed run's first epoch carries the seconds spent reopening or rebuilding its cache
+        watch.seconds, resumed = self.resume_cache_seconds, self.resume_cache_seconds
+        self.resume_cache_seconds = 0.0
+        cache_before = (self.cache.seconds if self.cache is not None else 0.0) - resumed
         probe_before = self.cache.probe_seconds if self.cache is not None else 0.0
         captures_before = self.steps.captures
         meter = EpochMeter(self.iters_per_epoch, self.device)
@@ -507,6 +512,8 @@ class Trainer:
             "loader_seconds": loader.as_dict() if loader is not None and loader.batches else None,
             "cache_build_seconds": (self.cache.seconds if self.cache is not None else 0.0)
             - cache_before,
+            # of which: --resume reopening (checks) or rebuilding the cache before the epoch
+            "resume_cache_seconds": resumed,
             # measuring the planner's costs (unit forwards, tier rates): part of the epoch
             "probe_seconds": (self.cache.probe_seconds if self.cache is not None else 0.0)
             - probe_before,
@@ -674,7 +681,11 @@ class Trainer:
             self.cache.seconds = float(state.get("cache_seconds", 0.0))
             if state["cache"] is not None:
                 # a finished run only reports: its cache is not opened, checked or rebuilt
-                self.cache.restore(state["cache"], load=self.start_epoch < self.cfg.epochs)
+                with Stopwatch(self.device) as watch:
+                    self.cache.restore(state["cache"], load=self.start_epoch < self.cfg.epochs)
+                # the wall-clock of the checks or the rebuild (the rebuild's passes also went
+                # into cache.seconds: the first epoch counts the difference once)
+                self.resume_cache_seconds = watch.seconds
             # after the cache: rebuilding it must not touch the recorded costs
             self.cache.restore_plan(state.get("cache_plan"))
         log.info("resumed from %s at epoch %d (frontier %d)", path, self.start_epoch, self.frontier)
