@@ -128,7 +128,8 @@ class TrainConfig:
     cache: str = opt(
         "auto",
         "cache (prefast mode)",
-        "where cached activations live; auto: device if it fits, else ram, else zarr (default %(default)s)",
+        "where cached activations live; auto: device if it fits, else ram, else zarr; a cache "
+        "larger than the free memory of the tier asked for goes to the next (default %(default)s)",
     )
     cache_dir: str | None = opt(
         None,

@@ -29,7 +29,7 @@ from prefast import (
     TrainConfig,
     train,
 )
-from prefast.cache.plan import CostModel, plan_boundaries, plan_boundary
+from prefast.cache.plan import CostModel, choose_tier, plan_boundaries, plan_boundary
 from prefast.cli import main
 from prefast.models import (
     UnitModel,
@@ -361,6 +361,46 @@ def test_a_codec_sends_only_store_caches_to_passes(tmp_path, caplog, tier, fract
     else:
         assert any("the ram tier ignores it" in m for m in said), said
         assert any("(ram, written through)" in m for m in said), said
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "free_device", "free_host", "tier"),
+    [
+        ("ram", "cpu", 0, 100, "ram"),  # fits all of the memory: kept, whatever the fraction
+        ("ram", "cpu", 0, 99, "zarr"),
+        ("device", "cuda", 100, 0, "device"),
+        ("device", "cuda", 99, 100, "ram"),
+        ("device", "cuda", 99, 99, "zarr"),
+        ("device", "cpu", 0, 100, "device"),  # a CPU's device memory is host memory
+        ("device", "cpu", 10**9, 99, "zarr"),
+        ("zarr", "cuda", 10**9, 10**9, "zarr"),
+        ("auto", "cuda", 199, 10**9, "ram"),  # auto: within the fraction (0.5)
+    ],
+)
+def test_an_explicit_tier_the_cache_cannot_fit_falls_to_the_next(
+    requested, device, free_device, free_host, tier
+):
+    assert choose_tier(requested, 100, device, 0.5, free_device, free_host) == tier
+
+
+def test_a_ram_cache_larger_than_the_free_memory_goes_to_a_store(tmp_path, monkeypatch, caplog):
+    """--cache ram whose cache would not fit the host's free memory: allocating it failed
+    with a bare RuntimeError, or the process was killed for memory, after the epochs before
+    it. The cache goes to a store instead, said once per boundary, to the same result."""
+    import prefast.cache.manager as M
+
+    kw = dict(mode="prefast", cache_dtype="float32", recache_policy="every", epochs=3)
+    ref = train(tiny(**kw, cache="zarr", cache_dir=str(tmp_path / "ref")))
+    monkeypatch.setattr(M, "free_memory", lambda device: (0, 1000))
+    caplog.set_level(logging.INFO, logger="prefast")
+    got = train(tiny(**kw, cache="ram", cache_dir=str(tmp_path / "c")))
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    moved = [m for m in said if m.startswith("--cache ram: the cache at boundary")]
+    assert moved and len(moved) == len(set(moved)), said
+    assert "more than the 1e-06 GB of host memory free now; it goes to the store" in moved[0]
+    assert got.summary["cache_tier"] == "zarr"
+    assert store.open(got.summary["cache_path"]).num_samples == 96
+    assert got.losses == ref.losses
 
 
 def _cgroup(root: Path, rel: str, files: dict[str, str]) -> None:

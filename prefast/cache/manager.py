@@ -155,6 +155,7 @@ class CacheManager:
         self._superseded: list[Cache] = []
         self.loader_stats = store.LoaderStats()  # the epoch's loaders so far (take_loader_stats)
         self._tmp_dir: Path | None = None
+        self._tier_refused: set[int] = set()  # boundaries whose explicit --cache tier was full
         self._lock_fd: int | None = None
         self.cache_dir = self._resolve_cache_dir()
         self.run_dir: Path | str | None = None
@@ -342,16 +343,31 @@ class CacheManager:
 
     def _tier_for(self, b: int) -> str:
         free_device, free_host = free_memory(self.device)
+        # under torchrun every rank holds a whole copy of a RAM cache (build_cache): the ranks
+        # of this machine share its host memory; each has a device of its own
+        host = free_host // self.dist.local_world_size
+        nbytes = self._cache_nbytes(b)
         tier = choose_tier(
             self.cfg.cache,
-            self._cache_nbytes(b),
+            nbytes,
             self.device.type,
             self.cfg.cache_memory_fraction,
             free_device,
-            # under torchrun every rank holds a whole copy of a RAM cache (build_cache): the
-            # ranks of this machine share its host memory; each has a device of its own
-            free_host // self.dist.local_world_size,
+            host,
         )
+        if tier != self.cfg.cache != "auto" and b not in self._tier_refused:
+            self._tier_refused.add(b)  # said once per boundary: a plan asks for each many times
+            on_gpu = self.cfg.cache == "device" and self.device.type == "cuda"
+            log.warning(
+                "--cache %s: the cache at boundary %d takes %.3g GB, more than the %.3g GB of "
+                "%s memory free now; it goes to the %s instead",
+                self.cfg.cache,
+                b,
+                nbytes / 1e9,
+                (free_device if on_gpu else host) / 1e9,
+                "GPU" if on_gpu else "host",
+                "host's RAM" if tier == "ram" else "store (on disk)",
+            )
         return tier
 
     # ---- deciding ---------------------------------------------------------------------------------

@@ -21,9 +21,17 @@ def choose_tier(
     free_host: int,
 ) -> str:
     """``auto``: device if the cache fits ``fraction`` of free device memory (CUDA only), else
-    ram if it fits ``fraction`` of available host memory, else zarr. An explicit tier is kept."""
-    if requested != "auto":
+    ram if it fits ``fraction`` of available host memory, else zarr. An explicit tier is kept
+    where the cache fits all of that memory (a CPU's device memory is host memory), else the
+    next one down that does: device, ram, zarr (a cache that cannot fit would fail to be
+    allocated, or have the process killed for memory, after the epochs before it)."""
+    if requested == "zarr":
         return requested
+    if requested != "auto":
+        on_host = requested == "ram" or device_type != "cuda"
+        if nbytes <= (free_host if on_host else free_device):
+            return requested
+        return "ram" if not on_host and nbytes <= free_host else "zarr"
     if device_type == "cuda" and nbytes <= fraction * free_device:
         return "device"
     if nbytes <= fraction * free_host:
