@@ -539,6 +539,19 @@ def _main(args: argparse.Namespace) -> int:
             written = store_errors("StoreWriteError")
             failed = isinstance(e, (DistributedError, *written)) or isinstance(e.__cause__, written)
             return 1 if failed else 2
+        except RuntimeError as e:
+            torch = sys.modules.get("torch")  # where torch was never imported, nothing it raised
+            if torch is None or not isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            # The GPU's memory ran out (a batch, the model or a device cache too large for it):
+            # torch's first sentences, not its paragraph on allocator settings; exit 1.
+            said = ". ".join(" ".join(str(e).split()).split(". ")[:2]).rstrip(".")
+            print(
+                f"prefast: error: out of GPU memory ({said}); a smaller --batch-size or "
+                "--eval-batch-size, or --cache ram or zarr, needs less",
+                file=sys.stderr,
+            )
+            return 1
         except (OSError, FloatingPointError) as e:
             if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
                 # stdout's reader has gone (`prefast cache list D | head -1`): end quietly, with

@@ -1393,6 +1393,40 @@ def test_cli_a_store_write_that_fails_is_a_failed_run_exit_1(tmp_path, monkeypat
     assert "writing the cache at boundary 2 failed" in capsys.readouterr().err
 
 
+def test_cli_out_of_gpu_memory_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    """CUDA running out of memory (a batch too large for the GPU) ended the run with a
+    traceback and torch's paragraph on allocator settings; it is one line with the way on, and
+    the metrics file ends with the failure. Other RuntimeErrors still show their trace."""
+
+    def oom(self, epoch):
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 "
+            "GiB of which 1.06 GiB is free. Of the allocated memory 75.2 GiB is allocated by "
+            "PyTorch. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+        )
+
+    monkeypatch.setattr(Trainer, "_train_epoch", oom)
+    metrics = tmp_path / "m.jsonl"
+    args = ["train", *SYN, "--epochs", "1", "--device", "cpu", "--no-progress", "-q",
+            "--metrics", str(metrics)]  # fmt: skip
+    assert main(args) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        "prefast: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB); a "
+        "smaller --batch-size or --eval-batch-size, or --cache ram or zarr, needs less"
+    )
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert last["failed"] and last["error"].startswith("OutOfMemoryError: CUDA out of memory.")
+
+    def other(self, epoch):
+        raise RuntimeError("a shape mismatch")
+
+    monkeypatch.setattr(Trainer, "_train_epoch", other)
+    with pytest.raises(RuntimeError, match="a shape mismatch"):
+        main([*args, "--metrics", str(tmp_path / "n.jsonl")])
+
+
 def test_a_requested_stop_stops_the_run_before_its_next_step(tmp_path, monkeypatch):
     from prefast import interrupt
 
