@@ -539,16 +539,21 @@ def _main(args: argparse.Namespace) -> int:
             written = store_errors("StoreWriteError")
             failed = isinstance(e, (DistributedError, *written)) or isinstance(e.__cause__, written)
             return 1 if failed else 2
-        except RuntimeError as e:
+        except (RuntimeError, MemoryError) as e:
             torch = sys.modules.get("torch")  # where torch was never imported, nothing it raised
-            if torch is None or not isinstance(e, torch.cuda.OutOfMemoryError):
+            text = " ".join(str(e).split())
+            if torch is not None and isinstance(e, torch.cuda.OutOfMemoryError):
+                where, less = "GPU", "--cache ram or zarr"
+            elif isinstance(e, MemoryError) or "DefaultCPUAllocator: can't allocate" in text:
+                where, less = "host", "--cache zarr"
+            else:
                 raise
-            # The GPU's memory ran out (a batch, the model or a device cache too large for it):
-            # torch's first sentences, not its paragraph on allocator settings; exit 1.
-            said = ". ".join(" ".join(str(e).split()).split(". ")[:2]).rstrip(".")
+            # Memory ran out (a batch, the model or a cache too large for it): torch's first
+            # sentences, not its paragraph on allocator settings; exit 1.
+            said = ". ".join(text.split(". ")[:2]).rstrip(".") or type(e).__name__
             print(
-                f"prefast: error: out of GPU memory ({said}); a smaller --batch-size or "
-                "--eval-batch-size, or --cache ram or zarr, needs less",
+                f"prefast: error: out of {where} memory ({said}); a smaller --batch-size or "
+                f"--eval-batch-size, or {less}, needs less",
                 file=sys.stderr,
             )
             return 1

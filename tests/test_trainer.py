@@ -1393,7 +1393,7 @@ def test_cli_a_store_write_that_fails_is_a_failed_run_exit_1(tmp_path, monkeypat
     assert "writing the cache at boundary 2 failed" in capsys.readouterr().err
 
 
-def test_cli_out_of_gpu_memory_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+def test_cli_out_of_gpu_or_host_memory_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
     """CUDA running out of memory (a batch too large for the GPU) ended the run with a
     traceback and torch's paragraph on allocator settings; it is one line with the way on, and
     the metrics file ends with the failure. Other RuntimeErrors still show their trace."""
@@ -1418,6 +1418,20 @@ def test_cli_out_of_gpu_memory_is_one_line_exit_1(tmp_path, monkeypatch, capsys)
     )
     last = json.loads(metrics.read_text().splitlines()[-1])
     assert last["failed"] and last["error"].startswith("OutOfMemoryError: CUDA out of memory.")
+
+    def host(self, epoch):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 60000000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(Trainer, "_train_epoch", host)
+    assert main([*args, "--metrics", str(tmp_path / "h.jsonl")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("prefast: error: out of host memory ([enforce fail at alloc_cpu.cpp")
+    assert line.endswith(
+        "; a smaller --batch-size or --eval-batch-size, or --cache zarr, needs less"
+    )
 
     def other(self, epoch):
         raise RuntimeError("a shape mismatch")
