@@ -155,7 +155,6 @@ class CacheManager:
         self._superseded: list[Cache] = []
         self.loader_stats = store.LoaderStats()  # the epoch's loaders so far (take_loader_stats)
         self._tmp_dir: Path | None = None
-        self._tier_refused: set[int] = set()  # boundaries whose explicit --cache tier was full
         self._lock_fd: int | None = None
         self.cache_dir = self._resolve_cache_dir()
         self.run_dir: Path | str | None = None
@@ -341,7 +340,9 @@ class CacheManager:
     def _cache_nbytes(self, b: int) -> int:
         return len(self.data.train) * self.views * self.sample_bytes[b]
 
-    def _tier_for(self, b: int) -> str:
+    def _tier_for(self, b: int, building: bool = False) -> str:
+        """The tier a cache at ``b`` goes to now; ``building``: one is made there now (an
+        explicit --cache whose memory it does not fit says so; plans ask of every boundary)."""
         free_device, free_host = free_memory(self.device)
         # under torchrun every rank holds a whole copy of a RAM cache (build_cache): the ranks
         # of this machine share its host memory; each has a device of its own
@@ -355,8 +356,7 @@ class CacheManager:
             free_device,
             host,
         )
-        if tier != self.cfg.cache != "auto" and b not in self._tier_refused:
-            self._tier_refused.add(b)  # said once per boundary: a plan asks for each many times
+        if building and tier != self.cfg.cache != "auto":
             on_gpu = self.cfg.cache == "device" and self.device.type == "cuda"
             log.warning(
                 "--cache %s: the cache at boundary %d takes %.3g GB, more than the %.3g GB of "
@@ -654,7 +654,7 @@ class CacheManager:
 
     def _open_write_through(self, target: int) -> WriteThrough | None:
         cfg, n = self.cfg, len(self.data.train)
-        tier = self._tier_for(target)
+        tier = self._tier_for(target, building=True)
         shape = self.shapes[target]
         fp = self._fingerprint(target)
         meta = provenance(self.model, target, self.data.desc, self._cache_desc(), fp)
@@ -923,7 +923,8 @@ class CacheManager:
         some samples twice and others not at all. True when the batch source changed."""
         epoch, step = divmod(j, self.iters_per_epoch)
         tier = self.dist.broadcast_object(
-            self._tier_for(b_new) if self.dist.is_main else None, "sharing the cache tier"
+            self._tier_for(b_new, building=True) if self.dist.is_main else None,
+            "sharing the cache tier",
         )
         streamed = tier == "zarr" and bool(self._store_rows_refusal())
         if step and (streamed or _chunk_streamed(self.cache)):
@@ -965,7 +966,8 @@ class CacheManager:
         (default: the one the policy picks now)."""
         if tier is None:
             tier = self.dist.broadcast_object(
-                self._tier_for(b_new) if self.dist.is_main else None, "sharing the cache tier"
+                self._tier_for(b_new, building=True) if self.dist.is_main else None,
+                "sharing the cache tier",
             )
         path = store_path(self._zarr_dir(), b_new) if tier == "zarr" else None
         fp = self._fingerprint(b_new)
