@@ -405,6 +405,14 @@ def test_a_ram_cache_larger_than_the_free_memory_goes_to_a_store(tmp_path, monke
     assert got.losses == ref.losses
 
 
+def test_a_cache_written_from_an_epochs_second_step_says_first_step(caplog):
+    caplog.set_level(logging.INFO, logger="prefast")
+    train(tiny(mode="prefast", cache="ram", recache_policy="every", t0=0.4, batch_size=32))
+    said = [r.getMessage() for r in caplog.records if "writing the cache" in r.getMessage()]
+    assert said and said[0].startswith("epoch 1, step 1: writing the cache at boundary"), said
+    assert said[0].endswith("; the epoch's first step's samples at its end"), said
+
+
 def _cgroup(root: Path, rel: str, files: dict[str, str]) -> None:
     d = root / rel
     d.mkdir(parents=True, exist_ok=True)

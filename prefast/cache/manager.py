@@ -525,7 +525,13 @@ class CacheManager:
             target,
             self.model.unit_names[target - 1],
             w.tier,
-            f"; the epoch's first {step} steps' samples at its end" if step else "",
+            (
+                "; the epoch's first step's samples at its end"
+                if step == 1
+                else f"; the epoch's first {step} steps' samples at its end"
+                if step
+                else ""
+            ),
         )
         return self.boundary == 0
 
