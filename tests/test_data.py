@@ -605,8 +605,13 @@ def test_summary_holds_the_validation_error() -> None:
     assert r.summary["final_val_error"] == errors[-1]
     assert r.summary["best_val_error"] == min(errors)
     assert r.summary["final_val_loss"] == r.records[-1]["val_loss"]
+    best = errors.index(min(errors))  # the first of equals
+    assert r.summary["best_val_epoch"] == best
+    assert r.summary["test_error_at_best_val"] == r.records[best]["test_error"]
     plain = train(TrainConfig(**cfg))
     assert plain.summary["final_val_error"] is None and plain.summary["best_val_error"] is None
+    assert plain.summary["best_val_epoch"] is None
+    assert plain.summary["test_error_at_best_val"] is None
 
 
 def test_the_seed_draws_the_data_and_its_help_says_so() -> None:

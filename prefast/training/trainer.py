@@ -756,6 +756,9 @@ class Trainer:
             "final_val_error": last.get("val_error"),
             "final_val_loss": last.get("val_loss"),
             "best_val_error": min((r["val_error"] for r in recs if "val_error" in r), default=None),
+            # the epoch a user would keep, chosen on the held-out images (the first of equals),
+            # and its test error: best_test_error is chosen on the test set itself
+            **_at_best_val(recs),
             "frozen_units": self.frontier,
             "num_units": self.model.num_units,
             "freeze_iterations": self.schedule.freeze_iterations(),
@@ -793,6 +796,17 @@ class Trainer:
             "ranks_in_sync": True,
             "weights_sha256": digests[0],
         }
+
+
+def _at_best_val(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``best_val_epoch`` and ``test_error_at_best_val`` of epoch records (None without
+    ``--val-size``)."""
+    with_val = [r for r in recs if r.get("val_error") is not None]
+    best = min(with_val, key=lambda r: r["val_error"], default=None)
+    return {
+        "best_val_epoch": best["epoch"] if best else None,
+        "test_error_at_best_val": best["test_error"] if best else None,
+    }
 
 
 def check_outputs(cfg: TrainConfig) -> None:
