@@ -52,6 +52,8 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self._source: ActivationSource | None = source
         self._path = source.path if isinstance(source, ActivationStore) else None
         self._checksums = source.checksums if isinstance(source, ActivationStore) else True
+        # a store opened with partial=True is reopened so, where a worker reopens it
+        self._partial = isinstance(source, ActivationStore) and not source.complete
         self._pid = os.getpid()
         self.view = view
         self.seed = seed
@@ -81,7 +83,7 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                 raise StoreInputError("this dataset's in-memory tier did not reach this process")
             from store.reader import open as open_store
 
-            self._source = open_store(self._path, checksums=self._checksums)
+            self._source = open_store(self._path, partial=self._partial, checksums=self._checksums)
             self._pid = os.getpid()
         return self._source
 

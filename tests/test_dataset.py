@@ -97,3 +97,18 @@ def test_xarray_opens_a_store(tiers):
     assert ds["labels"].dims == ("sample",)
     np.testing.assert_array_equal(a.isel(view=1, sample=[4, 100]).values, x[1, [4, 100]].numpy())
     np.testing.assert_array_equal(ds["labels"].values, y.numpy())
+
+
+def test_a_dataset_over_a_partial_store_reopens_it_in_workers(tmp_path):
+    """A store opened with partial=True is reopened with partial=True in the worker processes
+    (it raised StoreIncompleteError there); its written samples read as in the main process."""
+    x, y = encoded(num_samples=20, views=1), labels_for(20)
+    with store.create(tmp_path / "s", sample_shape=SHAPE, num_samples=20, chunk_samples=8,
+                      dtype="float32") as w:  # fmt: skip
+        w.write(view=0, start=0, x=x[0, :16], labels=y[:16])  # chunk 2 (samples 16..19) missing
+    ds = store.ActivationDataset(store.open(tmp_path / "s", partial=True), view=0)
+    back = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(back[15][0], x[0, 15])
+    loader = DataLoader(torch.utils.data.Subset(ds, range(16)), batch_size=8, num_workers=1)
+    xb = torch.cat([b for b, _ in loader])
+    assert torch.equal(xb, x[0, :16])
