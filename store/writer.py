@@ -67,7 +67,7 @@ from store.layout import (
     merge_ranges,
     unwritten_ranges,
 )
-from store.location import is_activation_store, missing_backend, recorded_info
+from store.location import check_reachable, is_activation_store, missing_backend, recorded_info
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,7 @@ def _create_remote(
 ) -> StoreWriter:
     """A store at an fsspec URL (s3://, gs://, memory://, ...) through zarr's FsspecStore.
     Object stores have no advisory locks: run one writer (or one per rank) per store."""
+    check_reachable(url)  # an unknown protocol, a missing backend: StoreInputError
     group: zarr.Group | None
     try:
         group = _zarr.open_group(url, mode="r+")

@@ -1218,6 +1218,12 @@ def test_memory_url_round_trip_streams(data, codec):
         store.open("memory://prefast-test-nothing/here")
 
 
+def test_a_url_of_an_unknown_protocol_is_refused_as_store_input():
+    """create() at a URL fsspec has no filesystem for raised zarr's bare ValueError."""
+    with pytest.raises(store.StoreInputError, match=r"nosuch://x/s: .*Protocol not known"):
+        store.create("nosuch://x/s", sample_shape=SHAPE, num_samples=N)
+
+
 def test_file_url_is_a_local_memory_mapped_store(tmp_path, data):
     x, y = data
     s = write_store(f"file://{tmp_path / 's'}", x, y)
