@@ -67,7 +67,13 @@ from store.layout import (
     merge_ranges,
     unwritten_ranges,
 )
-from store.location import check_reachable, is_activation_store, missing_backend, recorded_info
+from store.location import (
+    check_reachable,
+    children,
+    is_activation_store,
+    missing_backend,
+    recorded_info,
+)
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +353,11 @@ def _create_remote(
     if group is not None and resume:
         info = _check_resume(group, layout, meta, url)
         return StoreWriter(url, group, info, None, rank, world_size, workers, max_pending)
+    if not is_activation_store(url) and children(url):
+        # zarr's create_group(overwrite=True) deletes everything under the URL
+        raise StoreExistsError(
+            f"{url}: not empty and holds no activation store; refusing to overwrite it"
+        )
     if group is not None and not overwrite:
         raise StoreExistsError(
             f"{url}: a store exists here; pass overwrite=True to replace it or resume=True"

@@ -1224,6 +1224,27 @@ def test_a_url_of_an_unknown_protocol_is_refused_as_store_input():
         store.create("nosuch://x/s", sample_shape=SHAPE, num_samples=N)
 
 
+def test_create_at_a_url_never_deletes_what_is_there_but_a_store():
+    """create() at a URL holding other files or another zarr group deleted all of it (zarr's
+    create_group(overwrite=True)), even without overwrite=True; it refuses, as for a local
+    folder, and still replaces a store of its own with overwrite=True."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/prefast-test-keep/files/notes.txt", b"keep")
+    with pytest.raises(store.StoreExistsError, match="holds no activation store"):
+        store.create("memory://prefast-test-keep/files", sample_shape=SHAPE, num_samples=N)
+    zarr.create_group("memory://prefast-test-keep/grp").create_array("a", shape=(3,), dtype="f4")
+    with pytest.raises(store.StoreExistsError, match="holds no activation store"):
+        store.create("memory://prefast-test-keep/grp", sample_shape=SHAPE, num_samples=N,
+                     overwrite=True)  # fmt: skip
+    assert fs.cat_file("/prefast-test-keep/files/notes.txt") == b"keep"
+    assert fs.exists("/prefast-test-keep/grp/a/zarr.json")
+    url = "memory://prefast-test-keep/s"
+    store.create(url, sample_shape=SHAPE, num_samples=N).abort()
+    store.create(url, sample_shape=(2,), num_samples=3, overwrite=True).abort()
+    assert store.location.recorded_info(url).layout.sample_shape == (2,)
+
+
 def test_file_url_is_a_local_memory_mapped_store(tmp_path, data):
     x, y = data
     s = write_store(f"file://{tmp_path / 's'}", x, y)
