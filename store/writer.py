@@ -138,10 +138,6 @@ def _pwrite_all(jobs: list[tuple[int, np.ndarray, int]]) -> None:
             mv, off = mv[k:], off + k
 
 
-def _is_store_dir(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
-
-
 def _clear_store_dir(path: Path) -> None:
     """Empty a folder a store is being created over. A store there marked complete is first
     marked incomplete, and its record (``zarr.json``) goes last: a writer killed meanwhile
@@ -245,7 +241,7 @@ def create(
         raise StoreWriteError(f"{root}: cannot look for the store: {_mkdir_reason(root, e)}") from e
     if exists and not root.is_dir():
         raise NotAStoreError(f"{root}: exists and is not a directory")
-    if exists and _is_store_dir(root) and resume:
+    if exists and resume and is_activation_store(root):
         lock = _DirLock(root, shared=world_size > 1)
         try:
             group = _zarr.open_group(root, mode="r+")
@@ -343,6 +339,11 @@ def _create_remote(
     """A store at an fsspec URL (s3://, gs://, memory://, ...) through zarr's FsspecStore.
     Object stores have no advisory locks: run one writer (or one per rank) per store."""
     check_reachable(url)  # an unknown protocol, a missing backend: StoreInputError
+    if not is_activation_store(url) and children(url):
+        # zarr's create_group(overwrite=True) deletes everything under the URL
+        raise StoreExistsError(
+            f"{url}: not empty and holds no activation store; refusing to overwrite it"
+        )
     group: zarr.Group | None
     try:
         group = _zarr.open_group(url, mode="r+")
@@ -353,11 +354,6 @@ def _create_remote(
     if group is not None and resume:
         info = _check_resume(group, layout, meta, url)
         return StoreWriter(url, group, info, None, rank, world_size, workers, max_pending)
-    if not is_activation_store(url) and children(url):
-        # zarr's create_group(overwrite=True) deletes everything under the URL
-        raise StoreExistsError(
-            f"{url}: not empty and holds no activation store; refusing to overwrite it"
-        )
     if group is not None and not overwrite:
         raise StoreExistsError(
             f"{url}: a store exists here; pass overwrite=True to replace it or resume=True"

@@ -1245,6 +1245,18 @@ def test_create_at_a_url_never_deletes_what_is_there_but_a_store():
     assert store.location.recorded_info(url).layout.sample_shape == (2,)
 
 
+def test_create_over_a_plain_zarr_array_is_refused(tmp_path):
+    """create(resume=True) over a zarr array (a folder or URL) raised zarr's own
+    ContainsArrayError, and so did any create() at a URL holding one."""
+    zarr.create_array(str(tmp_path / "arr"), shape=(3,), dtype="f4")
+    zarr.create_array("memory://prefast-test-arr/a", shape=(3,), dtype="f4")
+    for where in (tmp_path / "arr", "memory://prefast-test-arr/a"):
+        for how in ({}, {"overwrite": True}, {"resume": True}):
+            with pytest.raises(store.StoreExistsError, match="holds no activation store"):
+                store.create(where, sample_shape=SHAPE, num_samples=N, **how)
+    assert zarr.open_array(str(tmp_path / "arr"), mode="r").shape == (3,)
+
+
 def test_file_url_is_a_local_memory_mapped_store(tmp_path, data):
     x, y = data
     s = write_store(f"file://{tmp_path / 's'}", x, y)
