@@ -283,9 +283,12 @@ def create(
 
 
 def _mkdir_reason(root: Path, e: OSError) -> str:
-    """Why ``root.mkdir(parents=True)`` failed, naming a file that stands where a folder must."""
-    for parent in root.parents:
+    """Why ``root.mkdir(parents=True)`` failed, naming a file that stands where a folder must
+    or a link to nothing (a disk not mounted) that stands where one must be created."""
+    for parent in (root, *root.parents):
         try:
+            if parent.is_symlink() and not parent.exists():
+                return f"{parent} is a link to {os.readlink(parent)}, which does not exist"
             if parent.exists():
                 if not parent.is_dir():
                     return f"{parent} is a file, not a folder"

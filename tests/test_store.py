@@ -663,6 +663,17 @@ def test_create_under_a_file_names_the_file(tmp_path):
     assert (tmp_path / "afile").read_text() == "a user's file"
 
 
+def test_create_through_a_dangling_link_names_the_link(tmp_path):
+    """A store path, or a folder on its way, that is a link to nothing (a disk not mounted) was
+    reported as 'File exists'."""
+    (tmp_path / "s").symlink_to(tmp_path / "gone" / "s")
+    (tmp_path / "cache").symlink_to(tmp_path / "unmounted")
+    for path, link in ((tmp_path / "s", "s"), (tmp_path / "cache" / "run" / "s", "cache")):
+        with pytest.raises(store.StoreWriteError, match=f"{link} is a link to .*, which does not"):
+            store.create(path, sample_shape=SHAPE, num_samples=N)
+    assert not (tmp_path / "gone").exists() and not (tmp_path / "unmounted").exists()
+
+
 def test_create_where_a_folder_may_not_be_entered_is_a_write_error(tmp_path, monkeypatch):
     # a folder on the way this user may not enter (mode 700, another user's): mkdir fails with
     # EACCES and so does every stat below it; simulated, as root may enter any folder
