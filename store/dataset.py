@@ -10,8 +10,10 @@ assigns to it in epoch ``epoch`` (the one ``StoreLoader`` reads, except from a s
 compressed or remote, where it draws a view per chunk), changed with ``set_epoch``.
 
 Workers: a store-backed dataset reopens its store in each worker process (memory maps and
-locks are never shared across a fork); a RAM tier is shared as the tensor it is; a device tier
-cannot go to worker processes (CUDA does not survive a fork) and says so.
+locks are never shared across a fork), as it was opened (``partial``, ``checksums``); a store
+created anew at its path since raises ``StoreCorruptError`` there. A RAM tier is shared as the
+tensor it is; a device tier cannot go to worker processes (CUDA does not survive a fork) and
+says so.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from store.errors import StoreInputError, check_int, shown
+from store.errors import StoreCorruptError, StoreInputError, check_int, shown
 from store.order import epoch_views
 from store.protocols import ActivationSource
 from store.reader import ActivationStore
+
+
+def _made(s: ActivationStore) -> tuple[Any, ...]:
+    """What tells a store apart from one created anew at its path."""
+    return (s.info.layout, s.info.meta, s.info.created)
 
 
 class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -54,6 +61,8 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self._checksums = source.checksums if isinstance(source, ActivationStore) else True
         # a store opened with partial=True is reopened so, where a worker reopens it
         self._partial = isinstance(source, ActivationStore) and not source.complete
+        # what the reopened store must still be: not one made anew at the path since
+        self._made = _made(source) if isinstance(source, ActivationStore) else None
         self._pid = os.getpid()
         self.view = view
         self.seed = seed
@@ -83,7 +92,15 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                 raise StoreInputError("this dataset's in-memory tier did not reach this process")
             from store.reader import open as open_store
 
-            self._source = open_store(self._path, partial=self._partial, checksums=self._checksums)
+            s = open_store(self._path, partial=self._partial, checksums=self._checksums)
+            if _made(s) != self._made:  # its values would go with the labels held here
+                s.close()
+                raise StoreCorruptError(
+                    f"{self._path}: the store was replaced since this dataset was made (created "
+                    f"{s.info.created}, not {self._made and self._made[2]}); make the dataset "
+                    "again over store.open(path)"
+                )
+            self._source = s
             self._pid = os.getpid()
         return self._source
 

@@ -112,3 +112,15 @@ def test_a_dataset_over_a_partial_store_reopens_it_in_workers(tmp_path):
     loader = DataLoader(torch.utils.data.Subset(ds, range(16)), batch_size=8, num_workers=1)
     xb = torch.cat([b for b, _ in loader])
     assert torch.equal(xb, x[0, :16])
+
+
+def test_a_worker_refuses_a_store_replaced_since_the_dataset_was_made(tmp_path, monkeypatch):
+    """A worker reopens the store by path: a store created anew there since (other values, the
+    same layout) was read silently, its values paired with the labels the dataset holds."""
+    x, y = encoded(num_samples=20, views=1), labels_for(20)
+    ds = store.ActivationDataset(write_store(tmp_path / "s", x, y, chunk=8), view=0)
+    assert torch.equal(pickle.loads(pickle.dumps(ds))[3][0], x[0, 3])
+    monkeypatch.setattr(store.writer, "_now", lambda: "2099-01-01T00:00:00+00:00")
+    write_store(tmp_path / "s", -x, y, chunk=8, overwrite=True)
+    with pytest.raises(store.StoreCorruptError, match="replaced since this dataset was made"):
+        pickle.loads(pickle.dumps(ds))[3]
