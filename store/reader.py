@@ -361,6 +361,7 @@ class ActivationStore:
         return f"{self.path.rstrip('/')}/{array}/c/{'/'.join(map(str, key))}"
 
     def chunk_written(self, view: int, chunk: int) -> bool:
+        self._check_chunk(view, chunk)
         return bool(self._crcs[view, chunk] >= 0)
 
     def missing_ranges(self) -> list[tuple[int, int, int]]:
@@ -408,11 +409,16 @@ class ActivationStore:
         if self._closed:
             raise StoreError(f"{self.path}: read after close(); store.open(path) opens it again")
 
-    def _check_chunk_index(self, view: int, chunk: int) -> None:
-        self._check_open()
+    def _check_chunk(self, view: int, chunk: int) -> None:
+        """A view and a chunk index in range (integers: a float or a bool is refused)."""
         self._check_view(view)
+        check_int(f"{self.path}: chunk", chunk)
         if not 0 <= chunk < self.num_chunks:
             raise StoreInputError(f"{self.path}: chunk {chunk} out of range [0, {self.num_chunks})")
+
+    def _check_chunk_index(self, view: int, chunk: int) -> None:
+        self._check_open()
+        self._check_chunk(view, chunk)
         self._check_chunk_written(view, chunk)
 
     def read_chunk(self, view: int, chunk: int) -> np.ndarray:

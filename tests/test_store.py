@@ -816,6 +816,13 @@ def test_read_errors(tmp_path, data):
         s.read(3, [0])
     with pytest.raises(store.StoreInputError):
         store.RamCache.from_store(s).read(0, [117])
+    # a chunk index that is a float or out of range: StoreInputError, not numpy's IndexError
+    for call in (s.read_chunk, s.verify_chunk, s.chunk_written):
+        with pytest.raises(store.StoreInputError, match=r"chunk must be an integer, got 0\.0"):
+            call(0, 0.0)
+        with pytest.raises(store.StoreInputError, match=r"chunk 99 out of range \[0, 15\)"):
+            call(0, 99)
+    assert s.chunk_written(0, np.int64(14)) and s.read_chunk(0, np.int64(14)).shape == (5, *SHAPE)
 
 
 def test_existing_store_needs_overwrite_or_resume(tmp_path, data):
