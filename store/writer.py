@@ -73,6 +73,7 @@ from store.location import (
     is_activation_store,
     missing_backend,
     recorded_info,
+    remove,
 )
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,19 @@ def _clear_store_dir(path: Path) -> None:
     (path / "zarr.json").unlink(missing_ok=True)
 
 
-def _mark_incomplete(path: Path) -> None:
+def _clear_store_url(url: str) -> None:
+    """``_clear_store_dir`` at a URL: the store there is marked incomplete, its record goes
+    last, so an overwrite cut short leaves an incomplete store that a later overwrite takes,
+    never keys without a record (which ``create`` refuses to overwrite)."""
+    _mark_incomplete(url)
+    record = url.rstrip("/") + "/zarr.json"
+    for child in children(url):
+        if child != record:
+            remove(child)
+    remove(record)
+
+
+def _mark_incomplete(path: Path | str) -> None:
     """Rewrite the record of the store at ``path`` as incomplete (one atomic write of its
     ``zarr.json``), where it is a store of this format marked complete."""
     info = recorded_info(path)
@@ -365,6 +378,8 @@ def _create_remote(
         raise StoreInputError(
             f"{url}: rank {rank} must open an existing store with resume=True (rank 0 creates it)"
         )
+    if group is not None:
+        _clear_store_url(url)
     info = StoreInfo(layout=layout, meta=meta, complete=False, created=_now())
     group = zarr.create_group(
         url, zarr_format=3, overwrite=True, attributes={ATTRS_KEY: info.to_dict()}

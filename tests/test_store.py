@@ -1275,6 +1275,34 @@ def test_create_over_a_plain_zarr_array_is_refused(tmp_path):
     assert zarr.open_array(str(tmp_path / "arr"), mode="r").shape == (3,)
 
 
+def test_an_overwrite_at_a_url_cut_short_leaves_a_store_it_can_overwrite(data, monkeypatch):
+    """An overwrite at a URL killed while it deletes the old store leaves that store marked
+    incomplete with its record (zarr deleted the record first: keys without one were left,
+    which create() refuses to overwrite)."""
+    memory = pytest.importorskip("fsspec.implementations.memory")
+    x, y = data
+    url = "memory://prefast-test-cut/s"
+    write_store(url, x, y)
+    removed = []
+    real_rm_file = memory.MemoryFileSystem.rm_file
+
+    def killed_after_one(self, path):
+        real_rm_file(self, path)
+        removed.append(path)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(memory.MemoryFileSystem, "rm_file", killed_after_one)
+    with pytest.raises(RuntimeError, match="killed"):
+        store.create(url, sample_shape=SHAPE, num_samples=N, overwrite=True)
+    monkeypatch.undo()
+    assert removed and not removed[0].endswith("/s/zarr.json")  # the record goes last
+    info = store.location.recorded_info(url)
+    assert info is not None and not info.complete
+    with pytest.raises(store.StoreError):
+        store.open(url)
+    assert torch.equal(write_store(url, x, y, overwrite=True).read(1, ALL), x[1])
+
+
 def test_file_url_is_a_local_memory_mapped_store(tmp_path, data):
     x, y = data
     s = write_store(f"file://{tmp_path / 's'}", x, y)
