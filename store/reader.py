@@ -20,6 +20,7 @@ gets ``StoreCorruptError``, never the new store's values.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import threading
@@ -55,6 +56,8 @@ from store.layout import (
     unwritten_ranges,
 )
 from store.location import missing_backend
+
+log = logging.getLogger(__name__)
 
 
 def as_tensor(a: np.ndarray, layout: StoreLayout) -> torch.Tensor:
@@ -284,11 +287,12 @@ class ActivationStore:
             if root is not None and self.layout.codec is None
             else None
         )
-        self._cm = (
-            _ContiguousMap(self._mm, crcs if checksums else None)
-            if self._mm is not None and _ContiguousMap.usable(self.layout)
-            else None
-        )
+        self._cm: _ContiguousMap | None = None
+        if self._mm is not None and _ContiguousMap.usable(self.layout):
+            try:
+                self._cm = _ContiguousMap(self._mm, crcs if checksums else None)
+            except OSError as e:  # address space limited (ulimit -v): chunk by chunk maps
+                log.debug("%s: chunks mapped one by one (%s)", self.path, e)
 
     # ---- description --------------------------------------------------------------------
     num_samples = property(lambda self: self.layout.num_samples)

@@ -859,10 +859,16 @@ class StoreWriter:
 
     def _map_chunks(self, view: int, chunks: np.ndarray) -> bool:
         """Map ``chunks`` of ``view`` into the row map (those not mapped yet; their pages
-        faulted in). False where chunk files cannot be preallocated here: rows then go by
+        faulted in). False where chunk files cannot be preallocated here, or the map's
+        address space cannot be reserved (a limit on it: ``ulimit -v``): rows then go by
         pwrite, in this call and every later one."""
         if self._row_map is None:
-            self._row_map = _RowMap(self.layout, self._raw_file)
+            try:
+                self._row_map = _RowMap(self.layout, self._raw_file)
+            except OSError as e:
+                log.debug("%s: no row map (%s); rows go by pwrite", self.path, e)
+                self._map_rows = False
+                return False
         try:
             self._row_map.ensure(view, chunks, self._rows_parallel(chunks.size))
         except _NoPreallocation as e:

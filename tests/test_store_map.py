@@ -53,6 +53,29 @@ def test_side_by_side_map_reads_what_was_written(tmp_path, monkeypatch):
     assert torch.equal(xs, x[picked, ids.numpy()])
 
 
+def test_without_address_space_for_one_map_chunks_are_mapped_one_by_one(tmp_path, monkeypatch):
+    """Where the side-by-side map cannot be reserved (a limit on address space, ulimit -v,
+    smaller than the store), open() raised OSError and write_rows StoreWriteError; both now
+    fall back, to chunk by chunk maps and to pwrite."""
+
+    def no_room(*a, **k):
+        raise OSError(12, "cannot reserve address space for a store map")
+
+    monkeypatch.setattr(store._mmap.Region, "__init__", no_room)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((N, *SHAPE), generator=g).to(torch.float16)
+    rows = np.random.default_rng(0).permutation(N)
+    with store.create(
+        tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float16", chunk_samples=CHUNK
+    ) as w:
+        for i in range(0, N, 20):
+            r = rows[i : i + 20]
+            w.write_rows(0, r, x[r], torch.from_numpy(r % 7))
+    s = store.open(tmp_path / "s")
+    assert s.memory_mapped and s._cm is None
+    assert torch.equal(s.read(0, rows), x[rows]) and torch.equal(s.labels, torch.arange(N) % 7)
+
+
 def _store_with_bad_chunk_3(path):
     """A one-view store whose chunk 3 has a flipped byte: (its samples as written, the file)."""
     x, _ = _store(path, views=1)
