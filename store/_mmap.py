@@ -53,9 +53,26 @@ def map_chunks(
         raise error
 
 
-def usable(chunk_bytes: int) -> bool:
-    """Whether chunks of this many bytes can be mapped side by side here."""
-    return sys.platform.startswith("linux") and chunk_bytes > 0 and chunk_bytes % mmap.PAGESIZE == 0
+def map_limit() -> int:
+    """How many memory maps a process may hold (Linux's ``vm.max_map_count``; its default
+    where it cannot be read). Each chunk file mapped is one, and so is each library loaded."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+def usable(chunk_bytes: int, chunks: int = 1) -> bool:
+    """Whether ``chunks`` chunks of this many bytes can be mapped side by side here: whole
+    pages each, and at most half the maps a process may hold (more fail to map, with ENOMEM,
+    partway through a read; the other half is left to the libraries and allocator)."""
+    return (
+        sys.platform.startswith("linux")
+        and chunk_bytes > 0
+        and chunk_bytes % mmap.PAGESIZE == 0
+        and chunks <= map_limit() // 2
+    )
 
 
 def _libc() -> Any:

@@ -119,7 +119,7 @@ class _MemmapChunks:
         self.chunk_shape = (layout.chunk_samples, *layout.sample_shape)
         self.chunk_bytes = layout.chunk_samples * layout.sample_bytes
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.capacity = max(16, soft // 4)
+        self.capacity = max(16, min(soft, _mmap.map_limit()) // 4)
         self._maps: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._checked: dict[tuple[int, int], tuple[int, ...]] = {}
         self._key_locks: dict[tuple[int, int], threading.Lock] = {}
@@ -191,7 +191,9 @@ class _ContiguousMap:
 
     @staticmethod
     def usable(layout: StoreLayout) -> bool:
-        return _mmap.usable(layout.chunk_samples * layout.sample_bytes)
+        return _mmap.usable(
+            layout.chunk_samples * layout.sample_bytes, layout.views * layout.num_chunks
+        )
 
     def __init__(self, files: _MemmapChunks, crcs: np.ndarray | None) -> None:
         lay = files.layout

@@ -586,7 +586,8 @@ class StoreWriter:
         # write_rows scatters a batch into all chunk files mapped side by side (one numpy call
         # that releases the GIL) where the chunks are whole pages; else one pwrite per run
         self._map_rows = self._raw_root is not None and _mmap.usable(
-            info.layout.chunk_samples * info.layout.sample_bytes
+            info.layout.chunk_samples * info.layout.sample_bytes,
+            info.layout.views * info.layout.num_chunks,
         )
         self._row_map: _RowMap | None = None
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)

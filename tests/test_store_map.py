@@ -76,6 +76,25 @@ def test_without_address_space_for_one_map_chunks_are_mapped_one_by_one(tmp_path
     assert torch.equal(s.read(0, rows), x[rows]) and torch.equal(s.labels, torch.arange(N) % 7)
 
 
+def test_a_store_of_more_chunks_than_maps_allowed_is_not_mapped_side_by_side(tmp_path, monkeypatch):
+    """Each chunk mapped side by side is one of the process's memory maps (vm.max_map_count,
+    65,530 by default): a store of more chunks failed with ENOMEM partway through a read, and
+    so did write_rows. Such a store now takes the bounded chunk by chunk maps and pwrite."""
+    monkeypatch.setattr(store._mmap, "map_limit", lambda: 40, raising=False)  # 26 > 40 // 2
+    x, _ = _store(tmp_path / "s")  # 2 views x 13 chunks
+    s = store.open(tmp_path / "s")
+    assert s.memory_mapped and s._cm is None
+    assert torch.equal(s.read(1, np.arange(N)[::-1].copy()), x[1].flip(0))
+    w = store.create(
+        tmp_path / "w", sample_shape=SHAPE, num_samples=N, views=2, chunk_samples=CHUNK
+    )
+    w.write_rows(0, [3], x[0, 3:4], torch.tensor([1]))
+    assert w._row_map is None  # rows went by pwrite
+    w.abort()
+    monkeypatch.setattr(store._mmap, "map_limit", lambda: 52)  # 26 chunks: side by side again
+    assert store.open(tmp_path / "s")._cm is not None
+
+
 def _store_with_bad_chunk_3(path):
     """A one-view store whose chunk 3 has a flipped byte: (its samples as written, the file)."""
     x, _ = _store(path, views=1)
