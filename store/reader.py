@@ -539,9 +539,21 @@ class ActivationStore:
         offsets = indices - chunk_of * cs
         pos = np.arange(len(indices)) if positions is None else positions
         if self._mm is not None and 4 * len(touched) > len(indices):
-            maps = {int(c): self._mm.get(view, int(c)) for c in touched}
-            for p, c, o in zip(pos.tolist(), chunk_of.tolist(), offsets.tolist(), strict=True):
-                out[p] = maps[c][o]
+            # the chunks held at once stay within the bound on open maps (each holds a file
+            # descriptor): a batch over more chunks than that goes a part of them at a time
+            step = max(1, self._mm.capacity // 2)
+            for lo in range(0, len(touched), step):
+                part = touched[lo : lo + step]
+                maps = {int(c): self._mm.get(view, int(c)) for c in part}
+                sel = (
+                    slice(None)
+                    if len(part) == len(touched)
+                    else np.flatnonzero((chunk_of >= part[0]) & (chunk_of <= part[-1]))
+                )
+                ps, chunks, offs = pos[sel].tolist(), chunk_of[sel].tolist(), offsets[sel].tolist()
+                for p, c, o in zip(ps, chunks, offs, strict=True):
+                    out[p] = maps[c][o]
+                del maps
             return
         order = np.argsort(chunk_of, kind="stable")
         bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1

@@ -825,6 +825,27 @@ def test_read_errors(tmp_path, data):
     assert s.chunk_written(0, np.int64(14)) and s.read_chunk(0, np.int64(14)).shape == (5, *SHAPE)
 
 
+def test_a_batch_over_more_chunks_than_files_may_be_open_is_read(tmp_path, data):
+    """A shuffled batch over a raw store whose chunks are not whole pages held a map (and its
+    file descriptor) of every chunk it touched at once: past the limit on open files it failed
+    with OSError 'Too many open files'."""
+    import resource
+
+    x, y = data
+    s = write_store(tmp_path / "s", x, y, chunk=1)  # 117 chunks a view, of 240 bytes
+    assert s.memory_mapped and s._cm is None
+    idx = np.random.default_rng(0).permutation(N)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 60, hard))
+    try:
+        s._mm.capacity = 16  # as open() sets it under this limit
+        got = s.read(2, idx)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert torch.equal(got, x[2, idx])
+
+
 def test_existing_store_needs_overwrite_or_resume(tmp_path, data):
     x, y = data
     write_store(tmp_path / "s", x, y)
