@@ -574,7 +574,7 @@ def _main(args: argparse.Namespace) -> int:
             ck = getattr(args, "checkpoint_dir", None)
             hint = (
                 "; --resume continues from the last epoch's checkpoint"
-                if ck and (Path(ck) / CHECKPOINT_NAME).is_file()
+                if ck and (Path(ck).expanduser() / CHECKPOINT_NAME).is_file()
                 else ""
             )
             print(f"prefast: stopped by {signal.Signals(signum).name}{hint}", file=sys.stderr)

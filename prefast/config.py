@@ -283,10 +283,15 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise ConfigError(f"{cli_flag(name)}: must be a path, got {value!r}")
-            if isinstance(value, os.PathLike):
+            if value is not None:
                 # kept as a str: the config goes into JSON (--metrics) and checkpoints, which
-                # --resume loads with weights_only=True (a pathlib.Path is refused there)
-                object.__setattr__(self, name, os.fspath(value))
+                # --resume loads with weights_only=True (a pathlib.Path is refused there).
+                # "~" is the home folder, as the start-up checks take it: a quoted "~/runs"
+                # or --metrics=~/m.jsonl (no shell expands that) was checked, and created, in
+                # the home folder, but written to a folder named "~" in the working directory
+                expanded = os.path.expanduser(os.fspath(value))
+                if expanded != value:
+                    object.__setattr__(self, name, expanded)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

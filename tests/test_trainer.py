@@ -1791,6 +1791,52 @@ def test_a_config_path_that_is_not_a_path_is_refused():
     tiny(cache_dir=Path("c"), checkpoint_dir="k")  # a str or a Path: fine
 
 
+def test_outputs_under_a_tilde_go_to_the_home_folder(tmp_path, monkeypatch, capsys):
+    """--metrics=~/m.jsonl (no shell expands a ~ after '='), a quoted "~/ck", or a config
+    from Python: the start-up checks created the folders in the home folder, and the run then
+    wrote its metrics, checkpoint and cache into a folder named '~' in the working directory."""
+    import prefast.training
+    from prefast import interrupt
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    cfg = tiny(
+        epochs=1,
+        cache="zarr",
+        metrics="~/m/x.jsonl",
+        checkpoint_dir="~/ck",
+        cache_dir=Path("~/c"),
+        data_root="~/data",
+    )
+    assert (cfg.metrics, cfg.checkpoint_dir, cfg.cache_dir, cfg.data_root) == (
+        f"{home}/m/x.jsonl",
+        f"{home}/ck",
+        f"{home}/c",
+        f"{home}/data",
+    )
+    train(cfg)
+    assert not (work / "~").exists()
+    assert len((home / "m" / "x.jsonl").read_text().splitlines()) == 2  # an epoch, the summary
+    assert (home / "ck" / "last.pt").is_file()
+    assert (home / "c").is_dir()
+
+    # the stop line's --resume hint looks for the checkpoint there too
+    def stopped(cfg):
+        raise interrupt.Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(prefast.training, "train", stopped)
+    args = ["train", *SYN, "--checkpoint-dir=~/ck", "--resume", "--no-progress", "-q"]
+    assert main(args) == 128 + signal.SIGTERM
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--resume continues from the last epoch's checkpoint")
+    )
+
+
 @pytest.mark.parametrize("field", ["augment", "progress", "download", "keep_freed_memory"])
 def test_a_switch_that_is_not_a_bool_is_refused(field):
     # from Python a switch is a field: "no" or 0 must not pass for False (a str is truthy)
