@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import select
+import shlex
 import signal
 import sys
 import threading
@@ -278,7 +279,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if path and str(path).startswith("memory://"):  # gone with this process
         print(f"cache store: {path}  (in this process's memory only: gone now)")
     elif path:
-        print(f"cache store: {path}  (inspect: python -m store inspect {path})")
+        # quoted for the shell: a folder with a space broke the command copied from here
+        print(f"cache store: {path}  (inspect: python -m store inspect {shlex.quote(str(path))})")
     elif summary.get("cache_tier"):
         print(
             f"cache: boundary {summary['cache_boundary']} in the {summary['cache_tier']} tier (not kept after the run)"

@@ -943,6 +943,40 @@ def test_cache_list_and_remove_say_what_a_path_is_that_is_no_cache_folder(tmp_pa
     assert notes.read_text() == "mine" and store.open(run_dir / "boundary-003").complete
 
 
+def test_commands_printed_with_a_path_are_quoted_for_the_shell(tmp_path, capsys, caplog):
+    """A cache folder with a space in its name: the inspect command of the run's summary, the
+    cache remove command of a stopped run's warning and the cache list command of a store
+    given to cache list split at the space when copied into a shell."""
+    import shlex
+
+    from prefast.cache.manager import _say_what_stays
+    from prefast.cli import _print_summary
+
+    run_dir = _run_folder(tmp_path / "my runs", "aaaaaaaaaaaa", {"boundary-003": True})
+    st = run_dir / "boundary-003"
+    summary = {
+        "mode": "prefast", "model": {"name": "vgg"}, "dataset": "synthetic", "train_samples": 5,
+        "epochs": 1, "final_test_error": 0.5, "total_train_seconds": 1.0,
+        "total_cache_build_seconds": 0.0, "frozen_units": 0, "num_units": 3,
+        "cache_path": str(st),
+    }  # fmt: skip
+    _print_summary(summary)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == f"cache store: {st}  (inspect: python -m store inspect '{st}')"
+    assert shlex.split(line.split("inspect: ")[1].rstrip(")"))[-1] == str(st)
+
+    caplog.set_level(logging.WARNING, logger="prefast")
+    _say_what_stays(run_dir)
+    assert (
+        caplog.records[-1]
+        .getMessage()
+        .endswith(f"; 'prefast cache remove '{run_dir}'' frees the space")
+    )
+
+    assert main(["cache", "list", str(st)]) == 2
+    assert capsys.readouterr().err.endswith(f"; its run folder: prefast cache list '{run_dir}'\n")
+
+
 def test_a_lock_file_that_is_a_link_is_refused_and_its_target_left_whole(tmp_path, capsys):
     """A run, prefast cache list and cache remove opened the run folder's .prefast-lock
     through a link of that name, and a run or remove emptied the file it points to and wrote

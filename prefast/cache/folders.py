@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -212,7 +213,7 @@ def list_run_folders(path: str | Path) -> list[RunFolder]:
     if location.is_activation_store(local):  # the path a run prints at its end
         parent = local.absolute().parent
         where = (
-            f"its run folder: prefast cache list {parent}"
+            f"its run folder: prefast cache list {shlex.quote(str(parent))}"
             if _is_run_folder(parent)
             else "give the cache folder it is in"
         )

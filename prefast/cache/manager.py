@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -1404,7 +1405,7 @@ def _say_what_stays(run_dir: Path) -> None:
                 len(stores),
                 size / 1e6,
                 ", ".join(p.name for p in stores),
-                run_dir,
+                shlex.quote(str(run_dir)),  # a command to copy: a space must not split it
             )
 
 
