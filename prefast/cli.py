@@ -452,10 +452,20 @@ def main(argv: list[str] | None = None) -> int:
             "give a command: list (the run folders in a cache folder) or remove (delete run "
             "folders)"
         )
+    world = 1
+    if args.command == "train":
+        from prefast.errors import ConfigError, env_int
+
+        try:  # torchrun's; a bad value was a ValueError traceback here
+            world = env_int("WORLD_SIZE", 1, minimum=1)
+            env_int("RANK", 0, minimum=0)
+        except ConfigError as e:
+            print(f"prefast: error: {e}", file=sys.stderr)
+            return 2
     if (
         args.command != "train"  # verify: Ctrl-C, SIGTERM, SIGHUP act at once, as usual
         or threading.current_thread() is not threading.main_thread()  # handlers: main thread
-        or int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun's agent stops its ranks itself
+        or world > 1  # torchrun's agent stops its ranks itself
     ):
         return _main(args)
     interrupt.clear()
@@ -489,7 +499,7 @@ def _log_level(level: int, names: tuple[str, ...]) -> Iterator[None]:
 
 
 def _main(args: argparse.Namespace) -> int:
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", "0")) if args.command == "train" else 0  # checked: main
     quiet = getattr(args, "quiet", False) or rank != 0
     # Under torchrun only rank 0 logs progress; the others report warnings and errors.
     level = (

@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from prefast.errors import DistributedError, PrefastError, RefusedByRankZero
+from prefast.errors import (
+    ConfigError,
+    DistributedError,
+    PrefastError,
+    RefusedByRankZero,
+    env_int,
+)
 from store.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -51,10 +57,15 @@ class DistContext:
     def from_env(cls, device: str, timeout_s: float = 300.0) -> DistContext:
         """Join the job torchrun started, or describe a single process. ``device`` is the
         resolved device kind ("cpu" or "cuda"); on CUDA each rank takes ``cuda:LOCAL_RANK``."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        world = env_int("WORLD_SIZE", 1, minimum=1)
+        rank = env_int("RANK", 0, minimum=0)
+        local = env_int("LOCAL_RANK", rank, minimum=0)
+        local_world = env_int("LOCAL_WORLD_SIZE", world, minimum=1)
+        if rank >= world:  # failed in the first epoch, as a store's or a loader's rank check
+            raise ConfigError(
+                f"RANK={rank} in the environment is not below WORLD_SIZE={world}: torchrun "
+                "sets both; unset them to train in one process"
+            )
         dev = torch.device(device)
         if dev.type == "cuda" and world > 1:
             dev = torch.device("cuda", local)

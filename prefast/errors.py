@@ -8,6 +8,7 @@ exits 1). Messages name the option or field and say what to do.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -103,6 +104,26 @@ def check_int(
     ):
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise error(f"{what}: must be an integer {allowed}, got {shown(value)}")
+    return value
+
+
+def env_int(name: str, default: int, minimum: int) -> int:
+    """The integer in environment variable ``name`` (``default`` where it is unset), at least
+    ``minimum``, else ``ConfigError``: torchrun's variables, which a job script may set itself
+    (``export WORLD_SIZE=$SLURM_NTASKS`` with the variable unset: empty)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(
+            f"{name}={raw!r} in the environment: must be an integer >= {minimum} (torchrun "
+            "sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; unset them to train in "
+            "one process)"
+        )
     return value
 
 

@@ -410,3 +410,35 @@ def test_a_check_only_rank_0_makes_stops_every_rank_with_its_reason(tmp_path, re
     assert lasts[1].startswith("prefast: error: rank 1: stopped, rank 0 refused the run: ")
     assert reason in lasts[1]
     assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        # `export WORLD_SIZE=$SLURM_NTASKS` with the variable unset: a ValueError traceback
+        ({"WORLD_SIZE": ""}, "WORLD_SIZE='' in the environment: must be an integer >= 1"),
+        ({"RANK": "x"}, "RANK='x' in the environment: must be an integer >= 0"),
+        # a ZeroDivisionError traceback once the data had loaded
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' in the environment: must be an integer >= 1"),
+        ({"LOCAL_RANK": "a"}, "LOCAL_RANK='a' in the environment: must be an integer >= 0"),
+        # the store's 'rank must be in [0, world_size)' in the first epoch, naming no variable
+        ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 in the environment is not below WORLD_SIZE=1"),
+    ],
+)
+def test_a_bad_torchrun_variable_is_one_line_naming_it(monkeypatch, capsys, env, said):
+    from prefast.cli import main
+    from prefast.distributed import DistContext
+    from prefast.errors import ConfigError
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as e:
+        DistContext.from_env("cpu")
+    assert str(e.value).startswith(said)
+    args = ["train", "--dataset", "synthetic", "--num-samples", "8", "--epochs", "1",
+            "--depth", "10", "--growth", "4", "--device", "cpu", "--no-progress", "-q"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prefast: error: {said}") and err.count("\n") == 1
