@@ -40,10 +40,15 @@ def check_writable_file(path: str | os.PathLike[str], flag: str) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         raise ConfigError(f"{flag}: {p} is a directory; give a file name")
-    check_writable_dir(p.parent, flag)
-    if p.exists():
+    # a link is written through: its target's folder must take the file (a link whose target's
+    # folder was gone passed, and the run failed at its first metrics line)
+    real = Path(os.path.realpath(p))
+    if real.is_symlink():
+        raise ConfigError(f"{flag}: {p} is a symbolic link that leads back to itself")
+    check_writable_dir(real.parent, flag)
+    if real.exists():
         try:
-            with open(p, "a"):
+            with open(real, "a"):
                 pass
         except OSError as e:
             raise ConfigError(f"{flag}: cannot write {p}: {_reason(e)}") from None

@@ -873,6 +873,23 @@ def test_metrics_jsonl_and_config(tmp_path):
     )
 
 
+def test_metrics_through_a_link_whose_target_folder_is_gone(tmp_path):
+    """--metrics a link into a folder that was removed: the start-up check passed and the run
+    failed at its start with '[Errno 2] No such file or directory', exit 1; the target's
+    folder is now created as a missing --metrics folder is. A link that leads back to itself
+    is refused at start-up."""
+    from prefast.paths import check_writable_file
+
+    link = tmp_path / "m.jsonl"
+    link.symlink_to(tmp_path / "gone" / "m.jsonl")
+    train(tiny(mode="full", epochs=1, metrics=str(link)))
+    assert len((tmp_path / "gone" / "m.jsonl").read_text().splitlines()) == 2
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"^--metrics: .*/a is a symbolic link that leads "):
+        check_writable_file(tmp_path / "a", "--metrics")
+
+
 def test_metrics_stay_strict_json_when_the_weights_diverge(tmp_path):
     # one step per epoch: the step's loss is finite, its update is not, so the epoch's test
     # loss is NaN; the record said NaN (not JSON) before the next epoch stopped the run
