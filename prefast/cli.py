@@ -290,7 +290,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def _bars_shown(progress: bool) -> bool:
     """Progress bars only where stderr is a terminal: in a log file (a scheduler's, a pipe to
     tee) each redraw was a carriage return and cursor-up codes around every log line."""
-    return progress and sys.stderr.isatty()
+    return progress and sys.stderr is not None and sys.stderr.isatty()
 
 
 def _train(args: argparse.Namespace, rank: int) -> int:
@@ -428,7 +428,7 @@ def _on_signal(signum: int, frame: types.FrameType | None) -> None:
     tqdm_std = sys.modules.get("tqdm.std")
     # a hung-up terminal (SIGHUP) fails the write: the stop must not fail with it
     with contextlib.suppress(OSError, ValueError):
-        if tqdm_std is not None and sys.stderr.isatty():  # above the bars, not glued to one
+        if tqdm_std is not None and _bars_shown(True):  # above the bars, not glued to one
             tqdm_std.tqdm.write(line, file=sys.stderr)
         else:
             os.write(2, (line + "\n").encode())
@@ -597,11 +597,30 @@ def _exit_at_once(signum: int, frame: types.FrameType | None) -> None:
     os._exit(128 + signum)
 
 
+def _open_closed_std_streams() -> None:
+    """Point a closed stdout or stderr (a daemon's or a scheduler's ``>&-``) at /dev/null.
+    Python then has ``sys.stdout``/``sys.stderr`` None, and the progress bars' terminal check
+    and the last flush failed with an AttributeError, exit 1 (before the first epoch where
+    stderr was closed); and the first file the run opened took the free descriptor, so
+    whatever writes to descriptor 2 (the stop line, a library's warning) went into it."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)  # the lowest free descriptor: often fd
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, "w", closefd=False))  # noqa: SIM115
+
+
 def entry() -> NoReturn:
     """``main`` as a program (the ``prefast`` command, ``python -m prefast``). A stopped run
     has cleaned up when ``main`` returns, but the interpreter then spends a second or more in
     torch's exit handlers: an impatient second Ctrl-C there interrupted them with a traceback.
     It now ends the process at once with exit code 130."""
+    _open_closed_std_streams()
     code = main()
     try:
         sys.stdout.flush()

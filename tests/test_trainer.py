@@ -1750,6 +1750,32 @@ def test_verbose_adds_prefasts_details_not_every_librarys_debug_lines(tmp_path):
     assert {d.split()[1].split(".")[0] for d in debug} == {"prefast", "store"}, debug
 
 
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_run_started_with_stdout_or_stderr_closed_trains(tmp_path, closed):
+    """A daemon's or a scheduler's `>&-` / `2>&-`: Python has sys.stdout or sys.stderr None,
+    and prefast train failed with an AttributeError, exit 1 (with stderr closed, before its
+    first epoch: the progress bars' terminal check)."""
+    m = tmp_path / "m.jsonl"
+    args = ["train", *SYN, "--synthetic-shape", "mnist", "--num-samples", "8", "--depth", "10",
+            "--growth", "4", "--epochs", "1", "--batch-size", "8", "--mode", "full",
+            "--device", "cpu", "--metrics", str(m)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run(
+        [sys.executable, "-m", "prefast", *args],
+        env=env,
+        stdout=subprocess.PIPE if closed == 2 else None,
+        stderr=subprocess.PIPE if closed == 1 else None,
+        preexec_fn=lambda: os.close(closed),
+        text=True,
+    )
+    assert p.returncode == 0, p.stdout or p.stderr
+    assert len(m.read_text().splitlines()) == 2  # the epoch and the summary
+    if closed == 2:
+        assert p.stdout.startswith("full densenet_bc on synthetic (8 images, 1 epoch)")
+    else:
+        assert "INFO prefast.training.trainer: epoch 0: train loss" in p.stderr
+
+
 def test_a_bare_prefast_names_its_commands(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
