@@ -581,7 +581,9 @@ def _main(args: argparse.Namespace) -> int:
         except (KeyboardInterrupt, interrupt.Stopped) as e:
             # Stopped from outside: one line, the shell's code for the signal (130: Ctrl-C).
             signum = e.signum if isinstance(e, interrupt.Stopped) else signal.SIGINT
-            from prefast.training.checkpoint import CHECKPOINT_NAME
+            # not from prefast.training: a second signal may have cut its import of torch
+            # short, and importing it again failed with a traceback (or a crash)
+            from prefast.paths import CHECKPOINT_NAME
 
             ck = getattr(args, "checkpoint_dir", None)
             hint = (

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from prefast.errors import ConfigError
 
+# the checkpoint's file in --checkpoint-dir (here, not beside the checkpoint code, which
+# imports torch: the CLI's stop line names it where a stop cut torch's import short)
+CHECKPOINT_NAME = "last.pt"
+
 
 def _reason(e: OSError) -> str:
     return e.strerror or type(e).__name__
@@ -55,4 +59,4 @@ def check_writable_file(path: str | os.PathLike[str], flag: str) -> Path:
     return p
 
 
-__all__ = ["check_writable_dir", "check_writable_file"]
+__all__ = ["CHECKPOINT_NAME", "check_writable_dir", "check_writable_file"]

@@ -1669,6 +1669,28 @@ def test_the_stop_line_offers_resume_only_where_a_checkpoint_exists(tmp_path, mo
     )
 
 
+def test_the_stop_line_where_a_second_signal_cut_the_training_imports_short(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C twice as the run starts: the second stops it at once, inside torch's import;
+    the stop line then imported prefast.training for the checkpoint's name, which imported the
+    half-initialised torch again: a traceback, exit 1 (or a crash, -11), not 'stopped', 130."""
+    import prefast.training
+    from prefast import interrupt
+
+    def stopped(cfg):
+        raise interrupt.Stopped(signal.SIGINT)
+
+    monkeypatch.setattr(prefast.training, "train", stopped)
+    monkeypatch.setitem(sys.modules, "prefast.training.checkpoint", None)  # its import fails
+    (tmp_path / "last.pt").write_bytes(b"")
+    args = ["train", *SYN, "--checkpoint-dir", str(tmp_path), "--resume", "--no-progress", "-q"]
+    assert main(args) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == (
+        "prefast: stopped by SIGINT; --resume continues from the last epoch's checkpoint"
+    )
+
+
 @pytest.mark.parametrize(("flag", "info"), [("-q", False), ("-v", True)])
 def test_quiet_and_verbose_apply_where_logging_is_configured_already(caplog, flag, info):
     """prefast.cli.main from Python (docs/models.md), in a process whose logging is set up (a

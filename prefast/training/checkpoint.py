@@ -21,8 +21,8 @@ import torch
 
 from prefast.config import RESUMABLE_FIELDS
 from prefast.errors import CheckpointError
+from prefast.paths import CHECKPOINT_NAME
 
-CHECKPOINT_NAME = "last.pt"
 # The layout of a checkpoint's dict; a version of prefast that changes what a checkpoint holds
 # (or how) raises it, so a checkpoint of a newer layout is refused by name, not misread.
 # Checkpoints written before it was stamped hold the layout of format 1.
