@@ -1051,6 +1051,32 @@ def test_resume_counts_the_cache_rebuild_in_its_first_epoch(tmp_path, monkeypatc
     assert got.summary["total_cache_build_seconds"] >= third["resume_cache_seconds"]
 
 
+def test_a_resume_stopped_while_it_rebuilds_its_cache_ends_the_metrics_file(tmp_path, monkeypatch):
+    """A --resume stopped (or failing) while it rebuilt its cache stopped before the metrics
+    file was opened: the file still ended with the earlier run's last line, not this stop."""
+    from prefast import interrupt
+    from prefast.cache.manager import CacheManager
+
+    metrics = tmp_path / "m.jsonl"
+    kw = dict(mode="prefast", cache="ram", recache_policy="every", epochs=3, metrics=str(metrics))
+    ck = tmp_path / "ck"
+    _crash_in_third_epoch(monkeypatch, tiny(**kw, checkpoint_dir=str(ck)))
+    assert json.loads(metrics.read_text().splitlines()[-1])["failed"]
+
+    def stopped(self, *a, **k):
+        raise interrupt.Stopped(signal.SIGINT)
+
+    monkeypatch.setattr(CacheManager, "_build", stopped)
+    with pytest.raises(interrupt.Stopped):
+        train(tiny(**kw, checkpoint_dir=str(ck), resume=True))
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in lines[:-1]] == [0, 1]  # the checkpoint's epochs, then the stop
+    assert lines[-1] == {
+        "stopped": True, "signal": "SIGINT", "epoch": 2, "iteration": lines[-1]["iteration"],
+        "epochs_done": 2, "checkpoint": str(ck / "last.pt"),
+    }  # fmt: skip
+
+
 def test_a_copied_run_folder_resumes_from_its_own_stores(tmp_path, monkeypatch, caplog):
     """A checkpoint records where its stores were written. A copy of the --checkpoint-dir,
     resumed to train longer, read the original's store (outside its own run folder, unlocked)

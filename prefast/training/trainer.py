@@ -291,6 +291,7 @@ class Trainer:
         self.start_epoch = 0
         # seconds --resume spent checking or rebuilding the cache, counted in the first epoch
         self.resume_cache_seconds = 0.0
+        self._cache_state: tuple[Any, Any] | None = None  # --resume's, restored in run()
         self.epoch = 0  # the epoch under way
         self.iteration = 0  # steps done, all epochs together
         self.result = TrainResult()
@@ -332,6 +333,7 @@ class Trainer:
             metrics = MetricsSink(
                 cfg.metrics if self.dist.is_main else None, cfg.to_dict(), self.result.records
             )
+            self._restore_cache()
             peak = PeakMemory().start()
             set_train_modes(self.model, self.frontier)
             self._wrap_trainable()
@@ -679,16 +681,27 @@ class Trainer:
         set_rng_state(state["rng"], self.device)
         if self.cache is not None:
             self.cache.seconds = float(state.get("cache_seconds", 0.0))
-            if state["cache"] is not None:
-                # a finished run only reports: its cache is not opened, checked or rebuilt
-                with Stopwatch(self.device) as watch:
-                    self.cache.restore(state["cache"], load=self.start_epoch < self.cfg.epochs)
-                # the wall-clock of the checks or the rebuild (the rebuild's passes also went
-                # into cache.seconds: the first epoch counts the difference once)
-                self.resume_cache_seconds = watch.seconds
-            # after the cache: rebuilding it must not touch the recorded costs
-            self.cache.restore_plan(state.get("cache_plan"))
+            # reopened or rebuilt once the metrics file holds the checkpoint's epochs
+            # (_restore_cache): a stop or a failure there is that file's last line
+            self._cache_state = (state["cache"], state.get("cache_plan"))
         log.info("resumed from %s at epoch %d (frontier %d)", path, self.start_epoch, self.frontier)
+
+    def _restore_cache(self) -> None:
+        """--resume: reuse the checkpoint's store or rebuild the cache (its seconds go into the
+        first resumed epoch), then take the recorded plan."""
+        if self._cache_state is None or self.cache is None:
+            return
+        info, plan = self._cache_state
+        self._cache_state = None
+        if info is not None:
+            # a finished run only reports: its cache is not opened, checked or rebuilt
+            with Stopwatch(self.device) as watch:
+                self.cache.restore(info, load=self.start_epoch < self.cfg.epochs)
+            # the wall-clock of the checks or the rebuild (the rebuild's passes also went
+            # into cache.seconds: the first epoch counts the difference once)
+            self.resume_cache_seconds = watch.seconds
+        # after the cache: rebuilding it must not touch the recorded costs
+        self.cache.restore_plan(plan)
 
     def _agree_on_checkpoint(self, path: Path, found: tuple[int, str] | None) -> None:
         """Under torchrun, refuse a resume where the ranks do not read one checkpoint (a
