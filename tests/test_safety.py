@@ -326,6 +326,30 @@ def test_save_checkpoint_leaves_a_users_files_alone(tmp_path, monkeypatch):
     assert mine.read_bytes() == b"a user's notes"
 
 
+def test_a_disk_that_fills_mid_checkpoint_is_an_oserror_naming_it(tmp_path, monkeypatch):
+    """A write that fails after the checkpoint's first bytes made torch.save's zip writer raise
+    "unexpected pos 64 vs 0" (a RuntimeError: a traceback, not one line) over the OSError."""
+    import errno
+    import io
+
+    from prefast.training.checkpoint import save_checkpoint
+
+    class FillsUp(io.FileIO):
+        room = 100  # bytes the disk takes before it is full
+
+        def write(self, b):
+            n = len(memoryview(b))
+            if n > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= n
+            return super().write(b)
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: FillsUp(fd, "wb"))
+    with pytest.raises(OSError, match=r"No space left on device: '.*last\.pt'"):
+        save_checkpoint(tmp_path / "last.pt", {"w": torch.zeros(1000)})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_load_checkpoint_file_names_a_foreign_file(tmp_path):
     from prefast.training.checkpoint import load_checkpoint_file
 

@@ -93,9 +93,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         _sync_folder(path.parent)  # the rename too, so a power cut keeps the new checkpoint
     except BaseException as e:
         tmp.unlink(missing_ok=True)  # e.g. a full disk: leave the previous checkpoint only
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+        # torch.save's zip writer, closed after a write failed past its first bytes, raises
+        # "unexpected pos 64 vs 0" (a RuntimeError, a traceback) in place of that OSError
+        failed = e.__context__ if isinstance(e, RuntimeError) else e
+        if isinstance(failed, OSError) and failed.errno is not None and failed.filename is None:
             # a full disk names the file whose write filled it, not a bare "[Errno 28] ..."
-            raise OSError(e.errno, e.strerror, str(path)) from e
+            raise OSError(failed.errno, failed.strerror, str(path)) from failed
+        if isinstance(failed, OSError):
+            raise failed from None
         raise
     # what a run killed mid-save left: names only mkstemp above makes (8 characters of its own)
     leftover = re.compile(rf"\.{re.escape(path.name)}\.{_TMP_TAG}[a-z0-9_]{{8}}\.tmp")
