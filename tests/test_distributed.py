@@ -217,6 +217,73 @@ def test_resume_under_torchrun_refuses_ranks_that_read_different_checkpoints(tmp
     assert r.stderr.count(", rank 1: none); --checkpoint-dir must be one folder every rank") == 2
 
 
+def _two_ranks(args: list[str], cwds: list[Path]) -> tuple[list[int], list[str]]:
+    """``prefast train ARGS`` as ranks 0 and 1 of one job, each in its own working folder (a
+    node of its own: relative paths name each node's own folders); exit codes and stderr."""
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "prefast", "train", *args, "--dist-timeout", "60"],
+            env=_env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r, cwd in enumerate(cwds)
+    ]
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+    return [p.returncode for p in procs], errs
+
+
+def test_a_checkpoint_one_rank_refuses_stops_every_rank_with_its_reason(tmp_path):
+    """A --checkpoint-dir on each node's own disk where rank 1's holds another run's checkpoint
+    (other settings): rank 1 refused it alone, and rank 0, waiting for it to compare their
+    checkpoints, failed as if it had died (exit 1). Every rank now stops with rank 1's reason."""
+    from prefast.cli import build_parser, config_from_args
+    from prefast.training import train
+
+    args = [*TINY, "--mode", "freezeout", "--epochs", "2", "--checkpoint-dir", "ck"]
+    for node, seed in (("node0", "0"), ("node1", "1")):  # the same folder name on each node
+        (tmp_path / node).mkdir()
+        cfg = config_from_args(build_parser().parse_args(["train", *args, "--seed", seed]))
+        train(cfg.replace(epochs=1, checkpoint_dir=str(tmp_path / node / "ck")))
+    codes, errs = _two_ranks([*args, "--resume"], [tmp_path / "node0", tmp_path / "node1"])
+    lasts = [e.strip().splitlines()[-1] for e in errs]
+    reason = "--resume: the checkpoint at ck/last.pt was made with other settings: --seed 1 (now 0)"
+    assert codes == [2, 2], "\n----\n".join(errs)
+    assert lasts[1].startswith(f"prefast: error: {reason}"), errs[1][-1500:]
+    assert lasts[0].startswith(f"prefast: error: rank 0: stopped, rank 1 refused the run: {reason}")
+    assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
+
+
+def test_a_store_one_rank_does_not_see_stops_every_rank_with_its_reason(tmp_path):
+    """A --cache-dir on each node's own disk: rank 1 did not find the store rank 0 created and
+    said "rank 1 must open an existing store with resume=True" (the library's words), while
+    rank 0 failed as if rank 1 had died. Every rank now stops naming the shared folder."""
+    args = [*TINY, "--mode", "prefast", "--epochs", "2", "--cache", "zarr", "--cache-dir", "c",
+            "--recache-policy", "every"]  # fmt: skip
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    codes, errs = _two_ranks(args, [tmp_path / "node0", tmp_path / "node1"])
+    lasts = [e.strip().splitlines()[-1] for e in errs]
+    reason = (
+        "the store rank 0 created, is not there for this rank: the cache folder must be on a "
+        "file system every rank sees"
+    )
+    assert codes == [2, 2], "\n----\n".join(errs)
+    assert lasts[1].startswith("prefast: error: rank 1: c/run-") and reason in lasts[1], errs[1]
+    assert lasts[0].startswith("prefast: error: rank 0: stopped, rank 1 refused the run: rank 1: ")
+    assert reason in lasts[0]
+    assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
+
+
 def test_more_ranks_than_training_images_is_refused_on_every_rank(tmp_path):
     args = [a for a in TINY if a != "97"]
     args[args.index("--num-samples") + 1 : args.index("--num-samples") + 1] = ["1"]

@@ -26,6 +26,7 @@ from prefast.distributed import DistContext
 from prefast.errors import CacheError
 from prefast.models import UnitModel
 from prefast.runtime import TORCH_DTYPES, GraphedForward, autocast, synchronize
+from store import location
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,34 @@ def _open_sink(
             rank=dist.rank,
             world_size=dist.world_size,
         )
-        # rank 0 creates the store; the others join it once it exists
-        w = store.create(path, overwrite=True, **kw) if dist.is_main else None
-        dist.barrier("creating the store")
-        return w if w is not None else store.create(path, resume=True, **kw)
+        # Rank 0 creates the store; the others join it once it exists. Where a rank cannot
+        # (rank 0's create refused, or another rank does not see the store: a cache folder on
+        # each node's own disk), every rank stops with its reason, not as if it had died.
+        w = dist.on_main("creating the store", lambda: store.create(path, overwrite=True, **kw))
+        failed: Exception | None = None
+        if not dist.is_main:
+            try:
+                if not location.exists(path):
+                    raise CacheError(
+                        f"rank {dist.rank}: {path}, the store rank 0 created, is not there for "
+                        "this rank: the cache folder must be on a file system every rank sees "
+                        "(--cache-dir on a shared file system, or an object store URL)"
+                    )
+                w = store.create(path, resume=True, **kw)
+            except (CacheError, store.StoreError) as e:
+                failed = e
+        refusals = dist.all_gather_object(
+            " ".join(str(failed).split()) if failed is not None else None, "opening the store"
+        )
+        refused = [(r, why) for r, why in enumerate(refusals) if why is not None]
+        if failed is not None:
+            raise failed
+        if refused:
+            if w is not None:
+                w.abort()
+            r, why = refused[0]
+            raise CacheError(f"rank {dist.rank}: stopped, rank {r} refused the run: {why}")
+        return w
     if tier == "device":
         return store.DeviceCache.empty(
             n, spec.views, sample_shape, spec.dtype, device=device, meta=meta

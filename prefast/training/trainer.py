@@ -635,36 +635,21 @@ class Trainer:
         path = self._checkpoint_path()
         if path is None:
             raise ConfigError("--resume: needs --checkpoint-dir")
-        if not path.exists():
-            self._agree_on_checkpoint(path, None)
+        try:
+            state = self._read_checkpoint(path) if path.exists() else None
+        except PrefastError as e:
+            # a refusal of this rank's own (its file is damaged, or another run's: a
+            # --checkpoint-dir on each node's own disk): every rank stops with it
+            self._agree_on_checkpoint(path, None, refusal=" ".join(str(e).split()))
+            raise
+        self._agree_on_checkpoint(
+            path, None if state is None else (int(state["epoch"]), state_digest(self.model))
+        )
+        if state is None:
             # --resume is always safe to type: a run killed before its first checkpoint
             # starts over
             log.warning("--resume: no checkpoint at %s yet; starting from the beginning", path)
             return
-        state = load_checkpoint_file(path, "--resume", needs=RESUME_ENTRIES)
-        try:
-            saved = TrainConfig.from_dict(state["config"])
-        except ConfigError as e:  # a setting this version does not have: a newer version's
-            raise CheckpointError(
-                f"--resume: the checkpoint at {path} was made by another version of prefast: {e}"
-            ) from None
-        diff = _differences(saved, self.cfg)
-        if diff:
-            raise CheckpointError(
-                f"--resume: the checkpoint at {path} was made with other settings: "
-                + ", ".join(diff)
-                + "; give them as the checkpoint has them, or start afresh in another "
-                "--checkpoint-dir"
-            )
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as e:  # a model of one's own, edited since: other layers or shapes
-            raise CheckpointError(
-                f"--resume: the checkpoint at {path} holds the weights of another model than "
-                f"{self.cfg.model!r} builds now ({state_dict_mismatch(e)}); resume with the "
-                "model the run started with, or start afresh in another --checkpoint-dir"
-            ) from None
-        self._agree_on_checkpoint(path, (int(state["epoch"]), state_digest(self.model)))
         self.frontier = int(state["frontier"])
         freeze_prefix(self.model, self.frontier)
         self.optimizer = self._make_optimizer(range(self.frontier, self.model.num_units))
@@ -703,19 +688,59 @@ class Trainer:
         # after the cache: rebuilding it must not touch the recorded costs
         self.cache.restore_plan(plan)
 
-    def _agree_on_checkpoint(self, path: Path, found: tuple[int, str] | None) -> None:
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """The checkpoint at ``path``, checked against this run's settings and loaded into the
+        model; a CheckpointError where it cannot be resumed from."""
+        state = load_checkpoint_file(path, "--resume", needs=RESUME_ENTRIES)
+        try:
+            saved = TrainConfig.from_dict(state["config"])
+        except ConfigError as e:  # a setting this version does not have: a newer version's
+            raise CheckpointError(
+                f"--resume: the checkpoint at {path} was made by another version of prefast: {e}"
+            ) from None
+        diff = _differences(saved, self.cfg)
+        if diff:
+            raise CheckpointError(
+                f"--resume: the checkpoint at {path} was made with other settings: "
+                + ", ".join(diff)
+                + "; give them as the checkpoint has them, or start afresh in another "
+                "--checkpoint-dir"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:  # a model of one's own, edited since: other layers or shapes
+            raise CheckpointError(
+                f"--resume: the checkpoint at {path} holds the weights of another model than "
+                f"{self.cfg.model!r} builds now ({state_dict_mismatch(e)}); resume with the "
+                "model the run started with, or start afresh in another --checkpoint-dir"
+            ) from None
+        return state
+
+    def _agree_on_checkpoint(
+        self, path: Path, found: tuple[int, str] | None, refusal: str | None = None
+    ) -> None:
         """Under torchrun, refuse a resume where the ranks do not read one checkpoint (a
         --checkpoint-dir on each node's own disk: one rank resumed while another started over,
         or read an older run's). Every rank raises the same error, before any rank restores
-        its cache (a collective the others would not join)."""
+        its cache (a collective the others would not join). A rank that ``refusal``s its own
+        checkpoint raises its error after this; the others stop quoting it (they waited here
+        and failed as if it had died)."""
         if not self.dist.enabled:
             return
-        seen = self.dist.all_gather_object(found, "comparing the ranks' checkpoints")
-        if len(set(seen)) == 1:
+        seen = self.dist.all_gather_object((found, refusal), "comparing the ranks' checkpoints")
+        refused = [(r, why) for r, (_, why) in enumerate(seen) if why is not None]
+        if refused:
+            if refusal is not None:
+                return  # the caller raises this rank's own error
+            r, why = refused[0]
+            raise CheckpointError(
+                f"rank {self.dist.rank}: stopped, rank {r} refused the run: {why}"
+            )
+        if len({f for f, _ in seen}) == 1:
             return
         each = ", ".join(
             f"rank {r}: " + ("none" if f is None else f"{f[0]} epoch(s) done, weights {f[1][:8]}")
-            for r, f in enumerate(seen)
+            for r, (f, _) in enumerate(seen)
         )
         raise CheckpointError(
             f"--resume: the ranks do not read the same checkpoint at {path} ({each}); "
