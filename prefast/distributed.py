@@ -168,6 +168,25 @@ class DistContext:
             raise RefusedByRankZero(f"rank {self.rank}: stopped, rank 0 refused the run: {refusal}")
         return None
 
+    def share_refusal(
+        self, failed: Exception | None, what: str, error: type[PrefastError] = PrefastError
+    ) -> None:
+        """Where a rank refused the run on its own (``failed``: bad input only it met, e.g. a
+        store it does not see), it raises that error and every other rank raises ``error``
+        quoting it, rather than failing at its next collective as if that rank had died.
+        Every rank calls this at the same point; it returns where none refused."""
+        if not self.enabled:
+            if failed is not None:
+                raise failed
+            return
+        mine = " ".join(str(failed).split()) or type(failed).__name__ if failed else None
+        refused = [(r, why) for r, why in enumerate(self.all_gather_object(mine, what)) if why]
+        if failed is not None:
+            raise failed
+        if refused:
+            r, why = refused[0]
+            raise error(f"rank {self.rank}: stopped, rank {r} refused the run: {why}")
+
     def run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` (e.g. a DDP step) with communication failures turned into
         DistributedError; other errors pass through unchanged."""

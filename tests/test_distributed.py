@@ -284,6 +284,28 @@ def test_a_store_one_rank_does_not_see_stops_every_rank_with_its_reason(tmp_path
     assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
 
 
+def test_a_reused_store_one_rank_does_not_see_stops_every_rank_with_its_reason(tmp_path):
+    """--resume with a --cache-dir on each node's own disk: rank 1 could not open the store rank
+    0 reuses and stopped alone, while rank 0 failed at its next collective as if rank 1 had
+    died (exit 1). Every rank now stops with rank 1's reason."""
+    args = [*TINY, "--mode", "prefast", "--cache", "zarr", "--recache-policy", "every",
+            "--cache-dir", "c", "--checkpoint-dir", str(tmp_path / "ck")]  # fmt: skip
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    codes, errs = _two_ranks([*args, "--epochs", "1"], [tmp_path / "node0"] * 2)
+    assert codes == [0, 0], "\n----\n".join(errs)
+    codes, errs = _two_ranks(
+        [*args, "--epochs", "2", "--resume"], [tmp_path / "node0", tmp_path / "node1"]
+    )
+    lasts = [e.strip().splitlines()[-1] for e in errs]
+    reason = "rank 1: --resume: cannot open c/run-"
+    assert codes == [2, 2], "\n----\n".join(errs)
+    assert lasts[1].startswith(f"prefast: error: {reason}"), errs[1][-1500:]
+    assert lasts[0].startswith(f"prefast: error: rank 0: stopped, rank 1 refused the run: {reason}")
+    assert "--cache-dir must be on a filesystem every rank sees" in lasts[0]
+    assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
+
+
 def test_more_ranks_than_training_images_is_refused_on_every_rank(tmp_path):
     args = [a for a in TINY if a != "97"]
     args[args.index("--num-samples") + 1 : args.index("--num-samples") + 1] = ["1"]

@@ -135,17 +135,12 @@ def _open_sink(
                 w = store.create(path, resume=True, **kw)
             except (CacheError, store.StoreError) as e:
                 failed = e
-        refusals = dist.all_gather_object(
-            " ".join(str(failed).split()) if failed is not None else None, "opening the store"
-        )
-        refused = [(r, why) for r, why in enumerate(refusals) if why is not None]
-        if failed is not None:
-            raise failed
-        if refused:
+        try:
+            dist.share_refusal(failed, "opening the store", CacheError)
+        except CacheError:
             if w is not None:
                 w.abort()
-            r, why = refused[0]
-            raise CacheError(f"rank {dist.rank}: stopped, rank {r} refused the run: {why}")
+            raise
         return w
     if tier == "device":
         return store.DeviceCache.empty(

@@ -1188,14 +1188,21 @@ class CacheManager:
         reuse = self.dist.broadcast_object(
             s is not None if self.dist.is_main else None, "sharing whether the store is reused"
         )
-        if not reuse or s is not None:
-            return s
-        s = open_matching(path, fp)
-        if s is None:
-            raise CacheError(
-                f"rank {self.dist.rank}: --resume: cannot open {path}, the store rank 0 reuses; "
-                "--cache-dir must be on a filesystem every rank sees"
-            )
+        failed = None
+        if reuse and not self.dist.is_main:
+            s = open_matching(path, fp)
+            if s is None:
+                failed = CacheError(
+                    f"rank {self.dist.rank}: --resume: cannot open {path}, the store rank 0 "
+                    "reuses; --cache-dir must be on a filesystem every rank sees"
+                )
+        if reuse:  # a rank that cannot open it stops every rank, naming it
+            try:
+                self.dist.share_refusal(failed, "opening the reused store", CacheError)
+            except CacheError:
+                if s is not None:
+                    s.close()
+                raise
         return s
 
     def _delete_recorded_superseded(self, info: dict[str, Any]) -> None:
