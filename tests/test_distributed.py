@@ -306,6 +306,25 @@ def test_a_reused_store_one_rank_does_not_see_stops_every_rank_with_its_reason(t
     assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
 
 
+def test_a_dataset_one_rank_lacks_stops_every_rank_with_its_reason(tmp_path):
+    """A --data-root on each node's own disk, one of them without the dataset: rank 1 stopped
+    alone and rank 0 failed at the start-up barrier as if rank 1 had died (exit 1). Every rank
+    now stops with rank 1's reason."""
+    from tests.fakes import write_fake
+
+    write_fake(tmp_path / "node0" / "data", "mnist")
+    (tmp_path / "node1").mkdir()
+    args = [*TINY[TINY.index("--depth"):], "--dataset", "mnist", "--data-root", "data",
+            "--mode", "freezeout", "--epochs", "1"]  # fmt: skip
+    codes, errs = _two_ranks(args, [tmp_path / "node0", tmp_path / "node1"])
+    lasts = [e.strip().splitlines()[-1] for e in errs]
+    reason = "mnist train split not found: missing data/MNIST/raw/train-images-idx3-ubyte"
+    assert codes == [2, 2], "\n----\n".join(errs)
+    assert lasts[1].startswith(f"prefast: error: {reason}"), errs[1][-1500:]
+    assert lasts[0].startswith(f"prefast: error: rank 0: stopped, rank 1 refused the run: {reason}")
+    assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
+
+
 def test_more_ranks_than_training_images_is_refused_on_every_rank(tmp_path):
     args = [a for a in TINY if a != "97"]
     args[args.index("--num-samples") + 1 : args.index("--num-samples") + 1] = ["1"]

@@ -50,6 +50,7 @@ from prefast.distributed import DistContext
 from prefast.errors import (
     CheckpointError,
     ConfigError,
+    DataError,
     DistributedError,
     ModelError,
     PrefastError,
@@ -194,7 +195,12 @@ class Trainer:
                 log.warning("%s", line)
         self.device = self.dist.device
         self.progress = cfg.progress and self.dist.is_main
-        self.data = load_data(cfg)
+        failed = None
+        try:
+            self.data = load_data(cfg)
+        except PrefastError as e:  # e.g. a --data-root on each node's own disk, one lacking it
+            failed = e
+        self.dist.share_refusal(failed, "loading the data", DataError)
         self.model = build_model(cfg, self.data.train.spec).to(self.device)
         check_model_fits(self.model, cfg.model, self.data.train.spec)
         if cfg.mode != "full" and not any(p.requires_grad for p in self.model.head.parameters()):
