@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import signal
 
+from prefast.errors import PrefastError
+
 
 class Stopped(BaseException):
     """The run stopped at a safe point because ``request_stop(signum)`` was called. A
@@ -27,9 +29,15 @@ _requested: int | None = None
 
 
 def request_stop(signum: int = signal.SIGTERM) -> None:
-    """Ask the run to stop at its next safe point (safe to call from a signal handler)."""
+    """Ask the run to stop at its next safe point (safe to call from a signal handler).
+    ``signum`` is a signal (``signal.SIGTERM``, or its number): the stop says which."""
     global _requested
-    _requested = signum
+    try:
+        _requested = int(signal.Signals(signum))
+    except (ValueError, TypeError):  # failed later, where the run stopped, with no hint
+        raise PrefastError(
+            f"request_stop: {signum!r} is not a signal (e.g. signal.SIGTERM)"
+        ) from None
 
 
 def requested() -> int | None:

@@ -1494,6 +1494,20 @@ def test_cli_out_of_gpu_or_host_memory_is_one_line_exit_1(tmp_path, monkeypatch,
         main([*args, "--metrics", str(tmp_path / "n.jsonl")])
 
 
+def test_a_stop_requested_with_no_signal_is_refused_as_it_is_asked():
+    """request_stop(0) was taken, and the run then failed where it stopped, with a ValueError
+    from the signal module naming nothing of the call."""
+    from prefast import interrupt
+
+    for bad in (0, 999, "TERM", None):
+        with pytest.raises(PrefastError, match=r"request_stop: .* is not a signal"):
+            interrupt.request_stop(bad)  # type: ignore[arg-type]
+        assert interrupt.requested() is None
+    interrupt.request_stop(signal.SIGINT)
+    assert interrupt.requested() == signal.SIGINT
+    interrupt.clear()
+
+
 def test_a_requested_stop_stops_the_run_before_its_next_step(tmp_path, monkeypatch):
     from prefast import interrupt
 
