@@ -2422,7 +2422,7 @@ def test_cli_trains_resnet18(capsys):
             "--model", "resnet18", "--epochs", "1", "--batch-size", "8", "--mode", "freezeout",
             "--t0", "0.3", "--device", "cpu", "--no-progress", "-q"]  # fmt: skip
     assert main(args) == 0
-    assert "freezeout resnet18 on synthetic (16 images, 1 epochs)" in capsys.readouterr().out
+    assert "freezeout resnet18 on synthetic (16 images, 1 epoch)" in capsys.readouterr().out
 
 
 def test_cli_model_help_lists_the_registered_models(byo_cnn, capsys):
