@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, git_commit, write_json
 from prefast import TrainConfig, train
+from prefast.errors import PrefastError
 from prefast.runtime import resolve_device
 
 log = logging.getLogger("study")
@@ -133,7 +134,9 @@ def run(
     """Train each of ``configs`` (dicts of a ``name``, a ``seed`` and TrainConfig fields laid
     over the options in ``args``) not yet in the JSONL beside ``args.out`` when resuming,
     until ``args.budget_seconds``; then write the JSON (``meta(rows)`` adds the study's own
-    keys), the ``table(summary)`` text and print it."""
+    keys), the ``table(summary)`` text and print it. A run that fails is logged and listed
+    (``failed``; exit status 1) and the others go on; a configuration that TrainConfig refuses
+    stops the study before its first run."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -157,9 +160,19 @@ def run(
         device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         progress=False,
     )  # fmt: skip
+    # every configuration checked before the first trains: one TrainConfig refuses (views.py
+    # --views 0) stopped the study with a traceback after the runs before it
+    todo: list[tuple[dict[str, Any], TrainConfig]] = []
     for c in configs:
         if (c["name"], c["seed"]) in done:
             continue
+        fields = {k: v for k, v in c.items() if k != "name"}  # the seed is a TrainConfig field
+        try:
+            todo.append((c, TrainConfig(**{**base, **fields})))
+        except PrefastError as e:
+            raise SystemExit(f"{c['name']} seed {c['seed']}: {e}") from None
+    failed: list[dict[str, Any]] = []
+    for c, cfg in todo:
         if args.budget_seconds is not None and time.perf_counter() - start > args.budget_seconds:
             log.warning(
                 "budget of %.0f s spent; stopping before %s seed %d",
@@ -168,9 +181,13 @@ def run(
                 c["seed"],
             )
             break
-        fields = {k: v for k, v in c.items() if k != "name"}  # the seed is a TrainConfig field
         log.info("== %s seed %d", c["name"], c["seed"])
-        r = train(TrainConfig(**{**base, **fields}))
+        try:
+            r = train(cfg)
+        except Exception as e:  # one run's failure must not lose the study's table or later runs
+            log.exception("%s seed %d failed", c["name"], c["seed"])
+            failed.append({"name": c["name"], "seed": c["seed"], "error": repr(e)})
+            continue
         row = {
             **c,
             "test_error": r.summary["final_test_error"],
@@ -194,11 +211,14 @@ def run(
             "seeds": args.seeds,
             "runs": rows,
             "summary": summary,
+            "failed": failed,
             "environment": environment(resolve_device(args.device).type),
         },
     )
-    text = table(summary)
+    text = "\n".join(
+        [table(summary)] + [f"FAILED {f['name']} seed {f['seed']}: {f['error']}" for f in failed]
+    )
     out.with_suffix(".txt").write_text(text + "\n")
     print(text)
     print(f"\nresults: {out} (runs: {runs_path})")
-    return 0
+    return 1 if failed else 0

@@ -608,3 +608,49 @@ def test_step_probe_refuses_a_warm_up_that_would_time_the_graph_capture(tmp_path
     with pytest.raises(SystemExit, match="--warmup 2: a graphs step is captured after 2 eager"):
         step_probe.main(argv)
     assert not (tmp_path / "p.json").exists()
+
+
+def test_study_run_that_fails_keeps_the_others_and_lists_it(tmp_path, monkeypatch, capsys):
+    """A run that raised ended the study with a traceback: no JSON, no table, and the runs after
+    it never trained. It is now listed as failed (exit 1) and the others go on."""
+    from benchmarks import study
+
+    real = study.train
+
+    def flaky(cfg):
+        if cfg.mode == "prefast" and cfg.seed == 0:
+            raise RuntimeError("out of memory")
+        return real(cfg)
+
+    monkeypatch.setattr(study, "train", flaky)
+    out = tmp_path / "fid.json"
+    rc = fidelity.main(
+        ["--dataset", "synthetic", "--num-samples", "100", "--epochs", "1", "--depth", "10",
+         "--growth", "4", "--variants", "freezeout", "prefast-v1", "--seeds", "0", "1",
+         "--device", "cpu", "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 1
+    res = json.loads(out.read_text())
+    assert [(r["name"], r["seed"]) for r in res["runs"]] == [
+        ("freezeout", 0), ("freezeout", 1), ("prefast-v1", 1)
+    ]  # fmt: skip
+    assert res["failed"] == [
+        {"name": "prefast-v1", "seed": 0, "error": "RuntimeError('out of memory')"}
+    ]
+    assert (
+        "FAILED prefast-v1 seed 0: RuntimeError('out of memory')"
+        in out.with_suffix(".txt").read_text()
+    )
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 3
+
+
+def test_study_refuses_a_bad_configuration_before_its_first_run(tmp_path):
+    """views.py --views 1 0 trained freezeout and prefast-v1 and then failed on prefast-v0 with
+    a ConfigError traceback; the configurations are now checked before any run."""
+    out = tmp_path / "views.json"
+    with pytest.raises(SystemExit, match="prefast-v0 seed 0: --views: must be an integer >= 1"):
+        views.main(
+            ["--dataset", "synthetic", "--num-samples", "100", "--epochs", "1", "--views", "1",
+             "0", "--no-floor", "--device", "cpu", "--out", str(out)]
+        )  # fmt: skip
+    assert not out.with_suffix(".jsonl").exists()
