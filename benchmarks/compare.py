@@ -41,6 +41,7 @@ from benchmarks.common import RESULTS_DIR, environment, write_json
 from prefast import TrainConfig, train
 from prefast.cache.probes import _replayed
 from prefast.data import load_data
+from prefast.errors import PrefastError
 from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
 from prefast.models import UnitModel
 from prefast.monitor import rss_anon_bytes, synchronize
@@ -495,6 +496,19 @@ def run_scenario(
     t0s = tuple(args.t0) if args.t0 else sc.t0s
     tiers = tuple(args.tiers) if args.tiers else sc.tiers
     cache_root = Path(args.cache_dir) if args.cache_dir else Path("/tmp/prefast-bench-cache")
+    full = (sc.full or args.full) and not args.no_full
+    variants = variants_for(
+        tiers, device, args.extra_views, full=full, eager_baseline=args.eager_baseline
+    )
+    # every run's configuration checked before the profile: one the trainer refuses
+    # (--recache-policy x, --extra-views -1) failed in the warm-up of every variant, and then
+    # the timed runs ended with a traceback
+    for t0 in t0s:
+        for var in variants:
+            try:
+                TrainConfig(**{**base, "t0": t0, **var.overrides})
+            except PrefastError as e:
+                raise SystemExit(f"{var.name} (t0 {t0}): {e}") from None
 
     # The profile: per-unit forward/backward on this device, one training batch.
     probe = TrainConfig(**{**base, "mode": "freezeout"})
@@ -525,10 +539,6 @@ def run_scenario(
         *([round(v * 1e3, 2) for v in costs] for costs in (fwd, bwd, frozen)),
     )
 
-    full = (sc.full or args.full) and not args.no_full
-    variants = variants_for(
-        tiers, device, args.extra_views, full=full, eager_baseline=args.eager_baseline
-    )
     warm_up_seconds = 0.0
     warm_up_failed: list[dict[str, Any]] = []
     if not args.no_warm_up:
