@@ -17,7 +17,8 @@
 #    last unit the same steps writing the next cache through into each tier
 #    (PROBE_WRITE_THROUGH, default "device ram zarr"; empty: none); the scenario uses graphs
 #    if they ran at every boundary, or at those the probe reached before its time limit, and
-#    eager steps if the probe failed (COMPILE=none|graphs forces a choice)
+#    eager steps if the probe failed, auto if PROBE_MODES tried no graphs (COMPILE=none|graphs
+#    forces a choice)
 #                                                                          -> step-probe-gpu.json
 # 2. the 16-epoch scenario: freezeout and prefast on the device, RAM and zarr tiers in one run,
 #    with freezeout's eager steps beside them (run last, the first cut by the budget) unless

@@ -257,14 +257,18 @@ def compile_choice(path: str | Path, rc: int) -> str:
     every boundary probed, or where the time limit (``timeout``'s 124) stopped the probe after
     graphs ran (the boundaries it did not reach are untried, not failed); ``none`` where the
     probe failed or graphs rows are missing for another reason (graphs may be what failed);
-    ``auto`` where it measured nothing to go by (no file, no rows)."""
+    ``auto`` where it measured nothing to go by (no file, no rows, no graphs mode asked for).
+    A ``graphs+tuned`` row is a graphs row (the same capture, cuDNN autotuned)."""
     try:
         res = json.loads(Path(path).read_text())
         rows = [r for r in res["rows"] if "write_through" not in r]
         bounds = set(res["config"]["boundaries"] or ())
-    except (OSError, ValueError, KeyError, TypeError):
+        modes = res["config"].get("modes")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "auto"
-    graphed = {r["boundary"] for r in rows if r["mode"] == "graphs"}
+    if modes is not None and not any(str(m).partition("+")[0] == "graphs" for m in modes):
+        return "auto"  # graphs not probed (PROBE_MODES="none"): nothing says they fail
+    graphed = {r["boundary"] for r in rows if str(r["mode"]).partition("+")[0] == "graphs"}
     if bounds and graphed == bounds:
         return "graphs"
     if rc == 124:

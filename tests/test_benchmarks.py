@@ -666,3 +666,23 @@ def test_compare_refuses_a_bad_variant_before_it_trains_anything(tmp_path):
     with pytest.raises(SystemExit, match=r"prefast-zarr-v-1 \(t0 0.6\): --views: must be"):
         compare.main(argv)
     assert not out.exists() and not out.with_suffix(".partial.json").exists()
+
+
+def test_compile_choice_counts_tuned_graphs_and_needs_graphs_probed(tmp_path):
+    """gpu.sh with PROBE_MODES="graphs+tuned" (or "none") probed every boundary without a
+    failure, yet the scenario ran eager steps (--compile none): only rows named exactly
+    "graphs" counted. A graphs+tuned row is a graphs row; a probe that tried no graphs leaves
+    the choice to the trainer (auto)."""
+    path = tmp_path / "probe.json"
+
+    def probe(modes, row_modes, rc=0):
+        rows = [{"boundary": b, "mode": m} for b in (0, 14) for m in row_modes]
+        cfg = {"boundaries": [0, 14], "modes": modes}
+        path.write_text(json.dumps({"config": cfg, "rows": rows}))
+        return step_probe.compile_choice(path, rc)
+
+    assert probe(["graphs+tuned"], ["graphs+tuned"]) == "graphs"
+    assert probe(["none", "graphs+tuned"], ["none", "graphs+tuned"]) == "graphs"
+    assert probe(["none"], ["none"]) == "auto"
+    assert probe(["inductor"], ["inductor"]) == "auto"
+    assert probe(["none", "graphs"], ["none"], rc=1) == "none"  # graphs failed at b=0
