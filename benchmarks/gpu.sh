@@ -4,7 +4,7 @@
 #   EXTRA_WHEELS="tqdm pytest pluggy iniconfig packaging" ../shared/tools/device-wheels
 # in the repo root first and carry .whl). Everything goes under $OUT (at most 8 files come
 # back); each stage gets what is left of GPU_BUDGET_SECONDS (default 530) minus what the later
-# stages need, so the whole script ends inside the budget and keeps what it measured.
+# stages STAGES names need, so the whole script ends inside the budget and keeps what it measured.
 #
 #   PREFAST_COMMIT=<the commit copied> bash benchmarks/gpu.sh
 #
@@ -51,6 +51,18 @@ left() { echo $(( DEADLINE - $(date +%s) )); }
 share() {
   local s=$(( $(left) - $1 ))
   if [ "$s" -lt 10 ]; then echo "-- skipped: ${s} s left for it" >&2; return 1; fi
+  echo "$s"
+}
+# seconds to keep back for the stages after $1 that STAGES names, at the least each needs
+# (tests 40, feed 27, fidelity 120), and 3 for the files' copy: a stage not named keeps none
+later() {
+  local s=3 seen= st
+  for st in scenario tests feed fidelity; do
+    if [ -n "$seen" ] && has "$st"; then
+      case $st in tests) s=$((s + 40)) ;; feed) s=$((s + 27)) ;; fidelity) s=$((s + 120)) ;; esac
+    fi
+    [ "$st" = "$1" ] && seen=1
+  done
   echo "$s"
 }
 collect() {
@@ -120,7 +132,7 @@ EAGER=--eager-baseline
 if has scenario; then
   echo "== 2. 16 epochs, every tier, --compile $COMPILE ($(left) s left)"
   # shellcheck disable=SC2086
-  if T=$(share 70); then
+  if T=$(share "$(later scenario)"); then
     timeout "$T" python3 benchmarks/compare.py --scenario cifar-gpu-long \
       --compile "$COMPILE" $EAGER ${SCENARIO_ARGS:-} --no-progress --no-plot --verbose --cache-dir /tmp/prefast-bench \
       --out "$W/compare-gpu-long.json" > "$W/compare-gpu-long.log" 2>&1
@@ -137,7 +149,7 @@ fi
 
 if has tests; then
   echo "== 3. CUDA tests ($(left) s left)"
-  if T=$(share 30); then
+  if T=$(share "$(later tests)"); then
     timeout "$T" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
       > "$W/pytest-gpu.txt" 2>&1
     tail -8 "$W/pytest-gpu.txt"
@@ -146,7 +158,7 @@ fi
 
 if has feed; then
   echo "== 4. store writes and feed to the GPU ($(left) s left)"
-  if T=$(share 3); then
+  if T=$(share "$(later feed)"); then
     timeout "$T" python3 benchmarks/bench_feed.py --device cuda --num-samples 20000 \
       --repeats 1 --dir /tmp --out "$W/bench-feed-gpu.json" > "$W/bench-feed-gpu.log" 2>&1
     tail -14 "$W/bench-feed-gpu.log"

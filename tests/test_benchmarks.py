@@ -686,3 +686,38 @@ def test_compile_choice_counts_tuned_graphs_and_needs_graphs_probed(tmp_path):
     assert probe(["none"], ["none"]) == "auto"
     assert probe(["inductor"], ["inductor"]) == "auto"
     assert probe(["none", "graphs"], ["none"], rc=1) == "none"  # graphs failed at b=0
+
+
+def _limits(tmp_path, **env):
+    """gpu.sh's dry run with a stand-in ``timeout`` that records each stage's limit: per script
+    or module it limits, (its limit in seconds, the seconds left as its stage began)."""
+    import re
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(parents=True)
+    log = tmp_path / "timeouts.txt"
+    (bin_ / "timeout").write_text(f'#!/bin/sh\necho "$1 $3 $4" >> {log}\nshift\nexec "$@"\n')
+    r, _, _ = _gpu_sh(tmp_path, **env)
+    assert r.returncode == 0, r.stderr
+    left = [int(x) for x in re.findall(r"^== \d\. .*\((\d+) s left\)$", r.stdout, re.M)]
+    out = {}
+    for line, at_start in zip(log.read_text().splitlines(), left, strict=True):
+        t, a, b = line.split()
+        out[b if a == "-m" else a.split("/")[-1]] = (int(t), at_start)
+    return out
+
+
+def test_gpu_sh_keeps_back_time_only_for_the_stages_it_runs(tmp_path):
+    """Each stage's limit kept back what the default later stages need whether they ran or not:
+    STAGES="scenario" cut the scenario 70 s before the deadline for tests and feed it would
+    not run, and the feed stage left nothing for a named fidelity stage. (Each stage's limit
+    is taken within a second or so of its stage's start: 10 s of slack.)"""
+    t, left = _limits(tmp_path / "a", STAGES="scenario")["compare.py"]
+    assert left - 13 <= t <= left - 3  # 3 s for the files' copy only
+    got = _limits(tmp_path / "b", STAGES="scenario tests feed fidelity")
+    t, left = got["compare.py"]
+    assert left - 200 <= t <= left - 190  # tests 40, feed 27, fidelity 120, copy 3
+    t, left = got["bench_feed.py"]
+    assert left - 133 <= t <= left - 123  # fidelity 120, copy 3
+    t, left = got["fidelity.py"]
+    assert t >= 10 + 100  # its runs' budget, and 100 s for the last run
