@@ -220,16 +220,18 @@ def _gathers(x: torch.Tensor, batch: int, seed: int, threads: int) -> dict[str, 
     copied) against mode="clip" on indices checked first, which the host tiers use; and the
     latter split into ``threads`` contiguous parts on a thread pool, as the loader's gather
     threads split a batch (``take-direct/Nt``): the host's memory bandwidth for this pattern,
-    without the loader."""
+    without the loader. Only whole batches are gathered; their seconds are scaled to the
+    epoch's samples, which the rates are computed on (as ``_h2d``'s)."""
     src = x.reshape(len(x), -1).view(torch.uint8).numpy()
     buf = np.empty((batch, src.shape[1]), dtype=src.dtype)
     order = np.random.default_rng(seed).permutation(len(src))
+    scale = len(src) / (len(src) // batch * batch)
     out: dict[str, float] = {}
     for name, mode in (("take-buffered", "raise"), ("take-direct", "clip")):
         t0 = time.perf_counter()
         for s in range(0, len(src) - batch + 1, batch):
             np.take(src, order[s : s + batch], axis=0, out=buf, mode=mode)  # type: ignore[call-overload]
-        out[name] = time.perf_counter() - t0
+        out[name] = (time.perf_counter() - t0) * scale
     if threads > 1:
         bounds = np.linspace(0, batch, threads + 1).astype(int).tolist()
         parts = list(itertools.pairwise(bounds))
@@ -241,7 +243,7 @@ def _gathers(x: torch.Tensor, batch: int, seed: int, threads: int) -> dict[str, 
                     pool.submit(np.take, src, idx[a:b], 0, buf[a:b], "clip") for a, b in parts
                 ]:
                     f.result()
-            out[f"take-direct/{threads}t"] = time.perf_counter() - t0
+            out[f"take-direct/{threads}t"] = (time.perf_counter() - t0) * scale
     return out
 
 
@@ -541,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.repeats < 1 or args.batch_size < 1:
         p.error("--num-samples, --repeats and --batch-size must be >= 1")
+    if args.num_samples < args.batch_size:  # the gathers and copies time whole batches
+        p.error(f"--num-samples {args.num_samples} must be at least --batch-size {args.batch_size}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     r = run(args)

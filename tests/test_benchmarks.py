@@ -721,3 +721,34 @@ def test_gpu_sh_keeps_back_time_only_for_the_stages_it_runs(tmp_path):
     assert left - 133 <= t <= left - 123  # fidelity 120, copy 3
     t, left = got["fidelity.py"]
     assert t >= 10 + 100  # its runs' budget, and 100 s for the last run
+
+
+def test_bench_feed_gather_rates_count_only_the_samples_gathered(monkeypatch):
+    """The gathers take whole batches only, but their rates are the epoch's bytes over their
+    seconds: 30 samples in batches of 16 gathered 16 and were reported as 30 (at 3,000 and
+    batch 256, 6.5 % too fast). Each np.take here costs one tick of a stand-in clock."""
+    from benchmarks import bench_feed
+
+    clock = [0.0]
+    real_take = bench_feed.np.take
+
+    def take(*a, **k):
+        clock[0] += 1.0
+        return real_take(*a, **k)
+
+    monkeypatch.setattr(bench_feed.np, "take", take)
+    monkeypatch.setattr(bench_feed.time, "perf_counter", lambda: clock[0])
+    x = bench_feed.torch.zeros(30, 2, dtype=bench_feed.torch.float16)
+    got = bench_feed._gathers(x, 16, 0, threads=1)
+    # one batch of 16 gathered: an epoch of 30 samples at that rate
+    assert got == {"take-buffered": 30 / 16, "take-direct": 30 / 16}
+
+
+def test_bench_feed_refuses_fewer_samples_than_a_batch(capsys):
+    """--num-samples 100 at the default batch 256 gathered nothing (rates of thousands of
+    GB/s) and on CUDA divided by zero after every write had run."""
+    from benchmarks import bench_feed
+
+    with pytest.raises(SystemExit):
+        bench_feed.main(["--num-samples", "100"])
+    assert "--num-samples 100 must be at least --batch-size 256" in capsys.readouterr().err
