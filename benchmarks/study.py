@@ -166,6 +166,7 @@ def run(
     for c in configs:
         if (c["name"], c["seed"]) in done:
             continue
+        done.add((c["name"], c["seed"]))  # once: --seeds 0 0 or --views 1 1 counted it twice
         fields = {k: v for k, v in c.items() if k != "name"}  # the seed is a TrainConfig field
         try:
             todo.append((c, TrainConfig(**{**base, **fields})))

@@ -752,3 +752,18 @@ def test_bench_feed_refuses_fewer_samples_than_a_batch(capsys):
     with pytest.raises(SystemExit):
         bench_feed.main(["--num-samples", "100"])
     assert "--num-samples 100 must be at least --batch-size 256" in capsys.readouterr().err
+
+
+def test_study_trains_a_configuration_and_seed_once(tmp_path):
+    """--seeds 0 0 (or --views 1 1) trained the same run twice and counted it as two seeds:
+    runs 2, a standard deviation of a run against itself."""
+    out = tmp_path / "views.json"
+    rc = views.main(
+        ["--dataset", "synthetic", "--num-samples", "100", "--epochs", "1", "--depth", "10",
+         "--growth", "4", "--views", "1", "1", "--seeds", "0", "0", "--no-floor", "--device",
+         "cpu", "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [(r["name"], r["seed"]) for r in res["runs"]] == [("freezeout", 0), ("prefast-v1", 0)]
+    assert all(s["runs"] == 1 and s["test_error_std"] is None for s in res["summary"])
