@@ -160,6 +160,18 @@ def run(
         device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
         progress=False,
     )  # fmt: skip
+    # a resumed run trained with other options (--epochs 4 after 2) is no seed of this study
+    # (rows from before runs recorded their options cannot be checked)
+    for kept in rows:
+        old = kept.get("config")
+        if old is not None and old != base:
+            diff = ", ".join(
+                f"{k} {old.get(k)!r}, not {v!r}" for k, v in base.items() if old.get(k) != v
+            )
+            raise SystemExit(
+                f"--resume: {runs_path} holds {kept['name']} seed {kept['seed']} trained with other "
+                f"options ({diff}); give the same options, or another --out"
+            )
     # every configuration checked before the first trains: one TrainConfig refuses (views.py
     # --views 0) stopped the study with a traceback after the runs before it
     todo: list[tuple[dict[str, Any], TrainConfig]] = []
@@ -198,6 +210,7 @@ def run(
             "cache_boundary": r.summary["cache_boundary"],
             "curve": [x["test_error"] for x in r.records],
             "commit": commit,
+            "config": base,  # the options it trained with, checked by --resume
         }
         rows.append(row)
         with runs_path.open("a") as f:

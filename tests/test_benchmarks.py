@@ -767,3 +767,19 @@ def test_study_trains_a_configuration_and_seed_once(tmp_path):
     res = json.loads(out.read_text())
     assert [(r["name"], r["seed"]) for r in res["runs"]] == [("freezeout", 0), ("prefast-v1", 0)]
     assert all(s["runs"] == 1 and s["test_error_std"] is None for s in res["summary"])
+
+
+def test_study_resume_refuses_runs_trained_with_other_options(tmp_path):
+    """--resume took the JSONL's runs whatever options they trained with: seed 0 at 1 epoch
+    and seed 1 at 2 were reported as two seeds of one configuration."""
+    out = tmp_path / "fid.json"
+    args = ["--dataset", "synthetic", "--num-samples", "100", "--depth", "10", "--growth", "4",
+            "--variants", "freezeout", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert fidelity.main([*args, "--epochs", "1", "--seeds", "0"]) == 0
+    with pytest.raises(SystemExit, match=r"holds freezeout seed 0 trained with other options "
+                       r"\(epochs 1, not 2\)"):  # fmt: skip
+        fidelity.main([*args, "--epochs", "2", "--seeds", "0", "1", "--resume"])
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 1
+    # the same options resume as before
+    assert fidelity.main([*args, "--epochs", "1", "--seeds", "0", "1", "--resume"]) == 0
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 2
