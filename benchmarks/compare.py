@@ -574,12 +574,13 @@ def run_scenario(
                 except Exception as e:  # one variant's failure must not lose the others' numbers
                     log.exception("variant %s failed", var.name)
                     failed.append({"variant": var.name, "round": rnd, "error": repr(e)})
-                    continue
+                    r = None
                 finally:
                     settle(over.get("cache_dir"))
-                r.update(variant=var.name, round=rnd, position=pos)
-                done[var.name].append(r)
-                table = [merge_rounds(done[v.name]) for v in variants if done[v.name]]
+                if r is not None:
+                    r.update(variant=var.name, round=rnd, position=pos)
+                    done[var.name].append(r)
+                    table = [merge_rounds(done[v.name]) for v in variants if done[v.name]]
                 if partial is not None and partial_path is not None:  # survives a run cut short
                     partial["runs"][f"t0={t0}"] = {
                         "t0": t0,
@@ -616,6 +617,9 @@ def run_scenario(
             r["ideal_saving_vs_full"] = ideal_s
             r["fraction_of_ideal"] = (r["saving_vs_full"] / ideal_s) if ideal_s else None
         runs[f"t0={t0}"] = {"t0": t0, "ideal": ideal, "variants": table, "failed": failed}
+        if partial is not None and partial_path is not None:  # this t0 done, ratios and all
+            partial["runs"][f"t0={t0}"] = runs[f"t0={t0}"]
+            write_json(partial_path, partial)
     return {
         "scenario": sc.name,
         "note": sc.note,

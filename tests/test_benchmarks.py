@@ -783,3 +783,44 @@ def test_study_resume_refuses_runs_trained_with_other_options(tmp_path):
     # the same options resume as before
     assert fidelity.main([*args, "--epochs", "1", "--seeds", "0", "1", "--resume"]) == 0
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 2
+
+
+def test_compare_partial_keeps_finished_t0s_and_failures(tmp_path, monkeypatch):
+    """A run cut short kept its finished t0s marked incomplete and without their ratios, and
+    left out a variant that failed after the last one to finish. Stand-in runs, no training:
+    t0 0.8's prefast-ram fails in round 1, and the run is stopped (Ctrl-C) in round 2."""
+    calls = []
+
+    def fake_run(cfg):
+        calls.append((cfg.t0, cfg.mode))
+        if cfg.t0 == 0.8 and cfg.mode == "prefast":
+            if len(calls) == 6:
+                raise RuntimeError("disk full")
+            raise KeyboardInterrupt
+        rec = {"epoch": 0, "train_seconds": 1.0, "test_error": 0.5}
+        return {
+            "train_seconds": 2.0 if cfg.mode == "freezeout" else 1.0, "cache_build_seconds": 0.0,
+            "test_error": 0.5, "process_wall_seconds": 1.0, "cache_bytes": 0,
+            "peak_host_private_bytes": 0, "peak_gpu_bytes": 0, "records": [rec], "curve": [],
+        }  # fmt: skip
+
+    monkeypatch.setattr(compare, "run_variant", fake_run)
+    out = tmp_path / "c.json"
+    argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
+            "--tiers", "ram", "--no-full", "--t0", "0.6", "0.8", "--rounds", "2", "--no-warm-up",
+            "--no-plot", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(argv)
+    assert not out.exists()
+    part = json.loads(out.with_suffix(".partial.json").read_text())
+    done = part["runs"]["t0=0.6"]
+    assert "incomplete" not in done
+    assert {v["variant"]: v["vs_freezeout"] for v in done["variants"]} == {
+        "freezeout": 1.0, "prefast-ram": 0.5
+    }  # fmt: skip
+    cut = part["runs"]["t0=0.8"]
+    assert cut["incomplete"] is True and [v["variant"] for v in cut["variants"]] == ["freezeout"]
+    assert cut["failed"] == [
+        {"variant": "prefast-ram", "round": 0, "error": "RuntimeError('disk full')"}
+    ]
