@@ -386,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    # before any step: --steps 0 divided by zero, --repeats 0 took a median of nothing and
+    # --batch-size 0 stopped on a loss that is not finite
+    for flag, least in (("steps", 1), ("repeats", 1), ("batch_size", 1), ("warmup", 0)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} must be at least {least}")
     cuda = args.device.startswith("cuda")
     if args.amp is None:
         args.amp = "bf16" if cuda else "none"

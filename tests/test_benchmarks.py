@@ -824,3 +824,17 @@ def test_compare_partial_keeps_finished_t0s_and_failures(tmp_path, monkeypatch):
     assert cut["failed"] == [
         {"variant": "prefast-ram", "round": 0, "error": "RuntimeError('disk full')"}
     ]
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--repeats", "--batch-size"])
+def test_step_probe_refuses_no_steps_no_rounds_or_an_empty_batch(tmp_path, flag, capsys):
+    """--steps 0 ended in a ZeroDivisionError, --repeats 0 in a StatisticsError and
+    --batch-size 0 in 'the loss is not finite; lower --base-lr', each after the model was
+    built; each is now refused at start."""
+    out = tmp_path / "p.json"
+    argv = ["--device", "cpu", "--depth", "10", "--growth", "4", "--batch-size", "4",
+            "--modes", "none", "--boundaries", "0", "--out", str(out), flag, "0"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        step_probe.main(argv)
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
