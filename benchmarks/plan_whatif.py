@@ -72,7 +72,8 @@ def plan(
     shapes = model.boundary_shapes((3, 32, 32))
     sample_bytes = [3 * 32 * 32 * 4] + [2 * math.prod(s) for s in shapes]  # fp32 image, fp16 cache
     epochs, batch = base["epochs"], base["batch_size"]
-    total = math.ceil(base["num_samples"] / batch) * epochs  # as the trainer counts steps
+    n = base.get("subset") or base["num_samples"]  # the paper scenario trains on a subset
+    total = math.ceil(n / batch) * epochs  # as the trainer counts steps
     ipe = total // epochs
     sched = FreezeSchedule(
         ScheduleConfig(mode="prefast", t0=t0, how_scale=base["how_scale"]), model.num_units, total
@@ -102,7 +103,9 @@ def plan(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--log", type=Path, required=True, help="a run's log with its measured costs")
-    p.add_argument("--scenario", default="cifar-gpu-long", choices=sorted(SCENARIOS))
+    # the model is rebuilt for 32x32 RGB images: the synthetic CIFAR scenarios (not fmnist)
+    cifar = sorted(n for n, sc in SCENARIOS.items() if sc.base["dataset"] == "synthetic")
+    p.add_argument("--scenario", default="cifar-gpu-long", choices=cifar)
     p.add_argument("--tier", default="zarr", choices=["ram", "zarr"])
     p.add_argument("--read", type=float, nargs="+", default=[5.2], help="GB/s to the device")
     p.add_argument("--write", type=float, nargs="+", default=[1.78], help="GB/s into the tier")
@@ -119,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_factor < 1:
         p.error("--train-factor must be >= 1 (a backward is never free)")
     tf = args.train_factor
-    image, fwd, timed = costs_from_log(args.log.read_text())
+    try:
+        text = args.log.read_text()
+    except OSError as e:
+        p.error(f"--log: cannot read {args.log}: {e.strerror or e}")
+    image, fwd, timed = costs_from_log(text)
     dev, dev_s, none_s = plan(args.scenario, image, fwd, "device", DEVICE_RATE, DEVICE_RATE, tf)
     print(
         f"costs from {args.log} ({timed}); scenario {args.scenario}; training {tf:g}x a "

@@ -838,3 +838,33 @@ def test_step_probe_refuses_no_steps_no_rounds_or_an_empty_batch(tmp_path, flag,
         step_probe.main(argv)
     assert f"{flag} must be at least 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_plan_whatif_counts_the_paper_scenarios_subset_and_reads_only_cifar_ones(
+    tmp_path, monkeypatch, capsys
+):
+    """--scenario paper planned 50,000 samples an epoch (1,000 steps, not its 2,000-image
+    subset's 40), --scenario fmnist (28x28 grey images, no num_samples) ended in a KeyError,
+    and a --log that is not there in a FileNotFoundError traceback."""
+    from benchmarks import plan_whatif
+
+    totals = []
+    real = plan_whatif.FreezeSchedule
+
+    def schedule(cfg, units, total):
+        totals.append(total)
+        return real(cfg, units, total)
+
+    monkeypatch.setattr(plan_whatif, "FreezeSchedule", schedule)
+    plan_whatif.plan("paper", 1e-6, [1e-6] * 9, "zarr", 5e9, 1e9)
+    assert totals == [40 * 30]
+    log = tmp_path / "run.log"
+    log.write_text(
+        f"measured costs per sample (eager): image 2.9 us, forward {[1.0] * 9} us; ...\n"
+    )
+    with pytest.raises(SystemExit):
+        plan_whatif.main(["--log", str(log), "--scenario", "fmnist"])
+    assert "invalid choice: 'fmnist'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plan_whatif.main(["--log", str(tmp_path / "missing.log")])
+    assert "--log: cannot read" in capsys.readouterr().err
