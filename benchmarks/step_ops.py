@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, write_json
 from prefast import TrainConfig
+from prefast.errors import PrefastError
 from prefast.training import Trainer
 
 
@@ -114,24 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results .json (a .txt table beside it)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(
-            dataset="synthetic",
-            num_samples=args.num_samples,
-            model="densenet_bc",
-            model_args={"depth": args.depth, "growth": args.growth},
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            t0=0.1,  # units freeze from the first epoch on: every later epoch reads a cache
-            how_scale="linear",
-            mode="prefast",
-            cache=args.cache,
-            cache_dir=args.cache_dir or str(Path(tmp) / "cache"),
-            recache_policy="every",  # a new cache, written through, at every freeze
-            device=args.device,
-            compile=args.compile,
-            augment=False,
-            progress=False,
-        )
+        try:
+            cfg = config(args, tmp)
+        except PrefastError as e:  # --epochs 0, --batch-size 0: one line, not a traceback
+            p.error(str(e))
         rows = count(cfg)
     text = format_table(rows)
     print(text)
@@ -148,6 +135,28 @@ def main(argv: list[str] | None = None) -> int:
         out.with_suffix(".txt").write_text(text + "\n")
         print(f"\nresults: {out}")
     return 0
+
+
+def config(args: argparse.Namespace, tmp: str) -> TrainConfig:
+    """The counted run: a new cache, written through, at every freeze."""
+    return TrainConfig(
+        dataset="synthetic",
+        num_samples=args.num_samples,
+        model="densenet_bc",
+        model_args={"depth": args.depth, "growth": args.growth},
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        t0=0.1,  # units freeze from the first epoch on: every later epoch reads a cache
+        how_scale="linear",
+        mode="prefast",
+        cache=args.cache,
+        cache_dir=args.cache_dir or str(Path(tmp) / "cache"),
+        recache_policy="every",  # a new cache, written through, at every freeze
+        device=args.device,
+        compile=args.compile,
+        augment=False,
+        progress=False,
+    )
 
 
 if __name__ == "__main__":

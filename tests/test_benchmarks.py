@@ -868,3 +868,11 @@ def test_plan_whatif_counts_the_paper_scenarios_subset_and_reads_only_cifar_ones
     with pytest.raises(SystemExit):
         plan_whatif.main(["--log", str(tmp_path / "missing.log")])
     assert "--log: cannot read" in capsys.readouterr().err
+
+
+def test_step_ops_refuses_a_bad_option_in_one_line(tmp_path, capsys):
+    """--epochs 0 ended in the trainer's ConfigError traceback."""
+    with pytest.raises(SystemExit):
+        step_ops.main(["--device", "cpu", "--epochs", "0", "--out", str(tmp_path / "o.json")])
+    assert "--epochs: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
