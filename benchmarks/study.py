@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, git_commit, write_json
+from benchmarks.common import environment, write_json
 from prefast import TrainConfig, train
 from prefast.errors import PrefastError
 from prefast.runtime import resolve_device
@@ -152,7 +153,10 @@ def run(
         runs_path.unlink()
     done = {(r["name"], r["seed"]) for r in rows}
     start = time.perf_counter()
-    commit = git_commit()  # once, at start: the code the runs below are measured with
+    # once, at start: the code the runs below are measured with (a commit made while a study
+    # of hours runs is not the tree that ran) and the load before the study's own
+    env = environment(resolve_device(args.device).type)
+    commit = env["commit"]
     base = dict(
         dataset=args.dataset, num_samples=args.num_samples, data_root=args.data_root, subset=args.subset, model=args.model,
         model_args={"depth": args.depth, "growth": args.growth}, epochs=args.epochs, batch_size=args.batch_size,
@@ -226,7 +230,7 @@ def run(
             "runs": rows,
             "summary": summary,
             "failed": failed,
-            "environment": environment(resolve_device(args.device).type),
+            "environment": env | {"loadavg_at_end_1_5_15": list(os.getloadavg())},
         },
     )
     text = "\n".join(

@@ -876,3 +876,28 @@ def test_step_ops_refuses_a_bad_option_in_one_line(tmp_path, capsys):
         step_ops.main(["--device", "cpu", "--epochs", "0", "--out", str(tmp_path / "o.json")])
     assert "--epochs: must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_study_environment_is_the_one_its_runs_started_with(tmp_path, monkeypatch):
+    """A study read its environment after its last run: a commit made while it ran (hours on a
+    CPU) was recorded as the tree that ran, beside runs that each recorded the one before."""
+    from benchmarks import study
+
+    real = study.train
+
+    def train(cfg):
+        monkeypatch.setenv("PREFAST_COMMIT", "after")  # committed while the study runs
+        return real(cfg)
+
+    monkeypatch.setenv("PREFAST_COMMIT", "before")
+    monkeypatch.setattr(study, "train", train)
+    out = tmp_path / "fid.json"
+    rc = fidelity.main(
+        ["--dataset", "synthetic", "--num-samples", "100", "--epochs", "1", "--depth", "10",
+         "--growth", "4", "--variants", "freezeout", "--seeds", "0", "--device", "cpu",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["environment"]["commit"] == "before" == res["runs"][0]["commit"]
+    assert len(res["environment"]["loadavg_at_end_1_5_15"]) == 3
