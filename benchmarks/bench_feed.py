@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import shutil
@@ -67,6 +66,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,7 @@ import numpy as np
 import torch
 
 import store
-from benchmarks.common import environment
+from benchmarks.common import environment, write_json
 
 GB = 1e9
 # Batches a copy in the grouped feeds and per-batch rows (``StoreLoader(batches_per_copy=)``):
@@ -322,7 +322,11 @@ def _epoch(loader: store.StoreLoader, epoch: int, device: torch.device) -> float
     return time.perf_counter() - t0
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, save: Callable[[dict[str, Any]], object] | None = None
+) -> dict[str, Any]:
+    """Every measurement; ``save`` is given the results so far after each part (a run stopped
+    by a time limit, as gpu.sh's feed stage is, keeps what it measured)."""
     device = torch.device(args.device)
     shape = tuple(args.shape)
     x = _samples(args.num_samples, shape, args.seed)
@@ -354,6 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for h in hows:
             out["write_s"][h] = statistics.median(times[h])
         out["prepare_s"] = statistics.median(prepare_s[1:])  # round 0 warmed up
+        _saved(save, out)
         for h in hows[1:]:
             s = store.open(work / h)
             assert torch.equal(s.read(0, np.arange(args.num_samples)), x), h
@@ -380,6 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.repeats)
         ]
         out["breakdown_s"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+        _saved(save, out)
         default_workers = store.StoreLoader(raw, device=device).gather_workers
         threads = max(2, default_workers)
         _gathers(x, args.batch_size, args.seed, threads)  # warm-up
@@ -387,6 +393,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _gathers(x, args.batch_size, args.seed + r, threads) for r in range(args.repeats)
         ]
         out["gather_s"] = {k: statistics.median(g[k] for g in gathers) for k in gathers[0]}
+        _saved(save, out)
         if device.type == "cuda":
             out["h2d_s"] = statistics.median(
                 _h2d(x, args.batch_size, device) for _ in range(args.repeats)
@@ -394,6 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["per_batch_us"] = _per_batch(
             args.num_samples, args.batch_size, device, args.seed, args.repeats
         )
+        _saved(save, out)
         ram = store.RamCache.from_store(raw, pin=device.type == "cuda")
         feeds: dict[str, tuple[store.ActivationSource, int, int]] = {}
         tiers: tuple[tuple[str, store.ActivationSource], ...] = (("ram", ram), ("zarr", raw))
@@ -420,6 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             loader.close()
         for k in feeds:
             out["feed_s"][k] = statistics.median(ft[k])
+        _saved(save, out)
         # The loader's prefetch thread beside a consumer that runs Python between batches, as
         # the training thread does (the trainer's loader on CUDA: prefetch 2, the defaults):
         # about as much Python per batch as the loader alone takes per batch.
@@ -444,6 +453,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _saved(save: Callable[[dict[str, Any]], object] | None, out: dict[str, Any]) -> None:
+    if save is not None:
+        save(out)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -539,7 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dir", default=None, help="where to write the stores (a temp dir)")
-    p.add_argument("--out", type=Path, default=None, help="JSON result path (and .txt beside it)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON result path (and .txt beside it); the results so far are saved after each part",
+    )
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.repeats < 1 or args.batch_size < 1:
         p.error("--num-samples, --repeats and --batch-size must be >= 1")
@@ -547,14 +566,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--num-samples {args.num_samples} must be at least --batch-size {args.batch_size}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
-    r = run(args)
-    r["environment"] = environment(torch.device(args.device).type)  # commit, versions, machine
+    env = environment(torch.device(args.device).type)  # commit, versions, machine
+    out = args.out
+
+    def save(partial: dict[str, Any]) -> None:
+        if out is not None:
+            write_json(out, {**partial, "partial": True, "environment": env})
+
+    r = run(args, save)
+    r["environment"] = env
     text = report(r)
     sys.stdout.write(text + "\n")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(r, indent=1) + "\n")
-        args.out.with_suffix(".txt").write_text(text + "\n")
+    if out is not None:
+        write_json(out, r)
+        out.with_suffix(".txt").write_text(text + "\n")
     return 0
 
 

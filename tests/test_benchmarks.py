@@ -901,3 +901,24 @@ def test_study_environment_is_the_one_its_runs_started_with(tmp_path, monkeypatc
     res = json.loads(out.read_text())
     assert res["environment"]["commit"] == "before" == res["runs"][0]["commit"]
     assert len(res["environment"]["loadavg_at_end_1_5_15"]) == 3
+
+
+def test_bench_feed_stopped_midway_keeps_what_it_measured(tmp_path, monkeypatch):
+    """bench_feed.py wrote --out only at its end: gpu.sh's feed stage, stopped by its time
+    limit, brought back nothing. The results so far are now saved after each part."""
+    from benchmarks import bench_feed
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_feed, "_per_batch", stop)
+    out = tmp_path / "feed.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_feed.main(
+            ["--num-samples", "128", "--shape", "4", "8", "8", "--batch-size", "64",
+             "--repeats", "1", "--dir", str(tmp_path), "--out", str(out)]
+        )  # fmt: skip
+    r = json.loads(out.read_text())
+    assert r["partial"] is True and r["environment"]["commit"]
+    assert set(r["write_s"]) >= {"zarr-path", "write_rows"} and "take-buffered" in r["gather_s"]
+    assert "per_batch_us" not in r and r["feed_s"] == {}
