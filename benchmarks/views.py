@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     return study.run(
         args,
         configs(args.views, args.seeds, not args.no_floor),
-        lambda rows: {"views": args.views},
+        # every view count the file holds, also those kept by --resume from earlier calls
+        lambda rows: {
+            "views": sorted({r["views"] for r in rows if r["mode"] == "prefast" and r["augment"]})
+        },
         format_table,
     )
 

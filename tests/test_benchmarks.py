@@ -922,3 +922,16 @@ def test_bench_feed_stopped_midway_keeps_what_it_measured(tmp_path, monkeypatch)
     assert r["partial"] is True and r["environment"]["commit"]
     assert set(r["write_s"]) >= {"zarr-path", "write_rows"} and "take-buffered" in r["gather_s"]
     assert "per_batch_us" not in r and r["feed_s"] == {}
+
+
+def test_views_study_lists_the_view_counts_its_runs_hold(tmp_path):
+    """views.py --resume with other --views kept the earlier runs but listed only this call's
+    view counts under "views"."""
+    out = tmp_path / "views.json"
+    args = ["--dataset", "synthetic", "--num-samples", "100", "--epochs", "1", "--depth", "10",
+            "--growth", "4", "--seeds", "0", "--no-floor", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert views.main([*args, "--views", "2"]) == 0
+    assert views.main([*args, "--views", "1", "--resume"]) == 0
+    res = json.loads(out.read_text())
+    assert sorted(s["name"] for s in res["summary"]) == ["freezeout", "prefast-v1", "prefast-v2"]
+    assert res["views"] == [1, 2]
