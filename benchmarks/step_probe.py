@@ -392,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < least:
             p.error(f"--{flag.replace('_', '-')} must be at least {least}")
     cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here")
     if args.amp is None:
         args.amp = "bf16" if cuda else "none"
     if args.channels_last is None:

@@ -155,7 +155,10 @@ def run(
     start = time.perf_counter()
     # once, at start: the code the runs below are measured with (a commit made while a study
     # of hours runs is not the tree that ran) and the load before the study's own
-    env = environment(resolve_device(args.device).type)
+    try:
+        env = environment(resolve_device(args.device).type)
+    except PrefastError as e:  # --device cuda without CUDA: one line, not a traceback
+        raise SystemExit(str(e)) from None
     commit = env["commit"]
     base = dict(
         dataset=args.dataset, num_samples=args.num_samples, data_root=args.data_root, subset=args.subset, model=args.model,

@@ -935,3 +935,20 @@ def test_views_study_lists_the_view_counts_its_runs_hold(tmp_path):
     res = json.loads(out.read_text())
     assert sorted(s["name"] for s in res["summary"]) == ["freezeout", "prefast-v1", "prefast-v2"]
     assert res["views"] == [1, 2]
+
+
+@pytest.mark.skipif(compare.torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    """--device cuda where there is no CUDA ended in torch's 'Found no NVIDIA driver'
+    RuntimeError (compare.py, step_probe.py) or the trainer's ConfigError (the studies), each
+    a traceback; each is now one line before anything runs."""
+    out = str(tmp_path / "r.json")
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device here"):
+        compare.main(["--quick", "--device", "cuda", "--no-plot", "--out", out])
+    with pytest.raises(SystemExit):
+        step_probe.main(["--device", "cuda", "--depth", "10", "--growth", "4", "--out", out])
+    assert "--device cuda: no CUDA device here" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--device: cuda was asked for"):
+        fidelity.main(["--device", "cuda", "--dataset", "synthetic", "--num-samples", "100",
+                       "--out", out])  # fmt: skip
+    assert not (tmp_path / "r.json").exists()
