@@ -6,15 +6,24 @@ Every field carries its CLI help and group in ``metadata``; ``prefast.cli`` gene
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefast.data.specs import DATASETS, SHAPES, spec_for
-from prefast.errors import ConfigError, check_bool, check_choice, check_int, check_number
+from prefast.errors import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    shown,
+)
 from prefast.freezeout.schedule import MODES, SCALES
 
 CACHE_TIERS = ("auto", "device", "ram", "zarr")
@@ -268,6 +277,19 @@ class TrainConfig:
             raise ConfigError("--resume: needs --checkpoint-dir")
         if not isinstance(self.model_args, dict):
             raise ConfigError(f"model_args: must be a dict, got {self.model_args!r}")
+        for k, v in self.model_args.items():
+            # the config goes into JSON (--metrics, a zarr cache's run key) and checkpoints:
+            # an array or an object there failed in the run (a TypeError at the first zarr
+            # cache, a checkpoint --resume refused as damaged)
+            try:
+                json.dumps(v, allow_nan=False)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"model_args: {k!r} must be JSON-able (numbers, strings, bools, None, and "
+                    f"lists, tuples or dicts of them; no NaN or infinity), got {shown(v)}"
+                ) from None
+        # a copy: a dict the caller changes afterwards (a sweep's loop) changed the config
+        object.__setattr__(self, "model_args", copy.deepcopy(self.model_args))
         # create_model(model, num_classes=..., in_channels=..., image_size=..., **model_args):
         # these names (and a key that is no name) failed there with a TypeError, after the data
         # had loaded

@@ -2071,6 +2071,29 @@ def test_numpy_numbers_in_a_model_arguments_list_are_plain(tmp_path):
     assert torch.load(tmp_path / "c.pt", weights_only=True)["model_args"] == cfg.model_args
 
 
+@pytest.mark.parametrize(
+    "value, shown",
+    [(np.arange(3), "an array of shape (3,)"), (nn.ReLU, "<class "), (float("nan"), "nan")],
+)
+def test_model_arguments_that_are_no_json_are_refused_by_name(value, shown):
+    """model_args go into JSON (--metrics, a zarr cache's run key) and checkpoints: an array
+    or a class was taken, and the run failed with a TypeError traceback at its first zarr
+    cache, or wrote a checkpoint that --resume refused as damaged."""
+    with pytest.raises(ConfigError, match=rf"^model_args: 'widths' must be JSON-able .*, got "
+                       rf"{re.escape(shown)}"):  # fmt: skip
+        TrainConfig(model_args={"depth": 16, "widths": value})
+
+
+def test_model_arguments_are_the_configs_own():
+    """A frozen config held the caller's dict: a sweep that changed it after making the
+    config changed that config (every config of the sweep trained the last depth)."""
+    args = {"depth": 16, "widths": [8, 9]}
+    cfg = TrainConfig(model_args=args)
+    args["depth"] = 40
+    args["widths"].append(10)
+    assert cfg.model_args == {"depth": 16, "widths": [8, 9]}
+
+
 def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
     """Another model, or other settings, in the same --cache-dir: each run keeps its stores in
     its own run folder, and neither replaces the other's."""
