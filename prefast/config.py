@@ -318,6 +318,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def __hash__(self) -> int:
+        # the generated hash failed on model_args (a dict): a config as a dict key or in a
+        # set raised TypeError; equal configs have equal JSON
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """The config of ``d``, a dict of fields as ``to_dict()`` makes (or a part of one:

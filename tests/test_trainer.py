@@ -2094,6 +2094,16 @@ def test_model_arguments_are_the_configs_own():
     assert cfg.model_args == {"depth": 16, "widths": [8, 9]}
 
 
+def test_configs_are_hashable():
+    """A frozen dataclass, yet hash() failed on its model_args dict: a sweep's results keyed
+    by config (or a set of configs) raised TypeError: unhashable type: 'dict'."""
+    a = TrainConfig(epochs=3, model_args={"depth": 16, "pair": (1, 2)})
+    b = TrainConfig.from_dict(a.to_dict())
+    results = {a: 1}
+    assert results[b] == 1 and hash(a) == hash(b)
+    assert len({a, b, a.replace(epochs=4)}) == 2
+
+
 def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
     """Another model, or other settings, in the same --cache-dir: each run keeps its stores in
     its own run folder, and neither replaces the other's."""
