@@ -72,16 +72,33 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.dtype = source.dtype
         self.device = source.device
         self.labels = source.labels.cpu()
+        # The epoch in shared memory: a DataLoader's persistent workers hold copies of this
+        # dataset made at their start, and read epoch 0's views every epoch from a plain int.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._views_of = -1  # the epoch self._views holds
         self.set_epoch(epoch)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """With ``view=None``: read each sample's view of epoch ``epoch``."""
+        """With ``view=None``: read each sample's view of epoch ``epoch`` (in DataLoader
+        workers too, persistent ones included)."""
         epoch = check_int("epoch", epoch, 0)
-        self.epoch = epoch
-        if self.view is None:
-            self._views = epoch_views(self.num_samples, self.views, self.seed, epoch)
-        else:
-            self._views = np.full(self.num_samples, self.view, dtype=np.int64)
+        self._epoch[0] = epoch
+        self._epoch_views()
+
+    def _epoch_views(self) -> np.ndarray:
+        """The view each sample reads in the current epoch."""
+        epoch = self.epoch
+        if self._views_of != epoch:
+            if self.view is None:
+                self._views = epoch_views(self.num_samples, self.views, self.seed, epoch)
+            else:
+                self._views = np.full(self.num_samples, self.view, dtype=np.int64)
+            self._views_of = epoch
+        return self._views
 
     # ---- the source, reopened in a worker process ---------------------------------------
     @property
@@ -134,7 +151,7 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def _gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         src = self.source
         out = torch.empty((len(idx), *self.sample_shape), dtype=self.dtype, device=self.device)
-        src.gather(self._views[idx], idx, out)
+        src.gather(self._epoch_views()[idx], idx, out)
         return out, self.labels[torch.from_numpy(idx)]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

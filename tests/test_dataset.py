@@ -54,6 +54,21 @@ def test_per_epoch_views_follow_the_store_order(tiers):
     assert len(pairs) == 2 and torch.equal(pairs[0][0], x[views3[116], 116])
 
 
+@pytest.mark.parametrize("tier", ["zarr", "ram"])
+def test_persistent_workers_read_the_epoch_set_since_they_started(tiers, tier):
+    """set_epoch changed the main process's dataset only: persistent workers kept the copy
+    they started with and read epoch 0's views in every epoch."""
+    x, _, sources = tiers
+    ds = store.ActivationDataset(sources[tier], seed=4)
+    loader = DataLoader(ds, batch_size=40, num_workers=2, persistent_workers=True)
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        views = torch.from_numpy(store.order.epoch_views(N, VIEWS, 4, epoch))
+        xb = torch.cat([xb for xb, _ in loader])
+        assert torch.equal(xb, x[views, torch.arange(N)])
+    assert ds.epoch == 2
+
+
 @pytest.mark.parametrize("tier", ["zarr", "ram", "device"])
 def test_indices_must_be_integers_and_an_empty_batch_is_empty(tiers, tier):
     x, y, sources = tiers
