@@ -94,6 +94,16 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
     return n
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is True or False (a numpy bool too), else raise ``StoreInputError``
+    naming ``name``: a str such as ``"False"`` is truthy, and ``overwrite="False"`` replaced
+    the store."""
+    numpy_bool = type(value).__module__ == "numpy" and getattr(value, "dtype", None) == "bool"
+    if not isinstance(value, bool) and not (numpy_bool and getattr(value, "ndim", 1) == 0):
+        raise StoreInputError(f"{name} must be True or False, got {shown(value)}")
+    return bool(value)
+
+
 __all__ = [
     "NotAStoreError",
     "StoreCorruptError",
@@ -106,5 +116,6 @@ __all__ = [
     "StoreMismatchError",
     "StoreNotFoundError",
     "StoreWriteError",
+    "check_bool",
     "check_int",
 ]

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from store.errors import StoreError, StoreInputError, check_int
+from store.errors import StoreError, StoreInputError, check_bool, check_int
 from store.protocols import ActivationSource
 from store.sampling import Batching, ChunkStreamSampling, RandomAccessSampling, sampling_for
 from store.tiers import to_device
@@ -216,6 +216,9 @@ class StoreLoader:
             raise StoreInputError(
                 f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
             )
+        shuffle = check_bool("shuffle", shuffle)
+        drop_last = check_bool("drop_last", drop_last)
+        with_indices = check_bool("with_indices", with_indices)
         buffer_chunks = check_int("buffer_chunks", buffer_chunks, 1)
         read_workers = check_int("read_workers", read_workers, 1)
         if gather_workers is not None:

@@ -42,6 +42,7 @@ from store.errors import (
     StoreIncompleteError,
     StoreInputError,
     StoreNotFoundError,
+    check_bool,
     check_int,
 )
 from store.layout import (
@@ -667,6 +668,8 @@ def open(
     The record is always checked (its checksum, its fields, its agreement with the arrays);
     ``checksums=False`` skips the per-chunk and label CRC checks on read (for measuring what
     they cost; ``store.verify`` still checks everything)."""
+    partial = check_bool("partial", partial)
+    checksums = check_bool("checksums", checksums)
     local = _zarr.as_local(path)
     if local is not None:
         if not local.exists():

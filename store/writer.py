@@ -48,6 +48,7 @@ from store.errors import (
     StoreMismatchError,
     StoreNotFoundError,
     StoreWriteError,
+    check_bool,
     check_int,
 )
 from store.layout import (
@@ -219,6 +220,8 @@ def create(
     if max_pending is not None:
         max_pending = check_int("max_pending", max_pending, 1)
 
+    overwrite = check_bool("overwrite", overwrite)
+    resume = check_bool("resume", resume)
     if overwrite and resume:
         raise StoreInputError("overwrite=True and resume=True exclude each other")
     world_size = check_int("world_size", world_size, 1)

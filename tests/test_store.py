@@ -897,6 +897,13 @@ def test_existing_store_needs_overwrite_or_resume(tmp_path, data):
         (lambda s, p: s.read(True, [1]), "view must be an integer"),
         (lambda s, p: store.RamCache.from_store(s).read(0, [1.5]), "1-D sequence of integers"),
         (lambda s, p: store.RamCache.from_store(s).read(0.0, [1]), "view must be an integer"),
+        # anything but True or False where a flag goes: "False" is truthy
+        (lambda s, p: store.StoreLoader(s, shuffle="False"), "shuffle must be True or False"),
+        (lambda s, p: store.StoreLoader(s, drop_last="no"), "drop_last must be True or False"),
+        (lambda s, p: store.StoreLoader(s, with_indices=1), "with_indices must be True or Fal"),
+        (lambda s, p: store.open(s.path, partial="no"), "partial must be True or False"),
+        (lambda s, p: store.open(s.path, checksums="0"), "checksums must be True or False"),
+        (lambda s, p: store.create(p, sample_shape=SHAPE, num_samples=4, resume=0), "resume m"),
     ],
 )
 def test_arguments_of_the_wrong_type_are_input_errors_naming_them(tmp_path, data, call, match):
@@ -904,6 +911,18 @@ def test_arguments_of_the_wrong_type_are_input_errors_naming_them(tmp_path, data
     s = write_store(tmp_path / "s", x, y)
     with pytest.raises(store.StoreInputError, match=match):
         call(s, tmp_path / "new")
+
+
+def test_overwrite_given_as_a_string_does_not_replace_the_store(tmp_path, data):
+    """overwrite="False" (a flag read from a text config) is truthy: the store there was
+    replaced by an empty one."""
+    x, y = data
+    s = write_store(tmp_path / "s", x, y)
+    with pytest.raises(store.StoreInputError, match=r"^overwrite must be True or False, got "):
+        store.create(s.path, sample_shape=SHAPE, num_samples=len(y), overwrite="False")
+    assert store.open(s.path).complete and torch.equal(store.open(s.path).labels, y)
+    loader = store.StoreLoader(s, batch_size=len(y), shuffle=np.False_)  # a numpy bool is fine
+    assert torch.equal(next(iter(loader))[1], y)
 
 
 def test_integer_arguments_may_be_numpy_integers_or_0_d_tensors(tmp_path, data):
