@@ -10,6 +10,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -542,6 +543,18 @@ def test_from_sequential_from_a_named_sequential() -> None:
     m2 = from_sequential(seq, head, unit_names=["a", "b", "c"], config={"width": 4})
     assert m2.unit_names == ("a", "b", "c") and m2.config == {"name": "custom", "width": 4}
     assert from_sequential(nn.Sequential(*units), head).unit_names == ("0", "1", "2")
+
+
+def test_from_sequential_takes_cut_points_computed_with_numpy() -> None:
+    """Cut points from numpy (np.cumsum of the stages' unit counts) were refused as "must be
+    boundaries in 1..3, got [np.int64(1), np.int64(3)]", naming boundaries in 1..3."""
+    units, head = _seq_parts()
+    for cuts in (list(np.cumsum([1, 2])), np.array([1, 3]), torch.tensor([1, 3])):
+        m = from_sequential(units, head, cut_points=cuts)
+        assert m.cut_points == (1, 3) and m.config["cut_points"] == [1, 3]
+        assert {type(c) for c in m.cut_points} == {int}
+    with pytest.raises(ModelError, match=r"boundaries in 1\.\.3 .*got \[np.int64\(4\)\]"):
+        from_sequential(units, head, cut_points=[np.int64(4)])
 
 
 def test_from_sequential_is_exported() -> None:

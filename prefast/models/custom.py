@@ -6,9 +6,12 @@ factory that returns `from_sequential(...)` and name it there (see `from_sequent
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from prefast.errors import ModelError
@@ -27,6 +30,16 @@ def _units_and_names(units: object) -> tuple[list[nn.Module], list[str]]:
         f"from_sequential: units must be a list, tuple, nn.ModuleList or nn.Sequential of "
         f"nn.Module, got {type(units).__name__}"
     )
+
+
+def _as_int(value: object) -> int | None:
+    """``value`` as an int if it is an integer (a numpy one too; not a bool), else None."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def from_sequential(
@@ -121,18 +134,20 @@ def from_sequential(
         if dupes:
             raise ModelError(f"from_sequential: unit_names must be unique, duplicated: {dupes}")
 
+    if isinstance(cut_points, np.ndarray | torch.Tensor) and cut_points.ndim == 1:
+        cut_points = cut_points.tolist()  # np.cumsum of the stages' unit counts, say
     if isinstance(cut_points, str) or not isinstance(cut_points, Sequence):
         raise ModelError(f"from_sequential: cut_points must be a list of ints, got {cut_points!r}")
     n = len(items)
-    bad_cuts = [
-        c for c in cut_points if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= n
-    ]
+    # numpy integers were refused as "not boundaries in 1..n", naming boundaries in 1..n
+    ints = [_as_int(c) for c in cut_points]
+    bad_cuts = [c for c, i in zip(cut_points, ints, strict=True) if i is None or not 1 <= i <= n]
     if bad_cuts:
         raise ModelError(
             f"from_sequential: cut_points must be boundaries in 1..{n} (after that many units), "
             f"got {bad_cuts}"
         )
-    cuts = sorted(set(cut_points))
+    cuts = sorted({i for i in ints if i is not None})
 
     if config is None:
         cfg: dict[str, Any] = {"name": "custom", "unit_names": names, "cut_points": cuts}
