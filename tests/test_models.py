@@ -397,6 +397,17 @@ def test_unit_model_validates_its_parts() -> None:
     assert m.config == {"name": "x"}
 
 
+def test_unit_model_cut_points_are_plain_ints() -> None:
+    """transition_after from numpy gave cut_points of numpy ints, which the model's own
+    boundary_shape refused ("boundary b must be an int in 0..2, got np.int64(1)")."""
+    units = [nn.Conv2d(1, 2, 3, padding=1), nn.ReLU()]
+    m = UnitModel(units, nn.Flatten(), ["a", "b"], transition_after=np.array([0, 1]))
+    assert m.cut_points == (1, 2) and {type(c) for c in m.cut_points} == {int}
+    assert [m.boundary_shape(b, (1, 4, 4)) for b in m.cut_points] == [(2, 4, 4), (2, 4, 4)]
+    with pytest.raises(ModelError, match=r"transition_after must hold unit indices .*\['0'\]"):
+        UnitModel(units, nn.Flatten(), ["a", "b"], transition_after=["0"])
+
+
 @pytest.mark.parametrize(("name", "kwargs"), TINY, ids=[f"{n}{k}" for n, k in TINY])
 def test_config_is_json_and_rebuilds_the_model(name: str, kwargs: dict[str, Any]) -> None:
     m = _make(name, kwargs)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +53,13 @@ class UnitModel(nn.Module):
         if len(set(unit_names)) != len(unit_names):
             dupes = sorted({n for n in unit_names if list(unit_names).count(n) > 1})
             raise ModelError(f"UnitModel unit_names must be unique, duplicated: {dupes}")
-        bad = [i for i in transition_after if not 0 <= i < len(units)]
+        # plain ints: a numpy one in cut_points was refused by boundary_shape(cut_points[0])
+        after = [as_int(i) for i in transition_after]
+        bad = [
+            i
+            for i, a in zip(transition_after, after, strict=True)
+            if a is None or not 0 <= a < len(units)
+        ]
         if bad:
             raise ModelError(
                 f"UnitModel transition_after must hold unit indices in 0..{len(units) - 1}, "
@@ -73,7 +81,7 @@ class UnitModel(nn.Module):
         self.units = nn.ModuleList(units)
         self.head = head
         self.unit_names: tuple[str, ...] = tuple(unit_names)
-        self.cut_points: tuple[int, ...] = tuple(sorted({i + 1 for i in transition_after}))
+        self.cut_points: tuple[int, ...] = tuple(sorted({i + 1 for i in after if i is not None}))
         self.config: dict[str, Any] = dict(config) if config is not None else {}
 
     @property
@@ -232,6 +240,17 @@ class UnitModel(nn.Module):
         return f"num_units={self.num_units}, cut_points={self.cut_points}"
 
 
+def as_int(value: object) -> int | None:
+    """``value`` as an int if it is an integer (a numpy one or a 0-d tensor too; not a bool),
+    else None."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def check_own_parameters(parts: Sequence[nn.Module], who: str) -> None:
     """Refuse a parameter shared by two units (or a unit and the head), ``parts`` being the
     units and then the head: freezing one would silently freeze, or keep training, the other."""
@@ -282,4 +301,4 @@ def reference_init_(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-__all__ = ["UnitModel", "check_config_json", "check_own_parameters", "reference_init_"]
+__all__ = ["UnitModel", "as_int", "check_config_json", "check_own_parameters", "reference_init_"]

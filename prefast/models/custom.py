@@ -6,7 +6,6 @@ factory that returns `from_sequential(...)` and name it there (see `from_sequent
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from prefast.errors import ModelError
-from prefast.models.base import UnitModel, check_config_json, check_own_parameters
+from prefast.models.base import UnitModel, as_int, check_config_json, check_own_parameters
 
 
 def _units_and_names(units: object) -> tuple[list[nn.Module], list[str]]:
@@ -30,16 +29,6 @@ def _units_and_names(units: object) -> tuple[list[nn.Module], list[str]]:
         f"from_sequential: units must be a list, tuple, nn.ModuleList or nn.Sequential of "
         f"nn.Module, got {type(units).__name__}"
     )
-
-
-def _as_int(value: object) -> int | None:
-    """``value`` as an int if it is an integer (a numpy one too; not a bool), else None."""
-    if isinstance(value, bool | np.bool_):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def from_sequential(
@@ -140,7 +129,7 @@ def from_sequential(
         raise ModelError(f"from_sequential: cut_points must be a list of ints, got {cut_points!r}")
     n = len(items)
     # numpy integers were refused as "not boundaries in 1..n", naming boundaries in 1..n
-    ints = [_as_int(c) for c in cut_points]
+    ints = [as_int(c) for c in cut_points]
     bad_cuts = [c for c, i in zip(cut_points, ints, strict=True) if i is None or not 1 <= i <= n]
     if bad_cuts:
         raise ModelError(
