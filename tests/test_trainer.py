@@ -2104,6 +2104,16 @@ def test_configs_are_hashable():
     assert len({a, b, a.replace(epochs=4)}) == 2
 
 
+def test_train_refuses_what_is_no_config():
+    """train(dict) (a saved m.config.json, say) failed with AttributeError: 'dict' object has
+    no attribute 'keep_freed_memory'."""
+    with pytest.raises(ConfigError, match=r"^train and Trainer take a TrainConfig, got dict; "
+                       r"TrainConfig.from_dict\(d\) makes one from a dict$"):  # fmt: skip
+        train({"dataset": "synthetic"})
+    with pytest.raises(ConfigError, match=r"^train and Trainer take a TrainConfig, got str$"):
+        Trainer("m.config.json")
+
+
 def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
     """Another model, or other settings, in the same --cache-dir: each run keeps its stores in
     its own run folder, and neither replaces the other's."""

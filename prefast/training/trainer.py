@@ -148,6 +148,14 @@ class Trainer:
     these settings is refused) until ``close()``; ``with Trainer(cfg) as t:`` closes it."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        if not isinstance(cfg, TrainConfig):
+            # a dict (a saved --metrics config) failed with AttributeError 'keep_freed_memory'
+            hint = (
+                "; TrainConfig.from_dict(d) makes one from a dict" if isinstance(cfg, dict) else ""
+            )
+            raise ConfigError(
+                f"train and Trainer take a TrainConfig, got {type(cfg).__name__}{hint}"
+            )
         self.cfg = cfg
         self._closed = False
         if cfg.keep_freed_memory:
