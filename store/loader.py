@@ -35,7 +35,7 @@ import torch
 from store.errors import StoreError, StoreInputError, check_bool, check_int
 from store.protocols import ActivationSource
 from store.sampling import Batching, ChunkStreamSampling, RandomAccessSampling, sampling_for
-from store.tiers import to_device
+from store.tiers import resolve_device, to_device
 
 _END = object()
 
@@ -77,31 +77,6 @@ class LoaderStats:
 
     def as_dict(self) -> dict[str, float]:
         return {k: (v if isinstance(v, int) else round(v, 4)) for k, v in asdict(self).items()}
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; else a cpu or cuda device that is there.
-    ``StoreInputError`` for a name torch does not know, another kind of device (the loader
-    feeds the CPU or a CUDA device), or a CUDA device this machine does not have."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:  # torch's own refusal of the name: many lines
-        raise StoreInputError(f"{device!r} is not a device: use cpu, cuda, cuda:N or auto") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise StoreInputError(f"device {device!r}: batches go to cpu or cuda, not {dev.type}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise StoreInputError(
-                f"device {device!r}: CUDA is not available here (torch.cuda.is_available() is "
-                "False); use cpu or auto"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise StoreInputError(
-                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    return dev
 
 
 class _Prefetch:

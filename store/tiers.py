@@ -33,6 +33,31 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; else a cpu or cuda device that is there.
+    ``StoreInputError`` for a name torch does not know, another kind of device (the loader
+    feeds the CPU or a CUDA device), or a CUDA device this machine does not have."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # torch's own refusal of the name: many lines
+        raise StoreInputError(f"{device!r} is not a device: use cpu, cuda, cuda:N or auto") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise StoreInputError(f"device {device!r}: batches go to cpu or cuda, not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StoreInputError(
+                f"device {device!r}: CUDA is not available here (torch.cuda.is_available() is "
+                "False); use cpu or auto"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StoreInputError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return dev
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in {d for _, d in DTYPES.values()}:
@@ -41,6 +66,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise StoreInputError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
     return DTYPES[dtype][1]
+
+
+def _checked_labels(data: torch.Tensor, labels: Any) -> torch.Tensor:
+    """``labels`` of ``data``'s samples as int64 on the host, refused as a store refuses them
+    (fractional labels were truncated, negative ones kept)."""
+    if data.dim() < 3:  # TensorCache refuses the data itself
+        return torch.as_tensor(labels).cpu()
+    return torch.from_numpy(check_labels("", labels, int(data.shape[1])))
 
 
 class TensorCache:
@@ -271,7 +304,7 @@ class RamCache(TensorCache):
         )
         if pin and torch.cuda.is_available():
             data = data.pin_memory()
-        return cls(data.contiguous(), torch.as_tensor(labels).cpu(), meta)
+        return cls(data.contiguous(), _checked_labels(data, labels), meta)
 
     @classmethod
     def from_store(cls, s: ActivationStore, pin: bool = False) -> RamCache:
@@ -297,7 +330,7 @@ class DeviceCache(TensorCache):
         meta: dict[str, Any] | None = None,
     ) -> DeviceCache:
         data = cls._alloc(
-            (views, num_samples, *sample_shape), resolve_dtype(dtype), torch.device(device), False
+            (views, num_samples, *sample_shape), resolve_dtype(dtype), resolve_device(device), False
         )
         return cls(data, torch.full((num_samples,), -1, dtype=torch.int64), meta)
 
@@ -312,9 +345,9 @@ class DeviceCache(TensorCache):
     ) -> DeviceCache:
         data = torch.stack(list(x)) if not isinstance(x, torch.Tensor) else x
         data = data.detach().to(
-            torch.device(device), dtype=resolve_dtype(dtype) if dtype is not None else data.dtype
+            resolve_device(device), dtype=resolve_dtype(dtype) if dtype is not None else data.dtype
         )
-        return cls(data.contiguous(), torch.as_tensor(labels).cpu(), meta)
+        return cls(data.contiguous(), _checked_labels(data, labels), meta)
 
     @classmethod
     def from_store(cls, s: ActivationStore, device: str | torch.device) -> DeviceCache:
@@ -326,4 +359,4 @@ class DeviceCache(TensorCache):
         return cache
 
 
-__all__ = ["DeviceCache", "RamCache", "TensorCache", "resolve_dtype"]
+__all__ = ["DeviceCache", "RamCache", "TensorCache", "resolve_device", "resolve_dtype"]

@@ -266,6 +266,38 @@ def test_tensor_tiers_refuse_the_labels_a_store_refuses(tier):
 
 
 @pytest.mark.parametrize("tier", ["ram", "device"])
+def test_tensor_tiers_from_tensors_refuse_the_labels_a_store_refuses(tier):
+    """from_tensors took any labels: fractional ones truncated to other classes, negative
+    ones kept."""
+    make = store.RamCache.from_tensors if tier == "ram" else store.DeviceCache.from_tensors
+    x = torch.zeros(1, 3, 2)
+    with pytest.raises(store.StoreInputError, match=r"'labels' must be 3 integers, got .*float"):
+        make(x, torch.tensor([0.0, 1.7, 2.2]))
+    with pytest.raises(store.StoreInputError, match=r"must be >= 0 .*got -1 at position 2"):
+        make(x, torch.tensor([0, 1, -1]))
+    with pytest.raises(store.StoreInputError, match=r"'labels' must be 3 integers, got shape"):
+        make(x, torch.tensor([0, 1]))
+    assert make(x, np.array([2, 0, 1], dtype=np.int32)).labels.tolist() == [2, 0, 1]
+
+
+def test_a_device_tier_on_a_device_that_is_not_there_is_an_input_error(tmp_path, monkeypatch):
+    """DeviceCache.from_store(s, "cuda") on a machine without CUDA failed with torch's
+    RuntimeError 'Found no NVIDIA driver', and a device name torch does not know with its
+    many-line RuntimeError; the loader's device check applies."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    x = torch.zeros(1, 3, 2)
+    for call in (
+        lambda: store.DeviceCache.empty(3, 1, (2,), device="cuda"),
+        lambda: store.DeviceCache.from_tensors(x, torch.arange(3), device="cuda:0"),
+    ):
+        with pytest.raises(store.StoreInputError, match="CUDA is not available here"):
+            call()
+    with pytest.raises(store.StoreInputError, match="'gpu' is not a device"):
+        store.DeviceCache.empty(3, 1, (2,), device="gpu")
+    assert store.DeviceCache.from_tensors(x, torch.arange(3), device="auto").device.type == "cpu"
+
+
+@pytest.mark.parametrize("tier", ["ram", "device"])
 def test_a_row_given_twice_keeps_its_last_sample_as_a_store_does(tmp_path, tier):
     # index_copy_ with a repeated index keeps an undefined one of its sources on a GPU
     make = store.RamCache.empty if tier == "ram" else store.DeviceCache.empty
