@@ -1260,6 +1260,33 @@ def test_resume_names_a_model_of_ones_own_edited_since_the_checkpoint(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_a_config_reloaded_from_its_json_resumes_a_run_with_tuple_model_arguments(tmp_path):
+    """The config's JSON (--metrics' m.config.json) holds a tuple model argument as a list:
+    resuming with the config reloaded from it was refused, '--widths [4, 4] (now [4, 4])'."""
+
+    def wt(*, num_classes, in_channels=3, image_size=32, widths=(4,)):
+        units, c = [], in_channels
+        for k in widths:
+            units.append(nn.Sequential(nn.Conv2d(c, k, 3, padding=1), nn.ReLU()))
+            c = k
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+        return from_sequential(units, head, config={"name": "wt", "widths": list(widths)})
+
+    register_model("wt")(wt)
+    try:
+        cfg = tiny(model="wt", model_args={"widths": (4, 4)}, mode="freezeout", epochs=1,
+                   checkpoint_dir=str(tmp_path), metrics=str(tmp_path / "m.jsonl"))  # fmt: skip
+        train(cfg)
+        saved = json.loads((tmp_path / "m.config.json").read_text())
+        again = TrainConfig.from_dict(saved).replace(resume=True, epochs=2)
+        assert again.model_args == {"widths": [4, 4]}
+        assert len(train(again).records) == 2
+        with pytest.raises(CheckpointError, match=r"--widths \[4, 4\] \(now \[4, 8\]\)"):
+            train(again.replace(model_args={"widths": [4, 8]}, epochs=3))
+    finally:
+        unregister_model("wt")
+
+
 def test_a_resume_refusal_names_switches_by_their_own_flags(tmp_path, capsys):
     """A switch that differs is named by the flag the user types (--no-augment, not a bare
     --augment, which the CLI does not have), with which side gave it; an option left out on

@@ -910,7 +910,9 @@ def _differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
             continue
         if k == "model_args":
             for m in sorted(set(v) | set(now)):
-                if v.get(m) != now.get(m):
+                # as JSON: a tuple is the list the config's JSON holds (a config reloaded
+                # from --metrics' m.config.json was refused, '--widths [4, 4] (now [4, 4])')
+                if _as_json(v.get(m)) != _as_json(now.get(m)):
                     out.append(_setting(cli_flag(m), v.get(m), now.get(m)))
         elif isinstance(default := getattr(defaults, k), bool):  # --no-augment, --channels-last
             flag = switch_flag(k, default)
@@ -919,6 +921,10 @@ def _differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
         else:
             out.append(_setting(cli_flag(k), v, now))
     return out
+
+
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
 
 
 def _setting(flag: str, saved: Any, now: Any) -> str:
