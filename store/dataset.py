@@ -82,6 +82,10 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def epoch(self) -> int:
         return int(self._epoch[0])
 
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.set_epoch(epoch)
+
     def set_epoch(self, epoch: int) -> None:
         """With ``view=None``: read each sample's view of epoch ``epoch`` (in DataLoader
         workers too, persistent ones included)."""

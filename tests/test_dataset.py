@@ -67,6 +67,8 @@ def test_persistent_workers_read_the_epoch_set_since_they_started(tiers, tier):
         xb = torch.cat([xb for xb, _ in loader])
         assert torch.equal(xb, x[views, torch.arange(N)])
     assert ds.epoch == 2
+    ds.epoch = 1  # the same as set_epoch(1)
+    assert torch.equal(ds[0][0], x[int(store.order.epoch_views(N, VIEWS, 4, 1)[0]), 0])
 
 
 @pytest.mark.parametrize("tier", ["zarr", "ram", "device"])
