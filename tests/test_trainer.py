@@ -2141,6 +2141,19 @@ def test_train_refuses_what_is_no_config():
         Trainer("m.config.json")
 
 
+def test_the_returned_model_is_in_eval_mode_throughout():
+    """result.model said model.training False while its head and the units still training
+    were in train mode: result.model(x) updated their BatchNorm statistics, and the model
+    then gave another test error than the summary's."""
+    result = train(tiny(mode="freezeout", epochs=1, t0=0.9))
+    model = result.model
+    assert not any(m.training for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
     """Another model, or other settings, in the same --cache-dir: each run keeps its stores in
     its own run folder, and neither replaces the other's."""

@@ -328,7 +328,7 @@ class Trainer:
     # ---- the run ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         """Train (from the checkpoint with ``resume``), then release the cache folder and the
-        process group; the result's ``model`` is the trained model."""
+        process group; the result's ``model`` is the trained model, in eval mode."""
         if self._closed:
             # a second run trained the trained model again without its cache, appending its
             # epochs to the first run's records
@@ -422,7 +422,10 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
             self._close(failed)
-        self.result.model = self.model
+        # eval mode throughout: the model said model.training False while its head and
+        # trainable units were left training, so result.model(x) updated their BatchNorm
+        # statistics (the model drifted from the one the summary evaluated)
+        self.result.model = self.model.eval()
         return self.result
 
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
