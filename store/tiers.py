@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from store.errors import StoreInputError, check_int
-from store.layout import DTYPES, check_labels, check_write
+from store.layout import DTYPES, MAX_SAMPLES, MAX_VIEWS, as_shape, check_labels, check_write
 from store.reader import ActivationStore, as_tensor, check_opened, numpy_view
 
 
@@ -74,6 +74,16 @@ def _checked_labels(data: torch.Tensor, labels: Any) -> torch.Tensor:
     if data.dim() < 3:  # TensorCache refuses the data itself
         return torch.as_tensor(labels).cpu()
     return torch.from_numpy(check_labels("", labels, int(data.shape[1])))
+
+
+def _empty_shape(num_samples: Any, views: Any, sample_shape: Any) -> tuple[int, ...]:
+    """(views, num_samples, *sample_shape) of an empty tier, checked as a store's layout (a
+    str, a float or a negative count was torch's TypeError or RuntimeError)."""
+    return (
+        check_int("views", views, 1, MAX_VIEWS),
+        check_int("num_samples", num_samples, 1, MAX_SAMPLES),
+        *as_shape(sample_shape),
+    )
 
 
 class TensorCache:
@@ -284,9 +294,12 @@ class RamCache(TensorCache):
     ) -> RamCache:
         pin = pin and torch.cuda.is_available()
         data = cls._alloc(
-            (views, num_samples, *sample_shape), resolve_dtype(dtype), torch.device("cpu"), pin
+            _empty_shape(num_samples, views, sample_shape),
+            resolve_dtype(dtype),
+            torch.device("cpu"),
+            pin,
         )
-        return cls(data, torch.full((num_samples,), -1, dtype=torch.int64), meta)
+        return cls(data, torch.full((data.shape[1],), -1, dtype=torch.int64), meta)
 
     @classmethod
     def from_tensors(
@@ -330,9 +343,12 @@ class DeviceCache(TensorCache):
         meta: dict[str, Any] | None = None,
     ) -> DeviceCache:
         data = cls._alloc(
-            (views, num_samples, *sample_shape), resolve_dtype(dtype), resolve_device(device), False
+            _empty_shape(num_samples, views, sample_shape),
+            resolve_dtype(dtype),
+            resolve_device(device),
+            False,
         )
-        return cls(data, torch.full((num_samples,), -1, dtype=torch.int64), meta)
+        return cls(data, torch.full((data.shape[1],), -1, dtype=torch.int64), meta)
 
     @classmethod
     def from_tensors(

@@ -280,6 +280,27 @@ def test_tensor_tiers_from_tensors_refuse_the_labels_a_store_refuses(tier):
     assert make(x, np.array([2, 0, 1], dtype=np.int32)).labels.tolist() == [2, 0, 1]
 
 
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("4", 1, (2,)), "num_samples must be an integer, got '4'"),
+        ((-1, 1, (2,)), r"num_samples must be in \[1, "),
+        ((4, 1.0, (2,)), "views must be an integer, got 1.0"),
+        ((4, 1, 2), "sample_shape must be a sequence of integers, got 2"),
+        ((4, 1, (2, -3)), r"sample_shape must be in \[1, "),
+    ],
+)
+@pytest.mark.parametrize("tier", ["ram", "device"])
+def test_an_empty_tier_checks_its_layout_as_a_store_does(tier, args, match):
+    """RamCache.empty("4", ...) failed with torch's TypeError, a negative count with its
+    RuntimeError, and an int sample_shape with a TypeError unpacking it."""
+    make = store.RamCache.empty if tier == "ram" else store.DeviceCache.empty
+    with pytest.raises(store.StoreInputError, match=match):
+        make(*args)
+    cache = make(np.int64(4), 1, [2, np.int64(3)])
+    assert cache.data.shape == (1, 4, 2, 3) and cache.labels.tolist() == [-1] * 4
+
+
 def test_a_device_tier_on_a_device_that_is_not_there_is_an_input_error(tmp_path, monkeypatch):
     """DeviceCache.from_store(s, "cuda") on a machine without CUDA failed with torch's
     RuntimeError 'Found no NVIDIA driver', and a device name torch does not know with its
