@@ -212,6 +212,19 @@ def test_reference_init(name: str, kwargs: dict[str, Any]) -> None:
     assert abs(conv.weight.mean().item()) < 0.1 * expected
 
 
+def test_reference_init_of_layers_without_affine_parameters() -> None:
+    """docs/models.md points a model of one's own to reference_init_: one with
+    BatchNorm(affine=False) failed with AttributeError: 'NoneType' object has no attribute
+    'fill_'."""
+    from prefast.models.base import reference_init_
+
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False), nn.BatchNorm2d(2),
+                      nn.BatchNorm1d(2, affine=False), nn.Linear(2, 2, bias=False))  # fmt: skip
+    m[2].weight.data.fill_(3.0)
+    reference_init_(m)
+    assert torch.equal(m[2].weight, torch.ones(2)) and m[1].weight is None
+
+
 def test_deterministic_given_seed() -> None:
     a = _make("wrn", {"depth": 10, "widen": 1})
     b = _make("wrn", {"depth": 10, "widen": 1})

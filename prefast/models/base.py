@@ -294,7 +294,8 @@ def reference_init_(model: nn.Module) -> None:
             nn.init.normal_(m.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.affine:
+            # affine=False has neither (an AttributeError on None)
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear) and m.bias is not None:
