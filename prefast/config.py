@@ -282,7 +282,7 @@ class TrainConfig:
             # an array or an object there failed in the run (a TypeError at the first zarr
             # cache, a checkpoint --resume refused as damaged)
             try:
-                json.dumps(v, allow_nan=False)
+                json.dumps(v, allow_nan=False, sort_keys=True)  # as the run key hashes it
             except (TypeError, ValueError):
                 raise ConfigError(
                     f"model_args: {k!r} must be JSON-able (numbers, strings, bools, None, and "

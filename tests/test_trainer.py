@@ -2100,7 +2100,12 @@ def test_numpy_numbers_in_a_model_arguments_list_are_plain(tmp_path):
 
 @pytest.mark.parametrize(
     "value, shown",
-    [(np.arange(3), "an array of shape (3,)"), (nn.ReLU, "<class "), (float("nan"), "nan")],
+    [
+        (np.arange(3), "an array of shape (3,)"),
+        (nn.ReLU, "<class "),
+        (float("nan"), "nan"),
+        ({1: 2, "b": 3}, "{1: 2, 'b': 3}"),
+    ],
 )
 def test_model_arguments_that_are_no_json_are_refused_by_name(value, shown):
     """model_args go into JSON (--metrics, a zarr cache's run key) and checkpoints: an array
