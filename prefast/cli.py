@@ -385,6 +385,8 @@ def _to_devnull(fd: int) -> None:
     """Point file descriptor ``fd`` at /dev/null: writes to it, and the flush of what Python
     holds for it, then succeed (the Python docs' "Note on SIGPIPE")."""
     null = os.open(os.devnull, os.O_WRONLY)
+    if null == fd:  # fd was closed: /dev/null took its number, the lowest free one
+        return
     try:
         os.dup2(null, fd)
     finally:
@@ -609,10 +611,7 @@ def _open_closed_std_streams() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, os.O_WRONLY)  # the lowest free descriptor: often fd
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
+            _to_devnull(fd)
             if getattr(sys, name) is None:
                 setattr(sys, name, open(fd, "w", closefd=False))  # noqa: SIM115
 

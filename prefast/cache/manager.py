@@ -526,13 +526,7 @@ class CacheManager:
             target,
             self.model.unit_names[target - 1],
             w.tier,
-            (
-                "; the epoch's first step's samples at its end"
-                if step == 1
-                else f"; the epoch's first {step} steps' samples at its end"
-                if step
-                else ""
-            ),
+            (f"; the epoch's first {_steps_of(step)} samples at its end" if step else ""),
         )
         return self.boundary == 0
 
@@ -1395,6 +1389,11 @@ def _take_run_dir(run_dir: Path) -> int:
         os.close(fd)
         run_dir.mkdir(parents=True, exist_ok=True)
     raise CacheError(f"--cache-dir: {run_dir} keeps being removed while this run starts")
+
+
+def _steps_of(n: int) -> str:
+    """``step's`` or ``N steps'``: whose samples."""
+    return "step's" if n == 1 else f"{n} steps'"
 
 
 def _say_what_stays(run_dir: Path) -> None:

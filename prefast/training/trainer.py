@@ -652,13 +652,14 @@ class Trainer:
         path = self._checkpoint_path()
         if path is None:
             raise ConfigError("--resume: needs --checkpoint-dir")
+        state, failed = None, None
         try:
             state = self._read_checkpoint(path) if path.exists() else None
         except PrefastError as e:
             # a refusal of this rank's own (its file is damaged, or another run's: a
             # --checkpoint-dir on each node's own disk): every rank stops with it
-            self._agree_on_checkpoint(path, None, refusal=" ".join(str(e).split()))
-            raise
+            failed = e
+        self.dist.share_refusal(failed, "reading the checkpoint", CheckpointError)
         self._agree_on_checkpoint(
             path, None if state is None else (int(state["epoch"]), state_digest(self.model))
         )
@@ -733,31 +734,19 @@ class Trainer:
             ) from None
         return state
 
-    def _agree_on_checkpoint(
-        self, path: Path, found: tuple[int, str] | None, refusal: str | None = None
-    ) -> None:
+    def _agree_on_checkpoint(self, path: Path, found: tuple[int, str] | None) -> None:
         """Under torchrun, refuse a resume where the ranks do not read one checkpoint (a
         --checkpoint-dir on each node's own disk: one rank resumed while another started over,
         or read an older run's). Every rank raises the same error, before any rank restores
-        its cache (a collective the others would not join). A rank that ``refusal``s its own
-        checkpoint raises its error after this; the others stop quoting it (they waited here
-        and failed as if it had died)."""
+        its cache (a collective the others would not join)."""
         if not self.dist.enabled:
             return
-        seen = self.dist.all_gather_object((found, refusal), "comparing the ranks' checkpoints")
-        refused = [(r, why) for r, (_, why) in enumerate(seen) if why is not None]
-        if refused:
-            if refusal is not None:
-                return  # the caller raises this rank's own error
-            r, why = refused[0]
-            raise CheckpointError(
-                f"rank {self.dist.rank}: stopped, rank {r} refused the run: {why}"
-            )
-        if len({f for f, _ in seen}) == 1:
+        seen = self.dist.all_gather_object(found, "comparing the ranks' checkpoints")
+        if len(set(seen)) == 1:
             return
         each = ", ".join(
             f"rank {r}: " + ("none" if f is None else f"{f[0]} epoch(s) done, weights {f[1][:8]}")
-            for r, (f, _) in enumerate(seen)
+            for r, f in enumerate(seen)
         )
         raise CheckpointError(
             f"--resume: the ranks do not read the same checkpoint at {path} ({each}); "
