@@ -126,6 +126,30 @@ def format_table(summary: list[dict[str, Any]], width: int, extra: Column | None
     return "\n".join(lines)
 
 
+def _read_runs(path: Path) -> list[dict[str, Any]]:
+    """The finished runs in a study's JSONL. A last line cut short (the study killed while it
+    wrote it) is dropped with a warning and the file rewritten without it, so the next run's
+    line does not join it; a bad line before the last is no cut and stops the study."""
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise SystemExit(
+                    f"--resume: {path} line {i + 1} is not JSON ({e}); "
+                    "mend or remove it, or give another --out"
+                ) from None
+            log.warning("--resume: %s ends in a line cut short; that run trains again", path)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            break
+        if not isinstance(row, dict) or "name" not in row or "seed" not in row:
+            raise SystemExit(f"--resume: {path} line {i + 1} is no run of a study")
+        rows.append(row)
+    return rows
+
+
 def run(
     args: argparse.Namespace,
     configs: list[dict[str, Any]],
@@ -148,7 +172,7 @@ def run(
     runs_path.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     if args.resume and runs_path.exists():
-        rows = [json.loads(x) for x in runs_path.read_text().splitlines() if x.strip()]
+        rows = _read_runs(runs_path)
     elif runs_path.exists():
         runs_path.unlink()
     done = {(r["name"], r["seed"]) for r in rows}

@@ -952,3 +952,23 @@ def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
         fidelity.main(["--device", "cuda", "--dataset", "synthetic", "--num-samples", "100",
                        "--out", out])  # fmt: skip
     assert not (tmp_path / "r.json").exists()
+
+
+def test_study_resume_drops_a_last_line_cut_short(tmp_path):
+    """A study killed while it wrote a run's line left half a JSON object as the JSONL's last
+    line; --resume then stopped with a JSONDecodeError traceback. That run now trains again,
+    and a bad line before the last still stops the study, naming it."""
+    out = tmp_path / "fid.json"
+    args = ["--dataset", "synthetic", "--num-samples", "100", "--depth", "10", "--growth", "4",
+            "--variants", "freezeout", "--device", "cpu", "--epochs", "1", "--out", str(out)]  # fmt: skip
+    assert fidelity.main([*args, "--seeds", "0"]) == 0
+    jsonl = out.with_suffix(".jsonl")
+    first = jsonl.read_text()
+    jsonl.write_text(first + first[: len(first) // 2])  # seed 0 again, cut by a kill
+    assert fidelity.main([*args, "--seeds", "0", "1", "--resume"]) == 0
+    rows = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert [(r["name"], r["seed"]) for r in rows] == [("freezeout", 0), ("freezeout", 1)]
+    assert json.loads(out.read_text())["summary"][0]["runs"] == 2
+    jsonl.write_text("{not json\n" + first)
+    with pytest.raises(SystemExit, match=r"fid.jsonl line 1 is not JSON"):
+        fidelity.main([*args, "--seeds", "0", "--resume"])
