@@ -335,6 +335,18 @@ def round_order(variants: list[Variant], k: int) -> list[Variant]:
     return list(variants) if k % 2 == 0 else list(reversed(variants))
 
 
+def paired_ratio(rounds: list[dict[str, Any]], fo_rounds: dict[int, float]) -> tuple[float, int]:
+    """A variant's mean time over freezeout's, both over the rounds where both finished (a round
+    that failed for one of them would compare a mean over other rounds, early ones against
+    late ones), and how many rounds those are; over all rounds of each where none is shared."""
+    shared = [x for x in rounds if x["round"] in fo_rounds]
+    if not shared:
+        mine = sum(x["train_seconds"] for x in rounds) / len(rounds)
+        return mine / (sum(fo_rounds.values()) / len(fo_rounds)), 0
+    mine = sum(x["train_seconds"] for x in shared) / len(shared)
+    return mine / (sum(fo_rounds[x["round"]] for x in shared) / len(shared)), len(shared)
+
+
 def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One variant's results over its rounds: times and test error are means over the rounds
     (the per-epoch curve too), peaks are maxima; config, summary and records are the first
@@ -595,7 +607,9 @@ def run_scenario(
             raise RuntimeError(f"the freezeout baseline failed: {failed}")
         fo_rounds = {x["round"]: x["train_seconds"] for x in done["freezeout"]}
         for r in table:
-            r["vs_freezeout"] = r["train_seconds"] / ref["freezeout"]
+            r["vs_freezeout"], r["vs_freezeout_shared_rounds"] = paired_ratio(
+                r["rounds"], fo_rounds
+            )
             # each round's own ratio (rounds alternate the order: see round_order)
             r["vs_freezeout_rounds"] = [
                 x["train_seconds"] / fo_rounds[x["round"]] if x["round"] in fo_rounds else None
@@ -728,6 +742,9 @@ def format_tables(res: dict[str, Any]) -> str:
                     for x, q in zip(r["vs_freezeout_rounds"], r["rounds"], strict=True)
                     if x is not None
                 )
+                shared = r.get("vs_freezeout_shared_rounds", res["rounds"])
+                if shared < res["rounds"]:
+                    per += f"; vs freezeout over the {shared} rounds both finished"
                 lines.append(f"  {r['variant']}: {per}")
         v = {r["variant"]: r for r in run["variants"]}
         if "prefast-zarr" in v and "prefast-ram" in v:

@@ -826,6 +826,39 @@ def test_compare_partial_keeps_finished_t0s_and_failures(tmp_path, monkeypatch):
     ]
 
 
+def test_compare_rounds_ratio_pairs_the_rounds_both_finished(tmp_path, monkeypatch, capsys):
+    """With --rounds, vs_freezeout divided a variant's mean over all its rounds by freezeout's
+    mean over its own: freezeout failing in round 1 compared prefast's early and late rounds
+    with freezeout's late one only. Stand-in runs: the machine slows from round 1 to round 2;
+    prefast-ram takes 1 s then 3 s, freezeout fails then takes 4 s: 0.75, not 2/4 = 0.5."""
+    times = iter([None, 1.0, 3.0, 4.0])  # round 1: freezeout, ram; round 2 reversed
+
+    def fake_run(cfg):
+        t = next(times)
+        if t is None:
+            raise RuntimeError("out of memory")
+        rec = {"epoch": 0, "train_seconds": t, "test_error": 0.5}
+        return {
+            "train_seconds": t, "cache_build_seconds": 0.0, "test_error": 0.5,
+            "process_wall_seconds": t, "cache_bytes": 0, "peak_host_private_bytes": 0,
+            "peak_gpu_bytes": 0, "records": [rec], "curve": [],
+        }  # fmt: skip
+
+    monkeypatch.setattr(compare, "run_variant", fake_run)
+    out = tmp_path / "c.json"
+    argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
+            "--tiers", "ram", "--no-full", "--t0", "0.6", "--rounds", "2", "--no-warm-up",
+            "--no-plot", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out)]  # fmt: skip
+    compare.main(argv)
+    v = {r["variant"]: r for r in json.loads(out.read_text())["runs"]["t0=0.6"]["variants"]}
+    assert v["prefast-ram"]["train_seconds"] == 2.0
+    assert v["prefast-ram"]["vs_freezeout"] == 0.75
+    assert v["prefast-ram"]["vs_freezeout_shared_rounds"] == 1
+    assert v["freezeout"]["vs_freezeout"] == 1.0
+    assert "vs freezeout over the 1 rounds both finished" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flag", ["--steps", "--repeats", "--batch-size"])
 def test_step_probe_refuses_no_steps_no_rounds_or_an_empty_batch(tmp_path, flag, capsys):
     """--steps 0 ended in a ZeroDivisionError, --repeats 0 in a StatisticsError and
