@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import zarr
@@ -28,10 +29,15 @@ Location = str | os.PathLike[str]
 
 
 def as_local(path: Location) -> Path | None:
-    """The local filesystem path of a location, or None for a remote URL."""
+    """The local filesystem path of a location, or None for a remote URL. A ``file://`` URL is
+    read as one (``file:///a%20b`` is ``/a b``, as ``Path.as_uri`` writes it; ``localhost``
+    may name the host)."""
     s = os.fspath(path)
     if s.startswith("file://"):
-        return Path(s[len("file://") :])
+        rest = s[len("file://") :]
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        return Path(unquote(rest))
     if "://" in s:
         return None
     return Path(s)

@@ -1350,6 +1350,18 @@ def test_file_url_is_a_local_memory_mapped_store(tmp_path, data):
     assert chunk_files(tmp_path / "s")  # the files are where the URL points
 
 
+def test_file_url_is_percent_decoded(tmp_path, data):
+    """``file:///a%20b`` (what ``Path.as_uri`` writes for ``/a b``) made a folder named
+    ``a%20b``; a URL's escapes and a ``localhost`` host now name the path they stand for."""
+    x, y = data
+    folder = tmp_path / "a b%"  # a bare % is no escape and stays
+    write_store(folder.as_uri(), x, y)
+    assert chunk_files(folder) and not (tmp_path / "a%20b%25").exists()
+    assert torch.equal(store.open(folder).read(2, ALL), x[2])
+    assert torch.equal(store.open(f"file://localhost{folder}").read(2, ALL), x[2])
+    assert store.location.as_local("file:///x/100%zz") == Path("/x/100%zz")
+
+
 def test_prefetch_zero_gathers_on_the_callers_thread(data):
     x, y = data
     src = store.RamCache.from_tensors(x, y)
