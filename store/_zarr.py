@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
-from store.errors import NotAStoreError, StoreCorruptError
+from store.errors import NotAStoreError, StoreCorruptError, StoreIncompleteError
 from store.layout import (
     ACTIVATIONS,
     ATTRS_KEY,
@@ -99,15 +99,25 @@ def array_specs(layout: StoreLayout) -> dict[str, dict[str, Any]]:
     }
 
 
-def check_arrays(group: zarr.Group, layout: StoreLayout, where: str) -> dict[str, zarr.Array]:
+def check_arrays(
+    group: zarr.Group, layout: StoreLayout, where: str, complete: bool = True
+) -> dict[str, zarr.Array]:
     """The member arrays, after checking that their own metadata agrees with the record (a
     memory map trusts the record's shape, dtype and codec); a disagreement or a missing or
-    unreadable array raises ``StoreCorruptError``."""
+    unreadable array raises ``StoreCorruptError``; a missing one in a store not marked
+    complete (its writer makes the arrays just after the record, or was killed between the
+    two) raises ``StoreIncompleteError``."""
     out = {}
     for name, spec in array_specs(layout).items():
         try:
             a = group[name]
         except KeyError:
+            if not complete:
+                raise StoreIncompleteError(
+                    f"{where}: the store is incomplete: its '{name}' array is not there (the "
+                    "store is being created, or its writer stopped before it made its arrays); "
+                    "create it again with overwrite=True"
+                ) from None
             raise StoreCorruptError(f"{where}: the '{name}' array is missing") from None
         except Exception as e:
             raise StoreCorruptError(f"{where}: the '{name}' array cannot be opened: {e!r}") from e

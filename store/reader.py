@@ -690,7 +690,7 @@ def open(
         raise NotAStoreError(f"{path}: a zarr group without prefast store attributes")
     where = os.fspath(path)
     info = StoreInfo.from_dict(group.attrs[ATTRS_KEY], where)
-    arrays = _zarr.check_arrays(group, info.layout, where)
+    arrays = _zarr.check_arrays(group, info.layout, where, info.complete)
     crcs = _zarr.read_table(arrays[CHUNK_CRC], where, local)
     label_crcs = _zarr.read_table(arrays[LABEL_CRC], where, local)
     unlabelled = np.flatnonzero((crcs[0] >= 0) & (label_crcs < 0))

@@ -321,7 +321,7 @@ def _check_resume(
     if d is None:
         raise NotAStoreError(f"{where}: a zarr group without '{ATTRS_KEY}' attributes")
     info = StoreInfo.from_dict(d, where)
-    _zarr.check_arrays(group, info.layout, where)
+    _zarr.check_arrays(group, info.layout, where, info.complete)
     problems = _layout_mismatch(info.layout, layout)
     if info.meta != meta:
         problems.append("meta: the stored provenance differs from the one given")
@@ -445,7 +445,7 @@ def finalize(path: str | os.PathLike[str]) -> None:
     if d is None:
         raise NotAStoreError(f"{path}: not an activation store")
     info = StoreInfo.from_dict(d, os.fspath(path))
-    arrays = _zarr.check_arrays(group, info.layout, os.fspath(path))
+    arrays = _zarr.check_arrays(group, info.layout, os.fspath(path), info.complete)
     crcs = _zarr.read_table(arrays[CHUNK_CRC], os.fspath(path), _zarr.as_local(path))
     ranges = unwritten_ranges(crcs, info.layout)
     if ranges:

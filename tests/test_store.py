@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1348,6 +1349,38 @@ def test_file_url_is_a_local_memory_mapped_store(tmp_path, data):
     s = write_store(f"file://{tmp_path / 's'}", x, y)
     assert s.memory_mapped and torch.equal(s.read(0, ALL), x[0])
     assert chunk_files(tmp_path / "s")  # the files are where the URL points
+
+
+def test_store_opened_before_its_arrays_exist_is_incomplete(tmp_path, data, monkeypatch):
+    """A store opened between its record and its arrays (its writer making them, or killed
+    there) was called corrupt ('the labels array is missing'): nothing in it is wrong, it is
+    not finished. A store marked complete without an array is still corrupt."""
+    import store.writer as writer_mod
+
+    def killed(group, layout):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_mod, "_create_arrays", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.create(tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32")
+    monkeypatch.undo()
+    for opening in (
+        lambda: store.open(tmp_path / "s"),
+        lambda: store.open(tmp_path / "s", partial=True),
+    ):
+        with pytest.raises(
+            store.StoreIncompleteError, match=r"is not there .* create it again with overwrite=True"
+        ):
+            opening()
+    with pytest.raises(store.StoreIncompleteError):
+        store.create(
+            tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32", resume=True
+        )
+    x, y = data
+    write_store(tmp_path / "s", x, y, overwrite=True)
+    shutil.rmtree(tmp_path / "s" / "labels")
+    with pytest.raises(store.StoreCorruptError, match="'labels' array is missing"):
+        store.open(tmp_path / "s")
 
 
 def test_file_url_is_percent_decoded(tmp_path, data):
