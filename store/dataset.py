@@ -145,6 +145,9 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if raw.size and (raw.dtype == np.bool_ or not np.issubdtype(raw.dtype, np.integer)):
             # a float index would be truncated to another sample
             raise IndexError(f"sample indices must be integers, got {raw.dtype} {indices!r}")
+        if raw.ndim != 1:
+            # (2, 3) indices came back as 6 samples, not a (2, 3, ...) batch
+            raise IndexError(f"sample indices must be one list of integers, got shape {raw.shape}")
         idx = raw.astype(np.int64).reshape(-1)
         n = self.num_samples
         idx = np.where(idx < 0, idx + n, idx)

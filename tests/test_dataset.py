@@ -87,6 +87,10 @@ def test_indices_must_be_integers_and_an_empty_batch_is_empty(tiers, tier):
     assert torch.equal(ds[np.int64(4)][0], ds[torch.tensor(4)][0])
     xb, yb = ds.batch([])
     assert xb.shape == (0, *SHAPE) and yb.shape == (0,) and ds.__getitems__([]) == []
+    # a 2-D index came back as one flat batch of its 4 samples, a bare one as a batch of 1
+    for shaped in ([[1, 2], [3, 4]], np.array([[5]]), torch.tensor([[1, 2]]), 3):
+        with pytest.raises(IndexError, match="must be one list of integers"):
+            ds.batch(shaped)
 
 
 def test_a_store_dataset_reopens_after_pickling_and_bad_input_is_refused(tiers):
