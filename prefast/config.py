@@ -305,6 +305,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise ConfigError(f"{cli_flag(name)}: must be a path, got {value!r}")
+            if value is not None and not os.fspath(value).strip():
+                # "" meant no file for --metrics and --checkpoint-dir but the working folder
+                # for --cache-dir (and for the cache of --checkpoint-dir ''): refused alike
+                raise ConfigError(
+                    f"{cli_flag(name)}: an empty path; leave the option out for its default"
+                )
             if value is not None:
                 # kept as a str: the config goes into JSON (--metrics) and checkpoints, which
                 # --resume loads with weights_only=True (a pathlib.Path is refused there).

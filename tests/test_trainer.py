@@ -1921,6 +1921,12 @@ def test_a_config_path_that_is_not_a_path_is_refused():
     with pytest.raises(ConfigError, match="--cache-dir: must be a path, got 5"):
         tiny(cache_dir=5)
     tiny(cache_dir=Path("c"), checkpoint_dir="k")  # a str or a Path: fine
+    # "" meant no file for --metrics and --checkpoint-dir, but the working folder for
+    # --cache-dir and for the cache of --checkpoint-dir '' (a ./cache beside the run)
+    for name, flag in (("metrics", "--metrics"), ("cache_dir", "--cache-dir"),
+                       ("checkpoint_dir", "--checkpoint-dir"), ("data_root", "--data-root")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"{flag}: an empty path; leave the option out"):
+            tiny(**{name: " " if name == "data_root" else ""})
 
 
 def test_outputs_under_a_tilde_go_to_the_home_folder(tmp_path, monkeypatch, capsys):
