@@ -405,6 +405,25 @@ def test_a_ram_cache_larger_than_the_free_memory_goes_to_a_store(tmp_path, monke
     assert got.losses == ref.losses
 
 
+def test_a_ram_cache_that_goes_to_a_store_says_the_codec_applies(tmp_path, monkeypatch, caplog):
+    """--cache ram --codec zstd said the codec was ignored; a cache too large for RAM went to
+    a store compressed with it, and no line said so."""
+    import prefast.cache.manager as M
+
+    monkeypatch.setattr(M, "free_memory", lambda device: (0, 1000))
+    caplog.set_level(logging.INFO, logger="prefast")
+    got = train(tiny(mode="prefast", cache="ram", codec="zstd", cache_dir=str(tmp_path / "c")))
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("--codec zstd applies to stores only: the ram tier ignores it (a "
+                            "cache too large for that memory goes to a store, which uses it)")
+               for m in said), said  # fmt: skip
+    warned = [m for m in said if m.startswith("--cache ram: the cache at boundary")]
+    assert warned and all(
+        m.endswith("store (on disk), compressed with --codec zstd instead") for m in warned
+    )
+    assert store.open(got.summary["cache_path"]).codec == "zstd"
+
+
 def test_a_cache_written_from_an_epochs_second_step_says_first_step(caplog):
     caplog.set_level(logging.INFO, logger="prefast")
     train(tiny(mode="prefast", cache="ram", recache_policy="every", t0=0.4, batch_size=32))

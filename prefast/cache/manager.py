@@ -178,7 +178,10 @@ class CacheManager:
             sweep_temp_dirs()
         if cfg.codec != "none" and cfg.cache in ("ram", "device"):
             log.warning(
-                "--codec %s applies to stores only: the %s tier ignores it", cfg.codec, cfg.cache
+                "--codec %s applies to stores only: the %s tier ignores it (a cache too large "
+                "for that memory goes to a store, which uses it)",
+                cfg.codec,
+                cfg.cache,
             )
         self.write_through, why = self._write_through_applies()
         log.info(
@@ -367,7 +370,14 @@ class CacheManager:
                 nbytes / 1e9,
                 (free_device if on_gpu else host) / 1e9,
                 "GPU" if on_gpu else "host",
-                "host's RAM" if tier == "ram" else "store (on disk)",
+                "host's RAM"
+                if tier == "ram"
+                else "store (on disk)"
+                + (
+                    f", compressed with --codec {self.cfg.codec}"
+                    if self.cfg.codec != "none"
+                    else ""
+                ),
             )
         return tier
 
