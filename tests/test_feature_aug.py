@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prefast import TrainConfig, train
-from prefast.data import DataError, FeatureAugment, feature_key, spec_for
+from prefast.data import DataError, DatasetSpec, FeatureAugment, feature_key, spec_for
 
 CIFAR = spec_for("cifar10")  # pad 4, flips
 MNIST = spec_for("mnist")  # pad 2, no flips
@@ -65,6 +65,19 @@ def test_opposite_image_shifts_move_the_map_by_opposite_amounts(spec, size):
     q = fa.pad_at(size)
     expected = {16: [-2, -2, -1, -1, 0, 1, 1, 2, 2], 8: [-1, -1, -1, 0, 0, 0, 1, 1, 1]}
     assert moved == expected.get(size, [-1, -1, 0, 1, 1]) and max(moved) == q
+
+
+def test_flip_only_feature_augmentation_flips_without_shifting():
+    """A dataset that flips but does not crop (pad 0): only the flips apply (the shift scaling
+    divided by the pad: a ZeroDivisionError)."""
+    spec = DatasetSpec("flip-only", 1, 8, 10, (0.5,), (0.25,), pad=0, flip=True)
+    fa = FeatureAugment.from_spec(spec, "shift+flip")
+    shift, flips = fa.draws(feature_key(0, 1), 64)
+    assert not shift.any() and flips.any() and not flips.all()
+    shift = shift[:2]
+    h = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    out = fa.apply(h, shift, torch.tensor([True, False]))
+    assert torch.equal(out[0], h[0].flip(-1)) and torch.equal(out[1], h[1])
 
 
 @pytest.mark.parametrize(("mode", "enabled"), [("none", True), ("shift+flip", False)])

@@ -203,8 +203,11 @@ class FeatureAugment:
         # scale the image-space shift to this map: round(s * q / pad), halves away from zero so
         # that s and -s move by opposite amounts (rounding halves up moved the crops right and
         # down on average), then offsets in [0, 2q]
-        mag = torch.div(shift.abs() * (2 * q) + self.pad, 2 * self.pad, rounding_mode="floor")
-        offsets = shift.sign() * mag + q
+        if q == 0:  # no shift range on this map (or none at all: pad 0, flips only)
+            offsets = torch.zeros_like(shift)
+        else:
+            mag = torch.div(shift.abs() * (2 * q) + self.pad, 2 * self.pad, rounding_mode="floor")
+            offsets = shift.sign() * mag + q
         fl = flips if self.flip else torch.zeros_like(flips)
         return _crop_flip(h, offsets, fl, q)
 
