@@ -782,6 +782,19 @@ def test_normalisation_values_dtype_and_indices() -> None:
         make_batch(data, np.array([0]), Augment(4, True).params((0,), 5), "cpu")
 
 
+@pytest.mark.parametrize(
+    "indices", [torch.tensor([0.7, 1.9]), torch.tensor([True, False, True]), np.array([0.7])]
+)
+def test_non_integer_indices_are_refused_as_tensors_too(indices: Any) -> None:
+    """A float tensor was truncated to samples 0 and 1, a bool mask read as ids 1, 0, 1."""
+    data = ImageData(
+        torch.zeros(3, 3, 32, 32, dtype=torch.uint8), torch.arange(3), spec_for("cifar10")
+    )
+    with pytest.raises(DataError, match="indices must be integers"):
+        make_batch(data, indices, None, "cpu")
+    assert make_batch(data, torch.tensor([]), None, "cpu")[1].shape == (0,)  # empty: no dtype
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batch_matches_cpu() -> None:

@@ -228,6 +228,11 @@ def _norm_consts(
 def _as_index(indices: np.ndarray | torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
     """Indices as a CPU int64 tensor (B,), range-checked against ``n`` samples."""
     if isinstance(indices, torch.Tensor):
+        # a float tensor was truncated (0.7 -> sample 0) and a bool mask read as ids 0 and 1
+        if indices.numel() and (
+            indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool
+        ):
+            raise DataError(f"indices must be integers, got dtype {indices.dtype}")
         idx = indices.detach().to("cpu", torch.int64)
     else:
         arr = np.asarray(indices)
