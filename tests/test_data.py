@@ -186,6 +186,30 @@ def test_a_folder_in_place_of_a_file_is_named_as_such(tmp_path: Path) -> None:
     assert f"missing {images_path} (a folder, not the file). " in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["cifar10", "mnist", "fashion-mnist"])
+def test_a_data_root_that_is_a_file_is_named_as_such(tmp_path: Path, name: str) -> None:
+    # was "split not found: missing FILE/MNIST/raw/...", and "File exists" with --download
+    root = tmp_path / "data"
+    write_fake(root, name)
+    inside = (
+        root / "cifar-10-batches-py" / "data_batch_1"
+        if name == "cifar10"
+        else idx_paths(root, name, "train", compress=name == "fashion-mnist")[0]
+    )
+    # Fashion-MNIST's idx files also count directly in DIR: their own folder is the nearest
+    nearest = inside.parent if name == "fashion-mnist" else root
+    for download in (False, True):
+        with pytest.raises(DataError) as err:
+            load_dataset(name, "train", data_root=inside, download=download)
+        assert str(err.value).startswith(
+            f"{inside}: --data-root (data_root) is a file, not a folder; give --data-root {nearest}. "
+        )
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(DataError, match="is a file, not a folder; give the folder that holds it"):
+        load_dataset(name, "test", data_root=other)
+
+
 @pytest.mark.parametrize("name, deep", [("cifar10", "cifar-10-batches-py"), ("mnist", "MNIST/raw")])
 def test_a_data_root_one_level_too_deep_is_pointed_up(tmp_path: Path, name: str, deep: str) -> None:
     # --data-root DIR/cifar-10-batches-py said only "missing .../cifar-10-batches-py/

@@ -133,6 +133,15 @@ def _is_file(path: Path) -> bool:
         ) from exc
 
 
+def _not_a_folder(path: Path) -> bool:
+    """True where ``path`` exists and is no folder (a folder above it this user may not enter
+    is left to the search for the files, which names it)."""
+    try:
+        return path.exists() and not path.is_dir()
+    except PermissionError:
+        return False
+
+
 def _corrupt(path: Path, what: str) -> DataError:
     """A dataset file that cannot be right, named, with what to do about it."""
     return DataError(
@@ -335,6 +344,14 @@ def load_real(
     name: str, split: str, data_root: Path | None, download: bool
 ) -> tuple[np.ndarray, np.ndarray, Path]:
     spec = spec_for(name)
+    if data_root is not None and _not_a_folder(data_root):
+        # was "split not found: missing FILE/MNIST/raw/...", or "File exists" with --download
+        above = next((p for p in data_root.parents[:3] if not _locate(name, split, p)[1]), None)
+        give = f"give --data-root {above}" if above else "give the folder that holds it"
+        raise DataError(
+            f"{data_root}: --data-root (data_root) is a file, not a folder; {give}. "
+            f"{_how_to_get(name)}"
+        )
     roots = [data_root] if data_root is not None else [DEFAULT_DATA_ROOT.expanduser()]
     if data_root is None and name == "fashion-mnist":
         roots.append(SYSTEM_FASHION_MNIST)
