@@ -598,6 +598,32 @@ def test_subset_and_split_off() -> None:
             data.split_off(bad, seed=0)
 
 
+@pytest.mark.parametrize("bad", [2.5, True, "3", None])
+def test_sizes_and_seeds_that_are_not_integers_are_refused(bad: Any) -> None:
+    """A float seed was truncated (1.5 drew seed 1's data); a float, string or None size
+    failed inside numpy with a bare TypeError, and True took one sample."""
+    data = _tiny(10)
+    calls = [
+        lambda: load_dataset("synthetic", "test", num_samples=bad),
+        lambda: load_dataset("synthetic", "test", num_samples=4, seed=bad),
+        lambda: data.subset(bad, seed=0),
+        lambda: data.subset(4, seed=bad),
+        lambda: data.split_off(bad, seed=0),
+        lambda: data.split_off(4, seed=bad),
+        lambda: Augment(4, True).params((0, bad), 10),
+        lambda: Augment(4, True).params((0, 1), bad),
+    ]
+    for i, call in enumerate(calls):
+        if bad is None and i == 0:  # num_samples=None is the default size
+            continue
+        with pytest.raises(DataError, match="integer"):
+            call()
+    # numpy integers are integers
+    one = load_dataset("synthetic", "test", num_samples=np.int64(4), seed=np.int64(1))
+    assert torch.equal(one.images, load_dataset("synthetic", "test", num_samples=4, seed=1).images)
+    assert torch.equal(data.subset(np.int32(4), np.uint8(2)).images, data.subset(4, 2).images)
+
+
 def test_validation_error_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
     # --val-size held images out and evaluated them every epoch, but the error reached only
     # an undocumented metrics field: not the epoch's log line, the summary or the CLI's output

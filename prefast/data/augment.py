@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prefast.data.images import ImageData
+from prefast.data.images import ImageData, is_whole
 from prefast.data.specs import DatasetSpec
 from prefast.errors import DataError
 from store.tiers import to_device
@@ -98,11 +98,14 @@ class Augment:
         Sample ``i``'s draw depends only on ``(key, i)``: a longer ``num_samples`` extends the
         draws without changing the first ones.
         """
-        if num_samples < 0:
-            raise DataError(f"num_samples must be >= 0, got {num_samples}")
+        if not is_whole(num_samples) or num_samples < 0:
+            raise DataError(f"num_samples must be an integer >= 0, got {num_samples!r}")
+        num_samples = int(num_samples)
+        if not key or any(not is_whole(k) or k < 0 for k in key):
+            raise DataError(
+                f"augmentation key must be non-empty non-negative integers, got {list(key)}"
+            )
         key = [int(k) for k in key]
-        if not key or any(k < 0 for k in key):
-            raise DataError(f"augmentation key must be non-empty and non-negative, got {key}")
         if self.identity:
             offsets = np.zeros((num_samples, 2), dtype=np.int64)
             flips = np.zeros(num_samples, dtype=bool)

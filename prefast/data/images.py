@@ -67,8 +67,9 @@ class ImageData:
 
     def subset(self, n: int, seed: int) -> ImageData:
         """A seeded random subset of ``n`` samples, kept in dataset order."""
-        if not 1 <= n <= len(self):
-            raise DataError(f"subset size must be in [1, {len(self)}], got {n}")
+        if not is_whole(n) or not 1 <= n <= len(self):
+            raise DataError(f"subset size must be an integer in [1, {len(self)}], got {n!r}")
+        n = int(n)
         perm = np.random.default_rng([check_seed(seed), _SUBSET_STREAM]).permutation(len(self))
         return self._take(np.sort(perm[:n]))
 
@@ -77,16 +78,23 @@ class ImageData:
 
         Both parts keep dataset order; they are disjoint and together hold every sample.
         """
-        if not 1 <= n < len(self):
-            raise DataError(f"held-out size must be in [1, {len(self) - 1}], got {n}")
+        if not is_whole(n) or not 1 <= n < len(self):
+            raise DataError(f"held-out size must be an integer in [1, {len(self) - 1}], got {n!r}")
+        n = int(n)
         perm = np.random.default_rng([check_seed(seed), _SPLIT_STREAM]).permutation(len(self))
         return self._take(np.sort(perm[n:])), self._take(np.sort(perm[:n]))
 
 
+def is_whole(value: object) -> bool:
+    """An int or a numpy integer, not a bool: sizes and seeds (a float was truncated, 1.5
+    drawing seed 1's data, or failed in numpy with a bare TypeError)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def check_seed(seed: int) -> int:
-    if int(seed) < 0:
-        raise DataError(f"seeds must be >= 0, got {seed}")
+    if not is_whole(seed) or seed < 0:
+        raise DataError(f"seeds must be integers >= 0, got {seed!r}")
     return int(seed)
 
 
-__all__ = ["ImageData", "check_seed"]
+__all__ = ["ImageData", "check_seed", "is_whole"]

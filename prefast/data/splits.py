@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from prefast.data.augment import Augment
-from prefast.data.images import ImageData, check_seed
+from prefast.data.images import ImageData, check_seed, is_whole
 from prefast.data.readers import load_real
 from prefast.data.specs import check_split, spec_for
 from prefast.data.synthetic import DEFAULT_TRAIN_SIZE, default_size, synthetic
@@ -49,8 +49,10 @@ def load_dataset(
     spec = spec_for(name, shape)
     check_split(split)
     seed = check_seed(seed)
-    if num_samples is not None and num_samples < 1:
-        raise DataError(f"num_samples must be >= 1, got {num_samples}")
+    if num_samples is not None:
+        if not is_whole(num_samples) or num_samples < 1:
+            raise DataError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        num_samples = int(num_samples)
     if name == "synthetic":
         n = default_size(split) if num_samples is None else num_samples
         images, labels = synthetic(split, n, seed, shape, spec)
