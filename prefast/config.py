@@ -90,7 +90,12 @@ class TrainConfig:
 
     # data
     dataset: str = opt("fashion-mnist", "data", "training data (default %(default)s)")
-    data_root: str | None = opt(None, "data", "folder with the dataset in torchvision's layout")
+    data_root: str | None = opt(
+        None,
+        "data",
+        "folder with the dataset in torchvision's layout (default ~/.cache/prefast/data; "
+        "Fashion-MNIST then also /usr/share/datasets/fashion-mnist)",
+    )
     download: bool = opt(
         False, "data", "download a missing dataset with torchvision (needs a network)"
     )

@@ -687,6 +687,18 @@ def test_the_seed_draws_the_data_and_its_help_says_so() -> None:
         assert what in seed_help.metadata["help"]
 
 
+def test_data_root_help_names_where_data_is_looked_for_without_it() -> None:
+    # --data-root's help gave no default: where a run without it reads (and --download
+    # writes), and the system Fashion-MNIST it falls back to, were in no option text
+    import dataclasses
+
+    from prefast.config import TrainConfig
+
+    root_help = next(f for f in dataclasses.fields(TrainConfig) if f.name == "data_root")
+    text = root_help.metadata["help"]
+    assert f"(default {D.DEFAULT_DATA_ROOT};" in text and str(D.SYSTEM_FASHION_MNIST) in text
+
+
 def test_data_options_synthetic_data_does_not_read_are_named() -> None:
     # --data-root and --download were dropped in silence with --dataset synthetic
     from prefast.config import TrainConfig, unused_options
