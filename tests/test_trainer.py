@@ -2722,3 +2722,23 @@ def test_the_write_through_plan_prices_a_store_that_takes_no_rows_as_a_pass(
     train(tiny(mode="prefast", cache="auto", codec=codec, cache_memory_fraction=1e-9,
                recache_policy="auto", epochs=4, cache_dir=str(tmp_path)))  # fmt: skip
     assert seen and all(k["pass_tiers"] == passes and k["num_samples"] == 96 for k in seen)
+
+
+def test_views_without_augmentation_outside_prefast_mode_are_named_once(caplog):
+    """--views 3 --no-augment --mode freezeout was named twice: as unused, then as 'would store
+    3 identical copies; using 1 view', though that mode stores nothing."""
+    with (
+        caplog.at_level(logging.WARNING, logger="prefast"),
+        Trainer(tiny(mode="freezeout", views=3, augment=False)),
+    ):
+        pass
+    said = [r.getMessage() for r in caplog.records if "--views" in r.getMessage()]
+    assert said == ["--views: no effect with --mode freezeout (they apply to --mode prefast)"]
+    caplog.clear()
+    with (
+        caplog.at_level(logging.WARNING, logger="prefast"),
+        Trainer(tiny(mode="prefast", cache="ram", views=3, augment=False)),
+    ):
+        pass
+    said = [r.getMessage() for r in caplog.records if "--views" in r.getMessage()]
+    assert said == ["--views 3 without augmentation would store 3 identical copies; using 1 view"]

@@ -227,7 +227,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.augment = Augment.from_spec(self.data.train.spec, cfg.augment)
         views = cfg.views
-        if cfg.views > 1 and self.augment.identity:
+        # outside prefast mode unused_options has named --views already (no cache, no views)
+        if cfg.mode == "prefast" and cfg.views > 1 and self.augment.identity:
             log.warning(
                 "--views %d without augmentation would store %d identical copies; using 1 view",
                 cfg.views,
