@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import store
@@ -2742,3 +2743,28 @@ def test_views_without_augmentation_outside_prefast_mode_are_named_once(caplog):
         pass
     said = [r.getMessage() for r in caplog.records if "--views" in r.getMessage()]
     assert said == ["--views 3 without augmentation would store 3 identical copies; using 1 view"]
+
+
+def test_epoch_metrics_count_every_sample_once():
+    """The epoch's train loss is the mean over samples (a short last batch weighs by its size,
+    not as a whole batch), and the test loss and error are over the whole test set where
+    the evaluation batch divides it unevenly (256 images in batches of 100) and the
+    held-out images fit in one batch (10 in one of 100)."""
+    from prefast.data import make_batch
+
+    t = Trainer(tiny(mode="freezeout", num_samples=53, val_size=10, epochs=1, eval_batch_size=100))
+    data = t.data
+    result = t.run()
+    (rec,) = result.records
+    sizes = [16, 16, 11]  # 43 training images after the 10 held out
+    assert len(result.losses) == 3 and rec["samples_seen"] == 43
+    assert rec["train_loss"] == pytest.approx(np.dot(result.losses, sizes) / 43, rel=1e-12)
+    for split, name in ((data.test, "test"), (data.val, "val")):
+        x, y = make_batch(split, np.arange(len(split)), None, "cpu")
+        with torch.no_grad():
+            out = result.model(x)
+        assert rec[f"{name}_loss"] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-5)
+        assert rec[f"{name}_error"] == 1 - (out.argmax(1) == y).sum().item() / len(split)
+    assert len(data.test) == 256 and len(data.val) == 10
+    assert result.summary["final_test_error"] == rec["test_error"]
+    assert result.summary["final_val_loss"] == rec["val_loss"]
