@@ -430,6 +430,8 @@ def unused_options(cfg: TrainConfig, device_type: str, distributed: bool) -> lis
             out.append("--cache device: on the CPU the device is host memory, as --cache ram")
     if cfg.sync_bn and not distributed:
         out.append("--sync-bn: no effect outside torchrun")
+    if cfg.dist_timeout != defaults.dist_timeout and not distributed:
+        out.append("--dist-timeout: no effect outside torchrun")
     if cfg.synthetic_shape != defaults.synthetic_shape and cfg.dataset != "synthetic":
         out.append(f"--synthetic-shape: no effect with --dataset {cfg.dataset}")
     if cfg.dataset == "synthetic":

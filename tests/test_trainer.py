@@ -2667,6 +2667,11 @@ def test_options_a_run_will_not_use_are_named():
         "--sync-bn: no effect outside torchrun",
     ]
     assert unused_options(TrainConfig(sync_bn=True), "cuda", True) == []
+    # --dist-timeout was taken silently by a run that starts no process group
+    assert unused_options(TrainConfig(dist_timeout=60.0), "cpu", False) == [
+        "--dist-timeout: no effect outside torchrun"
+    ]
+    assert unused_options(TrainConfig(dist_timeout=60.0), "cpu", True) == []
     assert unused_options(TrainConfig(feature_aug="shift", augment=False), "cuda", False) == [
         "--feature-aug: no effect with --no-augment"
     ]
