@@ -181,6 +181,23 @@ def test_graphs_need_cuda_and_unknown_modes_are_refused():
         StepRunner(m, torch.device("cpu"), "none", False, "turbo", 8)
 
 
+def test_graphs_off_cuda_are_refused_before_the_data_is_loaded(monkeypatch, tmp_path):
+    """`prefast train --compile graphs` on a CPU was refused only after the data was loaded
+    and the model built (minutes on a large dataset); and nothing is written."""
+    import prefast.training.trainer as T
+
+    def loaded(cfg):
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr(T, "load_data", loaded)
+    cfg = TrainConfig(dataset="synthetic", num_samples=64, model_args={"depth": 10, "growth": 4},
+                      epochs=1, compile="graphs", device="cpu", progress=False,
+                      metrics=str(tmp_path / "m.jsonl"))  # fmt: skip
+    with pytest.raises(ConfigError, match="--compile graphs: CUDA graphs need a CUDA device"):
+        train(cfg)
+    assert not (tmp_path / "m.jsonl").exists()
+
+
 def test_a_graphed_forward_runs_eagerly_off_cuda():
     """Off CUDA nothing is captured: every call is the forward itself, under the amp asked."""
     from prefast.runtime import GraphedForward
