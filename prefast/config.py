@@ -428,6 +428,12 @@ def unused_options(cfg: TrainConfig, device_type: str, distributed: bool) -> lis
             )
         if cfg.cache == "device" and device_type == "cpu":
             out.append("--cache device: on the CPU the device is host memory, as --cache ram")
+        if cfg.cache != "auto" and cfg.cache_memory_fraction != defaults.cache_memory_fraction:
+            # an explicit tier takes all of its free memory (choose_tier)
+            out.append(
+                f"--cache-memory-fraction: no effect with --cache {cfg.cache} (it sizes --cache "
+                "auto's choice)"
+            )
     if cfg.sync_bn and not distributed:
         out.append("--sync-bn: no effect outside torchrun")
     if cfg.dist_timeout != defaults.dist_timeout and not distributed:

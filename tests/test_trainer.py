@@ -2672,6 +2672,11 @@ def test_options_a_run_will_not_use_are_named():
         "--dist-timeout: no effect outside torchrun"
     ]
     assert unused_options(TrainConfig(dist_timeout=60.0), "cpu", True) == []
+    # an explicit tier takes all of its free memory: the fraction sizes auto's choice only
+    assert unused_options(TrainConfig(cache="ram", cache_memory_fraction=0.2), "cpu", False) == [
+        "--cache-memory-fraction: no effect with --cache ram (it sizes --cache auto's choice)"
+    ]
+    assert unused_options(TrainConfig(cache_memory_fraction=0.2), "cpu", False) == []
     assert unused_options(TrainConfig(feature_aug="shift", augment=False), "cuda", False) == [
         "--feature-aug: no effect with --no-augment"
     ]
