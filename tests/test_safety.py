@@ -359,6 +359,31 @@ def test_load_checkpoint_file_names_a_foreign_file(tmp_path):
         load_checkpoint_file(p, "--resume")
 
 
+@pytest.mark.parametrize("record", ["weights", "pickle"])
+def test_load_checkpoint_file_refuses_a_checkpoint_with_a_changed_bit(tmp_path, record):
+    """torch.load does not compare a record's bytes with the CRC-32 torch.save wrote for it: a
+    bit flipped on disk loaded changed weights (or a changed epoch) without a word."""
+    from prefast.training.checkpoint import load_checkpoint_file, save_checkpoint
+
+    p = tmp_path / "last.pt"
+    save_checkpoint(p, {"config": {}, "model": {"w": torch.full((16,), 1.5)}, "epoch": 1234567})
+    data = bytearray(p.read_bytes())
+    at = data.index(torch.full((16,), 1.5).numpy().tobytes() if record == "weights" else b"epoch")
+    data[at + 3] ^= 0x01  # 1.5 -> 1.5000001 (or "epoch" -> "epnch")
+    p.write_bytes(bytes(data))
+    name = "data/0" if record == "weights" else "data.pkl"
+    with pytest.raises(
+        CheckpointError, match=rf"refusing .*last\.pt: damaged: its record \S*{name} "
+    ):
+        load_checkpoint_file(p, "--resume")
+    torch.serialization.set_crc32_options(False)  # a checkpoint saved without CRCs still loads
+    try:
+        save_checkpoint(p, {"config": {}, "model": {"w": torch.full((16,), 1.5)}})
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(load_checkpoint_file(p, "--resume")["model"]["w"], torch.full((16,), 1.5))
+
+
 # ---- bad outputs and values: one line, exit 2, before any training --------------------------------
 def _bad_output_cases(tmp: Path) -> list[tuple[list[str], str]]:
     a_file = tmp / "a-file"

@@ -3,7 +3,8 @@
 A checkpoint is a dict of tensors and plain containers only (the RNG states as tensors and
 tuples), so it loads with ``torch.load(..., weights_only=True)``: a crafted file cannot run
 code. It is written to a temporary file and renamed over the previous one, so a crash leaves
-the previous checkpoint intact.
+the previous checkpoint intact. Reading it checks each record's CRC-32 first, so a checkpoint
+damaged on disk is refused rather than loaded with changed weights.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import random
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +139,36 @@ def state_dict_mismatch(e: RuntimeError) -> str:
     return " ".join(lines[:2])[:240]
 
 
+def _damaged_record(path: Path | str) -> str | None:
+    """The first record of the checkpoint's zip archive whose bytes do not match the CRC-32
+    torch.save recorded for them (a bit flipped on disk or in a copy), else None: torch.load
+    never checks them, and loads damaged weights or numbers silently. A record saved without
+    a CRC (``torch.serialization.set_crc32_options(False)`` records 0) is not checked, and a
+    file that does not open as a zip archive is left to torch.load to refuse."""
+    try:
+        z = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return None
+    with z:
+        for info in z.infolist():
+            if info.CRC == 0:
+                continue
+            try:
+                with z.open(info) as f:  # zipfile compares the CRC-32 as it reads the end
+                    while f.read(1 << 22):
+                        pass
+            except (zipfile.BadZipFile, EOFError, ValueError):
+                return info.filename
+    return None
+
+
 def load_checkpoint_file(
     path: Path | str, what: str, needs: tuple[str, ...] = ("config", "model")
 ) -> dict[str, Any]:
     """A training checkpoint's contents, holding at least the entries ``needs``. Loaded with
     ``weights_only=True``: tensors and plain containers only, so a crafted file cannot run code;
-    anything else is refused, as is a checkpoint of another layout (``CHECKPOINT_FORMAT``)."""
+    anything else is refused, as is a checkpoint of another layout (``CHECKPOINT_FORMAT``) or
+    one whose records do not match their CRC-32."""
     if Path(path).is_dir():  # a run's --checkpoint-dir, given for the file it holds
         inside = Path(path) / CHECKPOINT_NAME
         hint = (
@@ -153,6 +179,12 @@ def load_checkpoint_file(
         raise CheckpointError(f"{what}: {path} is a folder, not a checkpoint file; {hint}")
     if not Path(path).is_file():
         raise CheckpointError(f"{what}: no checkpoint at {path}")
+    damaged = _damaged_record(path)
+    if damaged is not None:
+        raise CheckpointError(
+            f"{what}: refusing {path}: damaged: its record {damaged} does not match the "
+            "checksum it was written with (a bit changed on disk or in a copy)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal, a truncated or foreign file
