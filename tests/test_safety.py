@@ -326,6 +326,24 @@ def test_save_checkpoint_leaves_a_users_files_alone(tmp_path, monkeypatch):
     assert mine.read_bytes() == b"a user's notes"
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_checkpoint_gets_the_permissions_the_umask_gives(tmp_path):
+    """tempfile.mkstemp creates its file 0o600, so the renamed checkpoint was readable by its
+    owner only, whatever the umask (a colleague's prefast verify --checkpoint was refused)."""
+    import stat
+
+    from prefast.training.checkpoint import save_checkpoint
+
+    for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == mode, oct(umask)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_a_disk_that_fills_mid_checkpoint_is_an_oserror_naming_it(tmp_path, monkeypatch):
     """A write that fails after the checkpoint's first bytes made torch.save's zip writer raise
     "unexpected pos 64 vs 0" (a RuntimeError: a traceback, not one line) over the OSError."""

@@ -13,7 +13,7 @@ import contextlib
 import os
 import random
 import re
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ RESUME_ENTRIES = (
     "config", "epoch", "model", "optimizer", "frontier", "cache", "records", "losses", "rng"
 )  # fmt: skip
 _TMP_TAG = "prefast-"  # in a temporary checkpoint's name: .last.pt.prefast-XXXXXXXX.tmp
+_TMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # its 8 characters of its own
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -84,8 +85,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file of a fresh, unique name in the
     same folder (never a name a user's file could have), flushed to disk, renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TMP_TAG}", suffix=".tmp")
-    tmp = Path(name)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -104,11 +104,27 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         if isinstance(failed, OSError):
             raise failed from None
         raise
-    # what a run killed mid-save left: names only mkstemp above makes (8 characters of its own)
-    leftover = re.compile(rf"\.{re.escape(path.name)}\.{_TMP_TAG}[a-z0-9_]{{8}}\.tmp")
+    # what a run killed mid-save left: names only _create_temporary makes
+    leftover = re.compile(rf"\.{re.escape(path.name)}\.{_TMP_TAG}[{_TMP_CHARS}]{{8}}\.tmp")
     for p in path.parent.iterdir():
         if leftover.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new file of a fresh name next to ``path``, opened for writing, with the permissions
+    any file this process creates gets (0o666 less the umask: tempfile.mkstemp's 0o600 left
+    the checkpoint readable by its owner only). The name's characters come from the system's
+    generator, so the run's own random draws are not touched."""
+    for _ in range(100):
+        tag = "".join(secrets.choice(_TMP_CHARS) for _ in range(8))
+        tmp = path.parent / f".{path.name}.{_TMP_TAG}{tag}.tmp"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for a temporary checkpoint next to {path}")
 
 
 def _sync_folder(folder: Path) -> None:
