@@ -1010,6 +1010,21 @@ def test_cache_list_and_remove_say_what_a_path_is_that_is_no_cache_folder(tmp_pa
     assert notes.read_text() == "mine" and store.open(run_dir / "boundary-003").complete
 
 
+def test_a_cache_folder_named_like_a_run_folder_lists_its_run_folders(tmp_path, capsys):
+    # --cache-dir run-sweep: cache list took the cache folder for a run folder, listed it as
+    # one 'not made by prefast' and none of the run folders in it
+    cache = tmp_path / "run-sweep"
+    a = _run_folder(cache, "aaaaaaaaaaaa", {"boundary-003": True})
+    b = _run_folder(cache, "bbbbbbbbbbbb", {"boundary-005": True})
+    assert main(["cache", "list", str(cache), "--json"]) == 0
+    assert sorted(r["path"] for r in json.loads(capsys.readouterr().out)) == [str(a), str(b)]
+    assert main(["cache", "list", str(a)]) == 0  # a run folder of it, itself
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"{a}  ")
+    assert main(["cache", "remove", str(cache)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert store.open(a / "boundary-003").complete and store.open(b / "boundary-005").complete
+
+
 def test_commands_printed_with_a_path_are_quoted_for_the_shell(tmp_path, capsys, caplog):
     """A cache folder with a space in its name: the inspect command of the run's summary, the
     cache remove command of a stopped run's warning and the cache list command of a store

@@ -195,6 +195,18 @@ def _is_run_folder(path: Path) -> bool:
     return path.name.startswith(RUN_PREFIX) and path.is_dir() and not path.is_symlink()
 
 
+def _named_like_a_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a cache folder whose name starts like a run folder's (a
+    ``--cache-dir run-sweep``): unmarked, with run folders in it (a run folder of prefast's
+    never holds one)."""
+    if not _is_run_folder(path) or (path / RUN_MARKER).is_file():
+        return False
+    try:
+        return any(_is_run_folder(p) for p in path.iterdir())
+    except OSError:
+        return False
+
+
 def _local_folder(path: str | Path, what: str) -> Path:
     local = location.as_local(path)
     if local is None:
@@ -218,7 +230,8 @@ def list_run_folders(path: str | Path) -> list[RunFolder]:
             else "give the cache folder it is in"
         )
         raise CacheError(f"{path}: an activation store, not a cache folder; {where}")
-    found = [local] if _is_run_folder(local) else [p for p in local.iterdir() if _is_run_folder(p)]
+    itself = _is_run_folder(local) and not _named_like_a_run_folder(local)
+    found = [local] if itself else [p for p in local.iterdir() if _is_run_folder(p)]
     return sorted((_described(p) for p in found), key=lambda r: r.modified, reverse=True)
 
 
@@ -246,7 +259,7 @@ def check_removable(path: str | Path) -> RunFolder:
     """The run folder at ``path``, where ``remove_run_folder`` may delete it; else CacheError
     saying why (not a run folder, not made by prefast, in use)."""
     local = _local_folder(path, "remove")
-    if not _is_run_folder(local):
+    if not _is_run_folder(local) or _named_like_a_run_folder(local):
         raise CacheError(
             f"{path}: not a run folder (a {RUN_PREFIX}KEY folder of a cache folder; "
             "'prefast cache list CACHE_DIR' lists them)"
