@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import types
 from pathlib import Path
 
@@ -1023,6 +1024,26 @@ def test_a_cache_folder_named_like_a_run_folder_lists_its_run_folders(tmp_path, 
     assert main(["cache", "remove", str(cache)]) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert store.open(a / "boundary-003").complete and store.open(b / "boundary-005").complete
+
+
+def test_cache_list_leaves_out_a_run_folder_removed_while_it_lists(tmp_path, capsys, monkeypatch):
+    # a run that kept nothing removes its run folder at its end: a list made meanwhile (a sweep
+    # under way) failed with 'prefast: error: [Errno 2] No such file or directory', exit 1
+    from prefast.cache import folders
+
+    cache = tmp_path / "cache"
+    a = _run_folder(cache, "aaaaaaaaaaaa", {"boundary-003": True})
+    b = _run_folder(cache, "bbbbbbbbbbbb", {})
+    real = folders.entry_sizes
+
+    def removed_meanwhile(run_dir):
+        if run_dir == b:
+            shutil.rmtree(b)
+        return real(run_dir)
+
+    monkeypatch.setattr(folders, "entry_sizes", removed_meanwhile)
+    assert main(["cache", "list", str(cache), "--json"]) == 0
+    assert [r["path"] for r in json.loads(capsys.readouterr().out)] == [str(a)]
 
 
 def test_commands_printed_with_a_path_are_quoted_for_the_shell(tmp_path, capsys, caplog):

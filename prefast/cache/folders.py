@@ -232,18 +232,22 @@ def list_run_folders(path: str | Path) -> list[RunFolder]:
         raise CacheError(f"{path}: an activation store, not a cache folder; {where}")
     itself = _is_run_folder(local) and not _named_like_a_run_folder(local)
     found = [local] if itself else [p for p in local.iterdir() if _is_run_folder(p)]
-    return sorted((_described(p) for p in found), key=lambda r: r.modified, reverse=True)
+    described = [r for r in map(_described, found) if r is not None]
+    return sorted(described, key=lambda r: r.modified, reverse=True)
 
 
-def _described(run_dir: Path) -> RunFolder:
+def _described(run_dir: Path) -> RunFolder | None:
     """``describe_run_folder``, or a folder that says why it could not be read: one folder of
-    another user does not fail the list of the others."""
+    another user does not fail the list of the others. None where the folder is gone (a
+    run's end or a ``prefast cache remove`` deleted it while the list was made)."""
     try:
         return describe_run_folder(run_dir)
     except OSError as e:
-        return RunFolder(
-            run_dir, 0, run_dir.lstat().st_mtime, False, None, [], e.strerror or str(e)
-        )
+        try:
+            modified = run_dir.lstat().st_mtime
+        except FileNotFoundError:
+            return None
+        return RunFolder(run_dir, 0, modified, False, None, [], e.strerror or str(e))
 
 
 def unique(runs: list[RunFolder]) -> list[RunFolder]:
