@@ -350,14 +350,16 @@ def _cache(args: argparse.Namespace) -> int:
         if len(args.paths) == 1:
             raise
         raise CacheError(f"{e}; none of the {len(args.paths)} folders named was removed") from None
-    if args.dry_run:
-        for r in runs:
-            print(f"would remove {r.path} ({_mb(r.nbytes)})")
-        return 0
     for r in runs:
+        # the size of what goes: what stays (a user's file) was counted as freed
+        freed, keep = folders.removal_plan(r.path)
+        if args.dry_run:
+            kept = f"; would keep {r.path} for what prefast did not write: {', '.join(keep)}"
+            print(f"would remove {r.path} ({_mb(freed)}){kept if keep else ''}")
+            continue
         left = folders.remove_run_folder(r.path)
         kept = f"; kept {r.path} for what prefast did not write: {', '.join(left)}" if left else ""
-        print(f"removed {r.path} ({_mb(r.nbytes)}){kept}")
+        print(f"removed {r.path} ({_mb(freed)}){kept}")
     return 0
 
 

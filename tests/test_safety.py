@@ -760,6 +760,25 @@ def test_cache_remove_deletes_only_prefasts_run_folders_not_in_use(tmp_path, cap
     assert store.open(outside / "boundary-001").complete and (theirs / "keep.txt").is_file()
 
 
+def test_cache_remove_counts_only_what_it_deletes(tmp_path, capsys):
+    # what stays (a user's file in the run folder) was counted as removed: 'removed X (5.0 MB);
+    # kept X for ... data.bin' where the store alone went
+    run_dir = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {"boundary-004": True})
+    st = sum(f.stat().st_size for f in (run_dir / "boundary-004").rglob("*") if f.is_file())
+    (run_dir / "data.bin").write_bytes(b"x" * 5_000_000)
+    assert main(["cache", "remove", "--dry-run", str(run_dir)]) == 0
+    assert capsys.readouterr().out == (
+        f"would remove {run_dir} ({st / 1e6:.1f} MB); would keep {run_dir} for what prefast "
+        "did not write: data.bin\n"
+    )
+    assert main(["cache", "remove", str(run_dir)]) == 0
+    assert capsys.readouterr().out == (
+        f"removed {run_dir} ({st / 1e6:.1f} MB); kept {run_dir} for what prefast did not "
+        "write: data.bin\n"
+    )
+    assert (run_dir / "data.bin").stat().st_size == 5_000_000
+
+
 def test_a_run_or_list_meeting_cache_remove_names_the_removal_not_a_stale_pid(
     tmp_path, capsys, monkeypatch
 ):

@@ -282,6 +282,24 @@ def check_removable(path: str | Path) -> RunFolder:
     return info
 
 
+def removal_plan(run_dir: Path) -> tuple[int, list[str]]:
+    """What ``remove_run_folder`` would do to ``run_dir``: the bytes it frees and the names it
+    keeps (what prefast did not write: a file, a link, a folder that is no activation store;
+    the folder then stays too)."""
+    sizes, _ = entry_sizes(run_dir)
+    kept = []
+    for child in sorted(run_dir.iterdir()):
+        if child.name in (RUN_MARKER, LOCK_NAME):
+            continue
+        if not child.is_symlink() and child.is_dir():
+            if child.name.startswith((TRASH_PREFIX, PROBE_PREFIX)):
+                continue
+            if child.name.startswith(STORE_PREFIX) and location.is_activation_store(child):
+                continue
+        kept.append(child.name)
+    return sum(n for name, n in sizes.items() if name not in kept), kept
+
+
 def clear_leftovers(run_dir: Path) -> None:
     """Delete what an interrupted run left in its own run folder (which carries our marker):
     renamed-away stores in the trash, stores of rate probes, and stores whose writing never
@@ -397,6 +415,7 @@ __all__ = [
     "list_run_folders",
     "lock_holder",
     "open_lock_file",
+    "removal_plan",
     "remove_if_unused",
     "remove_run_folder",
     "unique",
