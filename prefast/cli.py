@@ -251,8 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         "remove",
         help="delete run folders that prefast made and no run is using",
         description="Delete run-KEY folders with their stores. A folder prefast did not make, "
-        "or one a run is using, is refused, and then nothing is removed. A checkpoint whose "
-        "store was removed still resumes: the store is rebuilt.",
+        "or one a run is using, is refused, and then nothing is removed. What prefast did not "
+        "write in a run folder (a file, a link, a folder that is no store) stays, and the "
+        "folder with it. A checkpoint whose store was removed still resumes: the store is "
+        "rebuilt.",
     )
     cr.add_argument("paths", nargs="+", metavar="RUN_DIR", help="a run-KEY folder")
     cr.add_argument(
