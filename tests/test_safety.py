@@ -577,6 +577,25 @@ def test_temporary_cache_folders_of_ended_runs_are_swept_and_no_others(tmp_path,
     assert scratch.sweep(tmp_path) == []  # the new folder's owner is running
 
 
+def test_a_temporary_cache_folder_not_removed_whole_keeps_its_owner_record(tmp_path, monkeypatch):
+    # the record went even where a store in the folder could not be deleted (a file busy on
+    # an NFS /tmp): the folder was then no run's, and no later sweep removed its gigabytes
+    import json
+    import shutil as real_shutil
+
+    from prefast.cache import scratch
+
+    d = tmp_path / "prefast-cache-gone"
+    (d / "run-aaaaaaaaaaaa" / "boundary-001").mkdir(parents=True)
+    (d / scratch.OWNER_NAME).write_text(json.dumps({**scratch.owner_record(), "start": "1"}))
+    busy = types.SimpleNamespace(rmtree=lambda *a, **k: None)  # nothing could be deleted
+    monkeypatch.setattr(scratch, "shutil", busy)
+    scratch.remove(d)
+    assert sorted(p.name for p in d.iterdir()) == [scratch.OWNER_NAME, "run-aaaaaaaaaaaa"]
+    monkeypatch.setattr(scratch, "shutil", real_shutil)  # no longer busy: the next run's sweep
+    assert scratch.sweep(tmp_path) == [d] and not d.exists()
+
+
 def test_a_run_removes_its_temporary_cache_folder_and_one_a_killed_run_left(tmp_path, monkeypatch):
     import json
 

@@ -126,7 +126,8 @@ def make_temp_dir() -> Path:
 def remove(path: Path | str) -> None:
     """Remove a temporary cache folder, its owner record last: a removal cut short (a second
     Ctrl-C, a kill) leaves the record, so a later ``sweep`` still knows the folder for ours.
-    Errors are ignored (what cannot be removed stays)."""
+    Errors are ignored (what cannot be removed stays, and the record with it: a later
+    ``sweep`` tries again)."""
     path = Path(path)
     try:
         children = list(path.iterdir())
@@ -141,6 +142,8 @@ def remove(path: Path | str) -> None:
             with contextlib.suppress(OSError):
                 child.unlink()
     with contextlib.suppress(OSError):
+        if any(p.name != OWNER_NAME for p in path.iterdir()):
+            return  # without its record the folder was nobody's: never swept, kept for good
         (path / OWNER_NAME).unlink()
     with contextlib.suppress(OSError):
         path.rmdir()
