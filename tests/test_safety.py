@@ -1084,6 +1084,21 @@ def test_cache_list_leaves_out_a_run_folder_removed_while_it_lists(tmp_path, cap
     assert [r["path"] for r in json.loads(capsys.readouterr().out)] == [str(a)]
 
 
+def test_cache_list_and_remove_of_dot_in_a_run_folder(tmp_path, capsys, monkeypatch):
+    # in a run folder, 'prefast cache list .' (or '..' in one of its stores) said '0 run
+    # folder(s), 0.0 MB', and 'cache remove .' refused '.' as not a run folder
+    run_dir = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {"boundary-003": True})
+    monkeypatch.chdir(run_dir / "boundary-003")
+    assert main(["cache", "list", "..", "--json"]) == 0
+    assert [r["path"] for r in json.loads(capsys.readouterr().out)] == [str(run_dir)]
+    monkeypatch.chdir(run_dir)
+    assert main(["cache", "list", "."]) == 0
+    assert capsys.readouterr().out.startswith(f"{run_dir}  ")
+    assert main(["cache", "remove", "--dry-run", "."]) == 0
+    assert capsys.readouterr().out.startswith(f"would remove {run_dir} (")
+    assert store.open(run_dir / "boundary-003").complete
+
+
 def test_commands_printed_with_a_path_are_quoted_for_the_shell(tmp_path, capsys, caplog):
     """A cache folder with a space in its name: the inspect command of the run's summary, the
     cache remove command of a stopped run's warning and the cache list command of a store

@@ -211,6 +211,8 @@ def _local_folder(path: str | Path, what: str) -> Path:
     local = location.as_local(path)
     if local is None:
         raise CacheError(f"{path}: prefast cache {what} works on local folders only")
+    if local.name in ("", ".."):  # '.', '..', 'x/..': their names say nothing; the folder's do
+        local = local.resolve()
     if not local.is_dir():
         raise CacheError(
             f"{path}: {'a file, not a folder' if local.exists() else 'no such folder'}"
