@@ -98,6 +98,8 @@ def test_verify_recomputes_samples_from_the_checkpoint(run, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "fingerprint matches" in out and "recomputed  3 samples x 2 view(s)" in out
+    prefast_main(["verify", path, "--checkpoint", ckpt, "--samples", "1", "--no-progress"])
+    assert "recomputed  1 sample x 2 view(s)" in capsys.readouterr().out  # not '1 samples'
 
 
 def test_verify_fails_on_an_altered_checkpoint(run, tmp_path, capsys):

@@ -137,9 +137,9 @@ class CheckpointReport:
             lines.append(
                 "recomputed  "
                 + (
-                    f"{counts.pop()} samples x {len(per_view)} view(s)"
+                    f"{_samples(counts.pop())} x {len(per_view)} view(s)"
                     if len(counts) == 1
-                    else f"{len(self.samples)} samples of {len(per_view)} view(s)"
+                    else f"{_samples(len(self.samples))} of {len(per_view)} view(s)"
                 )
                 + f" through units[0:{self.boundary}] ({self.boundary_unit}): max relative "
                 f"error {self.max_rel_error:.3g} (view {worst.view}, sample {worst.sample}), "
@@ -148,6 +148,10 @@ class CheckpointReport:
             )
         lines.append("result      " + ("OK" if self.ok else "FAILED"))
         return "\n".join(lines)
+
+
+def _samples(n: int) -> str:
+    return f"{n} sample{'' if n == 1 else 's'}"
 
 
 def verify_against_checkpoint(
