@@ -497,6 +497,24 @@ def test_diff_matches_values_that_are_not_finite_by_kind(tmp_path, data, capsys)
     assert lines[-2].split()[-1] == "3" and lines[-1] == "the stores differ"
 
 
+def test_diff_all_row_weighs_channels_by_the_values_finite_in_both(tmp_path, data, capsys):
+    # channel 2 NaN in both stores: no value to compare, so the all row is channel 0's and 1's
+    x, y = data
+    xa = x.clone()
+    xa[:, :, 2] = float("nan")
+    xb = xa.clone()
+    xb[:, :, 0] += 0.5
+    a = write_store(tmp_path / "a", xa, y)
+    b = write_store(tmp_path / "b", xb, y)
+    r = store.diff(a, b)
+    np.testing.assert_allclose(r.mean_abs, [0.5, 0, 0], rtol=1e-6)
+    o = r.to_dict()["overall"]
+    np.testing.assert_allclose(o["mean_abs"], 0.25, rtol=1e-6)  # not (0.5 + 0 + 0) / 3
+    np.testing.assert_allclose(o["mean_rel"], (r.mean_rel[0] + r.mean_rel[1]) / 2, rtol=1e-9)
+    assert store_main(["diff", str(a.path), str(b.path), "--no-progress"]) == 1
+    assert capsys.readouterr().out.splitlines()[-2].split()[:3] == ["all", "0.5", "0.25"]
+
+
 def store_data(s: store.ActivationStore) -> np.ndarray:
     return np.stack([s.read(v, np.arange(N)).float().numpy() for v in range(s.views)])
 

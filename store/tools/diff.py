@@ -54,11 +54,23 @@ class DiffReport:
     nonfinite_a: np.ndarray | None = field(default=None)
     nonfinite_b: np.ndarray | None = field(default=None)
     nonfinite_differ: np.ndarray | None = field(default=None)
+    # (C,) int64: positions finite in both, which the figures cover; None: the same in every
+    # channel
+    count: np.ndarray | None = field(default=None)
 
     def __post_init__(self) -> None:
         for name in ("nonfinite_a", "nonfinite_b", "nonfinite_differ"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, np.zeros(len(self.max_abs), dtype=np.int64))
+        if self.count is None:
+            object.__setattr__(self, "count", np.ones(len(self.max_abs), dtype=np.int64))
+
+    def _overall_mean(self, per_channel: np.ndarray) -> float:
+        """A per-channel mean over all channels, each weighted by the positions it covers: a
+        channel whose values are mostly not finite counts for few, one with none for nothing."""
+        assert self.count is not None
+        total = int(self.count.sum())
+        return float((per_channel * self.count).sum() / total) if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         assert self.nonfinite_a is not None and self.nonfinite_b is not None
@@ -73,9 +85,9 @@ class DiffReport:
             "labels_equal": self.labels_equal,
             "overall": {
                 "max_abs": float(self.max_abs.max()),
-                "mean_abs": float(self.mean_abs.mean()),
+                "mean_abs": self._overall_mean(self.mean_abs),
                 "max_rel": float(self.max_rel.max()),
-                "mean_rel": float(self.mean_rel.mean()),
+                "mean_rel": self._overall_mean(self.mean_rel),
             },
             "max_abs": self.max_abs.tolist(),
             "mean_abs": self.mean_abs.tolist(),
@@ -201,6 +213,7 @@ def diff(a: ActivationStore, b: ActivationStore, progress: bool = False) -> Diff
         nonfinite_a=bad_a,
         nonfinite_b=bad_b,
         nonfinite_differ=bad_differ,
+        count=count,
     )
 
 
