@@ -150,7 +150,20 @@ def _figure_path(path: str, flag: str, example: str) -> str:
     return path if p.suffix else str(p.with_name(p.name + ".png"))
 
 
+MAX_PIXELS = 2**28  # of a figure: 1 GiB as RGBA, what Agg allocates before it draws
+
+
 def _save(fig: Any, path: str, flag: str, **kw: Any) -> None:
+    dpi = kw.get("dpi", fig.dpi)
+    w, h = fig.get_size_inches()
+    if w * dpi * h * dpi > MAX_PIXELS:
+        # refused before rendering: Agg would allocate it whole (minutes and GBs, or a
+        # MemoryError traceback)
+        most = int((MAX_PIXELS / (w * h)) ** 0.5)
+        raise store.StoreInputError(
+            f"--dpi {dpi}: a {w * dpi:.0f} x {h * dpi:.0f} pixel picture is too large; "
+            f"this one allows at most --dpi {most}"
+        )
     try:
         fig.savefig(path, **kw)
     except ValueError as e:  # a file type matplotlib cannot write

@@ -903,6 +903,27 @@ def test_show_refuses_a_dpi_below_1_before_any_work(tmp_path, stores, capsys, mo
         assert capsys.readouterr().err == f"error: --dpi must be >= 1, got {dpi}\n"
 
 
+def test_show_refuses_a_dpi_whose_picture_is_too_large_before_rendering(tmp_path, stores, capsys):
+    # Agg allocated the whole picture: --dpi 10000 took minutes and 10 GB, 30000 a MemoryError
+    # traceback
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    rendered: list[int] = []
+    args = ["show", str(stores["f32"]), "--sample", "0", "-o", str(tmp_path / "x.png")]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Figure, "savefig", lambda fig, path, dpi: rendered.append(dpi))
+        assert store_main([*args, "--dpi", "30000"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --dpi 30000: a ") and "pixel picture is too large" in err
+        assert rendered == []
+        most = int(err.rsplit("--dpi ", 1)[1])
+        assert 100 < most < 30000
+        assert store_main([*args, "--dpi", str(most)]) == 0  # the largest it allows
+        assert store_main([*args, "--dpi", str(most + 1)]) == 2
+    assert rendered == [most]
+
+
 def _no_constants(name: str) -> None:
     raise AssertionError(f"not strict JSON: {name}")
 
