@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a PNG: value histogram and per-channel mean/std/range (.png is added to a "
         "name without a suffix; a folder is refused)",
     )
-    st.add_argument("--bins", type=int, default=100, help="histogram bins (default %(default)s)")
+    st.add_argument(
+        "--bins", type=int, default=100, help="histogram bins, 1 to 10000 (default %(default)s)"
+    )
     st.add_argument("--no-progress", dest="progress", action="store_false", help=NO_PROGRESS)
 
     sh = sub.add_parser("show", help="a PNG grid of one sample's activation maps")
@@ -192,9 +194,14 @@ def _finite_range(st: store.ChannelStats) -> tuple[float, float]:
     return (lo, hi) if lo == lo and hi == hi else (0.0, 1.0)  # NaN: no finite value
 
 
+# one bar each in a panel about 400 pixels wide: 10000 take half a minute to draw, 10**8 never
+# finished
+MAX_BINS = 10_000
+
+
 def _stats(args: argparse.Namespace) -> int:
-    if args.bins < 1:
-        raise store.StoreInputError(f"--bins must be >= 1, got {args.bins}")
+    if not 1 <= args.bins <= MAX_BINS:
+        raise store.StoreInputError(f"--bins must be in [1, {MAX_BINS}], got {args.bins}")
     hist = _figure_path(args.hist, "--hist", "hist.png") if args.hist else None
     if hist:
         _need_matplotlib("--hist")

@@ -924,6 +924,15 @@ def test_show_refuses_a_dpi_whose_picture_is_too_large_before_rendering(tmp_path
     assert rendered == [most]
 
 
+def test_stats_refuses_bins_out_of_range_before_any_work(tmp_path, stores, capsys, monkeypatch):
+    # --bins 100000000 drew 10**8 bars: it never finished
+    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    for bins in ("0", "10001", "100000000"):
+        hist = str(tmp_path / "h.png")
+        assert store_main(["stats", str(stores["f32"]), "--bins", bins, "--hist", hist]) == 2
+        assert capsys.readouterr().err == f"error: --bins must be in [1, 10000], got {bins}\n"
+
+
 def _no_constants(name: str) -> None:
     raise AssertionError(f"not strict JSON: {name}")
 
