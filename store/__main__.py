@@ -181,6 +181,20 @@ def _need_matplotlib(what: str) -> None:
         raise store.StoreInputError(str(e)) from None
 
 
+def _check_format(path: str, flag: str) -> None:
+    """A file type matplotlib cannot write (``-o x.txt``) is refused before any work, in
+    savefig's words, rather than after the pass over the store."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix[1:].lower()
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise store.StoreInputError(
+            f"{flag} {path}: Format '{fmt}' is not supported (supported formats: "
+            f"{', '.join(sorted(supported))})"
+        )
+
+
 def _bars(args: argparse.Namespace) -> bool:
     """Progress bars only where stderr is a terminal: in a log file or a pipe each redraw is
     a carriage return around the lines that matter (as ``prefast`` does)."""
@@ -205,6 +219,7 @@ def _stats(args: argparse.Namespace) -> int:
     hist = _figure_path(args.hist, "--hist", "hist.png") if args.hist else None
     if hist:
         _need_matplotlib("--hist")
+        _check_format(hist, "--hist")
     if args.out:
         _refuse_folder(args.out, "--out", "stats.json")
     s = open_complete(args.path)
@@ -228,6 +243,7 @@ def _show(args: argparse.Namespace) -> int:
         raise store.StoreInputError(f"--dpi must be >= 1, got {args.dpi}")
     out = _figure_path(args.out, "-o", f"sample{args.sample}.png")
     _need_matplotlib("show")
+    _check_format(out, "-o")
     s = open_complete(args.path)
     fig = store.show(s, args.sample, args.view, args.channels, args.compare_views)
     _save(fig, out, "-o", dpi=args.dpi)

@@ -933,6 +933,26 @@ def test_stats_refuses_bins_out_of_range_before_any_work(tmp_path, stores, capsy
         assert capsys.readouterr().err == f"error: --bins must be in [1, 10000], got {bins}\n"
 
 
+def test_figure_file_types_matplotlib_cannot_write_are_refused_before_any_work(
+    tmp_path, stores, capsys, monkeypatch
+):
+    # found by savefig, after the pass over the store (and for stats after printing it)
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    s = str(stores["f32"])
+    for args, flag, name in (
+        (["stats", s, "--hist"], "--hist", "h.txt"),
+        (["show", s, "--sample", "0", "-o"], "-o", "x.v2"),
+    ):
+        out = str(tmp_path / name)
+        assert store_main([*args, out]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        fmt = name.rsplit(".", 1)[1]
+        assert captured.err.startswith(f"error: {flag} {out}: Format '{fmt}' is not supported (")
+        assert "png" in captured.err
+
+
 def _no_constants(name: str) -> None:
     raise AssertionError(f"not strict JSON: {name}")
 
