@@ -697,6 +697,19 @@ def test_verify_catches_a_flipped_label_byte(tmp_path, data, capsys):
     capsys.readouterr()
 
 
+def test_verify_says_a_label_file_is_missing_rather_than_damaged(tmp_path, data, capsys):
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    f = path / "labels" / "c" / "3"
+    f.unlink()
+    assert store_main(["verify", str(path), "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    why = "labels are recorded as written but their file is missing"
+    assert f"{f}: {why}" in cap.out and "checksum differs" not in cap.out
+    assert cap.err == f"error: corrupt labels {f} (samples 24..31): {why}\n"
+
+
 def test_truncated_table_and_label_chunks_are_one_line_naming_the_file(tmp_path, data, capsys):
     x, y = data
     path = tmp_path / "s"

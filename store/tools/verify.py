@@ -17,9 +17,11 @@ some is counted value by value.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from store import _zarr
 from store.errors import StoreCorruptError
 from store.layout import ACTIVATIONS, LABELS, count_nonfinite
 from store.reader import ActivationStore, check_opened
@@ -176,13 +178,18 @@ def check_labels(s: ActivationStore, report: VerifyReport) -> None:
         report.labels_unreadable = f"{e.filename}: {why}"
         report.errors.append(f"{e.filename}: cannot be read: {why}")
         return
+    local = _zarr.as_local(s.path) is not None
     for c in bad:
+        file = s.chunk_path(LABELS, c)
         p = ChunkProblem(
             0,
             c,
             s.layout.chunk_range(c),
-            s.chunk_path(LABELS, c),
-            "labels' checksum differs from the one recorded when they were written",
+            file,
+            # a missing file reads as zeros, which fail the checksum too: say which it is
+            "labels are recorded as written but their file is missing"
+            if local and not os.path.exists(file)
+            else "labels' checksum differs from the one recorded when they were written",
         )
         report.bad_label_chunks.append(p)
         report.errors.append(
