@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import store
+from store import _zarr
 from store.tools.inspect import format_summary, open_complete, strict_json, summary
 from store.tools.stats import format_stats, histogram, plot_stats
 from store.tools.viz import require_matplotlib
@@ -143,6 +144,19 @@ def _refuse_folder(path: str, flag: str, example: str) -> None:
         raise store.StoreInputError(f"{flag} {path}: {target} may not be written ({why})")
 
 
+def _refuse_inside(path: str, store_path: str, flag: str) -> None:
+    """An output file inside the store read is refused before any work: ``--out S/zarr.json``
+    replaced the store's record, and any other file there is taken for part of the store."""
+    root = _zarr.as_local(store_path)
+    if root is None:
+        return
+    if Path(path).resolve().is_relative_to(root.resolve()):
+        raise store.StoreInputError(
+            f"{flag} {path}: inside the store {store_path}, whose files it would overwrite or "
+            "join; name a file elsewhere"
+        )
+
+
 def _figure_path(path: str, flag: str, example: str) -> str:
     """The file a figure goes to, checked before any work: ``path``, with ``.png`` added to a
     name without a suffix (what savefig would do; made explicit so that 'wrote' names the
@@ -222,6 +236,9 @@ def _stats(args: argparse.Namespace) -> int:
         _check_format(hist, "--hist")
     if args.out:
         _refuse_folder(args.out, "--out", "stats.json")
+    for out, flag in ((args.out, "--out"), (hist, "--hist")):
+        if out:
+            _refuse_inside(out, args.path, flag)
     s = open_complete(args.path)
     st = store.stats(s, args.view, progress=_bars(args))
     print(format_stats(st))
@@ -244,6 +261,7 @@ def _show(args: argparse.Namespace) -> int:
     out = _figure_path(args.out, "-o", f"sample{args.sample}.png")
     _need_matplotlib("show")
     _check_format(out, "-o")
+    _refuse_inside(out, args.path, "-o")
     s = open_complete(args.path)
     fig = store.show(s, args.sample, args.view, args.channels, args.compare_views)
     _save(fig, out, "-o", dpi=args.dpi)

@@ -966,6 +966,25 @@ def test_figure_file_types_matplotlib_cannot_write_are_refused_before_any_work(
         assert "png" in captured.err
 
 
+def test_an_output_inside_the_store_read_is_refused_before_any_work(tmp_path, data, capsys):
+    # stats --out S/zarr.json replaced the store's record: the store was lost
+    pytest.importorskip("matplotlib")
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    before = {f: f.read_bytes() for f in path.rglob("*") if f.is_file()}
+    for args, flag, out in (
+        (["stats", str(path), "--out"], "--out", path / "zarr.json"),
+        (["stats", path.as_uri(), "--hist"], "--hist", path / "labels" / "h.png"),
+        (["show", str(path), "--sample", "0", "-o"], "-o", path / "activations" / "x.png"),
+    ):
+        assert store_main([*args, str(out)]) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and cap.err.startswith(f"error: {flag} {out}: inside the store ")
+    assert {f: f.read_bytes() for f in path.rglob("*") if f.is_file()} == before
+    assert store.open(path).complete
+
+
 def _no_constants(name: str) -> None:
     raise AssertionError(f"not strict JSON: {name}")
 
