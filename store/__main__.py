@@ -236,6 +236,9 @@ def _stats(args: argparse.Namespace) -> int:
         _check_format(hist, "--hist")
     if args.out:
         _refuse_folder(args.out, "--out", "stats.json")
+    if args.out and hist and Path(args.out).resolve() == Path(hist).resolve():
+        # the picture would replace the JSON just written
+        raise store.StoreInputError(f"--out and --hist name the same file {hist}; name two")
     for out, flag in ((args.out, "--out"), (hist, "--hist")):
         if out:
             _refuse_inside(out, args.path, flag)

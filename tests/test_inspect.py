@@ -985,6 +985,19 @@ def test_an_output_inside_the_store_read_is_refused_before_any_work(tmp_path, da
     assert store.open(path).complete
 
 
+def test_stats_refuses_out_and_hist_naming_one_file(tmp_path, stores, capsys, monkeypatch):
+    # the PNG replaced the JSON, and both 'wrote' lines named it
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    out = tmp_path / "a.png"
+    args = ["stats", str(stores["f32"]), "--out", str(out), "--hist", str(tmp_path / "a")]
+    assert store_main(args) == 2
+    assert (
+        capsys.readouterr().err == f"error: --out and --hist name the same file {out}; name two\n"
+    )
+    assert not out.exists()
+
+
 def _no_constants(name: str) -> None:
     raise AssertionError(f"not strict JSON: {name}")
 
