@@ -8,6 +8,7 @@ exits 1). Messages name the option or field and say what to do.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -94,17 +95,13 @@ def check_int(
     *,
     maximum: int | None = None,
 ) -> int:
-    """``value`` if it is an int >= ``minimum`` (and <= ``maximum``, if given; bools
-    refused), else raise ``error``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < minimum
-        or (maximum is not None and value > maximum)
-    ):
+    """``value`` as an int if it is an integer (a numpy one too; bools refused) >= ``minimum``
+    (and <= ``maximum``, if given), else raise ``error``."""
+    n = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+    if n is None or n < minimum or (maximum is not None and n > maximum):
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise error(f"{what}: must be an integer {allowed}, got {shown(value)}")
-    return value
+    return n
 
 
 def env_int(name: str, default: int, minimum: int) -> int:

@@ -875,3 +875,22 @@ def test_a_cache_fingerprint_is_the_same_with_sync_batch_norm() -> None:
     wider = model()
     wider.units[0][1].eps = 1e-3  # another setting still tells them apart
     assert fingerprint(wider, 2, data, cache) != fingerprint(plain, 2, data, cache)
+
+
+def test_numpy_integers_build_the_model_a_plain_int_does() -> None:
+    """create_model(num_classes=np.int64(10), ...) and FreezeSchedule(cfg, np.int64(5), ...)
+    (from a sweep's np.arange) were refused: 'must be an integer >= 1, got np.int64(10)'.
+    They build what the ints do, with a config of plain ints that goes into JSON."""
+    from prefast.freezeout import FreezeSchedule, ScheduleConfig
+
+    kw = dict(num_classes=10, in_channels=3, image_size=32, depth=10, growth=4)
+    plain = create_model("densenet_bc", **kw)
+    numpy = create_model("densenet_bc", **{k: np.int64(v) for k, v in kw.items()})
+    assert numpy.config == plain.config and json.loads(json.dumps(numpy.config)) == plain.config
+    assert all(type(v) is int for k, v in numpy.config.items() if k in kw)
+    a = FreezeSchedule(ScheduleConfig(t0=0.5), np.int64(5), np.uint16(101))
+    b = FreezeSchedule(ScheduleConfig(t0=0.5), 5, 101)
+    assert (a.num_units, a.total_iterations) == (5, 101) and type(a.num_units) is int
+    assert [a.freeze_iteration(i) for i in range(5)] == [b.freeze_iteration(i) for i in range(5)]
+    with pytest.raises(ModelError, match=r"must be an integer >= 1, got np\.True_"):
+        create_model("densenet_bc", **{**kw, "growth": np.bool_(True)})

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 from torch import nn
 
 from prefast.errors import ModelError, check_int
@@ -144,9 +145,11 @@ def create_model(
     if unknown:
         takes = f"accepted: {', '.join(accepted)}" if accepted else "it takes none"
         raise ModelError(f"model {name!r} got unknown argument(s) {unknown}; {takes}")
-    model = factory(
-        num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs
-    )
+    # numpy integers (a sweep's np.arange) as plain ints: factories check with isinstance and
+    # the config they record goes into JSON
+    common = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    args = {k: _plain_int(v) for k, v in {**common, **kwargs}.items()}
+    model = factory(**args)
     if not isinstance(model, UnitModel):
         raise ModelError(
             f"model {name!r}: the factory returned a {type(model).__name__}, not a UnitModel; "
@@ -164,6 +167,11 @@ def create_model(
         )
     logger.debug("created model %s with config %s", name, model.config)
     return model
+
+
+def _plain_int(v: Any) -> Any:
+    """A numpy integer as an int; anything else as it is."""
+    return int(v) if isinstance(v, np.integer) else v
 
 
 def _did_you_mean(name: object) -> str:
