@@ -2406,6 +2406,39 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_training(args, nee
         unregister_model("fixed_cnn")
 
 
+class _ChecksChannels(nn.Module):
+    """A unit that checks its input itself, as many models do, with a ValueError."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.conv.in_channels:
+            raise ValueError(f"expected {self.conv.in_channels} channels, got {x.shape[1]}")
+        out: torch.Tensor = self.conv(x)
+        return out
+
+
+def test_a_model_that_refuses_the_data_with_a_value_error_is_refused_before_training():
+    """Only a RuntimeError (torch's shape errors) became the one-line ModelError; a model
+    that checks its input itself with a ValueError showed a traceback."""
+
+    def checked(*, num_classes: int, in_channels: int = 3, image_size: int = 32):
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+        return from_sequential([_ChecksChannels(1)], head, config={"name": "checked"})
+
+    register_model("checked")(checked)
+    try:
+        with pytest.raises(ModelError, match=re.escape(
+            "model 'checked' does not run on synthetic's 3x32x32 images (expected 1 channels, "
+            "got 3); does its factory build for in_channels=3"
+        )):  # fmt: skip
+            train(tiny(model="checked", model_args={}, mode="freezeout", epochs=1))
+    finally:
+        unregister_model("checked")
+
+
 class _WithSpare(nn.Module):
     """``inner`` plus a layer built but never called."""
 

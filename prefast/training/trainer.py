@@ -117,7 +117,7 @@ def check_model_fits(model: UnitModel, name: str, spec: DatasetSpec) -> None:
             out = model(model._dummy(shape))
     except torch.cuda.OutOfMemoryError:  # a RuntimeError too, not the model's fault
         raise
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # torch's shape errors; a model's own checks
         msg = " ".join(str(e).split())
         raise ModelError(
             f"model {name!r} does not run on {spec.name}'s {'x'.join(map(str, shape))} images "
