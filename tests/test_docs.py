@@ -639,6 +639,31 @@ def test_readme_stays_short():
     assert len((ROOT / "README.md").read_text().encode()) < 10_000
 
 
+def test_readme_cpu_saving_ranges_match_the_results():
+    """The README's CPU figures for Fashion-MNIST span the committed results: the store's
+    saving over the means of every two-round run, and the ideal ("a free cache") over every
+    profile that times frozen units as FreezeOut runs them (eval, no_grad)."""
+    import json
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    m = re.search(
+        r"the store saves ([\d.]+)-([\d.]+) %.*?a free cache would save (\d+)-(\d+) %", text
+    )
+    assert m, "the README's CPU saving sentence is gone; update this test"
+    saved, ideal = [], []
+    for path in sorted((ROOT / "benchmarks/results").glob("compare-fmnist-*-cpu.json")):
+        d = json.loads(path.read_text())
+        run = d["runs"]["t0=0.6"]
+        if "frozen_fwd_seconds_per_batch" in d.get("profile", {}):
+            ideal.append(100 * run["ideal"]["prefast_vs_freezeout"])
+        if d.get("rounds", 1) >= 2:
+            zarr = next(v for v in run["variants"] if v["variant"] == "prefast-zarr")
+            saved.append(100 * (1 - zarr["vs_freezeout"]))
+    assert saved and ideal
+    assert (float(m[1]), float(m[2])) == (round(min(saved), 1), round(max(saved), 1))
+    assert (int(m[3]), int(m[4])) == (int(min(ideal)), int(max(ideal)))
+
+
 # ---- the option tables of docs/training.md -------------------------------------------------------
 OPTIONS_BEGIN = "<!-- options: generated from prefast.cli.build_parser() by tests/test_docs.py -->"
 OPTIONS_END = "<!-- /options -->"
