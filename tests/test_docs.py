@@ -50,6 +50,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+# The pages beside committed results (SUMMARY.md, README.md): their links are checked too.
+RESULT_PAGES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks/results").rglob("*.md"))
 RUN_TAGS = ("python", "sh")
 TAGS = (*RUN_TAGS, "text")
 
@@ -595,9 +597,11 @@ def _anchors(path: Path) -> set[str]:
 
 
 def test_relative_links_resolve():
-    """Relative links point to files that exist, and #anchors into Markdown files to headings."""
+    """Relative links point to files that exist, and #anchors into Markdown files to headings,
+    in the docs and in the pages beside the committed results."""
+    assert RESULT_PAGES
     bad = []
-    for doc in DOCS:
+    for doc in DOCS + RESULT_PAGES:
         text = (ROOT / doc).read_text()
         for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
             if re.match(r"[a-z]+://", target):
@@ -608,6 +612,38 @@ def test_relative_links_resolve():
             elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
                 bad.append(f"{doc}: link to {target}#{anchor}: no such heading")
     assert not bad, "\n".join(bad)
+
+
+def test_result_pages_commands_parse(monkeypatch):
+    """The ``python benchmarks/NAME.py ...`` commands that the pages beside the committed
+    results give for regenerating them are valid arguments of today's scripts."""
+
+    class Parsed(Exception):
+        pass
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        raise Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    bad, checked = [], 0
+    for page in RESULT_PAGES:
+        text = re.sub(r"\\\n\s*", " ", (ROOT / page).read_text())  # join continued lines
+        for m in re.finditer(r"python3? (benchmarks/\w+\.py)([^`\n]*)", text):
+            args = shlex.split(_split_comment(m.group(2))[0])
+            mod = importlib.import_module(m.group(1)[:-3].replace("/", "."))
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):
+                    mod.main(args)
+            except Parsed:
+                checked += 1
+                continue
+            except SystemExit:
+                pass
+            bad.append(f"{page}: {m.group(0).strip()}: {err.getvalue().strip()[-200:]}")
+    assert checked and not bad, "\n".join(bad)
 
 
 def test_every_option_with_a_default_names_it_in_its_help():
