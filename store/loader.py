@@ -218,13 +218,19 @@ class StoreLoader:
                 min(8, max(1, (os.cpu_count() or 1) // 2)) if self.device.type == "cuda" else 1
             )
         self.gather_workers = gather_workers
-        if batches_per_copy is None:
-            batch_bytes = batch_size * math.prod(source.sample_shape) * source.dtype.itemsize
-            batches_per_copy = default_batches_per_copy(batch_bytes, self.device)
-        self.batches_per_copy = batches_per_copy
         self.sampling = sampling_for(
             source, self.batching, buffer_chunks, read_workers, gather_workers
         )
+        # samples per epoch on this rank; StoreInputError now for fewer samples than ranks
+        self._per_rank = self.sampling.samples_per_rank()
+        if batches_per_copy is None:
+            batch_bytes = (
+                min(batch_size, self._per_rank)
+                * math.prod(source.sample_shape)
+                * source.dtype.itemsize
+            )
+            batches_per_copy = default_batches_per_copy(batch_bytes, self.device)
+        self.batches_per_copy = batches_per_copy
         self.streaming = isinstance(self.sampling, ChunkStreamSampling)
         self._labels = source.labels.cpu()
         # The background threads of the passes under way (each pass over the loader has its
@@ -381,7 +387,9 @@ class StoreLoader:
         gathered into a fresh buffer, pinned when the device is CUDA (torch's pinned-memory
         cache makes that cheap after the first groups)."""
         k = self.batches_per_copy
-        shape = (k * self.batch_size, *self.source.sample_shape)
+        # one size for every group (pinned buffers are reused by size), never more samples
+        # than the epoch has: a batch size above the data allocates only the data
+        shape = (min(k * self.batch_size, self._per_rank), *self.source.sample_shape)
         pin = self.device.type == "cuda"
         clock = time.perf_counter
         batches = itertools.islice(self.sampling.batches(epoch), start_batch, None)

@@ -317,6 +317,35 @@ def test_fewer_samples_than_ranks_is_refused_by_every_tier(tmp_path, data, tier)
     with pytest.raises(store.StoreInputError, match=r"2 sample\(s\) cannot be shared by 3 ranks"):
         len(store.StoreLoader(src, batch_size=7, seed=3, rank=2, world_size=3))
     assert len(store.StoreLoader(src, batch_size=7, seed=3, rank=1, world_size=2)) == 1
+    # when the loader is made, not at its first len() or batch
+    with pytest.raises(store.StoreInputError, match=r"cannot be shared by 3 ranks"):
+        store.StoreLoader(src, batch_size=7, rank=0, world_size=3)
+
+
+@pytest.mark.parametrize("tier", ["zarr-raw", "zarr-lz4", "ram"])
+@pytest.mark.parametrize("batches_per_copy", [1, 3])
+def test_a_batch_size_above_the_data_allocates_only_the_data(
+    tmp_path, data, tier, batches_per_copy
+):
+    """The batch buffer had room for batch_size samples whatever the data: a batch size of
+    10**12 over 37 samples failed allocating terabytes, 10**6 took a gigabyte."""
+    x, y = data
+    src = _tiers(tmp_path, x[:, :37], y[:37])[tier]
+    sizes = []
+    loader = store.StoreLoader(
+        src, batch_size=10**12, prefetch=0, batches_per_copy=batches_per_copy
+    )
+    fill = loader.sampling.fill_group
+
+    def spy(group, out):
+        sizes.append(out.untyped_storage().nbytes())
+        return fill(group, out)
+
+    loader.sampling.fill_group = spy
+    batches = [(decode(xb)[1], yb) for xb, yb in loader]
+    assert len(loader) == len(batches) == 1 and sorted(batches[0][0].tolist()) == list(range(37))
+    assert torch.equal(batches[0][1], y[torch.from_numpy(batches[0][0])])
+    assert sizes == [37 * x[0, 0].numel() * x.element_size()]
 
 
 def test_drop_last_and_start_batch(tmp_path, data):
