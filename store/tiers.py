@@ -96,6 +96,9 @@ class TensorCache:
             raise StoreInputError(
                 f"data must be (views, samples, *sample_shape), got shape {tuple(data.shape)}"
             )
+        # at least one view and one sample, as a store: an empty tier was taken, and its
+        # loader failed later (no views: at the first batch)
+        _empty_shape(data.shape[1], data.shape[0], data.shape[2:])
         if labels.shape != (data.shape[1],):
             raise StoreInputError(
                 f"labels must have shape ({data.shape[1]},), got {tuple(labels.shape)}"

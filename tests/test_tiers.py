@@ -301,6 +301,25 @@ def test_an_empty_tier_checks_its_layout_as_a_store_does(tier, args, match):
     assert cache.data.shape == (1, 4, 2, 3) and cache.labels.tolist() == [-1] * 4
 
 
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((1, 0, 2), r"num_samples must be in \[1, "),
+        ((0, 4, 2), r"views must be in \[1, "),
+        ((1, 4, 0), r"sample_shape must be in \[1, "),
+    ],
+)
+@pytest.mark.parametrize("tier", ["ram", "device"])
+def test_a_tier_from_tensors_refuses_an_empty_shape_as_a_store_does(tier, shape, match):
+    """from_tensors took 0 samples or 0 views (empty() and a store refuse both): the loader
+    over it failed later, with no views only at its first batch."""
+    make = store.RamCache.from_tensors if tier == "ram" else store.DeviceCache.from_tensors
+    with pytest.raises(store.StoreInputError, match=match):
+        make(torch.zeros(shape), torch.zeros(shape[1], dtype=torch.long))
+    cache = make(torch.zeros(1, 1, 2), torch.zeros(1, dtype=torch.long))
+    assert [len(yb) for _, yb in store.StoreLoader(cache, batch_size=3)] == [1]
+
+
 def test_a_device_tier_on_a_device_that_is_not_there_is_an_input_error(tmp_path, monkeypatch):
     """DeviceCache.from_store(s, "cuda") on a machine without CUDA failed with torch's
     RuntimeError 'Found no NVIDIA driver', and a device name torch does not know with its
