@@ -74,6 +74,28 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def check_gather(
+    where: str, num_views: int, num_samples: int, views: Any, indices: Any, out: torch.Tensor
+) -> None:
+    """The arguments of a tier's ``gather``: integer ``views`` and ``indices`` of ``out``'s
+    length, each in range, else ``StoreInputError`` (a negative one read from the end, a view
+    past the last was numpy's IndexError, a negative view a store's missing chunk file)."""
+    n = len(out)
+    for name, field, a, hi in (
+        ("view", "views", views, num_views),
+        ("sample index", "indices", indices, num_samples),
+    ):
+        a = np.asarray(a)
+        if a.ndim != 1 or len(a) != n or (n and not np.issubdtype(a.dtype, np.integer)):
+            raise StoreInputError(
+                f"{where}gather: {field} must be {n} integers (one per sample of out), "
+                f"got shape {a.shape} dtype {a.dtype}"
+            )
+        if n and (a.min() < 0 or a.max() >= hi):
+            bad = a[(a < 0) | (a >= hi)][0]
+            raise StoreInputError(f"{where}{name} {bad} out of range [0, {hi})")
+
+
 def _samples(layout: StoreLayout, chunk: int) -> str:
     c0, c1 = layout.chunk_range(chunk)
     return f"samples {c0}..{c1 - 1}"
@@ -567,6 +589,7 @@ class ActivationStore:
 
     def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None:
         """Fill the CPU tensor ``out`` (len, *sample_shape) with sample indices[k] of view views[k]."""
+        check_gather(f"{self.path}: ", self.views, self.num_samples, views, indices, out)
         out_np = numpy_view(out)
         if self.views == 1 or (views == views[:1]).all():  # one view (or none: empty)
             self.read_into(int(views[0]) if len(views) else 0, indices, out_np)

@@ -15,7 +15,7 @@ import torch
 
 from store.errors import StoreInputError, check_int
 from store.layout import DTYPES, MAX_SAMPLES, MAX_VIEWS, as_shape, check_labels, check_write
-from store.reader import ActivationStore, as_tensor, check_opened, numpy_view
+from store.reader import ActivationStore, as_tensor, check_gather, check_opened, numpy_view
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -242,14 +242,13 @@ class TensorCache:
 
     def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None:
         """Fill ``out`` (len, *sample_shape) with sample indices[k] of view views[k]."""
+        check_gather("", self.views, self.num_samples, views, indices, out)
         if self.device.type == "cpu":
             # numpy's take copies on the calling thread; torch would split a small copy
             # across its compute threads, which stalls when those are busy training.
             src = numpy_view(self.data)
             dst = numpy_view(out)
             if self.views == 1 or (views == views[:1]).all():  # one view (or none: empty)
-                if len(indices) and (indices.min() < 0 or indices.max() >= self.num_samples):
-                    raise StoreInputError(f"sample index out of range [0, {self.num_samples})")
                 # mode="clip" on checked indices: mode="raise" with out= gathers into a
                 # temporary buffer and copies it again
                 np.take(
