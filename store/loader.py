@@ -415,13 +415,16 @@ class StoreLoader:
 
     # ---- shutdown -------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the background threads of the passes under way (if any) and wait for them; a
-        pass stopped so raises ``StoreError`` if it is iterated further."""
+        """Stop the background threads of the passes under way (if any) and the gather threads,
+        and wait for them; a pass stopped so raises ``StoreError`` if it is iterated further.
+        A later pass starts afresh."""
         with self._lock:
             runs = list(self._passes)
             self._passes.clear()
         for run in runs:
             run.stop()
+        if isinstance(self.sampling, RandomAccessSampling):
+            self.sampling.close()
 
     def __enter__(self) -> StoreLoader:
         return self

@@ -26,6 +26,7 @@ buffers, threads and device copies.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,19 +112,36 @@ class RandomAccessSampling:
         self.source = source
         self.batching = batching
         self.gather_workers = max(1, gather_workers)
+        self._parallel = self.gather_workers > 1 and source.device.type == "cpu"
+        # made at the first split gather, shut down by close() (a later gather makes another)
         self._pool: ThreadPoolExecutor | None = None
-        if self.gather_workers > 1 and source.device.type == "cpu":
-            self._pool = ThreadPoolExecutor(self.gather_workers, thread_name_prefix="store-gather")
+        self._pool_lock = threading.Lock()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.gather_workers, thread_name_prefix="store-gather"
+                )
+            return self._pool
+
+    def close(self) -> None:
+        """End the gather threads (after the gathers under way)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def _gather(self, views: np.ndarray, idx: np.ndarray, out: torch.Tensor) -> None:
-        k = self.gather_workers if self._pool is not None else 1
+        k = self.gather_workers if self._parallel else 1
         k = _layout.part_count(out.numel() * out.element_size(), k)
         if k == 1 or len(idx) < 4 * k:
             self.source.gather(views, idx, out)
             return
         bounds = np.linspace(0, len(idx), k + 1).astype(int)
+        pool = self._executor()
         parts = [
-            self._pool.submit(self.source.gather, views[a:b], idx[a:b], out[a:b])  # type: ignore[union-attr]
+            pool.submit(self.source.gather, views[a:b], idx[a:b], out[a:b])
             for a, b in itertools.pairwise(bounds.tolist())
         ]
         for f in parts:

@@ -145,6 +145,34 @@ def test_a_batch_is_split_among_gather_threads_only_into_parts_worth_a_thread(mo
         assert torch.equal(xb, src.data[0, torch.from_numpy(ids)])
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_close_ends_the_gather_threads_and_a_later_pass_starts_them_again(monkeypatch, prefetch):
+    """close() and the end of a with block stopped the passes but left the loader's gather
+    threads running until the loader was garbage collected."""
+    src = store.RamCache.empty(37, 3, (4,), "float32")  # 16-byte samples
+    src.data.copy_(torch.arange(3 * 37 * 4, dtype=torch.float32).view(3, 37, 4))
+    monkeypatch.setattr(store.layout, "MIN_PART_BYTES", 16 * 5)  # 5 samples a part
+
+    def gathering() -> int:
+        return sum(t.name.startswith("store-gather") for t in threading.enumerate())
+
+    before = gathering()
+    with store.StoreLoader(src, batch_size=30, prefetch=prefetch, gather_workers=3) as loader:
+        loader.set_epoch(2)
+        first = [xb.clone() for xb, _ in loader]
+        assert gathering() > before  # the batch of 30 was split among the threads
+    assert gathering() == before
+    loader.set_epoch(2)
+    it = iter(loader)
+    assert torch.equal(next(it)[0], first[0])  # a later pass gathers (on new threads)
+    loader.close()
+    assert gathering() == before
+    loader.set_epoch(2)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(first, loader, strict=True))
+    del it, loader
+    assert [t.name for t in threading.enumerate() if t.name.startswith("store-loader")] == []
+
+
 def _batches(
     loader: store.StoreLoader, epoch: int, start: int = 0
 ) -> list[tuple[torch.Tensor, ...]]:
