@@ -172,7 +172,11 @@ class TensorCache:
         then, but they must be distinct and ``labels`` must be None: give them with host rows,
         or with ``write``)."""
         check_write("", self.views, self.num_samples, self.sample_shape, view, 0, x[:0])
-        rt = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(np.asarray(rows))
+        if not isinstance(rows, torch.Tensor):
+            r = np.asarray(rows)
+            # an empty list is float64 to numpy: no rows, as a store's writer takes it
+            rows = r.astype(np.int64) if r.size == 0 and r.ndim == 1 else r
+        rt = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(rows)
         if rt.dim() != 1 or rt.is_floating_point() or rt.dtype == torch.bool:
             raise StoreInputError("field 'rows' must be a 1-D tensor of integers")
         if rt.shape[0] != x.shape[0]:

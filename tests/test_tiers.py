@@ -392,3 +392,20 @@ def test_a_row_given_twice_keeps_its_last_sample_as_a_store_does(tmp_path, tier)
     w.close()
     stored = store.RamCache.from_store(store.open(tmp_path / "s"))
     assert torch.equal(stored.data, cache.data) and torch.equal(stored.labels, cache.labels)
+
+
+@pytest.mark.parametrize("tier", ["ram", "device"])
+def test_no_rows_given_as_an_empty_list_are_written_as_a_store_writes_them(tmp_path, tier):
+    """write_rows(0, [], x[:0]) was refused ('rows' must be integers: numpy makes an empty
+    list float64) where a store's writer takes it, so a cache pass with an empty batch of rows
+    failed on the tensor tiers only."""
+    make = store.RamCache.empty if tier == "ram" else store.DeviceCache.empty
+    cache = make(5, 1, (3,), dtype="float32")
+    cache.data.zero_()
+    cache.write_rows(0, [], torch.zeros(0, 3))
+    assert cache.data.abs().sum() == 0 and cache.labels.tolist() == [-1] * 5
+    with store.create(tmp_path / "s", sample_shape=(3,), num_samples=5, dtype="float32") as w:
+        w.write_rows(0, [], np.zeros((0, 3), dtype=np.float32))
+        w.abort()
+    with pytest.raises(store.StoreInputError, match="'rows' must be a 1-D tensor of integers"):
+        cache.write_rows(0, [0.0], torch.zeros(1, 3))
