@@ -341,6 +341,10 @@ def check_write(
     for name, value in (("view", view), ("start", start)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise StoreInputError(f"{where}field '{name}' must be an integer, got {shown(value)}")
+    if not isinstance(x, torch.Tensor | np.ndarray):  # a list had no .shape: AttributeError
+        raise StoreInputError(
+            f"{where}field 'x' must be a tensor or numpy array, got {type(x).__name__}"
+        )
     if not 0 <= view < views:
         raise StoreInputError(f"{where}field 'view'={view} out of range [0, {views})")
     if tuple(x.shape[1:]) != sample_shape:

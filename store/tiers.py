@@ -171,7 +171,9 @@ class TensorCache:
         keeps its last sample. ``rows`` may be on this cache's device (no host synchronisation
         then, but they must be distinct and ``labels`` must be None: give them with host rows,
         or with ``write``)."""
-        check_write("", self.views, self.num_samples, self.sample_shape, view, 0, x[:0])
+        # no samples (x[:0]): the rows are checked below; a list has no shape, refused here
+        none = x[:0] if hasattr(x, "shape") else x
+        check_write("", self.views, self.num_samples, self.sample_shape, view, 0, none)
         if not isinstance(rows, torch.Tensor):
             r = np.asarray(rows)
             # an empty list is float64 to numpy: no rows, as a store's writer takes it

@@ -781,7 +781,9 @@ class StoreWriter:
         if r.ndim != 1 or (r.size and not np.issubdtype(r.dtype, np.integer)):
             raise StoreInputError(f"{self.path}: field 'rows' must be a 1-D array of integers")
         r = r.astype(np.int64, copy=False)
-        check_write(f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, 0, x[:0])
+        # no samples (x[:0]): the rows are checked below; a list has no shape, refused here
+        none = x[:0] if hasattr(x, "shape") else x
+        check_write(f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, 0, none)
         n = int(x.shape[0])
         if len(r) != n:
             raise StoreInputError(f"{self.path}: {len(r)} rows for {n} samples")

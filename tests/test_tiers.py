@@ -44,6 +44,12 @@ def check_tier(tier: Tier, x: torch.Tensor, y: torch.Tensor) -> None:
     sink, reopen = tier
     assert isinstance(sink, store.ActivationSink)
     with sink as w:
+        # a batch that is not a tensor or an array (a list had no .shape: AttributeError)
+        with pytest.raises(store.StoreInputError, match="'x' must be a tensor or numpy array"):
+            w.write(0, 0, x[0, :2].tolist(), y[:2])
+        if w.supports_rows:
+            with pytest.raises(store.StoreInputError, match="'x' must be a tensor or numpy"):
+                w.write_rows(0, [0, 1], x[0, :2].tolist(), y[:2])
         for v in range(VIEWS):
             for i in range(0, N, 50):
                 w.write(v, i, x[v, i : i + 50], y[i : i + 50])
@@ -99,6 +105,12 @@ def test_parallel_gather_delivers_the_same_batches(tmp_path, monkeypatch, name):
     x, y = encoded(), labels_for()
     sink, reopen = TIERS[name](tmp_path / "s", "float32")
     with sink as w:
+        # a batch that is not a tensor or an array (a list had no .shape: AttributeError)
+        with pytest.raises(store.StoreInputError, match="'x' must be a tensor or numpy array"):
+            w.write(0, 0, x[0, :2].tolist(), y[:2])
+        if w.supports_rows:
+            with pytest.raises(store.StoreInputError, match="'x' must be a tensor or numpy"):
+                w.write_rows(0, [0, 1], x[0, :2].tolist(), y[:2])
         for v in range(VIEWS):
             w.write(v, 0, x[v], y)
     src = reopen()
