@@ -76,6 +76,25 @@ def _checked_labels(data: torch.Tensor, labels: Any) -> torch.Tensor:
     return torch.from_numpy(check_labels("", labels, int(data.shape[1])))
 
 
+def _stacked(x: Any) -> torch.Tensor:
+    """``from_tensors``' data as one tensor (views, N, ...): a tensor or array, or a non-empty
+    sequence of per-view (N, ...) ones of one shape (else torch's TypeError or RuntimeError
+    from its stack)."""
+    if isinstance(x, torch.Tensor | np.ndarray):
+        return torch.as_tensor(x)
+    if isinstance(x, str | bytes) or not isinstance(x, Sequence):
+        raise StoreInputError(
+            f"x must be a tensor (views, N, ...) or a list of per-view tensors, got {type(x).__name__}"
+        )
+    parts = [torch.as_tensor(v) for v in x]
+    if not parts:
+        raise StoreInputError("x is an empty list: give at least one view")
+    shapes = [tuple(p.shape) for p in parts]
+    if len(set(shapes)) > 1:
+        raise StoreInputError(f"x: the views' tensors differ in shape: {shapes}")
+    return torch.stack(parts)
+
+
 def _empty_shape(num_samples: Any, views: Any, sample_shape: Any) -> tuple[int, ...]:
     """(views, num_samples, *sample_shape) of an empty tier, checked as a store's layout (a
     str, a float or a negative count was torch's TypeError or RuntimeError)."""
@@ -319,7 +338,7 @@ class RamCache(TensorCache):
         meta: dict[str, Any] | None = None,
     ) -> RamCache:
         """From (views, N, ...) or a list of per-view (N, ...) tensors."""
-        data = torch.stack(list(x)) if not isinstance(x, torch.Tensor) else x
+        data = _stacked(x)
         data = data.detach().to(
             "cpu", dtype=resolve_dtype(dtype) if dtype is not None else data.dtype
         )
@@ -367,7 +386,7 @@ class DeviceCache(TensorCache):
         dtype: str | torch.dtype | None = None,
         meta: dict[str, Any] | None = None,
     ) -> DeviceCache:
-        data = torch.stack(list(x)) if not isinstance(x, torch.Tensor) else x
+        data = _stacked(x)
         data = data.detach().to(
             resolve_device(device), dtype=resolve_dtype(dtype) if dtype is not None else data.dtype
         )

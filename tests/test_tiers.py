@@ -421,3 +421,22 @@ def test_no_rows_given_as_an_empty_list_are_written_as_a_store_writes_them(tmp_p
         w.abort()
     with pytest.raises(store.StoreInputError, match="'rows' must be a 1-D tensor of integers"):
         cache.write_rows(0, [0.0], torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("tier", ["ram", "device"])
+def test_from_tensors_refuses_views_it_cannot_stack_in_its_own_words(tier):
+    """An empty list, per-view tensors of different shapes or None were torch's RuntimeError
+    or TypeError from its stack, and a list of numpy arrays was refused by torch."""
+    make = store.RamCache.from_tensors if tier == "ram" else store.DeviceCache.from_tensors
+    y = torch.arange(4)
+    for x, match in (
+        ([], "x is an empty list"),
+        ([torch.zeros(4, 2), torch.zeros(4, 3)], r"differ in shape: \[\(4, 2\), \(4, 3\)\]"),
+        (None, "got NoneType"),
+    ):
+        with pytest.raises(store.StoreInputError, match=match):
+            make(x, y)
+    views = [np.full((4, 2), v, dtype=np.float32) for v in range(2)]
+    for x in (views, np.stack(views), tuple(torch.from_numpy(v) for v in views)):
+        cache = make(x, y)
+        assert cache.data.shape == (2, 4, 2) and cache.data[:, :, 0].tolist() == [[0] * 4, [1] * 4]
