@@ -206,6 +206,18 @@ class StoreLoader:
             )
         self.source = source
         self.device = resolve_device(device)
+        here = source.device
+        if here.type != "cpu" and (
+            self.device.type != here.type
+            or (self.device.index if self.device.index is not None else torch.cuda.current_device())
+            != here.index
+        ):
+            # its gathers are ops on its own device, into batches there (another device's
+            # buffer was torch's RuntimeError at the first batch, on the loader's thread)
+            raise StoreInputError(
+                f"a cache on {here} feeds batches on {here}, not on {self.device}: "
+                f"StoreLoader(..., device={str(here)!r})"
+            )
         self.prefetch = prefetch
         self.buffer_chunks = buffer_chunks
         self.read_workers = read_workers

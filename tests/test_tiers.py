@@ -298,6 +298,28 @@ def test_a_device_the_loader_cannot_feed_is_refused_when_it_is_made(monkeypatch)
     assert store.StoreLoader(src, device=torch.device("cpu")).device == torch.device("cpu")
 
 
+def test_a_device_cache_feeds_only_its_own_device(monkeypatch):
+    """A DeviceCache on cuda:0 read by a loader for the CPU or cuda:1 was torch's RuntimeError
+    at the first batch (its gathers write into a buffer on its own device)."""
+
+    class OnGpu(store.DeviceCache):  # a DeviceCache as it is on cuda:0, without a GPU
+        device = torch.device("cuda", 0)  # type: ignore[assignment]
+
+    src = OnGpu(torch.zeros(1, 10, 4), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(store.StoreInputError, match="a cache on cuda:0 feeds batches on cuda:0"):
+        store.StoreLoader(src, device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for device in ("cuda:1", "cuda"):  # "cuda" is the current device, cuda:1
+        with pytest.raises(store.StoreInputError, match=f"not on {device}: .*device='cuda:0'"):
+            store.StoreLoader(src, device=device)
+    for device in ("cuda:0", torch.device("cuda", 0)):
+        assert store.StoreLoader(src, device=device).device == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert store.StoreLoader(src, device="cuda").device == torch.device("cuda")
+
+
 @pytest.mark.parametrize("tier", ["ram", "device"])
 def test_tensor_tiers_refuse_the_labels_a_store_refuses(tier):
     # a cache pass writes any tier: labels a store refuses (negative, fractional) are refused
