@@ -154,8 +154,9 @@ class StoreLoader:
     dtype, y int64 (B,) on ``device``; with ``with_indices=True`` also the batch's sample ids,
     int64 (B,) on the host. Call ``set_epoch(e)`` before each epoch.
 
-    ``prefetch`` batches are prepared ahead on a background thread; ``prefetch=0`` prepares
-    each batch when it is asked for, on the caller's thread (the better choice when training
+    ``prefetch`` groups of ``batches_per_copy`` batches (one batch a group on a CPU device,
+    by default) are prepared ahead on a background thread; ``prefetch=0`` prepares each group
+    when it is asked for, on the caller's thread (the better choice when training
     runs on the same few CPU cores). ``buffer_chunks`` and ``read_workers`` tune the streaming
     of compressed stores (see ``store.sampling``). ``gather_workers`` threads gather each
     batch of a host source (RAM or a memory-mapped store); the default is one on a CPU device
