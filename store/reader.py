@@ -74,12 +74,21 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def check_gather(
-    where: str, num_views: int, num_samples: int, views: Any, indices: Any, out: torch.Tensor
-) -> None:
-    """The arguments of a tier's ``gather``: integer ``views`` and ``indices`` of ``out``'s
-    length, each in range, else ``StoreInputError`` (a negative one read from the end, a view
-    past the last was numpy's IndexError, a negative view a store's missing chunk file)."""
+def check_gather(where: str, source: Any, views: Any, indices: Any, out: torch.Tensor) -> None:
+    """The arguments of ``source.gather``: ``out`` (len, *sample_shape) in the stored dtype,
+    integer ``views`` and ``indices`` of its length, each in range, else ``StoreInputError``
+    (a negative one read from the end, a view past the last was numpy's IndexError, a
+    negative view a store's missing chunk file; another dtype was cast, bfloat16's raw words
+    to floats or floats to words)."""
+    if not isinstance(out, torch.Tensor) or out.dim() < 1:
+        raise StoreInputError(f"{where}gather: out must be a tensor, got {type(out).__name__}")
+    shape, dtype, device = tuple(source.sample_shape), source.dtype, source.device
+    if out.dtype != dtype or tuple(out.shape[1:]) != shape or out.device != device:
+        raise StoreInputError(
+            f"{where}gather: out must be (len, *{shape}) {dtype} on {device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    num_views, num_samples = source.views, source.num_samples
     n = len(out)
     for name, field, a, hi in (
         ("view", "views", views, num_views),
@@ -589,7 +598,7 @@ class ActivationStore:
 
     def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None:
         """Fill the CPU tensor ``out`` (len, *sample_shape) with sample indices[k] of view views[k]."""
-        check_gather(f"{self.path}: ", self.views, self.num_samples, views, indices, out)
+        check_gather(f"{self.path}: ", self, views, indices, out)
         out_np = numpy_view(out)
         if self.views == 1 or (views == views[:1]).all():  # one view (or none: empty)
             self.read_into(int(views[0]) if len(views) else 0, indices, out_np)

@@ -267,7 +267,7 @@ class TensorCache:
 
     def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None:
         """Fill ``out`` (len, *sample_shape) with sample indices[k] of view views[k]."""
-        check_gather("", self.views, self.num_samples, views, indices, out)
+        check_gather("", self, views, indices, out)
         if self.device.type == "cpu":
             # numpy's take copies on the calling thread; torch would split a small copy
             # across its compute threads, which stalls when those are busy training.

@@ -81,6 +81,12 @@ def check_tier(tier: Tier, x: torch.Tensor, y: torch.Tensor) -> None:
     with pytest.raises(store.StoreInputError, match="views must be 2 integers"):
         src.gather(np.array([0.0, 1.0]), np.array([0, 1]), out[:2])
     src.gather(np.array([], dtype=np.int64), np.array([], dtype=np.int64), out[:0])
+    # a buffer of another dtype was cast (bfloat16's raw words to floats, or floats to
+    # words), one of another sample shape was numpy's ValueError
+    other = torch.float16 if src.dtype != torch.float16 else torch.float32
+    for wrong in (out[:2].to(other), out[:2, :, :, :1].cpu(), out[:2].flatten(1)):
+        with pytest.raises(store.StoreInputError, match=r"out must be \(len, \*\(3, 5, 4\)\)"):
+            src.gather(np.array([1, 2]), np.array([0, 1]), wrong)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
