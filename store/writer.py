@@ -694,10 +694,6 @@ class StoreWriter:
             f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, start, x
         )
         self._set_mode("batches")
-        if labels is not None:
-            self._agree_labels(
-                np.arange(start, start + n), check_labels(f"{self.path}: ", labels, n)
-            )
         first, last = start // lay.chunk_samples, (start + n - 1) // lay.chunk_samples
         for c in range(first, last + 1):
             if not self._owned(c):
@@ -705,6 +701,14 @@ class StoreWriter:
                     f"{self.path}: chunk {c} (samples {lay.chunk_range(c)}) belongs to rank "
                     f"{c % self.world_size}, this writer is rank {self.rank} of {self.world_size}"
                 )
+        if labels is not None:
+            self._agree_labels(
+                np.arange(start, start + n), check_labels(f"{self.path}: ", labels, n)
+            )
+        if view == 0:  # refused before any chunk is touched, so the batch can be given again
+            for c in range(first, last + 1):
+                if not self._submitted[view, c] and self._completes(view, c, start, start + n):
+                    self._check_chunk_labels(c)
         data = to_stored_numpy(x, lay)
         for c in range(first, last + 1):
             if self._submitted[view, c]:
@@ -723,6 +727,15 @@ class StoreWriter:
             if buf.full:
                 del self._buffers[(view, c)]
                 self._submit(view, c, buf.data)
+
+    def _completes(self, view: int, chunk: int, start: int, stop: int) -> bool:
+        """Whether samples ``start .. stop`` fill ``chunk`` of ``view`` with those buffered."""
+        c0, c1 = self.layout.chunk_range(chunk)
+        s0, s1 = max(c0, start), min(c1, stop)
+        buf = self._buffers.get((view, chunk))
+        if buf is None:
+            return s0 == c0 and s1 == c1
+        return bool(buf.filled[: s0 - c0].all() and buf.filled[s1 - c0 :].all())
 
     def set_meta(self, meta: Mapping[str, Any] | None) -> None:
         """Replace the store's provenance while none of its chunks is written yet: a writer

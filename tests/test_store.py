@@ -157,6 +157,24 @@ def test_writing_a_chunk_twice_is_harmless(tmp_path, data):
     assert torch.equal(s.read(0, ALL), x[0])
 
 
+def test_a_write_that_completes_an_unlabelled_chunk_is_refused_whole_and_can_be_given_again(
+    tmp_path, data
+):
+    # The refusal comes before the chunk is touched: the samples buffered by earlier writes
+    # stay, so the same write given again with its labels completes the chunk (the buffer was
+    # dropped with the refusal, and the chunk never filled again: the store stayed incomplete).
+    x, y = data
+    kw = dict(sample_shape=SHAPE, num_samples=N, views=1, dtype="float32", chunk_samples=CHUNK)
+    with store.create(tmp_path / "s", **kw) as w:
+        w.write(0, 0, x[0, :4], y[:4])
+        with pytest.raises(store.StoreInputError, match="labels were never given"):
+            w.write(0, 4, x[0, 4:12])
+        w.write(0, 4, x[0, 4:12], y[4:12])
+        w.write(0, 12, x[0, 12:], y[12:])
+    s = store.open(tmp_path / "s")
+    assert s.complete and torch.equal(s.read(0, ALL), x[0]) and torch.equal(s.labels, y)
+
+
 def test_a_chunk_written_again_while_its_first_write_is_in_flight_keeps_the_first(tmp_path):
     # The pool's one thread is held, so chunk 0's first write is still queued when it is
     # written again: the second write is skipped as for a stored chunk, never stored too
