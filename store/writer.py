@@ -143,9 +143,11 @@ def _pwrite_all(jobs: list[tuple[int, np.ndarray, int]]) -> None:
 def _clear_store_dir(path: Path) -> None:
     """Empty a folder a store is being created over. A store there marked complete is first
     marked incomplete, and its record (``zarr.json``) goes last: a writer killed meanwhile
-    leaves an incomplete store, never a half-deleted one still marked complete."""
+    leaves an incomplete store, never a half-deleted one still marked complete. The chunk
+    markers (``chunk_crc``) go first: a chunk whose data is deleted is never left marked as
+    written, which a resumed writer would take as stored."""
     _mark_incomplete(path)
-    for child in path.iterdir():
+    for child in sorted(path.iterdir(), key=lambda c: c.name != CHUNK_CRC):
         if child.name == "zarr.json":
             continue
         if child.is_dir() and not child.is_symlink():
@@ -158,10 +160,11 @@ def _clear_store_dir(path: Path) -> None:
 def _clear_store_url(url: str) -> None:
     """``_clear_store_dir`` at a URL: the store there is marked incomplete, its record goes
     last, so an overwrite cut short leaves an incomplete store that a later overwrite takes,
-    never keys without a record (which ``create`` refuses to overwrite)."""
+    never keys without a record (which ``create`` refuses to overwrite), nor a chunk marked
+    written whose data is gone (the chunk markers go first)."""
     _mark_incomplete(url)
     record = url.rstrip("/") + "/zarr.json"
-    for child in children(url):
+    for child in sorted(children(url), key=lambda c: not str(c).endswith("/" + CHUNK_CRC)):
         if child != record:
             remove(child)
     remove(record)

@@ -1022,6 +1022,50 @@ def test_an_overwrite_cut_short_leaves_the_store_marked_incomplete(
     assert store.verify(store.open(path)).ok
 
 
+@pytest.mark.parametrize("where", ["local", "url"])
+def test_an_overwrite_cut_short_never_leaves_a_deleted_chunk_marked_written(
+    tmp_path, data, monkeypatch, where
+):
+    """The chunk markers go before the data: an overwrite killed while it deletes the chunks
+    of a store of the same layout left their markers, and a resumed writer took those chunks
+    as stored and marked the store complete with its chunk files missing."""
+    import fsspec
+
+    x, y = data
+    path = tmp_path / "s" if where == "local" else "memory://prefast-test-overwrite-cut/s"
+    kw = dict(sample_shape=SHAPE, num_samples=N, views=VIEWS, dtype="float32", chunk_samples=CHUNK)
+    write_store(path, x, y)
+    kill = KeyboardInterrupt("killed")
+    if where == "local":
+        monkeypatch.setattr(Path, "iterdir", lambda p, it=Path.iterdir: iter(sorted(it(p))))
+        rmtree = shutil.rmtree
+
+        def cut_short(p, *a, **k):
+            if Path(p).name == "activations":  # its chunk files go, then the writer dies
+                rmtree(Path(p) / "c")
+                raise kill
+            rmtree(p, *a, **k)
+
+        monkeypatch.setattr(shutil, "rmtree", cut_short)
+    else:
+        remove = store.writer.remove
+
+        def cut_short(loc):
+            if str(loc).endswith("/activations"):
+                fsspec.filesystem("memory").rm(str(loc) + "/c", recursive=True)
+                raise kill
+            remove(loc)
+
+        monkeypatch.setattr(store.writer, "remove", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        store.create(path, overwrite=True, meta={"test": True}, **kw)
+    monkeypatch.undo()
+    with pytest.raises(store.StoreIncompleteError, match="chunk_crc"):
+        store.create(path, resume=True, meta={"test": True}, **kw)
+    write_store(path, x, y, overwrite=True)
+    assert store.verify(store.open(path)).ok
+
+
 def _raw_chunk(path: Path, view: int, chunk: int) -> Path:
     return path / "activations" / "c" / str(view) / str(chunk) / "0" / "0" / "0"
 
