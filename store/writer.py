@@ -290,6 +290,16 @@ def create(
         ) from e
     lock = _DirLock(root, shared=world_size > 1)
     try:
+        if any(root.iterdir()):  # what another writer made here between the look above and the lock
+            if resume and is_activation_store(root):
+                group = _zarr.open_group(root, mode="r+")
+                info = _check_resume(group, layout, meta, str(root))
+                return StoreWriter(root, group, info, lock, rank, world_size, workers, max_pending)
+            if not overwrite or not is_activation_store(root):
+                raise StoreExistsError(
+                    f"{root}: another writer made a store here meanwhile; pass overwrite=True "
+                    "to replace it or resume=True"
+                )
         _clear_store_dir(root)
         info = StoreInfo(layout=layout, meta=meta, complete=False, created=_now())
         group = zarr.create_group(str(root), zarr_format=3, attributes={ATTRS_KEY: info.to_dict()})

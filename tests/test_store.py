@@ -917,6 +917,34 @@ def test_existing_store_needs_overwrite_or_resume(tmp_path, data):
     assert (tmp_path / "other" / "notes.txt").exists()
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_store_made_between_creates_look_and_its_lock_is_not_cleared(
+    tmp_path, data, monkeypatch, resume
+):
+    """create() looks at the folder, then takes the lock: a store another writer made and
+    completed in between was emptied as if the folder had been empty (without overwrite)."""
+    x, y = data
+    path = tmp_path / "s"
+    lock = store.writer._DirLock
+
+    def raced(p, shared):
+        monkeypatch.setattr(store.writer, "_DirLock", lock)
+        write_store(path, x, y)  # the other writer, done by the time this one locks
+        return lock(p, shared)
+
+    monkeypatch.setattr(store.writer, "_DirLock", raced)
+    kw = dict(sample_shape=SHAPE, num_samples=N, views=VIEWS, dtype="float32", chunk_samples=CHUNK)
+    if resume:  # the store made meanwhile is resumed (it is complete: nothing to write)
+        with store.create(path, resume=True, meta={"test": True}, **kw) as w:
+            assert w.missing == []
+    else:
+        with pytest.raises(store.StoreExistsError, match="another writer made a store here"):
+            store.create(path, **kw)
+    s = store.open(path)
+    assert s.complete and store.verify(s).ok and torch.equal(s.read(2, ALL), x[2])
+    store.create(path, overwrite=True, **kw).abort()  # the lock was released
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [
