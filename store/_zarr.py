@@ -116,7 +116,8 @@ def check_arrays(
                 raise StoreIncompleteError(
                     f"{where}: the store is incomplete: its '{name}' array is not there (the "
                     "store is being created, or its writer stopped before it made its arrays); "
-                    "create it again with overwrite=True"
+                    "resume it (store.create(..., resume=True)) or create it again with "
+                    "overwrite=True"
                 ) from None
             raise StoreCorruptError(f"{where}: the '{name}' array is missing") from None
         except Exception as e:

@@ -334,7 +334,6 @@ def _check_resume(
     if d is None:
         raise NotAStoreError(f"{where}: a zarr group without '{ATTRS_KEY}' attributes")
     info = StoreInfo.from_dict(d, where)
-    _zarr.check_arrays(group, info.layout, where, info.complete)
     problems = _layout_mismatch(info.layout, layout)
     if info.meta != meta:
         problems.append("meta: the stored provenance differs from the one given")
@@ -342,11 +341,45 @@ def _check_resume(
         raise StoreMismatchError(
             f"{where}: cannot resume a different store: " + "; ".join(problems)
         )
+    if not info.complete:
+        _create_missing_arrays(group, info.layout, where)
+    _zarr.check_arrays(group, info.layout, where, info.complete)
     return info
 
 
-def _create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
+def _has_member(group: zarr.Group, name: str) -> bool:
+    """Whether ``group`` has a member ``name`` (listing the group would read every entry of
+    the folder, a killed writer's temporary files among them)."""
+    try:
+        group[name]
+    except KeyError:
+        return False
+    except Exception:  # there but unreadable: check_arrays names it
+        return True
+    return True
+
+
+def _create_missing_arrays(group: zarr.Group, layout: StoreLayout, where: str) -> None:
+    """Make the arrays an incomplete store lacks, where none of its chunks can be marked
+    written: its writer was killed after the record and before the last of its arrays, or an
+    overwrite was killed while it emptied the folder (the chunk markers go first). Otherwise
+    (chunk markers without the other arrays) ``check_arrays`` refuses the store."""
+    missing = [name for name in _zarr.array_specs(layout) if not _has_member(group, name)]
+    if not missing:
+        return
+    if CHUNK_CRC not in missing:
+        crcs = _zarr.read_table(_zarr.array(group, CHUNK_CRC), where, _zarr.as_local(where))
+        if (crcs >= 0).any():
+            return
+    log.info("%s: making the arrays its writer did not make: %s", where, missing)
+    _create_arrays(group, layout, missing)
+
+
+def _create_arrays(group: zarr.Group, layout: StoreLayout, names: list[str] | None = None) -> None:
+    """Make the store's member arrays (``names`` only, where given)."""
     for name, spec in _zarr.array_specs(layout).items():
+        if names is not None and name not in names:
+            continue
         group.create_array(
             name,
             **spec,

@@ -1088,10 +1088,42 @@ def test_an_overwrite_cut_short_never_leaves_a_deleted_chunk_marked_written(
     with pytest.raises(KeyboardInterrupt):
         store.create(path, overwrite=True, meta={"test": True}, **kw)
     monkeypatch.undo()
-    with pytest.raises(store.StoreIncompleteError, match="chunk_crc"):
-        store.create(path, resume=True, meta={"test": True}, **kw)
-    write_store(path, x, y, overwrite=True)
+    with store.create(path, resume=True, meta={"test": True}, **kw) as w:
+        assert w.missing == [(v, 0, N) for v in range(VIEWS)]  # nothing left marked written
+        for v in range(VIEWS):
+            w.write(v, 0, x[v], y)
+    s = store.open(path)
+    assert store.verify(s).ok and torch.equal(s.read(2, ALL), x[2])
+
+
+@pytest.mark.parametrize("made", [0, 1, 3])
+def test_resume_makes_the_arrays_a_writer_killed_after_its_record_did_not_make(
+    tmp_path, data, monkeypatch, made
+):
+    # resume=True was refused ('its activations array is not there ... overwrite=True'),
+    # though no chunk of such a store can be written: it now makes the missing arrays
+    x, y = data
+    path = tmp_path / "s"
+    kw = dict(sample_shape=SHAPE, num_samples=N, views=VIEWS, dtype="float32", chunk_samples=CHUNK)
+    create_array = zarr.Group.create_array
+    count = [0]
+
+    def killed(self, *a, **k):
+        if count[0] == made:
+            raise KeyboardInterrupt("killed")
+        count[0] += 1
+        return create_array(self, *a, **k)
+
+    monkeypatch.setattr(zarr.Group, "create_array", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.create(path, meta={"test": True}, **kw)
+    monkeypatch.undo()
+    with store.create(path, resume=True, meta={"test": True}, **kw) as w:
+        for v in range(VIEWS):
+            w.write(v, 0, x[v], y)
+    write_store(tmp_path / "ref", x, y)
     assert store.verify(store.open(path)).ok
+    assert chunk_files(path) == chunk_files(tmp_path / "ref")
 
 
 def _raw_chunk(path: Path, view: int, chunk: int) -> Path:
@@ -1488,14 +1520,16 @@ def test_store_opened_before_its_arrays_exist_is_incomplete(tmp_path, data, monk
         lambda: store.open(tmp_path / "s", partial=True),
     ):
         with pytest.raises(
-            store.StoreIncompleteError, match=r"is not there .* create it again with overwrite=True"
+            store.StoreIncompleteError,
+            match=r"is not there .* resume=True\)\) or create it again with overwrite=True",
         ):
             opening()
-    with pytest.raises(store.StoreIncompleteError):
-        store.create(
-            tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32", resume=True
-        )
     x, y = data
+    with store.create(
+        tmp_path / "s", sample_shape=SHAPE, num_samples=N, dtype="float32", resume=True
+    ) as w:  # resume makes the arrays (no chunk of such a store can be written)
+        w.write(0, 0, x[0], y)
+    assert store.open(tmp_path / "s").complete
     write_store(tmp_path / "s", x, y, overwrite=True)
     shutil.rmtree(tmp_path / "s" / "labels")
     with pytest.raises(store.StoreCorruptError, match="'labels' array is missing"):
