@@ -371,6 +371,8 @@ def check_labels(where: str, labels: Any, n: int) -> np.ndarray:
     """A batch's labels as int64 (n,), checked: ``n`` integers, each >= 0 (class indices), as
     every sink takes them; otherwise ``StoreInputError`` naming the field."""
     lab = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if lab.shape == (0,) and n == 0:  # numpy makes [] float64: no labels for no samples
+        return lab.astype(np.int64)
     if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
         raise StoreInputError(
             f"{where}field 'labels' must be {n} integers, got shape {lab.shape} dtype {lab.dtype}"

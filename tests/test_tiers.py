@@ -449,6 +449,13 @@ def test_no_rows_given_as_an_empty_list_are_written_as_a_store_writes_them(tmp_p
         w.abort()
     with pytest.raises(store.StoreInputError, match="'rows' must be a 1-D tensor of integers"):
         cache.write_rows(0, [0.0], torch.zeros(1, 3))
+    # and no labels as an empty list, on every sink (numpy makes [] float64 too)
+    cache.write_rows(0, [], torch.zeros(0, 3), labels=[])
+    with store.create(tmp_path / "s2", sample_shape=(3,), num_samples=5, dtype="float32") as w:
+        w.write_rows(0, [], np.zeros((0, 3), dtype=np.float32), labels=[])
+        w.abort()
+    with pytest.raises(store.StoreInputError, match="'labels' must be 1 integers"):
+        cache.write_rows(0, [0], torch.zeros(1, 3), labels=[])
 
 
 @pytest.mark.parametrize("tier", ["ram", "device"])
