@@ -260,12 +260,11 @@ def create(
         raise StoreWriteError(f"{root}: cannot look for the store: {_mkdir_reason(root, e)}") from e
     if exists and not root.is_dir():
         raise NotAStoreError(f"{root}: exists and is not a directory")
+    args = (rank, world_size, workers, max_pending)
     if exists and resume and is_activation_store(root):
         lock = _DirLock(root, shared=world_size > 1)
         try:
-            group = _zarr.open_group(root, mode="r+")
-            info = _check_resume(group, layout, meta, str(root))
-            return StoreWriter(root, group, info, lock, rank, world_size, workers, max_pending)
+            return _reopened(root, layout, meta, lock, *args)
         except BaseException:
             lock.release()
             raise
@@ -292,9 +291,7 @@ def create(
     try:
         if any(root.iterdir()):  # what another writer made here between the look above and the lock
             if resume and is_activation_store(root):
-                group = _zarr.open_group(root, mode="r+")
-                info = _check_resume(group, layout, meta, str(root))
-                return StoreWriter(root, group, info, lock, rank, world_size, workers, max_pending)
+                return _reopened(root, layout, meta, lock, *args)
             if not overwrite or not is_activation_store(root):
                 raise StoreExistsError(
                     f"{root}: another writer made a store here meanwhile; pass overwrite=True "
@@ -305,10 +302,26 @@ def create(
         group = zarr.create_group(str(root), zarr_format=3, attributes={ATTRS_KEY: info.to_dict()})
         _create_arrays(group, layout)
         log.debug("created store %s: %s", root, layout)
-        return StoreWriter(root, group, info, lock, rank, world_size, workers, max_pending)
+        return StoreWriter(root, group, info, lock, *args)
     except BaseException:
         lock.release()
         raise
+
+
+def _reopened(
+    root: Path,
+    layout: StoreLayout,
+    meta: dict[str, Any],
+    lock: _DirLock,
+    rank: int,
+    world_size: int,
+    workers: int,
+    max_pending: int | None,
+) -> StoreWriter:
+    """A writer of the partial store at ``root`` (``resume=True``), under ``lock``."""
+    group = _zarr.open_group(root, mode="r+")
+    info = _check_resume(group, layout, meta, str(root))
+    return StoreWriter(root, group, info, lock, rank, world_size, workers, max_pending)
 
 
 def _mkdir_reason(root: Path, e: OSError) -> str:

@@ -143,6 +143,12 @@ def allow_recompiles(n: int) -> None:
             setattr(cfg, name, n)
 
 
+def check_graphs(compile_mode: str, device: torch.device) -> None:
+    """Refuse ``--compile graphs`` off CUDA (ConfigError)."""
+    if compile_mode == "graphs" and device.type != "cuda":
+        raise ConfigError("--compile graphs: CUDA graphs need a CUDA device; use none or inductor")
+
+
 class StepRunner:
     """Runs training steps of ``model`` with ``optimizer`` (see the module docstring). The
     trainer calls ``configure`` whenever the boundary, the frontier or the optimizer changes."""
@@ -161,10 +167,7 @@ class StepRunner:
             raise ConfigError(
                 f"--compile: {compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"
             )
-        if compile_mode == "graphs" and device.type != "cuda":
-            raise ConfigError(
-                "--compile graphs: CUDA graphs need a CUDA device; use none or inductor"
-            )
+        check_graphs(compile_mode, device)
         self.model = model
         self.device = device
         self.amp = amp
@@ -401,4 +404,4 @@ def _quiet_stream_mismatch() -> Iterator[None]:
         yield
 
 
-__all__ = ["COMPILE_MODES", "EpochMeter", "EpochTotals", "StepRunner", "step_stats"]
+__all__ = ["COMPILE_MODES", "EpochMeter", "EpochTotals", "StepRunner", "check_graphs", "step_stats"]

@@ -81,7 +81,7 @@ from prefast.training.checkpoint import (
     state_dict_mismatch,
 )
 from prefast.training.metrics import MetricsSink
-from prefast.training.step import EpochMeter, StepRunner
+from prefast.training.step import EpochMeter, StepRunner, check_graphs
 from store import location
 from store.tiers import to_device
 
@@ -197,11 +197,8 @@ class Trainer:
         """Everything the run needs before its first epoch; on failure ``__init__`` closes
         what was opened."""
         # before any data is loaded or any step runs
-        if cfg.compile == "graphs" and self.dist.device.type != "cuda":
-            # (the steps refuse it too, but only after the data is loaded and the model built)
-            raise ConfigError(
-                "--compile graphs: CUDA graphs need a CUDA device; use none or inductor"
-            )
+        # as the steps do, but before the data is loaded and the model built
+        check_graphs(cfg.compile, self.dist.device)
         self.dist.on_main("checking the run's outputs", lambda: check_outputs(cfg))
         if self.dist.is_main:
             for line in unused_options(cfg, self.dist.device.type, self.dist.enabled):
