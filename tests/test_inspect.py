@@ -511,8 +511,24 @@ def test_diff_all_row_weighs_channels_by_the_values_finite_in_both(tmp_path, dat
     o = r.to_dict()["overall"]
     np.testing.assert_allclose(o["mean_abs"], 0.25, rtol=1e-6)  # not (0.5 + 0 + 0) / 3
     np.testing.assert_allclose(o["mean_rel"], (r.mean_rel[0] + r.mean_rel[1]) / 2, rtol=1e-9)
+    assert r.to_dict()["max_abs"][1:] == [0.0, None]  # channel 2: nothing compared
     assert store_main(["diff", str(a.path), str(b.path), "--no-progress"]) == 1
-    assert capsys.readouterr().out.splitlines()[-2].split()[:3] == ["all", "0.5", "0.25"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].split()[:3] == ["all", "0.5", "0.25"]
+    assert lines[-3].split()[:5] == ["2", "n/a", "n/a", "n/a", "n/a"]
+    assert store_main(["diff", str(a.path), str(b.path), "--no-progress", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["mean_rel"][2] is None
+
+
+def test_diff_with_no_value_finite_in_both_stores_says_n_a(tmp_path, data, capsys):
+    x, y = data
+    xa = torch.full_like(x, float("nan"))
+    a = write_store(tmp_path / "a", xa, y)
+    b = write_store(tmp_path / "b", torch.zeros_like(x), y)
+    o = store.diff(a, b).to_dict()["overall"]
+    assert o == {"max_abs": None, "mean_abs": None, "max_rel": None, "mean_rel": None}
+    assert store_main(["diff", str(a.path), str(b.path), "--no-progress"]) == 1
+    assert capsys.readouterr().out.splitlines()[-2].split()[:5] == ["all"] + ["n/a"] * 4
 
 
 def store_data(s: store.ActivationStore) -> np.ndarray:

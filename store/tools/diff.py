@@ -18,7 +18,8 @@ most 2**-11 (half a unit in the last place of the largest value), bfloat16 at mo
 Values that are not finite (inf, NaN) are equal when both stores hold the same kind there
 (+inf, -inf or NaN); where they differ (one side finite, or another kind) they are counted per
 channel (``nonfinite_differ``) and the store differs. The figures above are over the positions
-where both values are finite.
+where both values are finite; a channel with no such position shows n/a (``null`` in JSON),
+since nothing was compared there.
 """
 
 from __future__ import annotations
@@ -65,16 +66,25 @@ class DiffReport:
         if self.count is None:
             object.__setattr__(self, "count", np.ones(len(self.max_abs), dtype=np.int64))
 
-    def _overall_mean(self, per_channel: np.ndarray) -> float:
+    def _overall_mean(self, per_channel: np.ndarray) -> float | None:
         """A per-channel mean over all channels, each weighted by the positions it covers: a
-        channel whose values are mostly not finite counts for few, one with none for nothing."""
+        channel whose values are mostly not finite counts for few, one with none for nothing.
+        None when no position is finite in both stores."""
         assert self.count is not None
         total = int(self.count.sum())
-        return float((per_channel * self.count).sum() / total) if total else 0.0
+        return float((per_channel * self.count).sum() / total) if total else None
+
+    def _per_channel(self, values: np.ndarray) -> list[float | None]:
+        """``values`` as a list, None for a channel with no position finite in both stores
+        (nothing was compared there, so 0 would claim an agreement)."""
+        assert self.count is not None
+        return [float(v) if k else None for v, k in zip(values, self.count, strict=True)]
 
     def to_dict(self) -> dict[str, Any]:
+        """Figures of a channel with no position finite in both stores are None (``null``)."""
         assert self.nonfinite_a is not None and self.nonfinite_b is not None
-        assert self.nonfinite_differ is not None
+        assert self.nonfinite_differ is not None and self.count is not None
+        compared = bool(self.count.any())
         return {
             "a": self.a,
             "b": self.b,
@@ -84,15 +94,15 @@ class DiffReport:
             "identical": self.identical,
             "labels_equal": self.labels_equal,
             "overall": {
-                "max_abs": float(self.max_abs.max()),
+                "max_abs": float(self.max_abs.max()) if compared else None,
                 "mean_abs": self._overall_mean(self.mean_abs),
-                "max_rel": float(self.max_rel.max()),
+                "max_rel": float(self.max_rel.max()) if compared else None,
                 "mean_rel": self._overall_mean(self.mean_rel),
             },
-            "max_abs": self.max_abs.tolist(),
-            "mean_abs": self.mean_abs.tolist(),
-            "max_rel": self.max_rel.tolist(),
-            "mean_rel": self.mean_rel.tolist(),
+            "max_abs": self._per_channel(self.max_abs),
+            "mean_abs": self._per_channel(self.mean_abs),
+            "max_rel": self._per_channel(self.max_rel),
+            "mean_rel": self._per_channel(self.mean_rel),
             "nonfinite_a": self.nonfinite_a.tolist(),
             "nonfinite_b": self.nonfinite_b.tolist(),
             "nonfinite_differ": self.nonfinite_differ.tolist(),
@@ -101,7 +111,8 @@ class DiffReport:
     def format(self) -> str:
         assert self.nonfinite_a is not None and self.nonfinite_b is not None
         assert self.nonfinite_differ is not None
-        o = self.to_dict()["overall"]
+        d = self.to_dict()
+        o = d["overall"]
         bad = bool(self.nonfinite_a.any() or self.nonfinite_b.any())
         lines = [
             f"a: {self.a} ({self.dtype_a})",
@@ -125,14 +136,19 @@ class DiffReport:
             assert self.nonfinite_differ is not None
             return f"  {int(np.sum(self.nonfinite_differ[i])):>14}" if bad else ""
 
+        def cells(*values: float | None) -> str:
+            return "  ".join(f"{'n/a' if v is None else format(v, '.3g'):>10}" for v in values)
+
         for c in range(len(self.max_abs)):
             lines.append(
-                f"{c:>7}  {self.max_abs[c]:>10.3g}  {self.mean_abs[c]:>10.3g}  "
-                f"{self.max_rel[c]:>10.3g}  {self.mean_rel[c]:>10.3g}" + differ(c)
+                f"{c:>7}  "
+                + cells(d["max_abs"][c], d["mean_abs"][c], d["max_rel"][c], d["mean_rel"][c])
+                + differ(c)
             )
         lines.append(
-            f"{'all':>7}  {o['max_abs']:>10.3g}  {o['mean_abs']:>10.3g}  "
-            f"{o['max_rel']:>10.3g}  {o['mean_rel']:>10.3g}" + differ(slice(None))
+            f"{'all':>7}  "
+            + cells(o["max_abs"], o["mean_abs"], o["max_rel"], o["mean_rel"])
+            + differ(slice(None))
         )
         lines.append("identical" if self.identical else "the stores differ")
         return "\n".join(lines)
