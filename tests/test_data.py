@@ -121,8 +121,16 @@ def test_idx_files_directly_in_root(tmp_path: Path, compress: bool) -> None:
     np.testing.assert_array_equal(data.labels.numpy(), expected["test"].labels)
     # MNIST's files have the same names: --dataset mnist on this folder is refused, not
     # trained on Fashion-MNIST under MNIST's name
-    with pytest.raises(DataError, match=r"mnist test split not found: missing .*/MNIST/raw/"):
+    with pytest.raises(DataError, match=r"mnist test split not found: missing .*/MNIST/raw/") as e:
         load_dataset("mnist", "test", data_root=tmp_path)
+    # the files a user placed there are named, with where MNIST's go
+    assert f"The idx files are directly in {tmp_path}: MNIST's go in {tmp_path}/MNIST/raw" in (
+        str(e.value)
+    )
+    (tmp_path / ("t10k-labels-idx1-ubyte" + (".gz" if compress else ""))).unlink()
+    with pytest.raises(DataError) as e:  # not all of them: no such hint
+        load_dataset("mnist", "test", data_root=tmp_path)
+    assert "directly in" not in str(e.value)
 
 
 @pytest.mark.parametrize("gzipped", [False, True])

@@ -384,7 +384,22 @@ def load_real(
     hint = ""
     if data_root is not None and (above := _layout_above(name, split, data_root)) is not None:
         hint = f" The split is in torchvision's layout under {above}: give --data-root {above}."
+    elif data_root is not None and name == "mnist" and _idx_files_directly_in(split, data_root):
+        hint = (
+            f" The idx files are directly in {data_root}: MNIST's go in "
+            f"{data_root / _IDX_DIRS[name] / 'raw'} (Fashion-MNIST's files have the same names, "
+            "so only the folder tells the two apart)."
+        )
     raise DataError(f"{name} {split} split not found: missing {shown}.{hint} {_how_to_get(name)}")
+
+
+def _idx_files_directly_in(split: str, root: Path) -> bool:
+    """Whether ``root`` itself holds the split's idx files (plain or .gz)."""
+    with contextlib.suppress(DataError):  # a folder this user may not enter: no hint
+        return all(
+            _is_file(root / base) or _is_file(root / f"{base}.gz") for base in _idx_names(split)
+        )
+    return False
 
 
 def _layout_above(name: str, split: str, root: Path) -> Path | None:
