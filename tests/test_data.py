@@ -920,3 +920,15 @@ def test_processes_downloading_into_one_folder_take_turns(
     assert len(calls) == 1 and len(got) == 2
     assert np.array_equal(got[0].images, got[1].images)
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["MNIST"]  # no lock file left
+
+
+def test_cifar_labels_out_of_range_are_shown_as_stored(tmp_path: Path) -> None:
+    # uint64 labels above 2**63 were shown wrapped to negative numbers by the int64 cast
+    write_fake_cifar(tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    labels = np.zeros(N_TEST, np.uint64)
+    labels[3] = 2**63 + 5
+    with path.open("wb") as f:
+        pickle.dump({b"data": np.zeros((N_TEST, 3072), np.uint8), b"labels": labels}, f, protocol=4)
+    with pytest.raises(DataError, match=rf"labels span \[0, {2**63 + 5}\]"):
+        load_dataset("cifar10", "test", data_root=tmp_path)

@@ -249,9 +249,8 @@ def _read_cifar_batch(path: Path, spec: DatasetSpec) -> tuple[np.ndarray, np.nda
         raise _corrupt(
             path, f"{label_key!r} must be {len(data)} integers, got {labels.dtype} {labels.shape}"
         )
-    labels = labels.astype(np.int64)
-    _check_labels(labels, spec, path)
-    return data, labels
+    _check_labels(labels, spec, path)  # before the cast: uint64 above 2**63 would wrap
+    return data, labels.astype(np.int64)
 
 
 def _read_split(name: str, paths: list[Path], spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
