@@ -99,7 +99,11 @@ class TrainConfig:
     download: bool = opt(
         False, "data", "download a missing dataset with torchvision (needs a network)"
     )
-    num_samples: int | None = opt(None, "data", "synthetic: training-set size (default 50000)")
+    num_samples: int | None = opt(
+        None,
+        "data",
+        "synthetic: training-set size (default 50000; the test set is a fifth of it, 256 to 10000)",
+    )
     synthetic_shape: str = opt(
         "cifar", "data", "synthetic: 3x32x32 (cifar) or 1x28x28 (mnist) (default %(default)s)"
     )
