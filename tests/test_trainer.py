@@ -1096,7 +1096,7 @@ def test_a_resume_stopped_while_it_rebuilds_its_cache_ends_the_metrics_file(tmp_
     assert [r["epoch"] for r in lines[:-1]] == [0, 1]  # the checkpoint's epochs, then the stop
     assert lines[-1] == {
         "stopped": True, "signal": "SIGINT", "epoch": 2, "iteration": lines[-1]["iteration"],
-        "epochs_done": 2, "checkpoint": str(ck / "last.pt"),
+        "epochs_done": 2, "checkpoint": str(ck / "last.pt"), "checkpoint_epochs": 2,
     }  # fmt: skip
 
 
@@ -1637,6 +1637,7 @@ def test_a_stopped_runs_metrics_end_with_where_it_stopped_and_a_resume_drops_it(
         "iteration": 9,
         "epochs_done": 1,
         "checkpoint": str(ck),
+        "checkpoint_epochs": 1,
     }
 
 
@@ -1657,6 +1658,7 @@ def test_a_failed_runs_metrics_end_with_the_error_and_a_resume_drops_it(tmp_path
         "iteration": 9,
         "epochs_done": 1,
         "checkpoint": str(ck),
+        "checkpoint_epochs": 1,
     }
 
 
@@ -2814,3 +2816,27 @@ def test_epoch_metrics_count_every_sample_once():
     assert len(data.test) == 256 and len(data.val) == 10
     assert result.summary["final_test_error"] == rec["test_error"]
     assert result.summary["final_val_loss"] == rec["val_loss"]
+
+
+def test_a_failed_checkpoint_save_says_the_checkpoint_holds_fewer_epochs(tmp_path, monkeypatch):
+    """A save that fails (a full disk) after its epoch's record: the failed line said two
+    epochs done next to the checkpoint, which holds one, so it named the wrong resume point."""
+    import prefast.training.trainer as trainer_mod
+
+    real = trainer_mod.save_checkpoint
+    calls = {"n": 0}
+
+    def full_disk(path, state):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device", str(path))
+        real(path, state)
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", full_disk)
+    metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
+    with pytest.raises(OSError, match="No space"):
+        train(tiny(epochs=3, metrics=str(metrics), checkpoint_dir=str(ck)))
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert (last["failed"], last["epochs_done"]) == (True, 2)
+    assert (last["checkpoint"], last["checkpoint_epochs"]) == (str(ck / "last.pt"), 1)
+    assert torch.load(ck / "last.pt", weights_only=True)["epoch"] == 1

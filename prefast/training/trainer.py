@@ -311,6 +311,7 @@ class Trainer:
         self._cache_state: tuple[Any, Any] | None = None  # --resume's, restored in run()
         self.epoch = 0  # the epoch under way
         self.iteration = 0  # steps done, all epochs together
+        self._checkpoint_epochs: int | None = None  # epochs the checkpoint on disk holds
         self.result = TrainResult()
         self.dist.barrier("start-up")
 
@@ -648,6 +649,7 @@ class Trainer:
                     "rng": rng_state(self.device),
                 },
             )
+        self._checkpoint_epochs = next_epoch
         if self.cache is not None:
             self.cache.release_superseded()  # the checkpoint names the current store now
 
@@ -675,7 +677,7 @@ class Trainer:
         freeze_prefix(self.model, self.frontier)
         self.optimizer = self._make_optimizer(range(self.frontier, self.model.num_units))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.start_epoch = self.epoch = int(state["epoch"])
+        self.start_epoch = self.epoch = self._checkpoint_epochs = int(state["epoch"])
         self.iteration = self.start_epoch * self.iters_per_epoch
         if self.start_epoch > self.cfg.epochs:
             raise CheckpointError(
@@ -770,12 +772,15 @@ class Trainer:
     def _where(self) -> dict[str, Any]:
         """Where a run that did not finish ended, and what ``--resume`` continues from."""
         path = self._checkpoint_path()
-        done = len(self.result.records)
+        saved = self._checkpoint_epochs if path is not None and path.is_file() else None
         return {
             "epoch": self.epoch,  # the epoch under way (epochs_done where between epochs)
             "iteration": self.iteration,  # steps done, all epochs together
-            "epochs_done": done,  # the epoch records above; the checkpoint's, with one
-            "checkpoint": str(path) if path is not None and done and path.is_file() else None,
+            "epochs_done": len(self.result.records),  # the epoch records above
+            # what --resume continues from: fewer epochs than epochs_done where the last save
+            # failed (a full disk)
+            "checkpoint": str(path) if saved else None,
+            "checkpoint_epochs": saved or None,
         }
 
     def _summary(self) -> dict[str, Any]:
