@@ -378,6 +378,48 @@ def test_load_checkpoint_file_names_a_foreign_file(tmp_path):
         load_checkpoint_file(p, "--resume")
 
 
+def _resumable_state(**changes) -> dict:
+    from prefast.training.checkpoint import CHECKPOINT_FORMAT
+
+    state = {
+        "format": CHECKPOINT_FORMAT, "config": {}, "epoch": 1, "model": {"w": torch.zeros(2)},
+        "optimizer": {"state": {}, "param_groups": []}, "frontier": 0, "cache": None,
+        "records": [], "losses": [], "rng": {"torch": torch.zeros(2, dtype=torch.uint8)},
+    }  # fmt: skip
+    return {**state, **changes}
+
+
+@pytest.mark.parametrize(
+    ("entry", "value", "shown"),
+    [
+        ("epoch", "2", "str '2'"),
+        ("epoch", -1, "int -1"),
+        ("epoch", True, "bool True"),
+        ("frontier", 1.5, "float 1.5"),
+        ("model", [torch.zeros(2)], "list [tensor([0., 0.])]"),
+        ("rng", None, "NoneType None"),
+        ("records", {}, "dict {}"),
+    ],
+)
+def test_a_checkpoint_edited_by_hand_is_refused_by_its_entry(tmp_path, capsys, entry, value, shown):
+    # each gave a traceback (TypeError, ValueError, KeyError) where the entry was used
+    from prefast.training.checkpoint import RESUME_ENTRIES, load_checkpoint_file
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(_resumable_state(), ck / "last.pt")
+    assert load_checkpoint_file(ck / "last.pt", "--resume", needs=RESUME_ENTRIES)["epoch"] == 1
+    torch.save(_resumable_state(**{entry: value}), ck / "last.pt")
+    with pytest.raises(CheckpointError, match=f"its entry '{entry}' is {re.escape(shown)}, not"):
+        load_checkpoint_file(ck / "last.pt", "--resume", needs=RESUME_ENTRIES)
+    args = ["train", "--dataset", "synthetic", "--num-samples", "96", "--depth", "16", "--growth", "8",
+            "--epochs", "1", "--batch-size", "16", "--mode", "freezeout", "--device", "cpu", "--no-progress",
+            "-q", "--checkpoint-dir", str(ck), "--resume"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"its entry '{entry}'" in err[0], err
+
+
 @pytest.mark.parametrize("record", ["weights", "pickle"])
 def test_load_checkpoint_file_refuses_a_checkpoint_with_a_changed_bit(tmp_path, record):
     """torch.load does not compare a record's bytes with the CRC-32 torch.save wrote for it: a

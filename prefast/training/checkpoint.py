@@ -224,7 +224,37 @@ def load_checkpoint_file(
             f"{what}: {path} lacks the entries {', '.join(missing)}: written by another "
             "version of prefast, or not by a training run"
         )
+    for key in needs:
+        kind, described = _ENTRY_TYPES.get(key, (object, ""))
+        value = state[key]
+        negative = isinstance(value, int) and value < 0
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or negative)):
+            raise CheckpointError(
+                f"{what}: {path}: its entry {key!r} is {type(value).__name__} "
+                f"{_shown(value)}, not {described}: the file was edited or not written by "
+                "prefast; start afresh in another --checkpoint-dir"
+            )
     return state
+
+
+# what each entry a run reads must be (a file edited by hand gave a traceback where it is used)
+_ENTRY_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "config": (dict, "a dict of settings"),
+    "model": (dict, "a dict of tensors"),
+    "optimizer": (dict, "an optimizer's state dict"),
+    "epoch": (int, "a whole number of epochs, 0 or more"),
+    "frontier": (int, "a unit index, 0 or more"),
+    "cache": ((dict, type(None)), "a dict or None"),
+    "records": (list, "a list of epoch records"),
+    "losses": (list, "a list of losses"),
+    "rng": (dict, "a dict of generator states"),
+}
+
+
+def _shown(value: Any) -> str:
+    """``value`` in a message: short, one line."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 __all__ = [
