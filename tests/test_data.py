@@ -22,8 +22,10 @@ from prefast.data import (
     AugParams,
     DataError,
     DatasetSpec,
+    FeatureAugment,
     ImageData,
     epoch_key,
+    feature_key,
     load_dataset,
     make_batch,
     spec_for,
@@ -850,6 +852,18 @@ def test_normalisation_values_dtype_and_indices() -> None:
         make_batch(data, np.array([0, 3]), None, "cpu")
     with pytest.raises(DataError, match="cover"):
         make_batch(data, np.array([0]), Augment(4, True).params((0,), 5), "cpu")
+
+
+def test_an_empty_batch_is_empty_with_augmentation_too() -> None:
+    """No indices gave an empty batch without augmentation and a RuntimeError (cannot reshape
+    a tensor of 0 elements) with it; feature augmentation of an empty batch failed alike."""
+    data = _tiny(5, spec_for("mnist"))
+    params = Augment.from_spec(data.spec).params(epoch_key(0, 0), len(data))
+    x, y = make_batch(data, [], params, "cpu")
+    assert x.shape == (0, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (0,)
+    fa = FeatureAugment.from_spec(spec_for("cifar10"), "shift+flip")
+    shift, flips = fa.draws(feature_key(0, 0), 0)
+    assert fa.apply(torch.zeros(0, 3, 7, 7), shift, flips).shape == (0, 3, 7, 7)
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,8 @@ def _crop_flip(
     rows = offsets[:, 0:1] + ys  # (B, H)
     cols = offsets[:, 1:2] + torch.where(flips[:, None], w - 1 - xs, xs)  # (B, W)
     flat = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w)  # (B, 1, H*W)
-    out = x.reshape(b, c, -1).gather(2, flat.expand(b, c, h * w))  # (B, C, H*W)
+    # every size spelled out: a -1 is ambiguous for an empty batch (B = 0)
+    out = x.reshape(b, c, (h + 2 * pad) * wp).gather(2, flat.expand(b, c, h * w))  # (B, C, H*W)
     return out.view(b, c, h, w)
 
 
