@@ -830,6 +830,32 @@ def test_disabled_augmentation_is_identity() -> None:
     assert Augment.from_dict(Augment(4, True).to_dict()) == Augment(4, True)
 
 
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: Augment(pad=1.5), r"Augment\.pad must be an integer >= 0, got 1\.5"),
+        (lambda: Augment(pad=True), r"Augment\.pad must be an integer >= 0, got True"),
+        (lambda: Augment(pad=-1), r"Augment\.pad must be an integer >= 0, got -1"),
+        (lambda: Augment(flip="no"), r"Augment\.flip must be True or False, got 'no'"),
+        (lambda: Augment.from_dict({"flip": "false"}), r"Augment\.flip must be True or False"),
+        (lambda: FeatureAugment(pad=2.5), r"FeatureAugment\.pad must be an integer >= 0"),
+        (lambda: FeatureAugment(flip=1), r"FeatureAugment\.flip must be True or False"),
+        (lambda: FeatureAugment(image_size=0), r"FeatureAugment\.image_size must be an integer"),
+    ],
+)
+def test_augmentation_fields_are_checked(make: Any, match: str) -> None:
+    """Augment(pad=1.5) drew crop offsets past the padding and failed later in F.pad with a
+    TypeError; pad=True padded one pixel; flip="no" (or from_dict's "false") flipped."""
+    with pytest.raises(DataError, match=match):
+        make()
+
+
+def test_augmentation_fields_take_numpy_scalars() -> None:
+    aug = Augment(pad=np.int64(2), flip=np.bool_(True))
+    assert aug == Augment(2, True) and type(aug.pad) is int and type(aug.flip) is bool
+    assert Augment.from_dict({"pad": 4, "flip": True}) == Augment(4, True)
+
+
 def test_normalisation_values_dtype_and_indices() -> None:
     spec = spec_for("cifar10")
     images = torch.tensor([0, 128, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 3, 32, 32)

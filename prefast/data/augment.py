@@ -72,6 +72,15 @@ class AugParams:
         )
 
 
+def _check_fields(owner: str, pad: object, flip: object) -> None:
+    """``pad`` a whole number >= 0 (1.5 drew offsets past the padding and failed in F.pad; True
+    padded one pixel), ``flip`` a bool (the string "no" flipped)."""
+    if not is_whole(pad) or pad < 0:  # type: ignore[operator]
+        raise DataError(f"{owner}.pad must be an integer >= 0, got {pad!r}")
+    if not isinstance(flip, bool | np.bool_):
+        raise DataError(f"{owner}.flip must be True or False, got {flip!r}")
+
+
 @dataclass(frozen=True)
 class Augment:
     """Random crop (zero padding ``pad``, then crop back) and random horizontal flip."""
@@ -80,8 +89,9 @@ class Augment:
     flip: bool = False
 
     def __post_init__(self) -> None:
-        if self.pad < 0:
-            raise DataError(f"Augment.pad must be >= 0, got {self.pad}")
+        _check_fields("Augment", self.pad, self.flip)
+        object.__setattr__(self, "pad", int(self.pad))
+        object.__setattr__(self, "flip", bool(self.flip))
 
     @classmethod
     def from_spec(cls, spec: DatasetSpec, enabled: bool = True) -> Augment:
@@ -125,7 +135,7 @@ class Augment:
         unknown = set(d) - {"pad", "flip"}
         if unknown:
             raise DataError(f"Augment: unknown fields {sorted(unknown)}; allowed: ['flip', 'pad']")
-        return cls(pad=int(d.get("pad", 0)), flip=bool(d.get("flip", False)))
+        return cls(pad=d.get("pad", 0), flip=d.get("flip", False))  # checked as given
 
 
 def _crop_flip(
@@ -169,6 +179,15 @@ class FeatureAugment:
     pad: int = 0
     flip: bool = False
     image_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check_fields("FeatureAugment", self.pad, self.flip)
+        if not is_whole(self.image_size) or self.image_size < 1:
+            raise DataError(
+                f"FeatureAugment.image_size must be an integer >= 1, got {self.image_size!r}"
+            )
+        object.__setattr__(self, "pad", int(self.pad))
+        object.__setattr__(self, "flip", bool(self.flip))
 
     @classmethod
     def from_spec(cls, spec: DatasetSpec, mode: str, enabled: bool = True) -> FeatureAugment:
