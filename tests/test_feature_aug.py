@@ -8,6 +8,7 @@ import torch
 
 from prefast import TrainConfig, train
 from prefast.data import DataError, DatasetSpec, FeatureAugment, feature_key, spec_for
+from prefast.models import UnitModel, create_model
 
 CIFAR = spec_for("cifar10")  # pad 4, flips
 MNIST = spec_for("mnist")  # pad 2, no flips
@@ -114,3 +115,35 @@ def test_feature_aug_changes_only_cached_training():
     assert (
         train(TrainConfig(**fo)).losses == train(TrainConfig(**fo, feature_aug="shift+flip")).losses
     )
+
+
+def _symmetric_prefix(name: str, **kw) -> UnitModel:
+    """A model in eval mode whose every conv filter is its own mirror image."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_channels=3, image_size=32, **kw).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_((m.weight + m.weight.flip(-1)) / 2)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "boundary", "exact"),
+    [
+        ("densenet_bc", {"depth": 10, "growth": 4}, 5, True),  # 32 -> 16 -> 8 by 2x2 pooling
+        ("wrn", {"depth": 10, "widen": 1}, 3, False),  # 32 -> 16 by a stride-2 convolution
+    ],
+)
+def test_flip_of_the_map_is_the_flip_of_the_image_only_after_even_pooling(
+    name, kw, boundary, exact
+):
+    """What the docs say of the feature-space flip: for flip-symmetric filters it is the flip
+    of the image where every downsampling is 2x2 pooling of an even-sized map; a stride-2
+    convolution samples the flipped image one pixel off."""
+    model = _symmetric_prefix(name, **kw)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        of_flipped = model.forward_range(x.flip(-1), 0, boundary)
+        flipped = model.forward_range(x, 0, boundary).flip(-1)
+    assert torch.allclose(of_flipped, flipped, atol=1e-5) == exact

@@ -173,7 +173,10 @@ class FeatureAugment:
     enters the trainable units: the shift is scaled by the map's stride (``pad / stride``
     feature pixels, half rounded up, zero padding, whole pixels), so a sample moves the same
     way at every boundary. Both are approximations: a shift is exact only away from borders
-    and pooling phase, a flip only for flip-symmetric frozen filters.
+    and pooling phase, a flip only for flip-symmetric frozen filters whose every downsampling
+    is 2x2 pooling of an even-sized map (DenseNet; VGG on 32x32 images). A stride-2
+    convolution (ResNet, WRN) or pooling an odd-sized map (VGG's 7x7 on 28x28 images) samples
+    the flipped image one pixel off: there the flip is off even for symmetric filters.
     """
 
     pad: int = 0
