@@ -2840,3 +2840,44 @@ def test_a_failed_checkpoint_save_says_the_checkpoint_holds_fewer_epochs(tmp_pat
     assert (last["failed"], last["epochs_done"]) == (True, 2)
     assert (last["checkpoint"], last["checkpoint_epochs"]) == (str(ck / "last.pt"), 1)
     assert torch.load(ck / "last.pt", weights_only=True)["epoch"] == 1
+
+
+class _Note:  # an object a model keeps as its extra state: not a tensor or plain container
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _NotedReLU(nn.ReLU):
+    def get_extra_state(self):
+        return _Note("kept")
+
+    def set_extra_state(self, state) -> None:
+        pass
+
+
+def test_a_checkpoint_that_resume_would_refuse_is_named_when_first_saved(tmp_path, caplog):
+    """A model of one's own whose get_extra_state returns an object saved without a word, and
+    only --resume, after a crash, said it could not load it."""
+
+    def noted(*, num_classes, in_channels=3, image_size=32):
+        unit = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), _NotedReLU())
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+        return from_sequential([unit], head, config={"name": "noted"})
+
+    ck = tmp_path / "ck"
+    cfg = tiny(model="noted", model_args={}, mode="freezeout", epochs=2, checkpoint_dir=str(ck))
+    register_model("noted")(noted)
+    try:
+        with caplog.at_level(logging.WARNING, logger="prefast"):
+            train(cfg)
+        said = [r.getMessage() for r in caplog.records if "cannot be resumed" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith(f"{ck / 'last.pt'} cannot be resumed from")
+        assert "_Note" in said[0], said
+        with pytest.raises(CheckpointError, match="refusing"):
+            train(cfg.replace(epochs=3, resume=True))
+    finally:
+        unregister_model("noted")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="prefast"):  # a plain model: no such line
+        train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(tmp_path / "plain")))
+    assert not [r for r in caplog.records if "cannot be resumed" in r.getMessage()]

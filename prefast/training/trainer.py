@@ -74,6 +74,7 @@ from prefast.training.checkpoint import (
     CHECKPOINT_NAME,
     RESUMABLE_FIELDS,
     RESUME_ENTRIES,
+    checkpoint_load_reason,
     load_checkpoint_file,
     rng_state,
     save_checkpoint,
@@ -649,6 +650,8 @@ class Trainer:
                     "rng": rng_state(self.device),
                 },
             )
+        if self._checkpoint_epochs is None and self.dist.is_main:
+            _warn_unless_resumable(path)
         self._checkpoint_epochs = next_epoch
         if self.cache is not None:
             self.cache.release_superseded()  # the checkpoint names the current store now
@@ -895,6 +898,22 @@ def _all_reduce_int(t: torch.Tensor) -> torch.Tensor:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train one configuration (see ``TrainConfig``); the library entry point of ``prefast train``."""
     return Trainer(cfg).run()
+
+
+def _warn_unless_resumable(path: Path) -> None:
+    """Read a run's first checkpoint back as ``--resume`` does (tensors and plain containers
+    only): a model of one's own whose state holds other objects (a ``get_extra_state`` that
+    returns one) saves, but its resume is refused, which the run should say now, not then."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the refusal --resume would meet
+        log.warning(
+            "%s cannot be resumed from: it holds objects other than tensors and plain "
+            "containers (%s), which --resume refuses to load; a model of your own must keep "
+            "its state in tensors, numbers and strings",
+            path,
+            checkpoint_load_reason(e),
+        )
 
 
 def _differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
