@@ -73,7 +73,14 @@ MODEL_FLAGS = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``prefast: error: ...`` and exit code 2."""
+    """argparse with one-line errors: ``prefast: error: ...`` and exit code 2, and no
+    abbreviated long options: ``prefast train --checkpoint last.pt`` (``prefast verify``'s
+    flag) was taken as ``--checkpoint-dir last.pt``, ``--eval 5`` as ``--eval-batch-size 5``;
+    an unknown option is refused with the one it was likely meant for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments: "):
@@ -95,17 +102,23 @@ def _options(p: argparse.ArgumentParser) -> set[str]:
 
 def _did_you_mean(p: argparse.ArgumentParser, unknown: list[str]) -> str:
     """`` (did you mean --base-lr?)`` for the unknown options close to a known one (a typo, an
-    option of another tool), else ''. Unrecognized arguments are reported by the top parser,
-    which does not know the subcommand: every subcommand's options are candidates."""
+    option of another tool, the start of one: ``--eval`` for ``--eval-batch-size``), else ''.
+    Unrecognized arguments are reported by the top parser, which does not know the
+    subcommand: every subcommand's options are candidates, but not the option itself (``prefast
+    train --checkpoint``, ``prefast verify``'s, is meant as ``--checkpoint-dir``)."""
     import difflib
 
     known = sorted(_options(p))
     hints = []
     for u in unknown:
         if u.startswith("--"):
-            close = difflib.get_close_matches(u.split("=", 1)[0], known, n=1, cutoff=0.6)
+            name = u.split("=", 1)[0]
+            others = [k for k in known if k != name]
+            close = [k for k in others if k.startswith(name)]
+            if not close or len(close) > 3:
+                close = difflib.get_close_matches(name, others, n=1, cutoff=0.6)
             if close:
-                hints.append(f"{u.split('=', 1)[0]}: did you mean {close[0]}?")
+                hints.append(f"{name}: did you mean {' or '.join(close)}?")
     return f" ({'; '.join(hints)})" if hints else ""
 
 

@@ -1427,6 +1427,25 @@ def test_cli_names_the_option_an_unknown_one_was_likely_meant_for(extra, needle,
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
+        (["--checkpoint", "x"], "(--checkpoint: did you mean --checkpoint-dir?)"),
+        (["--eval", "5"], "(--eval: did you mean --eval-batch-size?)"),
+        (["--epoch", "3"], "(--epoch: did you mean --epochs?)"),
+        (["--cache-d", "x"], "(--cache-d: did you mean --cache-dir or --cache-dtype?)"),
+    ],
+)
+def test_cli_refuses_an_abbreviated_option(extra, needle, capsys):
+    # argparse took the start of a long option as the option: --checkpoint (prefast verify's
+    # flag, a file) was --checkpoint-dir, --eval 5 was --eval-batch-size 5, without a word
+    with pytest.raises(SystemExit) as e:
+        main(["train", *SYN, *extra, "--epochs", "0"])  # taken: refused, not trained
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("prefast: error: unrecognized arguments: ")
+    assert err.rstrip().endswith(needle), err
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
         (["--dataset", "fashion_mnist"], "; did you mean 'fashion-mnist'?"),
         (["--dataset", "CIFAR-10"], "; did you mean 'cifar10'?"),
         (["--recache-mode", "write_through"], "; did you mean 'write-through'?"),
