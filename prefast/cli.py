@@ -174,7 +174,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         if f.name == "model":
             for name, help_text in MODEL_FLAGS.items():
                 g.add_argument("--" + name, type=int, default=None, help=help_text)
-    out = p.add_argument_group("logging")
+    # one or the other: -q -v logged warnings only, without a word on the -v
+    out = p.add_argument_group("logging").add_mutually_exclusive_group()
     out.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     out.add_argument(
         "-v", "--verbose", action="store_true", help="log details (layouts, probe rates)"

@@ -1821,6 +1821,16 @@ def test_quiet_and_verbose_apply_where_logging_is_configured_already(caplog, fla
     assert logging.getLogger("prefast").level == prefast_was
 
 
+@pytest.mark.parametrize("flags", [["-q", "-v"], ["-v", "--quiet"], ["-qv"]])
+def test_quiet_and_verbose_together_are_refused(flags, capsys):
+    # -q won: warnings only, and the -v given with it was dropped without a word
+    with pytest.raises(SystemExit) as e:
+        main(["train", *SYN, *flags, "--epochs", "0"])  # taken: refused, not trained
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "not allowed with argument" in err and "--quiet" in err and "--verbose" in err, err
+
+
 @pytest.mark.parametrize("terminal", [False, True], ids=["log-file", "terminal"])
 def test_progress_bars_show_only_on_a_terminal(capsys, monkeypatch, terminal):
     """prefast train with stderr in a file (a scheduler's log, a pipe to tee): the bars'
