@@ -896,6 +896,28 @@ def test_metrics_jsonl_and_config(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("metrics", "needle"),
+    [
+        ("ck/last.pt", "is the checkpoint of --checkpoint-dir"),  # replaced by the checkpoint
+        ("ck", "is --checkpoint-dir"),  # [Errno 21] Is a directory, exit 1
+        ("ck/../ck/cache", "is the cache folder (CHECKPOINT_DIR/cache)"),
+        ("cd", "is --cache-dir"),
+    ],
+)
+def test_metrics_that_the_run_writes_otherwise_is_refused(tmp_path, metrics, needle, capsys):
+    cache_dir = ["--cache-dir", "cd"] if metrics == "cd" else []
+    args = ["train", *SYN, "--synthetic-shape", "mnist", "--num-samples", "8", "--model",
+            "densenet_bc", "--depth", "10", "--growth", "4", "--epochs", "1", "--batch-size",
+            "8", "--device", "cpu", "--no-progress", "-q", "--checkpoint-dir",
+            str(tmp_path / "ck"), "--metrics", str(tmp_path / metrics),
+            *[str(tmp_path / a) if a == "cd" else a for a in cache_dir]]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prefast: error: --metrics: {tmp_path / metrics} {needle}"), err
+    assert list(tmp_path.iterdir()) == []  # refused before any folder was made
+
+
 def test_metrics_through_a_link_whose_target_folder_is_gone(tmp_path):
     """--metrics a link into a folder that was removed: the start-up check passed and the run
     failed at its start with '[Errno 2] No such file or directory', exit 1; the target's

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shlex
 import signal
 import time
@@ -868,6 +869,7 @@ def check_outputs(cfg: TrainConfig) -> None:
     """Every path the run will write, checked before it starts (one clear error, not a
     traceback after an epoch)."""
     if cfg.metrics:
+        _check_metrics_apart(cfg)  # before the folders below are made
         check_writable_file(cfg.metrics, "--metrics")
     if cfg.checkpoint_dir:
         ck = check_writable_dir(cfg.checkpoint_dir, "--checkpoint-dir")
@@ -885,6 +887,32 @@ def check_outputs(cfg: TrainConfig) -> None:
         local = location.as_local(cfg.cache_dir)
         if local is not None:
             check_writable_dir(local, "--cache-dir")
+
+
+def _check_metrics_apart(cfg: TrainConfig) -> None:
+    """Refuse a ``--metrics`` file that is a folder or file the run writes otherwise: the
+    checkpoint replaced the metrics file at the first epoch's end (the run printed ``metrics:
+    D/last.pt``, which held no metrics), and a ``--metrics`` that was ``--checkpoint-dir`` or
+    ``--cache-dir`` failed the run with ``[Errno 21] Is a directory`` (exit 1)."""
+    assert cfg.metrics is not None
+    taken: list[tuple[Path | None, str]] = []
+    if cfg.checkpoint_dir:
+        ck = Path(cfg.checkpoint_dir)
+        taken += [
+            (ck, "--checkpoint-dir"),
+            (ck / CHECKPOINT_NAME, "the checkpoint of --checkpoint-dir"),
+        ]
+        if cfg.mode == "prefast" and not cfg.cache_dir:
+            taken.append((ck / "cache", "the cache folder (CHECKPOINT_DIR/cache)"))
+    if cfg.mode == "prefast" and cfg.cache_dir:
+        taken.append((location.as_local(cfg.cache_dir), "--cache-dir"))
+    metrics = os.path.realpath(cfg.metrics)
+    for path, what in taken:
+        if path is not None and os.path.realpath(path) == metrics:
+            raise ConfigError(
+                f"--metrics: {cfg.metrics} is {what}, which the run writes itself; give "
+                "the metrics another file name (such as metrics.jsonl in that folder)"
+            )
 
 
 def _all_reduce_int(t: torch.Tensor) -> torch.Tensor:
