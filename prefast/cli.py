@@ -32,11 +32,12 @@ from prefast.config import BUILTIN_MODELS, CHOICES, TrainConfig, cli_flag, switc
 TRAIN_EXAMPLES = """examples:
   # Fashion-MNIST (Debian package dataset-fashion-mnist), PreFast with a zarr cache
   prefast train --dataset fashion-mnist --model densenet_bc --depth 40 --growth 12 \\
-      --epochs 10 --mode prefast --cache zarr --cache-dir runs/fmnist/cache --metrics runs/fmnist/metrics.jsonl
+      --epochs 10 --mode prefast --cache zarr --cache-dir runs/fmnist/cache \\
+      --checkpoint-dir runs/fmnist --metrics runs/fmnist/metrics.jsonl
 
-  # the same schedule without the cache (FreezeOut), and without freezing (full)
-  prefast train --dataset fashion-mnist --epochs 10 --mode freezeout
-  prefast train --dataset fashion-mnist --epochs 10 --mode full
+  # the same model and schedule without the cache (FreezeOut), and without freezing (full)
+  prefast train --dataset fashion-mnist --depth 40 --growth 12 --epochs 10 --mode freezeout
+  prefast train --dataset fashion-mnist --depth 40 --growth 12 --epochs 10 --mode full
 
   # synthetic CIFAR-shaped data, tiny and fast
   prefast train --dataset synthetic --num-samples 512 --model densenet_bc --depth 16 --growth 8 \\

@@ -2628,6 +2628,32 @@ def test_cli_trains_resnet18(capsys):
     assert "freezeout resnet18 on synthetic (16 images, 1 epoch)" in capsys.readouterr().out
 
 
+def test_cli_help_examples_fit_together():
+    """The examples of prefast train --help and prefast verify --help: the FreezeOut and full
+    runs 'of the same schedule' trained DenseNet-BC-76 against the PreFast example's 40, and
+    verify's --checkpoint runs/fmnist/last.pt was written by none of them."""
+    import shlex
+
+    from prefast import cli
+
+    def commands(text: str) -> list[list[str]]:
+        lines = text.replace("\\\n", " ").splitlines()
+        return [shlex.split(x)[1:] for x in lines if x.strip().startswith("prefast ")]
+
+    parser = cli.build_parser()
+    train = [cli.config_from_args(parser.parse_args(c)) for c in commands(cli.TRAIN_EXAMPLES)]
+    first, freezeout, full = train[:3]
+    own = ("mode", "cache", "cache_dir", "metrics", "checkpoint_dir")
+    for other, mode in ((freezeout, "freezeout"), (full, "full")):
+        assert other.mode == mode
+        assert other.replace(**{k: getattr(first, k) for k in own}) == first
+    assert first.checkpoint_dir is not None and first.cache_dir is not None
+    for c in commands(cli.VERIFY_EXAMPLES):
+        v = parser.parse_args(c)
+        assert v.checkpoint == f"{first.checkpoint_dir}/last.pt"
+        assert v.path.startswith(f"{first.cache_dir}/run-")
+
+
 def test_cli_model_help_lists_the_registered_models(byo_cnn, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--help"])
