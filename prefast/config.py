@@ -438,6 +438,17 @@ def unused_options(cfg: TrainConfig, device_type: str, distributed: bool) -> lis
                 f"--cache-memory-fraction: no effect with --cache {cfg.cache} (it sizes --cache "
                 "auto's choice)"
             )
+    if cfg.mode == "full":  # every unit trains to the end: t_i = 1, no freeze, lr unscaled
+        schedule = [
+            switch_flag(n, True) if isinstance(getattr(defaults, n), bool) else cli_flag(n)
+            for n in ("t0", "how_scale", "scale_lr")
+            if getattr(cfg, n) != getattr(defaults, n)
+        ]
+        if schedule:
+            out.append(
+                f"{', '.join(schedule)}: no effect with --mode full (no unit freezes; they "
+                "apply to --mode freezeout and prefast)"
+            )
     if cfg.sync_bn and not distributed:
         out.append("--sync-bn: no effect outside torchrun")
     if cfg.dist_timeout != defaults.dist_timeout and not distributed:

@@ -2782,6 +2782,13 @@ def test_options_a_run_will_not_use_are_named():
         "--sync-bn: no effect outside torchrun",
     ]
     assert unused_options(TrainConfig(sync_bn=True), "cuda", True) == []
+    # full training freezes nothing: the schedule's options were taken without a word
+    full = TrainConfig(mode="full", t0=0.6, how_scale="linear", scale_lr=False)
+    assert unused_options(full, "cpu", False) == [
+        "--t0, --how-scale, --no-scale-lr: no effect with --mode full (no unit freezes; they "
+        "apply to --mode freezeout and prefast)"
+    ]
+    assert unused_options(TrainConfig(mode="freezeout", t0=0.6), "cpu", False) == []
     # --dist-timeout was taken silently by a run that starts no process group
     assert unused_options(TrainConfig(dist_timeout=60.0), "cpu", False) == [
         "--dist-timeout: no effect outside torchrun"
