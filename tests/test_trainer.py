@@ -952,6 +952,28 @@ def test_metrics_stay_strict_json_when_the_weights_diverge(tmp_path):
     assert 0 < rec["train_loss"] < 10  # finite: its step ran on finite weights
     end = json.loads(last, parse_constant=refuse)
     assert end["failed"] is True and end["error"].startswith("FloatingPointError: iteration 1")
+    assert end["error"].endswith("the loss is not finite; lower --base-lr")
+
+
+def test_a_loss_that_diverges_from_a_tiny_t0_names_t0(tmp_path):
+    # --t0 1e-3 (linear here): unit 0 starts at base_lr / 1e-3; the error said only 'lower
+    # --base-lr', which no --base-lr of use fixed
+    from prefast.training.step import EpochMeter
+
+    trainer = Trainer(tiny(mode="freezeout", t0=1e-3))
+    remedy = trainer._divergence_remedy()
+    assert remedy == (
+        "lower --base-lr, or raise --t0 (the first unit starts at 100, 1e+03 x --base-lr, as "
+        "--scale-lr divides it by t_0) or give --no-scale-lr"
+    )
+    meter = EpochMeter(2, torch.device("cpu"), remedy)
+    meter.add(0, 7, torch.tensor([float("nan"), 0.0]), 4)
+    with pytest.raises(FloatingPointError, match=r"^iteration 7: the loss is not finite; lower"):
+        meter.read()
+    for kw in ({"t0": 0.5}, {"t0": 1e-3, "scale_lr": False}, {"t0": 1e-3, "mode": "full"}):
+        assert Trainer(tiny(**{"mode": "freezeout", **kw}))._divergence_remedy() == (
+            "lower --base-lr"
+        ), kw
 
 
 class _Crash(Exception):

@@ -54,8 +54,9 @@ class EpochMeter:
     iterations stay on the host. ``read`` syncs once, sums in float64 and names the first
     iteration whose loss was not finite."""
 
-    def __init__(self, steps: int, device: torch.device) -> None:
+    def __init__(self, steps: int, device: torch.device, remedy: str = "lower --base-lr") -> None:
         self.device = device
+        self.remedy = remedy  # what a loss that is not finite asks the user to change
         self.stats = torch.zeros(steps, 2, dtype=torch.float32, device=device)  # (loss, correct)
         self._sizes = [0] * steps  # samples of step k
         self._iters = [-1] * steps  # iteration of step k; -1: no step recorded
@@ -76,7 +77,7 @@ class EpochMeter:
         bad = torch.nonzero(recorded & ~torch.isfinite(s[:, 0]))
         if len(bad):
             j = self._iters[int(bad[0, 0])]
-            raise FloatingPointError(f"iteration {j}: the loss is not finite; lower --base-lr")
+            raise FloatingPointError(f"iteration {j}: the loss is not finite; {self.remedy}")
         sizes = torch.tensor(self._sizes, dtype=torch.float64)
         return EpochTotals(
             losses=s[:, 0].tolist(),

@@ -462,7 +462,7 @@ class Trainer:
         cache_before = (self.cache.seconds if self.cache is not None else 0.0) - resumed
         probe_before = self.cache.probe_seconds if self.cache is not None else 0.0
         captures_before = self.steps.captures
-        meter = EpochMeter(self.iters_per_epoch, self.device)
+        meter = EpochMeter(self.iters_per_epoch, self.device, self._divergence_remedy())
         visited: list[torch.Tensor] = []  # this rank's batches' sample ids, counted at the end
         j = epoch * self.iters_per_epoch
         bar = tqdm(
@@ -624,6 +624,20 @@ class Trainer:
         set_train_modes(self.model, self.frontier)
         t, c = self.dist.sum([float(total), float(correct)], "combining the evaluation")
         return t / n, 1.0 - c / n
+
+    def _divergence_remedy(self) -> str:
+        """What a loss that is not finite asks to change: --base-lr, and --t0 too where the
+        learning-rate scaling starts the first unit far above it (base_lr / t_0: 1e4 x base_lr
+        for --t0 0.05 cubic), which no --base-lr of use tames."""
+        first = self.schedule.initial_lr[0]
+        base = self.cfg.base_lr
+        if first <= 10 * base:
+            return "lower --base-lr"
+        return (
+            f"lower --base-lr, or raise --t0 (the first unit starts at {first:.3g}, "
+            f"{first / base:.3g} x --base-lr, as --scale-lr divides it by t_0) or give "
+            "--no-scale-lr"
+        )
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self) -> Path | None:
