@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 import prefast
+from prefast.freezeout import set_train_modes
 from prefast.models import (
     ModelError,
     UnitModel,
@@ -623,6 +624,35 @@ def test_from_sequential_refuses_shared_parameters() -> None:
     tied.weight = units[0][0].weight  # type: ignore[assignment]
     with pytest.raises(ModelError, match=r"head shares parameters with units\[0\]"):
         from_sequential(units, tied)
+
+
+def test_a_module_shared_by_two_units_is_refused_even_without_parameters() -> None:
+    """A Dropout (or a BatchNorm without affine parameters) used in two units has no
+    parameters to share, so it was taken: once the first unit froze, set_train_modes put the
+    module back in training mode for the second, and the frozen unit (and its cache) kept
+    drawing dropout masks."""
+    drop = nn.Dropout(0.5)
+    units = [nn.Sequential(nn.Conv2d(3, 4, 1), drop), nn.Sequential(nn.Conv2d(4, 4, 1), drop)]
+    head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    with pytest.raises(
+        ModelError, match=r"^from_sequential: units\[1\] uses the same Dropout module as units\[0\]"
+    ):
+        from_sequential(units, head)
+    norm = nn.BatchNorm2d(4, affine=False)
+    with pytest.raises(ModelError, match=r"^UnitModel: head uses the same BatchNorm2d module"):
+        UnitModel(
+            [nn.Sequential(nn.Conv2d(3, 4, 1), norm)], nn.Sequential(norm, nn.Flatten()), ["a"]
+        )
+    # each unit with its own Dropout: the frozen one is deterministic
+    units = [
+        nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout(0.5)),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.Dropout(0.5)),
+    ]
+    model = from_sequential(units, head)
+    set_train_modes(model, 1)
+    x = torch.ones(2, 3, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(model.forward_range(x, 0, 1), model.forward_range(x, 0, 1))
 
 
 def test_a_unit_model_built_directly_checks_its_units_as_from_sequential_does() -> None:

@@ -252,20 +252,34 @@ def as_int(value: object) -> int | None:
 
 
 def check_own_parameters(parts: Sequence[nn.Module], who: str) -> None:
-    """Refuse a parameter shared by two units (or a unit and the head), ``parts`` being the
-    units and then the head: freezing one would silently freeze, or keep training, the other."""
+    """Refuse a parameter or a module shared by two units (or a unit and the head), ``parts``
+    being the units and then the head: freezing one would silently freeze, or keep training,
+    the other. A shared module without parameters too: its train/eval flag and buffers are
+    one, so a shared Dropout kept a frozen unit drawing masks (the training unit's mode) and
+    a shared BatchNorm(affine=False) kept changing its running statistics."""
     owner: dict[int, int] = {}
+    module_owner: dict[int, int] = {}
     for slot, part in enumerate(parts):
+        what = "head" if slot == len(parts) - 1 else f"units[{slot}]"
         if not isinstance(part, nn.Module):
-            what = "head" if slot == len(parts) - 1 else f"units[{slot}]"
             raise ModelError(f"{who}: {what} must be an nn.Module, got {type(part).__name__}")
         for p in part.parameters():
             first = owner.setdefault(id(p), slot)
             if first != slot:
-                what = "head" if slot == len(parts) - 1 else f"units[{slot}]"
                 raise ModelError(
                     f"{who}: {what} shares parameters with units[{first}]; each unit must own "
                     "its parameters (FreezeOut freezes one unit at a time)"
+                )
+        for name, m in part.named_modules():
+            first = module_owner.setdefault(id(m), slot)
+            if first != slot:
+                at = f" (at {name!r})" if name else ""
+                raise ModelError(
+                    f"{who}: {what} uses the same {type(m).__name__} module as units[{first}]"
+                    f"{at}; a module's train/eval mode and buffers are one for both, so freezing "
+                    f"units[{first}] would change the other, or training the other would change "
+                    "what the frozen unit computes: give each unit its own instance (a new "
+                    "module or copy.deepcopy)"
                 )
 
 
