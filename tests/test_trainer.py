@@ -2484,6 +2484,35 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_training(args, nee
         unregister_model("fixed_cnn")
 
 
+class _MeanOverBatch(nn.Module):
+    """A unit with a slip: the mean over dim 0 (the batch) where dim 1 was meant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=0, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["freezeout", "prefast"])
+def test_a_model_that_does_not_keep_the_batch_is_refused_before_training(mode):
+    """One image in, one row out: the check passed such a model, and the first step failed in
+    the loss with torch's 'Expected input batch_size (1) to match target batch_size (16)' (and
+    --mode prefast blamed the cache, naming freezeout as the way out)."""
+
+    def reduced(*, num_classes: int, in_channels: int = 3, image_size: int = 32):
+        units = [nn.Conv2d(in_channels, 4, 3, padding=1), _MeanOverBatch()]
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+        return from_sequential(units, head, unit_names=["conv", "pool"], config={"name": "red"})
+
+    register_model("red")(reduced)
+    try:
+        with pytest.raises(ModelError, match=re.escape(
+            "model 'red': for a batch of 2 synthetic images it returns shape (1, 4, 32, 32) "
+            "from unit 1 (pool); each unit and the head must keep the batch first"
+        )):  # fmt: skip
+            train(tiny(model="red", model_args={}, mode=mode, epochs=1))
+    finally:
+        unregister_model("red")
+
+
 class _ChecksChannels(nn.Module):
     """A unit that checks its input itself, as many models do, with a ValueError."""
 

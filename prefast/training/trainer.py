@@ -108,15 +108,20 @@ def check_model_fits(model: UnitModel, name: str, spec: DatasetSpec) -> None:
     """Raise ``ModelError`` unless ``model`` maps one of the dataset's images to
     ``(1, num_classes)`` logits: a factory that ignores ``in_channels`` or ``image_size`` fails
     here with one line instead of in the first step, and one that ignores ``num_classes``
-    (more logits than classes trained silently; fewer failed with a bare IndexError)."""
+    (more logits than classes trained silently; fewer failed with a bare IndexError); and
+    unless it maps a batch of 2 to 2 rows of logits."""
     shape = (spec.channels, spec.image_size, spec.image_size)
     hint = (
         f"does its factory build for in_channels={spec.channels}, "
         f"image_size={spec.image_size} and num_classes={spec.num_classes}?"
     )
     try:
-        with model._probe():  # eval mode, no_grad, one zero image; training flags restored
+        with model._probe():  # eval mode, no_grad, zero images; training flags restored
             out = model(model._dummy(shape))
+            # a unit or head that reduces over the batch (mean(dim=0) for mean(dim=1)) maps one
+            # image to one row too: it failed in the first step, in the loss, with torch's
+            # "Expected input batch_size (1) to match target batch_size (50)"
+            rows = _rows_of_two(model, shape) if _shape_of(out) == (1, spec.num_classes) else 2
     except torch.cuda.OutOfMemoryError:  # a RuntimeError too, not the model's fault
         raise
     except (RuntimeError, ValueError) as e:  # torch's shape errors; a model's own checks
@@ -125,12 +130,37 @@ def check_model_fits(model: UnitModel, name: str, spec: DatasetSpec) -> None:
             f"model {name!r} does not run on {spec.name}'s {'x'.join(map(str, shape))} images "
             f"({msg}); {hint}"
         ) from e
-    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    got = _shape_of(out)
     if got != (1, spec.num_classes):
         raise ModelError(
             f"model {name!r}: its output for one {spec.name} image is {got}, not logits of "
             f"shape (1, {spec.num_classes}) for the dataset's {spec.num_classes} classes; {hint}"
         )
+    if rows != 2:
+        raise ModelError(
+            f"model {name!r}: for a batch of 2 {spec.name} images it returns {rows}; each unit "
+            "and the head must keep the batch first, (B, ...) in and out, and return one row "
+            "of logits per image"
+        )
+
+
+def _shape_of(out: object) -> tuple[int, ...] | str:
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+
+
+def _rows_of_two(model: UnitModel, shape: tuple[int, ...]) -> int | str:
+    """2 where ``model`` maps a batch of 2 images to 2 rows of logits, else what it returns,
+    naming the first unit (or the head) whose tensor output does not hold the batch of 2."""
+    out = model(model._dummy(shape, 2))
+    if isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] == 2:
+        return 2
+    h: Any = model._dummy(shape, 2)
+    for i, part in enumerate([*model.units, model.head]):
+        h = part(h)
+        if isinstance(h, torch.Tensor) and (h.dim() == 0 or h.shape[0] != 2):
+            where = "the head" if i == model.num_units else f"unit {i} ({model.unit_names[i]})"
+            return f"shape {tuple(h.shape)} from {where}"
+    return str(_shape_of(out))
 
 
 @dataclass
