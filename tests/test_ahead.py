@@ -161,6 +161,26 @@ def test_a_probe_leaves_the_time_paid_ahead_out_of_a_rate(monkeypatch):
     assert probes._steady(round_, cpu, seconds=0.0) == (1_000_000, 0.375, 0.0)
 
 
+def test_a_replayed_probe_hands_back_its_output_detached(monkeypatch):
+    """compare.py's graphed profile replays a unit's training forward, then its forward and
+    backward: the first's output copy must not keep the captured autograd graph (and its
+    parameters' gradient-accumulation nodes, made on the capture stream) alive. The capture
+    is faked on the CPU: it runs the function once, as a capture records it."""
+    from prefast.cache import probes
+
+    class Replay:
+        def replay(self) -> None:
+            pass
+
+    monkeypatch.setattr(probes, "capture_graph", lambda fn, h, amp: (Replay(), fn(h)))
+    layer = torch.nn.Linear(3, 2)
+    h = torch.ones(4, 3)
+    seconds, out = probes._replayed(layer, h, torch.device("cpu"), "none", 2)
+    assert seconds >= 0
+    torch.testing.assert_close(out, layer(h).detach())
+    assert out.grad_fn is None and not out.requires_grad
+
+
 def test_a_stop_asked_for_during_the_probes_stops_at_their_next_round(tmp_path, monkeypatch):
     # Ctrl-C or SIGTERM during the planner's probes waited for all of them (seconds each)
     from prefast import interrupt

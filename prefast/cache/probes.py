@@ -96,8 +96,11 @@ def _replayed(
     reduce: Callable[[list[float]], float] = min,
 ) -> tuple[float, torch.Tensor]:
     """Seconds of one replay of ``fn(h)`` captured as a CUDA graph (``reduce``, by default the
-    best, of ``repeats`` rounds of REPLAYS replays), and a copy of its output. The graph and
-    its memory pool are released before returning."""
+    best, of ``repeats`` rounds of REPLAYS replays), and a copy of its output, detached. The
+    graph and its memory pool are released before returning. (A copy still attached to a
+    training forward's autograd graph kept its parameters' gradient-accumulation nodes, made on
+    the capture stream, alive: the next backward through them on another stream, compare.py's
+    forward-and-backward warm-up, drew torch's AccumulateGrad stream-mismatch warning.)"""
     graph, out = capture_graph(fn, h, amp)
     rounds = []
     for _ in range(max(1, repeats)):
@@ -107,7 +110,7 @@ def _replayed(
             graph.replay()
         synchronize(device)
         rounds.append((time.perf_counter() - t) / REPLAYS)
-    result = out.clone()
+    result = out.detach().clone()
     del out, graph
     return reduce(rounds), result
 
