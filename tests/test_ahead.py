@@ -161,6 +161,21 @@ def test_a_probe_leaves_the_time_paid_ahead_out_of_a_rate(monkeypatch):
     assert probes._steady(round_, cpu, seconds=0.0) == (1_000_000, 0.375, 0.0)
 
 
+def test_free_device_memory_counts_the_blocks_torch_holds_unused(monkeypatch):
+    """On a 16 GiB GPU the driver sees 1 GiB free, while torch holds 6 GiB reserved of which
+    2 GiB are in use (a superseded cache freed into its cache): 5 GiB are free for a new
+    cache. The CUDA queries are faked on the CPU."""
+    from prefast.cache import probes
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gib, 16 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
+    free_device, free_host = probes.free_memory(torch.device("cuda"))
+    assert free_device == 5 * gib and free_host > 0
+    assert probes.free_memory(torch.device("cpu"))[0] == 0
+
+
 def test_a_replayed_probe_hands_back_its_output_detached(monkeypatch):
     """compare.py's graphed profile replays a unit's training forward, then its forward and
     backward: the first's output copy must not keep the captured autograd graph (and its

@@ -32,9 +32,15 @@ class StoreRates(NamedTuple):
 
 
 def free_memory(device: torch.device) -> tuple[int, int]:
-    """(free device bytes, available host bytes) now; the device figure is 0 off CUDA."""
-    free_device = int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 0
-    return free_device, available_host_bytes()
+    """(free device bytes, available host bytes) now; the device figure is 0 off CUDA. It
+    counts the blocks torch's caching allocator holds unused (a superseded cache, the freed
+    tensors of earlier steps) as free: the driver does not, but torch hands them out, and
+    releases them to retry an allocation they do not fit. Without them an explicit --cache
+    device went to RAM once the caches written before it had been freed into torch's cache."""
+    if device.type != "cuda":
+        return 0, available_host_bytes()
+    cached = int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
+    return int(torch.cuda.mem_get_info(device)[0]) + max(cached, 0), available_host_bytes()
 
 
 def measure_unit_forward(
