@@ -3016,3 +3016,39 @@ def test_a_checkpoint_that_resume_would_refuse_is_named_when_first_saved(tmp_pat
     with caplog.at_level(logging.WARNING, logger="prefast"):  # a plain model: no such line
         train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(tmp_path / "plain")))
     assert not [r for r in caplog.records if "cannot be resumed" in r.getMessage()]
+
+
+def test_a_cache_pass_rates_its_store_writes_without_its_forward(tmp_path, monkeypatch):
+    """A pass's write rate, which the planner takes for the store's, was its bytes over the
+    whole pass: forwards and reads counted as writing. A fake clock: each forward takes 10 s,
+    each reading of the clock 1 ms."""
+    import math
+    import types
+
+    import prefast.cache.build as build
+    from prefast.cache.build import PassSpec, build_cache
+    from prefast.data import Augment, load_data
+    from prefast.distributed import DistContext
+    from prefast.training import build_model
+
+    clock = {"t": 0.0}
+
+    def perf_counter() -> float:
+        clock["t"] += 1e-3
+        return clock["t"]
+
+    monkeypatch.setattr(build, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    cfg = TrainConfig(dataset="synthetic", num_samples=37, model_args={"depth": 16, "growth": 8})
+    data = load_data(cfg)
+    model = build_model(cfg, data.train.spec)
+    model.units[0].eval().requires_grad_(False)
+    model.units[0].register_forward_hook(lambda *a: clock.__setitem__("t", clock["t"] + 10.0))
+    spec = PassSpec(data.train, Augment.from_spec(data.train.spec), views=1, seed=0,
+                    dtype="float32", codec=None, batch_size=16, amp="none", channels_last=False)  # fmt: skip
+    cache = build_cache(
+        model, 1, None, spec, "zarr", tmp_path / "s", torch.device("cpu"), "fp", {}, False,
+        DistContext(),
+    )  # fmt: skip
+    nbytes = 37 * math.prod(model.boundary_shape(1, (3, 32, 32))) * 4  # float32
+    assert cache.build_seconds > 30  # three batches' forwards
+    assert cache.write_rate == pytest.approx(nbytes / 4e-3)  # three writes and the close
