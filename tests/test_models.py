@@ -922,5 +922,10 @@ def test_numpy_integers_build_the_model_a_plain_int_does() -> None:
     b = FreezeSchedule(ScheduleConfig(t0=0.5), 5, 101)
     assert (a.num_units, a.total_iterations) == (5, 101) and type(a.num_units) is int
     assert [a.freeze_iteration(i) for i in range(5)] == [b.freeze_iteration(i) for i in range(5)]
-    with pytest.raises(ModelError, match=r"must be an integer >= 1, got np\.True_"):
+    with pytest.raises(ModelError, match=r"must be an integer >= 1, got True"):
         create_model("densenet_bc", **{**kw, "growth": np.bool_(True)})
+    # numpy floats and bools too: 'reduction: must be a finite number in (0, 1], got
+    # np.float32(0.5)', refused although it is 0.5
+    half = create_model("densenet_bc", **kw, reduction=np.float32(0.5), bottleneck=np.bool_(True))
+    assert half.config == create_model("densenet_bc", **kw, reduction=0.5).config
+    assert type(half.config["reduction"]) is float and half.config["bottleneck"] is True

@@ -145,10 +145,10 @@ def create_model(
     if unknown:
         takes = f"accepted: {', '.join(accepted)}" if accepted else "it takes none"
         raise ModelError(f"model {name!r} got unknown argument(s) {unknown}; {takes}")
-    # numpy integers (a sweep's np.arange) as plain ints: factories check with isinstance and
-    # the config they record goes into JSON
+    # numpy scalars (a sweep's np.arange or np.linspace) as plain Python ones: factories check
+    # with isinstance and the config they record goes into JSON
     common = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
-    args = {k: _plain_int(v) for k, v in {**common, **kwargs}.items()}
+    args = {k: _plain_scalar(v) for k, v in {**common, **kwargs}.items()}
     model = factory(**args)
     if not isinstance(model, UnitModel):
         raise ModelError(
@@ -169,9 +169,9 @@ def create_model(
     return model
 
 
-def _plain_int(v: Any) -> Any:
-    """A numpy integer as an int; anything else as it is."""
-    return int(v) if isinstance(v, np.integer) else v
+def _plain_scalar(v: Any) -> Any:
+    """A numpy integer, float or bool as an int, float or bool; anything else as it is."""
+    return v.item() if isinstance(v, (np.integer, np.floating, np.bool_)) else v
 
 
 def _did_you_mean(name: object) -> str:
