@@ -1225,3 +1225,26 @@ def test_cache_list_into_a_closed_pipe_ends_quietly(tmp_path, unbuffered):
     finally:
         os.close(write_end)
     assert (r.returncode, r.stderr) == (141, "")
+
+
+def test_resume_with_another_number_of_ranks_says_the_run_changes(tmp_path, caplog):
+    import logging
+
+    ck = tmp_path / "ck"
+    cfg = dict(TINY, epochs=1, mode="freezeout", checkpoint_dir=str(ck))
+    train(TrainConfig(**cfg))
+    caplog.set_level(logging.WARNING, logger="prefast")
+    train(TrainConfig(**{**cfg, "epochs": 2}, resume=True))  # the same single process
+    assert not any("rank(s)" in r.getMessage() for r in caplog.records)
+
+    # as written by two torchrun ranks: every epoch record carries the world size
+    state = torch.load(ck / "last.pt", weights_only=True)
+    state["epoch"] = 1
+    state["records"] = [dict(r, world_size=2) for r in state["records"][:1]]
+    torch.save(state, ck / "last.pt")
+    caplog.clear()
+    train(TrainConfig(**{**cfg, "epochs": 2}, resume=True))
+    said = [r.getMessage() for r in caplog.records if "rank(s)" in r.getMessage()]
+    assert len(said) == 1
+    assert "trained by 2 rank(s), this run has 1" in said[0]
+    assert "a step trains on 16 samples (was 32)" in said[0]

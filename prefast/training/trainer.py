@@ -733,6 +733,7 @@ class Trainer:
                 f"than --epochs {self.cfg.epochs}; give --epochs {self.start_epoch} or more"
             )
         self.result.records = list(state["records"])
+        self._warn_other_world_size(path)
         self.result.losses = list(state["losses"])
         set_rng_state(state["rng"], self.device)
         if self.cache is not None:
@@ -741,6 +742,34 @@ class Trainer:
             # (_restore_cache): a stop or a failure there is that file's last line
             self._cache_state = (state["cache"], state.get("cache_plan"))
         log.info("resumed from %s at epoch %d (frontier %d)", path, self.start_epoch, self.frontier)
+
+    def _warn_other_world_size(self, path: Path) -> None:
+        """Say so where the checkpoint's epochs were trained by another number of ranks: with
+        --batch-size per rank, the resumed epochs take other global batches and another count
+        of steps (the FreezeOut schedule follows it), so the run does not end as an
+        uninterrupted one would."""
+        if not self.result.records or not self.dist.is_main:
+            return
+        was = int(self.result.records[-1].get("world_size") or 1)
+        now = self.dist.world_size
+        if was == now:
+            return
+        batch = self.cfg.batch_size
+        log.warning(
+            "--resume: the checkpoint at %s was trained by %d rank(s), this run has %d: "
+            "--batch-size is per rank, so from epoch %d a step trains on %d samples (was %d) "
+            "and an epoch has %d steps, with the FreezeOut schedule following the new count; "
+            "the result is not that of an uninterrupted run (start it with %d rank(s) to "
+            "continue as it was)",
+            path,
+            was,
+            now,
+            self.start_epoch,
+            batch * now,
+            batch * was,
+            self.iters_per_epoch,
+            was,
+        )
 
     def _restore_cache(self) -> None:
         """--resume: reuse the checkpoint's store or rebuild the cache (its seconds go into the
