@@ -72,6 +72,32 @@ def test_torchrun_two_ranks_stay_in_sync_and_cover_every_sample(tmp_path):
     assert r.stdout.count("test error") == 1
 
 
+def test_torchrun_auto_policy_ram_cache_that_spills_to_a_store(tmp_path):
+    """--cache ram with the auto policy, where host memory is short: the plan's tiers are a
+    store, which rank 0's plan probed in the temporary run folder it made alone; its broadcast
+    of the folder met the other ranks' wait for the decision (rank 1: int() of the path)."""
+    script = tmp_path / "short_of_memory.py"
+    script.write_text(
+        "import sys\n"
+        "import prefast.cache.manager as m\n"
+        "m.free_memory = lambda device: (0, 10_000)  # a RAM cache fits nowhere: a store\n"
+        "from prefast.cli import main\n"
+        "sys.exit(main(['train', *sys.argv[1:]]))\n"
+    )
+    metrics = tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), *TINY, "--epochs", "2", "--mode", "prefast", "--cache", "ram",
+           "--recache-policy", "auto", "--metrics", str(metrics), "--dist-timeout", "60"]  # fmt: skip
+    env = _torchrun_env(tmp_path)
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    *records, summary = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [(x["samples_seen"], x["samples_seen_twice"]) for x in records] == [(96, 0)] * 2
+    assert summary["world_size"] == 2
+    assert list(Path(env["TMPDIR"]).glob("prefast-cache-*")) == []  # the temporary folder went
+
+
 @pytest.mark.parametrize(("tier", "codec"), [("zarr", "none"), ("ram", "none"), ("zarr", "lz4")])
 def test_caches_built_under_torchrun_hold_the_checkpoints_frozen_units(tmp_path, tier, codec):
     """Every rank computes its share of each cache pass with the frozen units the checkpoint

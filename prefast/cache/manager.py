@@ -400,14 +400,12 @@ class CacheManager:
     def _planned_boundary(self, j: int, frontier: int) -> int:
         """The policy's boundary, decided on rank 0 (costs and free memory differ between ranks;
         decisions must not)."""
-        if (
-            self.dist.enabled
-            and self.cfg.recache_policy == "auto"
-            and self.cfg.cache in ("zarr", "auto")
-        ):
-            # rank 0's plan may probe the store tier in the run folder: where that folder is
-            # a temporary one made on first use, it is made (and shared) on every rank now,
-            # not by rank 0 alone inside the plan, where its broadcast would meet this one
+        if self.dist.enabled and self.cfg.recache_policy == "auto":
+            # rank 0's plan may probe the store tier in the run folder (an explicit --cache
+            # ram or device goes to a store where it does not fit that memory): where that
+            # folder is a temporary one made on first use, it is made (and shared) on every
+            # rank now, not by rank 0 alone inside the plan, where its broadcast met this one
+            # (the other ranks took the folder's name for the boundary)
             self._zarr_dir()
         plan = self._plan_on_this_rank(j, frontier) if self.dist.is_main else None
         return int(self.dist.broadcast_object(plan, "sharing the re-caching decision"))
