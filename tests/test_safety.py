@@ -1248,3 +1248,10 @@ def test_resume_with_another_number_of_ranks_says_the_run_changes(tmp_path, capl
     assert len(said) == 1
     assert "trained by 2 rank(s), this run has 1" in said[0]
     assert "a step trains on 16 samples (was 32)" in said[0]
+
+    state = torch.load(ck / "last.pt", weights_only=True)  # finished: trains no more epochs
+    state["records"] = [dict(r, world_size=2) for r in state["records"]]
+    torch.save(state, ck / "last.pt")
+    caplog.clear()
+    train(TrainConfig(**{**cfg, "epochs": 2}, resume=True))
+    assert not any("rank(s)" in r.getMessage() for r in caplog.records)

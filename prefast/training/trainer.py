@@ -748,8 +748,8 @@ class Trainer:
         --batch-size per rank, the resumed epochs take other global batches and another count
         of steps (the FreezeOut schedule follows it), so the run does not end as an
         uninterrupted one would."""
-        if not self.result.records or not self.dist.is_main:
-            return
+        if not self.result.records or not self.dist.is_main or self.start_epoch >= self.cfg.epochs:
+            return  # (a finished run only prints its summary)
         was = int(self.result.records[-1].get("world_size") or 1)
         now = self.dist.world_size
         if was == now:
