@@ -78,6 +78,8 @@ DTYPES: dict[str, tuple[np.dtype[Any], torch.dtype]] = {
 }
 CODECS: tuple[str | None, ...] = (None, "lz4", "zstd")
 DEFAULT_LEVELS = {"lz4": 5, "zstd": 1}
+# the levels each codec takes: Blosc's clevel 0..9 (lz4), zstd's -(2**17)..22
+CODEC_LEVELS = {"lz4": (0, 9), "zstd": (-(2**17), 22)}
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -146,8 +148,12 @@ class StoreLayout:
         _check_choice("codec", self.codec, CODECS)
         if self.codec is None and self.codec_level is not None:
             raise StoreInputError("codec_level is only meaningful with codec='lz4' or 'zstd'")
-        if self.codec_level is not None:
-            check_int("codec_level", self.codec_level, -(2**17), 22)
+        if self.codec is not None and self.codec_level is not None:
+            # one out of range was taken, and every chunk write failed in the background
+            # with Blosc's 'error during blosc compression: -10'
+            check_int(
+                f"codec_level for codec={self.codec!r}", self.codec_level, *CODEC_LEVELS[self.codec]
+            )
         check_int("chunk_samples", self.chunk_samples, 1, MAX_SAMPLES)
         # numpy integers pass the checks; the record is JSON and holds Python ints
         for name in ("num_samples", "views", "chunk_samples", "codec_level"):

@@ -780,6 +780,24 @@ def test_write_errors_name_the_field(tmp_path, data):
         store.create(tmp_path / "t", sample_shape=SHAPE, num_samples=N, codec="gzip")
 
 
+@pytest.mark.parametrize(("codec", "level"), [("lz4", 10), ("lz4", -1), ("zstd", 23)])
+def test_a_codec_level_the_codec_does_not_take_is_refused_at_create(tmp_path, codec, level):
+    # lz4 (Blosc) takes levels 0..9: 10 made a store whose every chunk write failed in the
+    # background with "error during blosc compression: -10"
+    with pytest.raises(store.StoreInputError, match=rf"codec_level for codec='{codec}'.*{level}"):
+        store.create(
+            tmp_path / "c", sample_shape=(3,), num_samples=6, codec=codec, codec_level=level
+        )
+    assert not (tmp_path / "c").exists()
+    with store.create(
+        tmp_path / "ok", sample_shape=(3,), num_samples=6, codec="lz4", codec_level=9
+    ) as w:
+        w.write(0, 0, torch.ones(6, 3), torch.arange(6))
+    assert torch.equal(
+        store.open(tmp_path / "ok").read(0, [5]), torch.ones(1, 3, dtype=torch.float16)
+    )
+
+
 def test_numpy_integer_sizes_make_a_store(tmp_path):
     # The layout takes numpy integers (a size computed with numpy); the record that holds
     # them is JSON, so they are kept as Python ints.
