@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from store.errors import StoreInputError, check_int
+from store.errors import StoreInputError, check_bool, check_int
 
 # Distinct streams so the permutation and the view draw never share random numbers.
 _PERM_STREAM = 0
@@ -25,7 +25,9 @@ def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
     """Sample indices for one epoch, int64 (num_samples,)."""
-    if not shuffle:
+    # a negative count gave an empty epoch, a str flag such as "False" a shuffled one
+    num_samples = check_int("num_samples", num_samples, 0)
+    if not check_bool("shuffle", shuffle):
         return np.arange(num_samples, dtype=np.int64)
     return _rng(seed, epoch, _PERM_STREAM).permutation(num_samples).astype(np.int64)
 
@@ -34,6 +36,8 @@ def rank_part(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """Rank ``rank``'s disjoint part of ``order``; every part has ``len(order) // world_size``
     entries (the last ``len(order) % world_size`` entries of the epoch are dropped, a different
     set each epoch when shuffled)."""
+    # a bool was taken as rank 1 or one rank, a float failed in numpy's slicing
+    rank, world_size = check_int("rank", rank), check_int("world_size", world_size)
     if world_size < 1 or not 0 <= rank < world_size:
         raise StoreInputError(
             f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
@@ -46,8 +50,8 @@ def rank_part(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
 def epoch_views(num_samples: int, views: int, seed: int, epoch: int) -> np.ndarray:
     """The view each sample reads in this epoch, int64 (num_samples,), indexed by sample id."""
-    if views < 1:
-        raise StoreInputError(f"views must be >= 1, got {views}")
+    # views=2.5 drew views 0 and 1 only; a negative count failed in numpy
+    num_samples, views = check_int("num_samples", num_samples, 0), check_int("views", views, 1)
     if views == 1:
         return np.zeros(num_samples, dtype=np.int64)
     return _rng(seed, epoch, _VIEW_STREAM).integers(0, views, size=num_samples, dtype=np.int64)

@@ -327,6 +327,24 @@ def test_rank_parts_are_disjoint_equal_and_cover(tmp_path, data, tier, world):
     assert len(union) == N - N % world  # covers all but the epoch's remainder
 
 
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda: store.epoch_permutation(-3, 0, 0), "num_samples"),  # was an empty epoch
+        (lambda: store.epoch_permutation(5, 0, 0, shuffle="False"), "shuffle"),  # was shuffled
+        (lambda: store.epoch_views(5, 2.5, 0, 0), "views"),  # drew views 0 and 1 only
+        (lambda: store.epoch_views(-1, 2, 0, 0), "num_samples"),  # numpy's ValueError
+        (lambda: store.rank_part(np.arange(10), True, 2), "rank"),  # was rank 1
+        (lambda: store.rank_part(np.arange(10), 0, 2.0), "world_size"),  # numpy's TypeError
+    ],
+)
+def test_the_order_functions_refuse_a_count_or_flag_of_the_wrong_type(call, field):
+    with pytest.raises(store.StoreInputError, match=field):
+        call()
+    assert store.rank_part(np.arange(10), np.int64(1), np.int64(3)).tolist() == [1, 4, 7]
+    assert store.epoch_permutation(np.int64(4), 0, 0, np.bool_(False)).tolist() == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("tier", ["zarr-raw", "zarr-lz4", "ram"])
 def test_fewer_samples_than_ranks_is_refused_by_every_tier(tmp_path, data, tier):
     # random access gave each rank 0 samples (a silent epoch of nothing), streaming raised
