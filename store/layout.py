@@ -266,16 +266,19 @@ class StoreInfo:
             )
         version = d.get("format_version")
         if version != FORMAT_VERSION or isinstance(version, bool):
-            old = isinstance(version, int) and version < FORMAT_VERSION
-            raise StoreFormatError(
-                f"{path}: format_version {version!r} is not supported (this code reads version "
-                f"{FORMAT_VERSION}); "
-                + (
+            if isinstance(version, int) and not isinstance(version, bool):
+                hint = (
                     "the store was written by an older version: rebuild it (prefast rebuilds "
                     "its caches automatically)"
-                    if old
-                    else "rebuild the store with this version of prefast"
+                    if version < FORMAT_VERSION
+                    else "the store was written by a newer version of prefast: read it with "
+                    "that version, or rebuild it with this one"
                 )
+            else:
+                hint = "rebuild the store with this version of prefast"
+            raise StoreFormatError(
+                f"{path}: format_version {version!r} is not supported (this code reads version "
+                f"{FORMAT_VERSION}); {hint}"
             )
         got = d.get(CHECKSUM_KEY)
         want = record_checksum(d)
@@ -291,6 +294,9 @@ class StoreInfo:
             d.get("created"),
             d.get("completed"),
         )
+        for name in ("meta", "complete", "created"):
+            if name not in d:  # said "has a bad value None"
+                raise StoreFormatError(f"{path}: attribute '{name}' is missing")
         if not isinstance(meta, dict):
             raise StoreFormatError(f"{path}: attribute 'meta' has a bad value {meta!r}")
         if not isinstance(complete, bool):

@@ -1370,6 +1370,25 @@ def test_version_1_store_is_refused_with_a_rebuild_hint(tmp_path, data):
         store.open(path)
 
 
+def test_a_newer_or_incomplete_record_says_so(tmp_path, data):
+    # a store from a newer version was told to "rebuild the store with this version", and a
+    # record without 'meta' said "attribute 'meta' has a bad value None"
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    _edit_record(path, resign=True, format_version=3)
+    with pytest.raises(store.StoreFormatError, match=r"format_version 3 .*newer version"):
+        store.open(path)
+    _edit_record(path, resign=True, format_version=store.FORMAT_VERSION)
+    store.open(path)
+    rec = json.loads((path / "zarr.json").read_text())["attributes"]["prefast_store"]
+    for name in ("meta", "complete", "created"):
+        d = {k: v for k, v in rec.items() if k != name}
+        d["checksum"] = store.layout.record_checksum(d)
+        with pytest.raises(store.StoreFormatError, match=f"attribute '{name}' is missing"):
+            store.StoreInfo.from_dict(d, "s")
+
+
 def test_complete_store_with_a_lost_marker_is_corrupt(tmp_path, data):
     x, y = data
     path = tmp_path / "s"
