@@ -128,7 +128,9 @@ class Config:
 
     @property
     def resolved_chunk_samples(self) -> int:
-        return self.chunk_samples or default_chunk_samples(self.shape, "float16", self.num_samples)
+        if self.chunk_samples:  # store.create takes a larger one as num_samples
+            return min(self.chunk_samples, self.num_samples)
+        return default_chunk_samples(self.shape, "float16", self.num_samples)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -215,7 +215,8 @@ def create(
     the stored one. ``rank``/``world_size`` make this writer own the chunks ``c`` with
     ``c % world_size == rank`` of every view, so ranks write disjoint chunk files; with
     ``world_size > 1`` every rank must pass ``resume=True`` except the one that creates the store,
-    and ``finalize(path)`` marks it complete once all ranks are done.
+    and ``finalize(path)`` marks it complete once all ranks are done. ``chunk_samples``
+    (default: about 8 MiB of samples) above ``num_samples`` is taken as ``num_samples``.
     """
     if workers is None:  # encoding, checksums and writes release the GIL
         workers = min(8, max(2, (os.cpu_count() or 2) // 2))
@@ -238,6 +239,10 @@ def create(
     check_int("num_samples", num_samples, 1, _layout.MAX_SAMPLES)
     if chunk_samples is None:
         chunk_samples = default_chunk_samples(shape, dtype, max(num_samples, 1))
+    else:
+        # one chunk holds every sample: a larger one was a raw chunk file of that many
+        # samples, nearly all padding (10 samples with chunk_samples=100000 took 100000)
+        chunk_samples = min(check_int("chunk_samples", chunk_samples, 1), num_samples)
     layout = StoreLayout(
         num_samples=num_samples,
         views=views,

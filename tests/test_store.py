@@ -816,6 +816,22 @@ def test_a_codec_level_the_codec_does_not_take_is_refused_at_create(tmp_path, co
     )
 
 
+@pytest.mark.parametrize("codec", [None, "zstd"])
+def test_a_chunk_larger_than_the_store_holds_just_its_samples(tmp_path, codec):
+    # chunk_samples=1000 for 10 samples wrote a raw chunk file of 1000 samples, 99 % padding
+    x = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    with store.create(
+        tmp_path / "s", sample_shape=(4,), num_samples=10, dtype="float32", codec=codec,
+        chunk_samples=1000,
+    ) as w:  # fmt: skip
+        w.write(0, 0, x, torch.arange(10))
+    s = store.open(tmp_path / "s")
+    assert s.chunk_samples == 10 and s.num_chunks == 1
+    assert torch.equal(s.read(0, np.arange(10)), x)
+    if codec is None:
+        assert (tmp_path / "s" / "activations" / "c" / "0" / "0" / "0").stat().st_size == 10 * 16
+
+
 def test_numpy_integer_sizes_make_a_store(tmp_path):
     # The layout takes numpy integers (a size computed with numpy); the record that holds
     # them is JSON, so they are kept as Python ints.
