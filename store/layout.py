@@ -376,6 +376,11 @@ def check_write(
         raise StoreInputError(
             f"{where}field 'x': expected a floating-point batch, got dtype {x.dtype}"
         )
+    if isinstance(x, np.ndarray) and x.dtype.itemsize > 8:  # torch's TypeError otherwise
+        raise StoreInputError(
+            f"{where}field 'x': numpy dtype {x.dtype} has no torch counterpart; pass "
+            "x.astype(numpy.float64)"
+        )
     return n
 
 

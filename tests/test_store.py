@@ -832,6 +832,25 @@ def test_a_chunk_larger_than_the_store_holds_just_its_samples(tmp_path, codec):
         assert (tmp_path / "s" / "activations" / "c" / "0" / "0" / "0").stat().st_size == 10 * 16
 
 
+@pytest.mark.parametrize("sink", ["write", "write_rows", "ram"])
+def test_a_numpy_batch_torch_cannot_hold_is_refused_by_name(tmp_path, sink):
+    # numpy's longdouble passed the float check and failed in torch.from_numpy with a TypeError
+    x = np.ones((2, 3), dtype=np.longdouble)
+    if x.dtype.itemsize <= 8:
+        pytest.skip("longdouble is float64 on this platform")
+    y = np.arange(2)
+    if sink == "ram":
+        with pytest.raises(store.StoreInputError, match=r"field 'x'.*astype\(numpy.float64\)"):
+            store.RamCache.empty(2, 1, (3,), "float32").write(0, 0, x, y)
+        return
+    with store.create(tmp_path / "s", sample_shape=(3,), num_samples=2, dtype="float32") as w:
+        write = w.write if sink == "write" else lambda v, s, a, b: w.write_rows(v, [0, 1], a, b)
+        with pytest.raises(store.StoreInputError, match=r"field 'x'.*astype\(numpy.float64\)"):
+            write(0, 0, x, y)
+        write(0, 0, x.astype(np.float64), y)
+    assert torch.equal(store.open(tmp_path / "s").read(0, [0, 1]), torch.ones(2, 3))
+
+
 def test_numpy_integer_sizes_make_a_store(tmp_path):
     # The layout takes numpy integers (a size computed with numpy); the record that holds
     # them is JSON, so they are kept as Python ints.
