@@ -9,6 +9,10 @@ Which view a sample reads: a fixed ``view``, or (``view=None``) the view ``store
 assigns to it in epoch ``epoch`` (the one ``StoreLoader`` reads, except from a store it streams,
 compressed or remote, where it draws a view per chunk), changed with ``set_epoch``.
 
+Over a compressed or remote store a batch decodes every chunk it touches (nearly every chunk,
+for a shuffled batch), where ``StoreLoader`` decodes each chunk once an epoch: there, prefer
+``StoreLoader`` or a ``RamCache``.
+
 Workers: a store-backed dataset reopens its store in each worker process (memory maps and
 locks are never shared across a fork), as it was opened (``partial``, ``checksums``); a store
 created anew at its path since raises ``StoreCorruptError`` there. A RAM tier is shared as the
