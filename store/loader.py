@@ -236,6 +236,13 @@ class StoreLoader:
         )
         # samples per epoch on this rank; StoreInputError now for fewer samples than ranks
         self._per_rank = self.sampling.samples_per_rank()
+        if drop_last and self._per_rank < batch_size:
+            # every epoch was one of no batches, silently
+            raise StoreInputError(
+                f"drop_last=True with batch_size={batch_size}: the {self._per_rank} sample(s) "
+                f"each of {world_size} rank(s) reads an epoch make no full batch; lower "
+                "batch_size or pass drop_last=False"
+            )
         if batches_per_copy is None:
             batch_bytes = (
                 min(batch_size, self._per_rank)

@@ -359,6 +359,17 @@ def test_fewer_samples_than_ranks_is_refused_by_every_tier(tmp_path, data, tier)
 
 
 @pytest.mark.parametrize("tier", ["zarr-raw", "zarr-lz4", "ram"])
+def test_drop_last_with_no_full_batch_is_refused(tmp_path, data, tier):
+    # every epoch was one of no batches, silently (a training loop of no steps)
+    x, y = data
+    src = _tiers(tmp_path, x, y)[tier]
+    with pytest.raises(store.StoreInputError, match=r"the 39 sample\(s\) each of 3 rank"):
+        store.StoreLoader(src, batch_size=40, drop_last=True, rank=1, world_size=3)
+    assert len(store.StoreLoader(src, batch_size=39, drop_last=True, world_size=3)) == 1
+    assert len(store.StoreLoader(src, batch_size=40, world_size=3)) == 1
+
+
+@pytest.mark.parametrize("tier", ["zarr-raw", "zarr-lz4", "ram"])
 @pytest.mark.parametrize("batches_per_copy", [1, 3])
 def test_a_batch_size_above_the_data_allocates_only_the_data(
     tmp_path, data, tier, batches_per_copy
