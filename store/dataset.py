@@ -152,12 +152,12 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if raw.ndim != 1:
             # (2, 3) indices came back as 6 samples, not a (2, 3, ...) batch
             raise IndexError(f"sample indices must be one list of integers, got shape {raw.shape}")
-        idx = raw.astype(np.int64).reshape(-1)
         n = self.num_samples
-        idx = np.where(idx < 0, idx + n, idx)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
+        # on the given values: a uint64 beyond int64 wrapped to a negative index, a valid one
+        if raw.size and (int(raw.min()) < -n or int(raw.max()) >= n):
             raise IndexError(f"sample index out of range [0, {n})")
-        return idx
+        idx = raw.astype(np.int64).reshape(-1)
+        return np.where(idx < 0, idx + n, idx)
 
     def _gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         src = self.source

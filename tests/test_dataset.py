@@ -91,6 +91,10 @@ def test_indices_must_be_integers_and_an_empty_batch_is_empty(tiers, tier):
     for shaped in ([[1, 2], [3, 4]], np.array([[5]]), torch.tensor([[1, 2]]), 3):
         with pytest.raises(IndexError, match="must be one list of integers"):
             ds.batch(shaped)
+    # a uint64 beyond int64 wrapped to -1, read as the last sample
+    with pytest.raises(IndexError, match="out of range"):
+        ds.batch(np.array([2**64 - 1], dtype=np.uint64))
+    assert torch.equal(ds.batch(np.array([N - 1], dtype=np.uint64))[0], ds.batch([-1])[0])
 
 
 def test_a_store_dataset_reopens_after_pickling_and_bad_input_is_refused(tiers):
