@@ -306,6 +306,20 @@ def _stdout_to_devnull() -> None:
     os.close(devnull)
 
 
+def extra_paths_message(command: str | None, taken: list[str | None], extra: list[str]) -> str:
+    """The error for arguments the parser did not take: where they are all positional after a
+    command's store path(s), a shell glob (``run-*/boundary-*``) matched several stores, and
+    argparse's own ``unrecognized arguments: B`` named only the stores after the first."""
+    if command is None or any(a.startswith("-") for a in extra) or None in taken:
+        return f"unrecognized arguments: {' '.join(extra)}"
+    paths = [*(str(p) for p in taken), *extra]
+    want = "two stores" if len(taken) == 2 else "one store"
+    return (
+        f"{command} reads {want}, got {len(paths)} paths: {', '.join(paths)} (a glob such as "
+        f"run-*/boundary-* that matched several stores?); name {want}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["verify"] and any(
@@ -314,7 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {CHECKPOINT_MOVED}", file=sys.stderr)
         return 2
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(
+            extra_paths_message(
+                args.command,
+                [args.a, args.b] if args.command == "diff" else [getattr(args, "path", None)],
+                extra,
+            )
+        )
     if args.command is None:  # a bare `python -m store`: what it can do, not a dest's name
         parser.error(  # prints the usage first
             "give a command: inspect (what is in a store), stats (per-channel statistics), show "

@@ -294,3 +294,17 @@ def test_a_chunk_it_may_not_read_is_reported_not_a_stop(run, tmp_path, capsys, m
     cap = capsys.readouterr()
     assert "recomputed  16 samples x 1 view(s)" in cap.out and "result      FAILED" in cap.out
     assert f"prefast: unreadable chunk {chunk} (view 1, samples 0..95): cannot be read" in cap.err
+
+
+def test_prefast_verify_names_a_glob_that_matched_several_stores(capsys):
+    # `prefast verify runs/c/run-*/boundary-* --checkpoint ...` over two runs' stores said only
+    # 'unrecognized arguments: runs/c/run-2/boundary-5'
+    with pytest.raises(SystemExit) as e:
+        prefast_main(["verify", "c/run-1/boundary-3", "c/run-2/boundary-5", "--checkpoint", "ck"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.strip() == (
+        "prefast: error: verify reads one store, got 2 paths: c/run-1/boundary-3, "
+        "c/run-2/boundary-5 (a glob such as run-*/boundary-* that matched several stores?); "
+        "name one store"
+    )

@@ -90,6 +90,29 @@ def test_a_bare_python_m_store_names_its_commands(capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["inspect", "c/run-1/boundary-3", "c/run-2/boundary-5"], "inspect reads one store, got 2"),
+        (["verify", "A", "B", "--json"], "verify reads one store, got 2 paths: A, B"),
+        (
+            ["stats", "A", "B", "C", "--out", "s.json"],
+            "stats reads one store, got 3 paths: A, B, C",
+        ),
+        (["diff", "A", "B", "C"], "diff reads two stores, got 3 paths: A, B, C"),
+        (["inspect", "A", "B", "--jsn"], "unrecognized arguments: B --jsn"),
+    ],
+)
+def test_a_glob_that_matched_several_stores_is_named_as_such(argv, needle, capsys):
+    # `python -m store inspect runs/c/run-*/boundary-*` over a cache folder holding two runs'
+    # stores said only 'unrecognized arguments: c/run-2/boundary-5'
+    with pytest.raises(SystemExit) as e:
+        store_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"python -m store: error: {needle}"), err
+
+
 def test_every_argument_of_python_m_store_says_what_it_is():
     import argparse
 
