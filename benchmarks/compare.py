@@ -180,7 +180,10 @@ def variants_for(
     full: bool = True,
     eager_baseline: bool = False,
 ) -> list[Variant]:
-    out = [Variant("full", {"mode": "full"})] if full else []
+    # full training has no freeze schedule: the scenario's t0, how_scale and scale_lr would
+    # only be named in the run's warning of options it does not use
+    unscheduled = {n: getattr(TrainConfig(), n) for n in ("t0", "how_scale", "scale_lr")}
+    out = [Variant("full", {"mode": "full", **unscheduled})] if full else []
     out.append(Variant("freezeout", {"mode": "freezeout"}))
     for t in tiers:
         if t == "device" and device.type != "cuda":

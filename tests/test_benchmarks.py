@@ -1005,3 +1005,19 @@ def test_study_resume_drops_a_last_line_cut_short(tmp_path):
     jsonl.write_text("{not json\n" + first)
     with pytest.raises(SystemExit, match=r"fid.jsonl line 1 is not JSON"):
         fidelity.main([*args, "--seeds", "0", "--resume"])
+
+
+def test_the_full_variant_is_not_warned_about_the_scenarios_schedule():
+    # compare.py built full training with the scenario's t0 (and cubic scaling), which a full
+    # run does not use: every compare.py run logged '--t0, --how-scale: no effect with --mode
+    # full' though the user gave neither
+    import torch
+
+    from prefast import TrainConfig
+    from prefast.config import unused_options
+
+    full = compare.variants_for(("ram",), torch.device("cpu"))[0]
+    assert full.name == "full"
+    cfg = TrainConfig(**{"t0": 0.6, "how_scale": "cubic", "scale_lr": False, **full.overrides})
+    assert cfg.mode == "full" and unused_options(cfg, "cpu", False) == []
+    assert unused_options(cfg.replace(t0=0.6), "cpu", False) != []  # what it was
