@@ -459,14 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command == "verify" and not any(a.startswith("-") for a in extra):
-            # a glob (run-*/boundary-*) that matched several stores: argparse would name only
-            # the stores after the first, as arguments it does not know
-            paths = [args.path, *extra]
-            parser.error(
-                f"verify reads one store, got {len(paths)} paths: {', '.join(paths)} (a glob "
-                "such as run-*/boundary-* that matched several stores?); name one store"
-            )
+        if args.command == "verify":  # a glob (run-*/boundary-*) that matched several stores
+            from store.__main__ import extra_paths_message
+
+            parser.error(extra_paths_message("verify", [args.path], extra))
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:  # a bare `prefast`: what it can do, not only what is missing
         parser.print_usage(sys.stderr)

@@ -84,9 +84,20 @@ def test_torchrun_auto_policy_ram_cache_that_spills_to_a_store(tmp_path):
         "from prefast.cli import main\n"
         "sys.exit(main(['train', *sys.argv[1:]]))\n"
     )
+    _records, summary = _two_ranks_auto_policy_without_folders(tmp_path, [str(script)], "ram")
+    assert summary["world_size"] == 2
+
+
+def _two_ranks_auto_policy_without_folders(
+    tmp_path: Path, target: list[str], cache: str
+) -> tuple[list[dict], dict]:
+    """Two epochs on two ranks of ``target`` (a script or ``-m prefast train``) with ``--cache
+    cache``, the auto policy and neither --cache-dir nor --checkpoint-dir: the job ends well,
+    every epoch trains each of the 96 samples once, and the temporary run folder goes. Its
+    epoch records and summary."""
     metrics = tmp_path / "m.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), *TINY, "--epochs", "2", "--mode", "prefast", "--cache", "ram",
+           *target, *TINY, "--epochs", "2", "--mode", "prefast", "--cache", cache,
            "--recache-policy", "auto", "--metrics", str(metrics), "--dist-timeout", "60"]  # fmt: skip
     env = _torchrun_env(tmp_path)
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -94,8 +105,8 @@ def test_torchrun_auto_policy_ram_cache_that_spills_to_a_store(tmp_path):
     assert "Traceback" not in r.stderr
     *records, summary = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [(x["samples_seen"], x["samples_seen_twice"]) for x in records] == [(96, 0)] * 2
-    assert summary["world_size"] == 2
     assert list(Path(env["TMPDIR"]).glob("prefast-cache-*")) == []  # the temporary folder went
+    return records, summary
 
 
 @pytest.mark.parametrize(("tier", "codec"), [("zarr", "none"), ("ram", "none"), ("zarr", "lz4")])
@@ -134,18 +145,9 @@ def test_torchrun_auto_policy_store_without_a_cache_dir(tmp_path):
     plan probes the store tier in a temporary run folder made on first use. Made by rank 0
     alone inside the plan, its broadcast met the other ranks' wait for the decision, and rank
     1 failed with a traceback (int() of the folder's path)."""
-    metrics = tmp_path / "m.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "prefast", "train", *TINY, "--epochs", "2", "--mode", "prefast", "--cache", "zarr",
-           "--recache-policy", "auto", "--metrics", str(metrics), "--dist-timeout", "60"]  # fmt: skip
-    env = _torchrun_env(tmp_path)
-    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    *records, summary = [json.loads(x) for x in metrics.read_text().splitlines()]
-    assert [(x["samples_seen"], x["samples_seen_twice"]) for x in records] == [(96, 0)] * 2
+    target = ["-m", "prefast", "train"]
+    records, summary = _two_ranks_auto_policy_without_folders(tmp_path, target, "zarr")
     assert all(x["ranks_in_sync"] for x in records) and summary["world_size"] == 2
-    assert list(Path(env["TMPDIR"]).glob("prefast-cache-*")) == []  # the temporary folder went
 
 
 def test_cache_auto_counts_a_ram_copy_per_rank_of_the_machine(tmp_path):

@@ -857,7 +857,7 @@ class Trainer:
             # what --resume continues from: fewer epochs than epochs_done where the last save
             # failed (a full disk)
             "checkpoint": str(path) if saved else None,
-            "checkpoint_epochs": saved or None,
+            "checkpoint_epochs": saved,
         }
 
     def _summary(self) -> dict[str, Any]:
