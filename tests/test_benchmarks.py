@@ -859,6 +859,33 @@ def test_compare_rounds_ratio_pairs_the_rounds_both_finished(tmp_path, monkeypat
     assert "vs freezeout over the 1 rounds both finished" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("zarr_s", "words"), [(2.5, "25.0% more"), (1.5, "25.0% less")])
+def test_compare_summary_says_more_when_prefast_is_slower(
+    tmp_path, monkeypatch, capsys, zarr_s, words
+):
+    """The summary line said "-25.0% less wall-clock" for a prefast-zarr run slower than
+    freezeout's; it now says "25.0% more". Stand-in runs: freezeout 2 s, prefast-zarr 2.5 or 1.5 s."""
+
+    def fake_run(cfg):
+        t = 2.0 if cfg.mode == "freezeout" else zarr_s
+        rec = {"epoch": 0, "train_seconds": t, "test_error": 0.5}
+        return {
+            "train_seconds": t, "cache_build_seconds": 0.0, "test_error": 0.5,
+            "process_wall_seconds": t, "cache_bytes": 0, "peak_host_private_bytes": 0,
+            "peak_gpu_bytes": 0, "records": [rec], "curve": [],
+        }  # fmt: skip
+
+    monkeypatch.setattr(compare, "run_variant", fake_run)
+    argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
+            "--tiers", "zarr", "--no-full", "--t0", "0.6", "--no-warm-up", "--no-plot",
+            "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "c.json")]  # fmt: skip
+    compare.main(argv)
+    out = capsys.readouterr().out
+    assert f"prefast-zarr vs freezeout: {words} wall-clock (cache passes 0.0% of its run)" in out
+    assert "-25.0%" not in out
+
+
 @pytest.mark.parametrize("flag", ["--steps", "--repeats", "--batch-size"])
 def test_step_probe_refuses_no_steps_no_rounds_or_an_empty_batch(tmp_path, flag, capsys):
     """--steps 0 ended in a ZeroDivisionError, --repeats 0 in a StatisticsError and
