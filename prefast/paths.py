@@ -19,15 +19,25 @@ def _reason(e: OSError) -> str:
     return e.strerror or type(e).__name__
 
 
-def check_writable_dir(path: str | os.PathLike[str], flag: str) -> Path:
-    """``path`` as a folder that exists (it is created if missing) and takes new files."""
+def check_writable_dir(
+    path: str | os.PathLike[str], flag: str, made: list[Path] | None = None
+) -> Path:
+    """``path`` as a folder that exists (it is created if missing) and takes new files. The
+    folders this creates are added to ``made``, for ``remove_made_dirs`` on a refused start."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{flag}: {p} exists and is not a directory")
+    missing = []
+    q = p.absolute()
+    while not q.exists() and not q.is_symlink() and q != q.parent:
+        missing.append(q)
+        q = q.parent
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{flag}: cannot create {p}: {_reason(e)}") from None
+    if made is not None:
+        made.extend(missing)
     try:
         fd, name = tempfile.mkstemp(prefix=".prefast-write-test-", dir=p)
     except OSError as e:
@@ -38,9 +48,12 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> Path:
     return p
 
 
-def check_writable_file(path: str | os.PathLike[str], flag: str) -> Path:
-    """``path`` as a file that can be written: not a folder, in a writable folder, and
-    writable itself when it exists."""
+def check_writable_file(
+    path: str | os.PathLike[str], flag: str, made: list[Path] | None = None
+) -> Path:
+    """``path`` as a file that can be written: not a folder, in a writable folder (created if
+    missing, and added to ``made`` as ``check_writable_dir`` does), and writable itself when
+    it exists."""
     p = Path(path).expanduser()
     if p.is_dir():
         raise ConfigError(f"{flag}: {p} is a directory; give a file name")
@@ -49,7 +62,7 @@ def check_writable_file(path: str | os.PathLike[str], flag: str) -> Path:
     real = Path(os.path.realpath(p))
     if real.is_symlink():
         raise ConfigError(f"{flag}: {p} is a symbolic link that leads back to itself")
-    check_writable_dir(real.parent, flag)
+    check_writable_dir(real.parent, flag, made)
     if real.exists():
         try:
             with open(real, "a"):
@@ -59,4 +72,13 @@ def check_writable_file(path: str | os.PathLike[str], flag: str) -> Path:
     return p
 
 
-__all__ = ["CHECKPOINT_NAME", "check_writable_dir", "check_writable_file"]
+def remove_made_dirs(made: list[Path]) -> None:
+    """Remove the folders in ``made`` (``check_writable_dir``'s) that are still empty, the
+    deepest first: a refused start leaves no empty --checkpoint-dir or --cache-dir behind.
+    A folder holding anything, put there by the run or by anyone else, is left as it is."""
+    for d in sorted(set(made), key=lambda d: len(d.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only ever removes an empty folder
+
+
+__all__ = ["CHECKPOINT_NAME", "check_writable_dir", "check_writable_file", "remove_made_dirs"]

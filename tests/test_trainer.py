@@ -25,6 +25,7 @@ from prefast import (
     CacheError,
     CheckpointError,
     ConfigError,
+    DataError,
     ModelError,
     PrefastError,
     TrainConfig,
@@ -3052,3 +3053,22 @@ def test_a_cache_pass_rates_its_store_writes_without_its_forward(tmp_path, monke
     nbytes = 37 * math.prod(model.boundary_shape(1, (3, 32, 32))) * 4  # float32
     assert cache.build_seconds > 30  # three batches' forwards
     assert cache.write_rate == pytest.approx(nbytes / 4e-3)  # three writes and the close
+
+
+def test_a_refused_start_leaves_no_empty_folders_it_made(tmp_path):
+    """A start refused after the output folders were checked (here: no CIFAR-10 files under
+    --data-root) left the empty --checkpoint-dir, --cache-dir and --metrics folders it had
+    created. They are now removed, deepest first; folders that were there before stay, with
+    what they hold."""
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    cfg = TrainConfig(
+        dataset="cifar10", data_root=str(tmp_path / "no-data"), mode="prefast", epochs=1,
+        checkpoint_dir=str(keep / "run" / "ck"), cache_dir=str(tmp_path / "a" / "b" / "cache"),
+        metrics=str(tmp_path / "m" / "metrics.jsonl"), progress=False,
+    )  # fmt: skip
+    with pytest.raises(DataError):
+        train(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    assert [p.name for p in keep.iterdir()] == ["notes.txt"]

@@ -67,7 +67,7 @@ from prefast.freezeout import (
 )
 from prefast.models import UnitModel, create_model
 from prefast.monitor import PeakMemory, Stopwatch, peak_device_bytes
-from prefast.paths import check_writable_dir, check_writable_file
+from prefast.paths import check_writable_dir, check_writable_file, remove_made_dirs
 from prefast.runtime import autocast, keep_freed_memory, resolve_device
 from prefast.training.batches import Batch, image_batches
 from prefast.training.checkpoint import (
@@ -194,10 +194,14 @@ class Trainer:
             keep_freed_memory()
         self.dist = DistContext.from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
         self.cache: CacheManager | None = None
+        self._made_dirs: list[Path] = []  # output folders this start created
         try:
             self._set_up(cfg)
         except BaseException:
-            self._close(failed=True)
+            try:
+                self._close(failed=True)
+            finally:
+                remove_made_dirs(self._made_dirs)  # a refused start leaves no empty folders
             raise
 
     def _close(self, failed: bool) -> None:
@@ -231,7 +235,7 @@ class Trainer:
         # before any data is loaded or any step runs
         # as the steps do, but before the data is loaded and the model built
         check_graphs(cfg.compile, self.dist.device)
-        self.dist.on_main("checking the run's outputs", lambda: check_outputs(cfg))
+        self.dist.on_main("checking the run's outputs", lambda: check_outputs(cfg, self._made_dirs))
         if self.dist.is_main:
             for line in unused_options(cfg, self.dist.device.type, self.dist.enabled):
                 log.warning("%s", line)
@@ -938,14 +942,14 @@ def _at_best_val(recs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def check_outputs(cfg: TrainConfig) -> None:
+def check_outputs(cfg: TrainConfig, made: list[Path] | None = None) -> None:
     """Every path the run will write, checked before it starts (one clear error, not a
-    traceback after an epoch)."""
+    traceback after an epoch). The folders it creates are added to ``made``."""
     if cfg.metrics:
         _check_metrics_apart(cfg)  # before the folders below are made
-        check_writable_file(cfg.metrics, "--metrics")
+        check_writable_file(cfg.metrics, "--metrics", made)
     if cfg.checkpoint_dir:
-        ck = check_writable_dir(cfg.checkpoint_dir, "--checkpoint-dir")
+        ck = check_writable_dir(cfg.checkpoint_dir, "--checkpoint-dir", made)
         if (ck / CHECKPOINT_NAME).is_dir():
             raise ConfigError(f"--checkpoint-dir: {ck / CHECKPOINT_NAME} is a directory")
         if not cfg.resume and (ck / CHECKPOINT_NAME).exists():
@@ -959,7 +963,7 @@ def check_outputs(cfg: TrainConfig) -> None:
         check_cache_dir(cfg.cache_dir)  # a URL's backend, a folder not inside a store
         local = location.as_local(cfg.cache_dir)
         if local is not None:
-            check_writable_dir(local, "--cache-dir")
+            check_writable_dir(local, "--cache-dir", made)
 
 
 def _check_metrics_apart(cfg: TrainConfig) -> None:
