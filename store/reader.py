@@ -530,13 +530,13 @@ class ActivationStore:
         idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
             raise StoreInputError(f"{self.path}: indices must be a 1-D sequence of integers")
-        idx = idx.astype(np.int64, copy=False)
+        # checked before the cast: a uint64 index beyond int64 would wrap to a negative one
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
             bad = idx[(idx < 0) | (idx >= self.num_samples)][0]
             raise StoreInputError(
                 f"{self.path}: sample index {bad} out of range [0, {self.num_samples})"
             )
-        return idx
+        return idx.astype(np.int64, copy=False)
 
     def read_into(
         self, view: int, indices: np.ndarray, out: np.ndarray, positions: np.ndarray | None = None

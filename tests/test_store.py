@@ -942,6 +942,10 @@ def test_read_errors(tmp_path, data):
         s.read(0, [3, 117])
     with pytest.raises(store.StoreInputError, match="sample index -1"):
         s.read(0, [-1])
+    # an unsigned index is named as given, not as the int64 it wraps to (2**64 - 1 was -1)
+    with pytest.raises(store.StoreInputError, match=f"sample index {2**64 - 1} out of range"):
+        s.read(0, np.array([5, 2**64 - 1], dtype=np.uint64))
+    assert torch.equal(s.read(2, np.array([116, 0, 9], dtype=np.uint64)), x[2, [116, 0, 9]])
     with pytest.raises(store.StoreInputError, match="view 3"):
         s.read(3, [0])
     with pytest.raises(store.StoreInputError):
