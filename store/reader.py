@@ -399,7 +399,7 @@ class ActivationStore:
         return f"{self.path.rstrip('/')}/{array}/c/{'/'.join(map(str, key))}"
 
     def chunk_written(self, view: int, chunk: int) -> bool:
-        self._check_chunk(view, chunk)
+        view, chunk = self._check_chunk(view, chunk)
         return bool(self._crcs[view, chunk] >= 0)
 
     def missing_ranges(self) -> list[tuple[int, int, int]]:
@@ -431,10 +431,12 @@ class ActivationStore:
         )
 
     # ---- reading ------------------------------------------------------------------------
-    def _check_view(self, view: int) -> None:
-        check_int(f"{self.path}: view", view)
+    def _check_view(self, view: int) -> int:
+        """``view`` as a plain int (a 0-d tensor named a chunk file 'tensor(1)'), in range."""
+        view = check_int(f"{self.path}: view", view)
         if not 0 <= view < self.views:
             raise StoreInputError(f"{self.path}: view {view} out of range [0, {self.views})")
+        return view
 
     def _check_chunk_written(self, view: int, chunk: int) -> None:
         if self._crcs[view, chunk] < 0:
@@ -447,22 +449,25 @@ class ActivationStore:
         if self._closed:
             raise StoreError(f"{self.path}: read after close(); store.open(path) opens it again")
 
-    def _check_chunk(self, view: int, chunk: int) -> None:
-        """A view and a chunk index in range (integers: a float or a bool is refused)."""
-        self._check_view(view)
-        check_int(f"{self.path}: chunk", chunk)
+    def _check_chunk(self, view: int, chunk: int) -> tuple[int, int]:
+        """A view and a chunk index in range (integers: a float or a bool is refused), as
+        plain ints."""
+        view = self._check_view(view)
+        chunk = check_int(f"{self.path}: chunk", chunk)
         if not 0 <= chunk < self.num_chunks:
             raise StoreInputError(f"{self.path}: chunk {chunk} out of range [0, {self.num_chunks})")
+        return view, chunk
 
-    def _check_chunk_index(self, view: int, chunk: int) -> None:
+    def _check_chunk_index(self, view: int, chunk: int) -> tuple[int, int]:
         self._check_open()
-        self._check_chunk(view, chunk)
+        view, chunk = self._check_chunk(view, chunk)
         self._check_chunk_written(view, chunk)
+        return view, chunk
 
     def read_chunk(self, view: int, chunk: int) -> np.ndarray:
         """One whole chunk, (chunk_len, *sample_shape) in the stored numpy dtype, checked
         against its CRC (see the module's docstring)."""
-        self._check_chunk_index(view, chunk)
+        view, chunk = self._check_chunk_index(view, chunk)
         c0, c1 = self.layout.chunk_range(chunk)
         if self._cm is not None:
             self._cm.ensure(view, np.array([chunk]))
@@ -503,7 +508,7 @@ class ActivationStore:
     def _verify_chunk(self, view: int, chunk: int) -> tuple[bool, np.ndarray]:
         """``verify_chunk``'s answer and the chunk's values it read, (chunk_len * prod(sample),)
         or (chunk_len, *sample) in the stored numpy dtype."""
-        self._check_chunk_index(view, chunk)
+        view, chunk = self._check_chunk_index(view, chunk)
         c0, c1 = self.layout.chunk_range(chunk)
         if self._mm is not None:
             f = self._mm.file(view, chunk)
@@ -609,7 +614,7 @@ class ActivationStore:
 
     def read(self, view: int, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Samples ``indices`` of ``view`` as a CPU tensor (len, *sample_shape) in the stored dtype."""
-        self._check_view(view)
+        view = self._check_view(view)
         idx = self._indices(indices)
         out = np.empty((len(idx), *self.sample_shape), dtype=self.layout.np_dtype)
         self.read_into(view, idx, out)

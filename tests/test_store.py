@@ -959,6 +959,18 @@ def test_read_errors(tmp_path, data):
     assert s.chunk_written(0, np.int64(14)) and s.read_chunk(0, np.int64(14)).shape == (5, *SHAPE)
 
 
+@pytest.mark.parametrize("codec", [None, "zstd"])
+def test_a_view_or_chunk_given_as_a_0d_tensor_reads_that_chunk(tmp_path, data, codec):
+    # check_int took a 0-d tensor, but the tensor itself named the chunk file
+    # (activations/c/tensor(1)/...), so the read raised StoreCorruptError: file missing
+    x, y = data
+    s = write_store(tmp_path / "s", x, y, codec=codec)
+    v, c = torch.tensor(1), torch.tensor(14)
+    assert torch.equal(s.read(v, [116, 3]), x[1, [116, 3]])
+    assert np.array_equal(s.read_chunk(v, c), x[1, 112:].numpy())
+    assert s.verify_chunk(v, c) and s.chunk_written(v, c)
+
+
 def test_a_batch_over_more_chunks_than_files_may_be_open_is_read(tmp_path, data):
     """A shuffled batch over a raw store whose chunks are not whole pages held a map (and its
     file descriptor) of every chunk it touched at once: past the limit on open files it failed
