@@ -148,7 +148,7 @@ class ActivationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         raw = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
         if raw.size and (raw.dtype == np.bool_ or not np.issubdtype(raw.dtype, np.integer)):
             # a float index would be truncated to another sample
-            raise IndexError(f"sample indices must be integers, got {raw.dtype} {indices!r}")
+            raise IndexError(f"sample indices must be integers, got {raw.dtype} {shown(indices)}")
         if raw.ndim != 1:
             # (2, 3) indices came back as 6 samples, not a (2, 3, ...) batch
             raise IndexError(f"sample indices must be one list of integers, got shape {raw.shape}")

@@ -81,6 +81,10 @@ def test_indices_must_be_integers_and_an_empty_batch_is_empty(tiers, tier):
             ds[bad]  # not sample 1 or 2: truncating picks another sample than asked for
     with pytest.raises(IndexError, match="must be integers"):
         ds.batch([3.9, 4.0])
+    # the whole list went into the message: 100 kB for 20,000 floats
+    with pytest.raises(IndexError, match=r"got float64 \[0\.5, 0\.5, .*\.\.\.$") as e:
+        ds.batch([0.5] * 20_000)
+    assert len(str(e.value)) < 200
     for several in ([1, 2], torch.tensor([1, 2]), (3,), np.array([5])):
         with pytest.raises(IndexError, match="one sample index"):
             ds[several]  # not its first sample alone
