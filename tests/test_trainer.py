@@ -426,6 +426,10 @@ def test_a_ram_cache_that_goes_to_a_store_says_the_codec_applies(tmp_path, monke
         m.endswith("store (on disk), compressed with --codec zstd instead") for m in warned
     )
     assert store.open(got.summary["cache_path"]).codec == "zstd"
+    # said once for each cache made: not again by the pass a write-through falls back to, nor
+    # at the freeze of a cache made at the epoch's end (or never: a later one replaced it)
+    made = [int(m.split("-> ")[1].split()[0]) for m in said if "cache boundary" in m]
+    assert [int(m.split()[6]) for m in warned] == made and len(made) > 1, said
 
 
 def test_a_cache_written_from_an_epochs_second_step_says_first_step(caplog):

@@ -344,23 +344,37 @@ class CacheManager:
     def _cache_nbytes(self, b: int) -> int:
         return len(self.data.train) * self.views * self.sample_bytes[b]
 
+    def _free_memory(self) -> tuple[int, int]:
+        """(free device bytes, host bytes this rank may take) now: under torchrun every rank
+        holds a whole copy of a RAM cache (build_cache), and the ranks of this machine share
+        its host memory; each has a device of its own."""
+        free_device, free_host = free_memory(self.device)
+        return free_device, free_host // self.dist.local_world_size
+
     def _tier_for(self, b: int, building: bool = False) -> str:
         """The tier a cache at ``b`` goes to now; ``building``: one is made there now (an
-        explicit --cache whose memory it does not fit says so; plans ask of every boundary)."""
-        free_device, free_host = free_memory(self.device)
-        # under torchrun every rank holds a whole copy of a RAM cache (build_cache): the ranks
-        # of this machine share its host memory; each has a device of its own
-        host = free_host // self.dist.local_world_size
-        nbytes = self._cache_nbytes(b)
+        explicit --cache whose memory it does not fit says so: ``_say_tier``; plans ask of
+        every boundary)."""
+        free_device, host = self._free_memory()
         tier = choose_tier(
             self.cfg.cache,
-            nbytes,
+            self._cache_nbytes(b),
             self.device.type,
             self.cfg.cache_memory_fraction,
             free_device,
             host,
         )
-        if building and tier != self.cfg.cache != "auto":
+        if building:
+            self._say_tier(b, tier, (free_device, host))
+        return tier
+
+    def _say_tier(self, b: int, tier: str, free: tuple[int, int] | None = None) -> None:
+        """Warn where the cache made now at ``b`` goes to another tier than an explicit --cache
+        (``free``: the memory figures it was chosen by; by default, those of now). Said where
+        a cache is made, once: not for a cache asked for and made later, or never."""
+        if tier != self.cfg.cache != "auto":
+            free_device, host = free or self._free_memory()
+            nbytes = self._cache_nbytes(b)
             on_gpu = self.cfg.cache == "device" and self.device.type == "cuda"
             log.warning(
                 "--cache %s: the cache at boundary %d takes %.3g GB, more than the %.3g GB of "
@@ -379,7 +393,6 @@ class CacheManager:
                     else ""
                 ),
             )
-        return tier
 
     # ---- deciding ---------------------------------------------------------------------------------
     def on_freeze(self, j: int, frontier: int) -> bool:
@@ -663,15 +676,17 @@ class CacheManager:
 
     def _open_write_through(self, target: int) -> WriteThrough | None:
         cfg, n = self.cfg, len(self.data.train)
-        tier = self._tier_for(target, building=True)
-        shape = self.shapes[target]
-        fp = self._fingerprint(target)
-        meta = provenance(self.model, target, self.data.desc, self._cache_desc(), fp)
+        tier = self._tier_for(target)
         if tier == "zarr" and (why := self._store_rows_refusal()):
+            # the pass (_recache) says where its cache goes, when it is made
             log.info(
                 "boundary %d goes to the store, which takes no rows (%s): a cache pass", target, why
             )
             return None
+        self._say_tier(target, tier)
+        shape = self.shapes[target]
+        fp = self._fingerprint(target)
+        meta = provenance(self.model, target, self.data.desc, self._cache_desc(), fp)
         path = store_path(self._zarr_dir(), target) if tier == "zarr" else None
         sink: Any
         ahead = self._take_ahead(target, tier, meta)
@@ -932,8 +947,7 @@ class CacheManager:
         some samples twice and others not at all. True when the batch source changed."""
         epoch, step = divmod(j, self.iters_per_epoch)
         tier = self.dist.broadcast_object(
-            self._tier_for(b_new, building=True) if self.dist.is_main else None,
-            "sharing the cache tier",
+            self._tier_for(b_new) if self.dist.is_main else None, "sharing the cache tier"
         )
         streamed = tier == "zarr" and bool(self._store_rows_refusal())
         if step and (streamed or _chunk_streamed(self.cache)):
@@ -953,6 +967,8 @@ class CacheManager:
                 why,
             )
             return False
+        if self.dist.is_main:
+            self._say_tier(b_new, tier)
         self._switch(b_new, f"iteration {j}", tier)
         return True
 
