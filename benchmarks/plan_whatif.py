@@ -117,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         f"assumes {TRAIN_FACTOR:g}; a run's epochs before its plan may say otherwise)",
     )
     args = p.parse_args(argv)
-    if min(args.read + args.write) <= 0:
-        p.error("--read and --write take rates above 0 GB/s")
-    if args.train_factor < 1:
-        p.error("--train-factor must be >= 1 (a backward is never free)")
+    # (nan passes every comparison: a nan rate was planned as if the tier were never read)
+    if not all(0 < v < math.inf for v in args.read + args.write):
+        p.error("--read and --write take finite rates above 0 GB/s")
+    if not 1 <= args.train_factor < math.inf:
+        p.error("--train-factor must be >= 1 and finite (a backward is never free)")
     tf = args.train_factor
     try:
         text = args.log.read_text()

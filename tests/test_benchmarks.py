@@ -930,6 +930,27 @@ def test_plan_whatif_counts_the_paper_scenarios_subset_and_reads_only_cifar_ones
     assert "--log: cannot read" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [("--read", "nan", "--read and --write take finite rates"),
+     ("--write", "inf", "--read and --write take finite rates"),
+     ("--train-factor", "nan", "--train-factor must be >= 1 and finite")],
+)  # fmt: skip
+def test_plan_whatif_refuses_a_rate_or_factor_that_is_not_a_finite_number(
+    tmp_path, capsys, flag, value, said
+):
+    """--read nan (or --train-factor nan) passed the checks, as nan compares false, and the
+    table planned it: a nan read as a tier never read from, with a prediction to match."""
+    from benchmarks import plan_whatif
+
+    log = tmp_path / "run.log"
+    log.write_text(f"measured costs per sample (eager): image 2.9 us, forward {[1.0] * 9} us\n")
+    with pytest.raises(SystemExit):
+        plan_whatif.main(["--log", str(log), "--scenario", "quick", flag, value])
+    out = capsys.readouterr()
+    assert said in out.err and "| zarr |" not in out.out
+
+
 def test_step_ops_refuses_a_bad_option_in_one_line(tmp_path, capsys):
     """--epochs 0 ended in the trainer's ConfigError traceback."""
     with pytest.raises(SystemExit):
