@@ -19,6 +19,7 @@ from typing import Any
 
 import store
 from store import _zarr
+from store.location import is_activation_store
 from store.tools.inspect import format_summary, open_complete, strict_json, summary
 from store.tools.stats import format_stats, histogram, plot_stats
 from store.tools.viz import require_matplotlib
@@ -145,16 +146,22 @@ def _refuse_folder(path: str, flag: str, example: str) -> None:
 
 
 def _refuse_inside(path: str, store_path: str, flag: str) -> None:
-    """An output file inside the store read is refused before any work: ``--out S/zarr.json``
-    replaced the store's record, and any other file there is taken for part of the store."""
+    """An output file inside the store read, or inside any other activation store, is refused
+    before any work: ``--out S/zarr.json`` replaced the store's record, and any other file
+    there is taken for part of the store."""
     root = _zarr.as_local(store_path)
-    if root is None:
-        return
-    if Path(path).resolve().is_relative_to(root.resolve()):
+    target = Path(path).resolve()
+    if root is not None and target.is_relative_to(root.resolve()):
         raise store.StoreInputError(
             f"{flag} {path}: inside the store {store_path}, whose files it would overwrite or "
             "join; name a file elsewhere"
         )
+    for folder in target.parents:
+        if is_activation_store(folder):
+            raise store.StoreInputError(
+                f"{flag} {path}: inside the store {folder}, whose files it would overwrite or "
+                "join; name a file elsewhere"
+            )
 
 
 def _figure_path(path: str, flag: str, example: str) -> str:

@@ -1024,6 +1024,30 @@ def test_an_output_inside_the_store_read_is_refused_before_any_work(tmp_path, da
     assert store.open(path).complete
 
 
+def test_an_output_inside_another_store_is_refused_before_any_work(tmp_path, data, capsys):
+    # stats A --out B/zarr.json replaced store B's record: B was lost
+    pytest.importorskip("matplotlib")
+    x, y = data
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_store(a, x, y)
+    write_store(b, x[:, :9], y[:9], chunk=4)
+    before = {f: f.read_bytes() for f in b.rglob("*") if f.is_file()}
+    for args, flag, out in (
+        (["stats", str(a), "--out"], "--out", b / "zarr.json"),
+        (["stats", str(a), "--hist"], "--hist", b / "labels" / "h.png"),
+        (["show", str(a), "--sample", "0", "-o"], "-o", b / "x.png"),
+    ):
+        assert store_main([*args, str(out)]) == 2
+        cap = capsys.readouterr()
+        assert cap.out == ""
+        assert cap.err == (
+            f"error: {flag} {out}: inside the store {b}, whose files it would overwrite or "
+            "join; name a file elsewhere\n"
+        )
+    assert {f: f.read_bytes() for f in b.rglob("*") if f.is_file()} == before
+    assert store.open(b).num_samples == 9
+
+
 def test_stats_refuses_out_and_hist_naming_one_file(tmp_path, stores, capsys, monkeypatch):
     # the PNG replaced the JSON, and both 'wrote' lines named it
     pytest.importorskip("matplotlib")
