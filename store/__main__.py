@@ -170,7 +170,11 @@ def _figure_path(path: str, flag: str, example: str) -> str:
     file). A folder is refused rather than given a picture whose name the user never chose."""
     _refuse_folder(path, flag, example)
     p = Path(path)
-    return path if p.suffix else str(p.with_name(p.name + ".png"))
+    if p.suffix:
+        return path
+    out = str(p.with_name(p.name + ".png"))
+    _refuse_folder(out, flag, example)  # NAME.png may be a folder too
+    return out
 
 
 MAX_PIXELS = 2**28  # of a figure: 1 GiB as RGBA, what Agg allocates before it draws

@@ -462,6 +462,27 @@ def test_show_and_hist_say_the_file_they_wrote_and_refuse_a_folder(
     assert not (tmp_path / "runs.png").exists() and not any((tmp_path / "runs").iterdir())
 
 
+def test_a_figure_name_whose_png_is_a_folder_is_refused_before_any_work(
+    tmp_path, stores, capsys, monkeypatch
+):
+    # -o out, where out.png is a folder, failed only when saving, after the pass over the store
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    (tmp_path / "out.png").mkdir()
+    out = tmp_path / "out"
+    for args, flag, example in (
+        (["show", str(stores["f32"]), "--sample", "3", "-o"], "-o", "sample3.png"),
+        (["stats", str(stores["f32"]), "--hist"], "--hist", "hist.png"),
+    ):
+        assert store_main([*args, str(out)]) == 2
+        cap = capsys.readouterr()
+        assert cap.out == ""
+        assert cap.err == (
+            f"error: {flag} {out}.png: a folder; name the file, e.g. {flag} {out}.png/{example}\n"
+        )
+    assert list((tmp_path / "out.png").iterdir()) == []
+
+
 def test_verify_reports_a_truncated_chunk(tmp_path, data):
     x, y = data
     path = tmp_path / "s"
