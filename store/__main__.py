@@ -129,6 +129,8 @@ def _refuse_folder(path: str, flag: str, example: str) -> None:
     any work, with ``example`` as a file name in it; so is a file in a folder that does not
     exist, or that this user may not write (found at the end, it would waste the pass over the
     store)."""
+    if not path:  # --out "$UNSET": no file at all
+        raise store.StoreInputError(f"{flag}: an empty file name; name the file, e.g. {example}")
     if path.endswith(("/", os.sep)) or Path(path).is_dir():
         raise store.StoreInputError(
             f"{flag} {path}: a folder; name the file, e.g. {flag} {Path(path) / example}"
@@ -241,11 +243,12 @@ MAX_BINS = 10_000
 def _stats(args: argparse.Namespace) -> int:
     if not 1 <= args.bins <= MAX_BINS:
         raise store.StoreInputError(f"--bins must be in [1, {MAX_BINS}], got {args.bins}")
-    hist = _figure_path(args.hist, "--hist", "hist.png") if args.hist else None
+    # an empty name is refused, not taken for no file
+    hist = _figure_path(args.hist, "--hist", "hist.png") if args.hist is not None else None
     if hist:
         _need_matplotlib("--hist")
         _check_format(hist, "--hist")
-    if args.out:
+    if args.out is not None:
         _refuse_folder(args.out, "--out", "stats.json")
     if args.out and hist and Path(args.out).resolve() == Path(hist).resolve():
         # the picture would replace the JSON just written

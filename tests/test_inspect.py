@@ -483,6 +483,22 @@ def test_a_figure_name_whose_png_is_a_folder_is_refused_before_any_work(
     assert list((tmp_path / "out.png").iterdir()) == []
 
 
+def test_an_empty_output_name_is_refused_before_any_work(tmp_path, stores, capsys, monkeypatch):
+    # stats --out "" (an unset variable) wrote no JSON and exited 0
+    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    monkeypatch.chdir(tmp_path)
+    p = str(stores["f32"])
+    for args, err in (
+        (["stats", p, "--out", ""], "--out: an empty file name; name the file, e.g. stats.json"),
+        (["stats", p, "--hist", ""], "--hist: an empty file name; name the file, e.g. hist.png"),
+        (["show", p, "--sample", "0", "-o", ""], "-o: an empty file name; name the file, e.g. "),
+    ):
+        assert store_main(args) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and cap.err.startswith(f"error: {err}"), cap.err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_verify_reports_a_truncated_chunk(tmp_path, data):
     x, y = data
     path = tmp_path / "s"
