@@ -228,6 +228,23 @@ def test_stats_of_a_channel_without_finite_values(tmp_path, capsys):
     assert store.stats(s).to_dict()["mean"][1] is None
 
 
+def test_histogram_counts_a_given_range_and_refuses_bad_ones(tmp_path):
+    x = torch.arange(1 * 11 * 3, dtype=torch.float32).reshape(1, 11, 3) / 4  # 0.0 .. 8.0
+    s = write_store(tmp_path / "s", x, labels_for(11), chunk=4)
+    counts, edges = store.tools.stats.histogram(s, bins=3, value_range=(1.0, 4.0))
+    ref = np.histogram(x.numpy().astype(np.float64), bins=3, range=(1.0, 4.0))
+    assert counts.tolist() == ref[0].tolist() == [4, 4, 5] and edges.tolist() == [1, 2, 3, 4]
+    # a reversed range was replaced by (low, low + 1); no bin at all gave empty counts
+    for kw, err in (
+        ({"value_range": (4.0, 1.0)}, "value_range must be (low, high), got (4.0, 1.0)"),
+        ({"bins": 0}, "bins must be an int >= 1, got 0"),
+        ({"bins": -3}, "bins must be an int >= 1, got -3"),
+    ):
+        with pytest.raises(store.StoreInputError) as e:
+            store.tools.stats.histogram(s, **{"bins": 3, **kw})
+        assert str(e.value) == f"histogram: {err}"
+
+
 # ---- show -----------------------------------------------------------------------------------
 def test_show_writes_a_png_of_the_expected_size(tmp_path, stores, capsys):
     png = tmp_path / "grid.png"

@@ -283,6 +283,8 @@ def histogram(
     """(counts (bins,) int64, edges (bins + 1,)) of every stored finite value, streamed chunk
     by chunk (values that are not finite fall outside every bin). Without ``value_range`` the
     range is the store's finite min..max (a stats pass first)."""
+    if isinstance(bins, bool) or not isinstance(bins, int | np.integer) or bins < 1:
+        raise StoreInputError(f"histogram: bins must be an int >= 1, got {bins!r}")
     views = _views(s, view)
     if value_range is None:
         o = stats(s, view, progress).overall()
@@ -292,6 +294,8 @@ def histogram(
     lo, hi = value_range
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise StoreInputError(f"histogram: value_range must be finite, got {value_range}")
+    if hi < lo:  # was replaced by (lo, lo + 1): counts of a range nobody asked for
+        raise StoreInputError(f"histogram: value_range must be (low, high), got {value_range}")
     if not hi > lo:
         hi = lo + 1.0
     edges = np.linspace(lo, hi, bins + 1)
