@@ -278,6 +278,12 @@ class TrainConfig:
         check_number("--momentum", self.momentum, 0.0, 1.0)
         check_number("--weight-decay", self.weight_decay, 0.0)
         check_number("--cache-memory-fraction", self.cache_memory_fraction, 0.0, 1.0, low_open=True)
+        for f in dataclasses.fields(self):
+            if f.type == "float":  # checked above: a finite int or float
+                # t0=1 and t0=1.0 are equal configs, but their JSON ("1", "1.0") differed, and
+                # with it their hash and their cache folder's run key (a library run with
+                # weight_decay=0 resumed with --weight-decay 0 looked in another run folder)
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
         if self.nesterov and self.momentum == 0:
             raise ConfigError(
                 "--momentum: Nesterov momentum needs --momentum > 0 (or --no-nesterov)"

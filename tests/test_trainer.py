@@ -2139,6 +2139,21 @@ def test_from_dict_and_replace_refuse_what_is_no_config_field_by_name():
     assert cfg.replace(epochs=5).epochs == 5
 
 
+def test_a_number_field_given_as_an_int_is_the_config_of_its_float():
+    # t0=1 and --t0 1 (1.0) were equal configs with other JSON, so another hash and another
+    # cache folder: a library run with weight_decay=0 resumed with --weight-decay 0 lost its store
+    from prefast.cache.manager import run_key
+
+    ints = TrainConfig(t0=1, base_lr=2, momentum=1, weight_decay=0, cache_memory_fraction=1,
+                       dist_timeout=7)  # fmt: skip
+    floats = TrainConfig(t0=1.0, base_lr=2.0, momentum=1.0, weight_decay=0.0,
+                         cache_memory_fraction=1.0, dist_timeout=7.0)  # fmt: skip
+    assert json.dumps(ints.to_dict()) == json.dumps(floats.to_dict())
+    assert hash(ints) == hash(floats) and len({ints, floats}) == 1
+    assert run_key(ints) == run_key(floats)
+    assert type(ints.t0) is float and ints.replace(weight_decay=3).weight_decay == 3.0
+
+
 def test_a_trainer_runs_once_and_one_not_run_is_closed_to_free_its_cache_folder(tmp_path):
     cfg = tiny(mode="prefast", epochs=2, cache="zarr", cache_dir=str(tmp_path))
     t = Trainer(cfg)
