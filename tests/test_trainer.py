@@ -923,6 +923,21 @@ def test_metrics_that_the_run_writes_otherwise_is_refused(tmp_path, metrics, nee
     assert list(tmp_path.iterdir()) == []  # refused before any folder was made
 
 
+def test_metrics_whose_config_file_cannot_be_written_is_refused(tmp_path, capsys):
+    # a folder where the config goes (m.config.json beside m.jsonl) passed the start-up check;
+    # the run failed as it began, "[Errno 21] Is a directory: ...", exit 1
+    (tmp_path / "m.config.json").mkdir()
+    args = ["train", *SYN, "--synthetic-shape", "mnist", "--num-samples", "8", "--model",
+            "densenet_bc", "--depth", "10", "--growth", "4", "--epochs", "1", "--batch-size",
+            "8", "--device", "cpu", "--no-progress", "-q", "--metrics", str(tmp_path / "m.jsonl")]  # fmt: skip
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"prefast: error: --metrics: {tmp_path / 'm.config.json'} is a directory; give a file "
+        "name (the run saves its config beside the metrics file, as m.config.json)\n"
+    )
+    assert not (tmp_path / "m.jsonl").exists()
+
+
 def test_metrics_through_a_link_whose_target_folder_is_gone(tmp_path):
     """--metrics a link into a folder that was removed: the start-up check passed and the run
     failed at its start with '[Errno 2] No such file or directory', exit 1; the target's

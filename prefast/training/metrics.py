@@ -4,12 +4,20 @@ with the resolved config saved beside it."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 from store.tools.inspect import strict_json
+
+
+def config_path(metrics: str | os.PathLike[str]) -> Path:
+    """Where the config of a run with metrics file ``metrics`` is saved: ``STEM.config.json``
+    beside it."""
+    p = Path(metrics)
+    return p.parent / (p.stem + ".config.json")
 
 
 class MetricsSink:
@@ -25,9 +33,7 @@ class MetricsSink:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        (self.path.parent / (self.path.stem + ".config.json")).write_text(
-            json.dumps(config, indent=2) + "\n"
-        )
+        config_path(self.path).write_text(json.dumps(config, indent=2) + "\n")
         self._f = open(self.path, "w")  # noqa: SIM115 (closed in close())
         for r in records:
             self.write(r)
@@ -54,4 +60,4 @@ class MetricsSink:
         self.close()
 
 
-__all__ = ["MetricsSink"]
+__all__ = ["MetricsSink", "config_path"]

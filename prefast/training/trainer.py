@@ -82,7 +82,7 @@ from prefast.training.checkpoint import (
     set_rng_state,
     state_dict_mismatch,
 )
-from prefast.training.metrics import MetricsSink
+from prefast.training.metrics import MetricsSink, config_path
 from prefast.training.step import EpochMeter, StepRunner, check_graphs
 from store import location
 from store.tiers import to_device
@@ -948,6 +948,13 @@ def check_outputs(cfg: TrainConfig, made: list[Path] | None = None) -> None:
     if cfg.metrics:
         _check_metrics_apart(cfg)  # before the folders below are made
         check_writable_file(cfg.metrics, "--metrics", made)
+        config = config_path(cfg.metrics)
+        try:  # a folder there failed the run with a bare "[Errno 21] Is a directory" at its start
+            check_writable_file(config, "--metrics")
+        except ConfigError as e:
+            raise ConfigError(
+                f"{e} (the run saves its config beside the metrics file, as {config.name})"
+            ) from None
     if cfg.checkpoint_dir:
         ck = check_writable_dir(cfg.checkpoint_dir, "--checkpoint-dir", made)
         if (ck / CHECKPOINT_NAME).is_dir():
