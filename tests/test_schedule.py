@@ -207,6 +207,16 @@ def test_a_t0_whose_scaled_t_underflows_is_refused() -> None:
     assert FreezeSchedule(ScheduleConfig(t0=1e-107, scale_lr=False), 3, 10).initial_lr[0] == 0.1
 
 
+def test_a_base_lr_whose_scaled_rate_overflows_is_named() -> None:
+    # base_lr 1e308 / t 0.125 overflows: the error said "t0: 0.5 is too small ... use a
+    # larger t0", which no t0 fixed
+    with pytest.raises(
+        ScheduleError, match=r"base_lr: 1e\+308 is too large.*use a smaller base_lr"
+    ):
+        FreezeSchedule(ScheduleConfig(t0=0.5, base_lr=1e308), 3, 10)
+    assert FreezeSchedule(ScheduleConfig(t0=0.5, base_lr=1e307), 3, 10).initial_lr[0] == 8e307
+
+
 def test_densenet76_defaults() -> None:
     s = FreezeSchedule(ScheduleConfig(), 39, 90_000)
     assert s.t[0] == pytest.approx(0.512)

@@ -131,8 +131,14 @@ class FreezeSchedule:
         self.initial_lr: tuple[float, ...] = tuple(
             config.base_lr / t if config.scale_lr else config.base_lr for t in self.t
         )
-        if not math.isfinite(self.initial_lr[0]):  # a subnormal t_0 (t0 = 1e-107, cubic)
-            raise ScheduleError(
+        if not math.isfinite(self.initial_lr[0]):
+            if config.base_lr * self.t[0] > 1.0:  # base_lr itself near float's limit
+                raise ScheduleError(
+                    f"base_lr: {config.base_lr!r} is too large: the first unit's learning rate "
+                    f"base_lr / t ({self.t[0]:.3g} at t0={config.t0!r}, "
+                    f"how_scale={config.how_scale}) overflows; use a smaller base_lr"
+                )
+            raise ScheduleError(  # a subnormal t_0 (t0 = 1e-107, cubic)
                 f"t0: {config.t0!r} is too small for how_scale={config.how_scale}: the first "
                 f"unit's learning rate base_lr / t overflows; use a larger t0"
             )
