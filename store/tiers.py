@@ -13,7 +13,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from store.errors import StoreInputError, check_int
+from store.errors import StoreInputError, check_bool, check_int
 from store.layout import DTYPES, MAX_SAMPLES, MAX_VIEWS, as_shape, check_labels, check_write
 from store.reader import ActivationStore, as_tensor, check_gather, check_opened, numpy_view
 
@@ -319,7 +319,7 @@ class RamCache(TensorCache):
         pin: bool = False,
         meta: dict[str, Any] | None = None,
     ) -> RamCache:
-        pin = pin and torch.cuda.is_available()
+        pin = check_bool("pin", pin) and torch.cuda.is_available()
         data = cls._alloc(
             _empty_shape(num_samples, views, sample_shape),
             resolve_dtype(dtype),
@@ -338,6 +338,7 @@ class RamCache(TensorCache):
         meta: dict[str, Any] | None = None,
     ) -> RamCache:
         """From (views, N, ...) or a list of per-view (N, ...) tensors."""
+        pin = check_bool("pin", pin)
         data = _stacked(x)
         data = data.detach().to(
             "cpu", dtype=resolve_dtype(dtype) if dtype is not None else data.dtype

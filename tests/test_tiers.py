@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import store
-from tests.store_helpers import CHUNK, SHAPE, VIEWS, N, encoded, labels_for
+from tests.store_helpers import CHUNK, SHAPE, VIEWS, N, encoded, labels_for, write_store
 
 # A tier under test: the sink to write into, and how to read what was written back.
 Tier = tuple[store.ActivationSink, Callable[[], store.ActivationSource]]
@@ -475,3 +475,21 @@ def test_from_tensors_refuses_views_it_cannot_stack_in_its_own_words(tier):
     for x in (views, np.stack(views), tuple(torch.from_numpy(v) for v in views)):
         cache = make(x, y)
         assert cache.data.shape == (2, 4, 2) and cache.data[:, :, 0].tolist() == [[0] * 4, [1] * 4]
+
+
+def test_ram_cache_refuses_a_pin_that_is_not_a_bool(tmp_path):
+    """RamCache.from_store(s, pin="no") took the string as True and pinned the cache where
+    CUDA is available; pin is checked as the store checks its flags."""
+    x = torch.arange(15, dtype=torch.float32).reshape(1, 5, 3)
+    y = torch.arange(5)
+    s = write_store(tmp_path / "s.zarr", x, y, chunk=2)
+    for call in (
+        lambda: store.RamCache.from_store(s, pin="no"),
+        lambda: store.RamCache.empty(5, 1, (3,), pin="False"),
+        lambda: store.RamCache.from_tensors(x, y, pin=1),
+    ):
+        with pytest.raises(store.StoreInputError, match="pin must be True or False"):
+            call()
+    cache = store.RamCache.from_tensors(x, y, pin=np.bool_(False))
+    assert cache.data[0, 4].tolist() == [12.0, 13.0, 14.0]
+    assert store.RamCache.from_store(s, pin=False).labels.tolist() == s.labels.tolist()
