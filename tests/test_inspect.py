@@ -69,6 +69,18 @@ def test_stats_equal_numpy_over_the_whole_array(tmp_path, data, dtype, codec):
     np.testing.assert_allclose(o["mean"], ref.astype(np.float64).mean(), rtol=1e-6)
 
 
+def test_stats_refuses_a_view_that_is_not_an_integer(stores):
+    """store.stats(s, view="1") failed with a TypeError comparing it with 0, and view=True
+    read view 1; both are input errors, and a numpy integer is a view."""
+    s = store.open(stores["f32"])
+    for bad in ("1", True, 1.0):
+        with pytest.raises(store.StoreInputError, match="view must be an integer"):
+            store.stats(s, view=bad)
+    st = store.stats(s, view=np.int64(2))
+    assert st.views == (2,) and st.count == N * 5 * 4
+    np.testing.assert_array_equal(st.max, store.stats(s, view=2).max)
+
+
 def test_stats_merge_is_stable_far_from_zero(tmp_path):
     # mean 1e6, std 1e-2: the naive sum of squares loses every digit in float64 here
     x = 1e6 + 1e-2 * torch.randn((1, 117, 2, 3, 3), generator=torch.Generator().manual_seed(1))

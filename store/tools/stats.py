@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import StoreInputError
+from store.errors import StoreInputError, check_int
 from store.reader import ActivationStore, as_tensor, check_opened
 from store.tools.viz import require_matplotlib
 
@@ -214,6 +214,8 @@ class _Running:
 def _views(s: ActivationStore, view: int | None) -> tuple[int, ...]:
     if view is None:
         return tuple(range(s.views))
+    # a str failed comparing with 0, and True was taken as view 1
+    view = check_int(f"{s.path}: view", view)
     if not 0 <= view < s.views:
         raise StoreInputError(f"{s.path}: view {view} out of range [0, {s.views})")
     return (view,)
