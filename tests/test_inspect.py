@@ -81,6 +81,27 @@ def test_stats_refuses_a_view_that_is_not_an_integer(stores):
     np.testing.assert_array_equal(st.max, store.stats(s, view=2).max)
 
 
+def test_the_tools_refuse_a_flag_that_is_not_a_bool(stores):
+    """progress="no" drew progress bars and show(compare_views="no") drew every view: a str
+    is truthy. The flags are checked as the store's others are."""
+    s = store.open(stores["f32"])
+    calls = {
+        "progress": (
+            lambda: store.stats(s, progress="no"),
+            lambda: store.verify(s, progress="False"),
+            lambda: store.diff(s, s, progress=0),
+            lambda: store.tools.stats.histogram(s, 4, (0.0, 1.0), progress=None),
+        ),
+        "compare_views": (lambda: store.show(s, 0, compare_views="no"),),
+    }
+    for flag, bad in calls.items():
+        for call in bad:
+            with pytest.raises(store.StoreInputError, match=f"{flag} must be True or False"):
+                call()
+    assert store.verify(s, progress=np.bool_(False)).ok
+    assert store.stats(s, view=0, progress=False).count == N * 5 * 4
+
+
 def test_stats_merge_is_stable_far_from_zero(tmp_path):
     # mean 1e6, std 1e-2: the naive sum of squares loses every digit in float64 here
     x = 1e6 + 1e-2 * torch.randn((1, 117, 2, 3, 3), generator=torch.Generator().manual_seed(1))

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import StoreMismatchError
+from store.errors import StoreMismatchError, check_bool
 from store.reader import ActivationStore, check_opened
 
 TINY = np.finfo(np.float64).tiny
@@ -167,6 +167,7 @@ def diff(a: ActivationStore, b: ActivationStore, progress: bool = False) -> Diff
 
     check_opened(a, "store.diff")
     check_opened(b, "store.diff")
+    progress = check_bool("progress", progress)
 
     shape_a = (a.views, a.num_samples, *a.sample_shape)
     shape_b = (b.views, b.num_samples, *b.sample_shape)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import StoreInputError, check_int
+from store.errors import StoreInputError, check_bool, check_int
 from store.reader import ActivationStore, as_tensor, check_opened
 from store.tools.viz import require_matplotlib
 
@@ -251,6 +251,7 @@ def stats(s: ActivationStore, view: int | None = None, progress: bool = False) -
     (``posinf``, ``neginf``, ``nan``) and left out of the mean, std, min and max."""
     check_opened(s, "store.stats")
     views = _views(s, view)
+    progress = check_bool("progress", progress)
     run = _Running(s.sample_shape[0])
     for a in iter_chunks(s, views, progress, desc="stats"):
         run.update(_channels_first(a))
@@ -288,6 +289,7 @@ def histogram(
     if isinstance(bins, bool) or not isinstance(bins, int | np.integer) or bins < 1:
         raise StoreInputError(f"histogram: bins must be an int >= 1, got {bins!r}")
     views = _views(s, view)
+    progress = check_bool("progress", progress)
     if value_range is None:
         o = stats(s, view, progress).overall()
         value_range = (o["min"], o["max"])

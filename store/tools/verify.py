@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from store import _zarr
-from store.errors import StoreCorruptError
+from store.errors import StoreCorruptError, check_bool
 from store.layout import ACTIVATIONS, LABELS, count_nonfinite
 from store.reader import ActivationStore, check_opened
 
@@ -202,6 +202,7 @@ def verify(s: ActivationStore, progress: bool = False) -> VerifyReport:
     chunks, corrupt labels) are collected in ``report.errors``; ``report.ok`` is True when
     there are none."""
     check_opened(s, "store.verify")
+    progress = check_bool("progress", progress)
     report = VerifyReport(path=s.path, dtype=s.dtype_name)
     check_chunks(s, report, progress)
     check_labels(s, report)

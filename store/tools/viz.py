@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import StoreInputError, install_hint, shown
+from store.errors import StoreInputError, check_bool, install_hint, shown
 from store.reader import ActivationStore, check_opened
 
 DEFAULT_CHANNELS = 64  # tiles of a one-view grid when channels=None
@@ -107,6 +107,7 @@ def show(
         raise StoreInputError(f"sample must be an int, got {shown(sample)}")
     if not 0 <= sample < s.num_samples:
         raise StoreInputError(f"{s.path}: sample {sample} out of range [0, {s.num_samples})")
+    compare_views = check_bool("compare_views", compare_views)
     views = list(range(s.views)) if compare_views else [view]
     maps = np.stack(
         [_tiles(s.read(v, [int(sample)])[0].float().numpy(), s.path) for v in views]
