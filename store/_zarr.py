@@ -13,7 +13,13 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
-from store.errors import NotAStoreError, StoreCorruptError, StoreIncompleteError
+from store.errors import (
+    NotAStoreError,
+    StoreCorruptError,
+    StoreIncompleteError,
+    StoreInputError,
+    shown,
+)
 from store.layout import (
     ACTIVATIONS,
     ATTRS_KEY,
@@ -28,11 +34,20 @@ from store.layout import (
 Location = str | os.PathLike[str]
 
 
+def location_str(path: Any) -> str:
+    """``path`` (a str or an ``os.PathLike`` of one) as a str, else ``StoreInputError``: None
+    or an int failed with os.fspath's TypeError, and bytes with one from ``str.startswith``."""
+    s = os.fspath(path) if isinstance(path, str | os.PathLike) else None
+    if not isinstance(s, str):
+        raise StoreInputError(f"path must be a str or a pathlib.Path, got {shown(path)}")
+    return s
+
+
 def as_local(path: Location) -> Path | None:
     """The local filesystem path of a location, or None for a remote URL. A ``file://`` URL is
     read as one (``file:///a%20b`` is ``/a b``, as ``Path.as_uri`` writes it; ``localhost``
     may name the host)."""
-    s = os.fspath(path)
+    s = location_str(path)
     if s.startswith("file://"):
         rest = s[len("file://") :]
         if rest.startswith("localhost/"):

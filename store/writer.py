@@ -252,7 +252,7 @@ def create(
         codec_level=codec_level,
         chunk_samples=chunk_samples,
     )
-    meta = json_meta(meta, f"{os.fspath(path)}: ")
+    meta = json_meta(meta, f"{_zarr.location_str(path)}: ")
     root = _zarr.as_local(path)
     if root is None:
         return _create_remote(

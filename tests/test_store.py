@@ -1812,3 +1812,23 @@ def test_opening_a_folder_above_stores_names_the_stores_in_it(tmp_path, data):
     (tmp_path / "other" / "notes" / "zarr.json").write_text("{}")  # a zarr group, not a store
     with pytest.raises(store.NotAStoreError, match=r"\(no zarr.json\)$"):
         store.open(tmp_path / "other")
+
+
+def test_a_path_that_is_no_str_or_path_is_an_input_error(tmp_path, monkeypatch):
+    """store.open(None), open(5), finalize(None) and create(None, ...) failed with os.fspath's
+    TypeError, and a bytes path with one from str.startswith."""
+    monkeypatch.chdir(tmp_path)
+    for bad in (None, 5, b"s.zarr"):
+        for call in (
+            lambda p: store.open(p),
+            lambda p: store.finalize(p),
+            lambda p: store.create(p, sample_shape=(2,), num_samples=3),
+        ):
+            with pytest.raises(
+                store.StoreInputError, match=r"path must be a str or a pathlib\.Path"
+            ):
+                call(bad)
+    assert not list(tmp_path.iterdir())
+    with store.create(tmp_path / "s.zarr", sample_shape=(2,), num_samples=3) as w:
+        w.write(0, 0, torch.ones(3, 2), torch.arange(3))
+    assert store.open(tmp_path / "s.zarr").labels.tolist() == [0, 1, 2]
