@@ -6,14 +6,14 @@ tier, through the same code as a store."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import numpy as np
 import torch
 
-from store.errors import StoreInputError, check_bool, check_int
+from store.errors import StoreInputError, check_bool, check_int, shown
 from store.layout import DTYPES, MAX_SAMPLES, MAX_VIEWS, as_shape, check_labels, check_write
 from store.reader import ActivationStore, as_tensor, check_gather, check_opened, numpy_view
 
@@ -123,6 +123,8 @@ class TensorCache:
                 f"labels must have shape ({data.shape[1]},), got {tuple(labels.shape)}"
             )
         resolve_dtype(data.dtype)
+        if meta is not None and not isinstance(meta, Mapping):  # dict([1]): a TypeError
+            raise StoreInputError(f"field 'meta' must be a dict, got {shown(meta)}")
         self.data = data  # (V, N, *sample_shape) stored dtype
         self.labels = labels.to(torch.int64)  # (N,) on the host
         self.meta = dict(meta or {})

@@ -493,3 +493,16 @@ def test_ram_cache_refuses_a_pin_that_is_not_a_bool(tmp_path):
     cache = store.RamCache.from_tensors(x, y, pin=np.bool_(False))
     assert cache.data[0, 4].tolist() == [12.0, 13.0, 14.0]
     assert store.RamCache.from_store(s, pin=False).labels.tolist() == s.labels.tolist()
+
+
+@pytest.mark.parametrize("tier", ["ram", "device"])
+def test_a_tier_refuses_a_meta_that_is_not_a_dict_as_a_store_does(tier):
+    """from_tensors(..., meta=[1]) failed with dict()'s TypeError, meta="run" with its
+    ValueError; a store's writer refuses both as input errors."""
+    make = store.RamCache.from_tensors if tier == "ram" else store.DeviceCache.from_tensors
+    x, y = torch.zeros(1, 3, 2), torch.arange(3)
+    for bad in ([1], "run", 5):
+        with pytest.raises(store.StoreInputError, match="field 'meta' must be a dict"):
+            make(x, y, meta=bad)
+    assert make(x, y, meta={"boundary": 3}).meta == {"boundary": 3}
+    assert make(x, y).meta == {}
