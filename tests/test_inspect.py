@@ -331,6 +331,21 @@ def test_show_scales_colours_by_finite_values_and_marks_the_others(tmp_path, dat
     fig.savefig(tmp_path / "x.png")
 
 
+def test_show_refuses_a_cmap_that_is_no_colormap(tmp_path, data, stores):
+    """An unknown cmap failed with matplotlib's ValueError when drawing, or with a KeyError
+    where the sample holds a value that is not finite; a Colormap object is taken as a name."""
+    from matplotlib import colormaps
+
+    planted = write_store(tmp_path / "s", _planted(data[0]), data[1])
+    for s, sample in ((store.open(stores["f32"]), 5), (planted, 0)):
+        for bad in ("nope", 5, ["viridis"]):
+            with pytest.raises(store.StoreInputError, match="is not a matplotlib colormap"):
+                store.show(s, sample, cmap=bad)
+        for good in ("magma", colormaps["magma"]):
+            (im, *_) = [ax.images[0] for ax in store.show(s, sample, cmap=good).axes if ax.images]
+            assert im.get_cmap().name.startswith("magma")
+
+
 def test_show_title_fits_a_grid_of_few_tiles(tmp_path):
     x = torch.randn(1, 5, 1, 7, 9)  # one channel: a grid of one tile
     s = write_store(tmp_path / "boundary-004-of-a-long-run-name", x, labels_for(5), chunk=4)

@@ -100,7 +100,9 @@ def show(
     """
     check_opened(s, "store.show")
     require_matplotlib("store.show")
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import Colormap
     from matplotlib.figure import Figure
 
     if isinstance(sample, bool) or not isinstance(sample, int | np.integer):
@@ -108,6 +110,14 @@ def show(
     if not 0 <= sample < s.num_samples:
         raise StoreInputError(f"{s.path}: sample {sample} out of range [0, {s.num_samples})")
     compare_views = check_bool("compare_views", compare_views)
+    # an unknown name was matplotlib's ValueError when drawing, or a KeyError where a value is
+    # not finite
+    if not (
+        cmap is None or isinstance(cmap, Colormap) or (isinstance(cmap, str) and cmap in colormaps)
+    ):
+        raise StoreInputError(
+            f"cmap {shown(cmap)} is not a matplotlib colormap (matplotlib.colormaps lists them)"
+        )
     views = list(range(s.views)) if compare_views else [view]
     maps = np.stack(
         [_tiles(s.read(v, [int(sample)])[0].float().numpy(), s.path) for v in views]
@@ -122,9 +132,8 @@ def show(
     colours: Any = cmap or auto_cmap
     if bad.any():
         # inf and NaN pixels are masked and drawn in one colour that the title names
-        from matplotlib import colormaps
-
-        colours = colormaps[colours].with_extremes(bad=NONFINITE_COLOUR)
+        base = colours if isinstance(colours, Colormap) else colormaps[colours]
+        colours = base.with_extremes(bad=NONFINITE_COLOUR)
     if compare_views:
         nrows, ncols = len(views), len(chans)
     else:
