@@ -157,6 +157,13 @@ def test_forward_range_validation() -> None:
             m.forward_range(x, start, stop)
     with pytest.raises(ValueError, match=r"0\.\.9"):
         m.boundary_shape(10, CIFAR)
+    # a str or a float start failed with a TypeError from the comparison or from range()
+    for start, stop in [("0", 2), (0.0, 2), (0, 2.0), (True, 2), (None, 2)]:
+        with pytest.raises(ModelError, match=f"start={start}, stop={stop}, num_units=9"):
+            m.forward_range(x, start, stop)
+    h = m.forward_range(x, 0, 1)
+    want = m.forward_range(h, 1, 3)
+    torch.testing.assert_close(m.forward_range(h, np.int64(1), np.int32(3)), want, rtol=0, atol=0)
 
 
 def test_cut_points() -> None:

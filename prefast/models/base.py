@@ -99,13 +99,15 @@ class UnitModel(nn.Module):
         ``start == stop`` returns ``h`` unchanged.
         """
         n = len(self.units)
-        if not 0 <= start <= stop <= n:
+        # a str failed comparing with 0 and a float in range(): TypeErrors naming neither
+        i, j = as_int(start), as_int(stop)
+        if i is None or j is None or not 0 <= i <= j <= n:
             raise ModelError(
                 f"forward_range needs 0 <= start <= stop <= num_units, "
                 f"got start={start}, stop={stop}, num_units={n}"
             )
-        for i in range(start, stop):  # index, not a slice: slicing builds a new ModuleList
-            h = self.units[i](h)
+        for k in range(i, j):  # index, not a slice: slicing builds a new ModuleList
+            h = self.units[k](h)
         return h
 
     def forward_head(self, h: torch.Tensor) -> torch.Tensor:
