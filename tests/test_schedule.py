@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 
 from prefast.freezeout.schedule import (
@@ -261,6 +262,19 @@ def test_prefast_and_freezeout_share_the_schedule() -> None:
 def test_schedule_validation(args: tuple[int, int], field: str) -> None:
     with pytest.raises(ScheduleError, match=field):
         FreezeSchedule(ScheduleConfig(), *args)
+
+
+def test_a_schedule_takes_a_schedule_config_and_numpy_counts_as_ints() -> None:
+    """FreezeSchedule({"t0": 0.5}, ...) failed with AttributeError 'mode', and numpy counts
+    were checked but then used as given: every max_j was a numpy float."""
+    for bad in ({"t0": 0.5}, None):
+        with pytest.raises(ScheduleError, match="FreezeSchedule takes a ScheduleConfig"):
+            FreezeSchedule(bad, 3, 10)  # type: ignore[arg-type]
+    cfg = ScheduleConfig(t0=0.5, how_scale="linear")
+    s = FreezeSchedule(cfg, np.int64(3), np.int32(10))
+    assert s.max_j == FreezeSchedule(cfg, 3, 10).max_j == (5.0, 6.666667, 8.333333, 10.0)
+    assert {type(m) for m in s.max_j} == {float} and type(s.total_iterations) is int
+    json.dumps({"max_j": s.max_j})
 
 
 def test_query_validation() -> None:

@@ -118,9 +118,17 @@ class FreezeSchedule:
     """
 
     def __init__(self, config: ScheduleConfig, num_units: int, total_iterations: int) -> None:
+        if not isinstance(config, ScheduleConfig):  # a dict failed with AttributeError 'mode'
+            hint = "; ScheduleConfig.from_dict(d) makes one" if isinstance(config, dict) else ""
+            raise ScheduleError(
+                f"FreezeSchedule takes a ScheduleConfig, got {type(config).__name__}{hint}"
+            )
         self.config = config
-        self.num_units = _check_count("num_units", num_units)
-        self.total_iterations = _check_count("total_iterations", total_iterations)
+        # the checked ints from here on: numpy counts made every max_j a numpy float
+        self.num_units = num_units = _check_count("num_units", num_units)
+        self.total_iterations = total_iterations = _check_count(
+            "total_iterations", total_iterations
+        )
         if config.mode == "full":
             self.t: tuple[float, ...] = (1.0,) * (num_units + 1)
         else:
