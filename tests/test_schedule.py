@@ -340,6 +340,23 @@ def test_ideal_saving_validation() -> None:
         ideal_saving(s, [1, 2, 3], [1, 2, 3], frozen_fwd_costs=[1, float("nan"), 3])
 
 
+def test_ideal_saving_refuses_what_is_no_schedule_or_no_costs() -> None:
+    """A str or None among the costs failed with math.isfinite's TypeError, a number or a
+    generator for them with len()'s, and a ScheduleConfig for the schedule with an
+    AttributeError."""
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 2, 10)
+    with pytest.raises(ScheduleError, match="takes a FreezeSchedule, got ScheduleConfig"):
+        ideal_saving(s.config, [1, 2, 3], [2, 4, 6])  # type: ignore[arg-type]
+    for bad in (["1", 2, 3], [None, 2, 3], [True, 2, 3]):
+        with pytest.raises(ScheduleError, match="fwd_costs must be finite and >= 0"):
+            ideal_saving(s, bad, [2, 4, 6])  # type: ignore[arg-type]
+    for bad in (3, (c for c in [1, 2, 3]), "123"):
+        with pytest.raises(ScheduleError, match=r"bwd_costs must be a sequence of .* 3 numbers"):
+            ideal_saving(s, [1, 2, 3], bad)  # type: ignore[arg-type]
+    out = ideal_saving(s, np.array([1.0, 2.0, 3.0]), [np.int64(2), np.float32(4), 6])
+    assert out["prefast_cost"] == 156 and out["freezeout_cost"] == 164
+
+
 def test_stretches_cut_a_range_at_its_freezes() -> None:
     s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 3, 100)
     cuts = [it for it in s.freeze_iterations() if it is not None]

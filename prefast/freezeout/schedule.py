@@ -17,7 +17,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prefast.errors import ScheduleError, check_bool, check_choice, check_int, check_number
+from prefast.errors import (
+    ScheduleError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    shown,
+)
 
 MODES = ("full", "freezeout", "prefast")
 """``full``: no freezing, every unit anneals over the whole run; ``freezeout``: freeze and
@@ -237,6 +244,18 @@ class FreezeSchedule:
         ]
 
 
+def _cost_ok(c: object) -> bool:
+    """Whether ``c`` is a finite number >= 0 (a numpy one, or a one-element tensor, too); a str
+    or None was math.isfinite's TypeError."""
+    if isinstance(c, str | bytes | bool):
+        return False
+    try:
+        v = float(c)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(v) and v >= 0
+
+
 def ideal_saving(
     schedule: FreezeSchedule,
     fwd_costs: Sequence[float],
@@ -275,6 +294,8 @@ def ideal_saving(
         ``prefast_saving = 1 - prefast / full`` and
         ``prefast_vs_freezeout = 1 - prefast / freezeout``.
     """
+    if not isinstance(schedule, FreezeSchedule):  # AttributeError 'num_units'
+        raise ScheduleError(f"ideal_saving takes a FreezeSchedule, got {type(schedule).__name__}")
     n = schedule.num_units + 1
     if frozen_fwd_costs is None:
         frozen_fwd_costs = fwd_costs
@@ -283,12 +304,16 @@ def ideal_saving(
         ("bwd_costs", bwd_costs),
         ("frozen_fwd_costs", frozen_fwd_costs),
     ):
+        if not hasattr(costs, "__len__") or isinstance(costs, str):  # a number, a generator
+            raise ScheduleError(
+                f"{field} must be a sequence of num_units + 1 = {n} numbers, got {shown(costs)}"
+            )
         if len(costs) != n:
             raise ScheduleError(
                 f"{field} needs num_units + 1 = {n} entries (head last), got {len(costs)}"
             )
-        if any(not math.isfinite(c) or c < 0 for c in costs):
-            raise ScheduleError(f"{field} must be finite and >= 0, got {list(costs)}")
+        if any(not _cost_ok(c) for c in costs):
+            raise ScheduleError(f"{field} must be finite and >= 0, got {shown(list(costs))}")
     total = schedule.total_iterations
     full = freezeout = prefast = 0.0
     for i in range(n):
