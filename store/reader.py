@@ -44,6 +44,7 @@ from store.errors import (
     StoreNotFoundError,
     check_bool,
     check_int,
+    shown,
 )
 from store.layout import (
     ACTIVATIONS,
@@ -412,8 +413,14 @@ class ActivationStore:
         return self.layout.raw_bytes
 
     def nbytes_stored(self, array: str | None = None) -> int:
-        """Bytes on disk of all files of the store, or of one member array (local stores),
-        else -1."""
+        """Bytes on disk of all files of the store, or of one member array (``activations``,
+        ``labels``, ``chunk_crc``, ``label_crc``; local stores), else -1."""
+        members = (ACTIVATIONS, LABELS, CHUNK_CRC, LABEL_CRC)
+        if array is not None and array not in members:
+            # another name counted 0 bytes, or a folder outside the store ("..")
+            raise StoreInputError(
+                f"{self.path}: array must be one of {', '.join(members)} or None, got {shown(array)}"
+            )
         if self._local_root is None:
             return -1
         total = 0

@@ -1832,3 +1832,17 @@ def test_a_path_that_is_no_str_or_path_is_an_input_error(tmp_path, monkeypatch):
     with store.create(tmp_path / "s.zarr", sample_shape=(2,), num_samples=3) as w:
         w.write(0, 0, torch.ones(3, 2), torch.arange(3))
     assert store.open(tmp_path / "s.zarr").labels.tolist() == [0, 1, 2]
+
+
+def test_nbytes_stored_counts_a_member_array_and_refuses_other_names(tmp_path):
+    """nbytes_stored("activation") counted 0 bytes and nbytes_stored("..") the folder around
+    the store; an array that is not one of the store's is an input error."""
+    (tmp_path / "beside.bin").write_bytes(b"x" * 5000)
+    s = write_store(tmp_path / "s.zarr", torch.ones(1, 13, 3), torch.arange(13), chunk=4)
+    per = {a: s.nbytes_stored(a) for a in ("activations", "labels", "chunk_crc", "label_crc")}
+    meta = (tmp_path / "s.zarr/activations/zarr.json").stat().st_size
+    assert per["activations"] == 4 * 4 * 3 * 4 + meta  # 4 chunks of 4 float32 samples of 3
+    assert s.nbytes_stored() == sum(per.values()) + (tmp_path / "s.zarr/zarr.json").stat().st_size
+    for bad in ("activation", "..", 5):
+        with pytest.raises(store.StoreInputError, match="array must be one of activations"):
+            s.nbytes_stored(bad)
