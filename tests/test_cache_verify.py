@@ -273,6 +273,21 @@ def test_verify_json_is_strict_where_a_relative_error_is_not_finite(run, tmp_pat
     assert rel[(0, 6)] <= d["tolerance"] and not d["ok"] and d["within_tolerance"] is False
 
 
+def test_a_stored_nan_fails_wherever_it_lies_among_the_samples(run, tmp_path):
+    # the largest relative error was taken with max(), which keeps a NaN only where it comes
+    # first: a NaN in view 1 (after view 0's finite errors) was skipped and the store passed
+    s = store.open(run["store"])
+    idx = torch.arange(s.num_samples)
+    x = torch.stack([s.read(v, idx) for v in range(s.views)])
+    x[1, 7, 1, 1, 1] = float("nan")
+    write_store(tmp_path / "s", x, s.labels, meta=dict(s.meta), chunk=s.layout.chunk_samples)
+    r = verify_against_checkpoint(store.open(tmp_path / "s"), run["ckpt"], samples=s.num_samples)
+    assert r.samples[0].view == 0 and r.samples[0].rel_error <= 4e-5
+    assert r.max_rel_error != r.max_rel_error and r.within_tolerance is False and not r.ok
+    assert "(view 1, sample 7) exceeds the tolerance" in r.errors[0], r.errors
+    assert "max relative error nan (view 1, sample 7)" in r.format()
+
+
 def test_a_chunk_it_may_not_read_is_reported_not_a_stop(run, tmp_path, capsys, monkeypatch):
     # a raw chunk file the user may not read (faked: root reads everything) stopped prefast
     # verify with '[Errno 13] Permission denied' and no report; view 0 is still recomputed

@@ -30,6 +30,7 @@ float32 convolutions in TF32, about 2**-11 relative).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -131,7 +132,7 @@ class CheckpointReport:
                 )
             )
         if self.max_rel_error is not None and self.samples:
-            worst = max(self.samples, key=lambda s: s.rel_error)
+            worst = _worst(self.samples)
             per_view = Counter(s.view for s in self.samples)
             counts = set(per_view.values())
             lines.append(
@@ -152,6 +153,12 @@ class CheckpointReport:
 
 def _samples(n: int) -> str:
     return f"{n} sample{'' if n == 1 else 's'}"
+
+
+def _worst(samples: list[SampleCheck]) -> SampleCheck:
+    """The sample with the largest relative error, a NaN above all (``max`` alone keeps a NaN
+    only where it comes first: one after a finite error was passed over)."""
+    return max(samples, key=lambda c: (math.isnan(c.rel_error), c.rel_error))
 
 
 def verify_against_checkpoint(
@@ -272,7 +279,8 @@ def verify_against_checkpoint(
             report.samples.append(SampleCheck(v, int(i), float(rel)))
     if not report.samples:  # every chosen sample lies in an unreadable chunk
         return report
-    report.max_rel_error = max(c.rel_error for c in report.samples)
+    worst = _worst(report.samples)
+    report.max_rel_error = worst.rel_error
     tol = rtol
     if tol is None:
         tol = RTOL[s.dtype_name] * INCREMENTAL_FACTOR
@@ -280,7 +288,6 @@ def verify_against_checkpoint(
             tol = max(tol, RTOL["bfloat16"] * INCREMENTAL_FACTOR)
     report.tolerance = tol
     if not report.max_rel_error <= tol:  # also catches NaN
-        worst = max(report.samples, key=lambda c: c.rel_error)
         report.errors.append(
             f"stored values differ from the recomputation: max relative error "
             f"{report.max_rel_error:.3g} (view {worst.view}, sample {worst.sample}) exceeds "
