@@ -214,6 +214,30 @@ def test_a_store_with_an_unreadable_chunk_is_reported_not_refused(run, tmp_path,
     assert rc == 1 and "recomputed  16 samples x 1 view(s)" in out and "result      FAILED" in out
 
 
+def test_a_store_with_damaged_labels_is_reported_not_refused(run, tmp_path, capsys):
+    # reading the labels to compare them with the training labels raised the checksum error:
+    # exit 2 and one line instead of the report, and no JSON
+    copy = tmp_path / "copy"
+    shutil.copytree(run["store"], copy)
+    f = copy / "labels" / "c" / "0"
+    raw = bytearray(f.read_bytes())
+    raw[8 * 5] ^= 0x01  # sample 5's label
+    f.write_bytes(bytes(raw))
+    r = verify_against_checkpoint(store.open(copy), run["ckpt"], samples=3)
+    assert [p.chunk for p in r.chunks.bad_label_chunks] == [0] and r.labels_ok is None
+    assert r.fingerprint_ok and r.data_ok and len(r.samples) == 3 * 2 and not r.ok
+    args = ["verify", str(copy), "--checkpoint", str(run["ckpt"]), "--no-progress"]
+    assert prefast_main([*args, "--samples", "3"]) == 1
+    cap = capsys.readouterr()
+    assert "labels      1 chunk(s) BAD" in cap.out and "result      FAILED" in cap.out
+    assert cap.err.startswith(f"prefast: corrupt labels {f} (samples 0..95)"), cap.err
+    f.write_bytes(bytes(raw[:100]))  # truncated: the labels cannot be read at all
+    assert prefast_main([*args, "--samples", "3", "--json"]) == 1
+    d = json.loads(capsys.readouterr().out)
+    assert "has 100 bytes" in d["chunks"]["labels_unreadable"] and d["labels_ok"] is None
+    assert len(d["samples"]) == 3 * 2 and not d["ok"]
+
+
 def test_a_boundary_outside_the_model_is_refused(run, tmp_path, capsys):
     meta = dict(store.open(run["store"]).meta)
     x = encoded(num_samples=9, views=1)

@@ -116,6 +116,10 @@ class CheckpointReport:
                 f"chunks      {c.chunks_read} read, "
                 + (f"{bad} BAD" if bad else "every checksum matches")
             )
+            if c.labels_unreadable is not None:
+                lines.append(f"labels      cannot be read: {c.labels_unreadable}")
+            elif c.bad_label_chunks:
+                lines.append(f"labels      {len(c.bad_label_chunks)} chunk(s) BAD")
             if c.values_line() is not None:
                 lines.append(f"values      {c.values_line()}")
         lines.append(f"checkpoint  {self.checkpoint}")
@@ -244,9 +248,12 @@ def verify_against_checkpoint(
             f"{json.dumps(data.desc, sort_keys=True)} vs {json.dumps(meta['data'], sort_keys=True)}"
         )
         return report
-    report.labels_ok = bool(torch.equal(train.labels.cpu(), s.labels))
-    if not report.labels_ok:
-        report.errors.append(f"{s.path}: the stored labels differ from the training labels")
+    # labels that fail their checksum or cannot be read are in report.chunks already (reading
+    # them here raised, which ended the check with no report); they are not compared
+    if report.chunks.labels_unreadable is None and not report.chunks.bad_label_chunks:
+        report.labels_ok = bool(torch.equal(train.labels.cpu(), s.labels))
+        if not report.labels_ok:
+            report.errors.append(f"{s.path}: the stored labels differ from the training labels")
 
     model.to(dev)
     n = s.num_samples
