@@ -102,6 +102,27 @@ def test_verify_recomputes_samples_from_the_checkpoint(run, capsys):
     assert "recomputed  1 sample x 2 view(s)" in capsys.readouterr().out  # not '1 samples'
 
 
+def test_verify_recomputes_in_the_cache_pass_batches(run, monkeypatch):
+    # all the chosen samples of a view went through the model in one batch: --samples 60000
+    # needed the memory of a forward of the whole data set
+    import prefast.cache.verify as verify
+
+    sizes = []
+    make_batch = verify.make_batch
+
+    def recorded(train, idx, *a, **k):
+        sizes.append(len(idx))
+        return make_batch(train, idx, *a, **k)
+
+    monkeypatch.setattr(verify, "make_batch", recorded)
+    r = verify.verify_against_checkpoint(store.open(run["store"]), run["ckpt"], samples=41)
+    assert sizes == [16, 16, 9] * 2  # the run's --batch-size 16, 41 samples of 2 views
+    assert r.ok and [c.view for c in r.samples] == [0] * 41 + [1] * 41
+    chosen = [c.sample for c in r.samples[:41]]
+    assert chosen == sorted(set(chosen)) == [c.sample for c in r.samples[41:]]
+    assert r.max_rel_error is not None and r.max_rel_error <= 4e-5
+
+
 def test_verify_fails_on_an_altered_checkpoint(run, tmp_path, capsys):
     state = torch.load(run["ckpt"], map_location="cpu", weights_only=True)
     w = state["model"]["units.0.weight"]  # conv1: frozen in every store of this run

@@ -10,7 +10,8 @@ First every chunk is checked against its write-time checksum (``store.verify``).
 3. ``samples`` random samples (seeded by ``seed``) of every view are recomputed as the cache
    pass made view ``v``: the training images with the view's augmentation
    ``Augment.from_spec(spec, cfg.augment).params(view_key(cfg.seed, v), N)``, ``make_batch``,
-   then ``model.forward_range(x, 0, boundary)`` in eval mode under no_grad.
+   then ``model.forward_range(x, 0, boundary)`` in eval mode under no_grad, in batches of the
+   cache pass's size (``cache_batch_size or batch_size``).
 
 The relative error of a sample is ``max |recomputed - stored| / max |recomputed|`` over the
 sample's elements (scaled by the sample's largest magnitude, so near-zero elements do not
@@ -260,6 +261,7 @@ def verify_against_checkpoint(
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(samples, n), replace=False))
     augment = Augment.from_spec(train.spec, cfg.augment)
     tiny = float(np.finfo(np.float32).tiny)
+    batch = cfg.cache_batch_size or cfg.batch_size  # the cache pass's
     # a bad chunk is in report.chunks already: what is stored is compared unchecked, and the
     # samples of a chunk that cannot be read at all (missing, truncated, undecodable, refused)
     # skipped
@@ -269,21 +271,24 @@ def verify_against_checkpoint(
         for c in np.unique(idx // s.chunk_samples).tolist():
             rows = idx[idx // s.chunk_samples == c]
             try:
-                parts.append((rows, unchecked.read(v, rows).float()))
+                parts.append((rows, unchecked.read(v, rows)))
             except (store.StoreCorruptError, OSError):  # OSError: a file it may not read
                 continue
         if not parts:
             continue
         vidx = np.concatenate([r for r, _ in parts])
-        stored = torch.cat([t for _, t in parts])
+        stored = torch.cat([t for _, t in parts])  # (K, *sample_shape) in the stored dtype
         aug = augment.params(view_key(cfg.seed, v), n) if not augment.identity else None
-        x, _ = make_batch(train, vidx, aug, dev)
-        with torch.no_grad(), autocast(dev, cfg.amp):
-            out = model.forward_range(x, 0, b).float().cpu()  # (K, *sample_shape)
-        err = (out - stored).abs().flatten(1).amax(1)
-        scale = out.abs().flatten(1).amax(1).clamp_min(tiny)
-        for i, rel in zip(vidx.tolist(), (err / scale).tolist(), strict=True):
-            report.samples.append(SampleCheck(v, int(i), float(rel)))
+        # in the cache pass's batches: all K samples at once (--samples 60000) needed the
+        # memory of a forward of the whole data set
+        for k in range(0, len(vidx), batch):
+            x, _ = make_batch(train, vidx[k : k + batch], aug, dev)
+            with torch.no_grad(), autocast(dev, cfg.amp):
+                out = model.forward_range(x, 0, b).float().cpu()  # (B, *sample_shape)
+            err = (out - stored[k : k + batch].float()).abs().flatten(1).amax(1)
+            scale = out.abs().flatten(1).amax(1).clamp_min(tiny)
+            for i, rel in zip(vidx[k : k + batch].tolist(), (err / scale).tolist(), strict=True):
+                report.samples.append(SampleCheck(v, int(i), float(rel)))
     if not report.samples:  # every chosen sample lies in an unreadable chunk
         return report
     worst = _worst(report.samples)
