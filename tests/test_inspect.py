@@ -438,6 +438,21 @@ def test_verify_lists_the_chunks_an_incomplete_store_never_wrote(tmp_path, data,
     assert not r["ok"] and r["missing"] == [[0, 2 * CHUNK, N]]
 
 
+def test_verify_says_how_many_missing_ranges_it_does_not_list(tmp_path, capsys):
+    # the text and the error named the first 6 ranges and nothing of the others
+    x = encoded(num_samples=21, views=9, shape=(2, 3))
+    w = store.create(tmp_path / "part", sample_shape=(2, 3), num_samples=21, views=9,
+                     chunk_samples=5, dtype="float32")  # fmt: skip
+    for v in range(9):
+        w.write(v, 0, x[v, :5], labels_for(21)[:5])  # the first chunk of every view, then killed
+    w.abort()
+    assert store_main(["verify", str(tmp_path / "part"), "--no-progress"]) == 1
+    cap = capsys.readouterr()
+    shown = "(view, start, stop) [" + ", ".join(f"({v}, 5, 21)" for v in range(6)) + "]"
+    assert f"missing     {shown} and 3 more\n" in cap.out
+    assert f"chunks were never written, {shown} and 3 more\n" in cap.err
+
+
 def test_plots_without_matplotlib_fail_at_the_start_naming_the_extra(
     tmp_path, stores, capsys, monkeypatch
 ):

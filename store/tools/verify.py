@@ -100,11 +100,17 @@ class VerifyReport:
         else:
             lines.append("labels      every checksum matches")
         if self.missing:
-            lines.append(f"missing     (view, start, stop) {self.missing[:6]}")
+            lines.append(f"missing     (view, start, stop) {_first(self.missing)}")
         if self.values_line() is not None:
             lines.append(f"values      {self.values_line()}")
         lines.append("result      " + ("OK" if self.ok else "FAILED"))
         return "\n".join(lines)
+
+
+def _first(ranges: list[tuple[int, int, int]], most: int = 6) -> str:
+    """The first ``most`` ranges, and how many more there are (the list was cut silently)."""
+    more = len(ranges) - most
+    return f"{ranges[:most]}" + (f" and {more} more" if more > 0 else "")
 
 
 def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = False) -> None:
@@ -115,7 +121,7 @@ def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = Fals
     report.missing = s.missing_ranges()
     if report.missing:
         report.errors.append(
-            f"{s.path}: chunks were never written, (view, start, stop) {report.missing[:6]}"
+            f"{s.path}: chunks were never written, (view, start, stop) {_first(report.missing)}"
         )
     total = s.views * s.num_chunks
     with tqdm(
