@@ -453,6 +453,19 @@ def test_verify_says_how_many_missing_ranges_it_does_not_list(tmp_path, capsys):
     assert f"chunks were never written, {shown} and 3 more\n" in cap.err
 
 
+def test_verify_says_how_many_bad_label_chunks_it_does_not_list(tmp_path, capsys):
+    # the chunks are listed up to 20 and then '... N more'; the labels' list just ended
+    path = tmp_path / "s"
+    write_store(path, encoded(num_samples=23, views=1, shape=(2,)), labels_for(23), chunk=1)
+    for c in range(23):
+        f = path / "labels" / "c" / str(c)
+        f.write_bytes(bytes([f.read_bytes()[0] ^ 1]) + f.read_bytes()[1:])
+    assert store_main(["verify", str(path), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "labels      23 chunk(s) BAD:" in out and out.count("labels/c/") == 20
+    assert "labels/c/19: labels' checksum differs" in out and "\n              ... 3 more\n" in out
+
+
 def test_plots_without_matplotlib_fail_at_the_start_naming_the_extra(
     tmp_path, stores, capsys, monkeypatch
 ):

@@ -96,6 +96,11 @@ class VerifyReport:
                 + "".join(
                     f"\n              {p.file}: {p.reason}" for p in self.bad_label_chunks[:20]
                 )
+                + (
+                    f"\n              ... {len(self.bad_label_chunks) - 20} more"
+                    if len(self.bad_label_chunks) > 20
+                    else ""
+                )
             )
         else:
             lines.append("labels      every checksum matches")
