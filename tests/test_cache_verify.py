@@ -115,8 +115,18 @@ def test_verify_recomputes_in_the_cache_pass_batches(run, monkeypatch):
         return make_batch(train, idx, *a, **k)
 
     monkeypatch.setattr(verify, "make_batch", recorded)
-    r = verify.verify_against_checkpoint(store.open(run["store"]), run["ckpt"], samples=41)
+    opened = []
+    store_open = store.open
+
+    def kept(*a, **k):
+        opened.append(store_open(*a, **k))
+        return opened[-1]
+
+    monkeypatch.setattr(store, "open", kept)
+    r = verify.verify_against_checkpoint(store_open(run["store"]), run["ckpt"], samples=41)
     assert sizes == [16, 16, 9] * 2  # the run's --batch-size 16, 41 samples of 2 views
+    # the unchecked copy it reads the stored samples from is closed (it was left to the gc)
+    assert len(opened) == 1 and opened[0]._closed
     assert r.ok and [c.view for c in r.samples] == [0] * 41 + [1] * 41
     chosen = [c.sample for c in r.samples[:41]]
     assert chosen == sorted(set(chosen)) == [c.sample for c in r.samples[41:]]

@@ -265,30 +265,32 @@ def verify_against_checkpoint(
     # a bad chunk is in report.chunks already: what is stored is compared unchecked, and the
     # samples of a chunk that cannot be read at all (missing, truncated, undecodable, refused)
     # skipped
-    unchecked = store.open(s.path, partial=True, checksums=False)
-    for v in range(s.views):
-        parts = []
-        for c in np.unique(idx // s.chunk_samples).tolist():
-            rows = idx[idx // s.chunk_samples == c]
-            try:
-                parts.append((rows, unchecked.read(v, rows)))
-            except (store.StoreCorruptError, OSError):  # OSError: a file it may not read
+    with store.open(s.path, partial=True, checksums=False) as unchecked:  # closed after
+        for v in range(s.views):
+            parts = []
+            for c in np.unique(idx // s.chunk_samples).tolist():
+                rows = idx[idx // s.chunk_samples == c]
+                try:
+                    parts.append((rows, unchecked.read(v, rows)))
+                except (store.StoreCorruptError, OSError):  # OSError: a file it may not read
+                    continue
+            if not parts:
                 continue
-        if not parts:
-            continue
-        vidx = np.concatenate([r for r, _ in parts])
-        stored = torch.cat([t for _, t in parts])  # (K, *sample_shape) in the stored dtype
-        aug = augment.params(view_key(cfg.seed, v), n) if not augment.identity else None
-        # in the cache pass's batches: all K samples at once (--samples 60000) needed the
-        # memory of a forward of the whole data set
-        for k in range(0, len(vidx), batch):
-            x, _ = make_batch(train, vidx[k : k + batch], aug, dev)
-            with torch.no_grad(), autocast(dev, cfg.amp):
-                out = model.forward_range(x, 0, b).float().cpu()  # (B, *sample_shape)
-            err = (out - stored[k : k + batch].float()).abs().flatten(1).amax(1)
-            scale = out.abs().flatten(1).amax(1).clamp_min(tiny)
-            for i, rel in zip(vidx[k : k + batch].tolist(), (err / scale).tolist(), strict=True):
-                report.samples.append(SampleCheck(v, int(i), float(rel)))
+            vidx = np.concatenate([r for r, _ in parts])
+            stored = torch.cat([t for _, t in parts])  # (K, *sample_shape) in the stored dtype
+            aug = augment.params(view_key(cfg.seed, v), n) if not augment.identity else None
+            # in the cache pass's batches: all K samples at once (--samples 60000) needed the
+            # memory of a forward of the whole data set
+            for k in range(0, len(vidx), batch):
+                x, _ = make_batch(train, vidx[k : k + batch], aug, dev)
+                with torch.no_grad(), autocast(dev, cfg.amp):
+                    out = model.forward_range(x, 0, b).float().cpu()  # (B, *sample_shape)
+                err = (out - stored[k : k + batch].float()).abs().flatten(1).amax(1)
+                scale = out.abs().flatten(1).amax(1).clamp_min(tiny)
+                for i, rel in zip(
+                    vidx[k : k + batch].tolist(), (err / scale).tolist(), strict=True
+                ):
+                    report.samples.append(SampleCheck(v, int(i), float(rel)))
     if not report.samples:  # every chosen sample lies in an unreadable chunk
         return report
     worst = _worst(report.samples)
