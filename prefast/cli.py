@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rtol",
         type=float,
         default=None,
-        help="relative tolerance (default: the dtype's rounding x 4, see prefast.cache.verify)",
+        help="relative tolerance (default: the dtype's rounding x 4, float16's for a float32 store on CUDA with TF32; see prefast.cache.verify)",
     )
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument(

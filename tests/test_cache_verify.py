@@ -378,3 +378,19 @@ def test_prefast_verify_names_a_glob_that_matched_several_stores(capsys):
         "c/run-2/boundary-5 (a glob such as run-*/boundary-* that matched several stores?); "
         "name one store"
     )
+
+
+def test_the_default_tolerance_allows_tf32_for_float32_on_cuda(monkeypatch):
+    """A float32 store's tolerance was 4e-5 on CUDA too, where cuDNN's TF32 convolutions (11
+    significant bits, by default) round differently by batch shape: a store written through in
+    training batches and recomputed in the cache pass's would fail. There it is float16's."""
+    from prefast.cache.verify import default_tolerance
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert default_tolerance("float32", None, "cpu") == 4e-5
+    assert default_tolerance("float32", None, "cuda") == 2.0**-10 * 4
+    assert default_tolerance("float16", None, "cuda") == 2.0**-10 * 4
+    assert default_tolerance("bfloat16", None, "cuda") == 2.0**-7 * 4
+    assert default_tolerance("float32", "bf16", "cpu") == 2.0**-7 * 4
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert default_tolerance("float32", None, "cuda") == 4e-5

@@ -23,9 +23,12 @@ differences), and ``INCREMENTAL_FACTOR`` = 4 covers stores that were built incre
 a previous cache in the same dtype, whose rounding then passed through the later units (a
 Fashion-MNIST float16 store at trans2, built from trans1 built from conv1, measured at most
 1.0e-3 over 1,000 samples: just above 2**-10, a quarter of the tolerance). With
-``amp="bf16"`` in the run's config the tolerance is at least bfloat16's. Recomputing on
-another device than the one that wrote the store can need a larger ``rtol`` (CUDA may run
-float32 convolutions in TF32, about 2**-11 relative).
+``amp="bf16"`` in the run's config the tolerance is at least bfloat16's. On CUDA with TF32
+convolutions allowed (``torch.backends.cudnn.allow_tf32``, torch's default) a float32 store's
+tolerance is at least float16's: TF32 keeps 11 significant bits, as float16 does, and the
+convolution algorithm, so its rounding, can differ with the batch's shape (a store written
+through in training batches, recomputed in the cache pass's). Recomputing on another device
+than the one that wrote the store can need a larger ``rtol``.
 """
 
 from __future__ import annotations
@@ -166,6 +169,18 @@ def _worst(samples: list[SampleCheck]) -> SampleCheck:
     return max(samples, key=lambda c: (math.isnan(c.rel_error), c.rel_error))
 
 
+def default_tolerance(dtype_name: str, amp: str | None, device_type: str) -> float:
+    """The relative tolerance of a recomputation of a ``dtype_name`` store (see the module
+    docstring): the dtype's rounding x ``INCREMENTAL_FACTOR``, at least bfloat16's under
+    ``amp="bf16"``, and at least float16's on CUDA where convolutions may run in TF32."""
+    tol = RTOL[dtype_name] * INCREMENTAL_FACTOR
+    if amp == "bf16":
+        tol = max(tol, RTOL["bfloat16"] * INCREMENTAL_FACTOR)
+    if device_type == "cuda" and torch.backends.cudnn.allow_tf32:
+        tol = max(tol, RTOL["float16"] * INCREMENTAL_FACTOR)
+    return tol
+
+
 def verify_against_checkpoint(
     s: store.ActivationStore,
     checkpoint: str | os.PathLike[str],
@@ -295,11 +310,7 @@ def verify_against_checkpoint(
         return report
     worst = _worst(report.samples)
     report.max_rel_error = worst.rel_error
-    tol = rtol
-    if tol is None:
-        tol = RTOL[s.dtype_name] * INCREMENTAL_FACTOR
-        if cfg.amp == "bf16":
-            tol = max(tol, RTOL["bfloat16"] * INCREMENTAL_FACTOR)
+    tol = default_tolerance(s.dtype_name, cfg.amp, dev.type) if rtol is None else rtol
     report.tolerance = tol
     if not report.max_rel_error <= tol:  # also catches NaN
         report.errors.append(
@@ -316,5 +327,6 @@ __all__ = [
     "RTOL",
     "CheckpointReport",
     "SampleCheck",
+    "default_tolerance",
     "verify_against_checkpoint",
 ]
