@@ -233,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="device for the recomputation: cpu, cuda or auto (default %(default)s)",
     )
     v.add_argument(
+        "--data-root",
+        default=None,
+        help="where the training images are now (default: the checkpoint's --data-root)",
+    )
+    v.add_argument(
         "--rtol",
         type=float,
         default=None,
@@ -393,6 +398,7 @@ def _verify(args: argparse.Namespace) -> int:
         device=args.device,
         rtol=args.rtol,
         progress=_bars_shown(args.progress),
+        data_root=args.data_root,
     )
     print(json.dumps(r.to_dict(), indent=2) if args.json else r.format())
     for e in r.all_errors:

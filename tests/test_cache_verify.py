@@ -394,3 +394,34 @@ def test_the_default_tolerance_allows_tf32_for_float32_on_cuda(monkeypatch):
     assert default_tolerance("float32", "bf16", "cpu") == 2.0**-7 * 4
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert default_tolerance("float32", None, "cuda") == 4e-5
+
+
+def test_verify_takes_the_training_images_from_a_new_data_root(tmp_path, capsys):
+    """A checkpoint whose training images moved could not be verified: the data was loaded
+    from the checkpoint's --data-root only. --data-root now says where they are; the data is
+    still checked to be the store's (here: labels and recomputed values match)."""
+    import shutil
+
+    import prefast
+    from prefast.config import TrainConfig
+    from tests.fakes import write_fake_cifar
+
+    write_fake_cifar(tmp_path / "old")
+    cfg = TrainConfig(
+        dataset="cifar10", data_root=str(tmp_path / "old"), model="densenet_bc",
+        model_args={"depth": 10, "growth": 4}, epochs=2, batch_size=8, t0=0.3,
+        how_scale="linear", mode="prefast", cache="zarr", cache_dir=str(tmp_path / "cache"),
+        recache_policy="every",
+        checkpoint_dir=str(tmp_path / "ckpt"), cache_dtype="float32", device="cpu",
+        progress=False,
+    )  # fmt: skip
+    prefast.train(cfg)
+    state = torch.load(tmp_path / "ckpt" / "last.pt", map_location="cpu", weights_only=True)
+    path = state["cache"]["path"]
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    argv = ["verify", path, "--checkpoint", str(tmp_path / "ckpt"), "--no-progress"]
+    assert prefast_main(argv) == 2
+    assert "cifar10 train split not found" in capsys.readouterr().err
+    assert prefast_main([*argv, "--data-root", str(tmp_path / "new"), "--samples", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "recomputed  5 samples x 1 view(s)" in out and "labels match" in out

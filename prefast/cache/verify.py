@@ -33,6 +33,7 @@ than the one that wrote the store can need a larger ``rtol``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -189,11 +190,14 @@ def verify_against_checkpoint(
     device: str = "cpu",
     rtol: float | None = None,
     progress: bool = False,
+    data_root: str | os.PathLike[str] | None = None,
 ) -> CheckpointReport:
     """Checksums, fingerprint, data and a recomputation of ``samples`` samples of every view
     (see the module docstring). Failures are collected in the report; bad input (a missing or
     foreign checkpoint, a store without provenance) raises ``CheckpointError``.
-    ``checkpoint`` may be a run's ``--checkpoint-dir``: the checkpoint in it is checked."""
+    ``checkpoint`` may be a run's ``--checkpoint-dir``: the checkpoint in it is checked.
+    ``data_root`` replaces the checkpoint's, for training images that moved since (the data is
+    still checked to be the store's: dataset, size, split and labels)."""
     ckpt = os.fspath(checkpoint)
     if os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, CHECKPOINT_NAME)):
         ckpt = os.path.join(ckpt, CHECKPOINT_NAME)
@@ -215,6 +219,8 @@ def verify_against_checkpoint(
     state = load_checkpoint_file(ckpt, "--checkpoint")
     try:
         cfg = TrainConfig.from_dict(state["config"])
+        if data_root is not None:
+            cfg = dataclasses.replace(cfg, data_root=os.fspath(data_root))
         model = create_model(**meta["model"])
     except (PrefastError, TypeError) as e:
         raise CheckpointError(f"{ckpt}: cannot rebuild the run: {e}") from None
