@@ -288,7 +288,14 @@ def _show(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     # an incomplete store is verified too: its chunks never written are among the failures
-    r = store.verify(store.open(args.path, partial=True), progress=_bars(args))
+    try:
+        s = store.open(args.path, partial=True)
+    except store.StoreCorruptError as damaged:
+        # its record fails its checksum, or a checksum table is damaged: the check failed
+        # (exit 1, as for a damaged chunk), where exit 2 said the input was bad
+        print(f"error: {' '.join(str(damaged).split())}", file=sys.stderr)
+        return 1
+    r = store.verify(s, progress=_bars(args))
     print(_json(r.to_dict()) if args.json else r.format())
     for e in r.errors:
         print(f"error: {e}", file=sys.stderr)

@@ -1223,3 +1223,22 @@ def test_create_refuses_a_meta_that_is_not_strict_json(tmp_path, bad):
     ):
         store.create(tmp_path / "s", num_samples=3, sample_shape=(2,), meta={"a": bad})
     assert not (tmp_path / "s").exists()
+
+
+def test_verify_fails_a_store_whose_record_or_checksum_table_is_damaged(tmp_path, data, capsys):
+    """A store whose zarr.json fails its checksum, or whose checksum table is damaged, made
+    verify exit 2, bad input, as for a store that is not there; it is a failed check: exit 1,
+    with the damage named."""
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    record = path / "zarr.json"
+    record.write_text(record.read_text().replace('"views": 3', '"views": 4'))
+    assert store_main(["verify", str(path), "--no-progress"]) == 1
+    assert "attributes fail their checksum" in capsys.readouterr().err
+    write_store(tmp_path / "t", x, y)
+    table = next(p for p in (tmp_path / "t" / "chunk_crc" / "c").rglob("*") if p.is_file())
+    table.write_bytes(table.read_bytes()[:-1] + bytes([table.read_bytes()[-1] ^ 0xFF]))
+    assert store_main(["verify", str(tmp_path / "t"), "--no-progress"]) == 1
+    assert "table holds values that are no CRC" in capsys.readouterr().err
+    assert store_main(["verify", str(tmp_path / "none"), "--no-progress"]) == 2  # still input
