@@ -754,6 +754,10 @@ class StoreWriter:
             raise StoreError(f"{self.path}: write() after close()")
         self._raise_pending_error()
         lay = self.layout
+        # as Python ints: a numpy uint8 start of 250 plus a batch of 10 wrapped to 4, and the
+        # batch was dropped without an error; a 0-d integer tensor is taken, as a read takes it
+        view = check_int(f"{self.path}: field 'view'", view)
+        start = check_int(f"{self.path}: field 'start'", start)
         n = check_write(
             f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, start, x
         )
@@ -854,6 +858,7 @@ class StoreWriter:
         self._check_rows("write_rows")
         self._raise_pending_error()
         lay = self.layout
+        view = check_int(f"{self.path}: field 'view'", view)
         r = np.asarray(rows.detach().cpu() if isinstance(rows, torch.Tensor) else rows)
         if r.ndim != 1 or (r.size and not np.issubdtype(r.dtype, np.integer)):
             raise StoreInputError(f"{self.path}: field 'rows' must be a 1-D array of integers")

@@ -1846,3 +1846,23 @@ def test_nbytes_stored_counts_a_member_array_and_refuses_other_names(tmp_path):
     for bad in ("activation", "..", 5):
         with pytest.raises(store.StoreInputError, match="array must be one of activations"):
             s.nbytes_stored(bad)
+
+
+def test_write_takes_start_and_view_as_any_integer_without_wrapping(tmp_path):
+    # a numpy uint8 start of 250 plus a batch of 10 wrapped to 4: the write was taken and its
+    # samples dropped; a 0-d integer tensor or array was refused
+    x = torch.arange(261 * 2, dtype=torch.float32).reshape(261, 2)
+    y = torch.arange(261) % 7
+    with store.create(tmp_path / "s", sample_shape=(2,), num_samples=261, chunk_samples=9) as w:
+        w.write(np.int64(0), np.uint8(0), x[:250], y[:250])
+        w.write(torch.tensor(0), np.uint8(250), x[250:260], y[250:260])
+        w.write(np.array(0), torch.tensor(260), x[260:], y[260:])
+        with pytest.raises(store.StoreInputError, match=r"field 'start': samples \[255, 265\)"):
+            w.write(0, np.uint8(255), x[:10], y[:10])
+        with pytest.raises(store.StoreInputError, match=r"field 'view' must be an integer"):
+            w.write(torch.tensor(0.0), 0, x[:1], y[:1])
+    s = store.open(tmp_path / "s")
+    assert torch.equal(s.read(0, np.arange(261)), x) and torch.equal(s.labels, y)
+    with store.create(tmp_path / "r", sample_shape=(2,), num_samples=261, chunk_samples=9) as w:
+        w.write_rows(torch.tensor(0), np.arange(261)[::-1].copy(), x.flip(0), y.flip(0))
+    assert torch.equal(store.open(tmp_path / "r").read(0, np.arange(261)), x)
