@@ -87,7 +87,11 @@ def _now() -> str:
 def to_stored_numpy(x: torch.Tensor | np.ndarray, layout: StoreLayout) -> np.ndarray:
     """A batch converted to the stored dtype as a C-contiguous numpy array on the host."""
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        # numpy calls an array C-contiguous whatever the sign of a length-1 axis's stride
+        # (x[::-1][:1]) and keeps it; torch.from_numpy refuses a negative stride: a copy then
+        x = torch.from_numpy(
+            np.ascontiguousarray(x) if min(x.strides, default=0) >= 0 else x.copy()
+        )
     if not (x.is_floating_point()):
         raise StoreInputError(f"field 'x': expected a floating-point batch, got dtype {x.dtype}")
     t = x.detach().to(device="cpu", dtype=layout.torch_dtype).contiguous()

@@ -1866,3 +1866,20 @@ def test_write_takes_start_and_view_as_any_integer_without_wrapping(tmp_path):
     with store.create(tmp_path / "r", sample_shape=(2,), num_samples=261, chunk_samples=9) as w:
         w.write_rows(torch.tensor(0), np.arange(261)[::-1].copy(), x.flip(0), y.flip(0))
     assert torch.equal(store.open(tmp_path / "r").read(0, np.arange(261)), x)
+
+
+def test_write_takes_a_numpy_batch_with_a_reversed_axis_of_length_one(tmp_path):
+    # x[::-1][:1] is C-contiguous to numpy with a negative stride, which torch.from_numpy
+    # refused with a ValueError: the last sample of a batch read backwards could not be written
+    x = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3)
+    rev = x[::-1]
+    with store.create(tmp_path / "s", sample_shape=(2, 3), num_samples=5, chunk_samples=2) as w:
+        w.write(0, 0, rev[:4], np.arange(4))
+        w.write(0, 4, rev[4:], np.array([4]))  # strides (-24, 12, 4)
+    got = store.open(tmp_path / "s").read(0, np.arange(5))
+    assert torch.equal(got, torch.from_numpy(rev.copy()).half())
+    with store.create(tmp_path / "r", sample_shape=(1, 3), num_samples=5, chunk_samples=2) as w:
+        for i in range(5):
+            w.write_rows(0, [i], x[i : i + 1, :1, ::-1], [i])  # strides (24, 12, -4)
+    got = store.open(tmp_path / "r").read(0, np.arange(5))
+    assert torch.equal(got, torch.from_numpy(x[:, :1, ::-1].copy()).half())
