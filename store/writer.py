@@ -505,10 +505,20 @@ def _sweep_table_temps(root: Path) -> int:
 def finalize(path: str | os.PathLike[str]) -> None:
     """Mark a store written by several ranks complete; raises StoreIncompleteError listing the
     missing ranges if some rank did not finish."""
+    local = _zarr.as_local(path)
+    if local is not None and local.exists() and not (local / "zarr.json").is_file():
+        # a file here made zarr raise FileExistsError, a folder without a store "no store"
+        raise NotAStoreError(
+            f"{local}: not an activation store (no zarr.json); nothing to finalize"
+        )
     try:
         group = _zarr.open_group(path, mode="r+")
     except FileNotFoundError:
         raise StoreNotFoundError(f"{path}: no store to finalize") from None
+    except ImportError as e:
+        raise NotAStoreError(missing_backend(os.fspath(path), e)) from None
+    except ValueError as e:  # a damaged zarr.json (JSONDecodeError), a zarr array
+        raise NotAStoreError(f"{path}: not a zarr v3 group: {e!r}") from e
     d = _zarr.read_info_dict(group)
     if d is None:
         raise NotAStoreError(f"{path}: not an activation store")

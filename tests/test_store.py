@@ -1777,6 +1777,21 @@ def test_a_path_where_an_opened_store_is_needed_is_refused_clearly(call):
 def test_finalize_without_a_store_is_a_store_error(tmp_path):
     with pytest.raises(store.StoreNotFoundError, match="no store to finalize"):
         store.finalize(tmp_path / "nope")
+    # a file, an empty folder, a damaged zarr.json, a zarr array: FileExistsError,
+    # StoreNotFoundError ('no store'), JSONDecodeError and ContainsArrayError before
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "zarr.json").write_text("{")
+    zarr.create_array(tmp_path / "array", shape=(3,), dtype="f4")
+    for name, match in [
+        ("file", "not an activation store"),
+        ("empty", "not an activation store"),
+        ("bad", "not a zarr v3 group"),
+        ("array", "not a zarr v3 group"),
+    ]:
+        with pytest.raises(store.NotAStoreError, match=match):
+            store.finalize(tmp_path / name)
 
 
 def test_prefast_option_checks_quote_an_array_by_its_shape_too():
