@@ -876,7 +876,6 @@ class StoreWriter:
         r = np.asarray(rows.detach().cpu() if isinstance(rows, torch.Tensor) else rows)
         if r.ndim != 1 or (r.size and not np.issubdtype(r.dtype, np.integer)):
             raise StoreInputError(f"{self.path}: field 'rows' must be a 1-D array of integers")
-        r = r.astype(np.int64, copy=False)
         # no samples (x[:0]): the rows are checked below; a list has no shape, refused here
         none = x[:0] if hasattr(x, "shape") else x
         check_write(f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, 0, none)
@@ -888,6 +887,8 @@ class StoreWriter:
             raise StoreInputError(
                 f"{self.path}: field 'rows': sample {int(bad)} outside [0, {lay.num_samples})"
             )
+        # checked first: an unsigned row of 2**64 - 1 wrapped to -1 and was named so
+        r = r.astype(np.int64, copy=False)
         self._set_mode("rows")
         if self._row_filled is None:
             self._row_filled = np.zeros((lay.views, lay.num_samples), dtype=bool)

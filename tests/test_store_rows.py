@@ -150,6 +150,9 @@ def test_rows_refused_where_they_cannot_be_written_in_place(tmp_path):
     with _create(tmp_path / "r", views=1) as w:
         with pytest.raises(StoreInputError, match="outside"):
             w.write_rows(0, [N], x[0, :1])
+        # named as given: an unsigned row of 2**64 - 1 was called sample -1
+        with pytest.raises(StoreInputError, match=rf"sample {2**64 - 1} outside \[0, {N}\)"):
+            w.write_rows(0, np.array([3, 2**64 - 1], dtype=np.uint64), x[0, :2])
         with pytest.raises(StoreInputError, match="2 rows for 1"):
             w.write_rows(0, [0, 1], x[0, :1])
         with pytest.raises(StoreInputError, match="label"):
