@@ -325,13 +325,25 @@ def record_checksum(d: Mapping[str, Any]) -> str:
     return f"crc32c:{crc32c.crc32c(text.encode()):08x}"
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of ``json.loads`` whose keys differ: JSON keys are strings, so the keys 1
+    and "1" of one dict are both written as "1", and only the last one's value was kept."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise ValueError(f"two keys of one dict are both {dup!r} in JSON (keys become strings)")
+    return out
+
+
 def json_meta(meta: Mapping[str, Any] | None, where: str = "") -> dict[str, Any]:
     """``meta`` as it reads back from zarr.json (tuples become lists): JSON-able or an error."""
     if meta is not None and not isinstance(meta, Mapping):
         raise StoreInputError(f"{where}field 'meta' must be a dict, got {shown(meta)}")
     try:  # key order kept: people read it (store inspect)
         # strict JSON: zarr.json with NaN or Infinity in it is not JSON to other readers
-        out = json.loads(json.dumps(dict(meta or {}), allow_nan=False))
+        text = json.dumps(dict(meta or {}), allow_nan=False)
+        out = json.loads(text, object_pairs_hook=_unique_keys)
     except (TypeError, ValueError) as e:
         if isinstance(e, ValueError) and "not JSON compliant" in str(e):
             e = ValueError("a float that is not finite (NaN or infinity) is not JSON")

@@ -1898,3 +1898,16 @@ def test_write_takes_a_numpy_batch_with_a_reversed_axis_of_length_one(tmp_path):
             w.write_rows(0, [i], x[i : i + 1, :1, ::-1], [i])  # strides (24, 12, -4)
     got = store.open(tmp_path / "r").read(0, np.arange(5))
     assert torch.equal(got, torch.from_numpy(x[:, :1, ::-1].copy()).half())
+
+
+def test_meta_whose_keys_meet_as_json_strings_is_refused_not_half_kept(tmp_path):
+    # {1: "a", "1": "b"} was written as {"1": "b"}: the value of key 1 was lost silently
+    for meta in ({1: "a", "1": "b"}, {"run": [{"lr": 1, "x": {True: 0, "true": 1}}]}):
+        with pytest.raises(store.StoreInputError, match=r"field 'meta'.* both '(1|true)'"):
+            store.create(tmp_path / "s", num_samples=3, sample_shape=(2,), meta=meta)
+    meta = {"z": {"b": [1, (2, 3)], 7: None}, "a": "é"}
+    with store.create(tmp_path / "s", num_samples=3, sample_shape=(2,), meta=meta) as w:
+        with pytest.raises(store.StoreInputError, match=r"both '2'"):
+            w.set_meta({2: 0, "2": 1})
+        w.write(0, 0, torch.zeros(3, 2), torch.arange(3))
+    assert store.open(tmp_path / "s").meta == {"z": {"b": [1, [2, 3]], "7": None}, "a": "é"}
