@@ -195,6 +195,16 @@ def _layout_mismatch(a: StoreLayout, b: StoreLayout) -> list[str]:
     ]
 
 
+def _check_path(path: Any) -> str:
+    """``path`` as a str, where it is a str or ``os.PathLike`` of one, not empty; else
+    ``StoreInputError`` (bytes failed inside the URL check with 'startswith first arg must be
+    bytes', None with os.fspath's TypeError, and "" stood for the working directory)."""
+    text = _zarr.location_str(path)
+    if not text:
+        raise StoreInputError("path must be a non-empty str or a pathlib.Path, got ''")
+    return text
+
+
 def create(
     path: str | os.PathLike[str],
     *,
@@ -256,7 +266,7 @@ def create(
         codec_level=codec_level,
         chunk_samples=chunk_samples,
     )
-    meta = json_meta(meta, f"{_zarr.location_str(path)}: ")
+    meta = json_meta(meta, f"{_check_path(path)}: ")
     root = _zarr.as_local(path)
     if root is None:
         return _create_remote(
@@ -505,6 +515,7 @@ def _sweep_table_temps(root: Path) -> int:
 def finalize(path: str | os.PathLike[str]) -> None:
     """Mark a store written by several ranks complete; raises StoreIncompleteError listing the
     missing ranges if some rank did not finish."""
+    _check_path(path)
     local = _zarr.as_local(path)
     if local is not None and local.exists() and not (local / "zarr.json").is_file():
         # a file here made zarr raise FileExistsError, a folder without a store "no store"

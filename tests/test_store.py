@@ -1911,3 +1911,19 @@ def test_meta_whose_keys_meet_as_json_strings_is_refused_not_half_kept(tmp_path)
             w.set_meta({2: 0, "2": 1})
         w.write(0, 0, torch.zeros(3, 2), torch.arange(3))
     assert store.open(tmp_path / "s").meta == {"z": {"b": [1, [2, 3]], "7": None}, "a": "é"}
+
+
+@pytest.mark.parametrize("path", [None, b"acts.zarr", "", 3])
+def test_create_and_finalize_refuse_a_path_that_is_not_a_path(tmp_path, monkeypatch, path):
+    # bytes failed inside the URL check ('startswith first arg must be bytes'), None and 3
+    # with os.fspath's TypeError, and "" created the store in the working directory
+    monkeypatch.chdir(tmp_path)
+    for call in (
+        lambda: store.create(path, sample_shape=(2,), num_samples=3),
+        lambda: store.finalize(path),
+    ):
+        with pytest.raises(
+            store.StoreInputError, match=r"path must be a (non-empty )?str or a pathlib\.Path"
+        ):
+            call()
+    assert list(tmp_path.iterdir()) == []
