@@ -297,9 +297,7 @@ def create(
                 f"{root}: a store exists here; pass overwrite=True to replace it or resume=True"
             )
     if world_size > 1 and rank != 0:
-        raise StoreInputError(
-            f"{root}: rank {rank} must open an existing store with resume=True (rank 0 creates it)"
-        )
+        raise StoreInputError(_rank_joins(root, rank, resume))
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -325,6 +323,17 @@ def create(
     except BaseException:
         lock.release()
         raise
+
+
+def _rank_joins(where: Path | str, rank: int, resume: bool) -> str:
+    """Why a rank other than 0 found no store to join: it passed no ``resume=True``, or it
+    did and rank 0 has not created the store yet."""
+    if resume:
+        return (
+            f"{where}: rank {rank} found no store to resume; rank 0 creates it: open it with "
+            "resume=True once rank 0's store.create has returned"
+        )
+    return f"{where}: rank {rank} must open an existing store with resume=True (rank 0 creates it)"
 
 
 def _reopened(
@@ -456,9 +465,7 @@ def _create_remote(
             f"{url}: a store exists here; pass overwrite=True to replace it or resume=True"
         )
     if world_size > 1 and rank != 0:
-        raise StoreInputError(
-            f"{url}: rank {rank} must open an existing store with resume=True (rank 0 creates it)"
-        )
+        raise StoreInputError(_rank_joins(url, rank, resume))
     if group is not None:
         _clear_store_url(url)
     info = StoreInfo(layout=layout, meta=meta, complete=False, created=_now())

@@ -1927,3 +1927,14 @@ def test_create_and_finalize_refuse_a_path_that_is_not_a_path(tmp_path, monkeypa
         ):
             call()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_that_resumes_before_rank_0_created_the_store_is_told_so(tmp_path):
+    # it was told to pass resume=True, which it had passed
+    kw = {"sample_shape": (2,), "num_samples": 5, "world_size": 2, "rank": 1}
+    with pytest.raises(store.StoreInputError, match="rank 1 found no store to resume; rank 0"):
+        store.create(tmp_path / "s", resume=True, **kw)
+    with pytest.raises(store.StoreInputError, match="rank 1 found no store to resume; rank 0"):
+        store.create("memory://rank-join/s", resume=True, **kw)
+    with pytest.raises(store.StoreInputError, match="must open an existing store with resume=True"):
+        store.create(tmp_path / "s", **kw)
