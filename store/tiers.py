@@ -76,6 +76,14 @@ def _checked_labels(data: torch.Tensor, labels: Any) -> torch.Tensor:
     return torch.from_numpy(check_labels("", labels, int(data.shape[1])))
 
 
+def _as_torch(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A batch as a tensor; numpy calls an array with a negative stride on a length-1 axis
+    (``x[::-1][:1]``) contiguous, and torch refuses it: such an array is copied first."""
+    if isinstance(x, np.ndarray) and min(x.strides, default=0) < 0:
+        x = x.copy()
+    return torch.as_tensor(x)
+
+
 def _stacked(x: Any) -> torch.Tensor:
     """``from_tensors``' data as one tensor (views, N, ...): a tensor or array, or a non-empty
     sequence of per-view (N, ...) ones of one shape (else torch's TypeError or RuntimeError
@@ -171,9 +179,11 @@ class TensorCache:
         x: torch.Tensor | np.ndarray,
         labels: torch.Tensor | np.ndarray | None = None,
     ) -> None:
+        # plain ints: a numpy uint8 start of 250 plus 10 samples wrapped to 4 in the checks
+        view, start = check_int("field 'view'", view), check_int("field 'start'", start)
         n = check_write("", self.views, self.num_samples, self.sample_shape, view, start, x)
         lab = None if labels is None else torch.from_numpy(check_labels("", labels, n))
-        xt = torch.as_tensor(x)
+        xt = _as_torch(x)
         self.data[view, start : start + n].copy_(xt.detach(), non_blocking=False)
         if lab is not None:
             self.labels[start : start + n] = lab
@@ -194,6 +204,7 @@ class TensorCache:
         or with ``write``)."""
         # no samples (x[:0]): the rows are checked below; a list has no shape, refused here
         none = x[:0] if hasattr(x, "shape") else x
+        view = check_int("field 'view'", view)
         check_write("", self.views, self.num_samples, self.sample_shape, view, 0, none)
         if not isinstance(rows, torch.Tensor):
             r = np.asarray(rows)
@@ -212,7 +223,7 @@ class TensorCache:
             if not on_host:
                 raise StoreInputError("labels with write_rows need the rows on the host")
             lab = torch.from_numpy(check_labels("", labels, int(rt.shape[0])))
-        xt = torch.as_tensor(x).detach()
+        xt = _as_torch(x).detach()
         if on_host and rt.numel() > 1:
             # a row given twice keeps its last sample, as a store does (index_copy_ on a GPU
             # keeps an undefined one); rows on the device must be distinct
@@ -263,7 +274,11 @@ class TensorCache:
         if raw.ndim != 1 or (raw.size and not np.issubdtype(raw.dtype, np.integer)):
             # a float index would be truncated to another sample (the store refuses it too)
             raise StoreInputError("indices must be a 1-D sequence of integers")
-        idx = torch.as_tensor(raw, dtype=torch.int64)
+        if raw.size and (raw.min() < 0 or raw.max() >= self.num_samples):
+            # checked as given: an unsigned 2**63 failed in torch's conversion with a TypeError
+            bad = raw[(raw < 0) | (raw >= self.num_samples)][0]
+            raise StoreInputError(f"sample index {int(bad)} out of range [0, {self.num_samples})")
+        idx = torch.from_numpy(raw.astype(np.int64))
         self._check(view, idx)
         return self.data[view].index_select(0, idx.to(self.device))
 

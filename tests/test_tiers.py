@@ -506,3 +506,28 @@ def test_a_tier_refuses_a_meta_that_is_not_a_dict_as_a_store_does(tier):
             make(x, y, meta=bad)
     assert make(x, y, meta={"boundary": 3}).meta == {"boundary": 3}
     assert make(x, y).meta == {}
+
+
+@pytest.mark.parametrize("tier", ["ram", "device"])
+def test_tensor_tiers_take_any_integer_start_and_any_numpy_batch_as_a_store_does(tier):
+    """A numpy uint8 start of 250 plus a batch of 10 wrapped to 4 in the checks, and torch's
+    size-mismatch RuntimeError followed; a numpy batch with a negative stride on a length-1 axis
+    (x[::-1][:1]) failed in torch's conversion; an unsigned index of 2**63 in a read raised a
+    TypeError. The writer of a store takes the first two and refuses the third, naming it."""
+    make = store.RamCache.empty if tier == "ram" else store.DeviceCache.empty
+    cache = make(261, 1, (2,), dtype="float32")
+    x = torch.arange(20, dtype=torch.float32).reshape(10, 2)
+    cache.write(np.int64(0), np.uint8(250), x, torch.arange(10))
+    assert torch.equal(cache.data[0, 250:260], x) and cache.labels[250:260].tolist() == list(
+        range(10)
+    )
+    cache.write(0, torch.tensor(260), x[:1].numpy())
+    with pytest.raises(store.StoreInputError, match=r"samples \[255, 265\) outside \[0, 261\)"):
+        cache.write(0, np.uint8(255), x)
+    last = np.arange(8.0).reshape(4, 2)[::-1][:1]  # [[6, 7]], strides negative
+    cache.write(0, 3, last, np.array([5]))
+    cache.write_rows(0, [7], last)
+    assert cache.data[0, 3].tolist() == cache.data[0, 7].tolist() == [6.0, 7.0]
+    assert cache.read(0, np.array([3, 260], dtype=np.uint64)).tolist() == [[6.0, 7.0], [0.0, 1.0]]
+    with pytest.raises(store.StoreInputError, match=r"sample index 9223372036854775808 out of"):
+        cache.read(0, np.array([1, 2**63], dtype=np.uint64))
