@@ -1215,13 +1215,15 @@ class StoreWriter:
             if inf or nan:
                 log.warning(
                     "%s: %d value(s) written are not finite (%d inf, %d NaN) in %d chunk(s); "
-                    "they are stored as given (a float16 store rounds values beyond 65504 to "
-                    "inf); 'python -m store stats' counts them per channel",
+                    "they are stored as given%s; 'python -m store stats' counts them per channel",
                     self.path,
                     inf + nan,
                     inf,
                     nan,
                     chunks,
+                    " (a float16 store rounds values beyond 65504 to inf)"
+                    if self.layout.dtype == "float16" and inf
+                    else "",
                 )
             if self._row_counts is not None:
                 partial_rows = np.argwhere((self._row_counts > 0) & ~self._done)

@@ -470,6 +470,8 @@ def test_writer_says_once_how_many_values_are_not_finite(tmp_path, caplog, dtype
     assert said[-1].startswith(
         f"{tmp_path / 'batches'}: {inf + 2} value(s) written are not finite ({inf} inf, 2 NaN)"
     )
+    # the float16 rounding is named where it applies only (it was said of every dtype)
+    assert ("a float16 store rounds values beyond 65504" in said[-1]) == (dtype == "float16")
     with caplog.at_level(logging.WARNING, logger="store"):
         caplog.clear()
         with _create(tmp_path / "clean", dtype=dtype, codec=codec) as w:
