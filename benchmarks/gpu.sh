@@ -58,7 +58,7 @@ share() {
 # 120), and 3 for the files' copy: a stage not named keeps none
 later() {
   local s=3 seen= st
-  for st in scenario tests feed fidelity; do
+  for st in probe scenario tests feed fidelity; do
     if [ -n "$seen" ] && has "$st"; then
       case $st in tests) s=$((s + 70)) ;; feed) s=$((s + 27)) ;; fidelity) s=$((s + 120)) ;; esac
     fi
@@ -107,7 +107,8 @@ if has probe; then
   # shellcheck disable=SC2086
   WT=${PROBE_WRITE_THROUGH-device ram zarr}
   PT=${PROBE_TIMEOUT:-110}
-  [ "$PT" -le "$(left)" ] || PT=$(left)  # never past the deadline
+  MAX=$(( $(left) - $(later probe) ))  # never into what the later stages need
+  [ "$PT" -le "$MAX" ] || PT=$MAX
   if [ "$PT" -lt 10 ]; then
     echo "-- skipped: ${PT} s left for it" >&2
   else

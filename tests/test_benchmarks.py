@@ -714,7 +714,11 @@ def test_gpu_sh_keeps_back_time_only_for_the_stages_it_runs(tmp_path):
     is taken within a second or so of its stage's start: 10 s of slack.)"""
     t, left = _limits(tmp_path / "a", STAGES="scenario")["compare.py"]
     assert left - 13 <= t <= left - 3  # 3 s for the files' copy only
-    got = _limits(tmp_path / "b", STAGES="scenario tests feed fidelity")
+    # the probe's own limit (PROBE_TIMEOUT) was held to the deadline only: 600 s took the
+    # whole budget, and every later stage was skipped
+    got = _limits(tmp_path / "b", STAGES="probe scenario tests feed fidelity", PROBE_TIMEOUT="600")
+    t, left = got["step_probe.py"]
+    assert left - 230 <= t <= left - 220  # tests 70, feed 27, fidelity 120, copy 3
     t, left = got["compare.py"]
     assert left - 230 <= t <= left - 220  # tests 70, feed 27, fidelity 120, copy 3
     t, left = got["bench_feed.py"]
