@@ -312,6 +312,15 @@ def _beside_host_work(
     return time.perf_counter() - t0, work
 
 
+def _steps_like_a_batch(loader: store.StoreLoader, device: torch.device, per_s: float) -> int:
+    """Busy-loop iterations (``per_s`` a second alone) that take about as long as one of the
+    loader's batches alone: timed on an epoch after an untimed warm-up epoch, whose first
+    touches make it several times slower than the epochs the consumer is then timed beside."""
+    _epoch(loader, 0, device)  # warm-up
+    per_batch = _epoch(loader, 0, device) / len(loader)
+    return max(1, round(per_batch * per_s))
+
+
 def _epoch(loader: store.StoreLoader, epoch: int, device: torch.device) -> float:
     loader.set_epoch(epoch)
     acc = torch.zeros((), device=device, dtype=torch.float32)
@@ -437,8 +446,7 @@ def run(
             loader = store.StoreLoader(
                 src, batch_size=args.batch_size, device=device, prefetch=2, seed=args.seed
             )
-            per_batch = _epoch(loader, 0, device) / len(loader)  # warm-up, and the calibration
-            steps = max(1, round(per_batch * out["busy_loop_alone_per_s"]))
+            steps = _steps_like_a_batch(loader, device, out["busy_loop_alone_per_s"])
             trials = [
                 (_epoch(loader, r + 1, device), *_beside_host_work(loader, r + 1, device, steps))
                 for r in range(args.repeats)

@@ -727,6 +727,19 @@ def test_gpu_sh_keeps_back_time_only_for_the_stages_it_runs(tmp_path):
     assert t >= 10 + 100  # its runs' budget, and 100 s for the last run
 
 
+def test_bench_feed_sizes_the_consumers_python_on_an_epoch_after_the_warm_up(monkeypatch):
+    """The consumer's Python per batch was sized on the warm-up epoch, whose first touches ran
+    it several times slower than the epochs timed after (on 3,000 samples the Python alone
+    took 7x the feed alone, not about as long). Stand-in epochs: 7 s warm, then 1 s."""
+    from benchmarks import bench_feed
+
+    epochs = iter([7.0, 1.0])
+    monkeypatch.setattr(bench_feed, "_epoch", lambda loader, epoch, device: next(epochs))
+    loader = [None] * 5  # 5 batches: 0.2 s a batch once warm, 7 iterations at 35 a second
+    steps = bench_feed._steps_like_a_batch(loader, bench_feed.torch.device("cpu"), 35.0)
+    assert steps == 7  # not 49, the warm-up's 1.4 s a batch
+
+
 def test_bench_feed_gather_rates_count_only_the_samples_gathered(monkeypatch):
     """The gathers take whole batches only, but their rates are the epoch's bytes over their
     seconds: 30 samples in batches of 16 gathered 16 and were reported as 30 (at 3,000 and
