@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates every CPU result under benchmarks/results/ (hours on 2 cores; run on a quiet
-# machine: the ratios come from variants run side by side in one process, but a busy machine
-# still adds noise). Each step writes its own JSON/TXT/PNG; a step that fails does not stop
+# Regenerates the CPU results of bench_store.py, compare.py and views.py under
+# benchmarks/results/ (hours on 2 cores; run on a quiet machine: the ratios come from variants
+# run side by side in one process, but a busy machine still adds noise). Each step writes its own JSON/TXT/PNG; a step that fails does not stop
 # the others. STEPS picks a subset: STEPS="fmnist views" bash benchmarks/run_cpu.sh
 set -u
 cd "$(dirname "$0")/.."
