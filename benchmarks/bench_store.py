@@ -111,8 +111,9 @@ class Config:
         for name in ("num_samples", "batch_size", "repeats", "write_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+        for name in ("chunk_samples", "torch_threads"):  # None: the default
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.data not in DATA_KINDS:
             raise ValueError(f"data={self.data!r} is not one of {list(DATA_KINDS)}")
         if not self.shape or any(d < 1 for d in self.shape):
@@ -741,16 +742,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.num_samples, args.repeats = 3_000, 1
-    cfg = Config(
-        num_samples=args.num_samples,
-        shape=tuple(args.shape),
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-        seed=args.seed,
-        data=args.data,
-        chunk_samples=args.chunk_samples,
-        torch_threads=args.torch_threads,
-    )
+    try:
+        cfg = Config(
+            num_samples=args.num_samples,
+            shape=tuple(args.shape),
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            seed=args.seed,
+            data=args.data,
+            chunk_samples=args.chunk_samples,
+            torch_threads=args.torch_threads,
+        )
+    except ValueError as e:  # before anything runs: one line, not a traceback
+        raise SystemExit(f"bench_store.py: --{str(e).replace('_', '-')}") from None
     out = args.out or RESULTS_DIR / f"bench_store-cpu{'-quick' if args.quick else ''}.json"
     made_dir = args.dir is None or not args.dir.exists()
     if args.dir is None:

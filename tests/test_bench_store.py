@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_store.py"
 VARIANTS = ("raw", "lz4", "zstd", "ram")
 
@@ -69,3 +71,21 @@ def test_bench_store_quick(tmp_path: Path) -> None:
 
     # The stores are deleted unless --keep.
     assert not work.exists() or not any(work.iterdir())
+
+
+def test_bench_store_refuses_a_bad_option_in_one_line_before_it_writes(tmp_path: Path) -> None:
+    """--num-samples 0 ended in a ValueError traceback, and --chunk-samples 0 was taken as the
+    default by the benchmark's own sizes but refused by store.create in a traceback after the
+    data was generated; each is now one line, before anything is made."""
+    from benchmarks import bench_store
+
+    out, work = tmp_path / "r.json", tmp_path / "stores"
+    for flag, msg in (
+        ("--num-samples", "--num-samples must be >= 1, got 0"),
+        ("--chunk-samples", "--chunk-samples must be >= 1, got 0"),
+        ("--torch-threads", "--torch-threads must be >= 1, got 0"),
+    ):
+        argv = [flag, "0", "--out", str(out), "--dir", str(work)]
+        with pytest.raises(SystemExit, match=msg):
+            bench_store.main(argv)
+    assert not out.exists() and not work.exists()
