@@ -570,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.repeats < 1 or args.batch_size < 1:
         p.error("--num-samples, --repeats and --batch-size must be >= 1")
+    if any(d < 1 for d in args.shape):
+        p.error(f"--shape: every size must be >= 1, got {' '.join(map(str, args.shape))}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a torch device (cpu, cuda, cuda:N)")
     if args.num_samples < args.batch_size:  # the gathers and copies time whole batches
         p.error(f"--num-samples {args.num_samples} must be at least --batch-size {args.batch_size}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -771,6 +771,25 @@ def test_bench_feed_refuses_fewer_samples_than_a_batch(capsys):
     assert "--num-samples 100 must be at least --batch-size 256" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "msg"),
+    [
+        (["--shape", "3", "0"], "--shape: every size must be >= 1, got 3 0"),
+        (["--shape", "-1"], "--shape: every size must be >= 1, got -1"),
+        (["--device", "gpu"], "--device gpu: not a torch device"),
+    ],
+)
+def test_bench_feed_refuses_a_bad_shape_or_device_in_one_line(argv, msg, tmp_path, capsys):
+    """--shape 3 0 ended in store.create's traceback after the data was made, --shape -1 and
+    --device gpu in torch's; each is now one line before anything runs."""
+    from benchmarks import bench_feed
+
+    with pytest.raises(SystemExit):
+        bench_feed.main([*argv, "--num-samples", "300", "--dir", str(tmp_path)])
+    assert msg in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_study_trains_a_configuration_and_seed_once(tmp_path):
     """--seeds 0 0 (or --views 1 1) trained the same run twice and counted it as two seeds:
     runs 2, a standard deviation of a run against itself."""
