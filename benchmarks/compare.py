@@ -527,8 +527,11 @@ def run_scenario(
 
     # The profile: per-unit forward/backward on this device, one training batch.
     probe = TrainConfig(**{**base, "mode": "freezeout"})
-    data = load_data(probe)
-    model = build_model(probe, data.train.spec).to(device)
+    try:  # the data and the model the configurations name (--subset 5000 of 2,000, --depth 7)
+        data = load_data(probe)
+        model = build_model(probe, data.train.spec).to(device)
+    except PrefastError as e:
+        raise SystemExit(str(e)) from None
     if probe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     from prefast.data import make_batch

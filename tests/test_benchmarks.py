@@ -668,6 +668,26 @@ def test_compare_refuses_a_bad_variant_before_it_trains_anything(tmp_path):
     assert not out.exists() and not out.with_suffix(".partial.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "msg"),
+    [
+        (["--subset", "500"], "--subset: 500 exceeds the 100 training images"),
+        (["--depth", "7"], "depth: must be an integer >= 10, got 7"),
+    ],
+)
+def test_compare_refuses_data_or_a_model_it_cannot_make_in_one_line(flags, msg, tmp_path):
+    """A --subset larger than the data or a --depth the model refuses passed the check of the
+    configurations and ended in a ConfigError or ModelError traceback from the profile."""
+    out = tmp_path / "c.json"
+    argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--growth", "4", "--tiers",
+            "ram", "--no-full", "--no-plot", "--no-progress", "--cache-dir",
+            str(tmp_path / "cache"), "--out", str(out), *flags]  # fmt: skip
+    with pytest.raises(SystemExit, match=msg) as e:
+        compare.main(argv)
+    assert isinstance(e.value.code, str)  # a message, not an exception's traceback
+    assert not out.exists() and not out.with_suffix(".partial.json").exists()
+
+
 def test_compile_choice_counts_tuned_graphs_and_needs_graphs_probed(tmp_path):
     """gpu.sh with PROBE_MODES="graphs+tuned" (or "none") probed every boundary without a
     failure, yet the scenario ran eager steps (--compile none): only rows named exactly
