@@ -49,9 +49,9 @@ class DispatchedOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(cfg: TrainConfig) -> list[dict[str, Any]]:
-    """One row per epoch: the operations per step outside the step's own work."""
-    tr = Trainer(cfg)
+def count(tr: Trainer) -> list[dict[str, Any]]:
+    """One row per epoch of ``tr``'s run: the operations per step outside the step's own
+    work."""
     rows: list[dict[str, Any]] = []
     mode = DispatchedOps()  # entered for each epoch, paused inside each step's own work
     compute = tr.steps._compute
@@ -115,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results .json (a .txt table beside it)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            cfg = config(args, tmp)
-        except PrefastError as e:  # --epochs 0, --batch-size 0: one line, not a traceback
+        try:  # --epochs 0, --batch-size 0, --depth 7: one line, not a traceback
+            tr = Trainer(config(args, tmp))
+        except PrefastError as e:
             p.error(str(e))
-        rows = count(cfg)
+        rows = count(tr)
     text = format_table(rows)
     print(text)
     if args.out:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import store
 from benchmarks.common import RESULTS_DIR, environment, write_json
 from prefast.cache.write_through import WriteThrough
+from prefast.errors import PrefastError
 from prefast.freezeout import (
     FreezeSchedule,
     ScheduleConfig,
@@ -202,7 +203,10 @@ def probe(
     time limit keeps what it measured)."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = _model(args, device)
+    try:
+        model = _model(args, device)
+    except PrefastError as e:  # --depth 7, --model foo: one line, not a traceback
+        raise SystemExit(str(e)) from None
     n = model.num_units
     bounds = args.boundaries or sorted({0, *model.cut_points, n - 1, n})
     if any(not 0 <= b <= n for b in bounds):
@@ -391,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, least in (("steps", 1), ("repeats", 1), ("batch_size", 1), ("warmup", 0)):
         if getattr(args, flag) < least:
             p.error(f"--{flag.replace('_', '-')} must be at least {least}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a torch device (cpu, cuda, cuda:N)")
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here")

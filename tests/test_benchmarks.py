@@ -1015,6 +1015,22 @@ def test_step_ops_refuses_a_bad_option_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "o.json").exists()
 
 
+def test_step_ops_and_step_probe_refuse_a_model_they_cannot_build_in_one_line(tmp_path, capsys):
+    """--depth 7 (DenseNet-BC needs 10 or more) ended both in the ModelError traceback, and
+    step_probe.py --device gpu in torch's RuntimeError; each is now one line."""
+    out = tmp_path / "o.json"
+    with pytest.raises(SystemExit):
+        step_ops.main(["--device", "cpu", "--depth", "7", "--out", str(out)])
+    assert "depth: must be an integer >= 10, got 7" in capsys.readouterr().err
+    argv = ["--device", "cpu", "--depth", "7", "--modes", "none", "--out", str(out)]
+    with pytest.raises(SystemExit, match="depth: must be an integer >= 10, got 7"):
+        step_probe.main(argv)
+    with pytest.raises(SystemExit):
+        step_probe.main(["--device", "gpu", "--modes", "none", "--out", str(out)])
+    assert "--device gpu: not a torch device" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_study_environment_is_the_one_its_runs_started_with(tmp_path, monkeypatch):
     """A study read its environment after its last run: a commit made while it ran (hours on a
     CPU) was recorded as the tree that ran, beside runs that each recorded the one before."""
