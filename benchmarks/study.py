@@ -253,7 +253,8 @@ def run(
         {
             "config": base,
             **meta(rows),
-            "seeds": args.seeds,
+            # every seed the runs hold, once (also those kept by --resume from earlier calls)
+            "seeds": sorted({r["seed"] for r in rows}),
             "runs": rows,
             "summary": summary,
             "failed": failed,

@@ -823,6 +823,7 @@ def test_study_trains_a_configuration_and_seed_once(tmp_path):
     res = json.loads(out.read_text())
     assert [(r["name"], r["seed"]) for r in res["runs"]] == [("freezeout", 0), ("prefast-v1", 0)]
     assert all(s["runs"] == 1 and s["test_error_std"] is None for s in res["summary"])
+    assert res["seeds"] == [0]  # the seeds its runs hold, once (it listed [0, 0])
 
 
 def test_study_resume_refuses_runs_trained_with_other_options(tmp_path):
@@ -1088,6 +1089,7 @@ def test_views_study_lists_the_view_counts_its_runs_hold(tmp_path):
     res = json.loads(out.read_text())
     assert sorted(s["name"] for s in res["summary"]) == ["freezeout", "prefast-v1", "prefast-v2"]
     assert res["views"] == [1, 2]
+    assert res["seeds"] == [0]
 
 
 @pytest.mark.skipif(compare.torch.cuda.is_available(), reason="needs a machine without CUDA")
