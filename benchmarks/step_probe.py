@@ -211,6 +211,7 @@ def probe(
     bounds = args.boundaries or sorted({0, *model.cut_points, n - 1, n})
     if any(not 0 <= b <= n for b in bounds):
         raise SystemExit(f"--boundaries: each must be in 0..{n} (the model's units), got {bounds}")
+    args.boundaries = bounds  # the result's config names the boundaries probed (compile_choice)
     shapes = [(3, 32, 32), *model.boundary_shapes((3, 32, 32))]
     sched = FreezeSchedule(ScheduleConfig(mode="freezeout"), n, 10**6)
     for mode in args.modes:  # checked before any step runs

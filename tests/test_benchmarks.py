@@ -374,6 +374,25 @@ def test_step_probe_times_each_boundary_and_the_hosts_part(tmp_path, capsys):
     assert head == ["b", "unit", "none", "ms", "none", "host"]
 
 
+def test_step_probe_records_its_default_boundaries_for_compile_choice(tmp_path, capsys):
+    """Without --boundaries the result's config held boundaries None, so compile_choice found
+    no boundary probed and chose eager steps ("none") after graphs had run at every one."""
+    out = tmp_path / "probe.json"
+    argv = ["--device", "cpu", "--depth", "10", "--growth", "4", "--batch-size", "2",
+            "--steps", "1", "--repeats", "1", "--warmup", "0", "--modes", "none",
+            "--out", str(out)]  # fmt: skip
+    assert step_probe.main(argv) == 0
+    res = json.loads(out.read_text())
+    bounds = [r["boundary"] for r in res["rows"]]
+    assert res["config"]["boundaries"] == bounds and bounds[0] == 0 and len(bounds) > 2
+    # the same probe as it reads where graphs ran (CUDA): every boundary has a graphs row
+    res["config"]["modes"] = ["graphs"]
+    for r in res["rows"]:
+        r["mode"] = "graphs"
+    out.write_text(json.dumps(res))
+    assert step_probe.compile_choice(out, 0) == "graphs"
+
+
 def test_step_probe_times_steps_writing_through_into_each_tier(tmp_path, capsys):
     out, stores = tmp_path / "probe.json", tmp_path / "stores"
     stores.mkdir()
