@@ -612,6 +612,7 @@ def run_scenario(
         if "freezeout" not in ref:
             raise RuntimeError(f"the freezeout baseline failed: {failed}")
         fo_rounds = {x["round"]: x["train_seconds"] for x in done["freezeout"]}
+        full_rounds = {x["round"]: x["train_seconds"] for x in done.get("full", [])}
         for r in table:
             r["vs_freezeout"], r["vs_freezeout_shared_rounds"] = paired_ratio(
                 r["rounds"], fo_rounds
@@ -621,10 +622,14 @@ def run_scenario(
                 x["train_seconds"] / fo_rounds[x["round"]] if x["round"] in fo_rounds else None
                 for x in r["rounds"]
             ]
-            r["vs_full"] = r["train_seconds"] / ref["full"] if "full" in ref else None
-            # without a full run, the saving vs full comes from freezeout's ideal share
-            full_s = ref.get("full") or ref["freezeout"] / (1 - ideal["freezeout_saving"])
-            r["saving_vs_full"] = 1 - r["train_seconds"] / full_s
+            # over the rounds both finished, as vs_freezeout; without a full run, the saving vs
+            # full comes from the time vs freezeout's and freezeout's ideal share
+            if "full" in ref:
+                r["vs_full"] = paired_ratio(r["rounds"], full_rounds)[0]
+                r["saving_vs_full"] = 1 - r["vs_full"]
+            else:
+                r["vs_full"] = None
+                r["saving_vs_full"] = 1 - r["vs_freezeout"] * (1 - ideal["freezeout_saving"])
             r["cache_share"] = r["cache_build_seconds"] / max(r["train_seconds"], 1e-9)
             kind = (
                 "freezeout"

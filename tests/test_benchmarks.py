@@ -927,12 +927,45 @@ def test_compare_rounds_ratio_pairs_the_rounds_both_finished(tmp_path, monkeypat
             "--no-plot", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
             "--out", str(out)]  # fmt: skip
     compare.main(argv)
-    v = {r["variant"]: r for r in json.loads(out.read_text())["runs"]["t0=0.6"]["variants"]}
+    run = json.loads(out.read_text())["runs"]["t0=0.6"]
+    v = {r["variant"]: r for r in run["variants"]}
     assert v["prefast-ram"]["train_seconds"] == 2.0
     assert v["prefast-ram"]["vs_freezeout"] == 0.75
+    # the modelled saving vs full too (it took 2 s over 4: 1 - 0.5 x freezeout's share)
+    fo_share = 1 - run["ideal"]["freezeout_saving"]
+    assert v["prefast-ram"]["saving_vs_full"] == pytest.approx(1 - 0.75 * fo_share)
     assert v["prefast-ram"]["vs_freezeout_shared_rounds"] == 1
     assert v["freezeout"]["vs_freezeout"] == 1.0
     assert "vs freezeout over the 1 rounds both finished" in capsys.readouterr().out
+
+
+def test_compare_rounds_ratio_to_full_pairs_the_rounds_both_finished(tmp_path, monkeypatch):
+    """vs_full divided a variant's mean over all its rounds by full's over its own. Stand-in
+    runs: full fails in round 1; prefast-ram takes 1 s then 3 s, full 8 s in round 2: 0.375,
+    not 2/8 = 0.25."""
+    times = iter([None, 2.0, 1.0, 3.0, 4.0, 8.0])  # full, freezeout, ram; then reversed
+
+    def fake_run(cfg):
+        t = next(times)
+        if t is None:
+            raise RuntimeError("out of memory")
+        rec = {"epoch": 0, "train_seconds": t, "test_error": 0.5}
+        return {
+            "train_seconds": t, "cache_build_seconds": 0.0, "test_error": 0.5,
+            "process_wall_seconds": t, "cache_bytes": 0, "peak_host_private_bytes": 0,
+            "peak_gpu_bytes": 0, "records": [rec], "curve": [],
+        }  # fmt: skip
+
+    monkeypatch.setattr(compare, "run_variant", fake_run)
+    out = tmp_path / "c.json"
+    argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
+            "--tiers", "ram", "--t0", "0.6", "--rounds", "2", "--no-warm-up", "--no-plot",
+            "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    compare.main(argv)
+    v = {r["variant"]: r for r in json.loads(out.read_text())["runs"]["t0=0.6"]["variants"]}
+    assert v["prefast-ram"]["vs_full"] == 0.375
+    assert v["prefast-ram"]["saving_vs_full"] == 0.625
+    assert v["freezeout"]["vs_full"] == 0.5
 
 
 @pytest.mark.parametrize(("zarr_s", "words"), [(2.5, "25.0% more"), (1.5, "25.0% less")])
