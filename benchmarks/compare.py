@@ -907,7 +907,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep the runs' own log lines (freezes, plans, cache moves, write-through costs)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:  # (it ran one round for --rounds 0 or -2, saying nothing)
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -939,6 +939,14 @@ def test_compare_rounds_ratio_pairs_the_rounds_both_finished(tmp_path, monkeypat
     assert "vs freezeout over the 1 rounds both finished" in capsys.readouterr().out
 
 
+def test_compare_refuses_fewer_than_one_round(tmp_path, capsys):
+    """--rounds 0 (or -2) ran one round and said nothing of it."""
+    with pytest.raises(SystemExit):
+        compare.main(["--quick", "--rounds", "0", "--out", str(tmp_path / "c.json")])
+    assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_compare_rounds_ratio_to_full_pairs_the_rounds_both_finished(tmp_path, monkeypatch):
     """vs_full divided a variant's mean over all its rounds by full's over its own. Stand-in
     runs: full fails in round 1; prefast-ram takes 1 s then 3 s, full 8 s in round 2: 0.375,
