@@ -939,6 +939,30 @@ def test_compare_rounds_ratio_pairs_the_rounds_both_finished(tmp_path, monkeypat
     assert "vs freezeout over the 1 rounds both finished" in capsys.readouterr().out
 
 
+def test_compare_trains_a_t0_given_twice_once(tmp_path, monkeypatch):
+    """--t0 0.6 0.6 trained every variant twice; the second overwrote the first in the result,
+    so half the run's time went to runs it did not report."""
+    calls = []
+
+    def fake_run(cfg):
+        calls.append(cfg.mode)
+        rec = {"epoch": 0, "train_seconds": 1.0, "test_error": 0.5}
+        return {
+            "train_seconds": 1.0, "cache_build_seconds": 0.0, "test_error": 0.5,
+            "process_wall_seconds": 1.0, "cache_bytes": 0, "peak_host_private_bytes": 0,
+            "peak_gpu_bytes": 0, "records": [rec], "curve": [],
+        }  # fmt: skip
+
+    monkeypatch.setattr(compare, "run_variant", fake_run)
+    out = tmp_path / "c.json"
+    argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
+            "--tiers", "ram", "--no-full", "--t0", "0.6", "0.6", "--no-warm-up", "--no-plot",
+            "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    compare.main(argv)
+    assert calls == ["freezeout", "prefast"]
+    assert list(json.loads(out.read_text())["runs"]) == ["t0=0.6"]
+
+
 def test_compare_refuses_fewer_than_one_round(tmp_path, capsys):
     """--rounds 0 (or -2) ran one round and said nothing of it."""
     with pytest.raises(SystemExit):
