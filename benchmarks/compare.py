@@ -510,7 +510,8 @@ def run_scenario(
     base.update(device=device.type, seed=args.seed, progress=not args.no_progress)
     # each t0 once: --t0 0.6 0.6 trained every variant twice and kept the second in one key
     t0s = tuple(dict.fromkeys(args.t0)) if args.t0 else sc.t0s
-    tiers = tuple(args.tiers) if args.tiers else sc.tiers
+    # each tier once: --tiers ram ram trained prefast-ram twice a round, merged as two rounds
+    tiers = tuple(dict.fromkeys(args.tiers)) if args.tiers else sc.tiers
     cache_root = Path(args.cache_dir) if args.cache_dir else Path("/tmp/prefast-bench-cache")
     full = (sc.full or args.full) and not args.no_full
     variants = variants_for(

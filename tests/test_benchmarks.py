@@ -939,9 +939,10 @@ def test_compare_rounds_ratio_pairs_the_rounds_both_finished(tmp_path, monkeypat
     assert "vs freezeout over the 1 rounds both finished" in capsys.readouterr().out
 
 
-def test_compare_trains_a_t0_given_twice_once(tmp_path, monkeypatch):
+def test_compare_trains_a_t0_or_tier_given_twice_once(tmp_path, monkeypatch):
     """--t0 0.6 0.6 trained every variant twice; the second overwrote the first in the result,
-    so half the run's time went to runs it did not report."""
+    so half the run's time went to runs it did not report. --tiers ram ram trained prefast-ram
+    twice a round and listed it twice, each merged from both runs as if two rounds."""
     calls = []
 
     def fake_run(cfg):
@@ -956,11 +957,14 @@ def test_compare_trains_a_t0_given_twice_once(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "run_variant", fake_run)
     out = tmp_path / "c.json"
     argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
-            "--tiers", "ram", "--no-full", "--t0", "0.6", "0.6", "--no-warm-up", "--no-plot",
-            "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+            "--tiers", "ram", "ram", "--no-full", "--t0", "0.6", "0.6", "--no-warm-up",
+            "--no-plot", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out)]  # fmt: skip
     compare.main(argv)
     assert calls == ["freezeout", "prefast"]
-    assert list(json.loads(out.read_text())["runs"]) == ["t0=0.6"]
+    runs = json.loads(out.read_text())["runs"]
+    assert list(runs) == ["t0=0.6"]
+    assert [v["variant"] for v in runs["t0=0.6"]["variants"]] == ["freezeout", "prefast-ram"]
 
 
 def test_compare_refuses_fewer_than_one_round(tmp_path, capsys):
