@@ -208,7 +208,11 @@ def probe(
     except PrefastError as e:  # --depth 7, --model foo: one line, not a traceback
         raise SystemExit(str(e)) from None
     n = model.num_units
-    bounds = args.boundaries or sorted({0, *model.cut_points, n - 1, n})
+    # each boundary, mode and tier once: one given twice was timed twice, and the tables kept
+    # only the second
+    bounds = list(dict.fromkeys(args.boundaries or sorted({0, *model.cut_points, n - 1, n})))
+    args.modes = list(dict.fromkeys(args.modes))
+    args.write_through = list(dict.fromkeys(args.write_through))
     if any(not 0 <= b <= n for b in bounds):
         raise SystemExit(f"--boundaries: each must be in 0..{n} (the model's units), got {bounds}")
     args.boundaries = bounds  # the result's config names the boundaries probed (compile_choice)

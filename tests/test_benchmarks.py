@@ -393,6 +393,20 @@ def test_step_probe_records_its_default_boundaries_for_compile_choice(tmp_path, 
     assert step_probe.compile_choice(out, 0) == "graphs"
 
 
+def test_step_probe_times_a_boundary_mode_or_tier_given_twice_once(tmp_path, capsys):
+    """--boundaries 5 5, --modes none none or --write-through ram ram timed the same rows twice
+    (the JSON held both, the tables only the second)."""
+    out = tmp_path / "probe.json"
+    argv = ["--device", "cpu", "--depth", "10", "--growth", "4", "--batch-size", "2",
+            "--steps", "1", "--repeats", "1", "--warmup", "0", "--modes", "none", "none",
+            "--boundaries", "5", "5", "--write-through", "ram", "ram", "--out", str(out)]  # fmt: skip
+    assert step_probe.main(argv) == 0
+    res = json.loads(out.read_text())
+    got = sorted((r["boundary"], r["mode"], r.get("write_through", "")) for r in res["rows"])
+    assert got == [(5, "none", ""), (5, "none", "none"), (5, "none", "ram")]
+    assert res["config"]["boundaries"] == [5]
+
+
 def test_step_probe_times_steps_writing_through_into_each_tier(tmp_path, capsys):
     out, stores = tmp_path / "probe.json", tmp_path / "stores"
     stores.mkdir()
