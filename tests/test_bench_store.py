@@ -13,6 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_store.py"
 VARIANTS = ("raw", "lz4", "zstd", "ram")
 
 
+@pytest.mark.slow
 def test_bench_store_quick(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     work = tmp_path / "stores"

@@ -11,6 +11,7 @@ import pytest
 from benchmarks import compare, fidelity, step_ops, step_probe, views
 
 
+@pytest.mark.slow
 def test_compare_quick_runs_every_variant(tmp_path, capsys):
     out = tmp_path / "cmp.json"
     mine = [tmp_path / "c" / n / "thesis.tex" for n in ("warm-up", "quick-t0.6-prefast-zarr")]
@@ -407,6 +408,7 @@ def test_step_probe_times_a_boundary_mode_or_tier_given_twice_once(tmp_path, cap
     assert res["config"]["boundaries"] == [5]
 
 
+@pytest.mark.slow
 def test_step_probe_times_steps_writing_through_into_each_tier(tmp_path, capsys):
     out, stores = tmp_path / "probe.json", tmp_path / "stores"
     stores.mkdir()
@@ -559,6 +561,7 @@ def _gpu_sh(tmp_path, **env):
     return r, out, calls
 
 
+@pytest.mark.slow
 def test_gpu_sh_dry_run_runs_every_stage_and_returns_its_files(tmp_path):
     r, out, calls = _gpu_sh(tmp_path)
     assert r.returncode == 0, r.stderr
@@ -578,6 +581,7 @@ def test_gpu_sh_dry_run_runs_every_stage_and_returns_its_files(tmp_path):
     assert "== done" in r.stdout
 
 
+@pytest.mark.slow
 def test_gpu_sh_probe_stopped_by_its_time_limit_still_picks_graphs(tmp_path):
     """A probe that its timeout stopped after graphs ran (exit 124, fewer rows than boundaries)
     tried graphs and saw them work: the scenario still replays graphs (it chose eager steps,
@@ -623,6 +627,7 @@ def test_eager_baseline_runs_after_every_other_variant():
     assert vs[-1].overrides == {"mode": "freezeout", "compile": "none"}
 
 
+@pytest.mark.slow
 def test_gpu_sh_probe_starts_only_inside_the_budget(tmp_path):
     """The probe's own time limit (110 s) was not held to the budget: with 5 s left it ran
     anyway, past the deadline. Now no stage starts with under 10 s left."""
@@ -760,6 +765,7 @@ def _limits(tmp_path, **env):
     return out
 
 
+@pytest.mark.slow
 def test_gpu_sh_keeps_back_time_only_for_the_stages_it_runs(tmp_path):
     """Each stage's limit kept back what the default later stages need whether they ran or not:
     STAGES="scenario" cut the scenario 70 s before the deadline for tests and feed it would

@@ -49,6 +49,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_stay_in_sync_and_cover_every_sample(tmp_path):
     metrics = tmp_path / "m.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -72,6 +73,7 @@ def test_torchrun_two_ranks_stay_in_sync_and_cover_every_sample(tmp_path):
     assert r.stdout.count("test error") == 1
 
 
+@pytest.mark.slow
 def test_torchrun_auto_policy_ram_cache_that_spills_to_a_store(tmp_path):
     """--cache ram with the auto policy, where host memory is short: the plan's tiers are a
     store, which rank 0's plan probed in the temporary run folder it made alone; its broadcast
@@ -110,6 +112,7 @@ def _two_ranks_auto_policy_without_folders(
 
 
 @pytest.mark.parametrize(("tier", "codec"), [("zarr", "none"), ("ram", "none"), ("zarr", "lz4")])
+@pytest.mark.slow
 def test_caches_built_under_torchrun_hold_the_checkpoints_frozen_units(tmp_path, tier, codec):
     """Every rank computes its share of each cache pass with the frozen units the checkpoint
     holds: their weights and rank 0's BatchNorm statistics (each rank's last step before a
@@ -140,6 +143,7 @@ def test_caches_built_under_torchrun_hold_the_checkpoints_frozen_units(tmp_path,
         assert main(["verify", *args]) == 0
 
 
+@pytest.mark.slow
 def test_torchrun_auto_policy_store_without_a_cache_dir(tmp_path):
     """--cache zarr with the auto policy and neither --cache-dir nor --checkpoint-dir: rank 0's
     plan probes the store tier in a temporary run folder made on first use. Made by rank 0
@@ -150,6 +154,7 @@ def test_torchrun_auto_policy_store_without_a_cache_dir(tmp_path):
     assert all(x["ranks_in_sync"] for x in records) and summary["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_cache_auto_counts_a_ram_copy_per_rank_of_the_machine(tmp_path):
     """Under torchrun every rank holds a whole copy of a RAM cache, in the host memory the
     machine's ranks share: --cache auto takes RAM only where all their copies fit the share of
@@ -182,6 +187,7 @@ def test_cache_auto_counts_a_ram_copy_per_rank_of_the_machine(tmp_path):
     assert got == [(0, 0, None), (4, 794624, "zarr"), (8, 297984, "ram")], got
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_checks_the_store_on_rank_0_only(tmp_path):
     """--resume reuses the checkpoint's store where every chunk passes its checksum: rank 0
     reads it through and the other ranks follow its decision. Each rank read the whole store
@@ -214,6 +220,7 @@ def test_resume_under_torchrun_checks_the_store_on_rank_0_only(tmp_path):
     assert summary["cache_tier"] == "zarr"
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_refuses_ranks_that_read_different_checkpoints(tmp_path):
     """A --checkpoint-dir on each node's own disk: rank 1 saw no checkpoint and started over
     while rank 0 resumed (or read an older run's). Every rank refuses the resume, at once."""
@@ -270,6 +277,7 @@ def _two_ranks(args: list[str], cwds: list[Path]) -> tuple[list[int], list[str]]
     return [p.returncode for p in procs], errs
 
 
+@pytest.mark.slow
 def test_a_checkpoint_one_rank_refuses_stops_every_rank_with_its_reason(tmp_path):
     """A --checkpoint-dir on each node's own disk where rank 1's holds another run's checkpoint
     (other settings): rank 1 refused it alone, and rank 0, waiting for it to compare their
@@ -291,6 +299,7 @@ def test_a_checkpoint_one_rank_refuses_stops_every_rank_with_its_reason(tmp_path
     assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
 
 
+@pytest.mark.slow
 def test_a_store_one_rank_does_not_see_stops_every_rank_with_its_reason(tmp_path):
     """A --cache-dir on each node's own disk: rank 1 did not find the store rank 0 created and
     said "rank 1 must open an existing store with resume=True" (the library's words), while
@@ -312,6 +321,7 @@ def test_a_store_one_rank_does_not_see_stops_every_rank_with_its_reason(tmp_path
     assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
 
 
+@pytest.mark.slow
 def test_a_reused_store_one_rank_does_not_see_stops_every_rank_with_its_reason(tmp_path):
     """--resume with a --cache-dir on each node's own disk: rank 1 could not open the store rank
     0 reuses and stopped alone, while rank 0 failed at its next collective as if rank 1 had
@@ -334,6 +344,7 @@ def test_a_reused_store_one_rank_does_not_see_stops_every_rank_with_its_reason(t
     assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
 
 
+@pytest.mark.slow
 def test_a_dataset_one_rank_lacks_stops_every_rank_with_its_reason(tmp_path):
     """A --data-root on each node's own disk, one of them without the dataset: rank 1 stopped
     alone and rank 0 failed at the start-up barrier as if rank 1 had died (exit 1). Every rank
@@ -353,6 +364,7 @@ def test_a_dataset_one_rank_lacks_stops_every_rank_with_its_reason(tmp_path):
     assert not any("another rank died" in e or "Traceback" in e for e in errs), errs
 
 
+@pytest.mark.slow
 def test_more_ranks_than_training_images_is_refused_on_every_rank(tmp_path):
     args = [a for a in TINY if a != "97"]
     args[args.index("--num-samples") + 1 : args.index("--num-samples") + 1] = ["1"]
@@ -402,6 +414,7 @@ def _cache_worker(rank: int, world: int, port: int, out: str, tier: str) -> None
 
 
 @pytest.mark.parametrize("tier", ["zarr", "ram"])
+@pytest.mark.slow
 def test_sharded_cache_pass_equals_single_process_byte_for_byte(tmp_path, tier):
     import torch.multiprocessing as mp
 
@@ -430,6 +443,7 @@ def test_sharded_cache_pass_equals_single_process_byte_for_byte(tmp_path, tier):
 
 
 @pytest.mark.parametrize("mode", ["freezeout", "prefast"])
+@pytest.mark.slow
 def test_a_rank_that_dies_makes_the_other_fail_clearly(tmp_path, mode):
     """Rank 1 is killed; rank 0 fails with one line naming the collective it was in, and a
     temporary cache folder (prefast with no --cache-dir, killed after its first cache) is
@@ -499,6 +513,7 @@ def test_a_rank_that_dies_makes_the_other_fail_clearly(tmp_path, mode):
 
 
 @pytest.mark.parametrize("refusal", ["metrics", "lock"])
+@pytest.mark.slow
 def test_a_check_only_rank_0_makes_stops_every_rank_with_its_reason(tmp_path, refusal):
     """Rank 0 alone checks the output paths and locks the cache folder. When it refuses, rank 1
     stops quoting its reason (exit 2 on each rank), not failing at its next collective as if

@@ -162,6 +162,7 @@ MOMENTS = [
 
 
 @pytest.mark.parametrize(("point", "n"), MOMENTS, ids=[f"{p}-{n}" for p, n in MOMENTS])
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_result(tmp_path, reference, point, n):
     killed = _run(tmp_path, point, n)
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
@@ -180,6 +181,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, reference, point, n):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_follows_the_plan_the_run_made(tmp_path):
     """--recache-policy auto plans from measured costs once, in epoch 1 (here: reads and writes
     that pay, so it writes boundaries 1, 4 and 6). A run killed after epoch 1's checkpoint and
@@ -211,6 +213,7 @@ def _signals_as_in_a_terminal() -> None:
 @pytest.mark.parametrize(
     "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
 )
+@pytest.mark.slow
 def test_a_signalled_run_stops_cleanly_and_removes_its_temporary_folder(tmp_path, sig):
     """SIGTERM (kill, a scheduler's time limit), SIGINT (Ctrl-C) and SIGHUP (the terminal
     closed: an ssh session that dropped, which killed the run where it stood and left its
