@@ -1,5 +1,5 @@
 """The run's structured outputs: one JSON record per epoch and a summary in a JSONL file,
-with the resolved config saved beside it."""
+with the run's config (defaults filled in) saved beside it."""
 
 from __future__ import annotations
 
