@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS_DIR, environment, write_json
 from prefast import TrainConfig, train
 from prefast.cache.probes import _replayed
+from prefast.config import CACHE_FIELDS
 from prefast.data import load_data
 from prefast.errors import PrefastError
 from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
@@ -183,8 +184,11 @@ def variants_for(
     # full training has no freeze schedule: the scenario's t0, how_scale and scale_lr would
     # only be named in the run's warning of options it does not use
     unscheduled = {n: getattr(TrainConfig(), n) for n in ("t0", "how_scale", "scale_lr")}
-    out = [Variant("full", {"mode": "full", **unscheduled})] if full else []
-    out.append(Variant("freezeout", {"mode": "freezeout"}))
+    # nor a cache: --views, --recache-policy, --cache-dtype and --feature-aug are the prefast
+    # variants' (full and freezeout warned of each as an option they do not use)
+    uncached = {n: getattr(TrainConfig(), n) for n in CACHE_FIELDS}
+    out = [Variant("full", {"mode": "full", **unscheduled, **uncached})] if full else []
+    out.append(Variant("freezeout", {"mode": "freezeout", **uncached}))
     for t in tiers:
         if t == "device" and device.type != "cuda":
             continue
@@ -215,7 +219,7 @@ def variants_for(
     if eager_baseline:
         # the same freezeout with eager steps: what --compile saves. Last: the slowest run
         # and a side measurement, the first a time limit should cut (gpu.sh), not a tier
-        out.append(Variant("freezeout-eager", {"mode": "freezeout", "compile": "none"}))
+        out.append(Variant("freezeout-eager", {"mode": "freezeout", "compile": "none", **uncached}))
     return out
 
 

@@ -408,7 +408,8 @@ def switch_flag(name: str, default: bool) -> str:
     return "--no-" + name.replace("_", "-") if default else cli_flag(name)
 
 
-_CACHE_FIELDS = tuple(
+# the options of --mode prefast's cache, which full and freezeout runs do not use
+CACHE_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(TrainConfig)
     if f.metadata.get("group") == "cache (prefast mode)"
@@ -420,7 +421,7 @@ def unused_options(cfg: TrainConfig, device_type: str, distributed: bool) -> lis
     run goes on; the trainer logs them as warnings). ``device_type`` is the resolved device's
     (``cpu``/``cuda``); ``distributed`` says whether the run is under torchrun."""
     defaults = TrainConfig()
-    changed = [n for n in _CACHE_FIELDS if getattr(cfg, n) != getattr(defaults, n)]
+    changed = [n for n in CACHE_FIELDS if getattr(cfg, n) != getattr(defaults, n)]
     out = []
     if cfg.mode != "prefast" and changed:
         flags = ", ".join(cli_flag(n) for n in changed)

@@ -1024,6 +1024,39 @@ def test_compare_rounds_ratio_to_full_pairs_the_rounds_both_finished(tmp_path, m
     assert v["freezeout"]["vs_full"] == 0.5
 
 
+def test_compare_gives_full_and_freezeout_no_cache_options(tmp_path, monkeypatch):
+    """--views, --recache-policy, --cache-dtype and --feature-aug reached the full and freezeout
+    runs, which warned of each as an option they do not use; they now reach the prefast
+    variants only. Stand-in runs record each variant's config."""
+    from prefast.config import unused_options
+
+    seen = {}
+
+    def fake_run(cfg):
+        seen[(cfg.mode, cfg.cache)] = cfg
+        rec = {"epoch": 0, "train_seconds": 1.0, "test_error": 0.5}
+        return {
+            "train_seconds": 1.0, "cache_build_seconds": 0.0, "test_error": 0.5,
+            "process_wall_seconds": 1.0, "cache_bytes": 0, "peak_host_private_bytes": 0,
+            "peak_gpu_bytes": 0, "records": [rec], "curve": [],
+        }  # fmt: skip
+
+    monkeypatch.setattr(compare, "run_variant", fake_run)
+    argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
+            "--tiers", "ram", "--t0", "0.6", "--no-warm-up", "--no-plot", "--no-progress",
+            "--views", "2", "--recache-policy", "every", "--cache-dtype", "float32",
+            "--feature-aug", "shift", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "c.json")]  # fmt: skip
+    compare.main(argv)
+    assert sorted(seen) == [("freezeout", "auto"), ("full", "auto"), ("prefast", "ram")]
+    for mode in ("full", "freezeout"):
+        assert unused_options(seen[(mode, "auto")], "cpu", False) == []
+    ram = seen[("prefast", "ram")]
+    assert (ram.views, ram.recache_policy, ram.cache_dtype, ram.feature_aug) == (
+        2, "every", "float32", "shift"
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(("zarr_s", "words"), [(2.5, "25.0% more"), (1.5, "25.0% less")])
 def test_compare_summary_says_more_when_prefast_is_slower(
     tmp_path, monkeypatch, capsys, zarr_s, words
