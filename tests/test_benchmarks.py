@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -881,6 +882,16 @@ def test_study_resume_refuses_runs_trained_with_other_options(tmp_path):
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 2
 
 
+def _stand_in(seconds: float) -> dict[str, Any]:
+    """What ``compare.run_variant`` returns for a run of ``seconds``, without training."""
+    rec = {"epoch": 0, "train_seconds": seconds, "test_error": 0.5}
+    return {
+        "train_seconds": seconds, "cache_build_seconds": 0.0, "test_error": 0.5,
+        "process_wall_seconds": seconds, "cache_bytes": 0, "peak_host_private_bytes": 0,
+        "peak_gpu_bytes": 0, "records": [rec], "curve": [],
+    }  # fmt: skip
+
+
 def test_compare_partial_keeps_finished_t0s_and_failures(tmp_path, monkeypatch):
     """A run cut short kept its finished t0s marked incomplete and without their ratios, and
     left out a variant that failed after the last one to finish. Stand-in runs, no training:
@@ -893,12 +904,7 @@ def test_compare_partial_keeps_finished_t0s_and_failures(tmp_path, monkeypatch):
             if len(calls) == 6:
                 raise RuntimeError("disk full")
             raise KeyboardInterrupt
-        rec = {"epoch": 0, "train_seconds": 1.0, "test_error": 0.5}
-        return {
-            "train_seconds": 2.0 if cfg.mode == "freezeout" else 1.0, "cache_build_seconds": 0.0,
-            "test_error": 0.5, "process_wall_seconds": 1.0, "cache_bytes": 0,
-            "peak_host_private_bytes": 0, "peak_gpu_bytes": 0, "records": [rec], "curve": [],
-        }  # fmt: skip
+        return _stand_in(2.0 if cfg.mode == "freezeout" else 1.0)
 
     monkeypatch.setattr(compare, "run_variant", fake_run)
     out = tmp_path / "c.json"
@@ -933,12 +939,7 @@ def test_compare_rounds_ratio_pairs_the_rounds_both_finished(tmp_path, monkeypat
         t = next(times)
         if t is None:
             raise RuntimeError("out of memory")
-        rec = {"epoch": 0, "train_seconds": t, "test_error": 0.5}
-        return {
-            "train_seconds": t, "cache_build_seconds": 0.0, "test_error": 0.5,
-            "process_wall_seconds": t, "cache_bytes": 0, "peak_host_private_bytes": 0,
-            "peak_gpu_bytes": 0, "records": [rec], "curve": [],
-        }  # fmt: skip
+        return _stand_in(t)
 
     monkeypatch.setattr(compare, "run_variant", fake_run)
     out = tmp_path / "c.json"
@@ -967,12 +968,7 @@ def test_compare_trains_a_t0_or_tier_given_twice_once(tmp_path, monkeypatch):
 
     def fake_run(cfg):
         calls.append(cfg.mode)
-        rec = {"epoch": 0, "train_seconds": 1.0, "test_error": 0.5}
-        return {
-            "train_seconds": 1.0, "cache_build_seconds": 0.0, "test_error": 0.5,
-            "process_wall_seconds": 1.0, "cache_bytes": 0, "peak_host_private_bytes": 0,
-            "peak_gpu_bytes": 0, "records": [rec], "curve": [],
-        }  # fmt: skip
+        return _stand_in(1.0)
 
     monkeypatch.setattr(compare, "run_variant", fake_run)
     out = tmp_path / "c.json"
@@ -1005,12 +1001,7 @@ def test_compare_rounds_ratio_to_full_pairs_the_rounds_both_finished(tmp_path, m
         t = next(times)
         if t is None:
             raise RuntimeError("out of memory")
-        rec = {"epoch": 0, "train_seconds": t, "test_error": 0.5}
-        return {
-            "train_seconds": t, "cache_build_seconds": 0.0, "test_error": 0.5,
-            "process_wall_seconds": t, "cache_bytes": 0, "peak_host_private_bytes": 0,
-            "peak_gpu_bytes": 0, "records": [rec], "curve": [],
-        }  # fmt: skip
+        return _stand_in(t)
 
     monkeypatch.setattr(compare, "run_variant", fake_run)
     out = tmp_path / "c.json"
@@ -1034,12 +1025,7 @@ def test_compare_gives_full_and_freezeout_no_cache_options(tmp_path, monkeypatch
 
     def fake_run(cfg):
         seen[(cfg.mode, cfg.cache)] = cfg
-        rec = {"epoch": 0, "train_seconds": 1.0, "test_error": 0.5}
-        return {
-            "train_seconds": 1.0, "cache_build_seconds": 0.0, "test_error": 0.5,
-            "process_wall_seconds": 1.0, "cache_bytes": 0, "peak_host_private_bytes": 0,
-            "peak_gpu_bytes": 0, "records": [rec], "curve": [],
-        }  # fmt: skip
+        return _stand_in(1.0)
 
     monkeypatch.setattr(compare, "run_variant", fake_run)
     argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
@@ -1066,12 +1052,7 @@ def test_compare_summary_says_more_when_prefast_is_slower(
 
     def fake_run(cfg):
         t = 2.0 if cfg.mode == "freezeout" else zarr_s
-        rec = {"epoch": 0, "train_seconds": t, "test_error": 0.5}
-        return {
-            "train_seconds": t, "cache_build_seconds": 0.0, "test_error": 0.5,
-            "process_wall_seconds": t, "cache_bytes": 0, "peak_host_private_bytes": 0,
-            "peak_gpu_bytes": 0, "records": [rec], "curve": [],
-        }  # fmt: skip
+        return _stand_in(t)
 
     monkeypatch.setattr(compare, "run_variant", fake_run)
     argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
