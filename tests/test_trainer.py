@@ -40,7 +40,7 @@ from prefast.models import (
     register_model,
     unregister_model,
 )
-from prefast.training import Trainer
+from prefast.training import Trainer, TrainResult
 from prefast.training.step import StepRunner
 
 TINY = dict(
@@ -3106,3 +3106,43 @@ def test_a_refused_start_leaves_no_empty_folders_it_made(tmp_path):
         train(cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
     assert [p.name for p in keep.iterdir()] == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def amp_freezeout() -> TrainResult:
+    return train(tiny(mode="freezeout", augment=False, epochs=4, amp="bf16"))
+
+
+@pytest.mark.parametrize("recache_mode", ["write-through", "pass"])
+def test_prefast_under_amp_equals_freezeout_from_a_float16_cache(
+    tmp_path, recache_mode, amp_freezeout
+):
+    """Under --amp bf16 a frozen unit returns bfloat16, but cached batches were handed to the
+    units after the boundary as float32: DenseNet's concatenations then ran in float32 where
+    freezeout's ran in bfloat16, and the losses differed by up to ~1e-3. They are handed over
+    in the dtype the steps compute there, and a float16 cache (which holds bfloat16 values
+    exactly) gives freezeout's losses and weights."""
+    from prefast.cache.build import activation_dtypes
+    from prefast.models import create_model
+
+    model = create_model(
+        "densenet_bc", num_classes=10, in_channels=3, image_size=32, depth=16, growth=8
+    )
+    assert activation_dtypes(model, (3, 32, 32), torch.device("cpu"), "none") == (
+        torch.float32,
+    ) * (model.num_units + 1)
+    dtypes = activation_dtypes(model, (3, 32, 32), torch.device("cpu"), "bf16")
+    assert dtypes == (torch.float32,) + (torch.bfloat16,) * model.num_units
+    assert all(m.training for m in model.modules())  # the probe restored the flags
+    ref = amp_freezeout
+    got = train(
+        tiny(
+            mode="prefast", epochs=4, amp="bf16", recache_mode=recache_mode, augment=False,
+            cache="zarr", cache_dir=str(tmp_path / "cache"), cache_dtype="float16",
+            recache_policy="every",
+        )
+    )  # fmt: skip
+    assert got.summary["cache_boundary"] >= 2
+    assert got.losses == ref.losses
+    for k, v in _weights(ref.model).items():
+        assert torch.equal(_weights(got.model)[k], v), k

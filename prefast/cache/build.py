@@ -76,6 +76,34 @@ class PassSpec:
     amp: str
     channels_last: bool
     graphs: bool = False  # the steps replay CUDA graphs: so does the pass (frozen_forward)
+    # the activation's dtype at each boundary as the steps compute it (activation_dtypes):
+    # what a pass from a previous cache hands the units after it; empty: float32
+    act_dtypes: tuple[torch.dtype, ...] = ()
+
+    def act_dtype(self, b: int) -> torch.dtype:
+        return self.act_dtypes[b] if self.act_dtypes else torch.float32
+
+
+def activation_dtypes(
+    model: UnitModel, input_shape: tuple[int, ...], device: torch.device, amp: str
+) -> tuple[torch.dtype, ...]:
+    """The dtype of the activation at each boundary ``0..num_units`` as a step computes it:
+    float32 without ``amp``; under ``amp="bf16"`` what each unit returns under autocast
+    (bfloat16 for a unit that ends in a convolution or a sum of them, float32 for one that
+    ends in an op autocast runs in float32), from one eval-mode pass of a dummy batch
+    (training flags restored). A cached batch is handed to the units after it in this dtype:
+    read as float32, a bfloat16 activation made the units after it compute in float32 where
+    freezeout's steps compute in bfloat16 (DenseNet's concatenations promote), so they
+    rounded otherwise."""
+    if amp != "bf16":
+        return (torch.float32,) * (model.num_units + 1)
+    with model._probe(), autocast(device, amp):
+        h = model._dummy(input_shape, 2)
+        dtypes = [torch.float32]  # the images (make_batch)
+        for u in model.units:
+            h = u(h)
+            dtypes.append(h.dtype)
+    return tuple(dtypes)
 
 
 def frozen_forward(
@@ -217,7 +245,8 @@ def build_cache(
                         if prev is None:
                             h, _ = make_batch(spec.train, idx, aug, device)
                         else:
-                            h = prev.source.read(v, idx).to(device, non_blocking=True).float()
+                            h = prev.source.read(v, idx).to(device, non_blocking=True)
+                            h = h.to(spec.act_dtype(b0))
                         out = forward(h)
                         if tier != "device":  # a host tier's write waits for them anyway
                             synchronize(device)  # the forward's kernels: outside the timing
@@ -264,4 +293,4 @@ def build_cache(
     )
 
 
-__all__ = ["Cache", "PassSpec", "build_cache"]
+__all__ = ["Cache", "PassSpec", "activation_dtypes", "build_cache"]

@@ -36,7 +36,13 @@ import torch
 
 import store
 from prefast.cache.ahead import AheadStore
-from prefast.cache.build import Cache, PassSpec, build_cache, frozen_forward
+from prefast.cache.build import (
+    Cache,
+    PassSpec,
+    activation_dtypes,
+    build_cache,
+    frozen_forward,
+)
 from prefast.cache.folders import (
     blocked_store_names,
     clear_leftovers,
@@ -163,6 +169,8 @@ class CacheManager:
         # the sample shape at each boundary, found once now: finding it runs the units (in
         # eval mode, flags restored), which must not happen beside training on another thread
         self.shapes = [self.input_shape, *model.boundary_shapes(self.input_shape)]
+        # and the dtype the steps compute it in, which cached batches are handed over in
+        self.act_dtypes = activation_dtypes(model, self.input_shape, self.device, cfg.amp)
         # bytes per sample at each boundary: the fp32 image at 0, the cache dtype after
         itemsize = torch.tensor([], dtype=TORCH_DTYPES[cfg.cache_dtype]).element_size()
         self.sample_bytes = [math.prod(self.input_shape) * 4] + [
@@ -339,6 +347,7 @@ class CacheManager:
             amp=cfg.amp,
             channels_last=cfg.channels_last,
             graphs=self.graphs,
+            act_dtypes=self.act_dtypes,
         )
 
     def _cache_nbytes(self, b: int) -> int:
@@ -760,7 +769,7 @@ class CacheManager:
                     if prev is None:
                         h, _ = make_batch(train, idx, aug, self.device)
                     else:
-                        h = prev.source.read(0, idx).to(self.device).float()
+                        h = prev.source.read(0, idx).to(self.device).to(self.act_dtypes[b0])
                     return forward(h)
             finally:
                 for u, f in zip(self.model.units, flags, strict=True):
@@ -1023,9 +1032,12 @@ class CacheManager:
     # ---- batches ----------------------------------------------------------------------------------
     def batches(self, epoch: int, start: int) -> Iterator[Batch]:
         """This rank's batches of the epoch from batch ``start`` on, read from the cache:
-        x (B, *sample_shape) float32 on the device, y (B,) on the device, ids (B,) on the host."""
+        x (B, *sample_shape) on the device in the dtype the steps compute the activation in
+        (``act_dtypes``: float32, or bfloat16 under ``--amp bf16``), y (B,) on the device, ids
+        (B,) on the host."""
         if self.cache is None:
             raise RuntimeError("CacheManager.batches() before any cache was built")
+        dtype = self.act_dtypes[self.cache.boundary]
         loader = store.StoreLoader(
             self.cache.source,
             batch_size=self.cfg.batch_size,
@@ -1043,7 +1055,7 @@ class CacheManager:
         try:
             with loader:
                 for x, y, ids in loader:
-                    yield x.float(), y, ids
+                    yield x.to(dtype), y, ids
         finally:
             self.loader_stats.add(loader.stats)
 
