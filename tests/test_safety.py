@@ -369,6 +369,38 @@ def test_a_disk_that_fills_mid_checkpoint_is_an_oserror_naming_it(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("stop", ["stopped", "ctrl-c"])
+def test_a_stop_that_comes_mid_checkpoint_stays_a_stop(tmp_path, monkeypatch, stop):
+    """A second signal (Stopped) or a Ctrl-C raised in one of torch.save's writes made its zip
+    writer raise "unexpected pos 64 vs 0" over it: a RuntimeError traceback, exit 1, and a
+    metrics file ending "failed" rather than "stopped"."""
+    import io
+    import signal
+
+    from prefast.interrupt import Stopped
+    from prefast.training.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 1})
+    raised = Stopped(signal.SIGTERM) if stop == "stopped" else KeyboardInterrupt()
+
+    class Interrupted(io.FileIO):
+        writes = 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 3:  # past the archive's first bytes
+                raise raised
+            return super().write(b)
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: Interrupted(fd, "wb"))
+    with pytest.raises(type(raised)) as got:
+        save_checkpoint(tmp_path / "last.pt", {"w": torch.zeros(1000)})
+    assert got.value is raised
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the previous one, intact
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 1}
+
+
 def test_load_checkpoint_file_names_a_foreign_file(tmp_path):
     from prefast.training.checkpoint import load_checkpoint_file
 

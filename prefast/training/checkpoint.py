@@ -98,6 +98,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         # torch.save's zip writer, closed after a write failed past its first bytes, raises
         # "unexpected pos 64 vs 0" (a RuntimeError, a traceback) in place of that OSError
         failed = e.__context__ if isinstance(e, RuntimeError) else e
+        if isinstance(failed, BaseException) and not isinstance(failed, Exception):
+            # a stop (a second Ctrl-C, SIGTERM) that came during a write stays a stop, not a
+            # RuntimeError traceback and a "failed" metrics line
+            raise failed from None
         if isinstance(failed, OSError) and failed.errno is not None and failed.filename is None:
             # a full disk names the file whose write filled it, not a bare "[Errno 28] ..."
             raise OSError(failed.errno, failed.strerror, str(path)) from failed
