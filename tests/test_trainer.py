@@ -1091,6 +1091,48 @@ def test_resume_rebuilds_a_cache_whose_fingerprint_differs(tmp_path, monkeypatch
     assert any("rebuilding the cache" in r.getMessage() for r in caplog.records)
 
 
+def test_a_stop_during_the_resume_store_check_stops_there(tmp_path, monkeypatch):
+    """--resume reads the checkpoint's whole store to check it, with no stop check: a SIGTERM
+    waited for the read of every chunk (tens of GB: past a scheduler's grace period). A stop
+    asked for now ends the check at the next chunk."""
+    from prefast import interrupt
+
+    kw = dict(mode="prefast", cache="zarr", recache_policy="every", epochs=3, views=3)
+    ck = tmp_path / "ck"
+    _crash_in_third_epoch(monkeypatch, tiny(**kw, checkpoint_dir=str(ck)))
+    path = Path(torch.load(ck / "last.pt", weights_only=True)["cache"]["path"])
+    s = store.open(path)
+    chunks = s.views * s.num_chunks
+    s.close()
+    assert chunks >= 3
+    read = []
+    verify_chunk = store.ActivationStore._verify_chunk
+
+    def reading(self, view, chunk):
+        read.append((view, chunk))
+        if len(read) == 2:
+            interrupt.request_stop()  # as the CLI's SIGTERM handler does
+        return verify_chunk(self, view, chunk)
+
+    monkeypatch.setattr(store.ActivationStore, "_verify_chunk", reading)
+    with pytest.raises(interrupt.Stopped):
+        train(tiny(**kw, checkpoint_dir=str(ck), resume=True))
+    assert len(read) == 2  # not all of them
+    monkeypatch.setattr(store.ActivationStore, "_verify_chunk", verify_chunk)
+    stopped_between = []
+
+    def between():
+        stopped_between.append(1)
+        if len(stopped_between) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.verify(store.open(path), between=between)
+    assert store.verify(store.open(path), between=lambda: None).ok
+    with pytest.raises(store.StoreInputError, match="between must be callable"):
+        store.verify(store.open(path), between=3)  # type: ignore[arg-type]
+
+
 def test_resume_rebuilds_a_store_with_a_damaged_chunk(tmp_path, monkeypatch, caplog):
     kw = dict(mode="prefast", cache="zarr", recache_policy="every", epochs=3)
     ref = train(tiny(**kw, cache_dir=str(tmp_path / "ref-cache")))

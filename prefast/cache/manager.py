@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import store
+from prefast import interrupt
 from prefast.cache.ahead import AheadStore
 from prefast.cache.build import (
     Cache,
@@ -1256,7 +1257,8 @@ class CacheManager:
         read now: a damaged chunk found only when an epoch reads it would stop every resume
         at the same place, where a store rebuilt now costs one pass."""
         t = time.perf_counter()
-        report = store.verify(s, progress=self.progress)
+        # a stop asked for ends the check (a large store's took its whole read first)
+        report = store.verify(s, progress=self.progress, between=interrupt.check)
         if report.ok:
             log.debug("resume: checked store %s in %.2f s", path, time.perf_counter() - t)
             return True

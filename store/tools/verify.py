@@ -18,11 +18,12 @@ some is counted value by value.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from store import _zarr
-from store.errors import StoreCorruptError, check_bool
+from store.errors import StoreCorruptError, StoreInputError, check_bool
 from store.layout import ACTIVATIONS, LABELS, count_nonfinite
 from store.reader import ActivationStore, check_opened
 
@@ -118,9 +119,15 @@ def _first(ranges: list[tuple[int, int, int]], most: int = 6) -> str:
     return f"{ranges[:most]}" + (f" and {more} more" if more > 0 else "")
 
 
-def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = False) -> None:
+def check_chunks(
+    s: ActivationStore,
+    report: VerifyReport,
+    progress: bool = False,
+    between: Callable[[], None] | None = None,
+) -> None:
     """Decode every written chunk and compare it with its recorded CRC; count the values that
-    are not finite in those that pass."""
+    are not finite in those that pass. ``between`` is called before each chunk (it may raise
+    to stop the check)."""
     from tqdm.auto import tqdm
 
     report.missing = s.missing_ranges()
@@ -134,6 +141,8 @@ def check_chunks(s: ActivationStore, report: VerifyReport, progress: bool = Fals
     ) as bar:
         for v in range(s.views):
             for c in range(s.num_chunks):
+                if between is not None:
+                    between()
                 bar.update(1)
                 if not s.chunk_written(v, c):
                     continue
@@ -208,14 +217,19 @@ def check_labels(s: ActivationStore, report: VerifyReport) -> None:
         )
 
 
-def verify(s: ActivationStore, progress: bool = False) -> VerifyReport:
+def verify(
+    s: ActivationStore, progress: bool = False, between: Callable[[], None] | None = None
+) -> VerifyReport:
     """Read and CRC-check every chunk and the labels of ``s``. Failures (corrupt or missing
     chunks, corrupt labels) are collected in ``report.errors``; ``report.ok`` is True when
-    there are none."""
+    there are none. ``between`` is called before each chunk is read: an exception it raises
+    (a stop asked for) ends the check there, so a check of a large store can be stopped."""
     check_opened(s, "store.verify")
     progress = check_bool("progress", progress)
+    if between is not None and not callable(between):
+        raise StoreInputError(f"between must be callable or None, got {type(between).__name__}")
     report = VerifyReport(path=s.path, dtype=s.dtype_name)
-    check_chunks(s, report, progress)
+    check_chunks(s, report, progress, between)
     check_labels(s, report)
     return report
 
