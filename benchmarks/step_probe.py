@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import store
 from benchmarks.common import RESULTS_DIR, environment, write_json
+from prefast.cache.build import activation_dtypes
 from prefast.cache.write_through import WriteThrough
 from prefast.errors import PrefastError
 from prefast.freezeout import (
@@ -131,7 +132,9 @@ def time_steps(
     else:
         runner.configure(b, f, opt, None)
     g = torch.Generator().manual_seed(b)
-    x = torch.randn((args.batch_size, *shapes[b]), generator=g).to(device)
+    # in the dtype the trainer hands cached batches over in (bfloat16 under --amp bf16)
+    dtype = activation_dtypes(model, shapes[0], device, args.amp)[b]
+    x = torch.randn((args.batch_size, *shapes[b]), generator=g).to(device=device, dtype=dtype)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
     meter = EpochMeter(total, device)
     k = 0

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+import torch
 
 from benchmarks import compare, fidelity, step_ops, step_probe, views
 
@@ -374,6 +375,27 @@ def test_step_probe_times_each_boundary_and_the_hosts_part(tmp_path, capsys):
         assert r["ms_per_step_min"] <= r["ms_per_step_median"] <= r["ms_per_step_max"]
     head = out.with_suffix(".txt").read_text().splitlines()[0].split()
     assert head == ["b", "unit", "none", "ms", "none", "host"]
+
+
+def test_step_probe_hands_cached_batches_over_as_the_trainer_does(tmp_path, monkeypatch):
+    """Under --amp bf16 the trainer hands a cached batch to the units after the boundary as
+    bfloat16 (the frozen unit's output); the probe timed float32 batches there, so it timed
+    steps the trainer no longer runs. It now hands the same dtype; images stay float32."""
+    from prefast.training.step import StepRunner
+
+    seen = []
+    step = StepRunner.step
+
+    def recorded(self, x, *a, **k):
+        seen.append(x.dtype)
+        return step(self, x, *a, **k)
+
+    monkeypatch.setattr(StepRunner, "step", recorded)
+    argv = ["--device", "cpu", "--depth", "10", "--growth", "4", "--batch-size", "8",
+            "--steps", "1", "--repeats", "1", "--warmup", "1", "--modes", "none", "--amp", "bf16",
+            "--boundaries", "0", "5", "--out", str(tmp_path / "probe.json")]  # fmt: skip
+    assert step_probe.main(argv) == 0
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2  # warm-up and timed, each row
 
 
 def test_step_probe_records_its_default_boundaries_for_compile_choice(tmp_path, capsys):
