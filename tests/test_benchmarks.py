@@ -647,7 +647,14 @@ def test_eager_baseline_runs_after_every_other_variant():
         "full", "freezeout", "prefast-device", "prefast-ram", "prefast-zarr", "prefast-zarr-v4",
         "freezeout-eager",
     ]  # fmt: skip
-    assert vs[-1].overrides == {"mode": "freezeout", "compile": "none"}
+    from prefast.config import CACHE_FIELDS
+
+    over = vs[-1].overrides  # with the cache options' defaults, as freezeout's
+    assert {k: over[k] for k in ("mode", "compile")} == {"mode": "freezeout", "compile": "none"}
+    assert set(over) == {"mode", "compile", *CACHE_FIELDS}
+    assert {k: v for k, v in over.items() if k in CACHE_FIELDS} == {
+        k: v for k, v in vs[1].overrides.items() if k != "mode"
+    }
 
 
 @pytest.mark.slow
