@@ -3188,3 +3188,17 @@ def test_prefast_under_amp_equals_freezeout_from_a_float16_cache(
     assert got.losses == ref.losses
     for k, v in _weights(ref.model).items():
         assert torch.equal(_weights(got.model)[k], v), k
+
+
+def test_a_checkpoint_link_to_nothing_is_refused_not_taken_for_no_checkpoint(tmp_path):
+    """last.pt linked to a checkpoint on a disk that is not mounted counted as no checkpoint:
+    --resume started the run over (with a warning) and its first save replaced the link, and
+    a run without --resume replaced it too. Both are now refused, naming the link's target."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "last.pt").symlink_to(tmp_path / "unmounted" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"is a link to .*unmounted/last\.pt, which is not"):
+        train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(ck), resume=True))
+    with pytest.raises(ConfigError, match="holds an earlier run's checkpoint"):
+        train(tiny(mode="freezeout", epochs=1, checkpoint_dir=str(ck)))
+    assert (ck / "last.pt").is_symlink() and sorted(p.name for p in ck.iterdir()) == ["last.pt"]

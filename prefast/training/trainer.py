@@ -711,6 +711,13 @@ class Trainer:
             raise ConfigError("--resume: needs --checkpoint-dir")
         state, failed = None, None
         try:
+            if path.is_symlink() and not path.exists():
+                # taken as no checkpoint yet, the run started over and its first save replaced
+                # the link to the run's checkpoint (on a disk not mounted, say)
+                raise CheckpointError(
+                    f"--resume: {path} is a link to {os.readlink(path)}, which is not there (a "
+                    "disk not mounted?): make it reachable, or delete the link to start afresh"
+                )
             state = self._read_checkpoint(path) if path.exists() else None
         except PrefastError as e:
             # a refusal of this rank's own (its file is damaged, or another run's: a
@@ -959,7 +966,9 @@ def check_outputs(cfg: TrainConfig, made: list[Path] | None = None) -> None:
         ck = check_writable_dir(cfg.checkpoint_dir, "--checkpoint-dir", made)
         if (ck / CHECKPOINT_NAME).is_dir():
             raise ConfigError(f"--checkpoint-dir: {ck / CHECKPOINT_NAME} is a directory")
-        if not cfg.resume and (ck / CHECKPOINT_NAME).exists():
+        if not cfg.resume and (
+            (ck / CHECKPOINT_NAME).exists() or (ck / CHECKPOINT_NAME).is_symlink()
+        ):
             # a forgotten --resume replaced it at the new run's first epoch: hours of training
             raise ConfigError(
                 f"--checkpoint-dir: {ck / CHECKPOINT_NAME} holds an earlier run's checkpoint; "
