@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -359,12 +358,13 @@ def check_write(
     view: int,
     start: int,
     x: Any,
-) -> int:
+) -> tuple[int, int, int]:
     """Validate a ``write(view, start, x)`` against a store's or cache's shape; returns the
+    view and start as Python ints (a numpy uint8 start of 250 plus a batch of 10 wrapped to
+    4, and the batch was dropped; a 0-d integer tensor is taken, as a read takes it) and the
     batch length. Errors name the field."""
-    for name, value in (("view", view), ("start", start)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise StoreInputError(f"{where}field '{name}' must be an integer, got {shown(value)}")
+    view = check_int(f"{where}field 'view'", view)
+    start = check_int(f"{where}field 'start'", start)
     if not isinstance(x, torch.Tensor | np.ndarray):  # a list had no .shape: AttributeError
         raise StoreInputError(
             f"{where}field 'x' must be a tensor or numpy array, got {type(x).__name__}"
@@ -393,7 +393,16 @@ def check_write(
             f"{where}field 'x': numpy dtype {x.dtype} has no torch counterpart; pass "
             "x.astype(numpy.float64)"
         )
-    return n
+    return view, start, n
+
+
+def batch_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A checked batch (``check_write``) as a tensor, sharing a numpy array's memory where it
+    can: numpy calls an array with a negative stride on a length-1 axis (``x[::-1][:1]``)
+    contiguous and keeps it, and torch refuses such an array, so it is copied first."""
+    if isinstance(x, np.ndarray) and min(x.strides, default=0) < 0:
+        x = x.copy()
+    return torch.as_tensor(x)
 
 
 def check_labels(where: str, labels: Any, n: int) -> np.ndarray:

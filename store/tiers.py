@@ -14,7 +14,15 @@ import numpy as np
 import torch
 
 from store.errors import StoreInputError, check_bool, check_int, shown
-from store.layout import DTYPES, MAX_SAMPLES, MAX_VIEWS, as_shape, check_labels, check_write
+from store.layout import (
+    DTYPES,
+    MAX_SAMPLES,
+    MAX_VIEWS,
+    as_shape,
+    batch_tensor,
+    check_labels,
+    check_write,
+)
 from store.reader import ActivationStore, as_tensor, check_gather, check_opened, numpy_view
 
 
@@ -74,14 +82,6 @@ def _checked_labels(data: torch.Tensor, labels: Any) -> torch.Tensor:
     if data.dim() < 3:  # TensorCache refuses the data itself
         return torch.as_tensor(labels).cpu()
     return torch.from_numpy(check_labels("", labels, int(data.shape[1])))
-
-
-def _as_torch(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """A batch as a tensor; numpy calls an array with a negative stride on a length-1 axis
-    (``x[::-1][:1]``) contiguous, and torch refuses it: such an array is copied first."""
-    if isinstance(x, np.ndarray) and min(x.strides, default=0) < 0:
-        x = x.copy()
-    return torch.as_tensor(x)
 
 
 def _stacked(x: Any) -> torch.Tensor:
@@ -179,11 +179,11 @@ class TensorCache:
         x: torch.Tensor | np.ndarray,
         labels: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        # plain ints: a numpy uint8 start of 250 plus 10 samples wrapped to 4 in the checks
-        view, start = check_int("field 'view'", view), check_int("field 'start'", start)
-        n = check_write("", self.views, self.num_samples, self.sample_shape, view, start, x)
+        view, start, n = check_write(
+            "", self.views, self.num_samples, self.sample_shape, view, start, x
+        )
         lab = None if labels is None else torch.from_numpy(check_labels("", labels, n))
-        xt = _as_torch(x)
+        xt = batch_tensor(x)
         self.data[view, start : start + n].copy_(xt.detach(), non_blocking=False)
         if lab is not None:
             self.labels[start : start + n] = lab
@@ -204,8 +204,7 @@ class TensorCache:
         or with ``write``)."""
         # no samples (x[:0]): the rows are checked below; a list has no shape, refused here
         none = x[:0] if hasattr(x, "shape") else x
-        view = check_int("field 'view'", view)
-        check_write("", self.views, self.num_samples, self.sample_shape, view, 0, none)
+        view, _, _ = check_write("", self.views, self.num_samples, self.sample_shape, view, 0, none)
         if not isinstance(rows, torch.Tensor):
             r = np.asarray(rows)
             # an empty list is float64 to numpy: no rows, as a store's writer takes it
@@ -223,7 +222,7 @@ class TensorCache:
             if not on_host:
                 raise StoreInputError("labels with write_rows need the rows on the host")
             lab = torch.from_numpy(check_labels("", labels, int(rt.shape[0])))
-        xt = _as_torch(x).detach()
+        xt = batch_tensor(x).detach()
         if on_host and rt.numel() > 1:
             # a row given twice keeps its last sample, as a store does (index_copy_ on a GPU
             # keeps an undefined one); rows on the device must be distinct

@@ -59,6 +59,7 @@ from store.layout import (
     LABELS,
     StoreInfo,
     StoreLayout,
+    batch_tensor,
     check_labels,
     check_write,
     chunk_crc,
@@ -86,12 +87,7 @@ def _now() -> str:
 
 def to_stored_numpy(x: torch.Tensor | np.ndarray, layout: StoreLayout) -> np.ndarray:
     """A batch converted to the stored dtype as a C-contiguous numpy array on the host."""
-    if isinstance(x, np.ndarray):
-        # numpy calls an array C-contiguous whatever the sign of a length-1 axis's stride
-        # (x[::-1][:1]) and keeps it; torch.from_numpy refuses a negative stride: a copy then
-        x = torch.from_numpy(
-            np.ascontiguousarray(x) if min(x.strides, default=0) >= 0 else x.copy()
-        )
+    x = batch_tensor(x)
     if not (x.is_floating_point()):
         raise StoreInputError(f"field 'x': expected a floating-point batch, got dtype {x.dtype}")
     t = x.detach().to(device="cpu", dtype=layout.torch_dtype).contiguous()
@@ -786,11 +782,7 @@ class StoreWriter:
             raise StoreError(f"{self.path}: write() after close()")
         self._raise_pending_error()
         lay = self.layout
-        # as Python ints: a numpy uint8 start of 250 plus a batch of 10 wrapped to 4, and the
-        # batch was dropped without an error; a 0-d integer tensor is taken, as a read takes it
-        view = check_int(f"{self.path}: field 'view'", view)
-        start = check_int(f"{self.path}: field 'start'", start)
-        n = check_write(
+        view, start, n = check_write(
             f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, start, x
         )
         self._set_mode("batches")
@@ -890,13 +882,14 @@ class StoreWriter:
         self._check_rows("write_rows")
         self._raise_pending_error()
         lay = self.layout
-        view = check_int(f"{self.path}: field 'view'", view)
         r = np.asarray(rows.detach().cpu() if isinstance(rows, torch.Tensor) else rows)
         if r.ndim != 1 or (r.size and not np.issubdtype(r.dtype, np.integer)):
             raise StoreInputError(f"{self.path}: field 'rows' must be a 1-D array of integers")
         # no samples (x[:0]): the rows are checked below; a list has no shape, refused here
         none = x[:0] if hasattr(x, "shape") else x
-        check_write(f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, 0, none)
+        view, _, _ = check_write(
+            f"{self.path}: ", lay.views, lay.num_samples, lay.sample_shape, view, 0, none
+        )
         n = int(x.shape[0])
         if len(r) != n:
             raise StoreInputError(f"{self.path}: {len(r)} rows for {n} samples")
