@@ -291,6 +291,21 @@ class _ContiguousMap:
                 raise _mismatch(f, name, want, got_crc)
 
 
+def sample_indices(
+    indices: Sequence[int] | np.ndarray | torch.Tensor, num_samples: int, where: str = ""
+) -> np.ndarray:
+    """``indices`` as int64 sample indices, each in ``[0, num_samples)``, else
+    ``StoreInputError`` naming the first bad one (a float index would be truncated to another
+    sample). Checked before the cast: a uint64 index beyond int64 wrapped to a negative one."""
+    idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise StoreInputError(f"{where}indices must be a 1-D sequence of integers")
+    if idx.size and (idx.min() < 0 or idx.max() >= num_samples):
+        bad = idx[(idx < 0) | (idx >= num_samples)][0]
+        raise StoreInputError(f"{where}sample index {int(bad)} out of range [0, {num_samples})")
+    return idx.astype(np.int64, copy=False)
+
+
 class ActivationStore:
     """A read-only view of a store. Use ``store.open(path)``."""
 
@@ -539,16 +554,7 @@ class ActivationStore:
         return chunk_crc(data) == int(self._crcs[view, chunk]), data
 
     def _indices(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
-        idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
-        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise StoreInputError(f"{self.path}: indices must be a 1-D sequence of integers")
-        # checked before the cast: a uint64 index beyond int64 would wrap to a negative one
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
-            bad = idx[(idx < 0) | (idx >= self.num_samples)][0]
-            raise StoreInputError(
-                f"{self.path}: sample index {bad} out of range [0, {self.num_samples})"
-            )
-        return idx.astype(np.int64, copy=False)
+        return sample_indices(indices, self.num_samples, f"{self.path}: ")
 
     def read_into(
         self, view: int, indices: np.ndarray, out: np.ndarray, positions: np.ndarray | None = None

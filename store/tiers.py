@@ -23,7 +23,14 @@ from store.layout import (
     check_labels,
     check_write,
 )
-from store.reader import ActivationStore, as_tensor, check_gather, check_opened, numpy_view
+from store.reader import (
+    ActivationStore,
+    as_tensor,
+    check_gather,
+    check_opened,
+    numpy_view,
+    sample_indices,
+)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -260,25 +267,13 @@ class TensorCache:
             self.abort()
 
     # ---- reading -------------------------------------------------------------------------
-    def _check(self, view: int, idx: torch.Tensor) -> None:
-        check_int("view", view)
-        if not 0 <= view < self.views:
-            raise StoreInputError(f"view {view} out of range [0, {self.views})")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_samples):
-            raise StoreInputError(f"sample index out of range [0, {self.num_samples})")
 
     def read(self, view: int, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Samples ``indices`` of ``view`` on this cache's device, (len, *sample_shape)."""
-        raw = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
-        if raw.ndim != 1 or (raw.size and not np.issubdtype(raw.dtype, np.integer)):
-            # a float index would be truncated to another sample (the store refuses it too)
-            raise StoreInputError("indices must be a 1-D sequence of integers")
-        if raw.size and (raw.min() < 0 or raw.max() >= self.num_samples):
-            # checked as given: an unsigned 2**63 failed in torch's conversion with a TypeError
-            bad = raw[(raw < 0) | (raw >= self.num_samples)][0]
-            raise StoreInputError(f"sample index {int(bad)} out of range [0, {self.num_samples})")
-        idx = torch.from_numpy(raw.astype(np.int64))
-        self._check(view, idx)
+        idx = torch.from_numpy(sample_indices(indices, self.num_samples))
+        view = check_int("view", view)
+        if not 0 <= view < self.views:
+            raise StoreInputError(f"view {view} out of range [0, {self.views})")
         return self.data[view].index_select(0, idx.to(self.device))
 
     def gather(self, views: np.ndarray, indices: np.ndarray, out: torch.Tensor) -> None:
