@@ -183,10 +183,11 @@ def variants_for(
 ) -> list[Variant]:
     # full training has no freeze schedule: the scenario's t0, how_scale and scale_lr would
     # only be named in the run's warning of options it does not use
-    unscheduled = {n: getattr(TrainConfig(), n) for n in ("t0", "how_scale", "scale_lr")}
+    defaults = TrainConfig()
+    unscheduled = {n: getattr(defaults, n) for n in ("t0", "how_scale", "scale_lr")}
     # nor a cache: --views, --recache-policy, --cache-dtype and --feature-aug are the prefast
     # variants' (full and freezeout warned of each as an option they do not use)
-    uncached = {n: getattr(TrainConfig(), n) for n in CACHE_FIELDS}
+    uncached = {n: getattr(defaults, n) for n in CACHE_FIELDS}
     out = [Variant("full", {"mode": "full", **unscheduled, **uncached})] if full else []
     out.append(Variant("freezeout", {"mode": "freezeout", **uncached}))
     for t in tiers:

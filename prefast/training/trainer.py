@@ -966,9 +966,7 @@ def check_outputs(cfg: TrainConfig, made: list[Path] | None = None) -> None:
         ck = check_writable_dir(cfg.checkpoint_dir, "--checkpoint-dir", made)
         if (ck / CHECKPOINT_NAME).is_dir():
             raise ConfigError(f"--checkpoint-dir: {ck / CHECKPOINT_NAME} is a directory")
-        if not cfg.resume and (
-            (ck / CHECKPOINT_NAME).exists() or (ck / CHECKPOINT_NAME).is_symlink()
-        ):
+        if not cfg.resume and os.path.lexists(ck / CHECKPOINT_NAME):  # a link to nothing too
             # a forgotten --resume replaced it at the new run's first epoch: hours of training
             raise ConfigError(
                 f"--checkpoint-dir: {ck / CHECKPOINT_NAME} holds an earlier run's checkpoint; "
