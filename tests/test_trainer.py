@@ -1342,6 +1342,27 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, capsys):
     assert "model-args" not in err, err
 
 
+def test_resume_takes_the_cache_dir_however_it_is_spelled(tmp_path, monkeypatch):
+    """``--cache-dir runs/cache/`` resumed as ``runs/cache``, or as the absolute path it
+    resolves to, is the same folder (each was refused as another setting); another folder
+    is still refused, naming both."""
+    monkeypatch.chdir(tmp_path)
+    ck = tmp_path / "ck"
+    cfg = tiny(epochs=1, cache="zarr", checkpoint_dir=str(ck), cache_dir="runs/cache/")
+    first = train(cfg)
+    for spelled in ("runs/cache", str(tmp_path / "runs" / "cache"), "./runs//cache/"):
+        got = train(cfg.replace(epochs=1, resume=True, cache_dir=spelled))
+        assert got.records == first.records, spelled
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CheckpointError, match=r"--cache-dir runs/cache/ \(now other\)"):
+        train(cfg.replace(resume=True, cache_dir="other"))
+    from prefast.training.trainer import _same_folder
+
+    assert _same_folder("s3://b/c/", "s3://b/c") and not _same_folder("s3://b/c", "s3://b/d")
+    assert not _same_folder(None, "runs/cache") and _same_folder(None, None)
+    assert not _same_folder("s3://b/runs/cache", "runs/cache")
+
+
 def test_a_resume_may_wait_longer_for_its_ranks_and_evaluate_in_smaller_batches(tmp_path):
     """--dist-timeout and --eval-batch-size shape no training step: a resume whose ranks time
     out checking a large store, or that evaluates on a smaller GPU, may change them (they were

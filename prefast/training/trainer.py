@@ -1046,6 +1046,8 @@ def _differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
         now = getattr(cfg, k)
         if k in RESUMABLE_FIELDS or now == v:
             continue
+        if k == "cache_dir" and _same_folder(v, now):
+            continue
         if k == "model_args":
             for m in sorted(set(v) | set(now)):
                 # as JSON: a tuple is the list the config's JSON holds (a config reloaded
@@ -1059,6 +1061,18 @@ def _differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
         else:
             out.append(_setting(cli_flag(k), v, now))
     return out
+
+
+def _same_folder(saved: str | None, now: str | None) -> bool:
+    """Whether two --cache-dir values name one folder: ``runs/cache/`` and ``runs/cache``, a
+    relative path and the absolute one it resolves to from the working directory (a resume
+    given either was refused as another setting), ``s3://b/c/`` and ``s3://b/c``."""
+    if saved is None or now is None:
+        return saved is now
+    a, b = location.as_local(saved), location.as_local(now)
+    if a is None or b is None:  # URLs: alike but for trailing slashes
+        return a is None and b is None and saved.rstrip("/") == now.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _as_json(value: Any) -> str:
