@@ -210,7 +210,7 @@ def variants_for(
             )
         else:
             out.append(Variant(f"prefast-{t}", {"mode": "prefast", "cache": t}))
-    if extra_views:
+    if extra_views is not None:  # 0 too: refused with the other variants' settings
         out.append(
             Variant(
                 f"prefast-zarr-v{extra_views}",

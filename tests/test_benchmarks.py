@@ -724,14 +724,16 @@ def test_study_refuses_a_bad_configuration_before_its_first_run(tmp_path):
     assert not out.with_suffix(".jsonl").exists()
 
 
-def test_compare_refuses_a_bad_variant_before_it_trains_anything(tmp_path):
+@pytest.mark.parametrize("views", ["-1", "0"])
+def test_compare_refuses_a_bad_variant_before_it_trains_anything(tmp_path, views):
     """--extra-views -1 trained every other variant and then ended with the trainer's
-    ConfigError traceback; every run's configuration is now checked before the profile."""
+    ConfigError traceback; every run's configuration is now checked before the profile.
+    --extra-views 0 added no variant and said nothing."""
     out = tmp_path / "c.json"
     argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
-            "--tiers", "ram", "--extra-views", "-1", "--no-full", "--no-plot", "--no-progress",
+            "--tiers", "ram", "--extra-views", views, "--no-full", "--no-plot", "--no-progress",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
-    with pytest.raises(SystemExit, match=r"prefast-zarr-v-1 \(t0 0.6\): --views: must be"):
+    with pytest.raises(SystemExit, match=rf"prefast-zarr-v{views} \(t0 0.6\): --views: must be"):
         compare.main(argv)
     assert not out.exists() and not out.with_suffix(".partial.json").exists()
 
