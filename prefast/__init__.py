@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from prefast.freezeout import FreezeSchedule, ScheduleConfig, ideal_saving
     from prefast.models import UnitModel, create_model, from_sequential, list_models
     from prefast.training import Trainer, TrainResult, train
-else:  # imported on first use (prefast._lazy): the CLI answers --help without torch
-    from prefast._lazy import exports
+else:  # imported on first use (store._lazy): the CLI answers --help without torch
+    from store._lazy import exports
 
     __getattr__, __dir__ = exports(
         __name__,

@@ -19,7 +19,8 @@ matplotlib, the ``plot`` extra).
 ((84,), True)
 """
 
-from store.dataset import ActivationDataset
+from typing import TYPE_CHECKING
+
 from store.errors import (
     NotAStoreError,
     StoreCorruptError,
@@ -33,17 +34,40 @@ from store.errors import (
     StoreNotFoundError,
     StoreWriteError,
 )
-from store.layout import FORMAT_VERSION, StoreInfo, StoreLayout
-from store.loader import LoaderStats, StoreLoader, resolve_device
-from store.order import epoch_permutation, epoch_views, rank_part
-from store.protocols import ActivationSink, ActivationSource
-from store.reader import ActivationStore, open
-from store.tiers import DeviceCache, RamCache, TensorCache
-from store.tools.diff import DiffReport, diff
-from store.tools.stats import ChannelStats, stats
-from store.tools.verify import VerifyReport, verify
-from store.tools.viz import show
-from store.writer import StoreWriter, create, finalize
+
+if TYPE_CHECKING:
+    from store.dataset import ActivationDataset
+    from store.layout import FORMAT_VERSION, StoreInfo, StoreLayout
+    from store.loader import LoaderStats, StoreLoader, resolve_device
+    from store.order import epoch_permutation, epoch_views, rank_part
+    from store.protocols import ActivationSink, ActivationSource
+    from store.reader import ActivationStore, open
+    from store.tiers import DeviceCache, RamCache, TensorCache
+    from store.tools.diff import DiffReport, diff
+    from store.tools.stats import ChannelStats, stats
+    from store.tools.verify import VerifyReport, verify
+    from store.tools.viz import show
+    from store.writer import StoreWriter, create, finalize
+else:  # imported on first use (store._lazy): python -m store --help answers without torch
+    from store._lazy import exports
+
+    __getattr__, __dir__ = exports(
+        __name__,
+        {
+            "store.dataset": ("ActivationDataset",),
+            "store.layout": ("FORMAT_VERSION", "StoreInfo", "StoreLayout"),
+            "store.loader": ("LoaderStats", "StoreLoader", "resolve_device"),
+            "store.order": ("epoch_permutation", "epoch_views", "rank_part"),
+            "store.protocols": ("ActivationSink", "ActivationSource"),
+            "store.reader": ("ActivationStore", "open"),
+            "store.tiers": ("DeviceCache", "RamCache", "TensorCache"),
+            "store.tools.diff": ("DiffReport", "diff"),
+            "store.tools.stats": ("ChannelStats", "stats"),
+            "store.tools.verify": ("VerifyReport", "verify"),
+            "store.tools.viz": ("show",),
+            "store.writer": ("StoreWriter", "create", "finalize"),
+        },
+    )
 
 __all__ = [
     "FORMAT_VERSION",

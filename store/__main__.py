@@ -17,12 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# the store's modules (and torch, zarr) are imported in the commands, where main handles a
+# Ctrl-C: --help and a usage error are answered without them
 import store
-from store import _zarr
-from store.location import is_activation_store
-from store.tools.inspect import format_summary, open_complete, strict_json, summary
-from store.tools.stats import format_stats, histogram, plot_stats
-from store.tools.viz import require_matplotlib
 
 EXAMPLES = """examples:
   python -m store inspect runs/fmnist/cache/run-KEY/boundary-003
@@ -114,10 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _json(d: object) -> str:
     """Strict JSON (a float that is not finite, in a meta another program wrote, as null)."""
+    from store.tools.inspect import strict_json
+
     return json.dumps(strict_json(d), indent=2, allow_nan=False)
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from store.tools.inspect import format_summary, summary
+
     s = store.open(args.path, partial=True)
     d = summary(s)
     print(_json(d) if args.json else format_summary(d))
@@ -151,6 +152,9 @@ def _refuse_inside(path: str, store_path: str, flag: str) -> None:
     """An output file inside the store read, or inside any other activation store, is refused
     before any work: ``--out S/zarr.json`` replaced the store's record, and any other file
     there is taken for part of the store."""
+    from store import _zarr
+    from store.location import is_activation_store
+
     root = _zarr.as_local(store_path)
     target = Path(path).resolve()
     if root is not None and target.is_relative_to(root.resolve()):
@@ -202,6 +206,8 @@ def _save(fig: Any, path: str, flag: str, **kw: Any) -> None:
 def _need_matplotlib(what: str) -> None:
     """Checked before any work: without matplotlib a command fails at the start, not after
     a pass over the store."""
+    from store.tools.viz import require_matplotlib
+
     try:
         require_matplotlib(what)
     except ImportError as e:
@@ -241,6 +247,9 @@ MAX_BINS = 10_000
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from store.tools.inspect import open_complete
+    from store.tools.stats import format_stats, histogram, plot_stats
+
     if not 1 <= args.bins <= MAX_BINS:
         raise store.StoreInputError(f"--bins must be in [1, {MAX_BINS}], got {args.bins}")
     # an empty name is refused, not taken for no file
@@ -279,6 +288,8 @@ def _show(args: argparse.Namespace) -> int:
     _need_matplotlib("show")
     _check_format(out, "-o")
     _refuse_inside(out, args.path, "-o")
+    from store.tools.inspect import open_complete
+
     s = open_complete(args.path)
     fig = store.show(s, args.sample, args.view, args.channels, args.compare_views)
     _save(fig, out, "-o", dpi=args.dpi)
@@ -303,6 +314,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
+    from store.tools.inspect import open_complete
+
     r = store.diff(open_complete(args.a), open_complete(args.b), progress=_bars(args))
     print(_json(r.to_dict()) if args.json else r.format())
     return 0 if r.identical else 1

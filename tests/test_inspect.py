@@ -560,7 +560,9 @@ def test_a_figure_name_whose_png_is_a_folder_is_refused_before_any_work(
 ):
     # -o out, where out.png is a folder, failed only when saving, after the pass over the store
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    monkeypatch.setattr(
+        "store.tools.inspect.open_complete", lambda p: pytest.fail("the store was opened")
+    )
     (tmp_path / "out.png").mkdir()
     out = tmp_path / "out"
     for args, flag, example in (
@@ -578,7 +580,9 @@ def test_a_figure_name_whose_png_is_a_folder_is_refused_before_any_work(
 
 def test_an_empty_output_name_is_refused_before_any_work(tmp_path, stores, capsys, monkeypatch):
     # stats --out "" (an unset variable) wrote no JSON and exited 0
-    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    monkeypatch.setattr(
+        "store.tools.inspect.open_complete", lambda p: pytest.fail("the store was opened")
+    )
     monkeypatch.chdir(tmp_path)
     p = str(stores["f32"])
     for args, err in (
@@ -927,6 +931,49 @@ def test_importing_store_imports_neither_prefast_nor_matplotlib():
     assert out.stdout.strip() == "[]"
 
 
+def test_store_cli_answers_help_and_usage_errors_without_importing_torch():
+    """``python -m store --help`` and a usage error are answered without the seconds torch
+    and zarr take to import (``import store`` imported them all), and a Ctrl-C in those
+    seconds of a real command reaches main's handler (exit 130) rather than interrupting an
+    import with a traceback. ``store.open`` and the rest import on first use."""
+    code = (
+        "import sys\n"
+        "from store.__main__ import main\n"
+        "for argv in (['--help'], ['diff', '-h'], ['stats', 'S', '--bogus'], [],\n"
+        "             ['diff', 'a', 'b', 'c']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'zarr', 'numpy'}))\n"
+        "import store\n"
+        "print(store.open.__module__, store.StoreLoader.__module__, 'verify' in dir(store))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "unrecognized arguments: --bogus" in out.stderr
+    assert "diff reads two stores, got 3 paths" in out.stderr
+    assert out.stdout.splitlines()[-2:] == ["[]", "store.reader store.loader True"]
+
+
+def test_ctrl_c_while_a_command_imports_the_store_ends_without_a_traceback(
+    stores, capsys, monkeypatch
+):
+    """A Ctrl-C while a command's first use imports the store's modules (torch: seconds) is
+    the command's stop: one line, exit 130."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "store.tools.inspect":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert store_main(["inspect", str(stores["f32"])]) == 130
+    assert capsys.readouterr().err == "stopped by SIGINT\n"
+
+
 @pytest.mark.parametrize(
     ("exc", "rc", "err"),
     [(KeyboardInterrupt, 130, "stopped by SIGINT\n"), (BrokenPipeError, 141, "")],
@@ -1078,7 +1125,9 @@ def test_json_keys_are_those_the_docs_list(tmp_path, data, stores, capsys):
 def test_show_refuses_a_dpi_below_1_before_any_work(tmp_path, stores, capsys, monkeypatch):
     # matplotlib refused it after the store was read and the figure drawn: '-o x.png: dpi
     # must be positive'
-    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    monkeypatch.setattr(
+        "store.tools.inspect.open_complete", lambda p: pytest.fail("the store was opened")
+    )
     for dpi in ("0", "-5"):
         out = str(tmp_path / "x.png")
         assert (
@@ -1110,7 +1159,9 @@ def test_show_refuses_a_dpi_whose_picture_is_too_large_before_rendering(tmp_path
 
 def test_stats_refuses_bins_out_of_range_before_any_work(tmp_path, stores, capsys, monkeypatch):
     # --bins 100000000 drew 10**8 bars: it never finished
-    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    monkeypatch.setattr(
+        "store.tools.inspect.open_complete", lambda p: pytest.fail("the store was opened")
+    )
     for bins in ("0", "10001", "100000000"):
         hist = str(tmp_path / "h.png")
         assert store_main(["stats", str(stores["f32"]), "--bins", bins, "--hist", hist]) == 2
@@ -1122,7 +1173,9 @@ def test_figure_file_types_matplotlib_cannot_write_are_refused_before_any_work(
 ):
     # found by savefig, after the pass over the store (and for stats after printing it)
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    monkeypatch.setattr(
+        "store.tools.inspect.open_complete", lambda p: pytest.fail("the store was opened")
+    )
     s = str(stores["f32"])
     for args, flag, name in (
         (["stats", s, "--hist"], "--hist", "h.txt"),
@@ -1183,7 +1236,9 @@ def test_an_output_inside_another_store_is_refused_before_any_work(tmp_path, dat
 def test_stats_refuses_out_and_hist_naming_one_file(tmp_path, stores, capsys, monkeypatch):
     # the PNG replaced the JSON, and both 'wrote' lines named it
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr(store_cli, "open_complete", lambda p: pytest.fail("the store was opened"))
+    monkeypatch.setattr(
+        "store.tools.inspect.open_complete", lambda p: pytest.fail("the store was opened")
+    )
     out = tmp_path / "a.png"
     args = ["stats", str(stores["f32"]), "--out", str(out), "--hist", str(tmp_path / "a")]
     assert store_main(args) == 2

@@ -2851,10 +2851,10 @@ def test_builtin_model_names_are_the_registered_builtins():
     assert sorted(BUILTIN_MODELS) == sorted(builtin) == list(BUILTIN_MODELS)
 
 
-@pytest.mark.parametrize("package", ["prefast", "prefast.data", "prefast.freezeout"])
+@pytest.mark.parametrize("package", ["prefast", "prefast.data", "prefast.freezeout", "store"])
 def test_lazy_exports_match_the_type_checking_imports(package):
     """Each lazily exporting package lists its names twice: in the TYPE_CHECKING imports (for
-    mypy) and in the table prefast._lazy imports them from. Both must agree with __all__, and
+    mypy) and in the table store._lazy imports them from. Both must agree with __all__, and
     every name must resolve to the object its module defines."""
     import ast
     import importlib
@@ -2868,7 +2868,7 @@ def test_lazy_exports_match_the_type_checking_imports(package):
         (i.module, a.name) for i in guarded.body if isinstance(i, ast.ImportFrom) for a in i.names
     }
     eager = {(i.module, a.name) for i in tree.body if isinstance(i, ast.ImportFrom) for a in i.names
-             if i.module not in ("__future__", "typing", "prefast._lazy")}  # fmt: skip
+             if i.module not in ("__future__", "typing", "store._lazy")}  # fmt: skip
     call = next(
         n for n in ast.walk(guarded) if isinstance(n, ast.Call) and ast.unparse(n.func) == "exports"
     )

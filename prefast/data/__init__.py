@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from prefast.data.readers import DEFAULT_DATA_ROOT, SYSTEM_FASHION_MNIST
     from prefast.data.specs import DATASETS, SHAPES, SPLITS, DatasetSpec, spec_for
     from prefast.data.splits import Datasets, load_data, load_dataset
-else:  # imported on first use (prefast._lazy): the specs need no torch
-    from prefast._lazy import exports
+else:  # imported on first use (store._lazy): the specs need no torch
+    from store._lazy import exports
 
     __getattr__, __dir__ = exports(
         __name__,

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
         ideal_saving,
         unit_t,
     )
-else:  # imported on first use (prefast._lazy): the schedule's names need no torch
-    from prefast._lazy import exports
+else:  # imported on first use (store._lazy): the schedule's names need no torch
+    from store._lazy import exports
 
     __getattr__, __dir__ = exports(
         __name__,

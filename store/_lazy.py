@@ -1,9 +1,11 @@
 """Package attributes imported on first use.
 
-``prefast``, ``prefast.data`` and ``prefast.freezeout`` name what they export in a table
-instead of importing it, so ``prefast --help`` and a wrong flag are answered without importing
-torch (seconds), and a Ctrl-C while the CLI starts reaches its handler instead of interrupting
-an import. ``from prefast import train`` imports ``prefast.training`` then, as before.
+``store``, ``prefast``, ``prefast.data`` and ``prefast.freezeout`` name what they export in a
+table instead of importing it, so ``python -m store --help``, ``prefast --help`` and a wrong
+flag are answered without importing torch (seconds), and a Ctrl-C while a command starts
+reaches its handler instead of interrupting an import. ``from store import open`` or
+``from prefast import train`` imports the module then, as before. (Here, in ``store``: the
+store imports nothing from prefast.)
 """
 
 from __future__ import annotations
