@@ -163,6 +163,39 @@ def check_arrays(
     return out
 
 
+# a Blosc frame starts: version, versionlz, flags, typesize, then uint32 nbytes, blocksize, cbytes
+BLOSC_HEADER_BYTES = 16
+
+
+def blosc_compressed(a: zarr.Array) -> bool:
+    """Whether the array's chunks are Blosc frames (the ``lz4`` codec)."""
+    return any(isinstance(c, BloscCodec) for c in a.compressors)
+
+
+def check_blosc_frame(f: Path, name: str) -> None:
+    """A Blosc-compressed chunk file whose header records more compressed bytes than the file
+    holds (cut short) raises ``StoreCorruptError`` naming it: the Blosc decoder does not check
+    the frame against the buffer it is given, and reads past its end (garbage values, or a
+    segmentation fault for a chunk of megabytes)."""
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(BLOSC_HEADER_BYTES)
+            size = os.fstat(fh.fileno()).st_size
+    except FileNotFoundError:
+        raise StoreCorruptError(f"{f}: {name} is marked written but its file is missing") from None
+    if len(head) < BLOSC_HEADER_BYTES:
+        raise StoreCorruptError(
+            f"{f}: {name} has {size} bytes, fewer than a Blosc header (truncated); rebuild the "
+            "store or resume it after deleting this file"
+        )
+    cbytes = int.from_bytes(head[12:16], "little")
+    if cbytes > size:
+        raise StoreCorruptError(
+            f"{f}: {name} has {size} bytes, its Blosc header records {cbytes} (truncated); "
+            "rebuild the store or resume it after deleting this file"
+        )
+
+
 def writable(array: zarr.Array) -> zarr.Array:
     """The array handle with empty-chunk elision off, so every chunk we write has a file."""
     return array.with_config({"write_empty_chunks": True})

@@ -516,6 +516,8 @@ class ActivationStore:
         if self._local_root is not None and not Path(where).exists():
             # zarr would return the fill value for a missing chunk
             raise StoreCorruptError(f"{where}: {name} is marked written but its file is missing")
+        if self._local_root is not None and _zarr.blosc_compressed(self._acts):
+            _zarr.check_blosc_frame(Path(where), name)  # the decoder reads past a cut frame
         try:
             return np.asarray(self._acts[view, c0:c1])
         except Exception as e:

@@ -1252,6 +1252,23 @@ def test_corrupt_compressed_chunk_is_named(tmp_path, data):
         s.read(0, [1])
 
 
+@pytest.mark.parametrize("checksums", [True, False])
+def test_truncated_lz4_chunk_is_named_before_it_is_decoded(tmp_path, data, checksums):
+    # the Blosc decoder reads past the end of a cut frame: garbage values where checksums
+    # were off, a segmentation fault for a chunk of megabytes
+    x, y = data
+    write_store(tmp_path / "s", x, y, codec="lz4")
+    f = _raw_chunk(tmp_path / "s", 1, 3)
+    whole = f.read_bytes()
+    assert len(whole) > 100
+    for cut in (100, 10):  # a frame cut short, a header cut short
+        f.write_bytes(whole[:cut])
+        s = store.open(tmp_path / "s", checksums=checksums)
+        with pytest.raises(store.StoreCorruptError, match=rf"c/1/3/0/0/0.*has {cut} bytes.*trunc"):
+            s.read(1, [25])
+        assert torch.equal(s.read(1, [0, 40]), x[1, [0, 40]])  # other chunks still read
+
+
 def test_verify_chunk_detects_a_flipped_byte(tmp_path, data):
     x, y = data
     write_store(tmp_path / "s", x, y)
