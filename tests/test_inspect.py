@@ -370,6 +370,27 @@ def test_show_errors(tmp_path, stores, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("channels", ["12", [1.7], [True, False], 2.5, True, np.array([1.5])])
+def test_show_refuses_channels_that_are_no_integers(stores, channels):
+    # "12" drew channels 1 and 2, [1.7] channel 1, [True, False] channels 1 and 0, True one
+    # channel; 2.5 was a TypeError
+    with pytest.raises(store.StoreInputError, match="channels"):
+        store.show(store.open(stores["f32"]), 0, channels=channels)
+
+
+def test_show_takes_channels_as_integers_of_any_kind(stores):
+    s = store.open(stores["f32"])
+    for channels, want in [
+        (torch.tensor(2), ["ch 0", "ch 1"]),
+        (np.int64(1), ["ch 0"]),
+        (torch.tensor([2, 0]), ["ch 2", "ch 0"]),
+        (np.array([1]), ["ch 1"]),
+        (range(1, 3), ["ch 1", "ch 2"]),
+    ]:
+        fig = store.show(s, 0, channels=channels)
+        assert [a.get_title() for a in fig.axes if a.get_title()] == want
+
+
 # ---- verify (chunks) --------------------------------------------------------------------------
 @pytest.mark.parametrize("codec", [None, "zstd"])
 def test_verify_names_a_corrupted_chunk(tmp_path, data, capsys, codec):

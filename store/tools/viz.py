@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import StoreInputError, check_bool, install_hint, shown
+from store.errors import StoreInputError, check_bool, check_int, install_hint, shown
 from store.reader import ActivationStore, check_opened
 
 DEFAULT_CHANNELS = 64  # tiles of a one-view grid when channels=None
@@ -49,14 +49,19 @@ def _tiles(x: np.ndarray, path: str) -> np.ndarray:
     )
 
 
-def _channel_list(channels: int | Sequence[int] | None, num: int, default: int) -> list[int]:
+def _channel_list(channels: Any, num: int, default: int) -> list[int]:
+    """``show``'s channels: None, a count (the first N), or channel indices; checked."""
     if channels is None:
         return list(range(min(num, default)))
-    if isinstance(channels, int | np.integer):
-        if channels < 1:
-            raise StoreInputError(f"channels must be >= 1, got {channels}")
-        return list(range(min(int(channels), num)))
-    out = [int(c) for c in channels]
+    if isinstance(channels, str):  # "12" drew channels 1 and 2
+        raise StoreInputError(
+            f"channels must be a count or a list of integers, got {shown(channels)}"
+        )
+    if getattr(channels, "ndim", None) == 0 or not hasattr(channels, "__iter__"):
+        # one count: an int (a numpy or 0-d tensor one too; True is not 1, 2.5 was a TypeError)
+        return list(range(min(check_int("channels", channels, 1), num)))
+    # each an integer: [1.7] drew channel 1, [True] channel 1
+    out = [check_int("channels entry", c) for c in channels]
     bad = [c for c in out if not 0 <= c < num]
     if not out or bad:
         raise StoreInputError(f"channels {bad or out} out of range [0, {num})")
