@@ -882,7 +882,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the prefast variants' stores go (default /tmp/prefast-bench-cache)",
+    )
     p.add_argument(
         "--out",
         default=None,

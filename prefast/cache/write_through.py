@@ -5,8 +5,8 @@ sample in every epoch anyway, so the activation at any ``B`` in ``(b, f]`` is co
 free. From the step at which ``B`` froze (or the epoch's first), each step hands its
 activation at ``B`` (batch order: the epoch's shuffle) to ``WriteThrough.take``; the rows go
 into the new cache's sink with ``write_rows``. At the epoch's end ``finish`` computes the
-samples no writing step visited (those of the epoch's steps before the writing started, the
-tail a rank drops, a resumed epoch's skipped batches) in a catch-up pass, closes the sink (a
+samples no writing step visited (those of the epoch's steps before the writing started: a
+resume starts at an epoch's first step, and torchrun runs pass instead) in a catch-up pass, closes the sink (a
 store is marked complete only then) and returns the new ``Cache``. So a boundary is cached
 the epoch it freezes, at the price of one forward of the new frozen units per sample.
 
