@@ -319,6 +319,7 @@ def test_a_compressed_store_takes_over_at_an_epochs_end(tmp_path, caplog, recach
     assert [x["cache_boundary"] for x in r.records] == [1, 5, 5]  # none built in the last epoch
     said = [rec.getMessage() for rec in caplog.records]
     assert any("boundary 1 is cached at the end of epoch 0" in m for m in said)
+    assert any("is not cached (the last epoch: no later one would read it)" in m for m in said)
     assert any("end of epoch 0: cache boundary 0 -> 1 (zarr)" in m for m in said)
     assert store.open(r.summary["cache_path"]).meta["boundary"] == 5
 

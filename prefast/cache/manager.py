@@ -966,14 +966,14 @@ class CacheManager:
                 f"--codec {self.cfg.codec}" if self.cfg.codec != "none" else "a remote --cache-dir"
             )
             log.info(
-                "iteration %d: boundary %d is cached %s: a store read a chunk at a time (%s) "
+                "iteration %d: boundary %d %s: a store read a chunk at a time (%s) "
                 "visits the samples in its own order, so a switch mid-epoch would repeat some "
                 "and skip others",
                 j,
                 b_new,
-                f"at the end of epoch {epoch}"
+                f"is cached at the end of epoch {epoch}"
                 if epoch < self.cfg.epochs - 1
-                else "not at all (no later epoch would read it)",
+                else "is not cached (the last epoch: no later one would read it)",
                 why,
             )
             return False
