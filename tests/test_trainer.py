@@ -3152,6 +3152,19 @@ def test_a_cache_pass_rates_its_store_writes_without_its_forward(tmp_path, monke
     assert cache.build_seconds > 30  # three batches' forwards
     assert cache.write_rate == pytest.approx(nbytes / 4e-3)  # three writes and the close
 
+    class RankZeroOfTwo(DistContext):  # a RAM cache's pass on rank 0 of two
+        def broadcast_tensor(self, t, src, what="broadcast"):
+            pass
+
+    # chunks of 10: rank 0 computes chunks 0 and 2 (20 of the 37 samples), a write each
+    monkeypatch.setattr(build.store.layout, "default_chunk_samples", lambda *a: 10)
+    cache = build_cache(
+        model, 1, None, spec, "ram", None, torch.device("cpu"), "fp", {}, False,
+        RankZeroOfTwo(rank=0, world_size=2),
+    )  # fmt: skip
+    # this rank's 20 samples, not the cache's 37 (the planner prices a rank's share)
+    assert cache.write_rate == pytest.approx(nbytes * 20 / 37 / 3e-3)  # two writes, the close
+
 
 def test_a_refused_start_leaves_no_empty_folders_it_made(tmp_path):
     """A start refused after the output folders were checked (here: no CIFAR-10 files under

@@ -276,7 +276,11 @@ def build_cache(
             sink.labels.copy_(labels)
     seconds = time.perf_counter() - t0
     source: Any = store.open(path) if path is not None else sink
-    nbytes = spec.views * n * math.prod(sample_shape) * TORCH_DTYPES[spec.dtype].itemsize
+    sample_nbytes = math.prod(sample_shape) * TORCH_DTYPES[spec.dtype].itemsize
+    nbytes = spec.views * n * sample_nbytes
+    # the rate of this rank's writes, its share's bytes over its time: the planner prices a
+    # rank's share of a pass (under torchrun the whole cache's bytes made it world_size x)
+    written = spec.views * sum(min((c + 1) * chunk, n) - c * chunk for c in mine) * sample_nbytes
     log.debug(
         "cached boundary %d (%s) for %d samples x %d views: %s, %.1f MiB in %.2f s",
         boundary,
@@ -289,7 +293,7 @@ def build_cache(
     )
     chain = (*(prev.chain if prev is not None else ()), boundary)
     return Cache(
-        boundary, tier, source, fp, path, seconds, nbytes / max(write_seconds, 1e-9), meta, chain
+        boundary, tier, source, fp, path, seconds, written / max(write_seconds, 1e-9), meta, chain
     )
 
 
