@@ -12,7 +12,7 @@ tier's rates, not its code, keep it from the device tier.
     python benchmarks/plan_whatif.py --log benchmarks/results/gpu/h200-3495aee/logs.txt \\
         --read 2.5 5.2 10 --write 0.65 1.78 5
 
-Predictions are the planner's model (DESIGN section 4), not timings.
+Predictions are the planner's model (docs/training.md, re-caching), not timings.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class TrainConfig:
         default_factory=dict,
         metadata={"group": "model", "help": "the model's own arguments", "cli": False},
     )
-    # optimisation (reference defaults, DESIGN section 2)
+    # optimisation (the reference implementation's defaults)
     epochs: int = opt(100, "optimisation", "epochs (default %(default)s)")
     batch_size: int = opt(
         50, "optimisation", "batch size per rank under torchrun (default %(default)s)"

@@ -64,7 +64,7 @@ def compressors_for(layout: StoreLayout) -> list[Any] | None:
     level = layout.codec_level if layout.codec_level is not None else DEFAULT_LEVELS[layout.codec]
     if layout.codec == "lz4":
         # Blosc-lz4 is a core zarr v3 codec, so any zarr client can decode it; byte shuffle
-        # did not help on activations (DESIGN section 5).
+        # did not help on activations.
         return [
             BloscCodec(
                 cname="lz4", clevel=level, shuffle="noshuffle", typesize=layout.np_dtype.itemsize

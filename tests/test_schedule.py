@@ -1,4 +1,4 @@
-"""The FreezeOut schedule against hand-computed values (DESIGN.md section 2)."""
+"""The FreezeOut schedule against hand-computed values (docs/training.md, what a run does)."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def test_unit_that_would_freeze_after_the_run_never_freezes() -> None:
 @pytest.mark.parametrize("how_scale", ["linear", "squared", "cubic"])
 @pytest.mark.parametrize("scale_lr", [True, False])
 def test_every_unit_follows_the_design_formulas(how_scale: str, scale_lr: bool) -> None:
-    # DESIGN.md section 2, written out with L = 5 units over J = 37 iterations, t0 = 0.35:
+    # the schedule (docs/training.md), written out with L = 5 units over J = 37 iterations, t0 = 0.35:
     # t_i = scale(t0 + (1 - t0) i / L), max_j = t_i J, lr_i(0) = base_lr / t_i (scale_lr),
     # lr_i(j) = lr_i(0) (1 + cos(pi j / max_j)) / 2 while j <= max_j, frozen (0) after
     power = {"linear": 1, "squared": 2, "cubic": 3}[how_scale]

@@ -1,4 +1,4 @@
-"""The cache of frozen-prefix outputs (DESIGN sections 3 and 4).
+"""The cache of frozen-prefix outputs (docs/training.md: where the cache lives; re-caching).
 
 - ``identity``: fingerprints, provenance, store names, reuse checks.
 - ``build``: a cache pass through the frozen units into a sink; the ``Cache`` it yields.

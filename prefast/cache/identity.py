@@ -1,5 +1,5 @@
 """What a cache is: its fingerprint, its provenance, where its store lives, and whether a
-store on disk is one this run may reuse (DESIGN section 3, staleness)."""
+store on disk is one this run may reuse (docs/training.md, where the cache lives)."""
 
 from __future__ import annotations
 

@@ -441,7 +441,7 @@ class CacheManager:
         if frontier <= b:
             return b
         if self._auto_plan is None or j not in self._auto_plan:
-            # Plan the rest of the run once, from costs measured now (DESIGN section 4).
+            # Plan the rest of the run once, from costs measured now (docs/training.md, re-caching).
             if self.cost is None:
                 self.cost = self._measure_costs(j, frontier)
             events = self._freeze_events(j)
@@ -812,7 +812,7 @@ class CacheManager:
             self.probe_seconds += time.perf_counter() - t
 
     def _measure_costs(self, j: int, frontier: int) -> CostModel:
-        """Per-sample compute costs measured now on this device (DESIGN section 4); the tiers'
+        """Per-sample compute costs measured now on this device (docs/training.md, re-caching); the tiers'
         rates are measured when a plan first needs them (``_plan_tiers``)."""
         with self._probing():
             return self._measure_compute(j, frontier)

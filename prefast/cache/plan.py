@@ -1,5 +1,5 @@
 """When and where to cache: the tier a cache of a given size goes to, and the boundary to hold
-after each freeze event (DESIGN section 4). Pure functions of measured numbers: the
+after each freeze event (docs/training.md, re-caching). Pure functions of measured numbers: the
 measurements come from ``prefast.cache.probes``."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Measured probes for the planner: per-unit forward time, and the rates at which each cache
-tier takes writes and feeds the loader on this machine (DESIGN section 4)."""
+tier takes writes and feeds the loader on this machine (docs/training.md, re-caching)."""
 
 from __future__ import annotations
 

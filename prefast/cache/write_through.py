@@ -1,4 +1,4 @@
-"""Write-through re-caching (DESIGN section 4): the next cache is written by the training steps.
+"""Write-through re-caching (docs/training.md, re-caching): the next cache is written by the training steps.
 
 Between the cache boundary ``b`` and the frontier ``f`` the frozen units run forward on every
 sample in every epoch anyway, so the activation at any ``B`` in ``(b, f]`` is computed for

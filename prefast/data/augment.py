@@ -165,7 +165,7 @@ FEATURE_AUG_MODES: tuple[str, ...] = ("none", "shift", "shift+flip")
 
 @dataclass(frozen=True)
 class FeatureAugment:
-    """Augmentation of cached activations in feature space (DESIGN section 3, remedies).
+    """Augmentation of cached activations in feature space (docs/training.md, augmentation and views).
 
     Once a sample's frozen-prefix output is cached, every later epoch would train on the same
     augmented view. This draws, per (epoch, sample), a shift of the image-space crop range

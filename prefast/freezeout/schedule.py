@@ -1,4 +1,4 @@
-"""The FreezeOut schedule (DESIGN.md section 2): when each unit freezes and its learning rate.
+"""The FreezeOut schedule (docs/training.md, what a run does): when each unit freezes and its learning rate.
 
 Units have indices ``i = 0 .. num_units - 1``; the head shares index ``num_units`` and gets
 ``t = 1``, so it never freezes. Unit ``i`` trains for the first fraction
