@@ -247,6 +247,25 @@ def test_failed_download_raises_data_error(tmp_path: Path, monkeypatch: pytest.M
     assert "\\n" not in str(err.value) and "HTTP client" not in str(err.value)
 
 
+def test_failed_mnist_download_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchvision's MNIST-like sets raise "Error downloading FILE:" and the mirrors' errors on
+    # the lines after it: the first line alone gave no reason
+    from urllib.error import URLError
+
+    import torchvision.datasets.mnist as tv_mnist
+
+    def offline(url: str, **kwargs: Any) -> None:
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist", "test", data_root=tmp_path, download=True)
+    msg = str(err.value)
+    assert "failed (RuntimeError: Error downloading train-images-idx3-ubyte.gz: Tried " in msg
+    assert ", got: <urlopen error [Errno -2] Name or service not known>). " in msg
+    assert "\n" not in msg
+
+
 def test_failed_download_removes_the_empty_folders_it_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

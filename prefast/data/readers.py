@@ -283,6 +283,20 @@ def _download(name: str, split: str, root: Path) -> None:
         dataset(root=str(root), train=split == "train", download=True)
 
 
+def _download_reason(exc: Exception) -> str:
+    """The first line of a failed download's message, continued while it ends with a colon:
+    torchvision's MNIST-like sets raise "Error downloading FILE:" then, a line each, the
+    mirrors tried and their errors, so the first line alone named no reason (not that the
+    machine is offline)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    why = lines[:1]
+    for line in lines[1:]:
+        if not why[-1].endswith(":"):
+            break
+        why.append(line)
+    return " ".join(why)
+
+
 @contextlib.contextmanager
 def _new_folders_go_on_failure(deepest: Path) -> Iterator[None]:
     """Where the body fails, remove the folders down to ``deepest`` that did not exist before
@@ -370,7 +384,7 @@ def load_real(
                 try:
                     _download(name, split, root)
                 except Exception as exc:  # network, HTTP, checksum, disk: all end the same way
-                    why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    why = _download_reason(exc)
                     raise DataError(
                         f"{name}: download into {root} failed ({type(exc).__name__}: {why}). "
                         f"{_how_to_get(name)}"
