@@ -587,6 +587,29 @@ def test_synthetic_data_too_large_to_allocate_is_a_data_error(n: int) -> None:
         load_dataset("synthetic", "train", num_samples=n, shape="mnist")
 
 
+def test_synthetic_fields_do_not_depend_on_the_cpus_blas_kernel() -> None:
+    # numpy's OpenBLAS picks its matmul kernel by CPU (OPENBLAS_CORETYPE stands in for another
+    # machine): a matmul drew other float32 fields, so one seed gave other pixels on another
+    # node; a non-x86 or single-kernel BLAS ignores the variable and the test is trivial there
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, numpy as np\n"
+        "from prefast.data.synthetic import _smooth_fields\n"
+        "f = _smooth_fields(np.random.default_rng(0), 64, 3, 38, 6)\n"
+        "print(hashlib.sha256(f.tobytes()).hexdigest())\n"
+    )
+    digests = set()
+    for core in ("Sandybridge", "Haswell"):
+        env = {**os.environ, "OPENBLAS_CORETYPE": core}
+        run = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        digests.add(run.stdout.strip())
+    assert len(digests) == 1
+
+
 def test_synthetic_classes_are_separable() -> None:
     # Nearest class mean on the test split must be far above chance (10 %) yet not perfect.
     train = load_dataset("synthetic", "train", num_samples=3000, seed=1)

@@ -40,7 +40,16 @@ def _smooth_fields(
     basis = np.exp(-0.5 * ((pos[:, None] - centers[None, :]) / width) ** 2)  # (size, cells)
     basis = (basis / basis.sum(axis=1, keepdims=True)).astype(np.float32)
     z = rng.standard_normal((n, channels, cells, cells), dtype=np.float32)
-    fields = basis @ z @ basis.T  # (n, C, size, size)
+    # basis @ z @ basis.T, one term at a time: a matmul's BLAS kernel, and with it the order
+    # of its sums and their float32 rounding, depends on the CPU, so one seed drew other
+    # pixels on another machine (a rank of another node); products and sums of arrays are
+    # rounded the same everywhere
+    rows = np.zeros((n, channels, size, cells), dtype=np.float32)
+    for i in range(cells):
+        rows += basis[:, i, None] * z[:, :, i, None, :]
+    fields = np.zeros((n, channels, size, size), dtype=np.float32)
+    for j in range(cells):
+        fields += rows[:, :, :, j, None] * basis[:, j]
     fields -= fields.mean(axis=(2, 3), keepdims=True)  # zero mean per channel
     fields /= fields.std(axis=(1, 2, 3), keepdims=True)
     return fields
