@@ -554,6 +554,30 @@ def test_specs() -> None:
         DatasetSpec("x", 3, 32, 10, (0.5,), (0.2,))
 
 
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("num_classes", 10.5, r"DatasetSpec.num_classes: must be an integer >= 1, got 10.5"),
+        ("image_size", 4.0, r"DatasetSpec.image_size: must be an integer >= 1, got 4.0"),
+        ("channels", True, r"DatasetSpec.channels: must be an integer >= 1, got True"),
+        ("pad", 1.5, r"DatasetSpec.pad: must be an integer >= 0, got 1.5"),
+        ("std", (float("nan"),), r"must be finite, got mean=\(0.5,\), std=\(nan,\)"),
+        ("mean", (float("inf"),), r"must be finite, got mean=\(inf,\)"),
+        ("mean", ("grey",), r"must be sequences of numbers, got mean=\('grey',\)"),
+    ],
+)
+def test_spec_fields_are_whole_and_finite(field: str, value: Any, match: str) -> None:
+    # num_classes=10.5 let label 10 through and a NaN std made every normalised pixel NaN
+    fields: dict[str, Any] = {
+        "name": "t", "channels": 1, "image_size": 4, "num_classes": 10,
+        "mean": (0.5,), "std": (0.25,), "pad": 1,
+    }  # fmt: skip
+    with pytest.raises(DataError, match=match):
+        DatasetSpec(**{**fields, field: value})
+    spec = DatasetSpec(**{**fields, "channels": np.int64(1), "num_classes": np.uint8(10)})
+    assert (type(spec.channels), type(spec.num_classes)) == (int, int)  # JSON-able in to_dict
+
+
 @pytest.mark.parametrize("shape, chw", [("cifar", (3, 32, 32)), ("mnist", (1, 28, 28))])
 def test_synthetic_shapes_labels_determinism(shape: str, chw: tuple[int, int, int]) -> None:
     a = load_dataset("synthetic", "train", num_samples=1500, seed=5, shape=shape)

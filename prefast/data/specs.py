@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from prefast.errors import DataError
+from prefast.errors import DataError, check_int, shown
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "fashion-mnist", "synthetic")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -30,11 +31,24 @@ class DatasetSpec:
     flip: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("channels", "image_size", "num_classes"):
-            if int(getattr(self, key)) < 1:
-                raise DataError(f"DatasetSpec.{key} must be >= 1, got {getattr(self, key)}")
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        # whole numbers: num_classes=10.5 let label 10 through, image_size=28.0 made a shape of
+        # floats that no image matched, and True passed for 1
+        for key, least in (("channels", 1), ("image_size", 1), ("num_classes", 1), ("pad", 0)):
+            value = check_int(f"DatasetSpec.{key}", getattr(self, key), least, DataError)
+            object.__setattr__(self, key, value)
+        try:
+            object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+            object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        except (TypeError, ValueError):
+            raise DataError(
+                f"DatasetSpec.mean and .std must be sequences of numbers, got "
+                f"mean={shown(self.mean)}, std={shown(self.std)}"
+            ) from None
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            # a NaN std passed "> 0" and made every normalised pixel NaN
+            raise DataError(
+                f"DatasetSpec.mean and .std must be finite, got mean={self.mean}, std={self.std}"
+            )
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise DataError(
                 f"DatasetSpec.mean and .std need one value per channel ({self.channels}), "
