@@ -796,6 +796,17 @@ def test_image_data_validates() -> None:
         ImageData(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.int64), spec)
     with pytest.raises(DataError, match=r"\[0, 10\)"):
         ImageData(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.tensor([0, 10]), spec)
+    images = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    for labels in (
+        torch.tensor([1 + 5j, 2]),
+        torch.tensor([1.0, 2.0]),
+        torch.tensor([True, False]),
+    ):
+        with pytest.raises(DataError, match=f"labels must be integers, got {labels.dtype}"):
+            ImageData(images, labels, spec)
+    assert (
+        ImageData(images, torch.tensor([1, 2], dtype=torch.uint8), spec).labels.dtype == torch.int64
+    )
 
 
 # ------------------------------------------------------------------------------------------

@@ -38,8 +38,10 @@ class ImageData:
         if self.labels.dim() != 1 or len(self.labels) != len(self.images):
             raise DataError(f"labels must be ({len(self.images)},), got {tuple(self.labels.shape)}")
         if self.labels.dtype != torch.int64:
-            if self.labels.dtype.is_floating_point or self.labels.dtype == torch.bool:
-                raise DataError(f"labels must be integers, got {self.labels.dtype}")
+            dtype = self.labels.dtype
+            # a complex label lost its imaginary part in the cast (1+5j became class 1)
+            if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+                raise DataError(f"labels must be integers, got {dtype}")
             self.labels = self.labels.to(torch.int64)
         if len(self.labels) and (
             int(self.labels.min()) < 0 or int(self.labels.max()) >= self.spec.num_classes
