@@ -134,14 +134,14 @@ def check_number(
     error: type[PrefastError] = ConfigError,
 ) -> float:
     """``value`` as a float if it is a finite number in [low, high] (``(low, high]`` with
-    ``low_open``), else raise ``error`` naming ``what``."""
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-        and (value > low if low_open else value >= low)
-        and value <= high
-    )
+    ``low_open``; a numpy one too, bools refused), else raise ``error`` naming ``what``."""
+    v = math.nan
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            v = float(value)
+        except OverflowError:  # an int past float's range
+            v = math.inf
+    ok = math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
     if not ok:
         lo = "(" if low_open else "["
         rng = (
@@ -150,7 +150,7 @@ def check_number(
             else f"{'>' if low_open else '>='} {low:g}"
         )
         raise error(f"{what}: must be a finite number {rng}, got {shown(value)}")
-    return float(value)  # type: ignore[arg-type]
+    return v
 
 
 def check_bool(what: str, value: Any, error: type[PrefastError] = ConfigError) -> bool:

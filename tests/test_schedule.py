@@ -367,3 +367,19 @@ def test_stretches_cut_a_range_at_its_freezes() -> None:
     inside = s.stretches(cuts[0] + 1, cuts[1] + 1)  # one freeze inside, the range's own start
     assert inside == [(cuts[1] - cuts[0] - 1, 1), (1, 2)]
     assert s.stretches(cuts[2], 100) == [(100 - cuts[2], 3)]  # a freeze at the start: no cut
+
+
+def test_numpy_numbers_are_taken_as_numbers() -> None:
+    """t0=np.float32(0.5) or base_lr=np.int64(1) was refused with "t0: must be a finite number
+    in (0, 1], got np.float32(0.5)", a value in that range; numpy counts were taken already.
+    An int past float's range failed with OverflowError."""
+    cfg = ScheduleConfig(t0=np.float32(0.5), how_scale="linear", base_lr=np.int64(1))  # type: ignore[arg-type]
+    assert (cfg.t0, cfg.base_lr) == (0.5, 1.0)
+    assert type(cfg.t0) is float and type(cfg.base_lr) is float
+    assert ScheduleConfig(t0=np.int64(1)).t0 == 1.0  # type: ignore[arg-type]
+    assert unit_t(2, np.float32(0.5), "linear") == (0.5, 0.75, 1.0)  # type: ignore[arg-type]
+    for bad in (np.bool_(True), np.float64("nan"), np.float32(1.5), np.array([0.5])):
+        with pytest.raises(ScheduleError, match="t0: must be a finite number in"):
+            ScheduleConfig(t0=bad)  # type: ignore[arg-type]
+    with pytest.raises(ScheduleError, match="base_lr: must be a finite number > 0"):
+        ScheduleConfig(base_lr=10**400)
