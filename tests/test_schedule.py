@@ -383,3 +383,12 @@ def test_numpy_numbers_are_taken_as_numbers() -> None:
             ScheduleConfig(t0=bad)  # type: ignore[arg-type]
     with pytest.raises(ScheduleError, match="base_lr: must be a finite number > 0"):
         ScheduleConfig(base_lr=10**400)
+
+
+def test_stretches_refuse_a_range_that_ends_before_it_starts() -> None:
+    # stretches(5, 3) was [(-2, 0)]: a stretch of -2 steps
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 3, 100)
+    with pytest.raises(ScheduleError, match="stretches: end 3 is before start 5"):
+        s.stretches(5, 3)
+    with pytest.raises(ScheduleError, match=r"iteration j must be an int >= 0, got 2\.5"):
+        s.stretches(0, 2.5)  # type: ignore[arg-type]

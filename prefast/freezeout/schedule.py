@@ -234,6 +234,10 @@ class FreezeSchedule:
     def stretches(self, start: int, end: int) -> list[tuple[int, int]]:
         """Iterations ``start .. end - 1`` cut at every freeze inside them: ``(steps,
         frontier)`` per stretch, in order, the frontier being ``frozen_count`` at its start."""
+        self._check_iteration(start)
+        self._check_iteration(end)
+        if end < start:  # gave a stretch of end - start < 0 steps
+            raise ScheduleError(f"stretches: end {end} is before start {start}")
         cuts = sorted(
             {it for it in self.freeze_iterations() if it is not None and start < it < end}
         )
