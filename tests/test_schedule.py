@@ -392,3 +392,23 @@ def test_stretches_refuse_a_range_that_ends_before_it_starts() -> None:
         s.stretches(5, 3)
     with pytest.raises(ScheduleError, match=r"iteration j must be an int >= 0, got 2\.5"):
         s.stretches(0, 2.5)  # type: ignore[arg-type]
+
+
+def test_queries_take_numpy_integers_as_the_counts_do() -> None:
+    """The schedule took numpy counts, but lr(0, np.int64(3)) (a loop over np.arange) was
+    refused as 'iteration j must be an int >= 0, got np.int64(3)'."""
+    s = FreezeSchedule(ScheduleConfig(t0=0.5, how_scale="linear"), 3, 100)
+    for i, j in ((np.int64(0), np.int64(25)), (np.int32(0), np.uint8(51)), (np.int16(3), 50)):
+        got = (s.lr(i, j), s.is_frozen(i, j), s.frozen_count(j))  # type: ignore[arg-type]
+        assert got == (s.lr(int(i), int(j)), s.is_frozen(int(i), int(j)), s.frozen_count(int(j)))
+        assert type(s.lr(i, j)) is float  # type: ignore[arg-type]
+    assert s.lr(np.int64(0), np.int64(25)) == pytest.approx(0.1)  # type: ignore[arg-type]
+    assert s.freeze_iteration(np.int64(1)) == 67  # type: ignore[arg-type]
+    assert s.stretches(np.int64(0), np.int64(100)) == s.stretches(0, 100)  # type: ignore[arg-type]
+    assert all(type(v) is int for st in s.stretches(np.int64(0), 100) for v in st)  # type: ignore[arg-type]
+    for bad in (np.bool_(True), True, np.float64(3.0), np.int64(-1)):
+        with pytest.raises(ScheduleError, match="iteration j must be an int >= 0"):
+            s.lr(0, bad)  # type: ignore[arg-type]
+    for bad in (np.bool_(True), np.float64(1.0), np.int64(4)):
+        with pytest.raises(ScheduleError, match=r"index i must be an int in 0\.\.3"):
+            s.lr(bad, 0)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,25 +170,28 @@ class FreezeSchedule:
         """Whether any unit ever freezes (False in ``full`` mode)."""
         return self.config.mode != "full"
 
-    def _check_index(self, i: int) -> None:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= self.num_units:
+    def _check_index(self, i: int) -> int:
+        """``i`` as an int (a numpy one too, as the counts), if it is a unit or the head."""
+        if _integer(i) is None or not 0 <= i <= self.num_units:
             raise ScheduleError(
                 f"index i must be an int in 0..{self.num_units} (head = {self.num_units}), "
                 f"got {i!r}"
             )
+        return int(i)
 
     @staticmethod
-    def _check_iteration(j: int) -> None:
-        if isinstance(j, bool) or not isinstance(j, int) or j < 0:
+    def _check_iteration(j: int) -> int:
+        """``j`` as an int (a numpy one too, as the counts), if it is an iteration."""
+        if _integer(j) is None or j < 0:
             raise ScheduleError(f"iteration j must be an int >= 0, got {j!r}")
+        return int(j)
 
     def is_frozen(self, i: int, j: int) -> bool:
         """Whether unit ``i`` is frozen at iteration ``j`` (``j > max_j[i]``).
 
         The head and, in ``full`` mode, every unit are never frozen.
         """
-        self._check_index(i)
-        self._check_iteration(j)
+        i, j = self._check_index(i), self._check_iteration(j)
         if i == self.num_units or not self.freezes:
             return False
         return j > self.max_j[i]
@@ -199,6 +203,7 @@ class FreezeSchedule:
         """
         if self.is_frozen(i, j):
             return 0.0
+        i, j = int(i), int(j)
         # max_j rounds to 0 where t_i * total_iterations < 5e-7: the unit trains at j = 0 only,
         # at lr_i(0) (the ratio's limit), not at cos(0 / 0)
         max_j = self.max_j[i]
@@ -209,7 +214,7 @@ class FreezeSchedule:
 
         ``t`` is non-decreasing, so the frozen units always form a prefix.
         """
-        self._check_iteration(j)
+        j = self._check_iteration(j)
         count = 0
         while count < self.num_units and self.is_frozen(count, j):
             count += 1
@@ -221,7 +226,7 @@ class FreezeSchedule:
         None for the head, in ``full`` mode, and when that iteration is not inside the run
         (``>= total_iterations``).
         """
-        self._check_index(i)
+        i = self._check_index(i)
         if i == self.num_units or not self.freezes:
             return None
         j = math.floor(self.max_j[i]) + 1
@@ -234,8 +239,7 @@ class FreezeSchedule:
     def stretches(self, start: int, end: int) -> list[tuple[int, int]]:
         """Iterations ``start .. end - 1`` cut at every freeze inside them: ``(steps,
         frontier)`` per stretch, in order, the frontier being ``frozen_count`` at its start."""
-        self._check_iteration(start)
-        self._check_iteration(end)
+        start, end = self._check_iteration(start), self._check_iteration(end)
         if end < start:  # gave a stretch of end - start < 0 steps
             raise ScheduleError(f"stretches: end {end} is before start {start}")
         cuts = sorted(
@@ -246,6 +250,13 @@ class FreezeSchedule:
             (points[k + 1] - points[k], self.frozen_count(points[k]))
             for k in range(len(points) - 1)
         ]
+
+
+def _integer(v: object) -> int | None:
+    """``v`` as an int if it is an integer (a numpy one too; bools refused), else None."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        return None
+    return int(v)
 
 
 def _cost_ok(c: object) -> bool:
