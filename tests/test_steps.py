@@ -268,3 +268,29 @@ def test_inductor_compiles_every_unit_whose_class_many_units_share(monkeypatch, 
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
     assert counters["frames"]["ok"] == counters["frames"]["total"] == 12  # conv, 11 shapes
     torch._dynamo.reset()
+
+
+def test_unit_sgd_refuses_bad_hyperparameters_and_units():
+    """A NaN or negative momentum or weight decay trained to NaN weights, nesterov="no" was
+    Nesterov's, unit -1 trained the last unit at the head's learning rate and unit 99 was an
+    IndexError."""
+    from prefast.freezeout.schedule import ScheduleError
+
+    m = _model()
+    sched = FreezeSchedule(ScheduleConfig(), m.num_units, 10)
+    ok = {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
+    for field, bad, match in [
+        ("momentum", float("nan"), "momentum: must be a finite number >= 0"),
+        ("momentum", -0.5, "momentum: must be a finite number >= 0"),
+        ("momentum", "0.9", "momentum: must be a finite number >= 0"),
+        ("weight_decay", -1.0, "weight_decay: must be a finite number >= 0"),
+        ("nesterov", "no", "nesterov: must be True or False"),
+    ]:
+        with pytest.raises(ScheduleError, match=match):
+            UnitSGD(m, sched, range(m.num_units), **{**ok, field: bad})
+    n = m.num_units
+    for units in ([-1, 0], [n], [0.0]):
+        with pytest.raises(ScheduleError, match=rf"units must be indices in 0\.\.{n - 1}"):
+            UnitSGD(m, sched, units, **ok)
+    opt = UnitSGD(m, sched, [torch.tensor(1), 2], **{**ok, "momentum": 0.0, "nesterov": False})
+    assert opt.units == [1, 2, n] and opt.momentum == 0.0

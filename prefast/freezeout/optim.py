@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from prefast.errors import ModelError, ScheduleError
+from prefast.errors import ModelError, ScheduleError, check_bool, check_number
 from prefast.freezeout.schedule import FreezeSchedule
 from prefast.models import UnitModel
+from prefast.models.base import as_int
 
 
 class UnitSGD:
@@ -40,13 +41,23 @@ class UnitSGD:
         nesterov: bool,
         weight_decay: float,
     ) -> None:
-        if nesterov and momentum <= 0:
+        # a NaN momentum or a negative one trained to NaN weights ("lower --base-lr"), and
+        # nesterov="no" was Nesterov's
+        self.momentum = check_number("momentum", momentum, 0, error=ScheduleError)
+        self.nesterov = check_bool("nesterov", nesterov, error=ScheduleError)
+        self.weight_decay = check_number("weight_decay", weight_decay, 0, error=ScheduleError)
+        if self.nesterov and self.momentum <= 0:
             raise ScheduleError("Nesterov momentum needs momentum > 0")
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
-        self.weight_decay = float(weight_decay)
         head = model.num_units
-        modules = {i: model.units[i] for i in units}
+        units = list(units)
+        # unit -1 trained the last unit at the head's learning rate (lrs[-1]); 99 an IndexError
+        bad = [i for i in units if as_int(i) is None or not 0 <= i < head]
+        if bad:
+            raise ScheduleError(
+                f"UnitSGD: units must be indices in 0..{head - 1} (the head is always "
+                f"included), got {bad}"
+            )
+        modules = {int(i): model.units[i] for i in units}
         modules[head] = model.head
         # unit index -> its trainable parameters (units without any are left out); one the
         # model's author fixed (requires_grad=False) gets no gradient and stays as it is, as
