@@ -844,6 +844,28 @@ def test_a_factory_that_takes_any_keyword_gets_the_model_arguments() -> None:
         unregister_model("fixed_byo")
 
 
+def test_a_factory_argument_without_a_default_that_is_not_given_is_named() -> None:
+    """A factory whose own argument has no default, built without it (model_args={}): the
+    factory's call failed with a bare TypeError, which the CLI shows as a traceback."""
+
+    def needs_width(
+        *, num_classes: int, in_channels: int, image_size: int, width: int
+    ) -> UnitModel:
+        units, head = _seq_parts()
+        return from_sequential(units, head, config={"name": "width_byo", "width": width})
+
+    register_model("width_byo")(needs_width)
+    try:
+        with pytest.raises(ModelError, match=re.escape(
+            "model 'width_byo' needs the argument(s) ['width'], which have no default"
+        )):  # fmt: skip
+            create_model("width_byo", num_classes=3, in_channels=1, image_size=28)
+        m = create_model("width_byo", num_classes=3, in_channels=1, image_size=28, width=2)
+        assert m.config == {"name": "width_byo", "width": 2}
+    finally:
+        unregister_model("width_byo")
+
+
 def test_create_model_checks_what_a_factory_returns() -> None:
     def not_a_unit_model(**kwargs: Any) -> UnitModel:
         return nn.Sequential(nn.Flatten())  # type: ignore[return-value]

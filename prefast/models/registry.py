@@ -145,6 +145,20 @@ def create_model(
     if unknown:
         takes = f"accepted: {', '.join(accepted)}" if accepted else "it takes none"
         raise ModelError(f"model {name!r} got unknown argument(s) {unknown}; {takes}")
+    # an argument without a default that is not given failed in the call, a bare TypeError
+    missing = [
+        p.name
+        for p in params
+        if p.name in accepted
+        and p.kind is not inspect.Parameter.POSITIONAL_ONLY
+        and p.default is inspect.Parameter.empty
+        and p.name not in kwargs
+    ]
+    if missing:
+        raise ModelError(
+            f"model {name!r} needs the argument(s) {missing}, which have no default: give them "
+            "(TrainConfig.model_args in a run)"
+        )
     # numpy scalars (a sweep's np.arange or np.linspace) as plain Python ones: factories check
     # with isinstance and the config they record goes into JSON
     common = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
