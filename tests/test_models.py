@@ -817,6 +817,9 @@ def test_register_and_unregister_a_custom_model() -> None:
     assert "tiny_byo" not in list_models()
     with pytest.raises(ModelError, match="'tiny_byo' is not registered"):
         unregister_model("tiny_byo")
+    # an unhashable name was a bare TypeError from the lookup
+    with pytest.raises(ModelError, match=re.escape("model ['tiny_byo'] is not registered")):
+        unregister_model(["tiny_byo"])  # type: ignore[arg-type]
 
 
 def test_a_factory_that_takes_any_keyword_gets_the_model_arguments() -> None:

@@ -91,7 +91,8 @@ def _missing_common(factory: Factory) -> list[str]:
 
 def unregister_model(name: str) -> None:
     """Remove the factory registered under ``name`` (e.g. a test's or a notebook's model)."""
-    if name not in _REGISTRY:
+    # an unhashable name (a list) failed in the lookup with a bare TypeError
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ModelError(
             f"model {name!r} is not registered; registered: {', '.join(list_models())}"
         )
