@@ -722,6 +722,11 @@ class _BatchWide(nn.Module):
         return x[:, :, : x.shape[0] + 2]  # (B, C, H, W) -> (B, C, min(H, B + 2), W)
 
 
+class _PerSampleSum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=(1, 2, 3))  # (B, C, H, W) -> (B,)
+
+
 class _Signs(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x > 0).long()
@@ -736,12 +741,15 @@ class _Signs(nn.Module):
         (_BatchWide(), "unit 1 (odd): its output per sample is (3, 3, 32) in a batch of 1 but "
                        "(3, 4, 32) in a batch of 2; a cache stores one shape per sample"),
         (_Signs(), "unit 1 (odd) returns torch.int64 activations; a cache stores floating-point"),
+        (_PerSampleSum(), "unit 1 (odd): for a batch of 1 it returns shape (1,), 0 dimension(s) "
+                          "per sample; a cache stores 1 to 8: return (B, 1) for one value"),
     ],
 )  # fmt: skip
 def test_a_unit_whose_output_a_cache_cannot_hold_is_named(unit: nn.Module, needle: str) -> None:
     """The shapes a cache allocates came from one dummy sample: a unit that merged the batch
     into its output, or whose per-sample shape followed the batch size, gave a shape that the
-    first cache write refused with a StoreInputError naming no unit, in the middle of a run."""
+    first cache write refused with a StoreInputError naming no unit, in the middle of a run;
+    as did one returning (B,), a per-sample shape () that a store does not hold."""
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10))
     m = from_sequential([nn.Conv2d(3, 3, 1), unit, nn.Identity()], head,
                         unit_names=["conv", "odd", "id"])  # fmt: skip

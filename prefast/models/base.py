@@ -198,6 +198,16 @@ class UnitModel(nn.Module):
                 f"caches the activation after a unit per sample, so each unit must keep the "
                 "batch first, (B, ...) in and out (--mode freezeout and --mode full do not cache)"
             )
+        from store.layout import MAX_SAMPLE_DIMS  # the store's limit (loaded where a cache is)
+
+        if not 1 <= h.dim() - 1 <= MAX_SAMPLE_DIMS:
+            # (B,) passed, and the first cache after the unit failed in the middle of the run
+            raise ModelError(
+                f"{name}: for a batch of {n} it returns shape {tuple(h.shape)}, {h.dim() - 1} "
+                f"dimension(s) per sample; a cache stores 1 to {MAX_SAMPLE_DIMS}: return "
+                "(B, 1) for one value per sample, not (B,) (--mode freezeout and --mode full "
+                "do not cache)"
+            )
         if not h.is_floating_point():
             raise ModelError(
                 f"{name} returns {h.dtype} activations; a cache stores floating-point ones "
