@@ -2685,6 +2685,61 @@ def test_a_parameter_the_forward_never_uses_is_named(where, needle):
         unregister_model("spare")
 
 
+class _Float64Conv(nn.Module):
+    """A float64 convolution: it takes float64 (``cast=False``) or casts its input."""
+
+    def __init__(self, c_in: int, cast: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, 4, 3, padding=1).double()
+        self.cast = cast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.conv(x.double() if self.cast else x)
+        return out
+
+
+class _ToFloat32(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+@pytest.mark.parametrize("recache_mode", ["pass", "write-through"])
+def test_a_model_that_computes_in_float64_trains_from_a_cache(tmp_path, recache_mode):
+    """Units that return float64: a cached batch was handed to the unit after its boundary as
+    float32, which a float64 convolution refused ("Input type (float) and bias type (double)
+    should be the same") at the first step after a freeze, where freezeout trains. It is
+    handed over in the dtype the unit before it returns (rounded to the cache's float32)."""
+    from prefast.cache.build import activation_dtypes
+
+    def factory(*, num_classes: int, in_channels: int = 3, image_size: int = 32):
+        units = [_Float64Conv(in_channels, cast=True), _Float64Conv(4, cast=False), _ToFloat32()]
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+        return from_sequential(units, head, config={"name": "f64_cnn"})
+
+    register_model("f64_cnn")(factory)
+    try:
+        model = create_model("f64_cnn", num_classes=10, in_channels=3, image_size=32)
+        f32, f64 = torch.float32, torch.float64
+        assert activation_dtypes(model, (3, 32, 32), torch.device("cpu"), "none") == (
+            f32, f64, f64, f32,
+        )  # fmt: skip
+        kw = dict(model="f64_cnn", model_args={}, epochs=2, num_samples=64, augment=False)
+        ref = train(tiny(mode="freezeout", **kw))
+        got = train(
+            tiny(
+                mode="prefast", cache="ram", cache_dtype="float32", recache_policy="every",
+                recache_mode=recache_mode, **kw,
+            )
+        )  # fmt: skip
+    finally:
+        unregister_model("f64_cnn")
+    assert ref.summary["frozen_units"] == got.summary["frozen_units"] == 3
+    assert got.summary["cache_boundary"] >= 1
+    assert len(got.losses) == len(ref.losses) == 8
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses))
+    torch.testing.assert_close(_weights(got.model), _weights(ref.model))
+
+
 def test_a_head_without_trainable_parameters_is_refused_before_training():
     """The head trains alone after the last freeze: one with nothing to train failed there,
     near the end of the run, with torch's 'does not require grad'."""

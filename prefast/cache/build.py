@@ -88,17 +88,16 @@ def activation_dtypes(
     model: UnitModel, input_shape: tuple[int, ...], device: torch.device, amp: str
 ) -> tuple[torch.dtype, ...]:
     """The dtype of the activation at each boundary ``0..num_units`` as a step computes it:
-    float32 without ``amp``; under ``amp="bf16"`` what each unit returns under autocast
-    (bfloat16 for a unit that ends in a convolution or a sum of them, float32 for one that
+    float32 for the images, then what each unit returns (under ``amp="bf16"`` in autocast:
+    bfloat16 for a unit that ends in a convolution or a sum of them, float32 for one that
     ends in an op autocast runs in float32), from one eval-mode pass of a dummy batch
     (training flags restored). A cached batch is handed to the units after it in this dtype:
     read as float32, a bfloat16 activation made the units after it compute in float32 where
     freezeout's steps compute in bfloat16 (DenseNet's concatenations promote), so they
-    rounded otherwise."""
-    if amp != "bf16":
-        return (torch.float32,) * (model.num_units + 1)
+    rounded otherwise; and a unit of one's own that returns float64 (or float16) was handed
+    float32, which a float64 layer after it refused in the middle of the run."""
     with model._probe(), autocast(device, amp):
-        h = model._dummy(input_shape, 2)
+        h = model._dummy(input_shape, 2).float()  # as make_batch gives the images
         dtypes = [torch.float32]  # the images (make_batch)
         for u in model.units:
             h = u(h)

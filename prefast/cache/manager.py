@@ -1034,7 +1034,8 @@ class CacheManager:
     def batches(self, epoch: int, start: int) -> Iterator[Batch]:
         """This rank's batches of the epoch from batch ``start`` on, read from the cache:
         x (B, *sample_shape) on the device in the dtype the steps compute the activation in
-        (``act_dtypes``: float32, or bfloat16 under ``--amp bf16``), y (B,) on the device, ids
+        (``act_dtypes``: what the unit before the boundary returns, float32 or bfloat16 under
+        ``--amp bf16`` for the built-in models), y (B,) on the device, ids
         (B,) on the host."""
         if self.cache is None:
             raise RuntimeError("CacheManager.batches() before any cache was built")
