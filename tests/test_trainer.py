@@ -2740,6 +2740,27 @@ def test_a_model_that_computes_in_float64_trains_from_a_cache(tmp_path, recache_
     torch.testing.assert_close(_weights(got.model), _weights(ref.model))
 
 
+@pytest.mark.parametrize("mode", ["freezeout", "prefast"])
+def test_a_model_in_float64_is_refused_before_training(mode):
+    """A model made .double() passed the start-up check, which fed it zeros in its parameters'
+    dtype, and its first step failed on the float32 images with a bare RuntimeError."""
+
+    def doubled(*, num_classes: int, in_channels: int = 3, image_size: int = 32):
+        units = [nn.Conv2d(in_channels, 4, 3, padding=1), nn.Conv2d(4, 4, 1)]
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+        return from_sequential(units, head, config={"name": "doubled"}).double()
+
+    register_model("doubled")(doubled)
+    try:
+        with pytest.raises(ModelError, match=re.escape(
+            "model 'doubled' does not run on synthetic's 3x32x32 images (Input type (float) and "
+            "bias type (double) should be the same)"
+        )):  # fmt: skip
+            train(tiny(model="doubled", model_args={}, mode=mode, epochs=1))
+    finally:
+        unregister_model("doubled")
+
+
 def test_a_head_without_trainable_parameters_is_refused_before_training():
     """The head trains alone after the last freeze: one with nothing to train failed there,
     near the end of the run, with torch's 'does not require grad'."""

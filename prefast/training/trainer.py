@@ -117,7 +117,9 @@ def check_model_fits(model: UnitModel, name: str, spec: DatasetSpec) -> None:
     )
     try:
         with model._probe():  # eval mode, no_grad, zero images; training flags restored
-            out = model(model._dummy(shape))
+            # float32, as make_batch gives the images: in the parameters' dtype, a model made
+            # .double() passed here and failed at its first step
+            out = model(model._dummy(shape).float())
             # a unit or head that reduces over the batch (mean(dim=0) for mean(dim=1)) maps one
             # image to one row too: it failed in the first step, in the loss, with torch's
             # "Expected input batch_size (1) to match target batch_size (50)"
@@ -151,10 +153,10 @@ def _shape_of(out: object) -> tuple[int, ...] | str:
 def _rows_of_two(model: UnitModel, shape: tuple[int, ...]) -> int | str:
     """2 where ``model`` maps a batch of 2 images to 2 rows of logits, else what it returns,
     naming the first unit (or the head) whose tensor output does not hold the batch of 2."""
-    out = model(model._dummy(shape, 2))
+    out = model(model._dummy(shape, 2).float())
     if isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] == 2:
         return 2
-    h: Any = model._dummy(shape, 2)
+    h: Any = model._dummy(shape, 2).float()
     for i, part in enumerate([*model.units, model.head]):
         h = part(h)
         if isinstance(h, torch.Tensor) and (h.dim() == 0 or h.shape[0] != 2):
