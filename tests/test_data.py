@@ -1049,3 +1049,23 @@ def test_cifar_labels_out_of_range_are_shown_as_stored(tmp_path: Path) -> None:
         pickle.dump({b"data": np.zeros((N_TEST, 3072), np.uint8), b"labels": labels}, f, protocol=4)
     with pytest.raises(DataError, match=rf"labels span \[0, {2**63 + 5}\]"):
         load_dataset("cifar10", "test", data_root=tmp_path)
+
+
+def test_a_synthetic_subsets_description_names_the_set_it_is_drawn_from() -> None:
+    """--subset 500 of --num-samples 1000 and of 2000 are other images; their descriptions
+    (which cache fingerprints hash) were equal. Descriptions without a synthetic subset are
+    as before, so the fingerprints of their stores still match."""
+    from prefast.config import TrainConfig
+    from prefast.data import load_data
+
+    def loaded(**kw: Any) -> Any:
+        return load_data(TrainConfig(dataset="synthetic", seed=3, **kw))
+
+    a, b = loaded(num_samples=60, subset=25), loaded(num_samples=90, subset=25)
+    assert not torch.equal(a.train.images, b.train.images)
+    assert (a.desc["subset_of"], b.desc["subset_of"]) == (60, 90)
+    assert {k: v for k, v in a.desc.items() if k != "subset_of"} == {
+        k: v for k, v in b.desc.items() if k != "subset_of"
+    }
+    assert "subset_of" not in loaded(num_samples=60).desc
+    assert "subset_of" not in loaded(num_samples=60, val_size=10).desc

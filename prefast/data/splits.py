@@ -122,6 +122,11 @@ def load_data(cfg: TrainConfig) -> Datasets:
         "seed": cfg.seed,
         "augment": Augment.from_spec(train.spec, cfg.augment).to_dict(),
     }
+    if cfg.dataset == "synthetic" and cfg.subset is not None:
+        # the set a subset is drawn from: --num-samples 1000 and 2000 with --subset 500 are
+        # other images with one description (and so one cache fingerprint) without it. Only
+        # here: the other descriptions, and the fingerprints of their stores, stay as they were
+        desc["subset_of"] = n
     return Datasets(train, test, val, desc)
 
 
