@@ -2362,6 +2362,33 @@ def test_the_returned_model_is_in_eval_mode_throughout():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_evaluation_restores_each_modules_mode_during_and_after_the_run():
+    """Evaluation runs in eval mode and puts every module back as it was: during the run the
+    frozen units stay in eval mode and the others train; after it, evaluating again left the
+    returned model's head and last units in train mode (they set the run's modes)."""
+    t = Trainer(tiny(mode="freezeout", epochs=2, t0=0.5))
+    real_eval, seen = t.evaluate, []
+
+    def evaluate(data):
+        seen.append(([u.training for u in t.model.units], t.model.head.training, t.frontier))
+        out = real_eval(data)
+        assert [u.training for u in t.model.units] == seen[-1][0]
+        assert t.model.head.training == seen[-1][1]
+        return out
+
+    t.evaluate = evaluate
+    result = t.run()
+    frozen = [f for *_, f in seen]
+    assert frozen[0] < len(seen[0][0]) and frozen[-1] > 0  # some units train, some froze
+    for units, head, f in seen:
+        assert units == [i >= f for i in range(len(units))] and head
+    assert real_eval(t.data.test) == (
+        result.records[-1]["test_loss"],
+        result.records[-1]["test_error"],
+    )
+    assert not any(m.training for m in result.model.modules())
+
+
 def test_runs_with_other_settings_share_a_cache_dir_apart(tmp_path, capsys):
     """Another model, or other settings, in the same --cache-dir: each run keeps its stores in
     its own run folder, and neither replaces the other's."""

@@ -642,22 +642,31 @@ class Trainer:
     def evaluate(self, data: ImageData) -> tuple[float, float]:
         """(mean loss, error) of the model on ``data``, in eval mode; under torchrun each rank
         evaluates every world_size-th sample and the sums are combined. Sums stay on the
-        device until the end (no per-batch sync)."""
+        device until the end (no per-batch sync). Every module's training flag is restored
+        after: during the run the frozen units stay in eval mode and the others train, and
+        after it the returned model stays in eval mode (set_train_modes here put its head and
+        last units back in train mode, and its next call then updated their BatchNorm
+        statistics)."""
+        flags = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         n = len(data)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         mine = np.arange(self.dist.rank, n, self.dist.world_size)
-        with torch.no_grad(), autocast(self.device, self.cfg.amp):
-            for s in range(0, len(mine), self.cfg.eval_batch_size):
-                interrupt.check()
-                x, y = make_batch(data, mine[s : s + self.cfg.eval_batch_size], None, self.device)
-                if self.cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                out = self.model(x).float()
-                total += F.cross_entropy(out, y, reduction="sum").double()
-                correct += (out.argmax(1) == y).sum()
-        set_train_modes(self.model, self.frontier)
+        try:
+            with torch.no_grad(), autocast(self.device, self.cfg.amp):
+                for s in range(0, len(mine), self.cfg.eval_batch_size):
+                    interrupt.check()
+                    idx = mine[s : s + self.cfg.eval_batch_size]
+                    x, y = make_batch(data, idx, None, self.device)
+                    if self.cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    out = self.model(x).float()
+                    total += F.cross_entropy(out, y, reduction="sum").double()
+                    correct += (out.argmax(1) == y).sum()
+        finally:
+            for m, flag in flags:  # parents before children: each module ends with its own
+                m.train(flag)
         t, c = self.dist.sum([float(total), float(correct)], "combining the evaluation")
         return t / n, 1.0 - c / n
 
