@@ -956,13 +956,18 @@ def test_metrics_through_a_link_whose_target_folder_is_gone(tmp_path):
         check_writable_file(tmp_path / "a", "--metrics")
 
 
-def test_metrics_stay_strict_json_when_the_weights_diverge(tmp_path):
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_metrics_stay_strict_json_when_the_weights_diverge(tmp_path, epochs):
     # one step per epoch: the step's loss is finite, its update is not, so the epoch's test
-    # loss is NaN; the record said NaN (not JSON) before the next epoch stopped the run
+    # loss is NaN; the record said NaN (not JSON) before the next epoch stopped the run, and a
+    # run of one epoch ended as a success (exit 0, its test error from NaN logits)
     m = tmp_path / "m.jsonl"
-    cfg = tiny(mode="full", num_samples=13, base_lr=1e30, epochs=2, metrics=str(m))
-    with pytest.raises(FloatingPointError, match="iteration 1"):
+    ck = tmp_path / "ck"
+    cfg = tiny(mode="full", num_samples=13, base_lr=1e30, epochs=epochs, metrics=str(m),
+               checkpoint_dir=str(ck))  # fmt: skip
+    with pytest.raises(FloatingPointError, match="iteration 0: the test loss after this step"):
         train(cfg)
+    assert not (ck / "last.pt").exists()  # no checkpoint of NaN weights
 
     def refuse(name: str) -> None:
         raise AssertionError(f"{name} in the metrics")
@@ -972,8 +977,8 @@ def test_metrics_stay_strict_json_when_the_weights_diverge(tmp_path):
     assert rec["epoch"] == 0 and rec["iterations"] == 1 and rec["test_loss"] is None
     assert 0 < rec["train_loss"] < 10  # finite: its step ran on finite weights
     end = json.loads(last, parse_constant=refuse)
-    assert end["failed"] is True and end["error"].startswith("FloatingPointError: iteration 1")
-    assert end["error"].endswith("the loss is not finite; lower --base-lr")
+    assert end["failed"] is True and end["error"].startswith("FloatingPointError: iteration 0")
+    assert end["error"].endswith("is not finite (the weights diverged); lower --base-lr")
 
 
 def test_a_loss_that_diverges_from_a_tiny_t0_names_t0(tmp_path):

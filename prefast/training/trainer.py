@@ -441,6 +441,14 @@ class Trainer:
                     self.frontier,
                     rec["cache_boundary"],
                 )
+                if not math.isfinite(test_loss):
+                    # the epoch's last update made the weights diverge: the loss checked before
+                    # each step never sees it, so a last epoch's ended as a success (its error
+                    # from NaN logits), and an earlier epoch's checkpoint held NaN weights
+                    raise FloatingPointError(
+                        f"iteration {self.iteration - 1}: the test loss after this step is not "
+                        f"finite (the weights diverged); {self._divergence_remedy()}"
+                    )
                 self._save_checkpoint(epoch + 1)
             self.result.summary = self._summary()
             metrics.write(self.result.summary)
