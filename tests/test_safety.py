@@ -1210,18 +1210,34 @@ def test_commands_printed_with_a_path_are_quoted_for_the_shell(tmp_path, capsys,
 def test_a_lock_file_that_is_a_link_is_refused_and_its_target_left_whole(tmp_path, capsys):
     """A run, prefast cache list and cache remove opened the run folder's .prefast-lock
     through a link of that name, and a run or remove emptied the file it points to and wrote
-    its pid there."""
+    its pid there. cache list then failed as a whole (exit 2, no folder listed): it now says
+    so of that folder and lists the others."""
     from prefast.cache.identity import LOCK_NAME
 
     cache = tmp_path / "cache"
     run_dir = _run_folder(cache, "aaaaaaaaaaaa", {"boundary-003": True})
+    other = _run_folder(cache, "bbbbbbbbbbbb", {"boundary-002": True})
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     (run_dir / LOCK_NAME).symlink_to(notes)
     said = f"{run_dir / LOCK_NAME} is a link, not prefast's lock file; remove it"
-    for cmd in ("list", "remove"):
-        assert main(["cache", cmd, str(cache if cmd == "list" else run_dir)]) == 2
-        assert capsys.readouterr().err == f"prefast: error: {said}\n"
+    assert main(["cache", "remove", str(run_dir)]) == 2
+    assert capsys.readouterr().err == f"prefast: error: {said}\n"
+    assert main(["cache", "remove", str(other), str(run_dir)]) == 2  # and none is removed
+    assert capsys.readouterr().err.startswith(f"prefast: error: {said}; none of the 2 ")
+    assert main(["cache", "list", str(cache), "--json"]) == 0
+    rows = {Path(r["path"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["run-aaaaaaaaaaaa"]["unreadable"] == said
+    assert [s["name"] for s in rows["run-aaaaaaaaaaaa"]["stores"]] == ["boundary-003"]
+    assert rows["run-bbbbbbbbbbbb"]["unreadable"] is None
+    assert main(["cache", "list", str(cache)]) == 0
+    assert f"{run_dir}  " in (out := capsys.readouterr().out) and f"(not readable: {said})" in out
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".prefast-lock",
+        ".prefast-run",
+        "boundary-003",
+    ]
+    assert store.open(other / "boundary-002").complete
     manager = Trainer(TrainConfig(**TINY, mode="prefast", cache="zarr", cache_dir=str(cache)))
     real = Path(manager.cache.run_dir)
     manager.close()  # the unused run folder goes

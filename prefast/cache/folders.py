@@ -60,7 +60,7 @@ class RunFolder:
     ours: bool  # carries the run marker: prefast made it, and ``remove`` may delete it
     user: int | None  # the pid of the run using it (0: in use, pid unknown); None: free
     stores: list[StoreEntry] = field(default_factory=list)
-    unreadable: str | None = None  # why the folder could not be looked into (permissions)
+    unreadable: str | None = None  # why it could not be looked into (permissions, a lock link)
     removing: bool = False  # the lock's holder is ``prefast cache remove``, not a run
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,7 +179,11 @@ def describe_run_folder(run_dir: Path) -> RunFolder:
         for p in sorted(run_dir.iterdir())
         if p.name.startswith(STORE_PREFIX) and p.is_dir() and not p.is_symlink()
     ]
-    user, removing = _user(run_dir)
+    try:
+        user, removing = _user(run_dir)
+        unreadable = None
+    except CacheError as e:  # a link where the lock file is: said of this folder alone
+        user, removing, unreadable = None, False, str(e)
     return RunFolder(
         run_dir,
         sum(sizes.values()),
@@ -187,6 +191,7 @@ def describe_run_folder(run_dir: Path) -> RunFolder:
         (run_dir / RUN_MARKER).is_file(),
         user,
         stores,
+        unreadable,
         removing=removing,
     )
 
@@ -271,6 +276,8 @@ def check_removable(path: str | Path) -> RunFolder:
             "'prefast cache list CACHE_DIR' lists them)"
         )
     info = describe_run_folder(local)
+    if info.unreadable is not None:  # whether a run uses it cannot be told
+        raise CacheError(info.unreadable)
     if not info.ours:
         raise CacheError(f"{path}: not made by prefast (no {RUN_MARKER} in it); left as it is")
     if info.removing:
