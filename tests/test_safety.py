@@ -252,7 +252,14 @@ def test_a_folder_named_like_a_run_folder_is_not_cleared(tmp_path, caplog):
         Trainer(cfg).cache.close()
     _assert_intact(files)
     assert any("was not made by prefast" in r.getMessage() for r in caplog.records)
-    assert not (theirs / ".prefast-run").exists()
+    # the run's lock file went with the run (it stayed there for good: nothing in the folder
+    # is ever cleared), and nothing else of prefast's is left in it
+    assert sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*")) == [
+        ".prefast-probe-1-abc",
+        ".prefast-probe-1-abc/keep.txt",
+        ".prefast-trash-mine",
+        ".prefast-trash-mine/keep.txt",
+    ]
 
 
 def test_remove_store_refuses_what_is_not_a_store(tmp_path):

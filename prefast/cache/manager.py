@@ -1325,6 +1325,7 @@ class CacheManager:
                 local = location.as_local(self.run_dir) if self.run_dir is not None else None
                 if local is not None:  # rank 0 holds the lock: nothing kept, no folder left
                     remove_if_unused(local)
+                    _drop_lock_of_unmarked(local, self._lock_fd)
                     if self.cfg.cache_dir is None and self._tmp_dir is None:
                         # CHECKPOINT_DIR/cache, made for this run: gone too where now empty
                         with contextlib.suppress(OSError):
@@ -1428,6 +1429,20 @@ def _take_run_dir(run_dir: Path) -> int:
         os.close(fd)
         run_dir.mkdir(parents=True, exist_ok=True)
     raise CacheError(f"--cache-dir: {run_dir} keeps being removed while this run starts")
+
+
+def _drop_lock_of_unmarked(run_dir: Path, fd: int) -> None:
+    """Delete the lock file of a run folder prefast did not make (no marker: nothing left in
+    it is cleared later, so the lock file stayed there for good), where it is still the file
+    locked as ``fd``: never a file put under its name meanwhile. A run that opened it before
+    this and locks it then finds it unlinked, and makes it anew (``_take_run_dir``)."""
+    if (run_dir / RUN_MARKER).is_file():
+        return
+    path = run_dir / LOCK_NAME
+    with contextlib.suppress(OSError):
+        st, held = path.lstat(), os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+            path.unlink()
 
 
 def _steps_of(n: int) -> str:
