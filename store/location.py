@@ -4,15 +4,25 @@ both; fsspec is imported only for URLs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from store._zarr import as_local
 from store.errors import NotAStoreError, StoreInputError, install_hint
-from store.layout import ATTRS_KEY, FORMAT_NAME, StoreInfo
+from store.layout import (
+    ACTIVATIONS,
+    ATTRS_KEY,
+    CHUNK_CRC,
+    FORMAT_NAME,
+    LABEL_CRC,
+    LABELS,
+    StoreInfo,
+)
 
 Location = str | os.PathLike[str]
 
@@ -135,6 +145,66 @@ def is_activation_store(loc: Location) -> bool:
     return store_record(loc) is not None
 
 
+STORE_ARRAYS = (CHUNK_CRC, ACTIVATIONS, LABELS, LABEL_CRC)  # the chunk markers first
+# the temporary names a store's files are written under: a table chunk's (the writer's
+# ``.KEY.THREAD.tmp``) and zarr's (``NAME.HEX.partial``, a record or a chunk)
+_TEMP_NAME = re.compile(r"^(\.\d+\.\d+\.tmp|(zarr|\d+)\.[0-9a-f]{32}\.partial)$")
+
+
+def _is_own(name: str, is_dir: bool, level: int) -> bool:
+    """Whether an entry (not a link) ``level`` deep in a store folder is one the store writes:
+    at the top its record and array folders, in an array folder its record and chunk folder,
+    under that the chunk files and the folders of their keys (all digits)."""
+    if _TEMP_NAME.match(name) and not is_dir:
+        return True
+    if level == 0:
+        return name in STORE_ARRAYS if is_dir else name == "zarr.json"
+    if level == 1:
+        return name == "c" if is_dir else name == "zarr.json"
+    return name.isascii() and name.isdigit()
+
+
+def store_files(path: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """What is in the local store folder ``path``: the files the store wrote (its records,
+    chunk files and their temporary files), its folders (deepest first), and the topmost
+    entries it did not write (a user's file, a link anywhere: links are never followed)."""
+    files: list[Path] = []
+    folders: list[Path] = []
+    foreign: list[Path] = []
+
+    def walk(folder: Path, level: int) -> None:
+        with os.scandir(folder) as entries:
+            for e in sorted(entries, key=lambda e: e.name):
+                p = Path(e.path)
+                is_dir = e.is_dir(follow_symlinks=False)
+                if e.is_symlink() or not _is_own(e.name, is_dir, level):
+                    foreign.append(p)
+                elif is_dir:
+                    walk(p, level + 1)
+                    folders.append(p)
+                else:
+                    files.append(p)
+
+    walk(path, 0)
+    return files, folders, foreign
+
+
+def remove_store_files(path: Path) -> list[Path]:
+    """Delete the files of the local store at ``path`` that the store wrote (``store_files``),
+    its chunk markers first (a chunk is never left marked written with its data gone) and its
+    record last, then the folders they leave empty, ``path`` too where nothing else is in it.
+    What the store did not write stays, with the folders it is in; returns it."""
+    files, folders, foreign = store_files(path)
+    record = path / "zarr.json"
+    markers = path / CHUNK_CRC
+    for f in sorted(files, key=lambda f: (f == record, markers not in f.parents)):
+        f.unlink(missing_ok=True)
+    for d in (*folders, path):
+        with contextlib.suppress(OSError):  # what is not the store's is in it
+            d.rmdir()
+    return foreign
+
+
 def remove_store(loc: Location) -> None:
     """Delete the activation store at ``loc``; anything else there is left alone (a missing
     location is not an error)."""
@@ -157,5 +227,7 @@ __all__ = [
     "recorded_info",
     "remove",
     "remove_store",
+    "remove_store_files",
+    "store_files",
     "store_record",
 ]

@@ -76,6 +76,7 @@ from store.location import (
     missing_backend,
     recorded_info,
     remove,
+    remove_store_files,
 )
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,16 @@ def _clear_store_dir(path: Path) -> None:
         else:
             child.unlink()
     (path / "zarr.json").unlink(missing_ok=True)
+
+
+def clear_store_files(path: Path) -> list[Path]:
+    """Delete the local store at ``path`` where it holds what the store did not write (a
+    user's file, a link): the store's own files and the folders they leave empty go, the
+    rest stays (``location.remove_store_files``), and is returned. It is marked incomplete
+    first: cut short, it leaves an incomplete store, never one marked complete with chunks
+    gone."""
+    _mark_incomplete(path)
+    return remove_store_files(path)
 
 
 def _clear_store_url(url: str) -> None:

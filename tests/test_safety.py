@@ -1310,3 +1310,65 @@ def test_resume_with_another_number_of_ranks_says_the_run_changes(tmp_path, capl
     caplog.clear()
     train(TrainConfig(**{**cfg, "epochs": 2}, resume=True))
     assert not any("rank(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_deleting_a_store_keeps_what_the_store_did_not_write(tmp_path, caplog, capsys):
+    """A user's file put in a boundary-NNN store folder (and a link in its chunk folders) was
+    deleted with the store: the whole folder was renamed into the trash and removed. The
+    store's own files go now; the rest stays with its folders, and a warning names it."""
+    from prefast.cache.identity import delete_store
+
+    def tree(p: Path) -> list[str]:
+        return sorted(str(x.relative_to(p)) for x in p.rglob("*"))
+
+    run_dir = _run_folder(tmp_path / "cache", "aaaaaaaaaaaa", {"boundary-004": True})
+    st = run_dir / "boundary-004"
+    (st / "notes.txt").write_text("mine")
+    (st / "activations" / "README").write_text("mine too")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "0").write_text("not a chunk")
+    (st / "labels" / "c" / "9").symlink_to(elsewhere)
+    (st / "zarr.0123456789abcdef0123456789abcdef.partial").write_text("{")  # a killed writer's
+    (st / "chunk_crc" / "c" / "0" / ".0.140.tmp").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="prefast.cache.identity"):
+        assert delete_store(st) is True
+    assert tree(run_dir) == [
+        ".prefast-run",
+        "boundary-004",
+        "boundary-004/activations",
+        "boundary-004/activations/README",
+        "boundary-004/labels",
+        "boundary-004/labels/c",
+        "boundary-004/labels/c/9",
+        "boundary-004/notes.txt",
+    ]
+    assert tree(elsewhere) == ["0"] and (elsewhere / "0").read_text() == "not a chunk"
+    assert (
+        f"removed the store {st}; kept its folder for what the store did not write: "
+        "activations/README, labels/c/9, notes.txt" in caplog.text
+    )
+
+    # prefast cache remove: --dry-run says what the removal does, counting only what goes
+    run_dir = _run_folder(tmp_path / "cache", "bbbbbbbbbbbb", {"boundary-002": True})
+    st = run_dir / "boundary-002"
+    size = sum(f.stat().st_size for f in st.rglob("*") if f.is_file())
+    (st / "data.bin").write_bytes(b"x" * 3_000_000)
+    assert main(["cache", "remove", "--dry-run", str(run_dir)]) == 0
+    dry = capsys.readouterr().out
+    assert dry == (
+        f"would remove {run_dir} ({size / 1e6:.1f} MB); would keep {run_dir} for what prefast "
+        "did not write: boundary-002\n"
+    )
+    assert main(["cache", "remove", str(run_dir)]) == 0
+    assert capsys.readouterr().out == dry.replace("would remove", "removed").replace(
+        "would keep", "kept"
+    )
+    assert tree(run_dir) == [
+        ".prefast-lock",
+        ".prefast-run",
+        "boundary-002",
+        "boundary-002/data.bin",
+    ]
+    assert (st / "data.bin").stat().st_size == 3_000_000
+

@@ -293,10 +293,12 @@ def check_removable(path: str | Path) -> RunFolder:
 
 def removal_plan(run_dir: Path) -> tuple[int, list[str]]:
     """What ``remove_run_folder`` would do to ``run_dir``: the bytes it frees and the names it
-    keeps (what prefast did not write: a file, a link, a folder that is no activation store;
-    the folder then stays too)."""
+    keeps (what prefast did not write: a file, a link, a folder that is no activation store,
+    a store that holds what it did not write, whose own files alone go; the folder then
+    stays too)."""
     sizes, _ = entry_sizes(run_dir)
     kept = []
+    freed = 0  # of the stores kept for what is in them
     for child in sorted(run_dir.iterdir()):
         if child.name in (RUN_MARKER, LOCK_NAME):
             continue
@@ -304,9 +306,12 @@ def removal_plan(run_dir: Path) -> tuple[int, list[str]]:
             if child.name.startswith((TRASH_PREFIX, PROBE_PREFIX)):
                 continue
             if child.name.startswith(STORE_PREFIX) and location.is_activation_store(child):
-                continue
+                own, _, foreign = location.store_files(child)
+                if not foreign:
+                    continue
+                freed += sum(f.lstat().st_size for f in own)
         kept.append(child.name)
-    return sum(n for name, n in sizes.items() if name not in kept), kept
+    return freed + sum(n for name, n in sizes.items() if name not in kept), kept
 
 
 def clear_leftovers(run_dir: Path) -> None:
@@ -386,8 +391,8 @@ def remove_run_folder(path: str | Path) -> list[str]:
     so that no run starts in it. What interrupted runs left goes first (``clear_leftovers``),
     then its stores, each renamed into the folder's trash before it is deleted (a kill leaves
     trash that a later start or remove clears), then the lock and the marker
-    (``remove_if_unused``). Anything else in it (a file prefast did not write) stays, with the
-    folder; the names left are returned."""
+    (``remove_if_unused``). Anything else in it (a file prefast did not write, also one in a
+    store's folder) stays, with the folder; the names left are returned."""
     info = check_removable(path)
     run_dir = info.path
     fd = open_lock_file(run_dir, create=True)

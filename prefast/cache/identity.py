@@ -21,6 +21,7 @@ import store
 from prefast.errors import CacheError
 from prefast.models import UnitModel
 from store import location
+from store.writer import clear_store_files
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,11 @@ def delete_store(path: Path | str) -> bool:
     """Delete a store this run made; False where there is none (a folder that is not a store
     is refused). A local store is first renamed into its folder's trash, so a kill mid-delete
     leaves trash, which the run folder's next start clears, never a half-deleted store under
-    a store's name. A symlink to a store (a user's link to another disk) is unlinked; what it
-    points at is never deleted, and a warning says where that store still is."""
+    a store's name. A store folder that holds what the store did not write (a user's file, a
+    link) is not: the store's own files go (``store.writer.clear_store_files``), the rest
+    stays, with the folder, and a warning names it. A symlink to a store (a user's link to
+    another disk) is unlinked; what it points at is never deleted, and a warning says where
+    that store still is."""
     if not location.exists(path):
         return False
     local = location.as_local(path)
@@ -145,6 +149,13 @@ def delete_store(path: Path | str) -> bool:
             "deleted through a link): delete it yourself if it is no longer needed",
             local,
             target,
+        )
+    elif location.store_files(local)[2]:  # what the store did not write: never deleted
+        kept = clear_store_files(local)
+        log.warning(
+            "removed the store %s; kept its folder for what the store did not write: %s",
+            local,
+            ", ".join(os.path.relpath(p, local) for p in kept),
         )
     else:
         trash = local.parent / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
