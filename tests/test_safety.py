@@ -1372,3 +1372,31 @@ def test_deleting_a_store_keeps_what_the_store_did_not_write(tmp_path, caplog, c
     ]
     assert (st / "data.bin").stat().st_size == 3_000_000
 
+
+def test_a_lock_file_that_is_a_pipe_or_a_folder_is_refused_not_waited_on(tmp_path, capsys):
+    """cache list opened a named pipe called .prefast-lock and waited for a writer for ever;
+    cache remove refused a folder of that name (exit 1) only after removing the run folders
+    named before it. Both are listed with the reason, and refused before any is removed."""
+    from prefast.cache.identity import LOCK_NAME
+
+    cache = tmp_path / "cache"
+    a = _run_folder(cache, "aaaaaaaaaaaa", {"boundary-003": True})
+    piped = _run_folder(cache, "bbbbbbbbbbbb", {"boundary-003": True})
+    foldered = _run_folder(cache, "cccccccccccc", {"boundary-003": True})
+    os.mkfifo(piped / LOCK_NAME)
+    (foldered / LOCK_NAME).mkdir()
+    (foldered / LOCK_NAME / "keep.txt").write_text("mine")
+    said = {
+        r: f"{r / LOCK_NAME} is not a file, so not prefast's lock file" for r in (piped, foldered)
+    }
+    assert main(["cache", "list", str(cache), "--json"]) == 0
+    rows = {r["path"]: r["unreadable"] for r in json.loads(capsys.readouterr().out)}
+    assert rows == {str(a): None, str(piped): said[piped], str(foldered): said[foldered]}
+    for bad in (piped, foldered):
+        assert main(["cache", "remove", str(a), str(bad)]) == 2
+        assert capsys.readouterr().err == (
+            f"prefast: error: {said[bad]}; none of the 2 folders named was removed\n"
+        )
+    for r in (a, piped, foldered):
+        assert store.open(r / "boundary-003").complete
+    assert (foldered / LOCK_NAME / "keep.txt").read_text() == "mine"

@@ -16,6 +16,7 @@ import logging
 import os
 import shlex
 import shutil
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,15 +127,23 @@ def lock_holder(fd: int) -> tuple[int, bool]:
 def open_lock_file(run_dir: Path, create: bool) -> int:
     """Open ``run_dir``'s lock file (read-write, made where missing, with ``create``; else
     read-only). Never through a link: the holder's pid is written into it, which would empty
-    and overwrite the file a link of that name points to."""
+    and overwrite the file a link of that name points to. Nor anything but a file: a folder
+    of that name was refused only once folders named before it were removed, and opening a
+    named pipe waited for a writer for ever (``prefast cache list`` hung)."""
     path = run_dir / LOCK_NAME
-    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_NOFOLLOW
+    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return os.open(path, flags, 0o644)
+        fd = os.open(path, flags, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise CacheError(f"{path} is a link, not prefast's lock file; remove it") from None
+        if e.errno == errno.EISDIR:
+            raise CacheError(f"{path} is not a file, so not prefast's lock file") from None
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CacheError(f"{path} is not a file, so not prefast's lock file")
+    return fd
 
 
 def _user(run_dir: Path) -> tuple[int | None, bool]:
