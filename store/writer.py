@@ -77,6 +77,7 @@ from store.location import (
     recorded_info,
     remove,
     remove_store_files,
+    store_files,
 )
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,17 @@ def _clear_store_dir(path: Path) -> None:
     marked incomplete, and its record (``zarr.json``) goes last: a writer killed meanwhile
     leaves an incomplete store, never a half-deleted one still marked complete. The chunk
     markers (``chunk_crc``) go first: a chunk whose data is deleted is never left marked as
-    written, which a resumed writer would take as stored."""
+    written, which a resumed writer would take as stored. A folder that holds what the store
+    did not write (a user's file, a link anywhere in it) is refused before anything goes: it
+    was emptied whole, and zarr would write through a link at one of the store's names."""
+    foreign = store_files(path)[2]
+    if foreign:
+        names = ", ".join(os.path.relpath(f, path) for f in foreign[:5])
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise StoreExistsError(
+            f"{path}: the store here holds what it did not write ({names}{more}); move that "
+            "out of its folder to overwrite the store, or write the store elsewhere"
+        )
     _mark_incomplete(path)
     for child in sorted(path.iterdir(), key=lambda c: c.name != CHUNK_CRC):
         if child.name == "zarr.json":

@@ -1955,3 +1955,32 @@ def test_a_rank_that_resumes_before_rank_0_created_the_store_is_told_so(tmp_path
         store.create("memory://rank-join/s", resume=True, **kw)
     with pytest.raises(store.StoreInputError, match="must open an existing store with resume=True"):
         store.create(tmp_path / "s", **kw)
+
+
+@pytest.mark.parametrize("what", ["file", "link"])
+def test_overwrite_refuses_a_store_folder_holding_what_the_store_did_not_write(
+    tmp_path, data, what
+):
+    """``overwrite=True`` emptied the whole store folder: a user's file in it was deleted, and
+    a link at one of the store's own names (or anywhere in it) was unlinked or written
+    through. It is refused before anything goes; the store, the file and the link's target
+    stay as they were."""
+    x, y = data
+    path = tmp_path / "s"
+    write_store(path, x, y)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.txt").write_text("mine")
+    if what == "file":
+        (path / "activations" / "notes.txt").write_text("mine")
+        named = "activations/notes.txt"
+    else:
+        (path / "labels" / "c" / "extra").symlink_to(elsewhere)
+        named = "labels/c/extra"
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(store.StoreExistsError, match=f"holds what it did not write \\({named}\\)"):
+        store.create(path, sample_shape=SHAPE, num_samples=N, overwrite=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert (elsewhere / "mine.txt").read_text() == "mine"
+    s = store.open(path)
+    assert s.complete and torch.equal(s.read(1, ALL), x[1])
