@@ -87,6 +87,13 @@ def _letters(s: str) -> str:
     return "".join(c for c in s.lower() if c.isalnum())
 
 
+def integer(value: object) -> int | None:
+    """``value`` as an int if it is an integer (a numpy one too; bools refused), else None."""
+    return (
+        int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+    )
+
+
 def check_int(
     what: str,
     value: object,
@@ -97,7 +104,7 @@ def check_int(
 ) -> int:
     """``value`` as an int if it is an integer (a numpy one too; bools refused) >= ``minimum``
     (and <= ``maximum``, if given), else raise ``error``."""
-    n = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+    n = integer(value)
     if n is None or n < minimum or (maximum is not None and n > maximum):
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise error(f"{what}: must be an integer {allowed}, got {shown(value)}")
@@ -172,4 +179,5 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_number",
+    "integer",
 ]

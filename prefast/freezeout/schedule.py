@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from prefast.errors import (
     check_choice,
     check_int,
     check_number,
+    integer,
     shown,
 )
 
@@ -172,7 +172,7 @@ class FreezeSchedule:
 
     def _check_index(self, i: int) -> int:
         """``i`` as an int (a numpy one too, as the counts), if it is a unit or the head."""
-        if _integer(i) is None or not 0 <= i <= self.num_units:
+        if integer(i) is None or not 0 <= i <= self.num_units:
             raise ScheduleError(
                 f"index i must be an int in 0..{self.num_units} (head = {self.num_units}), "
                 f"got {i!r}"
@@ -182,7 +182,7 @@ class FreezeSchedule:
     @staticmethod
     def _check_iteration(j: int) -> int:
         """``j`` as an int (a numpy one too, as the counts), if it is an iteration."""
-        if _integer(j) is None or j < 0:
+        if integer(j) is None or j < 0:
             raise ScheduleError(f"iteration j must be an int >= 0, got {j!r}")
         return int(j)
 
@@ -250,13 +250,6 @@ class FreezeSchedule:
             (points[k + 1] - points[k], self.frozen_count(points[k]))
             for k in range(len(points) - 1)
         ]
-
-
-def _integer(v: object) -> int | None:
-    """``v`` as an int if it is an integer (a numpy one too; bools refused), else None."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        return None
-    return int(v)
 
 
 def _cost_ok(c: object) -> bool:
