@@ -332,6 +332,8 @@ class ActivationStore:
         self._closed = False
         root = _zarr.as_local(path)
         self._local_root = root
+        # a local store of Blosc frames: each chunk file's frame is checked before decoding
+        self._check_frames = root is not None and _zarr.blosc_compressed(self._acts)
         self._mm = (
             _MemmapChunks(root, self.layout, crcs if checksums else None, self.path)
             if root is not None and self.layout.codec is None
@@ -513,11 +515,11 @@ class ActivationStore:
         c0, c1 = self.layout.chunk_range(chunk)
         where = self.chunk_path(ACTIVATIONS, chunk, view)
         name = f"chunk (view {view}, chunk {chunk}, {_samples(self.layout, chunk)})"
-        if self._local_root is not None and not Path(where).exists():
+        if self._check_frames:  # missing, or cut short: the decoder reads past a cut frame
+            _zarr.check_blosc_frame(Path(where), name)
+        elif self._local_root is not None and not Path(where).exists():
             # zarr would return the fill value for a missing chunk
             raise StoreCorruptError(f"{where}: {name} is marked written but its file is missing")
-        if self._local_root is not None and _zarr.blosc_compressed(self._acts):
-            _zarr.check_blosc_frame(Path(where), name)  # the decoder reads past a cut frame
         try:
             return np.asarray(self._acts[view, c0:c1])
         except Exception as e:

@@ -923,6 +923,20 @@ def _stand_in(seconds: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _runs_in_turn(times: list[float | None]) -> Any:
+    """A stand-in ``compare.run_variant`` whose runs take ``times`` in turn (None: one that
+    fails, out of memory)."""
+    left = iter(times)
+
+    def fake_run(cfg):
+        t = next(left)
+        if t is None:
+            raise RuntimeError("out of memory")
+        return _stand_in(t)
+
+    return fake_run
+
+
 def test_compare_partial_keeps_finished_t0s_and_failures(tmp_path, monkeypatch):
     """A run cut short kept its finished t0s marked incomplete and without their ratios, and
     left out a variant that failed after the last one to finish. Stand-in runs, no training:
@@ -964,15 +978,8 @@ def test_compare_rounds_ratio_pairs_the_rounds_both_finished(tmp_path, monkeypat
     mean over its own: freezeout failing in round 1 compared prefast's early and late rounds
     with freezeout's late one only. Stand-in runs: the machine slows from round 1 to round 2;
     prefast-ram takes 1 s then 3 s, freezeout fails then takes 4 s: 0.75, not 2/4 = 0.5."""
-    times = iter([None, 1.0, 3.0, 4.0])  # round 1: freezeout, ram; round 2 reversed
-
-    def fake_run(cfg):
-        t = next(times)
-        if t is None:
-            raise RuntimeError("out of memory")
-        return _stand_in(t)
-
-    monkeypatch.setattr(compare, "run_variant", fake_run)
+    # round 1: freezeout, ram; round 2 reversed
+    monkeypatch.setattr(compare, "run_variant", _runs_in_turn([None, 1.0, 3.0, 4.0]))
     out = tmp_path / "c.json"
     argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
             "--tiers", "ram", "--no-full", "--t0", "0.6", "--rounds", "2", "--no-warm-up",
@@ -1026,15 +1033,8 @@ def test_compare_rounds_ratio_to_full_pairs_the_rounds_both_finished(tmp_path, m
     """vs_full divided a variant's mean over all its rounds by full's over its own. Stand-in
     runs: full fails in round 1; prefast-ram takes 1 s then 3 s, full 8 s in round 2: 0.375,
     not 2/8 = 0.25."""
-    times = iter([None, 2.0, 1.0, 3.0, 4.0, 8.0])  # full, freezeout, ram; then reversed
-
-    def fake_run(cfg):
-        t = next(times)
-        if t is None:
-            raise RuntimeError("out of memory")
-        return _stand_in(t)
-
-    monkeypatch.setattr(compare, "run_variant", fake_run)
+    # full, freezeout, ram; then reversed
+    monkeypatch.setattr(compare, "run_variant", _runs_in_turn([None, 2.0, 1.0, 3.0, 4.0, 8.0]))
     out = tmp_path / "c.json"
     argv = ["--quick", "--epochs", "1", "--num-samples", "100", "--depth", "10", "--growth", "4",
             "--tiers", "ram", "--t0", "0.6", "--rounds", "2", "--no-warm-up", "--no-plot",
