@@ -3184,6 +3184,84 @@ def test_a_failed_checkpoint_save_says_the_checkpoint_holds_fewer_epochs(tmp_pat
     assert torch.load(ck / "last.pt", weights_only=True)["epoch"] == 1
 
 
+class _FullDisk:
+    """A metrics file on a disk that fills: each write puts half its bytes down, then fails."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def write(self, b) -> int:
+        self.f.write(b[: len(b) // 2])
+        raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_metrics_write_on_a_full_disk_names_the_file_and_leaves_no_half_line(
+    tmp_path, monkeypatch
+):
+    """A metrics line that fails to write (a full disk) raised a bare '[Errno 28] No space
+    left on device', left half a line in the file, and left it buffered: closing the file
+    failed again, and that bare error replaced the run's own (a checkpoint's that named its
+    file). It names the file now, the file ends with its last whole line, and close is quiet."""
+    from prefast.training.metrics import MetricsSink
+
+    path = tmp_path / "m.jsonl"
+    sink = MetricsSink(str(path), {"seed": 0})
+    sink.write({"epoch": 0})
+    sink._f = _FullDisk(sink._f)
+    with pytest.raises(OSError, match=r"No space left on device: '.*m\.jsonl'") as raised:
+        sink.write({"epoch": 1, "train_loss": 2.5})
+    assert raised.value.errno == 28
+    sink.close()  # nothing left over to write
+    assert path.read_text() == '{"epoch": 0}\n'
+
+    # a run whose checkpoint save fails, then its failed line: the save's error stands
+    import prefast.training.trainer as trainer_mod
+
+    def full_disk(path, state):
+        sink = trainer_mod.MetricsSink.last
+        sink._f = _FullDisk(sink._f)
+        raise OSError(28, "No space left on device", str(path))
+
+    class Sink(MetricsSink):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            Sink.last = self
+
+    monkeypatch.setattr(trainer_mod, "MetricsSink", Sink)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", full_disk)
+    metrics, ck = tmp_path / "run.jsonl", tmp_path / "ck"
+    with pytest.raises(OSError, match=r"No space left on device: '.*last\.pt'"):
+        train(tiny(epochs=1, metrics=str(metrics), checkpoint_dir=str(ck)))
+    lines = metrics.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 0
+
+
+def test_a_resume_on_a_full_disk_leaves_the_metrics_file_as_it_was(tmp_path, monkeypatch):
+    """A resumed run emptied the metrics file before writing its checkpoint's records into
+    it: on a disk still full the file was left empty (or half a line). The records are
+    written over the lines the file holds, then the lines after them are cut."""
+    import prefast.training.metrics as metrics_mod
+
+    path = tmp_path / "m.jsonl"
+    before = '{"epoch": 0}\n{"epoch": 1}\n{"failed": true}\n'
+    path.write_text(before)
+    real = metrics_mod.os.fdopen
+    monkeypatch.setattr(metrics_mod.os, "fdopen", lambda *a, **k: _FullDisk(real(*a, **k)))
+    with pytest.raises(OSError, match=r"No space left on device: '.*m\.jsonl'"):
+        metrics_mod.MetricsSink(str(path), {}, [{"epoch": 0}, {"epoch": 1}])
+    assert path.read_text() == before
+    monkeypatch.setattr(metrics_mod.os, "fdopen", real)  # space freed: the resume goes on
+    with metrics_mod.MetricsSink(str(path), {}, [{"epoch": 0}, {"epoch": 1}]) as sink:
+        sink.write({"epoch": 2})
+    assert path.read_text() == '{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n'
+    with metrics_mod.MetricsSink(str(path), {}):  # a new run starts the file afresh
+        pass
+    assert path.read_text() == ""
+
+
 class _Note:  # an object a model keeps as its extra state: not a tensor or plain container
     def __init__(self, text: str) -> None:
         self.text = text

@@ -3,8 +3,10 @@ with the run's config (defaults filled in) saved beside it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -23,25 +25,68 @@ def config_path(metrics: str | os.PathLike[str]) -> Path:
 class MetricsSink:
     """Writes JSON lines to ``path`` (``None``: discards them), with ``STEM.config.json``
     beside it holding the config. The file starts with ``records`` (a resumed run's epochs,
-    as its checkpoint holds them), so a resume after a crash never repeats an epoch's line."""
+    as its checkpoint holds them), so a resume after a crash never repeats an epoch's line.
+
+    A write that fails (a full disk) raises an ``OSError`` naming the file and leaves no part
+    of its line: each line goes to the file unbuffered, so nothing is left over for ``close``
+    to fail on again. The file is not emptied before a resumed run's records are written:
+    they are written over the same lines the file holds, then what follows them is cut, so a
+    resume on a full disk leaves the file as it was."""
 
     def __init__(
         self, path: str | None, config: dict[str, Any], records: Sequence[dict[str, Any]] = ()
     ) -> None:
         self.path = Path(path) if path else None
-        self._f: IO[str] | None = None
+        self._f: IO[bytes] | None = None
+        self._end = 0  # the length of the lines written
+        self._keep = 0  # what a failed write leaves of the file: its lines until all are written
+        self._regular = False
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        config_path(self.path).write_text(json.dumps(config, indent=2) + "\n")
-        self._f = open(self.path, "w")  # noqa: SIM115 (closed in close())
-        for r in records:
-            self.write(r)
+        config_file = config_path(self.path)
+        try:
+            config_file.write_text(json.dumps(config, indent=2) + "\n")
+        except OSError as e:
+            raise _naming(e, config_file) from e
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise _naming(e, self.path) from e
+        self._f = os.fdopen(fd, "wb", buffering=0)
+        self._regular = stat.S_ISREG(os.fstat(fd).st_mode)  # not a pipe or a terminal
+        self._keep = os.fstat(fd).st_size if self._regular else 0
+        try:
+            for r in records:
+                self.write(r)
+            try:
+                self._cut(self._end)  # the lines of epochs after the checkpoint, a failure's
+            except OSError as e:
+                raise _naming(e, self.path) from e
+        except BaseException:
+            self.close()
+            raise
+        self._keep = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
-            self._f.flush()
+        if self._f is None:
+            return
+        line = (json.dumps(strict_json(record), allow_nan=False) + "\n").encode()
+        try:
+            rest = memoryview(line)
+            while rest:
+                rest = rest[self._f.write(rest) :]
+        except OSError as e:
+            with contextlib.suppress(OSError):  # no half line for a reader to choke on
+                self._cut(max(self._end, self._keep))
+            raise _naming(e, self.path) from e
+        self._end += len(line)
+
+    def _cut(self, size: int) -> None:
+        """End the file at ``size`` bytes, and write on from there."""
+        if self._f is not None and self._regular:
+            self._f.truncate(size)
+            self._f.seek(size)
 
     def close(self) -> None:
         if self._f is not None:
@@ -58,6 +103,12 @@ class MetricsSink:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _naming(e: OSError, path: Path | None) -> OSError:
+    """``e`` naming the file ``path`` (a failed write names none: ``[Errno 28] No space left
+    on device``)."""
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 __all__ = ["MetricsSink", "config_path"]
