@@ -860,6 +860,35 @@ def test_cache_remove_deletes_only_prefasts_run_folders_not_in_use(tmp_path, cap
     assert store.open(outside / "boundary-001").complete and (theirs / "keep.txt").is_file()
 
 
+def test_a_full_disk_stops_neither_cache_remove_nor_a_run_taking_its_folder(
+    tmp_path, capsys, monkeypatch
+):
+    """The pid written into a run folder's lock file could not be written on a full disk, and
+    that failed 'prefast cache remove' (a bare '[Errno 28] No space left on device', exit 1:
+    the space could not be freed) and a run's start in the folder. The lock is the flock;
+    the file then names no holder."""
+    import errno
+
+    from prefast.cache.folders import list_run_folders
+    from prefast.cache.manager import _lock_run_dir
+
+    run_dir = _run_folder(tmp_path / "cache", "0123456789ab", {"boundary-004": True})
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    assert main(["cache", "remove", str(run_dir)]) == 0
+    assert not run_dir.exists() and capsys.readouterr().out.startswith(f"removed {run_dir} (")
+    run_dir.mkdir()
+    fd = _lock_run_dir(run_dir)
+    try:
+        (found,) = list_run_folders(run_dir)
+        assert found.user == 0  # in use, by a process it does not name
+    finally:
+        os.close(fd)
+
+
 def test_cache_remove_counts_only_what_it_deletes(tmp_path, capsys):
     # what stays (a user's file in the run folder) was counted as removed: 'removed X (5.0 MB);
     # kept X for ... data.bin' where the store alone went

@@ -110,9 +110,14 @@ REMOVING = "remove"  # follows the pid in the lock file while ``prefast cache re
 
 def write_lock_holder(fd: int, removing: bool = False) -> None:
     """Write this process into the run-folder lock file open (and locked) as ``fd``: its pid,
-    and whether it is removing the folder rather than running in it."""
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}{' ' + REMOVING if removing else ''}\n".encode(), 0)
+    and whether it is removing the folder rather than running in it. The flock is the lock,
+    these bytes only name its holder: a disk that cannot take them (full) leaves the file
+    saying none, and stops neither the run nor ``prefast cache remove`` freeing space."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}{' ' + REMOVING if removing else ''}\n".encode(), 0)
+    except OSError as e:
+        log.debug("the run folder lock file does not name its holder: %s", e)
 
 
 def lock_holder(fd: int) -> tuple[int, bool]:
