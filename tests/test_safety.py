@@ -677,6 +677,30 @@ def test_a_temporary_cache_folder_not_removed_whole_keeps_its_owner_record(tmp_p
     assert scratch.sweep(tmp_path) == [d] and not d.exists()
 
 
+def test_a_temporary_cache_folder_whose_record_cannot_be_written_is_not_left(tmp_path, monkeypatch):
+    """A full temporary directory failed the owner record's write with a bare '[Errno 28] No
+    space left on device' (no file named) and left the folder without its record, which no
+    sweep ever removes. The error names the record's file and the folder goes."""
+    import errno
+
+    from prefast.cache import scratch
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+
+    def full(self, text):  # the file is made, its bytes do not fit
+        self.touch()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*\.prefast-owner\.tmp'"):
+        scratch.make_temp_dir()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    d = scratch.make_temp_dir()  # space freed: as before
+    assert [p.name for p in d.iterdir()] == [scratch.OWNER_NAME]
+
+
 def test_a_run_removes_its_temporary_cache_folder_and_one_a_killed_run_left(tmp_path, monkeypatch):
     import json
 

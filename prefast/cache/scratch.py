@@ -118,8 +118,15 @@ def make_temp_dir() -> Path:
     run's start, removes those of owners that are gone)."""
     path = Path(tempfile.mkdtemp(prefix=PREFIX))
     tmp = path / (OWNER_NAME + ".tmp")
-    tmp.write_text(json.dumps(owner_record()))
-    tmp.replace(path / OWNER_NAME)  # whole or absent
+    try:
+        tmp.write_text(json.dumps(owner_record()))
+        tmp.replace(path / OWNER_NAME)  # whole or absent
+    except BaseException as e:
+        # without its record no sweep would ever remove the folder (a full disk): it goes now
+        shutil.rmtree(path, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file
+            raise OSError(e.errno, e.strerror or str(e), str(tmp)) from e
+        raise
     return path
 
 
