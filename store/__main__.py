@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,9 +199,26 @@ def _save(fig: Any, path: str, flag: str, **kw: Any) -> None:
             f"this one allows at most --dpi {most}"
         )
     try:
-        fig.savefig(path, **kw)
+        with _writing(path):
+            fig.savefig(path, **kw)
     except ValueError as e:  # a file type matplotlib cannot write
         raise store.StoreInputError(f"{flag} {path}: {e}") from None
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """An output file written in the block: a write that fails (a full disk) is an OSError
+    naming the file, which a failed write's own does not ('[Errno 28] No space left on
+    device'), and the half-written file goes, so nothing reads it as whole. A file that
+    could not be opened is left as it was."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:  # not opened: nothing written
+            raise
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise OSError(e.errno, e.strerror or str(e), path) from e
 
 
 def _need_matplotlib(what: str) -> None:
@@ -269,7 +287,8 @@ def _stats(args: argparse.Namespace) -> int:
     st = store.stats(s, args.view, progress=_bars(args))
     print(format_stats(st))
     if args.out:
-        Path(args.out).write_text(_json(st.to_dict()) + "\n")
+        with _writing(args.out):
+            Path(args.out).write_text(_json(st.to_dict()) + "\n")
         print(f"wrote {args.out}")
     if hist:
         counts, edges = histogram(s, args.bins, _finite_range(st), args.view, _bars(args))

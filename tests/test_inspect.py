@@ -179,6 +179,34 @@ def test_stats_command_writes_json_and_histogram(tmp_path, stores, capsys):
     assert "view 3 out of range" in capsys.readouterr().err
 
 
+def test_an_output_that_does_not_fit_on_the_disk_is_named_and_not_left_half_written(
+    tmp_path, stores, capsys, monkeypatch
+):
+    """stats --out and --hist on a full disk said '[Errno 28] No space left on device' without
+    the file, and left it half written (a JSON file cut short, a PNG missing its end)."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    def full(path, data):
+        with open(path, "wb") as f:
+            f.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out, hist = tmp_path / "stats.json", tmp_path / "hist.png"
+    args = ["stats", str(stores["f32"]), "--no-progress", "--out", str(out)]
+    monkeypatch.setattr(Path, "write_text", lambda self, text: full(self, text.encode()))
+    assert store_main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: [Errno 28] No space left on device: '{out}'\n"
+    assert not out.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: full(path, b"\x89PNG" * 9))
+    assert store_main([*args, "--hist", str(hist)]) == 2
+    assert capsys.readouterr().err.endswith(f"No space left on device: '{hist}'\n")
+    assert json.loads(out.read_text())["channels"] == 3 and not hist.exists()
+
+
 def _planted(x: torch.Tensor) -> torch.Tensor:
     """x with +inf, -inf and NaN planted at odd places: first and last (partial) chunks, a
     chunk's inner sample, two in one channel of one sample."""
