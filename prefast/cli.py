@@ -580,7 +580,7 @@ def _main(args: argparse.Namespace) -> int:
             # One line, no trace. Exit 1 where the run failed rather than its input: a rank died or
             # timed out, or writing a store failed (a full disk); else bad input (or a store that
             # fails its checks), exit 2.
-            print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
+            print(f"prefast: error: {' '.join(str(e).split())}{_if_full(e, args)}", file=sys.stderr)
             written = store_errors("StoreWriteError")
             failed = isinstance(e, (DistributedError, *written)) or isinstance(e.__cause__, written)
             return 1 if failed else 2
@@ -609,7 +609,7 @@ def _main(args: argparse.Namespace) -> int:
                 _to_devnull(sys.stdout.fileno())
                 return 128 + signal.SIGPIPE
             # The machine or the run failed (a full disk, a diverging loss): one line, exit 1.
-            print(f"prefast: error: {' '.join(str(e).split())}", file=sys.stderr)
+            print(f"prefast: error: {' '.join(str(e).split())}{_if_full(e, args)}", file=sys.stderr)
             return 1
         except (KeyboardInterrupt, interrupt.Stopped) as e:
             # Stopped from outside: one line, the shell's code for the signal (130: Ctrl-C).
@@ -626,6 +626,29 @@ def _main(args: argparse.Namespace) -> int:
             )
             print(f"prefast: stopped by {signal.Signals(signum).name}{hint}", file=sys.stderr)
             return 128 + signum
+
+
+def _if_full(e: BaseException, args: argparse.Namespace) -> str:
+    """What to do where ``e`` is (or was caused by) a full disk or quota, else '': the
+    errno's words alone left the user to work out that freeing space and resuming would do."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            break
+        cause = cause.__cause__ or cause.__context__
+    else:
+        return ""
+    from prefast.paths import CHECKPOINT_NAME
+
+    ck = getattr(args, "checkpoint_dir", None)
+    if ck and (Path(ck).expanduser() / CHECKPOINT_NAME).is_file():
+        then = "; --resume then continues from the last epoch's checkpoint"
+    else:
+        then = ", then run again"
+    kept = " ('prefast cache list' shows the stores runs kept)" if args.command == "train" else ""
+    return f"; free space on that disk{kept}{then}"
 
 
 def _exit_at_once(signum: int, frame: types.FrameType | None) -> None:

@@ -1648,6 +1648,53 @@ def test_cli_a_store_write_that_fails_is_a_failed_run_exit_1(tmp_path, monkeypat
     assert "writing the cache at boundary 2 failed" in capsys.readouterr().err
 
 
+def test_cli_a_full_disk_says_to_free_space_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """A full disk ended the run with the errno's words alone ('[Errno 28] No space left on
+    device: ...'); the line now says to free space and how to go on: --resume where a
+    checkpoint was saved, else run again. A store's write error caused by it says so too."""
+    import argparse
+    import errno
+
+    import prefast.training.trainer as trainer_mod
+    from prefast.cli import _if_full
+
+    real, calls = trainer_mod.save_checkpoint, []
+
+    def full_disk(path, state):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, state)
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", full_disk)
+    ck = tmp_path / "ck"
+    args = ["train", *SYN, "--depth", "10", "--growth", "4", "--epochs", "2", "--device", "cpu",
+            "--no-progress", "-q", "--mode", "freezeout", "--checkpoint-dir", str(ck)]  # fmt: skip
+    assert main(args) == 1
+    assert capsys.readouterr().err == (
+        f"prefast: error: [Errno 28] No space left on device: '{ck / 'last.pt'}'; free space "
+        "on that disk ('prefast cache list' shows the stores runs kept); --resume then "
+        "continues from the last epoch's checkpoint\n"
+    )
+    assert main([*args, "--resume"]) == 0  # space freed
+    assert torch.load(ck / "last.pt", weights_only=True)["epoch"] == 2
+
+    cause = OSError(errno.EDQUOT, "Disk quota exceeded")
+    try:
+        try:
+            raise store.StoreWriteError("boundary-002: writing rows failed") from cause
+        except store.StoreWriteError as e:
+            raise CacheError("writing the cache at boundary 2 failed") from e
+    except CacheError as e:
+        chained = e
+    plain = argparse.Namespace(command="train", checkpoint_dir=None)
+    assert _if_full(chained, plain) == (
+        "; free space on that disk ('prefast cache list' shows the stores runs kept), then run "
+        "again"
+    )
+    assert _if_full(OSError(errno.EIO, "Input/output error"), plain) == ""
+
+
 def test_cli_out_of_gpu_or_host_memory_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
     """CUDA running out of memory (a batch too large for the GPU) ended the run with a
     traceback and torch's paragraph on allocator settings; it is one line with the way on, and
