@@ -1043,6 +1043,25 @@ def test_resume_continues_to_the_same_result(tmp_path, monkeypatch, caplog):
     torch.testing.assert_close(_weights(got.model), _weights(ref.model), rtol=0, atol=0)
 
 
+def test_resume_rebuilds_a_ram_cache_of_augmented_images_to_the_same_result(
+    tmp_path, monkeypatch, caplog
+):
+    """A RAM cache is not kept: --resume rebuilds it from the checkpoint's frozen units, and
+    must store the view the uninterrupted run cached (its first cache's), not the resumed
+    epoch's augmentation."""
+    kw = dict(mode="prefast", cache="ram", cache_dtype="float32", recache_policy="every",
+              num_samples=40, model_args={"depth": 10, "growth": 4})  # fmt: skip
+    ref = train(tiny(**kw, augment=True))
+    assert ref.records[1]["cache_boundary"] > 0  # cached before the crash
+    ck = tmp_path / "ck"
+    _crash_in_third_epoch(monkeypatch, tiny(**kw, augment=True, checkpoint_dir=str(ck)))
+    caplog.set_level(logging.INFO, logger="prefast")
+    got = train(tiny(**kw, augment=True, checkpoint_dir=str(ck), resume=True))
+    assert any("rebuilding the cache" in r.getMessage() for r in caplog.records)
+    assert got.losses == ref.losses
+    torch.testing.assert_close(_weights(got.model), _weights(ref.model), rtol=0, atol=0)
+
+
 def test_a_checkpoints_cache_plan_is_followed_only_where_it_was_made_for(tmp_path):
     """The auto policy's plan and costs survive a checkpoint (weights_only: plain containers);
     on resume they are taken for the same epochs and device, dropped for another --epochs."""
