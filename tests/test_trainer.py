@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import random
 import re
 import resource
 import signal
@@ -2327,6 +2328,47 @@ def test_a_trainer_runs_once_and_one_not_run_is_closed_to_free_its_cache_folder(
     with Trainer(cfg) as t:
         assert t.model.num_units == 9
     assert train(cfg).summary["epochs"] == 2
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _draws() -> list[float]:
+    """Three draws from each of torch's, numpy's and Python's global generators."""
+    return [
+        *torch.rand(3).tolist(),
+        *np.random.rand(3).tolist(),
+        *(random.random() for _ in range(3)),
+    ]
+
+
+def test_a_run_leaves_the_callers_random_generators_as_it_found_them(tmp_path, monkeypatch):
+    """A run seeds torch's global generator with --seed (the model's initialisation), and a
+    resume sets numpy's and Python's from the checkpoint: after every run a caller's next draws
+    were the same (a random search drawing its settings with torch.rand drew one setting for
+    every run after the first). Each generator is now as the caller left it: after a run, a
+    resumed run, and a start that failed after the model was built."""
+    _seed_all(123)
+    expected = _draws()
+    cfg = tiny(mode="freezeout", epochs=1, checkpoint_dir=str(tmp_path))
+    _seed_all(123)
+    train(cfg)
+    assert _draws() == expected
+    _seed_all(123)
+    train(cfg.replace(epochs=2, resume=True))
+    assert _draws() == expected
+
+    def refuse(*args: object) -> None:
+        raise ModelError("refused")
+
+    monkeypatch.setattr("prefast.training.trainer.check_model_fits", refuse)
+    _seed_all(123)
+    with pytest.raises(ModelError, match="refused"):
+        Trainer(tiny(mode="freezeout", epochs=1))
+    assert _draws() == expected
 
 
 def test_paths_given_as_path_objects_write_metrics_and_resume(tmp_path):

@@ -179,7 +179,9 @@ class Trainer:
     """Runs one configuration: ``Trainer(cfg)`` loads the data, builds the model and takes the
     cache folder's lock; ``run()`` trains, returns a ``TrainResult`` and releases what the run
     holds. A Trainer runs once. One that is not run holds the cache folder (a second run with
-    these settings is refused) until ``close()``; ``with Trainer(cfg) as t:`` closes it."""
+    these settings is refused) until ``close()``; ``with Trainer(cfg) as t:`` closes it. The
+    global random generators the run seeds (torch's) or sets (a resume: numpy's, Python's)
+    are as the caller left them once it ends, fails or is closed."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         if not isinstance(cfg, TrainConfig):
@@ -195,6 +197,9 @@ class Trainer:
         if cfg.keep_freed_memory:
             keep_freed_memory()
         self.dist = DistContext.from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
+        # the run seeds torch's generators (the model's initialisation) and a resume sets
+        # numpy's and Python's: the caller's are put back when the run ends
+        self._caller_rng = _global_rng_state(self.dist.device)
         self.cache: CacheManager | None = None
         self._made_dirs: list[Path] = []  # output folders this start created
         try:
@@ -217,7 +222,10 @@ class Trainer:
                 self.cache.close(failed)
         finally:
             interrupt.clear()
-            self.dist.shutdown()
+            try:
+                self.dist.shutdown()
+            finally:
+                _set_global_rng_state(self._caller_rng)
 
     def close(self) -> None:
         """Release what a Trainer that was not run holds (the cache folder's lock, a temporary
@@ -1031,6 +1039,22 @@ def _all_reduce_int(t: torch.Tensor) -> torch.Tensor:
     t = t.to(torch.int64)
     dist.all_reduce(t)
     return t
+
+
+def _global_rng_state(device: torch.device) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
+    """The global generators' states: torch's CPU one, numpy's and Python's, and every CUDA
+    device's where the run is on CUDA or CUDA is in use already (``torch.manual_seed`` reseeds
+    them all; reading them otherwise would initialise CUDA for a CPU run)."""
+    on_cuda = device.type == "cuda" or torch.cuda.is_initialized()
+    return rng_state(), torch.cuda.get_rng_state_all() if on_cuda else None
+
+
+def _set_global_rng_state(state: tuple[dict[str, Any], list[torch.Tensor] | None]) -> None:
+    """Put back what ``_global_rng_state`` read."""
+    host, cuda = state
+    set_rng_state(host)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
