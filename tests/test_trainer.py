@@ -3370,6 +3370,34 @@ def test_a_resume_on_a_full_disk_leaves_the_metrics_file_as_it_was(tmp_path, mon
     assert path.read_text() == ""
 
 
+def test_a_resume_on_a_full_disk_leaves_the_config_file_as_it_was(tmp_path, monkeypatch):
+    """The config beside the metrics file was rewritten in place: opening it emptied it, so a
+    resume on a disk still full left it empty. It is written to a fresh name and renamed."""
+    import errno
+    import pathlib
+
+    import prefast.training.metrics as metrics_mod
+
+    path = tmp_path / "m.jsonl"
+    config = metrics_mod.config_path(path)
+    config.write_text('{"epochs": 2}\n')
+    real = pathlib.Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        open(self, "w").close()  # the file is opened (and so emptied), then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(OSError, match=r"No space left on device: '.*m\.config\.json'"):
+        metrics_mod.MetricsSink(str(path), {"epochs": 3})
+    monkeypatch.setattr(pathlib.Path, "write_text", real)
+    assert config.read_text() == '{"epochs": 2}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.config.json"]  # no temporary left
+    with metrics_mod.MetricsSink(str(path), {"epochs": 3}):  # space freed
+        pass
+    assert json.loads(config.read_text()) == {"epochs": 3}
+
+
 class _Note:  # an object a model keeps as its extra state: not a tensor or plain container
     def __init__(self, text: str) -> None:
         self.text = text

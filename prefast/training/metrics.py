@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +47,7 @@ class MetricsSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         config_file = config_path(self.path)
         try:
-            config_file.write_text(json.dumps(config, indent=2) + "\n")
+            _write_whole(config_file, json.dumps(config, indent=2) + "\n")
         except OSError as e:
             raise _naming(e, config_file) from e
         try:
@@ -103,6 +104,22 @@ class MetricsSink:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``text`` to the file ``path`` whole or not at all: to a fresh name beside it,
+    renamed over it, so a failed write (a resume on a full disk) leaves the file as it was.
+    A link, or anything but a file, there is written through as before."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        path.write_text(text)
+        return
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _naming(e: OSError, path: Path | None) -> OSError:
