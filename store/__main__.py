@@ -210,14 +210,15 @@ def _writing(path: str) -> Iterator[None]:
     """An output file written in the block: a write that fails (a full disk) is an OSError
     naming the file, which a failed write's own does not ('[Errno 28] No space left on
     device'), and the half-written file goes, so nothing reads it as whole. A file that
-    could not be opened is left as it was."""
+    could not be opened is left as it was, and so is a link or anything that is no file."""
     try:
         yield
     except OSError as e:
         if e.filename is not None:  # not opened: nothing written
             raise
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        if os.path.isfile(path) and not os.path.islink(path):  # not /dev/stdout, a link, a pipe
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         raise OSError(e.errno, e.strerror or str(e), path) from e
 
 

@@ -205,6 +205,14 @@ def test_an_output_that_does_not_fit_on_the_disk_is_named_and_not_left_half_writ
     assert store_main([*args, "--hist", str(hist)]) == 2
     assert capsys.readouterr().err.endswith(f"No space left on device: '{hist}'\n")
     assert json.loads(out.read_text())["channels"] == 3 and not hist.exists()
+    # an output through a link (/dev/stdout is one) is not unlinked: the link and its file stay
+    link = tmp_path / "link.json"
+    link.symlink_to(out)
+    monkeypatch.undo()
+    monkeypatch.setattr(Path, "write_text", lambda self, text: full(self, text.encode()))
+    assert store_main(["stats", str(stores["f32"]), "--no-progress", "--out", str(link)]) == 2
+    assert capsys.readouterr().err.endswith(f"No space left on device: '{link}'\n")
+    assert link.is_symlink() and out.is_file()
 
 
 def _planted(x: torch.Tensor) -> torch.Tensor:
