@@ -1268,6 +1268,32 @@ def test_a_copied_run_folder_resumes_from_its_own_stores(tmp_path, monkeypatch, 
     assert store.verify(store.open(held)).ok
 
 
+def test_a_resume_with_other_epochs_reports_the_iterations_units_froze_at(tmp_path, monkeypatch):
+    """The summary's freeze_iterations came from the schedule of the resumed run's --epochs:
+    the units frozen before the resume were reported at the new schedule's iterations, and a
+    resume with --epochs cut to the epochs done reported iterations for units that never froze."""
+    import shutil
+
+    kw = dict(mode="freezeout", epochs=4, num_samples=64, model_args={"depth": 10, "growth": 4},
+              checkpoint_dir=str(tmp_path / "ck"))  # fmt: skip
+    before = Trainer(tiny(**kw))
+    planned = before.schedule.freeze_iterations()  # 4 epochs of 4 steps
+    before.close()
+    assert planned == [5, 7, 9, 11, 13, 15]
+    _crash_in_third_epoch(monkeypatch, tiny(**kw))
+    assert torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["frontier"] == 2
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "ck", cut)
+    longer = train(tiny(**{**kw, "epochs": 6}, resume=True))
+    # units 0 and 1 froze at 5 and 7; the rest at the 6-epoch schedule's (8, 11, 13, 16, 19, 22)
+    assert longer.summary["freeze_iterations"] == [5, 7, 13, 16, 19, 22]
+    again = train(tiny(**{**kw, "epochs": 6}, resume=True))  # the finished run, reported again
+    assert again.summary["freeze_iterations"] == [5, 7, 13, 16, 19, 22]
+    done = train(tiny(**{**kw, "epochs": 2, "checkpoint_dir": str(cut)}, resume=True))
+    assert done.summary["frozen_units"] == 2
+    assert done.summary["freeze_iterations"] == [5, 7, None, None, None, None]
+
+
 @pytest.mark.parametrize("tier", ["ram", "zarr"])
 def test_resuming_a_finished_run_reports_it_without_touching_the_cache(tmp_path, caplog, tier):
     kw = dict(mode="prefast", cache=tier, recache_policy="every", checkpoint_dir=str(tmp_path))
