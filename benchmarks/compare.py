@@ -947,6 +947,9 @@ def main(argv: list[str] | None = None) -> int:
     # load before the benchmark's own
     env = environment("cuda" if dev == "gpu" else "cpu")
     env["loadavg_at_start_1_5_15"] = env["loadavg_1_5_15"]
+    # bars only where stderr is a terminal, as prefast train draws them: in a log file
+    # (`2>&1 | tee log`) every redraw was a carriage return and cursor-up codes
+    args.no_progress = args.no_progress or not sys.stderr.isatty()
     res = run_scenario(SCENARIOS[args.scenario], args, out.with_suffix(".partial.json"), env)
     res["environment"] = env | {"loadavg_at_end_1_5_15": list(os.getloadavg())}
     write_json(out, res)

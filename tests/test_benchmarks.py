@@ -1296,3 +1296,27 @@ def test_the_full_variant_is_not_warned_about_the_scenarios_schedule():
     cfg = TrainConfig(**{"t0": 0.6, "how_scale": "cubic", "scale_lr": False, **full.overrides})
     assert cfg.mode == "full" and unused_options(cfg, "cpu", False) == []
     assert unused_options(cfg.replace(t0=0.6), "cpu", False) != []  # what it was
+
+
+def test_compare_draws_progress_bars_only_where_stderr_is_a_terminal(tmp_path, monkeypatch, capsys):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    seen = []
+
+    def no_runs(sc, args, partial, env):  # the runs monkeypatched away
+        seen.append(args.no_progress)
+        return {"runs": {}}
+
+    monkeypatch.setattr(compare, "run_scenario", no_runs)
+    monkeypatch.setattr(compare, "format_tables", lambda res: "tables")
+    argv = ["--quick", "--out", str(tmp_path / "cmp.json"), "--device", "cpu", "--no-plot"]
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a log file
+    assert compare.main(argv) == 0
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert compare.main(argv) == 0
+    assert compare.main([*argv, "--no-progress"]) == 0
+    assert seen == [True, False, True]
