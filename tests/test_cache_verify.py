@@ -102,6 +102,17 @@ def test_verify_recomputes_samples_from_the_checkpoint(run, capsys):
     assert "recomputed  1 sample x 2 view(s)" in capsys.readouterr().out  # not '1 samples'
 
 
+def test_verify_shows_the_recomputation_in_a_progress_bar(run, capsys):
+    # a large --samples recomputes for minutes: the checksum pass had a bar, this had none
+    path, ckpt = str(run["store"]), str(run["ckpt"])
+    r = verify_against_checkpoint(store.open(path), ckpt, samples=5, seed=3, progress=True)
+    assert r.ok, r.all_errors
+    err = capsys.readouterr().err
+    assert "recompute samples" in err and "10/10" in err  # 5 samples x 2 views
+    verify_against_checkpoint(store.open(path), ckpt, samples=5, seed=3, progress=False)
+    assert "recompute" not in capsys.readouterr().err
+
+
 def test_verify_recomputes_in_the_cache_pass_batches(run, monkeypatch):
     # all the chosen samples of a view went through the model in one batch: --samples 60000
     # needed the memory of a forward of the whole data set

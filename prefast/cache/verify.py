@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import store
 from prefast.cache.identity import PROVENANCE_KEYS, fingerprint
@@ -283,10 +284,19 @@ def verify_against_checkpoint(
     augment = Augment.from_spec(train.spec, cfg.augment)
     tiny = float(np.finfo(np.float32).tiny)
     batch = cfg.cache_batch_size or cfg.batch_size  # the cache pass's
+    # the recomputation of a large --samples runs the frozen units over that many images a
+    # view: minutes on a CPU, where the checksum pass before it had a bar and this had none
+    bar = tqdm(
+        total=len(idx) * s.views,
+        desc="recompute samples",
+        unit="sample",
+        disable=not progress,
+        leave=False,
+    )
     # a bad chunk is in report.chunks already: what is stored is compared unchecked, and the
     # samples of a chunk that cannot be read at all (missing, truncated, undecodable, refused)
     # skipped
-    with store.open(s.path, partial=True, checksums=False) as unchecked:  # closed after
+    with bar, store.open(s.path, partial=True, checksums=False) as unchecked:  # closed after
         for v in range(s.views):
             parts = []
             for c in np.unique(idx // s.chunk_samples).tolist():
@@ -312,6 +322,7 @@ def verify_against_checkpoint(
                     vidx[k : k + batch].tolist(), (err / scale).tolist(), strict=True
                 ):
                     report.samples.append(SampleCheck(v, int(i), float(rel)))
+                bar.update(len(vidx[k : k + batch]))
     if not report.samples:  # every chosen sample lies in an unreadable chunk
         return report
     worst = _worst(report.samples)
