@@ -2501,6 +2501,18 @@ def test_the_returned_model_is_in_eval_mode_throughout():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_evaluation_shows_a_progress_bar(capsys):
+    """Evaluating the whole model on the test set after each epoch takes a minute or more on
+    a CPU for a large model: it had no bar."""
+    for progress in (True, False):
+        with Trainer(tiny(mode="freezeout", eval_batch_size=10, progress=progress)) as t:
+            n = -(-len(t.data.test) // 10)
+            t.evaluate(t.data.test)
+        err = capsys.readouterr().err
+        assert ("evaluating:   0%" in err and f"0/{n} [" in err) == progress
+        assert ("evaluating" in err) == progress
+
+
 def test_evaluation_restores_each_modules_mode_during_and_after_the_run():
     """Evaluation runs in eval mode and puts every module back as it was: during the run the
     frozen units stay in eval mode and the others train; after it, evaluating again left the

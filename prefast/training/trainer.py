@@ -674,9 +674,19 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         mine = np.arange(self.dist.rank, n, self.dist.world_size)
+        starts = range(0, len(mine), self.cfg.eval_batch_size)
+        # the whole model's forward over the test set (and the validation set) after each
+        # epoch: a minute or more on a CPU for a large model
+        bar = tqdm(
+            total=len(starts),
+            desc="evaluating",
+            unit="batch",
+            disable=not self.progress,
+            leave=False,
+        )
         try:
             with torch.no_grad(), autocast(self.device, self.cfg.amp):
-                for s in range(0, len(mine), self.cfg.eval_batch_size):
+                for s in starts:
                     interrupt.check()
                     idx = mine[s : s + self.cfg.eval_batch_size]
                     x, y = make_batch(data, idx, None, self.device)
@@ -685,7 +695,9 @@ class Trainer:
                     out = self.model(x).float()
                     total += F.cross_entropy(out, y, reduction="sum").double()
                     correct += (out.argmax(1) == y).sum()
+                    bar.update(1)  # a count only: reading the sums would sync
         finally:
+            bar.close()
             for m, flag in flags:  # parents before children: each module ends with its own
                 m.train(flag)
         t, c = self.dist.sum([float(total), float(correct)], "combining the evaluation")
