@@ -201,6 +201,39 @@ def test_write_through_catch_up_runs_at_the_given_batch_and_counts_the_steps_row
     assert w.take_bytes == 7 * 6 * 4 and "catch-up of 16 samples" in line
 
 
+def test_write_through_catch_up_shows_a_progress_bar(tmp_path, capsys):
+    """The catch-up pass computes up to an epoch's samples through the new frozen units, a
+    cache pass in all but name: it had no bar (the step bar had closed, the epoch bar stood)."""
+    from prefast.cache.write_through import WriteThrough
+
+    class Sink:
+        supports_rows = True
+
+        def write_rows(self, view, idx, x, labels):
+            pass
+
+        def close(self):
+            pass
+
+    def finish(progress: bool) -> str:
+        w = WriteThrough(
+            target=2, sink=Sink(), tier="ram", path=None, fingerprint="f", meta={}, chain=(2,),
+            labels=torch.arange(23) % 3, dtype="float32", device=torch.device("cpu"),
+            batch_size=5, sample_shape=(2, 3), catch_up_batch=4, progress=progress,
+        )  # fmt: skip
+        w.finish(lambda idx: torch.zeros(len(idx), 2, 3), lambda: torch.zeros(23, 2, 3))
+        return capsys.readouterr().err
+
+    err = finish(progress=True)
+    assert "cache catch-up at boundary 2 (ram):   0%" in err and "0/23" in err
+    assert "catch-up" not in finish(progress=False)
+    # a run hands its bars' setting over: unit 0 freezes at epoch 1, step 4, and the epoch's
+    # first 4 steps' 64 samples are caught up at its end
+    train(tiny(mode="prefast", epochs=2, cache="ram", recache_policy="every", progress=True))
+    err = capsys.readouterr().err
+    assert "cache catch-up at boundary 1 (ram):   0%" in err and "0/64" in err
+
+
 @pytest.mark.parametrize(
     ("tier", "dtype", "batch_size"),
     [("ram", "float32", 16), ("device", "bfloat16", 16), ("zarr", "float16", 64)],

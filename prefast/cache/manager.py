@@ -731,6 +731,7 @@ class CacheManager:
             batch_size=cfg.batch_size,
             sample_shape=shape,
             catch_up_batch=cfg.cache_batch_size or cfg.batch_size,
+            progress=self.progress,
         )
 
     def _create_store(

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from prefast import interrupt
 from prefast.cache.build import Cache
@@ -63,6 +64,7 @@ class WriteThrough:
         batch_size: int,
         sample_shape: tuple[int, ...],
         catch_up_batch: int | None = None,
+        progress: bool = False,
     ) -> None:
         if not getattr(sink, "supports_rows", False):
             raise CacheError(f"the {tier} sink cannot take rows; use a cache pass")
@@ -79,6 +81,7 @@ class WriteThrough:
         # the catch-up pass's batch: the run's (a larger one is slower per sample on a CPU,
         # whose caches it overflows)
         self.catch_up_batch = catch_up_batch or batch_size
+        self.progress = progress  # a bar over the catch-up pass
         self.written = np.zeros(len(labels), dtype=bool)  # (N,) which samples have rows
         self.take_seconds = 0.0  # time take() held the training thread (writes, copies)
         self.take_bytes = 0  # bytes of rows handed over by the steps
@@ -212,15 +215,24 @@ class WriteThrough:
             # on CUDA the pass's rows take the steps' way out (side-stream copies, the writer
             # thread's scatter), so each batch's write overlaps the next batch's forward
             step = min(self.catch_up_batch, self._slot_rows) if self._async else self.catch_up_batch
-            for start in range(0, missing.size, step):
-                interrupt.check()
-                idx = missing[start : start + step]
-                x = compute(idx)
-                if self._async:
-                    self._stage(x, idx)
-                else:
-                    x = x.to(self.dtype)
-                    self.sink.write_rows(0, idx, x, self.labels[torch.from_numpy(idx)])
+            # up to a whole epoch's samples through the new frozen units: a cache pass
+            with tqdm(
+                total=int(missing.size),
+                desc=f"cache catch-up at boundary {self.target} ({self.tier})",
+                unit="sample",
+                disable=not self.progress,
+                leave=False,
+            ) as bar:
+                for start in range(0, missing.size, step):
+                    interrupt.check()
+                    idx = missing[start : start + step]
+                    x = compute(idx)
+                    if self._async:
+                        self._stage(x, idx)
+                    else:
+                        x = x.to(self.dtype)
+                        self.sink.write_rows(0, idx, x, self.labels[torch.from_numpy(idx)])
+                    bar.update(len(idx))
             self.written[missing] = True
         self._stop_thread()  # the writer thread has written every queued row
         self._raise()
