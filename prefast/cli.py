@@ -447,7 +447,7 @@ def _on_signal(signum: int, frame: types.FrameType | None) -> None:
     """The first SIGTERM, SIGHUP or Ctrl-C asks the run to stop at its next safe point; a
     second one stops it at once."""
     if interrupt.requested() is not None:
-        raise interrupt.Stopped(signum)
+        raise interrupt.StoppedAtOnce(signum)
     interrupt.request_stop(signum)
     if signum == signal.SIGHUP:
         _off_a_hung_up_terminal()

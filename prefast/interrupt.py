@@ -28,6 +28,13 @@ class Stopped(BaseException):
 _requested: int | None = None
 
 
+class StoppedAtOnce(Stopped, KeyboardInterrupt):
+    """A second stop signal, raised at once wherever the run is. Also a ``KeyboardInterrupt``,
+    which code that catches every other exception lets through: tqdm's logging handler took a
+    plain ``Stopped`` raised while it wrote a line for an error of its own (a "--- Logging
+    error ---" traceback), and the run went on."""
+
+
 def request_stop(signum: int = signal.SIGTERM) -> None:
     """Ask the run to stop at its next safe point (safe to call from a signal handler).
     ``signum`` is a signal (``signal.SIGTERM``, or its number): the stop says which."""
@@ -57,4 +64,4 @@ def check() -> None:
         raise Stopped(_requested)
 
 
-__all__ = ["Stopped", "check", "clear", "request_stop", "requested"]
+__all__ = ["Stopped", "StoppedAtOnce", "check", "clear", "request_stop", "requested"]

@@ -2135,6 +2135,30 @@ def test_the_stopping_line_goes_above_the_progress_bars_on_a_terminal(monkeypatc
     assert before.startswith("\rbar:") and after.startswith("\rbar:  33%")  # then the bar again
 
 
+def test_a_second_stop_signal_while_a_line_is_logged_stops_at_once(monkeypatch, capsys):
+    """A second Ctrl-C or SIGTERM that came while a log line was written above the bars was
+    taken by tqdm's logging handler, which catches every exception but KeyboardInterrupt: a
+    '--- Logging error ---' traceback, and the run went on to its next safe point."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    from tqdm.std import tqdm
+
+    from prefast import cli, interrupt
+
+    def second_signal(cls, *args, **kwargs):  # the signal arrives as the line is written
+        cli._on_signal(signal.SIGTERM, None)
+
+    log = logging.getLogger("prefast.test_second_signal")
+    interrupt.request_stop(signal.SIGTERM)  # the first one
+    try:
+        monkeypatch.setattr(tqdm, "write", classmethod(second_signal))
+        with logging_redirect_tqdm(loggers=[log]), pytest.raises(interrupt.Stopped) as stop:
+            log.warning("a line")
+    finally:
+        interrupt.clear()
+    assert stop.value.signum == signal.SIGTERM
+    assert "Logging error" not in capsys.readouterr().err
+
+
 def test_verbose_adds_prefasts_details_not_every_librarys_debug_lines(tmp_path):
     """-v gave 47 lines of other packages' debug output (numcodecs registering each codec,
     zarr.group, asyncio) among prefast's 6 details in a 2-epoch run."""
