@@ -219,7 +219,9 @@ def _writing(path: str) -> Iterator[None]:
         if os.path.isfile(path) and not os.path.islink(path):  # not /dev/stdout, a link, a pipe
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        raise OSError(e.errno, e.strerror or str(e), path) from e
+        from store.errors import naming
+
+        raise naming(e, path) from e
 
 
 def _need_matplotlib(what: str) -> None:

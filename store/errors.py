@@ -104,6 +104,12 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def naming(e: OSError, path: object) -> OSError:
+    """``e`` again, naming the file ``path``: a failed write's own names none (``[Errno 28] No
+    space left on device``)."""
+    return OSError(e.errno, e.strerror or str(e), str(path))
+
+
 __all__ = [
     "NotAStoreError",
     "StoreCorruptError",
@@ -118,4 +124,5 @@ __all__ = [
     "StoreWriteError",
     "check_bool",
     "check_int",
+    "naming",
 ]

@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from store.errors import naming
+
 log = logging.getLogger(__name__)
 
 PREFIX = "prefast-cache-"
@@ -125,7 +127,7 @@ def make_temp_dir() -> Path:
         # without its record no sweep would ever remove the folder (a full disk): it goes now
         shutil.rmtree(path, ignore_errors=True)
         if isinstance(e, OSError) and e.filename is None:  # a failed write names no file
-            raise OSError(e.errno, e.strerror or str(e), str(tmp)) from e
+            raise naming(e, tmp) from e
         raise
     return path
 

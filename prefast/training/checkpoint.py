@@ -24,6 +24,7 @@ import torch
 from prefast.config import RESUMABLE_FIELDS
 from prefast.errors import CheckpointError
 from prefast.paths import CHECKPOINT_NAME
+from store.errors import naming
 
 # The layout of a checkpoint's dict; a version of prefast that changes what a checkpoint holds
 # (or how) raises it, so a checkpoint of a newer layout is refused by name, not misread.
@@ -104,7 +105,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             raise failed from None
         if isinstance(failed, OSError) and failed.errno is not None and failed.filename is None:
             # a full disk names the file whose write filled it, not a bare "[Errno 28] ..."
-            raise OSError(failed.errno, failed.strerror, str(path)) from failed
+            raise naming(failed, path) from failed
         if isinstance(failed, OSError):
             raise failed from None
         raise

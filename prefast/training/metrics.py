@@ -13,6 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from store.errors import naming
 from store.tools.inspect import strict_json
 
 
@@ -49,11 +50,11 @@ class MetricsSink:
         try:
             _write_whole(config_file, json.dumps(config, indent=2) + "\n")
         except OSError as e:
-            raise _naming(e, config_file) from e
+            raise naming(e, config_file) from e
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666)
         except OSError as e:
-            raise _naming(e, self.path) from e
+            raise naming(e, self.path) from e
         self._f = os.fdopen(fd, "wb", buffering=0)
         self._regular = stat.S_ISREG(os.fstat(fd).st_mode)  # not a pipe or a terminal
         self._keep = os.fstat(fd).st_size if self._regular else 0
@@ -63,7 +64,7 @@ class MetricsSink:
             try:
                 self._cut(self._end)  # the lines of epochs after the checkpoint, a failure's
             except OSError as e:
-                raise _naming(e, self.path) from e
+                raise naming(e, self.path) from e
         except BaseException:
             self.close()
             raise
@@ -80,7 +81,7 @@ class MetricsSink:
         except OSError as e:
             with contextlib.suppress(OSError):  # no half line for a reader to choke on
                 self._cut(max(self._end, self._keep))
-            raise _naming(e, self.path) from e
+            raise naming(e, self.path) from e
         self._end += len(line)
 
     def _cut(self, size: int) -> None:
@@ -120,12 +121,6 @@ def _write_whole(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _naming(e: OSError, path: Path | None) -> OSError:
-    """``e`` naming the file ``path`` (a failed write names none: ``[Errno 28] No space left
-    on device``)."""
-    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 __all__ = ["MetricsSink", "config_path"]
