@@ -55,6 +55,7 @@ from prefast.errors import (
     DistributedError,
     ModelError,
     PrefastError,
+    integer,
 )
 from prefast.freezeout import (
     FreezeSchedule,
@@ -996,7 +997,7 @@ def _froze_at(saved: Any, frontier: int, schedule: FreezeSchedule) -> list[int |
     ok = (
         isinstance(saved, list)
         and len(saved) == n
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in saved[:frontier])
+        and all(integer(v) is not None and v >= 0 for v in saved[:frontier])
     )
     if not ok:
         saved = schedule.freeze_iterations()
